@@ -1,0 +1,112 @@
+/* qora — shared C definitions: dtypes, block layouts, fp16 conversion, ISA target macros. */
+#ifndef QORA_COMMON_H
+#define QORA_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+#define QORA_X86 1
+#include <immintrin.h>
+#else
+#define QORA_X86 0
+#endif
+
+/* Per-function ISA targets: one build carries every path; nothing above the
+   baseline runs unless CPUID/XCR0 said so at run time. MSVC needs no attribute. */
+#if defined(__GNUC__) || defined(__clang__)
+#define QORA_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define QORA_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#else
+#define QORA_TARGET_AVX2
+#define QORA_TARGET_AVX512
+#endif
+
+#if defined(_MSC_VER)
+#define QORA_STATIC_ASSERT(c, m) static_assert(c, m)
+#else
+#define QORA_STATIC_ASSERT(c, m) _Static_assert(c, m)
+#endif
+
+/* ---- dtypes (values shared with qora/_core/_cpu.pyx) ---- */
+enum qora_dtype { QORA_F32 = 0, QORA_F16 = 1, QORA_Q8 = 2, QORA_Q4 = 3 };
+
+/* ---- block layouts, bit-identical to GGUF Q4_0 / Q8_0 ---- */
+#define QK 32
+typedef struct {
+    uint16_t d;          /* f16 scale */
+    uint8_t qs[QK / 2];  /* element j in low nibble of byte j, element j+16 in the high nibble */
+} block_q4;
+QORA_STATIC_ASSERT(sizeof(block_q4) == 2 + QK / 2, "block_q4 must be 18 bytes");
+
+typedef struct {
+    uint16_t d;          /* f16 scale */
+    int8_t qs[QK];
+} block_q8;
+QORA_STATIC_ASSERT(sizeof(block_q8) == 2 + QK, "block_q8 must be 34 bytes");
+
+/* bytes of one row of `cols` elements */
+static inline size_t qora_row_bytes(int dtype, int cols) {
+    switch (dtype) {
+    case QORA_F32: return (size_t)cols * 4;
+    case QORA_F16: return (size_t)cols * 2;
+    case QORA_Q8: return (size_t)(cols / QK) * sizeof(block_q8);
+    case QORA_Q4: return (size_t)(cols / QK) * sizeof(block_q4);
+    default: return 0;
+    }
+}
+
+/* ---- portable IEEE half <-> float (the scalar path must not need F16C) ---- */
+static inline float qora_fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalise */
+            int e = -1;
+            do { e++; man <<= 1; } while ((man & 0x400) == 0);
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t qora_fp32_to_fp16(float f) {
+    /* round-to-nearest-even, as F16C and NumPy do */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000;
+    uint32_t absx = x & 0x7fffffffu;
+    if (absx >= 0x7f800000u) /* inf or nan */
+        return (uint16_t)(sign | 0x7c00 | (absx > 0x7f800000u ? 0x200 : 0));
+    if (absx >= 0x477ff000u) /* overflows to inf */
+        return (uint16_t)(sign | 0x7c00);
+    if (absx < 0x38800000u) { /* subnormal half or zero */
+        if (absx < 0x33000000u) return (uint16_t)sign;
+        uint32_t e = absx >> 23;
+        uint32_t m = (absx & 0x7fffff) | 0x800000;
+        uint32_t shift = 126 - e; /* 14 + (113 - e) */
+        uint32_t r = m >> shift;
+        uint32_t rem = m & ((1u << shift) - 1);
+        uint32_t half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = (absx - 0x38000000u) >> 13;
+    uint32_t rem = absx & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) r++;
+    return (uint16_t)(sign | r);
+}
+
+#endif /* QORA_COMMON_H */

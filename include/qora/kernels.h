@@ -1,0 +1,135 @@
+/* qora — the kernel table (one per ISA), run-time dispatch, and the
+   OpenMP-parallel matrix drivers built on the table. */
+#ifndef QORA_KERNELS_H
+#define QORA_KERNELS_H
+
+#include "common.h"
+#include "cpu_features.h"
+#include "kernels_scalar.h"
+#include "kernels_avx2.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef struct {
+    const char* name;
+    int isa;
+    void (*quantize_q8)(const float* x, block_q8* y, int n);
+    float (*dot_q4_q8)(int n, const block_q4* w, const block_q8* x);
+    float (*dot_q8_q8)(int n, const block_q8* w, const block_q8* x);
+    float (*dot_f16_f32)(int n, const uint16_t* w, const float* x);
+    float (*dot_f32)(int n, const float* a, const float* b);
+    void (*rmsnorm)(float* out, const float* x, const float* w, int n, float eps);
+    void (*axpy)(int n, float a, const float* x, float* y);
+} qora_kernels;
+
+static const qora_kernels qora_kernels_scalar = {
+    "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
+    dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar,
+};
+
+#if QORA_X86
+static const qora_kernels qora_kernels_avx2 = {
+    "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
+    dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2,
+};
+#endif
+
+/* Table per ISA slot; NULL = not compiled in (the AVX-512 kernels arrive with
+   the CPU-speed work), so the slot resolves to the best compiled path below. */
+static const qora_kernels* qora_kernel_table(int isa) {
+    switch (isa) {
+#if QORA_X86
+    case QORA_ISA_AVX2: return &qora_kernels_avx2;
+#endif
+    case QORA_ISA_SCALAR: return &qora_kernels_scalar;
+    default: return NULL;
+    }
+}
+
+/* ---- a weight matrix as the engine sees it: rows x cols of one dtype ---- */
+typedef struct {
+    int32_t dtype;
+    int32_t rows, cols;
+    size_t row_bytes;
+    const void* data; /* rows * row_bytes bytes, usually inside the mmap */
+} qora_tensor;
+
+/* dot product of row r of W with the activation (x as floats, xq as Q8 blocks) */
+static inline float qora_row_dot(const qora_kernels* K, const qora_tensor* W, int r, const float* x,
+                                 const block_q8* xq) {
+    const char* row = (const char*)W->data + (size_t)r * W->row_bytes;
+    switch (W->dtype) {
+    case QORA_Q4: return K->dot_q4_q8(W->cols, (const block_q4*)row, xq);
+    case QORA_Q8: return K->dot_q8_q8(W->cols, (const block_q8*)row, xq);
+    case QORA_F16: return K->dot_f16_f32(W->cols, (const uint16_t*)row, x);
+    default: return K->dot_f32(W->cols, (const float*)row, x);
+    }
+}
+
+static inline int qora_is_quantized(int dtype) { return dtype == QORA_Q4 || dtype == QORA_Q8; }
+
+/* Quantize the activation once per matrix (only the integer paths need it). */
+static inline void qora_prepare_input(const qora_kernels* K, int dtype, const float* x, block_q8* xq, int n) {
+    if (qora_is_quantized(dtype)) K->quantize_q8(x, xq, n);
+}
+
+/* y[rows] = W x, rows split evenly over the threads */
+static void qora_matvec(const qora_kernels* K, const qora_tensor* W, const float* x, const block_q8* xq, float* y,
+                        int n_threads) {
+    const int rows = W->rows;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (rows >= 64)
+#endif
+    for (int r = 0; r < rows; r++) y[r] = qora_row_dot(K, W, r, x, xq);
+    (void)n_threads;
+}
+
+/* h[j] = silu(Wg[j] . x) * (Wu[j] . x): one pass over gate and up together */
+static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* x,
+                        const block_q8* xq, float* h, int n_threads) {
+    const int rows = Wg->rows;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (rows >= 64)
+#endif
+    for (int j = 0; j < rows; j++) {
+        const float g = qora_row_dot(K, Wg, j, x, xq);
+        const float u = qora_row_dot(K, Wu, j, x, xq);
+        h[j] = g / (1.0f + expf(-g)) * u;
+    }
+    (void)n_threads;
+}
+
+/* Dequantize row r of W into out[cols] (embedding lookup). */
+static void qora_dequant_row(const qora_tensor* W, int r, float* out) {
+    const char* row = (const char*)W->data + (size_t)r * W->row_bytes;
+    const int n = W->cols;
+    switch (W->dtype) {
+    case QORA_Q4: {
+        const block_q4* b = (const block_q4*)row;
+        for (int i = 0; i < n / QK; i++) {
+            const float d = qora_fp16_to_fp32(b[i].d);
+            for (int j = 0; j < QK / 2; j++) {
+                out[i * QK + j] = (float)((b[i].qs[j] & 0x0f) - 8) * d;
+                out[i * QK + j + QK / 2] = (float)((b[i].qs[j] >> 4) - 8) * d;
+            }
+        }
+        break;
+    }
+    case QORA_Q8: {
+        const block_q8* b = (const block_q8*)row;
+        for (int i = 0; i < n / QK; i++) {
+            const float d = qora_fp16_to_fp32(b[i].d);
+            for (int j = 0; j < QK; j++) out[i * QK + j] = (float)b[i].qs[j] * d;
+        }
+        break;
+    }
+    case QORA_F16:
+        for (int i = 0; i < n; i++) out[i] = qora_fp16_to_fp32(((const uint16_t*)row)[i]);
+        break;
+    default: memcpy(out, row, (size_t)n * sizeof(float));
+    }
+}
+
+#endif /* QORA_KERNELS_H */

@@ -1,0 +1,387 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Design: the C engine in include/qora/ is header-only; this module is the one
+translation unit that compiles it. Three layers (as in scikit-learn's _loss):
+C nogil primitives -> thin typed-memoryview wrappers that check every size
+before handing a pointer to C and release the GIL -> Python classes in
+qora/engine.py that validate user input. Kernel wrappers take an explicit ISA so
+tests can run each path; CpuModel holds the weights (views into the mmap) and
+the preallocated run state, and does one C call per forward."""
+
+from libc.stdint cimport int32_t, uint8_t, uint16_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset
+
+import numpy as np
+
+cdef extern from "qora/qora.h" nogil:
+    ctypedef struct block_q8:
+        pass
+
+    ctypedef struct qora_cpu_features:
+        int sse42, avx, avx2, fma, f16c, osxsave
+        int avx512f, avx512bw, avx512vl, avx512vnni, avxvnni
+        int os_avx, os_avx512
+
+    qora_cpu_features qora_detect_cpu()
+    int qora_cpu_supports(const qora_cpu_features* f, int isa)
+    int QORA_ISA_SCALAR, QORA_ISA_AVX2, QORA_ISA_AVX512, QORA_ISA_COUNT
+    int QORA_F32, QORA_F16, QORA_Q8, QORA_Q4
+    int QORA_OK, QORA_ERR_ARGS, QORA_ERR_TOKEN, QORA_ERR_CONTEXT, QORA_ERR_NOMEM
+    size_t qora_row_bytes(int dtype, int cols)
+
+    ctypedef struct qora_kernels:
+        const char* name
+        int isa
+        void (*quantize_q8)(const float* x, block_q8* y, int n) noexcept nogil
+        void (*rmsnorm)(float* out, const float* x, const float* w, int n, float eps) noexcept nogil
+
+    const qora_kernels* qora_kernel_table(int isa)
+
+    ctypedef struct qora_tensor:
+        int32_t dtype
+        int32_t rows
+        int32_t cols
+        size_t row_bytes
+        const void* data
+
+    void qora_matvec(const qora_kernels* K, const qora_tensor* W, const float* x, const block_q8* xq,
+                     float* y, int n_threads)
+    void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* x,
+                     const block_q8* xq, float* h, int n_threads)
+    void qora_prepare_input(const qora_kernels* K, int dtype, const float* x, block_q8* xq, int n)
+    void qora_dequant_row(const qora_tensor* W, int r, float* out)
+    void qora_rope(float* v, int n_heads, int head_dim, int pos, const float* inv_freq, float scale)
+    void qora_attention(const qora_kernels* K, const float* q, const float* kc, const float* vc, int n_pos,
+                        int n_heads, int n_kv_heads, int head_dim, size_t kv_stride, float* scores,
+                        size_t score_stride, float* out, int n_threads)
+
+    ctypedef struct qora_config:
+        int n_layers, dim, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size, max_seq_len
+        float norm_eps, rope_scale
+
+    ctypedef struct qora_layer:
+        const float* attn_norm
+        qora_tensor wq, wk, wv, wo
+        const float* ffn_norm
+        qora_tensor w_gate, w_up, w_down
+        int use_rope
+
+    ctypedef struct qora_weights:
+        qora_tensor tok_embeddings
+        qora_tensor output
+        const float* norm
+        const float* inv_freq
+        qora_layer* layers
+
+    ctypedef struct qora_state:
+        float* x
+
+    ctypedef struct qora_model:
+        qora_config cfg
+        qora_weights w
+        qora_state s
+        const qora_kernels* K
+        int n_threads
+
+    int qora_state_init(qora_state* s, const qora_config* c)
+    void qora_state_free(qora_state* s)
+    int qora_forward(qora_model* m, const int32_t* tokens, int n, int start_pos, float* logits, int all_logits) nogil
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int qora_openmp_enabled(void) { return 1; }
+    static int qora_omp_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int qora_openmp_enabled(void) { return 0; }
+    static int qora_omp_max_threads(void) { return 1; }
+    #endif
+    """
+    int qora_openmp_enabled()
+    int qora_omp_max_threads()
+
+DTYPES = {"f32": QORA_F32, "f16": QORA_F16, "q8": QORA_Q8, "q4": QORA_Q4}
+ISA_NAMES = ("scalar", "avx2", "avx512")
+
+
+# ------------------------------------------------------------------ CPU info
+def cpu_features():
+    """Raw CPUID/XCR0 flags and which ISA paths this CPU and this build can run."""
+    cdef qora_cpu_features f = qora_detect_cpu()
+    flags = dict(sse42=f.sse42, avx=f.avx, avx2=f.avx2, fma=f.fma, f16c=f.f16c,
+                 avx512f=f.avx512f, avx512bw=f.avx512bw, avx512vl=f.avx512vl,
+                 avx512vnni=f.avx512vnni, avxvnni=f.avxvnni, os_avx=f.os_avx, os_avx512=f.os_avx512)
+    cpu_ok = [ISA_NAMES[i] for i in range(QORA_ISA_COUNT) if qora_cpu_supports(&f, i)]
+    built = [ISA_NAMES[i] for i in range(QORA_ISA_COUNT) if qora_kernel_table(i) != NULL]
+    return {"flags": {k: bool(v) for k, v in flags.items()}, "cpu_supports": cpu_ok, "compiled": built,
+            "openmp": bool(qora_openmp_enabled()), "omp_max_threads": qora_omp_max_threads()}
+
+
+cdef const qora_kernels* _kernels(int isa) except NULL:
+    """Kernel table for an ISA that both this CPU and this build support."""
+    cdef qora_cpu_features f = qora_detect_cpu()
+    if isa < 0 or isa >= QORA_ISA_COUNT:
+        raise ValueError(f"unknown ISA index {isa}")
+    if not qora_cpu_supports(&f, isa):
+        raise RuntimeError(f"this CPU cannot run the {ISA_NAMES[isa]} path")
+    cdef const qora_kernels* K = qora_kernel_table(isa)
+    if K == NULL:
+        raise RuntimeError(f"the {ISA_NAMES[isa]} kernels are not compiled into this build")
+    return K
+
+
+cdef int _dtype(str name) except -1:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}")
+    return DTYPES[name]
+
+
+cdef qora_tensor _tensor(str dtype, int rows, int cols, const uint8_t[::1] data, str what) except *:
+    """A qora_tensor over `data`, after checking its size matches dtype x shape."""
+    cdef qora_tensor t
+    t.dtype = _dtype(dtype)
+    if rows <= 0 or cols <= 0:
+        raise ValueError(f"{what}: bad shape ({rows}, {cols})")
+    if (t.dtype == QORA_Q4 or t.dtype == QORA_Q8) and cols % 32 != 0:
+        raise ValueError(f"{what}: {dtype} needs a column count that is a multiple of 32, got {cols}")
+    t.rows = rows
+    t.cols = cols
+    t.row_bytes = qora_row_bytes(t.dtype, cols)
+    if <size_t>data.shape[0] != t.row_bytes * <size_t>rows:
+        raise ValueError(f"{what}: {data.shape[0]} bytes, expected {t.row_bytes * rows} for {dtype} ({rows}, {cols})")
+    t.data = &data[0]
+    return t
+
+
+def _bytes(arr):
+    """Flat uint8 view of a C-contiguous array (no copy)."""
+    arr = np.ascontiguousarray(arr)
+    return arr.reshape(-1).view(np.uint8)
+
+
+# ------------------------------------------------------------ kernel wrappers
+def quantize_q8(const float[::1] x, int isa):
+    """x (n,), n % 32 == 0 -> Q8 blocks as uint8 (n/32*34,)."""
+    cdef const qora_kernels* K = _kernels(isa)
+    cdef int n = x.shape[0]
+    if n == 0 or n % 32:
+        raise ValueError(f"quantize_q8: length must be a positive multiple of 32, got {n}")
+    out = np.empty(n // 32 * 34, dtype=np.uint8)
+    cdef uint8_t[::1] o = out
+    with nogil:
+        K.quantize_q8(&x[0], <block_q8*>&o[0], n)
+    return out
+
+
+def matvec(w, str dtype, int rows, int cols, const float[::1] x, int isa, int n_threads=1):
+    """y = W x with W (rows, cols) stored as dtype (raw bytes / f16 / f32 array)."""
+    cdef const qora_kernels* K = _kernels(isa)
+    cdef qora_tensor t = _tensor(dtype, rows, cols, _bytes(w), "matvec")
+    if x.shape[0] != cols:
+        raise ValueError(f"matvec: x has {x.shape[0]} elements, W has {cols} columns")
+    xq_buf = np.zeros((cols // 32 + 1) * 34, dtype=np.uint8)
+    y = np.empty(rows, dtype=np.float32)
+    cdef uint8_t[::1] xq = xq_buf
+    cdef float[::1] yv = y
+    with nogil:
+        qora_prepare_input(K, t.dtype, &x[0], <block_q8*>&xq[0], cols)
+        qora_matvec(K, &t, &x[0], <block_q8*>&xq[0], &yv[0], n_threads)
+    return y
+
+
+def swiglu(wg, wu, str dtype, int rows, int cols, const float[::1] x, int isa, int n_threads=1):
+    """h = silu(Wg x) * (Wu x), one pass over both matrices."""
+    cdef const qora_kernels* K = _kernels(isa)
+    cdef qora_tensor tg = _tensor(dtype, rows, cols, _bytes(wg), "swiglu gate")
+    cdef qora_tensor tu = _tensor(dtype, rows, cols, _bytes(wu), "swiglu up")
+    if x.shape[0] != cols:
+        raise ValueError(f"swiglu: x has {x.shape[0]} elements, W has {cols} columns")
+    xq_buf = np.zeros((cols // 32 + 1) * 34, dtype=np.uint8)
+    h = np.empty(rows, dtype=np.float32)
+    cdef uint8_t[::1] xq = xq_buf
+    cdef float[::1] hv = h
+    with nogil:
+        qora_prepare_input(K, tg.dtype, &x[0], <block_q8*>&xq[0], cols)
+        qora_swiglu(K, &tg, &tu, &x[0], <block_q8*>&xq[0], &hv[0], n_threads)
+    return h
+
+
+def dequant_row(w, str dtype, int rows, int cols, int r):
+    """Row r of W as float32 (the embedding lookup)."""
+    cdef qora_tensor t = _tensor(dtype, rows, cols, _bytes(w), "dequant_row")
+    if r < 0 or r >= rows:
+        raise IndexError(f"row {r} out of range for {rows} rows")
+    out = np.empty(cols, dtype=np.float32)
+    cdef float[::1] o = out
+    qora_dequant_row(&t, r, &o[0])
+    return out
+
+
+def rmsnorm(const float[::1] x, const float[::1] w, float eps, int isa):
+    cdef const qora_kernels* K = _kernels(isa)
+    if x.shape[0] != w.shape[0] or x.shape[0] == 0:
+        raise ValueError("rmsnorm: x and w must have the same non-zero length")
+    out = np.empty(x.shape[0], dtype=np.float32)
+    cdef float[::1] o = out
+    with nogil:
+        K.rmsnorm(&o[0], &x[0], &w[0], <int>x.shape[0], eps)
+    return out
+
+
+def rope(v, int n_heads, int head_dim, int pos, const float[::1] inv_freq, float scale=1.0):
+    """RoPE (rotate-half) applied to a copy of v (n_heads*head_dim,)."""
+    out = np.array(v, dtype=np.float32, copy=True).reshape(-1)
+    cdef float[::1] o = out
+    if head_dim <= 0 or head_dim % 2 or n_heads <= 0 or o.shape[0] != n_heads * head_dim:
+        raise ValueError("rope: v must hold n_heads*head_dim values with an even head_dim")
+    if inv_freq.shape[0] != head_dim // 2:
+        raise ValueError("rope: inv_freq must have head_dim/2 values")
+    if pos < 0:
+        raise ValueError("rope: negative position")
+    qora_rope(&o[0], n_heads, head_dim, pos, &inv_freq[0], scale)
+    return out
+
+
+def attention(const float[::1] q, const float[:, ::1] kc, const float[:, ::1] vc, int n_heads, int n_kv_heads,
+              int head_dim, int isa, int n_threads=1):
+    """Softmax(q k^T / sqrt(d)) v for one query over kc/vc (n_pos, n_kv_heads*head_dim)."""
+    cdef const qora_kernels* K = _kernels(isa)
+    cdef int n_pos = kc.shape[0]
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or head_dim <= 0:
+        raise ValueError("attention: bad head configuration")
+    if q.shape[0] != n_heads * head_dim or kc.shape[1] != n_kv_heads * head_dim or \
+            vc.shape[0] != n_pos or vc.shape[1] != kc.shape[1] or n_pos == 0:
+        raise ValueError("attention: shapes disagree")
+    scores = np.empty(n_heads * n_pos, dtype=np.float32)
+    out = np.empty(n_heads * head_dim, dtype=np.float32)
+    cdef float[::1] sc = scores
+    cdef float[::1] o = out
+    with nogil:
+        qora_attention(K, &q[0], &kc[0, 0], &vc[0, 0], n_pos, n_heads, n_kv_heads, head_dim,
+                       <size_t>kc.shape[1], &sc[0], <size_t>n_pos, &o[0], n_threads)
+    return out
+
+
+# ------------------------------------------------------------------- engine
+cdef class CpuModel:
+    """The C model over weights that stay in the caller's (memory-mapped) arrays."""
+    cdef qora_model m
+    cdef qora_layer* layers
+    cdef list _refs
+    cdef readonly int vocab_size
+    cdef readonly int max_seq_len
+    cdef readonly int n_threads
+    cdef readonly str isa_name
+
+    def __cinit__(self):
+        memset(&self.m, 0, sizeof(qora_model))
+        self.layers = NULL
+
+    def __init__(self, dict cfg, dict tensors, inv_freq, float rope_scale, int max_seq_len, int n_threads, int isa):
+        """cfg: normalized config; tensors: name -> (dtype, shape, array) as stored in the file."""
+        cdef int i, n_layers = cfg["n_layers"]
+        cdef qora_config* c = &self.m.cfg
+        cdef qora_layer* L
+        if n_threads < 1:
+            raise ValueError("n_threads must be >= 1")
+        if max_seq_len < 1:
+            raise ValueError("max_seq_len must be >= 1")
+        self._refs = []
+        self.m.K = _kernels(isa)
+        self.isa_name = ISA_NAMES[self.m.K.isa]
+        c.n_layers = n_layers
+        c.dim = cfg["dim"]
+        c.n_heads = cfg["n_heads"]
+        c.n_kv_heads = cfg["n_kv_heads"]
+        c.head_dim = cfg["head_dim"]
+        c.hidden_dim = cfg["hidden_dim"]
+        c.vocab_size = cfg["vocab_size"]
+        c.max_seq_len = max_seq_len
+        c.norm_eps = cfg["norm_eps"]
+        c.rope_scale = rope_scale
+        if min(n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size) <= 0 \
+                or c.n_heads % c.n_kv_heads or c.head_dim % 2:
+            raise ValueError("inconsistent model config")
+        self.layers = <qora_layer*>calloc(n_layers, sizeof(qora_layer))
+        if self.layers == NULL:
+            raise MemoryError()
+        self.m.w.layers = self.layers
+        q_dim = c.n_heads * c.head_dim
+        kv_dim = c.n_kv_heads * c.head_dim
+        D, H, V = c.dim, c.hidden_dim, c.vocab_size
+        self.m.w.tok_embeddings = self._mat(tensors, "tok_embeddings", V, D)
+        self.m.w.output = self._mat(tensors, "output" if "output" in tensors else "tok_embeddings", V, D)
+        self.m.w.norm = self._vec(tensors, "norm", D)
+        inv = np.ascontiguousarray(inv_freq, dtype=np.float32)
+        if inv.shape != (c.head_dim // 2,):
+            raise ValueError("inv_freq must have head_dim/2 values")
+        self.m.w.inv_freq = <const float*><size_t>self._keep(inv).ctypes.data
+        rope_layers = cfg["rope_layers"]
+        for i in range(n_layers):
+            p = f"layers.{i}."
+            L = &self.layers[i]
+            L.attn_norm = self._vec(tensors, p + "attn_norm", D)
+            L.ffn_norm = self._vec(tensors, p + "ffn_norm", D)
+            L.wq = self._mat(tensors, p + "wq", q_dim, D)
+            L.wk = self._mat(tensors, p + "wk", kv_dim, D)
+            L.wv = self._mat(tensors, p + "wv", kv_dim, D)
+            L.wo = self._mat(tensors, p + "wo", D, q_dim)
+            L.w_gate = self._mat(tensors, p + "w_gate", H, D)
+            L.w_up = self._mat(tensors, p + "w_up", H, D)
+            L.w_down = self._mat(tensors, p + "w_down", D, H)
+            L.use_rope = 1 if rope_layers[i] else 0
+        if qora_state_init(&self.m.s, c) != QORA_OK:
+            raise MemoryError(f"cannot allocate the run state for a {max_seq_len}-token context")
+        self.vocab_size = V
+        self.max_seq_len = max_seq_len
+        self.n_threads = n_threads
+        self.m.n_threads = n_threads
+
+    cdef object _keep(self, arr):
+        self._refs.append(arr)
+        return arr
+
+    cdef qora_tensor _mat(self, dict tensors, str name, int rows, int cols) except *:
+        dtype, shape, arr = tensors[name]
+        if tuple(shape) != (rows, cols):
+            raise ValueError(f"{name}: shape {tuple(shape)}, expected {(rows, cols)}")
+        return _tensor(dtype, rows, cols, self._keep(_bytes(arr)), name)
+
+    cdef const float* _vec(self, dict tensors, str name, int n) except NULL:
+        dtype, shape, arr = tensors[name]
+        if dtype != "f32" or tuple(shape) != (n,):
+            raise ValueError(f"{name}: expected f32 ({n},), got {dtype} {tuple(shape)}")
+        a = self._keep(np.ascontiguousarray(arr, dtype=np.float32))
+        return <const float*><size_t>a.ctypes.data
+
+    def forward(self, const int32_t[::1] tokens, int start_pos, bint all_logits=False):
+        """Logits (n, vocab) or (1, vocab) for the last token; fills the KV cache."""
+        cdef int n = tokens.shape[0]
+        cdef int rc
+        if self.m.s.x == NULL:
+            raise RuntimeError("model is closed")
+        if n < 1:
+            raise ValueError("forward needs at least one token")
+        out = np.empty((n if all_logits else 1, self.vocab_size), dtype=np.float32)
+        cdef float[:, ::1] o = out
+        with nogil:
+            rc = qora_forward(&self.m, &tokens[0], n, start_pos, &o[0, 0], all_logits)
+        if rc == QORA_ERR_CONTEXT:
+            raise OverflowError(f"positions {start_pos}..{start_pos + n - 1} exceed the {self.max_seq_len}-token cache")
+        if rc == QORA_ERR_TOKEN:
+            raise ValueError(f"token id out of range [0, {self.vocab_size})")
+        if rc != QORA_OK:
+            raise ValueError("bad forward arguments")
+        return out
+
+    def close(self):
+        qora_state_free(&self.m.s)
+        free(self.layers)
+        self.layers = NULL
+        self.m.w.layers = NULL
+        self._refs = []
+
+    def __dealloc__(self):
+        qora_state_free(&self.m.s)
+        free(self.layers)

@@ -1,0 +1,224 @@
+"""CPU engine: the C forward pass over weights memory-mapped from a .qora file.
+
+Design: Python resolves everything that is policy (ISA path, thread count,
+context size, RoPE frequencies incl. YaRN) and hands the C engine plain
+numbers and pointers; the C side runs one forward per call with no allocation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from qora.errors import ContextOverflowError, QoraError
+
+ISA_NAMES = ("scalar", "avx2", "avx512")
+
+# Prefill is split into calls of this many tokens so Ctrl-C is honoured
+# between chunks (the C loop runs without the GIL and cannot be interrupted).
+_PREFILL_CHUNK = 64
+
+
+def _core():
+    try:
+        from qora._core import _cpu
+    except ImportError as e:  # a source checkout that was never built
+        raise QoraError(f"qora's compiled core is missing ({e}); reinstall qora (pip install .)") from e
+    return _cpu
+
+
+def resolve_isa(requested: str | None = None) -> tuple[int, str]:
+    """Pick the kernel path: QORA_ISA (or `requested`) if this CPU and build allow it, else the best one.
+
+    Returns (isa index, reason). A forced path the CPU cannot run is an error, never SIGILL.
+    """
+    feats = _core().cpu_features()
+    usable = [i for i, name in enumerate(ISA_NAMES) if name in feats["cpu_supports"] and name in feats["compiled"]]
+    want = (requested or os.environ.get("QORA_ISA", "")).strip().lower()
+    if want:
+        if want not in ISA_NAMES:
+            raise QoraError(f"QORA_ISA={want!r} is not one of {', '.join(ISA_NAMES)}")
+        i = ISA_NAMES.index(want)
+        if want not in feats["cpu_supports"]:
+            raise QoraError(f"QORA_ISA={want}: this CPU (or its OS) does not support {want}")
+        if want not in feats["compiled"]:
+            best = max(j for j in usable if j < i)
+            return best, f"QORA_ISA={want}: not compiled into this build, using {ISA_NAMES[best]}"
+        return i, f"forced by QORA_ISA={want}"
+    best = max(usable)
+    return best, "best available"
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # psutil may not know on exotic platforms
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS if set, else the number of physical cores."""
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return physical_cores()
+
+
+def cpu_info() -> dict:
+    """What the CPU engine runs with: ISA path (and why), CPU features, OpenMP threads."""
+    from qora import __version__
+
+    core = _core()
+    feats = core.cpu_features()
+    try:
+        isa, why = resolve_isa()
+        isa_name = ISA_NAMES[isa]
+    except QoraError as e:
+        isa_name, why = None, str(e)
+    return {
+        "version": __version__,
+        "isa": isa_name,
+        "isa_reason": why,
+        "cpu_supports": feats["cpu_supports"],
+        "compiled": feats["compiled"],
+        "openmp": feats["openmp"],
+        "threads": default_threads(),
+        "physical_cores": physical_cores(),
+        "features": sorted(k for k, v in feats["flags"].items() if v),
+    }
+
+
+def rope_parameters(cfg: dict) -> tuple[np.ndarray, float]:
+    """Inverse frequencies (head_dim/2,) and the cos/sin scale, as transformers computes them."""
+    dim = cfg["head_dim"]
+    base = float(cfg["rope_theta"])
+    exps = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    pos_freqs = np.float32(base) ** exps
+    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    rs = cfg.get("rope_scaling") or None
+    kind = (rs or {}).get("rope_type", (rs or {}).get("type", "default"))
+    if not rs or kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return (inv_freq / np.float32(rs["factor"])).astype(np.float32), 1.0
+    if kind != "yarn":
+        raise QoraError(f"unsupported rope_scaling type {kind!r} (qora supports default, linear, yarn)")
+    factor = float(rs["factor"])
+    max_pos = int(cfg["max_seq_len"])
+    if rs.get("original_max_position_embeddings"):
+        orig = int(rs["original_max_position_embeddings"])
+        factor = max_pos / orig  # transformers derives the factor from the two lengths when both are given
+    else:
+        orig = max_pos
+
+    def get_mscale(scale, mscale=1.0):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attn = rs.get("attention_factor")
+    if attn is None:
+        if rs.get("mscale") and rs.get("mscale_all_dim"):
+            attn = get_mscale(factor, rs["mscale"]) / get_mscale(factor, rs["mscale_all_dim"])
+        else:
+            attn = get_mscale(factor)
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+
+    def corr_dim(rot):
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extra = np.float32(1.0) - ramp
+    inv_interp = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+    inv = inv_interp * (1 - extra) + inv_freq * extra
+    return inv.astype(np.float32), float(attn)
+
+
+def default_context(cfg: dict, requested: int | None = None) -> int:
+    """KV cache size: the request if given, else what fits a quarter of free RAM (at most 16384)."""
+    max_pos = int(cfg["max_seq_len"])
+    if requested is not None:
+        if requested < 1:
+            raise QoraError(f"max_seq_len must be positive, got {requested}")
+        return min(int(requested), max_pos)
+    per_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * 4
+    try:
+        import psutil
+
+        avail = psutil.virtual_memory().available
+    except Exception:
+        avail = 8 << 30
+    fit = max(512, int(avail // 4 // per_token))
+    return max(1, min(max_pos, 16384, fit))
+
+
+class CpuEngine:
+    """forward(tokens, start_pos) -> logits over a KV cache kept inside the engine."""
+
+    def __init__(self, qfile, n_threads: int | None = None, max_seq_len: int | None = None, isa: str | None = None):
+        core = _core()
+        self.config = cfg = qfile.config
+        isa_idx, self.isa_reason = resolve_isa(isa)
+        self.n_threads = int(n_threads) if n_threads else default_threads()
+        if self.n_threads < 1:
+            raise QoraError(f"threads must be at least 1, got {n_threads}")
+        self.max_seq_len = default_context(cfg, max_seq_len)
+        inv_freq, rope_scale = rope_parameters(cfg)
+        tensors = {}
+        for name, info in qfile.tensor_info.items():
+            tensors[name] = (info["dtype"], tuple(info["shape"]), qfile.tensor(name))
+        try:
+            self._model = core.CpuModel(cfg, tensors, inv_freq, rope_scale, self.max_seq_len, self.n_threads, isa_idx)
+        except (ValueError, KeyError) as e:
+            raise QoraError(f"{qfile.path}: cannot build the engine: {e}") from e
+        except MemoryError as e:
+            raise QoraError(f"not enough memory for a {self.max_seq_len}-token context: {e}") from e
+        self.isa = self._model.isa_name
+        self.vocab_size = cfg["vocab_size"]
+        self.device = "cpu"
+
+    def forward(self, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions start_pos.. ; (n, vocab) logits if all_logits else (1, vocab) for the last."""
+        if self._model is None:
+            raise QoraError("the model is closed")
+        ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        n = ids.shape[0]
+        if n == 0:
+            raise QoraError("forward needs at least one token")
+        if start_pos < 0:
+            raise QoraError(f"start_pos must be >= 0, got {start_pos}")
+        if start_pos + n > self.max_seq_len:
+            raise ContextOverflowError(
+                f"{start_pos + n} tokens do not fit the {self.max_seq_len}-token context "
+                f"(prompt or conversation too long; raise max_seq_len or shorten it)"
+            )
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise QoraError(f"token id out of range [0, {self.vocab_size})")
+        ids = ids.astype(np.int32)
+        outs = []
+        for i in range(0, n, _PREFILL_CHUNK):
+            chunk = ids[i : i + _PREFILL_CHUNK]
+            last = i + _PREFILL_CHUNK >= n
+            if all_logits or last:
+                outs.append(self._model.forward(chunk, start_pos + i, all_logits))
+            else:
+                self._model.forward(chunk, start_pos + i, False)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+
+    def reset(self):
+        """Nothing to clear: positions past start_pos are overwritten before they are read."""
+
+    def close(self):
+        if self._model is not None:
+            self._model.close()
+            self._model = None

@@ -1,0 +1,221 @@
+"""Every C kernel against a NumPy reference, on every ISA path this CPU runs,
+fresh random inputs, odd and ragged sizes and the real SmolLM3-3B shapes."""
+
+import numpy as np
+import pytest
+
+from qora._core import _cpu
+from qora.engine import ISA_NAMES
+
+FEATS = _cpu.cpu_features()
+ISAS = [i for i, n in enumerate(ISA_NAMES) if n in FEATS["cpu_supports"] and n in FEATS["compiled"]]
+isa_param = pytest.mark.parametrize("isa", ISAS, ids=[ISA_NAMES[i] for i in ISAS])
+
+# (rows, cols): odd row counts and the real 3B projections (q, k/v, o, gate/up, down)
+QSHAPES = [(1, 32), (3, 64), (31, 96), (33, 128), (127, 160), (129, 256), (2048, 2048), (512, 2048),
+           (11008, 2048), (2048, 11008)]
+FSHAPES = [(1, 1), (3, 7), (31, 33), (33, 100), (129, 257), (512, 2048)]
+
+
+def rng():
+    return np.random.default_rng()  # fresh inputs every run
+
+
+def random_q4(r, rows, cols):
+    """Random Q4 blocks as raw bytes + their float values (NumPy reference dequantization)."""
+    nb = cols // 32
+    d = (r.random((rows, nb)) * 0.02 + 0.001).astype(np.float16)
+    qs = r.integers(0, 256, size=(rows, nb, 16), dtype=np.uint8)
+    raw = np.concatenate([d.reshape(rows, nb, 1).view(np.uint8).reshape(rows, nb, 2), qs], axis=2)
+    lo = (qs & 0x0F).astype(np.float32) - 8
+    hi = (qs >> 4).astype(np.float32) - 8
+    vals = np.concatenate([lo, hi], axis=2) * d.astype(np.float32)[:, :, None]
+    return raw.reshape(rows, nb * 18), vals.reshape(rows, cols)
+
+
+def random_q8(r, rows, cols):
+    nb = cols // 32
+    d = (r.random((rows, nb)) * 0.02 + 0.001).astype(np.float16)
+    qs = r.integers(-127, 128, size=(rows, nb, 32)).astype(np.int8)
+    raw = np.concatenate([d.reshape(rows, nb, 1).view(np.uint8).reshape(rows, nb, 2), qs.view(np.uint8)], axis=2)
+    vals = qs.astype(np.float32) * d.astype(np.float32)[:, :, None]
+    return raw.reshape(rows, nb * 34), vals.reshape(rows, cols)
+
+
+def ref_quantize_q8(x):
+    """NumPy reference of the activation quantizer: d = amax/127, round half to even."""
+    xb = x.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(xb).max(axis=1)
+    d = (amax / np.float32(127)).astype(np.float16)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * inv[:, None]).astype(np.int8)
+    return d, q
+
+
+def q8_values(d, q):
+    return (q.astype(np.float32) * d.astype(np.float32)[:, None]).reshape(-1)
+
+
+@isa_param
+@pytest.mark.parametrize("n", [32, 64, 96, 2048, 11008])
+def test_quantize_q8(isa, n):
+    x = rng().standard_normal(n).astype(np.float32) * 3
+    x[:32] = 0.0  # an all-zero block must give d = 0 and q = 0
+    raw = _cpu.quantize_q8(x, isa).reshape(-1, 34)
+    d = raw[:, :2].copy().view(np.float16).reshape(-1)
+    q = raw[:, 2:].view(np.int8)
+    rd, rq = ref_quantize_q8(x)
+    np.testing.assert_array_equal(d, rd)
+    assert np.abs(q.astype(int) - rq.astype(int)).max() <= 1  # a tie may round either way after FMA contraction
+    assert (q[0] == 0).all() and d[0] == 0
+
+
+@isa_param
+@pytest.mark.parametrize("dtype", ["q4", "q8"])
+@pytest.mark.parametrize("shape", QSHAPES, ids=[f"{r}x{c}" for r, c in QSHAPES])
+def test_matvec_quantized(isa, dtype, shape):
+    r = rng()
+    rows, cols = shape
+    raw, w = (random_q4 if dtype == "q4" else random_q8)(r, rows, cols)
+    x = r.standard_normal(cols).astype(np.float32)
+    y = _cpu.matvec(raw, dtype, rows, cols, x, isa, 2)
+    ref = w.astype(np.float64) @ q8_values(*ref_quantize_q8(x)).astype(np.float64)
+    scale = np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64) + 1e-6
+    assert np.all(np.abs(y - ref) / scale < 1e-4), np.max(np.abs(y - ref) / scale)
+    # and the end-to-end error against the float product stays within what Q8 activations cost
+    assert np.all(np.abs(y - w @ x) / scale < 2e-2)
+
+
+@isa_param
+@pytest.mark.parametrize("dtype", ["f16", "f32"])
+@pytest.mark.parametrize("shape", FSHAPES, ids=[f"{r}x{c}" for r, c in FSHAPES])
+def test_matvec_float(isa, dtype, shape):
+    r = rng()
+    rows, cols = shape
+    w = r.standard_normal((rows, cols)).astype(np.float16 if dtype == "f16" else np.float32)
+    x = r.standard_normal(cols).astype(np.float32)
+    y = _cpu.matvec(w, dtype, rows, cols, x, isa, 2)
+    ref = w.astype(np.float64) @ x.astype(np.float64)
+    scale = np.abs(w.astype(np.float64)) @ np.abs(x) + 1e-6
+    assert np.all(np.abs(y - ref) / scale < 1e-5)
+
+
+@isa_param
+@pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
+@pytest.mark.parametrize("shape", [(1, 32), (33, 64), (129, 96), (1376, 2048)])
+def test_swiglu(isa, dtype, shape):
+    r = rng()
+    rows, cols = shape
+    if dtype in ("q4", "q8"):
+        make = random_q4 if dtype == "q4" else random_q8
+        (rg, g), (ru, u) = make(r, rows, cols), make(r, rows, cols)
+        xv = q8_values(*ref_quantize_q8(x := r.standard_normal(cols).astype(np.float32)))
+    else:
+        np_t = np.float16 if dtype == "f16" else np.float32
+        rg, ru = r.standard_normal((rows, cols)).astype(np_t), r.standard_normal((rows, cols)).astype(np_t)
+        g, u = rg.astype(np.float32), ru.astype(np.float32)
+        x = r.standard_normal(cols).astype(np.float32) * 0.2
+        xv = x
+    h = _cpu.swiglu(rg, ru, dtype, rows, cols, x, isa, 2)
+    gv, uv = g.astype(np.float64) @ xv, u.astype(np.float64) @ xv
+    ref = gv / (1 + np.exp(-gv)) * uv
+    scale = (np.abs(g) @ np.abs(xv)) * (np.abs(u) @ np.abs(xv)) + 1e-6
+    assert np.all(np.abs(h - ref) / scale < 1e-4)
+
+
+@isa_param
+@pytest.mark.parametrize("n", [1, 7, 64, 576, 2048, 2049])
+def test_rmsnorm(isa, n):
+    r = rng()
+    x = r.standard_normal(n).astype(np.float32) * 5
+    w = r.standard_normal(n).astype(np.float32)
+    out = _cpu.rmsnorm(x, w, 1e-6, isa)
+    xd = x.astype(np.float64)
+    ref = w * (xd / np.sqrt(np.mean(xd * xd) + 1e-6))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def ref_rope(v, n_heads, head_dim, pos, inv_freq, scale):
+    v = v.reshape(n_heads, head_dim).astype(np.float64)
+    half = head_dim // 2
+    ang = (np.float32(pos) * inv_freq).astype(np.float64)
+    c, s = np.cos(ang) * scale, np.sin(ang) * scale
+    x0, x1 = v[:, :half], v[:, half:]
+    return np.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], axis=1).reshape(-1)
+
+
+@pytest.mark.parametrize("n_heads,head_dim,pos", [(1, 2, 0), (4, 16, 5), (16, 128, 1000), (4, 128, 65535)])
+def test_rope(n_heads, head_dim, pos):
+    r = rng()
+    v = r.standard_normal(n_heads * head_dim).astype(np.float32)
+    inv = (1.0 / (5e6 ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
+    out = _cpu.rope(v, n_heads, head_dim, pos, inv, 1.0)
+    np.testing.assert_allclose(out, ref_rope(v, n_heads, head_dim, pos, inv, 1.0), rtol=1e-4, atol=1e-4)
+    out2 = _cpu.rope(v, n_heads, head_dim, pos, inv, 1.0693)  # YaRN scales cos and sin
+    np.testing.assert_allclose(out2, ref_rope(v, n_heads, head_dim, pos, inv, 1.0693), rtol=1e-4, atol=1e-4)
+
+
+def ref_attention(q, kc, vc, n_heads, n_kv, hd):
+    group = n_heads // n_kv
+    out = np.zeros((n_heads, hd))
+    for h in range(n_heads):
+        g = h // group
+        k = kc[:, g * hd:(g + 1) * hd].astype(np.float64)
+        v = vc[:, g * hd:(g + 1) * hd].astype(np.float64)
+        s = k @ q[h * hd:(h + 1) * hd] / np.sqrt(hd)
+        p = np.exp(s - s.max())
+        out[h] = (p / p.sum()) @ v
+    return out.reshape(-1)
+
+
+@isa_param
+@pytest.mark.parametrize("n_heads,n_kv,hd,n_pos", [(1, 1, 8, 1), (4, 2, 16, 7), (16, 4, 128, 33),
+                                                   (9, 3, 64, 129), (16, 4, 128, 300)])
+def test_attention(isa, n_heads, n_kv, hd, n_pos):
+    r = rng()
+    q = r.standard_normal(n_heads * hd).astype(np.float32)
+    kc = r.standard_normal((n_pos, n_kv * hd)).astype(np.float32)
+    vc = r.standard_normal((n_pos, n_kv * hd)).astype(np.float32)
+    out = _cpu.attention(q, kc, vc, n_heads, n_kv, hd, isa, 2)
+    np.testing.assert_allclose(out, ref_attention(q, kc, vc, n_heads, n_kv, hd), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
+def test_dequant_row(dtype):
+    r = rng()
+    rows, cols = 37, 96
+    if dtype == "q4":
+        raw, w = random_q4(r, rows, cols)
+    elif dtype == "q8":
+        raw, w = random_q8(r, rows, cols)
+    else:
+        raw = r.standard_normal((rows, cols)).astype(np.float16 if dtype == "f16" else np.float32)
+        w = raw.astype(np.float32)
+    for row in (0, 17, rows - 1):
+        np.testing.assert_array_equal(_cpu.dequant_row(raw, dtype, rows, cols, row), w[row])
+    with pytest.raises(IndexError):
+        _cpu.dequant_row(raw, dtype, rows, cols, rows)
+
+
+def test_wrappers_reject_bad_sizes():
+    x = np.zeros(64, np.float32)
+    with pytest.raises(ValueError):
+        _cpu.matvec(np.zeros(10, np.uint8), "q4", 1, 64, x, 0)  # too few bytes
+    with pytest.raises(ValueError):
+        _cpu.matvec(np.zeros(2 * 36, np.uint8), "q4", 2, 64, np.zeros(32, np.float32), 0)  # x too short
+    with pytest.raises(ValueError):
+        _cpu.matvec(np.zeros(40, np.uint8), "q8", 1, 40, np.zeros(40, np.float32), 0)  # cols % 32
+    with pytest.raises(ValueError):
+        _cpu.quantize_q8(np.zeros(33, np.float32), 0)
+    with pytest.raises(ValueError):
+        _cpu.matvec(np.zeros(64, np.float32), "q5", 1, 64, x, 0)
+    with pytest.raises(ValueError):
+        _cpu.attention(np.zeros(16, np.float32), np.zeros((3, 8), np.float32), np.zeros((2, 8), np.float32),
+                       2, 1, 8, 0)
+
+
+def test_cpu_features_consistent():
+    assert "scalar" in FEATS["cpu_supports"] and "scalar" in FEATS["compiled"]
+    if FEATS["flags"]["avx2"] and FEATS["flags"]["fma"] and FEATS["flags"]["f16c"] and FEATS["flags"]["os_avx"]:
+        assert "avx2" in FEATS["cpu_supports"]
