@@ -7,6 +7,7 @@
 #include "cpu_features.h"
 #include "kernels_scalar.h"
 #include "kernels_avx2.h"
+#include "kernels_avx512.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -34,13 +35,19 @@ static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2,
 };
+/* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
+   matches the AVX2 path bit for bit */
+static const qora_kernels qora_kernels_avx512 = {
+    "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
+    dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512,
+};
 #endif
 
-/* Table per ISA slot; NULL = not compiled in (the AVX-512 kernels arrive with
-   the CPU-speed work), so the slot resolves to the best compiled path below. */
+/* Table per ISA slot; NULL = not compiled in for this architecture. */
 static const qora_kernels* qora_kernel_table(int isa) {
     switch (isa) {
 #if QORA_X86
+    case QORA_ISA_AVX512: return &qora_kernels_avx512;
     case QORA_ISA_AVX2: return &qora_kernels_avx2;
 #endif
     case QORA_ISA_SCALAR: return &qora_kernels_scalar;
