@@ -63,7 +63,7 @@ def write_random_model(path, quant="q4", n_layers=None, seed=0):
     tensors = tensor_list(cfg, quant)
     rng = np.random.default_rng(seed)
     w = QoraWriter(path, cfg, tok, None, {}, {"eos": [], "bos": None},
-                   {"from": "random", "quant": quant, "seed": seed})
+                   {"from": "random", "quant": quant, "seed": seed}, tensors=tensors)
     for name, dtype, shape in tensors:
         w.add_tensor(name, dtype, shape, random_tensor(rng, dtype, shape))
     w.finish()

@@ -128,7 +128,8 @@ static void qora_attention(const qora_kernels* K, const float* q, const float* k
     const int group = n_heads / n_kv_heads;
     const float scale = 1.0f / sqrtf((float)head_dim);
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(n_threads) schedule(static)
+#pragma omp parallel for num_threads(n_threads) schedule(static) \
+    if ((long long)n_pos * n_heads * head_dim >= QORA_PARALLEL_MIN_WORK / 4)
 #endif
     for (int g = 0; g < n_kv_heads; g++) {
         /* scores = q . k * head_dim^-0.5 */

@@ -77,6 +77,14 @@ static inline float qora_row_dot(const qora_kernels* K, const qora_tensor* W, in
 
 static inline int qora_is_quantized(int dtype) { return dtype == QORA_Q4 || dtype == QORA_Q8; }
 
+/* Below this many multiply-adds a product runs on one thread: waking the team
+   costs more than it saves, and on a busy machine a descheduled worker would
+   stall the whole barrier. */
+#define QORA_PARALLEL_MIN_WORK (1 << 18)
+static inline int qora_worth_parallel(const qora_tensor* W) {
+    return (long long)W->rows * W->cols >= QORA_PARALLEL_MIN_WORK;
+}
+
 /* Quantize the activation once per matrix (only the integer paths need it). */
 static inline void qora_prepare_input(const qora_kernels* K, int dtype, const float* x, block_q8* xq, int n) {
     if (qora_is_quantized(dtype)) K->quantize_q8(x, xq, n);
@@ -87,7 +95,7 @@ static void qora_matvec(const qora_kernels* K, const qora_tensor* W, const float
                         int n_threads) {
     const int rows = W->rows;
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (rows >= 64)
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (qora_worth_parallel(W))
 #endif
     for (int r = 0; r < rows; r++) y[r] = qora_row_dot(K, W, r, x, xq);
     (void)n_threads;
@@ -98,7 +106,7 @@ static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora
                         const block_q8* xq, float* h, int n_threads) {
     const int rows = Wg->rows;
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (rows >= 64)
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (qora_worth_parallel(Wg))
 #endif
     for (int j = 0; j < rows; j++) {
         const float g = qora_row_dot(K, Wg, j, x, xq);

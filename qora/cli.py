@@ -1,0 +1,334 @@
+"""Command line: `python -m qora` (also the `qora` console script).
+
+    qora [--load PATH] --prompt TEXT [options]      generate (prompt from stdin when piped)
+    qora convert SRC [-o OUT.qora] [--quant q4]     HF folder or GGUF file -> .qora
+
+The answer streams to stdout; thinking goes to stderr with --show-think; --verbose adds load time
+and prefill / decode speed on stderr. A QoraError is one line on stderr and exit status 1; a bad flag
+is a usage message and 2; Ctrl-C keeps what was produced, ends the line, and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import qora
+from qora.errors import QoraError
+
+PROG = "qora"
+QUANT_TYPES = ("q4", "q8", "f16", "f32")
+EXIT_INTERRUPTED = 130
+
+
+# ───── parsers ─────
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run SmolLM3-3B and other Llama-family models locally from quantized .qora files.",
+        epilog=(
+            "Convert a model first with: qora convert SRC -o OUT.qora (see qora convert --help). "
+            "Without --load, qora uses ./model.qora, else downloads a small demo model (SmolLM2-135M)."
+        ),
+    )
+    p.add_argument("--version", action="version", version=f"{PROG} {qora.__version__}")
+    p.add_argument("--load", metavar="PATH", help="the .qora model file (default: ./model.qora, else the demo model)")
+    p.add_argument("--prompt", "-p", metavar="TEXT", help="the prompt (default: read from stdin when it is piped)")
+    p.add_argument("--system", metavar="TEXT", help="system message")
+    p.add_argument("--max-tokens", type=_int_at_least(1), metavar="N", help="answer tokens at most (default: from RAM)")
+    p.add_argument(
+        "--think-budget", type=_int_at_least(0), metavar="N", help="thinking tokens before </think> (default: from RAM)"
+    )
+    p.add_argument("--no-think", action="store_true", help="answer without thinking first")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--show-think", action="store_true", help="print the thinking to stderr")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
+    dev.add_argument("--gpu", action="store_true", help="run on the GPU (Vulkan)")
+    p.add_argument("--temperature", type=_float, metavar="T", help="sampling temperature (default 0.6 think, 0.7 not)")
+    p.add_argument("--top-k", type=_int_at_least(0), metavar="K", help="keep the K most likely tokens (default 20)")
+    p.add_argument("--top-p", type=_float, metavar="P", help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--min-p", type=_float, metavar="P", help="drop tokens below P x the top probability (default 0)")
+    p.add_argument("--repeat-penalty", type=_float, metavar="F", help="repetition penalty (default 1.1)")
+    p.add_argument("--repeat-window", type=_int_at_least(0), metavar="N", help="tokens the penalties see (default 64)")
+    p.add_argument("--presence-penalty", type=_float, metavar="F", help="presence penalty (default 1.5)")
+    p.add_argument("--frequency-penalty", type=_float, metavar="F", help="frequency penalty (default 0)")
+    p.add_argument("--seed", type=_int_at_least(0), metavar="N", help="random seed (reproducible sampling)")
+    p.add_argument("--threads", type=_int_at_least(1), metavar="N", help="CPU threads (default: physical cores)")
+    p.add_argument("--context", type=_int_at_least(2), metavar="N", help="KV cache size in tokens (default: auto)")
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop when the answer contains TEXT (repeatable)"
+    )
+    p.add_argument("--length", metavar="HINT", help="answer length hint: short, medium, long, or '100 words'")
+    p.add_argument("--verbose", "-v", action="store_true", help="print load time, speeds and finish reason to stderr")
+    return p
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} convert",
+        description="Convert a Hugging Face model folder or a GGUF file to a .qora file.",
+        epilog=(
+            "Example: huggingface-cli download HuggingFaceTB/SmolLM3-3B --local-dir SmolLM3-3B && "
+            "qora convert SmolLM3-3B -o smollm3-3b-q4.qora"
+        ),
+    )
+    p.add_argument("src", metavar="SRC", help="HF folder (config.json, *.safetensors, tokenizer.json) or .gguf file")
+    p.add_argument("-o", "--output", metavar="OUT", help="the .qora file to write (default: SRC name + -QUANT.qora)")
+    p.add_argument("--quant", choices=QUANT_TYPES, default="q4", help="weight type of the layers (default q4)")
+    p.add_argument(
+        "--embed-quant", choices=QUANT_TYPES, default=None, help="embedding / LM head type (default: the converter's)"
+    )
+    return p
+
+
+# ───── helpers ─────
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_model_path(load: str | None) -> Path:
+    """--load PATH, else ./model.qora, else the demo model (downloaded and converted on first use)."""
+    if load:
+        path = Path(load).expanduser()
+        if not path.exists():
+            raise QoraError(f"{load}: no such file")
+        if path.is_dir():
+            raise QoraError(f"{load} is a folder: convert it first with `{PROG} convert {load} -o model.qora`")
+        return path
+    local = Path("model.qora")
+    if local.is_file():
+        return local
+    from qora.demo import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+def _read_prompt(args, parser) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        parser.error("no prompt: give --prompt TEXT or pipe the prompt on stdin")
+    text = sys.stdin.read()
+    if not text.strip():
+        raise QoraError("the prompt read from stdin is empty")
+    return text
+
+
+def _options(args, parser):
+    from qora.generate import GenerationOptions
+
+    try:
+        return GenerationOptions(
+            max_tokens=args.max_tokens,
+            think_budget=args.think_budget,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repeat_penalty=args.repeat_penalty,
+            repeat_window=64 if args.repeat_window is None else args.repeat_window,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            seed=args.seed,
+            stop=args.stop,
+            greedy=args.greedy,
+            enable_thinking=False if args.no_think else None,
+            show_think=args.show_think,
+            raw=args.raw,
+            system=args.system,
+            length_hint=args.length,
+        )
+    except QoraError as e:
+        parser.error(str(e))  # a bad option value is a usage error: exit 2 with the usage line
+
+
+def _cpu_info_line() -> str:
+    try:
+        info = qora.cpu_info()
+    except Exception as e:  # the engine may be missing in a broken install; --verbose should still work
+        return f"unavailable ({e})"
+    if isinstance(info, dict):
+        return ", ".join(f"{k}={v}" for k, v in info.items())
+    return str(info)
+
+
+# ───── generate ─────
+
+
+class _Printer:
+    """Writes the answer to stdout and (with --show-think) the thinking to stderr, flushing each piece.
+    Leading line breaks of a chat answer are dropped (the model puts one after </think>)."""
+
+    def __init__(self, show_think: bool, raw: bool = False):
+        self.show_think = show_think
+        self.raw = raw
+        self.answer_started = False
+        self.last_out = ""
+        self.last_err = ""
+        self.dim = show_think and sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+
+    def write(self, text: str, channel: str) -> None:
+        if not text:
+            return
+        if channel == "think":
+            if self.show_think:
+                sys.stderr.write(f"\x1b[2m{text}\x1b[0m" if self.dim else text)
+                sys.stderr.flush()
+                self.last_err = text
+            return
+        if not self.answer_started:
+            if not self.raw:  # a raw completion keeps its text exactly
+                text = text.lstrip("\r\n")
+            if not text:
+                return
+            if self.last_err and not self.last_err.endswith("\n"):
+                sys.stderr.write("\n")  # end the thinking's last line before the answer starts
+                sys.stderr.flush()
+            self.answer_started = True
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        self.last_out = text
+
+    def end(self, always: bool = False) -> None:
+        if (self.answer_started or always) and not self.last_out.endswith("\n"):
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def _run(args, parser) -> int:
+    from qora.generate import stream_generate
+
+    options = _options(args, parser)
+    prompt = _read_prompt(args, parser)
+    path = resolve_model_path(args.load)
+    device = "cpu" if args.cpu else ("gpu" if args.gpu else "auto")
+    load_kwargs = {"threads": args.threads, "device": device}
+    if args.context is not None:
+        load_kwargs["max_seq_len"] = args.context
+    t0 = time.perf_counter()
+    model = qora.load(path, **load_kwargs)
+    load_time = time.perf_counter() - t0
+    if args.verbose:
+        cfg = getattr(model, "config", None) or {}
+        about = ", ".join(f"{k} {cfg[k]}" for k in ("architecture", "n_layers", "dim", "vocab_size") if k in cfg)
+        threads = getattr(getattr(model, "engine", None), "n_threads", None)
+        _note(
+            f"loaded {path} in {load_time:.2f} s"
+            + (f" ({about})" if about else "")
+            + (f", {threads} threads" if threads else "")
+        )
+        _note(f"cpu: {_cpu_info_line()}")
+    for stream in (sys.stdout, sys.stderr):
+        try:  # a console that cannot show a character gets "?" rather than a crash mid-answer
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError):
+            pass
+    printer = _Printer(args.show_think, raw=args.raw)
+    last = None
+    try:
+        try:
+            for r in stream_generate(model, prompt, options):
+                printer.write(r.text, r.channel)
+                last = r
+        except KeyboardInterrupt:  # Ctrl-C while we were printing, outside the generator's own handler
+            printer.end(always=True)
+            if args.verbose:
+                _note("finish: interrupted")
+            return EXIT_INTERRUPTED
+        interrupted = last is not None and last.finish_reason == "interrupted"
+        printer.end(always=interrupted)
+        if args.verbose and last is not None:
+            _note(f"prompt: {last.prompt_tokens} tokens in {last.prompt_time:.2f} s ({last.prompt_tps:.2f} tok/s)")
+            _note(
+                f"generated: {last.generation_tokens} tokens ({last.think_tokens} thinking) in "
+                f"{last.generation_time:.2f} s ({last.generation_tps:.2f} tok/s)"
+            )
+            _note(f"finish: {last.finish_reason}")
+        return EXIT_INTERRUPTED if interrupted else 0
+    finally:
+        close = getattr(model, "close", None)
+        if close is not None:
+            close()
+
+
+# ───── convert ─────
+
+
+def _convert(argv: list[str]) -> int:
+    parser = build_convert_parser()
+    args = parser.parse_args(argv)
+    src = Path(args.src).expanduser()
+    if not src.exists():
+        raise QoraError(f"{args.src}: no such file or folder")
+    if args.output:
+        out = Path(args.output).expanduser()
+    else:  # SmolLM3-3B -> SmolLM3-3B-q4.qora in the current folder
+        out = Path(f"{src.stem if src.is_file() else src.name}-{args.quant}.qora")
+    from qora.convert import convert
+
+    t0 = time.perf_counter()
+    convert(str(src), str(out), quant=args.quant, embed_quant=args.embed_quant, progress=True)
+    size = out.stat().st_size if out.exists() else 0
+    _note(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ───── entry point ─────
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "convert":
+            return _convert(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return _run(args, parser)
+    except QoraError as e:
+        _err(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C while loading or converting
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`qora ... | head`): stop quietly, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as e:  # unreadable file, full disk, ...: the message says it all
+        _err(str(e))
+        return 1

@@ -1,0 +1,821 @@
+"""Convert a Hugging Face model folder or a GGUF file to one self-contained .qora file.
+
+    convert("SmolLM3-3B/", "smollm3-3b-q4.qora", quant="q4")
+    convert("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2.qora", quant="q4")
+
+Design:
+- One explicit weight map (WEIGHT_MAP): qora name <- Hugging Face name <- GGUF name.
+- A source object per input kind (_HFSource, _GGUFSource) gives the normalized config, the
+  tokenizer and chat template, and each tensor on demand; convert() plans every tensor's dtype
+  and shape up front, so the writer knows the whole index before the first byte of data and can
+  stream: peak memory is about one source tensor (as float32) plus its encoded copy.
+- Matrices are stored as `quant`, the embedding and the untied LM head as `embed_quant`, norms
+  always as f32. A q4/q8 request for a row length that is not a multiple of 32 falls back to f16.
+- GGUF: Q4_0 -> q4, Q8_0 -> q8, F16 -> f16 and F32 -> f32 are copied byte for byte when they
+  match the requested type (q4 is Q4_0 bit for bit); every other case is dequantized with the
+  gguf package and quantized again. llama.cpp's converter permutes the rows of Q and K
+  (LlamaModel.permute, for llama and smollm3 alike) to suit its interleaved-pair RoPE; we undo that
+  on whole rows, which also works on quantized rows since blocks never straddle rows.
+- The output is written to OUT.tmp and renamed at the end: a failed conversion leaves no file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from qora import quant as Q
+from qora.errors import ConfigError, FormatError, QoraError
+from qora.format import QoraWriter, expected_tensors, read_qora, validate_config
+
+QUANTS = Q.DTYPES  # "f32", "f16", "q8", "q4"
+
+# qora name                 Hugging Face name                                    GGUF name
+WEIGHT_MAP = (
+    ("tok_embeddings",        "model.embed_tokens.weight",                         "token_embd.weight"),
+    ("layers.{i}.attn_norm",  "model.layers.{i}.input_layernorm.weight",           "blk.{i}.attn_norm.weight"),
+    ("layers.{i}.wq",         "model.layers.{i}.self_attn.q_proj.weight",          "blk.{i}.attn_q.weight"),
+    ("layers.{i}.wk",         "model.layers.{i}.self_attn.k_proj.weight",          "blk.{i}.attn_k.weight"),
+    ("layers.{i}.wv",         "model.layers.{i}.self_attn.v_proj.weight",          "blk.{i}.attn_v.weight"),
+    ("layers.{i}.wo",         "model.layers.{i}.self_attn.o_proj.weight",          "blk.{i}.attn_output.weight"),
+    ("layers.{i}.ffn_norm",   "model.layers.{i}.post_attention_layernorm.weight",  "blk.{i}.ffn_norm.weight"),
+    ("layers.{i}.w_gate",     "model.layers.{i}.mlp.gate_proj.weight",             "blk.{i}.ffn_gate.weight"),
+    ("layers.{i}.w_up",       "model.layers.{i}.mlp.up_proj.weight",               "blk.{i}.ffn_up.weight"),
+    ("layers.{i}.w_down",     "model.layers.{i}.mlp.down_proj.weight",             "blk.{i}.ffn_down.weight"),
+    ("norm",                  "model.norm.weight",                                 "output_norm.weight"),
+    ("output",                "lm_head.weight",                                    "output.weight"),
+)  # fmt: skip
+
+EMBED_TENSORS = ("tok_embeddings", "output")
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "SmolLM3ForCausalLM": "smollm3"}
+SMOLLM3_NOPE_INTERVAL = 4  # HF default; llama.cpp hard-codes the same step (no GGUF key exists)
+SPECIAL_STRINGS = {"im_start": "<|im_start|>", "im_end": "<|im_end|>", "think": "<think>", "end_think": "</think>"}
+_CHUNK_ELEMS = 1 << 22  # rows are converted in chunks of about this many elements
+
+
+def name_map(n_layers: int) -> dict:
+    """qora name -> (Hugging Face name, GGUF name) for a model with n_layers layers."""
+    out = {}
+    for qname, hf, gg in WEIGHT_MAP:
+        if "{i}" in qname:
+            for i in range(n_layers):
+                out[qname.format(i=i)] = (hf.format(i=i), gg.format(i=i))
+        else:
+            out[qname] = (hf, gg)
+    return out
+
+
+def _short_float(v) -> float:
+    """A float32 metadata value as the short decimal it was written from (9.99e-06 -> 1e-05)."""
+    return float(str(np.float32(v)))
+
+
+def _warn(msg: str) -> None:
+    print(f"qora convert: warning: {msg}", file=sys.stderr)
+
+
+def _encode_rows(read_rows, rows: int, cols: int, dtype: str) -> np.ndarray:
+    """Encode a matrix to `dtype`, reading float32 rows chunk by chunk through read_rows(r0, r1)."""
+    out = np.empty(Q.storage_shape(dtype, (rows, cols)), dtype=Q.FLOAT_DTYPES.get(dtype, np.uint8))
+    step = max(1, _CHUNK_ELEMS // cols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        out[r0:r1] = Q.quantize(read_rows(r0, r1), dtype)
+    return out
+
+
+def _permute_rows(rows: int, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute applied to row indices: gguf_row[p] = hf_row[idx[p]]."""
+    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+
+
+def _unpermute_rows(rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes the permutation: hf_rows = gguf_rows[result]."""
+    return np.argsort(_permute_rows(rows, n_head))
+
+
+def _chat_special_tokens(tok, special: dict, vocab_size: int) -> dict:
+    """Fill im_start/im_end/think/end_think from the vocabulary; drop ids the model cannot emit."""
+    for key, s in SPECIAL_STRINGS.items():
+        special.setdefault(key, tok.token_to_id(s))
+
+    def ok(i):
+        return i is not None and 0 <= int(i) < vocab_size
+
+    out = {k: (int(v) if ok(v) else None) for k, v in special.items() if k != "eos"}
+    out["eos"] = [int(i) for i in special.get("eos", []) if ok(i)]
+    return out
+
+
+def _normalize_rope_scaling(rs):
+    """HF rope_scaling dict with a "rope_type" key (older configs say "type"), or None."""
+    if not rs:
+        return None
+    rs = dict(rs)
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default", "none"):
+        return None
+    rs["rope_type"] = kind
+    return rs
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face folder
+# --------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+class _SafetensorsFile:
+    """One .safetensors file, memory-mapped; arrays come back in their stored dtype, zero copy
+    (bf16 as uint16: numpy has no bfloat16, _to_f32 widens it)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        where = str(path)
+        try:
+            with open(path, "rb") as f:
+                size = f.seek(0, 2)
+                f.seek(0)
+                head = f.read(8)
+                if len(head) < 8:
+                    raise FormatError(f"{where}: not a safetensors file (too short)")
+                (hlen,) = struct.unpack("<Q", head)
+                if hlen > min(size - 8, 100 << 20):
+                    raise FormatError(f"{where}: not a safetensors file (bad header length {hlen})")
+                header = json.loads(f.read(hlen))
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise FormatError(f"{where}: cannot read ({e.strerror or e})") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FormatError(f"{where}: safetensors header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise FormatError(f"{where}: safetensors header is not a JSON object")
+        self.base = 8 + hlen
+        self.tensors = {}
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, end) = t["dtype"], [int(s) for s in t["shape"]], t["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(f"{where}: bad safetensors entry for {name}") from None
+            n = math.prod(shape)
+            item = _ST_DTYPES[dtype].itemsize if dtype in _ST_DTYPES else None
+            if item is not None and (not 0 <= start <= end <= size - self.base or end - start != n * item):
+                raise FormatError(f"{where}: tensor {name} has data offsets outside the file or of the wrong size")
+            self.tensors[name] = (dtype, tuple(shape), start)
+
+    def array(self, name: str) -> tuple[str, np.ndarray]:
+        dtype, shape, start = self.tensors[name]
+        if dtype not in _ST_DTYPES:
+            raise FormatError(f"{self.path}: tensor {name} is {dtype}; qora reads F32, F16 and BF16")
+        a = np.frombuffer(self._mm, dtype=_ST_DTYPES[dtype], count=math.prod(shape), offset=self.base + start)
+        return dtype, a.reshape(shape)
+
+    def close(self):
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # arrays still reference the map; it is released with them
+
+
+def _to_f32(a: np.ndarray, st_dtype: str) -> np.ndarray:
+    if st_dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return a.astype(np.float32)
+
+
+def _read_json(path: Path, required: bool, where):
+    if not path.is_file():
+        if required:
+            raise FormatError(f"{where}: {path.name} not found")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: cannot parse ({e})") from None
+
+
+def normalize_hf_config(hf: dict, where) -> dict:
+    """config.json of a Llama / SmolLM3 checkpoint -> qora's normalized config (SPEC.md)."""
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
+    if arch is None and model_type in HF_ARCHITECTURES.values():
+        arch = model_type
+    if arch is None:
+        what = archs[0] if archs else model_type
+        raise ConfigError(f"{where}: unsupported architecture {what} (qora supports llama, smollm3)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (qora runs SwiGLU/silu)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConfigError(f"{where}: attention/MLP biases are not supported")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{where}: partial rotary embeddings are not supported")
+    layer_types = hf.get("layer_types") or []
+    if "sliding_attention" in layer_types or (hf.get("use_sliding_window") and hf.get("sliding_window")):
+        raise ConfigError(f"{where}: sliding-window attention is not supported")
+    try:
+        dim = int(hf["hidden_size"])
+        n_layers = int(hf["num_hidden_layers"])
+        n_heads = int(hf["num_attention_heads"])
+        n_kv_heads = int(hf.get("num_key_value_heads") or n_heads)
+        head_dim = int(hf.get("head_dim") or dim // n_heads)
+        hidden_dim = int(hf["intermediate_size"])
+        vocab_size = int(hf["vocab_size"])
+        norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+        rope_params = hf.get("rope_parameters") or {}  # transformers >= 5 moves theta/scaling here
+        rope_theta = float(hf.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
+        max_seq_len = int(hf.get("max_position_embeddings") or 2048)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: config.json lacks or mangles {e}") from None
+    rope_scaling = _normalize_rope_scaling(hf.get("rope_scaling") or rope_params)
+    if rope_scaling is not None:
+        rope_scaling.pop("rope_theta", None)
+    if arch == "smollm3":
+        nrl = hf.get("no_rope_layers")
+        if nrl is not None:
+            if len(nrl) < n_layers:
+                raise ConfigError(f"{where}: no_rope_layers has {len(nrl)} entries for {n_layers} layers")
+            rope_layers = [1 if int(v) else 0 for v in nrl[:n_layers]]
+        else:
+            interval = int(hf.get("no_rope_layer_interval") or SMOLLM3_NOPE_INTERVAL)
+            rope_layers = [int((i + 1) % interval != 0) for i in range(n_layers)]
+    else:
+        rope_layers = [1] * n_layers
+    tie = hf.get("tie_word_embeddings")
+    if tie is None:
+        tie = arch == "smollm3"  # the defaults of LlamaConfig (False) and SmolLM3Config (True)
+    config = {
+        "architecture": arch,
+        "n_layers": n_layers,
+        "dim": dim,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "head_dim": head_dim,
+        "hidden_dim": hidden_dim,
+        "vocab_size": vocab_size,
+        "norm_eps": norm_eps,
+        "rope_theta": rope_theta,
+        "rope_layers": rope_layers,
+        "rope_scaling": rope_scaling,
+        "max_seq_len": max_seq_len,
+        "tie_embeddings": bool(tie),
+    }
+    validate_config(config, where)
+    return config
+
+
+def _hf_token_id(tok, value):
+    """tokenizer_config.json's bos/eos/pad entry (a string or {"content": ...}) -> id or None."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return tok.token_to_id(value) if isinstance(value, str) else None
+
+
+def _as_list(v) -> list:
+    return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+_GENERATION_SKIP = {
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "transformers_version",
+    "_from_model_config",
+}
+
+
+class _HFSource:
+    kind = "hf"
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.path = path
+        where = str(path)
+        hf = _read_json(path / "config.json", True, where)
+        if not isinstance(hf, dict):
+            raise FormatError(f"{path / 'config.json'}: not a JSON object")
+        self.config = cfg = normalize_hf_config(hf, where)
+
+        # tokenizer, chat template, generation defaults
+        tok_path = path / "tokenizer.json"
+        if not tok_path.is_file():
+            raise FormatError(f"{where}: tokenizer.json not found (qora needs the fast-tokenizer file)")
+        self.tokenizer_json = tok_path.read_text(encoding="utf-8")
+        try:
+            tok = Tokenizer.from_str(self.tokenizer_json)
+        except Exception as e:
+            raise FormatError(f"{tok_path}: cannot be loaded by tokenizers ({e})") from None
+        tcfg = _read_json(path / "tokenizer_config.json", False, where) or {}
+        gen = _read_json(path / "generation_config.json", False, where) or {}
+        self.chat_template = self._chat_template(path, tcfg)
+        self.generation = {
+            k: v for k, v in gen.items() if k not in _GENERATION_SKIP and isinstance(v, (int, float, bool, str))
+        }
+        bos = _hf_token_id(tok, tcfg.get("bos_token"))
+        pad = _hf_token_id(tok, tcfg.get("pad_token"))
+        eos = _as_list(gen.get("eos_token_id")) + _as_list(hf.get("eos_token_id"))
+        eos += _as_list(_hf_token_id(tok, tcfg.get("eos_token")))
+        special = {
+            "bos": bos if bos is not None else hf.get("bos_token_id"),
+            "eos": list(dict.fromkeys(int(i) for i in eos)),
+            "pad": pad if pad is not None else hf.get("pad_token_id", gen.get("pad_token_id")),
+        }
+        self.special_tokens = _chat_special_tokens(tok, special, cfg["vocab_size"])
+
+        # weights: one file, or shards listed by the index
+        index = _read_json(path / "model.safetensors.index.json", False, where)
+        if index is not None:
+            files = sorted(set((index.get("weight_map") or {}).values()))
+        elif (path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise FormatError(f"{where}: no *.safetensors weights found (pytorch .bin files are not supported)")
+        self._files = []
+        self._where = {}  # HF tensor name -> _SafetensorsFile
+        try:
+            for name in files:
+                f = _SafetensorsFile(path / name)
+                self._files.append(f)
+                for t in f.tensors:
+                    self._where[t] = f
+        except BaseException:
+            self.close()
+            raise
+        self._names = name_map(cfg["n_layers"])
+        self._check_tensor_names()
+
+    @staticmethod
+    def _chat_template(path: Path, tcfg: dict):
+        jinja = path / "chat_template.jinja"  # transformers >= 4.43 saves the template here
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        ct = tcfg.get("chat_template")
+        if isinstance(ct, list):  # [{"name": "default", "template": ...}, ...]
+            named = {d.get("name"): d.get("template") for d in ct if isinstance(d, dict)}
+            ct = named.get("default") or next(iter(named.values()), None)
+        return ct if isinstance(ct, str) else None
+
+    def _check_tensor_names(self):
+        where = str(self.path)
+        wanted = {hf for q, (hf, _) in self._names.items() if q != "output" or not self.config["tie_embeddings"]}
+        for hf in sorted(wanted):
+            if hf not in self._where:
+                extra = " (and tie_word_embeddings is false)" if hf == "lm_head.weight" else ""
+                raise FormatError(f"{where}: weight {hf} not found in the safetensors files{extra}")
+        known = wanted | {"lm_head.weight"}
+        for name in self._where:
+            if name in known or name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise FormatError(f"{where}: unexpected weight {name} (not a plain Llama/SmolLM3 checkpoint?)")
+
+    def tensor(self, qname: str, dtype: str, shape) -> np.ndarray:
+        hf = self._names[qname][0]
+        f = self._where[hf]
+        st_dtype, a = f.array(hf)
+        if a.shape != tuple(shape):
+            raise FormatError(f"{f.path}: weight {hf} has shape {list(a.shape)}, config.json implies {list(shape)}")
+        if a.ndim == 1:
+            return Q.quantize(_to_f32(a, st_dtype), dtype)
+        if dtype == "f32" and st_dtype == "F32":
+            return a  # zero copy from the source map to the output file
+        return _encode_rows(lambda r0, r1: _to_f32(a[r0:r1], st_dtype), a.shape[0], a.shape[1], dtype)
+
+    def close(self):
+        for f in getattr(self, "_files", []):
+            f.close()
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF file
+# --------------------------------------------------------------------------------------------
+
+# llama.cpp pre-tokenizer names (tokenizer.ggml.pre) -> how the Hugging Face tokenizer.json splits text
+_LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral")
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT2_PRE = ("gpt-2", "gpt2", "phi-2", "mpt", "olmo")
+_SMOLLM_PRE = ("smollm", "codeshell")
+_DEFAULT_REGEXES = (  # llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEFAULT, applied in sequence
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+)
+_GGUF_TOKEN_CONTROL, _GGUF_TOKEN_USER_DEFINED = 3, 4
+
+
+def gguf_tokenizer_json(fields: dict, where) -> str:
+    """Rebuild a Hugging Face tokenizer.json from a GGUF's tokenizer.ggml.* metadata
+    (byte-level BPE vocabularies, tokenizer.ggml.model == "gpt2")."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    model = fields.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise FormatError(
+            f"{where}: GGUF tokenizer model {model!r} is not supported (qora rebuilds byte-level "
+            f"BPE 'gpt2' vocabularies); convert from the Hugging Face folder instead"
+        )
+    pre = fields.get("tokenizer.ggml.pre") or "default"
+    tokens = fields.get("tokenizer.ggml.tokens")
+    merges_raw = fields.get("tokenizer.ggml.merges")
+    if not tokens or merges_raw is None:
+        raise FormatError(f"{where}: GGUF has no tokenizer.ggml.tokens / merges")
+    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)  # a repeated string keeps its first id (llama.cpp pads with unique [PADn])
+    merges = []
+    for m in merges_raw:
+        sp = m.find(" ", 1)  # as llama.cpp: the first space after the first character separates the pair
+        if sp < 0:
+            raise FormatError(f"{where}: malformed merge {m!r}")
+        merges.append((m[:sp], m[sp + 1 :]))
+    ignore_merges = pre in _LLAMA3_PRE
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False))
+    except Exception as e:
+        raise FormatError(f"{where}: GGUF vocabulary is inconsistent ({e})") from None
+
+    add_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", False))
+    if pre in _LLAMA3_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=add_prefix, trim_offsets=True, use_regex=False),
+            ]
+        )
+    elif pre in _SMOLLM_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=add_prefix, trim_offsets=True, use_regex=True),
+            ]
+        )
+    elif pre in _GPT2_PRE:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix, trim_offsets=True, use_regex=True)
+    elif pre == "default":
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in _DEFAULT_REGEXES]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=add_prefix, trim_offsets=True, use_regex=False)]
+        )
+    else:
+        known = ", ".join(("default",) + _LLAMA3_PRE + _SMOLLM_PRE + _GPT2_PRE)
+        raise FormatError(f"{where}: GGUF pre-tokenizer {pre!r} is not supported (qora knows {known})")
+    tok.decoder = decoders.ByteLevel()
+
+    # Control tokens are special; user-defined ones are matched verbatim but decoded like text.
+    tok.add_special_tokens(
+        [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _GGUF_TOKEN_CONTROL]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(tokens[i], special=False, normalized=False)
+            for i, t in enumerate(types)
+            if t == _GGUF_TOKEN_USER_DEFINED
+        ]
+    )
+
+    add_bos = fields.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)
+    add_eos = fields.get("tokenizer.ggml.add_eos_token", False)
+    bos, eos = fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id")
+    pieces, pair, specials = ["$A:0"], ["$A:0", "$B:1"], []
+    if add_bos and bos is not None and bos < len(tokens):
+        pieces.insert(0, f"{tokens[bos]}:0")
+        pair = [f"{tokens[bos]}:0", "$A:0", f"{tokens[bos]}:1", "$B:1"]
+        specials.append((tokens[bos], int(bos)))
+    if add_eos and eos is not None and eos < len(tokens):
+        pieces.append(f"{tokens[eos]}:0")
+        pair = pair[:2] + [f"{tokens[eos]}:0"] + pair[2:] + [f"{tokens[eos]}:1"]
+        specials.append((tokens[eos], int(eos)))
+    if specials:
+        tok.post_processor = processors.TemplateProcessing(
+            single=pieces, pair=pair, special_tokens=list(dict.fromkeys(specials))
+        )
+    # check that every id maps back to its GGUF token (fails on duplicate strings, which we report)
+    for i, t in enumerate(tokens):
+        if tok.id_to_token(i) != t:
+            _warn(f"{where}: token {i} ({t!r}) is a duplicate and cannot be produced by the tokenizer")
+            break
+    return tok.to_str()
+
+
+def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int, where) -> dict | None:
+    """llama.cpp bakes Llama 3.x RoPE scaling into a rope_freqs tensor (a divisor per frequency);
+    recover the HF rope_scaling parameters that reproduce it. Only the ratios low/high_freq_factor
+    over original_max_position_embeddings are defined by the tensor: we take 8192 for the latter
+    (Llama 3's value) and check that the HF formula gives the tensor back."""
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if factors.shape != inv_freq.shape:
+        raise FormatError(f"{where}: rope_freqs has {factors.size} entries, expected {inv_freq.size}")
+    big = float(factors.max())
+    if np.allclose(factors, 1.0):
+        return None
+    x = inv_freq / (2 * math.pi)  # 1 / wavelength
+    smooth = (factors > 1 + 1e-6) & (factors < big * (1 - 1e-6))
+    orig = 8192
+    if smooth.sum() >= 2:
+        s = (1 / factors[smooth] - 1 / big) / (1 - 1 / big)  # smooth = a * x + b
+        a, b = np.polyfit(x[smooth], s, 1)
+        lo, hi = -b / a, (1 - b) / a  # low_freq_factor / orig, high_freq_factor / orig
+    else:  # too few points on the ramp to fit it: any ramp through them between the plateaus will do
+        x_big = x[factors >= big * (1 - 1e-6)].max(initial=0.0)
+        x_one = x[factors <= 1 + 1e-6].min(initial=2 * x.max())
+        if smooth.any():
+            xs = x[smooth][0]
+            s = (1 / factors[smooth][0] - 1 / big) / (1 - 1 / big)
+            width = 0.5 * min((xs - x_big) / max(s, 1e-9), (x_one - xs) / max(1 - s, 1e-9))
+            lo, hi = xs - s * width, xs + (1 - s) * width
+        else:
+            lo, hi = (2 * x_big + x_one) / 3, (x_big + 2 * x_one) / 3
+    rs = {
+        "rope_type": "llama3",
+        "factor": big,
+        "low_freq_factor": float(f"{lo * orig:.7g}"),
+        "high_freq_factor": float(f"{hi * orig:.7g}"),
+        "original_max_position_embeddings": orig,
+    }
+    lw, hw = orig / rs["low_freq_factor"], orig / rs["high_freq_factor"]
+    wl = 1 / x
+    sm = (orig / wl - rs["low_freq_factor"]) / (rs["high_freq_factor"] - rs["low_freq_factor"])
+    back = np.where(wl < hw, 1.0, np.where(wl > lw, big, 1 / ((1 - sm) / big + sm)))
+    if not np.allclose(back, factors, rtol=1e-3):
+        raise FormatError(f"{where}: rope_freqs does not follow the Llama 3 formula; qora cannot represent it")
+    return rs
+
+
+_GGUF_COPY = {"q4": "Q4_0", "q8": "Q8_0", "f16": "F16", "f32": "F32"}
+_GGUF_ARCHITECTURES = ("llama", "smollm3")
+_GGUF_SAMPLING = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+class _GGUFSource:
+    kind = "gguf"
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        self.path = path
+        where = str(path)
+        try:
+            self._reader = r = GGUFReader(path, "r")
+        except (OSError, ValueError, KeyError, struct.error) as e:
+            raise FormatError(f"{where}: cannot read GGUF ({e})") from None
+        fields = {}
+        for key, field in r.fields.items():
+            try:
+                fields[key] = field.contents()
+            except (UnicodeDecodeError, ValueError) as e:
+                raise FormatError(f"{where}: GGUF metadata {key} is unreadable ({e})") from None
+        self.fields = fields
+        self._tensors = {t.name: t for t in r.tensors}
+
+        arch = fields.get("general.architecture")
+        if arch not in _GGUF_ARCHITECTURES:
+            raise ConfigError(f"{where}: unsupported architecture {arch} (qora supports llama, smollm3)")
+        self.config = cfg = self._config(arch, where)
+        self._names = name_map(cfg["n_layers"])
+        self._check_tensor_names(where)
+
+        n_tokens = len(fields.get("tokenizer.ggml.tokens") or [])
+        if n_tokens > cfg["vocab_size"]:
+            raise FormatError(f"{where}: {n_tokens} tokens but token_embd.weight has only {cfg['vocab_size']} rows")
+        self.tokenizer_json = gguf_tokenizer_json(fields, where)
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.tokenizer_json)
+        self.chat_template = fields.get("tokenizer.chat_template")
+        self.generation = {
+            hf: _short_float(fields[k]) if isinstance(fields[k], float) else fields[k]
+            for k, hf in _GGUF_SAMPLING.items()
+            if k in fields
+        }
+        eos = [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        special = {
+            "bos": fields.get("tokenizer.ggml.bos_token_id"),
+            "eos": list(dict.fromkeys(int(i) for i in eos if i is not None)),
+            "pad": fields.get("tokenizer.ggml.padding_token_id"),
+        }
+        self.special_tokens = _chat_special_tokens(tok, special, cfg["vocab_size"])
+
+    def _config(self, arch: str, where) -> dict:
+        f = self.fields
+
+        def get(key, default=None, kind=int):
+            v = f.get(f"{arch}.{key}", default)
+            if v is None:
+                raise FormatError(f"{where}: GGUF metadata {arch}.{key} is missing")
+            if isinstance(v, list):
+                raise ConfigError(f"{where}: per-layer {arch}.{key} is not supported")
+            return kind(v)
+
+        emb = self._tensors.get("token_embd.weight")
+        if emb is None:
+            raise FormatError(f"{where}: GGUF has no token_embd.weight")
+        dim = get("embedding_length")
+        n_heads = get("attention.head_count")
+        head_dim = get("attention.key_length", dim // n_heads)
+        if get("attention.value_length", head_dim) != head_dim:
+            raise ConfigError(f"{where}: different key and value head sizes are not supported")
+        if get("rope.dimension_count", head_dim) != head_dim:
+            raise ConfigError(f"{where}: partial rotary embeddings are not supported")
+        n_layers = get("block_count")
+        rope_theta = get("rope.freq_base", 10000.0, _short_float)
+        config = {
+            "architecture": arch,
+            "n_layers": n_layers,
+            "dim": dim,
+            "n_heads": n_heads,
+            "n_kv_heads": get("attention.head_count_kv", n_heads),
+            "head_dim": head_dim,
+            "hidden_dim": get("feed_forward_length"),
+            "vocab_size": int(emb.shape[1]),
+            "norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5, _short_float),
+            "rope_theta": rope_theta,
+            # smollm3: llama.cpp hard-codes n_no_rope_layer_step = 4 (no metadata key exists)
+            "rope_layers": (
+                [int((i + 1) % SMOLLM3_NOPE_INTERVAL != 0) for i in range(n_layers)]
+                if arch == "smollm3"
+                else [1] * n_layers
+            ),
+            "rope_scaling": self._rope_scaling(arch, rope_theta, head_dim, where),
+            "max_seq_len": get("context_length", 2048),
+            "tie_embeddings": "output.weight" not in self._tensors,
+        }
+        validate_config(config, where)
+        return config
+
+    def _rope_scaling(self, arch, theta, head_dim, where):
+        f = self.fields
+        kind = f.get(f"{arch}.rope.scaling.type")
+        if "rope_freqs.weight" in self._tensors:
+            if kind not in (None, "none"):
+                raise ConfigError(f"{where}: rope_freqs together with rope scaling {kind!r} is not supported")
+            t = self._tensors["rope_freqs.weight"]
+            from gguf.quants import dequantize
+
+            return _llama3_rope_scaling(dequantize(t.data, t.tensor_type), theta, head_dim, where)
+        if kind in (None, "none"):
+            factor = f.get(f"{arch}.rope.scale_linear")  # older files
+            return {"rope_type": "linear", "factor": float(factor)} if factor and factor != 1.0 else None
+        rs = {"rope_type": kind}
+        for key, hf in (
+            ("factor", "factor"),
+            ("original_context_length", "original_max_position_embeddings"),
+            ("attn_factor", "attention_factor"),
+            ("yarn_beta_fast", "beta_fast"),
+            ("yarn_beta_slow", "beta_slow"),
+        ):
+            v = f.get(f"{arch}.rope.scaling.{key}")
+            if v is not None:
+                rs[hf] = _short_float(v) if isinstance(v, float) else v
+        return rs
+
+    def _check_tensor_names(self, where):
+        wanted = {gg for q, (_, gg) in self._names.items() if q != "output" or not self.config["tie_embeddings"]}
+        for gg in sorted(wanted):
+            if gg not in self._tensors:
+                raise FormatError(f"{where}: GGUF tensor {gg} not found")
+        for name in self._tensors:
+            if name not in wanted and name != "rope_freqs.weight":
+                raise FormatError(f"{where}: unexpected GGUF tensor {name} (not a plain llama/smollm3 model?)")
+
+    def _gguf_tensor(self, qname, shape):
+        gg = self._names[qname][1]
+        t = self._tensors[gg]
+        tshape = tuple(int(s) for s in reversed(t.shape))  # ggml lists ne0 (the row length) first
+        if tshape != tuple(shape):
+            raise FormatError(f"{self.path}: tensor {gg} has shape {list(tshape)}, the metadata implies {list(shape)}")
+        return t
+
+    def tensor(self, qname: str, dtype: str, shape) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self._gguf_tensor(qname, shape)
+        qtype = t.tensor_type
+        raw = t.data  # [rows, bytes per row] for quantized types, [rows, cols] for F16/F32
+        if len(shape) == 2:
+            raw = raw.reshape(shape[0], -1)
+            if qname.endswith((".wq", ".wk")):  # undo llama.cpp's RoPE row permutation
+                n_head = self.config["n_heads"] if qname.endswith(".wq") else self.config["n_kv_heads"]
+                raw = raw[_unpermute_rows(shape[0], n_head)]
+        if qtype.name == _GGUF_COPY[dtype]:
+            return raw  # same bytes: GGUF Q4_0 / Q8_0 / F16 / F32 are qora q4 / q8 / f16 / f32
+        try:
+            if len(shape) == 1:
+                return Q.quantize(dequantize(raw, qtype).reshape(shape), dtype)
+            return _encode_rows(lambda r0, r1: dequantize(raw[r0:r1], qtype), shape[0], shape[1], dtype)
+        except NotImplementedError:
+            raise FormatError(
+                f"{self.path}: tensor {t.name} is {qtype.name}, which the gguf package cannot dequantize"
+            ) from None
+
+    def close(self):
+        self._tensors = {}
+        self._reader = None
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def open_source(src):
+    """A Hugging Face folder or a GGUF file, ready to be converted (use close() when done)."""
+    src = Path(src)
+    if src.is_dir():
+        return _HFSource(src)
+    if not src.is_file():
+        raise FormatError(f"{src}: no such file or folder")
+    try:
+        with open(src, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise FormatError(f"{src}: cannot read ({e.strerror or e})") from None
+    if magic == b"GGUF":
+        return _GGUFSource(src)
+    if src.name == "config.json":
+        return _HFSource(src.parent)
+    raise FormatError(f"{src}: not a Hugging Face model folder or a GGUF file")
+
+
+def convert(src, out, quant: str = "q4", progress: bool = True, embed_quant: str | None = None) -> Path:
+    """Convert `src` (Hugging Face folder or GGUF file) to the .qora file `out`; returns its path.
+
+    quant: storage of the 2-D layer weights (q4, q8, f16, f32); embed_quant: storage of the token
+    embedding and the untied LM head (default: quant); norms are always f32.
+    """
+    from tqdm import tqdm
+
+    for what, q in (("quant", quant), ("embed_quant", embed_quant)):
+        if q is not None and q not in QUANTS:
+            raise QoraError(f"{what} must be one of {', '.join(QUANTS)}, got {q!r}")
+    embed_quant = embed_quant or quant
+    src, out = Path(src), Path(out)
+    source = open_source(src)
+    try:
+        cfg = source.config
+        plan = []
+        for qname, (shape, _allowed) in expected_tensors(cfg).items():
+            if len(shape) == 1:
+                dtype = "f32"
+            else:
+                dtype = embed_quant if qname in EMBED_TENSORS else quant
+                if dtype in Q.BLOCK_BYTES and shape[1] % Q.QK:
+                    _warn(f"{qname}: row length {shape[1]} is not a multiple of {Q.QK}; storing f16")
+                    dtype = "f16"
+            plan.append((qname, dtype, shape))
+        info = {"from": source.kind, "path": str(src), "quant": quant, "embed_quant": embed_quant}
+        try:
+            writer = QoraWriter(
+                out,
+                cfg,
+                source.tokenizer_json,
+                source.chat_template,
+                source.generation,
+                source.special_tokens,
+                info,
+                tensors=plan,
+            )
+            with (
+                writer,
+                tqdm(
+                    total=len(plan),
+                    unit="tensor",
+                    desc=f"converting {src.name}",
+                    file=sys.stderr,
+                    disable=not progress,
+                    dynamic_ncols=True,
+                ) as bar,
+            ):
+                for qname, dtype, shape in plan:
+                    bar.set_postfix_str(qname, refresh=False)
+                    writer.add_tensor(qname, dtype, shape, source.tensor(qname, dtype, shape))
+                    bar.update(1)
+        except OSError as e:
+            raise QoraError(f"{out}: cannot write ({e.strerror or e})") from None
+    finally:
+        source.close()
+    read_qora(out).close()  # the file we hand back must open: validate it once
+    return out

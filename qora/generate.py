@@ -1,0 +1,597 @@
+"""The generation loop, in three layers (as in mlx-lm):
+
+    generate_tokens(engine, prompt_ids, choose)  -> token ids         one engine call per step
+    stream_generate(model, prompt, options)      -> Response objects  text pieces, channel, stats
+    generate(model, prompt, options)             -> str               the answer only
+
+`stream_generate` owns everything between the sampler and the user: the chat template, EOS, stop
+strings, thinking (`<think>...</think>` is the "think" channel, with a token budget after which
+`</think>` is forced), loop detection, the sentence-boundary stop near the length limit, and a clean
+stop on Ctrl-C.
+
+Limits: `max_tokens` counts *answer* tokens and `think_budget` counts *thinking* tokens, separately;
+so `--max-tokens 200` gets 200 tokens of answer whether or not the model thought first, and the most
+a request can generate is think_budget + 1 (the forced `</think>`) + max_tokens.
+
+The model object needs: `.engine` (`forward(tokens int32 array, start_pos, all_logits=False) ->
+float32 (1, vocab)`, `.max_seq_len`), `.reset()`, `.tokenizer` (qora.tokenizer.Tokenizer),
+`.config`, and optionally `.generation_defaults` (the file's generation_config dict).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qora import sampling
+from qora.errors import ContextOverflowError, QoraError
+from qora.sampling import Sampler
+from qora.system import default_limits
+
+# ───── defaults (DESIGN §6) ─────
+
+TEMPERATURE_THINK = 0.6
+TEMPERATURE_NO_THINK = 0.7
+TOP_K = 20
+TOP_P = 0.95
+MIN_P = 0.0
+REPEAT_PENALTY = 1.1
+REPEAT_WINDOW = 64
+PRESENCE_PENALTY = 1.5
+FREQUENCY_PENALTY = 0.0
+SENTENCE_STOP_FRACTION = 0.85
+
+FINISH_REASONS = ("stop", "length", "loop", "interrupted")
+
+
+# ───── options and responses ─────
+
+
+@dataclass
+class GenerationOptions:
+    """What to generate and how. None means "the default": DESIGN §6 for the sampling values (the
+    temperature depends on whether the model will think), available RAM for the two limits.
+
+    max_tokens: answer tokens at most; think_budget: thinking tokens before `</think>` is forced.
+    enable_thinking: None keeps the chat template's default; False passes enable_thinking=False to it.
+    stop: strings that end the answer (not emitted). raw: feed the prompt as is, no chat template.
+    system: a system message; length_hint: "short", "medium", "long", "N words" (or sentences,
+    paragraphs, lines) -> one sentence added to the system message. show_think is for front ends
+    (the CLI prints thinking to stderr with it); the stream always carries the think channel.
+    today: the date the template's strftime_now sees (None: now).
+    """
+
+    max_tokens: int | None = None
+    think_budget: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_window: int = REPEAT_WINDOW
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    greedy: bool = False
+    enable_thinking: bool | None = None
+    show_think: bool = False
+    raw: bool = False
+    system: str | None = None
+    length_hint: str | None = None
+    loop_detection: bool = True
+    sentence_stop: bool = True
+    today: _dt.date | str | None = None
+
+    def __post_init__(self):
+        if self.max_tokens is not None:
+            self.max_tokens = sampling._integer("max_tokens", self.max_tokens, low=1)
+        if self.think_budget is not None:
+            self.think_budget = sampling._integer("think_budget", self.think_budget, low=0)
+        if self.temperature is not None:
+            self.temperature = sampling.check_temperature(self.temperature)
+        if self.top_k is not None:
+            self.top_k = sampling.check_top_k(self.top_k)
+        if self.top_p is not None:
+            self.top_p = sampling.check_top_p(self.top_p)
+        if self.min_p is not None:
+            self.min_p = sampling.check_min_p(self.min_p)
+        if self.repeat_penalty is not None:
+            self.repeat_penalty = sampling.check_repeat_penalty(self.repeat_penalty)
+        self.repeat_window = sampling._integer("repeat_window", self.repeat_window, low=0)
+        if self.presence_penalty is not None:
+            self.presence_penalty = sampling.check_penalty("presence_penalty", self.presence_penalty)
+        if self.frequency_penalty is not None:
+            self.frequency_penalty = sampling.check_penalty("frequency_penalty", self.frequency_penalty)
+        if self.seed is not None:
+            self.seed = sampling._integer("seed", self.seed, low=0)
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise QoraError(f"stop strings must be non-empty strings, got {s!r}")
+        if self.enable_thinking is not None:
+            self.enable_thinking = bool(self.enable_thinking)
+        if self.system is not None and not isinstance(self.system, str):
+            raise QoraError("system must be a string")
+        length_hint_sentence(self.length_hint)  # validates
+
+    def resolved(self, thinking: bool, generation_defaults: Mapping | None = None) -> GenerationOptions:
+        """A copy with every None filled in. `thinking`: the model will think (picks the temperature).
+
+        The product defaults (DESIGN §6) win over the file's generation_config: they were chosen for
+        SmolLM3 in both modes (the file's temperature 0.6 / top_p 0.95 agree in think mode), and one
+        set of defaults for every model keeps runs comparable. The file is only consulted for what the
+        product leaves unset (min_p).
+        """
+        gen = dict(generation_defaults or {})
+        max_tokens, think_budget = (self.max_tokens, self.think_budget)
+        if max_tokens is None or think_budget is None:
+            ram_max, ram_think = default_limits()
+            max_tokens = ram_max if max_tokens is None else max_tokens
+            think_budget = ram_think if think_budget is None else think_budget
+        min_p = self.min_p
+        if min_p is None:
+            try:
+                min_p = sampling.check_min_p(gen.get("min_p", MIN_P) or 0.0)
+            except QoraError:
+                min_p = MIN_P
+
+        def pick(value, default):
+            return default if value is None else value
+
+        return dataclasses.replace(
+            self,
+            max_tokens=max_tokens,
+            think_budget=think_budget,
+            temperature=pick(self.temperature, TEMPERATURE_THINK if thinking else TEMPERATURE_NO_THINK),
+            top_k=pick(self.top_k, TOP_K),
+            top_p=pick(self.top_p, TOP_P),
+            min_p=min_p,
+            repeat_penalty=pick(self.repeat_penalty, REPEAT_PENALTY),
+            presence_penalty=pick(self.presence_penalty, PRESENCE_PENALTY),
+            frequency_penalty=pick(self.frequency_penalty, FREQUENCY_PENALTY),
+        )
+
+    def sampler(self, exempt=frozenset()) -> Sampler:
+        """The Sampler for these (resolved) options."""
+        if self.temperature is None:
+            raise QoraError("options must be resolved before building a sampler")
+        return Sampler(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            repeat_window=self.repeat_window,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            greedy=self.greedy,
+            exempt=exempt,
+        )
+
+
+@dataclass
+class Response:
+    """One step of the stream. `text` is the new text (may be ""), in `channel` "think" or "answer";
+    `token` the id sampled at this step (None on a closing response with nothing sampled).
+    The last response has `finish_reason` set: "stop" (EOS or a stop string), "length" (max_tokens,
+    the sentence stop near it, or a full context), "loop" (repetition detected) or "interrupted".
+    Times are seconds; tps are tokens per second; generation counts every generated token."""
+
+    text: str
+    token: int | None
+    channel: str = "answer"
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    prompt_time: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    generation_time: float = 0.0
+    think_tokens: int = 0
+
+
+# ───── prompt ─────
+
+_LENGTH_WORDS = {
+    "short": "Keep the answer short: a few sentences at most.",
+    "brief": "Keep the answer short: a few sentences at most.",
+    "medium": "Keep the answer to a paragraph or two.",
+    "long": "Give a detailed, thorough answer.",
+    "detailed": "Give a detailed, thorough answer.",
+}
+_LENGTH_COUNT = re.compile(r"^(\d+)\s*(words?|sentences?|paragraphs?|lines?)?$")
+
+
+def length_hint_sentence(hint: str | None) -> str | None:
+    """The system-prompt sentence for a length hint ("short", "120 words", ...), None for no hint."""
+    if hint is None:
+        return None
+    if not isinstance(hint, str):
+        raise QoraError(f"length hint must be a string, got {hint!r}")
+    h = hint.strip().lower()
+    if h in _LENGTH_WORDS:
+        return _LENGTH_WORDS[h]
+    m = _LENGTH_COUNT.match(h)
+    if m and int(m.group(1)) > 0:
+        n = int(m.group(1))
+        unit = (m.group(2) or "words").rstrip("s")
+        return f"Answer in about {n} {unit}{'' if n == 1 else 's'}."
+    raise QoraError(
+        f"length hint {hint!r} not understood: use short, medium, long, or a count like '100 words', "
+        "'3 sentences', '2 paragraphs'"
+    )
+
+
+def build_messages(
+    prompt: str | Sequence[Mapping], system: str | None = None, length_hint: str | None = None
+) -> list[dict]:
+    """Chat messages for a prompt: a string becomes one user message; `system` replaces (or adds) the
+    system message; a length hint's sentence is put in front of the system message's text (in front,
+    so flags like /no_think at its end stay where the template looks for them)."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
+        messages = [dict(m) for m in prompt]
+        if not messages:
+            raise QoraError("the chat has no messages")
+    else:
+        raise QoraError("prompt must be a string or a list of {'role': ..., 'content': ...} dicts")
+    has_system = messages[0].get("role") == "system"
+    if system is not None:
+        if has_system:
+            messages[0]["content"] = system
+        else:
+            messages.insert(0, {"role": "system", "content": system})
+            has_system = True
+    hint = length_hint_sentence(length_hint)
+    if hint:
+        if has_system:
+            old = messages[0].get("content") or ""
+            messages[0]["content"] = f"{hint} {old}".strip() if isinstance(old, str) else hint
+        else:
+            messages.insert(0, {"role": "system", "content": hint})
+    return messages
+
+
+def prompt_ids(tokenizer, prompt: str | Sequence[Mapping], options: GenerationOptions) -> list[int]:
+    """Token ids to prefill: the rendered chat template, or (raw) the text as the tokenizer encodes it."""
+    if options.raw:
+        if not isinstance(prompt, str):
+            raise QoraError("a raw prompt must be a string (no chat template is applied)")
+        # Raw text is a document: the tokenizer's own post-processing (e.g. a BOS) applies, like HF's
+        # tokenizer(text). Chat text below carries its special tokens itself (no BOS for SmolLM3).
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    messages = build_messages(prompt, options.system, options.length_hint)
+    text = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, enable_thinking=options.enable_thinking, today=options.today
+    )
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _rindex(ids: Sequence[int], token: int | None) -> int:
+    if token is None:
+        return -1
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == token:
+            return i
+    return -1
+
+
+def thinking_state(ids: Sequence[int], tokenizer) -> tuple[bool, bool]:
+    """(mode, open) for a prompt. Only the turn being generated counts (after the last <|im_start|>).
+    mode: the model may think (it has think tags and the turn has no closed `<think></think>` block,
+    which is how templates switch thinking off). open: the prompt ends inside a `<think>` block."""
+    think, end = tokenizer.think_id, tokenizer.end_think_id
+    if think is None or end is None:
+        return False, False
+    start = max(_rindex(ids, tokenizer.im_start_id), 0)
+    tail = ids[start:]
+    last_think, last_end = _rindex(tail, think), _rindex(tail, end)
+    return last_end < 0, last_think > last_end
+
+
+# ───── text filters ─────
+
+
+class StopStrings:
+    """Ends the text at the first stop string (not emitted) and holds back any tail that could be
+    the start of one, until the next piece decides."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(?=\s)|[\u3002\uff01\uff1f]")
+_ENDS_WITH_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")
+
+
+class SentenceStop:
+    """Near the length limit, stop at the end of the current sentence instead of mid-sentence.
+
+    A `.`, `!` or `?` ends a sentence only when whitespace follows (so "3.14" and "e.g." inside a
+    word do not), which may only be known from the next piece: a piece ending in `.` sets `pending`
+    and the next piece decides. CJK full stops end a sentence at once.
+    """
+
+    def __init__(self):
+        self.pending = False
+
+    def push(self, text: str, armed: bool) -> tuple[str, bool]:
+        """(text to emit, whether to stop after it)."""
+        if not text:
+            return text, False
+        if armed:
+            if self.pending and text[0].isspace():
+                return "", True
+            m = _SENTENCE_END.search(text)
+            if m:
+                return text[: m.end()], True
+        self.pending = bool(_ENDS_WITH_SENTENCE_END.search(text))
+        return text, False
+
+
+class LoopDetector:
+    """Detects a model stuck repeating itself: the last tokens are one n-gram (1 <= n <= max_period)
+    repeated back to back, at least `min_repeats` times and over at least `min_span` tokens.
+
+    min_span 96 keeps legitimate repetition safe (a table separator, three similar code lines are far
+    shorter), while a real loop repeats forever and is cut after about a hundred tokens.
+    """
+
+    def __init__(self, max_period: int = 64, min_repeats: int = 3, min_span: int = 96):
+        self.max_period, self.min_repeats, self.min_span = max_period, min_repeats, min_span
+        self.keep = max(min_span, max_period * min_repeats)
+        self.tokens: list[int] = []
+        self._periods = np.arange(1, max_period + 1)
+
+    def reset(self) -> None:
+        self.tokens.clear()
+
+    def add(self, token: int) -> bool:
+        """Record a token; True when the recent tokens are a loop."""
+        self.tokens.append(int(token))
+        if len(self.tokens) > 2 * self.keep:
+            del self.tokens[: -self.keep]
+        if len(self.tokens) < self.min_span:
+            return False
+        h = np.asarray(self.tokens[-self.keep :], dtype=np.int64)
+        # A period n needs h[-1] == h[-1-n]: test that for every n at once, then check the candidates.
+        periods = self._periods[self._periods < h.size]
+        candidates = periods[h[-1 - periods] == h[-1]]
+        for n in candidates:
+            span = max(self.min_span, self.min_repeats * int(n))
+            if span > h.size:
+                continue
+            window = h[-span:]
+            if np.array_equal(window[n:], window[:-n]):
+                return True
+        return False
+
+
+# ───── layer 1: tokens ─────
+
+
+@dataclass
+class _Timing:
+    prompt_tokens: int = 0
+    prompt_time: float = 0.0
+    gen_start: float = 0.0
+
+
+def generate_tokens(
+    engine, prompt: Sequence[int], choose: Callable[[np.ndarray], int], timing: _Timing | None = None
+) -> Iterator[int]:
+    """Prefill `prompt` in one engine call, then yield one token per step: `choose(logits)` picks it
+    (the sampler, or a forced token), and it is fed back on the next step. Stops on its own only when
+    the context is full; a caller stops it by breaking out (a stop token is never fed)."""
+    max_seq = int(engine.max_seq_len)
+    n = len(prompt)
+    if n == 0:
+        raise QoraError("the prompt is empty: nothing to generate from")
+    if n + 1 > max_seq:
+        raise ContextOverflowError(
+            f"the prompt is {n} tokens but the context holds {max_seq}: "
+            f"shorten the prompt to at most {max_seq - 1} tokens or load the model with a larger context"
+        )
+    timing = timing if timing is not None else _Timing()
+    t0 = time.perf_counter()
+    logits = engine.forward(np.asarray(prompt, dtype=np.int32), 0)
+    timing.prompt_tokens = n
+    timing.prompt_time = time.perf_counter() - t0
+    timing.gen_start = time.perf_counter()
+    pos = n
+    while True:
+        token = int(choose(np.asarray(logits)[-1]))
+        yield token
+        if pos + 1 > max_seq:
+            return  # context full: the token was produced but cannot be fed
+        logits = engine.forward(np.array([token], dtype=np.int32), pos)
+        pos += 1
+
+
+# ───── layer 2: responses ─────
+
+
+def _merge_options(options: GenerationOptions | None, overrides: dict) -> GenerationOptions:
+    if options is None:
+        options = GenerationOptions()
+    elif not isinstance(options, GenerationOptions):
+        raise QoraError(f"options must be a GenerationOptions, not {type(options).__name__}")
+    if overrides:
+        names = {f.name for f in dataclasses.fields(GenerationOptions)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise QoraError(f"unknown generation option {unknown[0]!r}")
+        options = dataclasses.replace(options, **overrides)
+    return options
+
+
+def stream_generate(
+    model, prompt: str | Sequence[Mapping], options: GenerationOptions | None = None, **overrides
+) -> Iterator[Response]:
+    """Generate from `prompt` (a string: one user message; or a list of chat messages), yielding a
+    Response per generated token and a closing one with finish_reason set. Keyword arguments override
+    fields of `options`. Raises ContextOverflowError when the prompt leaves no room to generate."""
+    opts = _merge_options(options, overrides)
+    tok = model.tokenizer
+    ids = prompt_ids(tok, prompt, opts)
+    thinking_mode, think_open = thinking_state(ids, tok)
+    if opts.enable_thinking is False and tok.think_id is not None and thinking_mode and not opts.raw:
+        thinking_mode = False  # the template ignores enable_thinking but the caller asked for no thinking
+    o = opts.resolved(thinking_mode, getattr(model, "generation_defaults", None))
+    sampler = o.sampler(exempt=tok.special_ids)
+
+    channel = "think" if think_open else "answer"
+    history: list[int] = []  # generated tokens: the penalties' context
+    n_think = n_answer = 0
+    force: int | None = None  # a token to feed instead of sampling (the forced </think>)
+    detok = tok.detokenizer()
+    stops = StopStrings(o.stop)
+    sentence = SentenceStop()
+    loops = LoopDetector()
+    sentence_from = math.ceil(SENTENCE_STOP_FRACTION * o.max_tokens)
+    timing = _Timing()
+    finish: str | None = None
+    last_token: int | None = None
+
+    def choose(logits: np.ndarray) -> int:
+        nonlocal force
+        if force is not None:
+            token, force = force, None
+            return token
+        return sampler(logits, history)
+
+    def response(text: str, token: int | None, ch: str, finish_reason: str | None = None) -> Response:
+        now = time.perf_counter()
+        gen_time = now - timing.gen_start if timing.gen_start else 0.0
+        n_gen = len(history)
+        return Response(
+            text=text,
+            token=token,
+            channel=ch,
+            finish_reason=finish_reason,
+            prompt_tokens=timing.prompt_tokens,
+            prompt_tps=timing.prompt_tokens / timing.prompt_time if timing.prompt_time > 0 else 0.0,
+            prompt_time=timing.prompt_time,
+            generation_tokens=n_gen,
+            generation_tps=n_gen / gen_time if gen_time > 0 else 0.0,
+            generation_time=gen_time,
+            think_tokens=n_think,
+        )
+
+    def flush_channel() -> str:
+        """What the current channel still holds (partial characters, a possible stop-string start)."""
+        text = detok.finalize()
+        detok.reset()
+        if channel == "answer":
+            text, _ = stops.push(text)
+            text += stops.flush()
+        return text
+
+    if think_open and o.think_budget == 0 and tok.end_think_id is not None:
+        force = tok.end_think_id  # the prompt opened a thought with no budget for it
+    model.reset()
+    tokens = generate_tokens(model.engine, ids, choose, timing)
+    try:
+        for token in tokens:
+            last_token = token
+            history.append(token)
+            if token in tok.stop_ids:
+                finish = "stop"
+                break
+            if token == tok.think_id and tok.end_think_id is not None:
+                # Entering thinking: what the answer channel held belongs to it.
+                yield response(flush_channel() if channel == "answer" else "", token, channel)
+                channel = "think"
+                loops.reset()
+                if n_think >= o.think_budget and tok.end_think_id is not None:
+                    force = tok.end_think_id
+                continue
+            if token == tok.end_think_id and tok.think_id is not None:
+                text = flush_channel() if channel == "think" else ""
+                yield response(text, token, "think")
+                channel = "answer"
+                loops.reset()
+                continue
+
+            piece = detok.add(token)
+            if channel == "think":
+                n_think += 1
+                yield response(piece, token, "think")
+                looping = o.loop_detection and loops.add(token)
+                if (n_think >= o.think_budget or looping) and tok.end_think_id is not None:
+                    # Budget spent (or thinking in circles): close the thought, go on with the answer.
+                    force = tok.end_think_id
+                elif looping:
+                    finish = "loop"
+                    break
+                continue
+
+            n_answer += 1
+            text, hit_stop = stops.push(piece)
+            if hit_stop:
+                yield response(text, token, "answer", "stop")
+                return
+            if o.sentence_stop:
+                text, hit_end = sentence.push(text, armed=n_answer >= sentence_from)
+                if hit_end:
+                    yield response(text, token, "answer", "length")
+                    return
+            yield response(text, token, "answer")
+            if n_answer >= o.max_tokens:
+                finish = "length"
+                break
+            if o.loop_detection and loops.add(token):
+                finish = "loop"
+                break
+        else:
+            finish = "length"  # the context is full
+    except KeyboardInterrupt:
+        finish = "interrupted"
+        tokens.close()
+    # The closing response: held-back text, and the stop token when one ended the answer.
+    yield response(flush_channel(), last_token if finish == "stop" else None, channel, finish)
+
+
+# ───── layer 3: text ─────
+
+
+def generate(model, prompt: str | Sequence[Mapping], options: GenerationOptions | None = None, **overrides) -> str:
+    """The answer (thinking left out) as one string."""
+    return "".join(r.text for r in stream_generate(model, prompt, options, **overrides) if r.channel == "answer")

@@ -1,0 +1,309 @@
+"""Choosing the next token from a logits vector.
+
+Small functions over one float32 logits vector of shape (vocab,), each validated and vectorised
+(NumPy, no per-element Python loops). Filters return a new array where removed tokens are -inf;
+penalties return a new array with the penalised logits. `Sampler` chains them in the order
+transformers uses (penalties, temperature, top-k, top-p, min-p), then draws with a seeded
+`numpy.random.Generator`.
+
+Penalties follow llama.cpp: repetition, presence and frequency penalties all look at the same recent
+window of generated tokens (`repeat_window`, 64 by default). A window, not the whole answer, because
+a presence penalty of 1.5 on every token ever used would, a few hundred tokens in, push the model off
+common words ("the", digits, code keywords) it legitimately needs again; a window breaks loops
+without that. Control tokens (EOS, end of turn, think tags) are exempt: penalising the end-of-turn
+token would make answers run on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from qora.errors import QoraError
+
+# ───── validation ─────
+
+
+def _check_logits(logits) -> np.ndarray:
+    x = np.asarray(logits)
+    if x.ndim == 2 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 1 or x.size == 0:
+        raise QoraError(f"logits must be a non-empty vector, got shape {x.shape}")
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    return x
+
+
+def _number(name: str, value, low=None, high=None, low_open=False, high_open=False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise QoraError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise QoraError(f"{name} must be finite, got {value!r}")
+    if low is not None and (v < low or (low_open and v == low)):
+        raise QoraError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (v > high or (high_open and v == high)):
+        raise QoraError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+    return v
+
+
+def _integer(name: str, value, low=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise QoraError(f"{name} must be an integer, got {value!r}")
+    v = int(value)
+    if low is not None and v < low:
+        raise QoraError(f"{name} must be >= {low}, got {value!r}")
+    return v
+
+
+def check_temperature(t) -> float:
+    """temperature >= 0 (0 means greedy)."""
+    return _number("temperature", t, low=0.0)
+
+
+def check_top_k(k) -> int:
+    """top_k >= 0 (0 disables it)."""
+    return _integer("top_k", k, low=0)
+
+
+def check_top_p(p) -> float:
+    """top_p in (0, 1] (1 disables it)."""
+    return _number("top_p", p, low=0.0, high=1.0, low_open=True)
+
+
+def check_min_p(p) -> float:
+    """min_p in [0, 1) (0 disables it)."""
+    return _number("min_p", p, low=0.0, high=1.0, high_open=True)
+
+
+def check_repeat_penalty(p) -> float:
+    """repeat_penalty > 0 (1 disables it; below 1 encourages repetition)."""
+    return _number("repeat_penalty", p, low=0.0, low_open=True)
+
+
+def check_penalty(name: str, p) -> float:
+    """presence / frequency penalty: any finite number (0 disables it, negative encourages)."""
+    return _number(name, p)
+
+
+def _recent_ids(tokens: Iterable[int], window: int | None, vocab: int, exempt=None) -> np.ndarray:
+    """The token ids of the last `window` tokens (all when None) as an int64 array, range-checked."""
+    if window is not None:
+        window = _integer("repeat_window", window, low=0)
+        if not isinstance(tokens, (np.ndarray, list, tuple)):
+            tokens = list(tokens)
+        tokens = tokens[len(tokens) - window :] if window < len(tokens) else tokens
+    t = np.asarray(tokens if isinstance(tokens, np.ndarray) else list(tokens), dtype=np.int64).ravel()
+    if t.size and (t.min() < 0 or t.max() >= vocab):
+        raise QoraError(f"token id out of range for a vocabulary of {vocab}")
+    if exempt is not None and t.size:
+        t = t[~np.isin(t, np.asarray(list(exempt), dtype=np.int64))]
+    return t
+
+
+# ───── the functions ─────
+
+
+def greedy(logits) -> int:
+    """Index of the largest logit (argmax; the first one on ties)."""
+    return int(np.argmax(_check_logits(logits)))
+
+
+def apply_temperature(logits, temperature: float) -> np.ndarray:
+    """logits / temperature (temperature > 0; use greedy() for 0)."""
+    x = _check_logits(logits)
+    t = check_temperature(temperature)
+    if t == 0.0:
+        raise QoraError("temperature 0 means greedy: use greedy() instead of dividing by zero")
+    return x / np.float32(t) if t != 1.0 else x.copy()
+
+
+def apply_top_k(logits, k: int) -> np.ndarray:
+    """Keep the k largest logits, -inf elsewhere (k=0 or k >= vocab keeps all). Ties at the k-th
+    value are broken by index order of argpartition, so exactly k survive."""
+    x = _check_logits(logits)
+    k = check_top_k(k)
+    if k == 0 or k >= x.size:
+        return x.copy()
+    keep = np.argpartition(x, -k)[-k:]
+    out = np.full_like(x, -np.inf)
+    out[keep] = x[keep]
+    return out
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Probabilities in float64 (-inf entries get 0)."""
+    finite = np.isfinite(x)
+    if not finite.any():
+        raise QoraError("no token left to sample: every logit is -inf")
+    m = x[finite].max()
+    e = np.exp(x.astype(np.float64) - m)
+    e[~finite] = 0.0
+    return e / e.sum()
+
+
+def apply_top_p(logits, p: float) -> np.ndarray:
+    """Nucleus filter: keep the most probable tokens whose cumulative probability first reaches p
+    (the token that crosses p is kept; at least one token always is), -inf elsewhere."""
+    x = _check_logits(logits)
+    p = check_top_p(p)
+    if p >= 1.0:
+        return x.copy()
+    probs = _softmax(x)
+    cand = np.flatnonzero(probs > 0)
+    # Sorting a whole vocabulary (128K) costs tens of ms per token; the nucleus is nearly always
+    # within the top few hundred, so sort only the top m (argpartition, O(V)) when they reach p.
+    m = 1024
+    if cand.size > 2 * m:
+        top = cand[np.argpartition(-probs[cand], m)[:m]]
+        if probs[top].sum() >= p:
+            cand = top
+    order = cand[np.argsort(-probs[cand], kind="stable")]
+    mass_before = np.cumsum(probs[order]) - probs[order]  # probability of the tokens ranked above
+    keep = order[mass_before < p]
+    out = np.full_like(x, -np.inf)
+    out[keep] = x[keep]
+    return out
+
+
+def apply_min_p(logits, min_p: float) -> np.ndarray:
+    """Keep tokens whose probability is at least min_p times the top token's, -inf elsewhere."""
+    x = _check_logits(logits)
+    min_p = check_min_p(min_p)
+    if min_p == 0.0:
+        return x.copy()
+    # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p): no softmax needed.
+    threshold = x[np.isfinite(x)].max() + np.float32(math.log(min_p)) if np.isfinite(x).any() else np.inf
+    return np.where(x >= threshold, x, np.float32(-np.inf)).astype(np.float32)
+
+
+def apply_repetition_penalty(
+    logits, tokens: Sequence[int], penalty: float, window: int | None = 64, exempt: Iterable[int] | None = None
+) -> np.ndarray:
+    """HF / CTRL repetition penalty over the distinct ids among the last `window` tokens: positive
+    logits are divided by `penalty`, negative ones multiplied (so penalty > 1 always lowers them)."""
+    x = _check_logits(logits)
+    penalty = check_repeat_penalty(penalty)
+    out = x.copy()
+    ids = np.unique(_recent_ids(tokens, window, x.size, exempt))
+    if penalty == 1.0 or ids.size == 0:
+        return out
+    v = out[ids]
+    out[ids] = np.where(v > 0, v / np.float32(penalty), v * np.float32(penalty))
+    return out
+
+
+def apply_presence_penalty(
+    logits, tokens: Sequence[int], penalty: float, window: int | None = 64, exempt: Iterable[int] | None = None
+) -> np.ndarray:
+    """Subtract `penalty` once from the logit of every distinct id among the last `window` tokens."""
+    x = _check_logits(logits)
+    penalty = check_penalty("presence_penalty", penalty)
+    out = x.copy()
+    ids = np.unique(_recent_ids(tokens, window, x.size, exempt))
+    if penalty != 0.0 and ids.size:
+        out[ids] -= np.float32(penalty)
+    return out
+
+
+def apply_frequency_penalty(
+    logits, tokens: Sequence[int], penalty: float, window: int | None = 64, exempt: Iterable[int] | None = None
+) -> np.ndarray:
+    """Subtract `penalty` times its count from the logit of every id among the last `window` tokens."""
+    x = _check_logits(logits)
+    penalty = check_penalty("frequency_penalty", penalty)
+    out = x.copy()
+    ids, counts = np.unique(_recent_ids(tokens, window, x.size, exempt), return_counts=True)
+    if penalty != 0.0 and ids.size:
+        out[ids] -= np.float32(penalty) * counts.astype(np.float32)
+    return out
+
+
+def sample_from(logits, rng: np.random.Generator) -> int:
+    """Draw one token id with probability softmax(logits) (-inf entries are never drawn)."""
+    x = _check_logits(logits)
+    probs = _softmax(x)
+    cdf = np.cumsum(probs)
+    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    i = min(i, x.size - 1)
+    while probs[i] == 0.0 and i > 0:  # float edge: landed on a zero-probability tail entry
+        i -= 1
+    return i
+
+
+# ───── the sampler ─────
+
+
+@dataclass
+class Sampler:
+    """Penalties, then greedy argmax or temperature / top-k / top-p / min-p sampling.
+
+    Call it with the logits and the generated tokens so far: `sampler(logits, tokens) -> id`.
+    temperature 0 or greedy=True picks the argmax (after penalties). seed makes draws reproducible.
+    """
+
+    temperature: float = 0.7
+    top_k: int = 20
+    top_p: float = 0.95
+    min_p: float = 0.0
+    repeat_penalty: float = 1.1
+    repeat_window: int = 64
+    presence_penalty: float = 1.5
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    greedy: bool = False
+    exempt: frozenset[int] = frozenset()
+
+    def __post_init__(self):
+        self.temperature = check_temperature(self.temperature)
+        self.top_k = check_top_k(self.top_k)
+        self.top_p = check_top_p(self.top_p)
+        self.min_p = check_min_p(self.min_p)
+        self.repeat_penalty = check_repeat_penalty(self.repeat_penalty)
+        self.repeat_window = _integer("repeat_window", self.repeat_window, low=0)
+        self.presence_penalty = check_penalty("presence_penalty", self.presence_penalty)
+        self.frequency_penalty = check_penalty("frequency_penalty", self.frequency_penalty)
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed, low=0)
+        self.exempt = frozenset(int(i) for i in self.exempt)
+        self.rng = np.random.default_rng(self.seed)
+
+    def penalize(self, logits, tokens: Sequence[int]) -> np.ndarray:
+        x = _check_logits(logits)
+        w, ex = self.repeat_window, self.exempt
+        if self.repeat_penalty != 1.0:
+            x = apply_repetition_penalty(x, tokens, self.repeat_penalty, w, ex)
+        if self.presence_penalty != 0.0:
+            x = apply_presence_penalty(x, tokens, self.presence_penalty, w, ex)
+        if self.frequency_penalty != 0.0:
+            x = apply_frequency_penalty(x, tokens, self.frequency_penalty, w, ex)
+        return x
+
+    def __call__(self, logits, tokens: Sequence[int] = ()) -> int:
+        x = _check_logits(logits)
+        if np.isnan(x).any():
+            raise QoraError("the model produced NaN logits")
+        x = self.penalize(x, tokens)
+        if self.greedy or self.temperature == 0.0:
+            return greedy(x)
+        x = apply_temperature(x, self.temperature)
+        if self.top_k:
+            x = apply_top_k(x, self.top_k)
+        # Continue on the surviving candidates only (k of them after top-k, not the whole vocabulary).
+        ids = np.flatnonzero(np.isfinite(x))
+        if ids.size == 0:
+            raise QoraError("no token left to sample: every logit is -inf")
+        sub = x[ids]
+        if self.top_p < 1.0:
+            sub = apply_top_p(sub, self.top_p)
+        if self.min_p > 0.0:
+            sub = apply_min_p(sub, self.min_p)
+        return int(ids[sample_from(sub, self.rng)])

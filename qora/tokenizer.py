@@ -1,0 +1,400 @@
+"""Tokenizer, chat template and streaming detokenizer.
+
+- `Tokenizer` wraps a HF `tokenizers.Tokenizer` built from the tokenizer.json text stored in the .qora
+  file, and knows the model's special tokens (turn markers, think tags, EOS).
+- `Tokenizer.apply_chat_template` renders the model's *own* Jinja chat template, the way transformers
+  does (same sandbox, same globals and filters, the `{% generation %}` tag), so the prompt qora feeds
+  the model is byte-for-byte the prompt it was trained on. Templates come from model files, i.e. from
+  strangers: they run in jinja2's immutable sandbox, only see plain data (str/int/float/bool/None,
+  lists, dicts), and any attempt to reach Python internals is an error, not a silent empty string.
+- `StreamingDetokenizer` turns token ids into text pieces one token at a time without ever cutting a
+  UTF-8 character in two (byte-level BPE tokens can hold half a character).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.utils
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+from qora.errors import QoraError
+
+# Plain ChatML, used when a model file carries no chat template (e.g. a bare GGUF).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Strings looked up in the vocabulary when the file's special_tokens does not name an id.
+_SPECIAL_STRINGS = {
+    "im_start": "<|im_start|>",
+    "im_end": "<|im_end|>",
+    "think": "<think>",
+    "end_think": "</think>",
+}
+# End-of-sequence spellings of common Llama-family vocabularies, tried when the file lists no EOS.
+_EOS_STRINGS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+# ───── chat template machinery (mirrors transformers' _compile_jinja_template) ─────
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks assistant text with it; we render the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _render_body(caller):
+        return caller()
+
+
+class _TemplateDict:
+    """`dict(...)` for templates without handing them the real type (no `dict.__subclasses__` games)."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """jinja2's `namespace()` that refuses underscore names, as transformers does."""
+
+    def __init__(*args, **kwargs):  # noqa: N805 (same signature trick as jinja2.utils.Namespace)
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, but reaching for an unsafe attribute (`''.__class__`) fails at once.
+
+    jinja2 would return an undefined value that only fails when used further, so `{{ x.__class__ }}`
+    would silently print nothing; a template doing that is hostile or broken, and we say so.
+    """
+
+    def unsafe_undefined(self, obj, attribute):
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' override: jinja's own tojson HTML-escapes (<, >, &, '), which would change prompts.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _plain(value: Any) -> Any:
+    """A copy of `value` made only of JSON-like types, so templates never touch caller objects' methods."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        try:
+            return _plain(value.item())
+        except Exception:
+            pass
+    return f"<{type(value).__name__}>"
+
+
+def _as_datetime(today: Any) -> _dt.datetime:
+    if today is None:
+        return _dt.datetime.now()
+    if isinstance(today, _dt.datetime):
+        return today
+    if isinstance(today, _dt.date):
+        return _dt.datetime(today.year, today.month, today.day)
+    if isinstance(today, str):
+        try:
+            return _dt.datetime.fromisoformat(today)
+        except ValueError:
+            pass
+        for fmt in ("%d %B %Y", "%B %d, %Y", "%d %b %Y"):  # "05 March 2025", as templates print it
+            try:
+                return _dt.datetime.strptime(today, fmt)
+            except ValueError:
+                pass
+        raise QoraError(f"chat template: date {today!r} not understood (use YYYY-MM-DD)")
+    raise QoraError(f"chat template: date must be a datetime, date or ISO string, not {type(today).__name__}")
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compile a chat template in the sandbox; a syntax error becomes a QoraError."""
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    # strftime_now is bound per render (so tests can pin the date); this default keeps compile-only use valid.
+    env.globals["strftime_now"] = lambda fmt: _dt.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise QoraError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
+
+
+# ───── Tokenizer ─────
+
+
+class Tokenizer:
+    """A model's tokenizer: text <-> ids, its special tokens, and its chat template.
+
+    tokenizer_json: the content of a HF tokenizer.json; chat_template: Jinja source or None (plain
+    ChatML is used then); special_tokens: the .qora header's dict (bos, eos list, pad, im_start,
+    im_end, think, end_think ids; missing entries are looked up by their usual spelling).
+    """
+
+    def __init__(self, tokenizer_json: str, chat_template: str | None = None, special_tokens: dict | None = None):
+        try:
+            self._tok = _HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:
+            raise QoraError(f"tokenizer.json could not be read: {e}") from None
+        self.chat_template = chat_template
+        self._template: jinja2.Template | None = None
+        st = dict(special_tokens or {})
+        n = self.vocab_size
+
+        def valid(i):
+            return i is not None and 0 <= int(i) < n
+
+        def pick(key):
+            i = st.get(key)
+            if valid(i):
+                return int(i)
+            return self.token_to_id(_SPECIAL_STRINGS[key])
+
+        self.im_start_id: int | None = pick("im_start")
+        self.im_end_id: int | None = pick("im_end")
+        self.think_id: int | None = pick("think")
+        self.end_think_id: int | None = pick("end_think")
+        self.bos_id: int | None = int(st["bos"]) if valid(st.get("bos")) else None
+        self.pad_id: int | None = int(st["pad"]) if valid(st.get("pad")) else None
+        eos = st.get("eos")
+        if eos is None or eos == []:
+            eos = [i for i in (self.token_to_id(s) for s in _EOS_STRINGS) if i is not None][:1]
+        elif isinstance(eos, int):
+            eos = [eos]
+        self.eos_ids: list[int] = [int(i) for i in eos if valid(i)]
+        # Ids that end generation: every EOS plus the end of a chat turn.
+        self.stop_ids: frozenset[int] = frozenset(self.eos_ids) | (
+            {self.im_end_id} if self.im_end_id is not None else set()
+        )
+
+    @classmethod
+    def from_qora(cls, qfile) -> Tokenizer:
+        """Build from an open QoraFile (its tokenizer_json, chat_template and special_tokens)."""
+        return cls(qfile.tokenizer_json, qfile.chat_template, qfile.special_tokens)
+
+    # ── vocabulary ──
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(int(token_id))
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.id_to_token(self.bos_id) if self.bos_id is not None else None
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.id_to_token(self.eos_ids[0]) if self.eos_ids else None
+
+    @property
+    def pad_token(self) -> str | None:
+        return self.id_to_token(self.pad_id) if self.pad_id is not None else None
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Control tokens qora handles itself: turn markers, think tags, BOS/EOS/PAD."""
+        ids = {self.im_start_id, self.im_end_id, self.think_id, self.end_think_id, self.bos_id, self.pad_id}
+        return frozenset(i for i in ids if i is not None) | self.stop_ids
+
+    # ── text <-> ids ──
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. Special tokens written in the text (`<|im_start|>`) become their ids;
+        add_special_tokens=True also applies the tokenizer's post-processor (e.g. a BOS prefix)."""
+        if not isinstance(text, str):
+            raise QoraError(f"encode() takes a str, not {type(text).__name__}")
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        n = self.vocab_size
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise QoraError(f"decode(): token id {bad[0]} is outside the vocabulary (size {n})")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)
+
+    # ── chat ──
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        today: _dt.date | _dt.datetime | str | None = None,
+        tools: list | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render the model's chat template as transformers' `apply_chat_template(tokenize=False)` would.
+
+        enable_thinking=None leaves it undefined so the template's own default applies; `today` pins the
+        date `strftime_now` returns (tests, reproducible prompts). Extra keyword arguments are passed to
+        the template as variables. Any template failure is a QoraError.
+        """
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise QoraError("chat messages must be a list of {'role': ..., 'content': ...} dicts")
+        for m in messages:
+            if not isinstance(m, Mapping) or "role" not in m:
+                raise QoraError(f"chat message {m!r} is not a dict with a 'role'")
+        if self._template is None:
+            self._template = compile_chat_template(self.chat_template or CHATML_TEMPLATE)
+        now = _as_datetime(today)
+        variables: dict[str, Any] = {}
+        for name in ("bos_token", "eos_token", "pad_token"):
+            value = getattr(self, name)
+            if value is not None:
+                variables[name] = value
+        variables.update(kwargs)
+        if enable_thinking is not None:
+            variables["enable_thinking"] = bool(enable_thinking)
+        # transformers drops None-valued message keys (many templates mishandle content=None).
+        chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        context = _plain(variables)
+        context.update(
+            messages=_plain(chat),
+            tools=_plain(tools),
+            documents=None,
+            add_generation_prompt=bool(add_generation_prompt),
+            strftime_now=lambda fmt: now.strftime(fmt),
+        )
+        try:
+            return self._template.render(**context)
+        except jinja2.exceptions.SecurityError as e:
+            raise QoraError(f"chat template refused: {e}") from None
+        except jinja2.TemplateError as e:
+            raise QoraError(f"chat template error: {e}") from None
+        except QoraError:
+            raise
+        except Exception as e:  # TypeError, KeyError, ... inside the template
+            raise QoraError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+# ───── streaming detokenizer ─────
+
+
+class StreamingDetokenizer:
+    """Token ids in, text pieces out, never splitting a UTF-8 character.
+
+    It decodes a short window: the tokens since the last emitted piece plus the token(s) before them
+    as context (so decoders that treat the first token specially, like SentencePiece's leading space,
+    give the same text as decoding everything at once), and emits what the new tokens added. When the
+    decoded text ends in U+FFFD the last token stopped mid-character: the piece is held back until the
+    character completes. A character is at most 4 bytes, so once 4 held tokens still end in U+FFFD the
+    bytes are invalid for good and are emitted as they decode.
+
+    add(id) -> str (possibly ""), finalize() -> str (whatever was held back), text: all emitted so far.
+    """
+
+    MAX_HOLD = 4
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens: list[int] = []
+        self._prefix_offset = 0  # start of the context window
+        self._read_offset = 0  # tokens before this index have been emitted
+        self._pieces: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def add(self, token_id: int) -> str:
+        self.tokens.append(int(token_id))
+        prefix = self._decode(self.tokens[self._prefix_offset : self._read_offset])
+        full = self._decode(self.tokens[self._prefix_offset :])
+        held = len(self.tokens) - self._read_offset
+        if held < self.MAX_HOLD and (full.endswith(REPLACEMENT_CHAR) or len(full) <= len(prefix)):
+            return ""  # mid-character, or nothing new yet (a token that decodes to no text)
+        return self._advance(full[len(prefix) :])
+
+    def _advance(self, piece: str) -> str:
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self.tokens)
+        if piece:
+            self._pieces.append(piece)
+        return piece
+
+    def finalize(self) -> str:
+        """Flush held-back tokens (an incomplete character decodes as U+FFFD)."""
+        if self._read_offset >= len(self.tokens):
+            return ""
+        prefix = self._decode(self.tokens[self._prefix_offset : self._read_offset])
+        full = self._decode(self.tokens[self._prefix_offset :])
+        return self._advance(full[len(prefix) :])
