@@ -172,11 +172,12 @@ def make_hf_model(
     chat_template="tokenizer_config",
     generation=True,
     use_safetensors_lib=False,
+    **cfg_over,
 ) -> dict:
     """Write a tiny HF checkpoint folder; returns the float32 values stored under HF names."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = qora_config(arch, tie=tie, n_layers=n_layers)
+    cfg = qora_config(arch, tie=tie, n_layers=n_layers, **cfg_over)
     w = hf_weights(cfg, seed=seed)
     hf = {
         "architectures": ["SmolLM3ForCausalLM" if arch == "smollm3" else "LlamaForCausalLM"],
@@ -184,6 +185,7 @@ def make_hf_model(
         "hidden_size": cfg["dim"],
         "num_hidden_layers": n_layers,
         "num_attention_heads": cfg["n_heads"],
+        "head_dim": cfg["head_dim"],
         "num_key_value_heads": cfg["n_kv_heads"],
         "intermediate_size": cfg["hidden_dim"],
         "vocab_size": cfg["vocab_size"],

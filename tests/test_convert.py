@@ -230,10 +230,19 @@ def test_hf_unexpected_weight(tmp_path):
 
 def test_row_length_not_multiple_of_32_falls_back_to_f16(tmp_path, capsys):
     src = tmp_path / "hf"
-    make_hf_model(src)
-    out = convert(src, tmp_path / "m.qora", quant="q4", progress=False)  # all dims multiples of 32: no warning
-    assert "warning" not in capsys.readouterr().err
-    assert out.exists()
+    w = make_hf_model(src, dim=48, n_heads=3, n_kv_heads=1, head_dim=16, hidden_dim=96)
+    out = convert(src, tmp_path / "m.qora", quant="q4", progress=False)
+    err = capsys.readouterr().err
+    assert "layers.0.wq: row length 48 is not a multiple of 32; storing f16" in err
+    with read_qora(out) as f:
+        assert f.tensor_info["layers.0.w_down"]["dtype"] == "q4"  # rows of 96: fine
+        for qname in ("tok_embeddings", "output", "layers.1.wq", "layers.1.w_up", "layers.1.wo"):
+            assert f.tensor_info[qname]["dtype"] == "f16"
+        np.testing.assert_array_equal(f.dequantize("layers.1.w_up"), stored_f16(w["model.layers.1.mlp.up_proj.weight"]))
+
+
+def stored_f16(a):
+    return a.astype(np.float16).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -103,6 +103,15 @@ def test_q4_round_trip_error_bound():
     np.testing.assert_allclose(deq[r, i], blocks[r, i], rtol=2e-3, atol=1e-6)
 
 
+def test_q4_zero_blocks_match_ggml_c():
+    # quantize_row_q4_0_ref keeps max = 0.0f for an all-zero block, so d = 0.0f / -8 = -0.0f,
+    # whatever the sign of the zeros; every nibble is 8.
+    for z in (0.0, -0.0):
+        raw = quant.quantize(np.full((1, 32), z, np.float32), "q4")[0]
+        assert raw[:2].view("<u2")[0] == 0x8000
+        assert np.all(raw[2:] == 0x88)
+
+
 def test_q4_layout_nibbles():
     x = np.zeros((1, 32), np.float32)
     x[0, 0] = -8.0  # d = -8 / -8 = 1 ; q = x/d + 8
