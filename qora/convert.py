@@ -351,11 +351,11 @@ class _HFSource:
                 self._files.append(f)
                 for t in f.tensors:
                     self._where[t] = f
+            self._names = name_map(cfg["n_layers"])
+            self._check_tensor_names()
         except BaseException:
             self.close()
             raise
-        self._names = name_map(cfg["n_layers"])
-        self._check_tensor_names()
 
     @staticmethod
     def _chat_template(path: Path, tcfg: dict):
@@ -493,18 +493,16 @@ def gguf_tokenizer_json(fields: dict, where) -> str:
     add_bos = fields.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)
     add_eos = fields.get("tokenizer.ggml.add_eos_token", False)
     bos, eos = fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id")
-    pieces, pair, specials = ["$A:0"], ["$A:0", "$B:1"], []
-    if add_bos and bos is not None and bos < len(tokens):
-        pieces.insert(0, f"{tokens[bos]}:0")
-        pair = [f"{tokens[bos]}:0", "$A:0", f"{tokens[bos]}:1", "$B:1"]
-        specials.append((tokens[bos], int(bos)))
-    if add_eos and eos is not None and eos < len(tokens):
-        pieces.append(f"{tokens[eos]}:0")
-        pair = pair[:2] + [f"{tokens[eos]}:0"] + pair[2:] + [f"{tokens[eos]}:1"]
-        specials.append((tokens[eos], int(eos)))
-    if specials:
+    bos_tok = tokens[bos] if add_bos and bos is not None and bos < len(tokens) else None
+    eos_tok = tokens[eos] if add_eos and eos is not None and eos < len(tokens) else None
+    if bos_tok is not None or eos_tok is not None:  # what llama.cpp adds around a prompt
+
+        def seq(piece, type_id):  # e.g. ["<|begin_of_text|>:0", "$A:0"]
+            return [f"{t}:{type_id}" for t in (bos_tok, piece, eos_tok) if t is not None]
+
+        specials = [(t, i) for t, i in ((bos_tok, bos), (eos_tok, eos)) if t is not None]
         tok.post_processor = processors.TemplateProcessing(
-            single=pieces, pair=pair, special_tokens=list(dict.fromkeys(specials))
+            single=seq("$A", 0), pair=seq("$A", 0) + seq("$B", 1), special_tokens=list(dict.fromkeys(specials))
         )
     # check that every id maps back to its GGUF token (fails on duplicate strings, which we report)
     for i, t in enumerate(tokens):

@@ -106,8 +106,10 @@ def rope_parameters(cfg: dict) -> tuple[np.ndarray, float]:
         return inv_freq, 1.0
     if kind == "linear":
         return (inv_freq / np.float32(rs["factor"])).astype(np.float32), 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, rs), 1.0
     if kind != "yarn":
-        raise QoraError(f"unsupported rope_scaling type {kind!r} (qora supports default, linear, yarn)")
+        raise QoraError(f"unsupported rope_scaling type {kind!r} (qora supports default, linear, llama3, yarn)")
     factor = float(rs["factor"])
     max_pos = int(cfg["max_seq_len"])
     if rs.get("original_max_position_embeddings"):
@@ -142,6 +144,19 @@ def rope_parameters(cfg: dict) -> tuple[np.ndarray, float]:
     inv_interp = np.float32(1.0) / (np.float32(factor) * pos_freqs)
     inv = inv_interp * (1 - extra) + inv_freq * extra
     return inv.astype(np.float32), float(attn)
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, rs: dict) -> np.ndarray:
+    """Llama 3.1+ frequency scaling: long wavelengths divided by `factor`, a smooth ramp between."""
+    factor = float(rs["factor"])
+    low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+    old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def default_context(cfg: dict, requested: int | None = None) -> int:

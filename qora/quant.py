@@ -75,8 +75,12 @@ def storage_shape(dtype: str, shape) -> tuple[int, ...]:
 def _quantize_blocks_q4(x: np.ndarray) -> np.ndarray:
     # ggml quantize_row_q4_0_ref: max = the value with the largest |v| (first one on ties),
     # d = max / -8, id = 1/d (0 if d == 0), q = MIN(15, (int8_t)(x*id + 8.5f)).
-    imax = np.abs(x).argmax(axis=1)[:, None]
+    ax = np.abs(x)
+    imax = ax.argmax(axis=1)[:, None]
     vmax = np.take_along_axis(x, imax, axis=1)  # (n, 1) float32
+    # ggml starts from max = 0.0f and only replaces it on a strictly larger |v|: an all-zero block
+    # (even all -0.0) keeps +0.0, so d = -0.0 exactly as in C.
+    vmax = np.where(np.take_along_axis(ax, imax, axis=1) == 0, np.float32(0.0), vmax)
     d = vmax / np.float32(-8.0)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, np.float32(0.0), np.float32(1.0) / d).astype(np.float32)
