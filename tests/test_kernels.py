@@ -219,3 +219,16 @@ def test_cpu_features_consistent():
     assert "scalar" in FEATS["cpu_supports"] and "scalar" in FEATS["compiled"]
     if FEATS["flags"]["avx2"] and FEATS["flags"]["fma"] and FEATS["flags"]["f16c"] and FEATS["flags"]["os_avx"]:
         assert "avx2" in FEATS["cpu_supports"]
+
+
+def test_rope_parameters_match_transformers():
+    """inv_freq and the cos/sin scale for default, linear, llama3 and YaRN scaling (fixture from transformers)."""
+    import json
+    from pathlib import Path
+
+    from qora.engine import rope_parameters
+
+    for case in json.loads((Path(__file__).parent / "fixtures" / "rope_cases.json").read_text()):
+        inv, scale = rope_parameters(case)
+        np.testing.assert_allclose(inv, np.array(case["inv_freq"], np.float32), rtol=1e-6, err_msg=str(case))
+        assert abs(scale - case["attention_factor"]) < 1e-6, case
