@@ -18,9 +18,19 @@ from qora.quant import nbytes
 
 HERE = Path(__file__).resolve().parent
 SMOLLM3_CONFIG = {
-    "architecture": "smollm3", "n_layers": 36, "dim": 2048, "n_heads": 16, "n_kv_heads": 4, "head_dim": 128,
-    "hidden_dim": 11008, "vocab_size": 128256, "norm_eps": 1e-6, "rope_theta": 5e6,
-    "rope_layers": [0 if i % 4 == 3 else 1 for i in range(36)], "rope_scaling": None, "max_seq_len": 65536,
+    "architecture": "smollm3",
+    "n_layers": 36,
+    "dim": 2048,
+    "n_heads": 16,
+    "n_kv_heads": 4,
+    "head_dim": 128,
+    "hidden_dim": 11008,
+    "vocab_size": 128256,
+    "norm_eps": 1e-6,
+    "rope_theta": 5e6,
+    "rope_layers": [0 if i % 4 == 3 else 1 for i in range(36)],
+    "rope_scaling": None,
+    "max_seq_len": 65536,
     "tie_embeddings": True,
 }
 
@@ -47,9 +57,17 @@ def tensor_list(cfg, quant):
     out = [("tok_embeddings", quant, (V, D))]
     for i in range(cfg["n_layers"]):
         p = f"layers.{i}."
-        out += [(p + "attn_norm", "f32", (D,)), (p + "wq", quant, (q, D)), (p + "wk", quant, (kv, D)),
-                (p + "wv", quant, (kv, D)), (p + "wo", quant, (D, q)), (p + "ffn_norm", "f32", (D,)),
-                (p + "w_gate", quant, (H, D)), (p + "w_up", quant, (H, D)), (p + "w_down", quant, (D, H))]
+        out += [
+            (p + "attn_norm", "f32", (D,)),
+            (p + "wq", quant, (q, D)),
+            (p + "wk", quant, (kv, D)),
+            (p + "wv", quant, (kv, D)),
+            (p + "wo", quant, (D, q)),
+            (p + "ffn_norm", "f32", (D,)),
+            (p + "w_gate", quant, (H, D)),
+            (p + "w_up", quant, (H, D)),
+            (p + "w_down", quant, (D, H)),
+        ]
     out.append(("norm", "f32", (D,)))
     return out
 
@@ -62,8 +80,16 @@ def write_random_model(path, quant="q4", n_layers=None, seed=0):
     tok = (HERE.parent / "tests" / "fixtures" / "tiny-smollm3" / "tokenizer.json").read_text()
     tensors = tensor_list(cfg, quant)
     rng = np.random.default_rng(seed)
-    w = QoraWriter(path, cfg, tok, None, {}, {"eos": [], "bos": None},
-                   {"from": "random", "quant": quant, "seed": seed}, tensors=tensors)
+    w = QoraWriter(
+        path,
+        cfg,
+        tok,
+        None,
+        {},
+        {"eos": [], "bos": None},
+        {"from": "random", "quant": quant, "seed": seed},
+        tensors=tensors,
+    )
     for name, dtype, shape in tensors:
         w.add_tensor(name, dtype, shape, random_tensor(rng, dtype, shape))
     w.finish()

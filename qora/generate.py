@@ -158,9 +158,11 @@ class GenerationOptions:
             top_k=pick(self.top_k, TOP_K),
             top_p=pick(self.top_p, TOP_P),
             min_p=min_p,
-            repeat_penalty=pick(self.repeat_penalty, REPEAT_PENALTY),
-            presence_penalty=pick(self.presence_penalty, PRESENCE_PENALTY),
-            frequency_penalty=pick(self.frequency_penalty, FREQUENCY_PENALTY),
+            # greedy means plain argmax (as transformers and llama.cpp do it): penalties apply only
+            # when asked for explicitly
+            repeat_penalty=pick(self.repeat_penalty, 1.0 if self.greedy else REPEAT_PENALTY),
+            presence_penalty=pick(self.presence_penalty, 0.0 if self.greedy else PRESENCE_PENALTY),
+            frequency_penalty=pick(self.frequency_penalty, 0.0 if self.greedy else FREQUENCY_PENALTY),
         )
 
     def sampler(self, exempt=frozenset()) -> Sampler:

@@ -108,6 +108,8 @@ def load(path, threads=None, device="auto", max_seq_len=None, verbose=False) -> 
         raise
     model = Model(qfile, engine, tokenizer, load_seconds=time.perf_counter() - t0)
     if verbose:
-        print(f"qora: loaded {path} in {model.load_seconds:.2f}s on cpu ({engine.isa}, {engine.n_threads} threads)",
-              file=sys.stderr)
+        print(
+            f"qora: loaded {path} in {model.load_seconds:.2f}s on cpu ({engine.isa}, {engine.n_threads} threads)",
+            file=sys.stderr,
+        )
     return model

@@ -63,9 +63,9 @@ class ReferenceModel:
                 att = np.zeros(nh * hd)
                 for h in range(nh):
                     g = h // (nh // nkv)
-                    s = K[:, g * hd:(g + 1) * hd] @ q[h * hd:(h + 1) * hd] / np.sqrt(hd)
+                    s = K[:, g * hd : (g + 1) * hd] @ q[h * hd : (h + 1) * hd] / np.sqrt(hd)
                     pr = np.exp(s - s.max())
-                    att[h * hd:(h + 1) * hd] = (pr / pr.sum()) @ V[:, g * hd:(g + 1) * hd]
+                    att[h * hd : (h + 1) * hd] = (pr / pr.sum()) @ V[:, g * hd : (g + 1) * hd]
                 x = x + self.mm(p + "wo", att)
                 xb = self.rms(x, self.w[p + "ffn_norm"])
                 g, u = self.mm(p + "w_gate", xb), self.mm(p + "w_up", xb)

@@ -476,3 +476,14 @@ def test_thinking_state_on_fixture_prompts():
             continue
         no_think = "<think>\n\n</think>\n" in case["expected"][-30:]
         assert thinking_state(case["expected_ids_tiny"], tok) == (not no_think, False), case["name"]
+
+
+def test_greedy_is_plain_argmax_unless_penalties_are_asked_for():
+    from qora.generate import GenerationOptions
+
+    r = GenerationOptions(greedy=True, max_tokens=8, think_budget=8).resolved(thinking=False)
+    assert (r.repeat_penalty, r.presence_penalty, r.frequency_penalty) == (1.0, 0.0, 0.0)
+    r = GenerationOptions(greedy=True, repeat_penalty=1.3, max_tokens=8, think_budget=8).resolved(thinking=False)
+    assert r.repeat_penalty == 1.3
+    r = GenerationOptions(max_tokens=8, think_budget=8).resolved(thinking=False)
+    assert (r.repeat_penalty, r.presence_penalty) == (1.1, 1.5)

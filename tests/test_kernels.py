@@ -12,8 +12,18 @@ ISAS = [i for i, n in enumerate(ISA_NAMES) if n in FEATS["cpu_supports"] and n i
 isa_param = pytest.mark.parametrize("isa", ISAS, ids=[ISA_NAMES[i] for i in ISAS])
 
 # (rows, cols): odd row counts and the real 3B projections (q, k/v, o, gate/up, down)
-QSHAPES = [(1, 32), (3, 64), (31, 96), (33, 128), (127, 160), (129, 256), (2048, 2048), (512, 2048),
-           (11008, 2048), (2048, 11008)]
+QSHAPES = [
+    (1, 32),
+    (3, 64),
+    (31, 96),
+    (33, 128),
+    (127, 160),
+    (129, 256),
+    (2048, 2048),
+    (512, 2048),
+    (11008, 2048),
+    (2048, 11008),
+]
 FSHAPES = [(1, 1), (3, 7), (31, 33), (33, 100), (129, 257), (512, 2048)]
 
 
@@ -161,17 +171,18 @@ def ref_attention(q, kc, vc, n_heads, n_kv, hd):
     out = np.zeros((n_heads, hd))
     for h in range(n_heads):
         g = h // group
-        k = kc[:, g * hd:(g + 1) * hd].astype(np.float64)
-        v = vc[:, g * hd:(g + 1) * hd].astype(np.float64)
-        s = k @ q[h * hd:(h + 1) * hd] / np.sqrt(hd)
+        k = kc[:, g * hd : (g + 1) * hd].astype(np.float64)
+        v = vc[:, g * hd : (g + 1) * hd].astype(np.float64)
+        s = k @ q[h * hd : (h + 1) * hd] / np.sqrt(hd)
         p = np.exp(s - s.max())
         out[h] = (p / p.sum()) @ v
     return out.reshape(-1)
 
 
 @isa_param
-@pytest.mark.parametrize("n_heads,n_kv,hd,n_pos", [(1, 1, 8, 1), (4, 2, 16, 7), (16, 4, 128, 33),
-                                                   (9, 3, 64, 129), (16, 4, 128, 300)])
+@pytest.mark.parametrize(
+    "n_heads,n_kv,hd,n_pos", [(1, 1, 8, 1), (4, 2, 16, 7), (16, 4, 128, 33), (9, 3, 64, 129), (16, 4, 128, 300)]
+)
 def test_attention(isa, n_heads, n_kv, hd, n_pos):
     r = rng()
     q = r.standard_normal(n_heads * hd).astype(np.float32)
@@ -211,8 +222,7 @@ def test_wrappers_reject_bad_sizes():
     with pytest.raises(ValueError):
         _cpu.matvec(np.zeros(64, np.float32), "q5", 1, 64, x, 0)
     with pytest.raises(ValueError):
-        _cpu.attention(np.zeros(16, np.float32), np.zeros((3, 8), np.float32), np.zeros((2, 8), np.float32),
-                       2, 1, 8, 0)
+        _cpu.attention(np.zeros(16, np.float32), np.zeros((3, 8), np.float32), np.zeros((2, 8), np.float32), 2, 1, 8, 0)
 
 
 def test_cpu_features_consistent():

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import ReferenceModel
 
 import qora
 from qora._core import _cpu
 from qora.convert import convert
 from qora.engine import ISA_NAMES
 from qora.format import read_qora
-from reference import ReferenceModel
 
 FIX = Path(__file__).parent / "fixtures"
 FEATS = _cpu.cpu_features()
@@ -147,3 +147,35 @@ def test_forced_isa_the_cpu_lacks_is_an_error(converted, monkeypatch):
     monkeypatch.setenv("QORA_ISA", "neon")
     with pytest.raises(qora.QoraError, match="QORA_ISA"):
         qora.load(converted["tiny-smollm3", "q4"])
+
+
+def test_rope_layers_come_from_the_config(converted, tmp_path):
+    """A different NoPE pattern in the config changes the engine exactly as the reference says
+    (the fixture's [1,1,1,0] is also the default pattern, so this catches a hard-coded rule)."""
+    from qora.format import QoraWriter
+
+    src = converted["tiny-smollm3", "f32"]
+    ids = [int(t) for t in expected("tiny-smollm3")["prompt_ids"]]
+    with read_qora(src) as qf:
+        cfg = dict(qf.config, rope_layers=[0, 1, 0, 1])
+        tensors = [(n, i["dtype"], i["shape"]) for n, i in qf.tensor_info.items()]
+        out = tmp_path / "nope-variant.qora"
+        w = QoraWriter(
+            out,
+            cfg,
+            qf.tokenizer_json,
+            qf.chat_template,
+            qf.generation,
+            qf.special_tokens,
+            {"from": "test"},
+            tensors=tensors,
+        )
+        for n, dtype, shape in tensors:
+            w.add_tensor(n, dtype, shape, np.array(qf.tensor(n)))
+        w.finish()
+    with read_qora(out) as qf:
+        ref = ReferenceModel(qf).forward(ids)
+    with qora.load(out, threads=1) as m, qora.load(src, threads=1) as base:
+        got, orig = m.forward(ids), base.forward(ids)
+    assert rel_err(got, ref) < 1e-4
+    assert rel_err(got, orig) > 1e-2  # the pattern really matters

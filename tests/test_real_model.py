@@ -72,9 +72,22 @@ def test_logits_and_greedy_match_transformers(smollm2_f32, case):
 def test_demo_model_answers_paris(demo_model):
     """The README's first command: the q4 demo model answers with Paris."""
     r = subprocess.run(
-        [sys.executable, "-m", "qora", "--load", str(demo_model), "--prompt", "What is the capital of France?",
-         "--no-think", "--greedy", "--max-tokens", "40"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "qora",
+            "--load",
+            str(demo_model),
+            "--prompt",
+            "What is the capital of France?",
+            "--no-think",
+            "--greedy",
+            "--max-tokens",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
@@ -87,7 +100,7 @@ def test_demo_model_follows_golden_greedy(demo_model, case, min_agree):
     ids = GOLDEN[f"{case}_ids"].tolist()
     want = GOLDEN[f"{case}_greedy"]
     with qora.load(demo_model, threads=2, max_seq_len=256) as m:
-        logits = m.forward(ids + want[:-1].tolist())[len(ids) - 1:]
+        logits = m.forward(ids + want[:-1].tolist())[len(ids) - 1 :]
     assert np.mean(logits.argmax(-1) == want) >= min_agree
 
 
@@ -96,7 +109,11 @@ def test_default_model_resolution_uses_demo(demo_model, tmp_path):
     env = dict(os.environ, QORA_CACHE=str(demo_model.parent))
     r = subprocess.run(
         [sys.executable, "-m", "qora", "--prompt", "Say hello.", "--no-think", "--greedy", "--max-tokens", "8"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
