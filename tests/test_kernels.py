@@ -111,26 +111,55 @@ def test_matvec_float(isa, dtype, shape):
     assert np.all(np.abs(y - ref) / scale < 1e-5)
 
 
+def random_weights(r, dtype, rows, cols):
+    """(stored weights, their float values) for any dtype."""
+    if dtype == "q4":
+        return random_q4(r, rows, cols)
+    if dtype == "q8":
+        return random_q8(r, rows, cols)
+    w = r.standard_normal((rows, cols)).astype(np.float16 if dtype == "f16" else np.float32)
+    return w, w.astype(np.float32)
+
+
+def effective_inputs(dtype, x):
+    """What the kernel multiplies by: Q8-rounded activations for the integer paths."""
+    if dtype in ("q4", "q8"):
+        return np.stack([q8_values(*ref_quantize_q8(row)) for row in x])
+    return x
+
+
 @isa_param
 @pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
-@pytest.mark.parametrize("shape", [(1, 32), (33, 64), (129, 96), (1376, 2048)])
-def test_swiglu(isa, dtype, shape):
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 17])
+@pytest.mark.parametrize("shape", [(1, 32), (5, 64), (33, 96), (130, 2048)])
+def test_matmul_tiles(isa, dtype, n, shape):
+    """Every tile shape (1-4 rows x 1-4 tokens) and the ragged edges of both."""
     r = rng()
     rows, cols = shape
-    if dtype in ("q4", "q8"):
-        make = random_q4 if dtype == "q4" else random_q8
-        (rg, g), (ru, u) = make(r, rows, cols), make(r, rows, cols)
-        xv = q8_values(*ref_quantize_q8(x := r.standard_normal(cols).astype(np.float32)))
-    else:
-        np_t = np.float16 if dtype == "f16" else np.float32
-        rg, ru = r.standard_normal((rows, cols)).astype(np_t), r.standard_normal((rows, cols)).astype(np_t)
-        g, u = rg.astype(np.float32), ru.astype(np.float32)
-        x = r.standard_normal(cols).astype(np.float32) * 0.2
-        xv = x
+    raw, w = random_weights(r, dtype, rows, cols)
+    x = r.standard_normal((n, cols)).astype(np.float32)
+    y = _cpu.matmul(raw, dtype, rows, cols, x, isa, 2)
+    xe = effective_inputs(dtype, x).astype(np.float64)
+    ref = xe @ w.T.astype(np.float64)
+    scale = np.abs(xe) @ np.abs(w.T).astype(np.float64) + 1e-6
+    assert y.shape == (n, rows)
+    assert np.all(np.abs(y - ref) / scale < 1e-4)
+
+
+@isa_param
+@pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
+@pytest.mark.parametrize("n", [1, 3, 6])
+@pytest.mark.parametrize("shape", [(1, 32), (33, 64), (129, 96), (1376, 2048)])
+def test_swiglu(isa, dtype, n, shape):
+    r = rng()
+    rows, cols = shape
+    (rg, g), (ru, u) = random_weights(r, dtype, rows, cols), random_weights(r, dtype, rows, cols)
+    x = (r.standard_normal((n, cols)) * (1.0 if dtype in ("q4", "q8") else 0.2)).astype(np.float32)
     h = _cpu.swiglu(rg, ru, dtype, rows, cols, x, isa, 2)
-    gv, uv = g.astype(np.float64) @ xv, u.astype(np.float64) @ xv
+    xv = effective_inputs(dtype, x).astype(np.float64)
+    gv, uv = xv @ g.T.astype(np.float64), xv @ u.T.astype(np.float64)
     ref = gv / (1 + np.exp(-gv)) * uv
-    scale = (np.abs(g) @ np.abs(xv)) * (np.abs(u) @ np.abs(xv)) + 1e-6
+    scale = (np.abs(xv) @ np.abs(g.T)) * (np.abs(xv) @ np.abs(u.T)) + 1e-6
     assert np.all(np.abs(h - ref) / scale < 1e-4)
 
 

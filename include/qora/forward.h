@@ -43,17 +43,22 @@ typedef struct {
 } qora_weights;
 
 /* ------------------------------------------------------------- run state */
+/* Tokens go through the layers in chunks of up to QORA_CHUNK: one token when
+   decoding, a prompt's worth when prefilling (weights then stream once per chunk). */
+#define QORA_CHUNK 16
+
 typedef struct {
-    float* x;        /* (dim,) residual stream */
-    float* xb;       /* (dim,) normed input of a sublayer */
-    float* xb2;      /* (dim,) sublayer output */
-    float* q;        /* (n_heads*head_dim,) */
-    float* k;        /* (n_kv_heads*head_dim,) */
-    float* v;        /* (n_kv_heads*head_dim,) */
-    float* att;      /* (n_heads*head_dim,) attention output */
-    float* hb;       /* (hidden_dim,) silu(gate) * up */
-    block_q8* xq;    /* (max(dim, n_heads*head_dim, hidden_dim)/32,) activation as Q8 */
-    float* scores;   /* (n_heads, max_seq_len) attention weights */
+    float* x;        /* (QORA_CHUNK, dim) residual stream */
+    float* xb;       /* (QORA_CHUNK, dim) normed input of a sublayer */
+    float* xb2;      /* (QORA_CHUNK, dim) sublayer output */
+    float* q;        /* (QORA_CHUNK, n_heads*head_dim) */
+    float* k;        /* (QORA_CHUNK, n_kv_heads*head_dim) */
+    float* v;        /* (QORA_CHUNK, n_kv_heads*head_dim) */
+    float* att;      /* (QORA_CHUNK, n_heads*head_dim) attention output */
+    float* hb;       /* (QORA_CHUNK, hidden_dim) silu(gate) * up */
+    block_q8* xq;    /* (QORA_CHUNK, widest/32) activations as Q8, widest = max(dim, q_dim, hidden_dim) */
+    size_t xq_stride;   /* blocks per row of xq */
+    float* scores;      /* (QORA_CHUNK, n_heads, max_seq_len) attention weights */
     float* key_cache;   /* (n_layers, max_seq_len, n_kv_heads*head_dim) */
     float* value_cache; /* (n_layers, max_seq_len, n_kv_heads*head_dim) */
 } qora_state;
@@ -74,25 +79,27 @@ static void qora_state_free(qora_state* s) {
     memset(s, 0, sizeof *s);
 }
 
-/* All buffers are allocated once here: a step allocates nothing. */
+/* All buffers are allocated once here: a forward call allocates nothing. */
 static int qora_state_init(qora_state* s, const qora_config* c) {
     memset(s, 0, sizeof *s);
+    const size_t C = QORA_CHUNK;
     const size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
     size_t widest = (size_t)c->dim;
     if (q_dim > widest) widest = q_dim;
     if ((size_t)c->hidden_dim > widest) widest = (size_t)c->hidden_dim;
     const size_t cache = (size_t)c->n_layers * (size_t)c->max_seq_len * kv_dim;
-    s->x = calloc(c->dim, sizeof(float));
-    s->xb = calloc(c->dim, sizeof(float));
-    s->xb2 = calloc(c->dim, sizeof(float));
-    s->q = calloc(q_dim, sizeof(float));
-    s->k = calloc(kv_dim, sizeof(float));
-    s->v = calloc(kv_dim, sizeof(float));
-    s->att = calloc(q_dim, sizeof(float));
-    s->hb = calloc(c->hidden_dim, sizeof(float));
-    s->xq = calloc(widest / QK + 1, sizeof(block_q8));
-    s->scores = calloc((size_t)c->n_heads * c->max_seq_len, sizeof(float));
-    s->key_cache = calloc(cache, sizeof(float)); /* pages are touched only as the context fills */
+    s->x = calloc(C * c->dim, sizeof(float));
+    s->xb = calloc(C * c->dim, sizeof(float));
+    s->xb2 = calloc(C * c->dim, sizeof(float));
+    s->q = calloc(C * q_dim, sizeof(float));
+    s->k = calloc(C * kv_dim, sizeof(float));
+    s->v = calloc(C * kv_dim, sizeof(float));
+    s->att = calloc(C * q_dim, sizeof(float));
+    s->hb = calloc(C * c->hidden_dim, sizeof(float));
+    s->xq_stride = widest / QK + 1;
+    s->xq = calloc(C * s->xq_stride, sizeof(block_q8));
+    s->scores = calloc(C * (size_t)c->n_heads * c->max_seq_len, sizeof(float)); /* touched only as far as used */
+    s->key_cache = calloc(cache, sizeof(float));
     s->value_cache = calloc(cache, sizeof(float));
     if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->att || !s->hb || !s->xq || !s->scores ||
         !s->key_cache || !s->value_cache) {
@@ -119,126 +126,158 @@ static void qora_rope(float* v, int n_heads, int head_dim, int pos, const float*
     }
 }
 
-/* Causal GQA attention for one query position over n_pos cached positions.
-   The query heads sharing a KV head are handled together so each K/V row is
-   read once. kc/vc: (n_pos, kv_stride) rows; scores: (n_heads, score_stride). */
+/* Attention of the query heads that share KV head g, for one query over n_pos
+   cached positions: K/V rows are read once for the whole group (GQA).
+   kc/vc: (n_pos, kv_stride) rows; scores: (n_heads, score_stride). */
+static void qora_attend_group(const qora_kernels* K, const float* q, const float* kc, const float* vc, int n_pos,
+                              int g, int group, int head_dim, size_t kv_stride, float* scores, size_t score_stride,
+                              float* out) {
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    const int h0 = g * group, h1 = (g + 1) * group;
+    /* scores = q . k * head_dim^-0.5 */
+    for (int t = 0; t < n_pos; t++) {
+        const float* kt = kc + (size_t)t * kv_stride + (size_t)g * head_dim;
+        for (int h = h0; h < h1; h++)
+            scores[h * score_stride + t] = K->dot_f32(head_dim, q + (size_t)h * head_dim, kt) * scale;
+    }
+    /* softmax over positions */
+    for (int h = h0; h < h1; h++) {
+        float* sc = scores + h * score_stride;
+        float mx = sc[0];
+        for (int t = 1; t < n_pos; t++) mx = sc[t] > mx ? sc[t] : mx;
+        float sum = 0.0f;
+        for (int t = 0; t < n_pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+        const float inv = 1.0f / sum;
+        for (int t = 0; t < n_pos; t++) sc[t] *= inv;
+        memset(out + (size_t)h * head_dim, 0, (size_t)head_dim * sizeof(float));
+    }
+    /* out = weights . v */
+    for (int t = 0; t < n_pos; t++) {
+        const float* vt = vc + (size_t)t * kv_stride + (size_t)g * head_dim;
+        for (int h = h0; h < h1; h++)
+            K->axpy(head_dim, scores[h * score_stride + t], vt, out + (size_t)h * head_dim);
+    }
+}
+
+/* Causal GQA attention for one query position (all heads). */
 static void qora_attention(const qora_kernels* K, const float* q, const float* kc, const float* vc, int n_pos,
                            int n_heads, int n_kv_heads, int head_dim, size_t kv_stride, float* scores,
                            size_t score_stride, float* out, int n_threads) {
-    const int group = n_heads / n_kv_heads;
-    const float scale = 1.0f / sqrtf((float)head_dim);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) \
     if ((long long)n_pos * n_heads * head_dim >= QORA_PARALLEL_MIN_WORK / 4)
 #endif
-    for (int g = 0; g < n_kv_heads; g++) {
-        /* scores = q . k * head_dim^-0.5 */
-        for (int t = 0; t < n_pos; t++) {
-            const float* kt = kc + (size_t)t * kv_stride + (size_t)g * head_dim;
-            for (int h = g * group; h < (g + 1) * group; h++)
-                scores[h * score_stride + t] = K->dot_f32(head_dim, q + (size_t)h * head_dim, kt) * scale;
-        }
-        /* softmax over positions */
-        for (int h = g * group; h < (g + 1) * group; h++) {
-            float* sc = scores + h * score_stride;
-            float mx = sc[0];
-            for (int t = 1; t < n_pos; t++) mx = sc[t] > mx ? sc[t] : mx;
-            float sum = 0.0f;
-            for (int t = 0; t < n_pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-            const float inv = 1.0f / sum;
-            for (int t = 0; t < n_pos; t++) sc[t] *= inv;
-            memset(out + (size_t)h * head_dim, 0, (size_t)head_dim * sizeof(float));
-        }
-        /* out = weights . v */
-        for (int t = 0; t < n_pos; t++) {
-            const float* vt = vc + (size_t)t * kv_stride + (size_t)g * head_dim;
-            for (int h = g * group; h < (g + 1) * group; h++)
-                K->axpy(head_dim, scores[h * score_stride + t], vt, out + (size_t)h * head_dim);
-        }
-    }
+    for (int g = 0; g < n_kv_heads; g++)
+        qora_attend_group(K, q, kc, vc, n_pos, g, n_heads / n_kv_heads, head_dim, kv_stride, scores, score_stride,
+                          out);
     (void)n_threads;
 }
 
 /* ------------------------------------------------------------ forward pass */
 
-/* One token at position pos through every layer; logits (vocab,) if non-NULL. */
-static void qora_step(qora_model* m, int token, int pos, float* logits) {
+/* x[t] += y[t] for n rows of dim */
+static inline void qora_residual(float* x, const float* y, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* n <= QORA_CHUNK tokens at positions pos0.. through every layer. Logits:
+   all n rows (all_logits), only the last row, or none (logits == NULL). */
+static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, float* logits, int all_logits) {
     const qora_config* c = &m->cfg;
     const qora_kernels* K = m->K;
     qora_state* s = &m->s;
     const int nt = m->n_threads;
-    const int kv_dim = c->n_kv_heads * c->head_dim;
+    const int D = c->dim, q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    const size_t lq = s->xq_stride, T = (size_t)c->max_seq_len;
 
-    /* token embedding */
-    qora_dequant_row(&m->w.tok_embeddings, token, s->x);
+    /* token embeddings */
+    for (int t = 0; t < n; t++) qora_dequant_row(&m->w.tok_embeddings, tokens[t], s->x + (size_t)t * D);
 
     for (int l = 0; l < c->n_layers; l++) {
         const qora_layer* L = &m->w.layers[l];
-        float* k_cache = s->key_cache + ((size_t)l * c->max_seq_len + pos) * kv_dim;
-        float* v_cache = s->value_cache + ((size_t)l * c->max_seq_len + pos) * kv_dim;
+        float* key_cache = s->key_cache + (size_t)l * T * kv_dim;     /* (max_seq_len, kv_dim) */
+        float* value_cache = s->value_cache + (size_t)l * T * kv_dim;
 
         /* attention norm */
-        K->rmsnorm(s->xb, s->x, L->attn_norm, c->dim, c->norm_eps);
+        for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->attn_norm, D, c->norm_eps);
 
-        /* q, k, v projections (activation quantized once for the three) */
+        /* q, k, v projections (activations quantized once for the three) */
         if (qora_is_quantized(L->wq.dtype) || qora_is_quantized(L->wk.dtype) || qora_is_quantized(L->wv.dtype))
-            K->quantize_q8(s->xb, s->xq, c->dim);
-        qora_matvec(K, &L->wq, s->xb, s->xq, s->q, nt);
-        qora_matvec(K, &L->wk, s->xb, s->xq, s->k, nt);
-        qora_matvec(K, &L->wv, s->xb, s->xq, s->v, nt);
+            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, lq, n, D);
+        qora_matmul(K, &L->wq, s->xb, D, s->xq, lq, n, s->q, q_dim, nt);
+        qora_matmul(K, &L->wk, s->xb, D, s->xq, lq, n, s->k, kv_dim, nt);
+        qora_matmul(K, &L->wv, s->xb, D, s->xq, lq, n, s->v, kv_dim, nt);
 
-        /* RoPE on q and k, except on NoPE layers */
-        if (L->use_rope) {
-            qora_rope(s->q, c->n_heads, c->head_dim, pos, m->w.inv_freq, c->rope_scale);
-            qora_rope(s->k, c->n_kv_heads, c->head_dim, pos, m->w.inv_freq, c->rope_scale);
+        /* RoPE on q and k, except on NoPE layers; then k, v join the cache */
+        for (int t = 0; t < n; t++) {
+            if (L->use_rope) {
+                qora_rope(s->q + (size_t)t * q_dim, c->n_heads, c->head_dim, pos0 + t, m->w.inv_freq, c->rope_scale);
+                qora_rope(s->k + (size_t)t * kv_dim, c->n_kv_heads, c->head_dim, pos0 + t, m->w.inv_freq,
+                          c->rope_scale);
+            }
+            memcpy(key_cache + (size_t)(pos0 + t) * kv_dim, s->k + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
+            memcpy(value_cache + (size_t)(pos0 + t) * kv_dim, s->v + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
         }
 
-        /* append k, v to the cache */
-        memcpy(k_cache, s->k, (size_t)kv_dim * sizeof(float));
-        memcpy(v_cache, s->v, (size_t)kv_dim * sizeof(float));
-
-        /* grouped-query attention over positions 0..pos */
-        qora_attention(K, s->q, s->key_cache + (size_t)l * c->max_seq_len * kv_dim,
-                       s->value_cache + (size_t)l * c->max_seq_len * kv_dim, pos + 1, c->n_heads, c->n_kv_heads,
-                       c->head_dim, (size_t)kv_dim, s->scores, (size_t)c->max_seq_len, s->att, nt);
+        /* causal grouped-query attention: token t sees positions 0..pos0+t */
+        {
+            const int group = c->n_heads / c->n_kv_heads, pairs = n * c->n_kv_heads;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) \
+    if ((long long)(pos0 + n) * n * c->n_heads * c->head_dim >= QORA_PARALLEL_MIN_WORK / 4)
+#endif
+            for (int p = 0; p < pairs; p++) {
+                const int t = p / c->n_kv_heads, g = p % c->n_kv_heads;
+                qora_attend_group(K, s->q + (size_t)t * q_dim, key_cache, value_cache, pos0 + t + 1, g, group,
+                                  c->head_dim, (size_t)kv_dim, s->scores + (size_t)t * c->n_heads * T, T,
+                                  s->att + (size_t)t * q_dim);
+            }
+        }
 
         /* output projection and residual */
-        qora_prepare_input(K, L->wo.dtype, s->att, s->xq, c->n_heads * c->head_dim);
-        qora_matvec(K, &L->wo, s->att, s->xq, s->xb2, nt);
-        for (int i = 0; i < c->dim; i++) s->x[i] += s->xb2[i];
+        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, s->xq, lq, n, q_dim);
+        qora_matmul(K, &L->wo, s->att, q_dim, s->xq, lq, n, s->xb2, D, nt);
+        qora_residual(s->x, s->xb2, (size_t)n * D);
 
         /* ffn norm */
-        K->rmsnorm(s->xb, s->x, L->ffn_norm, c->dim, c->norm_eps);
+        for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->ffn_norm, D, c->norm_eps);
 
         /* fused gate+up: hb = silu(gate . x) * (up . x) */
         if (qora_is_quantized(L->w_gate.dtype) || qora_is_quantized(L->w_up.dtype))
-            K->quantize_q8(s->xb, s->xq, c->dim);
-        qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, s->xq, s->hb, nt);
+            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, lq, n, D);
+        qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, s->xq, lq, n, s->hb, c->hidden_dim, nt);
 
         /* down projection and residual */
-        qora_prepare_input(K, L->w_down.dtype, s->hb, s->xq, c->hidden_dim);
-        qora_matvec(K, &L->w_down, s->hb, s->xq, s->xb2, nt);
-        for (int i = 0; i < c->dim; i++) s->x[i] += s->xb2[i];
+        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, s->xq, lq, n, c->hidden_dim);
+        qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, s->xq, lq, n, s->xb2, D, nt);
+        qora_residual(s->x, s->xb2, (size_t)n * D);
     }
 
-    if (!logits) return; /* prefill tokens whose logits nobody reads skip the LM head */
+    if (!logits) return; /* prefill chunks whose logits nobody reads skip the LM head */
 
-    /* final norm and LM head */
-    K->rmsnorm(s->xb, s->x, m->w.norm, c->dim, c->norm_eps);
-    qora_prepare_input(K, m->w.output.dtype, s->xb, s->xq, c->dim);
-    qora_matvec(K, &m->w.output, s->xb, s->xq, logits, nt);
+    /* final norm and LM head, for every row or just the last */
+    const int first = all_logits ? 0 : n - 1, rows = n - first;
+    for (int t = first; t < n; t++)
+        K->rmsnorm(s->xb + (size_t)(t - first) * D, s->x + (size_t)t * D, m->w.norm, D, c->norm_eps);
+    qora_prepare_inputs(K, m->w.output.dtype, s->xb, D, s->xq, lq, rows, D);
+    qora_matmul(K, &m->w.output, s->xb, D, s->xq, lq, rows, logits, (size_t)c->vocab_size, nt);
 }
 
-/* n tokens at positions start_pos.. ; logits: (n, vocab) if all_logits else (vocab,).
-   Every argument that came from Python is checked again here. */
+/* n tokens at positions start_pos.. ; logits: (n, vocab) if all_logits else (vocab,)
+   for the last token, or NULL for none. Every argument that came from Python is
+   checked again here. */
 static int qora_forward(qora_model* m, const int32_t* tokens, int n, int start_pos, float* logits, int all_logits) {
-    if (!m || !m->w.layers || !m->s.x || !tokens || !logits || n < 1 || start_pos < 0) return QORA_ERR_ARGS;
+    if (!m || !m->w.layers || !m->s.x || !tokens || n < 1 || start_pos < 0) return QORA_ERR_ARGS;
     if ((long long)start_pos + n > m->cfg.max_seq_len) return QORA_ERR_CONTEXT;
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size) return QORA_ERR_TOKEN;
-    for (int i = 0; i < n; i++) {
-        float* out = all_logits ? logits + (size_t)i * m->cfg.vocab_size : (i == n - 1 ? logits : NULL);
-        qora_step(m, tokens[i], start_pos + i, out);
+    for (int i = 0; i < n; i += QORA_CHUNK) {
+        const int len = n - i < QORA_CHUNK ? n - i : QORA_CHUNK;
+        const int last = i + len == n;
+        float* out = NULL;
+        if (logits && all_logits) out = logits + (size_t)i * m->cfg.vocab_size;
+        else if (logits && last) out = logits;
+        qora_chunk(m, tokens + i, len, start_pos + i, out, all_logits);
     }
     return QORA_OK;
 }

@@ -8,6 +8,7 @@
 #include "kernels_scalar.h"
 #include "kernels_avx2.h"
 #include "kernels_avx512.h"
+#include "tiles.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -23,23 +24,25 @@ typedef struct {
     float (*dot_f32)(int n, const float* a, const float* b);
     void (*rmsnorm)(float* out, const float* x, const float* w, int n, float eps);
     void (*axpy)(int n, float a, const float* x, float* y);
+    qora_tile_fn tile_q4; /* up to 4 rows x 4 activations, see tiles.h */
+    qora_tile_fn tile_q8;
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
     "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
-    dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar,
+    dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, tile_q4_scalar, tile_q8_scalar,
 };
 
 #if QORA_X86
 static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
-    dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2,
+    dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, tile_q4_avx2, tile_q8_avx2,
 };
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
    matches the AVX2 path bit for bit */
 static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
-    dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512,
+    dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, tile_q4_avx512, tile_q8_avx512,
 };
 #endif
 
@@ -81,37 +84,69 @@ static inline int qora_is_quantized(int dtype) { return dtype == QORA_Q4 || dtyp
    costs more than it saves, and on a busy machine a descheduled worker would
    stall the whole barrier. */
 #define QORA_PARALLEL_MIN_WORK (1 << 18)
-static inline int qora_worth_parallel(const qora_tensor* W) {
-    return (long long)W->rows * W->cols >= QORA_PARALLEL_MIN_WORK;
+
+/* Quantize n activation rows (X: n x ldx floats) to Q8 (XQ: n x ldxq blocks),
+   once per matrix input, and only when an integer product will read them. */
+static inline void qora_prepare_inputs(const qora_kernels* K, int dtype, const float* X, size_t ldx, block_q8* XQ,
+                                       size_t ldxq, int n, int cols) {
+    if (!qora_is_quantized(dtype)) return;
+    for (int t = 0; t < n; t++) K->quantize_q8(X + t * ldx, XQ + t * ldxq, cols);
 }
 
-/* Quantize the activation once per matrix (only the integer paths need it). */
-static inline void qora_prepare_input(const qora_kernels* K, int dtype, const float* x, block_q8* xq, int n) {
-    if (qora_is_quantized(dtype)) K->quantize_q8(x, xq, n);
+/* Rows r0..r0+nr-1 (nr <= 4) against tokens t0..t0+nt-1 (nt <= 4):
+   out[t * ldo + r] for the local r, t. */
+static inline void qora_tile(const qora_kernels* K, const qora_tensor* W, int r0, int nr, const float* X, size_t ldx,
+                             const block_q8* XQ, size_t ldxq, int t0, int nt, float* out, size_t ldo) {
+    const char* w = (const char*)W->data + (size_t)r0 * W->row_bytes;
+    if (W->dtype == QORA_Q4) {
+        K->tile_q4(W->cols, w, W->row_bytes, nr, XQ + (size_t)t0 * ldxq, ldxq, nt, out, ldo);
+    } else if (W->dtype == QORA_Q8) {
+        K->tile_q8(W->cols, w, W->row_bytes, nr, XQ + (size_t)t0 * ldxq, ldxq, nt, out, ldo);
+    } else {
+        for (int r = 0; r < nr; r++)
+            for (int t = 0; t < nt; t++)
+                out[t * ldo + r] = qora_row_dot(K, W, r0 + r, X + (size_t)(t0 + t) * ldx, NULL);
+    }
 }
 
-/* y[rows] = W x, rows split evenly over the threads */
-static void qora_matvec(const qora_kernels* K, const qora_tensor* W, const float* x, const block_q8* xq, float* y,
-                        int n_threads) {
-    const int rows = W->rows;
+/* Y[t][r] = W[r] . X[t] for n tokens (Y: n x ldy). Groups of 4 rows are split
+   evenly over the threads; each group meets the tokens 4 at a time while it is
+   hot in L1, so a weight byte comes from memory once per call, not per token. */
+static void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float* X, size_t ldx, const block_q8* XQ,
+                        size_t ldxq, int n, float* Y, size_t ldy, int n_threads) {
+    const int groups = (W->rows + 3) / 4;
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (qora_worth_parallel(W))
+#pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * W->rows * W->cols >= QORA_PARALLEL_MIN_WORK)
 #endif
-    for (int r = 0; r < rows; r++) y[r] = qora_row_dot(K, W, r, x, xq);
+    for (int g = 0; g < groups; g++) {
+        const int r0 = g * 4, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
+        for (int t0 = 0; t0 < n; t0 += 4)
+            qora_tile(K, W, r0, nr, X, ldx, XQ, ldxq, t0, n - t0 < 4 ? n - t0 : 4, Y + (size_t)t0 * ldy + r0, ldy);
+    }
     (void)n_threads;
 }
 
-/* h[j] = silu(Wg[j] . x) * (Wu[j] . x): one pass over gate and up together */
-static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* x,
-                        const block_q8* xq, float* h, int n_threads) {
-    const int rows = Wg->rows;
+/* H[t][j] = silu(Wg[j] . X[t]) * (Wu[j] . X[t]): gate and up rows are taken
+   together, group by group, so both are read in one pass. */
+static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* X, size_t ldx,
+                        const block_q8* XQ, size_t ldxq, int n, float* H, size_t ldh, int n_threads) {
+    const int groups = (Wg->rows + 3) / 4;
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (qora_worth_parallel(Wg))
+#pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * Wg->rows * Wg->cols >= QORA_PARALLEL_MIN_WORK)
 #endif
-    for (int j = 0; j < rows; j++) {
-        const float g = qora_row_dot(K, Wg, j, x, xq);
-        const float u = qora_row_dot(K, Wu, j, x, xq);
-        h[j] = g / (1.0f + expf(-g)) * u;
+    for (int g = 0; g < groups; g++) {
+        const int r0 = g * 4, nr = Wg->rows - r0 < 4 ? Wg->rows - r0 : 4;
+        for (int t0 = 0; t0 < n; t0 += 4) {
+            const int nt = n - t0 < 4 ? n - t0 : 4;
+            float gate[4 * 4], up[4 * 4]; /* [t][r] */
+            qora_tile(K, Wg, r0, nr, X, ldx, XQ, ldxq, t0, nt, gate, 4);
+            qora_tile(K, Wu, r0, nr, X, ldx, XQ, ldxq, t0, nt, up, 4);
+            for (int t = 0; t < nt; t++)
+                for (int r = 0; r < nr; r++) {
+                    const float gv = gate[t * 4 + r];
+                    H[(size_t)(t0 + t) * ldh + r0 + r] = gv / (1.0f + expf(-gv)) * up[t * 4 + r];
+                }
+        }
     }
     (void)n_threads;
 }

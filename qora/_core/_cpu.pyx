@@ -44,11 +44,12 @@ cdef extern from "qora/qora.h" nogil:
         size_t row_bytes
         const void* data
 
-    void qora_matvec(const qora_kernels* K, const qora_tensor* W, const float* x, const block_q8* xq,
-                     float* y, int n_threads)
-    void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* x,
-                     const block_q8* xq, float* h, int n_threads)
-    void qora_prepare_input(const qora_kernels* K, int dtype, const float* x, block_q8* xq, int n)
+    void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float* X, size_t ldx, const block_q8* XQ,
+                     size_t ldxq, int n, float* Y, size_t ldy, int n_threads)
+    void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* X,
+                     size_t ldx, const block_q8* XQ, size_t ldxq, int n, float* H, size_t ldh, int n_threads)
+    void qora_prepare_inputs(const qora_kernels* K, int dtype, const float* X, size_t ldx, block_q8* XQ,
+                             size_t ldxq, int n, int cols)
     void qora_dequant_row(const qora_tensor* W, int r, float* out)
     void qora_rope(float* v, int n_heads, int head_dim, int pos, const float* inv_freq, float scale)
     void qora_attention(const qora_kernels* K, const float* q, const float* kc, const float* vc, int n_pos,
@@ -174,36 +175,47 @@ def quantize_q8(const float[::1] x, int isa):
     return out
 
 
-def matvec(w, str dtype, int rows, int cols, const float[::1] x, int isa, int n_threads=1):
-    """y = W x with W (rows, cols) stored as dtype (raw bytes / f16 / f32 array)."""
+def matmul(w, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int n_threads=1):
+    """Y (n, rows) = X (n, cols) W^T with W (rows, cols) stored as dtype: the tiled product."""
     cdef const qora_kernels* K = _kernels(isa)
-    cdef qora_tensor t = _tensor(dtype, rows, cols, _bytes(w), "matvec")
-    if x.shape[0] != cols:
-        raise ValueError(f"matvec: x has {x.shape[0]} elements, W has {cols} columns")
-    xq_buf = np.zeros((cols // 32 + 1) * 34, dtype=np.uint8)
-    y = np.empty(rows, dtype=np.float32)
+    cdef qora_tensor t = _tensor(dtype, rows, cols, _bytes(w), "matmul")
+    cdef int n = x.shape[0]
+    if x.shape[1] != cols or n == 0:
+        raise ValueError(f"matmul: X has shape {tuple(x.shape)[:2]}, W has {cols} columns")
+    cdef size_t lq = cols // 32 + 1
+    xq_buf = np.zeros(n * lq * 34, dtype=np.uint8)
+    y = np.empty((n, rows), dtype=np.float32)
     cdef uint8_t[::1] xq = xq_buf
-    cdef float[::1] yv = y
+    cdef float[:, ::1] yv = y
     with nogil:
-        qora_prepare_input(K, t.dtype, &x[0], <block_q8*>&xq[0], cols)
-        qora_matvec(K, &t, &x[0], <block_q8*>&xq[0], &yv[0], n_threads)
+        qora_prepare_inputs(K, t.dtype, &x[0, 0], cols, <block_q8*>&xq[0], lq, n, cols)
+        qora_matmul(K, &t, &x[0, 0], cols, <block_q8*>&xq[0], lq, n, &yv[0, 0], rows, n_threads)
     return y
 
 
-def swiglu(wg, wu, str dtype, int rows, int cols, const float[::1] x, int isa, int n_threads=1):
-    """h = silu(Wg x) * (Wu x), one pass over both matrices."""
+def matvec(w, str dtype, int rows, int cols, const float[::1] x, int isa, int n_threads=1):
+    """y = W x with W (rows, cols) stored as dtype (raw bytes / f16 / f32 array)."""
+    if x.shape[0] != cols:
+        raise ValueError(f"matvec: x has {x.shape[0]} elements, W has {cols} columns")
+    return matmul(w, dtype, rows, cols, np.asarray(x).reshape(1, cols), isa, n_threads)[0]
+
+
+def swiglu(wg, wu, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int n_threads=1):
+    """H (n, rows) = silu(X Wg^T) * (X Wu^T), one pass over both matrices."""
     cdef const qora_kernels* K = _kernels(isa)
     cdef qora_tensor tg = _tensor(dtype, rows, cols, _bytes(wg), "swiglu gate")
     cdef qora_tensor tu = _tensor(dtype, rows, cols, _bytes(wu), "swiglu up")
-    if x.shape[0] != cols:
-        raise ValueError(f"swiglu: x has {x.shape[0]} elements, W has {cols} columns")
-    xq_buf = np.zeros((cols // 32 + 1) * 34, dtype=np.uint8)
-    h = np.empty(rows, dtype=np.float32)
+    cdef int n = x.shape[0]
+    if x.shape[1] != cols or n == 0:
+        raise ValueError(f"swiglu: X has shape {tuple(x.shape)[:2]}, W has {cols} columns")
+    cdef size_t lq = cols // 32 + 1
+    xq_buf = np.zeros(n * lq * 34, dtype=np.uint8)
+    h = np.empty((n, rows), dtype=np.float32)
     cdef uint8_t[::1] xq = xq_buf
-    cdef float[::1] hv = h
+    cdef float[:, ::1] hv = h
     with nogil:
-        qora_prepare_input(K, tg.dtype, &x[0], <block_q8*>&xq[0], cols)
-        qora_swiglu(K, &tg, &tu, &x[0], <block_q8*>&xq[0], &hv[0], n_threads)
+        qora_prepare_inputs(K, tg.dtype, &x[0, 0], cols, <block_q8*>&xq[0], lq, n, cols)
+        qora_swiglu(K, &tg, &tu, &x[0, 0], cols, <block_q8*>&xq[0], lq, n, &hv[0, 0], rows, n_threads)
     return h
 
 
