@@ -128,17 +128,25 @@ def effective_inputs(dtype, x):
     return x
 
 
+# weight layouts: every dtype row by row, and Q4 repacked into 8 interleaved rows
+LAYOUTS = pytest.mark.parametrize(
+    "dtype,repack",
+    [("q4", False), ("q4", True), ("q8", False), ("f16", False), ("f32", False)],
+    ids=["q4", "q4x8", "q8", "f16", "f32"],
+)
+
+
 @isa_param
-@pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
+@LAYOUTS
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 17])
-@pytest.mark.parametrize("shape", [(1, 32), (5, 64), (33, 96), (130, 2048)])
-def test_matmul_tiles(isa, dtype, n, shape):
-    """Every tile shape (1-4 rows x 1-4 tokens) and the ragged edges of both."""
+@pytest.mark.parametrize("shape", [(1, 32), (5, 64), (13, 96), (33, 96), (130, 2048)])
+def test_matmul_tiles(isa, dtype, repack, n, shape):
+    """Every tile shape (1-4 rows x 1-4 tokens, and 8 interleaved Q4 rows) and the ragged edges of both."""
     r = rng()
     rows, cols = shape
     raw, w = random_weights(r, dtype, rows, cols)
     x = r.standard_normal((n, cols)).astype(np.float32)
-    y = _cpu.matmul(raw, dtype, rows, cols, x, isa, 2)
+    y = _cpu.matmul(raw, dtype, rows, cols, x, isa, 2, repack)
     xe = effective_inputs(dtype, x).astype(np.float64)
     ref = xe @ w.T.astype(np.float64)
     scale = np.abs(xe) @ np.abs(w.T).astype(np.float64) + 1e-6
@@ -147,15 +155,15 @@ def test_matmul_tiles(isa, dtype, n, shape):
 
 
 @isa_param
-@pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
+@LAYOUTS
 @pytest.mark.parametrize("n", [1, 3, 6])
 @pytest.mark.parametrize("shape", [(1, 32), (33, 64), (129, 96), (1376, 2048)])
-def test_swiglu(isa, dtype, n, shape):
+def test_swiglu(isa, dtype, repack, n, shape):
     r = rng()
     rows, cols = shape
     (rg, g), (ru, u) = random_weights(r, dtype, rows, cols), random_weights(r, dtype, rows, cols)
     x = (r.standard_normal((n, cols)) * (1.0 if dtype in ("q4", "q8") else 0.2)).astype(np.float32)
-    h = _cpu.swiglu(rg, ru, dtype, rows, cols, x, isa, 2)
+    h = _cpu.swiglu(rg, ru, dtype, rows, cols, x, isa, 2, repack)
     xv = effective_inputs(dtype, x).astype(np.float64)
     gv, uv = xv @ g.T.astype(np.float64), xv @ u.T.astype(np.float64)
     ref = gv / (1 + np.exp(-gv)) * uv

@@ -179,3 +179,14 @@ def test_rope_layers_come_from_the_config(converted, tmp_path):
         got, orig = m.forward(ids), base.forward(ids)
     assert rel_err(got, ref) < 1e-4
     assert rel_err(got, orig) > 1e-2  # the pattern really matters
+
+
+def test_repacked_q4_matches_file_layout(converted, monkeypatch):
+    """Q4 matrices interleaved at load give the same logits as the file layout."""
+    ids = [int(t) for t in expected("tiny-smollm3")["prompt_ids"]]
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("QORA_REPACK", flag)
+        with qora.load(converted["tiny-smollm3", "q4"], threads=2) as m:
+            out[flag] = m.forward(ids)
+    assert rel_err(out["1"], out["0"]) < 1e-4

@@ -57,7 +57,8 @@ typedef struct {
     float* att;      /* (QORA_CHUNK, n_heads*head_dim) attention output */
     float* hb;       /* (QORA_CHUNK, hidden_dim) silu(gate) * up */
     block_q8* xq;    /* (QORA_CHUNK, widest/32) activations as Q8, widest = max(dim, q_dim, hidden_dim) */
-    size_t xq_stride;   /* blocks per row of xq */
+    int32_t* xs;     /* (QORA_CHUNK, widest/32) sum of each Q8 block's int8 values */
+    size_t xq_stride;   /* blocks per row of xq and xs */
     float* scores;      /* (QORA_CHUNK, n_heads, max_seq_len) attention weights */
     float* key_cache;   /* (n_layers, max_seq_len, n_kv_heads*head_dim) */
     float* value_cache; /* (n_layers, max_seq_len, n_kv_heads*head_dim) */
@@ -75,13 +76,17 @@ enum { QORA_OK = 0, QORA_ERR_ARGS = -1, QORA_ERR_TOKEN = -2, QORA_ERR_CONTEXT = 
 
 static void qora_state_free(qora_state* s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->att); free(s->hb);
-    free(s->xq); free(s->scores); free(s->key_cache); free(s->value_cache);
+    free(s->xq); free(s->xs); free(s->scores); free(s->key_cache); free(s->value_cache);
     memset(s, 0, sizeof *s);
 }
 
 /* All buffers are allocated once here: a forward call allocates nothing. */
 static int qora_state_init(qora_state* s, const qora_config* c) {
+    if (!s || !c) return QORA_ERR_ARGS;
     memset(s, 0, sizeof *s);
+    if (c->n_layers < 1 || c->dim < 1 || c->n_heads < 1 || c->n_kv_heads < 1 || c->head_dim < 1 ||
+        c->hidden_dim < 1 || c->vocab_size < 1 || c->max_seq_len < 1)
+        return QORA_ERR_ARGS;
     const size_t C = QORA_CHUNK;
     const size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
     size_t widest = (size_t)c->dim;
@@ -98,10 +103,11 @@ static int qora_state_init(qora_state* s, const qora_config* c) {
     s->hb = calloc(C * c->hidden_dim, sizeof(float));
     s->xq_stride = widest / QK + 1;
     s->xq = calloc(C * s->xq_stride, sizeof(block_q8));
+    s->xs = calloc(C * s->xq_stride, sizeof(int32_t));
     s->scores = calloc(C * (size_t)c->n_heads * c->max_seq_len, sizeof(float)); /* touched only as far as used */
     s->key_cache = calloc(cache, sizeof(float));
     s->value_cache = calloc(cache, sizeof(float));
-    if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->att || !s->hb || !s->xq || !s->scores ||
+    if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->att || !s->hb || !s->xq || !s->xs || !s->scores ||
         !s->key_cache || !s->value_cache) {
         qora_state_free(s);
         return QORA_ERR_NOMEM;
@@ -203,10 +209,10 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
 
         /* q, k, v projections (activations quantized once for the three) */
         if (qora_is_quantized(L->wq.dtype) || qora_is_quantized(L->wk.dtype) || qora_is_quantized(L->wv.dtype))
-            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, lq, n, D);
-        qora_matmul(K, &L->wq, s->xb, D, s->xq, lq, n, s->q, q_dim, nt);
-        qora_matmul(K, &L->wk, s->xb, D, s->xq, lq, n, s->k, kv_dim, nt);
-        qora_matmul(K, &L->wv, s->xb, D, s->xq, lq, n, s->v, kv_dim, nt);
+            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D);
+        qora_matmul(K, &L->wq, s->xb, D, s->xq, s->xs, lq, n, s->q, q_dim, nt);
+        qora_matmul(K, &L->wk, s->xb, D, s->xq, s->xs, lq, n, s->k, kv_dim, nt);
+        qora_matmul(K, &L->wv, s->xb, D, s->xq, s->xs, lq, n, s->v, kv_dim, nt);
 
         /* RoPE on q and k, except on NoPE layers; then k, v join the cache */
         for (int t = 0; t < n; t++) {
@@ -235,8 +241,8 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
         }
 
         /* output projection and residual */
-        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, s->xq, lq, n, q_dim);
-        qora_matmul(K, &L->wo, s->att, q_dim, s->xq, lq, n, s->xb2, D, nt);
+        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, s->xq, s->xs, lq, n, q_dim);
+        qora_matmul(K, &L->wo, s->att, q_dim, s->xq, s->xs, lq, n, s->xb2, D, nt);
         qora_residual(s->x, s->xb2, (size_t)n * D);
 
         /* ffn norm */
@@ -244,12 +250,12 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
 
         /* fused gate+up: hb = silu(gate . x) * (up . x) */
         if (qora_is_quantized(L->w_gate.dtype) || qora_is_quantized(L->w_up.dtype))
-            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, lq, n, D);
-        qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, s->xq, lq, n, s->hb, c->hidden_dim, nt);
+            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D);
+        qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, s->xq, s->xs, lq, n, s->hb, c->hidden_dim, nt);
 
         /* down projection and residual */
-        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, s->xq, lq, n, c->hidden_dim);
-        qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, s->xq, lq, n, s->xb2, D, nt);
+        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, s->xq, s->xs, lq, n, c->hidden_dim);
+        qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, s->xq, s->xs, lq, n, s->xb2, D, nt);
         qora_residual(s->x, s->xb2, (size_t)n * D);
     }
 
@@ -259,8 +265,8 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
     const int first = all_logits ? 0 : n - 1, rows = n - first;
     for (int t = first; t < n; t++)
         K->rmsnorm(s->xb + (size_t)(t - first) * D, s->x + (size_t)t * D, m->w.norm, D, c->norm_eps);
-    qora_prepare_inputs(K, m->w.output.dtype, s->xb, D, s->xq, lq, rows, D);
-    qora_matmul(K, &m->w.output, s->xb, D, s->xq, lq, rows, logits, (size_t)c->vocab_size, nt);
+    qora_prepare_inputs(K, m->w.output.dtype, s->xb, D, s->xq, s->xs, lq, rows, D);
+    qora_matmul(K, &m->w.output, s->xb, D, s->xq, s->xs, lq, rows, logits, (size_t)c->vocab_size, nt);
 }
 
 /* n tokens at positions start_pos.. ; logits: (n, vocab) if all_logits else (vocab,)
@@ -268,6 +274,9 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
    checked again here. */
 static int qora_forward(qora_model* m, const int32_t* tokens, int n, int start_pos, float* logits, int all_logits) {
     if (!m || !m->w.layers || !m->s.x || !tokens || n < 1 || start_pos < 0) return QORA_ERR_ARGS;
+    if (!m->K || m->n_threads < 1 || !m->w.norm || !m->w.inv_freq || !m->w.tok_embeddings.data ||
+        !m->w.output.data)
+        return QORA_ERR_ARGS;
     if ((long long)start_pos + n > m->cfg.max_seq_len) return QORA_ERR_CONTEXT;
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size) return QORA_ERR_TOKEN;

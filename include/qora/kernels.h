@@ -9,6 +9,7 @@
 #include "kernels_avx2.h"
 #include "kernels_avx512.h"
 #include "tiles.h"
+#include "repack.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -26,23 +27,27 @@ typedef struct {
     void (*axpy)(int n, float a, const float* x, float* y);
     qora_tile_fn tile_q4; /* up to 4 rows x 4 activations, see tiles.h */
     qora_tile_fn tile_q8;
+    qora_q4x8_fn q4x8;    /* 8 interleaved rows x up to 4 activations, see repack.h */
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
     "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
     dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, tile_q4_scalar, tile_q8_scalar,
+    q4x8_scalar,
 };
 
 #if QORA_X86
 static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, tile_q4_avx2, tile_q8_avx2,
+    q4x8_avx2,
 };
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
    matches the AVX2 path bit for bit */
 static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, tile_q4_avx512, tile_q8_avx512,
+    q4x8_avx512,
 };
 #endif
 
@@ -64,6 +69,7 @@ typedef struct {
     int32_t rows, cols;
     size_t row_bytes;
     const void* data; /* rows * row_bytes bytes, usually inside the mmap */
+    const block_q4x8* packed; /* Q4 only, optional: rows / 8 groups x cols / 32 blocks, interleaved at load */
 } qora_tensor;
 
 /* dot product of row r of W with the activation (x as floats, xq as Q8 blocks) */
@@ -88,9 +94,18 @@ static inline int qora_is_quantized(int dtype) { return dtype == QORA_Q4 || dtyp
 /* Quantize n activation rows (X: n x ldx floats) to Q8 (XQ: n x ldxq blocks),
    once per matrix input, and only when an integer product will read them. */
 static inline void qora_prepare_inputs(const qora_kernels* K, int dtype, const float* X, size_t ldx, block_q8* XQ,
-                                       size_t ldxq, int n, int cols) {
+                                       int32_t* XS, size_t ldxq, int n, int cols) {
     if (!qora_is_quantized(dtype)) return;
-    for (int t = 0; t < n; t++) K->quantize_q8(X + t * ldx, XQ + t * ldxq, cols);
+    for (int t = 0; t < n; t++) {
+        block_q8* xq = XQ + t * ldxq;
+        K->quantize_q8(X + t * ldx, xq, cols);
+        /* block sums of the int8 values: the repacked Q4 path folds the -8 offset with them */
+        for (int b = 0; b < cols / QK; b++) {
+            int32_t sum = 0;
+            for (int i = 0; i < QK; i++) sum += xq[b].qs[i];
+            XS[t * ldxq + b] = sum;
+        }
+    }
 }
 
 /* Rows r0..r0+nr-1 (nr <= 4) against tokens t0..t0+nt-1 (nt <= 4):
@@ -109,42 +124,83 @@ static inline void qora_tile(const qora_kernels* K, const qora_tensor* W, int r0
     }
 }
 
-/* Y[t][r] = W[r] . X[t] for n tokens (Y: n x ldy). Groups of 4 rows are split
-   evenly over the threads; each group meets the tokens 4 at a time while it is
+/* Rows in work units: 8 interleaved rows of a repacked Q4 matrix, else 4 rows. */
+static inline int qora_unit_rows(const qora_tensor* W) { return W->packed ? 8 : 4; }
+
+/* Units [u] of W: full 8-row groups first (packed), then the remaining rows by 4. */
+static inline int qora_units(const qora_tensor* W) {
+    if (!W->packed) return (W->rows + 3) / 4;
+    const int tail = W->rows % 8;
+    return W->rows / 8 + (tail + 3) / 4;
+}
+
+/* Unit u against tokens t0..t0+nt-1 (nt <= 4): out[t * ldo + local row], returns the first row. */
+static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, const float* X, size_t ldx,
+                            const block_q8* XQ, const int32_t* XS, size_t ldxq, int t0, int nt, float* out, size_t ldo,
+                            int* nr_out) {
+    if (W->packed && u < W->rows / 8) {
+        const int nb = W->cols / QK;
+        K->q4x8(W->cols, W->packed + (size_t)u * nb, XQ + (size_t)t0 * ldxq, XS + (size_t)t0 * ldxq, ldxq, nt, out,
+                ldo);
+        *nr_out = 8;
+        return u * 8;
+    }
+    const int base = W->packed ? (W->rows / 8) * 8 : 0, first = W->packed ? W->rows / 8 : 0;
+    const int r0 = base + (u - first) * 4, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
+    qora_tile(K, W, r0, nr, X, ldx, XQ, ldxq, t0, nt, out, ldo);
+    *nr_out = nr;
+    return r0;
+}
+
+/* Y[t][r] = W[r] . X[t] for n tokens (Y: n x ldy). Units of rows are split
+   evenly over the threads; each unit meets the tokens 4 at a time while it is
    hot in L1, so a weight byte comes from memory once per call, not per token. */
 static void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float* X, size_t ldx, const block_q8* XQ,
-                        size_t ldxq, int n, float* Y, size_t ldy, int n_threads) {
-    const int groups = (W->rows + 3) / 4;
+                        const int32_t* XS, size_t ldxq, int n, float* Y, size_t ldy, int n_threads) {
+    const int units = qora_units(W);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * W->rows * W->cols >= QORA_PARALLEL_MIN_WORK)
 #endif
-    for (int g = 0; g < groups; g++) {
-        const int r0 = g * 4, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
-        for (int t0 = 0; t0 < n; t0 += 4)
-            qora_tile(K, W, r0, nr, X, ldx, XQ, ldxq, t0, n - t0 < 4 ? n - t0 : 4, Y + (size_t)t0 * ldy + r0, ldy);
+    for (int u = 0; u < units; u++) {
+        for (int t0 = 0; t0 < n; t0 += 4) {
+            const int nt = n - t0 < 4 ? n - t0 : 4;
+            float tmp[4 * 8]; /* [t][local row] */
+            int nr;
+            const int r0 = qora_unit(K, W, u, X, ldx, XQ, XS, ldxq, t0, nt, tmp, 8, &nr);
+            for (int t = 0; t < nt; t++) memcpy(Y + (size_t)(t0 + t) * ldy + r0, tmp + t * 8, (size_t)nr * sizeof(float));
+        }
     }
     (void)n_threads;
 }
 
 /* H[t][j] = silu(Wg[j] . X[t]) * (Wu[j] . X[t]): gate and up rows are taken
-   together, group by group, so both are read in one pass. */
+   together, unit by unit, so both are read in one pass. */
 static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* X, size_t ldx,
-                        const block_q8* XQ, size_t ldxq, int n, float* H, size_t ldh, int n_threads) {
-    const int groups = (Wg->rows + 3) / 4;
+                        const block_q8* XQ, const int32_t* XS, size_t ldxq, int n, float* H, size_t ldh,
+                        int n_threads) {
+    const int units = qora_units(Wg);
+    const int same_layout = (Wg->packed != NULL) == (Wu->packed != NULL);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * Wg->rows * Wg->cols >= QORA_PARALLEL_MIN_WORK)
 #endif
-    for (int g = 0; g < groups; g++) {
-        const int r0 = g * 4, nr = Wg->rows - r0 < 4 ? Wg->rows - r0 : 4;
+    for (int u = 0; u < units; u++) {
         for (int t0 = 0; t0 < n; t0 += 4) {
             const int nt = n - t0 < 4 ? n - t0 : 4;
-            float gate[4 * 4], up[4 * 4]; /* [t][r] */
-            qora_tile(K, Wg, r0, nr, X, ldx, XQ, ldxq, t0, nt, gate, 4);
-            qora_tile(K, Wu, r0, nr, X, ldx, XQ, ldxq, t0, nt, up, 4);
+            float gate[4 * 8], up[4 * 8]; /* [t][local row] */
+            int nr, nr2;
+            const int r0 = qora_unit(K, Wg, u, X, ldx, XQ, XS, ldxq, t0, nt, gate, 8, &nr);
+            if (same_layout) {
+                qora_unit(K, Wu, u, X, ldx, XQ, XS, ldxq, t0, nt, up, 8, &nr2);
+            } else { /* mixed layouts (one matrix not repacked): row by row for this unit */
+                for (int r = 0; r < nr; r++)
+                    for (int t = 0; t < nt; t++)
+                        up[t * 8 + r] = qora_row_dot(K, Wu, r0 + r, X + (size_t)(t0 + t) * ldx,
+                                                     XQ + (size_t)(t0 + t) * ldxq);
+            }
             for (int t = 0; t < nt; t++)
                 for (int r = 0; r < nr; r++) {
-                    const float gv = gate[t * 4 + r];
-                    H[(size_t)(t0 + t) * ldh + r0 + r] = gv / (1.0f + expf(-gv)) * up[t * 4 + r];
+                    const float gv = gate[t * 8 + r];
+                    H[(size_t)(t0 + t) * ldh + r0 + r] = gv / (1.0f + expf(-gv)) * up[t * 8 + r];
                 }
         }
     }

@@ -37,19 +37,28 @@ cdef extern from "qora/qora.h" nogil:
 
     const qora_kernels* qora_kernel_table(int isa)
 
+    ctypedef struct block_q4x8:
+        pass
+
     ctypedef struct qora_tensor:
         int32_t dtype
         int32_t rows
         int32_t cols
         size_t row_bytes
         const void* data
+        const block_q4x8* packed
+
+    void* qora_alloc_weights(size_t nbytes)
+    void qora_free_weights(void* p)
+    void qora_repack_q4x8(const void* src, size_t row_bytes, int rows, int cols, block_q4x8* dst, int n_threads)
 
     void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float* X, size_t ldx, const block_q8* XQ,
-                     size_t ldxq, int n, float* Y, size_t ldy, int n_threads)
+                     const int32_t* XS, size_t ldxq, int n, float* Y, size_t ldy, int n_threads)
     void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* X,
-                     size_t ldx, const block_q8* XQ, size_t ldxq, int n, float* H, size_t ldh, int n_threads)
+                     size_t ldx, const block_q8* XQ, const int32_t* XS, size_t ldxq, int n, float* H, size_t ldh,
+                     int n_threads)
     void qora_prepare_inputs(const qora_kernels* K, int dtype, const float* X, size_t ldx, block_q8* XQ,
-                             size_t ldxq, int n, int cols)
+                             int32_t* XS, size_t ldxq, int n, int cols)
     void qora_dequant_row(const qora_tensor* W, int r, float* out)
     void qora_rope(float* v, int n_heads, int head_dim, int pos, const float* inv_freq, float scale)
     void qora_attention(const qora_kernels* K, const float* q, const float* kc, const float* vc, int n_pos,
@@ -152,13 +161,52 @@ cdef qora_tensor _tensor(str dtype, int rows, int cols, const uint8_t[::1] data,
     if <size_t>data.shape[0] != t.row_bytes * <size_t>rows:
         raise ValueError(f"{what}: {data.shape[0]} bytes, expected {t.row_bytes * rows} for {dtype} ({rows}, {cols})")
     t.data = &data[0]
+    t.packed = NULL
     return t
 
 
+cdef class _Packed:
+    """A Q4 matrix repacked into 8-row interleaved groups (freed with this object)."""
+    cdef void* buf
+
+    def __cinit__(self):
+        self.buf = NULL
+
+    def __dealloc__(self):
+        qora_free_weights(self.buf)
+
+
+cdef _Packed _repack(qora_tensor* t, int n_threads):
+    """Give t an interleaved copy when it is Q4 with at least one full group of 8 rows."""
+    cdef _Packed p = _Packed()
+    if t.dtype != QORA_Q4 or t.rows < 8:
+        return p
+    cdef size_t nbytes = <size_t>(t.rows // 8) * <size_t>(t.cols // 32) * 144
+    p.buf = qora_alloc_weights(nbytes)
+    if p.buf == NULL:
+        raise MemoryError(f"cannot allocate {nbytes} bytes for repacked weights")
+    with nogil:
+        qora_repack_q4x8(t.data, t.row_bytes, t.rows, t.cols, <block_q4x8*>p.buf, n_threads)
+    t.packed = <const block_q4x8*>p.buf
+    return p
+
+
 def _bytes(arr):
-    """Flat uint8 view of a C-contiguous array (no copy)."""
+    """Flat uint8 view of a C-contiguous array (no copy; a copy if arr is not contiguous).
+    The caller must hold the result in a variable for as long as C uses its pointer: a
+    temporary would be freed as soon as _tensor() returns."""
     arr = np.ascontiguousarray(arr)
     return arr.reshape(-1).view(np.uint8)
+
+
+MAX_THREADS = 1024
+
+
+cdef int _threads(int n_threads) except -1:
+    """OpenMP's num_threads() must be positive; a huge team would exhaust the process."""
+    if n_threads < 1 or n_threads > MAX_THREADS:
+        raise ValueError(f"n_threads must be in 1..{MAX_THREADS}, got {n_threads}")
+    return n_threads
 
 
 # ------------------------------------------------------------ kernel wrappers
@@ -175,21 +223,26 @@ def quantize_q8(const float[::1] x, int isa):
     return out
 
 
-def matmul(w, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int n_threads=1):
-    """Y (n, rows) = X (n, cols) W^T with W (rows, cols) stored as dtype: the tiled product."""
+def matmul(w, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int n_threads=1, bint repack=False):
+    """Y (n, rows) = X (n, cols) W^T with W (rows, cols) stored as dtype: the tiled product
+    (repack: Q4 rows interleaved by 8 first, as the engine does at load)."""
     cdef const qora_kernels* K = _kernels(isa)
     cdef qora_tensor t = _tensor(dtype, rows, cols, _bytes(w), "matmul")
     cdef int n = x.shape[0]
     if x.shape[1] != cols or n == 0:
         raise ValueError(f"matmul: X has shape {tuple(x.shape)[:2]}, W has {cols} columns")
+    keep = _repack(&t, n_threads) if repack else None
     cdef size_t lq = cols // 32 + 1
     xq_buf = np.zeros(n * lq * 34, dtype=np.uint8)
+    xs_buf = np.zeros(n * lq, dtype=np.int32)
     y = np.empty((n, rows), dtype=np.float32)
     cdef uint8_t[::1] xq = xq_buf
+    cdef int32_t[::1] xs = xs_buf
     cdef float[:, ::1] yv = y
     with nogil:
-        qora_prepare_inputs(K, t.dtype, &x[0, 0], cols, <block_q8*>&xq[0], lq, n, cols)
-        qora_matmul(K, &t, &x[0, 0], cols, <block_q8*>&xq[0], lq, n, &yv[0, 0], rows, n_threads)
+        qora_prepare_inputs(K, t.dtype, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, cols)
+        qora_matmul(K, &t, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, &yv[0, 0], rows, n_threads)
+    del keep
     return y
 
 
@@ -200,7 +253,8 @@ def matvec(w, str dtype, int rows, int cols, const float[::1] x, int isa, int n_
     return matmul(w, dtype, rows, cols, np.asarray(x).reshape(1, cols), isa, n_threads)[0]
 
 
-def swiglu(wg, wu, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int n_threads=1):
+def swiglu(wg, wu, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int n_threads=1,
+           bint repack=False):
     """H (n, rows) = silu(X Wg^T) * (X Wu^T), one pass over both matrices."""
     cdef const qora_kernels* K = _kernels(isa)
     cdef qora_tensor tg = _tensor(dtype, rows, cols, _bytes(wg), "swiglu gate")
@@ -208,20 +262,25 @@ def swiglu(wg, wu, str dtype, int rows, int cols, const float[:, ::1] x, int isa
     cdef int n = x.shape[0]
     if x.shape[1] != cols or n == 0:
         raise ValueError(f"swiglu: X has shape {tuple(x.shape)[:2]}, W has {cols} columns")
+    keep = (_repack(&tg, n_threads), _repack(&tu, n_threads)) if repack else None
     cdef size_t lq = cols // 32 + 1
     xq_buf = np.zeros(n * lq * 34, dtype=np.uint8)
+    xs_buf = np.zeros(n * lq, dtype=np.int32)
     h = np.empty((n, rows), dtype=np.float32)
     cdef uint8_t[::1] xq = xq_buf
+    cdef int32_t[::1] xs = xs_buf
     cdef float[:, ::1] hv = h
     with nogil:
-        qora_prepare_inputs(K, tg.dtype, &x[0, 0], cols, <block_q8*>&xq[0], lq, n, cols)
-        qora_swiglu(K, &tg, &tu, &x[0, 0], cols, <block_q8*>&xq[0], lq, n, &hv[0, 0], rows, n_threads)
+        qora_prepare_inputs(K, tg.dtype, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, cols)
+        qora_swiglu(K, &tg, &tu, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, &hv[0, 0], rows, n_threads)
+    del keep
     return h
 
 
 def dequant_row(w, str dtype, int rows, int cols, int r):
     """Row r of W as float32 (the embedding lookup)."""
-    cdef qora_tensor t = _tensor(dtype, rows, cols, _bytes(w), "dequant_row")
+    wb = _bytes(w)  # kept alive while C reads it
+    cdef qora_tensor t = _tensor(dtype, rows, cols, wb, "dequant_row")
     if r < 0 or r >= rows:
         raise IndexError(f"row {r} out of range for {rows} rows")
     out = np.empty(cols, dtype=np.float32)
@@ -245,7 +304,7 @@ def rope(v, int n_heads, int head_dim, int pos, const float[::1] inv_freq, float
     """RoPE (rotate-half) applied to a copy of v (n_heads*head_dim,)."""
     out = np.array(v, dtype=np.float32, copy=True).reshape(-1)
     cdef float[::1] o = out
-    if head_dim <= 0 or head_dim % 2 or n_heads <= 0 or o.shape[0] != n_heads * head_dim:
+    if head_dim <= 0 or head_dim % 2 or n_heads <= 0 or o.shape[0] != <Py_ssize_t>n_heads * head_dim:
         raise ValueError("rope: v must hold n_heads*head_dim values with an even head_dim")
     if inv_freq.shape[0] != head_dim // 2:
         raise ValueError("rope: inv_freq must have head_dim/2 values")
@@ -260,13 +319,15 @@ def attention(const float[::1] q, const float[:, ::1] kc, const float[:, ::1] vc
     """Softmax(q k^T / sqrt(d)) v for one query over kc/vc (n_pos, n_kv_heads*head_dim)."""
     cdef const qora_kernels* K = _kernels(isa)
     cdef int n_pos = kc.shape[0]
+    _threads(n_threads)
     if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or head_dim <= 0:
         raise ValueError("attention: bad head configuration")
-    if q.shape[0] != n_heads * head_dim or kc.shape[1] != n_kv_heads * head_dim or \
+    # products in Py_ssize_t: an int product could wrap and let a short buffer through
+    if q.shape[0] != <Py_ssize_t>n_heads * head_dim or kc.shape[1] != <Py_ssize_t>n_kv_heads * head_dim or \
             vc.shape[0] != n_pos or vc.shape[1] != kc.shape[1] or n_pos == 0:
         raise ValueError("attention: shapes disagree")
-    scores = np.empty(n_heads * n_pos, dtype=np.float32)
-    out = np.empty(n_heads * head_dim, dtype=np.float32)
+    scores = np.empty(<Py_ssize_t>n_heads * n_pos, dtype=np.float32)
+    out = np.empty(<Py_ssize_t>n_heads * head_dim, dtype=np.float32)
     cdef float[::1] sc = scores
     cdef float[::1] o = out
     with nogil:
@@ -290,15 +351,19 @@ cdef class CpuModel:
         memset(&self.m, 0, sizeof(qora_model))
         self.layers = NULL
 
-    def __init__(self, dict cfg, dict tensors, inv_freq, float rope_scale, int max_seq_len, int n_threads, int isa):
+    def __init__(self, dict cfg, dict tensors, inv_freq, float rope_scale, int max_seq_len, int n_threads, int isa,
+                 bint repack=True):
         """cfg: normalized config; tensors: name -> (dtype, shape, array) as stored in the file."""
         cdef int i, n_layers = cfg["n_layers"]
         cdef qora_config* c = &self.m.cfg
         cdef qora_layer* L
-        if n_threads < 1:
-            raise ValueError("n_threads must be >= 1")
+        _threads(n_threads)
         if max_seq_len < 1:
             raise ValueError("max_seq_len must be >= 1")
+        if self.layers != NULL:  # a second __init__ would leak (and swap weights under the state)
+            raise RuntimeError("CpuModel is already initialised")
+        if len(cfg["rope_layers"]) != n_layers:
+            raise ValueError("rope_layers must have n_layers entries")
         self._refs = []
         self.m.K = _kernels(isa)
         self.isa_name = ISA_NAMES[self.m.K.isa]
@@ -319,8 +384,8 @@ cdef class CpuModel:
         if self.layers == NULL:
             raise MemoryError()
         self.m.w.layers = self.layers
-        q_dim = c.n_heads * c.head_dim
-        kv_dim = c.n_kv_heads * c.head_dim
+        q_dim = <Py_ssize_t>c.n_heads * c.head_dim  # no int wrap-around; > INT_MAX fails in _mat
+        kv_dim = <Py_ssize_t>c.n_kv_heads * c.head_dim
         D, H, V = c.dim, c.hidden_dim, c.vocab_size
         self.m.w.tok_embeddings = self._mat(tensors, "tok_embeddings", V, D)
         self.m.w.output = self._mat(tensors, "output" if "output" in tensors else "tok_embeddings", V, D)
@@ -343,6 +408,17 @@ cdef class CpuModel:
             L.w_up = self._mat(tensors, p + "w_up", H, D)
             L.w_down = self._mat(tensors, p + "w_down", D, H)
             L.use_rope = 1 if rope_layers[i] else 0
+        if repack:  # decode and prefill read Q4 matrices through the interleaved copy
+            self._keep(_repack(&self.m.w.output, n_threads))
+            for i in range(n_layers):
+                L = &self.layers[i]
+                self._keep(_repack(&L.wq, n_threads))
+                self._keep(_repack(&L.wk, n_threads))
+                self._keep(_repack(&L.wv, n_threads))
+                self._keep(_repack(&L.wo, n_threads))
+                self._keep(_repack(&L.w_gate, n_threads))
+                self._keep(_repack(&L.w_up, n_threads))
+                self._keep(_repack(&L.w_down, n_threads))
         if qora_state_init(&self.m.s, c) != QORA_OK:
             raise MemoryError(f"cannot allocate the run state for a {max_seq_len}-token context")
         self.vocab_size = V

@@ -1,0 +1,190 @@
+/* qora — Q4 rows repacked at load into groups of 8 interleaved rows.
+   In a group block, lane j of a 256-bit vector belongs to row j: the 8 scales
+   convert with one vcvtph2ps, and one vpmaddubsw/vpdpbusd on 4-byte chunks of
+   eight rows at once leaves each row's partial dot in its own 32-bit lane, so
+   the block loop has no horizontal reduction at all (one per row at the end). */
+#ifndef QORA_REPACK_H
+#define QORA_REPACK_H
+
+#include <stdlib.h>
+#include "common.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+typedef struct {
+    uint16_t d[8];         /* f16 scale of row j's block */
+    uint8_t qs[4][8][4];   /* qs[k][j] = bytes 4k..4k+3 of row j's block (nibble pairs as in block_q4) */
+} block_q4x8;
+QORA_STATIC_ASSERT(sizeof(block_q4x8) == 16 + 128, "block_q4x8 must be 144 bytes");
+
+/* Interleave rows 8g..8g+7 of a Q4 matrix (rows x cols, row_bytes apart) for
+   every full group; the last rows % 8 rows stay in the original layout. */
+static void qora_repack_q4x8(const void* src, size_t row_bytes, int rows, int cols, block_q4x8* dst, int n_threads) {
+    const int groups = rows / 8, nb = cols / QK;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+#endif
+    for (int g = 0; g < groups; g++) {
+        for (int b = 0; b < nb; b++) {
+            block_q4x8* o = dst + (size_t)g * nb + b;
+            for (int j = 0; j < 8; j++) {
+                const block_q4* in = (const block_q4*)((const char*)src + (size_t)(8 * g + j) * row_bytes) + b;
+                o->d[j] = in->d;
+                for (int k = 0; k < 4; k++) memcpy(o->qs[k][j], in->qs + 4 * k, 4);
+            }
+        }
+    }
+    (void)n_threads;
+}
+
+/* Page-aligned buffer, on Linux backed by huge pages where the kernel allows:
+   decode streams the whole buffer every token, so TLB reach matters. */
+static void* qora_alloc_weights(size_t bytes) {
+    void* p = NULL;
+    const size_t align = (size_t)2 << 20;
+    bytes = (bytes + align - 1) / align * align;
+#if defined(_WIN32)
+    p = _aligned_malloc(bytes, align);
+#else
+    if (posix_memalign(&p, align, bytes) != 0) p = NULL;
+#endif
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (p) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
+static void qora_free_weights(void* p) {
+#if defined(_WIN32)
+    _aligned_free(p);
+#else
+    free(p);
+#endif
+}
+
+/* ---- kernels: out[t * ldo + j] = dot(row j of the group, activation t), j < 8, t < nt <= 4.
+   xsum[t * xs + b] = sum of activation t's int8 values in block b (for the -8 offset of Q4). */
+typedef void (*qora_q4x8_fn)(int n, const block_q4x8* w, const block_q8* x, const int32_t* xsum, size_t xs, int nt,
+                             float* out, size_t ldo);
+
+static void q4x8_scalar(int n, const block_q4x8* w, const block_q8* x, const int32_t* xsum, size_t xs, int nt,
+                        float* out, size_t ldo) {
+    for (int t = 0; t < nt; t++) {
+        float acc[8] = {0};
+        for (int b = 0; b < n / QK; b++) {
+            const block_q4x8* wb = w + b;
+            const block_q8* xb = x + t * xs + b;
+            const float dx = qora_fp16_to_fp32(xb->d);
+            for (int j = 0; j < 8; j++) {
+                int s = 0;
+                for (int k = 0; k < 4; k++)
+                    for (int i = 0; i < 4; i++) {
+                        const uint8_t q = wb->qs[k][j][i];
+                        s += (q & 0x0f) * xb->qs[4 * k + i] + (q >> 4) * xb->qs[16 + 4 * k + i];
+                    }
+                s -= 8 * xsum[t * xs + b];
+                acc[j] += (float)s * (qora_fp16_to_fp32(wb->d[j]) * dx);
+            }
+        }
+        for (int j = 0; j < 8; j++) out[t * ldo + j] = acc[j];
+    }
+}
+
+#if QORA_X86
+QORA_TARGET_AVX2 static inline __m256i bcast_i32_avx2(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+QORA_TARGET_AVX2 static inline __m128i load_scales8(const uint16_t* d) { return _mm_loadu_si128((const __m128i*)d); }
+
+/* AVX2: maddubs(nibbles of 8 rows, 4 broadcast activation bytes), int16 sums
+   of the 8 products per lane stay below 8 * 2 * 15 * 127 = 30480: no overflow. */
+#define QORA_Q4X8_AVX2_BODY(T)                                                                          \
+    __m256 acc[4];                                                                                      \
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();                                           \
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);                            \
+    for (int b = 0; b < n / QK; b++) {                                                                  \
+        const block_q4x8* wb = w + b;                                                                   \
+        __m256i lo[4], hi[4];                                                                           \
+        for (int k = 0; k < 4; k++) {                                                                   \
+            const __m256i v = _mm256_loadu_si256((const __m256i*)wb->qs[k]);                            \
+            lo[k] = _mm256_and_si256(v, m4);                                                            \
+            hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                      \
+        }                                                                                               \
+        const __m256 dw = _mm256_cvtph_ps(load_scales8(wb->d));                                         \
+        for (int t = 0; t < T; t++) {                                                                   \
+            const block_q8* xb = x + t * xs + b;                                                        \
+            __m256i p = _mm256_maddubs_epi16(lo[0], bcast_i32_avx2(xb->qs));                            \
+            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[0], bcast_i32_avx2(xb->qs + 16)));          \
+            for (int k = 1; k < 4; k++) {                                                               \
+                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(lo[k], bcast_i32_avx2(xb->qs + 4 * k)));   \
+                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[k], bcast_i32_avx2(xb->qs + 16 + 4 * k))); \
+            }                                                                                           \
+            __m256i s = _mm256_sub_epi32(_mm256_madd_epi16(p, ones), _mm256_set1_epi32(8 * xsum[t * xs + b])); \
+            const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d)));                        \
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);                                 \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+
+QORA_TARGET_AVX2 QORA_INLINE void q4x8_avx2_t(const int T, int n, const block_q4x8* w, const block_q8* x,
+                                              const int32_t* xsum, size_t xs, float* out, size_t ldo) {
+    QORA_Q4X8_AVX2_BODY(T)
+}
+
+QORA_TARGET_AVX2 static void q4x8_avx2(int n, const block_q4x8* w, const block_q8* x, const int32_t* xsum, size_t xs,
+                                       int nt, float* out, size_t ldo) {
+    switch (nt) {
+    case 1: q4x8_avx2_t(1, n, w, x, xsum, xs, out, ldo); break;
+    case 2: q4x8_avx2_t(2, n, w, x, xsum, xs, out, ldo); break;
+    case 3: q4x8_avx2_t(3, n, w, x, xsum, xs, out, ldo); break;
+    default: q4x8_avx2_t(4, n, w, x, xsum, xs, out, ldo); break;
+    }
+}
+
+/* AVX-512 VL + VNNI: vpdpbusd folds the 4-byte products and the accumulation
+   into one instruction per chunk. */
+QORA_TARGET_AVX512 QORA_INLINE void q4x8_vnni_t(const int T, int n, const block_q4x8* w, const block_q8* x,
+                                               const int32_t* xsum, size_t xs, float* out, size_t ldo) {
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int b = 0; b < n / QK; b++) {
+        const block_q4x8* wb = w + b;
+        __m256i lo[4], hi[4];
+        for (int k = 0; k < 4; k++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)wb->qs[k]);
+            lo[k] = _mm256_and_si256(v, m4);
+            hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        const __m256 dw = _mm256_cvtph_ps(load_scales8(wb->d));
+        for (int t = 0; t < T; t++) {
+            const block_q8* xb = x + t * xs + b;
+            __m256i s = _mm256_set1_epi32(-8 * xsum[t * xs + b]);
+            for (int k = 0; k < 4; k++) {
+                s = _mm256_dpbusd_epi32(s, lo[k], bcast_i32_avx2(xb->qs + 4 * k));
+                s = _mm256_dpbusd_epi32(s, hi[k], bcast_i32_avx2(xb->qs + 16 + 4 * k));
+            }
+            const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d)));
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+}
+
+QORA_TARGET_AVX512 static void q4x8_avx512(int n, const block_q4x8* w, const block_q8* x, const int32_t* xsum,
+                                           size_t xs, int nt, float* out, size_t ldo) {
+    switch (nt) {
+    case 1: q4x8_vnni_t(1, n, w, x, xsum, xs, out, ldo); break;
+    case 2: q4x8_vnni_t(2, n, w, x, xsum, xs, out, ldo); break;
+    case 3: q4x8_vnni_t(3, n, w, x, xsum, xs, out, ldo); break;
+    default: q4x8_vnni_t(4, n, w, x, xsum, xs, out, ldo); break;
+    }
+}
+#endif /* QORA_X86 */
+
+#endif /* QORA_REPACK_H */

@@ -1,0 +1,96 @@
+/* qora — the Vulkan backend's C API (implementation: qora/_core/qora_vk.c).
+
+   The Vulkan loader is opened at run time (dlopen / LoadLibrary): nothing links against it, so
+   the extension imports on a machine without any Vulkan stack and every call then reports
+   QVK_ERR_LOADER. Policy (which device, when to fall back to the CPU) lives in qora/vulkan.py;
+   this layer reports facts and error codes, with a one-line message in `err`.
+
+   Lifetimes: a context (instance + device + pipelines) outlives the models made on it. A model
+   holds the weights in device-local memory, the KV cache, scratch buffers and two command
+   buffers: the decode step (one token, recorded once) and the prefill step (re-recorded per
+   call; its shape depends on the token count). */
+#ifndef QORA_VK_BACKEND_H
+#define QORA_VK_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "forward.h" /* qora_config, qora_weights, qora_tensor */
+
+enum {
+    QVK_OK = 0,
+    QVK_ERR_LOADER = -10,      /* no Vulkan loader library */
+    QVK_ERR_NO_DEVICE = -11,   /* no driver / no physical device / index out of range */
+    QVK_ERR_FEATURE = -12,     /* the device lacks something qora needs */
+    QVK_ERR_OOM = -13,         /* device (or host-visible) memory exhausted */
+    QVK_ERR_DEVICE_LOST = -14, /* the device stopped answering; the model cannot be used again */
+    QVK_ERR_VK = -15,          /* any other Vulkan failure */
+    QVK_ERR_ARGS = -16,        /* bad arguments (checked again here whatever the caller did) */
+    QVK_ERR_UNSUPPORTED = -17, /* a model shape or type this backend does not run */
+};
+
+typedef struct {
+    char name[256];
+    int type;                 /* VkPhysicalDeviceType: 0 other, 1 integrated, 2 discrete, 3 virtual, 4 cpu */
+    uint32_t vendor_id, device_id, api_version, driver_version;
+    uint64_t vram_bytes;      /* the largest device-local heap */
+    uint64_t vram_budget;     /* what the driver says we may use now (VK_EXT_memory_budget), else vram_bytes */
+    uint32_t subgroup_size;
+    uint32_t max_storage_buffer_range;
+    uint64_t max_allocation;
+    uint32_t max_shared_memory;
+    int usable;               /* 1 if qora can run on it, else why_not says why */
+    char why_not[160];
+} qvk_device_info;
+
+/* ------------------------------------------------------------ devices, context */
+int qvk_list_devices(const char* loader, qvk_device_info* out, int cap, int* n, char* err, size_t errlen);
+
+typedef struct qvk_ctx qvk_ctx;
+int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* err, size_t errlen);
+void qvk_ctx_destroy(qvk_ctx* c);
+const qvk_device_info* qvk_ctx_info(const qvk_ctx* c);
+/* test hook: every device-local allocation fails as if the device were out of memory */
+void qvk_ctx_set_fail_alloc(qvk_ctx* c, int fail);
+
+/* ------------------------------------------------------------ single kernels (tests, benchmarks)
+   Runs shader `name` once: bufs[i] (i < 8) is copied to a buffer bound at binding i (data NULL:
+   a dummy buffer is bound) and copied back afterwards. spec[i] is specialization constant i. */
+typedef struct {
+    void* data;
+    size_t bytes;
+} qvk_hostbuf;
+int qvk_run_kernel(qvk_ctx* c, const char* name, const uint32_t* spec, int n_spec, const qvk_hostbuf* bufs,
+                   const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, uint32_t gz, char* err,
+                   size_t errlen);
+
+/* Device layout of a weight matrix (see shaders/common.glsl): bytes, and packing from the
+   file's row-major blocks. */
+size_t qvk_packed_bytes(int dtype, int rows, int cols);
+int qvk_pack(int dtype, int rows, int cols, const void* src, void* dst);
+
+/* ------------------------------------------------------------ the model */
+typedef struct {
+    int max_seq_len; /* KV cache positions */
+    int batch;       /* prefill tokens per submission (0: default) */
+    int logit_rows;  /* rows of logits one submission can return (0: default) */
+    int mv_threads;  /* decode mat-vec workgroup size (0: default) */
+    int mv_rows;     /* decode mat-vec rows per workgroup, all products (0: per-product defaults) */
+    int fail_after;  /* test hook: forward calls that succeed before a simulated device loss; < 0 never */
+} qvk_model_opts;
+
+typedef struct qvk_model qvk_model;
+
+/* Device memory the model would take, without allocating; also rejects unsupported models. */
+int qvk_model_estimate(const qvk_ctx* c, const qora_config* cfg, const qora_weights* w, const qvk_model_opts* o,
+                       uint64_t* bytes, char* err, size_t errlen);
+int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, const qvk_model_opts* o,
+                     qvk_model** out, char* err, size_t errlen);
+/* n tokens at positions start_pos..: logits (n, vocab) if all_logits else (1, vocab) for the
+   last. n <= batch, and n <= logit_rows when all_logits. */
+int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos, float* logits, int all_logits,
+                      char* err, size_t errlen);
+int qvk_model_batch(const qvk_model* m);
+int qvk_model_logit_rows(const qvk_model* m);
+void qvk_model_destroy(qvk_model* m);
+
+#endif /* QORA_VK_BACKEND_H */
