@@ -75,8 +75,21 @@ extensions = [
         ["qora/_core/_cpu.pyx"],
         include_dirs=[os.path.join(here, "include")],
         depends=[os.path.join("include", "qora", h) for h in os.listdir(os.path.join(here, "include", "qora"))],
-    )
+    ),
+    # The Vulkan backend: C against vendored Khronos headers (include/vulkan, Apache-2.0), the loader
+    # opened at run time, so every wheel carries it and it imports where no Vulkan stack exists.
+    Extension(
+        "qora._core._vulkan",
+        ["qora/_core/_vulkan.pyx", "qora/_core/qora_vk.c"],
+        include_dirs=[os.path.join(here, "include"), os.path.join(here, "qora", "_core")],
+        libraries=["dl"] if sys.platform.startswith("linux") else [],
+        depends=["include/qora/vk_backend.h", "include/vulkan/vulkan_core.h", "qora/_core/shaders_spv.h"],
+    ),
 ]
+
+# SPIR-V is committed (qora/_core/shaders_spv.h); regenerate it only where glslc exists and a shader changed.
+if shutil.which("glslc") and os.path.exists(os.path.join(here, "tools", "gen_shaders.py")):
+    subprocess.run([sys.executable, os.path.join(here, "tools", "gen_shaders.py"), "--if-stale"], check=True)
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}),

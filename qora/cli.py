@@ -2,6 +2,9 @@
 
     qora [--load PATH] --prompt TEXT [options]      generate (prompt from stdin when piped)
     qora convert SRC [-o OUT.qora] [--quant q4]     HF folder or GGUF file -> .qora
+    qora chat [--load PATH] [options]               interactive chat (qora/chat.py)
+    qora serve [--load PATH] [--port 8000]          OpenAI-compatible HTTP server (qora/server.py)
+    qora pull REPO_ID [--quant q4]                  Hugging Face checkpoint -> cached .qora (qora/hub.py)
 
 The answer streams to stdout; thinking goes to stderr with --show-think; --verbose adds load time
 and prefill / decode speed on stderr. A QoraError is one line on stderr and exit status 1; a bad flag
@@ -11,6 +14,7 @@ is a usage message and 2; Ctrl-C keeps what was produced, ends the line, and exi
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -20,6 +24,8 @@ import qora
 from qora.errors import QoraError
 
 PROG = "qora"
+# Subcommands with a module of their own (each has main(argv) -> exit status, raising QoraError).
+SUBCOMMANDS = {"chat": "qora.chat", "serve": "qora.server", "pull": "qora.hub"}
 QUANT_TYPES = ("q4", "q8", "f16", "f32")
 EXIT_INTERRUPTED = 130
 
@@ -53,13 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Run SmolLM3-3B and other Llama-family models locally from quantized .qora files.",
         epilog=(
-            "Convert a model first with: qora convert SRC -o OUT.qora (see qora convert --help). "
-            "Without --load, qora uses ./model.qora, else downloads a small demo model (SmolLM2-135M)."
+            "Convert a model first with: qora convert SRC -o OUT.qora (see qora convert --help), or fetch one "
+            "with: qora pull REPO_ID. Without --load, qora uses ./model.qora, else downloads a small demo model "
+            "(SmolLM2-135M). More commands: qora chat (interactive), qora serve (OpenAI-compatible server)."
         ),
     )
     p.add_argument("--version", action="version", version=f"{PROG} {qora.__version__}")
-    p.add_argument("--load", metavar="PATH", help="the .qora model file (default: ./model.qora, else the demo model)")
     p.add_argument("--prompt", "-p", metavar="TEXT", help="the prompt (default: read from stdin when it is piped)")
+    add_generation_args(p)
+    return p
+
+
+def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
+    """The model and generation flags, shared by the one-shot command and `qora chat` (raw=False)."""
+    p.add_argument(
+        "--load",
+        metavar="PATH",
+        help="the .qora model file, or a pulled REPO_ID (default: ./model.qora, else the demo model)",
+    )
     p.add_argument("--system", metavar="TEXT", help="system message")
     p.add_argument("--max-tokens", type=_int_at_least(1), metavar="N", help="answer tokens at most (default: from RAM)")
     p.add_argument(
@@ -68,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-think", action="store_true", help="answer without thinking first")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--show-think", action="store_true", help="print the thinking to stderr")
-    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    if raw:
+        p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
     dev.add_argument("--gpu", action="store_true", help="run on the GPU (Vulkan)")
@@ -88,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--length", metavar="HINT", help="answer length hint: short, medium, long, or '100 words'")
     p.add_argument("--verbose", "-v", action="store_true", help="print load time, speeds and finish reason to stderr")
-    return p
 
 
 def build_convert_parser() -> argparse.ArgumentParser:
@@ -121,10 +138,15 @@ def _note(message: str) -> None:
 
 
 def resolve_model_path(load: str | None) -> Path:
-    """--load PATH, else ./model.qora, else the demo model (downloaded and converted on first use)."""
+    """--load PATH (or a REPO_ID fetched by `qora pull`), else ./model.qora, else the demo model
+    (downloaded and converted on first use)."""
     if load:
         path = Path(load).expanduser()
         if not path.exists():
+            from qora.hub import find_pulled, looks_like_repo_id
+
+            if looks_like_repo_id(load):
+                return find_pulled(load)
             raise QoraError(f"{load}: no such file")
         if path.is_dir():
             raise QoraError(f"{load} is a folder: convert it first with `{PROG} convert {load} -o model.qora`")
@@ -168,7 +190,7 @@ def _options(args, parser):
             greedy=args.greedy,
             enable_thinking=False if args.no_think else None,
             show_think=args.show_think,
-            raw=args.raw,
+            raw=getattr(args, "raw", False),
             system=args.system,
             length_hint=args.length,
         )
@@ -315,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "convert":
             return _convert(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            module = importlib.import_module(SUBCOMMANDS[argv[0]])
+            return module.main(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         return _run(args, parser)

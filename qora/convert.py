@@ -21,18 +21,19 @@ Design:
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
+import os
 import struct
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from qora import limits
 from qora import quant as Q
 from qora.errors import ConfigError, FormatError, QoraError
-from qora.format import QoraWriter, expected_tensors, read_qora, validate_config
+from qora.format import QoraWriter, expected_tensors, parse_json, read_qora, validate_config
 
 QUANTS = Q.DTYPES  # "f32", "f16", "q8", "q4"
 
@@ -106,7 +107,7 @@ def _chat_special_tokens(tok, special: dict, vocab_size: int) -> dict:
         special.setdefault(key, tok.token_to_id(s))
 
     def ok(i):
-        return i is not None and 0 <= int(i) < vocab_size
+        return _is_int(i) and 0 <= i < vocab_size
 
     out = {k: (int(v) if ok(v) else None) for k, v in special.items() if k != "eos"}
     out["eos"] = [int(i) for i in special.get("eos", []) if ok(i)]
@@ -134,7 +135,12 @@ _ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("
 
 class _SafetensorsFile:
     """One .safetensors file, memory-mapped; arrays come back in their stored dtype, zero copy
-    (bf16 as uint16: numpy has no bfloat16, _to_f32 widens it)."""
+    (bf16 as uint16: numpy has no bfloat16, _to_f32 widens it).
+
+    The header is parsed by hand and trusted in nothing: every entry must have a string dtype, a
+    shape of non-negative integers and two integer offsets inside the data area, and for the
+    dtypes qora reads, end - start must be exactly elements x item size (Python integers, so no
+    product can wrap)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -147,29 +153,40 @@ class _SafetensorsFile:
                 if len(head) < 8:
                     raise FormatError(f"{where}: not a safetensors file (too short)")
                 (hlen,) = struct.unpack("<Q", head)
-                if hlen > min(size - 8, 100 << 20):
+                if hlen > min(size - 8, limits.MAX_SAFETENSORS_HEADER_BYTES):
                     raise FormatError(f"{where}: not a safetensors file (bad header length {hlen})")
-                header = json.loads(f.read(hlen))
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                header = parse_json(f.read(hlen), where, "safetensors header")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + hlen else None
         except OSError as e:
             raise FormatError(f"{where}: cannot read ({e.strerror or e})") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FormatError(f"{where}: safetensors header is not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise FormatError(f"{where}: safetensors header is not a JSON object")
         self.base = 8 + hlen
+        data_size = size - self.base
         self.tensors = {}
         for name, t in header.items():
             if name == "__metadata__":
                 continue
-            try:
-                dtype, shape, (start, end) = t["dtype"], [int(s) for s in t["shape"]], t["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise FormatError(f"{where}: bad safetensors entry for {name}") from None
-            n = math.prod(shape)
+            if not isinstance(t, dict) or not isinstance(t.get("dtype"), str):
+                raise FormatError(f"{where}: bad safetensors entry for {name} (needs dtype, shape, data_offsets)")
+            dtype, shape, offsets = t["dtype"], t.get("shape"), t.get("data_offsets")
+            if not isinstance(shape, list) or len(shape) > 8 or any(
+                not _is_int(d) or not 0 <= d <= limits.MAX_TENSOR_DIM for d in shape
+            ):
+                raise FormatError(f"{where}: tensor {name} has a bad shape {shape!r}")
+            if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+                raise FormatError(f"{where}: tensor {name} has bad data_offsets {offsets!r}")
+            start, end = offsets
+            if not 0 <= start <= end <= data_size:
+                raise FormatError(
+                    f"{where}: tensor {name} data_offsets [{start}, {end}] lie outside the data ({data_size} bytes)"
+                )
             item = _ST_DTYPES[dtype].itemsize if dtype in _ST_DTYPES else None
-            if item is not None and (not 0 <= start <= end <= size - self.base or end - start != n * item):
-                raise FormatError(f"{where}: tensor {name} has data offsets outside the file or of the wrong size")
+            if item is not None and end - start != math.prod(shape) * item:
+                raise FormatError(
+                    f"{where}: tensor {name} is {dtype} {shape} = {math.prod(shape) * item} bytes, "
+                    f"but its data_offsets span {end - start}"
+                )
             self.tensors[name] = (dtype, tuple(shape), start)
 
     def array(self, name: str) -> tuple[str, np.ndarray]:
@@ -181,9 +198,14 @@ class _SafetensorsFile:
 
     def close(self):
         try:
-            self._mm.close()
+            if self._mm is not None:
+                self._mm.close()
         except BufferError:
             pass  # arrays still reference the map; it is released with them
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _to_f32(a: np.ndarray, st_dtype: str) -> np.ndarray:
@@ -192,21 +214,72 @@ def _to_f32(a: np.ndarray, st_dtype: str) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def _read_json(path: Path, required: bool, where):
+def _read_json(path: Path, required: bool, where, kind=dict):
+    """A JSON file of the model folder, which must hold a `kind` (an object by default); None if it
+    is absent and not required. Size, encoding, syntax and nesting are checked (FormatError)."""
+    text = _read_text(path, required, where)
+    if text is None:
+        return None
+    value = parse_json(text, path, "file")
+    if kind is not None and not isinstance(value, kind):
+        raise FormatError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}")
+    return value
+
+
+def _read_text(path: Path, required: bool, where, limit: int = limits.MAX_JSON_FILE_BYTES):
+    """A UTF-8 text file of the model folder, at most `limit` bytes; None if absent and not required."""
     if not path.is_file():
         if required:
             raise FormatError(f"{where}: {path.name} not found")
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{path}: cannot parse ({e})") from None
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > limit:
+        raise FormatError(f"{path}: larger than the {limit} byte limit")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _check_limit(key: str, v: int, where) -> int:
+    """A config integer within qora.limits, checked before anything is sized by it."""
+    limit = limits.CONFIG_INT_LIMITS[key]
+    if not 1 <= v <= limit:
+        raise ConfigError(f"{where}: config {key} must be an integer in 1..{limit}, got {v!r}")
+    return v
+
+
+def _cfg_int(hf: dict, key: str, where, default=None, low: int = 1) -> int:
+    """An integer field of config.json (no bools, no floats, no strings), at least `low`."""
+    v = hf.get(key)
+    if v is None:
+        if default is None:
+            raise ConfigError(f"{where}: config.json lacks {key}")
+        return default
+    if not _is_int(v) or v < low:
+        raise ConfigError(f"{where}: config.json {key} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+def _cfg_float(hf: dict, key: str, where, default: float) -> float:
+    v = hf.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{where}: config.json {key} must be a finite number, got {v!r}")
+    return float(v)
 
 
 def normalize_hf_config(hf: dict, where) -> dict:
     """config.json of a Llama / SmolLM3 checkpoint -> qora's normalized config (SPEC.md)."""
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{where}: config.json architectures must be a list of names, got {archs!r}")
     arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
     if arch is None and model_type in HF_ARCHITECTURES.values():
         arch = model_type
@@ -220,39 +293,52 @@ def normalize_hf_config(hf: dict, where) -> dict:
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError(f"{where}: partial rotary embeddings are not supported")
     layer_types = hf.get("layer_types") or []
+    if not isinstance(layer_types, list):
+        raise ConfigError(f"{where}: config.json layer_types must be a list")
     if "sliding_attention" in layer_types or (hf.get("use_sliding_window") and hf.get("sliding_window")):
         raise ConfigError(f"{where}: sliding-window attention is not supported")
-    try:
-        dim = int(hf["hidden_size"])
-        n_layers = int(hf["num_hidden_layers"])
-        n_heads = int(hf["num_attention_heads"])
-        n_kv_heads = int(hf.get("num_key_value_heads") or n_heads)
-        head_dim = int(hf.get("head_dim") or dim // n_heads)
-        hidden_dim = int(hf["intermediate_size"])
-        vocab_size = int(hf["vocab_size"])
-        norm_eps = float(hf.get("rms_norm_eps", 1e-6))
-        rope_params = hf.get("rope_parameters") or {}  # transformers >= 5 moves theta/scaling here
-        rope_theta = float(hf.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
-        max_seq_len = int(hf.get("max_position_embeddings") or 2048)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: config.json lacks or mangles {e}") from None
-    rope_scaling = _normalize_rope_scaling(hf.get("rope_scaling") or rope_params)
+    dim = _cfg_int(hf, "hidden_size", where)
+    n_layers = _check_limit("n_layers", _cfg_int(hf, "num_hidden_layers", where), where)
+    n_heads = _cfg_int(hf, "num_attention_heads", where)
+    n_kv_heads = _cfg_int(hf, "num_key_value_heads", where, default=n_heads)
+    if hf.get("head_dim") is None and dim % n_heads:
+        raise ConfigError(
+            f"{where}: config.json hidden_size {dim} is not a multiple of num_attention_heads {n_heads} "
+            f"(and no head_dim is given)"
+        )
+    head_dim = _cfg_int(hf, "head_dim", where, default=dim // n_heads)
+    hidden_dim = _cfg_int(hf, "intermediate_size", where)
+    vocab_size = _cfg_int(hf, "vocab_size", where)
+    norm_eps = _cfg_float(hf, "rms_norm_eps", where, 1e-6)
+    rope_params = hf.get("rope_parameters") or {}  # transformers >= 5 moves theta/scaling here
+    if not isinstance(rope_params, dict):
+        raise ConfigError(f"{where}: config.json rope_parameters must be an object")
+    rope_theta = _cfg_float(hf, "rope_theta", where, 0.0) or _cfg_float(rope_params, "rope_theta", where, 10000.0)
+    max_seq_len = _cfg_int(hf, "max_position_embeddings", where, default=2048)
+    rs = hf.get("rope_scaling") or rope_params
+    if not isinstance(rs, dict):
+        raise ConfigError(f"{where}: config.json rope_scaling must be null or an object, got {rs!r}")
+    rope_scaling = _normalize_rope_scaling(rs)
     if rope_scaling is not None:
         rope_scaling.pop("rope_theta", None)
     if arch == "smollm3":
         nrl = hf.get("no_rope_layers")
         if nrl is not None:
+            if not isinstance(nrl, list) or not all(_is_int(v) or isinstance(v, bool) for v in nrl):
+                raise ConfigError(f"{where}: config.json no_rope_layers must be a list of 0/1 flags")
             if len(nrl) < n_layers:
                 raise ConfigError(f"{where}: no_rope_layers has {len(nrl)} entries for {n_layers} layers")
             rope_layers = [1 if int(v) else 0 for v in nrl[:n_layers]]
         else:
-            interval = int(hf.get("no_rope_layer_interval") or SMOLLM3_NOPE_INTERVAL)
+            interval = _cfg_int(hf, "no_rope_layer_interval", where, default=SMOLLM3_NOPE_INTERVAL)
             rope_layers = [int((i + 1) % interval != 0) for i in range(n_layers)]
     else:
         rope_layers = [1] * n_layers
     tie = hf.get("tie_word_embeddings")
     if tie is None:
         tie = arch == "smollm3"  # the defaults of LlamaConfig (False) and SmolLM3Config (True)
+    elif not isinstance(tie, bool):
+        raise ConfigError(f"{where}: config.json tie_word_embeddings must be true or false, got {tie!r}")
     config = {
         "architecture": arch,
         "n_layers": n_layers,
@@ -298,24 +384,19 @@ class _HFSource:
     kind = "hf"
 
     def __init__(self, path: Path):
-        from tokenizers import Tokenizer
+        from qora.tokenizer import load_hf_tokenizer
 
         self.path = path
         where = str(path)
         hf = _read_json(path / "config.json", True, where)
-        if not isinstance(hf, dict):
-            raise FormatError(f"{path / 'config.json'}: not a JSON object")
         self.config = cfg = normalize_hf_config(hf, where)
 
         # tokenizer, chat template, generation defaults
         tok_path = path / "tokenizer.json"
         if not tok_path.is_file():
             raise FormatError(f"{where}: tokenizer.json not found (qora needs the fast-tokenizer file)")
-        self.tokenizer_json = tok_path.read_text(encoding="utf-8")
-        try:
-            tok = Tokenizer.from_str(self.tokenizer_json)
-        except Exception as e:
-            raise FormatError(f"{tok_path}: cannot be loaded by tokenizers ({e})") from None
+        self.tokenizer_json = _read_text(tok_path, True, where)
+        tok = load_hf_tokenizer(self.tokenizer_json, tok_path)
         tcfg = _read_json(path / "tokenizer_config.json", False, where) or {}
         gen = _read_json(path / "generation_config.json", False, where) or {}
         self.chat_template = self._chat_template(path, tcfg)
@@ -326,9 +407,11 @@ class _HFSource:
         pad = _hf_token_id(tok, tcfg.get("pad_token"))
         eos = _as_list(gen.get("eos_token_id")) + _as_list(hf.get("eos_token_id"))
         eos += _as_list(_hf_token_id(tok, tcfg.get("eos_token")))
+        if not all(_is_int(i) for i in eos):
+            raise ConfigError(f"{where}: eos_token_id must be a token id or a list of them, got {eos!r}")
         special = {
             "bos": bos if bos is not None else hf.get("bos_token_id"),
-            "eos": list(dict.fromkeys(int(i) for i in eos)),
+            "eos": list(dict.fromkeys(eos)),
             "pad": pad if pad is not None else hf.get("pad_token_id", gen.get("pad_token_id")),
         }
         self.special_tokens = _chat_special_tokens(tok, special, cfg["vocab_size"])
@@ -336,7 +419,15 @@ class _HFSource:
         # weights: one file, or shards listed by the index
         index = _read_json(path / "model.safetensors.index.json", False, where)
         if index is not None:
-            files = sorted(set((index.get("weight_map") or {}).values()))
+            wm = index.get("weight_map") or {}
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise FormatError(f"{path / 'model.safetensors.index.json'}: weight_map must map names to file names")
+            files = sorted(set(wm.values()))
+            for name in files:  # shards live in the folder itself: no "../x", no absolute paths
+                if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+                    raise FormatError(
+                        f"{path / 'model.safetensors.index.json'}: shard name {name!r} is not a file name"
+                    )
         elif (path / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
@@ -353,6 +444,7 @@ class _HFSource:
                     self._where[t] = f
             self._names = name_map(cfg["n_layers"])
             self._check_tensor_names()
+            self._check_shapes()
         except BaseException:
             self.close()
             raise
@@ -361,7 +453,7 @@ class _HFSource:
     def _chat_template(path: Path, tcfg: dict):
         jinja = path / "chat_template.jinja"  # transformers >= 4.43 saves the template here
         if jinja.is_file():
-            return jinja.read_text(encoding="utf-8")
+            return _read_text(jinja, True, path)
         ct = tcfg.get("chat_template")
         if isinstance(ct, list):  # [{"name": "default", "template": ...}, ...]
             named = {d.get("name"): d.get("template") for d in ct if isinstance(d, dict)}
@@ -380,6 +472,20 @@ class _HFSource:
             if name in known or name.endswith("rotary_emb.inv_freq"):
                 continue
             raise FormatError(f"{where}: unexpected weight {name} (not a plain Llama/SmolLM3 checkpoint?)")
+
+    def _check_shapes(self):
+        """Every weight the config implies has exactly the implied shape and a dtype qora reads,
+        checked from the headers before a byte of weights is read or written."""
+        for qname, (shape, _) in expected_tensors(self.config).items():
+            hf = self._names[qname][0]
+            f = self._where[hf]
+            st_dtype, st_shape, _ = f.tensors[hf]
+            if st_shape != tuple(shape):
+                raise FormatError(
+                    f"{f.path}: weight {hf} has shape {list(st_shape)}, config.json implies {list(shape)}"
+                )
+            if st_dtype not in _ST_DTYPES:
+                raise FormatError(f"{f.path}: weight {hf} is {st_dtype}; qora reads F32, F16 and BF16")
 
     def tensor(self, qname: str, dtype: str, shape) -> np.ndarray:
         hf = self._names[qname][0]
@@ -493,8 +599,8 @@ def gguf_tokenizer_json(fields: dict, where) -> str:
     add_bos = fields.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)
     add_eos = fields.get("tokenizer.ggml.add_eos_token", False)
     bos, eos = fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id")
-    bos_tok = tokens[bos] if add_bos and bos is not None and bos < len(tokens) else None
-    eos_tok = tokens[eos] if add_eos and eos is not None and eos < len(tokens) else None
+    bos_tok = tokens[bos] if add_bos and bos is not None and 0 <= bos < len(tokens) else None
+    eos_tok = tokens[eos] if add_eos and eos is not None and 0 <= eos < len(tokens) else None
     if bos_tok is not None or eos_tok is not None:  # what llama.cpp adds around a prompt
 
         def seq(piece, type_id):  # e.g. ["<|begin_of_text|>:0", "$A:0"]
@@ -521,6 +627,8 @@ def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int, where
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if factors.shape != inv_freq.shape:
         raise FormatError(f"{where}: rope_freqs has {factors.size} entries, expected {inv_freq.size}")
+    if not np.all(np.isfinite(factors)) or factors.min() < 1:
+        raise FormatError(f"{where}: rope_freqs must hold finite factors >= 1 (Llama 3 frequency divisors)")
     big = float(factors.max())
     if np.allclose(factors, 1.0):
         return None
@@ -568,6 +676,207 @@ _GGUF_SAMPLING = {
 }
 
 
+# GGUF value types (gguf.GGUFValueType) -> struct format of one scalar
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_prescan(path: Path) -> None:
+    """Walk a GGUF file's header the way llama.cpp's loader should, before the gguf package does.
+
+    The gguf package trusts the counts it reads: past the end of the file its reads come back empty
+    instead of failing, so one array that claims 2**63 elements makes it loop (and allocate) for
+    ever. Here every count and length is checked against the bytes that are left and against
+    qora.limits, every type against the known ones, nested arrays are refused, and each tensor's
+    dimensions, type, alignment and data range are checked with Python integers (no wrap-around).
+    Raises FormatError("PATH: problem") on the first fault.
+    """
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    where = str(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise FormatError(f"{where}: cannot read ({e.strerror or e})") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise FormatError(f"{where}: truncated GGUF header ({size} bytes)")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _gguf_prescan(mm, size, where, GGML_QUANT_SIZES, GGMLQuantizationType)
+    finally:
+        mm.close()
+
+
+def _gguf_prescan(mm, size, where, quant_sizes, qtypes) -> None:
+    (version,) = struct.unpack_from("<I", mm, 4)
+    bo = "<" if version & 0xFFFF else ">"  # a big-endian file reads as version << 16 here
+    (version,) = struct.unpack_from(bo + "I", mm, 4)
+    if version not in (2, 3):
+        raise FormatError(f"{where}: GGUF version {version} is not supported (qora reads versions 2 and 3)")
+    n_tensors, n_kv = struct.unpack_from(bo + "QQ", mm, 8)
+    if n_tensors > limits.GGUF_MAX_TENSORS:
+        raise FormatError(f"{where}: GGUF tensor count {n_tensors} exceeds the limit of {limits.GGUF_MAX_TENSORS}")
+    if n_kv > limits.GGUF_MAX_KV:
+        raise FormatError(f"{where}: GGUF metadata count {n_kv} exceeds the limit of {limits.GGUF_MAX_KV}")
+    pos = 24
+    what = "header"
+
+    def need(n: int) -> None:
+        if pos + n > size:
+            raise FormatError(f"{where}: truncated GGUF {what}: needs {pos + n} bytes, the file has {size}")
+
+    def read(fmt: str):
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        need(n)
+        v = struct.unpack_from(bo + fmt, mm, pos)
+        pos += n
+        return v[0] if len(v) == 1 else v
+
+    def string(limit: int = limits.GGUF_MAX_STRING) -> bytes:
+        nonlocal pos
+        n = read("Q")
+        if n > limit:
+            raise FormatError(f"{where}: GGUF {what}: string of {n} bytes exceeds the limit of {limit}")
+        need(n)
+        pos += n
+        return mm[pos - n : pos]
+
+    def key_name(raw: bytes, kind: str) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(f"{where}: GGUF {kind} name {raw[:40]!r} is not valid UTF-8") from None
+
+    keys = set()
+    alignment = 32
+    for i in range(n_kv):
+        what = f"metadata entry {i}"
+        key = key_name(string(1 << 16), "metadata key")
+        if key in keys:
+            raise FormatError(f"{where}: GGUF metadata {key} appears twice")
+        keys.add(key)
+        what = f"metadata {key}"
+        vtype = read("I")
+        if vtype in _GGUF_SCALARS:
+            value = read(_GGUF_SCALARS[vtype])
+            if key == "general.alignment":
+                if vtype != 4 or value == 0 or value & (value - 1) or value > 1 << 16:
+                    raise FormatError(f"{where}: GGUF general.alignment must be a uint32 power of two, got {value}")
+                alignment = value
+        elif vtype == _GGUF_STRING:
+            string()
+        elif vtype == _GGUF_ARRAY:
+            itype, count = read("I"), read("Q")
+            if count > limits.GGUF_MAX_ARRAY:
+                raise FormatError(f"{where}: GGUF {what}: array of {count} elements exceeds {limits.GGUF_MAX_ARRAY}")
+            if itype in _GGUF_SCALARS:
+                n = struct.calcsize(_GGUF_SCALARS[itype]) * count
+                need(n)
+                pos += n
+            elif itype == _GGUF_STRING:
+                need(8 * count)  # every element has at least its length field
+                for _ in range(count):
+                    string()
+            elif itype == _GGUF_ARRAY:
+                raise FormatError(f"{where}: GGUF {what}: nested arrays are not supported")
+            else:
+                raise FormatError(f"{where}: GGUF {what}: unknown array element type {itype}")
+        else:
+            raise FormatError(f"{where}: GGUF {what}: unknown value type {vtype}")
+
+    infos = []
+    names = set()
+    for i in range(n_tensors):
+        what = f"tensor info {i}"
+        name = key_name(string(1 << 16), "tensor")
+        if name in names:
+            raise FormatError(f"{where}: GGUF tensor {name} appears twice")
+        names.add(name)
+        what = f"tensor {name}"
+        n_dims = read("I")
+        if not 1 <= n_dims <= limits.GGUF_MAX_DIMS:
+            raise FormatError(f"{where}: GGUF tensor {name} has {n_dims} dimensions (1..{limits.GGUF_MAX_DIMS})")
+        dims = [read("Q") for _ in range(n_dims)]
+        if any(not 1 <= d <= limits.MAX_TENSOR_DIM for d in dims):
+            raise FormatError(f"{where}: GGUF tensor {name} has bad dimensions {dims}")
+        ttype, offset = read("I"), read("Q")
+        try:
+            qtype = qtypes(ttype)
+            block, type_size = quant_sizes[qtype]
+        except (ValueError, KeyError):
+            raise FormatError(f"{where}: GGUF tensor {name} has unknown type {ttype}") from None
+        if dims[0] % block:
+            raise FormatError(
+                f"{where}: GGUF tensor {name}: row length {dims[0]} is not a multiple of {qtype.name}'s block {block}"
+            )
+        nbytes = math.prod(dims) // block * type_size  # Python integers: cannot wrap
+        if offset % alignment:
+            raise FormatError(f"{where}: GGUF tensor {name} offset {offset} is not a multiple of {alignment}")
+        infos.append((name, offset, nbytes))
+    data_start = (pos + alignment - 1) // alignment * alignment
+    spans = []
+    for name, offset, nbytes in infos:
+        if data_start + offset + nbytes > size:
+            raise FormatError(
+                f"{where}: GGUF tensor {name} (offset {offset}, {nbytes} bytes) runs past the end of the file "
+                f"(data starts at {data_start}, the file has {size} bytes)"
+            )
+        spans.append((offset, offset + nbytes, name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise FormatError(f"{where}: GGUF tensors {a} and {b} overlap")
+
+
+# Types the converter reads from GGUF metadata: key -> (python type, element type for lists)
+_GGUF_FIELD_TYPES = {
+    "general.architecture": (str, None),
+    "general.alignment": (int, None),
+    "tokenizer.ggml.model": (str, None),
+    "tokenizer.ggml.pre": (str, None),
+    "tokenizer.ggml.tokens": (list, str),
+    "tokenizer.ggml.merges": (list, str),
+    "tokenizer.ggml.token_type": (list, int),
+    "tokenizer.ggml.bos_token_id": (int, None),
+    "tokenizer.ggml.eos_token_id": (int, None),
+    "tokenizer.ggml.eot_token_id": (int, None),
+    "tokenizer.ggml.eom_token_id": (int, None),
+    "tokenizer.ggml.padding_token_id": (int, None),
+    "tokenizer.ggml.add_bos_token": (bool, None),
+    "tokenizer.ggml.add_eos_token": (bool, None),
+    "tokenizer.ggml.add_space_prefix": (bool, None),
+    "tokenizer.chat_template": (str, None),
+}
+
+
+def _check_gguf_fields(fields: dict, where) -> None:
+    """Each metadata value qora reads has the type it must have (a lying file gets a clean error,
+    not a TypeError deep in the tokenizer rebuild)."""
+    for key, (kind, item) in _GGUF_FIELD_TYPES.items():
+        if key not in fields:
+            continue
+        v = fields[key]
+        ok = isinstance(v, kind) and (kind is not int or not isinstance(v, bool))
+        if ok and item is not None:
+            ok = all(isinstance(x, item) and (item is not int or not isinstance(x, bool)) for x in v)
+        if not ok:
+            want = f"a list of {item.__name__}" if item else kind.__name__
+            raise FormatError(f"{where}: GGUF metadata {key} must be {want}, got {type(v).__name__}")
+    for key in _GGUF_SAMPLING:
+        v = fields.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise FormatError(f"{where}: GGUF metadata {key} must be a number, got {v!r}")
+    tokens, types = fields.get("tokenizer.ggml.tokens"), fields.get("tokenizer.ggml.token_type")
+    if tokens is not None and types is not None and len(types) != len(tokens):
+        raise FormatError(
+            f"{where}: GGUF metadata tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+        )
+
+
+
 class _GGUFSource:
     kind = "gguf"
 
@@ -576,16 +885,18 @@ class _GGUFSource:
 
         self.path = path
         where = str(path)
+        gguf_prescan(path)  # counts, sizes, types and offsets are sane before the gguf package walks them
         try:
             self._reader = r = GGUFReader(path, "r")
-        except (OSError, ValueError, KeyError, struct.error) as e:
-            raise FormatError(f"{where}: cannot read GGUF ({e})") from None
+        except Exception as e:  # the gguf package's own checks: ValueError, KeyError, IndexError, ...
+            raise FormatError(f"{where}: cannot read GGUF ({type(e).__name__}: {e})") from None
         fields = {}
         for key, field in r.fields.items():
             try:
                 fields[key] = field.contents()
-            except (UnicodeDecodeError, ValueError) as e:
-                raise FormatError(f"{where}: GGUF metadata {key} is unreadable ({e})") from None
+            except Exception as e:
+                raise FormatError(f"{where}: GGUF metadata {key} is unreadable ({type(e).__name__}: {e})") from None
+        _check_gguf_fields(fields, where)
         self.fields = fields
         self._tensors = {t.name: t for t in r.tensors}
 
@@ -595,14 +906,16 @@ class _GGUFSource:
         self.config = cfg = self._config(arch, where)
         self._names = name_map(cfg["n_layers"])
         self._check_tensor_names(where)
+        for qname, (shape, _) in expected_tensors(cfg).items():
+            self._gguf_tensor(qname, shape)  # every shape checked before a byte is converted
 
         n_tokens = len(fields.get("tokenizer.ggml.tokens") or [])
         if n_tokens > cfg["vocab_size"]:
             raise FormatError(f"{where}: {n_tokens} tokens but token_embd.weight has only {cfg['vocab_size']} rows")
         self.tokenizer_json = gguf_tokenizer_json(fields, where)
-        from tokenizers import Tokenizer
+        from qora.tokenizer import load_hf_tokenizer
 
-        tok = Tokenizer.from_str(self.tokenizer_json)
+        tok = load_hf_tokenizer(self.tokenizer_json, where)
         self.chat_template = fields.get("tokenizer.chat_template")
         self.generation = {
             hf: _short_float(fields[k]) if isinstance(fields[k], float) else fields[k]
@@ -626,6 +939,13 @@ class _GGUFSource:
                 raise FormatError(f"{where}: GGUF metadata {arch}.{key} is missing")
             if isinstance(v, list):
                 raise ConfigError(f"{where}: per-layer {arch}.{key} is not supported")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+                want = "an integer" if kind is int else "a number"
+                raise FormatError(f"{where}: GGUF metadata {arch}.{key} must be {want}, got {v!r}")
+            if kind is int and v < 1:
+                raise FormatError(f"{where}: GGUF metadata {arch}.{key} must be positive, got {v}")
+            if not math.isfinite(v):
+                raise FormatError(f"{where}: GGUF metadata {arch}.{key} must be finite, got {v}")
             return kind(v)
 
         emb = self._tensors.get("token_embd.weight")
@@ -633,12 +953,14 @@ class _GGUFSource:
             raise FormatError(f"{where}: GGUF has no token_embd.weight")
         dim = get("embedding_length")
         n_heads = get("attention.head_count")
+        if f"{arch}.attention.key_length" not in f and dim % n_heads:
+            raise ConfigError(f"{where}: {arch}.embedding_length {dim} is not a multiple of head_count {n_heads}")
         head_dim = get("attention.key_length", dim // n_heads)
         if get("attention.value_length", head_dim) != head_dim:
             raise ConfigError(f"{where}: different key and value head sizes are not supported")
         if get("rope.dimension_count", head_dim) != head_dim:
             raise ConfigError(f"{where}: partial rotary embeddings are not supported")
-        n_layers = get("block_count")
+        n_layers = _check_limit("n_layers", get("block_count"), where)  # before a per-layer list is built
         rope_theta = get("rope.freq_base", 10000.0, _short_float)
         config = {
             "architecture": arch,
@@ -648,7 +970,7 @@ class _GGUFSource:
             "n_kv_heads": get("attention.head_count_kv", n_heads),
             "head_dim": head_dim,
             "hidden_dim": get("feed_forward_length"),
-            "vocab_size": int(emb.shape[1]),
+            "vocab_size": int(emb.shape[-1]) if len(emb.shape) == 2 else 0,
             "norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5, _short_float),
             "rope_theta": rope_theta,
             # smollm3: llama.cpp hard-codes n_no_rope_layer_step = 4 (no metadata key exists)
@@ -673,7 +995,14 @@ class _GGUFSource:
             t = self._tensors["rope_freqs.weight"]
             from gguf.quants import dequantize
 
-            return _llama3_rope_scaling(dequantize(t.data, t.tensor_type), theta, head_dim, where)
+            try:
+                factors = dequantize(t.data, t.tensor_type)
+            except Exception as e:
+                raise FormatError(f"{where}: rope_freqs.weight cannot be decoded ({type(e).__name__}: {e})") from None
+            try:
+                return _llama3_rope_scaling(factors, theta, head_dim, where)
+            except (ValueError, ArithmeticError) as e:  # a degenerate ramp: polyfit or a zero factor
+                raise FormatError(f"{where}: rope_freqs.weight does not describe Llama 3 scaling ({e})") from None
         if kind in (None, "none"):
             factor = f.get(f"{arch}.rope.scale_linear")  # older files
             return {"rope_type": "linear", "factor": float(factor)} if factor and factor != 1.0 else None
@@ -728,6 +1057,8 @@ class _GGUFSource:
             raise FormatError(
                 f"{self.path}: tensor {t.name} is {qtype.name}, which the gguf package cannot dequantize"
             ) from None
+        except (ValueError, TypeError, IndexError) as e:  # the gguf package on a malformed tensor
+            raise FormatError(f"{self.path}: tensor {t.name} ({qtype.name}) cannot be decoded ({e})") from None
 
     def close(self):
         self._tensors = {}

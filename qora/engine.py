@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from qora import limits
 from qora.errors import ContextOverflowError, QoraError
 
 ISA_NAMES = ("scalar", "avx2", "avx512")
@@ -162,17 +163,25 @@ def _llama3_inv_freq(inv_freq: np.ndarray, rs: dict) -> np.ndarray:
 def default_context(cfg: dict, requested: int | None = None) -> int:
     """KV cache size: the request if given, else what fits a quarter of free RAM (at most 16384)."""
     max_pos = int(cfg["max_seq_len"])
-    if requested is not None:
-        if requested < 1:
-            raise QoraError(f"max_seq_len must be positive, got {requested}")
-        return min(int(requested), max_pos)
-    per_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * 4
+    # KV cache (f32 keys and values for every layer) plus the attention scores, per token of context
+    per_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * 4 + 16 * cfg["n_heads"] * 4
     try:
         import psutil
 
         avail = psutil.virtual_memory().available
     except Exception:
         avail = 8 << 30
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise QoraError(f"max_seq_len must be a positive integer, got {requested!r}")
+        n = min(requested, max_pos)
+        # Checked before the engine allocates: a context that cannot fit is an error, not an OOM kill.
+        if n * per_token > limits.MAX_CONTEXT_RAM_FRACTION * avail:
+            raise ContextOverflowError(
+                f"a {n}-token context needs {n * per_token / 2**30:.1f} GiB for its KV cache but only "
+                f"{avail / 2**30:.1f} GiB of memory is available; ask for a smaller context"
+            )
+        return n
     fit = max(512, int(avail // 4 // per_token))
     return max(1, min(max_pos, 16384, fit))
 
@@ -185,15 +194,19 @@ class CpuEngine:
         self.config = cfg = qfile.config
         isa_idx, self.isa_reason = resolve_isa(isa)
         self.n_threads = int(n_threads) if n_threads else default_threads()
-        if self.n_threads < 1:
-            raise QoraError(f"threads must be at least 1, got {n_threads}")
+        if not 1 <= self.n_threads <= limits.MAX_THREADS:
+            raise QoraError(f"threads must be in 1..{limits.MAX_THREADS}, got {self.n_threads}")
         self.max_seq_len = default_context(cfg, max_seq_len)
         inv_freq, rope_scale = rope_parameters(cfg)
         tensors = {}
         for name, info in qfile.tensor_info.items():
             tensors[name] = (info["dtype"], tuple(info["shape"]), qfile.tensor(name))
         try:
-            self._model = core.CpuModel(cfg, tensors, inv_freq, rope_scale, self.max_seq_len, self.n_threads, isa_idx)
+            # QORA_REPACK=0 keeps Q4 matrices in file order (half the memory, slower products)
+            repack = os.environ.get("QORA_REPACK", "1").strip() not in ("0", "false", "no")
+            self._model = core.CpuModel(
+                cfg, tensors, inv_freq, rope_scale, self.max_seq_len, self.n_threads, isa_idx, repack
+            )
         except (ValueError, KeyError) as e:
             raise QoraError(f"{qfile.path}: cannot build the engine: {e}") from e
         except MemoryError as e:

@@ -34,25 +34,12 @@ import numpy as np
 
 from qora import quant
 from qora.errors import FormatError
+from qora.limits import CONFIG_INT_LIMITS, MAX_HEADER_BYTES, MAX_TENSOR_DIM
 
 MAGIC = b"QORA"
 VERSION = 1
 ALIGN = 64
 PREAMBLE = struct.Struct("<4sIQ")  # magic, version, header length: 16 bytes
-MAX_HEADER_BYTES = 256 << 20  # a tokenizer.json is a few MiB; anything near this is corrupt
-
-# Upper bounds for config integers: far above any real model, low enough that every derived
-# size (rows * cols * 4, n_layers * tensors) stays exact in int64 on the C side.
-CONFIG_INT_LIMITS = {
-    "n_layers": 4096,
-    "dim": 1 << 17,
-    "n_heads": 4096,
-    "n_kv_heads": 4096,
-    "head_dim": 4096,
-    "hidden_dim": 1 << 20,
-    "vocab_size": 1 << 24,
-    "max_seq_len": 1 << 26,
-}
 ARCHITECTURES = ("llama", "smollm3")
 SPECIAL_TOKEN_KEYS = ("bos", "eos", "pad", "im_start", "im_end", "think", "end_think")
 _MATRIX_DTYPES = frozenset(quant.DTYPES)
@@ -65,6 +52,25 @@ def align_up(n: int, a: int = ALIGN) -> int:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_json(raw: bytes | str, where, what: str = "JSON"):
+    """json.loads for untrusted text: any failure (bad UTF-8, syntax, nesting so deep it exhausts
+    the recursion limit, numbers too long to convert) is a FormatError("WHERE: WHAT ... (why)")."""
+    try:
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            raw = bytes(raw).decode("utf-8")
+        return json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{where}: {what} is not valid JSON (not UTF-8: {e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise FormatError(f"{where}: {what} is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and int() of a too-long number
+        raise FormatError(f"{where}: {what} is not valid JSON ({str(e).splitlines()[0]})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,8 +107,10 @@ def validate_config(config, where) -> dict:
             raise FormatError(f"{where}: config {key} must be an integer in 1..{limit}, got {v!r}")
     for key in ("norm_eps", "rope_theta"):
         v = config[key]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        if not _is_number(v) or v <= 0:
             raise FormatError(f"{where}: config {key} must be a positive number, got {v!r}")
+    if config["rope_theta"] <= 1:  # the RoPE (and YaRN) formulas divide by log(theta)
+        raise FormatError(f"{where}: config rope_theta must be greater than 1, got {config['rope_theta']!r}")
     if config["n_heads"] % config["n_kv_heads"]:
         raise FormatError(
             f"{where}: config n_heads ({config['n_heads']}) is not a multiple of n_kv_heads ({config['n_kv_heads']})"
@@ -114,11 +122,52 @@ def validate_config(config, where) -> dict:
         raise FormatError(f"{where}: config rope_layers must be a list of n_layers ({config['n_layers']}) entries")
     if any(not _is_int(v) or v not in (0, 1) for v in rl):
         raise FormatError(f"{where}: config rope_layers entries must be 0 or 1")
-    if config["rope_scaling"] is not None and not isinstance(config["rope_scaling"], dict):
-        raise FormatError(f"{where}: config rope_scaling must be null or an object")
+    validate_rope_scaling(config["rope_scaling"], where)
     if not isinstance(config["tie_embeddings"], bool):
         raise FormatError(f"{where}: config tie_embeddings must be true or false")
     return config
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# rope_scaling keys the engine reads, with the check each value must pass
+_ROPE_FLOAT_KEYS = {
+    "factor": "positive",
+    "low_freq_factor": "positive",
+    "high_freq_factor": "positive",
+    "attention_factor": "positive",
+    "beta_fast": "positive",
+    "beta_slow": "positive",
+    "mscale": "finite",
+    "mscale_all_dim": "finite",
+}
+
+
+def validate_rope_scaling(rs, where) -> None:
+    """rope_scaling is null or {"rope_type": one of ROPE_TYPES, numeric parameters}: every value the
+    engine's RoPE formulas use must be finite (and non-zero where it divides)."""
+    if rs is None:
+        return
+    if not isinstance(rs, dict):
+        raise FormatError(f"{where}: config rope_scaling must be null or an object")
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise FormatError(
+            f"{where}: config rope_scaling type {kind!r} is not supported (qora supports {', '.join(ROPE_TYPES)})"
+        )
+    for key, rule in _ROPE_FLOAT_KEYS.items():
+        v = rs.get(key)
+        if v is None and not (key == "factor" and kind in ("linear", "llama3", "yarn")):
+            continue
+        if not _is_number(v) or (rule == "positive" and v <= 0):
+            what = "a positive number" if rule == "positive" else "a finite number"
+            raise FormatError(f"{where}: config rope_scaling {key} must be {what}, got {v!r}")
+    orig = rs.get("original_max_position_embeddings")
+    if orig is not None and (not _is_int(orig) or not 1 <= orig <= CONFIG_INT_LIMITS["max_seq_len"]):
+        raise FormatError(f"{where}: config rope_scaling original_max_position_embeddings must be a positive integer")
+    if kind == "llama3" and rs.get("low_freq_factor", 1.0) == rs.get("high_freq_factor", 4.0):
+        raise FormatError(f"{where}: config rope_scaling low_freq_factor and high_freq_factor must differ")
+    if "truncate" in rs and not isinstance(rs["truncate"], bool):
+        raise FormatError(f"{where}: config rope_scaling truncate must be true or false")
 
 
 def expected_tensors(config) -> dict:
@@ -152,7 +201,7 @@ def _check_dtype_shape(where, name, dtype, shape, allowed=_MATRIX_DTYPES) -> int
     if (
         not isinstance(shape, (list, tuple))
         or not 1 <= len(shape) <= 2
-        or any(not _is_int(s) or not 1 <= s <= (1 << 32) for s in shape)
+        or any(not _is_int(s) or not 1 <= s <= MAX_TENSOR_DIM for s in shape)
     ):
         raise FormatError(f"{where}: tensor {name} has a bad shape {shape!r}")
     if dtype in quant.BLOCK_BYTES and (len(shape) != 2 or shape[1] % quant.QK):
@@ -222,11 +271,7 @@ class QoraFile:
                 raise FormatError(f"{where}: header length {hlen} exceeds the {MAX_HEADER_BYTES} byte limit")
             if PREAMBLE.size + hlen > size:
                 raise FormatError(f"{where}: truncated: header needs {PREAMBLE.size + hlen} bytes, file has {size}")
-            raw = f.read(hlen)
-            try:
-                header = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise FormatError(f"{where}: header is not valid JSON ({e})") from None
+            header = parse_json(f.read(hlen), where, "header")
             self._parse_header(header, where)
             self.data_start = align_up(PREAMBLE.size + hlen)
             self._check_tensors(header["tensors"], where, size - self.data_start)

@@ -16,6 +16,11 @@ a request can generate is think_budget + 1 (the forced `</think>`) + max_tokens.
 The model object needs: `.engine` (`forward(tokens int32 array, start_pos, all_logits=False) ->
 float32 (1, vocab)`, `.max_seq_len`), `.reset()`, `.tokenizer` (qora.tokenizer.Tokenizer),
 `.config`, and optionally `.generation_defaults` (the file's generation_config dict).
+
+KV reuse: a model with `reuse_prefix(ids) -> n` and `cache_tokens` (qora.Model) keeps its cache between
+calls; only the prompt past the longest prefix it shares with the cached sequence is prefilled (a chat
+follow-up costs its new tokens). The last sampled token is never fed, so it is not in the cache; the
+next prompt re-renders it as text and the prefix comparison decides what is reused.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qora import sampling
+from qora import limits, sampling
 from qora.errors import ContextOverflowError, QoraError
 from qora.sampling import Sampler
 from qora.system import default_limits
@@ -49,6 +54,7 @@ FREQUENCY_PENALTY = 0.0
 SENTENCE_STOP_FRACTION = 0.85
 
 FINISH_REASONS = ("stop", "length", "loop", "interrupted")
+MAX_TOP_LOGPROBS = 20
 
 
 # ───── options and responses ─────
@@ -65,7 +71,8 @@ class GenerationOptions:
     system: a system message; length_hint: "short", "medium", "long", "N words" (or sentences,
     paragraphs, lines) -> one sentence added to the system message. show_think is for front ends
     (the CLI prints thinking to stderr with it); the stream always carries the think channel.
-    today: the date the template's strftime_now sees (None: now).
+    today: the date the template's strftime_now sees (None: now). logprobs: None, or the number of
+    most likely alternatives (0..20) to report with each token's log-probability.
     """
 
     max_tokens: int | None = None
@@ -89,12 +96,16 @@ class GenerationOptions:
     loop_detection: bool = True
     sentence_stop: bool = True
     today: _dt.date | str | None = None
+    logprobs: int | None = None
 
     def __post_init__(self):
         if self.max_tokens is not None:
             self.max_tokens = sampling._integer("max_tokens", self.max_tokens, low=1)
         if self.think_budget is not None:
             self.think_budget = sampling._integer("think_budget", self.think_budget, low=0)
+        for name in ("max_tokens", "think_budget"):  # no request may ask for more than any context holds
+            if (getattr(self, name) or 0) > limits.MAX_TOKENS:
+                raise QoraError(f"{name} must be at most {limits.MAX_TOKENS}, got {getattr(self, name)}")
         if self.temperature is not None:
             self.temperature = sampling.check_temperature(self.temperature)
         if self.top_k is not None:
@@ -125,6 +136,10 @@ class GenerationOptions:
         if self.system is not None and not isinstance(self.system, str):
             raise QoraError("system must be a string")
         length_hint_sentence(self.length_hint)  # validates
+        if self.logprobs is not None:
+            self.logprobs = sampling._integer("logprobs", self.logprobs, low=0)
+            if self.logprobs > MAX_TOP_LOGPROBS:
+                raise QoraError(f"logprobs must be at most {MAX_TOP_LOGPROBS}, got {self.logprobs}")
 
     def resolved(self, thinking: bool, generation_defaults: Mapping | None = None) -> GenerationOptions:
         """A copy with every None filled in. `thinking`: the model will think (picks the temperature).
@@ -190,7 +205,11 @@ class Response:
     `token` the id sampled at this step (None on a closing response with nothing sampled).
     The last response has `finish_reason` set: "stop" (EOS or a stop string), "length" (max_tokens,
     the sentence stop near it, or a full context), "loop" (repetition detected) or "interrupted".
-    Times are seconds; tps are tokens per second; generation counts every generated token."""
+    Times are seconds; tps are tokens per second; generation counts every generated token.
+    prompt_tokens is the whole prompt; cached_tokens of them were reused from the KV cache, so
+    prompt_tokens - cached_tokens were prefilled (prompt_tps is over those). With the logprobs option,
+    `logprob` is the log-probability of `token` under the model (before penalties and temperature)
+    and `top_logprobs` the most likely (id, logprob) pairs."""
 
     text: str
     token: int | None
@@ -203,6 +222,9 @@ class Response:
     generation_tps: float = 0.0
     generation_time: float = 0.0
     think_tokens: int = 0
+    cached_tokens: int = 0
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 # ───── prompt ─────
@@ -412,16 +434,26 @@ class LoopDetector:
 @dataclass
 class _Timing:
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     prompt_time: float = 0.0
     gen_start: float = 0.0
 
 
 def generate_tokens(
-    engine, prompt: Sequence[int], choose: Callable[[np.ndarray], int], timing: _Timing | None = None
+    engine,
+    prompt: Sequence[int],
+    choose: Callable[[np.ndarray], int],
+    timing: _Timing | None = None,
+    cached: int = 0,
+    record: list[int] | None = None,
 ) -> Iterator[int]:
     """Prefill `prompt` in one engine call, then yield one token per step: `choose(logits)` picks it
     (the sampler, or a forced token), and it is fed back on the next step. Stops on its own only when
-    the context is full; a caller stops it by breaking out (a stop token is never fed)."""
+    the context is full; a caller stops it by breaking out (a stop token is never fed).
+
+    cached: the first `cached` prompt tokens are already in the engine's cache (prefill starts after
+    them). record: a list equal to the cached tokens (prompt[:cached]) that is kept equal to them:
+    tokens are appended once the forward call that wrote them has returned."""
     max_seq = int(engine.max_seq_len)
     n = len(prompt)
     if n == 0:
@@ -431,10 +463,16 @@ def generate_tokens(
             f"the prompt is {n} tokens but the context holds {max_seq}: "
             f"shorten the prompt to at most {max_seq - 1} tokens or load the model with a larger context"
         )
+    if not 0 <= cached < n:
+        raise QoraError(f"cached must be in [0, {n}) for a {n}-token prompt, got {cached}")
     timing = timing if timing is not None else _Timing()
     t0 = time.perf_counter()
-    logits = engine.forward(np.asarray(prompt, dtype=np.int32), 0)
+    new = [int(t) for t in prompt[cached:]]
+    logits = engine.forward(np.asarray(new, dtype=np.int32), cached)
+    if record is not None:
+        record.extend(new)
     timing.prompt_tokens = n
+    timing.cached_tokens = cached
     timing.prompt_time = time.perf_counter() - t0
     timing.gen_start = time.perf_counter()
     pos = n
@@ -444,10 +482,25 @@ def generate_tokens(
         if pos + 1 > max_seq:
             return  # context full: the token was produced but cannot be fed
         logits = engine.forward(np.array([token], dtype=np.int32), pos)
+        if record is not None:
+            record.append(token)
         pos += 1
 
 
 # ───── layer 2: responses ─────
+
+
+def token_logprobs(logits, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log-softmax of the raw logits: (logprob of `token`, the `top` most likely (id, logprob) pairs)."""
+    x = np.asarray(logits, dtype=np.float64).reshape(-1)
+    m = x.max()
+    lse = m + math.log(np.exp(x - m).sum())
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        ids = np.argpartition(-x, top - 1)[:top] if top < x.size else np.arange(x.size)
+        ids = ids[np.argsort(-x[ids], kind="stable")]
+        best = [(int(i), float(x[i] - lse)) for i in ids]
+    return float(x[int(token)] - lse), best
 
 
 def _merge_options(options: GenerationOptions | None, overrides: dict) -> GenerationOptions:
@@ -491,30 +544,39 @@ def stream_generate(
     timing = _Timing()
     finish: str | None = None
     last_token: int | None = None
+    chosen_logprobs: tuple[float, list[tuple[int, float]]] | None = None  # the last chosen token's
 
     def choose(logits: np.ndarray) -> int:
-        nonlocal force
+        nonlocal force, chosen_logprobs
         if force is not None:
             token, force = force, None
-            return token
-        return sampler(logits, history)
+        else:
+            token = sampler(logits, history)
+        if o.logprobs is not None:
+            chosen_logprobs = token_logprobs(logits, token, o.logprobs)
+        return token
 
     def response(text: str, token: int | None, ch: str, finish_reason: str | None = None) -> Response:
         now = time.perf_counter()
         gen_time = now - timing.gen_start if timing.gen_start else 0.0
         n_gen = len(history)
+        prefilled = timing.prompt_tokens - timing.cached_tokens
+        lp = chosen_logprobs if token is not None else None
         return Response(
             text=text,
             token=token,
             channel=ch,
             finish_reason=finish_reason,
             prompt_tokens=timing.prompt_tokens,
-            prompt_tps=timing.prompt_tokens / timing.prompt_time if timing.prompt_time > 0 else 0.0,
+            prompt_tps=prefilled / timing.prompt_time if timing.prompt_time > 0 else 0.0,
             prompt_time=timing.prompt_time,
             generation_tokens=n_gen,
             generation_tps=n_gen / gen_time if gen_time > 0 else 0.0,
             generation_time=gen_time,
             think_tokens=n_think,
+            cached_tokens=timing.cached_tokens,
+            logprob=lp[0] if lp else None,
+            top_logprobs=lp[1] if lp else None,
         )
 
     def flush_channel() -> str:
@@ -528,8 +590,12 @@ def stream_generate(
 
     if think_open and o.think_budget == 0 and tok.end_think_id is not None:
         force = tok.end_think_id  # the prompt opened a thought with no budget for it
-    model.reset()
-    tokens = generate_tokens(model.engine, ids, choose, timing)
+    if hasattr(model, "reuse_prefix"):
+        cached, record = model.reuse_prefix(ids), model.cache_tokens
+    else:  # a model without a record of its cache: start from an empty one
+        model.reset()
+        cached, record = 0, None
+    tokens = generate_tokens(model.engine, ids, choose, timing, cached=cached, record=record)
     try:
         for token in tokens:
             last_token = token

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qora.errors import QoraError
+from qora.errors import FormatError, QoraError
 
 
 class Model:
@@ -24,15 +24,42 @@ class Model:
         self.engine = engine
         self.tokenizer = tokenizer
         self.load_seconds = load_seconds
+        # The token ids whose keys/values the engine's cache holds, at positions 0..len-1. Kept so the
+        # next request prefills only what differs from the last sequence (reuse_prefix). Only what a
+        # forward call has finished writing is recorded, so an interrupted call never leaves a claim
+        # on positions it may have half written. Calls straight to `engine.forward` bypass it.
+        self.cache_tokens: list[int] = []
 
     # -- low level -----------------------------------------------------------------
     def forward(self, token_ids, start_pos: int = 0) -> np.ndarray:
         """Logits (n_tokens, vocab) float32 for token_ids at positions start_pos.. (fills the KV cache)."""
-        return self.engine.forward(token_ids, start_pos, all_logits=True)
+        ids = [int(t) for t in np.asarray(token_ids).reshape(-1)]
+        del self.cache_tokens[start_pos:]  # positions from start_pos on are being rewritten
+        logits = self.engine.forward(token_ids, start_pos, all_logits=True)
+        if start_pos == len(self.cache_tokens):  # else a gap of unknown positions: record nothing past it
+            self.cache_tokens.extend(ids)
+        return logits
 
     def reset(self):
         """Forget the cached sequence; the next forward should start at position 0."""
         self.engine.reset()
+        self.cache_tokens.clear()
+
+    def reuse_prefix(self, token_ids) -> int:
+        """How many leading `token_ids` the cache already holds (their longest common prefix with the
+        cached sequence), so a prefill can start there; the cached tokens past that point are forgotten.
+
+        At most len(token_ids) - 1: the last prompt token is always run again, since its logits (the
+        next token's distribution) are not kept. A follow-up chat turn thus costs its new tokens only.
+        """
+        cached = self.cache_tokens
+        n = min(len(cached), max(len(token_ids) - 1, 0))
+        if n and cached[:n] != list(token_ids[:n]):
+            a = np.asarray(cached[:n], dtype=np.int64)
+            b = np.asarray(token_ids[:n], dtype=np.int64)
+            n = int(np.argmin(a == b))  # the first position where they differ
+        del cached[n:]
+        return n
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -66,9 +93,10 @@ class Model:
 
     # -- lifetime --------------------------------------------------------------------
     def close(self):
+        # The engine object stays (its native state is freed): a closed model then answers every
+        # call with QoraError("the model is closed") instead of an AttributeError on None.
         if self.engine is not None:
             self.engine.close()
-            self.engine = None
         if self.file is not None:
             self.file.close()
             self.file = None
@@ -101,7 +129,12 @@ def load(path, threads=None, device="auto", max_seq_len=None, verbose=False) -> 
     t0 = time.perf_counter()
     qfile = read_qora(path)
     try:
-        tokenizer = Tokenizer(qfile.tokenizer_json, qfile.chat_template, qfile.special_tokens)
+        tokenizer = Tokenizer(qfile.tokenizer_json, qfile.chat_template, qfile.special_tokens, where=path)
+        if tokenizer.id_limit > qfile.config["vocab_size"]:  # ids past the embedding would reach the engine
+            raise FormatError(
+                f"{path}: tokenizer has token ids up to {tokenizer.id_limit - 1} but the model's vocab_size is "
+                f"{qfile.config['vocab_size']}"
+            )
         engine = CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len)
     except BaseException:
         qfile.close()

@@ -13,9 +13,13 @@
 
 from __future__ import annotations
 
+import _string
 import dataclasses
 import datetime as _dt
+import functools
 import json
+import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,10 +27,12 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
+import jinja2.visitor
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from qora.errors import QoraError
+from qora import limits
+from qora.errors import FormatError, QoraError
 
 # Plain ChatML, used when a model file carries no chat template (e.g. a bare GGUF).
 CHATML_TEMPLATE = (
@@ -97,17 +103,236 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
 
 
+def load_hf_tokenizer(text: str, where) -> _HFTokenizer:
+    """A `tokenizers.Tokenizer` from tokenizer.json text. tokenizers is Rust: a crafted file can make
+    it panic, which surfaces as pyo3's PanicException, a BaseException. Both become a FormatError."""
+    try:
+        return _HFTokenizer.from_str(text)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: B036 - PanicException derives from BaseException
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FormatError(f"{where}: tokenizer.json cannot be loaded by tokenizers ({msg})") from None
+
+
+def _rust_call(what: str, fn, *args, **kwargs):
+    """Call into tokenizers; an error or a Rust panic becomes a QoraError."""
+    try:
+        return fn(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: B036 - PanicException derives from BaseException
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QoraError(f"tokenizer: {what} failed ({msg})") from None
+
+
+# ───── resource bounds for one render ─────
+# The sandbox stops a template from reaching Python; these stop it from eating the machine. Growth is
+# checked *before* the allocation wherever one operation can multiply a size (`*`, `+`, `~`, `%`,
+# format widths, replace, join, center, indent), every result is checked after, loops count against
+# a budget, and the render has a deadline.
+
+_TEMPLATE_WIDTH_LIMIT = 1 << 16  # widths/tab sizes/indent a template may ask for
+
+
+def _too_big(what: str) -> jinja2.exceptions.SecurityError:
+    return jinja2.exceptions.SecurityError(
+        f"{what} would exceed the {limits.TEMPLATE_MAX_OUTPUT}-character limit of a rendered template"
+    )
+
+
+def _size(v) -> int:
+    return len(v) if isinstance(v, (str, list, tuple, dict)) else 0
+
+
+def _check_size(v, what: str = "a value"):
+    if _size(v) > limits.TEMPLATE_MAX_OUTPUT:
+        raise _too_big(what)
+    return v
+
+
+def _check_width(n, what: str) -> None:
+    if isinstance(n, int) and not isinstance(n, bool) and abs(n) > _TEMPLATE_WIDTH_LIMIT:
+        raise jinja2.exceptions.SecurityError(f"{what} {n} is larger than {_TEMPLATE_WIDTH_LIMIT}")
+
+
+def _check_format_string(fmt: str, printf: bool) -> None:
+    """Refuse widths/precisions beyond the limit in a %-format or a str.format() string."""
+    if printf:
+        for spec in re.findall(r"%[-+ #0]*(\d*)(?:\.(\d*))?", fmt):
+            for num in spec:
+                if num and len(num) > 6 or (num and int(num) > _TEMPLATE_WIDTH_LIMIT):
+                    raise jinja2.exceptions.SecurityError(f"format width {num} is too large")
+        return
+    try:
+        parts = list(_string.formatter_parser(fmt))
+    except ValueError:
+        return  # str.format will raise the same error itself
+    for _, _, spec, _ in parts:
+        for num in re.findall(r"\d+", spec or ""):
+            if len(num) > 6 or int(num) > _TEMPLATE_WIDTH_LIMIT:
+                raise jinja2.exceptions.SecurityError(f"format width {num} is too large")
+
+
+def _check_join(sep, items) -> None:
+    if isinstance(items, (list, tuple, str)):
+        total = sum(_size(x) if isinstance(x, str) else 16 for x in items) + len(sep) * max(len(items) - 1, 0)
+        if total > limits.TEMPLATE_MAX_OUTPUT:
+            raise _too_big("join")
+
+
+def _check_replace(s, old, new) -> None:
+    if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
+        hits = s.count(old) if old else len(s) + 1
+        if len(s) + hits * max(len(new) - len(old), 0) > limits.TEMPLATE_MAX_OUTPUT:
+            raise _too_big("replace")
+
+
+def _check_str_method(obj, args, kwargs) -> None:
+    """Pre-checks for the str methods that can grow a string by a large factor in one call."""
+    name = getattr(obj, "__name__", "")
+    target = getattr(obj, "__self__", None)
+    if not isinstance(target, str):
+        return
+    if name in ("format", "format_map"):
+        _check_format_string(target, printf=False)
+    elif name == "join" and args:
+        _check_join(target, args[0])
+    elif name == "replace" and len(args) >= 2:
+        _check_replace(target, args[0], args[1])
+    elif name in ("center", "ljust", "rjust", "zfill", "expandtabs"):
+        for a in (*args, *kwargs.values()):
+            _check_width(a, f"str.{name} width")
+
+
+def _guard_filter(name: str, f):
+    """Wrap a jinja filter with the size pre-checks above and a size check of its result."""
+
+    @functools.wraps(f)
+    def guarded(*args, **kwargs):
+        # Filters with a pass_context/environment marker get that object first; the value follows.
+        values = [a for a in args if not isinstance(a, (jinja2.runtime.Context, jinja2.Environment))]
+        values += list(kwargs.values())
+        if values:
+            value, rest = values[0], values[1:]
+            if name in ("center", "indent", "wordwrap", "truncate", "tojson", "batch", "slice"):
+                for a in rest:
+                    _check_width(a, f"{name} argument")
+            if name == "indent" and isinstance(value, str):
+                width = next((a for a in rest if isinstance(a, int) and not isinstance(a, bool)), 4)
+                if len(value) + (value.count("\n") + 1) * abs(width) > limits.TEMPLATE_MAX_OUTPUT:
+                    raise _too_big("indent")
+            elif name == "replace" and len(rest) >= 2:
+                _check_replace(value, rest[0], rest[1])
+            elif name == "join":
+                _check_join(rest[0] if rest and isinstance(rest[0], str) else "", value)
+            elif name == "format" and isinstance(value, str):
+                _check_format_string(value, printf=True)
+                for a in rest:
+                    _check_width(a, "format argument")
+        return _check_size(f(*args, **kwargs), f"the {name} filter's result")
+
+    return guarded
+
+
+class _RenderBudget:
+    """Loop steps and wall time of one render; the template's loops and concatenations call in."""
+
+    def __init__(self):
+        self.steps = 0
+        self.deadline = time.monotonic() + limits.TEMPLATE_MAX_SECONDS
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise jinja2.exceptions.SecurityError(
+                f"rendering took longer than {limits.TEMPLATE_MAX_SECONDS:g} s (a runaway template?)"
+            )
+
+    def loop(self, iterable):
+        for item in iterable:
+            self.steps += 1
+            if self.steps > limits.TEMPLATE_MAX_LOOP_STEPS:
+                raise jinja2.exceptions.SecurityError(
+                    f"the template ran more than {limits.TEMPLATE_MAX_LOOP_STEPS} loop iterations"
+                )
+            if not self.steps & 1023:
+                self.check_time()
+            yield item
+
+    def concat(self, *parts):
+        # `a ~ b`: jinja's Concat node, rewritten into a call so its size can be checked first
+        strs = [p if isinstance(p, str) else str(p) for p in parts]
+        if sum(len(p) for p in strs) > limits.TEMPLATE_MAX_OUTPUT:
+            raise _too_big("~")
+        return "".join(strs)
+
+
+_LOOP_NAME, _CONCAT_NAME = "__qora_loop", "__qora_concat"
+
+
+class _BudgetRewriter(jinja2.visitor.NodeTransformer):
+    """Route every `for` through _RenderBudget.loop and every `~` through _RenderBudget.concat."""
+
+    def visit_Name(self, node):
+        if node.name.startswith("__qora"):
+            raise jinja2.exceptions.SecurityError(f"the name {node.name!r} is reserved")
+        return node
+
+    def visit_For(self, node):
+        node = self.generic_visit(node)
+        node.iter = jinja2.nodes.Call(
+            jinja2.nodes.Name(_LOOP_NAME, "load"), [node.iter], [], None, None, lineno=node.lineno
+        )
+        return node
+
+    def visit_Concat(self, node):
+        node = self.generic_visit(node)
+        name = jinja2.nodes.Name(_CONCAT_NAME, "load")
+        return jinja2.nodes.Call(name, node.nodes, [], None, None, lineno=node.lineno)
+
+
 class _StrictSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, but reaching for an unsafe attribute (`''.__class__`) fails at once.
 
     jinja2 would return an undefined value that only fails when used further, so `{{ x.__class__ }}`
     would silently print nothing; a template doing that is hostile or broken, and we say so.
+    Operators, calls and filters that can make a value huge are checked before they run.
     """
+
+    intercepted_binops = frozenset({"+", "*", "**", "%"})
 
     def unsafe_undefined(self, obj, attribute):
         raise jinja2.exceptions.SecurityError(
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
         )
+
+    def _parse(self, source, name, filename):
+        return _BudgetRewriter().visit(super()._parse(source, name, filename))
+
+    def call_binop(self, context, operator, left, right):
+        seqs = (str, list, tuple)
+        if operator == "*":
+            for a, b in ((left, right), (right, left)):
+                if isinstance(a, seqs) and isinstance(b, int) and len(a) * max(b, 0) > limits.TEMPLATE_MAX_OUTPUT:
+                    raise _too_big("*")
+            if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > 1 << 16:
+                raise jinja2.exceptions.SecurityError("integer product too large")
+        elif operator == "+":
+            if isinstance(left, seqs) and isinstance(right, seqs):
+                if len(left) + len(right) > limits.TEMPLATE_MAX_OUTPUT:
+                    raise _too_big("+")
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > limits.TEMPLATE_MAX_POWER:
+                raise jinja2.exceptions.SecurityError(f"exponent {right} is too large")
+        elif operator == "%" and isinstance(left, str):
+            _check_format_string(left, printf=True)
+            for a in right if isinstance(right, tuple) else (right,):
+                _check_width(a, "format argument")
+        return _check_size(super().call_binop(context, operator, left, right), f"the result of {operator}")
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+        _check_str_method(__obj, args, kwargs)
+        return _check_size(super().call(__context, __obj, *args, **kwargs), "a call's result")
 
 
 def _raise_exception(message):
@@ -170,15 +395,40 @@ def compile_chat_template(source: str) -> jinja2.Template:
     """Compile a chat template in the sandbox; a syntax error becomes a QoraError."""
     env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
     # strftime_now is bound per render (so tests can pin the date); this default keeps compile-only use valid.
     env.globals["strftime_now"] = lambda fmt: _dt.datetime.now().strftime(fmt)
+    if not isinstance(source, str):
+        raise QoraError(f"chat template must be a string, not {type(source).__name__}")
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise QoraError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
+    except jinja2.exceptions.SecurityError as e:
+        raise QoraError(f"chat template refused: {e}") from None
+    except RecursionError:
+        raise QoraError("chat template: nested too deeply to compile") from None
+    except Exception as e:  # the compiler on a pathological template (e.g. an operand too large)
+        raise QoraError(f"chat template cannot be compiled: {type(e).__name__}: {e}") from None
+
+
+def render_chat_template(template: jinja2.Template, context: dict) -> str:
+    """Render with the resource bounds above: loop budget, deadline, output size."""
+    budget = _RenderBudget()
+    context = dict(context)
+    context[_LOOP_NAME] = budget.loop
+    context[_CONCAT_NAME] = budget.concat
+    out, size = [], 0
+    for piece in template.generate(**context):
+        size += len(piece)
+        if size > limits.TEMPLATE_MAX_OUTPUT:
+            raise _too_big("the rendered prompt")
+        out.append(piece)
+        budget.check_time()
+    return "".join(out)
 
 
 # ───── Tokenizer ─────
@@ -192,11 +442,16 @@ class Tokenizer:
     im_end, think, end_think ids; missing entries are looked up by their usual spelling).
     """
 
-    def __init__(self, tokenizer_json: str, chat_template: str | None = None, special_tokens: dict | None = None):
-        try:
-            self._tok = _HFTokenizer.from_str(tokenizer_json)
-        except Exception as e:
-            raise QoraError(f"tokenizer.json could not be read: {e}") from None
+    def __init__(
+        self,
+        tokenizer_json: str,
+        chat_template: str | None = None,
+        special_tokens: dict | None = None,
+        where: str = "model file",
+    ):
+        if not isinstance(tokenizer_json, str):
+            raise QoraError(f"{where}: tokenizer.json could not be read: expected its text")
+        self._tok = load_hf_tokenizer(tokenizer_json, where)
         self.chat_template = chat_template
         self._template: jinja2.Template | None = None
         st = dict(special_tokens or {})
@@ -240,6 +495,13 @@ class Tokenizer:
         """Number of token ids, added tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def id_limit(self) -> int:
+        """One more than the largest id the tokenizer can produce (ids may be sparse, so this can
+        exceed vocab_size): the engine's embedding must have at least this many rows."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        return max(vocab.values(), default=-1) + 1
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -271,7 +533,7 @@ class Tokenizer:
         add_special_tokens=True also applies the tokenizer's post-processor (e.g. a BOS prefix)."""
         if not isinstance(text, str):
             raise QoraError(f"encode() takes a str, not {type(text).__name__}")
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return _rust_call("encode", self._tok.encode, text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
@@ -279,7 +541,7 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < n]
         if bad:
             raise QoraError(f"decode(): token id {bad[0]} is outside the vocabulary (size {n})")
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return _rust_call("decode", self._tok.decode, ids, skip_special_tokens=skip_special_tokens)
 
     def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
         return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)
@@ -328,13 +590,17 @@ class Tokenizer:
             strftime_now=lambda fmt: now.strftime(fmt),
         )
         try:
-            return self._template.render(**context)
+            return render_chat_template(self._template, context)
         except jinja2.exceptions.SecurityError as e:
             raise QoraError(f"chat template refused: {e}") from None
         except jinja2.TemplateError as e:
             raise QoraError(f"chat template error: {e}") from None
         except QoraError:
             raise
+        except RecursionError:
+            raise QoraError("chat template failed: recursion too deep") from None
+        except MemoryError:
+            raise QoraError("chat template failed: out of memory") from None
         except Exception as e:  # TypeError, KeyError, ... inside the template
             raise QoraError(f"chat template failed: {type(e).__name__}: {e}") from None
 

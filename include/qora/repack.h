@@ -51,7 +51,7 @@ static void* qora_alloc_weights(size_t bytes) {
     if (posix_memalign(&p, align, bytes) != 0) p = NULL;
 #endif
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (p) madvise(p, bytes, MADV_HUGEPAGE);
+    if (p && !getenv("QORA_NO_THP")) madvise(p, bytes, MADV_HUGEPAGE); /* QORA_NO_THP=1 to compare */
 #endif
     return p;
 }

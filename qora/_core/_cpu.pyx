@@ -227,7 +227,9 @@ def matmul(w, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int
     """Y (n, rows) = X (n, cols) W^T with W (rows, cols) stored as dtype: the tiled product
     (repack: Q4 rows interleaved by 8 first, as the engine does at load)."""
     cdef const qora_kernels* K = _kernels(isa)
-    cdef qora_tensor t = _tensor(dtype, rows, cols, _bytes(w), "matmul")
+    _threads(n_threads)
+    wb = _bytes(w)  # held in a variable: C reads it after _tensor() returns
+    cdef qora_tensor t = _tensor(dtype, rows, cols, wb, "matmul")
     cdef int n = x.shape[0]
     if x.shape[1] != cols or n == 0:
         raise ValueError(f"matmul: X has shape {tuple(x.shape)[:2]}, W has {cols} columns")
@@ -257,8 +259,10 @@ def swiglu(wg, wu, str dtype, int rows, int cols, const float[:, ::1] x, int isa
            bint repack=False):
     """H (n, rows) = silu(X Wg^T) * (X Wu^T), one pass over both matrices."""
     cdef const qora_kernels* K = _kernels(isa)
-    cdef qora_tensor tg = _tensor(dtype, rows, cols, _bytes(wg), "swiglu gate")
-    cdef qora_tensor tu = _tensor(dtype, rows, cols, _bytes(wu), "swiglu up")
+    _threads(n_threads)
+    wgb, wub = _bytes(wg), _bytes(wu)  # held in variables: C reads them after _tensor() returns
+    cdef qora_tensor tg = _tensor(dtype, rows, cols, wgb, "swiglu gate")
+    cdef qora_tensor tu = _tensor(dtype, rows, cols, wub, "swiglu up")
     cdef int n = x.shape[0]
     if x.shape[1] != cols or n == 0:
         raise ValueError(f"swiglu: X has shape {tuple(x.shape)[:2]}, W has {cols} columns")

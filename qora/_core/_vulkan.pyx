@@ -1,0 +1,406 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Design: the Vulkan backend is C (qora/_core/qora_vk.c, API in include/qora/vk_backend.h); this
+module is its thin Cython layer, the twin of _cpu.pyx: it checks every size before a pointer goes
+to C, releases the GIL around GPU work, and turns C error codes into VulkanError(code, message).
+It imports on any machine: the Vulkan loader is opened at run time by the C side, so a machine
+without one only sees VulkanError(kind="loader") when it asks for a device. Policy (which device,
+when to fall back to the CPU) is in qora/vulkan.py."""
+
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset
+
+import numpy as np
+
+cdef extern from "qora/vk_backend.h" nogil:
+    int QORA_F32, QORA_F16, QORA_Q8, QORA_Q4
+    size_t qora_row_bytes(int dtype, int cols)
+
+    ctypedef struct qora_tensor:
+        int32_t dtype
+        int32_t rows
+        int32_t cols
+        size_t row_bytes
+        const void* data
+
+    ctypedef struct qora_config:
+        int n_layers, dim, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size, max_seq_len
+        float norm_eps, rope_scale
+
+    ctypedef struct qora_layer:
+        const float* attn_norm
+        qora_tensor wq, wk, wv, wo
+        const float* ffn_norm
+        qora_tensor w_gate, w_up, w_down
+        int use_rope
+
+    ctypedef struct qora_weights:
+        qora_tensor tok_embeddings
+        qora_tensor output
+        const float* norm
+        const float* inv_freq
+        qora_layer* layers
+
+    int QVK_OK
+
+    ctypedef struct qvk_device_info:
+        char name[256]
+        int type
+        uint32_t vendor_id, device_id, api_version, driver_version
+        uint64_t vram_bytes, vram_budget
+        uint32_t subgroup_size, max_storage_buffer_range
+        uint64_t max_allocation
+        uint32_t max_shared_memory
+        int usable
+        char why_not[160]
+
+    ctypedef struct qvk_ctx:
+        pass
+
+    ctypedef struct qvk_model:
+        pass
+
+    ctypedef struct qvk_hostbuf:
+        void* data
+        size_t bytes
+
+    ctypedef struct qvk_model_opts:
+        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, fail_after
+
+    int qvk_list_devices(const char* loader, qvk_device_info* out, int cap, int* n, char* err, size_t errlen)
+    int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* err, size_t errlen)
+    void qvk_ctx_destroy(qvk_ctx* c)
+    const qvk_device_info* qvk_ctx_info(const qvk_ctx* c)
+    void qvk_ctx_set_fail_alloc(qvk_ctx* c, int fail)
+    int qvk_run_kernel(qvk_ctx* c, const char* name, const uint32_t* spec, int n_spec, const qvk_hostbuf* bufs,
+                       const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, uint32_t gz, char* err,
+                       size_t errlen)
+    size_t qvk_packed_bytes(int dtype, int rows, int cols)
+    int qvk_pack(int dtype, int rows, int cols, const void* src, void* dst)
+    int qvk_model_estimate(const qvk_ctx* c, const qora_config* cfg, const qora_weights* w,
+                           const qvk_model_opts* o, uint64_t* bytes, char* err, size_t errlen)
+    int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, const qvk_model_opts* o,
+                         qvk_model** out, char* err, size_t errlen)
+    int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos, float* logits,
+                          int all_logits, char* err, size_t errlen)
+    int qvk_model_batch(const qvk_model* m)
+    int qvk_model_logit_rows(const qvk_model* m)
+    void qvk_model_destroy(qvk_model* m)
+
+DTYPES = {"f32": QORA_F32, "f16": QORA_F16, "q8": QORA_Q8, "q4": QORA_Q4}
+ERROR_KINDS = {-10: "loader", -11: "no_device", -12: "feature", -13: "oom", -14: "device_lost", -15: "vulkan",
+               -16: "args", -17: "unsupported"}
+DEVICE_TYPES = {0: "other", 1: "integrated", 2: "discrete", 3: "virtual", 4: "cpu"}
+cdef enum:
+    ERRLEN = 512
+
+
+class VulkanError(RuntimeError):
+    """A failure of the Vulkan backend; `kind` is one of ERROR_KINDS' values."""
+
+    def __init__(self, int code, str message):
+        super().__init__(message)
+        self.code = code
+        self.kind = ERROR_KINDS.get(code, "vulkan")
+
+
+cdef _raise(int code, const char* err):
+    raise VulkanError(code, err.decode("utf-8", "replace") or f"Vulkan error {code}")
+
+
+cdef bytes _loader_arg(loader):
+    return b"" if not loader else str(loader).encode()
+
+
+cdef dict _info(const qvk_device_info* d):
+    v = d.api_version
+    return {
+        "name": (<char*>d.name).decode("utf-8", "replace"),
+        "type": DEVICE_TYPES.get(d.type, "other"),
+        "vendor_id": d.vendor_id,
+        "device_id": d.device_id,
+        "api_version": f"{(v >> 22) & 0x7F}.{(v >> 12) & 0x3FF}.{v & 0xFFF}",
+        "vram_bytes": d.vram_bytes,
+        "vram_budget": d.vram_budget,
+        "subgroup_size": d.subgroup_size,
+        "max_storage_buffer_range": d.max_storage_buffer_range,
+        "max_allocation": d.max_allocation,
+        "max_shared_memory": d.max_shared_memory,
+        "usable": bool(d.usable),
+        "why_not": (<char*>d.why_not).decode("utf-8", "replace"),
+    }
+
+
+def list_devices(loader=None):
+    """Every Vulkan physical device, in the driver's order, as dicts (index = position)."""
+    cdef qvk_device_info infos[16]
+    cdef char err[ERRLEN]
+    cdef int n = 0, rc
+    cdef bytes lb = _loader_arg(loader)
+    cdef const char* lp = lb
+    err[0] = 0
+    with nogil:
+        rc = qvk_list_devices(lp, infos, 16, &n, err, ERRLEN)
+    if rc != QVK_OK:
+        _raise(rc, err)
+    return [dict(_info(&infos[i]), index=i) for i in range(n)]
+
+
+def packed_bytes(str dtype, int rows, int cols):
+    return qvk_packed_bytes(DTYPES[dtype], rows, cols)
+
+
+def pack(str dtype, int rows, int cols, data):
+    """The device layout of a (rows, cols) matrix given in the file's layout (uint8 / f16 / f32 array)."""
+    src = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if src.shape[0] != qora_row_bytes(DTYPES[dtype], cols) * rows:
+        raise ValueError(f"pack: {src.shape[0]} bytes do not hold a {dtype} ({rows}, {cols}) matrix")
+    out = np.zeros(qvk_packed_bytes(DTYPES[dtype], rows, cols), dtype=np.uint8)
+    cdef const uint8_t[::1] s = src
+    cdef uint8_t[::1] o = out
+    if qvk_pack(DTYPES[dtype], rows, cols, &s[0], &o[0]) != QVK_OK:
+        raise ValueError(f"pack: {dtype} cannot hold {cols} columns on the GPU")
+    return out
+
+
+cdef class Context:
+    """A Vulkan instance + logical device + pipelines on one physical device."""
+    cdef qvk_ctx* c
+
+    def __cinit__(self):
+        self.c = NULL
+
+    def __init__(self, loader=None, int index=0):
+        cdef char err[ERRLEN]
+        cdef bytes lb = _loader_arg(loader)
+        cdef const char* lp = lb
+        cdef int rc
+        err[0] = 0
+        with nogil:
+            rc = qvk_ctx_create(lp, index, &self.c, err, ERRLEN)
+        if rc != QVK_OK:
+            _raise(rc, err)
+
+    cdef qvk_ctx* _get(self) except NULL:
+        if self.c == NULL:
+            raise VulkanError(-16, "the Vulkan context is closed")
+        return self.c
+
+    @property
+    def info(self):
+        return _info(qvk_ctx_info(self._get()))
+
+    def set_fail_alloc(self, bint fail):
+        qvk_ctx_set_fail_alloc(self._get(), fail)
+
+    def run_kernel(self, str name, spec, list bufs, bytes push, int gx, int gy=1):
+        """Run one shader; bufs[i] (None or a C-contiguous array) is bound at binding i and
+        overwritten with what the shader left there."""
+        cdef qvk_hostbuf hb[8]
+        cdef uint32_t sp[8]
+        cdef char err[ERRLEN]
+        cdef int i, rc, n_spec = len(spec)
+        cdef uint8_t[::1] view
+        cdef qvk_ctx* c = self._get()
+        cdef bytes nm = name.encode()
+        cdef const char* np_ = nm
+        cdef const char* pp = push
+        cdef size_t pn = len(push)
+        if len(bufs) > 8 or n_spec > 8:
+            raise ValueError("at most 8 buffers and 8 specialization constants")
+        for i in range(n_spec):
+            sp[i] = spec[i]
+        views = []
+        for i in range(8):
+            hb[i].data = NULL
+            hb[i].bytes = 0
+            if i < len(bufs) and bufs[i] is not None:
+                a = bufs[i]
+                if not a.flags.c_contiguous or not a.flags.writeable:
+                    raise ValueError("kernel buffers must be writeable C-contiguous arrays")
+                view = a.reshape(-1).view(np.uint8)
+                views.append(view)
+                hb[i].data = &view[0]
+                hb[i].bytes = view.shape[0]
+        err[0] = 0
+        with nogil:
+            rc = qvk_run_kernel(c, np_, sp, n_spec, hb, pp, pn, gx, gy, 1, err, ERRLEN)
+        if rc != QVK_OK:
+            _raise(rc, err)
+
+    def close(self):
+        if self.c != NULL:
+            qvk_ctx_destroy(self.c)
+            self.c = NULL
+
+    def __dealloc__(self):
+        if self.c != NULL:
+            qvk_ctx_destroy(self.c)
+
+
+cdef class _Weights:
+    """qora_config + qora_weights over the caller's arrays (the same mapping as _cpu.CpuModel)."""
+    cdef qora_config cfg
+    cdef qora_weights w
+    cdef qora_layer* layers
+    cdef list refs
+
+    def __cinit__(self):
+        memset(&self.cfg, 0, sizeof(qora_config))
+        memset(&self.w, 0, sizeof(qora_weights))
+        self.layers = NULL
+
+    def __init__(self, dict cfg, dict tensors, inv_freq, float rope_scale, int max_seq_len):
+        cdef int i, n_layers = cfg["n_layers"]
+        cdef qora_layer* L
+        self.refs = []
+        c = &self.cfg
+        c.n_layers = n_layers
+        c.dim = cfg["dim"]
+        c.n_heads = cfg["n_heads"]
+        c.n_kv_heads = cfg["n_kv_heads"]
+        c.head_dim = cfg["head_dim"]
+        c.hidden_dim = cfg["hidden_dim"]
+        c.vocab_size = cfg["vocab_size"]
+        c.max_seq_len = max_seq_len
+        c.norm_eps = cfg["norm_eps"]
+        c.rope_scale = rope_scale
+        if min(n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size) <= 0 \
+                or c.n_heads % c.n_kv_heads or c.head_dim % 2 or max_seq_len < 1:
+            raise ValueError("inconsistent model config")
+        self.layers = <qora_layer*>calloc(n_layers, sizeof(qora_layer))
+        if self.layers == NULL:
+            raise MemoryError()
+        self.w.layers = self.layers
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        D, H, V = c.dim, c.hidden_dim, c.vocab_size
+        self.w.tok_embeddings = self._mat(tensors, "tok_embeddings", V, D)
+        self.w.output = self._mat(tensors, "output" if "output" in tensors else "tok_embeddings", V, D)
+        self.w.norm = self._vec(tensors, "norm", D)
+        inv = np.ascontiguousarray(inv_freq, dtype=np.float32)
+        if inv.shape != (c.head_dim // 2,):
+            raise ValueError("inv_freq must have head_dim/2 values")
+        self.refs.append(inv)
+        self.w.inv_freq = <const float*><size_t>inv.ctypes.data
+        rope_layers = cfg["rope_layers"]
+        for i in range(n_layers):
+            p = f"layers.{i}."
+            L = &self.layers[i]
+            L.attn_norm = self._vec(tensors, p + "attn_norm", D)
+            L.ffn_norm = self._vec(tensors, p + "ffn_norm", D)
+            L.wq = self._mat(tensors, p + "wq", q_dim, D)
+            L.wk = self._mat(tensors, p + "wk", kv_dim, D)
+            L.wv = self._mat(tensors, p + "wv", kv_dim, D)
+            L.wo = self._mat(tensors, p + "wo", D, q_dim)
+            L.w_gate = self._mat(tensors, p + "w_gate", H, D)
+            L.w_up = self._mat(tensors, p + "w_up", H, D)
+            L.w_down = self._mat(tensors, p + "w_down", D, H)
+            L.use_rope = 1 if rope_layers[i] else 0
+
+    cdef qora_tensor _mat(self, dict tensors, str name, int rows, int cols) except *:
+        cdef qora_tensor t
+        dtype, shape, arr = tensors[name]
+        if tuple(shape) != (rows, cols) or dtype not in DTYPES:
+            raise ValueError(f"{name}: {dtype} {tuple(shape)}, expected ({rows}, {cols})")
+        a = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        t.dtype = DTYPES[dtype]
+        t.rows = rows
+        t.cols = cols
+        t.row_bytes = qora_row_bytes(t.dtype, cols)
+        if t.row_bytes == 0 or <size_t>a.shape[0] != t.row_bytes * <size_t>rows:
+            raise ValueError(f"{name}: {a.shape[0]} bytes, expected {t.row_bytes * rows}")
+        self.refs.append(a)
+        t.data = <const void*><size_t>a.ctypes.data
+        return t
+
+    cdef const float* _vec(self, dict tensors, str name, int n) except NULL:
+        dtype, shape, arr = tensors[name]
+        if dtype != "f32" or tuple(shape) != (n,):
+            raise ValueError(f"{name}: expected f32 ({n},), got {dtype} {tuple(shape)}")
+        a = np.ascontiguousarray(arr, dtype=np.float32)
+        self.refs.append(a)
+        return <const float*><size_t>a.ctypes.data
+
+    def __dealloc__(self):
+        free(self.layers)
+
+
+cdef qvk_model_opts _opts(int max_seq_len, dict opts):
+    cdef qvk_model_opts o
+    o.max_seq_len = max_seq_len
+    o.batch = opts.get("batch", 0)
+    o.logit_rows = opts.get("logit_rows", 0)
+    o.mv_threads = opts.get("mv_threads", 0)
+    o.mv_rows = opts.get("mv_rows", 0)
+    o.fail_after = opts.get("fail_after", -1)
+    return o
+
+
+def estimate(Context ctx, dict cfg, dict tensors, inv_freq, float rope_scale, int max_seq_len, dict opts):
+    """Device memory (bytes) the model would take; VulkanError if it cannot run on this device."""
+    cdef _Weights w = _Weights(cfg, tensors, inv_freq, rope_scale, max_seq_len)
+    cdef qvk_model_opts o = _opts(max_seq_len, opts)
+    cdef uint64_t nbytes = 0
+    cdef char err[ERRLEN]
+    err[0] = 0
+    rc = qvk_model_estimate(ctx._get(), &w.cfg, &w.w, &o, &nbytes, err, ERRLEN)
+    if rc != QVK_OK:
+        _raise(rc, err)
+    return nbytes
+
+
+cdef class Model:
+    """The model on the device: weights uploaded once, KV cache and the recorded steps."""
+    cdef qvk_model* m
+    cdef Context ctx
+    cdef readonly int vocab_size
+    cdef readonly int max_seq_len
+    cdef readonly int batch
+    cdef readonly int logit_rows
+
+    def __cinit__(self):
+        self.m = NULL
+
+    def __init__(self, Context ctx, dict cfg, dict tensors, inv_freq, float rope_scale, int max_seq_len,
+                 dict opts):
+        cdef _Weights w = _Weights(cfg, tensors, inv_freq, rope_scale, max_seq_len)
+        cdef qvk_model_opts o = _opts(max_seq_len, opts)
+        cdef char err[ERRLEN]
+        cdef int rc
+        cdef qvk_ctx* c = ctx._get()
+        err[0] = 0
+        with nogil:
+            rc = qvk_model_create(c, &w.cfg, &w.w, &o, &self.m, err, ERRLEN)
+        if rc != QVK_OK:
+            _raise(rc, err)
+        self.ctx = ctx
+        self.vocab_size = w.cfg.vocab_size
+        self.max_seq_len = max_seq_len
+        self.batch = qvk_model_batch(self.m)
+        self.logit_rows = qvk_model_logit_rows(self.m)
+
+    def forward(self, const int32_t[::1] tokens, int start_pos, bint all_logits=False):
+        """Logits (n, vocab) or (1, vocab) for the last token; fills the KV cache."""
+        cdef int n = tokens.shape[0], rc
+        cdef char err[ERRLEN]
+        if self.m == NULL:
+            raise VulkanError(-16, "the model is closed")
+        if n < 1 or n > self.batch or (all_logits and n > self.logit_rows):
+            raise ValueError(f"forward takes 1..{self.logit_rows if all_logits else self.batch} tokens, got {n}")
+        out = np.empty((n if all_logits else 1, self.vocab_size), dtype=np.float32)
+        cdef float[:, ::1] o = out
+        err[0] = 0
+        with nogil:
+            rc = qvk_model_forward(self.m, &tokens[0], n, start_pos, &o[0, 0], all_logits, err, ERRLEN)
+        if rc != QVK_OK:
+            _raise(rc, err)
+        return out
+
+    def close(self):
+        if self.m != NULL:
+            qvk_model_destroy(self.m)
+            self.m = NULL
+
+    def __dealloc__(self):
+        if self.m != NULL:
+            qvk_model_destroy(self.m)

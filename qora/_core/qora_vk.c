@@ -1,0 +1,1506 @@
+/* qora — the Vulkan backend (API and lifetimes: include/qora/vk_backend.h).
+
+   Sections: loader and function table · instance and devices · context (device, queue,
+   pipelines) · buffers · single kernels · weight packing · the model (plan, upload, the recorded
+   steps, forward).
+
+   The token step, as recorded (decode, one token; every line is one dispatch and each waits for
+   the previous one with a memory barrier):
+       embed                              x = embedding row of the token
+       per layer:
+         matvec QKV   (+RMSNorm, +RoPE)   q -> scratch; k, v -> KV cache at pos
+         attention                        att = softmax(q k^T / sqrt(d)) v, GQA
+         matvec ADD   wo                  x += wo att
+         matvec SWIGLU (+RMSNorm)         hb = silu(gate x) * (up x)
+         matvec ADD   w_down              x += w_down hb
+       matvec STORE (+RMSNorm) LM head    logits
+       copy logits to host-visible memory
+   Prefill (n tokens) runs the same layers with batched products (matmul.comp) and separate
+   norm / RoPE+KV kernels. Positions, token ids and the RoPE cos/sin table live in small
+   host-visible buffers, so the decode command buffer is recorded once and only resubmitted. */
+
+#define VK_NO_PROTOTYPES
+#include "vulkan/vulkan_core.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qora/vk_backend.h"
+#include "shaders_spv.h"
+
+#ifdef _WIN32
+#define WIN32_LEAN_AND_MEAN
+#include <windows.h>
+static void* qvk_open_lib(const char* name) { return (void*)LoadLibraryA(name); }
+static void* qvk_sym(void* lib, const char* s) { return (void*)GetProcAddress((HMODULE)lib, s); }
+static const char* const qvk_default_libs[] = {"vulkan-1.dll", NULL};
+#else
+#include <dlfcn.h>
+static void* qvk_open_lib(const char* name) { return dlopen(name, RTLD_NOW | RTLD_LOCAL); }
+static void* qvk_sym(void* lib, const char* s) { return dlsym(lib, s); }
+#ifdef __APPLE__
+/* the LunarG SDK / Homebrew loader, else MoltenVK itself (it exports vkGetInstanceProcAddr) */
+static const char* const qvk_default_libs[] = {"libvulkan.1.dylib", "libvulkan.dylib", "/usr/local/lib/libvulkan.1.dylib",
+                                               "/opt/homebrew/lib/libvulkan.1.dylib", "libMoltenVK.dylib", NULL};
+#else
+static const char* const qvk_default_libs[] = {"libvulkan.so.1", "libvulkan.so", NULL};
+#endif
+#endif
+
+#define QVK_PORTABILITY_SUBSET "VK_KHR_portability_subset" /* in vulkan_beta.h, which we do not include */
+#define QVK_FENCE_TIMEOUT_NS (120ull * 1000 * 1000 * 1000)
+#define QVK_PUSH_BYTES 128
+#define QVK_BINDINGS 8
+
+/* ================================================================ errors */
+
+static int qvk_fail(char* err, size_t n, int code, const char* fmt, ...) {
+    if (err && n) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, n, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+static const char* qvk_result_name(VkResult r) {
+    switch (r) {
+    case VK_SUCCESS: return "VK_SUCCESS";
+    case VK_TIMEOUT: return "VK_TIMEOUT";
+    case VK_ERROR_OUT_OF_HOST_MEMORY: return "VK_ERROR_OUT_OF_HOST_MEMORY";
+    case VK_ERROR_OUT_OF_DEVICE_MEMORY: return "VK_ERROR_OUT_OF_DEVICE_MEMORY";
+    case VK_ERROR_INITIALIZATION_FAILED: return "VK_ERROR_INITIALIZATION_FAILED";
+    case VK_ERROR_DEVICE_LOST: return "VK_ERROR_DEVICE_LOST";
+    case VK_ERROR_MEMORY_MAP_FAILED: return "VK_ERROR_MEMORY_MAP_FAILED";
+    case VK_ERROR_LAYER_NOT_PRESENT: return "VK_ERROR_LAYER_NOT_PRESENT";
+    case VK_ERROR_EXTENSION_NOT_PRESENT: return "VK_ERROR_EXTENSION_NOT_PRESENT";
+    case VK_ERROR_FEATURE_NOT_PRESENT: return "VK_ERROR_FEATURE_NOT_PRESENT";
+    case VK_ERROR_INCOMPATIBLE_DRIVER: return "VK_ERROR_INCOMPATIBLE_DRIVER";
+    case VK_ERROR_TOO_MANY_OBJECTS: return "VK_ERROR_TOO_MANY_OBJECTS";
+    case VK_ERROR_OUT_OF_POOL_MEMORY: return "VK_ERROR_OUT_OF_POOL_MEMORY";
+    default: return "VkResult error";
+    }
+}
+
+static int qvk_code(VkResult r) {
+    if (r == VK_ERROR_OUT_OF_DEVICE_MEMORY || r == VK_ERROR_OUT_OF_HOST_MEMORY) return QVK_ERR_OOM;
+    if (r == VK_ERROR_DEVICE_LOST || r == VK_TIMEOUT) return QVK_ERR_DEVICE_LOST;
+    return QVK_ERR_VK;
+}
+
+static int qvk_vkfail(char* err, size_t n, VkResult r, const char* what) {
+    return qvk_fail(err, n, qvk_code(r), "%s failed: %s (%d)", what, qvk_result_name(r), (int)r);
+}
+
+/* ================================================================ function table */
+
+#define QVK_INSTANCE_FNS(X)                                                                                 \
+    X(vkDestroyInstance) X(vkEnumeratePhysicalDevices) X(vkGetPhysicalDeviceProperties)                     \
+    X(vkGetPhysicalDeviceProperties2) X(vkGetPhysicalDeviceMemoryProperties)                                \
+    X(vkGetPhysicalDeviceMemoryProperties2) X(vkGetPhysicalDeviceQueueFamilyProperties)                     \
+    X(vkEnumerateDeviceExtensionProperties) X(vkCreateDevice) X(vkGetDeviceProcAddr)
+
+#define QVK_DEVICE_FNS(X)                                                                                    \
+    X(vkDestroyDevice) X(vkGetDeviceQueue) X(vkCreateBuffer) X(vkDestroyBuffer)                              \
+    X(vkGetBufferMemoryRequirements) X(vkAllocateMemory) X(vkFreeMemory) X(vkBindBufferMemory) X(vkMapMemory) \
+    X(vkUnmapMemory) X(vkCreateShaderModule) X(vkDestroyShaderModule) X(vkCreateDescriptorSetLayout)         \
+    X(vkDestroyDescriptorSetLayout) X(vkCreatePipelineLayout) X(vkDestroyPipelineLayout)                     \
+    X(vkCreateComputePipelines) X(vkDestroyPipeline) X(vkCreateDescriptorPool) X(vkDestroyDescriptorPool)    \
+    X(vkAllocateDescriptorSets) X(vkUpdateDescriptorSets) X(vkCreateCommandPool) X(vkDestroyCommandPool)     \
+    X(vkAllocateCommandBuffers) X(vkFreeCommandBuffers) X(vkBeginCommandBuffer) X(vkEndCommandBuffer)        \
+    X(vkResetCommandBuffer) X(vkCmdBindPipeline) X(vkCmdBindDescriptorSets) X(vkCmdPushConstants)            \
+    X(vkCmdDispatch) X(vkCmdPipelineBarrier) X(vkCmdCopyBuffer) X(vkCmdFillBuffer) X(vkQueueSubmit)          \
+    X(vkCreateFence) X(vkDestroyFence) X(vkWaitForFences) X(vkResetFences) X(vkDeviceWaitIdle)
+
+typedef struct {
+    PFN_vkGetInstanceProcAddr vkGetInstanceProcAddr;
+    PFN_vkCreateInstance vkCreateInstance;
+    PFN_vkEnumerateInstanceVersion vkEnumerateInstanceVersion; /* NULL on a 1.0 loader */
+    PFN_vkEnumerateInstanceExtensionProperties vkEnumerateInstanceExtensionProperties;
+#define QVK_DECL(f) PFN_##f f;
+    QVK_INSTANCE_FNS(QVK_DECL)
+    QVK_DEVICE_FNS(QVK_DECL)
+#undef QVK_DECL
+} qvk_fns;
+
+/* ================================================================ instance and devices */
+
+typedef struct {
+    qvk_fns f;
+    VkInstance instance;
+} qvk_inst;
+
+static int qvk_has_ext(const VkExtensionProperties* e, uint32_t n, const char* name) {
+    for (uint32_t i = 0; i < n; i++)
+        if (!strcmp(e[i].extensionName, name)) return 1;
+    return 0;
+}
+
+static int qvk_instance_open(const char* loader, qvk_inst* I, char* err, size_t n) {
+    memset(I, 0, sizeof *I);
+    void* lib = NULL;
+    const char* tried = loader && *loader ? loader : qvk_default_libs[0];
+    if (loader && *loader)
+        lib = qvk_open_lib(loader);
+    else
+        for (int i = 0; qvk_default_libs[i] && !lib; i++) lib = qvk_open_lib(qvk_default_libs[i]);
+    /* the library stays loaded: unloading drivers is fragile and the process may come back to it */
+    if (!lib) return qvk_fail(err, n, QVK_ERR_LOADER, "no Vulkan loader (%s not found)", tried);
+    qvk_fns* f = &I->f;
+    f->vkGetInstanceProcAddr = (PFN_vkGetInstanceProcAddr)qvk_sym(lib, "vkGetInstanceProcAddr");
+    if (!f->vkGetInstanceProcAddr) return qvk_fail(err, n, QVK_ERR_LOADER, "%s has no vkGetInstanceProcAddr", tried);
+    f->vkCreateInstance = (PFN_vkCreateInstance)f->vkGetInstanceProcAddr(NULL, "vkCreateInstance");
+    f->vkEnumerateInstanceVersion =
+        (PFN_vkEnumerateInstanceVersion)f->vkGetInstanceProcAddr(NULL, "vkEnumerateInstanceVersion");
+    f->vkEnumerateInstanceExtensionProperties = (PFN_vkEnumerateInstanceExtensionProperties)f->vkGetInstanceProcAddr(
+        NULL, "vkEnumerateInstanceExtensionProperties");
+    if (!f->vkCreateInstance || !f->vkEnumerateInstanceExtensionProperties)
+        return qvk_fail(err, n, QVK_ERR_LOADER, "the Vulkan loader %s is incomplete", tried);
+    uint32_t version = VK_API_VERSION_1_0;
+    if (f->vkEnumerateInstanceVersion) f->vkEnumerateInstanceVersion(&version);
+    if (version < VK_API_VERSION_1_1)
+        return qvk_fail(err, n, QVK_ERR_FEATURE, "the Vulkan loader only offers Vulkan 1.0 (qora needs 1.1)");
+
+    /* MoltenVK is listed only when the application opts into portability drivers */
+    const char* exts[1];
+    uint32_t n_exts = 0, n_avail = 0;
+    VkInstanceCreateFlags flags = 0;
+    f->vkEnumerateInstanceExtensionProperties(NULL, &n_avail, NULL);
+    VkExtensionProperties* avail = calloc(n_avail + 1, sizeof *avail);
+    if (!avail) return qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
+    f->vkEnumerateInstanceExtensionProperties(NULL, &n_avail, avail);
+    if (qvk_has_ext(avail, n_avail, VK_KHR_PORTABILITY_ENUMERATION_EXTENSION_NAME)) {
+        exts[n_exts++] = VK_KHR_PORTABILITY_ENUMERATION_EXTENSION_NAME;
+        flags |= VK_INSTANCE_CREATE_ENUMERATE_PORTABILITY_BIT_KHR;
+    }
+    free(avail);
+
+    VkApplicationInfo app = {VK_STRUCTURE_TYPE_APPLICATION_INFO, NULL, "qora", 1, "qora", 1, VK_API_VERSION_1_1};
+    VkInstanceCreateInfo ci = {VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO, NULL, flags, &app, 0, NULL, n_exts, exts};
+    VkResult r = f->vkCreateInstance(&ci, NULL, &I->instance);
+    if (r == VK_ERROR_INCOMPATIBLE_DRIVER)
+        return qvk_fail(err, n, QVK_ERR_NO_DEVICE, "no Vulkan driver is installed (the loader found no ICD)");
+    if (r != VK_SUCCESS) return qvk_vkfail(err, n, r, "vkCreateInstance");
+#define QVK_LOAD_I(fn)                                                                    \
+    f->fn = (PFN_##fn)f->vkGetInstanceProcAddr(I->instance, #fn);                         \
+    if (!f->fn) {                                                                         \
+        f->vkDestroyInstance = (PFN_vkDestroyInstance)f->vkGetInstanceProcAddr(I->instance, "vkDestroyInstance"); \
+        if (f->vkDestroyInstance) f->vkDestroyInstance(I->instance, NULL);                \
+        I->instance = VK_NULL_HANDLE;                                                     \
+        return qvk_fail(err, n, QVK_ERR_LOADER, "the Vulkan loader lacks %s", #fn);      \
+    }
+    QVK_INSTANCE_FNS(QVK_LOAD_I)
+#undef QVK_LOAD_I
+    return QVK_OK;
+}
+
+static void qvk_instance_close(qvk_inst* I) {
+    if (I->instance) I->f.vkDestroyInstance(I->instance, NULL);
+    I->instance = VK_NULL_HANDLE;
+}
+
+static int qvk_compute_family(qvk_inst* I, VkPhysicalDevice pd, uint32_t* family) {
+    uint32_t n = 0;
+    I->f.vkGetPhysicalDeviceQueueFamilyProperties(pd, &n, NULL);
+    VkQueueFamilyProperties* q = calloc(n + 1, sizeof *q);
+    if (!q) return 0;
+    I->f.vkGetPhysicalDeviceQueueFamilyProperties(pd, &n, q);
+    int found = 0;
+    for (uint32_t i = 0; i < n && !found; i++)
+        if ((q[i].queueFlags & VK_QUEUE_COMPUTE_BIT) && q[i].queueCount > 0) {
+            *family = i;
+            found = 1;
+        }
+    free(q);
+    return found;
+}
+
+static int qvk_device_has_ext(qvk_inst* I, VkPhysicalDevice pd, const char* name) {
+    uint32_t n = 0;
+    I->f.vkEnumerateDeviceExtensionProperties(pd, NULL, &n, NULL);
+    VkExtensionProperties* e = calloc(n + 1, sizeof *e);
+    if (!e) return 0;
+    I->f.vkEnumerateDeviceExtensionProperties(pd, NULL, &n, e);
+    int has = qvk_has_ext(e, n, name);
+    free(e);
+    return has;
+}
+
+/* Everything qora needs to know about a device, and whether it can run on it. */
+static void qvk_describe(qvk_inst* I, VkPhysicalDevice pd, qvk_device_info* d) {
+    memset(d, 0, sizeof *d);
+    VkPhysicalDeviceProperties p;
+    I->f.vkGetPhysicalDeviceProperties(pd, &p);
+    snprintf(d->name, sizeof d->name, "%s", p.deviceName);
+    d->type = (int)p.deviceType;
+    d->vendor_id = p.vendorID;
+    d->device_id = p.deviceID;
+    d->api_version = p.apiVersion;
+    d->driver_version = p.driverVersion;
+    d->max_storage_buffer_range = p.limits.maxStorageBufferRange;
+    d->max_shared_memory = p.limits.maxComputeSharedMemorySize;
+
+    VkPhysicalDeviceSubgroupProperties sg = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES};
+    VkPhysicalDeviceMaintenance3Properties m3 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MAINTENANCE_3_PROPERTIES, &sg};
+    if (p.apiVersion >= VK_API_VERSION_1_1) {
+        VkPhysicalDeviceProperties2 p2 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, &m3};
+        I->f.vkGetPhysicalDeviceProperties2(pd, &p2);
+        d->subgroup_size = sg.subgroupSize;
+        d->max_allocation = m3.maxMemoryAllocationSize;
+    }
+
+    VkPhysicalDeviceMemoryBudgetPropertiesEXT budget = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MEMORY_BUDGET_PROPERTIES_EXT};
+    int has_budget = p.apiVersion >= VK_API_VERSION_1_1 && qvk_device_has_ext(I, pd, VK_EXT_MEMORY_BUDGET_EXTENSION_NAME);
+    VkPhysicalDeviceMemoryProperties2 mp2 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MEMORY_PROPERTIES_2,
+                                              has_budget ? &budget : NULL};
+    I->f.vkGetPhysicalDeviceMemoryProperties2(pd, &mp2);
+    const VkPhysicalDeviceMemoryProperties* mp = &mp2.memoryProperties;
+    int heap = -1;
+    for (uint32_t i = 0; i < mp->memoryHeapCount; i++)
+        if ((mp->memoryHeaps[i].flags & VK_MEMORY_HEAP_DEVICE_LOCAL_BIT) &&
+            (heap < 0 || mp->memoryHeaps[i].size > mp->memoryHeaps[heap].size))
+            heap = (int)i;
+    if (heap >= 0) {
+        d->vram_bytes = mp->memoryHeaps[heap].size;
+        d->vram_budget = has_budget && budget.heapBudget[heap] ? budget.heapBudget[heap] : d->vram_bytes;
+    }
+
+    uint32_t family;
+    const VkSubgroupFeatureFlags need_ops = VK_SUBGROUP_FEATURE_BASIC_BIT | VK_SUBGROUP_FEATURE_ARITHMETIC_BIT;
+    d->usable = 0;
+    if (p.apiVersion < VK_API_VERSION_1_1)
+        snprintf(d->why_not, sizeof d->why_not, "Vulkan %u.%u device (qora needs 1.1)", VK_API_VERSION_MAJOR(p.apiVersion),
+                 VK_API_VERSION_MINOR(p.apiVersion));
+    else if (!(sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) || (sg.supportedOperations & need_ops) != need_ops)
+        snprintf(d->why_not, sizeof d->why_not, "no subgroup arithmetic in compute shaders");
+    else if (!qvk_compute_family(I, pd, &family))
+        snprintf(d->why_not, sizeof d->why_not, "no compute queue");
+    else if (p.limits.maxComputeSharedMemorySize < 20480)
+        snprintf(d->why_not, sizeof d->why_not, "only %u bytes of shared memory", p.limits.maxComputeSharedMemorySize);
+    else if (p.limits.maxComputeWorkGroupInvocations < 256 || p.limits.maxPushConstantsSize < QVK_PUSH_BYTES)
+        snprintf(d->why_not, sizeof d->why_not, "compute limits too small");
+    else if (heap < 0)
+        snprintf(d->why_not, sizeof d->why_not, "no device-local memory");
+    else
+        d->usable = 1;
+}
+
+int qvk_list_devices(const char* loader, qvk_device_info* out, int cap, int* count, char* err, size_t errlen) {
+    qvk_inst I;
+    *count = 0;
+    int rc = qvk_instance_open(loader, &I, err, errlen);
+    if (rc) return rc;
+    uint32_t n = 0;
+    VkResult r = I.f.vkEnumeratePhysicalDevices(I.instance, &n, NULL);
+    VkPhysicalDevice* pds = calloc(n + 1, sizeof *pds);
+    if (r == VK_SUCCESS && pds) r = I.f.vkEnumeratePhysicalDevices(I.instance, &n, pds);
+    if (!pds || (r != VK_SUCCESS && r != VK_INCOMPLETE)) {
+        free(pds);
+        qvk_instance_close(&I);
+        return pds ? qvk_vkfail(err, errlen, r, "vkEnumeratePhysicalDevices") : qvk_fail(err, errlen, QVK_ERR_OOM, "out of host memory");
+    }
+    for (uint32_t i = 0; i < n && (int)i < cap; i++) qvk_describe(&I, pds[i], &out[i]);
+    *count = (int)n < cap ? (int)n : cap;
+    free(pds);
+    qvk_instance_close(&I);
+    return QVK_OK;
+}
+
+/* ================================================================ context */
+
+typedef struct {
+    VkBuffer buf;
+    VkDeviceMemory mem;
+    VkDeviceSize size;
+    void* map; /* host-visible buffers stay mapped */
+} qvk_buffer;
+
+typedef struct {
+    int shader;
+    int n_spec;
+    uint32_t spec[8];
+    VkPipeline pipe;
+} qvk_pipe;
+
+struct qvk_ctx {
+    qvk_inst I;
+    qvk_fns* f;
+    VkPhysicalDevice pd;
+    VkDevice dev;
+    VkQueue queue;
+    uint32_t family;
+    qvk_device_info info;
+    VkPhysicalDeviceMemoryProperties mem;
+    VkPhysicalDeviceLimits limits;
+    VkDescriptorSetLayout dsl;
+    VkPipelineLayout layout;
+    VkShaderModule modules[QVK_N_SHADERS];
+    qvk_pipe* pipes;
+    int n_pipes, cap_pipes;
+    VkCommandPool cmd_pool;
+    VkFence fence;
+    qvk_buffer dummy; /* bound where a shader's binding is unused */
+    int fail_alloc;
+};
+
+enum { QVK_MEM_DEVICE, QVK_MEM_UPLOAD, QVK_MEM_READBACK, QVK_MEM_STAGING };
+
+static int qvk_find_memory(const qvk_ctx* c, uint32_t bits, int kind) {
+    VkMemoryPropertyFlags need, want, avoid;
+    switch (kind) {
+    case QVK_MEM_DEVICE:
+        need = VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT, want = 0, avoid = VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT;
+        break;
+    case QVK_MEM_UPLOAD: /* small per-step inputs: device-local host-visible (BAR) memory when there is one */
+        need = VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT;
+        want = VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT, avoid = 0;
+        break;
+    case QVK_MEM_READBACK:
+        need = VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT;
+        want = VK_MEMORY_PROPERTY_HOST_CACHED_BIT, avoid = 0;
+        break;
+    default: /* staging: plain system memory, leaving the small BAR heap alone */
+        need = VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT;
+        want = 0, avoid = VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT;
+    }
+    int best = -1, best_score = -1;
+    for (uint32_t i = 0; i < c->mem.memoryTypeCount; i++) {
+        VkMemoryPropertyFlags fl = c->mem.memoryTypes[i].propertyFlags;
+        if (!(bits & (1u << i)) || (fl & need) != need) continue;
+        int score = ((fl & want) == want && want ? 2 : 0) + ((fl & avoid) ? 0 : 1);
+        if (score > best_score) best = (int)i, best_score = score;
+    }
+    return best;
+}
+
+static void qvk_buffer_free(qvk_ctx* c, qvk_buffer* b) {
+    if (b->map) c->f->vkUnmapMemory(c->dev, b->mem);
+    if (b->buf) c->f->vkDestroyBuffer(c->dev, b->buf, NULL);
+    if (b->mem) c->f->vkFreeMemory(c->dev, b->mem, NULL);
+    memset(b, 0, sizeof *b);
+}
+
+/* One buffer with its own allocation (a few hundred per model, well under any driver limit). */
+static int qvk_buffer_new(qvk_ctx* c, VkDeviceSize size, int kind, qvk_buffer* b, char* err, size_t n) {
+    memset(b, 0, sizeof *b);
+    size = (size + 15) & ~(VkDeviceSize)15;
+    if (size == 0) size = 16;
+    if (kind == QVK_MEM_DEVICE && c->fail_alloc)
+        return qvk_fail(err, n, QVK_ERR_OOM, "device memory allocation failed (simulated by QORA_VK_FAIL=alloc)");
+    VkBufferCreateInfo bi = {VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO};
+    bi.size = size;
+    bi.usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_SRC_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT;
+    bi.sharingMode = VK_SHARING_MODE_EXCLUSIVE;
+    VkResult r = c->f->vkCreateBuffer(c->dev, &bi, NULL, &b->buf);
+    if (r != VK_SUCCESS) return qvk_vkfail(err, n, r, "vkCreateBuffer");
+    VkMemoryRequirements req;
+    c->f->vkGetBufferMemoryRequirements(c->dev, b->buf, &req);
+    int type = qvk_find_memory(c, req.memoryTypeBits, kind);
+    if (type < 0) {
+        qvk_buffer_free(c, b);
+        return qvk_fail(err, n, QVK_ERR_FEATURE, "no suitable memory type");
+    }
+    VkMemoryAllocateInfo ai = {VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO, NULL, req.size, (uint32_t)type};
+    r = c->f->vkAllocateMemory(c->dev, &ai, NULL, &b->mem);
+    if (r != VK_SUCCESS) {
+        qvk_buffer_free(c, b);
+        return qvk_fail(err, n, qvk_code(r), "allocating %.1f MB of %s memory failed: %s", (double)size / 1e6,
+                        kind == QVK_MEM_DEVICE ? "device" : "host-visible", qvk_result_name(r));
+    }
+    r = c->f->vkBindBufferMemory(c->dev, b->buf, b->mem, 0);
+    if (r == VK_SUCCESS && kind != QVK_MEM_DEVICE) r = c->f->vkMapMemory(c->dev, b->mem, 0, VK_WHOLE_SIZE, 0, &b->map);
+    if (r != VK_SUCCESS) {
+        qvk_buffer_free(c, b);
+        return qvk_vkfail(err, n, r, "binding buffer memory");
+    }
+    b->size = size;
+    return QVK_OK;
+}
+
+static int qvk_submit_wait(qvk_ctx* c, VkCommandBuffer cb, char* err, size_t n) {
+    VkSubmitInfo si = {VK_STRUCTURE_TYPE_SUBMIT_INFO};
+    si.commandBufferCount = 1;
+    si.pCommandBuffers = &cb;
+    VkResult r = c->f->vkQueueSubmit(c->queue, 1, &si, c->fence);
+    if (r != VK_SUCCESS) return qvk_vkfail(err, n, r, "vkQueueSubmit");
+    r = c->f->vkWaitForFences(c->dev, 1, &c->fence, VK_TRUE, QVK_FENCE_TIMEOUT_NS);
+    if (r != VK_SUCCESS) return qvk_vkfail(err, n, r, "waiting for the GPU");
+    r = c->f->vkResetFences(c->dev, 1, &c->fence);
+    if (r != VK_SUCCESS) return qvk_vkfail(err, n, r, "vkResetFences");
+    return QVK_OK;
+}
+
+static VkCommandBuffer qvk_cmd_new(qvk_ctx* c) {
+    VkCommandBufferAllocateInfo ai = {VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO, NULL, c->cmd_pool,
+                                      VK_COMMAND_BUFFER_LEVEL_PRIMARY, 1};
+    VkCommandBuffer cb = VK_NULL_HANDLE;
+    if (c->f->vkAllocateCommandBuffers(c->dev, &ai, &cb) != VK_SUCCESS) return VK_NULL_HANDLE;
+    return cb;
+}
+
+static VkResult qvk_cmd_begin(qvk_ctx* c, VkCommandBuffer cb, int once) {
+    c->f->vkResetCommandBuffer(cb, 0);
+    VkCommandBufferBeginInfo bi = {VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO};
+    bi.flags = once ? VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT : 0;
+    return c->f->vkBeginCommandBuffer(cb, &bi);
+}
+
+static void qvk_barrier(qvk_ctx* c, VkCommandBuffer cb, VkPipelineStageFlags src, VkAccessFlags sa,
+                        VkPipelineStageFlags dst, VkAccessFlags da) {
+    VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, sa, da};
+    c->f->vkCmdPipelineBarrier(cb, src, dst, 0, 1, &mb, 0, NULL, 0, NULL);
+}
+
+static void qvk_compute_barrier(qvk_ctx* c, VkCommandBuffer cb) {
+    qvk_barrier(c, cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT,
+                VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
+}
+
+static int qvk_shader_index(const char* name) {
+    for (int i = 0; i < QVK_N_SHADERS; i++)
+        if (!strcmp(qvk_shaders[i].name, name)) return i;
+    return -1;
+}
+
+/* The pipeline of a shader specialized with spec[0..n_spec) (constant ids 0..n_spec-1), cached. */
+static VkPipeline qvk_pipeline(qvk_ctx* c, const char* name, const uint32_t* spec, int n_spec, char* err, size_t n) {
+    int s = qvk_shader_index(name);
+    if (s < 0 || n_spec < 0 || n_spec > 8) {
+        qvk_fail(err, n, QVK_ERR_ARGS, "unknown shader %s", name);
+        return VK_NULL_HANDLE;
+    }
+    for (int i = 0; i < c->n_pipes; i++) {
+        qvk_pipe* p = &c->pipes[i];
+        if (p->shader == s && p->n_spec == n_spec && !memcmp(p->spec, spec, (size_t)n_spec * 4)) return p->pipe;
+    }
+    VkResult r;
+    if (!c->modules[s]) {
+        VkShaderModuleCreateInfo mi = {VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO, NULL, 0, qvk_shaders[s].size,
+                                       qvk_shaders[s].code};
+        r = c->f->vkCreateShaderModule(c->dev, &mi, NULL, &c->modules[s]);
+        if (r != VK_SUCCESS) {
+            qvk_vkfail(err, n, r, "vkCreateShaderModule");
+            return VK_NULL_HANDLE;
+        }
+    }
+    VkSpecializationMapEntry entries[8];
+    for (int i = 0; i < n_spec; i++) entries[i] = (VkSpecializationMapEntry){(uint32_t)i, (uint32_t)i * 4, 4};
+    VkSpecializationInfo si = {(uint32_t)n_spec, entries, (size_t)n_spec * 4, spec};
+    VkComputePipelineCreateInfo pi = {VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO};
+    pi.stage.sType = VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO;
+    pi.stage.stage = VK_SHADER_STAGE_COMPUTE_BIT;
+    pi.stage.module = c->modules[s];
+    pi.stage.pName = "main";
+    pi.stage.pSpecializationInfo = n_spec ? &si : NULL;
+    pi.layout = c->layout;
+    VkPipeline pipe = VK_NULL_HANDLE;
+    r = c->f->vkCreateComputePipelines(c->dev, VK_NULL_HANDLE, 1, &pi, NULL, &pipe);
+    if (r != VK_SUCCESS) {
+        qvk_vkfail(err, n, r, "vkCreateComputePipelines");
+        return VK_NULL_HANDLE;
+    }
+    if (c->n_pipes == c->cap_pipes) {
+        int cap = c->cap_pipes ? 2 * c->cap_pipes : 32;
+        qvk_pipe* np = realloc(c->pipes, (size_t)cap * sizeof *np);
+        if (!np) {
+            c->f->vkDestroyPipeline(c->dev, pipe, NULL);
+            qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
+            return VK_NULL_HANDLE;
+        }
+        c->pipes = np, c->cap_pipes = cap;
+    }
+    qvk_pipe* p = &c->pipes[c->n_pipes++];
+    memset(p, 0, sizeof *p);
+    p->shader = s, p->n_spec = n_spec, p->pipe = pipe;
+    memcpy(p->spec, spec, (size_t)n_spec * 4);
+    return pipe;
+}
+
+void qvk_ctx_destroy(qvk_ctx* c) {
+    if (!c) return;
+    if (c->dev) {
+        c->f->vkDeviceWaitIdle(c->dev);
+        for (int i = 0; i < c->n_pipes; i++) c->f->vkDestroyPipeline(c->dev, c->pipes[i].pipe, NULL);
+        for (int i = 0; i < QVK_N_SHADERS; i++)
+            if (c->modules[i]) c->f->vkDestroyShaderModule(c->dev, c->modules[i], NULL);
+        qvk_buffer_free(c, &c->dummy);
+        if (c->layout) c->f->vkDestroyPipelineLayout(c->dev, c->layout, NULL);
+        if (c->dsl) c->f->vkDestroyDescriptorSetLayout(c->dev, c->dsl, NULL);
+        if (c->fence) c->f->vkDestroyFence(c->dev, c->fence, NULL);
+        if (c->cmd_pool) c->f->vkDestroyCommandPool(c->dev, c->cmd_pool, NULL);
+        c->f->vkDestroyDevice(c->dev, NULL);
+    }
+    qvk_instance_close(&c->I);
+    free(c->pipes);
+    free(c);
+}
+
+int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* err, size_t n) {
+    *out = NULL;
+    qvk_ctx* c = calloc(1, sizeof *c);
+    if (!c) return qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
+    c->f = &c->I.f;
+    int rc = qvk_instance_open(loader, &c->I, err, n);
+    if (rc) {
+        free(c);
+        return rc;
+    }
+    uint32_t count = 0;
+    VkResult r = c->f->vkEnumeratePhysicalDevices(c->I.instance, &count, NULL);
+    VkPhysicalDevice* pds = calloc(count + 1, sizeof *pds);
+    if (r == VK_SUCCESS && pds) r = c->f->vkEnumeratePhysicalDevices(c->I.instance, &count, pds);
+    if (r != VK_SUCCESS || !pds || device_index < 0 || (uint32_t)device_index >= count) {
+        free(pds);
+        qvk_ctx_destroy(c);
+        if (count == 0) return qvk_fail(err, n, QVK_ERR_NO_DEVICE, "no Vulkan device");
+        return qvk_fail(err, n, QVK_ERR_NO_DEVICE, "no Vulkan device %d (there are %u)", device_index, count);
+    }
+    c->pd = pds[device_index];
+    free(pds);
+    qvk_describe(&c->I, c->pd, &c->info);
+    if (!c->info.usable) {
+        rc = qvk_fail(err, n, QVK_ERR_FEATURE, "%s: %s", c->info.name, c->info.why_not);
+        qvk_ctx_destroy(c);
+        return rc;
+    }
+    VkPhysicalDeviceProperties props;
+    c->f->vkGetPhysicalDeviceProperties(c->pd, &props);
+    c->limits = props.limits;
+    c->f->vkGetPhysicalDeviceMemoryProperties(c->pd, &c->mem);
+    qvk_compute_family(&c->I, c->pd, &c->family);
+
+    const char* exts[2];
+    uint32_t n_exts = 0;
+    if (qvk_device_has_ext(&c->I, c->pd, VK_EXT_MEMORY_BUDGET_EXTENSION_NAME))
+        exts[n_exts++] = VK_EXT_MEMORY_BUDGET_EXTENSION_NAME;
+    if (qvk_device_has_ext(&c->I, c->pd, QVK_PORTABILITY_SUBSET)) exts[n_exts++] = QVK_PORTABILITY_SUBSET;
+    float prio = 1.0f;
+    VkDeviceQueueCreateInfo qi = {VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO, NULL, 0, c->family, 1, &prio};
+    VkDeviceCreateInfo di = {VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO};
+    di.queueCreateInfoCount = 1;
+    di.pQueueCreateInfos = &qi;
+    di.enabledExtensionCount = n_exts;
+    di.ppEnabledExtensionNames = exts;
+    r = c->f->vkCreateDevice(c->pd, &di, NULL, &c->dev);
+    if (r != VK_SUCCESS) {
+        c->dev = VK_NULL_HANDLE;
+        rc = qvk_vkfail(err, n, r, "vkCreateDevice");
+        qvk_ctx_destroy(c);
+        return rc;
+    }
+#define QVK_LOAD_D(fn) c->f->fn = (PFN_##fn)c->f->vkGetDeviceProcAddr(c->dev, #fn);
+    QVK_DEVICE_FNS(QVK_LOAD_D)
+#undef QVK_LOAD_D
+#define QVK_CHECK_D(fn)                                                                \
+    if (!c->f->fn) {                                                                   \
+        rc = qvk_fail(err, n, QVK_ERR_LOADER, "the Vulkan driver lacks %s", #fn);     \
+        if (c->f->vkDestroyDevice) c->f->vkDestroyDevice(c->dev, NULL);                \
+        c->dev = VK_NULL_HANDLE;                                                       \
+        qvk_ctx_destroy(c);                                                            \
+        return rc;                                                                     \
+    }
+    QVK_DEVICE_FNS(QVK_CHECK_D)
+#undef QVK_CHECK_D
+    c->f->vkGetDeviceQueue(c->dev, c->family, 0, &c->queue);
+
+    VkDescriptorSetLayoutBinding b[QVK_BINDINGS];
+    for (int i = 0; i < QVK_BINDINGS; i++)
+        b[i] = (VkDescriptorSetLayoutBinding){(uint32_t)i, VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, 1,
+                                              VK_SHADER_STAGE_COMPUTE_BIT, NULL};
+    VkDescriptorSetLayoutCreateInfo li = {VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO, NULL, 0, QVK_BINDINGS, b};
+    VkPushConstantRange pcr = {VK_SHADER_STAGE_COMPUTE_BIT, 0, QVK_PUSH_BYTES};
+    VkCommandPoolCreateInfo cpi = {VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO, NULL,
+                                   VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, c->family};
+    VkFenceCreateInfo fi = {VK_STRUCTURE_TYPE_FENCE_CREATE_INFO};
+    r = c->f->vkCreateDescriptorSetLayout(c->dev, &li, NULL, &c->dsl);
+    if (r == VK_SUCCESS) {
+        VkPipelineLayoutCreateInfo pli = {VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO, NULL, 0, 1, &c->dsl, 1, &pcr};
+        r = c->f->vkCreatePipelineLayout(c->dev, &pli, NULL, &c->layout);
+    }
+    if (r == VK_SUCCESS) r = c->f->vkCreateCommandPool(c->dev, &cpi, NULL, &c->cmd_pool);
+    if (r == VK_SUCCESS) r = c->f->vkCreateFence(c->dev, &fi, NULL, &c->fence);
+    if (r != VK_SUCCESS) {
+        rc = qvk_vkfail(err, n, r, "creating the compute context");
+        qvk_ctx_destroy(c);
+        return rc;
+    }
+    rc = qvk_buffer_new(c, 256, QVK_MEM_DEVICE, &c->dummy, err, n);
+    if (rc) {
+        qvk_ctx_destroy(c);
+        return rc;
+    }
+    *out = c;
+    return QVK_OK;
+}
+
+const qvk_device_info* qvk_ctx_info(const qvk_ctx* c) { return &c->info; }
+void qvk_ctx_set_fail_alloc(qvk_ctx* c, int fail) { c->fail_alloc = fail; }
+
+/* ================================================================ descriptor sets */
+
+typedef struct {
+    VkBuffer b[QVK_BINDINGS];
+    VkDescriptorSet set;
+} qvk_set_entry;
+
+typedef struct {
+    VkDescriptorPool* pools;
+    int n_pools;
+    uint32_t pool_sets;
+    qvk_set_entry* sets;
+    int n_sets, cap_sets;
+} qvk_sets;
+
+static void qvk_sets_free(qvk_ctx* c, qvk_sets* s) {
+    for (int i = 0; i < s->n_pools; i++) c->f->vkDestroyDescriptorPool(c->dev, s->pools[i], NULL);
+    free(s->pools);
+    free(s->sets);
+    memset(s, 0, sizeof *s);
+}
+
+static int qvk_pool_add(qvk_ctx* c, qvk_sets* s, char* err, size_t n) {
+    VkDescriptorPoolSize ps = {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, s->pool_sets * QVK_BINDINGS};
+    VkDescriptorPoolCreateInfo pi = {VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO, NULL, 0, s->pool_sets, 1, &ps};
+    VkDescriptorPool* np = realloc(s->pools, (size_t)(s->n_pools + 1) * sizeof *np);
+    if (!np) return qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
+    s->pools = np;
+    VkResult r = c->f->vkCreateDescriptorPool(c->dev, &pi, NULL, &s->pools[s->n_pools]);
+    if (r != VK_SUCCESS) return qvk_vkfail(err, n, r, "vkCreateDescriptorPool");
+    s->n_pools++;
+    return QVK_OK;
+}
+
+/* The descriptor set binding b[0..8) (VK_NULL_HANDLE: the dummy buffer); made once, then reused. */
+static VkDescriptorSet qvk_set(qvk_ctx* c, qvk_sets* s, const VkBuffer* b, char* err, size_t n) {
+    VkBuffer key[QVK_BINDINGS];
+    for (int i = 0; i < QVK_BINDINGS; i++) key[i] = b[i] ? b[i] : c->dummy.buf;
+    for (int i = 0; i < s->n_sets; i++)
+        if (!memcmp(s->sets[i].b, key, sizeof key)) return s->sets[i].set;
+    if (s->n_sets == s->cap_sets) {
+        int cap = s->cap_sets ? 2 * s->cap_sets : 256;
+        qvk_set_entry* ns = realloc(s->sets, (size_t)cap * sizeof *ns);
+        if (!ns) {
+            qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
+            return VK_NULL_HANDLE;
+        }
+        s->sets = ns, s->cap_sets = cap;
+    }
+    VkDescriptorSet set = VK_NULL_HANDLE;
+    VkResult r = VK_ERROR_OUT_OF_POOL_MEMORY;
+    if (s->n_pools) {
+        VkDescriptorSetAllocateInfo ai = {VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO, NULL,
+                                          s->pools[s->n_pools - 1], 1, &c->dsl};
+        r = c->f->vkAllocateDescriptorSets(c->dev, &ai, &set);
+    }
+    if (r == VK_ERROR_OUT_OF_POOL_MEMORY || r == VK_ERROR_FRAGMENTED_POOL) {
+        if (qvk_pool_add(c, s, err, n)) return VK_NULL_HANDLE;
+        VkDescriptorSetAllocateInfo ai = {VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO, NULL,
+                                          s->pools[s->n_pools - 1], 1, &c->dsl};
+        r = c->f->vkAllocateDescriptorSets(c->dev, &ai, &set);
+    }
+    if (r != VK_SUCCESS) {
+        qvk_vkfail(err, n, r, "vkAllocateDescriptorSets");
+        return VK_NULL_HANDLE;
+    }
+    VkDescriptorBufferInfo bi[QVK_BINDINGS];
+    VkWriteDescriptorSet w[QVK_BINDINGS];
+    for (int i = 0; i < QVK_BINDINGS; i++) {
+        bi[i] = (VkDescriptorBufferInfo){key[i], 0, VK_WHOLE_SIZE};
+        w[i] = (VkWriteDescriptorSet){VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET};
+        w[i].dstSet = set;
+        w[i].dstBinding = (uint32_t)i;
+        w[i].descriptorCount = 1;
+        w[i].descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER;
+        w[i].pBufferInfo = &bi[i];
+    }
+    c->f->vkUpdateDescriptorSets(c->dev, QVK_BINDINGS, w, 0, NULL);
+    memcpy(s->sets[s->n_sets].b, key, sizeof key);
+    s->sets[s->n_sets++].set = set;
+    return set;
+}
+
+/* Record one dispatch. Groups beyond the 65535 limit of one dimension spill into y; the
+   shaders that can get that many (matvec) fold y back into a linear index. */
+static int qvk_dispatch(qvk_ctx* c, qvk_sets* s, VkCommandBuffer cb, VkPipeline pipe, const VkBuffer* binds,
+                        const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, char* err, size_t n) {
+    VkDescriptorSet set = qvk_set(c, s, binds, err, n);
+    if (!set) return QVK_ERR_VK;
+    c->f->vkCmdBindPipeline(cb, VK_PIPELINE_BIND_POINT_COMPUTE, pipe);
+    c->f->vkCmdBindDescriptorSets(cb, VK_PIPELINE_BIND_POINT_COMPUTE, c->layout, 0, 1, &set, 0, NULL);
+    if (push_bytes) c->f->vkCmdPushConstants(cb, c->layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, (uint32_t)push_bytes, push);
+    uint32_t maxg = c->limits.maxComputeWorkGroupCount[0];
+    if (gy == 1 && gx > maxg) {
+        gy = (gx + maxg - 1) / maxg;
+        gx = maxg;
+    }
+    c->f->vkCmdDispatch(cb, gx, gy, 1);
+    return QVK_OK;
+}
+
+/* ================================================================ single kernels */
+
+int qvk_run_kernel(qvk_ctx* c, const char* name, const uint32_t* spec, int n_spec, const qvk_hostbuf* bufs,
+                   const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, uint32_t gz, char* err,
+                   size_t errlen) {
+    if (push_bytes > QVK_PUSH_BYTES || gx == 0 || gy == 0 || gz != 1)
+        return qvk_fail(err, errlen, QVK_ERR_ARGS, "bad kernel launch arguments");
+    VkPipeline pipe = qvk_pipeline(c, name, spec, n_spec, err, errlen);
+    if (!pipe) return QVK_ERR_ARGS;
+    qvk_buffer b[QVK_BINDINGS];
+    VkBuffer vb[QVK_BINDINGS];
+    memset(b, 0, sizeof b);
+    qvk_sets sets = {0};
+    sets.pool_sets = 4;
+    VkCommandBuffer cb = VK_NULL_HANDLE;
+    int rc = QVK_OK;
+    for (int i = 0; i < QVK_BINDINGS && !rc; i++) {
+        vb[i] = VK_NULL_HANDLE;
+        if (!bufs[i].data) continue;
+        rc = qvk_buffer_new(c, bufs[i].bytes, QVK_MEM_READBACK, &b[i], err, errlen);
+        if (!rc) {
+            memcpy(b[i].map, bufs[i].data, bufs[i].bytes);
+            vb[i] = b[i].buf;
+        }
+    }
+    if (!rc) {
+        cb = qvk_cmd_new(c);
+        if (!cb) rc = qvk_fail(err, errlen, QVK_ERR_VK, "vkAllocateCommandBuffers failed");
+    }
+    if (!rc && qvk_cmd_begin(c, cb, 1) != VK_SUCCESS) rc = qvk_fail(err, errlen, QVK_ERR_VK, "vkBeginCommandBuffer failed");
+    if (!rc) {
+        rc = qvk_dispatch(c, &sets, cb, pipe, vb, push, push_bytes, gx, gy, err, errlen);
+        qvk_barrier(c, cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT, VK_PIPELINE_STAGE_HOST_BIT,
+                    VK_ACCESS_HOST_READ_BIT);
+        if (c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !rc)
+            rc = qvk_fail(err, errlen, QVK_ERR_VK, "vkEndCommandBuffer failed");
+    }
+    if (!rc) rc = qvk_submit_wait(c, cb, err, errlen);
+    for (int i = 0; i < QVK_BINDINGS; i++) {
+        if (!rc && b[i].map) memcpy(bufs[i].data, b[i].map, bufs[i].bytes);
+        qvk_buffer_free(c, &b[i]);
+    }
+    if (cb) c->f->vkFreeCommandBuffers(c->dev, c->cmd_pool, 1, &cb);
+    qvk_sets_free(c, &sets);
+    return rc;
+}
+
+/* ================================================================ weight packing */
+
+/* Bytes of one stored row in the file, and of a packed matrix of `rows` rows on the device. */
+static size_t qvk_file_row_bytes(int dtype, int cols) { return qora_row_bytes(dtype, cols); }
+
+static size_t qvk_quant_bytes(int dtype, int rows, int cols) { /* the 16-byte-aligned quant region */
+    return (size_t)rows * (size_t)(cols / QK) * (dtype == QORA_Q4 ? 16 : 32);
+}
+
+size_t qvk_packed_bytes(int dtype, int rows, int cols) {
+    size_t b;
+    if (dtype == QORA_Q4 || dtype == QORA_Q8)
+        b = qvk_quant_bytes(dtype, rows, cols) + (size_t)rows * (size_t)(cols / QK) * 2;
+    else
+        b = (size_t)rows * (size_t)cols * (dtype == QORA_F16 ? 2 : 4);
+    return (b + 15) & ~(size_t)15;
+}
+
+/* Rows [a, a+k) of a matrix with `rows` rows in all, from row-major file blocks `src` (row a first):
+   quants to q (row a's quants first), scales to sc. */
+static void qvk_pack_rows(int dtype, int cols, int k, const uint8_t* src, uint8_t* q, uint8_t* sc) {
+    const int nb = cols / QK;
+    const size_t rb = qvk_file_row_bytes(dtype, cols);
+    if (dtype == QORA_Q4) {
+        for (int r = 0; r < k; r++) {
+            const block_q4* b = (const block_q4*)(src + (size_t)r * rb);
+            for (int i = 0; i < nb; i++) {
+                memcpy(q + ((size_t)r * nb + i) * 16, b[i].qs, 16);
+                memcpy(sc + ((size_t)r * nb + i) * 2, &b[i].d, 2);
+            }
+        }
+    } else if (dtype == QORA_Q8) {
+        for (int r = 0; r < k; r++) {
+            const block_q8* b = (const block_q8*)(src + (size_t)r * rb);
+            for (int i = 0; i < nb; i++) {
+                memcpy(q + ((size_t)r * nb + i) * 32, b[i].qs, 32);
+                memcpy(sc + ((size_t)r * nb + i) * 2, &b[i].d, 2);
+            }
+        }
+    } else {
+        memcpy(q, src, (size_t)k * rb);
+    }
+}
+
+static int qvk_shape_ok(int dtype, int cols) {
+    switch (dtype) {
+    case QORA_Q4:
+    case QORA_Q8: return cols > 0 && cols % QK == 0;
+    case QORA_F16: return cols > 0 && cols % 8 == 0;
+    case QORA_F32: return cols > 0 && cols % 4 == 0;
+    default: return 0;
+    }
+}
+
+int qvk_pack(int dtype, int rows, int cols, const void* src, void* dst) {
+    if (rows <= 0 || !qvk_shape_ok(dtype, cols)) return QVK_ERR_ARGS;
+    uint8_t* d = dst;
+    memset(d, 0, qvk_packed_bytes(dtype, rows, cols));
+    qvk_pack_rows(dtype, cols, rows, src, d, d + qvk_quant_bytes(dtype, rows, cols));
+    return QVK_OK;
+}
+
+/* ================================================================ the model */
+
+typedef struct {
+    qvk_buffer buf;
+    int r0, rows;
+} qvk_chunk;
+
+typedef struct {
+    int dtype, rows, cols;
+    int n_chunks;
+    qvk_chunk* chunks;
+} qvk_matrix;
+
+typedef struct {
+    qvk_matrix wqkv;   /* (q_dim + 2 kv_dim, dim): wq, wk, wv stacked */
+    qvk_matrix wo;     /* (dim, q_dim) */
+    qvk_matrix wgu;    /* (2 hidden, dim): gate, then up */
+    qvk_matrix wdown;  /* (dim, hidden) */
+    qvk_buffer attn_norm, ffn_norm; /* (dim,) f32 */
+    qvk_buffer kc, vc; /* (max_seq_len, kv_dim) f32 */
+    int use_rope;
+} qvk_layer;
+
+struct qvk_model {
+    qvk_ctx* c;
+    qora_config cfg;
+    int q_dim, kv_dim, qkv_dim, widest;
+    int batch, logit_rows;
+    int mv_threads, mv_rows;
+    qvk_layer* layers;
+    qvk_matrix embed, output_own; /* output_own unused when the LM head is the embedding (tied) */
+    qvk_matrix* output;
+    qvk_buffer norm;
+    /* scratch, shapes per prefill batch */
+    qvk_buffer x;      /* (batch, dim) residual stream */
+    qvk_buffer xn;     /* (batch, widest) a product's prepared input; decode: hb (hidden,) */
+    qvk_buffer qkv;    /* (batch, qkv_dim) */
+    qvk_buffer att;    /* (batch, q_dim) */
+    qvk_buffer gu;     /* (batch, 2 hidden) */
+    qvk_buffer logits; /* (logit_rows, vocab) */
+    qvk_buffer readback, params, rope; /* host-visible: logits, [start, n, -, -, tokens...], cos/sin */
+    float* inv_freq;
+    qvk_sets sets;
+    VkCommandBuffer cb_decode, cb_prefill;
+    int decode_recorded;
+    int fail_after;
+    long n_forward;
+    int lost;
+};
+
+#define QVK_DEFAULT_BATCH 256
+#define QVK_DEFAULT_LOGIT_ROWS 32
+
+typedef struct {
+    size_t bytes; /* device-local bytes */
+    int batch, logit_rows;
+} qvk_plan_t;
+
+static int qvk_chunk_rows(const qvk_ctx* c, int dtype, int rows, int cols) {
+    /* the most rows whose packed matrix fits one storage-buffer binding (packing pads by < 32 bytes) */
+    const size_t per_row = dtype == QORA_Q4   ? (size_t)(cols / QK) * 18
+                           : dtype == QORA_Q8 ? (size_t)(cols / QK) * 34
+                                              : (size_t)cols * (dtype == QORA_F16 ? 2 : 4);
+    const size_t limit = c->info.max_storage_buffer_range;
+    const size_t k = limit > 32 ? (limit - 32) / per_row : 0;
+    return k >= (size_t)rows ? rows : (int)k;
+}
+
+static int qvk_matrix_dtype_ok(const qora_tensor* t, int rows, int cols) {
+    return t->data && t->rows == rows && t->cols == cols && qvk_shape_ok(t->dtype, cols);
+}
+
+static const char* qvk_dtype_name(int d) {
+    return d == QORA_Q4 ? "q4" : d == QORA_Q8 ? "q8" : d == QORA_F16 ? "f16" : d == QORA_F32 ? "f32" : "?";
+}
+
+/* Check the model can run here and add up the device memory it takes. */
+static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* w, const qvk_model_opts* o,
+                    qvk_plan_t* p, char* err, size_t n) {
+    memset(p, 0, sizeof *p);
+    const int D = g->dim, H = g->hidden_dim, V = g->vocab_size;
+    if (g->n_layers < 1 || D < 1 || H < 1 || V < 1 || g->n_heads < 1 || g->n_kv_heads < 1 || g->head_dim < 1 ||
+        g->n_heads % g->n_kv_heads || !w || !w->layers || !w->norm || !w->inv_freq || !o || o->max_seq_len < 1)
+        return qvk_fail(err, n, QVK_ERR_ARGS, "inconsistent model config");
+    const int q_dim = g->n_heads * g->head_dim, kv_dim = g->n_kv_heads * g->head_dim;
+    if (g->head_dim % 4 || g->head_dim > 256 || D % 8 || q_dim % 8 || H % 8)
+        return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "head size %d / dim %d / hidden %d not supported on the GPU",
+                        g->head_dim, D, H);
+    const size_t range = c->info.max_storage_buffer_range;
+    size_t bytes = 0;
+    const qora_tensor* emb = &w->tok_embeddings;
+    const qora_tensor* out = &w->output;
+    if (!qvk_matrix_dtype_ok(emb, V, D) || !qvk_matrix_dtype_ok(out, V, D))
+        return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "embedding/LM head type %s with %d columns not supported",
+                        qvk_dtype_name(emb->dtype), D);
+    if (qvk_chunk_rows(c, emb->dtype, V, D) < 1 || qvk_chunk_rows(c, out->dtype, V, D) < 1)
+        return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "an embedding row does not fit a storage buffer");
+    bytes += qvk_packed_bytes(emb->dtype, V, D) + 4096;
+    if (out->data != emb->data) bytes += qvk_packed_bytes(out->dtype, V, D) + 4096;
+    for (int l = 0; l < g->n_layers; l++) {
+        const qora_layer* L = &w->layers[l];
+        if (!L->attn_norm || !L->ffn_norm || !qvk_matrix_dtype_ok(&L->wq, q_dim, D) ||
+            !qvk_matrix_dtype_ok(&L->wk, kv_dim, D) || !qvk_matrix_dtype_ok(&L->wv, kv_dim, D) ||
+            !qvk_matrix_dtype_ok(&L->wo, D, q_dim) || !qvk_matrix_dtype_ok(&L->w_gate, H, D) ||
+            !qvk_matrix_dtype_ok(&L->w_up, H, D) || !qvk_matrix_dtype_ok(&L->w_down, D, H))
+            return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "layer %d: a weight type or shape the GPU path does not run", l);
+        if (L->wq.dtype != L->wk.dtype || L->wq.dtype != L->wv.dtype || L->w_gate.dtype != L->w_up.dtype)
+            return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "layer %d: q/k/v or gate/up stored in different types", l);
+        size_t parts[4] = {qvk_packed_bytes(L->wq.dtype, q_dim + 2 * kv_dim, D), qvk_packed_bytes(L->wo.dtype, D, q_dim),
+                           qvk_packed_bytes(L->w_gate.dtype, 2 * H, D), qvk_packed_bytes(L->w_down.dtype, D, H)};
+        for (int i = 0; i < 4; i++) {
+            if (parts[i] > range)
+                return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "layer %d: a %.0f MB matrix exceeds the device's %.0f MB "
+                                "storage-buffer limit", l, (double)parts[i] / 1e6, (double)range / 1e6);
+            bytes += parts[i] + 256;
+        }
+        bytes += 2 * ((size_t)D * 4 + 256);
+    }
+    const size_t kv_layer = (size_t)o->max_seq_len * (size_t)kv_dim * 4;
+    if (kv_layer > range)
+        return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "a %d-token KV cache layer (%.0f MB) exceeds the device's "
+                        "storage-buffer limit", o->max_seq_len, (double)kv_layer / 1e6);
+    bytes += 2 * (size_t)g->n_layers * (kv_layer + 256);
+    int widest = D > q_dim ? D : q_dim;
+    if (H > widest) widest = H;
+    int batch = o->batch > 0 ? o->batch : QVK_DEFAULT_BATCH;
+    while (batch > 1 && (size_t)batch * 2 * (size_t)H * 4 > range) batch /= 2;
+    int logit_rows = o->logit_rows > 0 ? o->logit_rows : QVK_DEFAULT_LOGIT_ROWS;
+    if (logit_rows > batch) logit_rows = batch;
+    while (logit_rows > 1 && (size_t)logit_rows * (size_t)V * 4 > range) logit_rows /= 2;
+    if ((size_t)V * 4 > range) return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "the logits exceed a storage buffer");
+    bytes += (size_t)batch * 4 * ((size_t)D + (size_t)widest + (size_t)(q_dim + 2 * kv_dim) + (size_t)q_dim + 2 * (size_t)H);
+    bytes += (size_t)logit_rows * (size_t)V * 4 + 6 * 256 + (size_t)D * 4;
+    p->bytes = bytes;
+    p->batch = batch;
+    p->logit_rows = logit_rows;
+    return QVK_OK;
+}
+
+int qvk_model_estimate(const qvk_ctx* c, const qora_config* cfg, const qora_weights* w, const qvk_model_opts* o,
+                       uint64_t* bytes, char* err, size_t errlen) {
+    qvk_plan_t p;
+    int rc = qvk_plan(c, cfg, w, o, &p, err, errlen);
+    *bytes = rc ? 0 : (uint64_t)p.bytes;
+    return rc;
+}
+
+static void qvk_matrix_free(qvk_ctx* c, qvk_matrix* M) {
+    for (int i = 0; i < M->n_chunks; i++) qvk_buffer_free(c, &M->chunks[i].buf);
+    free(M->chunks);
+    memset(M, 0, sizeof *M);
+}
+
+void qvk_model_destroy(qvk_model* m) {
+    if (!m) return;
+    qvk_ctx* c = m->c;
+    if (c->dev) c->f->vkDeviceWaitIdle(c->dev);
+    if (m->layers)
+        for (int l = 0; l < m->cfg.n_layers; l++) {
+            qvk_layer* L = &m->layers[l];
+            qvk_matrix_free(c, &L->wqkv);
+            qvk_matrix_free(c, &L->wo);
+            qvk_matrix_free(c, &L->wgu);
+            qvk_matrix_free(c, &L->wdown);
+            qvk_buffer_free(c, &L->attn_norm);
+            qvk_buffer_free(c, &L->ffn_norm);
+            qvk_buffer_free(c, &L->kc);
+            qvk_buffer_free(c, &L->vc);
+        }
+    free(m->layers);
+    qvk_matrix_free(c, &m->embed);
+    qvk_matrix_free(c, &m->output_own);
+    qvk_buffer* bufs[] = {&m->norm, &m->x, &m->xn, &m->qkv, &m->att, &m->gu, &m->logits, &m->readback, &m->params,
+                          &m->rope};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) qvk_buffer_free(c, bufs[i]);
+    VkCommandBuffer cbs[2] = {m->cb_decode, m->cb_prefill};
+    for (int i = 0; i < 2; i++)
+        if (cbs[i]) c->f->vkFreeCommandBuffers(c->dev, c->cmd_pool, 1, &cbs[i]);
+    qvk_sets_free(c, &m->sets);
+    free(m->inv_freq);
+    free(m);
+}
+
+/* Allocate a matrix's device buffers: one per chunk of rows that fits a storage-buffer binding
+   (only the embedding / LM head ever needs more than one). */
+static int qvk_matrix_alloc(qvk_model* m, qvk_matrix* M, int dtype, int rows, int cols, char* err, size_t n) {
+    M->dtype = dtype, M->rows = rows, M->cols = cols;
+    int per = qvk_chunk_rows(m->c, dtype, rows, cols);
+    M->n_chunks = (rows + per - 1) / per;
+    M->chunks = calloc((size_t)M->n_chunks, sizeof *M->chunks);
+    if (!M->chunks) return qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
+    for (int i = 0; i < M->n_chunks; i++) {
+        qvk_chunk* ch = &M->chunks[i];
+        ch->r0 = i * per;
+        ch->rows = rows - ch->r0 < per ? rows - ch->r0 : per;
+        int rc = qvk_buffer_new(m->c, qvk_packed_bytes(dtype, ch->rows, cols), QVK_MEM_DEVICE, &ch->buf, err, n);
+        if (rc) return rc;
+    }
+    return QVK_OK;
+}
+
+/* Consecutive rows of a matrix taken from one or more file tensors (q, k, v stacked; gate, up). */
+typedef struct {
+    const uint8_t* src;
+    int rows;
+} qvk_part;
+
+static const uint8_t* qvk_part_row(const qvk_part* parts, int n_parts, size_t row_bytes, int row) {
+    for (int i = 0; i < n_parts; i++) {
+        if (row < parts[i].rows) return parts[i].src + (size_t)row * row_bytes;
+        row -= parts[i].rows;
+    }
+    return NULL;
+}
+
+/* Pack a matrix into the staging buffer piece by piece and copy each piece into place. */
+static int qvk_upload_matrix(qvk_model* m, qvk_matrix* M, const qvk_part* parts, int n_parts, qvk_buffer* stage,
+                             VkCommandBuffer cb, char* err, size_t n) {
+    qvk_ctx* c = m->c;
+    const int quant = M->dtype == QORA_Q4 || M->dtype == QORA_Q8;
+    const size_t frb = qvk_file_row_bytes(M->dtype, M->cols);
+    const size_t qrow = quant ? qvk_quant_bytes(M->dtype, 1, M->cols) : frb; /* quant bytes per row */
+    const size_t srow = quant ? (size_t)(M->cols / QK) * 2 : 0;             /* scale bytes per row */
+    const int stage_rows = (int)(stage->size / (qrow + srow + 16));
+    if (stage_rows < 1) return qvk_fail(err, n, QVK_ERR_ARGS, "staging buffer too small");
+    for (int ci = 0; ci < M->n_chunks; ci++) {
+        qvk_chunk* ch = &M->chunks[ci];
+        for (int a = 0; a < ch->rows; a += stage_rows) {
+            const int k = ch->rows - a < stage_rows ? ch->rows - a : stage_rows;
+            uint8_t* q = stage->map;
+            uint8_t* sc = q + (((size_t)k * qrow + 15) & ~(size_t)15);
+            /* rows of one source part are contiguous: pack them in runs */
+            for (int r = 0; r < k;) {
+                int g = ch->r0 + a + r, run = 0, left = g;
+                for (int i = 0; i < n_parts; i++) {
+                    if (left < parts[i].rows) {
+                        run = parts[i].rows - left;
+                        break;
+                    }
+                    left -= parts[i].rows;
+                }
+                if (run > k - r) run = k - r;
+                const uint8_t* src = qvk_part_row(parts, n_parts, frb, g);
+                if (!src || run < 1) return qvk_fail(err, n, QVK_ERR_ARGS, "weight rows out of range");
+                qvk_pack_rows(M->dtype, M->cols, run, src, q + (size_t)r * qrow, sc + (size_t)r * srow);
+                r += run;
+            }
+            VkBufferCopy regions[2];
+            uint32_t nr = 0;
+            regions[nr++] = (VkBufferCopy){0, (VkDeviceSize)a * qrow, (VkDeviceSize)k * qrow};
+            if (quant)
+                regions[nr++] = (VkBufferCopy){(VkDeviceSize)(sc - q),
+                                               (VkDeviceSize)qvk_quant_bytes(M->dtype, ch->rows, M->cols) + (VkDeviceSize)a * srow,
+                                               (VkDeviceSize)k * srow};
+            if (qvk_cmd_begin(c, cb, 1) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
+            c->f->vkCmdCopyBuffer(cb, stage->buf, ch->buf.buf, nr, regions);
+            if (c->f->vkEndCommandBuffer(cb) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
+            int rc = qvk_submit_wait(c, cb, err, n);
+            if (rc) return rc;
+        }
+    }
+    return QVK_OK;
+}
+
+static int qvk_upload_f32(qvk_model* m, qvk_buffer* dst, const float* src, size_t count, qvk_buffer* stage,
+                          VkCommandBuffer cb, char* err, size_t n) {
+    qvk_ctx* c = m->c;
+    if (count * 4 > stage->size) return qvk_fail(err, n, QVK_ERR_ARGS, "staging buffer too small");
+    memcpy(stage->map, src, count * 4);
+    VkBufferCopy region = {0, 0, count * 4};
+    if (qvk_cmd_begin(c, cb, 1) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
+    c->f->vkCmdCopyBuffer(cb, stage->buf, dst->buf, 1, &region);
+    if (c->f->vkEndCommandBuffer(cb) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
+    return qvk_submit_wait(c, cb, err, n);
+}
+
+int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, const qvk_model_opts* o,
+                     qvk_model** out, char* err, size_t n) {
+    *out = NULL;
+    qvk_plan_t plan;
+    int rc = qvk_plan(c, cfg, w, o, &plan, err, n);
+    if (rc) return rc;
+    qvk_model* m = calloc(1, sizeof *m);
+    if (!m) return qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
+    m->c = c;
+    m->cfg = *cfg;
+    m->cfg.max_seq_len = o->max_seq_len;
+    const int D = cfg->dim, H = cfg->hidden_dim, V = cfg->vocab_size, NL = cfg->n_layers;
+    m->q_dim = cfg->n_heads * cfg->head_dim;
+    m->kv_dim = cfg->n_kv_heads * cfg->head_dim;
+    m->qkv_dim = m->q_dim + 2 * m->kv_dim;
+    m->widest = D > m->q_dim ? D : m->q_dim;
+    if (H > m->widest) m->widest = H;
+    m->batch = plan.batch;
+    m->logit_rows = plan.logit_rows;
+    m->mv_threads = o->mv_threads > 0 ? o->mv_threads : 64;
+    if (m->mv_threads > 256) m->mv_threads = 256;
+    m->mv_rows = o->mv_rows > 0 ? (o->mv_rows > 16 ? 16 : o->mv_rows) : 0;
+    m->fail_after = o->fail_after;
+    m->sets.pool_sets = (uint32_t)(NL * 24 + 64);
+    m->inv_freq = malloc((size_t)cfg->head_dim / 2 * sizeof(float));
+    m->layers = calloc((size_t)NL, sizeof *m->layers);
+    if (!m->inv_freq || !m->layers) {
+        qvk_model_destroy(m);
+        return qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
+    }
+    memcpy(m->inv_freq, w->inv_freq, (size_t)cfg->head_dim / 2 * sizeof(float));
+
+    /* 1. every device buffer first: a model that does not fit fails here, before any upload */
+    const size_t B = (size_t)m->batch;
+    rc = qvk_matrix_alloc(m, &m->embed, w->tok_embeddings.dtype, V, D, err, n);
+    if (!rc && w->output.data != w->tok_embeddings.data) {
+        rc = qvk_matrix_alloc(m, &m->output_own, w->output.dtype, V, D, err, n);
+        m->output = &m->output_own;
+    } else {
+        m->output = &m->embed;
+    }
+    for (int l = 0; l < NL && !rc; l++) {
+        const qora_layer* S = &w->layers[l];
+        qvk_layer* L = &m->layers[l];
+        L->use_rope = S->use_rope;
+        rc = qvk_matrix_alloc(m, &L->wqkv, S->wq.dtype, m->qkv_dim, D, err, n);
+        if (!rc) rc = qvk_matrix_alloc(m, &L->wo, S->wo.dtype, D, m->q_dim, err, n);
+        if (!rc) rc = qvk_matrix_alloc(m, &L->wgu, S->w_gate.dtype, 2 * H, D, err, n);
+        if (!rc) rc = qvk_matrix_alloc(m, &L->wdown, S->w_down.dtype, D, H, err, n);
+        if (!rc) rc = qvk_buffer_new(c, (size_t)D * 4, QVK_MEM_DEVICE, &L->attn_norm, err, n);
+        if (!rc) rc = qvk_buffer_new(c, (size_t)D * 4, QVK_MEM_DEVICE, &L->ffn_norm, err, n);
+        if (!rc) rc = qvk_buffer_new(c, (size_t)o->max_seq_len * m->kv_dim * 4, QVK_MEM_DEVICE, &L->kc, err, n);
+        if (!rc) rc = qvk_buffer_new(c, (size_t)o->max_seq_len * m->kv_dim * 4, QVK_MEM_DEVICE, &L->vc, err, n);
+    }
+    if (!rc) rc = qvk_buffer_new(c, (size_t)D * 4, QVK_MEM_DEVICE, &m->norm, err, n);
+    if (!rc) rc = qvk_buffer_new(c, B * D * 4, QVK_MEM_DEVICE, &m->x, err, n);
+    if (!rc) rc = qvk_buffer_new(c, B * m->widest * 4, QVK_MEM_DEVICE, &m->xn, err, n);
+    if (!rc) rc = qvk_buffer_new(c, B * m->qkv_dim * 4, QVK_MEM_DEVICE, &m->qkv, err, n);
+    if (!rc) rc = qvk_buffer_new(c, B * m->q_dim * 4, QVK_MEM_DEVICE, &m->att, err, n);
+    if (!rc) rc = qvk_buffer_new(c, B * 2 * H * 4, QVK_MEM_DEVICE, &m->gu, err, n);
+    if (!rc) rc = qvk_buffer_new(c, (size_t)m->logit_rows * V * 4, QVK_MEM_DEVICE, &m->logits, err, n);
+    if (!rc) rc = qvk_buffer_new(c, (size_t)m->logit_rows * V * 4, QVK_MEM_READBACK, &m->readback, err, n);
+    if (!rc) rc = qvk_buffer_new(c, (4 + B) * 4, QVK_MEM_UPLOAD, &m->params, err, n);
+    if (!rc) rc = qvk_buffer_new(c, B * cfg->head_dim * 4, QVK_MEM_UPLOAD, &m->rope, err, n);
+    if (!rc) {
+        m->cb_decode = qvk_cmd_new(c);
+        m->cb_prefill = qvk_cmd_new(c);
+        if (!m->cb_decode || !m->cb_prefill) rc = qvk_fail(err, n, QVK_ERR_VK, "vkAllocateCommandBuffers failed");
+    }
+
+    /* 2. upload through a staging buffer: weights packed to the device layout on the way */
+    qvk_buffer stage = {0};
+    if (!rc) {
+        size_t sz = (size_t)64 << 20, need = (size_t)D * 4 + 64;
+        if (need > sz) sz = need;
+        rc = qvk_buffer_new(c, sz, QVK_MEM_STAGING, &stage, err, n);
+    }
+    VkCommandBuffer cb = m->cb_prefill;
+    if (!rc) {
+        qvk_part p = {w->tok_embeddings.data, V};
+        rc = qvk_upload_matrix(m, &m->embed, &p, 1, &stage, cb, err, n);
+    }
+    if (!rc && m->output == &m->output_own) {
+        qvk_part p = {w->output.data, V};
+        rc = qvk_upload_matrix(m, &m->output_own, &p, 1, &stage, cb, err, n);
+    }
+    for (int l = 0; l < NL && !rc; l++) {
+        const qora_layer* S = &w->layers[l];
+        qvk_layer* L = &m->layers[l];
+        qvk_part qkv[3] = {{S->wq.data, m->q_dim}, {S->wk.data, m->kv_dim}, {S->wv.data, m->kv_dim}};
+        qvk_part gu[2] = {{S->w_gate.data, H}, {S->w_up.data, H}};
+        qvk_part wo = {S->wo.data, D}, down = {S->w_down.data, D};
+        rc = qvk_upload_matrix(m, &L->wqkv, qkv, 3, &stage, cb, err, n);
+        if (!rc) rc = qvk_upload_matrix(m, &L->wo, &wo, 1, &stage, cb, err, n);
+        if (!rc) rc = qvk_upload_matrix(m, &L->wgu, gu, 2, &stage, cb, err, n);
+        if (!rc) rc = qvk_upload_matrix(m, &L->wdown, &down, 1, &stage, cb, err, n);
+        if (!rc) rc = qvk_upload_f32(m, &L->attn_norm, S->attn_norm, (size_t)D, &stage, cb, err, n);
+        if (!rc) rc = qvk_upload_f32(m, &L->ffn_norm, S->ffn_norm, (size_t)D, &stage, cb, err, n);
+    }
+    if (!rc) rc = qvk_upload_f32(m, &m->norm, w->norm, (size_t)D, &stage, cb, err, n);
+    if (stage.buf) qvk_buffer_free(c, &stage);
+    if (rc) {
+        qvk_model_destroy(m);
+        return rc;
+    }
+    *out = m;
+    return QVK_OK;
+}
+
+int qvk_model_batch(const qvk_model* m) { return m->batch; }
+int qvk_model_logit_rows(const qvk_model* m) { return m->logit_rows; }
+
+/* ---------------------------------------------------------------- recording */
+
+static const char* const qvk_dt_suffix[4] = {"f32", "f16", "q8", "q4"};
+
+enum { QVK_STORE = 0, QVK_ADD = 1, QVK_SWIGLU = 2, QVK_QKV = 3 };
+
+typedef struct { /* matvec.comp's push constants */
+    uint32_t rows, cols, x_off, y_off;
+    float eps;
+    uint32_t q_dim, kv_dim, head_dim, use_rope;
+} qvk_mv_push;
+
+typedef struct {
+    uint32_t rows, cols, n_tok, ldx, ldy, y_off;
+} qvk_mm_push;
+
+typedef struct {
+    uint32_t n, ld_in, ld_out;
+    float eps;
+} qvk_prep_push;
+
+typedef struct {
+    uint32_t n_heads, n_kv_heads, head_dim, ld, use_rope;
+} qvk_rope_push;
+
+typedef struct {
+    uint32_t n_heads, n_kv_heads, head_dim, ld_q, ld_out;
+} qvk_att_push;
+
+typedef struct {
+    uint32_t rows, cols, r0, ld;
+} qvk_embed_push;
+
+/* rows per decode workgroup: enough bytes per workgroup to keep loads in flight, enough
+   workgroups to fill the device; products with long rows get fewer */
+static uint32_t qvk_mv_rows(const qvk_model* m, int mode, int cols) {
+    uint32_t r = m->mv_rows ? (uint32_t)m->mv_rows : (cols > 4096 ? 2u : 4u);
+    if ((mode == QVK_QKV || mode == QVK_SWIGLU) && r < 2) r = 2;
+    if ((mode == QVK_QKV || mode == QVK_SWIGLU) && (r & 1)) r++;
+    return r;
+}
+
+typedef struct {
+    qvk_model* m;
+    VkCommandBuffer cb;
+    char* err;
+    size_t n;
+    int rc;
+} qvk_rec;
+
+static void qvk_rec_dispatch(qvk_rec* R, const char* shader, const uint32_t* spec, int n_spec, const VkBuffer* binds,
+                             const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, int barrier) {
+    if (R->rc) return;
+    qvk_ctx* c = R->m->c;
+    VkPipeline pipe = qvk_pipeline(c, shader, spec, n_spec, R->err, R->n);
+    if (!pipe) {
+        R->rc = QVK_ERR_VK;
+        return;
+    }
+    R->rc = qvk_dispatch(c, &R->m->sets, R->cb, pipe, binds, push, push_bytes, gx, gy, R->err, R->n);
+    if (!R->rc && barrier) qvk_compute_barrier(c, R->cb);
+}
+
+static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer nw, VkBuffer x, uint32_t x_off,
+                           VkBuffer y, uint32_t y_off, VkBuffer kc, VkBuffer vc, int use_rope) {
+    qvk_model* m = R->m;
+    char name[32];
+    snprintf(name, sizeof name, "matvec_%s", qvk_dt_suffix[M->dtype]);
+    const uint32_t rows_per = qvk_mv_rows(m, mode, M->cols);
+    const uint32_t spec[4] = {(uint32_t)m->mv_threads, rows_per, (uint32_t)mode, nw ? 1u : 0u};
+    for (int i = 0; i < M->n_chunks; i++) {
+        const qvk_chunk* ch = &M->chunks[i];
+        qvk_mv_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, x_off, y_off + (uint32_t)ch->r0, m->cfg.norm_eps,
+                         (uint32_t)m->q_dim, (uint32_t)m->kv_dim, (uint32_t)m->cfg.head_dim, (uint32_t)use_rope};
+        uint32_t groups;
+        if (mode == QVK_SWIGLU) {
+            p.rows = (uint32_t)ch->rows / 2; /* the gate half */
+            groups = (p.rows + rows_per / 2 - 1) / (rows_per / 2);
+        } else if (mode == QVK_QKV) {
+            groups = ((uint32_t)ch->rows / 2 + rows_per / 2 - 1) / (rows_per / 2);
+        } else {
+            groups = ((uint32_t)ch->rows + rows_per - 1) / rows_per;
+        }
+        VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, x, nw, y, kc, vc, m->params.buf, m->rope.buf};
+        qvk_rec_dispatch(R, name, spec, 4, b, &p, sizeof p, groups, 1, i == M->n_chunks - 1);
+    }
+}
+
+static void qvk_rec_matmul(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer x, uint32_t ldx, VkBuffer y,
+                           uint32_t ldy, uint32_t n_tok) {
+    char name[32];
+    snprintf(name, sizeof name, "matmul_%s", qvk_dt_suffix[M->dtype]);
+    const uint32_t spec[2] = {0, (uint32_t)mode};
+    for (int i = 0; i < M->n_chunks; i++) {
+        const qvk_chunk* ch = &M->chunks[i];
+        qvk_mm_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, n_tok, ldx, ldy, (uint32_t)ch->r0};
+        VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, x, 0, y, 0, 0, 0, 0};
+        qvk_rec_dispatch(R, name, spec, 2, b, &p, sizeof p, ((uint32_t)ch->rows + 63) / 64, (n_tok + 63) / 64,
+                         i == M->n_chunks - 1);
+    }
+}
+
+/* norm (nw != 0), swiglu, and/or Q8 rounding (qdq) of n_tok rows into xn */
+static void qvk_rec_prep(qvk_rec* R, VkBuffer x, uint32_t n_el, uint32_t ld_in, VkBuffer nw, int swiglu, int qdq,
+                         uint32_t n_tok) {
+    qvk_model* m = R->m;
+    const uint32_t spec[4] = {0, nw ? 1u : 0u, qdq ? 1u : 0u, swiglu ? 1u : 0u};
+    qvk_prep_push p = {n_el, ld_in, n_el, m->cfg.norm_eps};
+    VkBuffer b[QVK_BINDINGS] = {0, x, nw, m->xn.buf, 0, 0, 0, 0};
+    qvk_rec_dispatch(R, "prep", spec, 4, b, &p, sizeof p, n_tok, 1, 1);
+}
+
+static void qvk_rec_embed(qvk_rec* R, uint32_t n_tok) {
+    qvk_model* m = R->m;
+    char name[32];
+    snprintf(name, sizeof name, "embed_%s", qvk_dt_suffix[m->embed.dtype]);
+    for (int i = 0; i < m->embed.n_chunks; i++) {
+        const qvk_chunk* ch = &m->embed.chunks[i];
+        qvk_embed_push p = {(uint32_t)ch->rows, (uint32_t)m->embed.cols, (uint32_t)ch->r0, (uint32_t)m->cfg.dim};
+        VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, 0, 0, m->x.buf, 0, 0, m->params.buf, 0};
+        qvk_rec_dispatch(R, name, NULL, 0, b, &p, sizeof p, n_tok, 1, i == m->embed.n_chunks - 1);
+    }
+}
+
+static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok) {
+    qvk_model* m = R->m;
+    const uint32_t spec[1] = {64};
+    qvk_att_push p = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
+                      (uint32_t)m->qkv_dim, (uint32_t)m->q_dim};
+    VkBuffer b[QVK_BINDINGS] = {0, m->qkv.buf, 0, m->att.buf, L->kc.buf, L->vc.buf, m->params.buf, 0};
+    qvk_rec_dispatch(R, "attention", spec, 1, b, &p, sizeof p, (uint32_t)m->cfg.n_heads, n_tok, 1);
+}
+
+static int qvk_is_quant(int dtype) { return dtype == QORA_Q4 || dtype == QORA_Q8; }
+
+/* The LM head's rows copied back to the host. */
+static void qvk_rec_readback(qvk_rec* R, uint32_t rows) {
+    if (R->rc) return;
+    qvk_model* m = R->m;
+    qvk_ctx* c = m->c;
+    qvk_barrier(c, R->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT,
+                VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_READ_BIT);
+    VkBufferCopy region = {0, 0, (VkDeviceSize)rows * m->cfg.vocab_size * 4};
+    c->f->vkCmdCopyBuffer(R->cb, m->logits.buf, m->readback.buf, 1, &region);
+    qvk_barrier(c, R->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT, VK_PIPELINE_STAGE_HOST_BIT,
+                VK_ACCESS_HOST_READ_BIT);
+}
+
+/* One token (position from the params buffer): the whole step in one command buffer. */
+static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, char* err, size_t n) {
+    qvk_rec R = {m, cb, err, n, 0};
+    if (qvk_cmd_begin(m->c, cb, 0) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
+    /* the host wrote params/rope before submitting: make those writes visible */
+    qvk_barrier(m->c, cb, VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+                VK_ACCESS_SHADER_READ_BIT);
+    qvk_rec_embed(&R, 1);
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        const qvk_layer* L = &m->layers[l];
+        qvk_rec_matvec(&R, &L->wqkv, QVK_QKV, L->attn_norm.buf, m->x.buf, 0, m->qkv.buf, 0, L->kc.buf, L->vc.buf,
+                       L->use_rope);
+        qvk_rec_attention(&R, L, 1);
+        qvk_rec_matvec(&R, &L->wo, QVK_ADD, 0, m->att.buf, 0, m->x.buf, 0, 0, 0, 0);
+        qvk_rec_matvec(&R, &L->wgu, QVK_SWIGLU, L->ffn_norm.buf, m->x.buf, 0, m->xn.buf, 0, 0, 0, 0);
+        qvk_rec_matvec(&R, &L->wdown, QVK_ADD, 0, m->xn.buf, 0, m->x.buf, 0, 0, 0, 0);
+    }
+    qvk_rec_matvec(&R, m->output, QVK_STORE, m->norm.buf, m->x.buf, 0, m->logits.buf, 0, 0, 0, 0);
+    qvk_rec_readback(&R, 1);
+    if (m->c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !R.rc)
+        R.rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
+    return R.rc;
+}
+
+/* n_tok > 1 tokens: batched products; logits for every token (all_logits) or the last. */
+static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int all_logits, char* err, size_t n) {
+    qvk_rec R = {m, cb, err, n, 0};
+    const uint32_t D = (uint32_t)m->cfg.dim, H = (uint32_t)m->cfg.hidden_dim;
+    if (qvk_cmd_begin(m->c, cb, 1) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
+    qvk_barrier(m->c, cb, VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+                VK_ACCESS_SHADER_READ_BIT);
+    qvk_rec_embed(&R, nt);
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        const qvk_layer* L = &m->layers[l];
+        /* attention norm, q/k/v, RoPE + cache, attention */
+        qvk_rec_prep(&R, m->x.buf, D, D, L->attn_norm.buf, 0, qvk_is_quant(L->wqkv.dtype), nt);
+        qvk_rec_matmul(&R, &L->wqkv, QVK_STORE, m->xn.buf, D, m->qkv.buf, (uint32_t)m->qkv_dim, nt);
+        qvk_rope_push rp = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
+                            (uint32_t)m->qkv_dim, (uint32_t)L->use_rope};
+        VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, L->kc.buf, L->vc.buf, m->params.buf, m->rope.buf};
+        qvk_rec_dispatch(&R, "rope_kv", NULL, 0, rb, &rp, sizeof rp, nt, 1, 1);
+        qvk_rec_attention(&R, L, nt);
+        /* output projection + residual */
+        VkBuffer att_in = m->att.buf;
+        if (qvk_is_quant(L->wo.dtype)) {
+            qvk_rec_prep(&R, m->att.buf, (uint32_t)m->q_dim, (uint32_t)m->q_dim, 0, 0, 1, nt);
+            att_in = m->xn.buf;
+        }
+        qvk_rec_matmul(&R, &L->wo, QVK_ADD, att_in, (uint32_t)m->q_dim, m->x.buf, D, nt);
+        /* MLP norm, gate|up, swiglu, down + residual */
+        qvk_rec_prep(&R, m->x.buf, D, D, L->ffn_norm.buf, 0, qvk_is_quant(L->wgu.dtype), nt);
+        qvk_rec_matmul(&R, &L->wgu, QVK_STORE, m->xn.buf, D, m->gu.buf, 2 * H, nt);
+        qvk_rec_prep(&R, m->gu.buf, H, 2 * H, 0, 1, qvk_is_quant(L->wdown.dtype), nt);
+        qvk_rec_matmul(&R, &L->wdown, QVK_ADD, m->xn.buf, H, m->x.buf, D, nt);
+    }
+    if (all_logits) {
+        qvk_rec_prep(&R, m->x.buf, D, D, m->norm.buf, 0, qvk_is_quant(m->output->dtype), nt);
+        qvk_rec_matmul(&R, m->output, QVK_STORE, m->xn.buf, D, m->logits.buf, (uint32_t)m->cfg.vocab_size, nt);
+    } else {
+        qvk_rec_matvec(&R, m->output, QVK_STORE, m->norm.buf, m->x.buf, (nt - 1) * D, m->logits.buf, 0, 0, 0, 0);
+    }
+    qvk_rec_readback(&R, all_logits ? nt : 1);
+    if (m->c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !R.rc)
+        R.rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
+    return R.rc;
+}
+
+int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos, float* logits, int all_logits,
+                      char* err, size_t errlen) {
+    if (!m || !tokens || !logits || n < 1 || start_pos < 0 || n > m->batch || (all_logits && n > m->logit_rows))
+        return qvk_fail(err, errlen, QVK_ERR_ARGS, "bad forward arguments");
+    if ((long long)start_pos + n > m->cfg.max_seq_len)
+        return qvk_fail(err, errlen, QVK_ERR_ARGS, "positions beyond the %d-token cache", m->cfg.max_seq_len);
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size)
+            return qvk_fail(err, errlen, QVK_ERR_ARGS, "token id %d out of range", tokens[i]);
+    if (m->lost) return qvk_fail(err, errlen, QVK_ERR_DEVICE_LOST, "the GPU was lost earlier");
+    if (m->fail_after >= 0 && m->n_forward >= m->fail_after) {
+        m->lost = 1;
+        return qvk_fail(err, errlen, QVK_ERR_DEVICE_LOST, "device lost (simulated by QORA_VK_FAIL=run)");
+    }
+    /* per-step inputs: position, tokens, and RoPE cos/sin computed exactly as the CPU engine does */
+    uint32_t* p = m->params.map;
+    p[0] = (uint32_t)start_pos;
+    p[1] = (uint32_t)n;
+    for (int i = 0; i < n; i++) p[4 + i] = (uint32_t)tokens[i];
+    float* cs = m->rope.map;
+    const int half = m->cfg.head_dim / 2;
+    for (int t = 0; t < n; t++)
+        for (int j = 0; j < half; j++) {
+            const float angle = (float)(start_pos + t) * m->inv_freq[j];
+            cs[2 * (t * half + j)] = cosf(angle) * m->cfg.rope_scale;
+            cs[2 * (t * half + j) + 1] = sinf(angle) * m->cfg.rope_scale;
+        }
+    int rc;
+    VkCommandBuffer cb;
+    if (n == 1) {
+        cb = m->cb_decode;
+        if (!m->decode_recorded) {
+            rc = qvk_record_decode(m, cb, err, errlen);
+            if (rc) return rc;
+            m->decode_recorded = 1;
+        }
+    } else {
+        cb = m->cb_prefill;
+        rc = qvk_record_prefill(m, cb, (uint32_t)n, all_logits, err, errlen);
+        if (rc) return rc;
+    }
+    rc = qvk_submit_wait(m->c, cb, err, errlen);
+    if (rc) {
+        if (rc == QVK_ERR_DEVICE_LOST) m->lost = 1;
+        return rc;
+    }
+    m->n_forward++;
+    const int rows = all_logits ? n : 1;
+    memcpy(logits, m->readback.map, (size_t)rows * m->cfg.vocab_size * sizeof(float));
+    return QVK_OK;
+}

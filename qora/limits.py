@@ -1,0 +1,49 @@
+"""Sane limits for everything that comes from a model file, a config or a caller.
+
+One table so the .qora reader, the converters (safetensors, GGUF, config.json), the engine and the
+chat template agree. Every bound is far above any real model (SmolLM3-3B: 36 layers, dim 2048,
+vocab 128256, context 65536; Llama 3.1 405B: 126 layers, dim 16384) and low enough that every
+size derived from them (rows * cols * 4, layers * tensors, positions * heads) stays exact in
+int64 on the C side and is checked against the file size before anything is allocated.
+"""
+
+from __future__ import annotations
+
+# Model shape (normalized config keys).
+CONFIG_INT_LIMITS = {
+    "n_layers": 4096,
+    "dim": 1 << 17,
+    "n_heads": 4096,
+    "n_kv_heads": 4096,
+    "head_dim": 4096,
+    "hidden_dim": 1 << 20,
+    "vocab_size": 1 << 24,
+    "max_seq_len": 1 << 26,
+}
+MAX_TENSOR_DIM = 1 << 32  # one tensor dimension (C stores rows/cols as int32 after the config check)
+
+# Headers and metadata. A tokenizer.json is a few MiB (Llama 3: 9 MiB); a JSON header this large
+# already costs a few hundred MiB of Python objects, so nothing larger is parsed.
+MAX_HEADER_BYTES = 64 << 20  # .qora JSON header
+MAX_SAFETENSORS_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+MAX_JSON_FILE_BYTES = 64 << 20  # config.json, tokenizer.json, tokenizer_config.json, ...
+MAX_JSON_DEPTH = 64  # nesting of any JSON document we parse (real ones are under 10 deep)
+
+# GGUF: counts in the header are checked against these and against the bytes left in the file
+# before the gguf package walks them.
+GGUF_MAX_TENSORS = 1 << 16
+GGUF_MAX_KV = 1 << 16
+GGUF_MAX_ARRAY = 1 << 24  # elements of one metadata array (a vocabulary is ~128K-256K strings)
+GGUF_MAX_STRING = 1 << 26  # bytes of one metadata string (chat templates are ~10 KiB)
+GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+# Callers: threads, tokens, context.
+MAX_THREADS = 1024
+MAX_TOKENS = 1 << 26  # max_tokens / think_budget: never more than the largest context
+MAX_CONTEXT_RAM_FRACTION = 0.9  # a requested KV cache may use at most this share of available RAM
+
+# Chat templates run in a sandbox; these bound what one render may do.
+TEMPLATE_MAX_OUTPUT = 4 << 20  # characters of one rendered prompt (far beyond any context)
+TEMPLATE_MAX_LOOP_STEPS = 1 << 20  # loop iterations in one render
+TEMPLATE_MAX_SECONDS = 5.0  # wall time of one render
+TEMPLATE_MAX_POWER = 4096  # largest exponent for `**` on integers

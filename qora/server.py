@@ -1,0 +1,759 @@
+"""OpenAI-compatible HTTP server: `python -m qora serve --load m.qora [--host 127.0.0.1 --port 8000]`.
+
+Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions
+(streamed as server-sent events ending with `data: [DONE]`, or one JSON answer with `usage`).
+
+Design: one model means one engine and one KV cache, so one worker thread runs the requests one at a
+time, in arrival order, off a queue. The asyncio side (starlette on uvicorn) only parses, validates,
+queues and streams back what the worker produces, so the event loop never waits on the engine and two
+requests never touch the cache at once. The Model's KV reuse carries over between requests: a client
+that resends a growing conversation pays for its new turn only. A client that goes away marks its job
+cancelled; the worker checks between tokens and moves on to the next request.
+
+Beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty`, `think_budget`, and
+`chat_template_kwargs.enable_thinking` (SmolLM3's thinking switch; `/think` or `/no_think` in the
+system message works too). Thinking comes back as `reasoning_content`, apart from `content`.
+`max_tokens` caps the answer; thinking has its own budget (think_budget, default from RAM), as in
+the CLI. Sampling values a request leaves out take qora's defaults, not OpenAI's.
+
+Needs the `server` extra: pip install "qora[server]" (starlette, uvicorn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import queue
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qora.errors import ContextOverflowError, QoraError
+from qora.generate import MAX_TOP_LOGPROBS, GenerationOptions, Response, stream_generate
+
+log = logging.getLogger("qora.server")
+
+FINISH = {"stop": "stop", "length": "length", "loop": "length", "interrupted": "stop"}
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_STOPS = 4
+MAX_LEGACY_LOGPROBS = 5
+_POLL_S = 0.2  # how often a waiting non-streamed request checks that its client is still there
+
+
+# ───── errors ─────
+
+
+class ApiError(Exception):
+    """An OpenAI-style error answer: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 404: "invalid_request_error"}.get(self.status)
+        kind = kind or ("invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# ───── request validation ─────
+
+_TYPE_NAMES = {
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    dict: "an object",
+    list: "an array",
+}
+
+
+def _field(body: dict, name: str, kinds: tuple, default=None):
+    """body[name] if present and not null, checked against `kinds` (bool is never taken for a number)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        want = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+        raise ApiError(400, f"'{name}' must be {want}, got {json.dumps(value)[:60]}", param=name)
+    return value
+
+
+def _number(body: dict, name: str, low: float, high: float | None = None, low_open: bool = False):
+    value = _field(body, name, (float,))
+    if value is None:
+        return None
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        span = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ApiError(400, f"'{name}' must be {span}, got {value}", param=name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int, high: int | None = None):
+    value = _field(body, name, (int,))
+    if value is None:
+        return None
+    if value < low or (high is not None and value > high):
+        span = f">= {low}" + (f" and <= {high}" if high is not None else "")
+        raise ApiError(400, f"'{name}' must be {span}, got {value}", param=name)
+    return value
+
+
+def _stops(body: dict) -> list[str]:
+    stop = _field(body, "stop", (str, list), [])
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, f"'stop' must be a non-empty string or up to {MAX_STOPS} of them", param="stop")
+    return list(stops)
+
+
+def _text_content(content, where: str) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}: only text content parts are supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{where}: 'content' must be a string or a list of text parts", param="messages")
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = _field(body, "messages", (list,))
+    if not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object", param="messages")
+        role = m.get("role")
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ApiError(400, f"{where}: unknown role {role!r}", param="messages")
+        out.append({"role": role, "content": _text_content(m.get("content"), where)})
+    return out
+
+
+def _options(body: dict, chat: bool) -> tuple[GenerationOptions, int | None]:
+    """GenerationOptions for a request, and how many top logprobs to report (None: no logprobs)."""
+    n = _integer(body, "n", 1)
+    if n is not None and n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    if body.get("tools"):
+        raise ApiError(400, "tools are not supported by this server", param="tools")
+    max_tokens = _integer(body, "max_completion_tokens", 1) if chat else None
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1)
+    if max_tokens is None and not chat:
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    if chat:
+        want = _field(body, "logprobs", (bool,), False)
+        top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top is not None and not want:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        logprobs = (top or 0) if want else None
+    else:
+        logprobs = _integer(body, "logprobs", 0, MAX_LEGACY_LOGPROBS)
+    seed = _integer(body, "seed", -(2**63))
+    enable_thinking = None
+    if chat:
+        kwargs = _field(body, "chat_template_kwargs", (dict,), {})
+        enable_thinking = _field(kwargs, "enable_thinking", (bool,))
+    try:
+        options = GenerationOptions(
+            max_tokens=max_tokens,
+            think_budget=_integer(body, "think_budget", 0),
+            temperature=temperature,
+            top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
+            top_k=_integer(body, "top_k", 0),
+            min_p=_number(body, "min_p", 0.0, 1.0),
+            repeat_penalty=_number(body, "repetition_penalty", 0.0, low_open=True),
+            presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
+            frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
+            seed=None if seed is None else seed % 2**63,
+            stop=_stops(body),
+            greedy=temperature == 0.0,
+            enable_thinking=enable_thinking,
+            raw=not chat,
+            # OpenAI semantics: max_tokens is a hard count, not "stop at a sentence near it".
+            sentence_stop=False,
+            logprobs=logprobs,
+        )
+    except QoraError as e:
+        raise ApiError(400, str(e)) from None
+    return options, logprobs
+
+
+# ───── the engine worker ─────
+
+_END = object()  # a job's last event
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its non-streamed request waited."""
+
+
+@dataclass
+class Job:
+    """One request's generation: the worker puts Responses (then _END, or an exception) on `events`."""
+
+    prompt: object
+    options: GenerationOptions
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    checked: float = field(default_factory=time.monotonic)  # when the client was last seen connected
+
+    def emit(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Worker:
+    """Runs jobs one at a time on a thread of its own, over one model."""
+
+    def __init__(self, model):
+        self.model = model
+        self.jobs: queue.Queue = queue.Queue()
+        self.counts = {"served": 0, "cancelled": 0, "failed": 0}
+        self.running: Job | None = None
+        self._thread = threading.Thread(target=self._run, name="qora-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel what is queued or running and wait for the thread (the engine must be idle before close)."""
+        if self.running is not None:
+            self.running.cancel()
+        self.jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, prompt, options: GenerationOptions) -> Job:
+        job = Job(prompt, options, asyncio.get_running_loop())
+        self.jobs.put(job)
+        return job
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            self.running = job
+            try:
+                self._serve(job)
+            finally:
+                self.running = None
+
+    def _serve(self, job: Job) -> None:
+        if job.cancelled.is_set():  # the client left while queued
+            self.counts["cancelled"] += 1
+            job.emit(_END)
+            return
+        gen = stream_generate(self.model, job.prompt, job.options)
+        try:
+            for r in gen:
+                if job.cancelled.is_set():
+                    break
+                job.emit(r)
+        except QoraError as e:
+            self.counts["failed"] += 1
+            job.emit(e)
+        except Exception as e:  # a bug: answer 500 and keep serving
+            log.exception("generation failed")
+            self.counts["failed"] += 1
+            job.emit(e)
+        else:
+            self.counts["cancelled" if job.cancelled.is_set() else "served"] += 1
+        finally:
+            gen.close()
+            job.emit(_END)
+
+
+# ───── answers ─────
+
+
+def _usage(r: Response) -> dict:
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.generation_tokens,
+        "total_tokens": r.prompt_tokens + r.generation_tokens,
+        "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": r.think_tokens},
+    }
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+class _Answer:
+    """Accumulates one request's stream: text per channel, logprob entries, the last Response."""
+
+    def __init__(self, tokenizer, strip_leading_newlines: bool):
+        self.tok = tokenizer
+        self.strip = strip_leading_newlines
+        self.answer_started = False
+        self.last: Response | None = None
+
+    def pieces(self, r: Response) -> tuple[str, str]:
+        """(reasoning text, answer text) this response adds."""
+        self.last = r
+        if r.channel == "think":
+            return r.text, ""
+        text = r.text
+        if not self.answer_started and self.strip:
+            text = text.lstrip("\r\n")  # the newline a model puts after </think>, as the CLI drops it
+        if text:
+            self.answer_started = True
+        return "", text
+
+    def token_text(self, token: int) -> str:
+        return self.tok.decode([token])
+
+    def chat_logprob(self, r: Response) -> dict | None:
+        """OpenAI's chat logprob entry for an answer token."""
+        if r.logprob is None or r.token is None or r.channel != "answer" or r.token in self.tok.stop_ids:
+            return None
+        text = self.token_text(r.token)
+        tops = [
+            {"token": (t := self.token_text(i)), "logprob": lp, "bytes": list(t.encode())}
+            for i, lp in (r.top_logprobs or [])
+        ]
+        return {"token": text, "logprob": r.logprob, "bytes": list(text.encode()), "top_logprobs": tops}
+
+
+class _Legacy:
+    """The /v1/completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
+
+    def __init__(self):
+        self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset = [], [], [], []
+
+    def add(self, answer: _Answer, r: Response, offset: int) -> None:
+        if r.logprob is None or r.token is None or r.token in answer.tok.stop_ids:
+            return
+        self.tokens.append(answer.token_text(r.token))
+        self.token_logprobs.append(r.logprob)
+        self.top_logprobs.append({answer.token_text(i): lp for i, lp in (r.top_logprobs or [])})
+        self.text_offset.append(offset)
+
+    def take(self) -> dict:
+        out = {
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top_logprobs,
+            "text_offset": self.text_offset,
+        }
+        self.__init__()
+        return out
+
+
+# ───── the app ─────
+
+
+def create_app(model, model_id: str, api_key: str | None = None, created: int | None = None):
+    """The starlette app serving `model` as `model_id`; it starts and stops its engine worker itself."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import Response as HTTPResponse
+    from starlette.routing import Route
+
+    worker = Worker(model)
+    created = int(created if created is not None else time.time())
+    fingerprint = "qora"
+    try:
+        from qora import __version__
+
+        fingerprint = f"qora-{__version__}"
+    except ImportError:  # pragma: no cover - the package always has it
+        pass
+
+    def model_card() -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "qora"}
+
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict:
+        check_auth(request)
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        name = _field(body, "model", (str,))
+        if name is None:
+            raise ApiError(400, "'model' is required", param="model")
+        if name != model_id:
+            raise ApiError(
+                404, f"model {name!r} does not exist; this server has {model_id!r}", "model", "model_not_found"
+            )
+        if _field(body, "stream_options", (dict,)) is not None and not body.get("stream"):
+            raise ApiError(400, "'stream_options' needs 'stream': true", param="stream_options")
+        return body
+
+    async def next_event(job: Job, request: Request):
+        """The job's next event; every _POLL_S (whether events flow or not) it checks that the client is
+        still there, and cancels the job if not."""
+        getter = asyncio.ensure_future(job.events.get())
+        try:
+            while True:
+                wait = max(0.0, job.checked + _POLL_S - time.monotonic())
+                done, _ = await asyncio.wait({getter}, timeout=wait)
+                if time.monotonic() >= job.checked + _POLL_S:
+                    job.checked = time.monotonic()
+                    if await request.is_disconnected():
+                        job.cancel()
+                        raise _ClientGone
+                if done:
+                    return getter.result()
+        finally:
+            if not getter.done():
+                getter.cancel()
+
+    def failure(exc: BaseException) -> ApiError:
+        if isinstance(exc, ContextOverflowError):
+            return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+        if isinstance(exc, QoraError):
+            return ApiError(400, str(exc))
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def run(request: Request, body: dict, chat: bool):
+        options, logprobs = _options(body, chat)
+        if chat:
+            prompt = _messages(body)
+        else:
+            prompt = _field(body, "prompt", (str, list))
+            if isinstance(prompt, list):  # a batch of one prompt is fine; more is not supported
+                if len(prompt) != 1 or not isinstance(prompt[0], str):
+                    raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
+                prompt = prompt[0]
+            if not prompt:
+                raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+            if _field(body, "suffix", (str,)):
+                raise ApiError(400, "'suffix' is not supported", param="suffix")
+        stream = bool(_field(body, "stream", (bool,), False))
+        include_usage = bool(_field(_field(body, "stream_options", (dict,), {}), "include_usage", (bool,), False))
+        echo = "" if chat or not _field(body, "echo", (bool,), False) else prompt
+
+        job = worker.submit(prompt, options)
+        try:
+            first = await next_event(job, request)
+        except BaseException:  # the client left (or the server is stopping): drop the job
+            job.cancel()
+            raise
+        if isinstance(first, BaseException):
+            raise failure(first)
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        now = int(time.time())
+        answer = _Answer(model.tokenizer, strip_leading_newlines=chat)
+        head = {
+            "id": ident,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": now,
+            "model": model_id,
+            "system_fingerprint": fingerprint,
+        }
+        if stream:
+            return StreamingResponse(
+                stream_events(job, first, answer, head, chat, include_usage, logprobs, echo),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await collect(request, job, first, answer, head, chat, logprobs, echo)
+
+    async def collect(request, job, first, answer, head, chat, logprobs, echo) -> JSONResponse:
+        reasoning, text, lps, legacy = [], [echo], [], _Legacy()
+        event = first
+        try:
+            while event is not _END:
+                if isinstance(event, BaseException):
+                    raise failure(event)
+                think, piece = answer.pieces(event)
+                if chat and logprobs is not None and (entry := answer.chat_logprob(event)):
+                    lps.append(entry)
+                if not chat and logprobs is not None:
+                    legacy.add(answer, event, sum(map(len, text)))
+                reasoning.append(think)
+                text.append(piece)
+                event = await next_event(job, request)
+        finally:
+            job.cancel()  # a no-op once finished; stops the worker if we leave early
+        last = answer.last
+        finish = FINISH.get(last.finish_reason or "stop", "stop")
+        if chat:
+            message = {"role": "assistant", "content": "".join(text)}
+            if any(reasoning):
+                message["reasoning_content"] = "".join(reasoning)
+            choice = {
+                "index": 0,
+                "message": message,
+                "logprobs": {"content": lps} if logprobs is not None else None,
+                "finish_reason": finish,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {
+                "index": 0,
+                "text": "".join(text),
+                "logprobs": legacy.take() if logprobs is not None else None,
+                "finish_reason": finish,
+            }
+            obj = "text_completion"
+        return JSONResponse({**head, "object": obj, "choices": [choice], "usage": _usage(last)})
+
+    async def stream_events(job, first, answer, head, chat, include_usage, logprobs, echo) -> AsyncIterator[bytes]:
+        usage_field = {"usage": None} if include_usage else {}
+        pending_lps: list = []
+        legacy = _Legacy()
+        sent = 0  # completion text characters sent (legacy text_offset)
+
+        def chunk(delta_or_text, finish=None, lp=None) -> bytes:
+            if chat:
+                choice = {"index": 0, "delta": delta_or_text, "logprobs": lp, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta_or_text, "logprobs": lp, "finish_reason": finish}
+            return _sse({**head, "choices": [choice], **usage_field})
+
+        try:
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            elif echo:
+                yield chunk(echo)
+                sent = len(echo)
+            event = first
+            while event is not _END:
+                if isinstance(event, BaseException):
+                    err = failure(event)
+                    yield _sse(err.body())  # the stream has started: the error goes in band
+                    break
+                think, piece = answer.pieces(event)
+                if chat:
+                    if logprobs is not None and (entry := answer.chat_logprob(event)):
+                        pending_lps.append(entry)
+                    if think:
+                        yield chunk({"reasoning_content": think})
+                    if piece:
+                        lp = {"content": pending_lps} if logprobs is not None else None
+                        yield chunk({"content": piece}, lp=lp)
+                        pending_lps = []
+                else:
+                    if logprobs is not None:
+                        legacy.add(answer, event, sent)
+                    if piece:
+                        yield chunk(piece, lp=legacy.take() if logprobs is not None else None)
+                        sent += len(piece)
+                if event.finish_reason is not None:
+                    finish = FINISH.get(event.finish_reason, "stop")
+                    if chat:
+                        lp = {"content": pending_lps} if logprobs is not None else None
+                        yield chunk({}, finish=finish, lp=lp)
+                    else:
+                        yield chunk("", finish=finish, lp=legacy.take() if logprobs is not None else None)
+                event = await job.events.get()
+            if include_usage and answer.last is not None:
+                yield _sse({**head, "choices": [], "usage": _usage(answer.last)})
+            yield b"data: [DONE]\n\n"
+        finally:
+            job.cancel()  # the client went away (or we are done): the worker stops at the next token
+
+    async def chat_completions(request: Request):
+        try:
+            return await run(request, await read_body(request), chat=True)
+        except _ClientGone:
+            return HTTPResponse(status_code=499)  # nobody reads it: the client is gone
+
+    async def completions(request: Request):
+        try:
+            return await run(request, await read_body(request), chat=False)
+        except _ClientGone:
+            return HTTPResponse(status_code=499)
+
+    async def models(request: Request):
+        check_auth(request)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def one_model(request: Request):
+        check_auth(request)
+        if request.path_params["name"] != model_id:
+            raise ApiError(404, f"model {request.path_params['name']!r} does not exist", "model", "model_not_found")
+        return JSONResponse(model_card())
+
+    async def health(request: Request):
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": model_id,
+                "queued": worker.jobs.qsize(),
+                "busy": worker.running is not None,
+                "requests": dict(worker.counts),
+                "cached_tokens": len(getattr(model, "cache_tokens", [])),
+            }
+        )
+
+    async def on_api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def on_http_error(request, exc: HTTPException):
+        message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
+        err = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    async def on_error(request, exc: Exception):
+        log.exception("request failed")
+        err = ApiError(500, f"internal error: {type(exc).__name__}")
+        return JSONResponse(err.body(), status_code=500)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    app = Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/v1/models", models),
+            Route("/v1/models/{name:path}", one_model),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ],
+        exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_error},
+        lifespan=lifespan,
+    )
+    app.state.worker = worker
+    return app
+
+
+# ───── command line ─────
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qora serve",
+        description="Serve a model over an OpenAI-compatible HTTP API (chat and completions, streaming).",
+        epilog=(
+            "Example: qora serve --load smollm3-3b-q4.qora, then point an OpenAI client at "
+            "http://127.0.0.1:8000/v1 with model set to the id GET /v1/models lists."
+        ),
+    )
+    p.add_argument("--load", metavar="PATH", help="the .qora model file, or a pulled REPO_ID (default as qora)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY on /v1 routes")
+    p.add_argument("--model-name", metavar="ID", help="the model id clients send (default: REPO_ID or file name)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
+    p.add_argument("--context", type=int, metavar="N", help="KV cache size in tokens (default: auto)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
+    p.add_argument("--verbose", "-v", action="store_true", help="log every request")
+    return p
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise QoraError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise QoraError(f"qora serve needs the server extra ({e}): pip install 'qora[server]'") from None
+    if not 0 <= args.port <= 65535:
+        raise QoraError(f"--port must be in 0..65535, got {args.port}")
+    if args.api_key is not None and not args.api_key:
+        raise QoraError("--api-key must not be empty")
+
+    import qora
+    from qora.cli import resolve_model_path
+    from qora.hub import looks_like_repo_id, split_spec
+
+    path = resolve_model_path(args.load)
+    model_id = args.model_name or (
+        split_spec(args.load)[0]
+        if args.load and not Path(args.load).exists() and looks_like_repo_id(args.load)
+        else path.stem
+    )
+    sock = _bind(args.host, args.port)
+    load_kwargs = {"threads": args.threads, "device": "cpu" if args.cpu else "auto"}
+    if args.context is not None:
+        load_kwargs["max_seq_len"] = args.context
+    model = qora.load(path, **load_kwargs)
+    try:
+        app = create_app(model, model_id, api_key=args.api_key, created=int(path.stat().st_mtime))
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(
+            f"qora: serving {model_id} ({model.engine.max_seq_len}-token context) at http://{shown}:{port}/v1 "
+            "- OpenAI-compatible; Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not _is_loopback(args.host) and args.api_key is None:
+            print(
+                f"qora: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+                file=sys.stderr,
+                flush=True,
+            )
+        config = uvicorn.Config(
+            app,
+            log_level="info" if args.verbose else "warning",
+            access_log=args.verbose,
+            timeout_graceful_shutdown=3,
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        model.close()
+        sock.close()
+    return 0
