@@ -160,6 +160,18 @@ def _llama3_inv_freq(inv_freq: np.ndarray, rs: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def kv_cache_dtype(qfile) -> str:
+    """QORA_KV=f16|f32, else f16 for quantized models (half the bytes attention streams, as
+    llama.cpp does) and f32 for f16/f32 weights, whose users asked for full precision."""
+    want = os.environ.get("QORA_KV", "").strip().lower()
+    if want:
+        if want not in ("f16", "f32"):
+            raise QoraError(f"QORA_KV={want!r} is not one of f16, f32")
+        return want
+    wq = qfile.tensor_info.get("layers.0.wq", {}).get("dtype")
+    return "f16" if wq in ("q4", "q8") else "f32"
+
+
 def default_context(cfg: dict, requested: int | None = None) -> int:
     """KV cache size: the request if given, else what fits a quarter of free RAM (at most 16384)."""
     max_pos = int(cfg["max_seq_len"])
@@ -204,8 +216,10 @@ class CpuEngine:
         try:
             # QORA_REPACK=0 keeps Q4 matrices in file order (half the memory, slower products)
             repack = os.environ.get("QORA_REPACK", "1").strip() not in ("0", "false", "no")
+            self.kv_dtype = kv_cache_dtype(qfile)
             self._model = core.CpuModel(
-                cfg, tensors, inv_freq, rope_scale, self.max_seq_len, self.n_threads, isa_idx, repack
+                cfg, tensors, inv_freq, rope_scale, self.max_seq_len, self.n_threads, isa_idx, repack,
+                self.kv_dtype == "f16",
             )
         except (ValueError, KeyError) as e:
             raise QoraError(f"{qfile.path}: cannot build the engine: {e}") from e

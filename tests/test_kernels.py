@@ -220,12 +220,15 @@ def ref_attention(q, kc, vc, n_heads, n_kv, hd):
 @pytest.mark.parametrize(
     "n_heads,n_kv,hd,n_pos", [(1, 1, 8, 1), (4, 2, 16, 7), (16, 4, 128, 33), (9, 3, 64, 129), (16, 4, 128, 300)]
 )
-def test_attention(isa, n_heads, n_kv, hd, n_pos):
+@pytest.mark.parametrize("kv_f16", [True, False], ids=["kv16", "kv32"])
+def test_attention(isa, n_heads, n_kv, hd, n_pos, kv_f16):
     r = rng()
     q = r.standard_normal(n_heads * hd).astype(np.float32)
     kc = r.standard_normal((n_pos, n_kv * hd)).astype(np.float32)
     vc = r.standard_normal((n_pos, n_kv * hd)).astype(np.float32)
-    out = _cpu.attention(q, kc, vc, n_heads, n_kv, hd, isa, 2)
+    out = _cpu.attention(q, kc, vc, n_heads, n_kv, hd, isa, 2, kv_f16)
+    if kv_f16:  # the reference sees the same rounded K and V as the f16 cache holds
+        kc, vc = kc.astype(np.float16).astype(np.float32), vc.astype(np.float16).astype(np.float32)
     np.testing.assert_allclose(out, ref_attention(q, kc, vc, n_heads, n_kv, hd), rtol=1e-4, atol=1e-5)
 
 

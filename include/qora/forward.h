@@ -18,6 +18,7 @@ typedef struct {
     int max_seq_len; /* KV cache capacity in tokens (not the model's maximum) */
     float norm_eps;
     float rope_scale; /* YaRN attention factor applied to cos/sin; 1 otherwise */
+    int kv_f16;       /* KV cache in f16 (half the bytes attention streams) or f32 (exact) */
 } qora_config;
 
 /* --------------------------------------------------------------- weights */
@@ -60,8 +61,8 @@ typedef struct {
     int32_t* xs;     /* (QORA_CHUNK, widest/32) sum of each Q8 block's int8 values */
     size_t xq_stride;   /* blocks per row of xq and xs */
     float* scores;      /* (QORA_CHUNK, n_heads, max_seq_len) attention weights */
-    float* key_cache;   /* (n_layers, max_seq_len, n_kv_heads*head_dim) */
-    float* value_cache; /* (n_layers, max_seq_len, n_kv_heads*head_dim) */
+    void* key_cache;   /* (n_layers, max_seq_len, n_kv_heads*head_dim) f16 or f32, per cfg.kv_f16 */
+    void* value_cache; /* (n_layers, max_seq_len, n_kv_heads*head_dim) */
 } qora_state;
 
 typedef struct {
@@ -105,8 +106,9 @@ static int qora_state_init(qora_state* s, const qora_config* c) {
     s->xq = calloc(C * s->xq_stride, sizeof(block_q8));
     s->xs = calloc(C * s->xq_stride, sizeof(int32_t));
     s->scores = calloc(C * (size_t)c->n_heads * c->max_seq_len, sizeof(float)); /* touched only as far as used */
-    s->key_cache = calloc(cache, sizeof(float));
-    s->value_cache = calloc(cache, sizeof(float));
+    const size_t kv_bytes = c->kv_f16 ? sizeof(uint16_t) : sizeof(float);
+    s->key_cache = calloc(cache, kv_bytes);
+    s->value_cache = calloc(cache, kv_bytes);
     if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->att || !s->hb || !s->xq || !s->xs || !s->scores ||
         !s->key_cache || !s->value_cache) {
         qora_state_free(s);
@@ -134,17 +136,22 @@ static void qora_rope(float* v, int n_heads, int head_dim, int pos, const float*
 
 /* Attention of the query heads that share KV head g, for one query over n_pos
    cached positions: K/V rows are read once for the whole group (GQA).
-   kc/vc: (n_pos, kv_stride) rows; scores: (n_heads, score_stride). */
-static void qora_attend_group(const qora_kernels* K, const float* q, const float* kc, const float* vc, int n_pos,
-                              int g, int group, int head_dim, size_t kv_stride, float* scores, size_t score_stride,
-                              float* out) {
+   kc/vc: (n_pos, kv_stride) rows of f16 (kv_f16) or f32; scores: (n_heads, score_stride). */
+static void qora_attend_group(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
+                              int n_pos, int g, int group, int head_dim, size_t kv_stride, float* scores,
+                              size_t score_stride, float* out) {
     const float scale = 1.0f / sqrtf((float)head_dim);
     const int h0 = g * group, h1 = (g + 1) * group;
+    const size_t off = (size_t)g * head_dim;
     /* scores = q . k * head_dim^-0.5 */
     for (int t = 0; t < n_pos; t++) {
-        const float* kt = kc + (size_t)t * kv_stride + (size_t)g * head_dim;
-        for (int h = h0; h < h1; h++)
-            scores[h * score_stride + t] = K->dot_f32(head_dim, q + (size_t)h * head_dim, kt) * scale;
+        const size_t row = (size_t)t * kv_stride + off;
+        for (int h = h0; h < h1; h++) {
+            const float* qh = q + (size_t)h * head_dim;
+            const float d = kv_f16 ? K->dot_f16_f32(head_dim, (const uint16_t*)kc + row, qh)
+                                   : K->dot_f32(head_dim, (const float*)kc + row, qh);
+            scores[h * score_stride + t] = d * scale;
+        }
     }
     /* softmax over positions */
     for (int h = h0; h < h1; h++) {
@@ -159,23 +166,26 @@ static void qora_attend_group(const qora_kernels* K, const float* q, const float
     }
     /* out = weights . v */
     for (int t = 0; t < n_pos; t++) {
-        const float* vt = vc + (size_t)t * kv_stride + (size_t)g * head_dim;
-        for (int h = h0; h < h1; h++)
-            K->axpy(head_dim, scores[h * score_stride + t], vt, out + (size_t)h * head_dim);
+        const size_t row = (size_t)t * kv_stride + off;
+        for (int h = h0; h < h1; h++) {
+            float* oh = out + (size_t)h * head_dim;
+            if (kv_f16) K->axpy_f16(head_dim, scores[h * score_stride + t], (const uint16_t*)vc + row, oh);
+            else K->axpy(head_dim, scores[h * score_stride + t], (const float*)vc + row, oh);
+        }
     }
 }
 
 /* Causal GQA attention for one query position (all heads). */
-static void qora_attention(const qora_kernels* K, const float* q, const float* kc, const float* vc, int n_pos,
-                           int n_heads, int n_kv_heads, int head_dim, size_t kv_stride, float* scores,
+static void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
+                           int n_pos, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride, float* scores,
                            size_t score_stride, float* out, int n_threads) {
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) \
     if ((long long)n_pos * n_heads * head_dim >= QORA_PARALLEL_MIN_WORK / 4)
 #endif
     for (int g = 0; g < n_kv_heads; g++)
-        qora_attend_group(K, q, kc, vc, n_pos, g, n_heads / n_kv_heads, head_dim, kv_stride, scores, score_stride,
-                          out);
+        qora_attend_group(K, q, kc, vc, kv_f16, n_pos, g, n_heads / n_kv_heads, head_dim, kv_stride, scores,
+                          score_stride, out);
     (void)n_threads;
 }
 
@@ -201,8 +211,9 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
 
     for (int l = 0; l < c->n_layers; l++) {
         const qora_layer* L = &m->w.layers[l];
-        float* key_cache = s->key_cache + (size_t)l * T * kv_dim;     /* (max_seq_len, kv_dim) */
-        float* value_cache = s->value_cache + (size_t)l * T * kv_dim;
+        const size_t kv_bytes = c->kv_f16 ? sizeof(uint16_t) : sizeof(float);
+        char* key_cache = (char*)s->key_cache + (size_t)l * T * kv_dim * kv_bytes; /* (max_seq_len, kv_dim) */
+        char* value_cache = (char*)s->value_cache + (size_t)l * T * kv_dim * kv_bytes;
 
         /* attention norm */
         for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->attn_norm, D, c->norm_eps);
@@ -221,8 +232,14 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
                 qora_rope(s->k + (size_t)t * kv_dim, c->n_kv_heads, c->head_dim, pos0 + t, m->w.inv_freq,
                           c->rope_scale);
             }
-            memcpy(key_cache + (size_t)(pos0 + t) * kv_dim, s->k + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
-            memcpy(value_cache + (size_t)(pos0 + t) * kv_dim, s->v + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
+            const size_t at = (size_t)(pos0 + t) * kv_dim * kv_bytes;
+            if (c->kv_f16) {
+                K->to_f16(s->k + (size_t)t * kv_dim, (uint16_t*)(key_cache + at), kv_dim);
+                K->to_f16(s->v + (size_t)t * kv_dim, (uint16_t*)(value_cache + at), kv_dim);
+            } else {
+                memcpy(key_cache + at, s->k + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
+                memcpy(value_cache + at, s->v + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
+            }
         }
 
         /* causal grouped-query attention: token t sees positions 0..pos0+t */
@@ -234,7 +251,7 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
 #endif
             for (int p = 0; p < pairs; p++) {
                 const int t = p / c->n_kv_heads, g = p % c->n_kv_heads;
-                qora_attend_group(K, s->q + (size_t)t * q_dim, key_cache, value_cache, pos0 + t + 1, g, group,
+                qora_attend_group(K, s->q + (size_t)t * q_dim, key_cache, value_cache, c->kv_f16, pos0 + t + 1, g, group,
                                   c->head_dim, (size_t)kv_dim, s->scores + (size_t)t * c->n_heads * T, T,
                                   s->att + (size_t)t * q_dim);
             }

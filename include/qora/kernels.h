@@ -25,6 +25,8 @@ typedef struct {
     float (*dot_f32)(int n, const float* a, const float* b);
     void (*rmsnorm)(float* out, const float* x, const float* w, int n, float eps);
     void (*axpy)(int n, float a, const float* x, float* y);
+    void (*axpy_f16)(int n, float a, const uint16_t* x, float* y);
+    void (*to_f16)(const float* x, uint16_t* y, int n);
     qora_tile_fn tile_q4; /* up to 4 rows x 4 activations, see tiles.h */
     qora_tile_fn tile_q8;
     qora_q4x8_fn q4x8;    /* 8 interleaved rows x up to 4 activations, see repack.h */
@@ -32,21 +34,21 @@ typedef struct {
 
 static const qora_kernels qora_kernels_scalar = {
     "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
-    dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, tile_q4_scalar, tile_q8_scalar,
+    dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, axpy_f16_scalar, to_f16_scalar, tile_q4_scalar, tile_q8_scalar,
     q4x8_scalar,
 };
 
 #if QORA_X86
 static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
-    dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, tile_q4_avx2, tile_q8_avx2,
+    dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
     q4x8_avx2,
 };
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
    matches the AVX2 path bit for bit */
 static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
-    dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, tile_q4_avx512, tile_q8_avx512,
+    dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
     q4x8_avx512,
 };
 #endif

@@ -125,5 +125,21 @@ QORA_TARGET_AVX2 static void axpy_avx2(int n, float a, const float* x, float* y)
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+QORA_TARGET_AVX2 static void axpy_f16_avx2(int n, float a, const uint16_t* x, float* y) {
+    const __m256 va = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + i))),
+                                                _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * f16_avx2(x[i]);
+}
+
+QORA_TARGET_AVX2 static void to_f16_avx2(const float* x, uint16_t* y, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i*)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) y[i] = qora_fp32_to_fp16(x[i]);
+}
+
 #endif /* QORA_X86 */
 #endif /* QORA_KERNELS_AVX2_H */

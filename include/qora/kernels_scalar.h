@@ -67,4 +67,13 @@ static void axpy_scalar(int n, float a, const float* x, float* y) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+/* y += a * x with x in f16 (the V rows of the KV cache) */
+static void axpy_f16_scalar(int n, float a, const uint16_t* x, float* y) {
+    for (int i = 0; i < n; i++) y[i] += a * qora_fp16_to_fp32(x[i]);
+}
+
+static void to_f16_scalar(const float* x, uint16_t* y, int n) {
+    for (int i = 0; i < n; i++) y[i] = qora_fp32_to_fp16(x[i]);
+}
+
 #endif /* QORA_KERNELS_SCALAR_H */

@@ -61,13 +61,14 @@ cdef extern from "qora/qora.h" nogil:
                              int32_t* XS, size_t ldxq, int n, int cols)
     void qora_dequant_row(const qora_tensor* W, int r, float* out)
     void qora_rope(float* v, int n_heads, int head_dim, int pos, const float* inv_freq, float scale)
-    void qora_attention(const qora_kernels* K, const float* q, const float* kc, const float* vc, int n_pos,
+    void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16, int n_pos,
                         int n_heads, int n_kv_heads, int head_dim, size_t kv_stride, float* scores,
                         size_t score_stride, float* out, int n_threads)
 
     ctypedef struct qora_config:
         int n_layers, dim, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size, max_seq_len
         float norm_eps, rope_scale
+        int kv_f16
 
     ctypedef struct qora_layer:
         const float* attn_norm
@@ -318,16 +319,25 @@ def rope(v, int n_heads, int head_dim, int pos, const float[::1] inv_freq, float
     return out
 
 
-def attention(const float[::1] q, const float[:, ::1] kc, const float[:, ::1] vc, int n_heads, int n_kv_heads,
-              int head_dim, int isa, int n_threads=1):
-    """Softmax(q k^T / sqrt(d)) v for one query over kc/vc (n_pos, n_kv_heads*head_dim)."""
+def attention(const float[::1] q, kc_in, vc_in, int n_heads, int n_kv_heads, int head_dim, int isa,
+              int n_threads=1, bint kv_f16=True):
+    """Softmax(q k^T / sqrt(d)) v for one query over kc/vc (n_pos, n_kv_heads*head_dim), held as
+    f16 (kv_f16, the engine's default cache) or f32."""
     cdef const qora_kernels* K = _kernels(isa)
+    kv_dtype = np.float16 if kv_f16 else np.float32
+    kc_arr = np.ascontiguousarray(kc_in, dtype=kv_dtype)
+    vc_arr = np.ascontiguousarray(vc_in, dtype=kv_dtype)
+    if kc_arr.ndim != 2 or vc_arr.ndim != 2:
+        raise ValueError("attention: kc and vc must be 2-D")
+    cdef const uint8_t[:, ::1] kc = kc_arr.view(np.uint8)
+    cdef const uint8_t[:, ::1] vc = vc_arr.view(np.uint8)
     cdef int n_pos = kc.shape[0]
+    cdef Py_ssize_t kv_width = kc_arr.shape[1]
     _threads(n_threads)
     if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or head_dim <= 0:
         raise ValueError("attention: bad head configuration")
     # products in Py_ssize_t: an int product could wrap and let a short buffer through
-    if q.shape[0] != <Py_ssize_t>n_heads * head_dim or kc.shape[1] != <Py_ssize_t>n_kv_heads * head_dim or \
+    if q.shape[0] != <Py_ssize_t>n_heads * head_dim or kv_width != <Py_ssize_t>n_kv_heads * head_dim or \
             vc.shape[0] != n_pos or vc.shape[1] != kc.shape[1] or n_pos == 0:
         raise ValueError("attention: shapes disagree")
     scores = np.empty(<Py_ssize_t>n_heads * n_pos, dtype=np.float32)
@@ -335,8 +345,8 @@ def attention(const float[::1] q, const float[:, ::1] kc, const float[:, ::1] vc
     cdef float[::1] sc = scores
     cdef float[::1] o = out
     with nogil:
-        qora_attention(K, &q[0], &kc[0, 0], &vc[0, 0], n_pos, n_heads, n_kv_heads, head_dim,
-                       <size_t>kc.shape[1], &sc[0], <size_t>n_pos, &o[0], n_threads)
+        qora_attention(K, &q[0], &kc[0, 0], &vc[0, 0], kv_f16, n_pos, n_heads, n_kv_heads, head_dim,
+                       <size_t>kv_width, &sc[0], <size_t>n_pos, &o[0], n_threads)
     return out
 
 
@@ -356,7 +366,7 @@ cdef class CpuModel:
         self.layers = NULL
 
     def __init__(self, dict cfg, dict tensors, inv_freq, float rope_scale, int max_seq_len, int n_threads, int isa,
-                 bint repack=True):
+                 bint repack=True, bint kv_f16=True):
         """cfg: normalized config; tensors: name -> (dtype, shape, array) as stored in the file."""
         cdef int i, n_layers = cfg["n_layers"]
         cdef qora_config* c = &self.m.cfg
@@ -381,6 +391,7 @@ cdef class CpuModel:
         c.max_seq_len = max_seq_len
         c.norm_eps = cfg["norm_eps"]
         c.rope_scale = rope_scale
+        c.kv_f16 = kv_f16
         if min(n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size) <= 0 \
                 or c.n_heads % c.n_kv_heads or c.head_dim % 2:
             raise ValueError("inconsistent model config")
