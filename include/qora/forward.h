@@ -220,7 +220,7 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
 
         /* q, k, v projections (activations quantized once for the three) */
         if (qora_is_quantized(L->wq.dtype) || qora_is_quantized(L->wk.dtype) || qora_is_quantized(L->wv.dtype))
-            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D);
+            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D, nt);
         qora_matmul(K, &L->wq, s->xb, D, s->xq, s->xs, lq, n, s->q, q_dim, nt);
         qora_matmul(K, &L->wk, s->xb, D, s->xq, s->xs, lq, n, s->k, kv_dim, nt);
         qora_matmul(K, &L->wv, s->xb, D, s->xq, s->xs, lq, n, s->v, kv_dim, nt);
@@ -258,7 +258,7 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
         }
 
         /* output projection and residual */
-        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, s->xq, s->xs, lq, n, q_dim);
+        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, s->xq, s->xs, lq, n, q_dim, nt);
         qora_matmul(K, &L->wo, s->att, q_dim, s->xq, s->xs, lq, n, s->xb2, D, nt);
         qora_residual(s->x, s->xb2, (size_t)n * D);
 
@@ -267,11 +267,11 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
 
         /* fused gate+up: hb = silu(gate . x) * (up . x) */
         if (qora_is_quantized(L->w_gate.dtype) || qora_is_quantized(L->w_up.dtype))
-            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D);
+            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D, nt);
         qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, s->xq, s->xs, lq, n, s->hb, c->hidden_dim, nt);
 
         /* down projection and residual */
-        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, s->xq, s->xs, lq, n, c->hidden_dim);
+        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, s->xq, s->xs, lq, n, c->hidden_dim, nt);
         qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, s->xq, s->xs, lq, n, s->xb2, D, nt);
         qora_residual(s->x, s->xb2, (size_t)n * D);
     }
@@ -282,7 +282,7 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
     const int first = all_logits ? 0 : n - 1, rows = n - first;
     for (int t = first; t < n; t++)
         K->rmsnorm(s->xb + (size_t)(t - first) * D, s->x + (size_t)t * D, m->w.norm, D, c->norm_eps);
-    qora_prepare_inputs(K, m->w.output.dtype, s->xb, D, s->xq, s->xs, lq, rows, D);
+    qora_prepare_inputs(K, m->w.output.dtype, s->xb, D, s->xq, s->xs, lq, rows, D, nt);
     qora_matmul(K, &m->w.output, s->xb, D, s->xq, s->xs, lq, rows, logits, (size_t)c->vocab_size, nt);
 }
 

@@ -29,27 +29,28 @@ typedef struct {
     void (*to_f16)(const float* x, uint16_t* y, int n);
     qora_tile_fn tile_q4; /* up to 4 rows x 4 activations, see tiles.h */
     qora_tile_fn tile_q8;
-    qora_q4x8_fn q4x8;    /* 8 interleaved rows x up to 4 activations, see repack.h */
+    qora_q4x8_fn q4x8;    /* 8 interleaved rows x up to q4x8_max_t activations, see repack.h */
+    int q4x8_max_t;
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
     "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
     dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, axpy_f16_scalar, to_f16_scalar, tile_q4_scalar, tile_q8_scalar,
-    q4x8_scalar,
+    q4x8_scalar, 4,
 };
 
 #if QORA_X86
 static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avx2,
+    q4x8_avx2, 4,
 };
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
    matches the AVX2 path bit for bit */
 static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
-    q4x8_avx512,
+    q4x8_avx512, 8,
 };
 #endif
 
@@ -96,8 +97,11 @@ static inline int qora_is_quantized(int dtype) { return dtype == QORA_Q4 || dtyp
 /* Quantize n activation rows (X: n x ldx floats) to Q8 (XQ: n x ldxq blocks),
    once per matrix input, and only when an integer product will read them. */
 static inline void qora_prepare_inputs(const qora_kernels* K, int dtype, const float* X, size_t ldx, block_q8* XQ,
-                                       int32_t* XS, size_t ldxq, int n, int cols) {
+                                       int32_t* XS, size_t ldxq, int n, int cols, int n_threads) {
     if (!qora_is_quantized(dtype)) return;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n >= 4)
+#endif
     for (int t = 0; t < n; t++) {
         block_q8* xq = XQ + t * ldxq;
         K->quantize_q8(X + t * ldx, xq, cols);
@@ -108,6 +112,7 @@ static inline void qora_prepare_inputs(const qora_kernels* K, int dtype, const f
             XS[t * ldxq + b] = sum;
         }
     }
+    (void)n_threads;
 }
 
 /* Rows r0..r0+nr-1 (nr <= 4) against tokens t0..t0+nt-1 (nt <= 4):
@@ -136,7 +141,13 @@ static inline int qora_units(const qora_tensor* W) {
     return W->rows / 8 + (tail + 3) / 4;
 }
 
-/* Unit u against tokens t0..t0+nt-1 (nt <= 4): out[t * ldo + local row], returns the first row. */
+/* Tokens a unit takes at once: 8 rows interleaved meet up to q4x8_max_t activations. */
+static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W) {
+    return W->packed ? K->q4x8_max_t : 4;
+}
+
+/* Unit u against tokens t0..t0+nt-1 (nt <= qora_unit_tokens): out[t * ldo + local row]; returns
+   the first row and its row count in *nr_out. */
 static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, const float* X, size_t ldx,
                             const block_q8* XQ, const int32_t* XS, size_t ldxq, int t0, int nt, float* out, size_t ldo,
                             int* nr_out) {
@@ -149,7 +160,8 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
     }
     const int base = W->packed ? (W->rows / 8) * 8 : 0, first = W->packed ? W->rows / 8 : 0;
     const int r0 = base + (u - first) * 4, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
-    qora_tile(K, W, r0, nr, X, ldx, XQ, ldxq, t0, nt, out, ldo);
+    for (int t = 0; t < nt; t += 4)
+        qora_tile(K, W, r0, nr, X, ldx, XQ, ldxq, t0 + t, nt - t < 4 ? nt - t : 4, out + (size_t)t * ldo, ldo);
     *nr_out = nr;
     return r0;
 }
@@ -160,13 +172,14 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
 static void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float* X, size_t ldx, const block_q8* XQ,
                         const int32_t* XS, size_t ldxq, int n, float* Y, size_t ldy, int n_threads) {
     const int units = qora_units(W);
+    const int step = qora_unit_tokens(K, W);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * W->rows * W->cols >= QORA_PARALLEL_MIN_WORK)
 #endif
     for (int u = 0; u < units; u++) {
-        for (int t0 = 0; t0 < n; t0 += 4) {
-            const int nt = n - t0 < 4 ? n - t0 : 4;
-            float tmp[4 * 8]; /* [t][local row] */
+        for (int t0 = 0; t0 < n; t0 += step) {
+            const int nt = n - t0 < step ? n - t0 : step;
+            float tmp[8 * 8]; /* [t][local row] */
             int nr;
             const int r0 = qora_unit(K, W, u, X, ldx, XQ, XS, ldxq, t0, nt, tmp, 8, &nr);
             for (int t = 0; t < nt; t++) memcpy(Y + (size_t)(t0 + t) * ldy + r0, tmp + t * 8, (size_t)nr * sizeof(float));
@@ -182,13 +195,14 @@ static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora
                         int n_threads) {
     const int units = qora_units(Wg);
     const int same_layout = (Wg->packed != NULL) == (Wu->packed != NULL);
+    const int step = same_layout ? qora_unit_tokens(K, Wg) : 4;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * Wg->rows * Wg->cols >= QORA_PARALLEL_MIN_WORK)
 #endif
     for (int u = 0; u < units; u++) {
-        for (int t0 = 0; t0 < n; t0 += 4) {
-            const int nt = n - t0 < 4 ? n - t0 : 4;
-            float gate[4 * 8], up[4 * 8]; /* [t][local row] */
+        for (int t0 = 0; t0 < n; t0 += step) {
+            const int nt = n - t0 < step ? n - t0 : step;
+            float gate[8 * 8], up[8 * 8]; /* [t][local row] */
             int nr, nr2;
             const int r0 = qora_unit(K, Wg, u, X, ldx, XQ, XS, ldxq, t0, nt, gate, 8, &nr);
             if (same_layout) {

@@ -64,7 +64,8 @@ static void qora_free_weights(void* p) {
 #endif
 }
 
-/* ---- kernels: out[t * ldo + j] = dot(row j of the group, activation t), j < 8, t < nt <= 4.
+/* ---- kernels: out[t * ldo + j] = dot(row j of the group, activation t), j < 8, t < nt <= the
+   kernel table's q4x8_max_t (4 with 16 vector registers, 8 with AVX-512's 32).
    xsum[t * xs + b] = sum of activation t's int8 values in block b (for the -8 offset of Q4). */
 typedef void (*qora_q4x8_fn)(int n, const block_q4x8* w, const block_q8* x, const int32_t* xsum, size_t xs, int nt,
                              float* out, size_t ldo);
@@ -150,7 +151,7 @@ QORA_TARGET_AVX2 static void q4x8_avx2(int n, const block_q4x8* w, const block_q
    into one instruction per chunk. */
 QORA_TARGET_AVX512 QORA_INLINE void q4x8_vnni_t(const int T, int n, const block_q4x8* w, const block_q8* x,
                                                const int32_t* xsum, size_t xs, float* out, size_t ldo) {
-    __m256 acc[4];
+    __m256 acc[8];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     for (int b = 0; b < n / QK; b++) {
@@ -182,7 +183,11 @@ QORA_TARGET_AVX512 static void q4x8_avx512(int n, const block_q4x8* w, const blo
     case 1: q4x8_vnni_t(1, n, w, x, xsum, xs, out, ldo); break;
     case 2: q4x8_vnni_t(2, n, w, x, xsum, xs, out, ldo); break;
     case 3: q4x8_vnni_t(3, n, w, x, xsum, xs, out, ldo); break;
-    default: q4x8_vnni_t(4, n, w, x, xsum, xs, out, ldo); break;
+    case 4: q4x8_vnni_t(4, n, w, x, xsum, xs, out, ldo); break;
+    case 5: q4x8_vnni_t(5, n, w, x, xsum, xs, out, ldo); break;
+    case 6: q4x8_vnni_t(6, n, w, x, xsum, xs, out, ldo); break;
+    case 7: q4x8_vnni_t(7, n, w, x, xsum, xs, out, ldo); break;
+    default: q4x8_vnni_t(8, n, w, x, xsum, xs, out, ldo); break;
     }
 }
 #endif /* QORA_X86 */

@@ -75,6 +75,8 @@ typedef struct {
     int logit_rows;  /* rows of logits one submission can return (0: default) */
     int mv_threads;  /* decode mat-vec workgroup size (0: default) */
     int mv_rows;     /* decode mat-vec rows per workgroup, all products (0: per-product defaults) */
+    int kv_f16;      /* KV cache in f16 (else f32), as the CPU engine's for the same model */
+    int att_splits;  /* decode attention workgroups per head (0: default) */
     int fail_after;  /* test hook: forward calls that succeed before a simulated device loss; < 0 never */
 } qvk_model_opts;
 

@@ -58,7 +58,7 @@ cdef extern from "qora/qora.h" nogil:
                      size_t ldx, const block_q8* XQ, const int32_t* XS, size_t ldxq, int n, float* H, size_t ldh,
                      int n_threads)
     void qora_prepare_inputs(const qora_kernels* K, int dtype, const float* X, size_t ldx, block_q8* XQ,
-                             int32_t* XS, size_t ldxq, int n, int cols)
+                             int32_t* XS, size_t ldxq, int n, int cols, int n_threads)
     void qora_dequant_row(const qora_tensor* W, int r, float* out)
     void qora_rope(float* v, int n_heads, int head_dim, int pos, const float* inv_freq, float scale)
     void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16, int n_pos,
@@ -243,7 +243,7 @@ def matmul(w, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int
     cdef int32_t[::1] xs = xs_buf
     cdef float[:, ::1] yv = y
     with nogil:
-        qora_prepare_inputs(K, t.dtype, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, cols)
+        qora_prepare_inputs(K, t.dtype, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, cols, n_threads)
         qora_matmul(K, &t, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, &yv[0, 0], rows, n_threads)
     del keep
     return y
@@ -276,7 +276,7 @@ def swiglu(wg, wu, str dtype, int rows, int cols, const float[:, ::1] x, int isa
     cdef int32_t[::1] xs = xs_buf
     cdef float[:, ::1] hv = h
     with nogil:
-        qora_prepare_inputs(K, tg.dtype, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, cols)
+        qora_prepare_inputs(K, tg.dtype, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, cols, n_threads)
         qora_swiglu(K, &tg, &tu, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, &hv[0, 0], rows, n_threads)
     del keep
     return h
