@@ -15,11 +15,14 @@ __all__ = [
 ]
 
 
-def load(path, threads=None, device="auto", max_seq_len=None):
-    """Open a .qora model (memory-mapped) and return a ready-to-use Model."""
+def load(path, threads=None, device="auto", max_seq_len=None, verbose=False):
+    """Open a .qora model (memory-mapped) and return a ready-to-use Model.
+
+    device: "auto" (a Vulkan GPU when one can run the model, else the CPU), "cpu", or "gpu" (an
+    error if no GPU can); verbose: say on stderr which device runs it and what it needs."""
     from qora.model import load as _load
 
-    return _load(path, threads=threads, device=device, max_seq_len=max_seq_len)
+    return _load(path, threads=threads, device=device, max_seq_len=max_seq_len, verbose=verbose)
 
 
 def cpu_info():

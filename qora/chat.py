@@ -299,6 +299,9 @@ class ChatRepl:
                         return 0
                     continue
                 self.answer(text[1:] if text.startswith("//") else text)
+            except KeyboardInterrupt:  # Ctrl-C outside the answer's own handling (rendering, a command)
+                print(flush=True)
+                self.say("[interrupted]")
             except QoraError as e:
                 print(f"qora: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
 

@@ -267,11 +267,15 @@ def _run(args, parser) -> int:
     if args.verbose:
         cfg = getattr(model, "config", None) or {}
         about = ", ".join(f"{k} {cfg[k]}" for k in ("architecture", "n_layers", "dim", "vocab_size") if k in cfg)
-        threads = getattr(getattr(model, "engine", None), "n_threads", None)
+        engine = getattr(model, "engine", None)
+        threads = getattr(engine, "n_threads", None)
+        for line in getattr(engine, "notes", None) or ():  # the GPU pre-flight, or why the CPU runs it
+            _note(line)
+        on_gpu = getattr(engine, "device", None) == "vulkan"
         _note(
             f"loaded {path} in {load_time:.2f} s"
             + (f" ({about})" if about else "")
-            + (f", {threads} threads" if threads else "")
+            + (f", on gpu ({engine.device_name}, Vulkan)" if on_gpu else f", {threads} threads" if threads else "")
         )
         _note(f"cpu: {_cpu_info_line()}")
     for stream in (sys.stdout, sys.stderr):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -203,6 +204,8 @@ class CpuEngine:
 
     def __init__(self, qfile, n_threads: int | None = None, max_seq_len: int | None = None, isa: str | None = None):
         core = _core()
+        self._lock = threading.Lock()
+        self._model = None
         self.config = cfg = qfile.config
         isa_idx, self.isa_reason = resolve_isa(isa)
         self.n_threads = int(n_threads) if n_threads else default_threads()
@@ -251,16 +254,21 @@ class CpuEngine:
         for i in range(0, n, _PREFILL_CHUNK):
             chunk = ids[i : i + _PREFILL_CHUNK]
             last = i + _PREFILL_CHUNK >= n
+            # the lock keeps close() (another thread, e.g. a server shutting down) from freeing the
+            # native state while C runs on it
+            with self._lock:
+                if self._model is None:
+                    raise QoraError("the model is closed")
+                out = self._model.forward(chunk, start_pos + i, all_logits)
             if all_logits or last:
-                outs.append(self._model.forward(chunk, start_pos + i, all_logits))
-            else:
-                self._model.forward(chunk, start_pos + i, False)
+                outs.append(out)
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
     def reset(self):
         """Nothing to clear: positions past start_pos are overwritten before they are read."""
 
     def close(self):
-        if self._model is not None:
-            self._model.close()
-            self._model = None
+        with self._lock:
+            if self._model is not None:
+                self._model.close()
+                self._model = None

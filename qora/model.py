@@ -115,16 +115,20 @@ class Model:
         )
 
 
+def _engine_label(engine) -> str:
+    if getattr(engine, "device", "cpu") == "vulkan":
+        return f"gpu ({engine.device_name}, Vulkan)"
+    return f"cpu ({engine.isa}, {engine.n_threads} threads)"
+
+
 def load(path, threads=None, device="auto", max_seq_len=None, verbose=False) -> Model:
     """Open a .qora file by mmap and build the engine for it."""
-    from qora.engine import CpuEngine
     from qora.format import read_qora
     from qora.tokenizer import Tokenizer
+    from qora.vulkan import make_engine
 
     if device not in ("auto", "cpu", "gpu"):
         raise QoraError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
-    if device == "gpu":
-        raise QoraError("no GPU backend is available in this build of qora (use device='cpu')")
     path = os.fspath(path)
     t0 = time.perf_counter()
     qfile = read_qora(path)
@@ -135,14 +139,14 @@ def load(path, threads=None, device="auto", max_seq_len=None, verbose=False) -> 
                 f"{path}: tokenizer has token ids up to {tokenizer.id_limit - 1} but the model's vocab_size is "
                 f"{qfile.config['vocab_size']}"
             )
-        engine = CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len)
+        engine = make_engine(qfile, device, threads=threads, max_seq_len=max_seq_len, verbose=verbose)
     except BaseException:
         qfile.close()
         raise
     model = Model(qfile, engine, tokenizer, load_seconds=time.perf_counter() - t0)
     if verbose:
         print(
-            f"qora: loaded {path} in {model.load_seconds:.2f}s on cpu ({engine.isa}, {engine.n_threads} threads)",
+            f"qora: loaded {path} in {model.load_seconds:.2f}s on {_engine_label(engine)}",
             file=sys.stderr,
         )
     return model

@@ -250,6 +250,17 @@ class Worker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def cancel_all(self) -> None:
+        """Cancel the running job and every queued one (the server is stopping): open streams then end
+        at the next token instead of holding the shutdown up."""
+        running = self.running
+        if running is not None:
+            running.cancel()
+        with self.jobs.mutex:
+            queued = [job for job in self.jobs.queue if job is not None]
+        for job in queued:
+            job.cancel()
+
     def submit(self, prompt, options: GenerationOptions) -> Job:
         job = Job(prompt, options, asyncio.get_running_loop())
         self.jobs.put(job)
@@ -476,6 +487,8 @@ def create_app(model, model_id: str, api_key: str | None = None, created: int | 
             raise
         if isinstance(first, BaseException):
             raise failure(first)
+        if first is _END:  # nothing produced: the job was cancelled before it ran
+            raise _ClientGone
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
         answer = _Answer(model.tokenizer, strip_leading_newlines=chat)
@@ -752,7 +765,14 @@ def main(argv: list[str]) -> int:
             access_log=args.verbose,
             timeout_graceful_shutdown=3,
         )
-        uvicorn.Server(config).run(sockets=[sock])
+        worker = app.state.worker
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                worker.cancel_all()
+                super().handle_exit(sig, frame)
+
+        Server(config).run(sockets=[sock])
     finally:
         model.close()
         sock.close()

@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
     path = convert(
         FIX / "tiny-llama", tmp_path_factory.mktemp("chat") / "tiny-llama-q8.qora", quant="q8", progress=False
     )
-    with qora.load(path, threads=2, max_seq_len=160) as m:
+    with qora.load(path, threads=1, max_seq_len=160) as m:
         yield m
 
 
@@ -134,7 +134,7 @@ def test_save_and_load(tiny, tmp_path):
 
 def spawn(model_path, *args, timeout=90):
     env = dict(os.environ, TERM="dumb", NO_COLOR="1", PYTHONIOENCODING="utf-8")
-    cmd = ["-m", "qora", "chat", "--load", str(model_path), "--threads", "2", "--context", "1024", *args]
+    cmd = ["-m", "qora", "chat", "--load", str(model_path), "--threads", "1", "--context", "1024", *args]
     child = pexpect.spawn(sys.executable, cmd, cwd=str(REPO), env=env, encoding="utf-8", timeout=timeout)
     child.expect_exact(">>> ")
     return child

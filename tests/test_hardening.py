@@ -123,7 +123,8 @@ def test_real_templates_still_render():
     tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {}}}]
     chat = [{"role": "user", "content": "hello"}]
     out = tok.apply_chat_template(chat, tools=tools, enable_thinking=True, today="2025-01-01")
-    assert out.endswith("<|im_start|>assistant\n") and re.search(r"""["']name["']:\s*["']f["']""", out) and "2025" in out
+    assert out.endswith("<|im_start|>assistant\n") and "2025" in out
+    assert re.search(r"""["']name["']:\s*["']f["']""", out)
 
 
 # ───── the CLI: one line, non-zero exit, no traceback ─────
@@ -281,6 +282,8 @@ def _maps_of(path) -> int:
 # response per generation would pass these bounds within the first iterations.
 LOAD_RSS_BOUND_MIB = 4
 GENERATE_RSS_BOUND_MIB = 4
+# AddressSanitizer keeps freed memory in quarantine (256 MiB by default), so RSS is no measure there.
+_UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
@@ -294,7 +297,7 @@ def test_load_close_100_times_flat(tiny):
             assert _maps_of(tiny) == 1
         assert _maps_of(tiny) == 0, f"load {i}: the mapping outlived close()"
     grown = _rss_mib() - before
-    assert grown < LOAD_RSS_BOUND_MIB, f"RSS grew {grown:.1f} MiB over 100 load/close cycles"
+    assert _UNDER_ASAN or grown < LOAD_RSS_BOUND_MIB, f"RSS grew {grown:.1f} MiB over 100 load/close cycles"
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
@@ -321,7 +324,7 @@ def test_1000_answers_flat(tiny):
         for i in range(1000):
             answer(i)
         grown = _rss_mib() - before
-    assert grown < GENERATE_RSS_BOUND_MIB, f"RSS grew {grown:.1f} MiB over 1000 answers"
+    assert _UNDER_ASAN or grown < GENERATE_RSS_BOUND_MIB, f"RSS grew {grown:.1f} MiB over 1000 answers"
 
 
 # ───── Ctrl-C ─────

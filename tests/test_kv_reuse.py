@@ -25,7 +25,7 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture
 def model(model_path):
-    with qora.load(model_path, threads=2) as m:
+    with qora.load(model_path, threads=1) as m:
         yield m
 
 
@@ -152,7 +152,7 @@ def test_real_model_follow_up_costs_only_the_new_turn():
 
     path = demo.ensure_demo_model(demo.default_cache_dir())
     opts = {**OPTS, "max_tokens": 24, "logprobs": None}
-    with qora.load(path, threads=2, max_seq_len=512) as m:
+    with qora.load(path, threads=1, max_seq_len=512) as m:
         turn1 = [{"role": "user", "content": "What is the capital of France?"}]
         rs1, toks1 = run(m, turn1, **opts)
         p1 = prompt_ids(m.tokenizer, turn1, GenerationOptions(**opts))

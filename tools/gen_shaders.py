@@ -114,7 +114,9 @@ def parse_header(text: str) -> tuple[str, dict[str, tuple[str, bytes]]]:
     """(glslc version, name -> (source hash, SPIR-V bytes)) from a generated header."""
     version = re.search(r'#define QVK_GLSLC_VERSION "([^"]*)"', text).group(1)
     out = {}
-    for m in re.finditer(r"sha256 ([0-9a-f]{64}) \*/\nstatic const uint32_t qvk_spv_(\w+)\[\d+\] = \{(.*?)\};", text, re.S):
+    for m in re.finditer(
+        r"sha256 ([0-9a-f]{64}) \*/\nstatic const uint32_t qvk_spv_(\w+)\[\d+\] = \{(.*?)\};", text, re.S
+    ):
         words = [int(w, 16) for w in re.findall(r"0x([0-9a-f]{8})u", m.group(3))]
         out[m.group(2)] = (m.group(1), b"".join(w.to_bytes(4, "little") for w in words))
     return version, out

@@ -77,6 +77,7 @@ typedef struct {
     int mv_rows;     /* decode mat-vec rows per workgroup, all products (0: per-product defaults) */
     int kv_f16;      /* KV cache in f16 (else f32), as the CPU engine's for the same model */
     int att_splits;  /* decode attention workgroups per head (0: default) */
+    int chunk_rows;  /* tests: cap the rows per chunk of the embedding / LM head (0: what fits) */
     int fail_after;  /* test hook: forward calls that succeed before a simulated device loss; < 0 never */
 } qvk_model_opts;
 

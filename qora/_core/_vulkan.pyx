@@ -65,7 +65,7 @@ cdef extern from "qora/vk_backend.h" nogil:
         size_t bytes
 
     ctypedef struct qvk_model_opts:
-        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, fail_after
+        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_f16, att_splits, chunk_rows, fail_after
 
     int qvk_list_devices(const char* loader, qvk_device_info* out, int cap, int* n, char* err, size_t errlen)
     int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* err, size_t errlen)
@@ -112,6 +112,12 @@ cdef bytes _loader_arg(loader):
     return b"" if not loader else str(loader).encode()
 
 
+def _driver_version(vendor, v):
+    if vendor == 0x10DE:  # NVIDIA packs its own 10.8.8.6 scheme
+        return f"{(v >> 22) & 0x3FF}.{(v >> 14) & 0xFF}.{(v >> 6) & 0xFF}"
+    return f"{(v >> 22) & 0x7F}.{(v >> 12) & 0x3FF}.{v & 0xFFF}"
+
+
 cdef dict _info(const qvk_device_info* d):
     v = d.api_version
     return {
@@ -120,6 +126,7 @@ cdef dict _info(const qvk_device_info* d):
         "vendor_id": d.vendor_id,
         "device_id": d.device_id,
         "api_version": f"{(v >> 22) & 0x7F}.{(v >> 12) & 0x3FF}.{v & 0xFFF}",
+        "driver_version": _driver_version(d.vendor_id, d.driver_version),
         "vram_bytes": d.vram_bytes,
         "vram_budget": d.vram_budget,
         "subgroup_size": d.subgroup_size,
@@ -193,7 +200,7 @@ cdef class Context:
     def set_fail_alloc(self, bint fail):
         qvk_ctx_set_fail_alloc(self._get(), fail)
 
-    def run_kernel(self, str name, spec, list bufs, bytes push, int gx, int gy=1):
+    def run_kernel(self, str name, spec, list bufs, bytes push, int gx, int gy=1, int gz=1):
         """Run one shader; bufs[i] (None or a C-contiguous array) is bound at binding i and
         overwritten with what the shader left there."""
         cdef qvk_hostbuf hb[8]
@@ -224,7 +231,7 @@ cdef class Context:
                 hb[i].bytes = view.shape[0]
         err[0] = 0
         with nogil:
-            rc = qvk_run_kernel(c, np_, sp, n_spec, hb, pp, pn, gx, gy, 1, err, ERRLEN)
+            rc = qvk_run_kernel(c, np_, sp, n_spec, hb, pp, pn, gx, gy, gz, err, ERRLEN)
         if rc != QVK_OK:
             _raise(rc, err)
 
@@ -332,6 +339,9 @@ cdef qvk_model_opts _opts(int max_seq_len, dict opts):
     o.logit_rows = opts.get("logit_rows", 0)
     o.mv_threads = opts.get("mv_threads", 0)
     o.mv_rows = opts.get("mv_rows", 0)
+    o.kv_f16 = opts.get("kv_f16", 1)
+    o.att_splits = opts.get("att_splits", 0)
+    o.chunk_rows = opts.get("chunk_rows", 0)
     o.fail_after = opts.get("fail_after", -1)
     return o
 

@@ -257,7 +257,10 @@ static void qvk_describe(qvk_inst* I, VkPhysicalDevice pd, qvk_device_info* d) {
     int has_budget = p.apiVersion >= VK_API_VERSION_1_1 && qvk_device_has_ext(I, pd, VK_EXT_MEMORY_BUDGET_EXTENSION_NAME);
     VkPhysicalDeviceMemoryProperties2 mp2 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MEMORY_PROPERTIES_2,
                                               has_budget ? &budget : NULL};
-    I->f.vkGetPhysicalDeviceMemoryProperties2(pd, &mp2);
+    if (p.apiVersion >= VK_API_VERSION_1_1)
+        I->f.vkGetPhysicalDeviceMemoryProperties2(pd, &mp2);
+    else
+        I->f.vkGetPhysicalDeviceMemoryProperties(pd, &mp2.memoryProperties);
     const VkPhysicalDeviceMemoryProperties* mp = &mp2.memoryProperties;
     int heap = -1;
     for (uint32_t i = 0; i < mp->memoryHeapCount; i++)
@@ -726,18 +729,19 @@ static VkDescriptorSet qvk_set(qvk_ctx* c, qvk_sets* s, const VkBuffer* b, char*
 /* Record one dispatch. Groups beyond the 65535 limit of one dimension spill into y; the
    shaders that can get that many (matvec) fold y back into a linear index. */
 static int qvk_dispatch(qvk_ctx* c, qvk_sets* s, VkCommandBuffer cb, VkPipeline pipe, const VkBuffer* binds,
-                        const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, char* err, size_t n) {
+                        const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, uint32_t gz, char* err,
+                        size_t n) {
     VkDescriptorSet set = qvk_set(c, s, binds, err, n);
     if (!set) return QVK_ERR_VK;
     c->f->vkCmdBindPipeline(cb, VK_PIPELINE_BIND_POINT_COMPUTE, pipe);
     c->f->vkCmdBindDescriptorSets(cb, VK_PIPELINE_BIND_POINT_COMPUTE, c->layout, 0, 1, &set, 0, NULL);
     if (push_bytes) c->f->vkCmdPushConstants(cb, c->layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, (uint32_t)push_bytes, push);
     uint32_t maxg = c->limits.maxComputeWorkGroupCount[0];
-    if (gy == 1 && gx > maxg) {
+    if (gy == 1 && gz == 1 && gx > maxg) {
         gy = (gx + maxg - 1) / maxg;
         gx = maxg;
     }
-    c->f->vkCmdDispatch(cb, gx, gy, 1);
+    c->f->vkCmdDispatch(cb, gx, gy, gz);
     return QVK_OK;
 }
 
@@ -746,7 +750,7 @@ static int qvk_dispatch(qvk_ctx* c, qvk_sets* s, VkCommandBuffer cb, VkPipeline 
 int qvk_run_kernel(qvk_ctx* c, const char* name, const uint32_t* spec, int n_spec, const qvk_hostbuf* bufs,
                    const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, uint32_t gz, char* err,
                    size_t errlen) {
-    if (push_bytes > QVK_PUSH_BYTES || gx == 0 || gy == 0 || gz != 1)
+    if (push_bytes > QVK_PUSH_BYTES || gx == 0 || gy == 0 || gz == 0)
         return qvk_fail(err, errlen, QVK_ERR_ARGS, "bad kernel launch arguments");
     VkPipeline pipe = qvk_pipeline(c, name, spec, n_spec, err, errlen);
     if (!pipe) return QVK_ERR_ARGS;
@@ -772,7 +776,7 @@ int qvk_run_kernel(qvk_ctx* c, const char* name, const uint32_t* spec, int n_spe
     }
     if (!rc && qvk_cmd_begin(c, cb, 1) != VK_SUCCESS) rc = qvk_fail(err, errlen, QVK_ERR_VK, "vkBeginCommandBuffer failed");
     if (!rc) {
-        rc = qvk_dispatch(c, &sets, cb, pipe, vb, push, push_bytes, gx, gy, err, errlen);
+        rc = qvk_dispatch(c, &sets, cb, pipe, vb, push, push_bytes, gx, gy, gz, err, errlen);
         qvk_barrier(c, cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT, VK_PIPELINE_STAGE_HOST_BIT,
                     VK_ACCESS_HOST_READ_BIT);
         if (c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !rc)
@@ -869,7 +873,7 @@ typedef struct {
     qvk_matrix wgu;    /* (2 hidden, dim): gate, then up */
     qvk_matrix wdown;  /* (dim, hidden) */
     qvk_buffer attn_norm, ffn_norm; /* (dim,) f32 */
-    qvk_buffer kc, vc; /* (max_seq_len, kv_dim) f32 */
+    qvk_buffer kc, vc; /* (max_seq_len, kv_dim) f16 or f32 (kv_f16) */
     int use_rope;
 } qvk_layer;
 
@@ -885,22 +889,27 @@ struct qvk_model {
     qvk_buffer norm;
     /* scratch, shapes per prefill batch */
     qvk_buffer x;      /* (batch, dim) residual stream */
-    qvk_buffer xn;     /* (batch, widest) a product's prepared input; decode: hb (hidden,) */
+    qvk_buffer xn;     /* (batch, widest) a product's prepared input (Q8: integer values); decode: hb */
+    qvk_buffer xs;     /* (batch, widest/32) Q8 block scales of xn */
     qvk_buffer qkv;    /* (batch, qkv_dim) */
     qvk_buffer att;    /* (batch, q_dim) */
     qvk_buffer gu;     /* (batch, 2 hidden) */
     qvk_buffer logits; /* (logit_rows, vocab) */
+    qvk_buffer att_part, att_done; /* decode attention splits: (n_heads, splits, head_dim + 2), (n_heads,) */
+    int att_splits;
     qvk_buffer readback, params, rope; /* host-visible: logits, [start, n, -, -, tokens...], cos/sin */
     float* inv_freq;
     qvk_sets sets;
     VkCommandBuffer cb_decode, cb_prefill;
     int decode_recorded;
+    int kv_f16;
+    int chunk_rows; /* tests: split the embedding / LM head into chunks of this many rows */
     int fail_after;
     long n_forward;
     int lost;
 };
 
-#define QVK_DEFAULT_BATCH 256
+#define QVK_DEFAULT_BATCH 512
 #define QVK_DEFAULT_LOGIT_ROWS 32
 
 typedef struct {
@@ -935,7 +944,7 @@ static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* 
         g->n_heads % g->n_kv_heads || !w || !w->layers || !w->norm || !w->inv_freq || !o || o->max_seq_len < 1)
         return qvk_fail(err, n, QVK_ERR_ARGS, "inconsistent model config");
     const int q_dim = g->n_heads * g->head_dim, kv_dim = g->n_kv_heads * g->head_dim;
-    if (g->head_dim % 4 || g->head_dim > 256 || D % 8 || q_dim % 8 || H % 8)
+    if (g->head_dim % 8 || g->head_dim > 256 || D % 8 || q_dim % 8 || H % 8)
         return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "head size %d / dim %d / hidden %d not supported on the GPU",
                         g->head_dim, D, H);
     const size_t range = c->info.max_storage_buffer_range;
@@ -968,7 +977,7 @@ static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* 
         }
         bytes += 2 * ((size_t)D * 4 + 256);
     }
-    const size_t kv_layer = (size_t)o->max_seq_len * (size_t)kv_dim * 4;
+    const size_t kv_layer = (size_t)o->max_seq_len * (size_t)kv_dim * (o->kv_f16 ? 2 : 4);
     if (kv_layer > range)
         return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "a %d-token KV cache layer (%.0f MB) exceeds the device's "
                         "storage-buffer limit", o->max_seq_len, (double)kv_layer / 1e6);
@@ -981,8 +990,9 @@ static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* 
     if (logit_rows > batch) logit_rows = batch;
     while (logit_rows > 1 && (size_t)logit_rows * (size_t)V * 4 > range) logit_rows /= 2;
     if ((size_t)V * 4 > range) return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "the logits exceed a storage buffer");
-    bytes += (size_t)batch * 4 * ((size_t)D + (size_t)widest + (size_t)(q_dim + 2 * kv_dim) + (size_t)q_dim + 2 * (size_t)H);
-    bytes += (size_t)logit_rows * (size_t)V * 4 + 6 * 256 + (size_t)D * 4;
+    bytes += (size_t)batch * 4 * ((size_t)D + (size_t)widest + (size_t)widest / 32 + 1 + (size_t)(q_dim + 2 * kv_dim) + (size_t)q_dim + 2 * (size_t)H);
+    bytes += (size_t)logit_rows * (size_t)V * 4 + 8 * 256 + (size_t)D * 4;
+    bytes += (size_t)g->n_heads * 32 * ((size_t)g->head_dim + 2) * 4 + (size_t)g->n_heads * 4;
     p->bytes = bytes;
     p->batch = batch;
     p->logit_rows = logit_rows;
@@ -1022,7 +1032,7 @@ void qvk_model_destroy(qvk_model* m) {
     free(m->layers);
     qvk_matrix_free(c, &m->embed);
     qvk_matrix_free(c, &m->output_own);
-    qvk_buffer* bufs[] = {&m->norm, &m->x, &m->xn, &m->qkv, &m->att, &m->gu, &m->logits, &m->readback, &m->params,
+    qvk_buffer* bufs[] = {&m->att_part, &m->att_done, &m->norm, &m->x, &m->xn, &m->xs, &m->qkv, &m->att, &m->gu, &m->logits, &m->readback, &m->params,
                           &m->rope};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) qvk_buffer_free(c, bufs[i]);
     VkCommandBuffer cbs[2] = {m->cb_decode, m->cb_prefill};
@@ -1035,9 +1045,11 @@ void qvk_model_destroy(qvk_model* m) {
 
 /* Allocate a matrix's device buffers: one per chunk of rows that fits a storage-buffer binding
    (only the embedding / LM head ever needs more than one). */
-static int qvk_matrix_alloc(qvk_model* m, qvk_matrix* M, int dtype, int rows, int cols, char* err, size_t n) {
+static int qvk_matrix_alloc(qvk_model* m, qvk_matrix* M, int dtype, int rows, int cols, int max_rows, char* err,
+                            size_t n) {
     M->dtype = dtype, M->rows = rows, M->cols = cols;
     int per = qvk_chunk_rows(m->c, dtype, rows, cols);
+    if (max_rows > 0 && per > max_rows) per = max_rows;
     M->n_chunks = (rows + per - 1) / per;
     M->chunks = calloc((size_t)M->n_chunks, sizeof *M->chunks);
     if (!M->chunks) return qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
@@ -1149,6 +1161,8 @@ int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, 
     if (m->mv_threads > 256) m->mv_threads = 256;
     m->mv_rows = o->mv_rows > 0 ? (o->mv_rows > 16 ? 16 : o->mv_rows) : 0;
     m->fail_after = o->fail_after;
+    m->kv_f16 = o->kv_f16 ? 1 : 0;
+    m->chunk_rows = o->chunk_rows;
     m->sets.pool_sets = (uint32_t)(NL * 24 + 64);
     m->inv_freq = malloc((size_t)cfg->head_dim / 2 * sizeof(float));
     m->layers = calloc((size_t)NL, sizeof *m->layers);
@@ -1160,9 +1174,9 @@ int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, 
 
     /* 1. every device buffer first: a model that does not fit fails here, before any upload */
     const size_t B = (size_t)m->batch;
-    rc = qvk_matrix_alloc(m, &m->embed, w->tok_embeddings.dtype, V, D, err, n);
+    rc = qvk_matrix_alloc(m, &m->embed, w->tok_embeddings.dtype, V, D, m->chunk_rows, err, n);
     if (!rc && w->output.data != w->tok_embeddings.data) {
-        rc = qvk_matrix_alloc(m, &m->output_own, w->output.dtype, V, D, err, n);
+        rc = qvk_matrix_alloc(m, &m->output_own, w->output.dtype, V, D, m->chunk_rows, err, n);
         m->output = &m->output_own;
     } else {
         m->output = &m->embed;
@@ -1171,22 +1185,32 @@ int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, 
         const qora_layer* S = &w->layers[l];
         qvk_layer* L = &m->layers[l];
         L->use_rope = S->use_rope;
-        rc = qvk_matrix_alloc(m, &L->wqkv, S->wq.dtype, m->qkv_dim, D, err, n);
-        if (!rc) rc = qvk_matrix_alloc(m, &L->wo, S->wo.dtype, D, m->q_dim, err, n);
-        if (!rc) rc = qvk_matrix_alloc(m, &L->wgu, S->w_gate.dtype, 2 * H, D, err, n);
-        if (!rc) rc = qvk_matrix_alloc(m, &L->wdown, S->w_down.dtype, D, H, err, n);
+        /* one chunk each (checked by the plan): the fused modes need the whole matrix in one binding */
+        rc = qvk_matrix_alloc(m, &L->wqkv, S->wq.dtype, m->qkv_dim, D, 0, err, n);
+        if (!rc) rc = qvk_matrix_alloc(m, &L->wo, S->wo.dtype, D, m->q_dim, 0, err, n);
+        if (!rc) rc = qvk_matrix_alloc(m, &L->wgu, S->w_gate.dtype, 2 * H, D, 0, err, n);
+        if (!rc) rc = qvk_matrix_alloc(m, &L->wdown, S->w_down.dtype, D, H, 0, err, n);
         if (!rc) rc = qvk_buffer_new(c, (size_t)D * 4, QVK_MEM_DEVICE, &L->attn_norm, err, n);
         if (!rc) rc = qvk_buffer_new(c, (size_t)D * 4, QVK_MEM_DEVICE, &L->ffn_norm, err, n);
-        if (!rc) rc = qvk_buffer_new(c, (size_t)o->max_seq_len * m->kv_dim * 4, QVK_MEM_DEVICE, &L->kc, err, n);
-        if (!rc) rc = qvk_buffer_new(c, (size_t)o->max_seq_len * m->kv_dim * 4, QVK_MEM_DEVICE, &L->vc, err, n);
+        const size_t kv_bytes = (size_t)o->max_seq_len * m->kv_dim * (m->kv_f16 ? 2 : 4);
+        if (!rc) rc = qvk_buffer_new(c, kv_bytes, QVK_MEM_DEVICE, &L->kc, err, n);
+        if (!rc) rc = qvk_buffer_new(c, kv_bytes, QVK_MEM_DEVICE, &L->vc, err, n);
     }
     if (!rc) rc = qvk_buffer_new(c, (size_t)D * 4, QVK_MEM_DEVICE, &m->norm, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * D * 4, QVK_MEM_DEVICE, &m->x, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * m->widest * 4, QVK_MEM_DEVICE, &m->xn, err, n);
+    if (!rc) rc = qvk_buffer_new(c, B * (m->widest / 32 + 1) * 4, QVK_MEM_DEVICE, &m->xs, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * m->qkv_dim * 4, QVK_MEM_DEVICE, &m->qkv, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * m->q_dim * 4, QVK_MEM_DEVICE, &m->att, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * 2 * H * 4, QVK_MEM_DEVICE, &m->gu, err, n);
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->logit_rows * V * 4, QVK_MEM_DEVICE, &m->logits, err, n);
+    /* enough decode attention workgroups to fill a large GPU: about 256 */
+    m->att_splits = o->att_splits > 0 ? o->att_splits : 256 / cfg->n_heads;
+    if (m->att_splits < 1) m->att_splits = 1;
+    if (m->att_splits > 32) m->att_splits = 32;
+    if (!rc) rc = qvk_buffer_new(c, (size_t)cfg->n_heads * m->att_splits * (cfg->head_dim + 2) * 4, QVK_MEM_DEVICE,
+                                 &m->att_part, err, n);
+    if (!rc) rc = qvk_buffer_new(c, (size_t)cfg->n_heads * 4, QVK_MEM_DEVICE, &m->att_done, err, n);
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->logit_rows * V * 4, QVK_MEM_READBACK, &m->readback, err, n);
     if (!rc) rc = qvk_buffer_new(c, (4 + B) * 4, QVK_MEM_UPLOAD, &m->params, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * cfg->head_dim * 4, QVK_MEM_UPLOAD, &m->rope, err, n);
@@ -1226,6 +1250,14 @@ int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, 
         if (!rc) rc = qvk_upload_f32(m, &L->ffn_norm, S->ffn_norm, (size_t)D, &stage, cb, err, n);
     }
     if (!rc) rc = qvk_upload_f32(m, &m->norm, w->norm, (size_t)D, &stage, cb, err, n);
+    if (!rc) { /* the split counters start at zero; the merging workgroup resets its own */
+        if (qvk_cmd_begin(c, cb, 1) != VK_SUCCESS) rc = qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
+        if (!rc) {
+            c->f->vkCmdFillBuffer(cb, m->att_done.buf, 0, VK_WHOLE_SIZE, 0);
+            if (c->f->vkEndCommandBuffer(cb) != VK_SUCCESS) rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
+        }
+        if (!rc) rc = qvk_submit_wait(c, cb, err, n);
+    }
     if (stage.buf) qvk_buffer_free(c, &stage);
     if (rc) {
         qvk_model_destroy(m);
@@ -1275,8 +1307,8 @@ typedef struct {
    workgroups to fill the device; products with long rows get fewer */
 static uint32_t qvk_mv_rows(const qvk_model* m, int mode, int cols) {
     uint32_t r = m->mv_rows ? (uint32_t)m->mv_rows : (cols > 4096 ? 2u : 4u);
-    if ((mode == QVK_QKV || mode == QVK_SWIGLU) && r < 2) r = 2;
-    if ((mode == QVK_QKV || mode == QVK_SWIGLU) && (r & 1)) r++;
+    if (mode == QVK_SWIGLU) r = (r + 1) & ~1u;  /* gate and up rows in pairs */
+    if (mode == QVK_QKV) r = (r + 3) & ~3u;     /* rotation quads */
     return r;
 }
 
@@ -1289,7 +1321,8 @@ typedef struct {
 } qvk_rec;
 
 static void qvk_rec_dispatch(qvk_rec* R, const char* shader, const uint32_t* spec, int n_spec, const VkBuffer* binds,
-                             const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, int barrier) {
+                             const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, uint32_t gz,
+                             int barrier) {
     if (R->rc) return;
     qvk_ctx* c = R->m->c;
     VkPipeline pipe = qvk_pipeline(c, shader, spec, n_spec, R->err, R->n);
@@ -1297,7 +1330,7 @@ static void qvk_rec_dispatch(qvk_rec* R, const char* shader, const uint32_t* spe
         R->rc = QVK_ERR_VK;
         return;
     }
-    R->rc = qvk_dispatch(c, &R->m->sets, R->cb, pipe, binds, push, push_bytes, gx, gy, R->err, R->n);
+    R->rc = qvk_dispatch(c, &R->m->sets, R->cb, pipe, binds, push, push_bytes, gx, gy, gz, R->err, R->n);
     if (!R->rc && barrier) qvk_compute_barrier(c, R->cb);
 }
 
@@ -1307,7 +1340,7 @@ static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer n
     char name[32];
     snprintf(name, sizeof name, "matvec_%s", qvk_dt_suffix[M->dtype]);
     const uint32_t rows_per = qvk_mv_rows(m, mode, M->cols);
-    const uint32_t spec[4] = {(uint32_t)m->mv_threads, rows_per, (uint32_t)mode, nw ? 1u : 0u};
+    const uint32_t spec[5] = {(uint32_t)m->mv_threads, rows_per, (uint32_t)mode, nw ? 1u : 0u, (uint32_t)m->kv_f16};
     for (int i = 0; i < M->n_chunks; i++) {
         const qvk_chunk* ch = &M->chunks[i];
         qvk_mv_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, x_off, y_off + (uint32_t)ch->r0, m->cfg.norm_eps,
@@ -1317,12 +1350,12 @@ static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer n
             p.rows = (uint32_t)ch->rows / 2; /* the gate half */
             groups = (p.rows + rows_per / 2 - 1) / (rows_per / 2);
         } else if (mode == QVK_QKV) {
-            groups = ((uint32_t)ch->rows / 2 + rows_per / 2 - 1) / (rows_per / 2);
+            groups = ((uint32_t)ch->rows / 4 + rows_per / 4 - 1) / (rows_per / 4);
         } else {
             groups = ((uint32_t)ch->rows + rows_per - 1) / rows_per;
         }
         VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, x, nw, y, kc, vc, m->params.buf, m->rope.buf};
-        qvk_rec_dispatch(R, name, spec, 4, b, &p, sizeof p, groups, 1, i == M->n_chunks - 1);
+        qvk_rec_dispatch(R, name, spec, 5, b, &p, sizeof p, groups, 1, 1, i == M->n_chunks - 1);
     }
 }
 
@@ -1334,20 +1367,20 @@ static void qvk_rec_matmul(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer x
     for (int i = 0; i < M->n_chunks; i++) {
         const qvk_chunk* ch = &M->chunks[i];
         qvk_mm_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, n_tok, ldx, ldy, (uint32_t)ch->r0};
-        VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, x, 0, y, 0, 0, 0, 0};
-        qvk_rec_dispatch(R, name, spec, 2, b, &p, sizeof p, ((uint32_t)ch->rows + 63) / 64, (n_tok + 63) / 64,
+        VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, x, R->m->xs.buf, y, 0, 0, 0, 0};
+        qvk_rec_dispatch(R, name, spec, 2, b, &p, sizeof p, ((uint32_t)ch->rows + 63) / 64, (n_tok + 63) / 64, 1,
                          i == M->n_chunks - 1);
     }
 }
 
-/* norm (nw != 0), swiglu, and/or Q8 rounding (qdq) of n_tok rows into xn */
-static void qvk_rec_prep(qvk_rec* R, VkBuffer x, uint32_t n_el, uint32_t ld_in, VkBuffer nw, int swiglu, int qdq,
+/* norm (nw != 0), swiglu, and/or Q8 quantization (q8) of n_tok rows into xn (+ scales in xs) */
+static void qvk_rec_prep(qvk_rec* R, VkBuffer x, uint32_t n_el, uint32_t ld_in, VkBuffer nw, int swiglu, int q8,
                          uint32_t n_tok) {
     qvk_model* m = R->m;
-    const uint32_t spec[4] = {0, nw ? 1u : 0u, qdq ? 1u : 0u, swiglu ? 1u : 0u};
+    const uint32_t spec[4] = {0, nw ? 1u : 0u, q8 ? 1u : 0u, swiglu ? 1u : 0u};
     qvk_prep_push p = {n_el, ld_in, n_el, m->cfg.norm_eps};
-    VkBuffer b[QVK_BINDINGS] = {0, x, nw, m->xn.buf, 0, 0, 0, 0};
-    qvk_rec_dispatch(R, "prep", spec, 4, b, &p, sizeof p, n_tok, 1, 1);
+    VkBuffer b[QVK_BINDINGS] = {0, x, nw, m->xn.buf, m->xs.buf, 0, 0, 0};
+    qvk_rec_dispatch(R, "prep", spec, 4, b, &p, sizeof p, n_tok, 1, 1, 1);
 }
 
 static void qvk_rec_embed(qvk_rec* R, uint32_t n_tok) {
@@ -1358,17 +1391,21 @@ static void qvk_rec_embed(qvk_rec* R, uint32_t n_tok) {
         const qvk_chunk* ch = &m->embed.chunks[i];
         qvk_embed_push p = {(uint32_t)ch->rows, (uint32_t)m->embed.cols, (uint32_t)ch->r0, (uint32_t)m->cfg.dim};
         VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, 0, 0, m->x.buf, 0, 0, m->params.buf, 0};
-        qvk_rec_dispatch(R, name, NULL, 0, b, &p, sizeof p, n_tok, 1, i == m->embed.n_chunks - 1);
+        qvk_rec_dispatch(R, name, NULL, 0, b, &p, sizeof p, n_tok, 1, 1, i == m->embed.n_chunks - 1);
     }
 }
 
+/* Prefill: a workgroup per (head, token). Decode: the positions split over att_splits workgroups
+   per head too, merged by the last of them (see attention.comp). */
 static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok) {
     qvk_model* m = R->m;
-    const uint32_t spec[1] = {64};
+    const uint32_t splits = n_tok == 1 ? (uint32_t)m->att_splits : 1u;
+    const uint32_t spec[3] = {64, (uint32_t)m->kv_f16, splits};
     qvk_att_push p = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
                       (uint32_t)m->qkv_dim, (uint32_t)m->q_dim};
-    VkBuffer b[QVK_BINDINGS] = {0, m->qkv.buf, 0, m->att.buf, L->kc.buf, L->vc.buf, m->params.buf, 0};
-    qvk_rec_dispatch(R, "attention", spec, 1, b, &p, sizeof p, (uint32_t)m->cfg.n_heads, n_tok, 1);
+    VkBuffer b[QVK_BINDINGS] = {m->att_part.buf, m->qkv.buf, 0, m->att.buf, L->kc.buf, L->vc.buf, m->params.buf,
+                                m->att_done.buf};
+    qvk_rec_dispatch(R, "attention", spec, 3, b, &p, sizeof p, (uint32_t)m->cfg.n_heads, n_tok, splits, 1);
 }
 
 static int qvk_is_quant(int dtype) { return dtype == QORA_Q4 || dtype == QORA_Q8; }
@@ -1426,7 +1463,8 @@ static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int
         qvk_rope_push rp = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
                             (uint32_t)m->qkv_dim, (uint32_t)L->use_rope};
         VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, L->kc.buf, L->vc.buf, m->params.buf, m->rope.buf};
-        qvk_rec_dispatch(&R, "rope_kv", NULL, 0, rb, &rp, sizeof rp, nt, 1, 1);
+        const uint32_t kv_spec[2] = {0, (uint32_t)m->kv_f16};
+        qvk_rec_dispatch(&R, "rope_kv", kv_spec, 2, rb, &rp, sizeof rp, nt, 1, 1, 1);
         qvk_rec_attention(&R, L, nt);
         /* output projection + residual */
         VkBuffer att_in = m->att.buf;

@@ -1,5 +1,10 @@
 #version 450
-// Causal GQA attention: one workgroup per (query head, token), over cached positions 0..pos.
+// Causal GQA attention: one workgroup per (query head, token, split), over cached positions
+// 0..pos of the KV cache (f16 or f32: KV16).
+// Decode has one token and few heads, too few workgroups to fill a GPU or to stream a long
+// context fast, so the positions are split over SPLITS workgroups (flash-decoding): each writes
+// its running max, sum and weighted values, and the last one to finish (an atomic count) merges
+// them, which saves a dispatch.
 // Softmax is computed online in tiles of T positions (running max and sum), so any context
 // length works with fixed shared memory; thread i scores position p0+i of a tile, then each
 // thread accumulates its own output dimensions over the tile's values (coalesced V reads).
@@ -7,17 +12,23 @@
 
 layout(local_size_x_id = 0) in;
 layout(constant_id = 0) const uint T = 64;
+layout(constant_id = 1) const uint KV16 = 1;
+layout(constant_id = 2) const uint SPLITS = 1;
 
+layout(binding = 0) coherent buffer PART { float part[]; }; // SPLITS > 1: (token, head, split) x (m, l, hd values)
 layout(binding = 1) readonly buffer Q { vec4 q4[]; };
 layout(binding = 3) writeonly buffer O { float o[]; };
-layout(binding = 4) readonly buffer KC { vec4 kc4[]; };
-layout(binding = 5) readonly buffer VC { float vc[]; };
+layout(binding = 4) readonly buffer KC { uvec4 kc8[]; }; // KV16: 8 halves per load
+layout(binding = 4) readonly buffer KCF { vec4 kc4[]; };
+layout(binding = 5) readonly buffer VC { uint vc2[]; };  // KV16: 2 halves per word
+layout(binding = 5) readonly buffer VCF { float vcf[]; };
 layout(binding = 6) readonly buffer P { uint params[]; };
+layout(binding = 7) coherent buffer CNT { uint done[]; }; // SPLITS > 1: finished splits per (token, head)
 
 layout(push_constant) uniform PC {
     uint n_heads;
     uint n_kv_heads;
-    uint head_dim;  // a multiple of 4, at most 256
+    uint head_dim;  // a multiple of 8, at most 256
     uint ld_q;      // floats between tokens in the q source
     uint ld_out;
 } pc;
@@ -25,6 +36,7 @@ layout(push_constant) uniform PC {
 shared vec4 qs[64];
 shared float ps[T];
 shared float red[64];
+shared bool last;
 
 float wg_max(float v) {
     v = subgroupMax(v);
@@ -48,8 +60,10 @@ float wg_sum(float v) {
 
 void main() {
     const uint tid = gl_LocalInvocationID.x;
-    const uint h = gl_WorkGroupID.x, t = gl_WorkGroupID.y;
+    const uint h = gl_WorkGroupID.x, t = gl_WorkGroupID.y, split = gl_WorkGroupID.z;
     const uint n_pos = params[0] + t + 1u;
+    const uint per = (n_pos + SPLITS - 1u) / SPLITS; // positions of each split
+    const uint p_begin = min(n_pos, split * per), p_end = min(n_pos, p_begin + per);
     const uint hd = pc.head_dim, hd4 = pc.head_dim / 4u;
     const uint kv_dim = pc.n_kv_heads * hd;
     const uint kb = (h / (pc.n_heads / pc.n_kv_heads)) * hd; // this head's KV head
@@ -60,34 +74,81 @@ void main() {
 
     float m = -1e30, l = 0.0;
     float acc[4] = float[4](0.0, 0.0, 0.0, 0.0);
-    for (uint p0 = 0u; p0 < n_pos; p0 += T) {
+    for (uint p0 = p_begin; p0 < p_end; p0 += T) {
         uint p = p0 + tid;
         float s = -1e30;
-        if (p < n_pos) {
-            uint kr = (p * kv_dim + kb) / 4u;
+        if (p < p_end) {
             float d = 0.0;
-            for (uint i = 0u; i < hd4; i++) d += dot(qs[i], kc4[kr + i]);
+            if (KV16 != 0u) {
+                uint kr = (p * kv_dim + kb) / 8u;
+                for (uint i = 0u; i < hd4 / 2u; i++) {
+                    uvec4 k8 = kc8[kr + i];
+                    d += dot(qs[2u * i], vec4(unpackHalf2x16(k8.x), unpackHalf2x16(k8.y))) +
+                         dot(qs[2u * i + 1u], vec4(unpackHalf2x16(k8.z), unpackHalf2x16(k8.w)));
+                }
+            } else {
+                uint kr = (p * kv_dim + kb) / 4u;
+                for (uint i = 0u; i < hd4; i++) d += dot(qs[i], kc4[kr + i]);
+            }
             s = d * scale;
         }
         float m_new = max(m, wg_max(s));
-        float e = p < n_pos ? exp(s - m_new) : 0.0;
+        float e = p < p_end ? exp(s - m_new) : 0.0;
         ps[tid] = e;
         float corr = exp(m - m_new);
         l = l * corr + wg_sum(e); // wg_sum's barrier also publishes ps
-        uint cnt = min(T, n_pos - p0);
+        uint cnt = min(T, p_end - p0);
         for (uint k = 0u; k < 4u; k++) {
             uint d = tid + k * T;
             if (d < hd) {
                 float a = acc[k] * corr;
-                for (uint i = 0u; i < cnt; i++) a += ps[i] * vc[(p0 + i) * kv_dim + kb + d];
+                for (uint i = 0u; i < cnt; i++) {
+                    uint e = (p0 + i) * kv_dim + kb + d;
+                    a += ps[i] * (KV16 != 0u ? unpackHalf2x16(vc2[e / 2u])[e & 1u] : vcf[e]);
+                }
                 acc[k] = a;
             }
         }
         m = m_new;
         barrier();
     }
+    const uint ob = t * pc.ld_out + h * hd;
+    if (SPLITS == 1u) {
+        for (uint k = 0u; k < 4u; k++) {
+            uint d = tid + k * T;
+            if (d < hd) o[ob + d] = acc[k] / l;
+        }
+        return;
+    }
+    // publish this split, count it; the last split of (token, head) merges them all
+    const uint slot = t * pc.n_heads + h, stride = hd + 2u;
+    const uint pb = (slot * SPLITS + split) * stride;
+    if (tid == 0u) {
+        part[pb] = m;
+        part[pb + 1u] = l;
+    }
     for (uint k = 0u; k < 4u; k++) {
         uint d = tid + k * T;
-        if (d < hd) o[t * pc.ld_out + h * hd + d] = acc[k] / l;
+        if (d < hd) part[pb + 2u + d] = acc[k];
     }
+    memoryBarrierBuffer();
+    barrier();
+    if (tid == 0u) last = atomicAdd(done[slot], 1u) == SPLITS - 1u;
+    barrier();
+    if (!last) return;
+    memoryBarrierBuffer();
+    const uint b0 = slot * SPLITS * stride;
+    float mx = -1e30;
+    for (uint i = 0u; i < SPLITS; i++) mx = max(mx, part[b0 + i * stride]);
+    float sum = 0.0;
+    for (uint i = 0u; i < SPLITS; i++) sum += exp(part[b0 + i * stride] - mx) * part[b0 + i * stride + 1u];
+    for (uint k = 0u; k < 4u; k++) {
+        uint d = tid + k * T;
+        if (d < hd) {
+            float a = 0.0;
+            for (uint i = 0u; i < SPLITS; i++) a += exp(part[b0 + i * stride] - mx) * part[b0 + i * stride + 2u + d];
+            o[ob + d] = a / sum;
+        }
+    }
+    if (tid == 0u) done[slot] = 0u; // ready for the next step
 }

@@ -16,9 +16,9 @@
 #define MODE_SWIGLU 2u
 #define MODE_QKV 3u
 
-// Round a float to the nearest f16 (ties to even) and back, in integer ops so every device gives
-// the same bits as the CPU engine's qora_fp32_to_fp16 (packHalf2x16's rounding is not specified).
-float round_to_f16(float f) {
+// The f16 bits nearest to a float (ties to even), in integer ops so every device gives the same
+// bits as the CPU engine's qora_fp32_to_fp16 (packHalf2x16's rounding is not specified).
+uint f16_bits(float f) {
     uint x = floatBitsToUint(f);
     uint sign = (x >> 16) & 0x8000u;
     uint absx = x & 0x7fffffffu;
@@ -46,8 +46,13 @@ float round_to_f16(float f) {
         if (rem > 0x1000u || (rem == 0x1000u && (r & 1u) != 0u)) r++;
         h = sign | r;
     }
-    return unpackHalf2x16(h).x;
+    return h;
 }
+
+float round_to_f16(float f) { return unpackHalf2x16(f16_bits(f)).x; }
+
+// Two floats as the f16 pair of one uint (element 0 in the low half), for the f16 KV cache.
+uint pack_f16x2(float a, float b) { return f16_bits(a) | (f16_bits(b) << 16); }
 
 // a / b as the CPU computes it (correctly rounded): the device's division may be off by an ulp or
 // two, so refine it with one exact-residual step. Used where the result feeds a rounding decision.

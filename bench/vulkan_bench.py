@@ -1,0 +1,210 @@
+"""Vulkan engine speed on the random SmolLM3-3B-shaped model: decode tok/s, prefill tok/s, achieved
+weight bandwidth, and which GPU ran. A plain script (not part of the test suite):
+
+    python bench/vulkan_bench.py                          # Q4 model made on first use, tg128 + pp512
+    python bench/vulkan_bench.py --model m.qora --tg 128 --pp 512 --reps 5 --json out.json
+    python bench/vulkan_bench.py --sweep                  # also try decode workgroup shapes
+    QORA_VK_LOADER=/path/libvulkan.so.1 python bench/vulkan_bench.py --nvidia-icd
+
+Measured as llama-bench does: tgN = N single-token steps from an empty cache, ppN = one N-token
+prompt from an empty cache with logits for the last token only; random token ids; a warm-up run
+first (the driver compiles the shaders then), then timed repetitions, median and best reported.
+Weight bandwidth = bytes of all weights (each read once per decoded token, the tied LM head
+included) x decode tok/s. --nvidia-icd writes a loader manifest for NVIDIA's driver when the
+machine has the driver library but no manifest (some containers), then points the loader at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import random_model  # noqa: E402
+
+
+def bench_dir() -> Path:
+    d = os.environ.get("QORA_BENCH_DIR")
+    return Path(d).expanduser() if d else Path.home() / ".cache" / "qora" / "bench"
+
+
+def ensure_model(path: Path | None, quant: str, layers: int | None) -> Path:
+    if path:
+        return path
+    name = f"smollm3-3b-random-{quant}" + (f"-{layers}l" if layers else "") + ".qora"
+    out = bench_dir() / name
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing {out} (random SmolLM3-3B-shaped weights, once) ...", file=sys.stderr, flush=True)
+        tmp = out.with_suffix(".tmp")
+        random_model.write_random_model(tmp, quant, layers)
+        tmp.replace(out)
+    return out
+
+
+def nvidia_icd() -> str | None:
+    """A loader manifest for NVIDIA's Vulkan driver (libGLX_nvidia) if the machine lacks one."""
+    for d in ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d"):
+        if Path(d, "nvidia_icd.json").exists():
+            return None
+    lib = ctypes.util.find_library("GLX_nvidia")
+    if not lib:
+        for cand in ("/usr/lib/x86_64-linux-gnu/libGLX_nvidia.so.0", "/usr/lib64/libGLX_nvidia.so.0"):
+            if Path(cand).exists():
+                lib = cand
+    if not lib:
+        return None
+    f = Path(tempfile.gettempdir()) / "qora_nvidia_icd.json"
+    f.write_text(json.dumps({"file_format_version": "1.0.0", "ICD": {"library_path": lib, "api_version": "1.3.0"}}))
+    return str(f)
+
+
+def stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "best": max(xs), "runs": xs}
+
+
+def run(engine, pp: int, tg: int, reps: int, vocab: int, rng) -> dict:
+    """Timed pp and tg on a ready engine (caller warmed it up)."""
+    out = {}
+    if tg:
+        rates = []
+        for _ in range(reps):
+            toks = rng.integers(0, vocab, tg).astype(np.int32)
+            t0 = time.perf_counter()
+            for i in range(tg):
+                engine.forward(toks[i : i + 1], i)
+            rates.append(tg / (time.perf_counter() - t0))
+        out["tg"] = stats(rates)
+    if pp:
+        rates = []
+        for _ in range(reps):
+            toks = rng.integers(0, vocab, pp).astype(np.int32)
+            t0 = time.perf_counter()
+            engine.forward(toks, 0)
+            rates.append(pp / (time.perf_counter() - t0))
+        out["pp"] = stats(rates)
+    return out
+
+
+def warm(engine, pp: int, vocab: int, rng):
+    engine.forward(rng.integers(0, vocab, max(pp, 2)).astype(np.int32), 0)
+    for i in range(16):
+        engine.forward(np.array([i % vocab], np.int32), i)
+
+
+def make_engine(qfile, context: int):
+    from qora.vulkan import VulkanEngine
+
+    return VulkanEngine(qfile, max_seq_len=context, required=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="a .qora file (default: the random SmolLM3-3B-shaped model)")
+    ap.add_argument("--quant", default="q4", choices=["q4", "q8", "f16"], help="quant of the random model")
+    ap.add_argument("--layers", type=int, help="random model with fewer layers (quick runs)")
+    ap.add_argument("--pp", type=int, default=512, help="prompt tokens (0: skip)")
+    ap.add_argument("--tg", type=int, default=128, help="decoded tokens (0: skip)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--context", type=int, default=None, help="KV cache tokens (default: pp + tg + 16)")
+    ap.add_argument("--sweep", action="store_true", help="also time decode mat-vec workgroup shapes")
+    ap.add_argument("--nvidia-icd", action="store_true", help="write an NVIDIA loader manifest if missing")
+    ap.add_argument("--json", type=Path, help="write the results here too")
+    a = ap.parse_args(argv)
+
+    if a.nvidia_icd and not os.environ.get("VK_ICD_FILENAMES"):
+        icd = nvidia_icd()
+        if icd:
+            os.environ["VK_ICD_FILENAMES"] = icd
+            print(f"using NVIDIA loader manifest {icd}", file=sys.stderr)
+    from qora import vulkan
+    from qora.format import read_qora
+
+    found = vulkan.devices()
+    for d in found:
+        print(
+            f"vulkan device {d['index']}: {d['name']} ({d['type']}, Vulkan {d['api_version']}, "
+            f"{d['vram_bytes'] / 1e9:.1f} GB, subgroup {d['subgroup_size']})"
+            + ("" if d["usable"] else f" not usable: {d['why_not']}"),
+            file=sys.stderr,
+        )
+    if not found:
+        print("no Vulkan device (QORA_VK_LOADER points at a loader; --nvidia-icd helps in containers)", file=sys.stderr)
+        return 1
+
+    path = ensure_model(a.model, a.quant, a.layers)
+    context = a.context or (a.pp + a.tg + 16)
+    rng = np.random.default_rng(0)
+    results = {"model": str(path), "pp": a.pp, "tg": a.tg, "reps": a.reps, "context": context}
+    with read_qora(path) as qf:
+        weight_bytes = sum(i["nbytes"] for i in qf.tensor_info.values())
+        vocab = qf.config["vocab_size"]
+        t0 = time.perf_counter()
+        eng = make_engine(qf, context)
+        load_s = time.perf_counter() - t0
+        info = eng.device_info
+        results.update(device=info, weight_bytes=weight_bytes, vram_bytes=eng.vram_bytes, load_seconds=load_s)
+        print(
+            f"\nGPU: {info['name']} ({info['type']}, Vulkan {info['api_version']}, "
+            f"driver {info.get('driver_version', '')})"
+        )
+        print(
+            f"model: {path.name}, {weight_bytes / 1e9:.3f} GB of weights, {eng.vram_bytes / 1e9:.2f} GB on the device, "
+            f"loaded in {load_s:.1f} s, KV {eng.kv_dtype}"
+        )
+        t0 = time.perf_counter()
+        warm(eng, a.pp, vocab, rng)
+        print(f"warm-up {time.perf_counter() - t0:.1f} s")
+        r = run(eng, a.pp, a.tg, a.reps, vocab, rng)
+        results.update(r)
+        if "tg" in r:
+            tg = r["tg"]
+            print(
+                f"decode  tg{a.tg}: {tg['median']:8.1f} tok/s median, {tg['best']:8.1f} best   "
+                f"weights {weight_bytes * tg['median'] / 1e9:7.1f} GB/s median, "
+                f"{weight_bytes * tg['best'] / 1e9:7.1f} GB/s best   ({1000 / tg['median']:.3f} ms/token)"
+            )
+        if "pp" in r:
+            pp = r["pp"]
+            print(f"prefill pp{a.pp}: {pp['median']:8.1f} tok/s median, {pp['best']:8.1f} best")
+        eng.close()
+
+        if a.sweep and a.tg:
+            results["sweep"] = []
+            print("\ndecode mat-vec shapes (QORA_VK_MV_THREADS x QORA_VK_MV_ROWS):")
+            for threads in (32, 64, 128, 256):
+                for rows in (1, 2, 4, 8, 16):
+                    os.environ["QORA_VK_MV_THREADS"], os.environ["QORA_VK_MV_ROWS"] = str(threads), str(rows)
+                    try:
+                        e = make_engine(qf, a.tg + 16)
+                        warm(e, 0, vocab, rng)
+                        s = run(e, 0, a.tg, a.reps, vocab, rng)["tg"]
+                        e.close()
+                    except Exception as ex:  # a shape the device refuses: report and go on
+                        print(f"  threads {threads:3d} rows {rows:2d}: failed ({ex})")
+                        continue
+                    results["sweep"].append({"threads": threads, "rows": rows, **s})
+                    print(
+                        f"  threads {threads:3d} rows {rows:2d}: {s['median']:8.1f} tok/s median, "
+                        f"{s['best']:8.1f} best, {weight_bytes * s['median'] / 1e9:7.1f} GB/s"
+                    )
+            for k in ("QORA_VK_MV_THREADS", "QORA_VK_MV_ROWS"):
+                os.environ.pop(k, None)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

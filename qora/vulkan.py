@@ -1,0 +1,347 @@
+"""Vulkan engine: the same forward(tokens, start_pos) -> logits contract as the CPU engine, on a GPU.
+
+Design: the C backend (qora/_core/qora_vk.c) reports facts and error codes; this module holds the
+policy. It picks the device (discrete > integrated > others; a CPU-type "software" device such as
+Mesa's lavapipe only when asked for), sizes the context to the device's memory, estimates what the
+model needs and lets the allocation of every buffer be the probe, and falls back to the CPU engine
+when anything fails: at load with one line on stderr (or only under --verbose when the machine
+simply has no Vulkan stack), and during a run by replaying the tokens so far on the CPU so
+generation goes on from the same position without losing what was produced.
+
+Environment:
+    QORA_VK_DEVICE=N       use Vulkan device N (see `qora.vulkan.devices()`)
+    QORA_VK_ALLOW_CPU=1    let device="auto" use a CPU-type Vulkan device (lavapipe)
+    QORA_VK_LOADER=PATH    the Vulkan loader library to open instead of the system's
+    QORA_VK_FAIL=alloc     test hook: device allocations fail (out of memory at load)
+    QORA_VK_FAIL=run:N     test hook: the device is "lost" after N successful forward calls
+    QORA_VK_BATCH, QORA_VK_MV_THREADS, QORA_VK_MV_ROWS, QORA_VK_ATT_SPLITS   tuning knobs (prefill
+                           tokens per submission; decode mat-vec workgroup size and rows per
+                           workgroup; decode attention workgroups per head)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import numpy as np
+
+from qora.errors import ContextOverflowError, QoraError
+
+# Best first; CPU-type devices are used only when asked for.
+_TYPE_RANK = {"discrete": 3, "integrated": 2, "virtual": 1, "other": 0, "cpu": -1}
+# Use at most this share of what the driver says is free: drivers, display and other apps need room.
+_VRAM_FRACTION = 0.9
+# The smallest context worth shrinking to when the default one does not fit in VRAM.
+_MIN_AUTO_CONTEXT = 512
+
+
+class GpuUnavailable(QoraError):
+    """No GPU can run the model; `quiet` when the machine simply has no Vulkan GPU (no loader,
+    no driver, no device): then the CPU fallback is mentioned only under --verbose."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+def _core():
+    try:
+        from qora._core import _vulkan
+    except ImportError:  # a build without the Vulkan extension
+        return None
+    return _vulkan
+
+
+def _env_int(name: str, default: int | None = None) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise QoraError(f"{name}={raw!r} is not an integer") from None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def devices() -> list[dict]:
+    """The Vulkan devices of this machine ([] when there is no Vulkan stack)."""
+    core = _core()
+    if core is None:
+        return []
+    try:
+        return core.list_devices(os.environ.get("QORA_VK_LOADER") or None)
+    except core.VulkanError:
+        return []
+
+
+def choose_device(found: list[dict], required: bool = False) -> dict:
+    """The device to run on: QORA_VK_DEVICE if set, else the best usable one. A CPU-type device
+    only with QORA_VK_ALLOW_CPU=1, or when it is the only one and the GPU is required."""
+    want = _env_int("QORA_VK_DEVICE")
+    if want is not None:
+        match = [d for d in found if d["index"] == want]
+        if not match:
+            raise GpuUnavailable(f"QORA_VK_DEVICE={want}: there are {len(found)} Vulkan devices")
+        if not match[0]["usable"]:
+            raise GpuUnavailable(f"QORA_VK_DEVICE={want} ({match[0]['name']}): {match[0]['why_not']}")
+        return match[0]
+    usable = [d for d in found if d["usable"]]
+    if not usable:
+        if not found:
+            raise GpuUnavailable("no Vulkan device", quiet=True)
+        why = "; ".join(f"{d['name']}: {d['why_not']}" for d in found)
+        # a real GPU that cannot run qora is worth a line; a software device alone is not
+        raise GpuUnavailable(f"no usable Vulkan device ({why})", quiet=all(d["type"] == "cpu" for d in found))
+    gpus = [d for d in usable if d["type"] != "cpu"]
+    if not gpus and not (required or _env_flag("QORA_VK_ALLOW_CPU")):
+        names = ", ".join(d["name"] for d in usable)
+        raise GpuUnavailable(
+            f"no GPU, only a software Vulkan device ({names}; QORA_VK_ALLOW_CPU=1 uses it)", quiet=True
+        )
+    pool = gpus or usable
+    return max(pool, key=lambda d: (_TYPE_RANK.get(d["type"], 0), d["vram_bytes"], -d["index"]))
+
+
+# One context (instance, device, compiled pipelines) per device, shared by the engines on it, so a
+# second model skips pipeline compilation. Its lock serializes GPU work: the command pool and queue
+# are not thread-safe.
+_CONTEXTS: dict[tuple, tuple] = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def _context(core, loader, index: int):
+    with _CONTEXTS_LOCK:
+        key = (loader, index)
+        if key not in _CONTEXTS:
+            _CONTEXTS[key] = (core.Context(loader, index), threading.Lock())
+        return _CONTEXTS[key]
+
+
+def _drop_context(ctx):
+    """Forget a context whose device failed, so later engines get a fresh one. It is destroyed when
+    the last model made on it lets go of it (each model holds a reference)."""
+    with _CONTEXTS_LOCK:
+        for key, (c, _) in list(_CONTEXTS.items()):
+            if c is ctx:
+                del _CONTEXTS[key]
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _fail_hook() -> tuple[bool, int]:
+    """(fail allocations, forward calls before a simulated device loss or -1) from QORA_VK_FAIL."""
+    raw = os.environ.get("QORA_VK_FAIL", "").strip().lower()
+    if not raw:
+        return False, -1
+    if raw == "alloc":
+        return True, -1
+    if raw.startswith("run:") and raw[4:].isdigit():
+        return False, int(raw[4:])
+    raise QoraError(f"QORA_VK_FAIL={raw!r}: expected 'alloc' or 'run:N'")
+
+
+class VulkanEngine:
+    """forward(tokens, start_pos) -> logits on a Vulkan GPU, with the KV cache on the device."""
+
+    def __init__(
+        self,
+        qfile,
+        n_threads: int | None = None,
+        max_seq_len: int | None = None,
+        verbose: bool = False,
+        required: bool = False,
+    ):
+        from qora.engine import default_context, default_threads, kv_cache_dtype, rope_parameters
+
+        core = _core()
+        if core is None:
+            raise GpuUnavailable("this build of qora has no Vulkan backend", quiet=True)
+        self.config = cfg = qfile.config
+        self._qfile = qfile
+        self._cpu = None
+        self._model = self._ctx = None
+        self._lock = None
+        self._closed = False
+        self.n_threads = int(n_threads) if n_threads else default_threads()
+        self.vocab_size = cfg["vocab_size"]
+        fail_alloc, fail_after = _fail_hook()
+
+        loader = os.environ.get("QORA_VK_LOADER") or None
+        try:
+            found = core.list_devices(loader)
+        except core.VulkanError as e:
+            raise GpuUnavailable(str(e), quiet=e.kind in ("loader", "no_device")) from None
+        info = choose_device(found, required)
+        try:
+            self._ctx, self._lock = _context(core, loader, info["index"])
+        except core.VulkanError as e:
+            raise GpuUnavailable(f"{info['name']}: {e}") from None
+
+        inv_freq, rope_scale = rope_parameters(cfg)
+        tensors = {name: (i["dtype"], tuple(i["shape"]), qfile.tensor(name)) for name, i in qfile.tensor_info.items()}
+        opts = {
+            "batch": _env_int("QORA_VK_BATCH", 0),
+            "mv_threads": _env_int("QORA_VK_MV_THREADS", 0),
+            "mv_rows": _env_int("QORA_VK_MV_ROWS", 0),
+            "att_splits": _env_int("QORA_VK_ATT_SPLITS", 0),
+            "chunk_rows": _env_int("QORA_VK_CHUNK_ROWS", 0),  # tests: the embedding / LM head in pieces
+            "kv_f16": kv_cache_dtype(qfile) == "f16",  # the CPU engine's choice, so both compute the same
+            "fail_after": fail_after,
+        }
+        # the KV cache on the device: the default context shrinks to fit; an explicit one must fit
+        seq = default_context(cfg, max_seq_len)
+        budget = _VRAM_FRACTION * info["vram_budget"]
+        try:
+            need = core.estimate(self._ctx, cfg, tensors, inv_freq, rope_scale, seq, opts)
+            while need > budget and max_seq_len is None and seq > _MIN_AUTO_CONTEXT:
+                seq = max(_MIN_AUTO_CONTEXT, seq // 2)
+                need = core.estimate(self._ctx, cfg, tensors, inv_freq, rope_scale, seq, opts)
+        except core.VulkanError as e:
+            self._release()
+            raise GpuUnavailable(f"{info['name']}: {e}") from None
+        except ValueError as e:
+            self._release()
+            raise QoraError(f"{qfile.path}: cannot build the engine: {e}") from e
+        # pre-flight facts for --verbose (printed now when asked, else kept for the CLI)
+        self.notes = [
+            f"vulkan: {info['name']} ({info['type']}, Vulkan {info['api_version']}): the model needs "
+            f"{_fmt_bytes(need)} of {_fmt_bytes(info['vram_budget'])} device memory ({seq}-token context)"
+        ]
+        if verbose:
+            print(f"qora: {self.notes[0]}", file=sys.stderr)
+        if need > budget:
+            self._release()
+            raise GpuUnavailable(
+                f"{info['name']}: the model needs {_fmt_bytes(need)} of device memory, "
+                f"{_fmt_bytes(info['vram_budget'])} available"
+            )
+        try:  # allocating every buffer is the real probe: a model that does not fit fails here
+            with self._lock:
+                self._ctx.set_fail_alloc(fail_alloc)
+                try:
+                    self._model = core.Model(self._ctx, cfg, tensors, inv_freq, rope_scale, seq, opts)
+                finally:
+                    self._ctx.set_fail_alloc(False)
+        except core.VulkanError as e:
+            self._release()
+            raise GpuUnavailable(f"{info['name']}: {e}") from None
+        self.max_seq_len = seq
+        self.device = "vulkan"
+        self.device_name = info["name"]
+        self.device_info = info
+        self.isa = "vulkan"
+        self.vram_bytes = need
+        self.kv_dtype = "f16" if opts["kv_f16"] else "f32"
+        self._batch, self._logit_rows = self._model.batch, self._model.logit_rows
+        self._tokens = np.zeros(seq, dtype=np.int32)  # what the KV cache holds, to replay on a fallback
+        self._n_tokens = 0
+
+    def _release(self, lost: bool = False):
+        if self._model is not None:
+            try:
+                self._model.close()
+            except Exception:  # a lost device may refuse even to be destroyed cleanly
+                pass
+        if lost and self._ctx is not None:
+            _drop_context(self._ctx)
+        self._model = self._ctx = None
+
+    def _fall_back(self, error, start_pos: int):
+        """Continue on the CPU engine: rebuild its KV cache from the tokens the GPU had seen."""
+        from qora.engine import CpuEngine
+
+        print(
+            f"qora: the GPU failed ({error}); continuing on the CPU from position {start_pos}",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._release(lost=True)
+        if start_pos > self._n_tokens:
+            raise QoraError(f"cannot continue on the CPU: positions {self._n_tokens}..{start_pos - 1} were never run")
+        cpu = CpuEngine(self._qfile, n_threads=self.n_threads, max_seq_len=self.max_seq_len)
+        if start_pos:
+            cpu.forward(self._tokens[:start_pos], 0)
+        self._cpu = cpu
+        self.device, self.isa = "cpu", cpu.isa
+        self.device_name = "cpu"
+
+    def forward(self, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions start_pos.. ; (n, vocab) logits if all_logits else (1, vocab) for the last."""
+        if self._closed:
+            raise QoraError("the model is closed")
+        if self._cpu is not None:
+            return self._cpu.forward(tokens, start_pos, all_logits)
+        ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        n = ids.shape[0]
+        if n == 0:
+            raise QoraError("forward needs at least one token")
+        if start_pos < 0:
+            raise QoraError(f"start_pos must be >= 0, got {start_pos}")
+        if start_pos + n > self.max_seq_len:
+            raise ContextOverflowError(
+                f"{start_pos + n} tokens do not fit the {self.max_seq_len}-token context "
+                f"(prompt or conversation too long; raise max_seq_len or shorten it)"
+            )
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise QoraError(f"token id out of range [0, {self.vocab_size})")
+        ids = ids.astype(np.int32)
+        core = _core()
+        step = self._logit_rows if all_logits else self._batch
+        outs = []
+        try:
+            for i in range(0, n, step):  # one submission per chunk; Ctrl-C is honoured between chunks
+                chunk = ids[i : i + step]
+                last = i + step >= n
+                with self._lock:
+                    out = self._model.forward(chunk, start_pos + i, all_logits)
+                self._tokens[start_pos + i : start_pos + i + len(chunk)] = chunk
+                self._n_tokens = start_pos + i + len(chunk)
+                if all_logits or last:
+                    outs.append(out)
+        except core.VulkanError as e:
+            if e.kind == "args":  # our own mistake, not the device's
+                raise QoraError(str(e)) from None
+            self._fall_back(e, start_pos)
+            return self._cpu.forward(tokens, start_pos, all_logits)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+
+    def reset(self):
+        """Nothing to clear on the device: positions past start_pos are overwritten before they are read."""
+        self._n_tokens = 0
+        if self._cpu is not None:
+            self._cpu.reset()
+
+    def close(self):
+        self._release()
+        if self._cpu is not None:
+            self._cpu.close()
+        self._closed = True
+
+
+def make_engine(qfile, device: str = "auto", threads=None, max_seq_len=None, verbose: bool = False):
+    """The engine for `device` ("auto", "cpu" or "gpu"): the GPU when one can run the model, else the CPU.
+    device="gpu" makes a missing or failing GPU an error instead of a fallback."""
+    from qora.engine import CpuEngine
+
+    if device == "cpu":
+        return CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len)
+    try:
+        return VulkanEngine(
+            qfile, n_threads=threads, max_seq_len=max_seq_len, verbose=verbose, required=device == "gpu"
+        )
+    except GpuUnavailable as e:
+        if device == "gpu":
+            raise QoraError(f"no usable GPU: {e}") from None
+        note, quiet = f"GPU not used ({e}); running on the CPU", e.quiet
+    if verbose or not quiet:  # a machine without any Vulkan GPU hears about it only under --verbose
+        print(f"qora: {note}", file=sys.stderr, flush=True)
+    engine = CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len)
+    engine.notes = [] if verbose or not quiet else [note]  # for a front end's --verbose
+    return engine

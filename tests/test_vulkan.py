@@ -1,0 +1,559 @@
+"""The Vulkan backend: each shader against NumPy, the tiny model on the GPU against the CPU engine,
+and every fallback path. CI runs these on Mesa's software Vulkan driver (lavapipe, subgroups of 8);
+without a usable Vulkan device the GPU tests skip and only the device-free ones run."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_kernels import random_q4, random_q8, ref_quantize_q8
+
+import qora
+from qora import vulkan
+from qora._core import _cpu, _vulkan
+from qora.convert import convert
+from qora.errors import QoraError
+
+REPO = Path(__file__).resolve().parents[1]
+FIX = Path(__file__).parent / "fixtures"
+STORE, ADD, SWIGLU, QKV = 0, 1, 2, 3
+
+
+def _device():
+    try:
+        return vulkan.choose_device(_vulkan.list_devices(), required=True)
+    except (_vulkan.VulkanError, QoraError):
+        return None
+
+
+DEVICE = _device()
+needs_gpu = pytest.mark.skipif(DEVICE is None, reason="no usable Vulkan device (CI installs lavapipe)")
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    if DEVICE is None:
+        pytest.skip("no usable Vulkan device")
+    return vulkan._context(_vulkan, None, DEVICE["index"])[0]
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def random_matrix(r, dtype, rows, cols):
+    """(file bytes/array, float64 values) of a random matrix stored as dtype."""
+    if dtype == "q4":
+        raw, vals = random_q4(r, rows, cols)
+    elif dtype == "q8":
+        raw, vals = random_q8(r, rows, cols)
+    else:
+        raw = (r.standard_normal((rows, cols)) * 0.1).astype(np.float16 if dtype == "f16" else np.float32)
+        vals = raw
+    return raw, vals.astype(np.float64)
+
+
+def effective_input(dtype, x):
+    """The input a product sees: Q8-rounded for Q4/Q8 weights, as the CPU engine does."""
+    if dtype in ("q4", "q8"):
+        d, q = ref_quantize_q8(x)
+        return (q.astype(np.float64) * d.astype(np.float64)[:, None]).reshape(-1)
+    return x.astype(np.float64)
+
+
+# ───── device-free: the build, the embedded SPIR-V, the loader being optional ─────
+
+
+def _gen_shaders():
+    spec = importlib.util.spec_from_file_location("gen_shaders", REPO / "tools" / "gen_shaders.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_embedded_spirv_matches_sources():
+    """The header's hashes match the GLSL; with the same glslc, a fresh compile gives the same bytes."""
+    gen = _gen_shaders()
+    assert gen.stale(shutil.which("glslc")) == []
+    version, have = gen.parse_header(gen.HEADER.read_text())
+    assert set(have) == set(gen.SHADERS)
+    assert all(blob[:4] == b"\x03\x02\x23\x07" for _, blob in have.values())  # SPIR-V magic
+
+
+def test_no_loader_imports_and_reports(monkeypatch, tmp_path):
+    missing = str(tmp_path / "libvulkan-missing.so.1")
+    with pytest.raises(_vulkan.VulkanError) as e:
+        _vulkan.list_devices(missing)
+    assert e.value.kind == "loader" and "no Vulkan loader" in str(e.value)
+    monkeypatch.setenv("QORA_VK_LOADER", missing)
+    assert vulkan.devices() == []
+
+
+def test_choose_device_policy(monkeypatch):
+    def dev(i, kind, vram, usable=True):
+        return {"index": i, "name": f"d{i}", "type": kind, "vram_bytes": vram, "usable": usable, "why_not": "x"}
+
+    monkeypatch.delenv("QORA_VK_DEVICE", raising=False)
+    monkeypatch.delenv("QORA_VK_ALLOW_CPU", raising=False)
+    found = [dev(0, "cpu", 8), dev(1, "integrated", 4), dev(2, "discrete", 2), dev(3, "discrete", 1, usable=False)]
+    assert vulkan.choose_device(found)["index"] == 2
+    with pytest.raises(vulkan.GpuUnavailable) as e:
+        vulkan.choose_device([dev(0, "cpu", 8)])
+    assert e.value.quiet and "QORA_VK_ALLOW_CPU" in str(e.value)
+    assert vulkan.choose_device([dev(0, "cpu", 8)], required=True)["index"] == 0
+    monkeypatch.setenv("QORA_VK_ALLOW_CPU", "1")
+    assert vulkan.choose_device([dev(0, "cpu", 8)])["index"] == 0
+    monkeypatch.setenv("QORA_VK_DEVICE", "1")
+    assert vulkan.choose_device(found)["index"] == 1
+    monkeypatch.setenv("QORA_VK_DEVICE", "3")
+    with pytest.raises(vulkan.GpuUnavailable):
+        vulkan.choose_device(found)
+    monkeypatch.setenv("QORA_VK_DEVICE", "7")
+    with pytest.raises(vulkan.GpuUnavailable):
+        vulkan.choose_device(found)
+
+
+def test_pack_layout():
+    r = np.random.default_rng(0)
+    raw, _ = random_q4(r, 3, 64)
+    packed = _vulkan.pack("q4", 3, 64, raw)
+    blocks = raw.reshape(3, 2, 18)
+    assert packed.shape[0] == _vulkan.packed_bytes("q4", 3, 64) and packed.shape[0] % 16 == 0
+    assert np.array_equal(packed[: 6 * 16].reshape(6, 16), blocks[:, :, 2:].reshape(6, 16))
+    assert np.array_equal(packed[6 * 16 : 6 * 18].reshape(6, 2), blocks[:, :, :2].reshape(6, 2))
+    with pytest.raises(ValueError):
+        _vulkan.pack("q4", 3, 64, raw[:2])
+
+
+# ───── shaders against NumPy ─────
+
+
+def run_matvec(ctx, dtype, raw, rows, cols, x, mode=STORE, norm=None, y=None, rows_per=4, threads=64, **qkv):
+    """One matvec.comp dispatch (rows: of the stored matrix; SWIGLU: gate rows, the up rows follow)."""
+    stored = rows * 2 if mode == SWIGLU else rows
+    packed = _vulkan.pack(dtype, stored, cols, raw)
+    y = np.zeros(rows, np.float32) if y is None else y
+    kc = np.zeros(qkv.get("kv_words", 4), np.uint32)
+    vc = np.zeros_like(kc)
+    params = np.array([qkv.get("pos", 0), 1, 0, 0], np.uint32)
+    rope = qkv.get("rope", np.zeros(4, np.float32)).astype(np.float32)
+    push = struct.pack(
+        "<4If4I",
+        rows,
+        cols,
+        0,
+        0,
+        1e-6,
+        qkv.get("q_dim", 0),
+        qkv.get("kv_dim", 0),
+        qkv.get("head_dim", 0),
+        qkv.get("use_rope", 0),
+    )
+    nw = norm if norm is not None else np.zeros(4, np.float32)
+    if mode == QKV:
+        groups = (rows // 4 + rows_per // 4 - 1) // (rows_per // 4)
+    elif mode == SWIGLU:
+        groups = (rows + rows_per // 2 - 1) // (rows_per // 2)
+    else:
+        groups = (rows + rows_per - 1) // rows_per
+    spec = [threads, rows_per, mode, 0 if norm is None else 1]
+    ctx.run_kernel(f"matvec_{dtype}", spec, [packed, x.copy(), nw, y, kc, vc, params, rope], push, groups)
+    return y, kc, vc
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
+@pytest.mark.parametrize("shape", [(1, 32), (37, 64), (130, 352), (64, 2048)])
+def test_matvec(ctx, dtype, shape):
+    rows, cols = shape
+    r = np.random.default_rng()
+    raw, vals = random_matrix(r, dtype, rows, cols)
+    x = r.standard_normal(cols).astype(np.float32)
+    y, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, rows_per=1 + rows % 5, threads=32 if cols < 100 else 64)
+    assert rel_err(y, vals @ effective_input(dtype, x)) < 1e-5
+    # bit-for-bit the CPU engine's integer arithmetic, up to float summation order
+    assert rel_err(y, _cpu.matvec(raw, dtype, rows, cols, x, 0)) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["q4", "f16"])
+def test_matvec_norm_and_residual(ctx, dtype):
+    rows, cols = 70, 256
+    r = np.random.default_rng()
+    raw, vals = random_matrix(r, dtype, rows, cols)
+    x = r.standard_normal(cols).astype(np.float32)
+    nw = (1 + 0.1 * r.standard_normal(cols)).astype(np.float32)
+    xn = _cpu.rmsnorm(x, nw, 1e-6, 0)
+    y, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, norm=nw)
+    # a Q8 rounding of the normed input may land on the other side of a tie: allow a few
+    assert rel_err(y, vals @ effective_input(dtype, xn)) < 3e-3
+    y0 = r.standard_normal(rows).astype(np.float32)
+    y, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, mode=ADD, y=y0.copy())
+    assert rel_err(y, y0 + vals @ effective_input(dtype, x)) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["q4", "q8", "f32"])
+def test_matvec_swiglu(ctx, dtype):
+    rows, cols = 45, 96
+    r = np.random.default_rng()
+    raw, vals = random_matrix(r, dtype, 2 * rows, cols)
+    x = r.standard_normal(cols).astype(np.float32)
+    h, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, mode=SWIGLU, rows_per=6)
+    gu = vals @ effective_input(dtype, x)
+    g, u = gu[:rows], gu[rows:]
+    assert rel_err(h, g / (1 + np.exp(-g)) * u) < 1e-5
+
+
+def ref_rope(v, n_heads, hd, cos, sin):
+    v = v.reshape(n_heads, hd).astype(np.float64)
+    h = hd // 2
+    return np.concatenate([v[:, :h] * cos - v[:, h:] * sin, v[:, h:] * cos + v[:, :h] * sin], axis=1).reshape(-1)
+
+
+def rope_table(positions, hd, theta=10000.0, scale=1.0):
+    inv = (1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)).astype(np.float32)
+    ang = np.float32(positions)[:, None] * inv[None, :]
+    return np.stack([np.cos(ang) * scale, np.sin(ang) * scale], axis=-1).astype(np.float32)  # (n, hd/2, 2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("use_rope", [1, 0])
+def test_matvec_qkv_rope_and_cache(ctx, use_rope):
+    """q rotated to the scratch, k rotated and v into the f16 cache at the position (NoPE: no rotation)."""
+    n_heads, n_kv, hd, cols, pos, max_pos = 4, 2, 16, 64, 5, 8
+    q_dim, kv_dim = n_heads * hd, n_kv * hd
+    rows = q_dim + 2 * kv_dim
+    r = np.random.default_rng()
+    raw, vals = random_matrix(r, "q8", rows, cols)
+    x = r.standard_normal(cols).astype(np.float32)
+    cs = rope_table(np.array([pos]), hd, scale=1.3)[0]
+    y, kc, vc = run_matvec(
+        ctx,
+        "q8",
+        raw,
+        rows,
+        cols,
+        x,
+        mode=QKV,
+        rows_per=8,
+        y=np.zeros(q_dim, np.float32),
+        pos=pos,
+        rope=cs.reshape(-1),
+        q_dim=q_dim,
+        kv_dim=kv_dim,
+        head_dim=hd,
+        use_rope=use_rope,
+        kv_words=max_pos * kv_dim // 2,
+    )
+    out = vals @ effective_input("q8", x)
+    q, k, v = out[:q_dim], out[q_dim : q_dim + kv_dim], out[q_dim + kv_dim :]
+    if use_rope:
+        q, k = ref_rope(q, n_heads, hd, cs[:, 0], cs[:, 1]), ref_rope(k, n_kv, hd, cs[:, 0], cs[:, 1])
+    assert rel_err(y, q) < 1e-5
+    kc16, vc16 = kc.view(np.float16).reshape(max_pos, kv_dim), vc.view(np.float16).reshape(max_pos, kv_dim)
+    assert rel_err(kc16[pos], k) < 1e-3 and rel_err(vc16[pos], v) < 1e-3  # f16 storage
+    assert not kc16[:pos].any() and not vc16[pos + 1 :].any()  # nothing else written
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
+@pytest.mark.parametrize("mode", [STORE, ADD])
+def test_matmul(ctx, dtype, mode):
+    """Prefill product over a batch of tokens, tile edges crossed in rows, tokens and columns."""
+    rows, cols, n_tok = 70, 96 if dtype in ("q4", "q8") else 88, 67
+    r = np.random.default_rng()
+    raw, vals = random_matrix(r, dtype, rows, cols)
+    x = r.standard_normal((n_tok, cols)).astype(np.float32)
+    ldy = rows + 5
+    y0 = r.standard_normal((n_tok, ldy)).astype(np.float32)
+    xs = np.zeros(n_tok * (cols // 32 + 1), np.float32)
+    if dtype in ("q4", "q8"):  # the Q8 input prep.comp makes: integer values, one scale per block
+        d, q = ref_quantize_q8(x)
+        xin, xs[: d.size] = q.astype(np.float32).reshape(n_tok, cols), d.astype(np.float32)
+        ldx = cols
+    else:
+        xin, ldx = x, cols
+    push = struct.pack("<6I", rows, cols, n_tok, ldx, ldy, 2)
+    y = y0.copy()
+    ctx.run_kernel(
+        f"matmul_{dtype}",
+        [0, mode],
+        [_vulkan.pack(dtype, rows, cols, raw), xin.copy(), xs, y],
+        push,
+        (rows + 63) // 64,
+        (n_tok + 63) // 64,
+    )
+    ref = np.stack([vals @ effective_input(dtype, x[t]) for t in range(n_tok)])
+    want = y0.astype(np.float64)
+    want[:, 2 : 2 + rows] = (want[:, 2 : 2 + rows] if mode == ADD else 0) + ref
+    assert rel_err(y, want) < 1e-5
+
+
+@needs_gpu
+def test_prep_norm_swiglu_q8(ctx):
+    n, n_tok, eps = 96, 3, 1e-6
+    r = np.random.default_rng()
+    x = r.standard_normal((n_tok, n)).astype(np.float32)
+    nw = (1 + 0.1 * r.standard_normal(n)).astype(np.float32)
+
+    def prep(inp, ld_in, norm, q8, swiglu):
+        y = np.zeros((n_tok, n), np.float32)
+        ys = np.zeros(n_tok * (n // 32), np.float32)
+        push = struct.pack("<3If", n, ld_in, n, eps)
+        ctx.run_kernel("prep", [0, norm, q8, swiglu], [None, inp.copy(), nw, y, ys], push, n_tok)
+        return y, ys.reshape(n_tok, n // 32)
+
+    y, _ = prep(x, n, 1, 0, 0)
+    assert rel_err(y, np.stack([_cpu.rmsnorm(x[t], nw, eps, 0) for t in range(n_tok)])) < 1e-5
+    y, ys = prep(x, n, 0, 1, 0)  # exact: the same quantizer as the CPU engine
+    d, q = ref_quantize_q8(x)
+    assert np.array_equal(y.reshape(-1, 32), q.astype(np.float32)) and np.array_equal(
+        ys.reshape(-1), d.astype(np.float32)
+    )
+    gu = r.standard_normal((n_tok, 2 * n)).astype(np.float32)
+    y, _ = prep(gu, 2 * n, 0, 0, 1)
+    g, u = gu[:, :n].astype(np.float64), gu[:, n:]
+    assert rel_err(y, g / (1 + np.exp(-g)) * u) < 1e-5
+
+
+@needs_gpu
+def test_rope_kv(ctx):
+    n_heads, n_kv, hd, n_tok, start, max_pos = 4, 2, 16, 3, 2, 8
+    q_dim, kv_dim = n_heads * hd, n_kv * hd
+    ld = q_dim + 2 * kv_dim
+    r = np.random.default_rng()
+    qkv = r.standard_normal((n_tok, ld)).astype(np.float32)
+    cs = rope_table(np.arange(start, start + n_tok), hd)
+    kc = np.zeros(max_pos * kv_dim // 2, np.uint32)
+    vc = np.zeros_like(kc)
+    params = np.array([start, n_tok, 0, 0], np.uint32)
+    out = qkv.copy()
+    push = struct.pack("<5I", n_heads, n_kv, hd, ld, 1)
+    ctx.run_kernel("rope_kv", [], [None, None, None, out, kc, vc, params, cs.reshape(-1)], push, n_tok)
+    kc16, vc16 = kc.view(np.float16).reshape(max_pos, kv_dim), vc.view(np.float16).reshape(max_pos, kv_dim)
+    for t in range(n_tok):
+        c, s = cs[t, :, 0], cs[t, :, 1]
+        assert rel_err(out[t, :q_dim], ref_rope(qkv[t, :q_dim], n_heads, hd, c, s)) < 1e-6
+        k = ref_rope(qkv[t, q_dim : q_dim + kv_dim], n_kv, hd, c, s)
+        assert np.array_equal(kc16[start + t], k.astype(np.float32).astype(np.float16))
+        assert np.array_equal(vc16[start + t], qkv[t, q_dim + kv_dim :].astype(np.float16))
+
+
+@needs_gpu
+@pytest.mark.parametrize("kv", [np.float16, np.float32])
+@pytest.mark.parametrize(
+    "n_heads,n_kv,hd,start,n_tok,splits",
+    [(4, 2, 16, 0, 1, 1), (6, 2, 32, 140, 3, 1), (2, 2, 128, 63, 2, 1), (4, 2, 16, 0, 1, 3), (6, 3, 32, 200, 1, 7)],
+)
+def test_attention(ctx, n_heads, n_kv, hd, start, n_tok, splits, kv):
+    """Causal GQA over an f16 or f32 cache, contexts crossing the 64-position tiles; decode's
+    positions split over several workgroups (some with nothing to do), merged by the last one."""
+    r = np.random.default_rng()
+    n_pos, kv_dim, q_dim = start + n_tok, n_kv * hd, n_heads * hd
+    kc = r.standard_normal((n_pos, kv_dim)).astype(kv)
+    vc = r.standard_normal((n_pos, kv_dim)).astype(kv)
+    q = r.standard_normal((n_tok, q_dim + 8)).astype(np.float32)  # rows padded: ld_q != q_dim
+    out = np.zeros((n_tok, q_dim), np.float32)
+    params = np.array([start, n_tok, 0, 0], np.uint32)
+    push = struct.pack("<5I", n_heads, n_kv, hd, q_dim + 8, q_dim)
+    spec = [64, int(kv == np.float16), splits]
+    part = np.zeros(n_tok * n_heads * splits * (hd + 2), np.float32)
+    done = np.zeros(n_tok * n_heads, np.uint32)
+    bufs = [part, q, None, out, kc.copy(), vc.copy(), params, done]
+    ctx.run_kernel("attention", spec, bufs, push, n_heads, n_tok, splits)
+    assert not done.any()  # every merge reset its counter for the next step
+    K, Vv = kc.astype(np.float64), vc.astype(np.float64)
+    for t in range(n_tok):
+        for h in range(n_heads):
+            g = h // (n_heads // n_kv)
+            s = K[: start + t + 1, g * hd : (g + 1) * hd] @ q[t, h * hd : (h + 1) * hd] / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            ref = (p / p.sum()) @ Vv[: start + t + 1, g * hd : (g + 1) * hd]
+            assert rel_err(out[t, h * hd : (h + 1) * hd], ref) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
+def test_embed(ctx, dtype):
+    rows, cols = 50, 64
+    r = np.random.default_rng()
+    raw, vals = random_matrix(r, dtype, rows, cols)
+    toks = [3, 17, 49, 3]
+    params = np.array([0, len(toks), 0, 0, *toks], np.uint32)
+    out = np.zeros((len(toks), cols), np.float32)
+    # the second half of the table as its own chunk: only tokens in its rows are written
+    half = _vulkan.pack(dtype, rows - 25, cols, np.ascontiguousarray(raw[25:]))
+    ctx.run_kernel(
+        f"embed_{dtype}", [], [half, None, None, out, None, None, params], struct.pack("<4I", 25, cols, 25, cols), 4
+    )
+    assert not out[[0, 1, 3]].any() and np.array_equal(out[2], vals[49].astype(np.float32))
+    ctx.run_kernel(
+        f"embed_{dtype}",
+        [],
+        [_vulkan.pack(dtype, rows, cols, raw), None, None, out, None, None, params],
+        struct.pack("<4I", rows, cols, 0, cols),
+        4,
+    )
+    assert np.array_equal(out, vals[toks].astype(np.float32))
+
+
+# ───── the tiny model: GPU against the CPU engine ─────
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vk-models")
+    out = {}
+    for quant in ("q4", "q8", "f16"):
+        out[quant] = d / f"tiny-smollm3-{quant}.qora"
+        convert(str(FIX / "tiny-smollm3"), str(out[quant]), quant=quant, progress=False)
+    return out
+
+
+# With an f32 KV cache both engines do the same integer block sums and float steps: they agree to
+# float rounding. With an f16 cache, a key/value a rounding apart on the two sides can land on either
+# side of an f16 tie (and then a Q8 activation too), which the tiny random model amplifies.
+TOL = {"f32": 1e-4, "f16": 5e-2}
+PROMPT = "The capital of France is"
+
+
+@needs_gpu
+@pytest.mark.parametrize("quant,kv", [("q4", "f32"), ("q8", "f32"), ("f16", "f32"), ("q4", "f16"), ("q8", "f16")])
+def test_tiny_model_matches_cpu(tiny, quant, kv, monkeypatch):
+    monkeypatch.setenv("QORA_KV", kv)
+    tol = TOL[kv]
+    gpu = qora.load(tiny[quant], device="gpu", max_seq_len=128)
+    cpu = qora.load(tiny[quant], device="cpu", max_seq_len=128)
+    try:
+        assert gpu.engine.device == "vulkan" and cpu.engine.device == "cpu"
+        assert gpu.engine.kv_dtype == cpu.engine.kv_dtype == kv
+        toks = np.random.default_rng(7).integers(0, gpu.config["vocab_size"], 48).tolist()
+        # prefill with every row of logits, in several submissions (logit_rows) ...
+        lg, lc = gpu.forward(toks[:40]), cpu.forward(toks[:40])
+        assert lg.shape == lc.shape == (40, gpu.config["vocab_size"])
+        assert rel_err(lg, lc) < tol
+        # ... decode one token at a time ...
+        for i in range(40, 44):
+            assert rel_err(gpu.engine.forward([toks[i]], i), cpu.engine.forward([toks[i]], i)) < tol
+        # ... and a batched prefill from a later position that returns the last row only
+        lg, lc = gpu.engine.forward(toks[44:48], 44), cpu.engine.forward(toks[44:48], 44)
+        assert lg.shape == (1, gpu.config["vocab_size"]) and rel_err(lg, lc) < tol
+        opts = dict(raw=True, greedy=True, max_tokens=24)
+        assert gpu.generate(PROMPT, **opts) == cpu.generate(PROMPT, **opts)
+    finally:
+        gpu.close()
+        cpu.close()
+    with pytest.raises(QoraError, match="closed"):
+        gpu.engine.forward([1], 0)
+
+
+@needs_gpu
+def test_chunked_head_and_long_prefill(tiny, monkeypatch):
+    """The embedding / LM head split into row chunks (as when it exceeds a storage-buffer binding)
+    and a prompt longer than one prefill submission give the CPU engine's logits."""
+    monkeypatch.setenv("QORA_KV", "f32")
+    monkeypatch.setenv("QORA_VK_CHUNK_ROWS", "96")  # 400 rows: 5 chunks, the last one short
+    monkeypatch.setenv("QORA_VK_BATCH", "16")
+    toks = np.random.default_rng(3).integers(0, 400, 45).tolist()
+    with qora.load(tiny["q8"], device="gpu", max_seq_len=64) as g, qora.load(tiny["q8"], device="cpu") as c:
+        assert rel_err(g.engine.forward(toks, 0), c.engine.forward(toks, 0)) < 1e-4  # 3 submissions
+        assert rel_err(g.forward(toks[:20]), c.forward(toks[:20])) < 1e-4  # all rows, chunked head
+        assert rel_err(g.engine.forward([5], 20), c.engine.forward([5], 20)) < 1e-4
+
+
+# ───── fallbacks ─────
+
+
+def _cpu_text(path):
+    with qora.load(path, device="cpu", max_seq_len=128) as m:
+        return m.generate(PROMPT, raw=True, greedy=True, max_tokens=24)
+
+
+def test_fallback_no_loader(tiny, monkeypatch, capfd):
+    monkeypatch.setenv("QORA_VK_LOADER", "/nonexistent/libvulkan.so.1")
+    with qora.load(tiny["q4"], max_seq_len=128) as m:  # auto: silent on a machine without Vulkan
+        assert m.engine.device == "cpu"
+        assert m.generate(PROMPT, raw=True, greedy=True, max_tokens=24) == _cpu_text(tiny["q4"])
+    assert capfd.readouterr().err == ""
+    from qora.model import load
+
+    load(tiny["q4"], max_seq_len=128, verbose=True).close()  # --verbose: one line says why
+    err = capfd.readouterr().err
+    assert "GPU not used (no Vulkan loader" in err and err.count("GPU not used") == 1
+    with pytest.raises(QoraError, match="no usable GPU: no Vulkan loader"):
+        qora.load(tiny["q4"], device="gpu")
+
+
+def test_fallback_no_device(tiny, monkeypatch, capfd):
+    for var in ("VK_ICD_FILENAMES", "VK_DRIVER_FILES"):  # the loader finds no driver
+        monkeypatch.setenv(var, str(FIX / "no-such-icd.json"))
+    monkeypatch.setenv("QORA_VK_ALLOW_CPU", "1")
+    with qora.load(tiny["q4"], max_seq_len=128) as m:
+        assert m.engine.device == "cpu"
+    assert capfd.readouterr().err == ""
+    with pytest.raises(QoraError, match="no usable GPU"):
+        qora.load(tiny["q4"], device="gpu")
+
+
+@needs_gpu
+def test_fallback_allocation_failure(tiny, monkeypatch, capfd):
+    monkeypatch.setenv("QORA_VK_FAIL", "alloc")
+    monkeypatch.setenv("QORA_VK_ALLOW_CPU", "1")
+    with qora.load(tiny["q8"], max_seq_len=128) as m:  # a device that cannot hold the model: one line
+        assert m.engine.device == "cpu"
+        text = m.generate(PROMPT, raw=True, greedy=True, max_tokens=24)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GPU not used" in err[0] and "simulated" in err[0]
+    assert text == _cpu_text(tiny["q8"])
+    with pytest.raises(QoraError, match="simulated"):
+        qora.load(tiny["q8"], device="gpu")
+
+
+@needs_gpu
+def test_fallback_mid_run(tiny, monkeypatch, capfd):
+    """The device is lost after the prefill and 5 decode steps: the CPU takes over at that position."""
+    monkeypatch.setenv("QORA_VK_FAIL", "run:6")
+    with qora.load(tiny["f16"], device="gpu", max_seq_len=128) as m:
+        assert m.engine.device == "vulkan"
+        text = m.generate(PROMPT, raw=True, greedy=True, max_tokens=24)
+        assert m.engine.device == "cpu"
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "continuing on the CPU from position" in err[0]
+        assert text == _cpu_text(tiny["f16"])
+        # the engine keeps serving on the CPU
+        assert m.generate(PROMPT, raw=True, greedy=True, max_tokens=24) == text
+
+
+@needs_gpu
+def test_cli_gpu_flag(tiny):
+    run = [
+        sys.executable,
+        "-m",
+        "qora",
+        "--load",
+        str(tiny["q4"]),
+        "--prompt",
+        PROMPT,
+        "--raw",
+        "--greedy",
+        "--max-tokens",
+        "8",
+        "--context",
+        "64",
+    ]
+    p = subprocess.run([*run, "--gpu", "--verbose"], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    assert "on gpu (" in p.stderr and "device memory" in p.stderr
+    cpu = subprocess.run([*run, "--cpu"], capture_output=True, text=True, cwd=REPO)
+    assert cpu.returncode == 0 and cpu.stdout == p.stdout
+    env = dict(__import__("os").environ, QORA_VK_LOADER="/nonexistent/libvulkan.so.1")
+    p = subprocess.run([*run, "--gpu"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert p.returncode == 1 and p.stderr.startswith("qora: error: no usable GPU") and "Traceback" not in p.stderr
