@@ -165,11 +165,17 @@ QORA_TARGET_AVX512 QORA_INLINE void q4x8_vnni_t(const int T, int n, const block_
         const __m256 dw = _mm256_cvtph_ps(load_scales8(wb->d));
         for (int t = 0; t < T; t++) {
             const block_q8* xb = x + t * xs + b;
-            __m256i s = _mm256_set1_epi32(-8 * xsum[t * xs + b]);
-            for (int k = 0; k < 4; k++) {
-                s = _mm256_dpbusd_epi32(s, lo[k], bcast_i32_avx2(xb->qs + 4 * k));
-                s = _mm256_dpbusd_epi32(s, hi[k], bcast_i32_avx2(xb->qs + 16 + 4 * k));
-            }
+            /* four independent vpdpbusd chains: one chain of eight would serialise on its latency */
+            __m256i s0 = _mm256_dpbusd_epi32(_mm256_set1_epi32(-8 * xsum[t * xs + b]), lo[0],
+                                             bcast_i32_avx2(xb->qs));
+            __m256i s1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi[0], bcast_i32_avx2(xb->qs + 16));
+            __m256i s2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[1], bcast_i32_avx2(xb->qs + 4));
+            __m256i s3 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi[1], bcast_i32_avx2(xb->qs + 20));
+            s0 = _mm256_dpbusd_epi32(s0, lo[2], bcast_i32_avx2(xb->qs + 8));
+            s1 = _mm256_dpbusd_epi32(s1, hi[2], bcast_i32_avx2(xb->qs + 24));
+            s2 = _mm256_dpbusd_epi32(s2, lo[3], bcast_i32_avx2(xb->qs + 12));
+            s3 = _mm256_dpbusd_epi32(s3, hi[3], bcast_i32_avx2(xb->qs + 28));
+            const __m256i s = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
             const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d)));
             acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
         }
