@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     path = ensure_model(a.model, a.quant, a.layers)
     context = a.context or (a.pp + a.tg + 16)
     rng = np.random.default_rng(0)
-    results = {"model": str(path), "pp": a.pp, "tg": a.tg, "reps": a.reps, "context": context}
+    results = {"model": str(path), "pp_tokens": a.pp, "tg_tokens": a.tg, "reps": a.reps, "context": context}
     with read_qora(path) as qf:
         weight_bytes = sum(i["nbytes"] for i in qf.tensor_info.values())
         vocab = qf.config["vocab_size"]

@@ -54,6 +54,45 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _vulkan_summary() -> str:
+    """Whether the Vulkan backend is built and which devices its loader finds (for bug reports)."""
+    try:
+        from qora._core import _vulkan
+    except ImportError:
+        return "not built"
+    try:
+        found = _vulkan.list_devices(os.environ.get("QORA_VK_LOADER") or None)
+    except _vulkan.VulkanError as e:  # no loader / no driver: the CPU engine runs instead
+        return f"built, not available ({e})"
+    if not found:
+        return "built, no device found"
+    return "found " + "; ".join(f"{d['name']} ({d['type']}{'' if d['usable'] else ', unusable'})" for d in found)
+
+
+def version_text() -> str:
+    """`qora --version`: version, CPU kernel path, OpenMP threads and Vulkan, one fact a line."""
+    lines = [f"{PROG} {qora.__version__} (Python {sys.version.split()[0]}, {sys.platform})"]
+    try:
+        info = qora.cpu_info()
+        lines.append(f"cpu: isa {info['isa'] or 'none'} ({info['isa_reason']}); compiled {', '.join(info['compiled'])}")
+        omp = "on" if info["openmp"] else "off (single-threaded build)"
+        lines.append(f"openmp: {omp}; threads {info['threads']} of {info['physical_cores']} physical cores")
+    except QoraError as e:
+        lines.append(f"cpu: {e}")
+    lines.append(f"vulkan: {_vulkan_summary()}")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    # Computed only when asked: listing Vulkan devices opens the loader.
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -64,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(SmolLM2-135M). More commands: qora chat (interactive), qora serve (OpenAI-compatible server)."
         ),
     )
-    p.add_argument("--version", action="version", version=f"{PROG} {qora.__version__}")
+    p.add_argument("--version", action=_VersionAction, help="show the version and the engine facts for bug reports")
     p.add_argument("--prompt", "-p", metavar="TEXT", help="the prompt (default: read from stdin when it is piped)")
     add_generation_args(p)
     return p

@@ -299,7 +299,11 @@ class VulkanEngine:
             for i in range(0, n, step):  # one submission per chunk; Ctrl-C is honoured between chunks
                 chunk = ids[i : i + step]
                 last = i + step >= n
+                # the context's lock: GPU work is serialized, and close() (another thread, e.g. a
+                # server shutting down) cannot free the model while it runs
                 with self._lock:
+                    if self._model is None:
+                        raise QoraError("the model is closed")
                     out = self._model.forward(chunk, start_pos + i, all_logits)
                 self._tokens[start_pos + i : start_pos + i + len(chunk)] = chunk
                 self._n_tokens = start_pos + i + len(chunk)
@@ -319,10 +323,14 @@ class VulkanEngine:
             self._cpu.reset()
 
     def close(self):
-        self._release()
+        self._closed = True
+        if self._lock is not None:
+            with self._lock:
+                self._release()
+        else:
+            self._release()
         if self._cpu is not None:
             self._cpu.close()
-        self._closed = True
 
 
 def make_engine(qfile, device: str = "auto", threads=None, max_seq_len=None, verbose: bool = False):

@@ -39,10 +39,19 @@ def test_unknown_flag_exits_2():
     assert "usage: qora" in p.stderr and "unrecognized arguments: --bogus" in p.stderr
 
 
-def test_version():
+def test_version(monkeypatch):
     p = qora_cmd("--version")
     assert p.returncode == 0
-    assert p.stdout.strip() == f"qora {qora.__version__}"
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith(f"qora {qora.__version__} (Python ")
+    info = qora.cpu_info()
+    assert lines[1].startswith(f"cpu: isa {info['isa']} (")
+    assert lines[2].startswith("openmp: ") and f"threads {info['threads']} " in lines[2]
+    assert lines[3].startswith("vulkan: ")
+    # Reported, not fatal: a bad QORA_ISA still prints the facts for the bug report.
+    monkeypatch.setenv("QORA_ISA", "bogus")
+    p = qora_cmd("--version")
+    assert p.returncode == 0 and "cpu: isa none (QORA_ISA='bogus' is not one of" in p.stdout
 
 
 def test_qora_error_is_one_line_exit_1(tmp_path):

@@ -15,6 +15,8 @@
          matvec ADD   w_down              x += w_down hb
        matvec STORE (+RMSNorm) LM head    logits
        copy logits to host-visible memory
+   (Decode attention splits each head's positions over several workgroups; the last to finish
+   merges them, see attention.comp.)
    Prefill (n tokens) runs the same layers with batched products (matmul.comp) and separate
    norm / RoPE+KV kernels. Positions, token ids and the RoPE cos/sin table live in small
    host-visible buffers, so the decode command buffer is recorded once and only resubmitted. */
@@ -471,6 +473,8 @@ static int qvk_shader_index(const char* name) {
 
 /* The pipeline of a shader specialized with spec[0..n_spec) (constant ids 0..n_spec-1), cached. */
 static VkPipeline qvk_pipeline(qvk_ctx* c, const char* name, const uint32_t* spec, int n_spec, char* err, size_t n) {
+    static const uint32_t no_spec[1] = {0};
+    if (!spec) spec = no_spec, n_spec = 0; /* memcmp/memcpy want a pointer even for 0 bytes */
     int s = qvk_shader_index(name);
     if (s < 0 || n_spec < 0 || n_spec > 8) {
         qvk_fail(err, n, QVK_ERR_ARGS, "unknown shader %s", name);
@@ -985,7 +989,10 @@ static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* 
     int widest = D > q_dim ? D : q_dim;
     if (H > widest) widest = H;
     int batch = o->batch > 0 ? o->batch : QVK_DEFAULT_BATCH;
-    while (batch > 1 && (size_t)batch * 2 * (size_t)H * 4 > range) batch /= 2;
+    size_t row_max = 2 * (size_t)H; /* the widest scratch row: each scratch buffer must fit one binding */
+    if ((size_t)(q_dim + 2 * kv_dim) > row_max) row_max = (size_t)(q_dim + 2 * kv_dim);
+    if ((size_t)widest > row_max) row_max = (size_t)widest;
+    while (batch > 1 && (size_t)batch * row_max * 4 > range) batch /= 2;
     int logit_rows = o->logit_rows > 0 ? o->logit_rows : QVK_DEFAULT_LOGIT_ROWS;
     if (logit_rows > batch) logit_rows = batch;
     while (logit_rows > 1 && (size_t)logit_rows * (size_t)V * 4 > range) logit_rows /= 2;
@@ -1157,8 +1164,7 @@ int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, 
     if (H > m->widest) m->widest = H;
     m->batch = plan.batch;
     m->logit_rows = plan.logit_rows;
-    m->mv_threads = o->mv_threads > 0 ? o->mv_threads : 64;
-    if (m->mv_threads > 256) m->mv_threads = 256;
+    m->mv_threads = o->mv_threads > 0 ? (o->mv_threads > 256 ? 256 : o->mv_threads) : 0;
     m->mv_rows = o->mv_rows > 0 ? (o->mv_rows > 16 ? 16 : o->mv_rows) : 0;
     m->fail_after = o->fail_after;
     m->kv_f16 = o->kv_f16 ? 1 : 0;
@@ -1312,6 +1318,18 @@ static uint32_t qvk_mv_rows(const qvk_model* m, int mode, int cols) {
     return r;
 }
 
+/* threads per decode workgroup: about three input units (a Q4/Q8 block, 8 f16, 4 f32) per
+   thread, so long rows (the down projection) keep more loads in flight, and 64 at least (one
+   2048-wide Q4 row is exactly 64 blocks) */
+static uint32_t qvk_mv_threads(const qvk_model* m, int dtype, int cols) {
+    if (m->mv_threads) return (uint32_t)m->mv_threads;
+    const int unit = dtype == QORA_Q4 || dtype == QORA_Q8 ? QK : dtype == QORA_F16 ? 8 : 4;
+    const int want = (cols / unit + 2) / 3;
+    uint32_t t = 64;
+    while ((int)t < want && t < 256) t *= 2;
+    return t;
+}
+
 typedef struct {
     qvk_model* m;
     VkCommandBuffer cb;
@@ -1340,7 +1358,8 @@ static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer n
     char name[32];
     snprintf(name, sizeof name, "matvec_%s", qvk_dt_suffix[M->dtype]);
     const uint32_t rows_per = qvk_mv_rows(m, mode, M->cols);
-    const uint32_t spec[5] = {(uint32_t)m->mv_threads, rows_per, (uint32_t)mode, nw ? 1u : 0u, (uint32_t)m->kv_f16};
+    const uint32_t spec[5] = {qvk_mv_threads(m, M->dtype, M->cols), rows_per, (uint32_t)mode, nw ? 1u : 0u,
+                              (uint32_t)m->kv_f16};
     for (int i = 0; i < M->n_chunks; i++) {
         const qvk_chunk* ch = &M->chunks[i];
         qvk_mv_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, x_off, y_off + (uint32_t)ch->r0, m->cfg.norm_eps,
