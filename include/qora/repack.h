@@ -94,6 +94,17 @@ static void q4x8_scalar(int n, const block_q4x8* w, const block_q8* x, const int
 }
 
 #if QORA_X86
+/* Decode streams every weight once per token and, on one or a few threads, is
+   bound by memory latency: the hardware prefetcher stops at 4 KiB pages, so ask
+   for the blocks a little ahead explicitly (past the end is harmless). */
+#define QORA_PREFETCH_BLOCKS 8
+static inline void qora_prefetch_q4x8(const block_q4x8* p) {
+    const char* c = (const char*)p;
+    _mm_prefetch(c, _MM_HINT_T0);
+    _mm_prefetch(c + 64, _MM_HINT_T0);
+    _mm_prefetch(c + 128, _MM_HINT_T0);
+}
+
 QORA_TARGET_AVX2 static inline __m256i bcast_i32_avx2(const int8_t* p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -110,6 +121,7 @@ QORA_TARGET_AVX2 static inline __m128i load_scales8(const uint16_t* d) { return 
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);                            \
     for (int b = 0; b < n / QK; b++) {                                                                  \
         const block_q4x8* wb = w + b;                                                                   \
+        qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);                                                  \
         __m256i lo[4], hi[4];                                                                           \
         for (int k = 0; k < 4; k++) {                                                                   \
             const __m256i v = _mm256_loadu_si256((const __m256i*)wb->qs[k]);                            \
@@ -156,6 +168,7 @@ QORA_TARGET_AVX512 QORA_INLINE void q4x8_vnni_t(const int T, int n, const block_
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     for (int b = 0; b < n / QK; b++) {
         const block_q4x8* wb = w + b;
+        qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);
         __m256i lo[4], hi[4];
         for (int k = 0; k < 4; k++) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)wb->qs[k]);
