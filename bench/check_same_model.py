@@ -1,4 +1,4 @@
-"""Check that a .qora and the GGUF twin bench/random_gguf.py writes are the same model, in two steps.
+"""Check that a .qora and the GGUF twin bench/random_gguf.py writes are the same model.
 
 1. Bytes: the random GGUF, converted back by qora's own GGUF importer (which undoes llama.cpp's Q/K
    permutation independently), equals the random .qora tensor for tensor, byte for byte.
@@ -6,9 +6,11 @@
    few-layer model of the full SmolLM3-3B width. The bench weights give near-uniform attention, which
    would hide a Q/K row mix-up, so this step scales Q and K up (peaked attention) and also runs a
    negative control, the same GGUF without the Q/K permutation: it must land clearly further away.
-The first check takes about a minute on two cores; both need about 1 GB of disk in $TMPDIR.
+3. (--qora M) the same logit check for any .qora, e.g. the real demo model.
+Under a minute on two cores, about 1 GB of disk in $TMPDIR.
 Needs a llama.cpp tree and its CPU build (static libraries, see bench/README.md). Usage:
-    python bench/check_same_model.py --llama-src /tmp/lcp/src/vendor/llama.cpp --llama-build /tmp/lcb-native
+    python bench/check_same_model.py --llama-src /tmp/lcp/src/vendor/llama.cpp --llama-build /tmp/lcb-native \
+        [--qora ~/.cache/qora/smollm2-135m-instruct-q4.qora --pre smollm]
 """
 
 from __future__ import annotations
@@ -143,26 +145,31 @@ def check_bytes(work: Path, n_layers: int) -> bool:
     return ok
 
 
-def check_logits(work: Path, exe: Path, n_layers: int, n_tokens: int, threads: int) -> bool:
+def check_logits(work: Path, exe: Path, qpath: Path, title: str, n_tokens: int, threads: int, pre: str) -> bool:
+    """llama.cpp on qpath's GGUF twin vs qora on qpath, and on a twin without the Q/K permutation."""
     import qora
+    from qora.format import read_qora
 
-    qpath = peaked_qora(work / "p.qora", n_layers)
-    gpath = random_gguf.qora_to_gguf(qpath, work / "p.gguf")
-    vocab = random_model.SMOLLM3_CONFIG["vocab_size"]
+    gpath = random_gguf.qora_to_gguf(qpath, work / "twin.gguf", pre=pre)
+    with read_qora(qpath) as q:
+        vocab = q.config["vocab_size"]
     ids = np.random.default_rng(1).integers(0, vocab, size=n_tokens).tolist()
     with qora.load(qpath, threads=threads, max_seq_len=512) as m:
         ours = m.forward(ids)
     twin = compare(llama_logits(exe, gpath, ids, vocab, threads, work), ours)
-    with qora.format.read_qora(qpath) as q:  # negative control: Q/K rows left in HF order
+    with read_qora(qpath) as q:  # negative control: Q/K rows left in HF order
         plan = [(n, i["dtype"], tuple(i["shape"])) for n, i in q.tensor_info.items()]
+        quant = next(d for _, d, s in plan if len(s) == 2)
 
         def add_tok(w):
-            random_gguf.add_tokenizer_from_json(w, q.tokenizer_json, vocab, {})
+            random_gguf.add_tokenizer_from_json(w, q.tokenizer_json, vocab, q.special_tokens, pre)
 
-        random_gguf.write_gguf(gpath, dict(q.config), plan, (q.tensor(n) for n, _, _ in plan), add_tok, "q4", False)
+        arrays = (q.tensor(n) for n, _, _ in plan)
+        random_gguf.write_gguf(gpath, dict(q.config), plan, arrays, add_tok, quant, permute=False)
     control = compare(llama_logits(exe, gpath, ids, vocab, threads, work), ours)
+    gpath.unlink()
     ok = twin["corr"] > 0.99 and twin["rel_rms"] < 0.25 * control["rel_rms"]
-    print(f"2. llama.cpp vs qora logits, {n_layers} layers, {n_tokens} tokens, peaked attention:")
+    print(f"{title}, {n_tokens} tokens: llama.cpp vs qora logits")
     for name, r in (("GGUF twin (Q/K permuted)", twin), ("control (not permuted)", control)):
         print(f"   {name:26s} " + "  ".join(f"{k} {v:.4g}" for k, v in r.items()))
     print(f"   {'ok' if ok else 'FAILED'}")
@@ -174,14 +181,20 @@ def main() -> int:
     ap.add_argument("--llama-src", type=Path, required=True, help="llama.cpp source tree (include/, ggml/include/)")
     ap.add_argument("--llama-build", type=Path, required=True, help="its cmake build folder")
     ap.add_argument("--layers", type=int, default=4, help="4 covers a NoPE layer (every 4th)")
-    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--qora", type=Path, default=None, help="also check this .qora against its GGUF twin")
+    ap.add_argument("--pre", default="llama-bpe", help="GGUF pre-tokenizer name for --qora (e.g. smollm)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="qora-same-") as tmp:
         work = Path(tmp)
         exe = build_driver(a.llama_src, a.llama_build, work)
         ok = check_bytes(work, a.layers)
-        ok = check_logits(work, exe, a.layers, a.tokens, a.threads) and ok
+        peaked = peaked_qora(work / "p.qora", a.layers)
+        title = f"2. random {a.layers}-layer model with peaked attention"
+        ok = check_logits(work, exe, peaked, title, a.tokens, a.threads, "llama-bpe") and ok
+        if a.qora:
+            ok = check_logits(work, exe, a.qora, f"3. {a.qora.name}", a.tokens, a.threads, a.pre) and ok
     print("same model: " + ("yes" if ok else "NO"))
     return 0 if ok else 1
 

@@ -157,6 +157,7 @@ def qora_runners(settings):
 
 def pytest_terminal_summary(terminalreporter):
     rows = [(m, q, p) for m, q, p in harness.RESULTS.values() if q is not None]
+    rows.sort(key=lambda r: (r[0].name, r[1].test[:2], r[1].n_tokens))
     if rows:
         terminalreporter.write_line("")
         terminalreporter.write_line(harness.table(rows, "qora vs llama.cpp (same weights, same threads)"))

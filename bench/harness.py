@@ -52,7 +52,7 @@ class ModelPair:
     name: str
     qora: Path
     gguf: Path
-    weight_bytes: int  # bytes of every tensor, read once per decoded token
+    weight_bytes: int  # bytes of weights read per decoded token: every tensor, the LM head included
     matmul_params: int  # weights of the matrices applied to each token (LM head included, lookup not)
 
 
@@ -60,9 +60,11 @@ def model_sizes(qora_path) -> tuple[int, int]:
     from qora.format import read_qora
 
     with read_qora(qora_path) as q:
-        info = q.tensor_info
-        size = sum(i["nbytes"] for i in info.values())
-        params = sum(int(np.prod(i["shape"])) for n, i in info.items() if len(i["shape"]) == 2)
+        info = dict(q.tensor_info)
+    if "output" in info:  # untied: the embedding is only looked up, one row per token
+        info.pop("tok_embeddings")
+    size = sum(i["nbytes"] for i in info.values())
+    params = sum(int(np.prod(i["shape"])) for i in info.values() if len(i["shape"]) == 2)
     return size, params
 
 
@@ -104,7 +106,7 @@ def ensure_demo_pair(folder=None, log=print) -> ModelPair:
 
     folder = Path(folder) if folder else bench_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    qpath = demo.ensure_demo_model(log=lambda m: log(m))
+    qpath = demo.ensure_demo_model(log=log)
     gpath = folder / "smollm2-135m-instruct-q4_0.gguf"
     stamp_path = folder / "smollm2-135m-instruct.stamp"
     stamp = _stamp(str(qpath), qpath.stat().st_size, qpath.stat().st_mtime_ns)
