@@ -131,9 +131,6 @@ static inline void qora_tile(const qora_kernels* K, const qora_tensor* W, int r0
     }
 }
 
-/* Rows in work units: 8 interleaved rows of a repacked Q4 matrix, else 4 rows. */
-static inline int qora_unit_rows(const qora_tensor* W) { return W->packed ? 8 : 4; }
-
 /* Units [u] of W: full 8-row groups first (packed), then the remaining rows by 4. */
 static inline int qora_units(const qora_tensor* W) {
     if (!W->packed) return (W->rows + 3) / 4;
