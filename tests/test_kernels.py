@@ -139,7 +139,7 @@ LAYOUTS = pytest.mark.parametrize(
 @isa_param
 @LAYOUTS
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 17])
-@pytest.mark.parametrize("shape", [(1, 32), (5, 64), (13, 96), (33, 96), (130, 2048)])
+@pytest.mark.parametrize("shape", [(1, 32), (5, 64), (13, 96), (33, 96), (41, 64), (130, 2048)])
 def test_matmul_tiles(isa, dtype, repack, n, shape):
     """Every tile shape (1-4 rows x 1-4 tokens, and 8 interleaved Q4 rows) and the ragged edges of both."""
     r = rng()
@@ -157,7 +157,7 @@ def test_matmul_tiles(isa, dtype, repack, n, shape):
 @isa_param
 @LAYOUTS
 @pytest.mark.parametrize("n", [1, 3, 6])
-@pytest.mark.parametrize("shape", [(1, 32), (33, 64), (129, 96), (1376, 2048)])
+@pytest.mark.parametrize("shape", [(1, 32), (24, 64), (33, 64), (129, 96), (1376, 2048)])
 def test_swiglu(isa, dtype, repack, n, shape):
     r = rng()
     rows, cols = shape

@@ -31,26 +31,27 @@ typedef struct {
     qora_tile_fn tile_q8;
     qora_q4x8_fn q4x8;    /* 8 interleaved rows x up to q4x8_max_t activations, see repack.h */
     int q4x8_max_t;
+    qora_q4x16_fn q4x16;  /* two 8-row groups at once (512-bit vectors); NULL where vectors are narrower */
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
     "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
     dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, axpy_f16_scalar, to_f16_scalar, tile_q4_scalar, tile_q8_scalar,
-    q4x8_scalar, 4,
+    q4x8_scalar, 4, NULL,
 };
 
 #if QORA_X86
 static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avx2, 4,
+    q4x8_avx2, 4, NULL,
 };
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
    matches the AVX2 path bit for bit */
 static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
-    q4x8_avx512, 8,
+    q4x8_avx512, 8, q4x16_avx512,
 };
 #endif
 
@@ -131,31 +132,45 @@ static inline void qora_tile(const qora_kernels* K, const qora_tensor* W, int r0
     }
 }
 
-/* Units [u] of W: full 8-row groups first (packed), then the remaining rows by 4. */
-static inline int qora_units(const qora_tensor* W) {
-    if (!W->packed) return (W->rows + 3) / 4;
-    const int tail = W->rows % 8;
-    return W->rows / 8 + (tail + 3) / 4;
+/* Units [u] of W: pairs of 8-row groups first (where the ISA has a 16-row kernel), then single
+   groups, then the remaining rows by 4. */
+static inline int qora_unit_pairs(const qora_kernels* K, const qora_tensor* W) {
+    return W->packed && K->q4x16 ? W->rows / 16 : 0;
 }
 
-/* Tokens a unit takes at once: 8 rows interleaved meet up to q4x8_max_t activations. */
+static inline int qora_units(const qora_kernels* K, const qora_tensor* W) {
+    if (!W->packed) return (W->rows + 3) / 4;
+    const int pairs = qora_unit_pairs(K, W), groups = W->rows / 8, tail = W->rows % 8;
+    return pairs + (groups - 2 * pairs) + (tail + 3) / 4;
+}
+
+/* Tokens a unit takes at once: interleaved rows meet up to q4x8_max_t activations. */
 static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W) {
     return W->packed ? K->q4x8_max_t : 4;
 }
 
-/* Unit u against tokens t0..t0+nt-1 (nt <= qora_unit_tokens): out[t * ldo + local row]; returns
-   the first row and its row count in *nr_out. */
+/* Unit u against tokens t0..t0+nt-1 (nt <= qora_unit_tokens): out[t * ldo + local row], up to 16
+   local rows; returns the first row and its row count in *nr_out. */
 static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, const float* X, size_t ldx,
                             const block_q8* XQ, const int32_t* XS, size_t ldxq, int t0, int nt, float* out, size_t ldo,
                             int* nr_out) {
-    if (W->packed && u < W->rows / 8) {
+    const int pairs = qora_unit_pairs(K, W);
+    if (W->packed && u < pairs) {
+        const size_t nb = (size_t)(W->cols / QK);
+        const block_q4x8* g = W->packed + (size_t)(2 * u) * nb;
+        K->q4x16(W->cols, g, g + nb, XQ + (size_t)t0 * ldxq, XS + (size_t)t0 * ldxq, ldxq, nt, out, ldo);
+        *nr_out = 16;
+        return u * 16;
+    }
+    const int group = 2 * pairs + (u - pairs); /* the single groups follow the pairs */
+    if (W->packed && group < W->rows / 8) {
         const int nb = W->cols / QK;
-        K->q4x8(W->cols, W->packed + (size_t)u * nb, XQ + (size_t)t0 * ldxq, XS + (size_t)t0 * ldxq, ldxq, nt, out,
+        K->q4x8(W->cols, W->packed + (size_t)group * nb, XQ + (size_t)t0 * ldxq, XS + (size_t)t0 * ldxq, ldxq, nt, out,
                 ldo);
         *nr_out = 8;
-        return u * 8;
+        return group * 8;
     }
-    const int base = W->packed ? (W->rows / 8) * 8 : 0, first = W->packed ? W->rows / 8 : 0;
+    const int base = W->packed ? (W->rows / 8) * 8 : 0, first = W->packed ? pairs + (W->rows / 8 - 2 * pairs) : 0;
     const int r0 = base + (u - first) * 4, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
     for (int t = 0; t < nt; t += 4)
         qora_tile(K, W, r0, nr, X, ldx, XQ, ldxq, t0 + t, nt - t < 4 ? nt - t : 4, out + (size_t)t * ldo, ldo);
@@ -168,7 +183,7 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
    hot in L1, so a weight byte comes from memory once per call, not per token. */
 static void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float* X, size_t ldx, const block_q8* XQ,
                         const int32_t* XS, size_t ldxq, int n, float* Y, size_t ldy, int n_threads) {
-    const int units = qora_units(W);
+    const int units = qora_units(K, W);
     const int step = qora_unit_tokens(K, W);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * W->rows * W->cols >= QORA_PARALLEL_MIN_WORK)
@@ -176,10 +191,10 @@ static void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float
     for (int u = 0; u < units; u++) {
         for (int t0 = 0; t0 < n; t0 += step) {
             const int nt = n - t0 < step ? n - t0 : step;
-            float tmp[8 * 8]; /* [t][local row] */
+            float tmp[8 * 16]; /* [t][local row] */
             int nr;
-            const int r0 = qora_unit(K, W, u, X, ldx, XQ, XS, ldxq, t0, nt, tmp, 8, &nr);
-            for (int t = 0; t < nt; t++) memcpy(Y + (size_t)(t0 + t) * ldy + r0, tmp + t * 8, (size_t)nr * sizeof(float));
+            const int r0 = qora_unit(K, W, u, X, ldx, XQ, XS, ldxq, t0, nt, tmp, 16, &nr);
+            for (int t = 0; t < nt; t++) memcpy(Y + (size_t)(t0 + t) * ldy + r0, tmp + t * 16, (size_t)nr * sizeof(float));
         }
     }
     (void)n_threads;
@@ -190,7 +205,7 @@ static void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float
 static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* X, size_t ldx,
                         const block_q8* XQ, const int32_t* XS, size_t ldxq, int n, float* H, size_t ldh,
                         int n_threads) {
-    const int units = qora_units(Wg);
+    const int units = qora_units(K, Wg);
     const int same_layout = (Wg->packed != NULL) == (Wu->packed != NULL);
     const int step = same_layout ? qora_unit_tokens(K, Wg) : 4;
 #ifdef _OPENMP
@@ -199,21 +214,21 @@ static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora
     for (int u = 0; u < units; u++) {
         for (int t0 = 0; t0 < n; t0 += step) {
             const int nt = n - t0 < step ? n - t0 : step;
-            float gate[8 * 8], up[8 * 8]; /* [t][local row] */
+            float gate[8 * 16], up[8 * 16]; /* [t][local row] */
             int nr, nr2;
-            const int r0 = qora_unit(K, Wg, u, X, ldx, XQ, XS, ldxq, t0, nt, gate, 8, &nr);
+            const int r0 = qora_unit(K, Wg, u, X, ldx, XQ, XS, ldxq, t0, nt, gate, 16, &nr);
             if (same_layout) {
-                qora_unit(K, Wu, u, X, ldx, XQ, XS, ldxq, t0, nt, up, 8, &nr2);
+                qora_unit(K, Wu, u, X, ldx, XQ, XS, ldxq, t0, nt, up, 16, &nr2);
             } else { /* mixed layouts (one matrix not repacked): row by row for this unit */
                 for (int r = 0; r < nr; r++)
                     for (int t = 0; t < nt; t++)
-                        up[t * 8 + r] = qora_row_dot(K, Wu, r0 + r, X + (size_t)(t0 + t) * ldx,
+                        up[t * 16 + r] = qora_row_dot(K, Wu, r0 + r, X + (size_t)(t0 + t) * ldx,
                                                      XQ + (size_t)(t0 + t) * ldxq);
             }
             for (int t = 0; t < nt; t++)
                 for (int r = 0; r < nr; r++) {
-                    const float gv = gate[t * 8 + r];
-                    H[(size_t)(t0 + t) * ldh + r0 + r] = gv / (1.0f + expf(-gv)) * up[t * 8 + r];
+                    const float gv = gate[t * 16 + r];
+                    H[(size_t)(t0 + t) * ldh + r0 + r] = gv / (1.0f + expf(-gv)) * up[t * 16 + r];
                 }
         }
     }

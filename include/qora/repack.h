@@ -70,6 +70,10 @@ static void qora_free_weights(void* p) {
 typedef void (*qora_q4x8_fn)(int n, const block_q4x8* w, const block_q8* x, const int32_t* xsum, size_t xs, int nt,
                              float* out, size_t ldo);
 
+/* The same for two groups at once (w0, w1: rows 0..7 and 8..15 of out). */
+typedef void (*qora_q4x16_fn)(int n, const block_q4x8* w0, const block_q4x8* w1, const block_q8* x,
+                              const int32_t* xsum, size_t xs, int nt, float* out, size_t ldo);
+
 static void q4x8_scalar(int n, const block_q4x8* w, const block_q8* x, const int32_t* xsum, size_t xs, int nt,
                         float* out, size_t ldo) {
     for (int t = 0; t < nt; t++) {
@@ -207,6 +211,79 @@ QORA_TARGET_AVX512 static void q4x8_avx512(int n, const block_q4x8* w, const blo
     case 6: q4x8_vnni_t(6, n, w, x, xsum, xs, out, ldo); break;
     case 7: q4x8_vnni_t(7, n, w, x, xsum, xs, out, ldo); break;
     default: q4x8_vnni_t(8, n, w, x, xsum, xs, out, ldo); break;
+    }
+}
+/* Two groups side by side in one 512-bit vector: one vpdpbusd then serves 16
+   rows, halving the activation broadcasts and instructions per row that bound
+   prefill. With several tokens, one accumulation chain per token already gives
+   the out-of-order core enough independent vpdpbusd; a lone token (decode) gets
+   four chains so it is not bound by their latency. */
+QORA_TARGET_AVX512 static inline __m512i q4x16_pair(const block_q4x8* a, const block_q4x8* b, int k) {
+    const __m256i va = _mm256_loadu_si256((const __m256i*)a->qs[k]), vb = _mm256_loadu_si256((const __m256i*)b->qs[k]);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(va), vb, 1);
+}
+
+QORA_TARGET_AVX512 static inline __m512i bcast_i32_512(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+QORA_TARGET_AVX512 QORA_INLINE void q4x16_vnni_t(const int T, int n, const block_q4x8* w0, const block_q4x8* w1,
+                                                const block_q8* x, const int32_t* xsum, size_t xs, float* out,
+                                                size_t ldo) {
+    __m512 acc[8];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    for (int b = 0; b < n / QK; b++) {
+        const block_q4x8 *wa = w0 + b, *wb = w1 + b;
+        qora_prefetch_q4x8(wa + QORA_PREFETCH_BLOCKS);
+        qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);
+        __m512i lo[4], hi[4];
+        for (int k = 0; k < 4; k++) {
+            const __m512i v = q4x16_pair(wa, wb, k);
+            lo[k] = _mm512_and_si512(v, m4);
+            hi[k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        }
+        const __m256i d16 = _mm256_inserti128_si256(_mm256_castsi128_si256(load_scales8(wa->d)), load_scales8(wb->d), 1);
+        const __m512 dw = _mm512_cvtph_ps(d16);
+        for (int t = 0; t < T; t++) {
+            const block_q8* xb = x + t * xs + b;
+            __m512i s = _mm512_set1_epi32(-8 * xsum[t * xs + b]);
+            if (T <= 2) {
+                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], bcast_i32_512(xb->qs + 16));
+                __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[1], bcast_i32_512(xb->qs + 4));
+                __m512i s3 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[1], bcast_i32_512(xb->qs + 20));
+                s = _mm512_dpbusd_epi32(s, lo[0], bcast_i32_512(xb->qs));
+                s = _mm512_dpbusd_epi32(s, lo[2], bcast_i32_512(xb->qs + 8));
+                s1 = _mm512_dpbusd_epi32(s1, hi[2], bcast_i32_512(xb->qs + 24));
+                s2 = _mm512_dpbusd_epi32(s2, lo[3], bcast_i32_512(xb->qs + 12));
+                s3 = _mm512_dpbusd_epi32(s3, hi[3], bcast_i32_512(xb->qs + 28));
+                s = _mm512_add_epi32(_mm512_add_epi32(s, s1), _mm512_add_epi32(s2, s3));
+            } else {
+                for (int k = 0; k < 4; k++) {
+                    s = _mm512_dpbusd_epi32(s, lo[k], bcast_i32_512(xb->qs + 4 * k));
+                    s = _mm512_dpbusd_epi32(s, hi[k], bcast_i32_512(xb->qs + 16 + 4 * k));
+                }
+            }
+            const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(f16_avx2(xb->d)));
+            acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm512_storeu_ps(out + t * ldo, acc[t]);
+}
+
+QORA_TARGET_AVX512 static void q4x16_avx512(int n, const block_q4x8* w0, const block_q4x8* w1, const block_q8* x,
+                                            const int32_t* xsum, size_t xs, int nt, float* out, size_t ldo) {
+    switch (nt) {
+    case 1: q4x16_vnni_t(1, n, w0, w1, x, xsum, xs, out, ldo); break;
+    case 2: q4x16_vnni_t(2, n, w0, w1, x, xsum, xs, out, ldo); break;
+    case 3: q4x16_vnni_t(3, n, w0, w1, x, xsum, xs, out, ldo); break;
+    case 4: q4x16_vnni_t(4, n, w0, w1, x, xsum, xs, out, ldo); break;
+    case 5: q4x16_vnni_t(5, n, w0, w1, x, xsum, xs, out, ldo); break;
+    case 6: q4x16_vnni_t(6, n, w0, w1, x, xsum, xs, out, ldo); break;
+    case 7: q4x16_vnni_t(7, n, w0, w1, x, xsum, xs, out, ldo); break;
+    default: q4x16_vnni_t(8, n, w0, w1, x, xsum, xs, out, ldo); break;
     }
 }
 #endif /* QORA_X86 */
