@@ -47,6 +47,14 @@ typedef struct {
 } block_q8;
 QORA_STATIC_ASSERT(sizeof(block_q8) == 2 + QK, "block_q8 must be 34 bytes");
 
+/* Per activation block, computed once when the activation is quantized so the
+   inner loops only broadcast from memory: off = -8 * (sum of the int8 values),
+   the Q4 offset folded into the integer dot; d = the block's scale as float. */
+typedef struct {
+    int32_t off;
+    float d;
+} qora_xblock;
+
 /* bytes of one row of `cols` elements */
 static inline size_t qora_row_bytes(int dtype, int cols) {
     switch (dtype) {

@@ -58,7 +58,7 @@ typedef struct {
     float* att;      /* (QORA_CHUNK, n_heads*head_dim) attention output */
     float* hb;       /* (QORA_CHUNK, hidden_dim) silu(gate) * up */
     block_q8* xq;    /* (QORA_CHUNK, widest/32) activations as Q8, widest = max(dim, q_dim, hidden_dim) */
-    int32_t* xs;     /* (QORA_CHUNK, widest/32) sum of each Q8 block's int8 values */
+    qora_xblock* xs; /* (QORA_CHUNK, widest/32) extras of each Q8 block */
     size_t xq_stride;   /* blocks per row of xq and xs */
     float* scores;      /* (QORA_CHUNK, n_heads, max_seq_len) attention weights */
     void* key_cache;   /* (n_layers, max_seq_len, n_kv_heads*head_dim) f16 or f32, per cfg.kv_f16 */
@@ -104,7 +104,7 @@ static int qora_state_init(qora_state* s, const qora_config* c) {
     s->hb = calloc(C * c->hidden_dim, sizeof(float));
     s->xq_stride = widest / QK + 1;
     s->xq = calloc(C * s->xq_stride, sizeof(block_q8));
-    s->xs = calloc(C * s->xq_stride, sizeof(int32_t));
+    s->xs = calloc(C * s->xq_stride, sizeof(qora_xblock));
     s->scores = calloc(C * (size_t)c->n_heads * c->max_seq_len, sizeof(float)); /* touched only as far as used */
     const size_t kv_bytes = c->kv_f16 ? sizeof(uint16_t) : sizeof(float);
     s->key_cache = calloc(cache, kv_bytes);

@@ -32,26 +32,27 @@ typedef struct {
     qora_q4x8_fn q4x8;    /* 8 interleaved rows x up to q4x8_max_t activations, see repack.h */
     int q4x8_max_t;
     qora_q4x16_fn q4x16;  /* two 8-row groups at once (512-bit vectors); NULL where vectors are narrower */
+    int q4x16_max_t;
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
     "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
     dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, axpy_f16_scalar, to_f16_scalar, tile_q4_scalar, tile_q8_scalar,
-    q4x8_scalar, 4, NULL,
+    q4x8_scalar, 4, NULL, 0,
 };
 
 #if QORA_X86
 static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avx2, 4, NULL,
+    q4x8_avx2, 4, NULL, 0,
 };
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
    matches the AVX2 path bit for bit */
 static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
-    q4x8_avx512, 8, q4x16_avx512,
+    q4x8_avx512, 8, q4x16_avx512, 16,
 };
 #endif
 
@@ -98,7 +99,7 @@ static inline int qora_is_quantized(int dtype) { return dtype == QORA_Q4 || dtyp
 /* Quantize n activation rows (X: n x ldx floats) to Q8 (XQ: n x ldxq blocks),
    once per matrix input, and only when an integer product will read them. */
 static inline void qora_prepare_inputs(const qora_kernels* K, int dtype, const float* X, size_t ldx, block_q8* XQ,
-                                       int32_t* XS, size_t ldxq, int n, int cols, int n_threads) {
+                                       qora_xblock* XS, size_t ldxq, int n, int cols, int n_threads) {
     if (!qora_is_quantized(dtype)) return;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (n >= 4)
@@ -106,11 +107,11 @@ static inline void qora_prepare_inputs(const qora_kernels* K, int dtype, const f
     for (int t = 0; t < n; t++) {
         block_q8* xq = XQ + t * ldxq;
         K->quantize_q8(X + t * ldx, xq, cols);
-        /* block sums of the int8 values: the repacked Q4 path folds the -8 offset with them */
         for (int b = 0; b < cols / QK; b++) {
             int32_t sum = 0;
             for (int i = 0; i < QK; i++) sum += xq[b].qs[i];
-            XS[t * ldxq + b] = sum;
+            XS[t * ldxq + b].off = -8 * sum;
+            XS[t * ldxq + b].d = qora_fp16_to_fp32(xq[b].d);
         }
     }
     (void)n_threads;
@@ -144,15 +145,16 @@ static inline int qora_units(const qora_kernels* K, const qora_tensor* W) {
     return pairs + (groups - 2 * pairs) + (tail + 3) / 4;
 }
 
-/* Tokens a unit takes at once: interleaved rows meet up to q4x8_max_t activations. */
-static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W) {
-    return W->packed ? K->q4x8_max_t : 4;
+/* Tokens a unit takes at once: interleaved rows meet up to q4x8_max_t (q4x16_max_t) activations. */
+static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W, int u) {
+    if (!W->packed) return 4;
+    return u < qora_unit_pairs(K, W) ? K->q4x16_max_t : K->q4x8_max_t;
 }
 
 /* Unit u against tokens t0..t0+nt-1 (nt <= qora_unit_tokens): out[t * ldo + local row], up to 16
    local rows; returns the first row and its row count in *nr_out. */
 static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, const float* X, size_t ldx,
-                            const block_q8* XQ, const int32_t* XS, size_t ldxq, int t0, int nt, float* out, size_t ldo,
+                            const block_q8* XQ, const qora_xblock* XS, size_t ldxq, int t0, int nt, float* out, size_t ldo,
                             int* nr_out) {
     const int pairs = qora_unit_pairs(K, W);
     if (W->packed && u < pairs) {
@@ -182,16 +184,16 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
    evenly over the threads; each unit meets the tokens 4 at a time while it is
    hot in L1, so a weight byte comes from memory once per call, not per token. */
 static void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float* X, size_t ldx, const block_q8* XQ,
-                        const int32_t* XS, size_t ldxq, int n, float* Y, size_t ldy, int n_threads) {
+                        const qora_xblock* XS, size_t ldxq, int n, float* Y, size_t ldy, int n_threads) {
     const int units = qora_units(K, W);
-    const int step = qora_unit_tokens(K, W);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * W->rows * W->cols >= QORA_PARALLEL_MIN_WORK)
 #endif
     for (int u = 0; u < units; u++) {
+        const int step = qora_unit_tokens(K, W, u);
         for (int t0 = 0; t0 < n; t0 += step) {
             const int nt = n - t0 < step ? n - t0 : step;
-            float tmp[8 * 16]; /* [t][local row] */
+            float tmp[16 * 16]; /* [t][local row] */
             int nr;
             const int r0 = qora_unit(K, W, u, X, ldx, XQ, XS, ldxq, t0, nt, tmp, 16, &nr);
             for (int t = 0; t < nt; t++) memcpy(Y + (size_t)(t0 + t) * ldy + r0, tmp + t * 16, (size_t)nr * sizeof(float));
@@ -203,18 +205,18 @@ static void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float
 /* H[t][j] = silu(Wg[j] . X[t]) * (Wu[j] . X[t]): gate and up rows are taken
    together, unit by unit, so both are read in one pass. */
 static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* X, size_t ldx,
-                        const block_q8* XQ, const int32_t* XS, size_t ldxq, int n, float* H, size_t ldh,
+                        const block_q8* XQ, const qora_xblock* XS, size_t ldxq, int n, float* H, size_t ldh,
                         int n_threads) {
     const int units = qora_units(K, Wg);
     const int same_layout = (Wg->packed != NULL) == (Wu->packed != NULL);
-    const int step = same_layout ? qora_unit_tokens(K, Wg) : 4;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * Wg->rows * Wg->cols >= QORA_PARALLEL_MIN_WORK)
 #endif
     for (int u = 0; u < units; u++) {
+        const int step = same_layout ? qora_unit_tokens(K, Wg, u) : 4;
         for (int t0 = 0; t0 < n; t0 += step) {
             const int nt = n - t0 < step ? n - t0 : step;
-            float gate[8 * 16], up[8 * 16]; /* [t][local row] */
+            float gate[16 * 16], up[16 * 16]; /* [t][local row] */
             int nr, nr2;
             const int r0 = qora_unit(K, Wg, u, X, ldx, XQ, XS, ldxq, t0, nt, gate, 16, &nr);
             if (same_layout) {

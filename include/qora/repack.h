@@ -66,15 +66,15 @@ static void qora_free_weights(void* p) {
 
 /* ---- kernels: out[t * ldo + j] = dot(row j of the group, activation t), j < 8, t < nt <= the
    kernel table's q4x8_max_t (4 with 16 vector registers, 8 with AVX-512's 32).
-   xsum[t * xs + b] = sum of activation t's int8 values in block b (for the -8 offset of Q4). */
-typedef void (*qora_q4x8_fn)(int n, const block_q4x8* w, const block_q8* x, const int32_t* xsum, size_t xs, int nt,
+   xsum[t * xs + b]: activation t's block b extras (see qora_xblock in common.h). */
+typedef void (*qora_q4x8_fn)(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum, size_t xs, int nt,
                              float* out, size_t ldo);
 
 /* The same for two groups at once (w0, w1: rows 0..7 and 8..15 of out). */
 typedef void (*qora_q4x16_fn)(int n, const block_q4x8* w0, const block_q4x8* w1, const block_q8* x,
-                              const int32_t* xsum, size_t xs, int nt, float* out, size_t ldo);
+                              const qora_xblock* xsum, size_t xs, int nt, float* out, size_t ldo);
 
-static void q4x8_scalar(int n, const block_q4x8* w, const block_q8* x, const int32_t* xsum, size_t xs, int nt,
+static void q4x8_scalar(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum, size_t xs, int nt,
                         float* out, size_t ldo) {
     for (int t = 0; t < nt; t++) {
         float acc[8] = {0};
@@ -89,7 +89,7 @@ static void q4x8_scalar(int n, const block_q4x8* w, const block_q8* x, const int
                         const uint8_t q = wb->qs[k][j][i];
                         s += (q & 0x0f) * xb->qs[4 * k + i] + (q >> 4) * xb->qs[16 + 4 * k + i];
                     }
-                s -= 8 * xsum[t * xs + b];
+                s += xsum[t * xs + b].off;
                 acc[j] += (float)s * (qora_fp16_to_fp32(wb->d[j]) * dx);
             }
         }
@@ -141,7 +141,7 @@ QORA_TARGET_AVX2 static inline __m128i load_scales8(const uint16_t* d) { return 
                 p = _mm256_add_epi16(p, _mm256_maddubs_epi16(lo[k], bcast_i32_avx2(xb->qs + 4 * k)));   \
                 p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[k], bcast_i32_avx2(xb->qs + 16 + 4 * k))); \
             }                                                                                           \
-            __m256i s = _mm256_sub_epi32(_mm256_madd_epi16(p, ones), _mm256_set1_epi32(8 * xsum[t * xs + b])); \
+            __m256i s = _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_set1_epi32(xsum[t * xs + b].off)); \
             const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d)));                        \
             acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);                                 \
         }                                                                                               \
@@ -149,11 +149,11 @@ QORA_TARGET_AVX2 static inline __m128i load_scales8(const uint16_t* d) { return 
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 
 QORA_TARGET_AVX2 QORA_INLINE void q4x8_avx2_t(const int T, int n, const block_q4x8* w, const block_q8* x,
-                                              const int32_t* xsum, size_t xs, float* out, size_t ldo) {
+                                              const qora_xblock* xsum, size_t xs, float* out, size_t ldo) {
     QORA_Q4X8_AVX2_BODY(T)
 }
 
-QORA_TARGET_AVX2 static void q4x8_avx2(int n, const block_q4x8* w, const block_q8* x, const int32_t* xsum, size_t xs,
+QORA_TARGET_AVX2 static void q4x8_avx2(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum, size_t xs,
                                        int nt, float* out, size_t ldo) {
     switch (nt) {
     case 1: q4x8_avx2_t(1, n, w, x, xsum, xs, out, ldo); break;
@@ -166,7 +166,7 @@ QORA_TARGET_AVX2 static void q4x8_avx2(int n, const block_q4x8* w, const block_q
 /* AVX-512 VL + VNNI: vpdpbusd folds the 4-byte products and the accumulation
    into one instruction per chunk. */
 QORA_TARGET_AVX512 QORA_INLINE void q4x8_vnni_t(const int T, int n, const block_q4x8* w, const block_q8* x,
-                                               const int32_t* xsum, size_t xs, float* out, size_t ldo) {
+                                               const qora_xblock* xsum, size_t xs, float* out, size_t ldo) {
     __m256 acc[8];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0f);
@@ -183,7 +183,7 @@ QORA_TARGET_AVX512 QORA_INLINE void q4x8_vnni_t(const int T, int n, const block_
         for (int t = 0; t < T; t++) {
             const block_q8* xb = x + t * xs + b;
             /* four independent vpdpbusd chains: one chain of eight would serialise on its latency */
-            __m256i s0 = _mm256_dpbusd_epi32(_mm256_set1_epi32(-8 * xsum[t * xs + b]), lo[0],
+            __m256i s0 = _mm256_dpbusd_epi32(_mm256_set1_epi32(xsum[t * xs + b].off), lo[0],
                                              bcast_i32_avx2(xb->qs));
             __m256i s1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi[0], bcast_i32_avx2(xb->qs + 16));
             __m256i s2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[1], bcast_i32_avx2(xb->qs + 4));
@@ -193,14 +193,14 @@ QORA_TARGET_AVX512 QORA_INLINE void q4x8_vnni_t(const int T, int n, const block_
             s2 = _mm256_dpbusd_epi32(s2, lo[3], bcast_i32_avx2(xb->qs + 12));
             s3 = _mm256_dpbusd_epi32(s3, hi[3], bcast_i32_avx2(xb->qs + 28));
             const __m256i s = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
-            const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d)));
+            const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(xsum[t * xs + b].d));
             acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
         }
     }
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
-QORA_TARGET_AVX512 static void q4x8_avx512(int n, const block_q4x8* w, const block_q8* x, const int32_t* xsum,
+QORA_TARGET_AVX512 static void q4x8_avx512(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
                                            size_t xs, int nt, float* out, size_t ldo) {
     switch (nt) {
     case 1: q4x8_vnni_t(1, n, w, x, xsum, xs, out, ldo); break;
@@ -230,9 +230,9 @@ QORA_TARGET_AVX512 static inline __m512i bcast_i32_512(const int8_t* p) {
 }
 
 QORA_TARGET_AVX512 QORA_INLINE void q4x16_vnni_t(const int T, int n, const block_q4x8* w0, const block_q4x8* w1,
-                                                const block_q8* x, const int32_t* xsum, size_t xs, float* out,
+                                                const block_q8* x, const qora_xblock* xsum, size_t xs, float* out,
                                                 size_t ldo) {
-    __m512 acc[8];
+    __m512 acc[16];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     for (int b = 0; b < n / QK; b++) {
@@ -249,7 +249,7 @@ QORA_TARGET_AVX512 QORA_INLINE void q4x16_vnni_t(const int T, int n, const block
         const __m512 dw = _mm512_cvtph_ps(d16);
         for (int t = 0; t < T; t++) {
             const block_q8* xb = x + t * xs + b;
-            __m512i s = _mm512_set1_epi32(-8 * xsum[t * xs + b]);
+            __m512i s = _mm512_set1_epi32(xsum[t * xs + b].off);
             if (T <= 2) {
                 __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], bcast_i32_512(xb->qs + 16));
                 __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[1], bcast_i32_512(xb->qs + 4));
@@ -266,7 +266,7 @@ QORA_TARGET_AVX512 QORA_INLINE void q4x16_vnni_t(const int T, int n, const block
                     s = _mm512_dpbusd_epi32(s, hi[k], bcast_i32_512(xb->qs + 16 + 4 * k));
                 }
             }
-            const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(f16_avx2(xb->d)));
+            const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(xsum[t * xs + b].d));
             acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[t]);
         }
     }
@@ -274,16 +274,15 @@ QORA_TARGET_AVX512 QORA_INLINE void q4x16_vnni_t(const int T, int n, const block
 }
 
 QORA_TARGET_AVX512 static void q4x16_avx512(int n, const block_q4x8* w0, const block_q4x8* w1, const block_q8* x,
-                                            const int32_t* xsum, size_t xs, int nt, float* out, size_t ldo) {
+                                            const qora_xblock* xsum, size_t xs, int nt, float* out, size_t ldo) {
     switch (nt) {
-    case 1: q4x16_vnni_t(1, n, w0, w1, x, xsum, xs, out, ldo); break;
-    case 2: q4x16_vnni_t(2, n, w0, w1, x, xsum, xs, out, ldo); break;
-    case 3: q4x16_vnni_t(3, n, w0, w1, x, xsum, xs, out, ldo); break;
-    case 4: q4x16_vnni_t(4, n, w0, w1, x, xsum, xs, out, ldo); break;
-    case 5: q4x16_vnni_t(5, n, w0, w1, x, xsum, xs, out, ldo); break;
-    case 6: q4x16_vnni_t(6, n, w0, w1, x, xsum, xs, out, ldo); break;
-    case 7: q4x16_vnni_t(7, n, w0, w1, x, xsum, xs, out, ldo); break;
-    default: q4x16_vnni_t(8, n, w0, w1, x, xsum, xs, out, ldo); break;
+#define QORA_Q4X16_CASE(T) \
+    case T: q4x16_vnni_t(T, n, w0, w1, x, xsum, xs, out, ldo); break;
+    QORA_Q4X16_CASE(1) QORA_Q4X16_CASE(2) QORA_Q4X16_CASE(3) QORA_Q4X16_CASE(4) QORA_Q4X16_CASE(5)
+    QORA_Q4X16_CASE(6) QORA_Q4X16_CASE(7) QORA_Q4X16_CASE(8) QORA_Q4X16_CASE(9) QORA_Q4X16_CASE(10)
+    QORA_Q4X16_CASE(11) QORA_Q4X16_CASE(12) QORA_Q4X16_CASE(13) QORA_Q4X16_CASE(14) QORA_Q4X16_CASE(15)
+#undef QORA_Q4X16_CASE
+    default: q4x16_vnni_t(16, n, w0, w1, x, xsum, xs, out, ldo); break;
     }
 }
 #endif /* QORA_X86 */

@@ -38,6 +38,8 @@ typedef struct {
     uint32_t max_storage_buffer_range;
     uint64_t max_allocation;
     uint32_t max_shared_memory;
+    int int_dot;              /* packed 4x8-bit integer dot products in shaders (enabled when offered) */
+    int int_dot_fast;         /* ... and the driver says they are accelerated */
     int usable;               /* 1 if qora can run on it, else why_not says why */
     char why_not[160];
 } qvk_device_info;
@@ -53,8 +55,9 @@ const qvk_device_info* qvk_ctx_info(const qvk_ctx* c);
 void qvk_ctx_set_fail_alloc(qvk_ctx* c, int fail);
 
 /* ------------------------------------------------------------ single kernels (tests, benchmarks)
-   Runs shader `name` once: bufs[i] (i < 8) is copied to a buffer bound at binding i (data NULL:
+   Runs shader `name` once: bufs[i] (i < QVK_MAX_BINDINGS) is copied to a buffer bound at binding i (data NULL:
    a dummy buffer is bound) and copied back afterwards. spec[i] is specialization constant i. */
+#define QVK_MAX_BINDINGS 12
 typedef struct {
     void* data;
     size_t bytes;
@@ -77,6 +80,9 @@ typedef struct {
     int mv_rows;     /* decode mat-vec rows per workgroup, all products (0: per-product defaults) */
     int kv_f16;      /* KV cache in f16 (else f32), as the CPU engine's for the same model */
     int att_splits;  /* decode attention workgroups per head (0: default) */
+    int int_dot;     /* decode Q4/Q8 dots: 1 packed integer dot product (if the device has it), 0 emulated,
+                        -1 the former where the driver says it is accelerated */
+    int profile;     /* time every decode dispatch with GPU timestamps (qvk_model_profile) */
     int chunk_rows;  /* tests: cap the rows per chunk of the embedding / LM head (0: what fits) */
     int fail_after;  /* test hook: forward calls that succeed before a simulated device loss; < 0 never */
 } qvk_model_opts;
@@ -94,6 +100,15 @@ int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos,
                       char* err, size_t errlen);
 int qvk_model_batch(const qvk_model* m);
 int qvk_model_logit_rows(const qvk_model* m);
+/* Decode profile (opts.profile): up to cap entries of (kernel name, total GPU ns, calls) summed over
+   the decode steps so far, plus the GPU time of whole steps (first to last timestamp) in *step_ns
+   and their count in *steps. Returns the number of entries (0 when not profiling). */
+typedef struct {
+    char name[24];
+    double ns;
+    long calls;
+} qvk_profile_entry;
+int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, double* step_ns, long* steps);
 void qvk_model_destroy(qvk_model* m);
 
 #endif /* QORA_VK_BACKEND_H */

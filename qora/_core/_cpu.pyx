@@ -16,6 +16,8 @@ import numpy as np
 cdef extern from "qora/qora.h" nogil:
     ctypedef struct block_q8:
         pass
+    ctypedef struct qora_xblock:
+        pass
 
     ctypedef struct qora_cpu_features:
         int sse42, avx, avx2, fma, f16c, osxsave
@@ -53,12 +55,12 @@ cdef extern from "qora/qora.h" nogil:
     void qora_repack_q4x8(const void* src, size_t row_bytes, int rows, int cols, block_q4x8* dst, int n_threads)
 
     void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float* X, size_t ldx, const block_q8* XQ,
-                     const int32_t* XS, size_t ldxq, int n, float* Y, size_t ldy, int n_threads)
+                     const qora_xblock* XS, size_t ldxq, int n, float* Y, size_t ldy, int n_threads)
     void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* X,
-                     size_t ldx, const block_q8* XQ, const int32_t* XS, size_t ldxq, int n, float* H, size_t ldh,
+                     size_t ldx, const block_q8* XQ, const qora_xblock* XS, size_t ldxq, int n, float* H, size_t ldh,
                      int n_threads)
     void qora_prepare_inputs(const qora_kernels* K, int dtype, const float* X, size_t ldx, block_q8* XQ,
-                             int32_t* XS, size_t ldxq, int n, int cols, int n_threads)
+                             qora_xblock* XS, size_t ldxq, int n, int cols, int n_threads)
     void qora_dequant_row(const qora_tensor* W, int r, float* out)
     void qora_rope(float* v, int n_heads, int head_dim, int pos, const float* inv_freq, float scale)
     void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16, int n_pos,
@@ -237,14 +239,14 @@ def matmul(w, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int
     keep = _repack(&t, n_threads) if repack else None
     cdef size_t lq = cols // 32 + 1
     xq_buf = np.zeros(n * lq * 34, dtype=np.uint8)
-    xs_buf = np.zeros(n * lq, dtype=np.int32)
+    xs_buf = np.zeros(2 * n * lq, dtype=np.int32)  # qora_xblock: int32 + float
     y = np.empty((n, rows), dtype=np.float32)
     cdef uint8_t[::1] xq = xq_buf
     cdef int32_t[::1] xs = xs_buf
     cdef float[:, ::1] yv = y
     with nogil:
-        qora_prepare_inputs(K, t.dtype, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, cols, n_threads)
-        qora_matmul(K, &t, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, &yv[0, 0], rows, n_threads)
+        qora_prepare_inputs(K, t.dtype, &x[0, 0], cols, <block_q8*>&xq[0], <qora_xblock*>&xs[0], lq, n, cols, n_threads)
+        qora_matmul(K, &t, &x[0, 0], cols, <block_q8*>&xq[0], <qora_xblock*>&xs[0], lq, n, &yv[0, 0], rows, n_threads)
     del keep
     return y
 
@@ -270,14 +272,14 @@ def swiglu(wg, wu, str dtype, int rows, int cols, const float[:, ::1] x, int isa
     keep = (_repack(&tg, n_threads), _repack(&tu, n_threads)) if repack else None
     cdef size_t lq = cols // 32 + 1
     xq_buf = np.zeros(n * lq * 34, dtype=np.uint8)
-    xs_buf = np.zeros(n * lq, dtype=np.int32)
+    xs_buf = np.zeros(2 * n * lq, dtype=np.int32)  # qora_xblock: int32 + float
     h = np.empty((n, rows), dtype=np.float32)
     cdef uint8_t[::1] xq = xq_buf
     cdef int32_t[::1] xs = xs_buf
     cdef float[:, ::1] hv = h
     with nogil:
-        qora_prepare_inputs(K, tg.dtype, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, cols, n_threads)
-        qora_swiglu(K, &tg, &tu, &x[0, 0], cols, <block_q8*>&xq[0], &xs[0], lq, n, &hv[0, 0], rows, n_threads)
+        qora_prepare_inputs(K, tg.dtype, &x[0, 0], cols, <block_q8*>&xq[0], <qora_xblock*>&xs[0], lq, n, cols, n_threads)
+        qora_swiglu(K, &tg, &tu, &x[0, 0], cols, <block_q8*>&xq[0], <qora_xblock*>&xs[0], lq, n, &hv[0, 0], rows, n_threads)
     del keep
     return h
 
