@@ -15,6 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 
+try:
+    import pytest_benchmark  # noqa: F401
+except ImportError:  # every benchmark then skips, saying what to install
+
+    @pytest.fixture
+    def benchmark():
+        pytest.skip("pytest-benchmark is not installed: pip install -e '.[bench]'")
+
 
 def pytest_addoption(parser):
     g = parser.getgroup("qora-bench", "qora CPU speed benchmarks")
@@ -51,6 +59,11 @@ def pytest_addoption(parser):
         "--bench-layers", type=int, default=None, help="random model with fewer layers (full width), for quick runs"
     )
     g.addoption("--no-demo", action="store_true", help="skip the SmolLM2-135M demo model benchmarks")
+    g.addoption(
+        "--kernel-tokens",
+        default=os.environ.get("QORA_BENCH_KERNEL_TOKENS", "1,16,64"),
+        help="tokens per kernel call, comma separated (QORA_BENCH_KERNEL_TOKENS; default 1,16,64)",
+    )
 
 
 def _ints(text):
@@ -62,6 +75,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("pp_test", [f"pp{n}" for n in _ints(metafunc.config.getoption("pp"))])
     if "tg_test" in metafunc.fixturenames:
         metafunc.parametrize("tg_test", [f"tg{n}" for n in _ints(metafunc.config.getoption("tg"))])
+    if "kernel_tokens" in metafunc.fixturenames:
+        metafunc.parametrize("kernel_tokens", _ints(metafunc.config.getoption("kernel_tokens")))
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +87,7 @@ def settings(pytestconfig):
         "threads": o("threads") or harness.default_threads(),
         "reps": max(1, o("reps")),
         "tests": tests,
-        "max_tokens": max(int(t[2:]) for t in tests),
+        "max_tokens": max((int(t[2:]) for t in tests), default=1),
         "peer": o("peer"),
         "llama_bench": o("llama_bench"),
         "layers": o("bench_layers"),
@@ -161,3 +176,6 @@ def pytest_terminal_summary(terminalreporter):
     if rows:
         terminalreporter.write_line("")
         terminalreporter.write_line(harness.table(rows, "qora vs llama.cpp (same weights, same threads)"))
+    if harness.KERNELS:
+        terminalreporter.write_line("")
+        terminalreporter.write_line(harness.kernel_table(harness.KERNELS))

@@ -16,11 +16,10 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,9 @@ sys.path.insert(0, str(HERE))
 
 import random_gguf  # noqa: E402
 import random_model  # noqa: E402
+
+# the measuring shared with `qora bench` (Result is re-exported for the suite and compare.py)
+from qora.bench import Result, Runner, model_sizes  # noqa: E402, F401
 
 LLAMA_BENCH_TIMEOUT = 3600  # seconds for one llama-bench invocation (pp512 at 1 thread is minutes)
 
@@ -54,18 +56,6 @@ class ModelPair:
     gguf: Path
     weight_bytes: int  # bytes of weights read per decoded token: every tensor, the LM head included
     matmul_params: int  # weights of the matrices applied to each token (LM head included, lookup not)
-
-
-def model_sizes(qora_path) -> tuple[int, int]:
-    from qora.format import read_qora
-
-    with read_qora(qora_path) as q:
-        info = dict(q.tensor_info)
-    if "output" in info:  # untied: the embedding is only looked up, one row per token
-        info.pop("tok_embeddings")
-    size = sum(i["nbytes"] for i in info.values())
-    params = sum(int(np.prod(i["shape"])) for i in info.values() if len(i["shape"]) == 2)
-    return size, params
 
 
 def _stamp(*parts) -> str:
@@ -121,35 +111,6 @@ def ensure_demo_pair(folder=None, log=print) -> ModelPair:
 # --------------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    engine: str  # "qora" or "llama.cpp"
-    test: str  # "pp128", "tg64", ...
-    threads: int
-    samples: list = field(default_factory=list)  # tok/s of each timed repetition
-    detail: str = ""
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.test[2:])
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def best(self) -> float:
-        return max(self.samples)
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.samples)
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.samples) if len(self.samples) > 1 else 0.0
 
 
 # (model name, test) -> [ModelPair, qora Result | None, peer Result | None]: what one pytest run measured
@@ -222,55 +183,69 @@ def table(rows, title: str = "") -> str:
     return "\n".join(out)
 
 
+@dataclass
+class Kernel:
+    """One timed kernel call (bench/test_kernel_speed.py): a matrix product at one batch size."""
+
+    name: str  # "q", "gate_up", "lm_head", ...
+    shape: str  # "2048x2048"; " x2" for the two matrices of the fused SwiGLU
+    layout: str  # "q4x8" (repacked) or "q4" (file order)
+    tokens: int
+    threads: int
+    isa: str
+    weight_bytes: int  # of every matrix the call reads
+    ops: int  # 2 x weights x tokens
+    seconds: float  # median time of one call
+    includes_repack: bool
+
+    def extra_info(self) -> dict:
+        return {
+            "kernel": self.name,
+            "shape": self.shape,
+            "layout": self.layout,
+            "tokens": self.tokens,
+            "threads": self.threads,
+            "isa": self.isa,
+            "weight_bytes": self.weight_bytes,
+            "gb_s": round(self.weight_bytes / self.seconds / 1e9, 2),
+            "gop_s": round(self.ops / self.seconds / 1e9, 1),
+            "includes_repack": self.includes_repack,
+        }
+
+
+KERNELS: list = []  # what the kernel benchmarks of one pytest run measured
+
+
+def kernel_table(kernels) -> str:
+    head = ["kernel", "shape", "layout", "tokens", "thr", "isa", "median ms", "GB/s", "GOP/s"]
+    lines = [
+        [k.name, k.shape, k.layout, str(k.tokens), str(k.threads), k.isa, f"{k.seconds * 1e3:.3f}",
+         f"{k.weight_bytes / k.seconds / 1e9:.1f}", f"{k.ops / k.seconds / 1e9:.1f}"]
+        for k in kernels
+    ]  # fmt: skip
+    widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
+    fmt = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths))
+    out = ["Q4 kernels (median time of one call)", fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*ln) for ln in lines]
+    out.append("GB/s = weight bytes / time; GOP/s = 2 x weights x tokens / time; q4x8 = rows interleaved by 8,")
+    out.append("repacked inside every call (the wrapper keeps no packed copy), so its time includes the repack")
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------------------------
 # qora
 # --------------------------------------------------------------------------------------------
 
 
-class QoraRunner:
-    """qora's engine on one model: prefill and decode timed as llama-bench times them."""
+class QoraRunner(Runner):
+    """qora's CPU engine on one model file: prefill and decode timed as llama-bench times them (the
+    measuring itself is qora/bench.py's, what `qora bench` reports)."""
 
     def __init__(self, path, threads: int, max_tokens: int):
         import qora
 
-        self.model = qora.load(path, threads=threads, max_seq_len=max_tokens + 8)
-        self.engine = self.model.engine
-        self.threads = self.engine.n_threads
-        self.isa = self.engine.isa
-        self.vocab = self.engine.vocab_size
-        self.rng = np.random.default_rng(0)
-
-    def token_ids(self, n: int) -> np.ndarray:
-        return self.rng.integers(0, self.vocab, size=n)
-
-    def prefill(self, ids) -> np.ndarray:
-        """One prompt from an empty cache; logits of its last token only."""
-        return self.engine.forward(ids, 0, all_logits=False)
-
-    def decode(self, ids) -> np.ndarray:
-        """len(ids) single-token steps from an empty cache; the last step's logits."""
-        fwd = self.engine.forward
-        for pos, t in enumerate(ids.tolist()):
-            logits = fwd([t], pos)
-        return logits
-
-    def target(self, test: str):
-        """(function of the token ids, number of tokens) for a test name like pp128 or tg64."""
-        return (self.prefill if test.startswith("pp") else self.decode), int(test[2:])
-
-    def run(self, test: str, reps: int, warmup: int = 1) -> Result:
-        fn, n = self.target(test)
-        samples = []
-        for i in range(warmup + reps):
-            ids = self.token_ids(n)
-            t0 = time.perf_counter()
-            logits = fn(ids)
-            dt = time.perf_counter() - t0
-            if not np.isfinite(logits).all():
-                raise RuntimeError(f"qora produced non-finite logits in {test}")
-            if i >= warmup:
-                samples.append(n / dt)
-        return Result("qora", test, self.threads, samples, f"qora {self.isa}")
+        self.model = qora.load(path, threads=threads, device="cpu", max_seq_len=max_tokens + 8)
+        super().__init__(self.model.engine)
 
     def close(self):
         self.model.close()
@@ -395,13 +370,14 @@ def make_peer(kind: str = "auto", llama_bench=None):
 
 
 def default_threads() -> int:
-    """$QORA_BENCH_THREADS, else the physical cores."""
+    """$QORA_BENCH_THREADS, else qora's own default (QORA_THREADS, OMP_NUM_THREADS, else the physical
+    cores this process may use)."""
     env = os.environ.get("QORA_BENCH_THREADS", "").strip()
     if env:
         return int(env)
-    from qora.engine import physical_cores
+    from qora.system import default_threads as qora_default
 
-    return physical_cores()
+    return qora_default()
 
 
 def read_bandwidth(threads: int, gib: float = 2.0, reps: int = 5) -> float:

@@ -5,6 +5,7 @@
     qora chat [--load PATH] [options]               interactive chat (qora/chat.py)
     qora serve [--load PATH] [--port 8000]          OpenAI-compatible HTTP server (qora/server.py)
     qora pull REPO_ID [--quant q4]                  Hugging Face checkpoint -> cached .qora (qora/hub.py)
+    qora bench [--load PATH] [--pp 512] [--tg 128]  prefill / decode tok/s on this machine (qora/bench.py)
 
 The answer streams to stdout; thinking goes to stderr with --show-think; --verbose adds load time
 and prefill / decode speed on stderr. A QoraError is one line on stderr and exit status 1; a bad flag
@@ -25,7 +26,7 @@ from qora.errors import QoraError
 
 PROG = "qora"
 # Subcommands with a module of their own (each has main(argv) -> exit status, raising QoraError).
-SUBCOMMANDS = {"chat": "qora.chat", "serve": "qora.server", "pull": "qora.hub"}
+SUBCOMMANDS = {"chat": "qora.chat", "serve": "qora.server", "pull": "qora.hub", "bench": "qora.bench"}
 QUANT_TYPES = ("q4", "q8", "f16", "f32")
 EXIT_INTERRUPTED = 130
 
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Convert a model first with: qora convert SRC -o OUT.qora (see qora convert --help), or fetch one "
             "with: qora pull REPO_ID. Without --load, qora uses ./model.qora, else downloads a small demo model "
-            "(SmolLM2-135M). More commands: qora chat (interactive), qora serve (OpenAI-compatible server)."
+            "(SmolLM2-135M). More commands: qora chat (interactive), qora serve (OpenAI-compatible server), "
+            "qora bench (speed on this machine)."
         ),
     )
     p.add_argument("--version", action=_VersionAction, help="show the version and the engine facts for bug reports")

@@ -15,6 +15,7 @@ import numpy as np
 
 from qora import limits
 from qora.errors import ContextOverflowError, QoraError
+from qora.system import default_threads, physical_cores  # defined once, in system.py (vulkan.py imports from here)
 
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
@@ -53,24 +54,6 @@ def resolve_isa(requested: str | None = None) -> tuple[int, str]:
     return best, "best available"
 
 
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except Exception:  # psutil may not know on exotic platforms
-        n = None
-    return max(1, n or os.cpu_count() or 1)
-
-
-def default_threads() -> int:
-    """OMP_NUM_THREADS if set, else the number of physical cores."""
-    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return physical_cores()
-
-
 def cpu_info() -> dict:
     """What the CPU engine runs with: ISA path (and why), CPU features, OpenMP threads."""
     from qora import __version__
@@ -92,7 +75,19 @@ def cpu_info() -> dict:
         "threads": default_threads(),
         "physical_cores": physical_cores(),
         "features": sorted(k for k, v in feats["flags"].items() if v),
+        "amx": amx_request() if isa_name == "avx512" else "off",
     }
+
+
+def amx_request() -> str:
+    """AMX mode to ask for: QORA_AMX=0/off disables it, QORA_AMX=emulate runs the software model of the
+    tile instructions (slow; for checking the code path), anything else means the hardware where it exists."""
+    want = os.environ.get("QORA_AMX", "").strip().lower()
+    if want in ("0", "off", "no", "false"):
+        return "off"
+    if want == "emulate":
+        return "emulate"
+    return "hw"
 
 
 def rope_parameters(cfg: dict) -> tuple[np.ndarray, float]:
@@ -229,6 +224,8 @@ class CpuEngine:
         except MemoryError as e:
             raise QoraError(f"not enough memory for a {self.max_seq_len}-token context: {e}") from e
         self.isa = self._model.isa_name
+        # AMX tiles serve prefill on the AVX-512 path where the CPU has them (process-wide switch)
+        self.amx = core.set_amx(amx_request()) if self.isa == "avx512" else "off"
         self.vocab_size = cfg["vocab_size"]
         self.device = "cpu"
 

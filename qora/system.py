@@ -1,5 +1,12 @@
 """What this machine offers: physical cores, memory, and the generation limits that follow from it.
 
+Threads (default_threads): QORA_THREADS, else OMP_NUM_THREADS, else the physical cores this process
+may run on (its CPU affinity, and its cgroup CPU quota, as in a container with --cpus). An explicit
+thread count (`qora.load(threads=N)`, `--threads N`) is always honoured as given. The rule against
+oversubscription: qora never starts more threads than the cores it was given, and a caller that runs
+several engines side by side (worker processes, a thread pool) passes each its share as threads=N,
+or sets OMP_NUM_THREADS in the workers, as joblib/loky and other pools already do.
+
 The limits table is DESIGN §6. It is keyed on *available* memory (what the process can use now without
 pushing the system into swap), not installed memory: the KV cache and the activations are what grow
 with the limits, and they must fit beside whatever else is running.
@@ -7,7 +14,10 @@ with the limits, and they must fit beside whatever else is running.
 
 from __future__ import annotations
 
+import math
 import os
+
+from qora.errors import QoraError
 
 GIB = 1024**3
 
@@ -31,6 +41,107 @@ def physical_cores() -> int:
     if not n:
         n = os.cpu_count() or 1
     return max(1, int(n))
+
+
+# Linux topology and cgroup roots (module attributes so tests can point them at a fake tree).
+SYSFS_CPU = "/sys/devices/system/cpu"
+CGROUP_ROOT = "/sys/fs/cgroup"
+PROC_SELF_CGROUP = "/proc/self/cgroup"
+
+
+def allowed_cpus() -> set[int] | None:
+    """The logical CPUs this process may run on (its affinity mask); None where the OS does not say."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _cores_of(cpus) -> int | None:
+    """Distinct physical cores (package, core id) among logical CPUs `cpus`, from sysfs; None if unknown."""
+    cores = set()
+    for c in cpus:
+        topo = f"{SYSFS_CPU}/cpu{c}/topology"
+        core, pkg = _read(f"{topo}/core_id"), _read(f"{topo}/physical_package_id")
+        if core is None or pkg is None:
+            return None
+        cores.add((pkg, core))
+    return len(cores) or None
+
+
+def cgroup_cpu_limit() -> float | None:
+    """CPUs' worth of time the process's cgroup may use (quota / period; e.g. docker --cpus=2), the
+    tightest along its cgroup path; None without a limit or off Linux."""
+    text = _read(PROC_SELF_CGROUP)
+    if not text:
+        return None
+    limits = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2: cpu.max = "QUOTA PERIOD" or "max PERIOD", in every ancestor
+            d = CGROUP_ROOT + path.rstrip("/")
+            while True:
+                fields = (_read(f"{d}/cpu.max") or "").split()
+                if len(fields) == 2 and fields[0] != "max":
+                    limits.append((fields[0], fields[1]))
+                if len(d) <= len(CGROUP_ROOT):  # the root done (every step is shorter: this ends)
+                    break
+                d = d.rsplit("/", 1)[0]
+        elif "cpu" in controllers.split(","):  # cgroup v1: cpu.cfs_quota_us (-1: none) / cpu.cfs_period_us
+            for d in (f"{CGROUP_ROOT}/{controllers}{path}", f"{CGROUP_ROOT}/cpu{path}", f"{CGROUP_ROOT}/{controllers}"):
+                quota, period = _read(f"{d}/cpu.cfs_quota_us"), _read(f"{d}/cpu.cfs_period_us")
+                if quota and period:
+                    limits.append((quota, period))
+                    break
+    cpus = []
+    for quota, period in limits:
+        try:
+            q, p = int(quota), int(period)
+        except ValueError:
+            continue
+        if q > 0 and p > 0:
+            cpus.append(q / p)
+    return min(cpus) if cpus else None
+
+
+def usable_cores() -> int:
+    """Physical cores this process may use: those of its allowed CPUs (hyper-threads not counted),
+    capped by its cgroup CPU quota (rounded up); at least 1."""
+    cpus = allowed_cpus()
+    if cpus:
+        n = _cores_of(cpus) or min(len(cpus), physical_cores())
+    else:
+        n = physical_cores()
+    quota = cgroup_cpu_limit()
+    if quota:
+        n = min(n, math.ceil(quota))
+    return max(1, n)
+
+
+def default_threads() -> int:
+    """Threads when the caller names none: QORA_THREADS, else OMP_NUM_THREADS (its first level), else
+    usable_cores(). A QORA_THREADS that is not a positive integer is an error; a malformed
+    OMP_NUM_THREADS (another library's variable too) is ignored."""
+    raw = os.environ.get("QORA_THREADS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise QoraError(f"QORA_THREADS={raw!r} is not a positive integer")
+        return int(raw)
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return usable_cores()
 
 
 def _meminfo_bytes(key: str) -> int | None:

@@ -154,6 +154,53 @@ def test_matmul_tiles(isa, dtype, repack, n, shape):
     assert np.all(np.abs(y - ref) / scale < 1e-4)
 
 
+AVX512 = ISA_NAMES.index("avx512")
+AMX_MODES = ["emulate"] + (["hw"] if FEATS["flags"]["amx_tile"] and FEATS["flags"]["amx_int8"] else [])
+
+
+@pytest.fixture(params=AMX_MODES)
+def amx(request):
+    """The AMX prefill kernel (software model everywhere, the hardware where present); off again after."""
+    if AVX512 not in ISAS:
+        pytest.skip("the AMX kernel runs on the AVX-512 path, which this CPU lacks")
+    mode = _cpu.set_amx(request.param)
+    if mode != request.param:
+        _cpu.set_amx("off")
+        pytest.skip(f"AMX {request.param} not available here (got {mode})")
+    yield mode
+    _cpu.set_amx("off")
+
+
+@pytest.mark.parametrize("n", [15, 16, 17, 32, 40])
+@pytest.mark.parametrize("shape", [(16, 32), (41, 64), (33, 96), (130, 2048), (48, 3200)])
+def test_matmul_amx(amx, n, shape):
+    """Full 16-token tiles go through the AMX kernel (odd and even block counts), the rest as before."""
+    r = rng()
+    rows, cols = shape
+    raw, w = random_weights(r, "q4", rows, cols)
+    x = r.standard_normal((n, cols)).astype(np.float32)
+    y = _cpu.matmul(raw, "q4", rows, cols, x, AVX512, 2, True)
+    xe = effective_inputs("q4", x).astype(np.float64)
+    ref = xe @ w.T.astype(np.float64)
+    scale = np.abs(xe) @ np.abs(w.T).astype(np.float64) + 1e-6
+    assert np.all(np.abs(y - ref) / scale < 1e-4)
+    _cpu.set_amx("off")
+    assert np.allclose(y, _cpu.matmul(raw, "q4", rows, cols, x, AVX512, 2, True), rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_amx(amx):
+    r = rng()
+    rows, cols, n = 80, 256, 16
+    (rg, g), (ru, u) = random_weights(r, "q4", rows, cols), random_weights(r, "q4", rows, cols)
+    x = r.standard_normal((n, cols)).astype(np.float32)
+    h = _cpu.swiglu(rg, ru, "q4", rows, cols, x, AVX512, 2, True)
+    xv = effective_inputs("q4", x).astype(np.float64)
+    gv, uv = xv @ g.T.astype(np.float64), xv @ u.T.astype(np.float64)
+    ref = gv / (1 + np.exp(-gv)) * uv
+    scale = (np.abs(xv) @ np.abs(g.T)) * (np.abs(xv) @ np.abs(u.T)) + 1e-6
+    assert np.all(np.abs(h - ref) / scale < 1e-4)
+
+
 @isa_param
 @LAYOUTS
 @pytest.mark.parametrize("n", [1, 3, 6])

@@ -16,6 +16,8 @@ typedef struct {
     int avx512f, avx512bw, avx512vl, avx512vnni, avxvnni;
     int os_avx;    /* XCR0 has XMM+YMM state */
     int os_avx512; /* XCR0 has opmask+ZMM state */
+    int amx_tile, amx_int8;
+    int os_amx;    /* XCR0 has XTILECFG+XTILEDATA state (Linux also wants a permission request, see amx.h) */
 } qora_cpu_features;
 
 #if QORA_X86
@@ -58,6 +60,7 @@ static qora_cpu_features qora_detect_cpu(void) {
         uint64_t xcr0 = qora_xgetbv0();
         f.os_avx = (xcr0 & 0x6) == 0x6;
         f.os_avx512 = f.os_avx && (xcr0 & 0xe0) == 0xe0;
+        f.os_amx = (xcr0 & 0x60000) == 0x60000;
     }
     if (max_leaf >= 7) {
         qora_cpuid(7, 0, r);
@@ -66,6 +69,8 @@ static qora_cpu_features qora_detect_cpu(void) {
         f.avx512bw = (r[1] >> 30) & 1;
         f.avx512vl = (r[1] >> 31) & 1;
         f.avx512vnni = (r[2] >> 11) & 1;
+        f.amx_tile = (r[3] >> 24) & 1;
+        f.amx_int8 = (r[3] >> 25) & 1;
         qora_cpuid(7, 1, r);
         f.avxvnni = (r[0] >> 4) & 1;
     }

@@ -10,6 +10,7 @@
 #include "kernels_avx512.h"
 #include "tiles.h"
 #include "repack.h"
+#include "amx.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -160,6 +161,12 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
     if (W->packed && u < pairs) {
         const size_t nb = (size_t)(W->cols / QK);
         const block_q4x8* g = W->packed + (size_t)(2 * u) * nb;
+        const qora_q4x16_amx_fn amx = nt == 16 && K->isa == QORA_ISA_AVX512 ? qora_amx_kernel() : NULL;
+        if (amx) {
+            amx(W->cols, g, g + nb, XQ + (size_t)t0 * ldxq, XS + (size_t)t0 * ldxq, ldxq, out, ldo);
+            *nr_out = 16;
+            return u * 16;
+        }
         K->q4x16(W->cols, g, g + nb, XQ + (size_t)t0 * ldxq, XS + (size_t)t0 * ldxq, ldxq, nt, out, ldo);
         *nr_out = 16;
         return u * 16;

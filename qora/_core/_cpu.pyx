@@ -23,8 +23,11 @@ cdef extern from "qora/qora.h" nogil:
         int sse42, avx, avx2, fma, f16c, osxsave
         int avx512f, avx512bw, avx512vl, avx512vnni, avxvnni
         int os_avx, os_avx512
+        int amx_tile, amx_int8, os_amx
 
     qora_cpu_features qora_detect_cpu()
+    int qora_amx_set_mode(int mode)
+    int qora_amx_mode
     int qora_cpu_supports(const qora_cpu_features* f, int isa)
     int QORA_ISA_SCALAR, QORA_ISA_AVX2, QORA_ISA_AVX512, QORA_ISA_COUNT
     int QORA_F32, QORA_F16, QORA_Q8, QORA_Q4
@@ -124,11 +127,28 @@ def cpu_features():
     cdef qora_cpu_features f = qora_detect_cpu()
     flags = dict(sse42=f.sse42, avx=f.avx, avx2=f.avx2, fma=f.fma, f16c=f.f16c,
                  avx512f=f.avx512f, avx512bw=f.avx512bw, avx512vl=f.avx512vl,
-                 avx512vnni=f.avx512vnni, avxvnni=f.avxvnni, os_avx=f.os_avx, os_avx512=f.os_avx512)
+                 avx512vnni=f.avx512vnni, avxvnni=f.avxvnni, os_avx=f.os_avx, os_avx512=f.os_avx512,
+                 amx_tile=f.amx_tile, amx_int8=f.amx_int8, os_amx=f.os_amx)
     cpu_ok = [ISA_NAMES[i] for i in range(QORA_ISA_COUNT) if qora_cpu_supports(&f, i)]
     built = [ISA_NAMES[i] for i in range(QORA_ISA_COUNT) if qora_kernel_table(i) != NULL]
     return {"flags": {k: bool(v) for k, v in flags.items()}, "cpu_supports": cpu_ok, "compiled": built,
             "openmp": bool(qora_openmp_enabled()), "omp_max_threads": qora_omp_max_threads()}
+
+
+AMX_MODES = ("off", "hw", "emulate")
+
+
+def set_amx(str mode):
+    """AMX tiles for full 16-token prefill tiles on the AVX-512 path: 'hw' (used when the CPU and OS
+    allow, else left off), 'emulate' (a software model of the tile instructions, for tests) or 'off'.
+    Process-wide; returns the mode now in effect."""
+    if mode not in AMX_MODES:
+        raise ValueError(f"AMX mode must be one of {', '.join(AMX_MODES)}, got {mode!r}")
+    return AMX_MODES[qora_amx_set_mode(AMX_MODES.index(mode))]
+
+
+def amx_mode():
+    return AMX_MODES[qora_amx_mode]
 
 
 cdef const qora_kernels* _kernels(int isa) except NULL:

@@ -1,0 +1,291 @@
+"""`qora bench`: how fast a model runs on this machine, measured as llama.cpp's llama-bench measures.
+
+    qora bench [--load M] [--pp 512] [--tg 128] [--threads N] [--reps 3] [--cpu | --gpu] [--json]
+
+Design: ppN = one N-token prompt from an empty cache, logits for the last token only (prefill);
+tgN = N single-token steps from an empty cache (decode); random token ids from a fixed seed; one
+warm-up run of each test, then `reps` timed runs, reported as mean ± standard deviation of tok/s.
+Decode is bound by memory bandwidth, so it is also given as weight GB/s: the bytes of weights read
+per token (every matrix once, the LM head included, the embedding lookup not) times tok/s. The
+engine is driven directly (not through Model.forward), so prefill computes the LM head for the last
+token only, as a generation does. bench/ (the suite against llama.cpp) measures with this module too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qora.errors import QoraError
+
+SEED = 0  # random token ids: the same prompts on every run and machine
+WARMUP = 1  # untimed runs of each test before the timed ones
+
+
+# ───── model facts ─────
+
+
+def model_sizes(qfile) -> tuple[int, int]:
+    """(bytes of weights read per decoded token, weights of the matrices applied to each token) of an
+    open .qora file or a path: every tensor once, the LM head included; an untied embedding is only
+    looked up (one row per token), so it counts in neither."""
+    if not hasattr(qfile, "tensor_info"):
+        from qora.format import read_qora
+
+        with read_qora(qfile) as q:
+            return model_sizes(q)
+    info = dict(qfile.tensor_info)
+    if "output" in info:
+        info.pop("tok_embeddings", None)
+    size = sum(int(i["nbytes"]) for i in info.values())
+    params = sum(math.prod(i["shape"]) for i in info.values() if len(i["shape"]) == 2)
+    return size, params
+
+
+def parameter_count(qfile) -> int:
+    """All weights of the model (the embedding once, even when the LM head shares it)."""
+    return sum(math.prod(i["shape"]) for i in qfile.tensor_info.values())
+
+
+# ───── measurements ─────
+
+
+@dataclass
+class Result:
+    engine: str  # "qora", "llama.cpp", ...
+    test: str  # "pp512", "tg128", ...
+    threads: int
+    samples: list = field(default_factory=list)  # tok/s of each timed repetition
+    detail: str = ""
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.test[2:])
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def best(self) -> float:
+        return max(self.samples)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.samples) if len(self.samples) > 1 else 0.0
+
+
+class Runner:
+    """Prefill and decode of one engine (CpuEngine or VulkanEngine), timed as llama-bench times them."""
+
+    def __init__(self, engine, seed: int = SEED):
+        self.engine = engine
+        self.threads = engine.n_threads
+        self.isa = engine.isa
+        self.vocab = engine.vocab_size
+        self.rng = np.random.default_rng(seed)
+
+    def token_ids(self, n: int) -> np.ndarray:
+        return self.rng.integers(0, self.vocab, size=n)
+
+    def prefill(self, ids) -> np.ndarray:
+        """One prompt from an empty cache; logits of its last token only."""
+        return self.engine.forward(ids, 0, all_logits=False)
+
+    def decode(self, ids) -> np.ndarray:
+        """len(ids) single-token steps from an empty cache; the last step's logits."""
+        fwd = self.engine.forward
+        for pos, t in enumerate(ids.tolist()):
+            logits = fwd([t], pos)
+        return logits
+
+    def target(self, test: str):
+        """(function of the token ids, number of tokens) for a test name like pp512 or tg128."""
+        return (self.prefill if test.startswith("pp") else self.decode), int(test[2:])
+
+    def run(self, test: str, reps: int, warmup: int = WARMUP, log=None) -> Result:
+        fn, n = self.target(test)
+        samples = []
+        for i in range(warmup + reps):
+            if log and i == 0:
+                log(f"{test}: {warmup} warm-up + {reps} timed runs ...")
+            ids = self.token_ids(n)
+            t0 = time.perf_counter()
+            logits = fn(ids)
+            dt = time.perf_counter() - t0
+            if not np.isfinite(logits).all():
+                raise QoraError(f"the engine produced non-finite logits in {test}")
+            if i >= warmup:
+                samples.append(n / dt)
+        return Result("qora", test, self.threads, samples, f"qora {self.isa}")
+
+
+# ───── the report ─────
+
+
+def run_bench(model, pp: int, tg: int, reps: int, log=None) -> dict:
+    """Measure ppN and tgN (0 skips one) on a loaded qora.Model; the report as a JSON-ready dict."""
+    engine = model.engine
+    runner = Runner(engine)
+    weight_bytes, matmul_params = model_sizes(model.file)
+    results = {}
+    for test, n in (("pp", pp), ("tg", tg)):
+        if n > 0:
+            results[test] = runner.run(f"{test}{n}", reps, log=log)
+    # read after the runs: a GPU engine that failed mid-run goes on on the CPU and says so in device / isa
+    on_gpu = getattr(engine, "device", "cpu") == "vulkan"
+    cfg = model.config
+    from qora import __version__
+
+    report = {
+        "qora": __version__,
+        "model": model.path.name,
+        "architecture": cfg.get("architecture"),
+        "n_layers": cfg.get("n_layers"),
+        "dim": cfg.get("dim"),
+        "weight_type": model.file.tensor_info.get("layers.0.wq", {}).get("dtype"),
+        "params": parameter_count(model.file),
+        "file_bytes": model.path.stat().st_size,
+        "weight_bytes_per_token": weight_bytes,
+        "device": "vulkan" if on_gpu else "cpu",
+        "device_name": getattr(engine, "device_name", None) if on_gpu else None,
+        "isa": getattr(engine, "isa", None),
+        "threads": runner.threads,
+        "kv_cache": getattr(engine, "kv_dtype", None),
+        "pp": pp,
+        "tg": tg,
+        "reps": reps,
+        "warmup": WARMUP,
+        "seed": SEED,
+        "pp_tok_s": None,
+        "pp_std": None,
+        "pp_samples": [],
+        "pp_gop_s": None,
+        "tg_tok_s": None,
+        "tg_std": None,
+        "tg_samples": [],
+        "gb_s": None,
+    }
+    if "pp" in results:
+        r = results["pp"]
+        report.update(pp_tok_s=r.mean, pp_std=r.std, pp_samples=r.samples)
+        report["pp_gop_s"] = 2 * matmul_params * r.mean / 1e9  # a multiply and an add per weight per token
+    if "tg" in results:
+        r = results["tg"]
+        report.update(tg_tok_s=r.mean, tg_std=r.std, tg_samples=r.samples)
+        report["gb_s"] = weight_bytes * r.mean / 1e9
+    return report
+
+
+def _params_text(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _size_text(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+
+
+def format_report(report: dict) -> str:
+    """llama-bench's markdown table, with the weight bandwidth of decode in a last column."""
+    name = report["model"].removesuffix(".qora")
+    size = _size_text(report["file_bytes"])
+    if report["device"] == "vulkan":
+        backend = f"Vulkan ({report['device_name']})"
+    else:
+        backend = f"CPU ({report['isa']})"
+    head = ["model", "size", "params", "backend", "threads", "test", "t/s", "weights GB/s"]
+    rows = []
+    for test in ("pp", "tg"):
+        if report[f"{test}_tok_s"] is None:
+            continue
+        rate = f"{report['gb_s']:.2f}" if test == "tg" else "-"
+        tps = f"{report[f'{test}_tok_s']:.2f} ± {report[f'{test}_std']:.2f}"
+        rows.append([name, size, _params_text(report["params"]), backend, str(report["threads"]),
+                     f"{test}{report[test]}", tps, rate])  # fmt: skip
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    right = [h in ("size", "params", "threads", "t/s", "weights GB/s") for h in head]  # numbers: right-aligned
+
+    def line(cells):
+        cells = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)]
+        return "| " + " | ".join(cells) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right, strict=True)) + "|"
+    about = (
+        f"{report['architecture']}, {report['n_layers']} layers, dim {report['dim']}, {report['weight_type']} weights; "
+        f"{_size_text(report['weight_bytes_per_token'])} of weights read per decoded token"
+    )
+    notes = [
+        "",
+        f"model: {report['model']} ({about})",
+        f"t/s: mean ± std of {report['reps']} runs after {report['warmup']} warm-up, random token ids "
+        f"(seed {report['seed']}); weights GB/s = bytes read per token x decode t/s; qora {report['qora']}",
+    ]
+    return "\n".join([line(head), sep, *map(line, rows), *notes])
+
+
+# ───── command line ─────
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qora.cli import PROG, _int_at_least
+
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} bench",
+        description="Measure prefill (ppN) and decode (tgN) speed of a model on this machine, as llama-bench does.",
+        epilog="Example: qora bench --load smollm3-3b-q4.qora --pp 512 --tg 128 --threads 4",
+    )
+    p.add_argument("--load", metavar="PATH", help="the .qora model (default: ./model.qora, else the demo model)")
+    p.add_argument("--pp", type=_int_at_least(0), default=512, metavar="N", help="prompt tokens (default 512; 0 skips)")
+    p.add_argument(
+        "--tg", type=_int_at_least(0), default=128, metavar="N", help="tokens decoded (default 128; 0 skips)"
+    )
+    p.add_argument("--reps", type=_int_at_least(1), default=3, metavar="N", help="timed runs per test (default 3)")
+    p.add_argument(
+        "--threads", type=_int_at_least(1), metavar="N", help="CPU threads (default: QORA_THREADS, else physical cores)"
+    )
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
+    dev.add_argument("--gpu", action="store_true", help="run on the GPU (Vulkan)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    import qora
+    from qora.cli import PROG, resolve_model_path
+    from qora.format import read_qora
+
+    args = build_parser().parse_args(argv)
+    if args.pp == 0 and args.tg == 0:
+        raise QoraError("nothing to measure: --pp and --tg are both 0")
+    path = resolve_model_path(args.load)
+    with read_qora(path) as q:  # the header only: check the lengths before loading the weights
+        max_pos = int(q.config["max_seq_len"])
+    if args.pp + args.tg > max_pos:
+        raise QoraError(
+            f"--pp {args.pp} + --tg {args.tg} = {args.pp + args.tg} tokens exceed the model's {max_pos}-token context"
+        )
+
+    def log(msg):
+        if not args.quiet:
+            print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+    device = "cpu" if args.cpu else ("gpu" if args.gpu else "auto")
+    log(f"loading {path} ...")
+    # the KV cache holds pp + tg tokens, as llama-bench sizes its context
+    with qora.load(path, threads=args.threads, device=device, max_seq_len=args.pp + args.tg) as model:
+        report = run_bench(model, args.pp, args.tg, args.reps, log=log)
+    print(json.dumps(report) if args.json else format_report(report), flush=True)
+    return 0
