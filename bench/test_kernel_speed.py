@@ -5,11 +5,10 @@
 Shapes (rows x cols, y = W x): q and o 2048x2048, k and v 512x2048, gate+up as the engine runs them
 (the fused SwiGLU over two 11008x2048 matrices), down 2048x11008, the LM head 128256x2048. Weights:
 NumPy random numbers (fixed seed per shape) quantized by qora.quant, as a converted model would be.
-Each product goes through the Cython wrapper the kernel tests use (activations quantized to Q8 once
-per call, as the engine does per matrix) in both layouts: "q4x8" (rows interleaved by 8, what the
-engine runs) and "q4" (file order, QORA_REPACK=0). The wrapper has no way to keep a repacked matrix
-between calls, so every q4x8 call also repacks W: its time includes one pass over the weights that
-the engine does once at load (extra_info["includes_repack"]); the q4 layout times the product alone.
+Each matrix is prepared once as the engine does at load (_cpu.Matrix), then every timed call runs
+the product alone (activations quantized to Q8 once per call, as the engine does per matrix), in both
+layouts: "q4x8" (rows interleaved by 8, what the engine runs; 16 rows per vector pair on AVX-512, AMX
+tiles for 16-token chunks where the CPU has them) and "q4" (file order, QORA_REPACK=0).
 Recorded next to the time: GB/s = weight bytes / time, GOP/s = 2 x weights x tokens / time.
 """
 
@@ -71,11 +70,10 @@ def kernel_weights():
 
 def _product(name, weights, x, isa, threads, repack):
     rows, cols, _ = SHAPES[name]
+    mats = [_cpu.Matrix(w, "q4", rows, cols, repack, threads) for w in weights]  # prepared once, as at load
     if name == "gate_up":
-        wg, wu = weights
-        return lambda: _cpu.swiglu(wg, wu, "q4", rows, cols, x, isa, threads, repack)
-    (w,) = weights
-    return lambda: _cpu.matmul(w, "q4", rows, cols, x, isa, threads, repack)
+        return lambda: _cpu.swiglu_prepared(mats[0], mats[1], x, isa, threads)
+    return lambda: mats[0].matmul(x, isa, threads)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -106,7 +104,6 @@ def test_kernel(benchmark, kernel_weights, settings, name, layout, kernel_tokens
         weight_bytes=sum(w.nbytes for w in weights),
         ops=2 * mats * rows * cols * kernel_tokens,
         seconds=stats.median,
-        includes_repack=LAYOUTS[layout],
     )
     benchmark.extra_info.update(k.extra_info())
     harness.KERNELS.append(k)

@@ -246,29 +246,64 @@ def quantize_q8(const float[::1] x, int isa):
     return out
 
 
+cdef class Matrix:
+    """A weight matrix (rows, cols) stored as dtype, prepared once as the engine does at load
+    (repack: Q4 rows interleaved by 8), for any number of products."""
+    cdef qora_tensor t
+    cdef object data, packed
+    cdef readonly int rows, cols
+
+    def __init__(self, w, str dtype, int rows, int cols, bint repack=False, int n_threads=1, str what="matmul"):
+        _threads(n_threads)
+        self.data = _bytes(w)  # held here: C reads it for the life of this object
+        self.t = _tensor(dtype, rows, cols, self.data, what)
+        self.packed = _repack(&self.t, n_threads) if repack else None
+        self.rows, self.cols = rows, cols
+
+    def matmul(self, const float[:, ::1] x, int isa, int n_threads=1):
+        """Y (n, rows) = X (n, cols) W^T: activations quantized, then the tiled product."""
+        cdef const qora_kernels* K = _kernels(isa)
+        _threads(n_threads)
+        cdef int n = _check_x(x, self.cols, "matmul")
+        y = np.empty((n, self.rows), dtype=np.float32)
+        cdef float[:, ::1] yv = y
+        inputs = _Inputs(n, self.cols)
+        with nogil:
+            qora_prepare_inputs(K, self.t.dtype, &x[0, 0], self.cols, inputs.xq, inputs.xs, inputs.lq, n,
+                                self.cols, n_threads)
+            qora_matmul(K, &self.t, &x[0, 0], self.cols, inputs.xq, inputs.xs, inputs.lq, n, &yv[0, 0], self.rows,
+                        n_threads)
+        return y
+
+
+cdef class _Inputs:
+    """Scratch for n activation rows quantized to Q8 (blocks and their extras)."""
+    cdef object xq_buf, xs_buf
+    cdef block_q8* xq
+    cdef qora_xblock* xs
+    cdef size_t lq
+
+    def __init__(self, int n, int cols):
+        self.lq = cols // 32 + 1
+        self.xq_buf = np.zeros(n * self.lq * 34, dtype=np.uint8)
+        self.xs_buf = np.zeros(2 * n * self.lq, dtype=np.int32)  # qora_xblock: int32 + float
+        cdef uint8_t[::1] xq = self.xq_buf
+        cdef int32_t[::1] xs = self.xs_buf
+        self.xq = <block_q8*>&xq[0]
+        self.xs = <qora_xblock*>&xs[0]
+
+
+cdef int _check_x(const float[:, ::1] x, int cols, str what) except -1:
+    if x.shape[0] == 0 or x.shape[1] != cols:
+        raise ValueError(f"{what}: X has shape {tuple(x.shape)[:2]}, W has {cols} columns")
+    return x.shape[0]
+
+
 def matmul(w, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int n_threads=1, bint repack=False):
     """Y (n, rows) = X (n, cols) W^T with W (rows, cols) stored as dtype: the tiled product
     (repack: Q4 rows interleaved by 8 first, as the engine does at load)."""
-    cdef const qora_kernels* K = _kernels(isa)
-    _threads(n_threads)
-    wb = _bytes(w)  # held in a variable: C reads it after _tensor() returns
-    cdef qora_tensor t = _tensor(dtype, rows, cols, wb, "matmul")
-    cdef int n = x.shape[0]
-    if x.shape[1] != cols or n == 0:
-        raise ValueError(f"matmul: X has shape {tuple(x.shape)[:2]}, W has {cols} columns")
-    keep = _repack(&t, n_threads) if repack else None
-    cdef size_t lq = cols // 32 + 1
-    xq_buf = np.zeros(n * lq * 34, dtype=np.uint8)
-    xs_buf = np.zeros(2 * n * lq, dtype=np.int32)  # qora_xblock: int32 + float
-    y = np.empty((n, rows), dtype=np.float32)
-    cdef uint8_t[::1] xq = xq_buf
-    cdef int32_t[::1] xs = xs_buf
-    cdef float[:, ::1] yv = y
-    with nogil:
-        qora_prepare_inputs(K, t.dtype, &x[0, 0], cols, <block_q8*>&xq[0], <qora_xblock*>&xs[0], lq, n, cols, n_threads)
-        qora_matmul(K, &t, &x[0, 0], cols, <block_q8*>&xq[0], <qora_xblock*>&xs[0], lq, n, &yv[0, 0], rows, n_threads)
-    del keep
-    return y
+    _kernels(isa)
+    return Matrix(w, dtype, rows, cols, repack, n_threads).matmul(x, isa, n_threads)
 
 
 def matvec(w, str dtype, int rows, int cols, const float[::1] x, int isa, int n_threads=1):
@@ -278,30 +313,31 @@ def matvec(w, str dtype, int rows, int cols, const float[::1] x, int isa, int n_
     return matmul(w, dtype, rows, cols, np.asarray(x).reshape(1, cols), isa, n_threads)[0]
 
 
+def swiglu_prepared(Matrix gate, Matrix up, const float[:, ::1] x, int isa, int n_threads=1):
+    """H (n, rows) = silu(X Wg^T) * (X Wu^T), one pass over both prepared matrices."""
+    cdef const qora_kernels* K = _kernels(isa)
+    _threads(n_threads)
+    if gate.rows != up.rows or gate.cols != up.cols or gate.t.dtype != up.t.dtype:
+        raise ValueError("swiglu: gate and up must have the same shape and dtype")
+    cdef int n = _check_x(x, gate.cols, "swiglu")
+    h = np.empty((n, gate.rows), dtype=np.float32)
+    cdef float[:, ::1] hv = h
+    inputs = _Inputs(n, gate.cols)
+    with nogil:
+        qora_prepare_inputs(K, gate.t.dtype, &x[0, 0], gate.cols, inputs.xq, inputs.xs, inputs.lq, n, gate.cols,
+                            n_threads)
+        qora_swiglu(K, &gate.t, &up.t, &x[0, 0], gate.cols, inputs.xq, inputs.xs, inputs.lq, n, &hv[0, 0],
+                    gate.rows, n_threads)
+    return h
+
+
 def swiglu(wg, wu, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int n_threads=1,
            bint repack=False):
     """H (n, rows) = silu(X Wg^T) * (X Wu^T), one pass over both matrices."""
-    cdef const qora_kernels* K = _kernels(isa)
-    _threads(n_threads)
-    wgb, wub = _bytes(wg), _bytes(wu)  # held in variables: C reads them after _tensor() returns
-    cdef qora_tensor tg = _tensor(dtype, rows, cols, wgb, "swiglu gate")
-    cdef qora_tensor tu = _tensor(dtype, rows, cols, wub, "swiglu up")
-    cdef int n = x.shape[0]
-    if x.shape[1] != cols or n == 0:
-        raise ValueError(f"swiglu: X has shape {tuple(x.shape)[:2]}, W has {cols} columns")
-    keep = (_repack(&tg, n_threads), _repack(&tu, n_threads)) if repack else None
-    cdef size_t lq = cols // 32 + 1
-    xq_buf = np.zeros(n * lq * 34, dtype=np.uint8)
-    xs_buf = np.zeros(2 * n * lq, dtype=np.int32)  # qora_xblock: int32 + float
-    h = np.empty((n, rows), dtype=np.float32)
-    cdef uint8_t[::1] xq = xq_buf
-    cdef int32_t[::1] xs = xs_buf
-    cdef float[:, ::1] hv = h
-    with nogil:
-        qora_prepare_inputs(K, tg.dtype, &x[0, 0], cols, <block_q8*>&xq[0], <qora_xblock*>&xs[0], lq, n, cols, n_threads)
-        qora_swiglu(K, &tg, &tu, &x[0, 0], cols, <block_q8*>&xq[0], <qora_xblock*>&xs[0], lq, n, &hv[0, 0], rows, n_threads)
-    del keep
-    return h
+    _kernels(isa)
+    gate = Matrix(wg, dtype, rows, cols, repack, n_threads, "swiglu gate")
+    up = Matrix(wu, dtype, rows, cols, repack, n_threads, "swiglu up")
+    return swiglu_prepared(gate, up, x, isa, n_threads)
 
 
 def dequant_row(w, str dtype, int rows, int cols, int r):
