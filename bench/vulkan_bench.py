@@ -4,6 +4,7 @@ weight bandwidth, and which GPU ran. A plain script (not part of the test suite)
     python bench/vulkan_bench.py                          # Q4 model made on first use, tg128 + pp512
     python bench/vulkan_bench.py --model m.qora --tg 128 --pp 512 --reps 5 --json out.json
     python bench/vulkan_bench.py --sweep                  # also try decode workgroup shapes
+    python bench/vulkan_bench.py --pp 0 --profile         # GPU time of each decode kernel (timestamps)
     QORA_VK_LOADER=/path/libvulkan.so.1 python bench/vulkan_bench.py --nvidia-icd
 
 Measured as llama-bench does: tgN = N single-token steps from an empty cache, ppN = one N-token
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--context", type=int, default=None, help="KV cache tokens (default: pp + tg + 16)")
     ap.add_argument("--sweep", action="store_true", help="also time decode mat-vec workgroup shapes")
+    ap.add_argument("--profile", action="store_true", help="also time each decode kernel with GPU timestamps")
     ap.add_argument("--nvidia-icd", action="store_true", help="write an NVIDIA loader manifest if missing")
     ap.add_argument("--json", type=Path, help="write the results here too")
     a = ap.parse_args(argv)
@@ -180,11 +182,24 @@ def main(argv=None) -> int:
             print(f"prefill pp{a.pp}: {pp['median']:8.1f} tok/s median, {pp['best']:8.1f} best")
         eng.close()
 
+        if a.profile and a.tg:
+            os.environ["QORA_VK_PROFILE"] = "1"
+            e = make_engine(qf, context)
+            warm(e, 0, vocab, rng)
+            run(e, 0, a.tg, 1, vocab, rng)
+            kernels, step_ms = e.profile()
+            e.close()
+            os.environ.pop("QORA_VK_PROFILE")
+            results["profile"] = {"step_ms": step_ms, "kernels": kernels}
+            print(f"\ndecode GPU time per token (timestamps): {step_ms:.3f} ms")
+            for name, (ms, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
+                print(f"  {name:10s} {ms:7.3f} ms  {calls:5.0f} dispatches  {1000 * ms / calls:7.2f} us each")
+
         if a.sweep and a.tg:
             results["sweep"] = []
             print("\ndecode mat-vec shapes (QORA_VK_MV_THREADS x QORA_VK_MV_ROWS):")
             for threads in (32, 64, 128, 256):
-                for rows in (1, 2, 4, 8, 16):
+                for rows in (2, 4, 8):
                     os.environ["QORA_VK_MV_THREADS"], os.environ["QORA_VK_MV_ROWS"] = str(threads), str(rows)
                     try:
                         e = make_engine(qf, a.tg + 16)

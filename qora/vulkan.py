@@ -17,6 +17,9 @@ Environment:
     QORA_VK_BATCH, QORA_VK_MV_THREADS, QORA_VK_MV_ROWS, QORA_VK_ATT_SPLITS   tuning knobs (prefill
                            tokens per submission; decode mat-vec workgroup size and rows per
                            workgroup; decode attention workgroups per head)
+    QORA_VK_DOT=0|1        decode Q4/Q8 dots without / with the packed integer dot product
+                           (default: with it where the driver says it is accelerated)
+    QORA_VK_PROFILE=1      time every decode dispatch on the GPU (VulkanEngine.profile())
 """
 
 from __future__ import annotations
@@ -191,6 +194,8 @@ class VulkanEngine:
             "mv_threads": _env_int("QORA_VK_MV_THREADS", 0),
             "mv_rows": _env_int("QORA_VK_MV_ROWS", 0),
             "att_splits": _env_int("QORA_VK_ATT_SPLITS", 0),
+            "int_dot": _env_int("QORA_VK_DOT", -1),  # -1: where the driver says it is accelerated
+            "profile": 1 if _env_flag("QORA_VK_PROFILE") else 0,
             "chunk_rows": _env_int("QORA_VK_CHUNK_ROWS", 0),  # tests: the embedding / LM head in pieces
             "kv_f16": kv_cache_dtype(qfile) == "f16",  # the CPU engine's choice, so both compute the same
             "fail_after": fail_after,
@@ -315,6 +320,10 @@ class VulkanEngine:
             self._fall_back(e, start_pos)
             return self._cpu.forward(tokens, start_pos, all_logits)
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+
+    def profile(self):
+        """GPU time per decode kernel under QORA_VK_PROFILE=1: ({name: (ms, calls) per step}, ms per step)."""
+        return self._model.profile() if self._model is not None else ({}, 0.0)
 
     def reset(self):
         """Nothing to clear on the device: positions past start_pos are overwritten before they are read."""

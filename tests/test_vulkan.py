@@ -139,8 +139,41 @@ def test_pack_layout():
 # ───── shaders against NumPy ─────
 
 
-def run_matvec(ctx, dtype, raw, rows, cols, x, mode=STORE, norm=None, y=None, rows_per=4, threads=64, **qkv):
-    """One matvec.comp dispatch (rows: of the stored matrix; SWIGLU: gate rows, the up rows follow)."""
+def act_layout(width):
+    """(act_w, words of one half) of the decode activation buffer for inputs up to width (act.glsl)."""
+    w = (width + 127) // 128 * 128
+    return w, w + w // 4 + w // 16
+
+
+def unpack_act(act, n, base=0):
+    """The floats, the Q8 ints (blocks, 32) and the (scale, int sum) pairs of one activation half."""
+    w, _ = act_layout(n)
+    nb = n // 32
+    f = act[base : base + n].view(np.float32)
+    q = act[base + w : base + w + 8 * nb].view(np.int8).reshape(nb, 32)
+    ds = act[base + w + w // 4 : base + w + w // 4 + 2 * nb].view(np.float32).reshape(nb, 2)
+    return f, q, ds
+
+
+def run_quant(ctx, x, norm=None, threads=64, width=None):
+    """quant.comp: x (RMS-normalized with norm if given) into half 0 of a fresh activation buffer."""
+    n = x.size
+    w, half = act_layout(width or n)
+    act = np.zeros(2 * half, np.uint32)
+    push = struct.pack("<4If", n, 0, 0, w, 1e-6)
+    nq = norm if norm is not None else np.zeros(4, np.float32)
+    bufs = [None, None, None, x.copy(), None, None, None, None, act, np.zeros(4, np.uint32), nq]
+    ctx.run_kernel("quant", [threads, 0 if norm is None else 1], bufs, push, 1)
+    return act
+
+
+def run_matvec(
+    ctx, dtype, raw, rows, cols, x, mode=STORE, norm=None, y=None, rows_per=4, threads=64, dot=False, epi=0,
+    nq=None, epi_n=0, **qkv
+):
+    """One matvec.comp dispatch on the input x prepared by quant.comp (rows: of the stored matrix;
+    SWIGLU: gate rows, the up rows follow). Returns y, the caches and the activation buffer
+    (half 1: what the epilogue prepared, for epi)."""
     stored = rows * 2 if mode == SWIGLU else rows
     packed = _vulkan.pack(dtype, stored, cols, raw)
     y = np.zeros(rows, np.float32) if y is None else y
@@ -148,28 +181,42 @@ def run_matvec(ctx, dtype, raw, rows, cols, x, mode=STORE, norm=None, y=None, ro
     vc = np.zeros_like(kc)
     params = np.array([qkv.get("pos", 0), 1, 0, 0], np.uint32)
     rope = qkv.get("rope", np.zeros(4, np.float32)).astype(np.float32)
+    width = max(cols, epi_n)
+    w, half = act_layout(width)
+    act = run_quant(ctx, x, norm, width=width)
     push = struct.pack(
-        "<4If4I",
+        "<11If",
         rows,
         cols,
         0,
         0,
-        1e-6,
+        w,
         qkv.get("q_dim", 0),
         qkv.get("kv_dim", 0),
         qkv.get("head_dim", 0),
         qkv.get("use_rope", 0),
+        epi_n,
+        half,
+        1e-6,
     )
-    nw = norm if norm is not None else np.zeros(4, np.float32)
     if mode == QKV:
         groups = (rows // 4 + rows_per // 4 - 1) // (rows_per // 4)
     elif mode == SWIGLU:
         groups = (rows + rows_per // 2 - 1) // (rows_per // 2)
     else:
         groups = (rows + rows_per - 1) // rows_per
-    spec = [threads, rows_per, mode, 0 if norm is None else 1]
-    ctx.run_kernel(f"matvec_{dtype}", spec, [packed, x.copy(), nw, y, kc, vc, params, rope], push, groups)
-    return y, kc, vc
+    spec = [threads, rows_per, mode, epi]
+    cnt = np.zeros(w // 32 + 8, np.uint32)
+    nq = nq if nq is not None else np.zeros(4, np.float32)
+    name = f"matvec_{dtype}" + ("_dot" if dot else "")
+    ctx.run_kernel(name, spec, [packed, None, None, y, kc, vc, params, rope, act, cnt, nq], push, groups)
+    assert not cnt.any()  # the epilogue's last workgroup reset the count for the next dispatch
+    return y, kc, vc, act
+
+
+def dot_variants(dtype):
+    """Q4/Q8: the emulated dot and, where the device has it, the packed integer dot product."""
+    return [False, True] if dtype in ("q4", "q8") and DEVICE is not None and DEVICE.get("int_dot") else [False]
 
 
 @needs_gpu
@@ -180,10 +227,35 @@ def test_matvec(ctx, dtype, shape):
     r = np.random.default_rng()
     raw, vals = random_matrix(r, dtype, rows, cols)
     x = r.standard_normal(cols).astype(np.float32)
-    y, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, rows_per=1 + rows % 5, threads=32 if cols < 100 else 64)
-    assert rel_err(y, vals @ effective_input(dtype, x)) < 1e-5
-    # bit-for-bit the CPU engine's integer arithmetic, up to float summation order
-    assert rel_err(y, _cpu.matvec(raw, dtype, rows, cols, x, 0)) < 1e-5
+    for dot in dot_variants(dtype):
+        y, _, _, _ = run_matvec(
+            ctx, dtype, raw, rows, cols, x, rows_per=1 + rows % 5, threads=32 if cols < 100 else 64, dot=dot
+        )
+        assert rel_err(y, vals @ effective_input(dtype, x)) < 1e-5
+        # bit-for-bit the CPU engine's integer arithmetic, up to float summation order
+        assert rel_err(y, _cpu.matvec(raw, dtype, rows, cols, x, 0)) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("threads", [32, 64, 256])
+def test_quant(ctx, threads):
+    """The decode input: floats, and the CPU engine's Q8 quantization exactly (with the int sums)."""
+    n = 352
+    r = np.random.default_rng()
+    x = r.standard_normal(n).astype(np.float32)
+    x[:32] = 0  # an all-zero block: scale 0
+    f, q, ds = unpack_act(run_quant(ctx, x, threads=threads), n)
+    d, qr = ref_quantize_q8(x)
+    assert np.array_equal(f, x) and np.array_equal(q, qr) and np.array_equal(ds[:, 0], d.astype(np.float32))
+    assert np.array_equal(ds[:, 1], qr.astype(np.float32).sum(axis=1))
+    nw = (1 + 0.1 * r.standard_normal(n)).astype(np.float32)
+    f, q, _ = unpack_act(run_quant(ctx, x, norm=nw, threads=threads), n)
+    xn = _cpu.rmsnorm(x, nw, 1e-6, 0)
+    assert rel_err(f, xn) < 1e-6
+    assert (q != ref_quantize_q8(xn)[1]).sum() <= 2  # a rounding tie may fall either way
+    x88 = x[:88]  # not whole Q8 blocks (F16/F32 inputs only): the floats alone
+    f, _, _ = unpack_act(run_quant(ctx, x88, norm=nw[:88], threads=threads), 88)
+    assert rel_err(f, _cpu.rmsnorm(x88, nw[:88], 1e-6, 0)) < 1e-6
 
 
 @needs_gpu
@@ -195,12 +267,39 @@ def test_matvec_norm_and_residual(ctx, dtype):
     x = r.standard_normal(cols).astype(np.float32)
     nw = (1 + 0.1 * r.standard_normal(cols)).astype(np.float32)
     xn = _cpu.rmsnorm(x, nw, 1e-6, 0)
-    y, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, norm=nw)
+    y, _, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, norm=nw)
     # a Q8 rounding of the normed input may land on the other side of a tie: allow a few
     assert rel_err(y, vals @ effective_input(dtype, xn)) < 3e-3
     y0 = r.standard_normal(rows).astype(np.float32)
-    y, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, mode=ADD, y=y0.copy())
+    y, _, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, mode=ADD, y=y0.copy())
     assert rel_err(y, y0 + vals @ effective_input(dtype, x)) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode,rows_per,epi", [(ADD, 2, 1), (ADD, 6, 1), (ADD, 2, 2), (SWIGLU, 4, 1)])
+def test_matvec_epilogue(ctx, mode, rows_per, epi):
+    """The next input prepared from the whole finished output, by the last workgroup of each Q8
+    block of it (epi 1 where a workgroup's rows lie in one block) or of the dispatch: the same
+    bits as quant.comp run on that output afterwards (epi 2: RMS-normalized first)."""
+    rows, cols = 320, 64
+    r = np.random.default_rng()
+    raw, vals = random_matrix(r, "q4", 2 * rows if mode == SWIGLU else rows, cols)
+    x = r.standard_normal(cols).astype(np.float32)
+    y0 = r.standard_normal(rows).astype(np.float32)
+    nq = (1 + 0.1 * r.standard_normal(rows)).astype(np.float32) if epi == 2 else None
+    y, _, _, act = run_matvec(
+        ctx, "q4", raw, rows, cols, x, mode=mode, y=y0.copy(), rows_per=rows_per, epi=epi, nq=nq, epi_n=rows
+    )
+    out = vals @ effective_input("q4", x)
+    if mode == SWIGLU:
+        g, u = out[:rows], out[rows:]
+        assert rel_err(y, g / (1 + np.exp(-g)) * u) < 1e-5
+    else:
+        assert rel_err(y, y0 + out) < 1e-5
+    _, half = act_layout(rows)
+    want = unpack_act(run_quant(ctx, y, norm=nq), rows)
+    for got, ref in zip(unpack_act(act, rows, base=half), want, strict=True):
+        assert np.array_equal(got, ref)
 
 
 @needs_gpu
@@ -210,10 +309,11 @@ def test_matvec_swiglu(ctx, dtype):
     r = np.random.default_rng()
     raw, vals = random_matrix(r, dtype, 2 * rows, cols)
     x = r.standard_normal(cols).astype(np.float32)
-    h, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, mode=SWIGLU, rows_per=6)
     gu = vals @ effective_input(dtype, x)
     g, u = gu[:rows], gu[rows:]
-    assert rel_err(h, g / (1 + np.exp(-g)) * u) < 1e-5
+    for dot in dot_variants(dtype):
+        h, _, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, mode=SWIGLU, rows_per=6, dot=dot)
+        assert rel_err(h, g / (1 + np.exp(-g)) * u) < 1e-5
 
 
 def ref_rope(v, n_heads, hd, cos, sin):
@@ -239,7 +339,7 @@ def test_matvec_qkv_rope_and_cache(ctx, use_rope):
     raw, vals = random_matrix(r, "q8", rows, cols)
     x = r.standard_normal(cols).astype(np.float32)
     cs = rope_table(np.array([pos]), hd, scale=1.3)[0]
-    y, kc, vc = run_matvec(
+    y, kc, vc, _ = run_matvec(
         ctx,
         "q8",
         raw,
@@ -367,13 +467,19 @@ def test_attention(ctx, n_heads, n_kv, hd, start, n_tok, splits, kv):
     q = r.standard_normal((n_tok, q_dim + 8)).astype(np.float32)  # rows padded: ld_q != q_dim
     out = np.zeros((n_tok, q_dim), np.float32)
     params = np.array([start, n_tok, 0, 0], np.uint32)
-    push = struct.pack("<5I", n_heads, n_kv, hd, q_dim + 8, q_dim)
-    spec = [64, int(kv == np.float16), splits]
+    w, half = act_layout(q_dim)
+    push = struct.pack("<7I", n_heads, n_kv, hd, q_dim + 8, q_dim, half, w)
+    epi = int(n_tok == 1)  # decode: the last workgroup quantizes the output for the next product
+    spec = [64, int(kv == np.float16), splits, epi, hd]
     part = np.zeros(n_tok * n_heads * splits * (hd + 2), np.float32)
     done = np.zeros(n_tok * n_heads, np.uint32)
-    bufs = [part, q, None, out, kc.copy(), vc.copy(), params, done]
+    act, cnt = np.zeros(2 * half, np.uint32), np.zeros(w // 32 + 8, np.uint32)
+    bufs = [part, q, None, out, kc.copy(), vc.copy(), params, done, act, cnt]
     ctx.run_kernel("attention", spec, bufs, push, n_heads, n_tok, splits)
-    assert not done.any()  # every merge reset its counter for the next step
+    assert not done.any() and not cnt.any()  # every merge reset its counter for the next step
+    if epi:
+        for got, ref in zip(unpack_act(act, q_dim, base=half), unpack_act(run_quant(ctx, out[0]), q_dim), strict=True):
+            assert np.array_equal(got, ref)
     K, Vv = kc.astype(np.float64), vc.astype(np.float64)
     for t in range(n_tok):
         for h in range(n_heads):
@@ -430,9 +536,15 @@ PROMPT = "The capital of France is"
 
 
 @needs_gpu
-@pytest.mark.parametrize("quant,kv", [("q4", "f32"), ("q8", "f32"), ("f16", "f32"), ("q4", "f16"), ("q8", "f16")])
-def test_tiny_model_matches_cpu(tiny, quant, kv, monkeypatch):
+@pytest.mark.parametrize(
+    "quant,kv,dot", [("q4", "f32", 0), ("q8", "f32", 0), ("f16", "f32", 0), ("q4", "f16", 0), ("q8", "f16", 0),
+                     ("q4", "f32", 1), ("q8", "f16", 1)]
+)
+def test_tiny_model_matches_cpu(tiny, quant, kv, dot, monkeypatch):
+    if dot and not DEVICE.get("int_dot"):
+        pytest.skip("no packed integer dot product on this device")
     monkeypatch.setenv("QORA_KV", kv)
+    monkeypatch.setenv("QORA_VK_DOT", str(dot))  # decode Q4/Q8 dots emulated / by the device's instruction
     tol = TOL[kv]
     gpu = qora.load(tiny[quant], device="gpu", max_seq_len=128)
     cpu = qora.load(tiny[quant], device="cpu", max_seq_len=128)

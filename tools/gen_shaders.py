@@ -31,8 +31,12 @@ DTYPES = {"f32": 0, "f16": 1, "q8": 2, "q4": 3}  # the C enum qora_dtype
 SHADERS: dict[str, tuple[str, dict[str, int]]] = {}
 for _kernel in ("matvec", "matmul", "embed"):
     for _dt, _code in DTYPES.items():
-        SHADERS[f"{_kernel}_{_dt}"] = (f"{_kernel}.comp", {"DTYPE": _code})
-for _kernel in ("prep", "rope_kv", "attention"):
+        _defs = {"DTYPE": _code, "DOT": 0} if _kernel == "matvec" else {"DTYPE": _code}
+        SHADERS[f"{_kernel}_{_dt}"] = (f"{_kernel}.comp", _defs)
+# decode Q4/Q8 products with the packed integer dot product, for devices that offer it
+for _dt in ("q8", "q4"):
+    SHADERS[f"matvec_{_dt}_dot"] = ("matvec.comp", {"DTYPE": DTYPES[_dt], "DOT": 1})
+for _kernel in ("prep", "rope_kv", "attention", "quant"):
     SHADERS[_kernel] = (f"{_kernel}.comp", {})
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)

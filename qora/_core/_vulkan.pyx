@@ -51,6 +51,7 @@ cdef extern from "qora/vk_backend.h" nogil:
         uint32_t subgroup_size, max_storage_buffer_range
         uint64_t max_allocation
         uint32_t max_shared_memory
+        int int_dot, int_dot_fast
         int usable
         char why_not[160]
 
@@ -65,7 +66,14 @@ cdef extern from "qora/vk_backend.h" nogil:
         size_t bytes
 
     ctypedef struct qvk_model_opts:
-        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_f16, att_splits, chunk_rows, fail_after
+        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_f16, att_splits, int_dot, profile, chunk_rows
+        int fail_after
+
+    int QVK_MAX_BINDINGS
+    ctypedef struct qvk_profile_entry:
+        char name[24]
+        double ns
+        long calls
 
     int qvk_list_devices(const char* loader, qvk_device_info* out, int cap, int* n, char* err, size_t errlen)
     int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* err, size_t errlen)
@@ -85,6 +93,7 @@ cdef extern from "qora/vk_backend.h" nogil:
                           int all_logits, char* err, size_t errlen)
     int qvk_model_batch(const qvk_model* m)
     int qvk_model_logit_rows(const qvk_model* m)
+    int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, double* step_ns, long* steps)
     void qvk_model_destroy(qvk_model* m)
 
 DTYPES = {"f32": QORA_F32, "f16": QORA_F16, "q8": QORA_Q8, "q4": QORA_Q4}
@@ -133,6 +142,8 @@ cdef dict _info(const qvk_device_info* d):
         "max_storage_buffer_range": d.max_storage_buffer_range,
         "max_allocation": d.max_allocation,
         "max_shared_memory": d.max_shared_memory,
+        "int_dot": bool(d.int_dot),
+        "int_dot_fast": bool(d.int_dot_fast),
         "usable": bool(d.usable),
         "why_not": (<char*>d.why_not).decode("utf-8", "replace"),
     }
@@ -203,7 +214,7 @@ cdef class Context:
     def run_kernel(self, str name, spec, list bufs, bytes push, int gx, int gy=1, int gz=1):
         """Run one shader; bufs[i] (None or a C-contiguous array) is bound at binding i and
         overwritten with what the shader left there."""
-        cdef qvk_hostbuf hb[8]
+        cdef qvk_hostbuf hb[16]
         cdef uint32_t sp[8]
         cdef char err[ERRLEN]
         cdef int i, rc, n_spec = len(spec)
@@ -213,12 +224,12 @@ cdef class Context:
         cdef const char* np_ = nm
         cdef const char* pp = push
         cdef size_t pn = len(push)
-        if len(bufs) > 8 or n_spec > 8:
-            raise ValueError("at most 8 buffers and 8 specialization constants")
+        if len(bufs) > QVK_MAX_BINDINGS or n_spec > 8:
+            raise ValueError(f"at most {QVK_MAX_BINDINGS} buffers and 8 specialization constants")
         for i in range(n_spec):
             sp[i] = spec[i]
         views = []
-        for i in range(8):
+        for i in range(QVK_MAX_BINDINGS):
             hb[i].data = NULL
             hb[i].bytes = 0
             if i < len(bufs) and bufs[i] is not None:
@@ -341,6 +352,8 @@ cdef qvk_model_opts _opts(int max_seq_len, dict opts):
     o.mv_rows = opts.get("mv_rows", 0)
     o.kv_f16 = opts.get("kv_f16", 1)
     o.att_splits = opts.get("att_splits", 0)
+    o.int_dot = opts.get("int_dot", -1)
+    o.profile = opts.get("profile", 0)
     o.chunk_rows = opts.get("chunk_rows", 0)
     o.fail_after = opts.get("fail_after", -1)
     return o
@@ -405,6 +418,21 @@ cdef class Model:
         if rc != QVK_OK:
             _raise(rc, err)
         return out
+
+    def profile(self):
+        """Decode GPU time per kernel: ({name: (ms per step, calls per step)}, ms per whole step),
+        averaged over the decode steps so far; ({}, 0.0) when the model was made without profile=1."""
+        cdef qvk_profile_entry e[64]
+        cdef double step_ns = 0
+        cdef long steps = 0
+        cdef int i, n
+        if self.m == NULL:
+            raise VulkanError(-16, "the model is closed")
+        n = qvk_model_profile(self.m, e, 64, &step_ns, &steps)
+        if n <= 0 or steps <= 0:
+            return {}, 0.0
+        return ({(<char*>e[i].name).decode(): (e[i].ns / steps / 1e6, e[i].calls / steps) for i in range(n)},
+                step_ns / steps / 1e6)
 
     def close(self):
         if self.m != NULL:

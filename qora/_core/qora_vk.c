@@ -5,18 +5,20 @@
    steps, forward).
 
    The token step, as recorded (decode, one token; every line is one dispatch and each waits for
-   the previous one with a memory barrier):
-       embed                              x = embedding row of the token
+   the previous one with a memory barrier). Each product reads an input prepared once for it (Q8
+   blocks for Q4/Q8 weights, see shaders/act.glsl), made by the end of the dispatch before it:
+       embed, quant (+RMSNorm)            x = embedding row of the token; its normed Q8
        per layer:
-         matvec QKV   (+RMSNorm, +RoPE)   q -> scratch; k, v -> KV cache at pos
-         attention                        att = softmax(q k^T / sqrt(d)) v, GQA
-         matvec ADD   wo                  x += wo att
-         matvec SWIGLU (+RMSNorm)         hb = silu(gate x) * (up x)
-         matvec ADD   w_down              x += w_down hb
-       matvec STORE (+RMSNorm) LM head    logits
+         matvec QKV   (+RoPE)             q -> scratch; k, v -> KV cache at pos
+         attention    (+Q8 of att)        att = softmax(q k^T / sqrt(d)) v, GQA
+         matvec ADD   wo (+RMSNorm, Q8)   x += wo att
+         matvec SWIGLU (+Q8 of hb)        hb = silu(gate x) * (up x)
+         matvec ADD   w_down (+RMSNorm)   x += w_down hb; the next layer's (or final) norm
+       matvec STORE LM head               logits
        copy logits to host-visible memory
    (Decode attention splits each head's positions over several workgroups; the last to finish
-   merges them, see attention.comp.)
+   merges them, see attention.comp. The "+" steps run in the dispatch's last workgroup(s) to
+   finish, counted with atomics: fewer dispatches, and no workgroup re-reads the whole input.)
    Prefill (n tokens) runs the same layers with batched products (matmul.comp) and separate
    norm / RoPE+KV kernels. Positions, token ids and the RoPE cos/sin table live in small
    host-visible buffers, so the decode command buffer is recorded once and only resubmitted. */
@@ -55,7 +57,8 @@ static const char* const qvk_default_libs[] = {"libvulkan.so.1", "libvulkan.so",
 #define QVK_PORTABILITY_SUBSET "VK_KHR_portability_subset" /* in vulkan_beta.h, which we do not include */
 #define QVK_FENCE_TIMEOUT_NS (120ull * 1000 * 1000 * 1000)
 #define QVK_PUSH_BYTES 128
-#define QVK_BINDINGS 8
+#define QVK_BINDINGS QVK_MAX_BINDINGS
+#define QVK_PROFILE_MAX 1024 /* timestamps per decode step */
 
 /* ================================================================ errors */
 
@@ -104,7 +107,8 @@ static int qvk_vkfail(char* err, size_t n, VkResult r, const char* what) {
     X(vkDestroyInstance) X(vkEnumeratePhysicalDevices) X(vkGetPhysicalDeviceProperties)                     \
     X(vkGetPhysicalDeviceProperties2) X(vkGetPhysicalDeviceMemoryProperties)                                \
     X(vkGetPhysicalDeviceMemoryProperties2) X(vkGetPhysicalDeviceQueueFamilyProperties)                     \
-    X(vkEnumerateDeviceExtensionProperties) X(vkCreateDevice) X(vkGetDeviceProcAddr)
+    X(vkEnumerateDeviceExtensionProperties) X(vkCreateDevice) X(vkGetDeviceProcAddr)                     \
+    X(vkGetPhysicalDeviceFeatures2)
 
 #define QVK_DEVICE_FNS(X)                                                                                    \
     X(vkDestroyDevice) X(vkGetDeviceQueue) X(vkCreateBuffer) X(vkDestroyBuffer)                              \
@@ -116,7 +120,9 @@ static int qvk_vkfail(char* err, size_t n, VkResult r, const char* what) {
     X(vkAllocateCommandBuffers) X(vkFreeCommandBuffers) X(vkBeginCommandBuffer) X(vkEndCommandBuffer)        \
     X(vkResetCommandBuffer) X(vkCmdBindPipeline) X(vkCmdBindDescriptorSets) X(vkCmdPushConstants)            \
     X(vkCmdDispatch) X(vkCmdPipelineBarrier) X(vkCmdCopyBuffer) X(vkCmdFillBuffer) X(vkQueueSubmit)          \
-    X(vkCreateFence) X(vkDestroyFence) X(vkWaitForFences) X(vkResetFences) X(vkDeviceWaitIdle)
+    X(vkCreateFence) X(vkDestroyFence) X(vkWaitForFences) X(vkResetFences) X(vkDeviceWaitIdle)             \
+    X(vkCreateQueryPool) X(vkDestroyQueryPool) X(vkCmdResetQueryPool) X(vkCmdWriteTimestamp)                 \
+    X(vkGetQueryPoolResults)
 
 typedef struct {
     PFN_vkGetInstanceProcAddr vkGetInstanceProcAddr;
@@ -248,11 +254,22 @@ static void qvk_describe(qvk_inst* I, VkPhysicalDevice pd, qvk_device_info* d) {
 
     VkPhysicalDeviceSubgroupProperties sg = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES};
     VkPhysicalDeviceMaintenance3Properties m3 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MAINTENANCE_3_PROPERTIES, &sg};
+    VkPhysicalDeviceShaderIntegerDotProductProperties dp = {
+        VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_PROPERTIES, &m3};
+    VkPhysicalDeviceShaderIntegerDotProductFeatures df = {
+        VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_FEATURES};
     if (p.apiVersion >= VK_API_VERSION_1_1) {
-        VkPhysicalDeviceProperties2 p2 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, &m3};
+        const int has_dot = qvk_device_has_ext(I, pd, VK_KHR_SHADER_INTEGER_DOT_PRODUCT_EXTENSION_NAME);
+        VkPhysicalDeviceProperties2 p2 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, has_dot ? (void*)&dp : (void*)&m3};
         I->f.vkGetPhysicalDeviceProperties2(pd, &p2);
         d->subgroup_size = sg.subgroupSize;
         d->max_allocation = m3.maxMemoryAllocationSize;
+        if (has_dot) {
+            VkPhysicalDeviceFeatures2 f2 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, &df};
+            I->f.vkGetPhysicalDeviceFeatures2(pd, &f2);
+            d->int_dot = df.shaderIntegerDotProduct ? 1 : 0;
+            d->int_dot_fast = d->int_dot && dp.integerDotProduct4x8BitPackedSignedAccelerated;
+        }
     }
 
     VkPhysicalDeviceMemoryBudgetPropertiesEXT budget = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MEMORY_BUDGET_PROPERTIES_EXT};
@@ -286,7 +303,8 @@ static void qvk_describe(qvk_inst* I, VkPhysicalDevice pd, qvk_device_info* d) {
         snprintf(d->why_not, sizeof d->why_not, "no compute queue");
     else if (p.limits.maxComputeSharedMemorySize < 20480)
         snprintf(d->why_not, sizeof d->why_not, "only %u bytes of shared memory", p.limits.maxComputeSharedMemorySize);
-    else if (p.limits.maxComputeWorkGroupInvocations < 256 || p.limits.maxPushConstantsSize < QVK_PUSH_BYTES)
+    else if (p.limits.maxComputeWorkGroupInvocations < 256 || p.limits.maxPushConstantsSize < QVK_PUSH_BYTES ||
+             p.limits.maxPerStageDescriptorStorageBuffers < QVK_BINDINGS)
         snprintf(d->why_not, sizeof d->why_not, "compute limits too small");
     else if (heap < 0)
         snprintf(d->why_not, sizeof d->why_not, "no device-local memory");
@@ -580,14 +598,19 @@ int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* er
     c->f->vkGetPhysicalDeviceMemoryProperties(c->pd, &c->mem);
     qvk_compute_family(&c->I, c->pd, &c->family);
 
-    const char* exts[2];
+    const char* exts[3];
     uint32_t n_exts = 0;
     if (qvk_device_has_ext(&c->I, c->pd, VK_EXT_MEMORY_BUDGET_EXTENSION_NAME))
         exts[n_exts++] = VK_EXT_MEMORY_BUDGET_EXTENSION_NAME;
     if (qvk_device_has_ext(&c->I, c->pd, QVK_PORTABILITY_SUBSET)) exts[n_exts++] = QVK_PORTABILITY_SUBSET;
+    /* packed integer dot products for the decode Q4/Q8 products, where offered */
+    VkPhysicalDeviceShaderIntegerDotProductFeatures dot = {
+        VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_FEATURES, NULL, VK_TRUE};
+    if (c->info.int_dot) exts[n_exts++] = VK_KHR_SHADER_INTEGER_DOT_PRODUCT_EXTENSION_NAME;
     float prio = 1.0f;
     VkDeviceQueueCreateInfo qi = {VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO, NULL, 0, c->family, 1, &prio};
     VkDeviceCreateInfo di = {VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO};
+    if (c->info.int_dot) di.pNext = &dot;
     di.queueCreateInfoCount = 1;
     di.pQueueCreateInfos = &qi;
     di.enabledExtensionCount = n_exts;
@@ -901,6 +924,19 @@ struct qvk_model {
     qvk_buffer logits; /* (logit_rows, vocab) */
     qvk_buffer att_part, att_done; /* decode attention splits: (n_heads, splits, head_dim + 2), (n_heads,) */
     int att_splits;
+    /* decode inputs, prepared once per product (act.glsl): two halves, each act_w floats, act_w/4
+       words of Q8 ints and act_w/32 (scale, sum) pairs; the producers alternate between them */
+    qvk_buffer act, cnt; /* cnt: the counters of the "last workgroup finishes up" epilogues */
+    uint32_t act_w, act_half;
+    int int_dot; /* decode Q4/Q8 products use the packed integer dot product shaders */
+    /* decode profile (opts.profile): a timestamp after every dispatch of the step */
+    VkQueryPool qpool;
+    int n_ts;
+    const char* ts_label[QVK_PROFILE_MAX];
+    qvk_profile_entry prof[64];
+    int n_prof;
+    double prof_step_ns, ts_period;
+    long prof_steps;
     qvk_buffer readback, params, rope; /* host-visible: logits, [start, n, -, -, tokens...], cos/sin */
     float* inv_freq;
     qvk_sets sets;
@@ -1000,6 +1036,7 @@ static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* 
     bytes += (size_t)batch * 4 * ((size_t)D + (size_t)widest + (size_t)widest / 32 + 1 + (size_t)(q_dim + 2 * kv_dim) + (size_t)q_dim + 2 * (size_t)H);
     bytes += (size_t)logit_rows * (size_t)V * 4 + 8 * 256 + (size_t)D * 4;
     bytes += (size_t)g->n_heads * 32 * ((size_t)g->head_dim + 2) * 4 + (size_t)g->n_heads * 4;
+    bytes += 2 * (((size_t)widest + 127) & ~(size_t)127) * 4 * 2 + (size_t)widest / 8 + 512; /* act (bound), cnt */
     p->bytes = bytes;
     p->batch = batch;
     p->logit_rows = logit_rows;
@@ -1039,7 +1076,8 @@ void qvk_model_destroy(qvk_model* m) {
     free(m->layers);
     qvk_matrix_free(c, &m->embed);
     qvk_matrix_free(c, &m->output_own);
-    qvk_buffer* bufs[] = {&m->att_part, &m->att_done, &m->norm, &m->x, &m->xn, &m->xs, &m->qkv, &m->att, &m->gu, &m->logits, &m->readback, &m->params,
+    if (m->qpool) c->f->vkDestroyQueryPool(c->dev, m->qpool, NULL);
+    qvk_buffer* bufs[] = {&m->act, &m->cnt, &m->att_part, &m->att_done, &m->norm, &m->x, &m->xn, &m->xs, &m->qkv, &m->att, &m->gu, &m->logits, &m->readback, &m->params,
                           &m->rope};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) qvk_buffer_free(c, bufs[i]);
     VkCommandBuffer cbs[2] = {m->cb_decode, m->cb_prefill};
@@ -1210,13 +1248,34 @@ int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, 
     if (!rc) rc = qvk_buffer_new(c, B * m->q_dim * 4, QVK_MEM_DEVICE, &m->att, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * 2 * H * 4, QVK_MEM_DEVICE, &m->gu, err, n);
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->logit_rows * V * 4, QVK_MEM_DEVICE, &m->logits, err, n);
-    /* enough decode attention workgroups to fill a large GPU: about 256 */
-    m->att_splits = o->att_splits > 0 ? o->att_splits : 256 / cfg->n_heads;
+    /* decode attention workgroups: about 128 (an H100 timed 8 splits of 16 heads faster than 4 or 16:
+       more splits make the merge longer, fewer the positions per workgroup) */
+    m->att_splits = o->att_splits > 0 ? o->att_splits : 128 / cfg->n_heads;
     if (m->att_splits < 1) m->att_splits = 1;
     if (m->att_splits > 32) m->att_splits = 32;
     if (!rc) rc = qvk_buffer_new(c, (size_t)cfg->n_heads * m->att_splits * (cfg->head_dim + 2) * 4, QVK_MEM_DEVICE,
                                  &m->att_part, err, n);
     if (!rc) rc = qvk_buffer_new(c, (size_t)cfg->n_heads * 4, QVK_MEM_DEVICE, &m->att_done, err, n);
+    m->act_w = ((uint32_t)m->widest + 127u) & ~127u;
+    m->act_half = m->act_w + m->act_w / 4 + m->act_w / 16;
+    if (!rc) rc = qvk_buffer_new(c, (size_t)m->act_half * 2 * 4, QVK_MEM_DEVICE, &m->act, err, n);
+    /* slot 0: whole-dispatch epilogues; 1 + b: per-Q8-block ones */
+    if (!rc) rc = qvk_buffer_new(c, ((size_t)m->act_w / 32 + 8) * 4, QVK_MEM_DEVICE, &m->cnt, err, n);
+    m->int_dot = c->info.int_dot && (o->int_dot > 0 || (o->int_dot < 0 && c->info.int_dot_fast));
+    if (!rc && o->profile) { /* only where the queue has timestamps; else the profile stays empty */
+        uint32_t nq = 0;
+        c->f->vkGetPhysicalDeviceQueueFamilyProperties(c->pd, &nq, NULL);
+        VkQueueFamilyProperties* qf = calloc(nq + 1, sizeof *qf);
+        if (qf) c->f->vkGetPhysicalDeviceQueueFamilyProperties(c->pd, &nq, qf);
+        if (qf && c->family < nq && qf[c->family].timestampValidBits) {
+            VkQueryPoolCreateInfo qi = {VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO};
+            qi.queryType = VK_QUERY_TYPE_TIMESTAMP;
+            qi.queryCount = QVK_PROFILE_MAX;
+            if (c->f->vkCreateQueryPool(c->dev, &qi, NULL, &m->qpool) != VK_SUCCESS) m->qpool = VK_NULL_HANDLE;
+            m->ts_period = c->limits.timestampPeriod;
+        }
+        free(qf);
+    }
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->logit_rows * V * 4, QVK_MEM_READBACK, &m->readback, err, n);
     if (!rc) rc = qvk_buffer_new(c, (4 + B) * 4, QVK_MEM_UPLOAD, &m->params, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * cfg->head_dim * 4, QVK_MEM_UPLOAD, &m->rope, err, n);
@@ -1260,6 +1319,7 @@ int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, 
         if (qvk_cmd_begin(c, cb, 1) != VK_SUCCESS) rc = qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
         if (!rc) {
             c->f->vkCmdFillBuffer(cb, m->att_done.buf, 0, VK_WHOLE_SIZE, 0);
+            c->f->vkCmdFillBuffer(cb, m->cnt.buf, 0, VK_WHOLE_SIZE, 0);
             if (c->f->vkEndCommandBuffer(cb) != VK_SUCCESS) rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
         }
         if (!rc) rc = qvk_submit_wait(c, cb, err, n);
@@ -1280,13 +1340,23 @@ int qvk_model_logit_rows(const qvk_model* m) { return m->logit_rows; }
 
 static const char* const qvk_dt_suffix[4] = {"f32", "f16", "q8", "q4"};
 
+static int qvk_is_quant(int dtype) { return dtype == QORA_Q4 || dtype == QORA_Q8; }
+
 enum { QVK_STORE = 0, QVK_ADD = 1, QVK_SWIGLU = 2, QVK_QKV = 3 };
 
 typedef struct { /* matvec.comp's push constants */
-    uint32_t rows, cols, x_off, y_off;
-    float eps;
+    uint32_t rows, cols, in_base, y_off, act_w;
     uint32_t q_dim, kv_dim, head_dim, use_rope;
+    uint32_t epi_n, out_base;
+    float eps;
 } qvk_mv_push;
+
+typedef struct {
+    uint32_t n, src, out_base, act_w;
+    float eps;
+} qvk_quant_push;
+
+enum { QVK_EPI_NONE = 0, QVK_EPI_QUANT = 1, QVK_EPI_NORM = 2 };
 
 typedef struct {
     uint32_t rows, cols, n_tok, ldx, ldy, y_off;
@@ -1302,7 +1372,7 @@ typedef struct {
 } qvk_rope_push;
 
 typedef struct {
-    uint32_t n_heads, n_kv_heads, head_dim, ld_q, ld_out;
+    uint32_t n_heads, n_kv_heads, head_dim, ld_q, ld_out, out_base, act_w;
 } qvk_att_push;
 
 typedef struct {
@@ -1336,6 +1406,8 @@ typedef struct {
     char* err;
     size_t n;
     int rc;
+    int prof;          /* write a timestamp after each step (profiled decode) */
+    const char* label; /* what the next dispatch is called in the profile */
 } qvk_rec;
 
 static void qvk_rec_dispatch(qvk_rec* R, const char* shader, const uint32_t* spec, int n_spec, const VkBuffer* binds,
@@ -1350,20 +1422,33 @@ static void qvk_rec_dispatch(qvk_rec* R, const char* shader, const uint32_t* spe
     }
     R->rc = qvk_dispatch(c, &R->m->sets, R->cb, pipe, binds, push, push_bytes, gx, gy, gz, R->err, R->n);
     if (!R->rc && barrier) qvk_compute_barrier(c, R->cb);
+    if (!R->rc && barrier && R->prof && R->m->n_ts < QVK_PROFILE_MAX) {
+        R->m->ts_label[R->m->n_ts] = R->label ? R->label : shader;
+        c->f->vkCmdWriteTimestamp(R->cb, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, R->m->qpool, (uint32_t)R->m->n_ts++);
+    }
 }
 
-static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer nw, VkBuffer x, uint32_t x_off,
-                           VkBuffer y, uint32_t y_off, VkBuffer kc, VkBuffer vc, int use_rope) {
+/* A decode product y = W x with x prepared in the activation half at in_base; epi: the last
+   workgroup prepares y[0, epi_n) (normalized with nq for QVK_EPI_NORM) into the half at out_base. */
+static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, uint32_t in_base, VkBuffer y, uint32_t y_off,
+                           VkBuffer kc, VkBuffer vc, int use_rope, int epi, VkBuffer nq, uint32_t epi_n,
+                           uint32_t out_base) {
     qvk_model* m = R->m;
     char name[32];
-    snprintf(name, sizeof name, "matvec_%s", qvk_dt_suffix[M->dtype]);
+    const int dot = m->int_dot && qvk_is_quant(M->dtype);
+    snprintf(name, sizeof name, "matvec_%s%s", qvk_dt_suffix[M->dtype], dot ? "_dot" : "");
     const uint32_t rows_per = qvk_mv_rows(m, mode, M->cols);
-    const uint32_t spec[5] = {qvk_mv_threads(m, M->dtype, M->cols), rows_per, (uint32_t)mode, nw ? 1u : 0u,
+    const uint32_t spec[5] = {qvk_mv_threads(m, M->dtype, M->cols), rows_per, (uint32_t)mode, (uint32_t)epi,
                               (uint32_t)m->kv_f16};
+    if (epi && M->n_chunks != 1) { /* the epilogue counts the workgroups of one dispatch */
+        R->rc = qvk_fail(R->err, R->n, QVK_ERR_ARGS, "a chunked matrix cannot finish with an epilogue");
+        return;
+    }
     for (int i = 0; i < M->n_chunks; i++) {
         const qvk_chunk* ch = &M->chunks[i];
-        qvk_mv_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, x_off, y_off + (uint32_t)ch->r0, m->cfg.norm_eps,
-                         (uint32_t)m->q_dim, (uint32_t)m->kv_dim, (uint32_t)m->cfg.head_dim, (uint32_t)use_rope};
+        qvk_mv_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, in_base, y_off + (uint32_t)ch->r0, m->act_w,
+                         (uint32_t)m->q_dim, (uint32_t)m->kv_dim, (uint32_t)m->cfg.head_dim, (uint32_t)use_rope,
+                         epi_n, out_base, m->cfg.norm_eps};
         uint32_t groups;
         if (mode == QVK_SWIGLU) {
             p.rows = (uint32_t)ch->rows / 2; /* the gate half */
@@ -1373,9 +1458,19 @@ static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer n
         } else {
             groups = ((uint32_t)ch->rows + rows_per - 1) / rows_per;
         }
-        VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, x, nw, y, kc, vc, m->params.buf, m->rope.buf};
+        VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, 0, 0, y, kc, vc, m->params.buf, m->rope.buf, m->act.buf, m->cnt.buf, nq, 0};
         qvk_rec_dispatch(R, name, spec, 5, b, &p, sizeof p, groups, 1, 1, i == M->n_chunks - 1);
     }
+}
+
+/* Prepare n elements of src from element `off` (normalized with nq if given) into the activation
+   half at out_base, in one workgroup. */
+static void qvk_rec_quant(qvk_rec* R, VkBuffer src, uint32_t off, uint32_t n_el, VkBuffer nq, uint32_t out_base) {
+    qvk_model* m = R->m;
+    const uint32_t spec[2] = {256, nq ? 1u : 0u};
+    qvk_quant_push p = {n_el, off, out_base, m->act_w, m->cfg.norm_eps};
+    VkBuffer b[QVK_BINDINGS] = {0, 0, 0, src, 0, 0, 0, 0, m->act.buf, m->cnt.buf, nq, 0};
+    qvk_rec_dispatch(R, "quant", spec, 2, b, &p, sizeof p, 1, 1, 1, 1);
 }
 
 static void qvk_rec_matmul(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer x, uint32_t ldx, VkBuffer y,
@@ -1386,7 +1481,7 @@ static void qvk_rec_matmul(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer x
     for (int i = 0; i < M->n_chunks; i++) {
         const qvk_chunk* ch = &M->chunks[i];
         qvk_mm_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, n_tok, ldx, ldy, (uint32_t)ch->r0};
-        VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, x, R->m->xs.buf, y, 0, 0, 0, 0};
+        VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, x, R->m->xs.buf, y};
         qvk_rec_dispatch(R, name, spec, 2, b, &p, sizeof p, ((uint32_t)ch->rows + 63) / 64, (n_tok + 63) / 64, 1,
                          i == M->n_chunks - 1);
     }
@@ -1398,7 +1493,7 @@ static void qvk_rec_prep(qvk_rec* R, VkBuffer x, uint32_t n_el, uint32_t ld_in, 
     qvk_model* m = R->m;
     const uint32_t spec[4] = {0, nw ? 1u : 0u, q8 ? 1u : 0u, swiglu ? 1u : 0u};
     qvk_prep_push p = {n_el, ld_in, n_el, m->cfg.norm_eps};
-    VkBuffer b[QVK_BINDINGS] = {0, x, nw, m->xn.buf, m->xs.buf, 0, 0, 0};
+    VkBuffer b[QVK_BINDINGS] = {0, x, nw, m->xn.buf, m->xs.buf};
     qvk_rec_dispatch(R, "prep", spec, 4, b, &p, sizeof p, n_tok, 1, 1, 1);
 }
 
@@ -1409,25 +1504,24 @@ static void qvk_rec_embed(qvk_rec* R, uint32_t n_tok) {
     for (int i = 0; i < m->embed.n_chunks; i++) {
         const qvk_chunk* ch = &m->embed.chunks[i];
         qvk_embed_push p = {(uint32_t)ch->rows, (uint32_t)m->embed.cols, (uint32_t)ch->r0, (uint32_t)m->cfg.dim};
-        VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, 0, 0, m->x.buf, 0, 0, m->params.buf, 0};
+        VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, 0, 0, m->x.buf, 0, 0, m->params.buf};
         qvk_rec_dispatch(R, name, NULL, 0, b, &p, sizeof p, n_tok, 1, 1, i == m->embed.n_chunks - 1);
     }
 }
 
 /* Prefill: a workgroup per (head, token). Decode: the positions split over att_splits workgroups
-   per head too, merged by the last of them (see attention.comp). */
-static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok) {
+   per head too, merged by the last of them, and the output quantized for wo into the activation
+   half at out_base (see attention.comp). */
+static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, uint32_t out_base) {
     qvk_model* m = R->m;
     const uint32_t splits = n_tok == 1 ? (uint32_t)m->att_splits : 1u;
-    const uint32_t spec[3] = {64, (uint32_t)m->kv_f16, splits};
+    const uint32_t spec[5] = {64, (uint32_t)m->kv_f16, splits, n_tok == 1 ? 1u : 0u, (uint32_t)m->cfg.head_dim};
     qvk_att_push p = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
-                      (uint32_t)m->qkv_dim, (uint32_t)m->q_dim};
+                      (uint32_t)m->qkv_dim, (uint32_t)m->q_dim, out_base, m->act_w};
     VkBuffer b[QVK_BINDINGS] = {m->att_part.buf, m->qkv.buf, 0, m->att.buf, L->kc.buf, L->vc.buf, m->params.buf,
-                                m->att_done.buf};
-    qvk_rec_dispatch(R, "attention", spec, 3, b, &p, sizeof p, (uint32_t)m->cfg.n_heads, n_tok, splits, 1);
+                                m->att_done.buf, m->act.buf, m->cnt.buf};
+    qvk_rec_dispatch(R, "attention", spec, 5, b, &p, sizeof p, (uint32_t)m->cfg.n_heads, n_tok, splits, 1);
 }
-
-static int qvk_is_quant(int dtype) { return dtype == QORA_Q4 || dtype == QORA_Q8; }
 
 /* The LM head's rows copied back to the host. */
 static void qvk_rec_readback(qvk_rec* R, uint32_t rows) {
@@ -1442,24 +1536,44 @@ static void qvk_rec_readback(qvk_rec* R, uint32_t rows) {
                 VK_ACCESS_HOST_READ_BIT);
 }
 
-/* One token (position from the params buffer): the whole step in one command buffer. */
+/* One token (position from the params buffer): the whole step in one command buffer. Each
+   product's input is prepared by the dispatch before it, alternating between the activation
+   halves A and B: embed, quant (attn norm) -> A; per layer qkv(A), attention -> B, wo(B) + ffn norm
+   -> A, gate/up(A) -> B, down(B) + next norm -> A; LM head(A). */
 static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, char* err, size_t n) {
-    qvk_rec R = {m, cb, err, n, 0};
+    qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL};
+    const uint32_t A = 0, B = m->act_half, D = (uint32_t)m->cfg.dim;
     if (qvk_cmd_begin(m->c, cb, 0) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
     /* the host wrote params/rope before submitting: make those writes visible */
     qvk_barrier(m->c, cb, VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
                 VK_ACCESS_SHADER_READ_BIT);
+    if (R.prof) {
+        m->n_ts = 0;
+        m->c->f->vkCmdResetQueryPool(cb, m->qpool, 0, QVK_PROFILE_MAX);
+        m->ts_label[m->n_ts] = "start";
+        m->c->f->vkCmdWriteTimestamp(cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, m->qpool, (uint32_t)m->n_ts++);
+    }
+    R.label = "embed";
     qvk_rec_embed(&R, 1);
+    R.label = "quant";
+    qvk_rec_quant(&R, m->x.buf, 0, D, m->layers[0].attn_norm.buf, A);
     for (int l = 0; l < m->cfg.n_layers; l++) {
         const qvk_layer* L = &m->layers[l];
-        qvk_rec_matvec(&R, &L->wqkv, QVK_QKV, L->attn_norm.buf, m->x.buf, 0, m->qkv.buf, 0, L->kc.buf, L->vc.buf,
-                       L->use_rope);
-        qvk_rec_attention(&R, L, 1);
-        qvk_rec_matvec(&R, &L->wo, QVK_ADD, 0, m->att.buf, 0, m->x.buf, 0, 0, 0, 0);
-        qvk_rec_matvec(&R, &L->wgu, QVK_SWIGLU, L->ffn_norm.buf, m->x.buf, 0, m->xn.buf, 0, 0, 0, 0);
-        qvk_rec_matvec(&R, &L->wdown, QVK_ADD, 0, m->xn.buf, 0, m->x.buf, 0, 0, 0, 0);
+        VkBuffer next_norm = l + 1 < m->cfg.n_layers ? m->layers[l + 1].attn_norm.buf : m->norm.buf;
+        R.label = "qkv";
+        qvk_rec_matvec(&R, &L->wqkv, QVK_QKV, A, m->qkv.buf, 0, L->kc.buf, L->vc.buf, L->use_rope, QVK_EPI_NONE, 0, 0, 0);
+        R.label = "attention";
+        qvk_rec_attention(&R, L, 1, B);
+        R.label = "wo";
+        qvk_rec_matvec(&R, &L->wo, QVK_ADD, B, m->x.buf, 0, 0, 0, 0, QVK_EPI_NORM, L->ffn_norm.buf, D, A);
+        R.label = "gate_up";
+        qvk_rec_matvec(&R, &L->wgu, QVK_SWIGLU, A, m->xn.buf, 0, 0, 0, 0, QVK_EPI_QUANT, 0,
+                       (uint32_t)m->cfg.hidden_dim, B);
+        R.label = "down";
+        qvk_rec_matvec(&R, &L->wdown, QVK_ADD, B, m->x.buf, 0, 0, 0, 0, QVK_EPI_NORM, next_norm, D, A);
     }
-    qvk_rec_matvec(&R, m->output, QVK_STORE, m->norm.buf, m->x.buf, 0, m->logits.buf, 0, 0, 0, 0);
+    R.label = "lm_head";
+    qvk_rec_matvec(&R, m->output, QVK_STORE, A, m->logits.buf, 0, 0, 0, 0, QVK_EPI_NONE, 0, 0, 0);
     qvk_rec_readback(&R, 1);
     if (m->c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !R.rc)
         R.rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
@@ -1468,7 +1582,7 @@ static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, char* err, size_t
 
 /* n_tok > 1 tokens: batched products; logits for every token (all_logits) or the last. */
 static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int all_logits, char* err, size_t n) {
-    qvk_rec R = {m, cb, err, n, 0};
+    qvk_rec R = {m, cb, err, n, 0, 0, NULL};
     const uint32_t D = (uint32_t)m->cfg.dim, H = (uint32_t)m->cfg.hidden_dim;
     if (qvk_cmd_begin(m->c, cb, 1) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
     qvk_barrier(m->c, cb, VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
@@ -1484,7 +1598,7 @@ static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int
         VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, L->kc.buf, L->vc.buf, m->params.buf, m->rope.buf};
         const uint32_t kv_spec[2] = {0, (uint32_t)m->kv_f16};
         qvk_rec_dispatch(&R, "rope_kv", kv_spec, 2, rb, &rp, sizeof rp, nt, 1, 1, 1);
-        qvk_rec_attention(&R, L, nt);
+        qvk_rec_attention(&R, L, nt, 0);
         /* output projection + residual */
         VkBuffer att_in = m->att.buf;
         if (qvk_is_quant(L->wo.dtype)) {
@@ -1502,12 +1616,43 @@ static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int
         qvk_rec_prep(&R, m->x.buf, D, D, m->norm.buf, 0, qvk_is_quant(m->output->dtype), nt);
         qvk_rec_matmul(&R, m->output, QVK_STORE, m->xn.buf, D, m->logits.buf, (uint32_t)m->cfg.vocab_size, nt);
     } else {
-        qvk_rec_matvec(&R, m->output, QVK_STORE, m->norm.buf, m->x.buf, (nt - 1) * D, m->logits.buf, 0, 0, 0, 0);
+        qvk_rec_quant(&R, m->x.buf, (nt - 1) * D, D, m->norm.buf, 0);
+        qvk_rec_matvec(&R, m->output, QVK_STORE, 0, m->logits.buf, 0, 0, 0, 0, QVK_EPI_NONE, 0, 0, 0);
     }
     qvk_rec_readback(&R, all_logits ? nt : 1);
     if (m->c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !R.rc)
         R.rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
     return R.rc;
+}
+
+/* Add the last decode step's timestamps to the per-label totals. */
+static void qvk_profile_collect(qvk_model* m) {
+    uint64_t ts[QVK_PROFILE_MAX];
+    if (m->c->f->vkGetQueryPoolResults(m->c->dev, m->qpool, 0, (uint32_t)m->n_ts, sizeof ts, ts, 8,
+                                       VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT) != VK_SUCCESS)
+        return;
+    for (int i = 1; i < m->n_ts; i++) {
+        int e = 0;
+        while (e < m->n_prof && strcmp(m->prof[e].name, m->ts_label[i])) e++;
+        if (e == m->n_prof) {
+            if (m->n_prof == (int)(sizeof m->prof / sizeof *m->prof)) continue;
+            memset(&m->prof[e], 0, sizeof m->prof[e]);
+            snprintf(m->prof[e].name, sizeof m->prof[e].name, "%s", m->ts_label[i]);
+            m->n_prof++;
+        }
+        m->prof[e].ns += (double)(ts[i] - ts[i - 1]) * m->ts_period;
+        m->prof[e].calls++;
+    }
+    m->prof_step_ns += (double)(ts[m->n_ts - 1] - ts[0]) * m->ts_period;
+    m->prof_steps++;
+}
+
+int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, double* step_ns, long* steps) {
+    int k = m->n_prof < cap ? m->n_prof : cap;
+    if (k > 0) memcpy(out, m->prof, (size_t)k * sizeof *out);
+    *step_ns = m->prof_step_ns;
+    *steps = m->prof_steps;
+    return k;
 }
 
 int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos, float* logits, int all_logits,
@@ -1557,6 +1702,7 @@ int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos,
         return rc;
     }
     m->n_forward++;
+    if (n == 1 && m->qpool && m->n_ts > 1) qvk_profile_collect(m);
     const int rows = all_logits ? n : 1;
     memcpy(logits, m->readback.map, (size_t)rows * m->cfg.vocab_size * sizeof(float));
     return QVK_OK;

@@ -8,35 +8,45 @@
 // Softmax is computed online in tiles of T positions (running max and sum), so any context
 // length works with fixed shared memory; thread i scores position p0+i of a tile, then each
 // thread accumulates its own output dimensions over the tile's values (coalesced V reads).
+// EPI=1 (decode): the output is quantized for the next product (act.glsl), which saves a dispatch:
+// each head's by the workgroup that writes it when a head is whole Q8 blocks, else all of it by
+// the last workgroup to finish.
 #include "common.glsl"
 
 layout(local_size_x_id = 0) in;
 layout(constant_id = 0) const uint T = 64;
 layout(constant_id = 1) const uint KV16 = 1;
 layout(constant_id = 2) const uint SPLITS = 1;
+layout(constant_id = 3) const uint EPI = 0;
+layout(constant_id = 4) const uint HD = 128; // head_dim: a constant, so the per-position loops unroll
+
+#include "act.glsl"
 
 layout(binding = 0) coherent buffer PART { float part[]; }; // SPLITS > 1: (token, head, split) x (m, l, hd values)
 layout(binding = 1) readonly buffer Q { vec4 q4[]; };
-layout(binding = 3) writeonly buffer O { float o[]; };
 layout(binding = 4) readonly buffer KC { uvec4 kc8[]; }; // KV16: 8 halves per load
 layout(binding = 4) readonly buffer KCF { vec4 kc4[]; };
 layout(binding = 5) readonly buffer VC { uint vc2[]; };  // KV16: 2 halves per word
 layout(binding = 5) readonly buffer VCF { float vcf[]; };
 layout(binding = 6) readonly buffer P { uint params[]; };
-layout(binding = 7) coherent buffer CNT { uint done[]; }; // SPLITS > 1: finished splits per (token, head)
+layout(binding = 7) coherent buffer DONE { uint done[]; }; // SPLITS > 1: finished splits per (token, head)
 
 layout(push_constant) uniform PC {
     uint n_heads;
     uint n_kv_heads;
-    uint head_dim;  // a multiple of 8, at most 256
+    uint head_dim;  // = HD: a multiple of 8, at most 256
     uint ld_q;      // floats between tokens in the q source
     uint ld_out;
+    uint out_base;  // EPI: the activation half to fill, its width
+    uint act_w;
 } pc;
 
 shared vec4 qs[64];
 shared float ps[T];
 shared float red[64];
 shared bool last;
+
+float v_at(uint e) { return KV16 != 0u ? unpackHalf2x16(vc2[e / 2u])[e & 1u] : vcf[e]; }
 
 float wg_max(float v) {
     v = subgroupMax(v);
@@ -58,13 +68,26 @@ float wg_sum(float v) {
     return r;
 }
 
+// Decode: prepare the input of the output projection once head h's output is written (one token;
+// with SPLITS > 1 only the merging workgroups get here).
+void finish(uint h) {
+    if (EPI == 0u) return;
+    if (HD % 32u == 0u) {
+        memoryBarrierBuffer(); // the other threads' y writes
+        barrier();
+        act_fill(HD, h * HD, h * HD, pc.out_base, pc.act_w, false, 0.0);
+    } else if (act_arrive_last(0u, pc.n_heads)) {
+        act_fill(pc.n_heads * HD, 0u, 0u, pc.out_base, pc.act_w, false, 0.0);
+    }
+}
+
 void main() {
     const uint tid = gl_LocalInvocationID.x;
     const uint h = gl_WorkGroupID.x, t = gl_WorkGroupID.y, split = gl_WorkGroupID.z;
     const uint n_pos = params[0] + t + 1u;
     const uint per = (n_pos + SPLITS - 1u) / SPLITS; // positions of each split
     const uint p_begin = min(n_pos, split * per), p_end = min(n_pos, p_begin + per);
-    const uint hd = pc.head_dim, hd4 = pc.head_dim / 4u;
+    const uint hd = HD, hd4 = HD / 4u;
     const uint kv_dim = pc.n_kv_heads * hd;
     const uint kb = (h / (pc.n_heads / pc.n_kv_heads)) * hd; // this head's KV head
     const float scale = 1.0 / sqrt(float(hd));
@@ -102,10 +125,16 @@ void main() {
             uint d = tid + k * T;
             if (d < hd) {
                 float a = acc[k] * corr;
-                for (uint i = 0u; i < cnt; i++) {
+                uint i = 0u;
+                for (; i + 4u <= cnt; i += 4u) { // four loads in flight, then the adds in order
                     uint e = (p0 + i) * kv_dim + kb + d;
-                    a += ps[i] * (KV16 != 0u ? unpackHalf2x16(vc2[e / 2u])[e & 1u] : vcf[e]);
+                    vec4 v = vec4(v_at(e), v_at(e + kv_dim), v_at(e + 2u * kv_dim), v_at(e + 3u * kv_dim));
+                    a += ps[i] * v.x;
+                    a += ps[i + 1u] * v.y;
+                    a += ps[i + 2u] * v.z;
+                    a += ps[i + 3u] * v.w;
                 }
+                for (; i < cnt; i++) a += ps[i] * v_at((p0 + i) * kv_dim + kb + d);
                 acc[k] = a;
             }
         }
@@ -116,8 +145,9 @@ void main() {
     if (SPLITS == 1u) {
         for (uint k = 0u; k < 4u; k++) {
             uint d = tid + k * T;
-            if (d < hd) o[ob + d] = acc[k] / l;
+            if (d < hd) y[ob + d] = acc[k] / l;
         }
+        finish(h);
         return;
     }
     // publish this split, count it; the last split of (token, head) merges them all
@@ -147,8 +177,9 @@ void main() {
         if (d < hd) {
             float a = 0.0;
             for (uint i = 0u; i < SPLITS; i++) a += exp(part[b0 + i * stride] - mx) * part[b0 + i * stride + 2u + d];
-            o[ob + d] = a / sum;
+            y[ob + d] = a / sum;
         }
     }
     if (tid == 0u) done[slot] = 0u; // ready for the next step
+    finish(h);
 }

@@ -1,30 +1,35 @@
 #version 450
 // Decode mat-vec: y = W x for one token, W in its stored type (DTYPE 0 f32, 1 f16, 2 q8, 3 q4).
-// One workgroup computes R rows; thread t takes input units t, t+T, ... and uses each for all R rows,
-// so the input is read (and, for Q4/Q8, quantized) once per workgroup and every weight byte once.
-// Fused around the product, chosen by specialization constants:
-//   NORM   the input is RMS-normalized first (attention / MLP / final norm)
+// The input was prepared once for the token (act.glsl): Q8 blocks (packed int8 + scale + sum) for
+// Q4/Q8 weights, floats for F16/F32. One workgroup computes R rows; thread t takes input blocks
+// t, t+T, ... and uses each for all R rows, so every weight byte is read once and each block dot is
+// an exact integer sum (the CPU engine's arithmetic; DOT=1 uses the device's packed 4x8 dot).
+// Around the product, by specialization constants:
 //   MODE   STORE y = Wx, ADD y += Wx (residual), SWIGLU y = silu(Wg x) * (Wu x),
 //          QKV: q, k, v rows with RoPE on q and k, k and v written straight into the KV cache
 //          (f16 or f32: KV16) at the current position. Rows go in quads j, j+1, j+head_dim/2, j+1+head_dim/2 (j even):
 //          the rotation pairs of two neighbours, so one thread writes whole f16 pairs.
-// For Q4/Q8 the input is quantized to Q8 blocks exactly as the CPU engine does, and each block's
-// integer dot product is exact in float (|sum| < 2^24), so the logits match the CPU's.
+//   EPI    0, or the next product's input is prepared from the finished y into the other half of
+//          binding 8: 1 quantize (by the last workgroup to finish each Q8 block of y, where a
+//          workgroup's rows lie in one block), 2 RMS-normalize with NQ and quantize (by the last
+//          workgroup to finish).
+#if DOT
+#extension GL_EXT_spirv_intrinsics : require
+#endif
 #include "common.glsl"
 
 layout(local_size_x_id = 0) in;
 layout(constant_id = 0) const uint T = 64;
 layout(constant_id = 1) const uint R = 4;  // QKV: a multiple of 4; SWIGLU: even
 layout(constant_id = 2) const uint MODE = 0;
-layout(constant_id = 3) const uint NORM = 0;
+layout(constant_id = 3) const uint EPI = 0;
 layout(constant_id = 4) const uint KV16 = 1;
+
+#include "act.glsl"
 
 layout(binding = 0) readonly buffer W4 { uvec4 w4[]; };
 layout(binding = 0) readonly buffer W1 { uint w1[]; };
 layout(binding = 0) readonly buffer WF { vec4 wf4[]; };
-layout(binding = 1) readonly buffer X4 { vec4 x4[]; };
-layout(binding = 2) readonly buffer NW { vec4 nw4[]; };
-layout(binding = 3) buffer Y { float y[]; };
 layout(binding = 4) writeonly buffer KC { uint kc[]; }; // KV16: f16 pairs
 layout(binding = 4) writeonly buffer KCF { float kcf[]; };
 layout(binding = 5) writeonly buffer VC { uint vc[]; };
@@ -35,13 +40,16 @@ layout(binding = 7) readonly buffer RC { float rope_cs[]; };
 layout(push_constant) uniform PC {
     uint rows;     // rows of this chunk (SWIGLU: of the gate half; QKV: q_dim + 2 kv_dim)
     uint cols;
-    uint x_off;    // first input element in x (a multiple of 4)
+    uint in_base;  // the activation half holding the input (words)
     uint y_off;    // output index of row 0
-    float eps;
+    uint act_w;
     uint q_dim;    // QKV only
     uint kv_dim;
     uint head_dim;
     uint use_rope;
+    uint epi_n;    // EPI: elements of y to prepare, into the half at out_base
+    uint out_base;
+    float eps;
 } pc;
 
 #if DTYPE >= 2
@@ -51,11 +59,25 @@ layout(push_constant) uniform PC {
 #else
 #define UNIT 4u
 #endif
-#define XV (UNIT / 4u)
+
+#if DOT
+// OpSDot on 4 packed signed bytes (SPV_KHR_integer_dot_product; glslang of Debian 12 predates
+// GL_EXT_integer_dot_product, so the instruction is named directly)
+spirv_instruction(extensions = ["SPV_KHR_integer_dot_product"], capabilities = [6019, 6018], id = 4450)
+int sdot4x8(int a, int b, spirv_literal int fmt);
+int dot4(uint a, uint b) { return sdot4x8(int(a), int(b), 0); }
+#else
+int dot4(uint a, uint b) {
+    ivec4 va = ivec4(bitfieldExtract(int(a), 0, 8), bitfieldExtract(int(a), 8, 8), bitfieldExtract(int(a), 16, 8),
+                     bitfieldExtract(int(a), 24, 8));
+    ivec4 vb = ivec4(bitfieldExtract(int(b), 0, 8), bitfieldExtract(int(b), 8, 8), bitfieldExtract(int(b), 16, 8),
+                     bitfieldExtract(int(b), 24, 8));
+    return (va.x * vb.x + va.y * vb.y) + (va.z * vb.z + va.w * vb.w);
+}
+#endif
 
 shared float red[R * 64u];
 shared float fin[R];
-shared float inv_rms;
 
 // The weight row that slot s of workgroup wg computes; false past the end.
 bool slot_row(uint wg, uint s, out uint row) {
@@ -81,92 +103,61 @@ void main() {
     const uint wg = gl_WorkGroupID.x + gl_WorkGroupID.y * gl_NumWorkGroups.x; // >65535 groups
     const uint stored_rows = MODE == MODE_SWIGLU ? 2u * pc.rows : pc.rows;
     const uint nu = pc.cols / UNIT;
-    const uint xo = pc.x_off / 4u;
 
-    // RMSNorm's 1/rms over the whole input (every workgroup computes it: cheaper than a dispatch)
-    float xs = 1.0;
-    if (NORM != 0u) {
-        float ss = 0.0;
-        for (uint i = tid; i < pc.cols / 4u; i += T) {
-            vec4 v = x4[xo + i];
-            ss += dot(v, v);
-        }
-        ss = subgroupAdd(ss);
-        if (subgroupElect()) red[gl_SubgroupID] = ss;
-        barrier();
-        if (tid == 0u) {
-            float t = 0.0;
-            for (uint i = 0u; i < gl_NumSubgroups; i++) t += red[i];
-            inv_rms = 1.0 / sqrt(t / float(pc.cols) + pc.eps);
-        }
-        barrier();
-        xs = inv_rms;
+    uint rowv[R];
+    bool live[R];
+    for (uint s = 0u; s < R; s++) {
+        live[s] = slot_row(wg, s, rowv[s]);
+        if (!live[s]) rowv[s] = 0u; // computed and dropped: no branch between the R loads
     }
 
     float acc[R];
     for (uint s = 0u; s < R; s++) acc[s] = 0.0;
 
-    for (uint u = tid; u < nu; u += T) {
-        vec4 xv[XV];
-        for (uint i = 0u; i < XV; i++) {
-            vec4 v = x4[xo + u * XV + i];
-            xv[i] = NORM != 0u ? nw4[u * XV + i] * (v * xs) : v;
-        }
 #if DTYPE >= 2
-        // quantize this block of the input to Q8 (values kept as exact integer-valued floats)
-        float amax = 0.0;
-        for (uint i = 0u; i < XV; i++) {
-            vec4 a = abs(xv[i]);
-            amax = max(amax, max(max(a.x, a.y), max(a.z, a.w)));
-        }
-        float dx, idx;
-        q8_scales(amax, dx, idx);
-        float xsum = 0.0;
-        for (uint i = 0u; i < XV; i++) {
-            xv[i] = roundEven(xv[i] * idx);
-            xsum += (xv[i].x + xv[i].y) + (xv[i].z + xv[i].w);
-        }
-        // reorder and pre-scale to match NIB4 / BYTE4 (see common.glsl)
-        vec4 xm[8];
-#if DTYPE == 3
-        // word c of a block: low nibbles = elements 4c..4c+3, high nibbles = 16+4c..16+4c+3
-        for (uint c = 0u; c < 4u; c++)
-            for (uint p = 0u; p < 2u; p++)
-                xm[2u * c + p] = vec4(xv[c][2u * p], xv[4u + c][2u * p] * (1.0 / 16.0),
-                                      xv[c][2u * p + 1u] * (1.0 / 256.0), xv[4u + c][2u * p + 1u] * (1.0 / 4096.0));
-#else
-        // word c of a block: elements 4c..4c+3
-        for (uint c = 0u; c < 8u; c++) xm[c] = xv[c] * vec4(1.0, 1.0 / 256.0, 1.0, 1.0 / 256.0);
-#endif
-#endif
+    const uint qb = act_q4(pc.in_base, pc.act_w), db = act_d2(pc.in_base, pc.act_w);
+    const uint sbase = stored_rows * nu * (DTYPE == 3 ? 4u : 8u); // first scale word
+    for (uint u = tid; u < nu; u += T) {
+        const uvec4 xa = aq4[qb + 2u * u], xb = aq4[qb + 2u * u + 1u]; // elements 0..15, 16..31
+        const vec2 xd = ad2[db + u];                                   // scale, sum of the ints
         for (uint s = 0u; s < R; s++) {
-            uint row;
-            if (!slot_row(wg, s, row)) continue;
-            const uint blk = row * nu + u;
+            const uint blk = rowv[s] * nu + u;
+            const float dw = SCALE_AT(w1, sbase, blk);
 #if DTYPE == 3
-            uvec4 q = w4[blk];
-            float dw = SCALE_AT(w1, stored_rows * nu * 4u, blk);
-            // sum (n - 8) x = sum n x - 8 sum x; every product and partial sum is an exact integer
-            float isum = 0.0;
-            for (uint c = 0u; c < 4u; c++)
-                isum += dot(NIB4(uvec4(q[c])), xm[2u * c]) + dot(NIB4(uvec4(q[c] >> 16)), xm[2u * c + 1u]);
-            acc[s] += (isum - 8.0 * xsum) * (dw * dx);
-#elif DTYPE == 2
-            uvec4 a = w4[2u * blk], b = w4[2u * blk + 1u];
-            float dw = SCALE_AT(w1, stored_rows * nu * 8u, blk);
-            // bytes come out as b + 128: subtract 128 sum x
-            float isum = 0.0;
-            for (uint c = 0u; c < 4u; c++) isum += dot(BYTE4(a[c]), xm[c]) + dot(BYTE4(b[c]), xm[4u + c]);
-            acc[s] += (isum - 128.0 * xsum) * (dw * dx);
-#elif DTYPE == 1
-            uvec4 q = w4[blk];
-            acc[s] += dot(vec4(unpackHalf2x16(q.x), unpackHalf2x16(q.y)), xv[0]) +
-                      dot(vec4(unpackHalf2x16(q.z), unpackHalf2x16(q.w)), xv[1]);
+            // word c: low nibbles = elements 4c..4c+3, high nibbles = 16+4c..; sum (n-8) x = sum n x - 8 sum x
+            const uvec4 q = w4[blk];
+            const uvec4 lo = q & 0x0F0F0F0Fu, hi = (q >> 4) & 0x0F0F0F0Fu;
+            int isum = (dot4(lo.x, xa.x) + dot4(lo.y, xa.y)) + (dot4(lo.z, xa.z) + dot4(lo.w, xa.w)) +
+                       (dot4(hi.x, xb.x) + dot4(hi.y, xb.y)) + (dot4(hi.z, xb.z) + dot4(hi.w, xb.w));
+            acc[s] += (float(isum) - 8.0 * xd.y) * (dw * xd.x);
 #else
-            acc[s] += dot(wf4[blk], xv[0]);
+            const uvec4 a = w4[2u * blk], b = w4[2u * blk + 1u];
+            int isum = (dot4(a.x, xa.x) + dot4(a.y, xa.y)) + (dot4(a.z, xa.z) + dot4(a.w, xa.w)) +
+                       (dot4(b.x, xb.x) + dot4(b.y, xb.y)) + (dot4(b.z, xb.z) + dot4(b.w, xb.w));
+            acc[s] += float(isum) * (dw * xd.x);
 #endif
         }
     }
+#else
+    const uint xf = pc.in_base / 4u;
+    for (uint u = tid; u < nu; u += T) {
+#if DTYPE == 1
+        const vec4 x0 = af4[xf + 2u * u], x1 = af4[xf + 2u * u + 1u];
+#else
+        const vec4 x0 = af4[xf + u];
+#endif
+        for (uint s = 0u; s < R; s++) {
+            const uint blk = rowv[s] * nu + u;
+#if DTYPE == 1
+            uvec4 q = w4[blk];
+            acc[s] += dot(vec4(unpackHalf2x16(q.x), unpackHalf2x16(q.y)), x0) +
+                      dot(vec4(unpackHalf2x16(q.z), unpackHalf2x16(q.w)), x1);
+#else
+            acc[s] += dot(wf4[blk], x0);
+#endif
+        }
+    }
+#endif
 
     // workgroup sums: subgroup adds, then one partial per subgroup through shared memory
     for (uint s = 0u; s < R; s++) {
@@ -239,5 +230,14 @@ void main() {
                 }
             }
         }
+    }
+
+    const uint outs = MODE == MODE_SWIGLU ? R / 2u : R; // outputs per workgroup (STORE, ADD, SWIGLU)
+    if (EPI == 1u && MODE != MODE_QKV && 32u % outs == 0u && pc.epi_n % 32u == 0u) {
+        const uint b = wg * outs / 32u; // this workgroup's Q8 block of y; slots 1.. count its workgroups
+        if (b < pc.epi_n / 32u && act_arrive_last(1u + b, 32u / outs))
+            act_fill(32u, 32u * b, 32u * b, pc.out_base, pc.act_w, false, pc.eps);
+    } else if (EPI != 0u && act_arrive_last(0u, gl_NumWorkGroups.x * gl_NumWorkGroups.y)) {
+        act_fill(pc.epi_n, 0u, 0u, pc.out_base, pc.act_w, EPI == 2u, pc.eps);
     }
 }
