@@ -143,6 +143,11 @@ static void qora_attend_group(const qora_kernels* K, const float* q, const void*
     const float scale = 1.0f / sqrtf((float)head_dim);
     const int h0 = g * group, h1 = (g + 1) * group;
     const size_t off = (size_t)g * head_dim;
+    if (kv_f16 && K->attend_f16 &&
+        K->attend_f16(q + (size_t)h0 * head_dim, (const uint16_t*)kc + off, (const uint16_t*)vc + off, n_pos, group,
+                      head_dim, kv_stride, scores + h0 * score_stride, score_stride, out + (size_t)h0 * head_dim,
+                      scale))
+        return;
     /* scores = q . k * head_dim^-0.5 */
     for (int t = 0; t < n_pos; t++) {
         const size_t row = (size_t)t * kv_stride + off;

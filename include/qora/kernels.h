@@ -11,6 +11,7 @@
 #include "tiles.h"
 #include "repack.h"
 #include "amx.h"
+#include "attention_avx512.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -34,26 +35,29 @@ typedef struct {
     int q4x8_max_t;
     qora_q4x16_fn q4x16;  /* two 8-row groups at once (512-bit vectors); NULL where vectors are narrower */
     int q4x16_max_t;
+    /* attention of one KV group's query heads over an f16 cache; returns 0 where it has no plan */
+    int (*attend_f16)(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos, int nh, int head_dim,
+                      size_t kv_stride, float* scores, size_t score_stride, float* out, float scale);
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
     "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
     dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, axpy_f16_scalar, to_f16_scalar, tile_q4_scalar, tile_q8_scalar,
-    q4x8_scalar, 4, NULL, 0,
+    q4x8_scalar, 4, NULL, 0, NULL,
 };
 
 #if QORA_X86
 static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avx2, 4, NULL, 0,
+    q4x8_avx2, 4, NULL, 0, NULL,
 };
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
    matches the AVX2 path bit for bit */
 static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
-    q4x8_avx512, 8, q4x16_avx512, 16,
+    q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512,
 };
 #endif
 

@@ -80,6 +80,8 @@ typedef struct {
     int mv_rows;     /* decode mat-vec rows per workgroup, all products (0: per-product defaults) */
     int kv_f16;      /* KV cache in f16 (else f32), as the CPU engine's for the same model */
     int att_splits;  /* decode attention workgroups per head (0: default) */
+    int att_short;   /* decode attention in one pass per head up to this many positions (< 0: default, 0: never) */
+    int gu_rows;     /* decode gate|up rows per workgroup (0: default) */
     int int_dot;     /* decode Q4/Q8 dots: 1 packed integer dot product (if the device has it), 0 emulated,
                         -1 the former where the driver says it is accelerated */
     int profile;     /* time every decode dispatch with GPU timestamps (qvk_model_profile) */

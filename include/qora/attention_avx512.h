@@ -1,0 +1,115 @@
+/* qora — AVX-512 attention over the f16 KV cache for the query heads of one KV group.
+   Each K and V row is converted once for the whole group and stays in registers; scores
+   are reduced once per (position, head); softmax uses a vector exp; the value sums
+   accumulate in registers across all positions (2 heads of 128 at a time) and take the
+   1/sum at the end. Head sizes 64, 128 and 256; others use the generic loop. */
+#ifndef QORA_ATTENTION_AVX512_H
+#define QORA_ATTENTION_AVX512_H
+
+#include "kernels_avx512.h"
+
+#if QORA_X86
+/* e^x for x <= 0 (scores minus their max): Cephes' expf polynomial after x = n ln2 + r,
+   2^n applied with vscalefps (which also flushes far-negative inputs to 0). */
+QORA_TARGET_AVX512 static inline __m512 exp_avx512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* sc[0..n) = exp(sc - max); returns the sum */
+QORA_TARGET_AVX512 static float softmax_unnorm_avx512(float* sc, int n) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 16 <= n; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + t));
+    const __mmask16 tail = (__mmask16)((1u << (n - t)) - 1);
+    if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, sc + t));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= n; t += 16) {
+        const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), m));
+        _mm512_storeu_ps(sc + t, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (tail) {
+        const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sc + t), m));
+        _mm512_mask_storeu_ps(sc + t, tail, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* HP heads' outputs (D floats each) = sum over positions of p[h][t] * V[t], times inv[h] */
+QORA_TARGET_AVX512 QORA_INLINE void attend_pv_avx512(const int D, const int HP, const uint16_t* vc, int n_pos,
+                                                    size_t kv_stride, const float* p, size_t ss, const float* inv,
+                                                    float* out) {
+    __m512 acc[16];
+    for (int i = 0; i < HP * D / 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int t = 0; t < n_pos; t++) {
+        const uint16_t* v = vc + (size_t)t * kv_stride;
+        __m512 w[4];
+        for (int j = 0; j < HP; j++) w[j] = _mm512_set1_ps(p[j * ss + t]);
+        for (int i = 0; i < D / 16; i++) {
+            const __m512 vf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(v + 16 * i)));
+            for (int j = 0; j < HP; j++) acc[j * (D / 16) + i] = _mm512_fmadd_ps(w[j], vf, acc[j * (D / 16) + i]);
+        }
+    }
+    for (int j = 0; j < HP; j++)
+        for (int i = 0; i < D / 16; i++)
+            _mm512_storeu_ps(out + (size_t)j * D + 16 * i, _mm512_mul_ps(acc[j * (D / 16) + i], _mm512_set1_ps(inv[j])));
+}
+
+QORA_TARGET_AVX512 QORA_INLINE void attend_f16_avx512_d(const int D, const float* q, const uint16_t* kc,
+                                                       const uint16_t* vc, int n_pos, int nh, size_t kv_stride,
+                                                       float* scores, size_t ss, float* out, float scale) {
+    for (int t = 0; t < n_pos; t++) {
+        const uint16_t* k = kc + (size_t)t * kv_stride;
+        __m512 kf[16];
+        for (int i = 0; i < D / 16; i++) kf[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k + 16 * i)));
+        for (int h = 0; h < nh; h++) {
+            const float* qh = q + (size_t)h * D;
+            __m512 a0 = _mm512_mul_ps(kf[0], _mm512_loadu_ps(qh));
+            __m512 a1 = _mm512_mul_ps(kf[1], _mm512_loadu_ps(qh + 16));
+            for (int i = 2; i < D / 16; i += 2) {
+                a0 = _mm512_fmadd_ps(kf[i], _mm512_loadu_ps(qh + 16 * i), a0);
+                a1 = _mm512_fmadd_ps(kf[i + 1], _mm512_loadu_ps(qh + 16 * i + 16), a1);
+            }
+            scores[h * ss + t] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+        }
+    }
+    float inv[64];
+    for (int h = 0; h < nh; h++) inv[h] = 1.0f / softmax_unnorm_avx512(scores + h * ss, n_pos);
+    const int HP = D >= 256 ? 1 : 256 / D; /* heads per pass: up to 16 accumulators */
+    int h = 0;
+    if (HP == 4)
+        for (; h + 4 <= nh; h += 4) attend_pv_avx512(D, 4, vc, n_pos, kv_stride, scores + h * ss, ss, inv + h, out + (size_t)h * D);
+    if (HP >= 2)
+        for (; h + 2 <= nh; h += 2) attend_pv_avx512(D, 2, vc, n_pos, kv_stride, scores + h * ss, ss, inv + h, out + (size_t)h * D);
+    for (; h < nh; h++) attend_pv_avx512(D, 1, vc, n_pos, kv_stride, scores + h * ss, ss, inv + h, out + (size_t)h * D);
+}
+
+/* Returns 0 (nothing done) for head sizes it has no registers plan for, or groups over 64 heads. */
+QORA_TARGET_AVX512 static int attend_f16_avx512(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos,
+                                                int nh, int head_dim, size_t kv_stride, float* scores, size_t ss,
+                                                float* out, float scale) {
+    if (nh > 64 || n_pos < 1) return 0;
+    switch (head_dim) {
+    case 64: attend_f16_avx512_d(64, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, scale); return 1;
+    case 128: attend_f16_avx512_d(128, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, scale); return 1;
+    case 256: attend_f16_avx512_d(256, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, scale); return 1;
+    default: return 0;
+    }
+}
+#endif /* QORA_X86 */
+
+#endif /* QORA_ATTENTION_AVX512_H */
