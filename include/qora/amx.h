@@ -17,6 +17,8 @@ static int qora_amx_mode = QORA_AMX_OFF;
 #define QORA_HAVE_AMX_MODEL 1
 #if defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
 #define QORA_HAVE_AMX 1
+#include <errno.h>
+#include <signal.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -102,6 +104,28 @@ static void qtm_dpbssd(int c, int a, int b) {
 /* Ask for a mode; returns the one in effect. Hardware needs the CPU bits, the OS
    saving tile state (XCR0) and, on Linux, permission for the large tile state
    (arch_prctl ARCH_REQ_XCOMP_PERM); anything missing leaves AMX off, silently. */
+#if QORA_HAVE_AMX
+/* Linux refuses the tile state (ENOSPC) while some thread has an alternate signal stack too
+   small for the larger signal frame, as Python's faulthandler installs on the main thread
+   (pytest enables it). Give this thread a larger one, once, and keep it for the process. */
+static int qora_amx_request_perm(void) {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0) return 1;
+    if (errno != ENOSPC) return 0;
+    stack_t cur;
+    if (sigaltstack(NULL, &cur) != 0 || (cur.ss_flags & SS_DISABLE) || (cur.ss_flags & SS_ONSTACK)) return 0;
+    const size_t size = cur.ss_size + ((size_t)256 << 10);
+    stack_t big;
+    big.ss_sp = malloc(size); /* kept for the life of the process: signals may run on it */
+    big.ss_size = size;
+    big.ss_flags = 0;
+    if (!big.ss_sp || sigaltstack(&big, NULL) != 0) {
+        free(big.ss_sp);
+        return 0;
+    }
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+#endif
+
 static int qora_amx_set_mode(int mode) {
     qora_amx_mode = QORA_AMX_OFF;
 #if QORA_HAVE_AMX_MODEL
@@ -110,9 +134,11 @@ static int qora_amx_set_mode(int mode) {
 #if QORA_HAVE_AMX
     if (mode == QORA_AMX_HW) {
         const qora_cpu_features f = qora_detect_cpu();
-        if (qora_cpu_supports(&f, QORA_ISA_AVX512) && f.amx_tile && f.amx_int8 && f.os_amx &&
-            syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0)
-            qora_amx_mode = QORA_AMX_HW;
+        static int granted = -1; /* asked once per process */
+        if (granted < 0)
+            granted = qora_cpu_supports(&f, QORA_ISA_AVX512) && f.amx_tile && f.amx_int8 && f.os_amx &&
+                      qora_amx_request_perm();
+        if (granted) qora_amx_mode = QORA_AMX_HW;
     }
 #endif
     (void)mode;
