@@ -75,7 +75,8 @@ def cpu_info() -> dict:
         "threads": default_threads(),
         "physical_cores": physical_cores(),
         "features": sorted(k for k, v in feats["flags"].items() if v),
-        "amx": amx_request() if isa_name == "avx512" else "off",
+        # the mode an engine would get here (asking is what finds out whether the OS allows it)
+        "amx": core.set_amx(amx_request()) if isa_name == "avx512" else "off",
     }
 
 
