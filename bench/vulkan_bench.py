@@ -5,6 +5,8 @@ weight bandwidth, and which GPU ran. A plain script (not part of the test suite)
     python bench/vulkan_bench.py --model m.qora --tg 128 --pp 512 --reps 5 --json out.json
     python bench/vulkan_bench.py --sweep                  # also try decode workgroup shapes
     python bench/vulkan_bench.py --pp 0 --profile         # GPU time of each decode kernel (timestamps)
+    python bench/vulkan_bench.py --try QORA_VK_GU_ROWS=8 --try QORA_VK_ATT_SHORT=0,QORA_VK_ATT_SPLITS=4
+                                                          # also decode with these settings (same process)
     QORA_VK_LOADER=/path/libvulkan.so.1 python bench/vulkan_bench.py --nvidia-icd
 
 Measured as llama-bench does: tgN = N single-token steps from an empty cache, ppN = one N-token
@@ -121,6 +123,14 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=None, help="KV cache tokens (default: pp + tg + 16)")
     ap.add_argument("--sweep", action="store_true", help="also time decode mat-vec workgroup shapes")
     ap.add_argument("--profile", action="store_true", help="also time each decode kernel with GPU timestamps")
+    ap.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        default=[],
+        metavar="VAR=VAL[,VAR=VAL]",
+        help="also time decode with these environment settings (repeatable)",
+    )
     ap.add_argument("--nvidia-icd", action="store_true", help="write an NVIDIA loader manifest if missing")
     ap.add_argument("--json", type=Path, help="write the results here too")
     a = ap.parse_args(argv)
@@ -216,6 +226,32 @@ def main(argv=None) -> int:
                     )
             for k in ("QORA_VK_MV_THREADS", "QORA_VK_MV_ROWS"):
                 os.environ.pop(k, None)
+
+        if a.tries and a.tg:
+            results["tries"] = []
+            print("\ndecode with other settings:")
+            for t in a.tries:
+                env = dict(kv.split("=", 1) for kv in t.split(",") if kv)
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+                try:
+                    e = make_engine(qf, context)
+                    warm(e, 0, vocab, rng)
+                    s = run(e, 0, a.tg, a.reps, vocab, rng)["tg"]
+                    e.close()
+                    results["tries"].append({"env": env, **s})
+                    print(
+                        f"  {t:40s} {s['median']:8.1f} tok/s median, {s['best']:8.1f} best, "
+                        f"{weight_bytes * s['median'] / 1e9:7.1f} GB/s"
+                    )
+                except Exception as ex:  # a setting the device refuses: report and go on
+                    print(f"  {t:40s} failed ({ex})")
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
     if a.json:
         a.json.write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -14,9 +14,11 @@ Environment:
     QORA_VK_LOADER=PATH    the Vulkan loader library to open instead of the system's
     QORA_VK_FAIL=alloc     test hook: device allocations fail (out of memory at load)
     QORA_VK_FAIL=run:N     test hook: the device is "lost" after N successful forward calls
-    QORA_VK_BATCH, QORA_VK_MV_THREADS, QORA_VK_MV_ROWS, QORA_VK_ATT_SPLITS   tuning knobs (prefill
-                           tokens per submission; decode mat-vec workgroup size and rows per
-                           workgroup; decode attention workgroups per head)
+    QORA_VK_BATCH, QORA_VK_MV_THREADS, QORA_VK_MV_ROWS, QORA_VK_GU_ROWS, QORA_VK_ATT_SPLITS,
+    QORA_VK_ATT_SHORT      tuning knobs (prefill tokens per submission; decode mat-vec workgroup
+                           size, rows per workgroup (all products / gate|up only); decode attention
+                           workgroups per head, and the context length up to which a head is done
+                           in one pass by one workgroup, 0: never)
     QORA_VK_DOT=0|1        decode Q4/Q8 dots without / with the packed integer dot product
                            (default: with it where the driver says it is accelerated)
     QORA_VK_PROFILE=1      time every decode dispatch on the GPU (VulkanEngine.profile())
@@ -194,6 +196,8 @@ class VulkanEngine:
             "mv_threads": _env_int("QORA_VK_MV_THREADS", 0),
             "mv_rows": _env_int("QORA_VK_MV_ROWS", 0),
             "att_splits": _env_int("QORA_VK_ATT_SPLITS", 0),
+            "att_short": _env_int("QORA_VK_ATT_SHORT", -1),
+            "gu_rows": _env_int("QORA_VK_GU_ROWS", 0),
             "int_dot": _env_int("QORA_VK_DOT", -1),  # -1: where the driver says it is accelerated
             "profile": 1 if _env_flag("QORA_VK_PROFILE") else 0,
             "chunk_rows": _env_int("QORA_VK_CHUNK_ROWS", 0),  # tests: the embedding / LM head in pieces

@@ -454,12 +454,16 @@ def test_rope_kv(ctx):
 @needs_gpu
 @pytest.mark.parametrize("kv", [np.float16, np.float32])
 @pytest.mark.parametrize(
-    "n_heads,n_kv,hd,start,n_tok,splits",
-    [(4, 2, 16, 0, 1, 1), (6, 2, 32, 140, 3, 1), (2, 2, 128, 63, 2, 1), (4, 2, 16, 0, 1, 3), (6, 3, 32, 200, 1, 7)],
+    "n_heads,n_kv,hd,start,n_tok,splits,threads,short",
+    [(4, 2, 16, 0, 1, 1, 64, 0), (6, 2, 32, 140, 3, 1, 64, 0), (2, 2, 128, 63, 2, 1, 64, 0), (4, 2, 16, 0, 1, 3, 64, 0),
+     (6, 3, 32, 200, 1, 7, 64, 0), (6, 3, 32, 300, 1, 5, 128, 256), (4, 2, 16, 0, 1, 3, 128, 256),
+     (6, 3, 32, 200, 1, 7, 64, 256), (2, 1, 128, 130, 1, 4, 128, 256), (6, 2, 32, 140, 3, 1, 32, 128),
+     (2, 2, 256, 90, 1, 2, 32, 128)],
 )
-def test_attention(ctx, n_heads, n_kv, hd, start, n_tok, splits, kv):
+def test_attention(ctx, n_heads, n_kv, hd, start, n_tok, splits, threads, short, kv):
     """Causal GQA over an f16 or f32 cache, contexts crossing the 64-position tiles; decode's
-    positions split over several workgroups (some with nothing to do), merged by the last one."""
+    positions split over several workgroups (some with nothing to do), merged by the last one;
+    contexts of at most `short` positions in one pass by split 0 (the others exit)."""
     r = np.random.default_rng()
     n_pos, kv_dim, q_dim = start + n_tok, n_kv * hd, n_heads * hd
     kc = r.standard_normal((n_pos, kv_dim)).astype(kv)
@@ -470,7 +474,7 @@ def test_attention(ctx, n_heads, n_kv, hd, start, n_tok, splits, kv):
     w, half = act_layout(q_dim)
     push = struct.pack("<7I", n_heads, n_kv, hd, q_dim + 8, q_dim, half, w)
     epi = int(n_tok == 1)  # decode: the last workgroup quantizes the output for the next product
-    spec = [64, int(kv == np.float16), splits, epi, hd]
+    spec = [threads, int(kv == np.float16), splits, epi, hd, short]
     part = np.zeros(n_tok * n_heads * splits * (hd + 2), np.float32)
     done = np.zeros(n_tok * n_heads, np.uint32)
     act, cnt = np.zeros(2 * half, np.uint32), np.zeros(w // 32 + 8, np.uint32)

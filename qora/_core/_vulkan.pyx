@@ -66,7 +66,8 @@ cdef extern from "qora/vk_backend.h" nogil:
         size_t bytes
 
     ctypedef struct qvk_model_opts:
-        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_f16, att_splits, int_dot, profile, chunk_rows
+        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_f16, att_splits, att_short, gu_rows, int_dot
+        int profile, chunk_rows
         int fail_after
 
     int QVK_MAX_BINDINGS
@@ -352,6 +353,8 @@ cdef qvk_model_opts _opts(int max_seq_len, dict opts):
     o.mv_rows = opts.get("mv_rows", 0)
     o.kv_f16 = opts.get("kv_f16", 1)
     o.att_splits = opts.get("att_splits", 0)
+    o.att_short = opts.get("att_short", -1)
+    o.gu_rows = opts.get("gu_rows", 0)
     o.int_dot = opts.get("int_dot", -1)
     o.profile = opts.get("profile", 0)
     o.chunk_rows = opts.get("chunk_rows", 0)

@@ -16,8 +16,8 @@
          matvec ADD   w_down (+RMSNorm)   x += w_down hb; the next layer's (or final) norm
        matvec STORE LM head               logits
        copy logits to host-visible memory
-   (Decode attention splits each head's positions over several workgroups; the last to finish
-   merges them, see attention.comp. The "+" steps run in the dispatch's last workgroup(s) to
+   (Decode attention does each head in one workgroup while the context is short, else splits its
+   positions over several workgroups and the last to finish merges them, see attention.comp. The "+" steps run in the dispatch's last workgroup(s) to
    finish, counted with atomics: fewer dispatches, and no workgroup re-reads the whole input.)
    Prefill (n tokens) runs the same layers with batched products (matmul.comp) and separate
    norm / RoPE+KV kernels. Positions, token ids and the RoPE cos/sin table live in small
@@ -59,6 +59,10 @@ static const char* const qvk_default_libs[] = {"libvulkan.so.1", "libvulkan.so",
 #define QVK_PUSH_BYTES 128
 #define QVK_BINDINGS QVK_MAX_BINDINGS
 #define QVK_PROFILE_MAX 1024 /* timestamps per decode step */
+/* decode attention: threads per workgroup, and the default context length up to which one
+   workgroup does a head in one pass (no splits and no merge) */
+#define QVK_ATT_THREADS 128u
+#define QVK_ATT_SHORT 256u
 
 /* ================================================================ errors */
 
@@ -924,6 +928,8 @@ struct qvk_model {
     qvk_buffer logits; /* (logit_rows, vocab) */
     qvk_buffer att_part, att_done; /* decode attention splits: (n_heads, splits, head_dim + 2), (n_heads,) */
     int att_splits;
+    uint32_t att_short; /* decode: one-pass attention up to this many positions (attention.comp) */
+    int gu_rows;
     /* decode inputs, prepared once per product (act.glsl): two halves, each act_w floats, act_w/4
        words of Q8 ints and act_w/32 (scale, sum) pairs; the producers alternate between them */
     qvk_buffer act, cnt; /* cnt: the counters of the "last workgroup finishes up" epilogues */
@@ -1204,6 +1210,10 @@ int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, 
     m->logit_rows = plan.logit_rows;
     m->mv_threads = o->mv_threads > 0 ? (o->mv_threads > 256 ? 256 : o->mv_threads) : 0;
     m->mv_rows = o->mv_rows > 0 ? (o->mv_rows > 16 ? 16 : o->mv_rows) : 0;
+    m->gu_rows = o->gu_rows > 0 ? (o->gu_rows > 16 ? 16 : o->gu_rows) : 0;
+    /* one pass without splits while the context is short: 4 positions per thread of QVK_ATT_THREADS */
+    m->att_short = o->att_short < 0 ? QVK_ATT_SHORT : (uint32_t)o->att_short;
+    if (m->att_short > 4 * QVK_ATT_THREADS) m->att_short = 4 * QVK_ATT_THREADS;
     m->fail_after = o->fail_after;
     m->kv_f16 = o->kv_f16 ? 1 : 0;
     m->chunk_rows = o->chunk_rows;
@@ -1380,9 +1390,12 @@ typedef struct {
 } qvk_embed_push;
 
 /* rows per decode workgroup: enough bytes per workgroup to keep loads in flight, enough
-   workgroups to fill the device; products with long rows get fewer */
-static uint32_t qvk_mv_rows(const qvk_model* m, int mode, int cols) {
-    uint32_t r = m->mv_rows ? (uint32_t)m->mv_rows : (cols > 4096 ? 2u : 4u);
+   workgroups to fill the device. 4 for every product: an H100 decoded tg128 at 440-448 tok/s
+   with 4 rows for the down projection (11008 columns) against 419 with 2, and slower with 8 or
+   16 for gate|up (QORA_VK_GU_ROWS: 425, 415). */
+static uint32_t qvk_mv_rows(const qvk_model* m, int mode) {
+    uint32_t r = m->mv_rows ? (uint32_t)m->mv_rows : 4u;
+    if (mode == QVK_SWIGLU && m->gu_rows) r = (uint32_t)m->gu_rows;
     if (mode == QVK_SWIGLU) r = (r + 1) & ~1u;  /* gate and up rows in pairs */
     if (mode == QVK_QKV) r = (r + 3) & ~3u;     /* rotation quads */
     return r;
@@ -1437,7 +1450,7 @@ static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, uint32_t i
     char name[32];
     const int dot = m->int_dot && qvk_is_quant(M->dtype);
     snprintf(name, sizeof name, "matvec_%s%s", qvk_dt_suffix[M->dtype], dot ? "_dot" : "");
-    const uint32_t rows_per = qvk_mv_rows(m, mode, M->cols);
+    const uint32_t rows_per = qvk_mv_rows(m, mode);
     const uint32_t spec[5] = {qvk_mv_threads(m, M->dtype, M->cols), rows_per, (uint32_t)mode, (uint32_t)epi,
                               (uint32_t)m->kv_f16};
     if (epi && M->n_chunks != 1) { /* the epilogue counts the workgroups of one dispatch */
@@ -1510,17 +1523,18 @@ static void qvk_rec_embed(qvk_rec* R, uint32_t n_tok) {
 }
 
 /* Prefill: a workgroup per (head, token). Decode: the positions split over att_splits workgroups
-   per head too, merged by the last of them, and the output quantized for wo into the activation
-   half at out_base (see attention.comp). */
+   per head too, merged by the last of them (past att_short positions; below, split 0 does the head
+   alone), and the output quantized for wo into the activation half at out_base (see attention.comp). */
 static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, uint32_t out_base) {
     qvk_model* m = R->m;
     const uint32_t splits = n_tok == 1 ? (uint32_t)m->att_splits : 1u;
-    const uint32_t spec[5] = {64, (uint32_t)m->kv_f16, splits, n_tok == 1 ? 1u : 0u, (uint32_t)m->cfg.head_dim};
+    const uint32_t spec[6] = {n_tok == 1 ? QVK_ATT_THREADS : 64u, (uint32_t)m->kv_f16, splits, n_tok == 1 ? 1u : 0u,
+                              (uint32_t)m->cfg.head_dim, n_tok == 1 ? m->att_short : 0u};
     qvk_att_push p = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
                       (uint32_t)m->qkv_dim, (uint32_t)m->q_dim, out_base, m->act_w};
     VkBuffer b[QVK_BINDINGS] = {m->att_part.buf, m->qkv.buf, 0, m->att.buf, L->kc.buf, L->vc.buf, m->params.buf,
                                 m->att_done.buf, m->act.buf, m->cnt.buf};
-    qvk_rec_dispatch(R, "attention", spec, 5, b, &p, sizeof p, (uint32_t)m->cfg.n_heads, n_tok, splits, 1);
+    qvk_rec_dispatch(R, "attention", spec, 6, b, &p, sizeof p, (uint32_t)m->cfg.n_heads, n_tok, splits, 1);
 }
 
 /* The LM head's rows copied back to the host. */

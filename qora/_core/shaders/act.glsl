@@ -27,11 +27,68 @@ shared bool act_last;
 uint act_q4(uint base, uint w) { return (base + w) / 4u; }          // uvec4 index of the Q8 ints
 uint act_d2(uint base, uint w) { return (base + w + w / 4u) / 2u; } // vec2 index of the scales
 
+// One Q8 block v (8 vec4) stored as floats and packed ints + (scale, sum), block b of the output.
+void act_store_block(vec4 v[8], uint b, uint fb, uint qb, uint db) {
+    float amax = 0.0;
+    for (uint i = 0u; i < 8u; i++) {
+        af4[fb + 8u * b + i] = v[i];
+        vec4 a = abs(v[i]);
+        amax = max(amax, max(max(a.x, a.y), max(a.z, a.w)));
+    }
+    float d, id;
+    q8_scales(amax, d, id);
+    float sum = 0.0;
+    uint words[8];
+    for (uint i = 0u; i < 8u; i++) {
+        vec4 q = roundEven(v[i] * id);
+        sum += (q.x + q.y) + (q.z + q.w);
+        ivec4 iq = ivec4(q) & 0xFF;
+        words[i] = uint(iq.x | (iq.y << 8) | (iq.z << 16) | (iq.w << 24));
+    }
+    aq4[qb + 2u * b] = uvec4(words[0], words[1], words[2], words[3]);
+    aq4[qb + 2u * b + 1u] = uvec4(words[4], words[5], words[6], words[7]);
+    ad2[db + b] = vec2(d, sum);
+}
+
+// RMS-normalize and quantize with at most one Q8 block per thread: the block and its norm weights
+// are loaded once, before the sum of squares, and kept in registers (one memory round trip instead
+// of two). The sum order depends only on n and the subgroup size, not on T.
+void act_fill_norm1(uint n, uint s4, uint dst, uint base, uint w, float eps) {
+    const uint tid = gl_LocalInvocationID.x, nb = n / 32u;
+    vec4 v[8], g[8];
+    float ss = 0.0;
+    if (tid < nb) {
+        for (uint i = 0u; i < 8u; i++) {
+            v[i] = y4[s4 + 8u * tid + i];
+            g[i] = nq4[dst / 4u + 8u * tid + i];
+        }
+        for (uint i = 0u; i < 8u; i++) ss += dot(v[i], v[i]);
+    }
+    ss = subgroupAdd(ss);
+    if (subgroupElect()) act_red[gl_SubgroupID] = ss;
+    barrier();
+    if (tid == 0u) {
+        float t = 0.0;
+        for (uint i = 0u; i < gl_NumSubgroups; i++) t += act_red[i];
+        act_inv_rms = 1.0 / sqrt(t / float(n) + eps);
+    }
+    barrier();
+    const float s = act_inv_rms;
+    if (tid < nb) {
+        for (uint i = 0u; i < 8u; i++) v[i] = g[i] * (v[i] * s);
+        act_store_block(v, dst / 32u + tid, base / 4u, act_q4(base, w), act_d2(base, w));
+    }
+}
+
 // Elements y[src, src + n) (n % 4 == 0, src % 4 == 0), times nq / rms if norm, into elements
 // [dst, dst + n) of the half at base (dst % 32 == 0 when n % 32 == 0).
 void act_fill(uint n, uint src, uint dst, uint base, uint w, bool norm, float eps) {
     const uint tid = gl_LocalInvocationID.x;
     const uint s4 = src / 4u, n4 = n / 4u;
+    if (norm && n % 32u == 0u && n <= 32u * T) {
+        act_fill_norm1(n, s4, dst, base, w, eps);
+        return;
+    }
     float s = 1.0;
     if (norm) {
         float ss = 0.0;
@@ -61,30 +118,14 @@ void act_fill(uint n, uint src, uint dst, uint base, uint w, bool norm, float ep
         return;
     }
     // a whole Q8 block per thread: its 8 loads go out together
-    const uint qb = act_q4(base, w) + dst / 16u, db = act_d2(base, w) + dst / 32u, fb = (base + dst) / 4u;
+    const uint qb = act_q4(base, w), db = act_d2(base, w), fb = base / 4u;
     for (uint b = tid; b < n / 32u; b += T) {
         vec4 v[8];
-        float amax = 0.0;
         for (uint i = 0u; i < 8u; i++) {
             v[i] = y4[s4 + 8u * b + i];
             if (norm) v[i] = nq4[dst / 4u + 8u * b + i] * (v[i] * s);
-            af4[fb + 8u * b + i] = v[i];
-            vec4 a = abs(v[i]);
-            amax = max(amax, max(max(a.x, a.y), max(a.z, a.w)));
         }
-        float d, id;
-        q8_scales(amax, d, id);
-        float sum = 0.0;
-        uint words[8];
-        for (uint i = 0u; i < 8u; i++) {
-            vec4 q = roundEven(v[i] * id);
-            sum += (q.x + q.y) + (q.z + q.w);
-            ivec4 iq = ivec4(q) & 0xFF;
-            words[i] = uint(iq.x | (iq.y << 8) | (iq.z << 16) | (iq.w << 24));
-        }
-        aq4[qb + 2u * b] = uvec4(words[0], words[1], words[2], words[3]);
-        aq4[qb + 2u * b + 1u] = uvec4(words[4], words[5], words[6], words[7]);
-        ad2[db + b] = vec2(d, sum);
+        act_store_block(v, dst / 32u + b, fb, qb, db);
     }
 }
 
