@@ -75,8 +75,10 @@ def version_text() -> str:
     lines = [f"{PROG} {qora.__version__} (Python {sys.version.split()[0]}, {sys.platform})"]
     try:
         info = qora.cpu_info()
-        lines.append(f"cpu: isa {info['isa'] or 'none'} ({info['isa_reason']}); compiled {', '.join(info['compiled'])}; "
-                     f"amx {info['amx']}")
+        lines.append(
+            f"cpu: isa {info['isa'] or 'none'} ({info['isa_reason']}); compiled {', '.join(info['compiled'])}; "
+            f"amx {info['amx']}"
+        )
         omp = "on" if info["openmp"] else "off (single-threaded build)"
         lines.append(f"openmp: {omp}; threads {info['threads']} of {info['physical_cores']} physical cores")
     except QoraError as e:

@@ -266,7 +266,8 @@ def ref_attention(q, kc, vc, n_heads, n_kv, hd):
 @isa_param
 @pytest.mark.parametrize(
     "n_heads,n_kv,hd,n_pos",
-    [(1, 1, 8, 1), (4, 2, 16, 7), (16, 4, 128, 33), (9, 3, 64, 129), (16, 4, 128, 300), (6, 2, 256, 16), (12, 2, 128, 1)],
+    [(1, 1, 8, 1), (4, 2, 16, 7), (16, 4, 128, 33), (9, 3, 64, 129), (16, 4, 128, 300), (6, 2, 256, 16),
+     (12, 2, 128, 1)],
 )
 @pytest.mark.parametrize("kv_f16", [True, False], ids=["kv16", "kv32"])
 def test_attention(isa, n_heads, n_kv, hd, n_pos, kv_f16):
