@@ -139,7 +139,7 @@ LAYOUTS = pytest.mark.parametrize(
 @isa_param
 @LAYOUTS
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 16, 17, 33])
-@pytest.mark.parametrize("shape", [(1, 32), (5, 64), (13, 96), (33, 96), (41, 64), (130, 2048)])
+@pytest.mark.parametrize("shape", [(1, 32), (5, 64), (13, 96), (33, 96), (41, 64), (48, 224), (130, 2048)])
 def test_matmul_tiles(isa, dtype, repack, n, shape):
     """Every tile shape (1-4 rows x 1-4 tokens, and 8 interleaved Q4 rows) and the ragged edges of both."""
     r = rng()
