@@ -117,3 +117,27 @@ def test_default_model_resolution_uses_demo(demo_model, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
+
+
+def test_amx_prefill_agrees_with_avx512(demo_model, monkeypatch):
+    """Prompt chunks of 16 tokens through the AMX tile kernel (its software model everywhere, the
+    hardware where the CPU has it) give the logits of the AVX-512 kernels, to float rounding."""
+    from qora._core import _cpu
+
+    if "avx512" not in _cpu.cpu_features()["cpu_supports"]:
+        pytest.skip("the AMX kernel runs on the AVX-512 path, which this CPU lacks")
+    ids = (GOLDEN["chat_ids"].tolist() * 3)[:40]  # two full 16-token chunks and a partial one
+    monkeypatch.setenv("QORA_ISA", "avx512")
+    results = {}
+    for mode in ("off", "emulate", "hw"):
+        monkeypatch.setenv("QORA_AMX", mode)
+        with qora.load(demo_model, threads=2, max_seq_len=64, device="cpu") as m:
+            if m.engine.amx != mode:  # no AMX hardware here
+                continue
+            results[mode] = m.forward(ids)  # every position's logits
+    monkeypatch.delenv("QORA_AMX")
+    _cpu.set_amx("off")
+    assert "emulate" in results
+    for got in results.values():
+        np.testing.assert_allclose(got, results["off"], rtol=1e-4, atol=1e-4 * np.abs(results["off"]).max())
+
