@@ -69,14 +69,6 @@ static void qtm_dpbssd(int c, int a, int b) {
 #define T_STORE(t, p, s) qtm_store(t, p, s)
 #define T_RELEASE() ((void)0)
 #include "amx_q4x16.h"
-#undef QORA_AMX_FN
-#undef QORA_AMX_TARGET
-#undef T_CFG
-#undef T_ZERO
-#undef T_LOAD
-#undef T_DP
-#undef T_STORE
-#undef T_RELEASE
 
 #if QORA_HAVE_AMX
 #include <immintrin.h>
@@ -90,14 +82,6 @@ static void qtm_dpbssd(int c, int a, int b) {
 #define T_STORE(t, p, s) _tile_stored(t, p, s)
 #define T_RELEASE() _tile_release()
 #include "amx_q4x16.h"
-#undef QORA_AMX_FN
-#undef QORA_AMX_TARGET
-#undef T_CFG
-#undef T_ZERO
-#undef T_LOAD
-#undef T_DP
-#undef T_STORE
-#undef T_RELEASE
 #endif
 #endif /* x86 GCC/clang */
 

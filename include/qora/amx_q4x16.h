@@ -2,7 +2,8 @@
    once with the hardware tile instructions, once with their software model, so the
    tile layout and the scaling are tested on every machine and run for real where
    AMX exists. Expects QORA_AMX_FN, QORA_AMX_TARGET and the tile macros
-   T_CFG(cfg), T_ZERO(t), T_LOAD(t, p, stride), T_DP(c, a, b), T_STORE(t, p, stride), T_RELEASE(). */
+   T_CFG(cfg), T_ZERO(t), T_LOAD(t, p, stride), T_DP(c, a, b), T_STORE(t, p, stride), T_RELEASE(),
+   and undefines them all at the end for the next inclusion. */
 
 /* 16 interleaved Q4 rows (two 8-row groups) x 16 tokens. Per block of 32: B tile =
    weights as signed int8 (nibble - 8) in the VNNI layout AMX wants (row k4 holds the
@@ -82,3 +83,12 @@ QORA_AMX_TARGET static void QORA_AMX_FN(int n, const block_q4x8* w0, const block
     T_RELEASE();
     for (int t = 0; t < 16; t++) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
+
+#undef QORA_AMX_FN
+#undef QORA_AMX_TARGET
+#undef T_CFG
+#undef T_ZERO
+#undef T_LOAD
+#undef T_DP
+#undef T_STORE
+#undef T_RELEASE

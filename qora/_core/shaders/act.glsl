@@ -50,6 +50,20 @@ void act_store_block(vec4 v[8], uint b, uint fb, uint qb, uint db) {
     ad2[db + b] = vec2(d, sum);
 }
 
+// 1 / rms of n values from each thread's partial sum of squares (the whole workgroup calls it).
+float act_rms_scale(float ss, uint n, float eps) {
+    ss = subgroupAdd(ss);
+    if (subgroupElect()) act_red[gl_SubgroupID] = ss;
+    barrier();
+    if (gl_LocalInvocationID.x == 0u) {
+        float t = 0.0;
+        for (uint i = 0u; i < gl_NumSubgroups; i++) t += act_red[i];
+        act_inv_rms = 1.0 / sqrt(t / float(n) + eps);
+    }
+    barrier();
+    return act_inv_rms;
+}
+
 // RMS-normalize and quantize with at most one Q8 block per thread: the block and its norm weights
 // are loaded once, before the sum of squares, and kept in registers (one memory round trip instead
 // of two). The sum order depends only on n and the subgroup size, not on T.
@@ -64,16 +78,7 @@ void act_fill_norm1(uint n, uint s4, uint dst, uint base, uint w, float eps) {
         }
         for (uint i = 0u; i < 8u; i++) ss += dot(v[i], v[i]);
     }
-    ss = subgroupAdd(ss);
-    if (subgroupElect()) act_red[gl_SubgroupID] = ss;
-    barrier();
-    if (tid == 0u) {
-        float t = 0.0;
-        for (uint i = 0u; i < gl_NumSubgroups; i++) t += act_red[i];
-        act_inv_rms = 1.0 / sqrt(t / float(n) + eps);
-    }
-    barrier();
-    const float s = act_inv_rms;
+    const float s = act_rms_scale(ss, n, eps);
     if (tid < nb) {
         for (uint i = 0u; i < 8u; i++) v[i] = g[i] * (v[i] * s);
         act_store_block(v, dst / 32u + tid, base / 4u, act_q4(base, w), act_d2(base, w));
@@ -99,16 +104,7 @@ void act_fill(uint n, uint src, uint dst, uint base, uint w, bool norm, float ep
             vec4 d = i + 3u * T < n4 ? y4[s4 + i + 3u * T] : vec4(0.0);
             ss += (dot(a, a) + dot(b, b)) + (dot(c, c) + dot(d, d));
         }
-        ss = subgroupAdd(ss);
-        if (subgroupElect()) act_red[gl_SubgroupID] = ss;
-        barrier();
-        if (tid == 0u) {
-            float t = 0.0;
-            for (uint i = 0u; i < gl_NumSubgroups; i++) t += act_red[i];
-            act_inv_rms = 1.0 / sqrt(t / float(n) + eps);
-        }
-        barrier();
-        s = act_inv_rms;
+        s = act_rms_scale(ss, n, eps);
     }
     if (n % 32u != 0u) { // only F16/F32 weights take such an input: floats alone
         for (uint i = tid; i < n4; i += T) {
