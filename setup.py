@@ -74,7 +74,8 @@ extensions = [
         "qora._core._cpu",
         ["qora/_core/_cpu.pyx"],
         include_dirs=[os.path.join(here, "include")],
-        depends=[os.path.join("include", "qora", h) for h in os.listdir(os.path.join(here, "include", "qora"))],
+        depends=[os.path.join("include", "qora", h) for h in os.listdir(os.path.join(here, "include", "qora"))]
+        + ["qora/_core/weights.pxi"],
     ),
     # The Vulkan backend: C against vendored Khronos headers (include/vulkan, Apache-2.0), the loader
     # opened at run time, so every wheel carries it and it imports where no Vulkan stack exists.
@@ -83,7 +84,8 @@ extensions = [
         ["qora/_core/_vulkan.pyx", "qora/_core/qora_vk.c"],
         include_dirs=[os.path.join(here, "include"), os.path.join(here, "qora", "_core")],
         libraries=["dl"] if sys.platform.startswith("linux") else [],
-        depends=["include/qora/vk_backend.h", "include/vulkan/vulkan_core.h", "qora/_core/shaders_spv.h"],
+        depends=["include/qora/vk_backend.h", "include/vulkan/vulkan_core.h", "qora/_core/shaders_spv.h",
+                 "qora/_core/weights.pxi"],
     ),
 ]
 

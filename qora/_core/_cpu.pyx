@@ -164,28 +164,7 @@ cdef const qora_kernels* _kernels(int isa) except NULL:
     return K
 
 
-cdef int _dtype(str name) except -1:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}")
-    return DTYPES[name]
-
-
-cdef qora_tensor _tensor(str dtype, int rows, int cols, const uint8_t[::1] data, str what) except *:
-    """A qora_tensor over `data`, after checking its size matches dtype x shape."""
-    cdef qora_tensor t
-    t.dtype = _dtype(dtype)
-    if rows <= 0 or cols <= 0:
-        raise ValueError(f"{what}: bad shape ({rows}, {cols})")
-    if (t.dtype == QORA_Q4 or t.dtype == QORA_Q8) and cols % 32 != 0:
-        raise ValueError(f"{what}: {dtype} needs a column count that is a multiple of 32, got {cols}")
-    t.rows = rows
-    t.cols = cols
-    t.row_bytes = qora_row_bytes(t.dtype, cols)
-    if <size_t>data.shape[0] != t.row_bytes * <size_t>rows:
-        raise ValueError(f"{what}: {data.shape[0]} bytes, expected {t.row_bytes * rows} for {dtype} ({rows}, {cols})")
-    t.data = &data[0]
-    t.packed = NULL
-    return t
+include "weights.pxi"
 
 
 cdef class _Packed:
@@ -430,57 +409,17 @@ cdef class CpuModel:
         cdef qora_config* c = &self.m.cfg
         cdef qora_layer* L
         _threads(n_threads)
-        if max_seq_len < 1:
-            raise ValueError("max_seq_len must be >= 1")
         if self.layers != NULL:  # a second __init__ would leak (and swap weights under the state)
             raise RuntimeError("CpuModel is already initialised")
-        if len(cfg["rope_layers"]) != n_layers:
-            raise ValueError("rope_layers must have n_layers entries")
         self._refs = []
         self.m.K = _kernels(isa)
         self.isa_name = ISA_NAMES[self.m.K.isa]
-        c.n_layers = n_layers
-        c.dim = cfg["dim"]
-        c.n_heads = cfg["n_heads"]
-        c.n_kv_heads = cfg["n_kv_heads"]
-        c.head_dim = cfg["head_dim"]
-        c.hidden_dim = cfg["hidden_dim"]
-        c.vocab_size = cfg["vocab_size"]
-        c.max_seq_len = max_seq_len
-        c.norm_eps = cfg["norm_eps"]
-        c.rope_scale = rope_scale
+        _fill_config(c, cfg, max_seq_len, rope_scale)
         c.kv_f16 = kv_f16
-        if min(n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size) <= 0 \
-                or c.n_heads % c.n_kv_heads or c.head_dim % 2:
-            raise ValueError("inconsistent model config")
         self.layers = <qora_layer*>calloc(n_layers, sizeof(qora_layer))
         if self.layers == NULL:
             raise MemoryError()
-        self.m.w.layers = self.layers
-        q_dim = <Py_ssize_t>c.n_heads * c.head_dim  # no int wrap-around; > INT_MAX fails in _mat
-        kv_dim = <Py_ssize_t>c.n_kv_heads * c.head_dim
-        D, H, V = c.dim, c.hidden_dim, c.vocab_size
-        self.m.w.tok_embeddings = self._mat(tensors, "tok_embeddings", V, D)
-        self.m.w.output = self._mat(tensors, "output" if "output" in tensors else "tok_embeddings", V, D)
-        self.m.w.norm = self._vec(tensors, "norm", D)
-        inv = np.ascontiguousarray(inv_freq, dtype=np.float32)
-        if inv.shape != (c.head_dim // 2,):
-            raise ValueError("inv_freq must have head_dim/2 values")
-        self.m.w.inv_freq = <const float*><size_t>self._keep(inv).ctypes.data
-        rope_layers = cfg["rope_layers"]
-        for i in range(n_layers):
-            p = f"layers.{i}."
-            L = &self.layers[i]
-            L.attn_norm = self._vec(tensors, p + "attn_norm", D)
-            L.ffn_norm = self._vec(tensors, p + "ffn_norm", D)
-            L.wq = self._mat(tensors, p + "wq", q_dim, D)
-            L.wk = self._mat(tensors, p + "wk", kv_dim, D)
-            L.wv = self._mat(tensors, p + "wv", kv_dim, D)
-            L.wo = self._mat(tensors, p + "wo", D, q_dim)
-            L.w_gate = self._mat(tensors, p + "w_gate", H, D)
-            L.w_up = self._mat(tensors, p + "w_up", H, D)
-            L.w_down = self._mat(tensors, p + "w_down", D, H)
-            L.use_rope = 1 if rope_layers[i] else 0
+        _fill_weights(&self.m.w, self.layers, c, cfg, tensors, inv_freq, self._refs)
         if repack:  # decode and prefill read Q4 matrices through the interleaved copy
             self._keep(_repack(&self.m.w.output, n_threads))
             for i in range(n_layers):
@@ -494,7 +433,7 @@ cdef class CpuModel:
                 self._keep(_repack(&L.w_down, n_threads))
         if qora_state_init(&self.m.s, c) != QORA_OK:
             raise MemoryError(f"cannot allocate the run state for a {max_seq_len}-token context")
-        self.vocab_size = V
+        self.vocab_size = c.vocab_size
         self.max_seq_len = max_seq_len
         self.n_threads = n_threads
         self.m.n_threads = n_threads
@@ -502,19 +441,6 @@ cdef class CpuModel:
     cdef object _keep(self, arr):
         self._refs.append(arr)
         return arr
-
-    cdef qora_tensor _mat(self, dict tensors, str name, int rows, int cols) except *:
-        dtype, shape, arr = tensors[name]
-        if tuple(shape) != (rows, cols):
-            raise ValueError(f"{name}: shape {tuple(shape)}, expected {(rows, cols)}")
-        return _tensor(dtype, rows, cols, self._keep(_bytes(arr)), name)
-
-    cdef const float* _vec(self, dict tensors, str name, int n) except NULL:
-        dtype, shape, arr = tensors[name]
-        if dtype != "f32" or tuple(shape) != (n,):
-            raise ValueError(f"{name}: expected f32 ({n},), got {dtype} {tuple(shape)}")
-        a = self._keep(np.ascontiguousarray(arr, dtype=np.float32))
-        return <const float*><size_t>a.ctypes.data
 
     def forward(self, const int32_t[::1] tokens, int start_pos, bint all_logits=False):
         """Logits (n, vocab) or (1, vocab) for the last token; fills the KV cache."""

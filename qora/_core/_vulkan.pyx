@@ -98,6 +98,8 @@ cdef extern from "qora/vk_backend.h" nogil:
     void qvk_model_destroy(qvk_model* m)
 
 DTYPES = {"f32": QORA_F32, "f16": QORA_F16, "q8": QORA_Q8, "q4": QORA_Q4}
+include "weights.pxi"
+
 ERROR_KINDS = {-10: "loader", -11: "no_device", -12: "feature", -13: "oom", -14: "device_lost", -15: "vulkan",
                -16: "args", -17: "unsupported"}
 DEVICE_TYPES = {0: "other", 1: "integrated", 2: "discrete", 3: "virtual", 4: "cpu"}
@@ -270,75 +272,14 @@ cdef class _Weights:
         self.layers = NULL
 
     def __init__(self, dict cfg, dict tensors, inv_freq, float rope_scale, int max_seq_len):
-        cdef int i, n_layers = cfg["n_layers"]
-        cdef qora_layer* L
+        if self.layers != NULL:
+            raise RuntimeError("weights are already set")
         self.refs = []
-        c = &self.cfg
-        c.n_layers = n_layers
-        c.dim = cfg["dim"]
-        c.n_heads = cfg["n_heads"]
-        c.n_kv_heads = cfg["n_kv_heads"]
-        c.head_dim = cfg["head_dim"]
-        c.hidden_dim = cfg["hidden_dim"]
-        c.vocab_size = cfg["vocab_size"]
-        c.max_seq_len = max_seq_len
-        c.norm_eps = cfg["norm_eps"]
-        c.rope_scale = rope_scale
-        if min(n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size) <= 0 \
-                or c.n_heads % c.n_kv_heads or c.head_dim % 2 or max_seq_len < 1:
-            raise ValueError("inconsistent model config")
-        self.layers = <qora_layer*>calloc(n_layers, sizeof(qora_layer))
+        _fill_config(&self.cfg, cfg, max_seq_len, rope_scale)
+        self.layers = <qora_layer*>calloc(self.cfg.n_layers, sizeof(qora_layer))
         if self.layers == NULL:
             raise MemoryError()
-        self.w.layers = self.layers
-        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        D, H, V = c.dim, c.hidden_dim, c.vocab_size
-        self.w.tok_embeddings = self._mat(tensors, "tok_embeddings", V, D)
-        self.w.output = self._mat(tensors, "output" if "output" in tensors else "tok_embeddings", V, D)
-        self.w.norm = self._vec(tensors, "norm", D)
-        inv = np.ascontiguousarray(inv_freq, dtype=np.float32)
-        if inv.shape != (c.head_dim // 2,):
-            raise ValueError("inv_freq must have head_dim/2 values")
-        self.refs.append(inv)
-        self.w.inv_freq = <const float*><size_t>inv.ctypes.data
-        rope_layers = cfg["rope_layers"]
-        for i in range(n_layers):
-            p = f"layers.{i}."
-            L = &self.layers[i]
-            L.attn_norm = self._vec(tensors, p + "attn_norm", D)
-            L.ffn_norm = self._vec(tensors, p + "ffn_norm", D)
-            L.wq = self._mat(tensors, p + "wq", q_dim, D)
-            L.wk = self._mat(tensors, p + "wk", kv_dim, D)
-            L.wv = self._mat(tensors, p + "wv", kv_dim, D)
-            L.wo = self._mat(tensors, p + "wo", D, q_dim)
-            L.w_gate = self._mat(tensors, p + "w_gate", H, D)
-            L.w_up = self._mat(tensors, p + "w_up", H, D)
-            L.w_down = self._mat(tensors, p + "w_down", D, H)
-            L.use_rope = 1 if rope_layers[i] else 0
-
-    cdef qora_tensor _mat(self, dict tensors, str name, int rows, int cols) except *:
-        cdef qora_tensor t
-        dtype, shape, arr = tensors[name]
-        if tuple(shape) != (rows, cols) or dtype not in DTYPES:
-            raise ValueError(f"{name}: {dtype} {tuple(shape)}, expected ({rows}, {cols})")
-        a = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-        t.dtype = DTYPES[dtype]
-        t.rows = rows
-        t.cols = cols
-        t.row_bytes = qora_row_bytes(t.dtype, cols)
-        if t.row_bytes == 0 or <size_t>a.shape[0] != t.row_bytes * <size_t>rows:
-            raise ValueError(f"{name}: {a.shape[0]} bytes, expected {t.row_bytes * rows}")
-        self.refs.append(a)
-        t.data = <const void*><size_t>a.ctypes.data
-        return t
-
-    cdef const float* _vec(self, dict tensors, str name, int n) except NULL:
-        dtype, shape, arr = tensors[name]
-        if dtype != "f32" or tuple(shape) != (n,):
-            raise ValueError(f"{name}: expected f32 ({n},), got {dtype} {tuple(shape)}")
-        a = np.ascontiguousarray(arr, dtype=np.float32)
-        self.refs.append(a)
-        return <const float*><size_t>a.ctypes.data
+        _fill_weights(&self.w, self.layers, &self.cfg, cfg, tensors, inv_freq, self.refs)
 
     def __dealloc__(self):
         free(self.layers)
