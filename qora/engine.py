@@ -17,7 +17,7 @@ from qora import limits
 from qora.errors import ContextOverflowError, QoraError
 from qora.system import default_threads, physical_cores  # defined once, in system.py (vulkan.py imports from here)
 
-ISA_NAMES = ("scalar", "avx2", "avx512")
+ISA_NAMES = ("scalar", "avx2", "avx2vnni", "avx512")  # the C enum qora_isa, in order
 
 # Prefill is split into calls of this many tokens so Ctrl-C is honoured
 # between chunks (the C loop runs without the GIL and cannot be interrupted).

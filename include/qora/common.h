@@ -19,6 +19,8 @@
 #if defined(__GNUC__) || defined(__clang__)
 #define QORA_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define QORA_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define QORA_HAVE_AVXVNNI 1 /* the AVX-VNNI path (AVX2-only chips with vpdpbusd: Alder Lake and later) */
+#define QORA_TARGET_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 #else
 #define QORA_TARGET_AVX2
 #define QORA_TARGET_AVX512

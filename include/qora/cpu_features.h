@@ -78,14 +78,15 @@ static qora_cpu_features qora_detect_cpu(void) {
     return f;
 }
 
-/* ISA paths, best last. The AVX-512 slot exists in the dispatch table; a path
-   whose kernels are not compiled in maps to the best one below it. */
-enum qora_isa { QORA_ISA_SCALAR = 0, QORA_ISA_AVX2 = 1, QORA_ISA_AVX512 = 2, QORA_ISA_COUNT = 3 };
+/* ISA paths, best last. A path whose kernels are not compiled in maps to the best one below it.
+   AVX2VNNI: the AVX2 kernels with vpdpbusd (AVX-VNNI) in the repacked Q4 products. */
+enum qora_isa { QORA_ISA_SCALAR = 0, QORA_ISA_AVX2 = 1, QORA_ISA_AVX2VNNI = 2, QORA_ISA_AVX512 = 3, QORA_ISA_COUNT = 4 };
 
 static inline int qora_cpu_supports(const qora_cpu_features* f, int isa) {
     switch (isa) {
     case QORA_ISA_SCALAR: return 1;
     case QORA_ISA_AVX2: return f->os_avx && f->avx && f->avx2 && f->fma && f->f16c;
+    case QORA_ISA_AVX2VNNI: return qora_cpu_supports(f, QORA_ISA_AVX2) && f->avxvnni;
     case QORA_ISA_AVX512:
         return qora_cpu_supports(f, QORA_ISA_AVX2) && f->os_avx512 && f->avx512f && f->avx512bw &&
                f->avx512vl && f->avx512vnni;

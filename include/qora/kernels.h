@@ -52,6 +52,13 @@ static const qora_kernels qora_kernels_avx2 = {
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
     q4x8_avx2, 4, NULL, 0, NULL,
 };
+#if QORA_HAVE_AVXVNNI
+static const qora_kernels qora_kernels_avx2vnni = {
+    "avx2vnni", QORA_ISA_AVX2VNNI, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
+    dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
+    q4x8_avxvnni, 4, NULL, 0, NULL,
+};
+#endif
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
    matches the AVX2 path bit for bit */
 static const qora_kernels qora_kernels_avx512 = {
@@ -67,6 +74,9 @@ static const qora_kernels* qora_kernel_table(int isa) {
 #if QORA_X86
     case QORA_ISA_AVX512: return &qora_kernels_avx512;
     case QORA_ISA_AVX2: return &qora_kernels_avx2;
+#if QORA_HAVE_AVXVNNI
+    case QORA_ISA_AVX2VNNI: return &qora_kernels_avx2vnni;
+#endif
 #endif
     case QORA_ISA_SCALAR: return &qora_kernels_scalar;
     default: return NULL;

@@ -195,42 +195,62 @@ QORA_TARGET_AVX2 static void q4x8_avx2(int n, const block_q4x8* w, const block_q
     }
 }
 
-/* AVX-512 VL + VNNI: vpdpbusd folds the 4-byte products and the accumulation
-   into one instruction per chunk. */
+/* vpdpbusd folds the 4-byte products and the accumulation into one instruction
+   per chunk; the same body serves AVX-512 VL + VNNI and AVX-VNNI (DPBUSD names the intrinsic). */
+#define QORA_Q4X8_VNNI_BODY(DPBUSD)                                                                      \
+    __m256 acc[8];                                                                                       \
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();                                            \
+    const __m256i m4 = _mm256_set1_epi8(0x0f);                                                           \
+    for (int b = 0; b < n / QK; b++) {                                                                   \
+        const block_q4x8* wb = w + b;                                                                    \
+        qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);                                                   \
+        __m256i lo[4], hi[4];                                                                            \
+        for (int k = 0; k < 4; k++) {                                                                    \
+            const __m256i v = _mm256_loadu_si256((const __m256i*)wb->qs[k]);                             \
+            lo[k] = _mm256_and_si256(v, m4);                                                             \
+            hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                       \
+        }                                                                                                \
+        const __m256 dw = _mm256_cvtph_ps(load_scales8(wb->d));                                          \
+        for (int t = 0; t < T; t++) {                                                                    \
+            const block_q8* xb = x + t * xs + b;                                                         \
+            /* four independent chains: one chain of eight would serialise on its latency */             \
+            __m256i s0 = DPBUSD(_mm256_set1_epi32(xsum[t * xs + b].off), lo[0], bcast_i32_avx2(xb->qs)); \
+            __m256i s1 = DPBUSD(_mm256_setzero_si256(), hi[0], bcast_i32_avx2(xb->qs + 16));             \
+            __m256i s2 = DPBUSD(_mm256_setzero_si256(), lo[1], bcast_i32_avx2(xb->qs + 4));              \
+            __m256i s3 = DPBUSD(_mm256_setzero_si256(), hi[1], bcast_i32_avx2(xb->qs + 20));             \
+            s0 = DPBUSD(s0, lo[2], bcast_i32_avx2(xb->qs + 8));                                          \
+            s1 = DPBUSD(s1, hi[2], bcast_i32_avx2(xb->qs + 24));                                         \
+            s2 = DPBUSD(s2, lo[3], bcast_i32_avx2(xb->qs + 12));                                         \
+            s3 = DPBUSD(s3, hi[3], bcast_i32_avx2(xb->qs + 28));                                         \
+            const __m256i s = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));     \
+            const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(xsum[t * xs + b].d));                      \
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);                                  \
+        }                                                                                                \
+    }                                                                                                    \
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+
 QORA_TARGET_AVX512 QORA_INLINE void q4x8_vnni_t(const int T, int n, const block_q4x8* w, const block_q8* x,
                                                const qora_xblock* xsum, size_t xs, float* out, size_t ldo) {
-    __m256 acc[8];
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    for (int b = 0; b < n / QK; b++) {
-        const block_q4x8* wb = w + b;
-        qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);
-        __m256i lo[4], hi[4];
-        for (int k = 0; k < 4; k++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i*)wb->qs[k]);
-            lo[k] = _mm256_and_si256(v, m4);
-            hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        }
-        const __m256 dw = _mm256_cvtph_ps(load_scales8(wb->d));
-        for (int t = 0; t < T; t++) {
-            const block_q8* xb = x + t * xs + b;
-            /* four independent vpdpbusd chains: one chain of eight would serialise on its latency */
-            __m256i s0 = _mm256_dpbusd_epi32(_mm256_set1_epi32(xsum[t * xs + b].off), lo[0],
-                                             bcast_i32_avx2(xb->qs));
-            __m256i s1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi[0], bcast_i32_avx2(xb->qs + 16));
-            __m256i s2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[1], bcast_i32_avx2(xb->qs + 4));
-            __m256i s3 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi[1], bcast_i32_avx2(xb->qs + 20));
-            s0 = _mm256_dpbusd_epi32(s0, lo[2], bcast_i32_avx2(xb->qs + 8));
-            s1 = _mm256_dpbusd_epi32(s1, hi[2], bcast_i32_avx2(xb->qs + 24));
-            s2 = _mm256_dpbusd_epi32(s2, lo[3], bcast_i32_avx2(xb->qs + 12));
-            s3 = _mm256_dpbusd_epi32(s3, hi[3], bcast_i32_avx2(xb->qs + 28));
-            const __m256i s = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
-            const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(xsum[t * xs + b].d));
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
-        }
-    }
-    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+    QORA_Q4X8_VNNI_BODY(_mm256_dpbusd_epi32)
 }
+
+#if QORA_HAVE_AVXVNNI
+QORA_TARGET_AVXVNNI QORA_INLINE void q4x8_avxvnni_t(const int T, int n, const block_q4x8* w, const block_q8* x,
+                                                   const qora_xblock* xsum, size_t xs, float* out, size_t ldo) {
+    QORA_Q4X8_VNNI_BODY(_mm256_dpbusd_avx_epi32)
+}
+
+/* decode stays on the AVX2 segment kernel: it is bound by memory, not by the dot instruction */
+QORA_TARGET_AVXVNNI static void q4x8_avxvnni(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
+                                            size_t xs, int nt, float* out, size_t ldo) {
+    switch (nt) {
+    case 1: q4x8_avx2_decode(n, w, x, xsum, out); break;
+    case 2: q4x8_avxvnni_t(2, n, w, x, xsum, xs, out, ldo); break;
+    case 3: q4x8_avxvnni_t(3, n, w, x, xsum, xs, out, ldo); break;
+    default: q4x8_avxvnni_t(4, n, w, x, xsum, xs, out, ldo); break;
+    }
+}
+#endif
 
 QORA_TARGET_AVX512 static void q4x8_avx512(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
                                            size_t xs, int nt, float* out, size_t ldo) {

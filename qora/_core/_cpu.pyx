@@ -118,7 +118,7 @@ cdef extern from *:
     int qora_omp_max_threads()
 
 DTYPES = {"f32": QORA_F32, "f16": QORA_F16, "q8": QORA_Q8, "q4": QORA_Q4}
-ISA_NAMES = ("scalar", "avx2", "avx512")
+ISA_NAMES = ("scalar", "avx2", "avx2vnni", "avx512")  # the C enum qora_isa, in order
 
 
 # ------------------------------------------------------------------ CPU info
