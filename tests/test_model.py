@@ -126,7 +126,7 @@ def test_isa_paths_agree(converted, monkeypatch, quant, tol):
     results = []
     for isa in ISAS:
         monkeypatch.setenv("QORA_ISA", isa)
-        with qora.load(converted["tiny-smollm3", quant], threads=1) as m:
+        with qora.load(converted["tiny-smollm3", quant], threads=1, device="cpu") as m:
             assert m.engine.isa == isa
             results.append(m.forward(exp["prompt_ids"]))
     for r in results[1:]:
