@@ -195,6 +195,25 @@ def default_context(cfg: dict, requested: int | None = None) -> int:
     return max(1, min(max_pos, 16384, fit))
 
 
+def check_tokens(tokens, start_pos: int, max_seq_len: int, vocab_size: int) -> np.ndarray:
+    """Token ids as a flat int32 array, after the checks every engine's forward needs (clear errors,
+    never an out-of-range index reaching C)."""
+    ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+    n = ids.shape[0]
+    if n == 0:
+        raise QoraError("forward needs at least one token")
+    if start_pos < 0:
+        raise QoraError(f"start_pos must be >= 0, got {start_pos}")
+    if start_pos + n > max_seq_len:
+        raise ContextOverflowError(
+            f"{start_pos + n} tokens do not fit the {max_seq_len}-token context "
+            f"(prompt or conversation too long; raise max_seq_len or shorten it)"
+        )
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise QoraError(f"token id out of range [0, {vocab_size})")
+    return ids.astype(np.int32)
+
+
 class CpuEngine:
     """forward(tokens, start_pos) -> logits over a KV cache kept inside the engine."""
 
@@ -234,20 +253,8 @@ class CpuEngine:
         """Run tokens at positions start_pos.. ; (n, vocab) logits if all_logits else (1, vocab) for the last."""
         if self._model is None:
             raise QoraError("the model is closed")
-        ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        ids = check_tokens(tokens, start_pos, self.max_seq_len, self.vocab_size)
         n = ids.shape[0]
-        if n == 0:
-            raise QoraError("forward needs at least one token")
-        if start_pos < 0:
-            raise QoraError(f"start_pos must be >= 0, got {start_pos}")
-        if start_pos + n > self.max_seq_len:
-            raise ContextOverflowError(
-                f"{start_pos + n} tokens do not fit the {self.max_seq_len}-token context "
-                f"(prompt or conversation too long; raise max_seq_len or shorten it)"
-            )
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise QoraError(f"token id out of range [0, {self.vocab_size})")
-        ids = ids.astype(np.int32)
         outs = []
         for i in range(0, n, _PREFILL_CHUNK):
             chunk = ids[i : i + _PREFILL_CHUNK]

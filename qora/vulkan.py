@@ -32,7 +32,8 @@ import threading
 
 import numpy as np
 
-from qora.errors import ContextOverflowError, QoraError
+from qora.engine import check_tokens
+from qora.errors import QoraError
 
 # Best first; CPU-type devices are used only when asked for.
 _TYPE_RANK = {"discrete": 3, "integrated": 2, "virtual": 1, "other": 0, "cpu": -1}
@@ -287,20 +288,8 @@ class VulkanEngine:
             raise QoraError("the model is closed")
         if self._cpu is not None:
             return self._cpu.forward(tokens, start_pos, all_logits)
-        ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        ids = check_tokens(tokens, start_pos, self.max_seq_len, self.vocab_size)
         n = ids.shape[0]
-        if n == 0:
-            raise QoraError("forward needs at least one token")
-        if start_pos < 0:
-            raise QoraError(f"start_pos must be >= 0, got {start_pos}")
-        if start_pos + n > self.max_seq_len:
-            raise ContextOverflowError(
-                f"{start_pos + n} tokens do not fit the {self.max_seq_len}-token context "
-                f"(prompt or conversation too long; raise max_seq_len or shorten it)"
-            )
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise QoraError(f"token id out of range [0, {self.vocab_size})")
-        ids = ids.astype(np.int32)
         core = _core()
         step = self._logit_rows if all_logits else self._batch
         outs = []
