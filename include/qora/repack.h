@@ -117,21 +117,28 @@ QORA_TARGET_AVX2 static inline __m256i bcast_i32_avx2(const int8_t* p) {
 
 QORA_TARGET_AVX2 static inline __m128i load_scales8(const uint16_t* d) { return _mm_loadu_si128((const __m128i*)d); }
 
+/* A block's 4 chunks split into low nibbles (elements 4k..4k+3 of the 8 rows) and high nibbles
+   (elements 16+4k..), as unsigned bytes for maddubs / vpdpbusd. */
+QORA_TARGET_AVX2 static inline void q4x8_nibbles_avx2(const block_q4x8* wb, __m256i lo[4], __m256i hi[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int k = 0; k < 4; k++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)wb->qs[k]);
+        lo[k] = _mm256_and_si256(v, m4);
+        hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    }
+}
+
 /* AVX2: maddubs(nibbles of 8 rows, 4 broadcast activation bytes), int16 sums
    of the 8 products per lane stay below 8 * 2 * 15 * 127 = 30480: no overflow. */
 #define QORA_Q4X8_AVX2_BODY(T)                                                                          \
     __m256 acc[4];                                                                                      \
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();                                           \
-    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);                            \
+    const __m256i ones = _mm256_set1_epi16(1);                                                          \
     for (int b = 0; b < n / QK; b++) {                                                                  \
         const block_q4x8* wb = w + b;                                                                   \
         qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);                                                  \
         __m256i lo[4], hi[4];                                                                           \
-        for (int k = 0; k < 4; k++) {                                                                   \
-            const __m256i v = _mm256_loadu_si256((const __m256i*)wb->qs[k]);                            \
-            lo[k] = _mm256_and_si256(v, m4);                                                            \
-            hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                      \
-        }                                                                                               \
+        q4x8_nibbles_avx2(wb, lo, hi);                                                                  \
         const __m256 dw = _mm256_cvtph_ps(load_scales8(wb->d));                                         \
         for (int t = 0; t < T; t++) {                                                                   \
             const block_q8* xb = x + t * xs + b;                                                        \
@@ -157,14 +164,13 @@ QORA_TARGET_AVX2 QORA_INLINE void q4x8_avx2_t(const int T, int n, const block_q4
    as in the AVX-512 decode kernel below). */
 QORA_TARGET_AVX2 static inline __m256 q4x8_block_1_avx2(const block_q4x8* wb, const block_q8* xb, const qora_xblock* xe,
                                                         __m256 acc) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);
-    __m256i p = _mm256_setzero_si256();
+    __m256i lo[4], hi[4], p = _mm256_setzero_si256();
+    q4x8_nibbles_avx2(wb, lo, hi);
     for (int k = 0; k < 4; k++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)wb->qs[k]);
-        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_and_si256(v, m4), bcast_i32_avx2(xb->qs + 4 * k)));
-        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-                                                     bcast_i32_avx2(xb->qs + 16 + 4 * k)));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(lo[k], bcast_i32_avx2(xb->qs + 4 * k)));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[k], bcast_i32_avx2(xb->qs + 16 + 4 * k)));
     }
     const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_set1_epi32(xe->off));
     const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(load_scales8(wb->d)), _mm256_set1_ps(xe->d));
@@ -200,16 +206,11 @@ QORA_TARGET_AVX2 static void q4x8_avx2(int n, const block_q4x8* w, const block_q
 #define QORA_Q4X8_VNNI_BODY(DPBUSD)                                                                      \
     __m256 acc[8];                                                                                       \
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();                                            \
-    const __m256i m4 = _mm256_set1_epi8(0x0f);                                                           \
     for (int b = 0; b < n / QK; b++) {                                                                   \
         const block_q4x8* wb = w + b;                                                                    \
         qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);                                                   \
         __m256i lo[4], hi[4];                                                                            \
-        for (int k = 0; k < 4; k++) {                                                                    \
-            const __m256i v = _mm256_loadu_si256((const __m256i*)wb->qs[k]);                             \
-            lo[k] = _mm256_and_si256(v, m4);                                                             \
-            hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                       \
-        }                                                                                                \
+        q4x8_nibbles_avx2(wb, lo, hi);                                                                   \
         const __m256 dw = _mm256_cvtph_ps(load_scales8(wb->d));                                          \
         for (int t = 0; t < T; t++) {                                                                    \
             const block_q8* xb = x + t * xs + b;                                                         \
