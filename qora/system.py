@@ -156,38 +156,31 @@ def _meminfo_bytes(key: str) -> int | None:
     return None
 
 
-def total_ram() -> int:
-    """Installed RAM in bytes (0 when it cannot be read)."""
+def _ram(psutil_field: str, meminfo_key: str, sysconf_pages: str) -> int:
+    """RAM in bytes from psutil, else /proc/meminfo, else sysconf (0 when none can be read)."""
     try:
         import psutil
 
-        return int(psutil.virtual_memory().total)
+        return int(getattr(psutil.virtual_memory(), psutil_field))
     except Exception:
         pass
-    value = _meminfo_bytes("MemTotal")
+    value = _meminfo_bytes(meminfo_key)
     if value is None:
         try:
-            value = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            value = os.sysconf("SC_PAGE_SIZE") * os.sysconf(sysconf_pages)
         except (ValueError, OSError, AttributeError):
             value = 0
     return int(value)
+
+
+def total_ram() -> int:
+    """Installed RAM in bytes (0 when it cannot be read)."""
+    return _ram("total", "MemTotal", "SC_PHYS_PAGES")
 
 
 def available_ram() -> int:
     """RAM in bytes that can be used now without swapping (0 when it cannot be read)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:
-        pass
-    value = _meminfo_bytes("MemAvailable")
-    if value is None:
-        try:
-            value = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            value = 0
-    return int(value)
+    return _ram("available", "MemAvailable", "SC_AVPHYS_PAGES")
 
 
 def default_limits(ram_bytes: int | None = None) -> tuple[int, int]:
