@@ -146,6 +146,11 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
     p.add_argument("--threads", type=_int_at_least(1), metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--context", type=_int_at_least(2), metavar="N", help="KV cache size in tokens (default: auto)")
     p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="generate --max-tokens tokens: never end the answer at an end-of-turn token (for benchmarks)",
+    )
+    p.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop when the answer contains TEXT (repeatable)"
     )
     p.add_argument("--length", metavar="HINT", help="answer length hint: short, medium, long, or '100 words'")
@@ -237,6 +242,7 @@ def _options(args, parser):
             raw=getattr(args, "raw", False),
             system=args.system,
             length_hint=args.length,
+            ignore_eos=getattr(args, "ignore_eos", False),
         )
     except QoraError as e:
         parser.error(str(e))  # a bad option value is a usage error: exit 2 with the usage line

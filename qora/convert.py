@@ -170,8 +170,10 @@ class _SafetensorsFile:
             if not isinstance(t, dict) or not isinstance(t.get("dtype"), str):
                 raise FormatError(f"{where}: bad safetensors entry for {name} (needs dtype, shape, data_offsets)")
             dtype, shape, offsets = t["dtype"], t.get("shape"), t.get("data_offsets")
-            if not isinstance(shape, list) or len(shape) > 8 or any(
-                not _is_int(d) or not 0 <= d <= limits.MAX_TENSOR_DIM for d in shape
+            if (
+                not isinstance(shape, list)
+                or len(shape) > 8
+                or any(not _is_int(d) or not 0 <= d <= limits.MAX_TENSOR_DIM for d in shape)
             ):
                 raise FormatError(f"{where}: tensor {name} has a bad shape {shape!r}")
             if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
@@ -874,7 +876,6 @@ def _check_gguf_fields(fields: dict, where) -> None:
         raise FormatError(
             f"{where}: GGUF metadata tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
         )
-
 
 
 class _GGUFSource:

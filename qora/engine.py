@@ -236,7 +236,14 @@ class CpuEngine:
             repack = os.environ.get("QORA_REPACK", "1").strip() not in ("0", "false", "no")
             self.kv_dtype = kv_cache_dtype(qfile)
             self._model = core.CpuModel(
-                cfg, tensors, inv_freq, rope_scale, self.max_seq_len, self.n_threads, isa_idx, repack,
+                cfg,
+                tensors,
+                inv_freq,
+                rope_scale,
+                self.max_seq_len,
+                self.n_threads,
+                isa_idx,
+                repack,
                 self.kv_dtype == "f16",
             )
         except (ValueError, KeyError) as e:

@@ -97,6 +97,9 @@ class GenerationOptions:
     sentence_stop: bool = True
     today: _dt.date | str | None = None
     logprobs: int | None = None
+    # Generate max_tokens tokens (benchmarks, load tests): end-of-turn tokens are never sampled, and
+    # only max_tokens, a stop string or a full context end the answer.
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if self.max_tokens is not None:
@@ -133,6 +136,7 @@ class GenerationOptions:
                 raise QoraError(f"stop strings must be non-empty strings, got {s!r}")
         if self.enable_thinking is not None:
             self.enable_thinking = bool(self.enable_thinking)
+        self.ignore_eos = bool(self.ignore_eos)
         if self.system is not None and not isinstance(self.system, str):
             raise QoraError("system must be a string")
         length_hint_sentence(self.length_hint)  # validates
@@ -178,6 +182,8 @@ class GenerationOptions:
             repeat_penalty=pick(self.repeat_penalty, 1.0 if self.greedy else REPEAT_PENALTY),
             presence_penalty=pick(self.presence_penalty, 0.0 if self.greedy else PRESENCE_PENALTY),
             frequency_penalty=pick(self.frequency_penalty, 0.0 if self.greedy else FREQUENCY_PENALTY),
+            loop_detection=self.loop_detection and not self.ignore_eos,
+            sentence_stop=self.sentence_stop and not self.ignore_eos,
         )
 
     def sampler(self, exempt=frozenset()) -> Sampler:
@@ -545,9 +551,13 @@ def stream_generate(
     finish: str | None = None
     last_token: int | None = None
     chosen_logprobs: tuple[float, list[tuple[int, float]]] | None = None  # the last chosen token's
+    banned = np.fromiter(sorted(tok.stop_ids), dtype=np.int64) if o.ignore_eos else None
 
     def choose(logits: np.ndarray) -> int:
         nonlocal force, chosen_logprobs
+        if banned is not None and banned.size:
+            logits = logits.copy()  # the engine's buffer stays as it is
+            logits[banned[banned < logits.shape[-1]]] = -np.inf
         if force is not None:
             token, force = force, None
         else:

@@ -10,7 +10,7 @@ requests never touch the cache at once. The Model's KV reuse carries over betwee
 that resends a growing conversation pays for its new turn only. A client that goes away marks its job
 cancelled; the worker checks between tokens and moves on to the next request.
 
-Beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty`, `think_budget`, and
+Beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty`, `think_budget`, `ignore_eos`, and
 `chat_template_kwargs.enable_thinking` (SmolLM3's thinking switch; `/think` or `/no_think` in the
 system message works too). Thinking comes back as `reasoning_content`, apart from `content`.
 `max_tokens` caps the answer; thinking has its own budget (think_budget, default from RAM), as in
@@ -196,6 +196,7 @@ def _options(body: dict, chat: bool) -> tuple[GenerationOptions, int | None]:
             # OpenAI semantics: max_tokens is a hard count, not "stop at a sentence near it".
             sentence_stop=False,
             logprobs=logprobs,
+            ignore_eos=_field(body, "ignore_eos", (bool,), False),  # as vLLM and llama.cpp's server
         )
     except QoraError as e:
         raise ApiError(400, str(e)) from None

@@ -75,7 +75,7 @@ def test_help_lists_every_flag():
     assert p.returncode == 0
     flags = "--load --prompt --max-tokens --think-budget --no-think --greedy --show-think --raw --cpu --gpu "
     flags += "--temperature --top-k --top-p --min-p --repeat-penalty --presence-penalty --seed --threads --stop "
-    flags += "--verbose --version"
+    flags += "--ignore-eos --verbose --version"
     for flag in flags.split():
         assert flag in p.stdout, flag
 
@@ -173,6 +173,14 @@ def test_stop_and_stdin_prompt(fake_load, capsys, monkeypatch):
     rc = cli.main(["--load", str(fake_load.path), "--stop", "END", "--stop", "XX", "--greedy"])
     assert rc == 0
     assert capsys.readouterr().out == "one \n"
+
+
+def test_ignore_eos_runs_to_max_tokens(fake_load, capsys):
+    fake_load.state["model"] = FakeModel("Hi.")  # then the end of turn, which --ignore-eos masks
+    rc = cli.main(["--load", str(fake_load.path), "--prompt", "x", "--greedy", "--ignore-eos", "--max-tokens", "7"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hi.") and len(TOK.encode(out.rstrip("\n"))) == 7
 
 
 def test_empty_stdin_prompt_is_an_error(fake_load, capsys, monkeypatch):

@@ -254,6 +254,27 @@ def test_prompt_that_opens_a_thought():
 # ───── limits ─────
 
 
+def test_ignore_eos_generates_max_tokens():
+    # the script ends its turn after "abc"; with ignore_eos the end-of-turn tokens are masked out, and
+    # the repeated filler that follows is neither a loop nor a sentence end that stops the answer
+    rs = run(FakeModel(script("abc")), max_tokens=150, ignore_eos=True)
+    assert rs[-1].finish_reason == "length"
+    answer = [r.token for r in rs if r.channel == "answer" and r.token is not None]
+    assert len(answer) == 150
+    assert not {IM_END, EOT} & set(answer)
+    assert text_of(rs).startswith("abc")
+    # without it: the turn ends after "abc"
+    rs = run(FakeModel(script("abc")), max_tokens=150)
+    assert (rs[-1].finish_reason, text_of(rs)) == ("stop", "abc")
+
+
+def test_ignore_eos_keeps_stop_strings():
+    rs = run(
+        FakeModel(script("one two. three", then=TOK.encode("x")[0])), max_tokens=500, ignore_eos=True, stop=["two"]
+    )
+    assert (rs[-1].finish_reason, text_of(rs)) == ("stop", "one ")
+
+
 def test_loop_detection_stops():
     rs = run(FakeModel(script("the cat sat on the mat. " * 100)), max_tokens=5000, sentence_stop=False)
     assert rs[-1].finish_reason == "loop"

@@ -279,6 +279,7 @@ GOOD = {"model": MODEL, "messages": [SYSTEM, {"role": "user", "content": "hi"}],
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
         ({"seed": "x"}, "seed"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
         ({"presence_penalty": 5}, "presence_penalty"),
         ({"model": 3}, "model"),
         ({"model": None}, "model"),
@@ -381,7 +382,13 @@ def test_client_disconnect_cancels_generation(demo_server):
     url, name = demo_server
     counts = lambda: httpx.get(url + "/health").json()["requests"]  # noqa: E731
     before = counts()["cancelled"]
-    body = {"model": name, "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 1500}
+    # ignore_eos: the answer cannot end early by itself, so only the client leaving can stop it
+    body = {
+        "model": name,
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": 1500,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]  # a few tokens in, the client goes away
