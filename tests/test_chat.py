@@ -201,7 +201,7 @@ def test_repl_two_turns_reuse_the_cache_and_clear_resets(demo_model, tmp_path):
 
 
 def test_repl_ctrl_c_stops_the_answer_but_not_the_repl(demo_model):
-    child = spawn(demo_model, "--max-tokens", "2000", "--seed", "3")
+    child = spawn(demo_model, "--max-tokens", "2000", "--seed", "3", "--ignore-eos")  # no early end
     try:
         child.sendline("Write a very long story about a dragon who learns to cook.")
         child.expect_exact("cook.\r\n")
