@@ -186,7 +186,7 @@ class GenerationOptions:
             sentence_stop=self.sentence_stop and not self.ignore_eos,
         )
 
-    def sampler(self, exempt=frozenset()) -> Sampler:
+    def sampler(self, exempt=frozenset(), banned=frozenset()) -> Sampler:
         """The Sampler for these (resolved) options."""
         if self.temperature is None:
             raise QoraError("options must be resolved before building a sampler")
@@ -202,6 +202,7 @@ class GenerationOptions:
             seed=self.seed,
             greedy=self.greedy,
             exempt=exempt,
+            banned=banned,
         )
 
 
@@ -536,7 +537,7 @@ def stream_generate(
     if opts.enable_thinking is False and tok.think_id is not None and thinking_mode and not opts.raw:
         thinking_mode = False  # the template ignores enable_thinking but the caller asked for no thinking
     o = opts.resolved(thinking_mode, getattr(model, "generation_defaults", None))
-    sampler = o.sampler(exempt=tok.special_ids)
+    sampler = o.sampler(exempt=tok.special_ids, banned=tok.stop_ids if o.ignore_eos else frozenset())
 
     channel = "think" if think_open else "answer"
     history: list[int] = []  # generated tokens: the penalties' context
@@ -551,13 +552,9 @@ def stream_generate(
     finish: str | None = None
     last_token: int | None = None
     chosen_logprobs: tuple[float, list[tuple[int, float]]] | None = None  # the last chosen token's
-    banned = np.fromiter(sorted(tok.stop_ids), dtype=np.int64) if o.ignore_eos else None
 
     def choose(logits: np.ndarray) -> int:
         nonlocal force, chosen_logprobs
-        if banned is not None and banned.size:
-            logits = logits.copy()  # the engine's buffer stays as it is
-            logits[banned[banned < logits.shape[-1]]] = -np.inf
         if force is not None:
             token, force = force, None
         else:

@@ -11,7 +11,7 @@ window of generated tokens (`repeat_window`, 64 by default). A window, not the w
 a presence penalty of 1.5 on every token ever used would, a few hundred tokens in, push the model off
 common words ("the", digits, code keywords) it legitimately needs again; a window breaks loops
 without that. Control tokens (EOS, end of turn, think tags) are exempt: penalising the end-of-turn
-token would make answers run on.
+token would make answers run on. `banned` tokens are never chosen (ignore_eos masks the stop tokens).
 """
 
 from __future__ import annotations
@@ -261,6 +261,7 @@ class Sampler:
     seed: int | None = None
     greedy: bool = False
     exempt: frozenset[int] = frozenset()
+    banned: frozenset[int] = frozenset()
 
     def __post_init__(self):
         self.temperature = check_temperature(self.temperature)
@@ -274,6 +275,8 @@ class Sampler:
         if self.seed is not None:
             self.seed = _integer("seed", self.seed, low=0)
         self.exempt = frozenset(int(i) for i in self.exempt)
+        self.banned = frozenset(int(i) for i in self.banned)
+        self._banned = np.fromiter(sorted(self.banned), dtype=np.int64, count=len(self.banned))
         self.rng = np.random.default_rng(self.seed)
 
     def penalize(self, logits, tokens: Sequence[int]) -> np.ndarray:
@@ -292,6 +295,9 @@ class Sampler:
         if np.isnan(x).any():
             raise QoraError("the model produced NaN logits")
         x = self.penalize(x, tokens)
+        if self._banned.size:
+            x = x.copy()  # may still be the caller's array
+            x[self._banned[(self._banned >= 0) & (self._banned < x.size)]] = -np.inf
         if self.greedy or self.temperature == 0.0:
             return greedy(x)
         x = apply_temperature(x, self.temperature)

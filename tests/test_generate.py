@@ -446,9 +446,9 @@ def test_temperature_default_follows_thinking_mode():
     seen = []
     real = g.GenerationOptions.sampler
 
-    def spy(self, exempt=frozenset()):
+    def spy(self, exempt=frozenset(), banned=frozenset()):
         seen.append(self.temperature)
-        return real(self, exempt)
+        return real(self, exempt, banned)
 
     g.GenerationOptions.sampler = spy
     try:

@@ -150,6 +150,11 @@ def test_sampler_filters_are_applied():
     # exempt tokens (EOS) keep their logit
     g = Sampler(greedy=True, repeat_penalty=1.0, presence_penalty=2.0, exempt={0})
     assert g(x, [0, 0, 0]) == 0
+    # banned tokens (ignore_eos) are never chosen, greedy or sampled; ids past the vocabulary are ignored
+    g = Sampler(greedy=True, repeat_penalty=1.0, presence_penalty=0.0, banned={0, 99})
+    assert g(x) == 1 and x[0] == 5.0  # the caller's logits are left as they were
+    s = Sampler(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, presence_penalty=0.0, banned={0}, seed=0)
+    assert {s(x) for _ in range(300)} == {1, 2, 4}
 
 
 def test_sampler_large_vocab_stays_vectorised():
