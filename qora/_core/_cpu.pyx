@@ -13,6 +13,8 @@ from libc.string cimport memset
 
 import numpy as np
 
+include "weights.pxi"
+
 cdef extern from "qora/qora.h" nogil:
     ctypedef struct block_q8:
         pass
@@ -30,9 +32,7 @@ cdef extern from "qora/qora.h" nogil:
     int qora_amx_mode
     int qora_cpu_supports(const qora_cpu_features* f, int isa)
     int QORA_ISA_SCALAR, QORA_ISA_AVX2, QORA_ISA_AVX512, QORA_ISA_COUNT
-    int QORA_F32, QORA_F16, QORA_Q8, QORA_Q4
     int QORA_OK, QORA_ERR_ARGS, QORA_ERR_TOKEN, QORA_ERR_CONTEXT, QORA_ERR_NOMEM
-    size_t qora_row_bytes(int dtype, int cols)
 
     ctypedef struct qora_kernels:
         const char* name
@@ -41,17 +41,6 @@ cdef extern from "qora/qora.h" nogil:
         void (*rmsnorm)(float* out, const float* x, const float* w, int n, float eps) noexcept nogil
 
     const qora_kernels* qora_kernel_table(int isa)
-
-    ctypedef struct block_q4x8:
-        pass
-
-    ctypedef struct qora_tensor:
-        int32_t dtype
-        int32_t rows
-        int32_t cols
-        size_t row_bytes
-        const void* data
-        const block_q4x8* packed
 
     void* qora_alloc_weights(size_t nbytes)
     void qora_free_weights(void* p)
@@ -69,25 +58,6 @@ cdef extern from "qora/qora.h" nogil:
     void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16, int n_pos,
                         int n_heads, int n_kv_heads, int head_dim, size_t kv_stride, float* scores,
                         size_t score_stride, float* out, int n_threads)
-
-    ctypedef struct qora_config:
-        int n_layers, dim, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size, max_seq_len
-        float norm_eps, rope_scale
-        int kv_f16
-
-    ctypedef struct qora_layer:
-        const float* attn_norm
-        qora_tensor wq, wk, wv, wo
-        const float* ffn_norm
-        qora_tensor w_gate, w_up, w_down
-        int use_rope
-
-    ctypedef struct qora_weights:
-        qora_tensor tok_embeddings
-        qora_tensor output
-        const float* norm
-        const float* inv_freq
-        qora_layer* layers
 
     ctypedef struct qora_state:
         float* x
@@ -117,7 +87,6 @@ cdef extern from *:
     int qora_openmp_enabled()
     int qora_omp_max_threads()
 
-DTYPES = {"f32": QORA_F32, "f16": QORA_F16, "q8": QORA_Q8, "q4": QORA_Q4}
 ISA_NAMES = ("scalar", "avx2", "avx2vnni", "avx512")  # the C enum qora_isa, in order
 
 
@@ -162,9 +131,6 @@ cdef const qora_kernels* _kernels(int isa) except NULL:
     if K == NULL:
         raise RuntimeError(f"the {ISA_NAMES[isa]} kernels are not compiled into this build")
     return K
-
-
-include "weights.pxi"
 
 
 cdef class _Packed:

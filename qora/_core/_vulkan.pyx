@@ -12,35 +12,9 @@ from libc.string cimport memset
 
 import numpy as np
 
+include "weights.pxi"
+
 cdef extern from "qora/vk_backend.h" nogil:
-    int QORA_F32, QORA_F16, QORA_Q8, QORA_Q4
-    size_t qora_row_bytes(int dtype, int cols)
-
-    ctypedef struct qora_tensor:
-        int32_t dtype
-        int32_t rows
-        int32_t cols
-        size_t row_bytes
-        const void* data
-
-    ctypedef struct qora_config:
-        int n_layers, dim, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size, max_seq_len
-        float norm_eps, rope_scale
-
-    ctypedef struct qora_layer:
-        const float* attn_norm
-        qora_tensor wq, wk, wv, wo
-        const float* ffn_norm
-        qora_tensor w_gate, w_up, w_down
-        int use_rope
-
-    ctypedef struct qora_weights:
-        qora_tensor tok_embeddings
-        qora_tensor output
-        const float* norm
-        const float* inv_freq
-        qora_layer* layers
-
     int QVK_OK
 
     ctypedef struct qvk_device_info:
@@ -96,9 +70,6 @@ cdef extern from "qora/vk_backend.h" nogil:
     int qvk_model_logit_rows(const qvk_model* m)
     int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, double* step_ns, long* steps)
     void qvk_model_destroy(qvk_model* m)
-
-DTYPES = {"f32": QORA_F32, "f16": QORA_F16, "q8": QORA_Q8, "q4": QORA_Q4}
-include "weights.pxi"
 
 ERROR_KINDS = {-10: "loader", -11: "no_device", -12: "feature", -13: "oom", -14: "device_lost", -15: "vulkan",
                -16: "args", -17: "unsupported"}

@@ -1,7 +1,44 @@
-# Shared by _cpu.pyx and _vulkan.pyx (included as text; each module declares the C structs from its
-# own header, and both headers give qora_config / qora_tensor / qora_layer / qora_weights the fields
-# used here): the model config and weight pointers over the caller's arrays, every size checked
-# before a pointer goes to C. The caller keeps `refs` alive as long as C reads the pointers.
+# Shared by _cpu.pyx and _vulkan.pyx (included as text, right after their imports): the model
+# structs of include/qora/forward.h declared once, and the config and weight pointers over the
+# caller's arrays, every size checked before a pointer goes to C. The caller keeps `refs` alive as
+# long as C reads the pointers.
+
+cdef extern from "qora/forward.h" nogil:
+    int QORA_F32, QORA_F16, QORA_Q8, QORA_Q4
+    size_t qora_row_bytes(int dtype, int cols)
+
+    ctypedef struct block_q4x8:
+        pass
+
+    ctypedef struct qora_tensor:
+        int32_t dtype
+        int32_t rows
+        int32_t cols
+        size_t row_bytes
+        const void* data
+        const block_q4x8* packed
+
+    ctypedef struct qora_config:
+        int n_layers, dim, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size, max_seq_len
+        float norm_eps, rope_scale
+        int kv_f16
+
+    ctypedef struct qora_layer:
+        const float* attn_norm
+        qora_tensor wq, wk, wv, wo
+        const float* ffn_norm
+        qora_tensor w_gate, w_up, w_down
+        int use_rope
+
+    ctypedef struct qora_weights:
+        qora_tensor tok_embeddings
+        qora_tensor output
+        const float* norm
+        const float* inv_freq
+        qora_layer* layers
+
+DTYPES = {"f32": QORA_F32, "f16": QORA_F16, "q8": QORA_Q8, "q4": QORA_Q4}
+
 
 cdef qora_tensor _tensor(str dtype, int rows, int cols, const uint8_t[::1] data, str what) except *:
     """A qora_tensor over `data`, after checking its size matches dtype x shape."""
