@@ -129,50 +129,47 @@ QORA_TARGET_AVX2 static inline void q4x8_nibbles_avx2(const block_q4x8* wb, __m2
 }
 
 /* AVX2: maddubs(nibbles of 8 rows, 4 broadcast activation bytes), int16 sums
-   of the 8 products per lane stay below 8 * 2 * 15 * 127 = 30480: no overflow. */
-#define QORA_Q4X8_AVX2_BODY(T)                                                                          \
-    __m256 acc[4];                                                                                      \
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();                                           \
-    const __m256i ones = _mm256_set1_epi16(1);                                                          \
-    for (int b = 0; b < n / QK; b++) {                                                                  \
-        const block_q4x8* wb = w + b;                                                                   \
-        qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);                                                  \
-        __m256i lo[4], hi[4];                                                                           \
-        q4x8_nibbles_avx2(wb, lo, hi);                                                                  \
-        const __m256 dw = _mm256_cvtph_ps(load_scales8(wb->d));                                         \
-        for (int t = 0; t < T; t++) {                                                                   \
-            const block_q8* xb = x + t * xs + b;                                                        \
-            __m256i p = _mm256_maddubs_epi16(lo[0], bcast_i32_avx2(xb->qs));                            \
-            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[0], bcast_i32_avx2(xb->qs + 16)));          \
-            for (int k = 1; k < 4; k++) {                                                               \
-                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(lo[k], bcast_i32_avx2(xb->qs + 4 * k)));   \
-                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[k], bcast_i32_avx2(xb->qs + 16 + 4 * k))); \
-            }                                                                                           \
-            __m256i s = _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_set1_epi32(xsum[t * xs + b].off)); \
-            const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d)));                        \
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);                                 \
-        }                                                                                               \
-    }                                                                                                   \
-    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+   of the 8 products per lane stay below 8 * 2 * 15 * 127 = 30480: no overflow.
+   One Q8 block against the group's 8 rows: int32 dot per row, the Q4 offset (-8 * sum) folded in. */
+QORA_TARGET_AVX2 QORA_INLINE __m256i q4x8_dot_avx2(const __m256i lo[4], const __m256i hi[4], const block_q8* xb,
+                                                   int32_t off) {
+    __m256i p = _mm256_maddubs_epi16(lo[0], bcast_i32_avx2(xb->qs));
+    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[0], bcast_i32_avx2(xb->qs + 16)));
+    for (int k = 1; k < 4; k++) {
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(lo[k], bcast_i32_avx2(xb->qs + 4 * k)));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[k], bcast_i32_avx2(xb->qs + 16 + 4 * k)));
+    }
+    return _mm256_add_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(1)), _mm256_set1_epi32(off));
+}
 
 QORA_TARGET_AVX2 QORA_INLINE void q4x8_avx2_t(const int T, int n, const block_q4x8* w, const block_q8* x,
                                               const qora_xblock* xsum, size_t xs, float* out, size_t ldo) {
-    QORA_Q4X8_AVX2_BODY(T)
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < n / QK; b++) {
+        const block_q4x8* wb = w + b;
+        qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);
+        __m256i lo[4], hi[4];
+        q4x8_nibbles_avx2(wb, lo, hi);
+        const __m256 dw = _mm256_cvtph_ps(load_scales8(wb->d));
+        for (int t = 0; t < T; t++) {
+            const block_q8* xb = x + t * xs + b;
+            const __m256i s = q4x8_dot_avx2(lo, hi, xb, xsum[t * xs + b].off);
+            const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d)));
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
 /* Decode on AVX2: the group's blocks as four segments at once (more weight streams in flight,
    as in the AVX-512 decode kernel below). */
 QORA_TARGET_AVX2 static inline __m256 q4x8_block_1_avx2(const block_q4x8* wb, const block_q8* xb, const qora_xblock* xe,
                                                         __m256 acc) {
-    const __m256i ones = _mm256_set1_epi16(1);
     qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);
-    __m256i lo[4], hi[4], p = _mm256_setzero_si256();
+    __m256i lo[4], hi[4];
     q4x8_nibbles_avx2(wb, lo, hi);
-    for (int k = 0; k < 4; k++) {
-        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(lo[k], bcast_i32_avx2(xb->qs + 4 * k)));
-        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[k], bcast_i32_avx2(xb->qs + 16 + 4 * k)));
-    }
-    const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_set1_epi32(xe->off));
+    const __m256i s = q4x8_dot_avx2(lo, hi, xb, xe->off);
     const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(load_scales8(wb->d)), _mm256_set1_ps(xe->d));
     return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc);
 }
