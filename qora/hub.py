@@ -177,11 +177,9 @@ def pull(
             return target
 
     from qora.convert import convert
+    from qora.demo import make_cache_folder
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QoraError(f"cannot create the cache folder {out_dir}: {e}") from None
+    make_cache_folder(out_dir)
     log(f"converting {repo_id} to {quant} ...")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qora-pull-", dir=out_dir) as tmp:
