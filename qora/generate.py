@@ -297,19 +297,89 @@ def build_messages(
     return messages
 
 
-def prompt_ids(tokenizer, prompt: str | Sequence[Mapping], options: GenerationOptions) -> list[int]:
-    """Token ids to prefill: the rendered chat template, or (raw) the text as the tokenizer encodes it."""
+def prompt_ids(
+    tokenizer, prompt: str | Sequence[Mapping], options: GenerationOptions, context: int | None = None
+) -> list[int]:
+    """Token ids to prefill: the rendered chat template, or (raw) the text as the tokenizer encodes it.
+    With `context`, a prompt that cannot fit in it is refused before all of it is tokenized
+    (check_prompt_size)."""
     if options.raw:
         if not isinstance(prompt, str):
             raise QoraError("a raw prompt must be a string (no chat template is applied)")
+        if context is not None:
+            check_prompt_size(tokenizer, prompt, context)
         # Raw text is a document: the tokenizer's own post-processing (e.g. a BOS) applies, like HF's
         # tokenizer(text). Chat text below carries its special tokens itself (no BOS for SmolLM3).
-        return tokenizer.encode(prompt, add_special_tokens=True)
+        # Special tokens spelled in a raw prompt are control tokens on purpose (the caller wrote it all).
+        return tokenizer.encode(prompt, add_special_tokens=True, parse_special=True)
     messages = build_messages(prompt, options.system, options.length_hint)
+    if context is not None:  # cheap first: the contents alone may already be far too long to render
+        chars = sum(len(m.get("content")) for m in messages if isinstance(m.get("content"), str))
+        _check_prompt_chars(tokenizer, chars, context)
     text = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, enable_thinking=options.enable_thinking, today=options.today
     )
-    return tokenizer.encode(text, add_special_tokens=False)
+    if context is not None:
+        check_prompt_size(tokenizer, text, context)
+    # Not encode(text): what a message spells (`<|im_end|>`...) stays text; only the template makes control tokens.
+    return tokenizer.encode_chat(
+        messages, add_generation_prompt=True, enable_thinking=options.enable_thinking, today=options.today
+    )
+
+
+_LONGEST_TOKEN: dict[int, tuple[object, int]] = {}  # id(HF tokenizer) -> (it, its longest token in characters)
+
+
+def _longest_token_chars(tokenizer) -> int | None:
+    """Characters of the tokenizer's longest vocabulary entry (a token never covers more input than
+    that: byte-level and metaspace vocabularies spell a token with at least one character per input
+    character); None when the tokenizer does not say."""
+    hf = getattr(tokenizer, "_tok", None)
+    if hf is None or not hasattr(hf, "get_vocab"):
+        return None
+    hit = _LONGEST_TOKEN.get(id(hf))
+    if hit is None or hit[0] is not hf:
+        hit = (hf, max(map(len, hf.get_vocab(with_added_tokens=True)), default=1))
+        if len(_LONGEST_TOKEN) > 16:
+            _LONGEST_TOKEN.clear()
+        _LONGEST_TOKEN[id(hf)] = hit
+    return hit[1]
+
+
+def _too_long(what: str, context: int) -> ContextOverflowError:
+    return ContextOverflowError(
+        f"the prompt is {what}: shorten it to at most {context - 1} tokens or load the model with a larger context"
+    )
+
+
+def _check_prompt_chars(tokenizer, chars: int, context: int) -> None:
+    longest = _longest_token_chars(tokenizer)
+    if chars > limits.PROMPT_COUNT_FROM and longest and chars > limits.PROMPT_CHAR_FACTOR * context * longest:
+        raise _too_long(f"{chars} characters, more than a {context}-token context can hold", context)
+
+
+def check_prompt_size(tokenizer, text: str, context: int) -> None:
+    """Refuse a prompt that cannot fit in `context` tokens without tokenizing all of it (tokenizing
+    costs hundreds of bytes per character: a 60 MB prompt took 9 GB). Short texts pass at once; a text
+    longer than the context could hold even in the tokenizer's longest tokens is refused by its length;
+    otherwise tokens are counted a chunk at a time, cut at a space or line break, and counting stops
+    (ContextOverflowError) once PROMPT_TOKEN_FACTOR x context is passed. A text that passes may still
+    be too long: the generation loop checks the exact count."""
+    n = len(text)
+    if n <= limits.PROMPT_COUNT_FROM:
+        return
+    _check_prompt_chars(tokenizer, n, context)
+    budget, chunk = limits.PROMPT_TOKEN_FACTOR * context, limits.PROMPT_COUNT_CHUNK
+    count = start = 0
+    while start < n:
+        end = min(n, start + chunk)
+        if end < n:
+            cut = max(text.rfind(" ", start + chunk // 2, end), text.rfind("\n", start + chunk // 2, end))
+            end = cut if cut > start else end
+        count += len(tokenizer.encode(text[start:end]))
+        if count > budget:
+            raise _too_long(f"more than {count} tokens but the context holds {context}", context)
+        start = end
 
 
 def _rindex(ids: Sequence[int], token: int | None) -> int:
@@ -532,7 +602,8 @@ def stream_generate(
     fields of `options`. Raises ContextOverflowError when the prompt leaves no room to generate."""
     opts = _merge_options(options, overrides)
     tok = model.tokenizer
-    ids = prompt_ids(tok, prompt, opts)
+    context = getattr(getattr(model, "engine", None), "max_seq_len", None)
+    ids = prompt_ids(tok, prompt, opts, context=None if context is None else int(context))
     thinking_mode, think_open = thinking_state(ids, tok)
     if opts.enable_thinking is False and tok.think_id is not None and thinking_mode and not opts.raw:
         thinking_mode = False  # the template ignores enable_thinking but the caller asked for no thinking

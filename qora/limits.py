@@ -37,6 +37,13 @@ GGUF_MAX_ARRAY = 1 << 24  # elements of one metadata array (a vocabulary is ~128
 GGUF_MAX_STRING = 1 << 26  # bytes of one metadata string (chat templates are ~10 KiB)
 GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
 
+# --- Model files from strangers: totals over a whole file (issue 16, files and numbers) ---
+# A GGUF's metadata is decoded into Python objects (tens of bytes per array element), so the sum
+# over all arrays is bounded, not only each array: the largest real vocabularies (256K tokens,
+# their merges and token types) hold about 1M elements and a few tens of MiB.
+GGUF_MAX_METADATA_ELEMENTS = 1 << 22  # array elements over all metadata entries
+GGUF_MAX_METADATA_BYTES = 256 << 20  # bytes from the start of the file to the end of the metadata
+
 # Callers: threads, tokens, context.
 MAX_THREADS = 1024
 MAX_TOKENS = 1 << 26  # max_tokens / think_budget: never more than the largest context
@@ -47,3 +54,26 @@ TEMPLATE_MAX_OUTPUT = 4 << 20  # characters of one rendered prompt (far beyond a
 TEMPLATE_MAX_LOOP_STEPS = 1 << 20  # loop iterations in one render
 TEMPLATE_MAX_SECONDS = 5.0  # wall time of one render
 TEMPLATE_MAX_POWER = 4096  # largest exponent for `**` on integers
+
+# ── Server and CLI input (qora serve, the prompt readers; qora/server.py, qora/cli.py, qora/chat.py) ──
+# A request body is read at most this far (qora serve --max-body-bytes): 1 MiB is ~250K tokens of
+# English, beyond any context, and what is parsed from it stays a small multiple of it.
+SERVER_MAX_BODY_BYTES = 1 << 20
+SERVER_MAX_MESSAGES = 4096  # messages of one chat request
+SERVER_MAX_CONTENT_PARTS = 1024  # text parts of one message's content
+SERVER_MAX_STOP_CHARS = 1024  # characters of one stop string (up to 4 of them, OpenAI's limit)
+SERVER_MAX_NUMBER_CHARS = 64  # characters of one JSON number literal (a 64-bit seed is 20)
+SERVER_MAX_QUEUED = 256  # requests waiting for the engine; more are answered 503
+SERVER_MAX_CONNECTIONS = 512  # open connections and tasks (uvicorn's limit_concurrency); more get 503
+# CLI: a prompt file / stdin / --prompt is read up to this many bytes (a 64K-token context is ~256 KiB
+# of text); REPL input the same per message.
+CLI_MAX_PROMPT_BYTES = 16 << 20
+# Prompts are checked against the context before the whole text is tokenized: longer than
+# PROMPT_CHAR_FACTOR x context x the tokenizer's longest token (in characters) cannot fit; beyond
+# PROMPT_COUNT_FROM characters, tokens are counted PROMPT_COUNT_CHUNK characters at a time and
+# counting stops once PROMPT_TOKEN_FACTOR x context is passed (chunk edges can shift a count by a
+# token or two, so the refusal keeps that margin; the exact check follows in the generation loop).
+PROMPT_CHAR_FACTOR = 2
+PROMPT_COUNT_FROM = 1 << 16
+PROMPT_COUNT_CHUNK = 1 << 16
+PROMPT_TOKEN_FACTOR = 2
