@@ -16,7 +16,11 @@ Design:
   gguf package and quantized again. llama.cpp's converter permutes the rows of Q and K
   (LlamaModel.permute, for llama and smollm3 alike) to suit its interleaved-pair RoPE; we undo that
   on whole rows, which also works on quantized rows since blocks never straddle rows.
-- The output is written to OUT.tmp and renamed at the end: a failed conversion leaves no file.
+- The output is written to a fresh temporary file beside OUT (qora.safeio) and renamed at the end:
+  a failed conversion leaves no file, and OUT may not be a folder, a device or one of the inputs.
+- Every file of a model folder must resolve inside it (a Hugging Face cache snapshot: inside its
+  models--ORG--NAME folder, where the blobs are); only regular files are opened.
+- A NaN or infinity in any weight (norms and block scales included) is refused, never converted.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import numpy as np
 from qora import limits
 from qora import quant as Q
 from qora.errors import ConfigError, FormatError, QoraError
-from qora.format import QoraWriter, expected_tensors, parse_json, read_qora, validate_config
+from qora.format import QoraWriter, check_finite, expected_tensors, parse_json, reject_nonfinite, validate_config
+from qora.safeio import check_inside, check_output, file_ids, open_regular, read_regular
 
 QUANTS = Q.DTYPES  # "f32", "f16", "q8", "q4"
 
@@ -87,8 +92,24 @@ def _encode_rows(read_rows, rows: int, cols: int, dtype: str) -> np.ndarray:
     step = max(1, _CHUNK_ELEMS // cols)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        out[r0:r1] = Q.quantize(read_rows(r0, r1), dtype)
+        chunk = read_rows(r0, r1)
+        _check_finite_rows(chunk, r0)
+        out[r0:r1] = Q.quantize(chunk, dtype)
     return out
+
+
+class _NonFinite(Exception):
+    """A NaN/Inf in a source tensor; convert() names the tensor and the file."""
+
+    def __init__(self, index):
+        self.index = index
+
+
+def _check_finite_rows(a: np.ndarray, r0: int = 0) -> None:
+    bad = ~np.isfinite(a)
+    if bad.any():
+        r = int(np.argmax(bad.any(axis=-1))) if a.ndim == 2 else int(np.argmax(bad))
+        raise _NonFinite(f"row {r0 + r}" if a.ndim == 2 else f"element {r}")
 
 
 def _permute_rows(rows: int, n_head: int) -> np.ndarray:
@@ -146,7 +167,7 @@ class _SafetensorsFile:
         self.path = path
         where = str(path)
         try:
-            with open(path, "rb") as f:
+            with open_regular(path, where) as f:
                 size = f.seek(0, 2)
                 f.seek(0)
                 head = f.read(8)
@@ -164,6 +185,7 @@ class _SafetensorsFile:
         self.base = 8 + hlen
         data_size = size - self.base
         self.tensors = {}
+        spans = []
         for name, t in header.items():
             if name == "__metadata__":
                 continue
@@ -179,6 +201,8 @@ class _SafetensorsFile:
             if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
                 raise FormatError(f"{where}: tensor {name} has bad data_offsets {offsets!r}")
             start, end = offsets
+            if start > end:
+                raise FormatError(f"{where}: tensor {name} data_offsets [{start}, {end}] end before they start")
             if not 0 <= start <= end <= data_size:
                 raise FormatError(
                     f"{where}: tensor {name} data_offsets [{start}, {end}] lie outside the data ({data_size} bytes)"
@@ -190,6 +214,14 @@ class _SafetensorsFile:
                     f"but its data_offsets span {end - start}"
                 )
             self.tensors[name] = (dtype, tuple(shape), start)
+            spans.append((start, end, name))
+        spans.sort()  # two tensors sharing bytes would alias: a lying or crafted header
+        last = (0, 0, None)  # the span reaching furthest so far
+        for s1, e1, b in spans:
+            if s1 < e1 and s1 < last[1]:
+                raise FormatError(f"{where}: tensors {last[2]} [{last[0]}, {last[1]}] and {b} [{s1}, {e1}] overlap")
+            if e1 > last[1]:
+                last = (s1, e1, b)
 
     def array(self, name: str) -> tuple[str, np.ndarray]:
         dtype, shape, start = self.tensors[name]
@@ -216,31 +248,30 @@ def _to_f32(a: np.ndarray, st_dtype: str) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def _read_json(path: Path, required: bool, where, kind=dict):
+def _read_json(path: Path, required: bool, where, kind=dict, root=None):
     """A JSON file of the model folder, which must hold a `kind` (an object by default); None if it
-    is absent and not required. Size, encoding, syntax and nesting are checked (FormatError)."""
-    text = _read_text(path, required, where)
+    is absent and not required. Size, encoding, syntax, nesting and finiteness (no NaN, Infinity,
+    1e999) are checked (FormatError)."""
+    text = _read_text(path, required, where, root=root)
     if text is None:
         return None
     value = parse_json(text, path, "file")
     if kind is not None and not isinstance(value, kind):
         raise FormatError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}")
+    reject_nonfinite(value, path, "value")
     return value
 
 
-def _read_text(path: Path, required: bool, where, limit: int = limits.MAX_JSON_FILE_BYTES):
-    """A UTF-8 text file of the model folder, at most `limit` bytes; None if absent and not required."""
-    if not path.is_file():
+def _read_text(path: Path, required: bool, where, limit: int = limits.MAX_JSON_FILE_BYTES, root=None):
+    """A UTF-8 text file of the model folder, at most `limit` bytes; None if absent and not required.
+    It must be a regular file (no FIFO or device) resolving inside `root` (no symlink out)."""
+    if not os.path.lexists(path):
         if required:
             raise FormatError(f"{where}: {path.name} not found")
         return None
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    if len(raw) > limit:
-        raise FormatError(f"{path}: larger than the {limit} byte limit")
+    if root is not None:
+        check_inside(path, root)
+    raw = read_regular(path, limit)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -315,7 +346,12 @@ def normalize_hf_config(hf: dict, where) -> dict:
     rope_params = hf.get("rope_parameters") or {}  # transformers >= 5 moves theta/scaling here
     if not isinstance(rope_params, dict):
         raise ConfigError(f"{where}: config.json rope_parameters must be an object")
-    rope_theta = _cfg_float(hf, "rope_theta", where, 0.0) or _cfg_float(rope_params, "rope_theta", where, 10000.0)
+    # rope_theta as given (0 or negative is an error from validate_config, not the default)
+    rope_theta = (
+        _cfg_float(hf, "rope_theta", where, 0.0)
+        if hf.get("rope_theta") is not None
+        else _cfg_float(rope_params, "rope_theta", where, 10000.0)
+    )
     max_seq_len = _cfg_int(hf, "max_position_embeddings", where, default=2048)
     rs = hf.get("rope_scaling") or rope_params
     if not isinstance(rs, dict):
@@ -382,6 +418,26 @@ _GENERATION_SKIP = {
 }
 
 
+def model_root(folder: Path) -> Path:
+    """The folder a model folder's files must resolve into: the folder itself, or for a Hugging
+    Face cache snapshot (models--ORG--NAME/snapshots/COMMIT, whose files link to ../../blobs/) the
+    models--ORG--NAME folder."""
+    real = Path(os.path.realpath(folder))
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        return real.parent.parent
+    return real
+
+
+def source_files(src: Path) -> list[Path]:
+    """The files a conversion of `src` may read (the GGUF, or every file of the folder)."""
+    if src.is_dir():
+        try:
+            return [p for p in src.iterdir()]
+        except OSError:
+            return []
+    return [src]
+
+
 class _HFSource:
     kind = "hf"
 
@@ -390,18 +446,19 @@ class _HFSource:
 
         self.path = path
         where = str(path)
-        hf = _read_json(path / "config.json", True, where)
+        self.root = root = model_root(path)
+        hf = _read_json(path / "config.json", True, where, root=root)
         self.config = cfg = normalize_hf_config(hf, where)
 
         # tokenizer, chat template, generation defaults
         tok_path = path / "tokenizer.json"
-        if not tok_path.is_file():
+        if not os.path.lexists(tok_path):
             raise FormatError(f"{where}: tokenizer.json not found (qora needs the fast-tokenizer file)")
-        self.tokenizer_json = _read_text(tok_path, True, where)
+        self.tokenizer_json = _read_text(tok_path, True, where, root=root)
         tok = load_hf_tokenizer(self.tokenizer_json, tok_path)
-        tcfg = _read_json(path / "tokenizer_config.json", False, where) or {}
-        gen = _read_json(path / "generation_config.json", False, where) or {}
-        self.chat_template = self._chat_template(path, tcfg)
+        tcfg = _read_json(path / "tokenizer_config.json", False, where, root=root) or {}
+        gen = _read_json(path / "generation_config.json", False, where, root=root) or {}
+        self.chat_template = self._chat_template(path, tcfg, root)
         self.generation = {
             k: v for k, v in gen.items() if k not in _GENERATION_SKIP and isinstance(v, (int, float, bool, str))
         }
@@ -419,7 +476,7 @@ class _HFSource:
         self.special_tokens = _chat_special_tokens(tok, special, cfg["vocab_size"])
 
         # weights: one file, or shards listed by the index
-        index = _read_json(path / "model.safetensors.index.json", False, where)
+        index = _read_json(path / "model.safetensors.index.json", False, where, root=root)
         if index is not None:
             wm = index.get("weight_map") or {}
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
@@ -430,7 +487,7 @@ class _HFSource:
                     raise FormatError(
                         f"{path / 'model.safetensors.index.json'}: shard name {name!r} is not a file name"
                     )
-        elif (path / "model.safetensors").is_file():
+        elif os.path.lexists(path / "model.safetensors"):
             files = ["model.safetensors"]
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -440,6 +497,7 @@ class _HFSource:
         self._where = {}  # HF tensor name -> _SafetensorsFile
         try:
             for name in files:
+                check_inside(path / name, root)
                 f = _SafetensorsFile(path / name)
                 self._files.append(f)
                 for t in f.tensors:
@@ -452,10 +510,10 @@ class _HFSource:
             raise
 
     @staticmethod
-    def _chat_template(path: Path, tcfg: dict):
+    def _chat_template(path: Path, tcfg: dict, root):
         jinja = path / "chat_template.jinja"  # transformers >= 4.43 saves the template here
-        if jinja.is_file():
-            return _read_text(jinja, True, path)
+        if os.path.lexists(jinja):
+            return _read_text(jinja, True, path, root=root)
         ct = tcfg.get("chat_template")
         if isinstance(ct, list):  # [{"name": "default", "template": ...}, ...]
             named = {d.get("name"): d.get("template") for d in ct if isinstance(d, dict)}
@@ -496,10 +554,15 @@ class _HFSource:
         if a.shape != tuple(shape):
             raise FormatError(f"{f.path}: weight {hf} has shape {list(a.shape)}, config.json implies {list(shape)}")
         if a.ndim == 1:
-            return Q.quantize(_to_f32(a, st_dtype), dtype)
+            x = _to_f32(a, st_dtype)
+            _check_finite_rows(x)
+            return Q.quantize(x, dtype)
         if dtype == "f32" and st_dtype == "F32":
             return a  # zero copy from the source map to the output file
         return _encode_rows(lambda r0, r1: _to_f32(a[r0:r1], st_dtype), a.shape[0], a.shape[1], dtype)
+
+    def source_name(self, qname: str) -> str:
+        return self._names[qname][0]
 
     def close(self):
         for f in getattr(self, "_files", []):
@@ -683,38 +746,63 @@ _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
-def gguf_prescan(path: Path) -> None:
-    """Walk a GGUF file's header the way llama.cpp's loader should, before the gguf package does.
+class _GGUFTensor:
+    """One tensor of a GGUF file: name, ggml type, dims (ne0 first, as ggml lists them) and a
+    zero-copy view of its bytes shaped as the gguf package shapes it (float arrays [.., ne1, ne0]
+    for F16/F32, uint8 [.., ne1, bytes per row] for the block types)."""
 
-    The gguf package trusts the counts it reads: past the end of the file its reads come back empty
-    instead of failing, so one array that claims 2**63 elements makes it loop (and allocate) for
-    ever. Here every count and length is checked against the bytes that are left and against
-    qora.limits, every type against the known ones, nested arrays are refused, and each tensor's
-    dimensions, type, alignment and data range are checked with Python integers (no wrap-around).
-    Raises FormatError("PATH: problem") on the first fault.
+    __slots__ = ("name", "tensor_type", "shape", "data")
+
+    def __init__(self, name, tensor_type, shape, data):
+        self.name, self.tensor_type, self.shape, self.data = name, tensor_type, shape, data
+
+
+def gguf_prescan(path: Path, _keep_map: bool = False):
+    """Read a GGUF file's header the way llama.cpp's loader should: the one parser of a GGUF here
+    (the gguf package is used for its type tables and dequantizers only).
+
+    Returns (metadata dict, [_GGUFTensor]) (and the mmap they view when _keep_map). The gguf
+    package's own GGUFReader trusts the counts it reads and builds several numpy objects per
+    metadata array element (hundreds of bytes each: a 16 MB file of small arrays took 11 GB and
+    minutes), so it is not used. Here every count and length is checked against the bytes that
+    are left and against qora.limits, per array and in total over the whole metadata (elements and
+    bytes), before a value is decoded; every type against the known ones; nested arrays are
+    refused; each tensor's dimensions, type, alignment and data range are checked with Python
+    integers (no wrap-around). Raises FormatError("PATH: problem") on the first fault.
     """
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     where = str(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise FormatError(f"{where}: cannot read ({e.strerror or e})") from None
+    f = open_regular(path, where)
     with f:
         size = os.fstat(f.fileno()).st_size
         if size < 24:
             raise FormatError(f"{where}: truncated GGUF header ({size} bytes)")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise FormatError(f"{where}: cannot map ({e})") from None
     try:
-        return _gguf_prescan(mm, size, where, GGML_QUANT_SIZES, GGMLQuantizationType)
-    finally:
-        mm.close()
+        fields, tensors = _gguf_prescan(mm, size, where, GGML_QUANT_SIZES, GGMLQuantizationType)
+    except BaseException:
+        try:
+            mm.close()
+        except BufferError:
+            pass  # a view is still referenced by the traceback; freed with it
+        raise
+    if _keep_map:
+        return fields, tensors, mm
+    del tensors  # views into mm
+    return fields, None
 
 
-def _gguf_prescan(mm, size, where, quant_sizes, qtypes) -> None:
+def _gguf_prescan(mm, size, where, quant_sizes, qtypes):
+    if mm[:4] != b"GGUF":
+        raise FormatError(f"{where}: not a GGUF file")
     (version,) = struct.unpack_from("<I", mm, 4)
-    bo = "<" if version & 0xFFFF else ">"  # a big-endian file reads as version << 16 here
-    (version,) = struct.unpack_from(bo + "I", mm, 4)
+    if not version & 0xFFFF:  # a big-endian file reads as version << 16 here
+        raise FormatError(f"{where}: big-endian GGUF files are not supported")
+    bo = "<"
     if version not in (2, 3):
         raise FormatError(f"{where}: GGUF version {version} is not supported (qora reads versions 2 and 3)")
     n_tensors, n_kv = struct.unpack_from(bo + "QQ", mm, 8)
@@ -724,6 +812,7 @@ def _gguf_prescan(mm, size, where, quant_sizes, qtypes) -> None:
         raise FormatError(f"{where}: GGUF metadata count {n_kv} exceeds the limit of {limits.GGUF_MAX_KV}")
     pos = 24
     what = "header"
+    total_elems = 0  # array elements over the whole metadata
 
     def need(n: int) -> None:
         if pos + n > size:
@@ -746,54 +835,69 @@ def _gguf_prescan(mm, size, where, quant_sizes, qtypes) -> None:
         pos += n
         return mm[pos - n : pos]
 
-    def key_name(raw: bytes, kind: str) -> str:
+    def text(raw: bytes, kind: str) -> str:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise FormatError(f"{where}: GGUF {kind} name {raw[:40]!r} is not valid UTF-8") from None
+            raise FormatError(f"{where}: GGUF {kind} {raw[:40]!r} is not valid UTF-8") from None
 
-    keys = set()
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise FormatError(f"{where}: GGUF {what} is {v}, not a finite number")
+        return v
+
+    fields = {}
     alignment = 32
     for i in range(n_kv):
         what = f"metadata entry {i}"
-        key = key_name(string(1 << 16), "metadata key")
-        if key in keys:
+        key = text(string(1 << 16), "metadata key name")
+        if key in fields:
             raise FormatError(f"{where}: GGUF metadata {key} appears twice")
-        keys.add(key)
         what = f"metadata {key}"
         vtype = read("I")
         if vtype in _GGUF_SCALARS:
-            value = read(_GGUF_SCALARS[vtype])
+            value = finite(read(_GGUF_SCALARS[vtype]))
             if key == "general.alignment":
                 if vtype != 4 or value == 0 or value & (value - 1) or value > 1 << 16:
                     raise FormatError(f"{where}: GGUF general.alignment must be a uint32 power of two, got {value}")
                 alignment = value
         elif vtype == _GGUF_STRING:
-            string()
+            value = text(string(), what)
         elif vtype == _GGUF_ARRAY:
             itype, count = read("I"), read("Q")
             if count > limits.GGUF_MAX_ARRAY:
                 raise FormatError(f"{where}: GGUF {what}: array of {count} elements exceeds {limits.GGUF_MAX_ARRAY}")
+            total_elems += count
+            if total_elems > limits.GGUF_MAX_METADATA_ELEMENTS:
+                raise FormatError(
+                    f"{where}: GGUF metadata arrays hold more than {limits.GGUF_MAX_METADATA_ELEMENTS} elements "
+                    f"in all (at {key})"
+                )
             if itype in _GGUF_SCALARS:
                 n = struct.calcsize(_GGUF_SCALARS[itype]) * count
                 need(n)
+                value = np.frombuffer(mm, dtype=bo + _GGUF_SCALARS[itype], count=count, offset=pos).tolist()
                 pos += n
             elif itype == _GGUF_STRING:
                 need(8 * count)  # every element has at least its length field
-                for _ in range(count):
-                    string()
+                value = [text(string(), what) for _ in range(count)]
             elif itype == _GGUF_ARRAY:
                 raise FormatError(f"{where}: GGUF {what}: nested arrays are not supported")
             else:
                 raise FormatError(f"{where}: GGUF {what}: unknown array element type {itype}")
         else:
             raise FormatError(f"{where}: GGUF {what}: unknown value type {vtype}")
+        if pos > limits.GGUF_MAX_METADATA_BYTES:
+            raise FormatError(
+                f"{where}: GGUF metadata is larger than the {limits.GGUF_MAX_METADATA_BYTES} byte limit (at {key})"
+            )
+        fields[key] = value
 
     infos = []
     names = set()
     for i in range(n_tensors):
         what = f"tensor info {i}"
-        name = key_name(string(1 << 16), "tensor")
+        name = text(string(1 << 16), "tensor name")
         if name in names:
             raise FormatError(f"{where}: GGUF tensor {name} appears twice")
         names.add(name)
@@ -817,10 +921,10 @@ def _gguf_prescan(mm, size, where, quant_sizes, qtypes) -> None:
         nbytes = math.prod(dims) // block * type_size  # Python integers: cannot wrap
         if offset % alignment:
             raise FormatError(f"{where}: GGUF tensor {name} offset {offset} is not a multiple of {alignment}")
-        infos.append((name, offset, nbytes))
+        infos.append((name, qtype, dims, offset, nbytes, block, type_size))
     data_start = (pos + alignment - 1) // alignment * alignment
     spans = []
-    for name, offset, nbytes in infos:
+    for name, _, _, offset, nbytes, _, _ in infos:
         if data_start + offset + nbytes > size:
             raise FormatError(
                 f"{where}: GGUF tensor {name} (offset {offset}, {nbytes} bytes) runs past the end of the file "
@@ -831,6 +935,17 @@ def _gguf_prescan(mm, size, where, quant_sizes, qtypes) -> None:
     for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
         if start < end:
             raise FormatError(f"{where}: GGUF tensors {a} and {b} overlap")
+    tensors = []  # views into the map, made once everything is known to be inside it
+    for name, qtype, dims, offset, nbytes, block, type_size in infos:
+        np_dims = tuple(reversed(dims))
+        if qtype.name in ("F32", "F16"):
+            dt = np.dtype("<f4" if qtype.name == "F32" else "<f2")
+            data = np.frombuffer(mm, dtype=dt, count=nbytes // dt.itemsize, offset=data_start + offset)
+        else:  # block types: bytes, the last axis one row's blocks (as the gguf package shapes them)
+            data = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=data_start + offset)
+            np_dims = (*np_dims[:-1], np_dims[-1] // block * type_size)
+        tensors.append(_GGUFTensor(name, qtype, tuple(dims), data.reshape(np_dims)))
+    return fields, tensors
 
 
 # Types the converter reads from GGUF metadata: key -> (python type, element type for lists)
@@ -882,24 +997,13 @@ class _GGUFSource:
     kind = "gguf"
 
     def __init__(self, path: Path):
-        from gguf import GGUFReader
-
         self.path = path
         where = str(path)
-        gguf_prescan(path)  # counts, sizes, types and offsets are sane before the gguf package walks them
-        try:
-            self._reader = r = GGUFReader(path, "r")
-        except Exception as e:  # the gguf package's own checks: ValueError, KeyError, IndexError, ...
-            raise FormatError(f"{where}: cannot read GGUF ({type(e).__name__}: {e})") from None
-        fields = {}
-        for key, field in r.fields.items():
-            try:
-                fields[key] = field.contents()
-            except Exception as e:
-                raise FormatError(f"{where}: GGUF metadata {key} is unreadable ({type(e).__name__}: {e})") from None
+        # one parse, with every count and size checked (see gguf_prescan); tensors view the map
+        fields, tensors, self._mm = gguf_prescan(path, _keep_map=True)
         _check_gguf_fields(fields, where)
         self.fields = fields
-        self._tensors = {t.name: t for t in r.tensors}
+        self._tensors = {t.name: t for t in tensors}
 
         arch = fields.get("general.architecture")
         if arch not in _GGUF_ARCHITECTURES:
@@ -1052,7 +1156,9 @@ class _GGUFSource:
             return raw  # same bytes: GGUF Q4_0 / Q8_0 / F16 / F32 are qora q4 / q8 / f16 / f32
         try:
             if len(shape) == 1:
-                return Q.quantize(dequantize(raw, qtype).reshape(shape), dtype)
+                x = dequantize(raw, qtype).reshape(shape)
+                _check_finite_rows(x)
+                return Q.quantize(x, dtype)
             return _encode_rows(lambda r0, r1: dequantize(raw[r0:r1], qtype), shape[0], shape[1], dtype)
         except NotImplementedError:
             raise FormatError(
@@ -1061,9 +1167,17 @@ class _GGUFSource:
         except (ValueError, TypeError, IndexError) as e:  # the gguf package on a malformed tensor
             raise FormatError(f"{self.path}: tensor {t.name} ({qtype.name}) cannot be decoded ({e})") from None
 
+    def source_name(self, qname: str) -> str:
+        return self._names[qname][1]
+
     def close(self):
         self._tensors = {}
-        self._reader = None
+        mm, self._mm = getattr(self, "_mm", None), None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # arrays still reference the map; it is released with them
 
 
 # --------------------------------------------------------------------------------------------
@@ -1076,13 +1190,13 @@ def open_source(src):
     src = Path(src)
     if src.is_dir():
         return _HFSource(src)
-    if not src.is_file():
+    if not os.path.lexists(src):
         raise FormatError(f"{src}: no such file or folder")
-    try:
-        with open(src, "rb") as f:
+    with open_regular(src) as f:  # a FIFO or a device is refused before it can block
+        try:
             magic = f.read(4)
-    except OSError as e:
-        raise FormatError(f"{src}: cannot read ({e.strerror or e})") from None
+        except OSError as e:
+            raise FormatError(f"{src}: cannot read ({e.strerror or e})") from None
     if magic == b"GGUF":
         return _GGUFSource(src)
     if src.name == "config.json":
@@ -1103,6 +1217,9 @@ def convert(src, out, quant: str = "q4", progress: bool = True, embed_quant: str
             raise QoraError(f"{what} must be one of {', '.join(QUANTS)}, got {q!r}")
     embed_quant = embed_quant or quant
     src, out = Path(src), Path(out)
+    # the output is checked before any work: not a folder, device or FIFO, not one of the inputs
+    inputs = file_ids(source_files(src))
+    check_output(out, inputs)
     source = open_source(src)
     try:
         cfg = source.config
@@ -1127,6 +1244,7 @@ def convert(src, out, quant: str = "q4", progress: bool = True, embed_quant: str
                 source.special_tokens,
                 info,
                 tensors=plan,
+                inputs=inputs,
             )
             with (
                 writer,
@@ -1141,11 +1259,18 @@ def convert(src, out, quant: str = "q4", progress: bool = True, embed_quant: str
             ):
                 for qname, dtype, shape in plan:
                     bar.set_postfix_str(qname, refresh=False)
-                    writer.add_tensor(qname, dtype, shape, source.tensor(qname, dtype, shape))
+                    try:
+                        data = source.tensor(qname, dtype, shape)
+                    except _NonFinite as e:
+                        raise FormatError(
+                            f"{src}: weight {source.source_name(qname)} holds a NaN or infinite value "
+                            f"({e.index}); refused"
+                        ) from None
+                    check_finite(src, source.source_name(qname), dtype, data)  # copied bytes, scales
+                    writer.add_tensor(qname, dtype, shape, data)
                     bar.update(1)
         except OSError as e:
             raise QoraError(f"{out}: cannot write ({e.strerror or e})") from None
     finally:
         source.close()
-    read_qora(out).close()  # the file we hand back must open: validate it once
-    return out
+    return out  # QoraWriter validated the file before giving it its name

@@ -28,12 +28,14 @@ import mmap
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from qora import quant
 from qora.errors import FormatError
+from qora.safeio import AtomicWriter, open_regular
 from qora.limits import CONFIG_INT_LIMITS, MAX_HEADER_BYTES, MAX_TENSOR_DIM
 
 MAGIC = b"QORA"
@@ -71,6 +73,63 @@ def parse_json(raw: bytes | str, where, what: str = "JSON"):
         raise FormatError(f"{where}: {what} is nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, and int() of a too-long number
         raise FormatError(f"{where}: {what} is not valid JSON ({str(e).splitlines()[0]})") from None
+
+
+def find_nonfinite(value) -> str | None:
+    """The key path ("a.b[3]") of the first NaN or infinite float inside a parsed JSON value, or
+    None. Python's json accepts NaN, Infinity and 1e999; a config must not (they would reach the
+    RoPE and sampling arithmetic, or be silently replaced)."""
+    stack = [("", value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return where or "(value)"
+        if isinstance(v, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), x) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
+    return None
+
+
+def reject_nonfinite(value, where, what: str) -> None:
+    bad = find_nonfinite(value)
+    if bad is not None:
+        raise FormatError(f"{where}: {what} {bad} is not a finite number")
+
+
+# NaN/Inf bit patterns: all exponent bits set
+_F32_EXP, _F16_EXP = 0x7F800000, 0x7C00
+_CHECK_CHUNK = 1 << 22  # elements (or blocks) checked per step: bounded temporaries
+
+
+def first_nonfinite(dtype: str, data) -> int | None:
+    """The index of the first NaN/Inf element (f32/f16) or block scale (q4/q8) in `data`, the
+    tensor's storage (bytes-like or array), or None. Works on the bits, in chunks: a view into a
+    memory-mapped file is read once, and nothing the size of the tensor is allocated."""
+    if isinstance(data, np.ndarray):
+        buf = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    else:
+        buf = np.frombuffer(data, dtype=np.uint8)
+    if dtype in quant.BLOCK_BYTES:
+        bits = buf.reshape(-1, quant.BLOCK_BYTES[dtype])[:, :2].view("<u2").reshape(-1)  # each block's f16 scale
+        exp = _F16_EXP
+    elif dtype == "f16":
+        bits, exp = buf.view("<u2"), _F16_EXP
+    else:
+        bits, exp = buf.view("<u4"), _F32_EXP
+    for i in range(0, bits.size, _CHECK_CHUNK):
+        bad = (bits[i : i + _CHECK_CHUNK] & exp) == exp
+        if bad.any():
+            return i + int(np.argmax(bad))
+    return None
+
+
+def check_finite(where, name: str, dtype: str, data) -> None:
+    """FormatError naming the tensor if its storage holds a NaN or infinite value (or scale)."""
+    i = first_nonfinite(dtype, data)
+    if i is not None:
+        what = f"block scale {i}" if dtype in quant.BLOCK_BYTES else f"element {i}"
+        raise FormatError(f"{where}: tensor {name} holds a NaN or infinite value ({dtype} {what}); refused")
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,14 +302,11 @@ class QoraFile:
     it uses, so closing the QoraFile under a running engine is safe.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, check_values: bool = True):
         self.path = Path(path)
-        self._mm = None
+        self._mm = self.guard = None
         where = str(self.path)
-        try:
-            f = open(self.path, "rb")
-        except OSError as e:
-            raise FormatError(f"{where}: cannot open ({e.strerror or e})") from None
+        f = open_regular(self.path, where)  # a FIFO or a device would block or never end
         with f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(PREAMBLE.size)
@@ -277,7 +333,19 @@ class QoraFile:
             self._check_tensors(header["tensors"], where, size - self.data_start)
             self.version = version
             self.file_size = size
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # a read past a truncation under the map: ModelFileChangedError, not SIGBUS (qora/engine.py)
+            from qora.engine import guard_mapping
+
+            self.guard = guard_mapping(mm, where, os.fstat(f.fileno()), size)
+            self._mm = mm
+        if check_values:
+            try:
+                for name, t in self.tensor_info.items():
+                    check_finite(where, name, t["dtype"], self.tensor(name))
+            except BaseException:
+                self.close()
+                raise
 
     def _parse_header(self, header, where) -> None:
         if not isinstance(header, dict):
@@ -300,6 +368,7 @@ class QoraFile:
         self.special_tokens = _check_special_tokens(
             where, header.get("special_tokens") or {}, self.config["vocab_size"]
         )
+        reject_nonfinite({k: header.get(k) for k in ("generation", "special_tokens", "config")}, where, "header")
         self.header = header
 
     def _check_tensors(self, tensors, where, data_size) -> None:
@@ -362,6 +431,7 @@ class QoraFile:
         return quant.dequantize(self.tensor(name), t["dtype"], t["shape"])
 
     def close(self) -> None:
+        self.guard = None  # its buffer export would keep the map; engines hold their own reference
         mm, self._mm = self._mm, None
         if mm is not None:
             try:
@@ -387,9 +457,10 @@ class QoraFile:
         )
 
 
-def read_qora(path) -> QoraFile:
-    """Open and validate a .qora file; raises FormatError("PATH: problem") on any inconsistency."""
-    return QoraFile(path)
+def read_qora(path, check_values: bool = True) -> QoraFile:
+    """Open and validate a .qora file; raises FormatError("PATH: problem") on any inconsistency.
+    check_values: also refuse NaN/Inf in any tensor (norms, f16/f32 weights, q4/q8 block scales)."""
+    return QoraFile(path, check_values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,9 +483,12 @@ class QoraWriter:
 
     `data` is raw storage (bytes-like, or a uint8 array as from quant.quantize) or a float array,
     which is converted/quantized to `dtype` here.
-    Output goes to PATH.tmp and is renamed to PATH by finish(), so a failed or interrupted write
-    never leaves a half file under the final name; abort() (or leaving a `with` block through an
-    exception) deletes the temporary files.
+    Output goes to a fresh temporary file beside PATH (qora.safeio.AtomicWriter: mkstemp, never a
+    predictable name) and is renamed to PATH by finish() once it validates, so a failed or
+    interrupted write never leaves a half file under the final name; abort() (or leaving a `with`
+    block through an exception) deletes the temporary files. PATH must not be a folder, a device,
+    a FIFO, a socket or one of `inputs` (the files being converted, compared by inode).
+    Every tensor's values are checked: a NaN or infinity (a q4/q8 scale included) is refused.
     """
 
     def __init__(
@@ -428,9 +502,9 @@ class QoraWriter:
         source=None,
         *,
         tensors=None,
+        inputs=(),
     ):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         where = str(self.path)
         validate_config(config, where)
         if not isinstance(tokenizer_json, str):
@@ -450,13 +524,15 @@ class QoraWriter:
         self._spool_path = None
         self._declared = None
         self._written = set()
-        self._f = open(self.tmp_path, "wb")
+        reject_nonfinite(self._header, where, "header")  # json.dumps(allow_nan=False) would raise
+        self._out = AtomicWriter(self.path, inputs)
+        self.tmp_path = self._out.tmp_path
+        self._f = self._out.file
         try:
             if tensors is not None:
                 self._declare(tensors)
             else:
-                self._spool_path = self.path.with_name(self.path.name + ".data.tmp")
-                self._spool = open(self._spool_path, "wb")
+                self._spool = tempfile.TemporaryFile(dir=self.path.parent)  # unnamed: nothing to plant
                 self._spool_end = 0
         except BaseException:
             self.abort()
@@ -517,6 +593,7 @@ class QoraWriter:
         mv = self._as_storage(dtype, shape, data)
         if mv.nbytes != nb:
             raise ValueError(f"tensor {name}: {dtype} {shape} needs {nb} bytes, got {mv.nbytes}")
+        check_finite(self.path, name, dtype, mv)
         if self._declared is not None:
             t = self._declared.get(name)
             if t is None or t["dtype"] != dtype or t["shape"] != shape:
@@ -546,18 +623,14 @@ class QoraWriter:
                 self._f.truncate(self._file_size)
             else:
                 self._spool.write(b"\0" * (align_up(self._spool_end) - self._spool_end))
+                self._spool.seek(0)
+                self._write_header()
+                shutil.copyfileobj(self._spool, self._f, 16 << 20)
                 self._spool.close()
                 self._spool = None
-                self._write_header()
-                with open(self._spool_path, "rb") as src:
-                    shutil.copyfileobj(src, self._f, 16 << 20)
-                os.unlink(self._spool_path)
-                self._spool_path = None
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
             self._f = None
-            os.replace(self.tmp_path, self.path)
+            # the file must open before it takes the final name (values were checked as written)
+            self._out.commit(check=lambda tmp: read_qora(tmp, check_values=False).close())
             self._done = True
         except BaseException:
             self.abort()
@@ -566,16 +639,11 @@ class QoraWriter:
 
     def abort(self) -> None:
         """Close and delete the temporary files; the final path is left untouched."""
-        for fh in (self._f, self._spool):
-            if fh is not None:
-                fh.close()
+        if self._spool is not None:
+            self._spool.close()
         self._f = self._spool = None
-        for p in (self.tmp_path, self._spool_path):
-            if p is not None:
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
+        if getattr(self, "_out", None) is not None:
+            self._out.abort()
         self._done = True
 
     def __enter__(self):

@@ -62,6 +62,23 @@ def qora_cases():
         json.dumps(header).replace('"norm_eps": 1e-05', '"norm_eps": NaN').encode(), blobs, end
     ), r"norm_eps must be a positive number"
     yield "theta_one.qora", with_header(config(rope_theta=1.0)), r"rope_theta must be greater than 1"
+
+    def poke(name, first: bytes):  # the tensor's first bytes replaced (a NaN or Inf value or scale)
+        off = header["tensors"][name]["offset"]
+        return ct.qora_from_header(header, [(o, first + b[len(first):] if o == off else b) for o, b in blobs], end)
+
+    yield "nan_norm.qora", poke("norm", struct.pack("<f", float("nan"))), r"tensor norm holds a NaN"
+    yield "inf_attn_norm.qora", poke("layers.0.attn_norm", struct.pack("<f", float("-inf"))), (
+        r"tensor layers\.0\.attn_norm holds a NaN or infinite value"
+    )
+    yield "nan_q8_scale.qora", poke("layers.0.wq", b"\x00\x7e"), r"tensor layers\.0\.wq holds a NaN .*block scale 0"
+    yield "inf_embedding_scale.qora", poke("tok_embeddings", b"\x00\x7c"), r"tensor tok_embeddings holds a NaN"
+    yield "nan_generation.qora", ct.qora_from_header(
+        json.dumps({**header, "generation": {"temperature": float("nan")}}).encode(), blobs, end
+    ), r"header generation\.temperature is not a finite number"
+    yield "inf_rope_extra.qora", with_header(config(rope_scaling={"rope_type": "linear", "factor": 2.0, "x": 1e999})), (
+        r"header config\.rope_scaling\.x is not a finite number"
+    )
     yield "rope_factor_zero.qora", with_header(config(rope_scaling={"rope_type": "linear", "factor": 0})), (
         r"rope_scaling factor must be a positive number"
     )
@@ -210,6 +227,21 @@ def gguf_cases():
     yield "template_wrong_type.gguf", ct.gguf_bytes(md(**{"tokenizer__chat_template": (ct.U32, 7)})), (
         r"tokenizer\.chat_template must be str"
     )
+    yield "eps_nan.gguf", ct.gguf_bytes(md(**{"llama__attention__layer_norm_rms_epsilon": (ct.F32, float("nan"))})), (
+        r"layer_norm_rms_epsilon is nan, not a finite number"
+    )
+    yield "freq_base_inf.gguf", ct.gguf_bytes(md(**{"llama__rope__freq_base": (ct.F32, float("inf"))})), (
+        r"rope\.freq_base is inf, not a finite number"
+    )
+    yield "freq_base_zero.gguf", ct.gguf_bytes(md(**{"llama__rope__freq_base": (ct.F32, 0.0)})), (
+        r"rope_theta must be a positive number"
+    )
+    nan_norm = [
+        (n, d, ty, struct.pack("<f", float("nan")) + r[4:] if n == "blk.0.attn_norm.weight" else r) for n, d, ty, r in t
+    ]
+    yield "nan_norm.gguf", ct.gguf_bytes(tensors=nan_norm), r"blk\.0\.attn_norm\.weight holds a NaN"
+    nan_scale = [(n, d, ty, b"\x00\x7e" + r[2:] if n == "blk.0.attn_q.weight" else r) for n, d, ty, r in t]
+    yield "nan_q8_scale.gguf", ct.gguf_bytes(tensors=nan_scale), r"blk\.0\.attn_q\.weight holds a NaN"
     bad_key = ct.gguf_str(b"\xff\xfe") + struct.pack("<IB", ct.U8, 1)
     yield "not_utf8_key.gguf", ct.gguf_bytes(md() + [("x", bad_key, None)]), (
         r"metadata key name .* is not valid UTF-8"
@@ -234,7 +266,28 @@ def hf_cases():
     yield "st_header_deep.hf", ct.hf_entry(st=st(b"[" * 50000 + b"]" * 50000)), r"nested too deeply"
     yield "st_header_list.hf", ct.hf_entry(st=st(b"[]")), r"not a JSON object"
     yield "st_offsets_past_eof.hf", ct.hf_entry(st=hdr(wq, data_offsets=[0, 1 << 40])), r"lie outside the data"
-    yield "st_offsets_reversed.hf", ct.hf_entry(st=hdr(wq, data_offsets=[100, 0])), r"lie outside the data"
+    yield "st_offsets_reversed.hf", ct.hf_entry(st=hdr(wq, data_offsets=[100, 0])), r"end before they start"
+    wk, wv = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+    yield "st_offsets_overlap.hf", ct.hf_entry(st=hdr(wv, data_offsets=header[wk]["data_offsets"])), r"overlap"
+    nan_data = bytearray(data)
+    s0 = header["model.norm.weight"]["data_offsets"][0]
+    nan_data[s0 : s0 + 4] = struct.pack("<f", float("nan")) if header["model.norm.weight"]["dtype"] == "F32" else (
+        b"\x00\x7e" if header["model.norm.weight"]["dtype"] == "F16" else b"\xc0\x7f"
+    )
+    yield "st_nan_norm.hf", ct.hf_entry(st=st(header, bytes(nan_data))), r"model\.norm\.weight holds a NaN"
+    inf_data = bytearray(data)
+    s0, t0 = header[wq]["data_offsets"][0], header[wq]["dtype"]
+    inf_data[s0 : s0 + 4] = {"F32": struct.pack("<f", float("inf")), "F16": b"\x00\x7c\x00\x7c"}.get(t0, b"\x80\x7f\x80\x7f")
+    yield "st_inf_weight.hf", ct.hf_entry(st=st(header, bytes(inf_data))), r"q_proj\.weight holds a NaN or infinite"
+    yield "cfg_rope_theta_zero.hf", ct.hf_entry(cfg(rope_theta=0)), r"rope_theta must be a positive number, got 0"
+    yield "cfg_rope_theta_negative.hf", ct.hf_entry(cfg(rope_theta=-5.0)), r"rope_theta must be a positive number"
+    yield "cfg_eps_nan.hf", ct.hf_entry(cfg(rms_norm_eps=float("nan"))), r"rms_norm_eps is not a finite number"
+    yield "cfg_eps_huge.hf", ct.hf_entry(json.dumps(cfg()).replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e999').encode()), (
+        r"rms_norm_eps is not a finite number"
+    )
+    yield "cfg_rope_extra_inf.hf", ct.hf_entry(
+        cfg(rope_scaling={"rope_type": "linear", "factor": 2.0, "extra": float("inf")})
+    ), r"rope_scaling\.extra is not a finite number"
     yield "st_offsets_float.hf", ct.hf_entry(st=hdr(wq, data_offsets=[0.5, 4096])), r"bad data_offsets"
     yield "st_offsets_size_lie.hf", ct.hf_entry(st=hdr(wq, data_offsets=[0, 8])), r"data_offsets span 8"
     yield "st_negative_dim.hf", ct.hf_entry(st=hdr(wq, shape=[-32, -32])), r"bad shape"
