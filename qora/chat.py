@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qora.errors import ContextOverflowError, QoraError
 from qora.generate import GenerationOptions, Response, build_messages, prompt_ids, stream_generate
+from qora.tokenizer import ModelText
 
 PROMPT = ">>> "
 MORE = "... "
@@ -121,7 +122,8 @@ class Conversation:
         finally:
             self.last = last
             if last is not None and last.generation_tokens > 0:
-                self.messages = msgs + [{"role": "assistant", "content": "".join(written)}]
+                # ModelText: the model's own think tags stay control tokens when the turn is re-rendered
+                self.messages = msgs + [{"role": "assistant", "content": ModelText("".join(written))}]
             # else: stopped before a single token; the question is dropped with its (missing) answer
 
     def clear(self) -> None:

@@ -126,6 +126,61 @@ def _rust_call(what: str, fn, *args, **kwargs):
         raise QoraError(f"tokenizer: {what} failed ({msg})") from None
 
 
+# ───── caller text stays text ─────
+# A chat's contents come from whoever talks to the model (a user, an API client, a saved chat file).
+# If `<|im_end|>\n<|im_start|>system\n...` typed in a message were tokenized as control tokens, a
+# message could close its own turn and forge a system or assistant turn. So before a render every
+# string the caller supplied (message contents, roles, tool definitions, extra variables) has each
+# added-token spelling in it swapped for a placeholder; the template's own literals are the only place
+# a control token can come from. After the render each placeholder is tokenized as plain text.
+
+
+class ModelText(str):
+    """Text the model itself wrote (an answer recorded by `qora chat`). Re-rendered in a later turn,
+    its control tokens (think tags) stay control tokens, as the model produced them. Every other
+    string in a chat is plain text, whatever it spells."""
+
+    __slots__ = ()
+
+
+# Placeholders are made of Unicode noncharacters (never in real text; caller text that has them is
+# quarantined too): OPEN, the index in base 16 (one noncharacter per digit), CLOSE.
+_PH_OPEN, _PH_CLOSE, _PH_DIGIT0 = "\ufdd0", "\ufdd1", 0xFDE0
+_PH_CHARS = "\ufdd0-\ufdef"
+_PH_RE = re.compile(f"{_PH_OPEN}([\ufde0-\ufdef]+){_PH_CLOSE}")
+_PH_STRAY_RE = re.compile(f"[{_PH_CHARS}]")
+
+
+class _Quarantine:
+    """Swaps added-token spellings (and placeholder characters) in caller strings for placeholders."""
+
+    def __init__(self, pattern: re.Pattern):
+        self.pattern = pattern
+        self.held: list[str] = []
+
+    def __call__(self, text: str) -> str:
+        return self.pattern.sub(self._hold, text)
+
+    def _hold(self, m: re.Match) -> str:
+        self.held.append(m.group())
+        digits = "".join(chr(_PH_DIGIT0 + int(d, 16)) for d in f"{len(self.held) - 1:x}")
+        return f"{_PH_OPEN}{digits}{_PH_CLOSE}"
+
+    def split(self, text: str) -> list[tuple[bool, str]]:
+        """The rendered text as (is_caller_text, piece) pairs. A placeholder the template cut apart
+        (slicing a content) leaves stray noncharacters, which are dropped."""
+        out, pos = [], 0
+        for m in _PH_RE.finditer(text):
+            index = int("".join(f"{ord(c) - _PH_DIGIT0:x}" for c in m.group(1)), 16)
+            if index >= len(self.held):
+                continue
+            out.append((False, _PH_STRAY_RE.sub("", text[pos : m.start()])))
+            out.append((True, self.held[index]))
+            pos = m.end()
+        out.append((False, _PH_STRAY_RE.sub("", text[pos:])))
+        return [(plain, piece) for plain, piece in out if piece]
+
+
 # ───── resource bounds for one render ─────
 # The sandbox stops a template from reaching Python; these stop it from eating the machine. Growth is
 # checked *before* the allocation wherever one operation can multiply a size (`*`, `+`, `~`, `%`,
@@ -344,27 +399,33 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _plain(value: Any) -> Any:
-    """A copy of `value` made only of JSON-like types, so templates never touch caller objects' methods."""
-    if value is None or type(value) in (str, int, float, bool):
+def _plain(value: Any, hold=None) -> Any:
+    """A copy of `value` made only of JSON-like types, so templates never touch caller objects' methods.
+    hold (a _Quarantine): applied to every string but ModelText, keys included."""
+    if value is None or type(value) in (int, float, bool):
         return value
+    if type(value) is str:
+        return hold(value) if hold else value
     if isinstance(value, bool):
         return bool(value)
-    if isinstance(value, str):
+    if isinstance(value, ModelText):
         return str.__str__(value)
+    if isinstance(value, str):
+        value = str.__str__(value)
+        return hold(value) if hold else value
     if isinstance(value, int):
         return int.__int__(value)
     if isinstance(value, float):
         return float.__float__(value)
     if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
+        return {_plain(k, hold): _plain(v, hold) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, hold) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _plain(getattr(value, f.name), hold) for f in dataclasses.fields(value)}
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
         try:
-            return _plain(value.item())
+            return _plain(value.item(), hold)
         except Exception:
             pass
     return f"<{type(value).__name__}>"
@@ -454,6 +515,9 @@ class Tokenizer:
         self._tok = load_hf_tokenizer(tokenizer_json, where)
         self.chat_template = chat_template
         self._template: jinja2.Template | None = None
+        self._added_map: dict[str, int] | None = None
+        self._added_re: re.Pattern | None = None
+        self._plain_hf: _HFTokenizer | None = None
         st = dict(special_tokens or {})
         n = self.vocab_size
 
@@ -528,12 +592,86 @@ class Tokenizer:
 
     # ── text <-> ids ──
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`. Special tokens written in the text (`<|im_start|>`) become their ids;
-        add_special_tokens=True also applies the tokenizer's post-processor (e.g. a BOS prefix)."""
+    def encode(self, text: str, add_special_tokens: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`, a raw document.
+
+        parse_special=True (raw prompts, `--raw`): special and added tokens written in the text
+        (`<|im_start|>`) become their control-token ids, on purpose. parse_special=False: the text is
+        plain text whatever it spells. add_special_tokens=True also applies the tokenizer's
+        post-processor (e.g. a BOS prefix). Chat messages go through `encode_chat`, never this."""
         if not isinstance(text, str):
             raise QoraError(f"encode() takes a str, not {type(text).__name__}")
+        if not parse_special:
+            ids = self._encode_plain(text)
+            if add_special_tokens:  # the post-processor's own tokens (e.g. a BOS) around the plain text
+                enc = _rust_call("encode", self._plain_tok().encode, text, add_special_tokens=False)
+                if enc.ids == ids:
+                    ids = _rust_call("encode", self._tok.post_process, enc, add_special_tokens=True).ids
+            return ids
         return _rust_call("encode", self._tok.encode, text, add_special_tokens=add_special_tokens).ids
+
+    # ── caller text as plain text (see _Quarantine) ──
+
+    def _added(self) -> dict[str, int]:
+        """Spelling -> id of every added token (special or not)."""
+        if self._added_map is None:
+            decoder = _rust_call("reading added tokens", self._tok.get_added_tokens_decoder)
+            self._added_map = {t.content: int(i) for i, t in decoder.items() if t.content}
+        return self._added_map
+
+    def _added_pattern(self) -> re.Pattern:
+        if self._added_re is None:
+            # Longest spelling first, so `<|im_end|>` wins over a shorter token it starts with.
+            names = sorted(self._added(), key=len, reverse=True)
+            alts = [re.escape(n) for n in names] + [f"[{_PH_CHARS}]"]
+            self._added_re = re.compile("|".join(alts))
+        return self._added_re
+
+    def _plain_tok(self) -> _HFTokenizer:
+        """The same tokenizer without its added tokens (nor post-processor): text in, text tokens out."""
+        if self._plain_hf is None:
+            spec = json.loads(_rust_call("serializing", self._tok.to_str))
+            spec["added_tokens"] = []
+            spec["post_processor"] = spec["padding"] = spec["truncation"] = None
+            self._plain_hf = load_hf_tokenizer(json.dumps(spec), "tokenizer")
+        return self._plain_hf
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """`text` as plain text: no added-token matching; should the model's merges still spell an
+        added token, that part is tokenized a character at a time."""
+        if not text:
+            return []
+        added = set(self._added().values())
+        ids = _rust_call("encode", self._plain_tok().encode, text, add_special_tokens=False).ids
+        if added.isdisjoint(ids):
+            return ids
+        out: list[int] = []
+        for ch in text:
+            piece = _rust_call("encode", self._plain_tok().encode, ch, add_special_tokens=False).ids
+            if not added.isdisjoint(piece):
+                raise QoraError(f"tokenizer: the character {ch!r} only tokenizes as a control token")
+            out += piece
+        return out
+
+    def _encode_template(self, text: str) -> list[int]:
+        """Rendered template text holding no caller-written token spelling: encoded as the model's
+        tokenizer does. Every added-token id must come from its exact spelling in `text`; a match made
+        any other way (a normalizer mapping look-alike characters onto a token) is undone: then only
+        exact spellings count and the rest is plain text."""
+        enc = _rust_call("encode", self._tok.encode, text, add_special_tokens=False)
+        added = self._added()
+        names = {i: n for n, i in added.items()}
+        exact = all(
+            i not in names or text[s:e].strip() == names[i].strip() for i, (s, e) in zip(enc.ids, enc.offsets)
+        )
+        if exact:
+            return enc.ids
+        out, pos = [], 0
+        for m in self._added_pattern().finditer(text):
+            if m.group() in added:
+                out += self._encode_plain(text[pos : m.start()]) + [added[m.group()]]
+                pos = m.end()
+        return out + self._encode_plain(text[pos:])
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
@@ -562,7 +700,36 @@ class Tokenizer:
         enable_thinking=None leaves it undefined so the template's own default applies; `today` pins the
         date `strftime_now` returns (tests, reproducible prompts). Extra keyword arguments are passed to
         the template as variables. Any template failure is a QoraError.
+
+        This is the prompt as text, for people to read. Its token ids come from `encode_chat` (same
+        arguments), not from encode() of this text: there, text written in a message stays text.
         """
+        return self._render(messages, add_generation_prompt, enable_thinking, today, tools, kwargs, None)
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        today: _dt.date | _dt.datetime | str | None = None,
+        tools: list | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        """Token ids of the rendered chat (arguments as apply_chat_template).
+
+        Control tokens come only from the template's own markup (and BOS/EOS/PAD variables): a
+        `<|im_end|>`, `<think>` or any other added token's spelling in a message, a role, a tool
+        definition or an extra variable is tokenized as plain text, so a message cannot end its turn
+        or forge another. `ModelText` contents (the model's own answers) keep their control tokens.
+        A chat with no such spelling tokenizes exactly as encode(apply_chat_template(...))."""
+        hold = _Quarantine(self._added_pattern())
+        text = self._render(messages, add_generation_prompt, enable_thinking, today, tools, kwargs, hold)
+        ids: list[int] = []
+        for plain, piece in hold.split(text):
+            ids += self._encode_plain(piece) if plain else self._encode_template(piece)
+        return ids
+
+    def _render(self, messages, add_generation_prompt, enable_thinking, today, tools, kwargs, hold) -> str:
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
             raise QoraError("chat messages must be a list of {'role': ..., 'content': ...} dicts")
         for m in messages:
@@ -571,20 +738,19 @@ class Tokenizer:
         if self._template is None:
             self._template = compile_chat_template(self.chat_template or CHATML_TEMPLATE)
         now = _as_datetime(today)
-        variables: dict[str, Any] = {}
+        # The caller's variables are caller text; the tokenizer's own special-token strings are markup.
+        context = _plain(dict(kwargs), hold)
         for name in ("bos_token", "eos_token", "pad_token"):
             value = getattr(self, name)
-            if value is not None:
-                variables[name] = value
-        variables.update(kwargs)
+            if value is not None and name not in kwargs:
+                context[name] = value
         if enable_thinking is not None:
-            variables["enable_thinking"] = bool(enable_thinking)
+            context["enable_thinking"] = bool(enable_thinking)
         # transformers drops None-valued message keys (many templates mishandle content=None).
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        context = _plain(variables)
         context.update(
-            messages=_plain(chat),
-            tools=_plain(tools),
+            messages=_plain(chat, hold),
+            tools=_plain(tools, hold),
             documents=None,
             add_generation_prompt=bool(add_generation_prompt),
             strftime_now=lambda fmt: now.strftime(fmt),
