@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import qora
+from qora import limits
 from qora.errors import QoraError
 
 PROG = "qora"
@@ -46,6 +47,16 @@ def _int_at_least(low: int):
 
     parse.__name__ = "integer"
     return parse
+
+
+def _text(value: str) -> str:
+    """An argument that is text: undecodable bytes in argv reach Python as lone surrogates, which the
+    tokenizer cannot take; refuse them here as a usage error."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not valid UTF-8") from None
+    return value
 
 
 def _float(text: str) -> float:
@@ -109,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--version", action=_VersionAction, help="show the version and the engine facts for bug reports")
-    p.add_argument("--prompt", "-p", metavar="TEXT", help="the prompt (default: read from stdin when it is piped)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--prompt", "-p", metavar="TEXT", type=_text, help="the prompt (default: read from stdin when it is piped)"
+    )
+    src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from PATH (UTF-8 text; '-': stdin)")
     add_generation_args(p)
     return p
 
@@ -121,7 +136,7 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
         metavar="PATH",
         help="the .qora model file, or a pulled REPO_ID (default: ./model.qora, else the demo model)",
     )
-    p.add_argument("--system", metavar="TEXT", help="system message")
+    p.add_argument("--system", metavar="TEXT", type=_text, help="system message")
     p.add_argument("--max-tokens", type=_int_at_least(1), metavar="N", help="answer tokens at most (default: from RAM)")
     p.add_argument(
         "--think-budget", type=_int_at_least(0), metavar="N", help="thinking tokens before </think> (default: from RAM)"
@@ -130,7 +145,12 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--show-think", action="store_true", help="print the thinking to stderr")
     if raw:
-        p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+        p.add_argument(
+            "--raw",
+            action="store_true",
+            help="feed the prompt as is, without the chat template; special tokens written in it (<|im_start|>, "
+            "<think>, ...) are parsed as control tokens on purpose (chat messages are plain text)",
+        )
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
     dev.add_argument("--gpu", action="store_true", help="run on the GPU (Vulkan)")
@@ -151,9 +171,9 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
         help="generate --max-tokens tokens: never end the answer at an end-of-turn token (for benchmarks)",
     )
     p.add_argument(
-        "--stop", action="append", default=[], metavar="TEXT", help="stop when the answer contains TEXT (repeatable)"
+        "--stop", action="append", default=[], metavar="TEXT", type=_text, help="stop when the answer contains TEXT (repeatable)"
     )
-    p.add_argument("--length", metavar="HINT", help="answer length hint: short, medium, long, or '100 words'")
+    p.add_argument("--length", metavar="HINT", type=_text, help="answer length hint: short, medium, long, or '100 words'")
     p.add_argument("--verbose", "-v", action="store_true", help="print load time, speeds and finish reason to stderr")
 
 
@@ -208,12 +228,40 @@ def resolve_model_path(load: str | None) -> Path:
     return ensure_demo_model()
 
 
+def read_text(stream, where: str, limit: int = limits.CLI_MAX_PROMPT_BYTES) -> str:
+    """All of a byte (or text) stream as UTF-8 text, reading at most `limit` bytes (then a QoraError:
+    the tokenizer would need hundreds of bytes for each byte of it); bytes that are not UTF-8 are a
+    QoraError naming the offset, not a traceback (nor a silently changed prompt)."""
+    raw = getattr(stream, "buffer", stream)
+    data = raw.read(limit + 1)
+    if len(data) > limit:
+        raise QoraError(f"{where} is larger than {limit} bytes: far beyond any model's context")
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QoraError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _read_prompt(args, parser) -> str:
     if args.prompt is not None:
+        if len(args.prompt) > limits.CLI_MAX_PROMPT_BYTES:
+            raise QoraError(f"the prompt is larger than {limits.CLI_MAX_PROMPT_BYTES} characters")
         return args.prompt
-    if sys.stdin is None or sys.stdin.isatty():
+    source = getattr(args, "prompt_file", None)
+    if source not in (None, "-"):
+        try:
+            with open(Path(source).expanduser(), "rb") as f:
+                text = read_text(f, source)
+        except OSError as e:
+            raise QoraError(f"cannot read {source}: {e.strerror or e}") from None
+        if not text.strip():
+            raise QoraError(f"the prompt in {source} is empty")
+        return text
+    if sys.stdin is None or (source is None and sys.stdin.isatty()):
         parser.error("no prompt: give --prompt TEXT or pipe the prompt on stdin")
-    text = sys.stdin.read()
+    text = read_text(sys.stdin, "the prompt read from stdin")
     if not text.strip():
         raise QoraError("the prompt read from stdin is empty")
     return text

@@ -37,7 +37,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qora.errors import ContextOverflowError, QoraError
+from qora import limits
+from qora.errors import ContextOverflowError, ModelFileChangedError, QoraError
 from qora.generate import MAX_TOP_LOGPROBS, GenerationOptions, Response, stream_generate
 
 log = logging.getLogger("qora.server")
@@ -60,9 +61,84 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        kind = {401: "authentication_error", 404: "invalid_request_error"}.get(self.status)
+        kind = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}.get(self.status)
         kind = kind or ("invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# ───── request parsing ─────
+# json.loads alone takes NaN/Infinity, 1e999 (as inf), duplicate keys (the last wins), lone surrogates
+# ("\ud800", which no encoder accepts later) and nesting until RecursionError: each of these is a 400
+# here, with a short message, before any field is read.
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _number_literal(kind):
+    def parse(text: str):
+        if len(text) > limits.SERVER_MAX_NUMBER_CHARS:
+            raise ValueError(f"a number of {len(text)} characters (at most {limits.SERVER_MAX_NUMBER_CHARS})")
+        value = kind(text)
+        if kind is float and value in (float("inf"), float("-inf")):
+            raise ValueError(f"{text} is out of range")
+        return value
+
+    return parse
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {json.dumps(dup)[:40]}")
+    return out
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_keys,
+    parse_float=_number_literal(float),
+    parse_int=_number_literal(int),
+    parse_constant=_no_constant,
+)
+
+
+def _check_tree(value) -> None:
+    """Depth (limits.MAX_JSON_DEPTH) and no lone surrogates, walked without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "the request body has a lone UTF-16 surrogate (\\ud800-\\udfff) in a string") from None
+            continue
+        if isinstance(v, (dict, list)):
+            if depth > limits.MAX_JSON_DEPTH:
+                raise ApiError(400, f"the request body is nested more than {limits.MAX_JSON_DEPTH} deep")
+            items = list(v.keys()) + list(v.values()) if isinstance(v, dict) else v
+            stack.extend((item, depth + 1) for item in items)
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or ApiError(400) saying what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        body = _DECODER.decode(text.removeprefix("\ufeff"))  # a BOM is allowed, as HTTP clients may send one
+    except RecursionError:
+        raise ApiError(400, f"the request body is nested more than {limits.MAX_JSON_DEPTH} deep") from None
+    except ValueError as e:  # JSONDecodeError, and the checks above
+        raise ApiError(400, f"the request body is not valid JSON: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    _check_tree(body)
+    return body
 
 
 # ───── request validation ─────
@@ -116,6 +192,8 @@ def _stops(body: dict) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, f"'stop' must be a non-empty string or up to {MAX_STOPS} of them", param="stop")
+    if any(len(s) > limits.SERVER_MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"a stop string may have at most {limits.SERVER_MAX_STOP_CHARS} characters", param="stop")
     return list(stops)
 
 
@@ -124,6 +202,10 @@ def _text_content(content, where: str) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
+        if len(content) > limits.SERVER_MAX_CONTENT_PARTS:
+            raise ApiError(
+                400, f"{where}: at most {limits.SERVER_MAX_CONTENT_PARTS} content parts", param="messages"
+            )
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -137,6 +219,8 @@ def _messages(body: dict) -> list[dict]:
     messages = _field(body, "messages", (list,))
     if not messages:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    if len(messages) > limits.SERVER_MAX_MESSAGES:
+        raise ApiError(400, f"'messages' may hold at most {limits.SERVER_MAX_MESSAGES} messages", param="messages")
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -381,15 +465,169 @@ class _Legacy:
         return out
 
 
+# ───── who may talk to the server ─────
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """("name", port or None) of a Host header or a --allowed-host value ("[::1]:8000" -> ("::1", 8000));
+    None when it is malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        name, rest = value[1:end], value[end + 1 :]
+    else:
+        name, colon, port = value.partition(":")
+        rest = colon + port
+    if not rest:
+        port = None
+    elif rest[0] == ":" and rest[1:].isascii() and rest[1:].isdigit() and len(rest) <= 6:
+        port = int(rest[1:])
+    else:
+        return None
+    name = name.removesuffix(".")  # "localhost." is the same name
+    if not name or any(c in name for c in "/@\\ \t,;?#%"):
+        return None
+    return name, port
+
+
+class Guard:
+    """ASGI middleware in front of every route; checks what a web page could forge, before any handler:
+    - Host must name this server (the bound address, localhost, 127.0.0.1, [::1], or --allowed-host):
+      a page on evil.example whose name is rebound to 127.0.0.1 (DNS rebinding) sends Host: evil.example;
+    - a browser request from another site (an Origin header, or Sec-Fetch-Site: cross-site) is refused
+      unless --cors allows that origin; this covers the "simple" cross-origin POST (text/plain) that a
+      browser sends without asking first, which CORS headers alone would not stop;
+    - a declared Content-Length above the body limit is refused before any byte is read (a body without
+      one, chunked, is counted as it arrives in read_body).
+    starlette's TrustedHostMiddleware is not used: it ignores the port and cannot parse "[::1]:8000"."""
+
+    def __init__(self, app, hosts, port, any_ip, origins, max_body_bytes):
+        self.app = app
+        self.any_host = hosts is None or "*" in hosts
+        self.hosts = set()
+        for h in hosts or ():
+            if h != "*" and (parsed := _split_host(h)) is not None:
+                self.hosts.add(parsed)
+        self.port, self.any_ip = port, any_ip
+        self.any_origin = "*" in origins
+        self.origins = {o.rstrip("/").lower() for o in origins}
+        self.max_body = max_body_bytes
+
+    def host_ok(self, value: str | None) -> bool:
+        if self.any_host:
+            return True
+        parsed = _split_host(value or "")
+        if parsed is None:
+            return False
+        name, port = parsed
+        if (name, port) in self.hosts:
+            return True
+        if port not in (None, self.port) and self.port is not None:
+            return False
+        if (name, None) in self.hosts:
+            return True
+        if self.any_ip:
+            try:
+                ipaddress.ip_address(name)
+                return True
+            except ValueError:
+                return False
+        return False
+
+    def origin_ok(self, origin: str) -> bool:
+        return self.any_origin or origin.rstrip("/").lower() in self.origins
+
+    def refusal(self, headers: dict) -> ApiError | None:
+        host = headers.get("host")
+        if not self.host_ok(host):
+            shown = json.dumps(host)[:80] if host is not None else "none"
+            return ApiError(
+                400,
+                f"Host header {shown} does not name this server (qora serve --allowed-host HOST allows a name)",
+                code="invalid_host",
+            )
+        origin = headers.get("origin")
+        if origin is not None and not self.origin_ok(origin):
+            return ApiError(
+                403,
+                f"requests from web pages ({json.dumps(origin)[:80]}) are not allowed "
+                "(qora serve --cors ORIGIN allows one)",
+                code="origin_not_allowed",
+            )
+        if origin is None and headers.get("sec-fetch-site", "").strip().lower() == "cross-site":
+            return ApiError(403, "cross-site browser requests are not allowed", code="origin_not_allowed")
+        length = headers.get("content-length")
+        if length is not None:
+            length = length.strip()
+            if not (length.isascii() and length.isdigit()):
+                return ApiError(400, "bad Content-Length header")
+            if int(length) > self.max_body:
+                return ApiError(
+                    413,
+                    f"the request body is {int(length)} bytes; this server takes at most {self.max_body} "
+                    "(qora serve --max-body-bytes)",
+                    code="request_too_large",
+                )
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers: dict[str, str] = {}
+        for k, v in scope.get("headers", ()):
+            name = k.decode("latin-1").lower()
+            if name in ("host", "origin") and name in headers:  # two of them: the checks would be ambiguous
+                headers[name] = "\x00"
+            else:
+                headers[name] = v.decode("latin-1")
+        err = self.refusal(headers)
+        if err is None:
+            return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await send({"type": "websocket.close", "code": 1008})
+        from starlette.responses import JSONResponse
+
+        close = [("connection", "close")] if err.status == 413 else []  # the body is not read
+        response = JSONResponse(err.body(), status_code=err.status)
+        response.raw_headers.extend((k.encode(), v.encode()) for k, v in close)
+        await response(scope, receive, send)
+
+
 # ───── the app ─────
 
 
-def create_app(model, model_id: str, api_key: str | None = None, created: int | None = None):
-    """The starlette app serving `model` as `model_id`; it starts and stops its engine worker itself."""
+def create_app(
+    model,
+    model_id: str,
+    api_key: str | None = None,
+    created: int | None = None,
+    *,
+    max_body_bytes: int = limits.SERVER_MAX_BODY_BYTES,
+    allowed_hosts: list[str] | None = None,
+    port: int | None = None,
+    any_ip_host: bool = False,
+    cors: list[str] = (),
+):
+    """The starlette app serving `model` as `model_id`; it starts and stops its engine worker itself.
+
+    allowed_hosts: Host header names (optionally NAME:PORT; "*" any) the server answers; None checks no
+    Host (in-process use; `qora serve` always passes its list). port: the port a name without one must
+    carry (or none). any_ip_host: any IP-address Host passes (the server listens on every address).
+    cors: origins ("https://app.example", "*") whose web pages may call the API; any other request that
+    carries an Origin is refused. max_body_bytes: the largest request body read."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    cors = [o.rstrip("/").lower() for o in cors]  # as browsers write an Origin
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.responses import Response as HTTPResponse
@@ -418,13 +656,19 @@ def create_app(model, model_id: str, api_key: str | None = None, created: int | 
 
     async def read_body(request: Request) -> dict:
         check_auth(request)
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: chunked bodies declare no length
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise ApiError(
+                    413,
+                    f"the request body is larger than {max_body_bytes} bytes (qora serve --max-body-bytes)",
+                    code="request_too_large",
+                )
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        del chunks
+        body = parse_body(raw)
         name = _field(body, "model", (str,))
         if name is None:
             raise ApiError(400, "'model' is required", param="model")
@@ -456,11 +700,13 @@ def create_app(model, model_id: str, api_key: str | None = None, created: int | 
                 getter.cancel()
 
     def failure(exc: BaseException) -> ApiError:
+        if isinstance(exc, ModelFileChangedError):  # the server's fault, not the request's
+            return ApiError(503, str(exc), code="model_file_changed")
         if isinstance(exc, ContextOverflowError):
             return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
         if isinstance(exc, QoraError):
             return ApiError(400, str(exc))
-        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+        return ApiError(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
     async def run(request: Request, body: dict, chat: bool):
         options, logprobs = _options(body, chat)
@@ -480,6 +726,8 @@ def create_app(model, model_id: str, api_key: str | None = None, created: int | 
         include_usage = bool(_field(_field(body, "stream_options", (dict,), {}), "include_usage", (bool,), False))
         echo = "" if chat or not _field(body, "echo", (bool,), False) else prompt
 
+        if worker.jobs.qsize() >= limits.SERVER_MAX_QUEUED:
+            raise ApiError(503, f"the server is busy ({limits.SERVER_MAX_QUEUED} requests waiting): retry later")
         job = worker.submit(prompt, options)
         try:
             first = await next_event(job, request)
@@ -638,7 +886,9 @@ def create_app(model, model_id: str, api_key: str | None = None, created: int | 
         )
 
     async def on_api_error(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        # a 413 leaves the rest of the body unread: the connection cannot carry another request
+        headers = {"Connection": "close"} if exc.status == 413 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     async def on_http_error(request, exc: HTTPException):
         message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
@@ -668,12 +918,38 @@ def create_app(model, model_id: str, api_key: str | None = None, created: int | 
         ],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_error},
         lifespan=lifespan,
+        middleware=[
+            Middleware(
+                Guard,
+                hosts=allowed_hosts,
+                port=port,
+                any_ip=any_ip_host,
+                origins=cors,
+                max_body_bytes=max_body_bytes,
+            ),
+            *(
+                # only the --cors origins reach this far (Guard refused the others)
+                [Middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)]
+                if cors
+                else []
+            ),
+        ],
     )
     app.state.worker = worker
     return app
 
 
 # ───── command line ─────
+
+
+def _text(value: str) -> str:
+    """An argument that must be text: Python hands undecodable bytes of argv over as lone surrogates,
+    which no JSON answer or header could carry later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not valid UTF-8") from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -688,8 +964,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", metavar="PATH", help="the .qora model file, or a pulled REPO_ID (default as qora)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY on /v1 routes")
-    p.add_argument("--model-name", metavar="ID", help="the model id clients send (default: REPO_ID or file name)")
+    p.add_argument("--api-key", metavar="KEY", type=_text, help="require Authorization: Bearer KEY on /v1 routes")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        type=_text,
+        help="also answer requests whose Host header is HOST or HOST:PORT (repeatable; '*': any). By default "
+        "only the --host address, localhost, 127.0.0.1 and [::1] are answered (no DNS rebinding)",
+    )
+    p.add_argument(
+        "--cors",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        type=_text,
+        help="let web pages from ORIGIN (e.g. http://localhost:3000; '*': any) call the API from a browser "
+        "(repeatable). Without it, any request carrying an Origin header is refused",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=limits.SERVER_MAX_BODY_BYTES,
+        metavar="N",
+        help=f"largest request body accepted (default {limits.SERVER_MAX_BODY_BYTES}); larger ones get 413",
+    )
+    p.add_argument("--model-name", metavar="ID", type=_text, help="the model id clients send (default: REPO_ID or file name)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--context", type=int, metavar="N", help="KV cache size in tokens (default: auto)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
@@ -728,6 +1029,14 @@ def main(argv: list[str]) -> int:
         raise QoraError(f"--port must be in 0..65535, got {args.port}")
     if args.api_key is not None and not args.api_key:
         raise QoraError("--api-key must not be empty")
+    if not 1 <= args.max_body_bytes <= 1 << 40:
+        raise QoraError(f"--max-body-bytes must be in 1..{1 << 40}, got {args.max_body_bytes}")
+    for host in args.allowed_host:
+        if host != "*" and _split_host(host) is None:
+            raise QoraError(f"--allowed-host {host!r} is not a host name, NAME:PORT or '*'")
+    for origin in args.cors:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise QoraError(f"--cors {origin!r} is not an origin such as http://localhost:3000 (or '*')")
 
     import qora
     from qora.cli import resolve_model_path
@@ -745,8 +1054,19 @@ def main(argv: list[str]) -> int:
         load_kwargs["max_seq_len"] = args.context
     model = qora.load(path, **load_kwargs)
     try:
-        app = create_app(model, model_id, api_key=args.api_key, created=int(path.stat().st_mtime))
         host, port = sock.getsockname()[:2]
+        bound = args.host.strip("[]")
+        app = create_app(
+            model,
+            model_id,
+            api_key=args.api_key,
+            created=int(path.stat().st_mtime),
+            max_body_bytes=args.max_body_bytes,
+            allowed_hosts=[*LOOPBACK_HOSTS, f"[{bound}]" if ":" in bound else bound, *args.allowed_host],
+            port=port,
+            any_ip_host=bound in WILDCARD_BINDS,
+            cors=args.cors,
+        )
         shown = f"[{host}]" if ":" in host else host
         print(
             f"qora: serving {model_id} ({model.engine.max_seq_len}-token context) at http://{shown}:{port}/v1 "
@@ -765,6 +1085,7 @@ def main(argv: list[str]) -> int:
             log_level="info" if args.verbose else "warning",
             access_log=args.verbose,
             timeout_graceful_shutdown=3,
+            limit_concurrency=limits.SERVER_MAX_CONNECTIONS,  # beyond it uvicorn answers 503 at once
         )
         worker = app.state.worker
 
