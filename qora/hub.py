@@ -8,8 +8,10 @@ safetensors), never other formats or subfolders.
 
 The converted file lives in qora's cache ($QORA_CACHE, else ~/.cache/qora) as
 hub/ORG--NAME/QUANT.qora with a manifest (repo, commit, quant) beside it. Pulling again fetches what
-changed on the hub and converts only when the commit or the file changed; writes go to a temporary
-name first, so an interrupted pull never leaves a half file that looks finished.
+changed on the hub and converts only when the commit or the file changed; writes go to a fresh
+temporary file (qora.safeio: mkstemp, never a predictable name) renamed into place, so an
+interrupted pull never leaves a half file that looks finished and a planted symlink is never
+written through.
 """
 
 from __future__ import annotations
@@ -168,26 +170,32 @@ def pull(
         "files": _fingerprint(folder),
     }
     if not force and target.is_file() and manifest_path.is_file():
+        from qora.safeio import read_regular
+
         try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            old = None
+            old = json.loads(read_regular(manifest_path, 1 << 20, error=QoraError))
+        except (QoraError, ValueError):
+            old = None  # unreadable: convert again
         if isinstance(old, dict) and {k: old.get(k) for k in manifest} == manifest:
             log(f"{repo_id} is up to date ({quant}, commit {folder.name[:12]})")
             return target
 
     from qora.convert import convert
     from qora.demo import make_cache_folder
+    from qora.safeio import check_output
 
     make_cache_folder(out_dir)
     log(f"converting {repo_id} to {quant} ...")
     t0 = time.perf_counter()
+    check_output(target)  # not a folder, device or FIFO; a symlink is replaced, not followed
     with tempfile.TemporaryDirectory(prefix="qora-pull-", dir=out_dir) as tmp:
-        partial = Path(tmp) / target.name  # same file system as the target: the rename is atomic
+        partial = Path(tmp) / target.name  # a fresh private folder (mkdtemp): nothing to plant there
         convert(str(folder), str(partial), quant=quant, embed_quant=embed_quant, progress=progress)
         os.replace(partial, target)
     manifest["converted"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    from qora.safeio import write_bytes
+
+    write_bytes(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
     log(f"wrote {target} ({target.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
     return target
 

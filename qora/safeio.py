@@ -52,13 +52,13 @@ def open_regular(path, where=None, error=FormatError):
     try:
         st = os.stat(path)
     except OSError as e:
-        raise error(f"{where}: cannot open ({e.strerror or e})") from None
+        raise error(f"{where}: cannot read ({e.strerror or e})") from None
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{where}: is {kind_of(st.st_mode)}, not a regular file")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise error(f"{where}: cannot open ({e.strerror or e})") from None
+        raise error(f"{where}: cannot read ({e.strerror or e})") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # swapped between the stat and the open
