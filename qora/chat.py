@@ -23,8 +23,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from qora import limits
 from qora.errors import ContextOverflowError, QoraError
 from qora.generate import GenerationOptions, Response, build_messages, prompt_ids, stream_generate
+from qora.tokenizer import ModelText
 
 PROMPT = ">>> "
 MORE = "... "
@@ -121,7 +123,8 @@ class Conversation:
         finally:
             self.last = last
             if last is not None and last.generation_tokens > 0:
-                self.messages = msgs + [{"role": "assistant", "content": "".join(written)}]
+                # ModelText: the model's own think tags stay control tokens when the turn is re-rendered
+                self.messages = msgs + [{"role": "assistant", "content": ModelText("".join(written))}]
             # else: stopped before a single token; the question is dropped with its (missing) answer
 
     def clear(self) -> None:
@@ -136,17 +139,22 @@ class Conversation:
             "enable_thinking": self.enable_thinking,
             "messages": self.messages,
         }
-        try:
-            Path(path).expanduser().write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n")
-        except OSError as e:
-            raise QoraError(f"cannot write {path}: {e.strerror or e}") from None
+        from qora.safeio import write_bytes
+
+        # a fresh temporary file renamed over the target: never through a planted symlink, never
+        # into a device, FIFO or folder (QoraError)
+        write_bytes(Path(path).expanduser(), (json.dumps(data, ensure_ascii=False, indent=1) + "\n").encode())
 
     def load(self, path: str) -> None:
+        from qora.safeio import read_regular
+
+        # a regular file only (a FIFO or /dev/zero would block or never end), of bounded size
+        raw = read_regular(Path(path).expanduser(), limits.MAX_JSON_FILE_BYTES, path, error=QoraError)
         try:
-            data = json.loads(Path(path).expanduser().read_text())
-        except OSError as e:
-            raise QoraError(f"cannot read {path}: {e.strerror or e}") from None
-        except ValueError as e:
+            data = json.loads(raw.decode("utf-8"))
+        except RecursionError:
+            raise QoraError(f"{path} is nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise QoraError(f"{path} is not JSON: {e}") from None
         messages = data.get("messages") if isinstance(data, dict) else data  # a bare message list works too
         if not isinstance(messages, list):
@@ -171,23 +179,82 @@ class Conversation:
 # ───── terminal ─────
 
 
-def read_message(read=input) -> str:
-    """One message from the terminal: a line, lines joined by a trailing backslash, or a fenced block."""
+def read_message(read=input, limit: int = limits.CLI_MAX_PROMPT_BYTES) -> str:
+    """One message from the terminal: a line, lines joined by a trailing backslash, or a fenced block.
+    A message longer than `limit` characters is read to its end but not kept: QoraError."""
+    size = 0
+
+    def add(parts: list, line: str) -> None:
+        nonlocal size
+        size += len(line) + 1
+        if size <= limit:
+            parts.append(line)
+
+    def done(parts: list, sep: str) -> str:
+        if size > limit:
+            raise QoraError(f"the message is longer than {limit} characters: far beyond any model's context")
+        return sep.join(parts)
+
     line = read(PROMPT)
     if line.lstrip().startswith(FENCE):
         rest = line.lstrip()[len(FENCE) :]
         if rest.rstrip().endswith(FENCE):  # """one line"""
-            return rest.rstrip()[: -len(FENCE)]
-        lines = [rest] if rest else []
+            return done([rest.rstrip()[: -len(FENCE)]], "")
+        lines: list[str] = []
+        if rest:
+            add(lines, rest)
         while True:
             line = read(MORE)
             if line.rstrip().endswith(FENCE):
-                lines.append(line.rstrip()[: -len(FENCE)])
-                return "\n".join(lines)
-            lines.append(line)
+                add(lines, line.rstrip()[: -len(FENCE)])
+                return done(lines, "\n")
+            add(lines, line)
+    parts: list[str] = []
     while line.endswith("\\"):
-        line = line[:-1] + "\n" + read(MORE)
-    return line
+        add(parts, line[:-1])
+        line = read(MORE)
+    add(parts, line)
+    return done(parts, "\n")
+
+
+def line_reader(stdin=None, limit: int = limits.CLI_MAX_PROMPT_BYTES):
+    """input() for the REPL, safe for any bytes on stdin: bytes that are not UTF-8 become U+FFFD (said
+    once on stderr) instead of a UnicodeDecodeError; from a pipe, a line is read at most `limit`
+    characters at a time (a longer one is skipped to its end: QoraError)."""
+    stdin = stdin or sys.stdin
+    try:  # input() decodes with stdin's errors handler too, terminal (readline) or not
+        stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError):
+        pass
+    tty = stdin.isatty()
+    noted = False
+
+    def read(prompt: str) -> str:
+        nonlocal noted
+        if tty and stdin is sys.stdin:
+            line = input(prompt)
+        else:
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+            line = stdin.readline(limit + 1)
+            if not line:
+                raise EOFError
+            if len(line) > limit and not line.endswith("\n"):
+                while (more := stdin.readline(1 << 16)) and not more.endswith("\n"):
+                    pass
+                raise QoraError(f"a line longer than {limit} characters: far beyond any model's context")
+            line = line.removesuffix("\n")
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: the undecodable bytes surrogateescape kept
+            line = line.encode(stdin.encoding or "utf-8", "surrogateescape").decode("utf-8", "replace")
+            line = line.encode("utf-8", "replace").decode("utf-8")  # any surrogate still left
+            if not noted:
+                print("qora: the input is not valid UTF-8: shown as \ufffd", file=sys.stderr, flush=True)
+                noted = True
+        return line
+
+    return read
 
 
 class _Style:
@@ -291,6 +358,9 @@ class ChatRepl:
                 print(flush=True)
                 self.say("(Ctrl-C clears the line; /exit or Ctrl-D leaves)")
                 continue
+            except QoraError as e:  # a message too long to keep: say so and read the next one
+                print(f"qora: error: {e}", flush=True)
+                continue
             if not text.strip():
                 continue
             try:
@@ -345,6 +415,6 @@ def main(argv: list[str]) -> int:
             f"qora chat · {path.name} · {conv.context}-token context{think} · /help for commands, /exit or Ctrl-D "
             "to leave"
         )
-        return repl.run()
+        return repl.run(line_reader())
     finally:
         model.close()
