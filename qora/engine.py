@@ -14,7 +14,7 @@ import threading
 import numpy as np
 
 from qora import limits
-from qora.errors import ContextOverflowError, QoraError
+from qora.errors import ContextOverflowError, ModelFileChangedError, QoraError
 from qora.system import default_threads, physical_cores  # defined once, in system.py (vulkan.py imports from here)
 
 ISA_NAMES = ("scalar", "avx2", "avx2vnni", "avx512")  # the C enum qora_isa, in order
@@ -214,13 +214,93 @@ def check_tokens(tokens, start_pos: int, max_seq_len: int, vocab_size: int) -> n
     return ids.astype(np.int32)
 
 
+class FileGuard:
+    """The model file under an engine. A .qora file is read through a memory map, so a file changed
+    on disk under a running engine is a change of the weights themselves: truncated, a read past
+    the new end would raise SIGBUS and kill the process (include/qora/mapguard.h turns that read
+    into zeros and marks the mapping poisoned); rewritten in place, the weights silently change.
+
+    check() raises ModelFileChangedError when either happened: a read faulted, or the file at the
+    path is still the mapped one (same device and inode) but its size or mtime moved since it was
+    mapped. A file replaced by rename or deleted is not a change: the mapping keeps the old inode
+    and its bytes. Once raised, it is raised on every later call: the engine is never trusted again.
+    """
+
+    def __init__(self, mm, path, st: os.stat_result | None = None, size: int | None = None):
+        self.path = str(path)
+        self.changed = False
+        st = st if st is not None else os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+        self._stamp = (st.st_size, st.st_mtime_ns)
+        try:
+            self._guard = _core().MapGuard(mm)
+        except MemoryError as e:
+            raise QoraError(f"{self.path}: cannot load: {e}") from None
+        except OSError as e:
+            raise QoraError(f"{self.path}: cannot load: {e.strerror or e}") from None
+        # the mapping is as long as the file was when it was mapped; the header was checked against
+        # `size`: a file that changed between the two is refused now
+        if size is not None and (len(mm) != size or st.st_size != size):
+            self.changed = True
+            self.check()
+
+    @property
+    def poisoned(self) -> bool:
+        """A read of the mapping faulted (or check() found the file changed): cheap, no stat."""
+        if not self.changed and self._guard.poisoned:
+            self.changed = True
+        return self.changed
+
+    def error(self) -> ModelFileChangedError:
+        return ModelFileChangedError(
+            f"model file {self.path} changed on disk while in use (truncated or rewritten); reload it"
+        )
+
+    def check(self) -> None:
+        """ModelFileChangedError if the mapped file changed since it was loaded; else keep the SIGBUS
+        handler on top (something may have replaced it since)."""
+        if not self.changed:
+            if self._guard.poisoned:
+                self.changed = True
+            else:
+                try:
+                    st = os.stat(self.path)
+                except OSError:  # deleted or renamed away: the mapping still holds the old inode
+                    st = None
+                if st is not None and (st.st_dev, st.st_ino) == self._inode and (st.st_size, st.st_mtime_ns) != self._stamp:
+                    self.changed = True
+        if self.changed:
+            raise self.error()
+        self._guard.ensure()
+
+    def release(self) -> None:
+        self._guard.release()
+
+
+def guard_mapping(mm, path, st: os.stat_result | None = None, size: int | None = None) -> FileGuard:
+    """A FileGuard over `mm`, the mmap of the model file at `path` (`st`: its fstat when it was
+    mapped; `size`: the size its header was checked against)."""
+    return FileGuard(mm, path, st, size)
+
+
+def file_guard(qfile) -> FileGuard:
+    """The guard of a QoraFile's mapping (made by read_qora; made here for a QoraFile without one)."""
+    guard = getattr(qfile, "guard", None)
+    if guard is None:
+        mm = getattr(qfile, "_mm", None)
+        if mm is None:
+            raise QoraError(f"{qfile.path}: the file is closed")
+        guard = qfile.guard = FileGuard(mm, qfile.path, size=getattr(qfile, "file_size", None))
+    return guard
+
+
 class CpuEngine:
     """forward(tokens, start_pos) -> logits over a KV cache kept inside the engine."""
 
     def __init__(self, qfile, n_threads: int | None = None, max_seq_len: int | None = None, isa: str | None = None):
         core = _core()
         self._lock = threading.Lock()
-        self._model = None
+        self._model = self._guard = None
         self.config = cfg = qfile.config
         isa_idx, self.isa_reason = resolve_isa(isa)
         self.n_threads = int(n_threads) if n_threads else default_threads()
@@ -228,6 +308,10 @@ class CpuEngine:
             raise QoraError(f"threads must be in 1..{limits.MAX_THREADS}, got {self.n_threads}")
         self.max_seq_len = default_context(cfg, max_seq_len)
         inv_freq, rope_scale = rope_parameters(cfg)
+        # the weights are read from the mapping while the engine is built (Q4 repacking) and by
+        # every forward (embeddings, norms, matrices not repacked): a fault there is caught
+        self._guard = file_guard(qfile)
+        self._guard.check()
         tensors = {}
         for name, info in qfile.tensor_info.items():
             tensors[name] = (info["dtype"], tuple(info["shape"]), qfile.tensor(name))
@@ -250,6 +334,11 @@ class CpuEngine:
             raise QoraError(f"{qfile.path}: cannot build the engine: {e}") from e
         except MemoryError as e:
             raise QoraError(f"not enough memory for a {self.max_seq_len}-token context: {e}") from e
+        try:
+            self._guard.check()  # the file changed while it was being read
+        except ModelFileChangedError:
+            self.close()
+            raise
         self.isa = self._model.isa_name
         # AMX tiles serve prefill on the AVX-512 path where the CPU has them (process-wide switch)
         self.amx = core.set_amx(amx_request()) if self.isa == "avx512" else "off"
@@ -262,6 +351,10 @@ class CpuEngine:
             raise QoraError("the model is closed")
         ids = check_tokens(tokens, start_pos, self.max_seq_len, self.vocab_size)
         n = ids.shape[0]
+        guard = self._guard
+        if guard is None:
+            raise QoraError("the model is closed")
+        guard.check()
         outs = []
         for i in range(0, n, _PREFILL_CHUNK):
             chunk = ids[i : i + _PREFILL_CHUNK]
@@ -272,8 +365,11 @@ class CpuEngine:
                 if self._model is None:
                     raise QoraError("the model is closed")
                 out = self._model.forward(chunk, start_pos + i, all_logits)
+            if guard.poisoned:  # a read faulted: these logits came from zero pages
+                raise guard.error()
             if all_logits or last:
                 outs.append(out)
+        guard.check()  # rewritten in place while this ran: the logits may mix old and new weights
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
     def reset(self):
@@ -284,3 +380,4 @@ class CpuEngine:
             if self._model is not None:
                 self._model.close()
                 self._model = None
+            self._guard = None  # the mapping goes when its last user lets go (QoraFile.close)

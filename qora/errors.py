@@ -15,3 +15,8 @@ class ConfigError(QoraError):
 
 class ContextOverflowError(QoraError):
     """The prompt (plus what is generated) does not fit in the KV cache."""
+
+
+class ModelFileChangedError(QoraError):
+    """The model file was truncated or rewritten on disk while loaded (memory-mapped): the engine
+    refuses to compute from it again; load the model anew."""

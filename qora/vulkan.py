@@ -164,7 +164,7 @@ class VulkanEngine:
         verbose: bool = False,
         required: bool = False,
     ):
-        from qora.engine import default_context, default_threads, kv_cache_dtype, rope_parameters
+        from qora.engine import default_context, default_threads, file_guard, kv_cache_dtype, rope_parameters
 
         core = _core()
         if core is None:
@@ -175,6 +175,11 @@ class VulkanEngine:
         self._model = self._ctx = None
         self._lock = None
         self._closed = False
+        # The weights are read from the file's mapping only while they are uploaded: a change of the
+        # file afterwards leaves the device copy intact (forward goes on), and a CPU fallback, which
+        # would read the mapping again, refuses it (CpuEngine checks the same guard).
+        self._guard = file_guard(qfile)
+        self._guard.check()
         self.n_threads = int(n_threads) if n_threads else default_threads()
         self.vocab_size = cfg["vocab_size"]
         fail_alloc, fail_after = _fail_hook()
@@ -242,6 +247,9 @@ class VulkanEngine:
         except core.VulkanError as e:
             self._release()
             raise GpuUnavailable(f"{info['name']}: {e}") from None
+        if self._guard.poisoned:  # the file shrank during the upload: the device holds zero pages
+            self._release()
+            raise self._guard.error()
         self.max_seq_len = seq
         self.device = "vulkan"
         self.device_name = info["name"]
@@ -326,6 +334,7 @@ class VulkanEngine:
 
     def close(self):
         self._closed = True
+        self._guard = None  # its buffer export would keep the file mapped
         if self._lock is not None:
             with self._lock:
                 self._release()

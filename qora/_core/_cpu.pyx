@@ -73,6 +73,14 @@ cdef extern from "qora/qora.h" nogil:
     void qora_state_free(qora_state* s)
     int qora_forward(qora_model* m, const int32_t* tokens, int n, int start_pos, float* logits, int all_logits) nogil
 
+cdef extern from "qora/mapguard.h" nogil:
+    int QORA_GUARD_SLOTS
+    int qora_guard_install()
+    int qora_guard_register(const void* addr, size_t length)
+    void qora_guard_unregister(int slot)
+    int qora_guard_poisoned(int slot)
+    int qora_guard_supported()
+
 cdef extern from *:
     """
     #ifdef _OPENMP
@@ -351,6 +359,65 @@ def attention(const float[::1] q, kc_in, vc_in, int n_heads, int n_kv_heads, int
         qora_attention(K, &q[0], &kc[0, 0], &vc[0, 0], kv_f16, n_pos, n_heads, n_kv_heads, head_dim,
                        <size_t>kv_width, &sc[0], <size_t>n_pos, &o[0], n_threads)
     return out
+
+
+# -------------------------------------------------------------- mapped files
+GUARD_SLOTS = QORA_GUARD_SLOTS
+
+
+cdef class MapGuard:
+    """Watches a memory-mapped model file (include/qora/mapguard.h): a read past the end of a file
+    truncated under the mapping reads zeros instead of killing the process with SIGBUS, and
+    `poisoned` turns true. Holds a buffer export of the mapping, so the mapping cannot be unmapped
+    while it is registered (a registered range never belongs to anything else)."""
+    cdef const uint8_t[::1] view
+    cdef int slot
+
+    def __cinit__(self):
+        self.slot = -1
+
+    def __init__(self, buf):
+        cdef int rc
+        if self.slot >= 0:
+            raise RuntimeError("MapGuard is already initialised")
+        self.view = buf
+        if self.view.shape[0] == 0 or not qora_guard_supported():
+            self.view = None
+            return
+        rc = qora_guard_install()
+        if rc:
+            raise OSError(rc, "cannot install the SIGBUS handler for the model mapping")
+        rc = qora_guard_register(&self.view[0], <size_t>self.view.shape[0])
+        if rc == -1:
+            self.view = None
+            raise MemoryError(f"more than {QORA_GUARD_SLOTS} model files are mapped at once")
+        if rc < 0:
+            self.view = None
+            raise ValueError("MapGuard needs a whole mapping (page-aligned, not empty)")
+        self.slot = rc
+
+    @property
+    def poisoned(self):
+        """A read of the mapping faulted (the file shrank): what was computed from it is garbage."""
+        return self.slot >= 0 and qora_guard_poisoned(self.slot) != 0
+
+    def ensure(self):
+        """Put the handler back on top of SIGBUS if something (faulthandler) replaced it since."""
+        cdef int rc
+        if self.slot >= 0:
+            rc = qora_guard_install()
+            if rc:
+                raise OSError(rc, "cannot install the SIGBUS handler for the model mapping")
+
+    def release(self):
+        """Stop watching and let go of the mapping."""
+        qora_guard_unregister(self.slot)
+        self.slot = -1
+        self.view = None
+
+    def __dealloc__(self):
+        # before the view (the buffer export) is released: the range is unpublished while mapped
+        qora_guard_unregister(self.slot)
 
 
 # ------------------------------------------------------------------- engine
