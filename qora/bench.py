@@ -1,9 +1,10 @@
 """`qora bench`: how fast a model runs on this machine, measured as llama.cpp's llama-bench measures.
 
-    qora bench [--load M] [--pp 512] [--tg 128] [--threads N] [--reps 3] [--cpu | --gpu] [--json]
+    qora bench [--load M] [--pp 512] [--tg 128] [--depth 0] [--threads N] [--reps 3] [--cpu | --gpu] [--json]
 
 Design: ppN = one N-token prompt from an empty cache, logits for the last token only (prefill);
-tgN = N single-token steps from an empty cache (decode); random token ids from a fixed seed; one
+tgN = N single-token steps from an empty cache (decode); with --depth D (llama-bench's -d D) both
+start after D tokens already in the KV cache, filled once, untimed; random token ids from a fixed seed; one
 warm-up run of each test, then `reps` timed runs, reported as mean ± standard deviation of tok/s.
 Decode is bound by memory bandwidth, so it is also given as weight GB/s: the bytes of weights read
 per token (every matrix once, the LM head included, the embedding lookup not) times tok/s. The
@@ -89,8 +90,9 @@ class Result:
 class Runner:
     """Prefill and decode of one engine (CpuEngine or VulkanEngine), timed as llama-bench times them."""
 
-    def __init__(self, engine, seed: int = SEED):
+    def __init__(self, engine, seed: int = SEED, depth: int = 0):
         self.engine = engine
+        self.depth = depth  # tokens already in the KV cache before each test
         self.threads = engine.n_threads
         self.isa = engine.isa
         self.vocab = engine.vocab_size
@@ -99,14 +101,20 @@ class Runner:
     def token_ids(self, n: int) -> np.ndarray:
         return self.rng.integers(0, self.vocab, size=n)
 
+    def fill(self, chunk: int = 512) -> None:
+        """Put `depth` random tokens into the KV cache (untimed). Each test then writes only positions
+        past them, so one fill serves every repetition."""
+        for pos in range(0, self.depth, chunk):
+            self.engine.forward(self.token_ids(min(chunk, self.depth - pos)), pos, all_logits=False)
+
     def prefill(self, ids) -> np.ndarray:
-        """One prompt from an empty cache; logits of its last token only."""
-        return self.engine.forward(ids, 0, all_logits=False)
+        """One prompt after `depth` cached tokens; logits of its last token only."""
+        return self.engine.forward(ids, self.depth, all_logits=False)
 
     def decode(self, ids) -> np.ndarray:
-        """len(ids) single-token steps from an empty cache; the last step's logits."""
+        """len(ids) single-token steps after `depth` cached tokens; the last step's logits."""
         fwd = self.engine.forward
-        for pos, t in enumerate(ids.tolist()):
+        for pos, t in enumerate(ids.tolist(), start=self.depth):
             logits = fwd([t], pos)
         return logits
 
@@ -128,17 +136,23 @@ class Runner:
                 raise QoraError(f"the engine produced non-finite logits in {test}")
             if i >= warmup:
                 samples.append(n / dt)
-        return Result("qora", test, self.threads, samples, f"qora {self.isa}")
+        detail = f"qora {self.isa}" + (f" @ depth {self.depth}" if self.depth else "")
+        return Result("qora", test, self.threads, samples, detail)
 
 
 # ───── the report ─────
 
 
-def run_bench(model, pp: int, tg: int, reps: int, log=None) -> dict:
-    """Measure ppN and tgN (0 skips one) on a loaded qora.Model; the report as a JSON-ready dict."""
+def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0) -> dict:
+    """Measure ppN and tgN (0 skips one) on a loaded qora.Model, each after `depth` tokens already in
+    the KV cache; the report as a JSON-ready dict."""
     engine = model.engine
-    runner = Runner(engine)
+    runner = Runner(engine, depth=depth)
     weight_bytes, matmul_params = model_sizes(model.file)
+    if depth:
+        if log:
+            log(f"filling the KV cache with {depth} tokens ...")
+        runner.fill()
     results = {}
     for test, n in (("pp", pp), ("tg", tg)):
         if n > 0:
@@ -165,6 +179,7 @@ def run_bench(model, pp: int, tg: int, reps: int, log=None) -> dict:
         "kv_cache": getattr(engine, "kv_dtype", None),
         "pp": pp,
         "tg": tg,
+        "depth": depth,
         "reps": reps,
         "warmup": WARMUP,
         "seed": SEED,
@@ -205,6 +220,7 @@ def format_report(report: dict) -> str:
     else:
         backend = f"CPU ({report['isa']})"
     head = ["model", "size", "params", "backend", "threads", "test", "t/s", "weights GB/s"]
+    at = f" @ d{report['depth']}" if report.get("depth") else ""  # llama-bench's label for -d
     rows = []
     for test in ("pp", "tg"):
         if report[f"{test}_tok_s"] is None:
@@ -212,7 +228,7 @@ def format_report(report: dict) -> str:
         rate = f"{report['gb_s']:.2f}" if test == "tg" else "-"
         tps = f"{report[f'{test}_tok_s']:.2f} ± {report[f'{test}_std']:.2f}"
         rows.append([name, size, _params_text(report["params"]), backend, str(report["threads"]),
-                     f"{test}{report[test]}", tps, rate])  # fmt: skip
+                     f"{test}{report[test]}{at}", tps, rate])  # fmt: skip
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
     right = [h in ("size", "params", "threads", "t/s", "weights GB/s") for h in head]  # numbers: right-aligned
 
@@ -250,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tg", type=_int_at_least(0), default=128, metavar="N", help="tokens decoded (default 128; 0 skips)"
     )
+    p.add_argument(
+        "--depth", type=_int_at_least(0), default=0, metavar="N",
+        help="tokens already in the KV cache before each test, as llama-bench -d (default 0)",
+    )  # fmt: skip
     p.add_argument("--reps", type=_int_at_least(1), default=3, metavar="N", help="timed runs per test (default 3)")
     p.add_argument(
         "--threads", type=_int_at_least(1), metavar="N", help="CPU threads (default: QORA_THREADS, else physical cores)"
@@ -273,9 +293,11 @@ def main(argv: list[str]) -> int:
     path = resolve_model_path(args.load)
     with read_qora(path) as q:  # the header only: check the lengths before loading the weights
         max_pos = int(q.config["max_seq_len"])
-    if args.pp + args.tg > max_pos:
+    need = args.depth + args.pp + args.tg
+    if need > max_pos:
         raise QoraError(
-            f"--pp {args.pp} + --tg {args.tg} = {args.pp + args.tg} tokens exceed the model's {max_pos}-token context"
+            f"--depth {args.depth} + --pp {args.pp} + --tg {args.tg} = {need} tokens exceed the model's "
+            f"{max_pos}-token context"
         )
 
     def log(msg):
@@ -284,8 +306,8 @@ def main(argv: list[str]) -> int:
 
     device = "cpu" if args.cpu else ("gpu" if args.gpu else "auto")
     log(f"loading {path} ...")
-    # the KV cache holds pp + tg tokens, as llama-bench sizes its context
-    with qora.load(path, threads=args.threads, device=device, max_seq_len=args.pp + args.tg) as model:
-        report = run_bench(model, args.pp, args.tg, args.reps, log=log)
+    # the KV cache holds depth + pp + tg tokens, as llama-bench sizes its context
+    with qora.load(path, threads=args.threads, device=device, max_seq_len=need) as model:
+        report = run_bench(model, args.pp, args.tg, args.reps, log=log, depth=args.depth)
     print(json.dumps(report) if args.json else format_report(report), flush=True)
     return 0
