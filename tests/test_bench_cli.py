@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from qora import bench, cli, quant
-from qora.convert import convert
 from qora.errors import QoraError
 from qora.format import read_qora
 
@@ -22,13 +21,9 @@ JSON_KEYS = {"pp_tok_s", "tg_tok_s", "pp_std", "tg_std", "gb_s", "isa", "threads
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Tied-embedding SmolLM3 in q4 and untied Llama in q8, converted from the fixtures."""
-    d = tmp_path_factory.mktemp("bench")
-    return {
-        "smollm3": convert(FIX / "tiny-smollm3", d / "tiny-smollm3-q4.qora", quant="q4", progress=False),
-        "llama": convert(FIX / "tiny-llama", d / "tiny-llama-q8.qora", quant="q8", progress=False),
-    }
+def models(tiny_model):
+    """Tied-embedding SmolLM3 in q4 and untied Llama in q8, converted from the fixtures (conftest.py)."""
+    return {"smollm3": tiny_model("tiny-smollm3", "q4"), "llama": tiny_model("tiny-llama", "q8")}
 
 
 def run_main(capsys, *args):

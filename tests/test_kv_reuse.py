@@ -3,24 +3,18 @@ and that a warm (reusing) run gives the same tokens and logits as a cold one."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import qora
-from qora.convert import convert
 from qora.generate import GenerationOptions, prompt_ids, stream_generate
 
-FIX = Path(__file__).parent / "fixtures"
 OPTS = dict(greedy=True, max_tokens=12, logprobs=5, enable_thinking=False, today="2025-06-01")
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return convert(
-        FIX / "tiny-llama", tmp_path_factory.mktemp("reuse") / "tiny-llama-q8.qora", quant="q8", progress=False
-    )
+def model_path(tiny_model):
+    return tiny_model("tiny-llama", "q8")
 
 
 @pytest.fixture
@@ -145,12 +139,10 @@ def test_logprobs_are_a_log_softmax_of_the_logits(model):
     assert [i for i, _ in first.top_logprobs] == list(np.argsort(-logp, kind="stable")[:5])
 
 
-def test_real_model_follow_up_costs_only_the_new_turn():
+def test_real_model_follow_up_costs_only_the_new_turn(demo_model):
     """SmolLM2-135M (the demo model) answers in plain text that re-tokenizes to the ids it generated, so
     everything but the unfed last token is reused and the follow-up prefills exactly its own tokens."""
-    from qora import demo
-
-    path = demo.ensure_demo_model(demo.default_cache_dir())
+    path = demo_model
     opts = {**OPTS, "max_tokens": 24, "logprobs": None}
     with qora.load(path, threads=1, max_seq_len=512) as m:
         turn1 = [{"role": "user", "content": "What is the capital of France?"}]

@@ -11,7 +11,6 @@ from reference import ReferenceModel
 
 import qora
 from qora._core import _cpu
-from qora.convert import convert
 from qora.engine import ISA_NAMES
 from qora.format import read_qora
 
@@ -33,13 +32,9 @@ REF_TOL = {"f32": 1e-4, "f16": 1e-4, "q8": 5e-2, "q4": 5e-2}
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    out = {}
-    d = tmp_path_factory.mktemp("models")
-    for name in MODELS:
-        for quant in QUANTS:
-            out[name, quant] = convert(FIX / name, d / f"{name}-{quant}.qora", quant=quant, progress=False)
-    return out
+def converted(tiny_model):
+    """(name, quant) -> path, from the session's shared conversions (conftest.py)."""
+    return {(name, quant): tiny_model(name, quant) for name in MODELS for quant in QUANTS}
 
 
 def expected(name):

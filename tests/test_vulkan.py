@@ -18,7 +18,6 @@ from test_kernels import random_q4, random_q8, ref_quantize_q8
 import qora
 from qora import vulkan
 from qora._core import _cpu, _vulkan
-from qora.convert import convert
 from qora.errors import QoraError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -523,13 +522,8 @@ def test_embed(ctx, dtype):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vk-models")
-    out = {}
-    for quant in ("q4", "q8", "f16"):
-        out[quant] = d / f"tiny-smollm3-{quant}.qora"
-        convert(str(FIX / "tiny-smollm3"), str(out[quant]), quant=quant, progress=False)
-    return out
+def tiny(tiny_model):
+    return {quant: tiny_model("tiny-smollm3", quant) for quant in ("q4", "q8", "f16")}
 
 
 # With an f32 KV cache both engines do the same integer block sums and float steps: they agree to
