@@ -308,7 +308,7 @@ def _cfg_float(hf: dict, key: str, where, default: float) -> float:
 
 
 def normalize_hf_config(hf: dict, where) -> dict:
-    """config.json of a Llama / SmolLM3 checkpoint -> qora's normalized config (SPEC.md)."""
+    """config.json of a Llama / SmolLM3 checkpoint -> qora's normalized config (what format.validate_config checks)."""
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):

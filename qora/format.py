@@ -12,7 +12,7 @@ Layout (all integers little endian):
 
 The JSON header holds "config" (normalized model config), "tokenizer" (tokenizer.json as a string),
 "chat_template", "generation", "special_tokens", "tensors" (name -> dtype/shape/offset/nbytes) and
-"source" (provenance). See /spec/SPEC.md for the keys.
+"source" (provenance); validate_config and expected_tensors below say what the config and the index hold.
 
 Design: the reader trusts nothing. Every size, offset and shape is checked with Python integers
 before a NumPy view is made, so a corrupt or hostile file gives a FormatError ("PATH: problem")
@@ -138,7 +138,7 @@ def check_finite(where, name: str, dtype: str, data) -> None:
 
 
 def validate_config(config, where) -> dict:
-    """Check a normalized config (see SPEC.md); raise FormatError("WHERE: problem") if it is bad."""
+    """Check a normalized config (normalize_hf_config's keys); raise FormatError("WHERE: problem") if it is bad."""
     if not isinstance(config, dict):
         raise FormatError(f"{where}: config must be a JSON object")
     missing = [

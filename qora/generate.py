@@ -40,7 +40,7 @@ from qora.errors import ContextOverflowError, QoraError
 from qora.sampling import Sampler
 from qora.system import default_limits
 
-# ───── defaults (DESIGN §6) ─────
+# ───── defaults: one set for every model, chosen for SmolLM3 (see GenerationOptions.resolved) ─────
 
 TEMPERATURE_THINK = 0.6
 TEMPERATURE_NO_THINK = 0.7
@@ -62,7 +62,7 @@ MAX_TOP_LOGPROBS = 20
 
 @dataclass
 class GenerationOptions:
-    """What to generate and how. None means "the default": DESIGN §6 for the sampling values (the
+    """What to generate and how. None means "the default": the constants above for the sampling values (the
     temperature depends on whether the model will think), available RAM for the two limits.
 
     max_tokens: answer tokens at most; think_budget: thinking tokens before `</think>` is forced.
@@ -148,7 +148,7 @@ class GenerationOptions:
     def resolved(self, thinking: bool, generation_defaults: Mapping | None = None) -> GenerationOptions:
         """A copy with every None filled in. `thinking`: the model will think (picks the temperature).
 
-        The product defaults (DESIGN §6) win over the file's generation_config: they were chosen for
+        The product defaults (the constants above) win over the file's generation_config: they were chosen for
         SmolLM3 in both modes (the file's temperature 0.6 / top_p 0.95 agree in think mode), and one
         set of defaults for every model keeps runs comparable. The file is only consulted for what the
         product leaves unset (min_p).

@@ -7,7 +7,7 @@ oversubscription: qora never starts more threads than the cores it was given, an
 several engines side by side (worker processes, a thread pool) passes each its share as threads=N,
 or sets OMP_NUM_THREADS in the workers, as joblib/loky and other pools already do.
 
-The limits table is DESIGN §6. It is keyed on *available* memory (what the process can use now without
+The limits table is LIMITS_TABLE below. It is keyed on *available* memory (what the process can use now without
 pushing the system into swap), not installed memory: the KV cache and the activations are what grow
 with the limits, and they must fit beside whatever else is running.
 """
@@ -184,7 +184,7 @@ def available_ram() -> int:
 
 
 def default_limits(ram_bytes: int | None = None) -> tuple[int, int]:
-    """(max_tokens, think_budget) for this much available RAM (default: measured now), per DESIGN §6.
+    """(max_tokens, think_budget) for this much available RAM (default: measured now), per LIMITS_TABLE.
 
     <4 GiB: 512/256, 4-8 GiB: 1024/1024, 8-12 GiB: 2048/2048, more: 8192/8192. An unreadable
     amount (0) gets the smallest row: too short an answer is better than an out-of-memory kill.
