@@ -4,7 +4,7 @@ Both engines run the same weights (the random SmolLM3-3B-shaped Q4 model and its
 generated locally on first use into --dir) with the same thread count and lengths; llama.cpp through a
 prebuilt llama-bench (no network needed) or the llama-cpp-python binding. Usage:
     python bench/compare.py --llama-bench /path/to/llama-bench [--threads 16] [--pp 128,512] [--tg 64]
-                            [--reps 3] [--rounds 2] [--demo] [--json out.json]
+                            [--depth 0,4096] [--reps 3] [--rounds 2] [--demo] [--json out.json]
 On a busy machine use --rounds: peer and qora then alternate and all repetitions are pooled; the
 table shows the median (and the best) of them.
 """
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default=None, help="thread counts, comma separated (default: physical cores)")
     ap.add_argument("--pp", default="128", help="prompt lengths, comma separated (default 128)")
     ap.add_argument("--tg", default="64", help="decode lengths, comma separated (default 64)")
+    ap.add_argument("--depth", default="0", help="tokens already in the KV cache, comma separated (llama-bench -d)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per round, after a warm-up")
     ap.add_argument("--rounds", type=int, default=1, help="alternate peer and qora this many times")
     ap.add_argument("--layers", type=int, default=None, help="random model with fewer layers (quick runs)")
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
 
     threads_list = ints(a.threads) if a.threads else [harness.default_threads()]
     tests = [f"pp{n}" for n in ints(a.pp) if n > 0] + [f"tg{n}" for n in ints(a.tg) if n > 0]
+    depths = ints(a.depth)
     if not tests:
         ap.error("nothing to measure: give --pp and/or --tg")
     try:
@@ -86,24 +88,27 @@ def main(argv=None) -> int:
             limit = ", ".join(f"{m.name} {bw[t] * 1e9 / m.weight_bytes:.1f}" for m in models)
             print(f"read bandwidth, {t} threads: {bw[t]:.1f} GB/s -> decode limit tok/s: {limit}")
 
-    results = {}  # (model name, threads, test) -> [qora Result, peer Result | None]
+    results = {}  # (model name, threads, depth, test) -> [qora Result, peer Result | None]
     for t in threads_list:
         for m in models:
             runner = None
             try:
-                for rnd in range(a.rounds):
+                for rnd, d in ((r, d) for r in range(a.rounds) for d in depths):
+                    at = f" d={d}" if d else ""
                     theirs = {}
                     if peer is not None:
-                        log(f"[{rnd + 1}/{a.rounds}] llama.cpp {m.name} {','.join(tests)} t={t} ...")
-                        theirs = peer.run_many(m.gguf, tests, t, a.reps)
+                        log(f"[{rnd + 1}/{a.rounds}] llama.cpp {m.name} {','.join(tests)} t={t}{at} ...")
+                        theirs = peer.run_many(m.gguf, tests, t, a.reps, depth=d)
                     if runner is None:
                         t0 = time.perf_counter()
-                        runner = harness.QoraRunner(m.qora, t, max(int(x[2:]) for x in tests))
+                        runner = harness.QoraRunner(m.qora, t, max(depths) + max(int(x[2:]) for x in tests))
                         log(f"qora loaded {m.qora.name} in {time.perf_counter() - t0:.1f} s ({runner.isa})")
+                    runner.depth = d
+                    runner.fill()
                     for test in tests:
-                        log(f"[{rnd + 1}/{a.rounds}] qora {m.name} {test} t={t} ...")
+                        log(f"[{rnd + 1}/{a.rounds}] qora {m.name} {test} t={t}{at} ...")
                         ours = runner.run(test, a.reps)
-                        row = results.setdefault((m.name, t, test), [None, None, m])
+                        row = results.setdefault((m.name, t, d, test), [None, None, m])
                         if row[0] is None:
                             row[0] = ours
                         else:
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
                 if runner is not None:
                     runner.close()
 
-    rows = [(m, q, p) for (_, _, _), (q, p, m) in results.items()]
+    rows = [(m, q, p) for (q, p, m) in results.values()]
     n = a.reps * a.rounds
     print()
     print(harness.table(rows, f"qora vs llama.cpp, same weights and threads ({n} timed runs each)"))
@@ -131,6 +136,7 @@ def main(argv=None) -> int:
                 {
                     "model": m.name,
                     "test": q.test,
+                    "depth": q.depth,
                     "threads": q.threads,
                     "weight_bytes": m.weight_bytes,
                     "qora_tok_s": q.samples,

@@ -165,7 +165,7 @@ def table(rows, title: str = "") -> str:
         lines.append(
             [
                 model.name,
-                q.test,
+                q.label,
                 str(q.threads),
                 f"{q.median:.2f} ({q.best:.2f})",
                 f"{p.median:.2f} ({p.best:.2f})" if p else "-",
@@ -287,12 +287,15 @@ class LlamaBenchPeer:
         lines = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
         self.version = f"llama-bench {self.exe}: " + "; ".join(lines[:2])
 
-    def run_many(self, gguf, tests, threads: int, reps: int) -> dict:
-        """{test: Result} for tests like ["pp128", "tg64"] in one llama-bench invocation."""
+    def run_many(self, gguf, tests, threads: int, reps: int, depth: int = 0) -> dict:
+        """{test: Result} for tests like ["pp128", "tg64"] in one llama-bench invocation, each after
+        `depth` tokens already in the cache (-d)."""
         pp = sorted({int(t[2:]) for t in tests if t.startswith("pp")})
         tg = sorted({int(t[2:]) for t in tests if t.startswith("tg")})
         cmd = [str(self.exe), "-m", str(gguf), "-t", str(threads), "-r", str(reps), "-o", "json"]
         cmd += ["-p", ",".join(map(str, pp)) or "0", "-n", ",".join(map(str, tg)) or "0"]
+        if depth:
+            cmd += ["-d", str(depth)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=LLAMA_BENCH_TIMEOUT)
         if r.returncode != 0:
             tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
@@ -301,7 +304,8 @@ class LlamaBenchPeer:
         for e in json.loads(r.stdout):
             test = f"pp{e['n_prompt']}" if e["n_gen"] == 0 else f"tg{e['n_gen']}"
             detail = f"llama-bench {e['build_commit']} ({e['model_type']}, fa {e['flash_attn']})"
-            out[test] = Result("llama.cpp", test, int(e["n_threads"]), list(map(float, e["samples_ts"])), detail)
+            samples = list(map(float, e["samples_ts"]))
+            out[test] = Result("llama.cpp", test, int(e["n_threads"]), samples, detail, int(e.get("n_depth", depth)))
         return out
 
 
@@ -314,8 +318,8 @@ class LlamaCppPythonPeer:
         self.llama_cpp = llama_cpp
         self.version = f"llama-cpp-python {llama_cpp.__version__}"
 
-    def run_many(self, gguf, tests, threads: int, reps: int) -> dict:
-        n_ctx = max(int(t[2:]) for t in tests) + 8
+    def run_many(self, gguf, tests, threads: int, reps: int, depth: int = 0) -> dict:
+        n_ctx = depth + max(int(t[2:]) for t in tests) + 8
         llm = self.llama_cpp.Llama(
             str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
             n_batch=512, n_ubatch=512, verbose=False, flash_attn=True,
@@ -327,6 +331,8 @@ class LlamaCppPythonPeer:
             n = int(test[2:])
             ids = rng.integers(0, vocab, size=n).tolist()
             llm.reset()
+            if depth:
+                llm.eval(rng.integers(0, vocab, size=depth).tolist())  # the cached context, untimed
             t0 = time.perf_counter()
             if test.startswith("pp"):
                 llm.eval(ids)
@@ -339,7 +345,8 @@ class LlamaCppPythonPeer:
         try:
             for test in tests:
                 once(test)  # warm-up
-                out[test] = Result("llama.cpp", test, threads, [once(test) for _ in range(reps)], self.version)
+                samples = [once(test) for _ in range(reps)]
+                out[test] = Result("llama.cpp", test, threads, samples, self.version, depth)
         finally:
             llm.close()
         return out
@@ -379,17 +386,7 @@ def default_threads() -> int:
 
 
 def read_bandwidth(threads: int, gib: float = 2.0, reps: int = 5) -> float:
-    """A STREAM-like read: GB/s of `threads` threads each scanning its share of a buffer far larger
-    than the caches (NumPy's max over uint8 is a SIMD scan that releases the GIL). Best of reps."""
-    from concurrent.futures import ThreadPoolExecutor
+    """The machine's read bandwidth at `threads` threads: `qora bench --bandwidth`'s probe."""
+    from qora.bench import read_bandwidth as probe
 
-    n = int(gib * 2**30)
-    buf = np.ones(n, dtype=np.uint8)  # written once so every page is really there
-    parts = np.array_split(buf, threads)
-    best = 0.0
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            list(pool.map(np.max, parts))
-            best = max(best, n / (time.perf_counter() - t0) / 1e9)
-    return best
+    return probe(threads, gib, reps)

@@ -65,6 +65,11 @@ class Result:
     threads: int
     samples: list = field(default_factory=list)  # tok/s of each timed repetition
     detail: str = ""
+    depth: int = 0  # tokens already in the KV cache (llama-bench -d)
+
+    @property
+    def label(self) -> str:
+        return self.test + (f" @ d{self.depth}" if self.depth else "")
 
     @property
     def n_tokens(self) -> int:
@@ -137,15 +142,36 @@ class Runner:
             if i >= warmup:
                 samples.append(n / dt)
         detail = f"qora {self.isa}" + (f" @ depth {self.depth}" if self.depth else "")
-        return Result("qora", test, self.threads, samples, detail)
+        return Result("qora", test, self.threads, samples, detail, self.depth)
+
+
+def read_bandwidth(threads: int, gib: float = 2.0, reps: int = 5) -> float:
+    """A STREAM-like read: GB/s of `threads` threads each scanning its share of a buffer far larger
+    than the last-level cache (NumPy's max over uint8 is a SIMD scan that releases the GIL). Best of
+    reps. Decode reads every weight once per token, so this is its ceiling on this machine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qora.system import available_ram
+
+    n = int(min(gib * 2**30, max(available_ram() // 4, 256 << 20)))  # never a large share of free RAM
+    buf = np.ones(n, dtype=np.uint8)  # written once so every page is really there
+    parts = np.array_split(buf, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            list(pool.map(np.max, parts))
+            best = max(best, n / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 # ───── the report ─────
 
 
-def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0) -> dict:
+def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0, bandwidth: bool = False) -> dict:
     """Measure ppN and tgN (0 skips one) on a loaded qora.Model, each after `depth` tokens already in
-    the KV cache; the report as a JSON-ready dict."""
+    the KV cache; with `bandwidth`, also the machine's read bandwidth at the same thread count and
+    decode's weight GB/s as a share of it. The report as a JSON-ready dict."""
     engine = model.engine
     runner = Runner(engine, depth=depth)
     weight_bytes, matmul_params = model_sizes(model.file)
@@ -191,6 +217,8 @@ def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0) -> d
         "tg_std": None,
         "tg_samples": [],
         "gb_s": None,
+        "read_gb_s": None,
+        "tg_bandwidth_pct": None,
     }
     if "pp" in results:
         r = results["pp"]
@@ -200,6 +228,12 @@ def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0) -> d
         r = results["tg"]
         report.update(tg_tok_s=r.mean, tg_std=r.std, tg_samples=r.samples)
         report["gb_s"] = weight_bytes * r.mean / 1e9
+    if bandwidth:
+        if log:
+            log(f"read bandwidth, {runner.threads} threads ...")
+        report["read_gb_s"] = read_bandwidth(runner.threads)
+        if report["gb_s"] is not None and not on_gpu:
+            report["tg_bandwidth_pct"] = 100 * report["gb_s"] / report["read_gb_s"]
     return report
 
 
@@ -247,6 +281,12 @@ def format_report(report: dict) -> str:
         f"t/s: mean ± std of {report['reps']} runs after {report['warmup']} warm-up, random token ids "
         f"(seed {report['seed']}); weights GB/s = bytes read per token x decode t/s; qora {report['qora']}",
     ]
+    if report.get("read_gb_s"):
+        bw = f"memory read bandwidth, {report['threads']} threads: {report['read_gb_s']:.1f} GB/s"
+        if report.get("tg_bandwidth_pct") is not None:
+            limit = report["read_gb_s"] * 1e9 / report["weight_bytes_per_token"]
+            bw += f"; decode reads weights at {report['tg_bandwidth_pct']:.0f}% of it (limit {limit:.1f} t/s)"
+        notes.append(bw)
     return "\n".join([line(head), sep, *map(line, rows), *notes])
 
 
@@ -277,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
     dev.add_argument("--gpu", action="store_true", help="run on the GPU (Vulkan)")
+    p.add_argument(
+        "--bandwidth", action="store_true",
+        help="also measure the memory read bandwidth (a STREAM-like scan at the same thread count) and "
+        "give decode's weight GB/s as a share of it",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     return p
@@ -308,6 +353,6 @@ def main(argv: list[str]) -> int:
     log(f"loading {path} ...")
     # the KV cache holds depth + pp + tg tokens, as llama-bench sizes its context
     with qora.load(path, threads=args.threads, device=device, max_seq_len=need) as model:
-        report = run_bench(model, args.pp, args.tg, args.reps, log=log, depth=args.depth)
+        report = run_bench(model, args.pp, args.tg, args.reps, log=log, depth=args.depth, bandwidth=args.bandwidth)
     print(json.dumps(report) if args.json else format_report(report), flush=True)
     return 0

@@ -75,3 +75,29 @@ def test_depth_past_the_context_is_refused(model_path):
         ctx = int(q.config["max_seq_len"])
     with pytest.raises(QoraError, match="--depth"):
         bench.main(["--load", str(model_path), "--pp", "8", "--tg", "8", "--depth", str(ctx)])
+
+
+def test_read_bandwidth_probe():
+    gb_s = bench.read_bandwidth(2, gib=0.05, reps=2)
+    assert np.isfinite(gb_s) and gb_s > 0
+
+
+def test_bandwidth_share_of_decode(model_path, capsys, monkeypatch):
+    probes, real = [], bench.read_bandwidth
+
+    def probe(threads, *a, **k):  # the real probe reads 2 GiB; its own test above covers it
+        probes.append(threads)
+        return real(threads, gib=0.05, reps=1)
+
+    monkeypatch.setattr(bench, "read_bandwidth", probe)
+    args = ["bench", "--load", str(model_path), "--pp", "0", "--tg", "4", "--reps", "1", "--threads", "1", "--cpu"]
+    assert cli.main([*args, "--bandwidth", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert probes == [1]  # measured at the bench's own thread count
+    assert r["read_gb_s"] > 0
+    assert r["tg_bandwidth_pct"] == pytest.approx(100 * r["gb_s"] / r["read_gb_s"])
+    assert cli.main([*args, "--bandwidth"]) == 0
+    assert "memory read bandwidth, 1 threads" in capsys.readouterr().out
+    assert cli.main([*args, "--json"]) == 0  # not asked: not measured
+    r = json.loads(capsys.readouterr().out)
+    assert r["read_gb_s"] is None and r["tg_bandwidth_pct"] is None and probes == [1, 1]
