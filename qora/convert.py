@@ -36,6 +36,7 @@ import numpy as np
 
 from qora import limits
 from qora import quant as Q
+from qora.engine import guard_mapping
 from qora.errors import ConfigError, FormatError, QoraError
 from qora.format import QoraWriter, check_finite, expected_tensors, parse_json, reject_nonfinite, validate_config
 from qora.safeio import check_inside, check_output, file_ids, open_regular, read_regular
@@ -96,6 +97,9 @@ def _encode_rows(read_rows, rows: int, cols: int, dtype: str) -> np.ndarray:
         _check_finite_rows(chunk, r0)
         out[r0:r1] = Q.quantize(chunk, dtype)
     return out
+
+
+_SOURCE = {"what": "source file", "advice": "convert again from a complete copy"}
 
 
 class _NonFinite(Exception):
@@ -178,6 +182,8 @@ class _SafetensorsFile:
                     raise FormatError(f"{where}: not a safetensors file (bad header length {hlen})")
                 header = parse_json(f.read(hlen), where, "safetensors header")
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + hlen else None
+                # a read past a truncation under the map: an error, not SIGBUS (qora/engine.py FileGuard)
+                self._guard = self._mm and guard_mapping(self._mm, where, os.fstat(f.fileno()), size, **_SOURCE)
         except OSError as e:
             raise FormatError(f"{where}: cannot read ({e.strerror or e})") from None
         if not isinstance(header, dict):
@@ -231,6 +237,7 @@ class _SafetensorsFile:
         return dtype, a.reshape(shape)
 
     def close(self):
+        self._guard = None  # its buffer export would keep the map
         try:
             if self._mm is not None:
                 self._mm.close()
@@ -564,6 +571,10 @@ class _HFSource:
     def source_name(self, qname: str) -> str:
         return self._names[qname][0]
 
+    def check_unchanged(self):
+        for f in self._files:
+            f._guard and f._guard.check()
+
     def close(self):
         for f in getattr(self, "_files", []):
             f.close()
@@ -782,9 +793,12 @@ def gguf_prescan(path: Path, _keep_map: bool = False):
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
             raise FormatError(f"{where}: cannot map ({e})") from None
+    guard = guard_mapping(mm, where, **_SOURCE)
     try:
         fields, tensors = _gguf_prescan(mm, size, where, GGML_QUANT_SIZES, GGMLQuantizationType)
+        guard.check()
     except BaseException:
+        guard = None
         try:
             mm.close()
         except BufferError:
@@ -1001,6 +1015,7 @@ class _GGUFSource:
         where = str(path)
         # one parse, with every count and size checked (see gguf_prescan); tensors view the map
         fields, tensors, self._mm = gguf_prescan(path, _keep_map=True)
+        self._guard = guard_mapping(self._mm, where, **_SOURCE)
         _check_gguf_fields(fields, where)
         self.fields = fields
         self._tensors = {t.name: t for t in tensors}
@@ -1170,8 +1185,12 @@ class _GGUFSource:
     def source_name(self, qname: str) -> str:
         return self._names[qname][1]
 
+    def check_unchanged(self):
+        self._guard.check()
+
     def close(self):
         self._tensors = {}
+        self._guard = None
         mm, self._mm = getattr(self, "_mm", None), None
         if mm is not None:
             try:
@@ -1268,6 +1287,7 @@ def convert(src, out, quant: str = "q4", progress: bool = True, embed_quant: str
                         ) from None
                     check_finite(src, source.source_name(qname), dtype, data)  # copied bytes, scales
                     writer.add_tensor(qname, dtype, shape, data)
+                    source.check_unchanged()  # a source truncated under its map reads as zeros
                     bar.update(1)
         except OSError as e:
             raise QoraError(f"{out}: cannot write ({e.strerror or e})") from None

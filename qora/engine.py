@@ -226,8 +226,17 @@ class FileGuard:
     and its bytes. Once raised, it is raised on every later call: the engine is never trusted again.
     """
 
-    def __init__(self, mm, path, st: os.stat_result | None = None, size: int | None = None):
+    def __init__(
+        self,
+        mm,
+        path,
+        st: os.stat_result | None = None,
+        size: int | None = None,
+        what: str = "model file",
+        advice: str = "reload it",
+    ):
         self.path = str(path)
+        self.what, self.advice = what, advice
         self.changed = False
         st = st if st is not None else os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
@@ -253,7 +262,7 @@ class FileGuard:
 
     def error(self) -> ModelFileChangedError:
         return ModelFileChangedError(
-            f"model file {self.path} changed on disk while in use (truncated or rewritten); reload it"
+            f"{self.what} {self.path} changed on disk while in use (truncated or rewritten); {self.advice}"
         )
 
     def check(self) -> None:
@@ -277,10 +286,10 @@ class FileGuard:
         self._guard.release()
 
 
-def guard_mapping(mm, path, st: os.stat_result | None = None, size: int | None = None) -> FileGuard:
-    """A FileGuard over `mm`, the mmap of the model file at `path` (`st`: its fstat when it was
-    mapped; `size`: the size its header was checked against)."""
-    return FileGuard(mm, path, st, size)
+def guard_mapping(mm, path, st: os.stat_result | None = None, size: int | None = None, **kw) -> FileGuard:
+    """A FileGuard over `mm`, the mmap of the file at `path` (`st`: its fstat when it was mapped;
+    `size`: the size its header was checked against; `what`, `advice`: the error's words)."""
+    return FileGuard(mm, path, st, size, **kw)
 
 
 def file_guard(qfile) -> FileGuard:

@@ -362,3 +362,43 @@ def test_server_model_file_truncated_answers_503_and_stays_up(model_file):
             proc.kill()
             proc.wait()
     assert proc.returncode != -signal.SIGBUS
+
+
+# ───── qora convert: the source mapped the same way ─────
+
+
+@pytest.mark.parametrize(
+    "source", ["tiny-smollm3", "tiny-llama", "tiny-smollm3.q4_0.gguf", "tiny-smollm3.f32.gguf", "tiny-llama.f16.gguf"]
+)
+@pytest.mark.parametrize("new_size", ["half", "zero"])
+def test_convert_source_truncated_during_conversion_fails_cleanly(source, new_size, tmp_path):
+    """A safetensors shard or GGUF truncated while `qora convert` reads it: a clear error naming the
+    source, no SIGBUS, no output file left behind."""
+    src = tmp_path / source
+    (shutil.copytree if (FIX / source).is_dir() else shutil.copyfile)(FIX / source, src)
+    victims = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
+    code = f"""
+import os, sys
+import qora.format as F
+from qora.convert import convert
+from qora.errors import QoraError
+victims = {[str(v) for v in victims]!r}
+orig, done = F.QoraWriter.add_tensor, []
+def add(self, *a):
+    orig(self, *a)
+    done.append(1)
+    if len(done) == 2:
+        for v in victims:
+            os.truncate(v, {{"half": os.path.getsize(v) // 2, "zero": 0}}["{new_size}"])
+F.QoraWriter.add_tensor = add
+try:
+    convert({str(src)!r}, {str(tmp_path / "out.qora")!r}, quant="q8", progress=False)
+    print("CONVERTED")
+except QoraError as e:
+    print("ERROR", type(e).__name__, e)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.startswith("ERROR"), proc.stdout + proc.stderr[-2000:]
+    assert "changed on disk while in use" in proc.stdout or "truncated" in proc.stdout, proc.stdout
+    assert not (tmp_path / "out.qora").exists()
