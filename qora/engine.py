@@ -236,15 +236,21 @@ class FileGuard:
         advice: str = "reload it",
     ):
         self.path = str(path)
+        self._abspath = os.path.abspath(self.path)  # stat() after a chdir still finds it
         self.what, self.advice = what, advice
         self.changed = False
-        st = st if st is not None else os.stat(self.path)
+        st = st if st is not None else os.stat(self._abspath)
         self._inode = (st.st_dev, st.st_ino)
         self._stamp = (st.st_size, st.st_mtime_ns)
+        core = _core()
+        if core.GUARD_SLOTS != limits.MAX_MAPPED_FILES:  # the C table and the budget are one number
+            raise QoraError(f"qora's compiled core is stale (guard table {core.GUARD_SLOTS}); rebuild it")
         try:
-            self._guard = _core().MapGuard(mm)
-        except MemoryError as e:
-            raise QoraError(f"{self.path}: cannot load: {e}") from None
+            self._guard = core.MapGuard(mm)
+        except MemoryError:
+            raise QoraError(
+                f"{self.path}: cannot open: more than {limits.MAX_MAPPED_FILES} model files are open at once"
+            ) from None
         except OSError as e:
             raise QoraError(f"{self.path}: cannot load: {e.strerror or e}") from None
         # the mapping is as long as the file was when it was mapped; the header was checked against
@@ -273,7 +279,7 @@ class FileGuard:
                 self.changed = True
             else:
                 try:
-                    st = os.stat(self.path)
+                    st = os.stat(self._abspath)
                 except OSError:  # deleted or renamed away: the mapping still holds the old inode
                     st = None
                 if st is not None and (st.st_dev, st.st_ino) == self._inode and (st.st_size, st.st_mtime_ns) != self._stamp:

@@ -402,3 +402,28 @@ except QoraError as e:
     assert proc.stdout.startswith("ERROR"), proc.stdout + proc.stderr[-2000:]
     assert "changed on disk while in use" in proc.stdout or "truncated" in proc.stdout, proc.stdout
     assert not (tmp_path / "out.qora").exists()
+
+
+def test_mapped_files_table_full_is_a_clear_error(model_file):
+    """The guard's table is fixed (limits.MAX_MAPPED_FILES): one file more is refused with a clear
+    error, and closing one frees its slot."""
+    path, backup = model_file
+    body = """
+    from qora import limits
+    from qora.format import read_qora
+    files, err = [], None
+    try:
+        for _ in range(limits.MAX_MAPPED_FILES + 1):
+            files.append(read_qora(path, check_values=False))
+    except QoraError as e:
+        err = str(e)
+    n = len(files)
+    files.pop().close()
+    files.append(read_qora(path, check_values=False))
+    for f in files:
+        f.close()
+    report(err=err, n=n, limit=limits.MAX_MAPPED_FILES)
+    """
+    proc, res = run_child(body, path, backup)
+    assert_survived(proc, res)
+    assert res["n"] == res["limit"] and res["err"] and f"more than {res['limit']}" in res["err"], res
