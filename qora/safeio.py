@@ -137,8 +137,10 @@ def check_output(path, inputs=(), error=QoraError) -> Path:
         raise error(f"{path}: cannot write ({e.strerror or e})") from None
     if st is not None:
         if not stat.S_ISREG(st.st_mode):
-            what = "is a folder; give a file name for the output" if stat.S_ISDIR(st.st_mode) else (
-                f"is {kind_of(st.st_mode)}; refusing to replace it"
+            what = (
+                "is a folder; give a file name for the output"
+                if stat.S_ISDIR(st.st_mode)
+                else (f"is {kind_of(st.st_mode)}; refusing to replace it")
             )
             raise error(f"{path}: {what}")
         ids = {i for i in inputs if isinstance(i, tuple)} | file_ids(i for i in inputs if not isinstance(i, tuple))

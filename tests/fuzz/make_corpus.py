@@ -277,12 +277,14 @@ def hf_cases():
     yield "st_nan_norm.hf", ct.hf_entry(st=st(header, bytes(nan_data))), r"model\.norm\.weight holds a NaN"
     inf_data = bytearray(data)
     s0, t0 = header[wq]["data_offsets"][0], header[wq]["dtype"]
-    inf_data[s0 : s0 + 4] = {"F32": struct.pack("<f", float("inf")), "F16": b"\x00\x7c\x00\x7c"}.get(t0, b"\x80\x7f\x80\x7f")
+    inf = {"F32": struct.pack("<f", float("inf")), "F16": b"\x00\x7c\x00\x7c"}
+    inf_data[s0 : s0 + 4] = inf.get(t0, b"\x80\x7f\x80\x7f")
     yield "st_inf_weight.hf", ct.hf_entry(st=st(header, bytes(inf_data))), r"q_proj\.weight holds a NaN or infinite"
     yield "cfg_rope_theta_zero.hf", ct.hf_entry(cfg(rope_theta=0)), r"rope_theta must be a positive number, got 0"
     yield "cfg_rope_theta_negative.hf", ct.hf_entry(cfg(rope_theta=-5.0)), r"rope_theta must be a positive number"
     yield "cfg_eps_nan.hf", ct.hf_entry(cfg(rms_norm_eps=float("nan"))), r"rms_norm_eps is not a finite number"
-    yield "cfg_eps_huge.hf", ct.hf_entry(json.dumps(cfg()).replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e999').encode()), (
+    huge_eps = json.dumps(cfg()).replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e999').encode()
+    yield "cfg_eps_huge.hf", ct.hf_entry(huge_eps), (
         r"rms_norm_eps is not a finite number"
     )
     yield "cfg_rope_extra_inf.hf", ct.hf_entry(
