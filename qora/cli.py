@@ -171,9 +171,16 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
         help="generate --max-tokens tokens: never end the answer at an end-of-turn token (for benchmarks)",
     )
     p.add_argument(
-        "--stop", action="append", default=[], metavar="TEXT", type=_text, help="stop when the answer contains TEXT (repeatable)"
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        type=_text,
+        help="stop when the answer contains TEXT (repeatable)",
     )
-    p.add_argument("--length", metavar="HINT", type=_text, help="answer length hint: short, medium, long, or '100 words'")
+    p.add_argument(
+        "--length", metavar="HINT", type=_text, help="answer length hint: short, medium, long, or '100 words'"
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="print load time, speeds and finish reason to stderr")
 
 

@@ -28,6 +28,7 @@ import ipaddress
 import json
 import logging
 import queue
+import re
 import socket
 import sys
 import threading
@@ -105,22 +106,18 @@ _DECODER = json.JSONDecoder(
 )
 
 
-def _check_tree(value) -> None:
-    """Depth (limits.MAX_JSON_DEPTH) and no lone surrogates, walked without recursion."""
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ApiError(400, "the request body has a lone UTF-16 surrogate (\\ud800-\\udfff) in a string") from None
-            continue
-        if isinstance(v, (dict, list)):
-            if depth > limits.MAX_JSON_DEPTH:
-                raise ApiError(400, f"the request body is nested more than {limits.MAX_JSON_DEPTH} deep")
-            items = list(v.keys()) + list(v.values()) if isinstance(v, dict) else v
-            stack.extend((item, depth + 1) for item in items)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _depth(text: str) -> int:
+    """Deepest nesting of a JSON text, counted before parsing it (vectorised: a 1 MiB body takes
+    milliseconds; walking the parsed tree in Python took seconds for 300K small objects)."""
+    import numpy as np
+
+    bare = _JSON_STRING.sub("", text).encode("utf-8", "replace")  # brackets inside strings do not count
+    b = np.frombuffer(bare, dtype=np.uint8)
+    step = (b == ord("[")).astype(np.int32) + (b == ord("{")) - (b == ord("]")) - (b == ord("}"))
+    return int(np.cumsum(step).max(initial=0))
 
 
 def parse_body(raw: bytes) -> dict:
@@ -129,15 +126,21 @@ def parse_body(raw: bytes) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: not UTF-8 ({e.reason} at byte {e.start})") from None
+    text = text.removeprefix("\ufeff")  # a BOM is allowed, as HTTP clients may send one
     try:
-        body = _DECODER.decode(text.removeprefix("\ufeff"))  # a BOM is allowed, as HTTP clients may send one
-    except RecursionError:
+        body = _DECODER.decode(text)
+    except RecursionError:  # deeper than the interpreter's recursion limit (~1000)
         raise ApiError(400, f"the request body is nested more than {limits.MAX_JSON_DEPTH} deep") from None
     except ValueError as e:  # JSONDecodeError, and the checks above
         raise ApiError(400, f"the request body is not valid JSON: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    _check_tree(body)
+    if _depth(text) > limits.MAX_JSON_DEPTH:  # on valid JSON only: its strings all end, the scan is linear
+        raise ApiError(400, f"the request body is nested more than {limits.MAX_JSON_DEPTH} deep")
+    try:  # "\ud800" escapes decode to lone surrogates, which nothing downstream can encode
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body has a lone UTF-16 surrogate (\\ud800-\\udfff) in a string") from None
     return body
 
 
@@ -203,9 +206,7 @@ def _text_content(content, where: str) -> str:
         return content or ""
     if isinstance(content, list):
         if len(content) > limits.SERVER_MAX_CONTENT_PARTS:
-            raise ApiError(
-                400, f"{where}: at most {limits.SERVER_MAX_CONTENT_PARTS} content parts", param="messages"
-            )
+            raise ApiError(400, f"{where}: at most {limits.SERVER_MAX_CONTENT_PARTS} content parts", param="messages")
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -929,7 +930,15 @@ def create_app(
             ),
             *(
                 # only the --cors origins reach this far (Guard refused the others)
-                [Middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)]
+                [
+                    Middleware(
+                        CORSMiddleware,
+                        allow_origins=list(cors),
+                        allow_methods=["GET", "POST"],
+                        allow_headers=["*"],
+                        max_age=600,
+                    )
+                ]
                 if cors
                 else []
             ),
@@ -990,7 +999,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"largest request body accepted (default {limits.SERVER_MAX_BODY_BYTES}); larger ones get 413",
     )
-    p.add_argument("--model-name", metavar="ID", type=_text, help="the model id clients send (default: REPO_ID or file name)")
+    p.add_argument(
+        "--model-name", metavar="ID", type=_text, help="the model id clients send (default: REPO_ID or file name)"
+    )
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--context", type=int, metavar="N", help="KV cache size in tokens (default: auto)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
@@ -1013,6 +1024,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
+        # listening before "serving ... at" is printed: a client that connects at once waits in the
+        # backlog until uvicorn accepts, instead of being refused
+        sock.listen(2048)
     except OSError as e:
         raise QoraError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)

@@ -131,7 +131,7 @@ def test_invalid_utf8_arguments_are_usage_errors(tiny, flag):
 
 
 def test_repl_invalid_utf8_input_is_replaced_and_said_once(tiny):
-    stdin = b"/no_think\n" + BAD + b"\nsecond " + BAD + b"\n\"\"\"\nfenced " + BAD + b'\n"""\n/exit\n'
+    stdin = b"/no_think\n" + BAD + b"\nsecond " + BAD + b'\n"""\nfenced ' + BAD + b'\n"""\n/exit\n'
     code, out, err, _ = qora("chat", "--load", str(tiny), "--max-tokens", "2", "--greedy", stdin=stdin)
     assert code == 0, err
     assert "Traceback" not in err and "Traceback" not in out
