@@ -25,7 +25,14 @@ from pathlib import Path
 
 from qora import limits
 from qora.errors import ContextOverflowError, QoraError
-from qora.generate import GenerationOptions, Response, build_messages, prompt_ids, stream_generate
+from qora.generate import (
+    GenerationOptions,
+    Response,
+    build_messages,
+    check_prompt_size,
+    prompt_ids,
+    stream_generate,
+)
 from qora.tokenizer import ModelText
 
 PROMPT = ">>> "
@@ -88,6 +95,8 @@ class Conversation:
     def fit(self, text: str) -> tuple[list[dict], int]:
         """The messages for a new user turn, dropping the oldest whole turns (a user message and the
         replies after it) until the answer has room; and how many messages were dropped."""
+        # a message that cannot fit is refused before the conversation around it is tokenized
+        check_prompt_size(self.tokenizer, text, self.context)
         msgs = self.messages + [{"role": "user", "content": text}]
         first = 1 if msgs[0]["role"] == "system" else 0
         room, dropped = self.answer_room(), 0

@@ -153,3 +153,12 @@ def test_raw_help_says_special_tokens_are_control_tokens():
     p = subprocess.run([sys.executable, "-m", "qora", "--help"], capture_output=True, text=True, timeout=60)
     text = " ".join(p.stdout.split())
     assert "--raw" in text and "control tokens on purpose" in text and "--prompt-file" in text
+
+
+def test_repl_message_beyond_the_context_is_refused_before_tokenizing(tiny):
+    """Under the size limit but far beyond the context: refused from a partial count, the REPL goes on."""
+    stdin = ("\u4e2d\u6587 text " * 1_000_000).encode() + b"\n/help\n/exit\n"  # ~10 MB, one line
+    code, out, err, rss = qora("chat", "--load", str(tiny), "--max-tokens", "2", stdin=stdin, timeout=60)
+    assert code == 0, err
+    assert "qora: error: the prompt is" in out and "/save FILE" in out and "Traceback" not in out + err
+    assert rss < 600, f"{rss} MiB"
