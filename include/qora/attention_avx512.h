@@ -2,17 +2,16 @@
    Each K and V row is converted once for the whole group and stays in registers; scores
    are reduced once per (position, head); softmax uses a vector exp; the value sums
    accumulate in registers across all positions (2 heads of 128 at a time) and take the
-   1/sum at the end. Head sizes 64, 128 and 256; others use the generic loop. */
+   1/sum at the end. Every step is the generic attention's (forward.h) in the order of common.h. Head sizes 64, 128 and 256; others use the generic loop. */
 #ifndef QORA_ATTENTION_AVX512_H
 #define QORA_ATTENTION_AVX512_H
 
 #include "kernels_avx512.h"
 
 #if QORA_X86
-/* e^x for x <= 0 (scores minus their max): Cephes' expf polynomial after x = n ln2 + r,
-   2^n applied with vscalefps (which also flushes far-negative inputs to 0). */
+/* qora_exp_neg (common.h), 16 lanes: the same operations, so every path gets the same bits */
 QORA_TARGET_AVX512 static inline __m512 exp_avx512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+    x = _mm512_max_ps(x, _mm512_set1_ps(QORA_EXP_MIN));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -24,10 +23,12 @@ QORA_TARGET_AVX512 static inline __m512 exp_avx512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-/* sc[0..n) = exp(sc - max); returns the sum */
+/* sc[0..n) = exp(sc - max); returns the sum: one vector holds the 16 chains (index mod 16; the masked
+   tail adds +0 to the other lanes), then the tree of qora_reduce16 */
 QORA_TARGET_AVX512 static float softmax_unnorm_avx512(float* sc, int n) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
     int t = 0;
@@ -46,7 +47,8 @@ QORA_TARGET_AVX512 static float softmax_unnorm_avx512(float* sc, int n) {
         _mm512_mask_storeu_ps(sc + t, tail, e);
         sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
     }
-    return _mm512_reduce_add_ps(sum);
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1));
+    return hsum_avx2(_mm256_add_ps(_mm512_castps512_ps256(sum), hi));
 }
 
 /* HP heads' outputs (D floats each) = sum over positions of p[h][t] * V[t], times inv[h] */
@@ -78,13 +80,13 @@ QORA_TARGET_AVX512 QORA_INLINE void attend_f16_avx512_d(const int D, const float
         for (int i = 0; i < D / 16; i++) kf[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k + 16 * i)));
         for (int h = 0; h < nh; h++) {
             const float* qh = q + (size_t)h * D;
-            __m512 a0 = _mm512_mul_ps(kf[0], _mm512_loadu_ps(qh));
-            __m512 a1 = _mm512_mul_ps(kf[1], _mm512_loadu_ps(qh + 16));
-            for (int i = 2; i < D / 16; i += 2) {
+            /* the float dot of common.h (D is a multiple of 32: no tail) */
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            for (int i = 0; i < D / 16; i += 2) {
                 a0 = _mm512_fmadd_ps(kf[i], _mm512_loadu_ps(qh + 16 * i), a0);
                 a1 = _mm512_fmadd_ps(kf[i + 1], _mm512_loadu_ps(qh + 16 * i + 16), a1);
             }
-            scores[h * ss + t] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+            scores[h * ss + t] = reduce_2x16_avx512(a0, a1) * scale;
         }
     }
     float inv[64];

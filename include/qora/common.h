@@ -26,6 +26,14 @@
 #define QORA_TARGET_AVX512
 #endif
 
+#ifndef QORA_INLINE
+#if defined(__GNUC__) || defined(__clang__)
+#define QORA_INLINE static inline __attribute__((always_inline))
+#else
+#define QORA_INLINE static __forceinline
+#endif
+#endif
+
 #if defined(_MSC_VER)
 #define QORA_STATIC_ASSERT(c, m) static_assert(c, m)
 #else
@@ -56,6 +64,56 @@ typedef struct {
     int32_t off;
     float d;
 } qora_xblock;
+
+/* ---- the one order of float operations every path follows ----
+   Activations are rounded to Q8 before each quantized product, and that rounding is
+   discontinuous: a 1-ulp difference in an input can move a value across a rounding
+   boundary, and the model then drifts apart (measured: 5% of the logits' range on the
+   demo model after 30 layers). So every kernel (scalar, AVX2, AVX-VNNI, AVX-512, AMX,
+   repacked or not, any thread count) computes each output with the same operations in
+   the same order, bit for bit, and only speed differs between them:
+   - quantized row . activation: per block b an exact int32 dot isum_b and the scale
+     d_b = f16(w.d) * f16(x.d) (exact in float: two 11-bit mantissas); the blocks form
+     QORA_SEGS contiguous segments (qora_seg_begin), each a chain acc = fma(d_b, isum_b, acc)
+     from +0, and the value is ((a0 + a1) + a2) + a3 (segments let decode walk four
+     weight streams at once; prefill runs one pass per segment);
+   - float dot (norms, attention scores, f16/f32 weights): 32 fma chains by index mod 32,
+     lane j + lane j+16, then qora_reduce16, then the n % 32 tail by fma in order;
+   - softmax: qora_exp, the sum as 16 chains by index mod 16 then qora_reduce16;
+     attention's output = (fma chain over positions of e_t * v_t) * (1 / sum).
+   Scalar code writes every fused step as fmaf() and never a*b+c (which a compiler may or
+   may not contract). */
+#define QORA_SEGS 4
+static inline int qora_seg_begin(int nb, int i) { return i < QORA_SEGS ? i * (nb / QORA_SEGS) : nb; }
+
+/* c[0..16) -> c[0]: halving, lane j + lane j+w for w = 8, 4, 2, 1 (a horizontal vector sum) */
+static inline float qora_reduce16(float c[16]) {
+    for (int w = 8; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++) c[j] = c[j] + c[j + w];
+    return c[0];
+}
+
+/* e^x for x <= 0 (scores minus their max): Cephes' expf polynomial after x = n ln2 + r, with
+   x clamped at -87 so 2^n stays a normal float built from its exponent bits. The vector
+   versions (exp_avx2, exp_avx512) are these very operations lane by lane. */
+#define QORA_EXP_MIN (-87.0f)
+static inline float qora_exp_neg(float x) {
+    x = fmaxf(x, QORA_EXP_MIN);
+    const float n = nearbyintf(x * 1.44269504088896341f);
+    float r = fmaf(-n, 0.693359375f, x);
+    r = fmaf(-n, -2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r + 1.0f);
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, 4);
+    return p * two_n;
+}
 
 /* bytes of one row of `cols` elements */
 static inline size_t qora_row_bytes(int dtype, int cols) {

@@ -158,24 +158,27 @@ static void qora_attend_group(const qora_kernels* K, const float* q, const void*
             scores[h * score_stride + t] = d * scale;
         }
     }
-    /* softmax over positions */
-    for (int h = h0; h < h1; h++) {
-        float* sc = scores + h * score_stride;
-        float mx = sc[0];
-        for (int t = 1; t < n_pos; t++) mx = sc[t] > mx ? sc[t] : mx;
-        float sum = 0.0f;
-        for (int t = 0; t < n_pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-        const float inv = 1.0f / sum;
-        for (int t = 0; t < n_pos; t++) sc[t] *= inv;
-        memset(out + (size_t)h * head_dim, 0, (size_t)head_dim * sizeof(float));
-    }
-    /* out = weights . v */
-    for (int t = 0; t < n_pos; t++) {
-        const size_t row = (size_t)t * kv_stride + off;
-        for (int h = h0; h < h1; h++) {
+    /* softmax over positions, left unnormalised: e_t = exp(s_t - max); out = (e . v) * (1 / sum), in
+       the order of common.h (the AVX-512 kernel's too). Heads go 64 at a time so the V rows are read
+       once per batch of heads. */
+    for (int hb = h0; hb < h1; hb += 64) {
+        const int he = h1 - hb < 64 ? h1 : hb + 64;
+        float inv[64];
+        for (int h = hb; h < he; h++) {
+            inv[h - hb] = 1.0f / K->softmax_unnorm(scores + h * score_stride, n_pos);
+            memset(out + (size_t)h * head_dim, 0, (size_t)head_dim * sizeof(float));
+        }
+        for (int t = 0; t < n_pos; t++) {
+            const size_t row = (size_t)t * kv_stride + off;
+            for (int h = hb; h < he; h++) {
+                float* oh = out + (size_t)h * head_dim;
+                if (kv_f16) K->axpy_f16(head_dim, scores[h * score_stride + t], (const uint16_t*)vc + row, oh);
+                else K->axpy(head_dim, scores[h * score_stride + t], (const float*)vc + row, oh);
+            }
+        }
+        for (int h = hb; h < he; h++) {
             float* oh = out + (size_t)h * head_dim;
-            if (kv_f16) K->axpy_f16(head_dim, scores[h * score_stride + t], (const uint16_t*)vc + row, oh);
-            else K->axpy(head_dim, scores[h * score_stride + t], (const float*)vc + row, oh);
+            for (int i = 0; i < head_dim; i++) oh[i] = oh[i] * inv[h - hb];
         }
     }
 }

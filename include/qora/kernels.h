@@ -38,25 +38,27 @@ typedef struct {
     /* attention of one KV group's query heads over an f16 cache; returns 0 where it has no plan */
     int (*attend_f16)(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos, int nh, int head_dim,
                       size_t kv_stride, float* scores, size_t score_stride, float* out, float scale);
+    /* sc[0..n) = e^(sc - max), returns the sum (softmax_unnorm_scalar's order, see common.h) */
+    float (*softmax_unnorm)(float* sc, int n);
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
     "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
     dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, axpy_f16_scalar, to_f16_scalar, tile_q4_scalar, tile_q8_scalar,
-    q4x8_scalar, 4, NULL, 0, NULL,
+    q4x8_scalar, 4, NULL, 0, NULL, softmax_unnorm_scalar,
 };
 
 #if QORA_X86
 static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avx2, 4, NULL, 0, NULL,
+    q4x8_avx2, 4, NULL, 0, NULL, softmax_unnorm_avx2,
 };
 #if QORA_HAVE_AVXVNNI
 static const qora_kernels qora_kernels_avx2vnni = {
     "avx2vnni", QORA_ISA_AVX2VNNI, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avxvnni, 4, NULL, 0, NULL,
+    q4x8_avxvnni, 4, NULL, 0, NULL, softmax_unnorm_avx2,
 };
 #endif
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
@@ -64,7 +66,7 @@ static const qora_kernels qora_kernels_avx2vnni = {
 static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
-    q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512,
+    q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512, softmax_unnorm_avx512,
 };
 #endif
 
@@ -176,8 +178,11 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
         const size_t nb = (size_t)(W->cols / QK);
         const block_q4x8* g = W->packed + (size_t)(2 * u) * nb;
         const qora_q4x16_amx_fn amx = nt == 16 && K->isa == QORA_ISA_AVX512 ? qora_amx_kernel() : NULL;
-        if (amx) {
-            amx(W->cols, g, g + nb, XQ + (size_t)t0 * ldxq, XS + (size_t)t0 * ldxq, ldxq, out, ldo);
+        if (amx) { /* one tile pass per segment of common.h, like the other prefill kernels */
+            const block_q8* xq = XQ + (size_t)t0 * ldxq;
+            const qora_xblock* xs = XS + (size_t)t0 * ldxq;
+            QORA_SEGMENT_PASSES((int)nb, 16, 16, out, ldo,
+                                amx(nbs * QK, g + b0, g + nb + b0, xq + b0, xs + b0, ldxq, dst, lddst));
             *nr_out = 16;
             return u * 16;
         }

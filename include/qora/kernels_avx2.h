@@ -25,13 +25,88 @@ QORA_TARGET_AVX2 static inline __m256i unpack_nibbles_avx2(const uint8_t* qs) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
 }
 
-/* signed int8 x signed int8, 32 lanes -> 8 int32 partial sums as floats */
-QORA_TARGET_AVX2 static inline __m256 dot_i8x32_avx2(__m256i a, __m256i b) {
-    const __m256i ax = _mm256_sign_epi8(a, a);           /* |a|, unsigned for maddubs */
-    const __m256i sb = _mm256_sign_epi8(b, a);           /* b carries a's sign */
-    const __m256i p16 = _mm256_maddubs_epi16(ax, sb);    /* no saturation: |a| <= 127 */
-    const __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-    return _mm256_cvtepi32_ps(p32);
+/* |a| (unsigned) x b with a's sign, 32 lanes -> 8 int32 partial sums: no saturation, |a| <= 127 */
+QORA_TARGET_AVX2 static inline __m256i dot_i8x32_avx2(__m256i a, __m256i b) {
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+/* four blocks' 8 int32 partials -> their four sums (lane i = block i) */
+QORA_TARGET_AVX2 static inline __m128i reduce4_epi32_avx2(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+QORA_TARGET_AVX2 static inline int32_t hsum_epi32_avx2(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    return _mm_cvtsi128_si32(s);
+}
+
+QORA_TARGET_AVX2 static inline __m128 f16x4_avx2(uint16_t a, uint16_t b, uint16_t c, uint16_t d) {
+    return _mm_cvtph_ps(_mm_setr_epi16((short)a, (short)b, (short)c, (short)d, 0, 0, 0, 0));
+}
+
+/* a block's weights as signed bytes: Q4 nibble - 8, or the Q8 bytes */
+QORA_TARGET_AVX2 static inline __m256i weights_i8_avx2(const int Q4, const void* row, int b, uint16_t* d) {
+    if (Q4) {
+        const block_q4* wb = (const block_q4*)row + b;
+        *d = wb->d;
+        return _mm256_sub_epi8(unpack_nibbles_avx2(wb->qs), _mm256_set1_epi8(8));
+    }
+    const block_q8* wb = (const block_q8*)row + b;
+    *d = wb->d;
+    return _mm256_loadu_si256((const __m256i*)wb->qs);
+}
+
+/* Rows x activations in the file's block layout, R <= 4 rows (ws bytes apart) x T <= 4 activations
+   (xs blocks apart): out[t * ldo + r], in the order of common.h. Each step takes block b of all four
+   segments: their int32 dots reduce to one vector whose lane i is segment i's block, so the four
+   chains advance together in one 128-bit fma; the blocks past 4 * seg end segment 3's chain. */
+QORA_TARGET_AVX2 QORA_INLINE void qdot_avx2_t(const int Q4, const int R, const int T, int n, const void* w, size_t ws,
+                                              const block_q8* x, size_t xs, float* out, size_t ldo) {
+    const int nb = n / QK, seg = nb / QORA_SEGS;
+    __m128 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm_setzero_ps();
+    for (int b = 0; b < seg; b++) {
+        __m128 dx[4];
+        for (int t = 0; t < T; t++) {
+            const block_q8* xt = x + t * xs + b;
+            dx[t] = f16x4_avx2(xt[0].d, xt[seg].d, xt[2 * seg].d, xt[3 * seg].d);
+        }
+        for (int r = 0; r < R; r++) {
+            const char* row = (const char*)w + r * ws;
+            __m256i qw[4];
+            uint16_t dw16[4];
+            for (int i = 0; i < 4; i++) qw[i] = weights_i8_avx2(Q4, row, b + i * seg, &dw16[i]);
+            const __m128 dw = f16x4_avx2(dw16[0], dw16[1], dw16[2], dw16[3]);
+            for (int t = 0; t < T; t++) {
+                const block_q8* xt = x + t * xs + b;
+                __m256i p[4];
+                for (int i = 0; i < 4; i++)
+                    p[i] = dot_i8x32_avx2(qw[i], _mm256_loadu_si256((const __m256i*)xt[i * seg].qs));
+                const __m128i s = reduce4_epi32_avx2(p[0], p[1], p[2], p[3]);
+                acc[r][t] = _mm_fmadd_ps(_mm_mul_ps(dw, dx[t]), _mm_cvtepi32_ps(s), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const char* row = (const char*)w + r * ws;
+        for (int t = 0; t < T; t++) {
+            float a[4];
+            _mm_storeu_ps(a, acc[r][t]);
+            for (int c = QORA_SEGS * seg; c < nb; c++) {
+                const block_q8* xb = x + t * xs + c;
+                uint16_t dw16;
+                const __m256i qw = weights_i8_avx2(Q4, row, c, &dw16);
+                const int32_t isum = hsum_epi32_avx2(dot_i8x32_avx2(qw, _mm256_loadu_si256((const __m256i*)xb->qs)));
+                a[3] = fmaf(f16_avx2(dw16) * f16_avx2(xb->d), (float)isum, a[3]);
+            }
+            out[t * ldo + r] = ((a[0] + a[1]) + a[2]) + a[3];
+        }
+    }
 }
 
 QORA_TARGET_AVX2 static void quantize_q8_avx2(const float* x, block_q8* y, int n) {
@@ -62,50 +137,46 @@ QORA_TARGET_AVX2 static void quantize_q8_avx2(const float* x, block_q8* y, int n
 }
 
 QORA_TARGET_AVX2 static float dot_q4_q8_avx2(int n, const block_q4* w, const block_q8* x) {
-    __m256 acc = _mm256_setzero_ps();
-    const __m256i eight = _mm256_set1_epi8(8);
-    for (int b = 0; b < n / QK; b++) {
-        const __m256 d = _mm256_set1_ps(f16_avx2(w[b].d) * f16_avx2(x[b].d));
-        const __m256i qw = _mm256_sub_epi8(unpack_nibbles_avx2(w[b].qs), eight);
-        const __m256i qx = _mm256_loadu_si256((const __m256i*)x[b].qs);
-        acc = _mm256_fmadd_ps(d, dot_i8x32_avx2(qw, qx), acc);
-    }
-    return hsum_avx2(acc);
+    float out;
+    qdot_avx2_t(1, 1, 1, n, w, 0, x, 0, &out, 1);
+    return out;
 }
 
 QORA_TARGET_AVX2 static float dot_q8_q8_avx2(int n, const block_q8* w, const block_q8* x) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < n / QK; b++) {
-        const __m256 d = _mm256_set1_ps(f16_avx2(w[b].d) * f16_avx2(x[b].d));
-        const __m256i qw = _mm256_loadu_si256((const __m256i*)w[b].qs);
-        const __m256i qx = _mm256_loadu_si256((const __m256i*)x[b].qs);
-        acc = _mm256_fmadd_ps(d, dot_i8x32_avx2(qw, qx), acc);
-    }
-    return hsum_avx2(acc);
+    float out;
+    qdot_avx2_t(0, 1, 1, n, w, 0, x, 0, &out, 1);
+    return out;
 }
+
+/* the float dot of common.h: four vectors hold the 32 chains (index mod 32), then the fixed tree */
+QORA_TARGET_AVX2 static inline float reduce_4x8_avx2(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    return hsum_avx2(_mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3)));
+}
+
+#define QORA_FLOAT_DOT_AVX2(LOAD8, AT)                                                 \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                        \
+    int i = 0;                                                                         \
+    for (; i + 32 <= n; i += 32) {                                                     \
+        a0 = _mm256_fmadd_ps(LOAD8(i), _mm256_loadu_ps(x + i), a0);                    \
+        a1 = _mm256_fmadd_ps(LOAD8(i + 8), _mm256_loadu_ps(x + i + 8), a1);            \
+        a2 = _mm256_fmadd_ps(LOAD8(i + 16), _mm256_loadu_ps(x + i + 16), a2);          \
+        a3 = _mm256_fmadd_ps(LOAD8(i + 24), _mm256_loadu_ps(x + i + 24), a3);          \
+    }                                                                                  \
+    float sum = reduce_4x8_avx2(a0, a1, a2, a3);                                       \
+    for (; i < n; i++) sum = fmaf(AT(i), x[i], sum); /* ragged tail, in order */       \
+    return sum;
+
+#define QORA_LOAD8_F16(i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + (i))))
+#define QORA_LOAD8_F32(i) _mm256_loadu_ps(w + (i))
+#define QORA_AT_F16_AVX2(i) f16_avx2(w[i])
+#define QORA_AT_F32(i) w[i]
 
 QORA_TARGET_AVX2 static float dot_f16_f32_avx2(int n, const uint16_t* w, const float* x) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i))), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i + 8))), _mm256_loadu_ps(x + i + 8), a1);
-    }
-    float sum = hsum_avx2(_mm256_add_ps(a0, a1));
-    for (; i < n; i++) sum += f16_avx2(w[i]) * x[i]; /* ragged tail */
-    return sum;
+    QORA_FLOAT_DOT_AVX2(QORA_LOAD8_F16, QORA_AT_F16_AVX2)
 }
 
-QORA_TARGET_AVX2 static float dot_f32_avx2(int n, const float* a, const float* b) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
-    }
-    float sum = hsum_avx2(_mm256_add_ps(a0, a1));
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
+QORA_TARGET_AVX2 static float dot_f32_avx2(int n, const float* w, const float* x) {
+    QORA_FLOAT_DOT_AVX2(QORA_LOAD8_F32, QORA_AT_F32)
 }
 
 QORA_TARGET_AVX2 static void rmsnorm_avx2(float* out, const float* x, const float* w, int n, float eps) {
@@ -122,7 +193,7 @@ QORA_TARGET_AVX2 static void axpy_avx2(int n, float a, const float* x, float* y)
     int i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * x[i];
+    for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
 }
 
 QORA_TARGET_AVX2 static void axpy_f16_avx2(int n, float a, const uint16_t* x, float* y) {
@@ -131,7 +202,50 @@ QORA_TARGET_AVX2 static void axpy_f16_avx2(int n, float a, const uint16_t* x, fl
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + i))),
                                                 _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * f16_avx2(x[i]);
+    for (; i < n; i++) y[i] = fmaf(a, f16_avx2(x[i]), y[i]);
+}
+
+/* qora_exp_neg (common.h), 8 lanes: the same operations */
+QORA_TARGET_AVX2 static inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(QORA_EXP_MIN));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* softmax_unnorm_scalar's result: two vectors hold the 16 chains (index mod 16) */
+QORA_TARGET_AVX2 static float softmax_unnorm_avx2(float* sc, int n) {
+    float mx = sc[0];
+    for (int t = 1; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int t = 0;
+    for (; t + 16 <= n; t += 16) {
+        const __m256 e0 = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + t), m));
+        const __m256 e1 = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + t + 8), m));
+        _mm256_storeu_ps(sc + t, e0);
+        _mm256_storeu_ps(sc + t + 8, e1);
+        s0 = _mm256_add_ps(s0, e0);
+        s1 = _mm256_add_ps(s1, e1);
+    }
+    float c[16];
+    _mm256_storeu_ps(c, s0);
+    _mm256_storeu_ps(c + 8, s1);
+    for (; t < n; t++) {
+        sc[t] = qora_exp_neg(sc[t] - mx);
+        c[t % 16] = c[t % 16] + sc[t];
+    }
+    return qora_reduce16(c);
 }
 
 QORA_TARGET_AVX2 static void to_f16_avx2(const float* x, uint16_t* y, int n) {

@@ -30,45 +30,95 @@ QORA_TARGET_AVX512 static inline __m512 scales_2x_avx512(float d0, float d1) {
                                                _mm256_castps_pd(_mm256_set1_ps(d1)), 1));
 }
 
-QORA_TARGET_AVX512 static float dot_q4_q8_avx512(int n, const block_q4* w, const block_q8* x) {
-    const int nb = n / QK;
-    __m512 acc = _mm512_setzero_ps();
-    const __m512i eight = _mm512_set1_epi8(8);
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m512i u = unpack_nibbles_2x_avx512(w[b].qs, w[b + 1].qs);     /* 0..15 */
-        const __m512i qx = load_2x256(x[b].qs, x[b + 1].qs);
-        /* sum((u - 8) * x) = sum(u * x) - sum(8 * x), both on the unsigned-operand side of dpbusd */
-        const __m512i ux = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, qx);
-        const __m512i ex = _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, qx);
-        const __m512 d = scales_2x_avx512(f16_avx2(w[b].d) * f16_avx2(x[b].d),
-                                          f16_avx2(w[b + 1].d) * f16_avx2(x[b + 1].d));
-        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(ux, ex)), acc);
+/* qdot_avx2_t's order (common.h) with 512-bit vpdpbusd: segments 0 and 1 share one vector, 2 and 3 the
+   other. Q4: vpdpbusd(u, x) - vpdpbusd(8, x) = sum((u - 8) x), the second term shared by all rows.
+   Q8: |w| x sign(x, w). */
+QORA_TARGET_AVX512 QORA_INLINE void qdot_avx512_t(const int Q4, const int R, const int T, int n, const void* w,
+                                                  size_t ws, const block_q8* x, size_t xs, float* out, size_t ldo) {
+    const int nb = n / QK, seg = nb / QORA_SEGS;
+    const __m512i eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
+    __m128 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm_setzero_ps();
+    for (int b = 0; b < seg; b++) {
+        __m512i qx[4][2], s8[4][2];
+        __m128 dx[4];
+        for (int t = 0; t < T; t++) {
+            const block_q8* xt = x + t * xs + b;
+            qx[t][0] = load_2x256(xt[0].qs, xt[seg].qs);
+            qx[t][1] = load_2x256(xt[2 * seg].qs, xt[3 * seg].qs);
+            if (Q4) {
+                s8[t][0] = _mm512_dpbusd_epi32(zero, eight, qx[t][0]);
+                s8[t][1] = _mm512_dpbusd_epi32(zero, eight, qx[t][1]);
+            }
+            dx[t] = f16x4_avx2(xt[0].d, xt[seg].d, xt[2 * seg].d, xt[3 * seg].d);
+        }
+        for (int r = 0; r < R; r++) {
+            const char* row = (const char*)w + r * ws;
+            __m128 dw;
+            __m512i p[4][2];
+            if (Q4) {
+                const block_q4* wb = (const block_q4*)row + b;
+                const __m512i u0 = unpack_nibbles_2x_avx512(wb[0].qs, wb[seg].qs);
+                const __m512i u1 = unpack_nibbles_2x_avx512(wb[2 * seg].qs, wb[3 * seg].qs);
+                dw = f16x4_avx2(wb[0].d, wb[seg].d, wb[2 * seg].d, wb[3 * seg].d);
+                for (int t = 0; t < T; t++) {
+                    p[t][0] = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, u0, qx[t][0]), s8[t][0]);
+                    p[t][1] = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, u1, qx[t][1]), s8[t][1]);
+                }
+            } else {
+                const block_q8* wb = (const block_q8*)row + b;
+                const __m512i q0 = load_2x256(wb[0].qs, wb[seg].qs), q1 = load_2x256(wb[2 * seg].qs, wb[3 * seg].qs);
+                const __m512i a0 = _mm512_abs_epi8(q0), a1 = _mm512_abs_epi8(q1);
+                const __mmask64 n0 = _mm512_movepi8_mask(q0), n1 = _mm512_movepi8_mask(q1);
+                dw = f16x4_avx2(wb[0].d, wb[seg].d, wb[2 * seg].d, wb[3 * seg].d);
+                for (int t = 0; t < T; t++) {
+                    p[t][0] = _mm512_dpbusd_epi32(zero, a0, _mm512_mask_sub_epi8(qx[t][0], n0, zero, qx[t][0]));
+                    p[t][1] = _mm512_dpbusd_epi32(zero, a1, _mm512_mask_sub_epi8(qx[t][1], n1, zero, qx[t][1]));
+                }
+            }
+            for (int t = 0; t < T; t++) {
+                const __m128i sum = reduce4_epi32_avx2(
+                    _mm512_castsi512_si256(p[t][0]), _mm512_extracti64x4_epi64(p[t][0], 1),
+                    _mm512_castsi512_si256(p[t][1]), _mm512_extracti64x4_epi64(p[t][1], 1));
+                acc[r][t] = _mm_fmadd_ps(_mm_mul_ps(dw, dx[t]), _mm_cvtepi32_ps(sum), acc[r][t]);
+            }
+        }
     }
-    float sum = _mm512_reduce_add_ps(acc);
-    if (b < nb) sum += dot_q4_q8_avx2(QK, w + b, x + b); /* odd block count */
-    return sum;
+    for (int r = 0; r < R; r++) {
+        const char* row = (const char*)w + r * ws;
+        for (int t = 0; t < T; t++) {
+            float a[4];
+            _mm_storeu_ps(a, acc[r][t]);
+            for (int c = QORA_SEGS * seg; c < nb; c++) { /* segment 3's last blocks */
+                const block_q8* xb = x + t * xs + c;
+                uint16_t dw16;
+                const __m256i qw = weights_i8_avx2(Q4, row, c, &dw16);
+                const int32_t isum = hsum_epi32_avx2(dot_i8x32_avx2(qw, _mm256_loadu_si256((const __m256i*)xb->qs)));
+                a[3] = fmaf(f16_avx2(dw16) * f16_avx2(xb->d), (float)isum, a[3]);
+            }
+            out[t * ldo + r] = ((a[0] + a[1]) + a[2]) + a[3];
+        }
+    }
+}
+
+QORA_TARGET_AVX512 static float dot_q4_q8_avx512(int n, const block_q4* w, const block_q8* x) {
+    float out;
+    qdot_avx512_t(1, 1, 1, n, w, 0, x, 0, &out, 1);
+    return out;
 }
 
 QORA_TARGET_AVX512 static float dot_q8_q8_avx512(int n, const block_q8* w, const block_q8* x) {
-    const int nb = n / QK;
-    __m512 acc = _mm512_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m512i qw = load_2x256(w[b].qs, w[b + 1].qs);
-        const __m512i qx = load_2x256(x[b].qs, x[b + 1].qs);
-        /* |w| as the unsigned operand, x carrying w's sign */
-        const __m512i aw = _mm512_abs_epi8(qw);
-        const __mmask64 neg = _mm512_movepi8_mask(qw);
-        const __m512i sx = _mm512_mask_sub_epi8(qx, neg, _mm512_setzero_si512(), qx);
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
-        const __m512 d = scales_2x_avx512(f16_avx2(w[b].d) * f16_avx2(x[b].d),
-                                          f16_avx2(w[b + 1].d) * f16_avx2(x[b + 1].d));
-        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc);
-    }
-    float sum = _mm512_reduce_add_ps(acc);
-    if (b < nb) sum += dot_q8_q8_avx2(QK, w + b, x + b);
-    return sum;
+    float out;
+    qdot_avx512_t(0, 1, 1, n, w, 0, x, 0, &out, 1);
+    return out;
+}
+
+/* the float dot of common.h: two vectors hold the 32 chains; lanes j + j+16, then the AVX2 tree */
+QORA_TARGET_AVX512 static inline float reduce_2x16_avx512(__m512 a0, __m512 a1) {
+    const __m512 c = _mm512_add_ps(a0, a1);
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1));
+    return hsum_avx2(_mm256_add_ps(_mm512_castps512_ps256(c), hi));
 }
 
 QORA_TARGET_AVX512 static float dot_f16_f32_avx512(int n, const uint16_t* w, const float* x) {
@@ -79,20 +129,20 @@ QORA_TARGET_AVX512 static float dot_f16_f32_avx512(int n, const uint16_t* w, con
         a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + i + 16))),
                              _mm512_loadu_ps(x + i + 16), a1);
     }
-    float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    if (i < n) sum += dot_f16_f32_avx2(n - i, w + i, x + i);
+    float sum = reduce_2x16_avx512(a0, a1);
+    for (; i < n; i++) sum = fmaf(f16_avx2(w[i]), x[i], sum);
     return sum;
 }
 
-QORA_TARGET_AVX512 static float dot_f32_avx512(int n, const float* a, const float* b) {
+QORA_TARGET_AVX512 static float dot_f32_avx512(int n, const float* w, const float* x) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int i = 0;
     for (; i + 32 <= n; i += 32) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), a1);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
     }
-    float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    if (i < n) sum += dot_f32_avx2(n - i, a + i, b + i);
+    float sum = reduce_2x16_avx512(a0, a1);
+    for (; i < n; i++) sum = fmaf(w[i], x[i], sum);
     return sum;
 }
 
@@ -110,7 +160,7 @@ QORA_TARGET_AVX512 static void axpy_avx512(int n, float a, const float* x, float
     int i = 0;
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * x[i];
+    for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
 }
 
 #endif /* QORA_X86 */

@@ -76,26 +76,54 @@ typedef void (*qora_q4x16_fn)(int n, const block_q4x8* w0, const block_q4x8* w1,
 
 static void q4x8_scalar(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum, size_t xs, int nt,
                         float* out, size_t ldo) {
+    const int nb = n / QK;
     for (int t = 0; t < nt; t++) {
-        float acc[8] = {0};
-        for (int b = 0; b < n / QK; b++) {
-            const block_q4x8* wb = w + b;
-            const block_q8* xb = x + t * xs + b;
-            const float dx = qora_fp16_to_fp32(xb->d);
-            for (int j = 0; j < 8; j++) {
-                int s = 0;
-                for (int k = 0; k < 4; k++)
-                    for (int i = 0; i < 4; i++) {
-                        const uint8_t q = wb->qs[k][j][i];
-                        s += (q & 0x0f) * xb->qs[4 * k + i] + (q >> 4) * xb->qs[16 + 4 * k + i];
-                    }
-                s += xsum[t * xs + b].off;
-                acc[j] += (float)s * (qora_fp16_to_fp32(wb->d[j]) * dx);
+        float sum[8] = {0};
+        for (int i = 0; i < QORA_SEGS; i++) { /* the order of common.h */
+            float acc[8] = {0};
+            for (int b = qora_seg_begin(nb, i); b < qora_seg_begin(nb, i + 1); b++) {
+                const block_q4x8* wb = w + b;
+                const block_q8* xb = x + t * xs + b;
+                const float dx = qora_fp16_to_fp32(xb->d);
+                for (int j = 0; j < 8; j++) {
+                    int32_t s = xsum[t * xs + b].off;
+                    for (int k = 0; k < 4; k++)
+                        for (int e = 0; e < 4; e++) {
+                            const uint8_t q = wb->qs[k][j][e];
+                            s += (q & 0x0f) * xb->qs[4 * k + e] + (q >> 4) * xb->qs[16 + 4 * k + e];
+                        }
+                    acc[j] = fmaf(qora_fp16_to_fp32(wb->d[j]) * dx, (float)s, acc[j]);
+                }
             }
+            for (int j = 0; j < 8; j++) sum[j] = i == 0 ? acc[j] : sum[j] + acc[j];
         }
-        for (int j = 0; j < 8; j++) out[t * ldo + j] = acc[j];
+        for (int j = 0; j < 8; j++) out[t * ldo + j] = sum[j];
     }
 }
+
+/* A prefill kernel (one chain per row over the blocks it is given) run once per segment of
+   common.h, the passes added in order: out = a0, then out += a1, a2, a3 (an empty segment adds
+   +0, which changes nothing, so it is skipped). CALL(nb0, b0, dst, lddst) runs blocks b0.. */
+#define QORA_SEGMENT_PASSES(NB, NT, ROWS, OUT, LDO, CALL)                                            \
+    do {                                                                                            \
+        float qora_seg_tmp_[16 * 16];                                                               \
+        int qora_first_ = 1;                                                                        \
+        for (int qora_i_ = 0; qora_i_ < QORA_SEGS; qora_i_++) {                                     \
+            const int b0 = qora_seg_begin(NB, qora_i_), nbs = qora_seg_begin(NB, qora_i_ + 1) - b0; \
+            if (nbs == 0) continue;                                                                 \
+            float* dst = qora_first_ ? (OUT) : qora_seg_tmp_;                                       \
+            const size_t lddst = qora_first_ ? (LDO) : 16;                                          \
+            CALL;                                                                                   \
+            if (!qora_first_)                                                                       \
+                for (int t_ = 0; t_ < (NT); t_++)                                                   \
+                    for (int j_ = 0; j_ < (ROWS); j_++)                                             \
+                        (OUT)[t_ * (LDO) + j_] = (OUT)[t_ * (LDO) + j_] + qora_seg_tmp_[t_ * 16 + j_]; \
+            qora_first_ = 0;                                                                        \
+        }                                                                                           \
+        if (qora_first_) /* no blocks at all */                                                     \
+            for (int t_ = 0; t_ < (NT); t_++)                                                       \
+                for (int j_ = 0; j_ < (ROWS); j_++) (OUT)[t_ * (LDO) + j_] = 0.0f;                  \
+    } while (0)
 
 #if QORA_X86
 /* Decode streams every weight once per token and, on one or a few threads, is
@@ -176,7 +204,8 @@ QORA_TARGET_AVX2 static inline __m256 q4x8_block_1_avx2(const block_q4x8* wb, co
 
 QORA_TARGET_AVX2 static void q4x8_avx2_decode(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
                                               float* out) {
-    const int nb = n / QK, seg = nb / 4;
+    QORA_STATIC_ASSERT(QORA_SEGS == 4, "the decode kernels walk the four segments of common.h at once");
+    const int nb = n / QK, seg = nb / QORA_SEGS;
     __m256 acc[4];
     for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
     for (int b = 0; b < seg; b++)
@@ -184,18 +213,28 @@ QORA_TARGET_AVX2 static void q4x8_avx2_decode(int n, const block_q4x8* w, const 
             const int c = b + i * seg;
             acc[i] = q4x8_block_1_avx2(w + c, x + c, xsum + c, acc[i]);
         }
-    for (int c = 4 * seg; c < nb; c++) acc[0] = q4x8_block_1_avx2(w + c, x + c, xsum + c, acc[0]);
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (int c = 4 * seg; c < nb; c++) acc[3] = q4x8_block_1_avx2(w + c, x + c, xsum + c, acc[3]); /* segment 3's end */
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
 }
 
-QORA_TARGET_AVX2 static void q4x8_avx2(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum, size_t xs,
-                                       int nt, float* out, size_t ldo) {
+QORA_TARGET_AVX2 static void q4x8_avx2_range(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
+                                             size_t xs, int nt, float* out, size_t ldo) {
     switch (nt) {
-    case 1: q4x8_avx2_decode(n, w, x, xsum, out); break;
+    case 1: q4x8_avx2_t(1, n, w, x, xsum, xs, out, ldo); break;
     case 2: q4x8_avx2_t(2, n, w, x, xsum, xs, out, ldo); break;
     case 3: q4x8_avx2_t(3, n, w, x, xsum, xs, out, ldo); break;
     default: q4x8_avx2_t(4, n, w, x, xsum, xs, out, ldo); break;
     }
+}
+
+QORA_TARGET_AVX2 static void q4x8_avx2(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum, size_t xs,
+                                       int nt, float* out, size_t ldo) {
+    if (nt == 1) {
+        q4x8_avx2_decode(n, w, x, xsum, out);
+        return;
+    }
+    QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo,
+                        q4x8_avx2_range(nbs * QK, w + b0, x + b0, xsum + b0, xs, nt, dst, lddst));
 }
 
 /* vpdpbusd folds the 4-byte products and the accumulation into one instruction
@@ -239,19 +278,29 @@ QORA_TARGET_AVXVNNI QORA_INLINE void q4x8_avxvnni_t(const int T, int n, const bl
 }
 
 /* decode stays on the AVX2 segment kernel: it is bound by memory, not by the dot instruction */
-QORA_TARGET_AVXVNNI static void q4x8_avxvnni(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
-                                            size_t xs, int nt, float* out, size_t ldo) {
+QORA_TARGET_AVXVNNI static void q4x8_avxvnni_range(int n, const block_q4x8* w, const block_q8* x,
+                                                  const qora_xblock* xsum, size_t xs, int nt, float* out, size_t ldo) {
     switch (nt) {
-    case 1: q4x8_avx2_decode(n, w, x, xsum, out); break;
+    case 1: q4x8_avxvnni_t(1, n, w, x, xsum, xs, out, ldo); break;
     case 2: q4x8_avxvnni_t(2, n, w, x, xsum, xs, out, ldo); break;
     case 3: q4x8_avxvnni_t(3, n, w, x, xsum, xs, out, ldo); break;
     default: q4x8_avxvnni_t(4, n, w, x, xsum, xs, out, ldo); break;
     }
 }
+
+QORA_TARGET_AVXVNNI static void q4x8_avxvnni(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
+                                            size_t xs, int nt, float* out, size_t ldo) {
+    if (nt == 1) {
+        q4x8_avx2_decode(n, w, x, xsum, out);
+        return;
+    }
+    QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo,
+                        q4x8_avxvnni_range(nbs * QK, w + b0, x + b0, xsum + b0, xs, nt, dst, lddst));
+}
 #endif
 
-QORA_TARGET_AVX512 static void q4x8_avx512(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
-                                           size_t xs, int nt, float* out, size_t ldo) {
+QORA_TARGET_AVX512 static void q4x8_avx512_range(int n, const block_q4x8* w, const block_q8* x,
+                                                 const qora_xblock* xsum, size_t xs, int nt, float* out, size_t ldo) {
     switch (nt) {
     case 1: q4x8_vnni_t(1, n, w, x, xsum, xs, out, ldo); break;
     case 2: q4x8_vnni_t(2, n, w, x, xsum, xs, out, ldo); break;
@@ -262,6 +311,12 @@ QORA_TARGET_AVX512 static void q4x8_avx512(int n, const block_q4x8* w, const blo
     case 7: q4x8_vnni_t(7, n, w, x, xsum, xs, out, ldo); break;
     default: q4x8_vnni_t(8, n, w, x, xsum, xs, out, ldo); break;
     }
+}
+
+QORA_TARGET_AVX512 static void q4x8_avx512(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
+                                           size_t xs, int nt, float* out, size_t ldo) {
+    QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo,
+                        q4x8_avx512_range(nbs * QK, w + b0, x + b0, xsum + b0, xs, nt, dst, lddst));
 }
 /* Two groups side by side in one 512-bit vector: one vpdpbusd then serves 16
    rows, halving the activation broadcasts and instructions per row that bound
@@ -326,7 +381,7 @@ QORA_TARGET_AVX512 QORA_INLINE void q4x16_vnni_t(const int T, int n, const block
 /* Decode (one token) is bound by the misses one core keeps in flight: walking the row pair's
    blocks as four segments at once makes eight concurrent weight streams for the hardware
    prefetchers (2-vCPU Xeon: +13% decode tok/s; two streams per segment pair, or sixteen, were slower). */
-#define QORA_DECODE_SEGMENTS 4
+#define QORA_DECODE_SEGMENTS QORA_SEGS /* the segments of common.h */
 QORA_TARGET_AVX512 static inline __m512 q4x16_block_1(const block_q4x8* wa, const block_q4x8* wb, const block_q8* xb,
                                                     const qora_xblock* xe, __m512 acc) {
     const __m512i m4 = _mm512_set1_epi8(0x0f);
@@ -353,17 +408,14 @@ QORA_TARGET_AVX512 static void q4x16_vnni_decode(int n, const block_q4x8* w0, co
             const int c = b + i * seg;
             acc[i] = q4x16_block_1(w0 + c, w1 + c, x + c, xsum + c, acc[i]);
         }
-    for (int c = QORA_DECODE_SEGMENTS * seg; c < nb; c++) acc[0] = q4x16_block_1(w0 + c, w1 + c, x + c, xsum + c, acc[0]);
+    for (int c = QORA_DECODE_SEGMENTS * seg; c < nb; c++) /* segment 3's end (common.h) */
+        acc[QORA_DECODE_SEGMENTS - 1] = q4x16_block_1(w0 + c, w1 + c, x + c, xsum + c, acc[QORA_DECODE_SEGMENTS - 1]);
     for (int i = 1; i < QORA_DECODE_SEGMENTS; i++) acc[0] = _mm512_add_ps(acc[0], acc[i]);
     _mm512_storeu_ps(out, acc[0]);
 }
 
-QORA_TARGET_AVX512 static void q4x16_avx512(int n, const block_q4x8* w0, const block_q4x8* w1, const block_q8* x,
-                                            const qora_xblock* xsum, size_t xs, int nt, float* out, size_t ldo) {
-    if (nt == 1) {
-        q4x16_vnni_decode(n, w0, w1, x, xsum, out);
-        return;
-    }
+QORA_TARGET_AVX512 static void q4x16_avx512_range(int n, const block_q4x8* w0, const block_q4x8* w1, const block_q8* x,
+                                                  const qora_xblock* xsum, size_t xs, int nt, float* out, size_t ldo) {
     switch (nt) {
 #define QORA_Q4X16_CASE(T) \
     case T: q4x16_vnni_t(T, n, w0, w1, x, xsum, xs, out, ldo); break;
@@ -373,6 +425,16 @@ QORA_TARGET_AVX512 static void q4x16_avx512(int n, const block_q4x8* w0, const b
 #undef QORA_Q4X16_CASE
     default: q4x16_vnni_t(16, n, w0, w1, x, xsum, xs, out, ldo); break;
     }
+}
+
+QORA_TARGET_AVX512 static void q4x16_avx512(int n, const block_q4x8* w0, const block_q4x8* w1, const block_q8* x,
+                                            const qora_xblock* xsum, size_t xs, int nt, float* out, size_t ldo) {
+    if (nt == 1) {
+        q4x16_vnni_decode(n, w0, w1, x, xsum, out);
+        return;
+    }
+    QORA_SEGMENT_PASSES(n / QK, nt, 16, out, ldo,
+                        q4x16_avx512_range(nbs * QK, w0 + b0, w1 + b0, x + b0, xsum + b0, xs, nt, dst, lddst));
 }
 #endif /* QORA_X86 */
 
