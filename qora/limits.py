@@ -54,6 +54,13 @@ TEMPLATE_MAX_OUTPUT = 4 << 20  # characters of one rendered prompt (far beyond a
 TEMPLATE_MAX_LOOP_STEPS = 1 << 20  # loop iterations in one render
 TEMPLATE_MAX_SECONDS = 5.0  # wall time of one render
 TEMPLATE_MAX_POWER = 4096  # largest exponent for `**` on integers
+# ── Chat templates and tokenizers (issue 16: qora/tokenizer.py) ──
+# Characters one render may create in all (every operator, call and filter result counts): real
+# templates make a few times their output; bounds the memory and time of quadratic string building.
+TEMPLATE_MAX_PRODUCED = 32 << 20
+TEMPLATE_MAX_CALL_DEPTH = 64  # nested macro/function calls (recursive macros for JSON schemas: < 20)
+TEMPLATE_MAX_WIDTH = 1 << 16  # a width, indent, precision or tab size a template may ask for
+TEMPLATE_MAX_SLOW_FILTER = 1 << 18  # characters wordwrap, title, urlize... may be given (Python code per word)
 
 # ── Server and CLI input (qora serve, the prompt readers; qora/server.py, qora/cli.py, qora/chat.py) ──
 # A request body is read at most this far (qora serve --max-body-bytes): 1 MiB is ~250K tokens of

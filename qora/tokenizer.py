@@ -14,11 +14,14 @@
 from __future__ import annotations
 
 import _string
+import contextvars
+import ctypes
 import dataclasses
 import datetime as _dt
 import functools
 import json
 import re
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -182,63 +185,234 @@ class _Quarantine:
 
 
 # ───── resource bounds for one render ─────
-# The sandbox stops a template from reaching Python; these stop it from eating the machine. Growth is
-# checked *before* the allocation wherever one operation can multiply a size (`*`, `+`, `~`, `%`,
-# format widths, replace, join, center, indent), every result is checked after, loops count against
-# a budget, and the render has a deadline.
+# The sandbox stops a template from reaching Python; these stop it from eating the machine:
+# - every operator, call, filter, test, comparison and output goes through a check that runs BEFORE the
+#   operation where one operation can multiply a size (`*`, `+`, `~`, `%`, format widths, replace,
+#   join, center, indent, expandtabs, wordwrap, tojson indent, stringifying a nested list);
+# - every result counts against the characters one render may create (TEMPLATE_MAX_PRODUCED);
+# - the deadline is checked at each of those points and each loop step, and a watchdog interrupts
+#   long pure-Python work inside one filter (textwrap, unique, urlize) at the deadline;
+# - calls nest at most TEMPLATE_MAX_CALL_DEPTH deep (a recursive macro is an error, not a RecursionError).
 
-_TEMPLATE_WIDTH_LIMIT = 1 << 16  # widths/tab sizes/indent a template may ask for
+_TEMPLATE_WIDTH_LIMIT = limits.TEMPLATE_MAX_WIDTH
+
+
+class _RenderTimeout(Exception):
+    """Raised inside the rendering thread by the watchdog (see _Watchdog)."""
+
+
+def _refused(msg: str) -> jinja2.exceptions.SecurityError:
+    return jinja2.exceptions.SecurityError(msg)
 
 
 def _too_big(what: str) -> jinja2.exceptions.SecurityError:
-    return jinja2.exceptions.SecurityError(
-        f"{what} would exceed the {limits.TEMPLATE_MAX_OUTPUT}-character limit of a rendered template"
-    )
+    return _refused(f"{what} would exceed the {limits.TEMPLATE_MAX_OUTPUT}-character limit of a rendered template")
+
+
+class _RenderBudget:
+    """Loop steps, characters created, call depth and wall time of one render."""
+
+    def __init__(self):
+        self.steps = 0
+        self.produced = 0
+        self.depth = 0
+        self.deadline = time.monotonic() + limits.TEMPLATE_MAX_SECONDS
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _refused(f"rendering took longer than {limits.TEMPLATE_MAX_SECONDS:g} s (a runaway template?)")
+
+    def charge(self, n: int) -> None:
+        self.produced += n
+        if self.produced > limits.TEMPLATE_MAX_PRODUCED:
+            raise _refused(
+                f"the template created more than {limits.TEMPLATE_MAX_PRODUCED} characters of values "
+                "(a runaway template?)"
+            )
+        self.check_time()
+
+    def loop(self, iterable):
+        for item in iterable:
+            self.steps += 1
+            if self.steps > limits.TEMPLATE_MAX_LOOP_STEPS:
+                raise _refused(f"the template ran more than {limits.TEMPLATE_MAX_LOOP_STEPS} loop iterations")
+            self.check_time()
+            yield item
+
+    def concat(self, *parts):
+        # `a ~ b`: jinja's Concat node, rewritten into a call so its size can be checked first
+        for p in parts:
+            _check_text_size(p, "~")
+        strs = [p if isinstance(p, str) else str(p) for p in parts]
+        if sum(len(p) for p in strs) > limits.TEMPLATE_MAX_OUTPUT:
+            raise _too_big("~")
+        return _check_size("".join(strs), "~")
+
+    @staticmethod
+    def compare(value):
+        # each operand of a comparison: comparing nested lists of huge strings is unbounded C work
+        _check_text_size(value, "a comparison")
+        return value
+
+
+_BUDGET: contextvars.ContextVar[_RenderBudget | None] = contextvars.ContextVar("qora_render_budget", default=None)
+
+
+def _budget() -> _RenderBudget | None:
+    return _BUDGET.get()
 
 
 def _size(v) -> int:
     return len(v) if isinstance(v, (str, list, tuple, dict)) else 0
 
 
+def _cost(v) -> int:
+    # what a value counts against TEMPLATE_MAX_PRODUCED: a character each, an element of a list or
+    # dict as much as the ~64 bytes a small Python object costs
+    return len(v) if isinstance(v, str) else len(v) * 16 if isinstance(v, (list, tuple, dict)) else 0
+
+
 def _check_size(v, what: str = "a value"):
-    if _size(v) > limits.TEMPLATE_MAX_OUTPUT:
+    """A result: its size against the one-value limit, and against what the render may create."""
+    n = _size(v)
+    if n > limits.TEMPLATE_MAX_OUTPUT:
         raise _too_big(what)
+    b = _budget()
+    if b is not None:
+        b.charge(_cost(v))
     return v
+
+
+def _text_size(v, limit: int, indent: int = 0, sep: int = 2) -> int:
+    """An upper bound on the characters str(), repr() or json.dumps(indent=indent) make of `v`, computed
+    only until it passes `limit` (a list holding a huge string a million times is found at once).
+    Escapes: printable ASCII may double (backslashes, quotes), anything else up to 12 characters each."""
+    total, seen = 0, set()
+    stack = [(iter((v,)), 0)]  # iterators, so a long list is never copied
+    while stack:
+        it, depth = stack[-1]
+        x = next(it, stack)
+        if x is stack:
+            stack.pop()
+            continue
+        if isinstance(x, str):
+            total += len(x) * (2 if x.isascii() and x.isprintable() else 12) + 2
+        elif isinstance(x, bool) or x is None:
+            total += 5
+        elif isinstance(x, int):
+            total += x.bit_length() // 3 + 2
+        elif isinstance(x, (float, range)):
+            total += 32
+        elif isinstance(x, (list, tuple, dict, jinja2.utils.Namespace)):
+            if id(x) in seen:
+                total += 8
+            else:
+                seen.add(id(x))
+                items = x._Namespace__attrs if isinstance(x, jinja2.utils.Namespace) else x
+                total += 16 + len(items) * (sep + (indent * (depth + 1) + 1 if indent else 0))
+                flat = (kv for pair in items.items() for kv in pair) if isinstance(items, dict) else iter(items)
+                stack.append((flat, depth + 1))
+        else:
+            total += 64  # macros, undefined values, loop objects: a short repr
+        if total > limit:
+            return total
+    return total
+
+
+def _check_text_size(v, what: str) -> None:
+    """Refuse a value whose text (str(), as output, `~`, `%s`, `|string`) would be too large, before it is made."""
+    if isinstance(v, str):
+        if len(v) > limits.TEMPLATE_MAX_OUTPUT:
+            raise _too_big(what)
+    elif not isinstance(v, (int, float, bool)) and v is not None:
+        if _text_size(v, limits.TEMPLATE_MAX_OUTPUT) > limits.TEMPLATE_MAX_OUTPUT:
+            raise _too_big(what)
 
 
 def _check_width(n, what: str) -> None:
     if isinstance(n, int) and not isinstance(n, bool) and abs(n) > _TEMPLATE_WIDTH_LIMIT:
-        raise jinja2.exceptions.SecurityError(f"{what} {n} is larger than {_TEMPLATE_WIDTH_LIMIT}")
+        raise _refused(f"{what} {n} is larger than {_TEMPLATE_WIDTH_LIMIT}")
 
 
-def _check_format_string(fmt: str, printf: bool) -> None:
-    """Refuse widths/precisions beyond the limit in a %-format or a str.format() string."""
-    if printf:
-        for spec in re.findall(r"%[-+ #0]*(\d*)(?:\.(\d*))?", fmt):
-            for num in spec:
-                if num and len(num) > 6 or (num and int(num) > _TEMPLATE_WIDTH_LIMIT):
-                    raise jinja2.exceptions.SecurityError(f"format width {num} is too large")
-        return
+def _printf_size(fmt: str, args) -> int:
+    """An upper bound on the length of `fmt % args`, refusing any width or precision over the limit."""
+    args = args if isinstance(args, tuple) else (args,)
+    total = len(fmt)
+    for spec in re.findall(r"%[-+ #0]*(\*|\d*)(?:\.(\*|\d*))?", fmt):
+        for num in spec:
+            if num and num != "*" and (len(num) > 6 or int(num) > _TEMPLATE_WIDTH_LIMIT):
+                raise _refused(f"format width {num} is too large")
+            if num and num != "*":
+                total += int(num)
+    for a in args:
+        if isinstance(a, Mapping) and len(args) == 1:  # '%(name)s' % dict
+            total += _text_size(a, limits.TEMPLATE_MAX_OUTPUT)
+        elif isinstance(a, int) and not isinstance(a, bool):
+            _check_width(a, "format argument")
+            total += abs(a) + 32  # a `*` width, or the number itself
+        else:
+            total += _text_size(a, limits.TEMPLATE_MAX_OUTPUT)
+    return total
+
+
+def _check_printf(fmt: str, args) -> None:
+    if _printf_size(fmt, args) > limits.TEMPLATE_MAX_OUTPUT:
+        raise _too_big("%-formatting")
+
+
+def _check_str_format(fmt: str, args, kwargs) -> None:
+    """str.format / format_map: every field's spec, nested `{}` fields resolved first, within the
+    width limit; the arguments' text within the output limit."""
     try:
         parts = list(_string.formatter_parser(fmt))
     except ValueError:
         return  # str.format will raise the same error itself
-    for _, _, spec, _ in parts:
-        for num in re.findall(r"\d+", spec or ""):
+    total = len(fmt)
+    for _, field, spec, _ in parts:
+        spec = spec or ""
+        if "{" in spec:  # a nested field: '{0:{1}}' takes its width from an argument
+            try:
+                nested = [n for _, n, _, _ in _string.formatter_parser(spec) if n is not None]
+            except ValueError:
+                return
+            if len(parts) * len(nested) > 1024:
+                raise _refused("too many nested format fields")
+            for a in (*args, *kwargs.values()):
+                _check_width(a, "format argument")
+                if isinstance(a, str) and len(a) > 16:
+                    raise _refused("a nested format spec taken from a long string")
+            try:
+                spec = spec.format(*args, **kwargs)
+            except Exception:
+                return  # str.format will raise the same error itself
+        for num in re.findall(r"\d+", spec):
             if len(num) > 6 or int(num) > _TEMPLATE_WIDTH_LIMIT:
-                raise jinja2.exceptions.SecurityError(f"format width {num} is too large")
+                raise _refused(f"format width {num} is too large")
+            total += int(num)
+        if field is not None:
+            total += 32
+    for a in (*args, *kwargs.values()):
+        total += len(parts) * _text_size(a, limits.TEMPLATE_MAX_OUTPUT) if not isinstance(a, (int, float)) else 0
+        if total > limits.TEMPLATE_MAX_OUTPUT:
+            raise _too_big("str.format")
 
 
 def _check_join(sep, items) -> None:
     if isinstance(items, (list, tuple, str)):
-        total = sum(_size(x) if isinstance(x, str) else 16 for x in items) + len(sep) * max(len(items) - 1, 0)
-        if total > limits.TEMPLATE_MAX_OUTPUT:
+        if len(items) > limits.TEMPLATE_MAX_OUTPUT:
             raise _too_big("join")
+        total = len(sep) * max(len(items) - 1, 0)
+        for x in items:
+            total += len(x) if isinstance(x, str) else _text_size(x, limits.TEMPLATE_MAX_OUTPUT)
+            if total > limits.TEMPLATE_MAX_OUTPUT:
+                raise _too_big("join")
 
 
-def _check_replace(s, old, new) -> None:
+def _check_replace(s, old, new, count=-1) -> None:
     if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
         hits = s.count(old) if old else len(s) + 1
+        if isinstance(count, int) and count >= 0:
+            hits = min(hits, count)
         if len(s) + hits * max(len(new) - len(old), 0) > limits.TEMPLATE_MAX_OUTPUT:
             raise _too_big("replace")
 
@@ -249,89 +423,129 @@ def _check_str_method(obj, args, kwargs) -> None:
     target = getattr(obj, "__self__", None)
     if not isinstance(target, str):
         return
-    if name in ("format", "format_map"):
-        _check_format_string(target, printf=False)
-    elif name == "join" and args:
+    if name == "join" and args:  # (format and format_map: _StrictSandbox.wrap_str_format)
         _check_join(target, args[0])
     elif name == "replace" and len(args) >= 2:
-        _check_replace(target, args[0], args[1])
-    elif name in ("center", "ljust", "rjust", "zfill", "expandtabs"):
+        _check_replace(target, args[0], args[1], args[2] if len(args) > 2 else kwargs.get("count", -1))
+    elif name in ("center", "ljust", "rjust", "zfill"):
         for a in (*args, *kwargs.values()):
             _check_width(a, f"str.{name} width")
+            if isinstance(a, str) and len(a) > 1:
+                return  # the fill must be one character: str raises
+    elif name == "expandtabs":
+        size = next((a for a in (*args, *kwargs.values()) if isinstance(a, int)), 8)
+        _check_width(size, "tab size")
+        if len(target) + target.count("\t") * max(size, 0) > limits.TEMPLATE_MAX_OUTPUT:
+            raise _too_big("expandtabs")
+
+
+def _filter_value_and_rest(args, kwargs):
+    # Filters with a pass_context/environment marker get that object first; the value follows.
+    values = [
+        a for a in args if not isinstance(a, (jinja2.runtime.Context, jinja2.Environment, jinja2.nodes.EvalContext))
+    ]
+    return values, list(kwargs.values())
+
+
+# Filters that neither stringify nor compare their whole argument (O(1) or one pass over references).
+_CHEAP_FILTERS = frozenset(
+    "length count first last default d attr list reverse batch slice select reject selectattr rejectattr map "
+    "items random abs int float bool safe round filesizeformat defined undefined none boolean false true "
+    "integer number string_test mapping iterable callable sequence sameas odd even divisibleby".split()
+)
+# Filters that run Python code per word or per match: their input is bounded more tightly.
+_SLOW_FILTERS = frozenset({"wordwrap", "title", "urlize", "wordcount", "striptags", "truncate"})
 
 
 def _guard_filter(name: str, f):
-    """Wrap a jinja filter with the size pre-checks above and a size check of its result."""
+    """Wrap a jinja filter (or test) with the size pre-checks above and a size check of its result."""
 
     @functools.wraps(f)
     def guarded(*args, **kwargs):
-        # Filters with a pass_context/environment marker get that object first; the value follows.
-        values = [a for a in args if not isinstance(a, (jinja2.runtime.Context, jinja2.Environment))]
-        values += list(kwargs.values())
+        values, kw = _filter_value_and_rest(args, kwargs)
+        b = _budget()
+        if b is not None:
+            b.check_time()
+        if name not in _CHEAP_FILTERS:  # the others may stringify, sort or compare what they are given
+            for a in values + kw:
+                _check_text_size(a, f"the {name} filter's argument")
         if values:
-            value, rest = values[0], values[1:]
-            if name in ("center", "indent", "wordwrap", "truncate", "tojson", "batch", "slice"):
+            value, rest = values[0], values[1:] + kw
+            if name in (
+                "center",
+                "indent",
+                "wordwrap",
+                "truncate",
+                "tojson",
+                "batch",
+                "slice",
+                "round",
+                "filesizeformat",
+            ):
                 for a in rest:
                     _check_width(a, f"{name} argument")
             if name == "indent" and isinstance(value, str):
-                width = next((a for a in rest if isinstance(a, int) and not isinstance(a, bool)), 4)
-                if len(value) + (value.count("\n") + 1) * abs(width) > limits.TEMPLATE_MAX_OUTPUT:
+                width = next((a for a in rest if not isinstance(a, bool)), 4)
+                width = len(width) if isinstance(width, str) else abs(width) if isinstance(width, int) else 4
+                if len(value) + (value.count("\n") + 1) * width > limits.TEMPLATE_MAX_OUTPUT:
                     raise _too_big("indent")
+            if name in _SLOW_FILTERS and isinstance(value, str) and len(value) > limits.TEMPLATE_MAX_SLOW_FILTER:
+                raise _refused(f"the {name} filter on more than {limits.TEMPLATE_MAX_SLOW_FILTER} characters")
+            if name == "wordwrap":
+                text = value if isinstance(value, str) else ""
+                width = next((a for a in rest if isinstance(a, int) and not isinstance(a, bool)), 79)
+                wrap = next((a for a in rest if isinstance(a, str)), "\n")
+                if len(text) + (len(text) // max(width, 1) + 1) * len(wrap) > limits.TEMPLATE_MAX_OUTPUT:
+                    raise _too_big("wordwrap")
             elif name == "replace" and len(rest) >= 2:
-                _check_replace(value, rest[0], rest[1])
+                _check_replace(value, rest[0], rest[1], rest[2] if len(rest) > 2 else -1)
             elif name == "join":
                 _check_join(rest[0] if rest and isinstance(rest[0], str) else "", value)
             elif name == "format" and isinstance(value, str):
-                _check_format_string(value, printf=True)
-                for a in rest:
-                    _check_width(a, "format argument")
+                _check_printf(value, tuple(rest) if rest else ())
+            elif name == "center" and isinstance(value, str):
+                width = next((a for a in rest if isinstance(a, int)), 80)
+                if max(len(value), width) > limits.TEMPLATE_MAX_OUTPUT:
+                    raise _too_big("center")
+            elif name == "tojson":
+                indent = kwargs.get("indent", rest[1] if len(rest) > 1 else None)
+                seps = kwargs.get("separators") or (", ", ": ")
+                width = len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) else 0
+                _check_width(width, "tojson indent")
+                sep = sum(len(s) for s in seps if isinstance(s, str)) if isinstance(seps, (list, tuple)) else 2
+                if (
+                    _text_size(value, limits.TEMPLATE_MAX_OUTPUT, indent=max(width, 0), sep=sep)
+                    > limits.TEMPLATE_MAX_OUTPUT
+                ):
+                    raise _too_big("tojson")
         return _check_size(f(*args, **kwargs), f"the {name} filter's result")
 
     return guarded
 
 
-class _RenderBudget:
-    """Loop steps and wall time of one render; the template's loops and concatenations call in."""
-
-    def __init__(self):
-        self.steps = 0
-        self.deadline = time.monotonic() + limits.TEMPLATE_MAX_SECONDS
-
-    def check_time(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise jinja2.exceptions.SecurityError(
-                f"rendering took longer than {limits.TEMPLATE_MAX_SECONDS:g} s (a runaway template?)"
-            )
-
-    def loop(self, iterable):
-        for item in iterable:
-            self.steps += 1
-            if self.steps > limits.TEMPLATE_MAX_LOOP_STEPS:
-                raise jinja2.exceptions.SecurityError(
-                    f"the template ran more than {limits.TEMPLATE_MAX_LOOP_STEPS} loop iterations"
-                )
-            if not self.steps & 1023:
-                self.check_time()
-            yield item
-
-    def concat(self, *parts):
-        # `a ~ b`: jinja's Concat node, rewritten into a call so its size can be checked first
-        strs = [p if isinstance(p, str) else str(p) for p in parts]
-        if sum(len(p) for p in strs) > limits.TEMPLATE_MAX_OUTPUT:
-            raise _too_big("~")
-        return "".join(strs)
+def _finalize(value):
+    """Every `{{ expression }}` output passes here before jinja turns it into text."""
+    _check_text_size(value, "an output value")
+    return value
 
 
-_LOOP_NAME, _CONCAT_NAME = "__qora_loop", "__qora_concat"
+_LOOP_NAME, _CONCAT_NAME, _CMP_NAME, _SIZE_FILTER = "__qora_loop", "__qora_concat", "__qora_cmp", "__qora_size"
 
 
 class _BudgetRewriter(jinja2.visitor.NodeTransformer):
-    """Route every `for` through _RenderBudget.loop and every `~` through _RenderBudget.concat."""
+    """Route every `for` through _RenderBudget.loop, every `~` through _RenderBudget.concat, every
+    comparison's operands through _RenderBudget.compare and every `{% set x %}...{% endset %}` block
+    through a size check."""
 
     def visit_Name(self, node):
         if node.name.startswith("__qora"):
             raise jinja2.exceptions.SecurityError(f"the name {node.name!r} is reserved")
         return node
+
+    def visit_Filter(self, node):
+        if node.name.startswith("__qora"):
+            raise jinja2.exceptions.SecurityError(f"the name {node.name!r} is reserved")
+        return self.generic_visit(node)
 
     def visit_For(self, node):
         node = self.generic_visit(node)
@@ -344,6 +558,21 @@ class _BudgetRewriter(jinja2.visitor.NodeTransformer):
         node = self.generic_visit(node)
         name = jinja2.nodes.Name(_CONCAT_NAME, "load")
         return jinja2.nodes.Call(name, node.nodes, [], None, None, lineno=node.lineno)
+
+    def _checked(self, expr):
+        return jinja2.nodes.Call(jinja2.nodes.Name(_CMP_NAME, "load"), [expr], [], None, None, lineno=expr.lineno)
+
+    def visit_Compare(self, node):
+        node = self.generic_visit(node)
+        node.expr = self._checked(node.expr)
+        for op in node.ops:
+            op.expr = self._checked(op.expr)
+        return node
+
+    def visit_AssignBlock(self, node):
+        node = self.generic_visit(node)
+        node.filter = jinja2.nodes.Filter(node.filter, _SIZE_FILTER, [], [], None, None, lineno=node.lineno)
+        return node
 
 
 class _StrictSandbox(ImmutableSandboxedEnvironment):
@@ -364,6 +593,28 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     def _parse(self, source, name, filename):
         return _BudgetRewriter().visit(super()._parse(source, name, filename))
 
+    def wrap_str_format(self, value):
+        # jinja hands templates its own wrapper of str.format / format_map: check before it formats
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        target, name = value.__self__, value.__name__
+
+        def checked(*args, **kwargs):
+            if name == "format_map":
+                _check_str_format(target, (), args[0] if len(args) == 1 and isinstance(args[0], Mapping) else {})
+            else:
+                _check_str_format(target, args, kwargs)
+            return wrapped(*args, **kwargs)
+
+        return checked
+
+    def getattr(self, obj, attribute):
+        b = _budget()
+        if b is not None:
+            b.check_time()
+        return super().getattr(obj, attribute)
+
     def call_binop(self, context, operator, left, right):
         seqs = (str, list, tuple)
         if operator == "*":
@@ -377,21 +628,43 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
                 if len(left) + len(right) > limits.TEMPLATE_MAX_OUTPUT:
                     raise _too_big("+")
         elif operator == "**":
-            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > limits.TEMPLATE_MAX_POWER:
-                raise jinja2.exceptions.SecurityError(f"exponent {right} is too large")
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                if right > limits.TEMPLATE_MAX_POWER or left.bit_length() * right > 1 << 16:
+                    raise jinja2.exceptions.SecurityError(
+                        f"exponent {right} is too large for a {left.bit_length()}-bit number"
+                    )
         elif operator == "%" and isinstance(left, str):
-            _check_format_string(left, printf=True)
-            for a in right if isinstance(right, tuple) else (right,):
-                _check_width(a, "format argument")
+            _check_printf(left, right)
         return _check_size(super().call_binop(context, operator, left, right), f"the result of {operator}")
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+        b = _budget()
+        if b is not None:
+            b.check_time()
+        target = getattr(__obj, "__self__", None)
+        for a in (*args, *kwargs.values(), *((target,) if isinstance(target, (list, tuple, dict)) else ())):
+            _check_text_size(a, "a call's argument")
         _check_str_method(__obj, args, kwargs)
-        return _check_size(super().call(__context, __obj, *args, **kwargs), "a call's result")
+        if b is None:
+            return _check_size(super().call(__context, __obj, *args, **kwargs), "a call's result")
+        b.depth += 1
+        try:
+            if b.depth > limits.TEMPLATE_MAX_CALL_DEPTH:
+                raise _refused(f"calls nested more than {limits.TEMPLATE_MAX_CALL_DEPTH} deep (a recursive macro?)")
+            return _check_size(super().call(__context, __obj, *args, **kwargs), "a call's result")
+        finally:
+            b.depth -= 1
 
 
 def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
+    message = str(message)
+    raise jinja2.exceptions.TemplateError(message if len(message) <= 500 else message[:500] + "...")
+
+
+def _strftime(now: _dt.datetime, fmt) -> str:
+    if not isinstance(fmt, str) or len(fmt) > 256:
+        raise _refused("strftime_now takes a format string of at most 256 characters")
+    return now.strftime(fmt)
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -454,14 +727,18 @@ def _as_datetime(today: Any) -> _dt.datetime:
 
 def compile_chat_template(source: str) -> jinja2.Template:
     """Compile a chat template in the sandbox; a syntax error becomes a QoraError."""
-    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = _StrictSandbox(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols], finalize=_finalize
+    )
     env.filters["tojson"] = _tojson
     env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
+    env.filters[_SIZE_FILTER] = lambda value: _check_size(value, "a {% set %} block")
+    env.tests = {name: _guard_filter(name, f) for name, f in env.tests.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
     # strftime_now is bound per render (so tests can pin the date); this default keeps compile-only use valid.
-    env.globals["strftime_now"] = lambda fmt: _dt.datetime.now().strftime(fmt)
+    env.globals["strftime_now"] = lambda fmt: _strftime(_dt.datetime.now(), fmt)
     if not isinstance(source, str):
         raise QoraError(f"chat template must be a string, not {type(source).__name__}")
     try:
@@ -476,19 +753,63 @@ def compile_chat_template(source: str) -> jinja2.Template:
         raise QoraError(f"chat template cannot be compiled: {type(e).__name__}: {e}") from None
 
 
+class _Watchdog:
+    """Interrupts the rendering thread at the deadline, for work the checks above cannot see into
+    (one filter running pure-Python code for a long time: textwrap, unique, urlize). The exception is
+    delivered at the next bytecode boundary of that thread (CPython's PyThreadState_SetAsyncExc), only
+    while the render runs: leaving clears one still pending. Long C calls are bounded by the size
+    checks instead."""
+
+    _set_async_exc = getattr(getattr(ctypes, "pythonapi", None), "PyThreadState_SetAsyncExc", None)
+
+    def __init__(self, seconds: float):
+        self._lock = threading.Lock()
+        self._thread = threading.get_ident()
+        self._active = True
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._active and self._set_async_exc is not None:
+                self._set_async_exc(ctypes.c_ulong(self._thread), ctypes.py_object(_RenderTimeout))
+
+    def __enter__(self):
+        if self._set_async_exc is not None:
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        with self._lock:
+            self._active = False
+            if self._set_async_exc is not None:
+                self._set_async_exc(ctypes.c_ulong(self._thread), None)  # one fired but not yet delivered
+        return False
+
+
 def render_chat_template(template: jinja2.Template, context: dict) -> str:
-    """Render with the resource bounds above: loop budget, deadline, output size."""
+    """Render with the resource bounds above: loop steps, characters created, call depth, deadline
+    (checked throughout, and a watchdog), output size."""
     budget = _RenderBudget()
     context = dict(context)
     context[_LOOP_NAME] = budget.loop
     context[_CONCAT_NAME] = budget.concat
+    context[_CMP_NAME] = budget.compare
+    token = _BUDGET.set(budget)
     out, size = [], 0
-    for piece in template.generate(**context):
-        size += len(piece)
-        if size > limits.TEMPLATE_MAX_OUTPUT:
-            raise _too_big("the rendered prompt")
-        out.append(piece)
-        budget.check_time()
+    try:
+        with _Watchdog(limits.TEMPLATE_MAX_SECONDS):
+            for piece in template.generate(**context):
+                size += len(piece)
+                if size > limits.TEMPLATE_MAX_OUTPUT:
+                    raise _too_big("the rendered prompt")
+                out.append(piece)
+                budget.check_time()
+    except _RenderTimeout:
+        raise _refused(f"rendering took longer than {limits.TEMPLATE_MAX_SECONDS:g} s (a runaway template?)") from None
+    finally:
+        _BUDGET.reset(token)
     return "".join(out)
 
 
@@ -662,7 +983,8 @@ class Tokenizer:
         added = self._added()
         names = {i: n for n, i in added.items()}
         exact = all(
-            i not in names or text[s:e].strip() == names[i].strip() for i, (s, e) in zip(enc.ids, enc.offsets)
+            i not in names or text[s:e].strip() == names[i].strip()
+            for i, (s, e) in zip(enc.ids, enc.offsets, strict=True)
         )
         if exact:
             return enc.ids
@@ -753,7 +1075,7 @@ class Tokenizer:
             tools=_plain(tools, hold),
             documents=None,
             add_generation_prompt=bool(add_generation_prompt),
-            strftime_now=lambda fmt: now.strftime(fmt),
+            strftime_now=functools.partial(_strftime, now),
         )
         try:
             return render_chat_template(self._template, context)
