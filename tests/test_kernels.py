@@ -331,3 +331,118 @@ def test_rope_parameters_match_transformers():
         inv, scale = rope_parameters(case)
         np.testing.assert_allclose(inv, np.array(case["inv_freq"], np.float32), rtol=1e-6, err_msg=str(case))
         assert abs(scale - case["attention_factor"]) < 1e-6, case
+
+
+# ---- the one order every path follows (include/qora/common.h), as NumPy ----
+SEGS = 4
+
+
+def fma32(a, b, c):
+    """float32 fma through float64: a is a product of two f16 scales (22 bits) and b an int dot
+    (<= 16 bits), so a*b is exact in float64 and the sum rounds once there, then to float32
+    (the two roundings disagree only on an exact float32 midpoint, ~2^-29 of the time)."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def ref_quantized_products(raw, dtype, rows, cols, xq_raw):
+    """Y[t, r] exactly as every kernel computes it: per block an exact int32 dot and the scale
+    f16(w.d) * f16(x.d) in float32; QORA_SEGS contiguous segments (the last takes the rest), each a
+    float32 fma chain from 0; then ((a0 + a1) + a2) + a3."""
+    nb = cols // 32
+    if dtype == "q4":
+        blocks = raw.reshape(rows, nb, 18)
+        dw = blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = blocks[:, :, 2:]
+        qw = np.concatenate([(qs & 0x0F).astype(np.int64) - 8, (qs >> 4).astype(np.int64) - 8], axis=2)
+    else:
+        blocks = raw.reshape(rows, nb, 34)
+        dw = blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        qw = blocks[:, :, 2:].copy().view(np.int8).astype(np.int64)
+    xb = xq_raw.reshape(-1, nb, 34)
+    dx = xb[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qx = xb[:, :, 2:].copy().view(np.int8).astype(np.int64)
+    isum = np.einsum("rbk,tbk->trb", qw, qx).astype(np.float32)  # exact: |isum| < 2^16
+    d = dx[:, None, :] * dw[None, :, :]  # float32, exact
+    seg = nb // SEGS
+    bounds = [i * seg for i in range(SEGS)] + [nb]
+    total = None
+    for i in range(SEGS):
+        acc = np.zeros(isum.shape[:2], np.float32)
+        for b in range(bounds[i], bounds[i + 1]):
+            acc = fma32(d[:, :, b], isum[:, :, b], acc)
+        total = acc if total is None else (total + acc).astype(np.float32)
+    return total
+
+
+def test_quantize_q8_same_bytes_on_every_path():
+    """Every path rounds activations to the same Q8 bytes (ties included): a 1-step difference
+    would send the paths' models apart."""
+    r = rng()
+    x = (r.standard_normal(32 * 400) * r.choice([1e-3, 1, 50], 32 * 400)).astype(np.float32)
+    # exact ties: values whose x * 127 / amax lands on k + 0.5
+    x[:32] = (np.arange(32, dtype=np.float32) - 15.5) / 127 * 4
+    want = _cpu.quantize_q8(x, ISAS[0])
+    for isa in ISAS[1:]:
+        np.testing.assert_array_equal(_cpu.quantize_q8(x, isa), want, err_msg=ISA_NAMES[isa])
+
+
+@pytest.mark.parametrize("dtype,repack", [("q4", False), ("q4", True), ("q8", False)], ids=["q4", "q4x8", "q8"])
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 16, 17])
+@pytest.mark.parametrize(
+    "shape", [(1, 32), (5, 64), (13, 96), (9, 128), (33, 160), (16, 224), (41, 576), (130, 2048), (24, 1536)]
+)
+def test_quantized_products_same_bits_on_every_path(dtype, repack, n, shape):
+    """Q4/Q8 weights x Q8 activations: every ISA path, layout and thread count returns exactly the
+    NumPy model of the one shared order (segment chains of the per-block int dots), bit for bit,
+    ragged rows (not a multiple of 8) and block counts (under 4, not a multiple of 4) included."""
+    r = rng()
+    rows, cols = shape
+    raw, _ = random_weights(r, dtype, rows, cols)
+    x = (r.standard_normal((n, cols)) * 3).astype(np.float32)
+    xq = np.stack([_cpu.quantize_q8(row, ISAS[0]) for row in x])
+    want = ref_quantized_products(raw, dtype, rows, cols, xq)
+    for isa in ISAS:
+        for threads in (1, 2):
+            got = _cpu.matmul(raw, dtype, rows, cols, x, isa, threads, repack)
+            np.testing.assert_array_equal(got, want, err_msg=f"{ISA_NAMES[isa]} threads={threads}")
+
+
+def test_amx_products_same_bits(amx):
+    """The AMX tile kernel (16 rows x 16 tokens, one pass per segment) gives the same bits too."""
+    r = rng()
+    for rows, cols, n in [(16, 32, 16), (48, 224, 17), (130, 2048, 32), (32, 576, 40)]:
+        raw, _ = random_weights(r, "q4", rows, cols)
+        x = (r.standard_normal((n, cols)) * 3).astype(np.float32)
+        xq = np.stack([_cpu.quantize_q8(row, ISAS[0]) for row in x])
+        got = _cpu.matmul(raw, "q4", rows, cols, x, AVX512, 2, True)
+        np.testing.assert_array_equal(got, ref_quantized_products(raw, "q4", rows, cols, xq))
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 64, 100, 576, 1537])
+def test_float_kernels_same_bits_on_every_path(n):
+    """Norms, float dots and attention feed the next Q8 rounding, so they agree bit for bit too."""
+    r = rng()
+    x = r.standard_normal(n).astype(np.float32)
+    w = r.standard_normal(n).astype(np.float32)
+    norms = [_cpu.rmsnorm(x, w, 1e-5, isa) for isa in ISAS]
+    for isa, got in zip(ISAS[1:], norms[1:]):
+        np.testing.assert_array_equal(got, norms[0], err_msg=ISA_NAMES[isa])
+    for dtype in ("f16", "f32"):
+        raw = w.astype(np.float16 if dtype == "f16" else np.float32).reshape(1, n)
+        dots = [_cpu.matvec(raw, dtype, 1, n, x, isa) for isa in ISAS]
+        for isa, got in zip(ISAS[1:], dots[1:]):
+            np.testing.assert_array_equal(got, dots[0], err_msg=f"{dtype} {ISA_NAMES[isa]}")
+
+
+@pytest.mark.parametrize("n_heads,n_kv,hd", [(9, 3, 64), (4, 2, 16), (8, 1, 128), (2, 2, 256), (4, 4, 48)])
+@pytest.mark.parametrize("n_pos", [1, 15, 16, 17, 70, 300])
+@pytest.mark.parametrize("kv_f16", [True, False], ids=["kv16", "kv32"])
+def test_attention_same_bits_on_every_path(n_heads, n_kv, hd, n_pos, kv_f16):
+    """The generic attention and the AVX-512 one (head sizes 64/128/256) compute the same steps."""
+    r = rng()
+    q = (r.standard_normal(n_heads * hd) * 2).astype(np.float32)
+    kc = (r.standard_normal((n_pos, n_kv * hd)) * 2).astype(np.float32)
+    vc = r.standard_normal((n_pos, n_kv * hd)).astype(np.float32)
+    outs = [_cpu.attention(q, kc, vc, n_heads, n_kv, hd, isa, 1, kv_f16) for isa in ISAS]
+    for isa, got in zip(ISAS[1:], outs[1:]):
+        np.testing.assert_array_equal(got, outs[0], err_msg=ISA_NAMES[isa])
