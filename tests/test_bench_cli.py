@@ -134,7 +134,7 @@ def test_weight_bytes_count_the_lm_head_once(models, kind):
         (["--cpu", "--gpu"], 2, "not allowed with argument"),
         (["--bogus"], 2, "unrecognized arguments: --bogus"),
         (["--pp", "0", "--tg", "0"], 1, "qora: error: nothing to measure"),
-        (["--pp", "200", "--tg", "57"], 1, "qora: error: --pp 200 + --tg 57 = 257 tokens exceed the model's 256-token"),
+        (["--pp", "200", "--tg", "57"], 1, "qora: error: --depth 0 + --pp 200 + --tg 57 = 257 tokens exceed the model"),
     ],
 )
 def test_argument_errors(models, capsys, args, status, message):
