@@ -61,6 +61,15 @@ TEMPLATE_MAX_PRODUCED = 32 << 20
 TEMPLATE_MAX_CALL_DEPTH = 64  # nested macro/function calls (recursive macros for JSON schemas: < 20)
 TEMPLATE_MAX_WIDTH = 1 << 16  # a width, indent, precision or tab size a template may ask for
 TEMPLATE_MAX_SLOW_FILTER = 1 << 18  # characters wordwrap, title, urlize... may be given (Python code per word)
+# A tokenizer.json's normalizer, pre-tokenizer and decoder may each grow text by at most these
+# factors (an upper bound read from their settings before the file is loaded: NFKC 18, BERT's 36,
+# byte-level 4-5); a Replace mapping one character to many, nested, multiplied text a billionfold.
+TOKENIZER_MAX_EXPANSION = 64
+TOKENIZER_MAX_PRETOKENIZER_EXPANSION = 8
+# One encode: at most this many characters in (a rendered prompt's limit), and at most this many
+# characters after the worst-case growth (tokenizers keeps ~100 bytes per character while it works).
+TOKENIZER_MAX_INPUT = TEMPLATE_MAX_OUTPUT
+TOKENIZER_MAX_WORK = 32 << 20
 
 # ── Server and CLI input (qora serve, the prompt readers; qora/server.py, qora/cli.py, qora/chat.py) ──
 # A request body is read at most this far (qora serve --max-body-bytes): 1 MiB is ~250K tokens of

@@ -24,6 +24,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from struct import error as struct_error
 from typing import Any
 
 import jinja2
@@ -35,7 +36,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from qora import limits
-from qora.errors import FormatError, QoraError
+from qora.errors import ContextOverflowError, FormatError, QoraError
 
 # Plain ChatML, used when a model file carries no chat template (e.g. a bare GGUF).
 CHATML_TEMPLATE = (
@@ -106,9 +107,99 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
 
 
-def load_hf_tokenizer(text: str, where) -> _HFTokenizer:
+# Worst-case growth of text through each tokenizers component type, per input character. Replace,
+# Prepend, Precompiled and Sequence depend on their settings (_growth); a type not listed is refused.
+_NORMALIZER_GROWTH = {
+    "NFC": 3, "NFD": 4, "NFKC": 18, "NFKD": 18, "Lowercase": 3, "Strip": 1, "StripAccents": 1, "Nmt": 1,
+    "ByteLevel": 4, "BertNormalizer": 36,
+}  # fmt: skip
+_PRETOKENIZER_GROWTH = {
+    "ByteLevel": 5, "Metaspace": 2, "Split": 1, "Digits": 1, "WhitespaceSplit": 1, "Whitespace": 1,
+    "Punctuation": 1, "CharDelimiterSplit": 1, "UnicodeScripts": 1, "BertPreTokenizer": 1, "FixedLength": 1,
+}  # fmt: skip
+_DECODER_GROWTH = {
+    "ByteFallback": 1, "Fuse": 1, "Strip": 1, "ByteLevel": 1, "Metaspace": 1, "WordPiece": 1, "BPEDecoder": 1,
+    "CTC": 1,
+}  # fmt: skip
+_SEQUENCE_KEYS = ("normalizers", "pretokenizers", "decoders")
+
+
+def _precompiled_growth(spec: dict) -> int:
+    """Sentencepiece's charsmap: a trie, then the replacement strings, NUL-separated; a matched
+    character becomes at most the longest of them."""
+    import base64
+    import struct
+
+    blob = base64.b64decode(spec.get("precompiled_charsmap") or b"")
+    if len(blob) < 4:
+        return 1
+    (trie,) = struct.unpack("<I", blob[:4])
+    strings = blob[4 + trie :]
+    return max([1, *(len(s.decode("utf-8", "replace")) for s in strings.split(b"\0"))])
+
+
+def _growth(spec, table: dict, what: str, depth: int = 0) -> float:
+    """An upper bound on how many times longer one component (normalizer, pre-tokenizer or decoder)
+    can make its input, from its settings alone (nothing is run)."""
+    if spec is None:
+        return 1
+    if not isinstance(spec, dict) or depth > 16:
+        raise ValueError(f"{what} is malformed")
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factor = 1.0
+        for part in next((spec[k] for k in _SEQUENCE_KEYS if isinstance(spec.get(k), list)), []):
+            factor *= _growth(part, table, what, depth + 1)
+        return factor
+    if kind == "Replace":
+        pattern, content = spec.get("pattern") or {}, spec.get("content") or ""
+        if isinstance(pattern, dict) and isinstance(pattern.get("String"), str) and pattern["String"]:
+            return max(1.0, len(content) / len(pattern["String"]))
+        return 1.0 + len(content)  # a regex may match the empty string: content between every character
+    if kind == "Prepend" and table is _NORMALIZER_GROWTH:
+        return 1.0 + len(spec.get("prepend") or "")
+    if kind == "Precompiled" and table is _NORMALIZER_GROWTH:
+        return _precompiled_growth(spec)
+    if kind in table:
+        return table[kind]
+    raise ValueError(f"{what} type {kind!r} is not supported")
+
+
+def check_tokenizer_growth(text: str, where) -> float:
+    """Refuse a tokenizer.json whose normalizer, pre-tokenizer or decoder could grow text past the
+    limits (a Replace of one character by many, nested, made 3 GB of one prompt); return the worst
+    growth of normalizer x pre-tokenizer, which bounds the input an encode may take."""
+    try:
+        spec = json.loads(text)
+    except (ValueError, RecursionError):
+        return 1.0  # not JSON: tokenizers gives the error
+    if not isinstance(spec, dict):
+        return 1.0
+    try:
+        norm = _growth(spec.get("normalizer"), _NORMALIZER_GROWTH, "normalizer")
+        pre = _growth(spec.get("pre_tokenizer"), _PRETOKENIZER_GROWTH, "pre_tokenizer")
+        dec = _growth(spec.get("decoder"), _DECODER_GROWTH, "decoder")
+    except (ValueError, TypeError, KeyError, struct_error) as e:
+        raise FormatError(f"{where}: tokenizer.json: {e}") from None
+    for name, factor, cap in (
+        ("normalizer", norm, limits.TOKENIZER_MAX_EXPANSION),
+        ("pre_tokenizer", pre, limits.TOKENIZER_MAX_PRETOKENIZER_EXPANSION),
+        ("decoder", dec, limits.TOKENIZER_MAX_EXPANSION),
+    ):
+        if factor > cap:
+            raise FormatError(
+                f"{where}: tokenizer.json: the {name} can make text {factor:.3g} times longer (limit {cap})"
+            )
+    return norm * pre
+
+
+def load_hf_tokenizer(text: str, where, check: bool = True) -> _HFTokenizer:
     """A `tokenizers.Tokenizer` from tokenizer.json text. tokenizers is Rust: a crafted file can make
-    it panic, which surfaces as pyo3's PanicException, a BaseException. Both become a FormatError."""
+    it panic, which surfaces as pyo3's PanicException, a BaseException. Both become a FormatError.
+    Its normalizer, pre-tokenizer and decoder are checked first (check_tokenizer_growth): loading
+    already normalizes the added tokens."""
+    if check:
+        check_tokenizer_growth(text, where)
     try:
         return _HFTokenizer.from_str(text)
     except (KeyboardInterrupt, SystemExit):
@@ -833,7 +924,10 @@ class Tokenizer:
     ):
         if not isinstance(tokenizer_json, str):
             raise QoraError(f"{where}: tokenizer.json could not be read: expected its text")
-        self._tok = load_hf_tokenizer(tokenizer_json, where)
+        growth = check_tokenizer_growth(tokenizer_json, where)
+        self._tok = load_hf_tokenizer(tokenizer_json, where, check=False)
+        # the longest text one encode takes: tokenizers' working memory grows with the normalized text
+        self.max_input_chars = int(min(limits.TOKENIZER_MAX_INPUT, limits.TOKENIZER_MAX_WORK / max(growth, 1.0)))
         self.chat_template = chat_template
         self._template: jinja2.Template | None = None
         self._added_map: dict[str, int] | None = None
@@ -922,6 +1016,7 @@ class Tokenizer:
         post-processor (e.g. a BOS prefix). Chat messages go through `encode_chat`, never this."""
         if not isinstance(text, str):
             raise QoraError(f"encode() takes a str, not {type(text).__name__}")
+        self.check_length(len(text))
         if not parse_special:
             ids = self._encode_plain(text)
             if add_special_tokens:  # the post-processor's own tokens (e.g. a BOS) around the plain text
@@ -930,6 +1025,17 @@ class Tokenizer:
                     ids = _rust_call("encode", self._tok.post_process, enc, add_special_tokens=True).ids
             return ids
         return _rust_call("encode", self._tok.encode, text, add_special_tokens=add_special_tokens).ids
+
+    def check_length(self, n_chars: int) -> None:
+        """Refuse (ContextOverflowError) a text of n_chars before it is tokenized when it is longer than
+        one encode may take (max_input_chars: TOKENIZER_MAX_INPUT, less for a tokenizer whose normalizer
+        can grow text). Callers that know the context check it against that first (a prompt far longer
+        than the context is refused by qora.generate.check_prompt_size)."""
+        if n_chars > self.max_input_chars:
+            raise ContextOverflowError(
+                f"the text is {n_chars} characters, more than the {self.max_input_chars} one tokenization may take: "
+                "far beyond any context"
+            )
 
     # ── caller text as plain text (see _Quarantine) ──
 
@@ -954,7 +1060,7 @@ class Tokenizer:
             spec = json.loads(_rust_call("serializing", self._tok.to_str))
             spec["added_tokens"] = []
             spec["post_processor"] = spec["padding"] = spec["truncation"] = None
-            self._plain_hf = load_hf_tokenizer(json.dumps(spec), "tokenizer")
+            self._plain_hf = load_hf_tokenizer(json.dumps(spec), "tokenizer", check=False)
         return self._plain_hf
 
     def _encode_plain(self, text: str) -> list[int]:
@@ -1046,6 +1152,7 @@ class Tokenizer:
         A chat with no such spelling tokenizes exactly as encode(apply_chat_template(...))."""
         hold = _Quarantine(self._added_pattern())
         text = self._render(messages, add_generation_prompt, enable_thinking, today, tools, kwargs, hold)
+        self.check_length(len(text))
         ids: list[int] = []
         for plain, piece in hold.split(text):
             ids += self._encode_plain(piece) if plain else self._encode_template(piece)

@@ -16,7 +16,7 @@ from tokenizers import AddedToken, normalizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from qora import demo, limits
-from qora.errors import QoraError
+from qora.errors import ContextOverflowError, FormatError, QoraError
 from qora.format import QoraFile
 from qora.generate import GenerationOptions, prompt_ids
 from qora.tokenizer import CHATML_TEMPLATE, ModelText, Tokenizer, _RenderTimeout, _Watchdog
@@ -303,3 +303,98 @@ print(worst, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     assert r.returncode == 0, r.stderr[-2000:]
     worst, rss_mb = r.stdout.split()
     assert float(worst) < 2.5 and int(rss_mb) < 400, r.stdout
+
+
+# ───── tokenizer.json: normalizer / pre-tokenizer / decoder growth, input cap ─────
+
+
+def crafted_tokenizer(**parts) -> str:
+    spec = json.loads((FIX / "tokenizer.json").read_text())
+    spec.update(parts)
+    return json.dumps(spec)
+
+
+REPLACE_A = {"type": "Replace", "pattern": {"String": "a"}, "content": "a" * 10}
+GROWTH_BOMBS = {
+    # tokenizers itself: 3.2 GB, then SIGABRT, on the first encode
+    "nested_replace": {"normalizer": {"type": "Sequence", "normalizers": [REPLACE_A] * 10}},
+    "empty_regex": {
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [{"type": "Replace", "pattern": {"Regex": ""}, "content": "xx"}] * 12,
+        }
+    },
+    "nested_sequences": {
+        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Sequence", "normalizers": [REPLACE_A] * 2}] * 3}
+    },
+    "long_prepend": {"normalizer": {"type": "Prepend", "prepend": "y" * 100000}},
+    "stacked_byte_level": {
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "ByteLevel", "add_prefix_space": False}] * 4}
+    },
+    "decoder_replace": {"decoder": {"type": "Replace", "pattern": {"String": "a"}, "content": "z" * 1000000}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROWTH_BOMBS))
+def test_tokenizer_normalizer_expansion_refused_on_load(name):
+    with pytest.raises(FormatError, match=r"can make text [\d.e+]+ times longer \(limit \d+\)"):
+        Tokenizer(crafted_tokenizer(**GROWTH_BOMBS[name]), None, {})
+
+
+def test_tokenizer_normalizer_expansion_cli_convert(tmp_path):
+    """Converting a checkpoint whose tokenizer.json multiplies text: one error line, exit 1, small RSS."""
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(FIX / "tiny-llama", src)
+    (src / "tokenizer.json").write_text(crafted_tokenizer(**GROWTH_BOMBS["nested_replace"]))
+    code = (
+        "import resource, sys, runpy; sys.argv = ['qora', 'convert', sys.argv[1], '-o', sys.argv[2]];"
+        "\ntry:\n    runpy.run_module('qora', run_name='__main__')"
+        "\nfinally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(tmp_path / "out.qora")], capture_output=True, text=True, timeout=120
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[0].startswith("qora: error: ") and "times longer" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and int(lines[-1]) < 500
+    assert not (tmp_path / "out.qora").exists()
+
+
+def test_tokenizer_normalizer_expansion_real_tokenizers_load():
+    """What real models ship stays loadable: the fixtures, NFKC, BERT's normalizer, the demo model."""
+    from tokenizers import normalizers as n
+    from tokenizers import pre_tokenizers as p
+
+    Tokenizer((FIX / "tiny-llama" / "tokenizer.json").read_text(), None, {})
+    llama2 = n.Sequence([n.Prepend("▁"), n.Replace(" ", "▁")])
+    for norm in (n.NFKC(), n.BertNormalizer(), llama2, n.Sequence([n.NFKC(), n.Lowercase()])):
+        hf = HFTokenizer.from_str((FIX / "tokenizer.json").read_text())
+        hf.normalizer = norm
+        hf.pre_tokenizer = p.Sequence([p.Metaspace(), p.Digits(individual_digits=True)])
+        t = Tokenizer(hf.to_str(), None, {})
+        assert t.encode("Hello world 123") and t.max_input_chars > 100_000
+    assert demo_tokenizer().max_input_chars == limits.TOKENIZER_MAX_INPUT
+
+
+def test_tokenizer_encode_input_cap():
+    """An encode longer than the tokenizer may take is refused before tokenizing; a normalizer that can
+    grow text lowers the cap."""
+    t = Tokenizer((FIX / "tokenizer.json").read_text(), None, {})
+    assert t.max_input_chars == limits.TOKENIZER_MAX_INPUT
+    t0 = time.monotonic()
+    for call in (
+        lambda s: t.encode(s),
+        lambda s: t.encode(s, parse_special=False),
+        lambda s: t.check_length(len(s)),
+    ):
+        with pytest.raises(ContextOverflowError, match="one tokenization may take"):
+            call("a" * (limits.TOKENIZER_MAX_INPUT + 1))
+    with pytest.raises(QoraError, match="would exceed|one tokenization may take"):  # the template's own limit first
+        t.encode_chat([{"role": "user", "content": "a" * (limits.TOKENIZER_MAX_INPUT + 1)}])
+    assert time.monotonic() - t0 < 2
+    nfkc = Tokenizer(crafted_tokenizer(normalizer={"type": "NFKC"}), None, {})
+    assert nfkc.max_input_chars <= limits.TOKENIZER_MAX_WORK // 18 < limits.TOKENIZER_MAX_INPUT
+    with pytest.raises(ContextOverflowError):
+        nfkc.encode("ﷺ" * (nfkc.max_input_chars + 1))
