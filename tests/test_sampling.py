@@ -159,7 +159,7 @@ def test_sampler_filters_are_applied():
 
 def test_sampler_large_vocab_stays_vectorised():
     x = np.random.default_rng(3).normal(size=128256).astype(np.float32)
-    s = Sampler(seed=5)  # DESIGN defaults: top-k 20, top-p 0.95, rep 1.1, presence 1.5
+    s = Sampler(seed=5)  # its defaults: top-k 20, top-p 0.95, rep 1.1, presence 1.5
     history = list(range(0, 128256, 1000))
     ids = [s(x, history) for _ in range(20)]
     top20 = set(np.argsort(-s.penalize(x, history))[:20].tolist())
