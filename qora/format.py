@@ -35,8 +35,8 @@ import numpy as np
 
 from qora import quant
 from qora.errors import FormatError
-from qora.safeio import AtomicWriter, open_regular
 from qora.limits import CONFIG_INT_LIMITS, MAX_HEADER_BYTES, MAX_TENSOR_DIM
+from qora.safeio import AtomicWriter, open_regular
 
 MAGIC = b"QORA"
 VERSION = 1

@@ -344,23 +344,31 @@ _SIGINT_CHILD = textwrap.dedent(
     print("ready", flush=True)
     interrupts = 0
     m = None
-    while interrupts < 6:
-        try:
-            # load, prefill and decode over and over: the signal lands in any of them
+
+    def rounds():
+        # load, prefill and decode over and over: the signal lands in any of them. The whole loop is
+        # inside the caller's try: when a round ends early, Ctrl-C can land on the loop's own jump.
+        global m
+        while True:
             if m is None or interrupts % 2:
                 if m is not None:
                     m.close()  # a closed model must refuse cleanly if Ctrl-C lands before the next load
                 m = qora.load(path, threads=1)
-            for r in stream_generate(m, "hello there " * 8, max_tokens=200, raw=True, greedy=True):
-                if r.finish_reason == "interrupted":
-                    raise KeyboardInterrupt
+            try:
+                for r in stream_generate(m, "hello there " * 8, max_tokens=200, raw=True, greedy=True):
+                    if r.finish_reason == "interrupted":
+                        raise KeyboardInterrupt
+            except qora.QoraError as e:
+                if "closed" not in str(e):
+                    raise
+                m = None
+
+    while interrupts < 6:
+        try:
+            rounds()
         except KeyboardInterrupt:
             interrupts += 1
             print("interrupted", interrupts, flush=True)
-        except qora.QoraError as e:
-            if "closed" not in str(e):
-                raise
-            m = None
     if m is not None:
         m.close()
     gc.collect()
