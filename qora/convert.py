@@ -36,12 +36,13 @@ import numpy as np
 
 from qora import limits
 from qora import quant as Q
+from qora.dtypes import WEIGHT_TYPES
 from qora.engine import guard_mapping
 from qora.errors import ConfigError, FormatError, QoraError
 from qora.format import QoraWriter, check_finite, expected_tensors, parse_json, reject_nonfinite, validate_config
 from qora.safeio import check_inside, check_output, file_ids, open_regular, read_regular
 
-QUANTS = Q.DTYPES  # "f32", "f16", "q8", "q4"
+QUANTS = Q.DTYPES
 
 # qora name                 Hugging Face name                                    GGUF name
 WEIGHT_MAP = (
@@ -741,7 +742,6 @@ def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int, where
     return rs
 
 
-_GGUF_COPY = {"q4": "Q4_0", "q8": "Q8_0", "f16": "F16", "f32": "F32"}
 _GGUF_ARCHITECTURES = ("llama", "smollm3")
 _GGUF_SAMPLING = {
     "general.sampling.temp": "temperature",
@@ -1167,7 +1167,7 @@ class _GGUFSource:
             if qname.endswith((".wq", ".wk")):  # undo llama.cpp's RoPE row permutation
                 n_head = self.config["n_heads"] if qname.endswith(".wq") else self.config["n_kv_heads"]
                 raw = raw[_unpermute_rows(shape[0], n_head)]
-        if qtype.name == _GGUF_COPY[dtype]:
+        if qtype.name == WEIGHT_TYPES[dtype].gguf:
             return raw  # same bytes: GGUF Q4_0 / Q8_0 / F16 / F32 are qora q4 / q8 / f16 / f32
         try:
             if len(shape) == 1:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import numpy as np
 
-DTYPES = ("f32", "f16", "q8", "q4")
+from qora.dtypes import QK, WEIGHT_TYPES
 
-QK = 32  # elements per q4/q8 block
-BLOCK_BYTES = {"q4": 2 + QK // 2, "q8": 2 + QK}  # f16 scale + payload
-FLOAT_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
+# Views of the one table in qora/dtypes.py, by the names the format and the converter use.
+DTYPES = tuple(WEIGHT_TYPES)
+BLOCK_BYTES = {n: t.block_bytes for n, t in WEIGHT_TYPES.items() if t.quantized}
+FLOAT_DTYPES = {n: t.numpy for n, t in WEIGHT_TYPES.items() if not t.quantized}
 
 # Rows are quantized in chunks of about this many elements so temporaries stay small
 # (a 128256 x 2048 embedding would otherwise need several GiB of float32 scratch).

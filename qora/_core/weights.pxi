@@ -5,7 +5,13 @@
 
 cdef extern from "qora/forward.h" nogil:
     int QORA_F32, QORA_F16, QORA_Q8, QORA_Q4
+    int QK
     size_t qora_row_bytes(int dtype, int cols)
+
+    ctypedef struct block_q4:
+        pass
+    ctypedef struct block_q8:
+        pass
 
     ctypedef struct block_q4x8:
         pass
@@ -37,7 +43,24 @@ cdef extern from "qora/forward.h" nogil:
         const float* inv_freq
         qora_layer* layers
 
-DTYPES = {"f32": QORA_F32, "f16": QORA_F16, "q8": QORA_Q8, "q4": QORA_Q4}
+from qora.dtypes import WEIGHT_TYPES as _WEIGHT_TYPES
+
+DTYPES = {name: t.c_id for name, t in _WEIGHT_TYPES.items()}  # name -> enum qora_dtype
+
+
+def c_weight_types():
+    """The C side of the weight-type table, as compiled (tests/test_dtypes.py compares it with
+    qora/dtypes.py): the enum values, QK and the block struct sizes."""
+    return {
+        "enum": {"QORA_F32": QORA_F32, "QORA_F16": QORA_F16, "QORA_Q8": QORA_Q8, "QORA_Q4": QORA_Q4},
+        "QK": QK,
+        "sizeof": {"block_q8": sizeof(block_q8), "block_q4": sizeof(block_q4)},
+    }
+
+
+def c_row_bytes(int dtype, int cols):
+    """qora_row_bytes as compiled: bytes of one row of `cols` elements of enum value `dtype`."""
+    return qora_row_bytes(dtype, cols)
 
 
 cdef qora_tensor _tensor(str dtype, int rows, int cols, const uint8_t[::1] data, str what) except *:
@@ -49,8 +72,9 @@ cdef qora_tensor _tensor(str dtype, int rows, int cols, const uint8_t[::1] data,
     t.dtype = DTYPES[dtype]
     if rows <= 0 or cols <= 0:
         raise ValueError(f"{what}: bad shape ({rows}, {cols})")
-    if (t.dtype == QORA_Q4 or t.dtype == QORA_Q8) and cols % 32 != 0:
-        raise ValueError(f"{what}: {dtype} needs a column count that is a multiple of 32, got {cols}")
+    block = _WEIGHT_TYPES[dtype].block
+    if cols % block != 0:
+        raise ValueError(f"{what}: {dtype} needs a column count that is a multiple of {block}, got {cols}")
     t.rows = rows
     t.cols = cols
     t.row_bytes = qora_row_bytes(t.dtype, cols)
