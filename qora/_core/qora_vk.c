@@ -828,13 +828,21 @@ int qvk_run_kernel(qvk_ctx* c, const char* name, const uint32_t* spec, int n_spe
 /* Bytes of one stored row in the file, and of a packed matrix of `rows` rows on the device. */
 static size_t qvk_file_row_bytes(int dtype, int cols) { return qora_row_bytes(dtype, cols); }
 
+static int qvk_is_quant(int dtype) { return dtype == QORA_Q4 || dtype == QORA_Q8; }
+
+/* enum qora_dtype -> the name qora/dtypes.py gives it, which also names the shaders (matvec_q4, embed_f16, ...) */
+static const char* const qvk_dtype_names[] = {"f32", "f16", "q8", "q4"};
+static const char* qvk_dtype_name(int d) {
+    return d >= 0 && d < (int)(sizeof qvk_dtype_names / sizeof *qvk_dtype_names) ? qvk_dtype_names[d] : "?";
+}
+
 static size_t qvk_quant_bytes(int dtype, int rows, int cols) { /* the 16-byte-aligned quant region */
     return (size_t)rows * (size_t)(cols / QK) * (dtype == QORA_Q4 ? 16 : 32);
 }
 
 size_t qvk_packed_bytes(int dtype, int rows, int cols) {
     size_t b;
-    if (dtype == QORA_Q4 || dtype == QORA_Q8)
+    if (qvk_is_quant(dtype))
         b = qvk_quant_bytes(dtype, rows, cols) + (size_t)rows * (size_t)(cols / QK) * 2;
     else
         b = (size_t)rows * (size_t)cols * (dtype == QORA_F16 ? 2 : 4);
@@ -965,20 +973,14 @@ typedef struct {
 
 static int qvk_chunk_rows(const qvk_ctx* c, int dtype, int rows, int cols) {
     /* the most rows whose packed matrix fits one storage-buffer binding (packing pads by < 32 bytes) */
-    const size_t per_row = dtype == QORA_Q4   ? (size_t)(cols / QK) * 18
-                           : dtype == QORA_Q8 ? (size_t)(cols / QK) * 34
-                                              : (size_t)cols * (dtype == QORA_F16 ? 2 : 4);
+    const size_t per_row = qvk_file_row_bytes(dtype, cols);
     const size_t limit = c->info.max_storage_buffer_range;
-    const size_t k = limit > 32 ? (limit - 32) / per_row : 0;
+    const size_t k = limit > 32 && per_row ? (limit - 32) / per_row : 0;
     return k >= (size_t)rows ? rows : (int)k;
 }
 
 static int qvk_matrix_dtype_ok(const qora_tensor* t, int rows, int cols) {
     return t->data && t->rows == rows && t->cols == cols && qvk_shape_ok(t->dtype, cols);
-}
-
-static const char* qvk_dtype_name(int d) {
-    return d == QORA_Q4 ? "q4" : d == QORA_Q8 ? "q8" : d == QORA_F16 ? "f16" : d == QORA_F32 ? "f32" : "?";
 }
 
 /* Check the model can run here and add up the device memory it takes. */
@@ -1132,7 +1134,7 @@ static const uint8_t* qvk_part_row(const qvk_part* parts, int n_parts, size_t ro
 static int qvk_upload_matrix(qvk_model* m, qvk_matrix* M, const qvk_part* parts, int n_parts, qvk_buffer* stage,
                              VkCommandBuffer cb, char* err, size_t n) {
     qvk_ctx* c = m->c;
-    const int quant = M->dtype == QORA_Q4 || M->dtype == QORA_Q8;
+    const int quant = qvk_is_quant(M->dtype);
     const size_t frb = qvk_file_row_bytes(M->dtype, M->cols);
     const size_t qrow = quant ? qvk_quant_bytes(M->dtype, 1, M->cols) : frb; /* quant bytes per row */
     const size_t srow = quant ? (size_t)(M->cols / QK) * 2 : 0;             /* scale bytes per row */
@@ -1189,53 +1191,53 @@ static int qvk_upload_f32(qvk_model* m, qvk_buffer* dst, const float* src, size_
     return qvk_submit_wait(c, cb, err, n);
 }
 
-int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, const qvk_model_opts* o,
-                     qvk_model** out, char* err, size_t n) {
-    *out = NULL;
-    qvk_plan_t plan;
-    int rc = qvk_plan(c, cfg, w, o, &plan, err, n);
-    if (rc) return rc;
-    qvk_model* m = calloc(1, sizeof *m);
-    if (!m) return qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
+/* The model's sizes and tuning: the config, the plan's batch, the options clamped to what the shaders take. */
+static void qvk_model_settings(qvk_model* m, qvk_ctx* c, const qora_config* cfg, const qvk_model_opts* o,
+                               const qvk_plan_t* plan) {
     m->c = c;
     m->cfg = *cfg;
     m->cfg.max_seq_len = o->max_seq_len;
-    const int D = cfg->dim, H = cfg->hidden_dim, V = cfg->vocab_size, NL = cfg->n_layers;
+    const int D = cfg->dim, H = cfg->hidden_dim;
     m->q_dim = cfg->n_heads * cfg->head_dim;
     m->kv_dim = cfg->n_kv_heads * cfg->head_dim;
     m->qkv_dim = m->q_dim + 2 * m->kv_dim;
     m->widest = D > m->q_dim ? D : m->q_dim;
     if (H > m->widest) m->widest = H;
-    m->batch = plan.batch;
-    m->logit_rows = plan.logit_rows;
+    m->batch = plan->batch;
+    m->logit_rows = plan->logit_rows;
     m->mv_threads = o->mv_threads > 0 ? (o->mv_threads > 256 ? 256 : o->mv_threads) : 0;
     m->mv_rows = o->mv_rows > 0 ? (o->mv_rows > 16 ? 16 : o->mv_rows) : 0;
     m->gu_rows = o->gu_rows > 0 ? (o->gu_rows > 16 ? 16 : o->gu_rows) : 0;
     /* one pass without splits while the context is short: 4 positions per thread of QVK_ATT_THREADS */
     m->att_short = o->att_short < 0 ? QVK_ATT_SHORT : (uint32_t)o->att_short;
     if (m->att_short > 4 * QVK_ATT_THREADS) m->att_short = 4 * QVK_ATT_THREADS;
+    /* decode attention workgroups: about 128 (an H100 timed 8 splits of 16 heads faster than 4 or 16:
+       more splits make the merge longer, fewer the positions per workgroup) */
+    m->att_splits = o->att_splits > 0 ? o->att_splits : 128 / cfg->n_heads;
+    if (m->att_splits < 1) m->att_splits = 1;
+    if (m->att_splits > 32) m->att_splits = 32;
+    m->act_w = ((uint32_t)m->widest + 127u) & ~127u;
+    m->act_half = m->act_w + m->act_w / 4 + m->act_w / 16;
+    m->int_dot = c->info.int_dot && (o->int_dot > 0 || (o->int_dot < 0 && c->info.int_dot_fast));
     m->fail_after = o->fail_after;
     m->kv_f16 = o->kv_f16 ? 1 : 0;
     m->chunk_rows = o->chunk_rows;
-    m->sets.pool_sets = (uint32_t)(NL * 24 + 64);
-    m->inv_freq = malloc((size_t)cfg->head_dim / 2 * sizeof(float));
-    m->layers = calloc((size_t)NL, sizeof *m->layers);
-    if (!m->inv_freq || !m->layers) {
-        qvk_model_destroy(m);
-        return qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
-    }
-    memcpy(m->inv_freq, w->inv_freq, (size_t)cfg->head_dim / 2 * sizeof(float));
+    m->sets.pool_sets = (uint32_t)(cfg->n_layers * 24 + 64);
+}
 
-    /* 1. every device buffer first: a model that does not fit fails here, before any upload */
-    const size_t B = (size_t)m->batch;
-    rc = qvk_matrix_alloc(m, &m->embed, w->tok_embeddings.dtype, V, D, m->chunk_rows, err, n);
+/* Device buffers of the weights and of each layer's KV cache. */
+static int qvk_alloc_weights(qvk_model* m, const qora_weights* w, char* err, size_t n) {
+    qvk_ctx* c = m->c;
+    const int D = m->cfg.dim, H = m->cfg.hidden_dim, V = m->cfg.vocab_size;
+    int rc = qvk_matrix_alloc(m, &m->embed, w->tok_embeddings.dtype, V, D, m->chunk_rows, err, n);
     if (!rc && w->output.data != w->tok_embeddings.data) {
         rc = qvk_matrix_alloc(m, &m->output_own, w->output.dtype, V, D, m->chunk_rows, err, n);
         m->output = &m->output_own;
     } else {
         m->output = &m->embed;
     }
-    for (int l = 0; l < NL && !rc; l++) {
+    const size_t kv_bytes = (size_t)m->cfg.max_seq_len * m->kv_dim * (m->kv_f16 ? 2 : 4);
+    for (int l = 0; l < m->cfg.n_layers && !rc; l++) {
         const qora_layer* S = &w->layers[l];
         qvk_layer* L = &m->layers[l];
         L->use_rope = S->use_rope;
@@ -1246,46 +1248,51 @@ int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, 
         if (!rc) rc = qvk_matrix_alloc(m, &L->wdown, S->w_down.dtype, D, H, 0, err, n);
         if (!rc) rc = qvk_buffer_new(c, (size_t)D * 4, QVK_MEM_DEVICE, &L->attn_norm, err, n);
         if (!rc) rc = qvk_buffer_new(c, (size_t)D * 4, QVK_MEM_DEVICE, &L->ffn_norm, err, n);
-        const size_t kv_bytes = (size_t)o->max_seq_len * m->kv_dim * (m->kv_f16 ? 2 : 4);
         if (!rc) rc = qvk_buffer_new(c, kv_bytes, QVK_MEM_DEVICE, &L->kc, err, n);
         if (!rc) rc = qvk_buffer_new(c, kv_bytes, QVK_MEM_DEVICE, &L->vc, err, n);
     }
     if (!rc) rc = qvk_buffer_new(c, (size_t)D * 4, QVK_MEM_DEVICE, &m->norm, err, n);
-    if (!rc) rc = qvk_buffer_new(c, B * D * 4, QVK_MEM_DEVICE, &m->x, err, n);
+    return rc;
+}
+
+/* A timestamp query pool for the decode profile, only where the queue has timestamps (else the
+   profile stays empty). */
+static void qvk_profile_pool(qvk_model* m) {
+    qvk_ctx* c = m->c;
+    uint32_t nq = 0;
+    c->f->vkGetPhysicalDeviceQueueFamilyProperties(c->pd, &nq, NULL);
+    VkQueueFamilyProperties* qf = calloc(nq + 1, sizeof *qf);
+    if (qf) c->f->vkGetPhysicalDeviceQueueFamilyProperties(c->pd, &nq, qf);
+    if (qf && c->family < nq && qf[c->family].timestampValidBits) {
+        VkQueryPoolCreateInfo qi = {VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO};
+        qi.queryType = VK_QUERY_TYPE_TIMESTAMP;
+        qi.queryCount = QVK_PROFILE_MAX;
+        if (c->f->vkCreateQueryPool(c->dev, &qi, NULL, &m->qpool) != VK_SUCCESS) m->qpool = VK_NULL_HANDLE;
+        m->ts_period = c->limits.timestampPeriod;
+    }
+    free(qf);
+}
+
+/* Scratch (shapes per prefill batch), attention splits, decode inputs and counters, the host-visible
+   buffers and the two command buffers. */
+static int qvk_alloc_scratch(qvk_model* m, int profile, char* err, size_t n) {
+    qvk_ctx* c = m->c;
+    const qora_config* cfg = &m->cfg;
+    const size_t B = (size_t)m->batch, D = (size_t)cfg->dim, H = (size_t)cfg->hidden_dim, V = (size_t)cfg->vocab_size;
+    int rc = qvk_buffer_new(c, B * D * 4, QVK_MEM_DEVICE, &m->x, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * m->widest * 4, QVK_MEM_DEVICE, &m->xn, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * (m->widest / 32 + 1) * 4, QVK_MEM_DEVICE, &m->xs, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * m->qkv_dim * 4, QVK_MEM_DEVICE, &m->qkv, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * m->q_dim * 4, QVK_MEM_DEVICE, &m->att, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * 2 * H * 4, QVK_MEM_DEVICE, &m->gu, err, n);
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->logit_rows * V * 4, QVK_MEM_DEVICE, &m->logits, err, n);
-    /* decode attention workgroups: about 128 (an H100 timed 8 splits of 16 heads faster than 4 or 16:
-       more splits make the merge longer, fewer the positions per workgroup) */
-    m->att_splits = o->att_splits > 0 ? o->att_splits : 128 / cfg->n_heads;
-    if (m->att_splits < 1) m->att_splits = 1;
-    if (m->att_splits > 32) m->att_splits = 32;
     if (!rc) rc = qvk_buffer_new(c, (size_t)cfg->n_heads * m->att_splits * (cfg->head_dim + 2) * 4, QVK_MEM_DEVICE,
                                  &m->att_part, err, n);
     if (!rc) rc = qvk_buffer_new(c, (size_t)cfg->n_heads * 4, QVK_MEM_DEVICE, &m->att_done, err, n);
-    m->act_w = ((uint32_t)m->widest + 127u) & ~127u;
-    m->act_half = m->act_w + m->act_w / 4 + m->act_w / 16;
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->act_half * 2 * 4, QVK_MEM_DEVICE, &m->act, err, n);
     /* slot 0: whole-dispatch epilogues; 1 + b: per-Q8-block ones */
     if (!rc) rc = qvk_buffer_new(c, ((size_t)m->act_w / 32 + 8) * 4, QVK_MEM_DEVICE, &m->cnt, err, n);
-    m->int_dot = c->info.int_dot && (o->int_dot > 0 || (o->int_dot < 0 && c->info.int_dot_fast));
-    if (!rc && o->profile) { /* only where the queue has timestamps; else the profile stays empty */
-        uint32_t nq = 0;
-        c->f->vkGetPhysicalDeviceQueueFamilyProperties(c->pd, &nq, NULL);
-        VkQueueFamilyProperties* qf = calloc(nq + 1, sizeof *qf);
-        if (qf) c->f->vkGetPhysicalDeviceQueueFamilyProperties(c->pd, &nq, qf);
-        if (qf && c->family < nq && qf[c->family].timestampValidBits) {
-            VkQueryPoolCreateInfo qi = {VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO};
-            qi.queryType = VK_QUERY_TYPE_TIMESTAMP;
-            qi.queryCount = QVK_PROFILE_MAX;
-            if (c->f->vkCreateQueryPool(c->dev, &qi, NULL, &m->qpool) != VK_SUCCESS) m->qpool = VK_NULL_HANDLE;
-            m->ts_period = c->limits.timestampPeriod;
-        }
-        free(qf);
-    }
+    if (!rc && profile) qvk_profile_pool(m);
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->logit_rows * V * 4, QVK_MEM_READBACK, &m->readback, err, n);
     if (!rc) rc = qvk_buffer_new(c, (4 + B) * 4, QVK_MEM_UPLOAD, &m->params, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * cfg->head_dim * 4, QVK_MEM_UPLOAD, &m->rope, err, n);
@@ -1294,47 +1301,79 @@ int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, 
         m->cb_prefill = qvk_cmd_new(c);
         if (!m->cb_decode || !m->cb_prefill) rc = qvk_fail(err, n, QVK_ERR_VK, "vkAllocateCommandBuffers failed");
     }
+    return rc;
+}
 
-    /* 2. upload through a staging buffer: weights packed to the device layout on the way */
-    qvk_buffer stage = {0};
-    if (!rc) {
-        size_t sz = (size_t)64 << 20, need = (size_t)D * 4 + 64;
-        if (need > sz) sz = need;
-        rc = qvk_buffer_new(c, sz, QVK_MEM_STAGING, &stage, err, n);
-    }
-    VkCommandBuffer cb = m->cb_prefill;
-    if (!rc) {
-        qvk_part p = {w->tok_embeddings.data, V};
-        rc = qvk_upload_matrix(m, &m->embed, &p, 1, &stage, cb, err, n);
-    }
+/* Every weight through the staging buffer, packed to the device layout on the way. */
+static int qvk_upload_weights(qvk_model* m, const qora_weights* w, qvk_buffer* stage, VkCommandBuffer cb, char* err,
+                              size_t n) {
+    const int D = m->cfg.dim, H = m->cfg.hidden_dim, V = m->cfg.vocab_size;
+    qvk_part emb = {w->tok_embeddings.data, V};
+    int rc = qvk_upload_matrix(m, &m->embed, &emb, 1, stage, cb, err, n);
     if (!rc && m->output == &m->output_own) {
         qvk_part p = {w->output.data, V};
-        rc = qvk_upload_matrix(m, &m->output_own, &p, 1, &stage, cb, err, n);
+        rc = qvk_upload_matrix(m, &m->output_own, &p, 1, stage, cb, err, n);
     }
-    for (int l = 0; l < NL && !rc; l++) {
+    for (int l = 0; l < m->cfg.n_layers && !rc; l++) {
         const qora_layer* S = &w->layers[l];
         qvk_layer* L = &m->layers[l];
         qvk_part qkv[3] = {{S->wq.data, m->q_dim}, {S->wk.data, m->kv_dim}, {S->wv.data, m->kv_dim}};
         qvk_part gu[2] = {{S->w_gate.data, H}, {S->w_up.data, H}};
         qvk_part wo = {S->wo.data, D}, down = {S->w_down.data, D};
-        rc = qvk_upload_matrix(m, &L->wqkv, qkv, 3, &stage, cb, err, n);
-        if (!rc) rc = qvk_upload_matrix(m, &L->wo, &wo, 1, &stage, cb, err, n);
-        if (!rc) rc = qvk_upload_matrix(m, &L->wgu, gu, 2, &stage, cb, err, n);
-        if (!rc) rc = qvk_upload_matrix(m, &L->wdown, &down, 1, &stage, cb, err, n);
-        if (!rc) rc = qvk_upload_f32(m, &L->attn_norm, S->attn_norm, (size_t)D, &stage, cb, err, n);
-        if (!rc) rc = qvk_upload_f32(m, &L->ffn_norm, S->ffn_norm, (size_t)D, &stage, cb, err, n);
+        rc = qvk_upload_matrix(m, &L->wqkv, qkv, 3, stage, cb, err, n);
+        if (!rc) rc = qvk_upload_matrix(m, &L->wo, &wo, 1, stage, cb, err, n);
+        if (!rc) rc = qvk_upload_matrix(m, &L->wgu, gu, 2, stage, cb, err, n);
+        if (!rc) rc = qvk_upload_matrix(m, &L->wdown, &down, 1, stage, cb, err, n);
+        if (!rc) rc = qvk_upload_f32(m, &L->attn_norm, S->attn_norm, (size_t)D, stage, cb, err, n);
+        if (!rc) rc = qvk_upload_f32(m, &L->ffn_norm, S->ffn_norm, (size_t)D, stage, cb, err, n);
     }
-    if (!rc) rc = qvk_upload_f32(m, &m->norm, w->norm, (size_t)D, &stage, cb, err, n);
-    if (!rc) { /* the split counters start at zero; the merging workgroup resets its own */
-        if (qvk_cmd_begin(c, cb, 1) != VK_SUCCESS) rc = qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
-        if (!rc) {
-            c->f->vkCmdFillBuffer(cb, m->att_done.buf, 0, VK_WHOLE_SIZE, 0);
-            c->f->vkCmdFillBuffer(cb, m->cnt.buf, 0, VK_WHOLE_SIZE, 0);
-            if (c->f->vkEndCommandBuffer(cb) != VK_SUCCESS) rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
-        }
-        if (!rc) rc = qvk_submit_wait(c, cb, err, n);
+    if (!rc) rc = qvk_upload_f32(m, &m->norm, w->norm, (size_t)D, stage, cb, err, n);
+    return rc;
+}
+
+/* The split counters start at zero; the merging workgroup resets its own. */
+static int qvk_zero_counters(qvk_model* m, VkCommandBuffer cb, char* err, size_t n) {
+    qvk_ctx* c = m->c;
+    if (qvk_cmd_begin(c, cb, 1) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
+    c->f->vkCmdFillBuffer(cb, m->att_done.buf, 0, VK_WHOLE_SIZE, 0);
+    c->f->vkCmdFillBuffer(cb, m->cnt.buf, 0, VK_WHOLE_SIZE, 0);
+    if (c->f->vkEndCommandBuffer(cb) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
+    return qvk_submit_wait(c, cb, err, n);
+}
+
+/* Fill the device buffers: weights and norms uploaded, counters zeroed (on the prefill command buffer,
+   not yet recorded). */
+static int qvk_model_fill(qvk_model* m, const qora_weights* w, char* err, size_t n) {
+    qvk_buffer stage = {0};
+    size_t sz = (size_t)64 << 20, need = (size_t)m->cfg.dim * 4 + 64;
+    if (need > sz) sz = need;
+    int rc = qvk_buffer_new(m->c, sz, QVK_MEM_STAGING, &stage, err, n);
+    if (!rc) rc = qvk_upload_weights(m, w, &stage, m->cb_prefill, err, n);
+    if (!rc) rc = qvk_zero_counters(m, m->cb_prefill, err, n);
+    if (stage.buf) qvk_buffer_free(m->c, &stage);
+    return rc;
+}
+
+int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, const qvk_model_opts* o,
+                     qvk_model** out, char* err, size_t n) {
+    *out = NULL;
+    qvk_plan_t plan;
+    int rc = qvk_plan(c, cfg, w, o, &plan, err, n);
+    if (rc) return rc;
+    qvk_model* m = calloc(1, sizeof *m);
+    if (!m) return qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
+    qvk_model_settings(m, c, cfg, o, &plan);
+    m->inv_freq = malloc((size_t)cfg->head_dim / 2 * sizeof(float));
+    m->layers = calloc((size_t)cfg->n_layers, sizeof *m->layers);
+    if (!m->inv_freq || !m->layers) {
+        qvk_model_destroy(m);
+        return qvk_fail(err, n, QVK_ERR_OOM, "out of host memory");
     }
-    if (stage.buf) qvk_buffer_free(c, &stage);
+    memcpy(m->inv_freq, w->inv_freq, (size_t)cfg->head_dim / 2 * sizeof(float));
+    /* every device buffer first: a model that does not fit fails here, before any upload */
+    rc = qvk_alloc_weights(m, w, err, n);
+    if (!rc) rc = qvk_alloc_scratch(m, o->profile, err, n);
+    if (!rc) rc = qvk_model_fill(m, w, err, n);
     if (rc) {
         qvk_model_destroy(m);
         return rc;
@@ -1347,10 +1386,6 @@ int qvk_model_batch(const qvk_model* m) { return m->batch; }
 int qvk_model_logit_rows(const qvk_model* m) { return m->logit_rows; }
 
 /* ---------------------------------------------------------------- recording */
-
-static const char* const qvk_dt_suffix[4] = {"f32", "f16", "q8", "q4"};
-
-static int qvk_is_quant(int dtype) { return dtype == QORA_Q4 || dtype == QORA_Q8; }
 
 enum { QVK_STORE = 0, QVK_ADD = 1, QVK_SWIGLU = 2, QVK_QKV = 3 };
 
@@ -1406,7 +1441,7 @@ static uint32_t qvk_mv_rows(const qvk_model* m, int mode) {
    2048-wide Q4 row is exactly 64 blocks) */
 static uint32_t qvk_mv_threads(const qvk_model* m, int dtype, int cols) {
     if (m->mv_threads) return (uint32_t)m->mv_threads;
-    const int unit = dtype == QORA_Q4 || dtype == QORA_Q8 ? QK : dtype == QORA_F16 ? 8 : 4;
+    const int unit = qvk_is_quant(dtype) ? QK : dtype == QORA_F16 ? 8 : 4;
     const int want = (cols / unit + 2) / 3;
     uint32_t t = 64;
     while ((int)t < want && t < 256) t *= 2;
@@ -1449,7 +1484,7 @@ static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, uint32_t i
     qvk_model* m = R->m;
     char name[32];
     const int dot = m->int_dot && qvk_is_quant(M->dtype);
-    snprintf(name, sizeof name, "matvec_%s%s", qvk_dt_suffix[M->dtype], dot ? "_dot" : "");
+    snprintf(name, sizeof name, "matvec_%s%s", qvk_dtype_name(M->dtype), dot ? "_dot" : "");
     const uint32_t rows_per = qvk_mv_rows(m, mode);
     const uint32_t spec[5] = {qvk_mv_threads(m, M->dtype, M->cols), rows_per, (uint32_t)mode, (uint32_t)epi,
                               (uint32_t)m->kv_f16};
@@ -1489,7 +1524,7 @@ static void qvk_rec_quant(qvk_rec* R, VkBuffer src, uint32_t off, uint32_t n_el,
 static void qvk_rec_matmul(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer x, uint32_t ldx, VkBuffer y,
                            uint32_t ldy, uint32_t n_tok) {
     char name[32];
-    snprintf(name, sizeof name, "matmul_%s", qvk_dt_suffix[M->dtype]);
+    snprintf(name, sizeof name, "matmul_%s", qvk_dtype_name(M->dtype));
     const uint32_t spec[2] = {0, (uint32_t)mode};
     for (int i = 0; i < M->n_chunks; i++) {
         const qvk_chunk* ch = &M->chunks[i];
@@ -1513,7 +1548,7 @@ static void qvk_rec_prep(qvk_rec* R, VkBuffer x, uint32_t n_el, uint32_t ld_in, 
 static void qvk_rec_embed(qvk_rec* R, uint32_t n_tok) {
     qvk_model* m = R->m;
     char name[32];
-    snprintf(name, sizeof name, "embed_%s", qvk_dt_suffix[m->embed.dtype]);
+    snprintf(name, sizeof name, "embed_%s", qvk_dtype_name(m->embed.dtype));
     for (int i = 0; i < m->embed.n_chunks; i++) {
         const qvk_chunk* ch = &m->embed.chunks[i];
         qvk_embed_push p = {(uint32_t)ch->rows, (uint32_t)m->embed.cols, (uint32_t)ch->r0, (uint32_t)m->cfg.dim};
