@@ -317,27 +317,7 @@ def _cfg_float(hf: dict, key: str, where, default: float) -> float:
 
 def normalize_hf_config(hf: dict, where) -> dict:
     """config.json of a Llama / SmolLM3 checkpoint -> qora's normalized config (what format.validate_config checks)."""
-    archs = hf.get("architectures") or []
-    model_type = hf.get("model_type")
-    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-        raise ConfigError(f"{where}: config.json architectures must be a list of names, got {archs!r}")
-    arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
-    if arch is None and model_type in HF_ARCHITECTURES.values():
-        arch = model_type
-    if arch is None:
-        what = archs[0] if archs else model_type
-        raise ConfigError(f"{where}: unsupported architecture {what} (qora supports llama, smollm3)")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (qora runs SwiGLU/silu)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConfigError(f"{where}: attention/MLP biases are not supported")
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError(f"{where}: partial rotary embeddings are not supported")
-    layer_types = hf.get("layer_types") or []
-    if not isinstance(layer_types, list):
-        raise ConfigError(f"{where}: config.json layer_types must be a list")
-    if "sliding_attention" in layer_types or (hf.get("use_sliding_window") and hf.get("sliding_window")):
-        raise ConfigError(f"{where}: sliding-window attention is not supported")
+    arch = _hf_architecture(hf, where)
     dim = _cfg_int(hf, "hidden_size", where)
     n_layers = _check_limit("n_layers", _cfg_int(hf, "num_hidden_layers", where), where)
     n_heads = _cfg_int(hf, "num_attention_heads", where)
@@ -351,35 +331,9 @@ def normalize_hf_config(hf: dict, where) -> dict:
     hidden_dim = _cfg_int(hf, "intermediate_size", where)
     vocab_size = _cfg_int(hf, "vocab_size", where)
     norm_eps = _cfg_float(hf, "rms_norm_eps", where, 1e-6)
-    rope_params = hf.get("rope_parameters") or {}  # transformers >= 5 moves theta/scaling here
-    if not isinstance(rope_params, dict):
-        raise ConfigError(f"{where}: config.json rope_parameters must be an object")
-    # rope_theta as given (0 or negative is an error from validate_config, not the default)
-    rope_theta = (
-        _cfg_float(hf, "rope_theta", where, 0.0)
-        if hf.get("rope_theta") is not None
-        else _cfg_float(rope_params, "rope_theta", where, 10000.0)
-    )
+    rope_theta, rope_scaling = _hf_rope(hf, where)
     max_seq_len = _cfg_int(hf, "max_position_embeddings", where, default=2048)
-    rs = hf.get("rope_scaling") or rope_params
-    if not isinstance(rs, dict):
-        raise ConfigError(f"{where}: config.json rope_scaling must be null or an object, got {rs!r}")
-    rope_scaling = _normalize_rope_scaling(rs)
-    if rope_scaling is not None:
-        rope_scaling.pop("rope_theta", None)
-    if arch == "smollm3":
-        nrl = hf.get("no_rope_layers")
-        if nrl is not None:
-            if not isinstance(nrl, list) or not all(_is_int(v) or isinstance(v, bool) for v in nrl):
-                raise ConfigError(f"{where}: config.json no_rope_layers must be a list of 0/1 flags")
-            if len(nrl) < n_layers:
-                raise ConfigError(f"{where}: no_rope_layers has {len(nrl)} entries for {n_layers} layers")
-            rope_layers = [1 if int(v) else 0 for v in nrl[:n_layers]]
-        else:
-            interval = _cfg_int(hf, "no_rope_layer_interval", where, default=SMOLLM3_NOPE_INTERVAL)
-            rope_layers = [int((i + 1) % interval != 0) for i in range(n_layers)]
-    else:
-        rope_layers = [1] * n_layers
+    rope_layers = _hf_rope_layers(hf, where, arch, n_layers)
     tie = hf.get("tie_word_embeddings")
     if tie is None:
         tie = arch == "smollm3"  # the defaults of LlamaConfig (False) and SmolLM3Config (True)
@@ -403,6 +357,69 @@ def normalize_hf_config(hf: dict, where) -> dict:
     }
     validate_config(config, where)
     return config
+
+
+def _hf_architecture(hf: dict, where) -> str:
+    """The architecture (llama or smollm3), after refusing what qora does not run: other
+    activations, biases, partial rotary embeddings, sliding windows."""
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{where}: config.json architectures must be a list of names, got {archs!r}")
+    arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
+    if arch is None and model_type in HF_ARCHITECTURES.values():
+        arch = model_type
+    if arch is None:
+        what = archs[0] if archs else model_type
+        raise ConfigError(f"{where}: unsupported architecture {what} (qora supports llama, smollm3)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (qora runs SwiGLU/silu)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConfigError(f"{where}: attention/MLP biases are not supported")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{where}: partial rotary embeddings are not supported")
+    layer_types = hf.get("layer_types") or []
+    if not isinstance(layer_types, list):
+        raise ConfigError(f"{where}: config.json layer_types must be a list")
+    if "sliding_attention" in layer_types or (hf.get("use_sliding_window") and hf.get("sliding_window")):
+        raise ConfigError(f"{where}: sliding-window attention is not supported")
+    return arch
+
+
+def _hf_rope(hf: dict, where) -> tuple[float, dict | None]:
+    """(rope_theta, normalized rope_scaling) from config.json's top level or, since transformers 5,
+    its rope_parameters."""
+    rope_params = hf.get("rope_parameters") or {}
+    if not isinstance(rope_params, dict):
+        raise ConfigError(f"{where}: config.json rope_parameters must be an object")
+    # rope_theta as given (0 or negative is an error from validate_config, not the default)
+    rope_theta = (
+        _cfg_float(hf, "rope_theta", where, 0.0)
+        if hf.get("rope_theta") is not None
+        else _cfg_float(rope_params, "rope_theta", where, 10000.0)
+    )
+    rs = hf.get("rope_scaling") or rope_params
+    if not isinstance(rs, dict):
+        raise ConfigError(f"{where}: config.json rope_scaling must be null or an object, got {rs!r}")
+    rope_scaling = _normalize_rope_scaling(rs)
+    if rope_scaling is not None:
+        rope_scaling.pop("rope_theta", None)
+    return rope_theta, rope_scaling
+
+
+def _hf_rope_layers(hf: dict, where, arch: str, n_layers: int) -> list[int]:
+    """1 for each layer that applies RoPE: all of them, but SmolLM3's no-RoPE layers."""
+    if arch != "smollm3":
+        return [1] * n_layers
+    nrl = hf.get("no_rope_layers")
+    if nrl is None:
+        interval = _cfg_int(hf, "no_rope_layer_interval", where, default=SMOLLM3_NOPE_INTERVAL)
+        return [int((i + 1) % interval != 0) for i in range(n_layers)]
+    if not isinstance(nrl, list) or not all(_is_int(v) or isinstance(v, bool) for v in nrl):
+        raise ConfigError(f"{where}: config.json no_rope_layers must be a list of 0/1 flags")
+    if len(nrl) < n_layers:
+        raise ConfigError(f"{where}: no_rope_layers has {len(nrl)} entries for {n_layers} layers")
+    return [1 if int(v) else 0 for v in nrl[:n_layers]]
 
 
 def _hf_token_id(tok, value):
@@ -605,7 +622,7 @@ _GGUF_TOKEN_CONTROL, _GGUF_TOKEN_USER_DEFINED = 3, 4
 def gguf_tokenizer_json(fields: dict, where) -> str:
     """Rebuild a Hugging Face tokenizer.json from a GGUF's tokenizer.ggml.* metadata
     (byte-level BPE vocabularies, tokenizer.ggml.model == "gpt2")."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, decoders
 
     model = fields.get("tokenizer.ggml.model")
     if model != "gpt2":
@@ -619,46 +636,9 @@ def gguf_tokenizer_json(fields: dict, where) -> str:
     if not tokens or merges_raw is None:
         raise FormatError(f"{where}: GGUF has no tokenizer.ggml.tokens / merges")
     types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)  # a repeated string keeps its first id (llama.cpp pads with unique [PADn])
-    merges = []
-    for m in merges_raw:
-        sp = m.find(" ", 1)  # as llama.cpp: the first space after the first character separates the pair
-        if sp < 0:
-            raise FormatError(f"{where}: malformed merge {m!r}")
-        merges.append((m[:sp], m[sp + 1 :]))
-    ignore_merges = pre in _LLAMA3_PRE
-    try:
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False))
-    except Exception as e:
-        raise FormatError(f"{where}: GGUF vocabulary is inconsistent ({e})") from None
-
+    tok = _gguf_bpe(tokens, merges_raw, pre in _LLAMA3_PRE, where)
     add_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", False))
-    if pre in _LLAMA3_PRE:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=add_prefix, trim_offsets=True, use_regex=False),
-            ]
-        )
-    elif pre in _SMOLLM_PRE:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=add_prefix, trim_offsets=True, use_regex=True),
-            ]
-        )
-    elif pre in _GPT2_PRE:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix, trim_offsets=True, use_regex=True)
-    elif pre == "default":
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in _DEFAULT_REGEXES]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=add_prefix, trim_offsets=True, use_regex=False)]
-        )
-    else:
-        known = ", ".join(("default",) + _LLAMA3_PRE + _SMOLLM_PRE + _GPT2_PRE)
-        raise FormatError(f"{where}: GGUF pre-tokenizer {pre!r} is not supported (qora knows {known})")
+    tok.pre_tokenizer = _gguf_pre_tokenizer(pre, add_prefix, where)
     tok.decoder = decoders.ByteLevel()
 
     # Control tokens are special; user-defined ones are matched verbatim but decoded like text.
@@ -672,27 +652,79 @@ def gguf_tokenizer_json(fields: dict, where) -> str:
             if t == _GGUF_TOKEN_USER_DEFINED
         ]
     )
-
-    add_bos = fields.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)
-    add_eos = fields.get("tokenizer.ggml.add_eos_token", False)
-    bos, eos = fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id")
-    bos_tok = tokens[bos] if add_bos and bos is not None and 0 <= bos < len(tokens) else None
-    eos_tok = tokens[eos] if add_eos and eos is not None and 0 <= eos < len(tokens) else None
-    if bos_tok is not None or eos_tok is not None:  # what llama.cpp adds around a prompt
-
-        def seq(piece, type_id):  # e.g. ["<|begin_of_text|>:0", "$A:0"]
-            return [f"{t}:{type_id}" for t in (bos_tok, piece, eos_tok) if t is not None]
-
-        specials = [(t, i) for t, i in ((bos_tok, bos), (eos_tok, eos)) if t is not None]
-        tok.post_processor = processors.TemplateProcessing(
-            single=seq("$A", 0), pair=seq("$A", 0) + seq("$B", 1), special_tokens=list(dict.fromkeys(specials))
-        )
+    post = _gguf_post_processor(fields, tokens, pre)
+    if post is not None:
+        tok.post_processor = post
     # check that every id maps back to its GGUF token (fails on duplicate strings, which we report)
     for i, t in enumerate(tokens):
         if tok.id_to_token(i) != t:
             _warn(f"{where}: token {i} ({t!r}) is a duplicate and cannot be produced by the tokenizer")
             break
     return tok.to_str()
+
+
+def _gguf_bpe(tokens: list, merges_raw: list, ignore_merges: bool, where):
+    """A tokenizers BPE Tokenizer over the GGUF vocabulary and merges."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)  # a repeated string keeps its first id (llama.cpp pads with unique [PADn])
+    merges = []
+    for m in merges_raw:
+        sp = m.find(" ", 1)  # as llama.cpp: the first space after the first character separates the pair
+        if sp < 0:
+            raise FormatError(f"{where}: malformed merge {m!r}")
+        merges.append((m[:sp], m[sp + 1 :]))
+    try:
+        return Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False))
+    except Exception as e:
+        raise FormatError(f"{where}: GGUF vocabulary is inconsistent ({e})") from None
+
+
+def _gguf_pre_tokenizer(pre: str, add_prefix: bool, where):
+    """The pre-tokenizer llama.cpp applies for tokenizer.ggml.pre == `pre`."""
+    from tokenizers import Regex, pre_tokenizers
+
+    def byte_level(use_regex):
+        return pre_tokenizers.ByteLevel(add_prefix_space=add_prefix, trim_offsets=True, use_regex=use_regex)
+
+    if pre in _LLAMA3_PRE:
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated", invert=False), byte_level(False)]
+        )
+    if pre in _SMOLLM_PRE:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level(True)])
+    if pre in _GPT2_PRE:
+        return byte_level(True)
+    if pre == "default":
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in _DEFAULT_REGEXES]
+            + [byte_level(False)]
+        )
+    known = ", ".join(("default",) + _LLAMA3_PRE + _SMOLLM_PRE + _GPT2_PRE)
+    raise FormatError(f"{where}: GGUF pre-tokenizer {pre!r} is not supported (qora knows {known})")
+
+
+def _gguf_post_processor(fields: dict, tokens: list, pre: str):
+    """The BOS / EOS llama.cpp adds around a prompt, as a TemplateProcessing (None: nothing added)."""
+    from tokenizers import processors
+
+    add_bos = fields.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)
+    add_eos = fields.get("tokenizer.ggml.add_eos_token", False)
+    bos, eos = fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id")
+    bos_tok = tokens[bos] if add_bos and bos is not None and 0 <= bos < len(tokens) else None
+    eos_tok = tokens[eos] if add_eos and eos is not None and 0 <= eos < len(tokens) else None
+    if bos_tok is None and eos_tok is None:
+        return None
+
+    def seq(piece, type_id):  # e.g. ["<|begin_of_text|>:0", "$A:0"]
+        return [f"{t}:{type_id}" for t in (bos_tok, piece, eos_tok) if t is not None]
+
+    specials = [(t, i) for t, i in ((bos_tok, bos), (eos_tok, eos)) if t is not None]
+    return processors.TemplateProcessing(
+        single=seq("$A", 0), pair=seq("$A", 0) + seq("$B", 1), special_tokens=list(dict.fromkeys(specials))
+    )
 
 
 def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int, where) -> dict | None:
@@ -811,118 +843,153 @@ def gguf_prescan(path: Path, _keep_map: bool = False):
 
 
 def _gguf_prescan(mm, size, where, quant_sizes, qtypes):
+    """Parse the mapped GGUF file: preamble, metadata, tensor infos, then the data layout."""
+    n_tensors, n_kv = _gguf_preamble(mm, where)
+    cur = _GGUFCursor(mm, size, where)
+    fields, alignment = _gguf_metadata(cur, n_kv)
+    infos = _gguf_tensor_infos(cur, n_tensors, alignment, quant_sizes, qtypes)
+    data_start = (cur.pos + alignment - 1) // alignment * alignment
+    _gguf_check_layout(infos, data_start, size, where)
+    return fields, _gguf_tensor_views(mm, infos, data_start)
+
+
+def _gguf_preamble(mm, where) -> tuple[int, int]:
+    """Magic, version and byte order of the first 24 bytes; returns (tensor count, metadata count)."""
     if mm[:4] != b"GGUF":
         raise FormatError(f"{where}: not a GGUF file")
     (version,) = struct.unpack_from("<I", mm, 4)
     if not version & 0xFFFF:  # a big-endian file reads as version << 16 here
         raise FormatError(f"{where}: big-endian GGUF files are not supported")
-    bo = "<"
     if version not in (2, 3):
         raise FormatError(f"{where}: GGUF version {version} is not supported (qora reads versions 2 and 3)")
-    n_tensors, n_kv = struct.unpack_from(bo + "QQ", mm, 8)
+    n_tensors, n_kv = struct.unpack_from("<QQ", mm, 8)
     if n_tensors > limits.GGUF_MAX_TENSORS:
         raise FormatError(f"{where}: GGUF tensor count {n_tensors} exceeds the limit of {limits.GGUF_MAX_TENSORS}")
     if n_kv > limits.GGUF_MAX_KV:
         raise FormatError(f"{where}: GGUF metadata count {n_kv} exceeds the limit of {limits.GGUF_MAX_KV}")
-    pos = 24
-    what = "header"
-    total_elems = 0  # array elements over the whole metadata
+    return n_tensors, n_kv
 
-    def need(n: int) -> None:
-        if pos + n > size:
-            raise FormatError(f"{where}: truncated GGUF {what}: needs {pos + n} bytes, the file has {size}")
 
-    def read(fmt: str):
-        nonlocal pos
+class _GGUFCursor:
+    """Reads a GGUF header front to back from `pos`: every length is checked against the bytes left
+    before it is read. `what` names the part being read, for the error messages."""
+
+    def __init__(self, mm, size: int, where):
+        self.mm, self.size, self.where = mm, size, where
+        self.pos = 24
+        self.what = "header"
+        self.total_elems = 0  # array elements over the whole metadata
+
+    def need(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise FormatError(
+                f"{self.where}: truncated GGUF {self.what}: needs {self.pos + n} bytes, the file has {self.size}"
+            )
+
+    def read(self, fmt: str):
         n = struct.calcsize(fmt)
-        need(n)
-        v = struct.unpack_from(bo + fmt, mm, pos)
-        pos += n
+        self.need(n)
+        v = struct.unpack_from("<" + fmt, self.mm, self.pos)
+        self.pos += n
         return v[0] if len(v) == 1 else v
 
-    def string(limit: int = limits.GGUF_MAX_STRING) -> bytes:
-        nonlocal pos
-        n = read("Q")
+    def string(self, limit: int = limits.GGUF_MAX_STRING) -> bytes:
+        n = self.read("Q")
         if n > limit:
-            raise FormatError(f"{where}: GGUF {what}: string of {n} bytes exceeds the limit of {limit}")
-        need(n)
-        pos += n
-        return mm[pos - n : pos]
+            raise FormatError(f"{self.where}: GGUF {self.what}: string of {n} bytes exceeds the limit of {limit}")
+        self.need(n)
+        self.pos += n
+        return self.mm[self.pos - n : self.pos]
 
-    def text(raw: bytes, kind: str) -> str:
+    def text(self, raw: bytes, kind: str) -> str:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise FormatError(f"{where}: GGUF {kind} {raw[:40]!r} is not valid UTF-8") from None
+            raise FormatError(f"{self.where}: GGUF {kind} {raw[:40]!r} is not valid UTF-8") from None
 
-    def finite(v):
+    def finite(self, v):
         if isinstance(v, float) and not math.isfinite(v):
-            raise FormatError(f"{where}: GGUF {what} is {v}, not a finite number")
+            raise FormatError(f"{self.where}: GGUF {self.what} is {v}, not a finite number")
         return v
 
+    def array(self, key: str) -> list:
+        """An array value: element type and count, both checked, then the elements."""
+        where, what = self.where, self.what
+        itype, count = self.read("I"), self.read("Q")
+        if count > limits.GGUF_MAX_ARRAY:
+            raise FormatError(f"{where}: GGUF {what}: array of {count} elements exceeds {limits.GGUF_MAX_ARRAY}")
+        self.total_elems += count
+        if self.total_elems > limits.GGUF_MAX_METADATA_ELEMENTS:
+            raise FormatError(
+                f"{where}: GGUF metadata arrays hold more than {limits.GGUF_MAX_METADATA_ELEMENTS} elements "
+                f"in all (at {key})"
+            )
+        if itype in _GGUF_SCALARS:
+            n = struct.calcsize(_GGUF_SCALARS[itype]) * count
+            self.need(n)
+            value = np.frombuffer(self.mm, dtype="<" + _GGUF_SCALARS[itype], count=count, offset=self.pos).tolist()
+            self.pos += n
+            return value
+        if itype == _GGUF_STRING:
+            self.need(8 * count)  # every element has at least its length field
+            return [self.text(self.string(), what) for _ in range(count)]
+        if itype == _GGUF_ARRAY:
+            raise FormatError(f"{where}: GGUF {what}: nested arrays are not supported")
+        raise FormatError(f"{where}: GGUF {what}: unknown array element type {itype}")
+
+
+def _gguf_metadata(cur: _GGUFCursor, n_kv: int) -> tuple[dict, int]:
+    """The n_kv metadata entries, within the limits of qora.limits; returns (fields, alignment)."""
+    where = cur.where
     fields = {}
     alignment = 32
     for i in range(n_kv):
-        what = f"metadata entry {i}"
-        key = text(string(1 << 16), "metadata key name")
+        cur.what = f"metadata entry {i}"
+        key = cur.text(cur.string(1 << 16), "metadata key name")
         if key in fields:
             raise FormatError(f"{where}: GGUF metadata {key} appears twice")
-        what = f"metadata {key}"
-        vtype = read("I")
+        cur.what = f"metadata {key}"
+        vtype = cur.read("I")
         if vtype in _GGUF_SCALARS:
-            value = finite(read(_GGUF_SCALARS[vtype]))
+            value = cur.finite(cur.read(_GGUF_SCALARS[vtype]))
             if key == "general.alignment":
                 if vtype != 4 or value == 0 or value & (value - 1) or value > 1 << 16:
                     raise FormatError(f"{where}: GGUF general.alignment must be a uint32 power of two, got {value}")
                 alignment = value
         elif vtype == _GGUF_STRING:
-            value = text(string(), what)
+            value = cur.text(cur.string(), cur.what)
         elif vtype == _GGUF_ARRAY:
-            itype, count = read("I"), read("Q")
-            if count > limits.GGUF_MAX_ARRAY:
-                raise FormatError(f"{where}: GGUF {what}: array of {count} elements exceeds {limits.GGUF_MAX_ARRAY}")
-            total_elems += count
-            if total_elems > limits.GGUF_MAX_METADATA_ELEMENTS:
-                raise FormatError(
-                    f"{where}: GGUF metadata arrays hold more than {limits.GGUF_MAX_METADATA_ELEMENTS} elements "
-                    f"in all (at {key})"
-                )
-            if itype in _GGUF_SCALARS:
-                n = struct.calcsize(_GGUF_SCALARS[itype]) * count
-                need(n)
-                value = np.frombuffer(mm, dtype=bo + _GGUF_SCALARS[itype], count=count, offset=pos).tolist()
-                pos += n
-            elif itype == _GGUF_STRING:
-                need(8 * count)  # every element has at least its length field
-                value = [text(string(), what) for _ in range(count)]
-            elif itype == _GGUF_ARRAY:
-                raise FormatError(f"{where}: GGUF {what}: nested arrays are not supported")
-            else:
-                raise FormatError(f"{where}: GGUF {what}: unknown array element type {itype}")
+            value = cur.array(key)
         else:
-            raise FormatError(f"{where}: GGUF {what}: unknown value type {vtype}")
-        if pos > limits.GGUF_MAX_METADATA_BYTES:
+            raise FormatError(f"{where}: GGUF {cur.what}: unknown value type {vtype}")
+        if cur.pos > limits.GGUF_MAX_METADATA_BYTES:
             raise FormatError(
                 f"{where}: GGUF metadata is larger than the {limits.GGUF_MAX_METADATA_BYTES} byte limit (at {key})"
             )
         fields[key] = value
+    return fields, alignment
 
+
+def _gguf_tensor_infos(cur: _GGUFCursor, n_tensors: int, alignment: int, quant_sizes, qtypes) -> list:
+    """Each tensor's name, type, dimensions and offset, checked; its byte size computed with Python
+    integers (no wrap-around). Returns [(name, qtype, dims, offset, nbytes, block, type_size)]."""
+    where = cur.where
     infos = []
     names = set()
     for i in range(n_tensors):
-        what = f"tensor info {i}"
-        name = text(string(1 << 16), "tensor name")
+        cur.what = f"tensor info {i}"
+        name = cur.text(cur.string(1 << 16), "tensor name")
         if name in names:
             raise FormatError(f"{where}: GGUF tensor {name} appears twice")
         names.add(name)
-        what = f"tensor {name}"
-        n_dims = read("I")
+        cur.what = f"tensor {name}"
+        n_dims = cur.read("I")
         if not 1 <= n_dims <= limits.GGUF_MAX_DIMS:
             raise FormatError(f"{where}: GGUF tensor {name} has {n_dims} dimensions (1..{limits.GGUF_MAX_DIMS})")
-        dims = [read("Q") for _ in range(n_dims)]
+        dims = [cur.read("Q") for _ in range(n_dims)]
         if any(not 1 <= d <= limits.MAX_TENSOR_DIM for d in dims):
             raise FormatError(f"{where}: GGUF tensor {name} has bad dimensions {dims}")
-        ttype, offset = read("I"), read("Q")
+        ttype, offset = cur.read("I"), cur.read("Q")
         try:
             qtype = qtypes(ttype)
             block, type_size = quant_sizes[qtype]
@@ -932,11 +999,15 @@ def _gguf_prescan(mm, size, where, quant_sizes, qtypes):
             raise FormatError(
                 f"{where}: GGUF tensor {name}: row length {dims[0]} is not a multiple of {qtype.name}'s block {block}"
             )
-        nbytes = math.prod(dims) // block * type_size  # Python integers: cannot wrap
+        nbytes = math.prod(dims) // block * type_size
         if offset % alignment:
             raise FormatError(f"{where}: GGUF tensor {name} offset {offset} is not a multiple of {alignment}")
         infos.append((name, qtype, dims, offset, nbytes, block, type_size))
-    data_start = (pos + alignment - 1) // alignment * alignment
+    return infos
+
+
+def _gguf_check_layout(infos: list, data_start: int, size: int, where) -> None:
+    """Every tensor inside the file, and no two overlapping."""
     spans = []
     for name, _, _, offset, nbytes, _, _ in infos:
         if data_start + offset + nbytes > size:
@@ -949,7 +1020,11 @@ def _gguf_prescan(mm, size, where, quant_sizes, qtypes):
     for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
         if start < end:
             raise FormatError(f"{where}: GGUF tensors {a} and {b} overlap")
-    tensors = []  # views into the map, made once everything is known to be inside it
+
+
+def _gguf_tensor_views(mm, infos: list, data_start: int) -> list[_GGUFTensor]:
+    """Zero-copy views into the map, made once everything is known to be inside it."""
+    tensors = []
     for name, qtype, dims, offset, nbytes, block, type_size in infos:
         np_dims = tuple(reversed(dims))
         if qtype.name in ("F32", "F16"):
@@ -959,7 +1034,7 @@ def _gguf_prescan(mm, size, where, quant_sizes, qtypes):
             data = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=data_start + offset)
             np_dims = (*np_dims[:-1], np_dims[-1] // block * type_size)
         tensors.append(_GGUFTensor(name, qtype, tuple(dims), data.reshape(np_dims)))
-    return fields, tensors
+    return tensors
 
 
 # Types the converter reads from GGUF metadata: key -> (python type, element type for lists)
@@ -1223,6 +1298,22 @@ def open_source(src):
     raise FormatError(f"{src}: not a Hugging Face model folder or a GGUF file")
 
 
+def _plan(cfg: dict, quant: str, embed_quant: str) -> list[tuple[str, str, tuple]]:
+    """(qora name, dtype, shape) of every tensor of the file: norms f32, the embedding and the
+    untied LM head embed_quant, the other matrices quant (f16 where a row is not whole blocks)."""
+    plan = []
+    for qname, (shape, _allowed) in expected_tensors(cfg).items():
+        if len(shape) == 1:
+            dtype = "f32"
+        else:
+            dtype = embed_quant if qname in EMBED_TENSORS else quant
+            if dtype in Q.BLOCK_BYTES and shape[1] % Q.QK:
+                _warn(f"{qname}: row length {shape[1]} is not a multiple of {Q.QK}; storing f16")
+                dtype = "f16"
+        plan.append((qname, dtype, shape))
+    return plan
+
+
 def convert(src, out, quant: str = "q4", progress: bool = True, embed_quant: str | None = None) -> Path:
     """Convert `src` (Hugging Face folder or GGUF file) to the .qora file `out`; returns its path.
 
@@ -1242,16 +1333,7 @@ def convert(src, out, quant: str = "q4", progress: bool = True, embed_quant: str
     source = open_source(src)
     try:
         cfg = source.config
-        plan = []
-        for qname, (shape, _allowed) in expected_tensors(cfg).items():
-            if len(shape) == 1:
-                dtype = "f32"
-            else:
-                dtype = embed_quant if qname in EMBED_TENSORS else quant
-                if dtype in Q.BLOCK_BYTES and shape[1] % Q.QK:
-                    _warn(f"{qname}: row length {shape[1]} is not a multiple of {Q.QK}; storing f16")
-                    dtype = "f16"
-            plan.append((qname, dtype, shape))
+        plan = _plan(cfg, quant, embed_quant)
         info = {"from": source.kind, "path": str(src), "quant": quant, "embed_quant": embed_quant}
         try:
             writer = QoraWriter(
