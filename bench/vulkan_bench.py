@@ -107,7 +107,7 @@ def warm(engine, pp: int, vocab: int, rng):
 
 
 def make_engine(qfile, context: int):
-    from qora.vulkan import VulkanEngine
+    from qora.engine import VulkanEngine
 
     return VulkanEngine(qfile, max_seq_len=context, required=True)
 
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         if icd:
             os.environ["VK_ICD_FILENAMES"] = icd
             print(f"using NVIDIA loader manifest {icd}", file=sys.stderr)
-    from qora import vulkan
+    from qora.engine import vulkan
     from qora.format import read_qora
 
     found = vulkan.devices()

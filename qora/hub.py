@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,8 +46,7 @@ IGNORE_PATTERNS = ["*/*"]  # top level only: subfolders hold other variants (onn
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _stderr(message: str) -> None:
-    print(f"qora: {message}", file=sys.stderr, flush=True)
+_log = logging.getLogger(__name__)  # progress lines when the caller gives no `log`
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -144,7 +143,7 @@ def pull(
     progress: bool = True,
 ) -> Path:
     """Download REPO_ID's checkpoint into the hub cache, convert it to `quant`, return the .qora path."""
-    log = log or _stderr
+    log = log or _log.info
     if not _REPO_ID.match(repo_id or ""):
         raise QoraError(f"{repo_id!r} is not a Hugging Face model id (expected ORG/NAME)")
     if quant not in QUANT_TYPES:

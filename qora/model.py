@@ -1,15 +1,13 @@
-"""The public Model: a memory-mapped .qora file, its tokenizer, and an engine."""
+"""The public Model: a memory-mapped .qora file, its tokenizer, and an engine (qora.engine.Engine).
+It is built by qora.loader.open_model (`qora.load`)."""
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from qora.errors import FormatError, QoraError
+from qora.errors import QoraError
 
 
 class Model:
@@ -111,42 +109,5 @@ class Model:
         c = self.config
         return (
             f"<qora.Model {self.path.name}: {c['architecture']} {c['n_layers']} layers, dim {c['dim']}, "
-            f"vocab {c['vocab_size']}, engine {getattr(self.engine, 'device', None)}>"
+            f"vocab {c['vocab_size']}, engine {self.engine.device}>"
         )
-
-
-def _engine_label(engine) -> str:
-    if getattr(engine, "device", "cpu") == "vulkan":
-        return f"gpu ({engine.device_name}, Vulkan)"
-    return f"cpu ({engine.isa}, {engine.n_threads} threads)"
-
-
-def load(path, threads=None, device="auto", max_seq_len=None, verbose=False) -> Model:
-    """Open a .qora file by mmap and build the engine for it."""
-    from qora.format import read_qora
-    from qora.tokenizer import Tokenizer
-    from qora.vulkan import make_engine
-
-    if device not in ("auto", "cpu", "gpu"):
-        raise QoraError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
-    path = os.fspath(path)
-    t0 = time.perf_counter()
-    qfile = read_qora(path)
-    try:
-        tokenizer = Tokenizer(qfile.tokenizer_json, qfile.chat_template, qfile.special_tokens, where=path)
-        if tokenizer.id_limit > qfile.config["vocab_size"]:  # ids past the embedding would reach the engine
-            raise FormatError(
-                f"{path}: tokenizer has token ids up to {tokenizer.id_limit - 1} but the model's vocab_size is "
-                f"{qfile.config['vocab_size']}"
-            )
-        engine = make_engine(qfile, device, threads=threads, max_seq_len=max_seq_len, verbose=verbose)
-    except BaseException:
-        qfile.close()
-        raise
-    model = Model(qfile, engine, tokenizer, load_seconds=time.perf_counter() - t0)
-    if verbose:
-        print(
-            f"qora: loaded {path} in {model.load_seconds:.2f}s on {_engine_label(engine)}",
-            file=sys.stderr,
-        )
-    return model

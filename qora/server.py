@@ -1052,9 +1052,8 @@ def main(argv: list[str]) -> int:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise QoraError(f"--cors {origin!r} is not an origin such as http://localhost:3000 (or '*')")
 
-    import qora
-    from qora.cli import resolve_model_path
     from qora.hub import looks_like_repo_id, split_spec
+    from qora.loader import load_model, resolve_model_path
 
     path = resolve_model_path(args.load)
     model_id = args.model_name or (
@@ -1063,10 +1062,7 @@ def main(argv: list[str]) -> int:
         else path.stem
     )
     sock = _bind(args.host, args.port)
-    load_kwargs = {"threads": args.threads, "device": "cpu" if args.cpu else "auto"}
-    if args.context is not None:
-        load_kwargs["max_seq_len"] = args.context
-    model = qora.load(path, **load_kwargs)
+    model = load_model(path, "cpu" if args.cpu else "auto", args.threads, args.context, verbose=args.verbose)
     try:
         host, port = sock.getsockname()[:2]
         bound = args.host.strip("[]")

@@ -231,14 +231,14 @@ def test_model_file_truncated_before_gpu_upload_fails_cleanly(model_file):
     """The Vulkan engine reads the mapping once, to upload it: a fault there refuses the load; a file
     changed after the upload leaves the device copy whole, and the CPU fallback (which would read
     the map again) refuses."""
-    from qora.vulkan import devices
+    from qora.engine.vulkan import devices
 
     if not any(d["usable"] for d in devices()):
         pytest.skip("no usable Vulkan device")
     path, backup = model_file
     body = """
     from qora.format import read_qora
-    from qora.vulkan import VulkanEngine
+    from qora.engine.vulkan import VulkanEngine
     qf = read_qora(path)
     os.truncate(path, size // 3)
     hide_from_stat(qf.guard)

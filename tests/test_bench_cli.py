@@ -83,7 +83,7 @@ def test_pp_zero_skips_prefill(models, capsys):
 
 
 def _gpu_usable() -> bool:
-    from qora import vulkan
+    from qora.engine import vulkan
 
     try:
         vulkan.choose_device(vulkan.devices(), required=True)

@@ -112,9 +112,9 @@ def test_bad_qora_threads_is_an_error(machine, monkeypatch, value):
 
 
 def test_one_definition():
-    from qora import engine
+    from qora.engine import cpu
 
-    assert engine.default_threads is system.default_threads and engine.physical_cores is system.physical_cores
+    assert cpu.default_threads is system.default_threads and cpu.physical_cores is system.physical_cores
 
 
 def test_engine_uses_the_default_and_honours_an_explicit_count(machine, monkeypatch, tmp_path):

@@ -16,8 +16,8 @@ import pytest
 from test_kernels import random_q4, random_q8, ref_quantize_q8
 
 import qora
-from qora import vulkan
 from qora._core import _cpu, _vulkan
+from qora.engine import vulkan
 from qora.errors import QoraError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -598,9 +598,7 @@ def test_fallback_no_loader(tiny, monkeypatch, capfd):
         assert m.engine.device == "cpu"
         assert m.generate(PROMPT, raw=True, greedy=True, max_tokens=24) == _cpu_text(tiny["q4"])
     assert capfd.readouterr().err == ""
-    from qora.model import load
-
-    load(tiny["q4"], max_seq_len=128, verbose=True).close()  # --verbose: one line says why
+    qora.load(tiny["q4"], max_seq_len=128, verbose=True).close()  # --verbose: one line says why
     err = capfd.readouterr().err
     assert "GPU not used (no Vulkan loader" in err and err.count("GPU not used") == 1
     with pytest.raises(QoraError, match="no usable GPU: no Vulkan loader"):

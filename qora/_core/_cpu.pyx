@@ -3,7 +3,7 @@
 translation unit that compiles it. Three layers (as in scikit-learn's _loss):
 C nogil primitives -> thin typed-memoryview wrappers that check every size
 before handing a pointer to C and release the GIL -> Python classes in
-qora/engine.py that validate user input. Kernel wrappers take an explicit ISA so
+qora/engine/ that validate user input. Kernel wrappers take an explicit ISA so
 tests can run each path; CpuModel holds the weights (views into the mmap) and
 the preallocated run state, and does one C call per forward."""
 
@@ -31,7 +31,7 @@ cdef extern from "qora/qora.h" nogil:
     int qora_amx_set_mode(int mode)
     int qora_amx_mode
     int qora_cpu_supports(const qora_cpu_features* f, int isa)
-    int QORA_ISA_SCALAR, QORA_ISA_AVX2, QORA_ISA_AVX512, QORA_ISA_COUNT
+    int QORA_ISA_SCALAR, QORA_ISA_AVX2, QORA_ISA_AVX2VNNI, QORA_ISA_AVX512, QORA_ISA_COUNT
     int QORA_OK, QORA_ERR_ARGS, QORA_ERR_TOKEN, QORA_ERR_CONTEXT, QORA_ERR_NOMEM
 
     ctypedef struct qora_kernels:
@@ -95,7 +95,22 @@ cdef extern from *:
     int qora_openmp_enabled()
     int qora_omp_max_threads()
 
-ISA_NAMES = ("scalar", "avx2", "avx2vnni", "avx512")  # the C enum qora_isa, in order
+from qora.engine.cpu import ISA_NAMES  # the one table of the paths' names, in the enum's order
+
+
+def c_isa_table():
+    """The C side of the ISA table, as compiled (tests/test_engine_protocol.py compares it with
+    ISA_NAMES): the enum qora_isa values, and the name each compiled kernel table gives itself."""
+    kernels = {}
+    for i in range(QORA_ISA_COUNT):
+        if qora_kernel_table(i) != NULL:
+            kernels[i] = qora_kernel_table(i).name.decode()
+    return {
+        "enum": {"QORA_ISA_SCALAR": QORA_ISA_SCALAR, "QORA_ISA_AVX2": QORA_ISA_AVX2,
+                 "QORA_ISA_AVX2VNNI": QORA_ISA_AVX2VNNI, "QORA_ISA_AVX512": QORA_ISA_AVX512},
+        "count": QORA_ISA_COUNT,
+        "kernels": kernels,
+    }
 
 
 # ------------------------------------------------------------------ CPU info

@@ -3,21 +3,26 @@
 Design: Python resolves everything that is policy (ISA path, thread count,
 context size, RoPE frequencies incl. YaRN) and hands the C engine plain
 numbers and pointers; the C side runs one forward per call with no allocation.
+Also here: the ISA table, what the CPU offers (`cpu_info`), and `FileGuard`, which keeps a model
+file changed under its memory map from crashing the process.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 
 import numpy as np
 
 from qora import limits
-from qora.errors import ContextOverflowError, ModelFileChangedError, QoraError
-from qora.system import default_threads, physical_cores  # defined once, in system.py (vulkan.py imports from here)
+from qora.engine.base import check_tokens, default_context, kv_cache_dtype, rope_parameters
+from qora.errors import ModelFileChangedError, QoraError
+from qora.system import default_threads, physical_cores
 
-ISA_NAMES = ("scalar", "avx2", "avx2vnni", "avx512")  # the C enum qora_isa, in order
+# The CPU kernel paths: the Python side of the C enum qora_isa (include/qora/cpu_features.h), in its
+# order (index = enum value). The compiled core takes its names from here; tests/test_engine_protocol.py
+# checks them against the C enum and kernel tables.
+ISA_NAMES = ("scalar", "avx2", "avx2vnni", "avx512")
 
 # Prefill is split into calls of this many tokens so Ctrl-C is honoured
 # between chunks (the C loop runs without the GIL and cannot be interrupted).
@@ -91,129 +96,6 @@ def amx_request() -> str:
     return "hw"
 
 
-def rope_parameters(cfg: dict) -> tuple[np.ndarray, float]:
-    """Inverse frequencies (head_dim/2,) and the cos/sin scale, as transformers computes them."""
-    dim = cfg["head_dim"]
-    base = float(cfg["rope_theta"])
-    exps = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    pos_freqs = np.float32(base) ** exps
-    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
-    rs = cfg.get("rope_scaling") or None
-    kind = (rs or {}).get("rope_type", (rs or {}).get("type", "default"))
-    if not rs or kind == "default":
-        return inv_freq, 1.0
-    if kind == "linear":
-        return (inv_freq / np.float32(rs["factor"])).astype(np.float32), 1.0
-    if kind == "llama3":
-        return _llama3_inv_freq(inv_freq, rs), 1.0
-    if kind != "yarn":
-        raise QoraError(f"unsupported rope_scaling type {kind!r} (qora supports default, linear, llama3, yarn)")
-    factor = float(rs["factor"])
-    max_pos = int(cfg["max_seq_len"])
-    if rs.get("original_max_position_embeddings"):
-        orig = int(rs["original_max_position_embeddings"])
-        factor = max_pos / orig  # transformers derives the factor from the two lengths when both are given
-    else:
-        orig = max_pos
-
-    def get_mscale(scale, mscale=1.0):
-        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-    attn = rs.get("attention_factor")
-    if attn is None:
-        if rs.get("mscale") and rs.get("mscale_all_dim"):
-            attn = get_mscale(factor, rs["mscale"]) / get_mscale(factor, rs["mscale_all_dim"])
-        else:
-            attn = get_mscale(factor)
-    beta_fast = rs.get("beta_fast") or 32
-    beta_slow = rs.get("beta_slow") or 1
-
-    def corr_dim(rot):
-        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
-    if rs.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
-    extra = np.float32(1.0) - ramp
-    inv_interp = np.float32(1.0) / (np.float32(factor) * pos_freqs)
-    inv = inv_interp * (1 - extra) + inv_freq * extra
-    return inv.astype(np.float32), float(attn)
-
-
-def _llama3_inv_freq(inv_freq: np.ndarray, rs: dict) -> np.ndarray:
-    """Llama 3.1+ frequency scaling: long wavelengths divided by `factor`, a smooth ramp between."""
-    factor = float(rs["factor"])
-    low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
-    old_ctx = float(rs.get("original_max_position_embeddings", 8192))
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def kv_cache_dtype(qfile) -> str:
-    """QORA_KV=f16|f32, else f16 for quantized models (half the bytes attention streams, as
-    llama.cpp does) and f32 for f16/f32 weights, whose users asked for full precision."""
-    want = os.environ.get("QORA_KV", "").strip().lower()
-    if want:
-        if want not in ("f16", "f32"):
-            raise QoraError(f"QORA_KV={want!r} is not one of f16, f32")
-        return want
-    wq = qfile.tensor_info.get("layers.0.wq", {}).get("dtype")
-    return "f16" if wq in ("q4", "q8") else "f32"
-
-
-def default_context(cfg: dict, requested: int | None = None) -> int:
-    """KV cache size: the request if given, else what fits a quarter of free RAM (at most 16384)."""
-    max_pos = int(cfg["max_seq_len"])
-    # KV cache (f32 keys and values for every layer) plus the attention scores, per token of context
-    per_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * 4 + 16 * cfg["n_heads"] * 4
-    try:
-        import psutil
-
-        avail = psutil.virtual_memory().available
-    except Exception:
-        avail = 8 << 30
-    if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise QoraError(f"max_seq_len must be a positive integer, got {requested!r}")
-        n = min(requested, max_pos)
-        # Checked before the engine allocates: a context that cannot fit is an error, not an OOM kill.
-        if n * per_token > limits.MAX_CONTEXT_RAM_FRACTION * avail:
-            raise ContextOverflowError(
-                f"a {n}-token context needs {n * per_token / 2**30:.1f} GiB for its KV cache but only "
-                f"{avail / 2**30:.1f} GiB of memory is available; ask for a smaller context"
-            )
-        return n
-    fit = max(512, int(avail // 4 // per_token))
-    return max(1, min(max_pos, 16384, fit))
-
-
-def check_tokens(tokens, start_pos: int, max_seq_len: int, vocab_size: int) -> np.ndarray:
-    """Token ids as a flat int32 array, after the checks every engine's forward needs (clear errors,
-    never an out-of-range index reaching C)."""
-    ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
-    n = ids.shape[0]
-    if n == 0:
-        raise QoraError("forward needs at least one token")
-    if start_pos < 0:
-        raise QoraError(f"start_pos must be >= 0, got {start_pos}")
-    if start_pos + n > max_seq_len:
-        raise ContextOverflowError(
-            f"{start_pos + n} tokens do not fit the {max_seq_len}-token context "
-            f"(prompt or conversation too long; raise max_seq_len or shorten it)"
-        )
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        raise QoraError(f"token id out of range [0, {vocab_size})")
-    return ids.astype(np.int32)
-
-
 class FileGuard:
     """The model file under an engine. A .qora file is read through a memory map, so a file changed
     on disk under a running engine is a change of the weights themselves: truncated, a read past
@@ -282,7 +164,11 @@ class FileGuard:
                     st = os.stat(self._abspath)
                 except OSError:  # deleted or renamed away: the mapping still holds the old inode
                     st = None
-                if st is not None and (st.st_dev, st.st_ino) == self._inode and (st.st_size, st.st_mtime_ns) != self._stamp:
+                if (
+                    st is not None
+                    and (st.st_dev, st.st_ino) == self._inode
+                    and (st.st_size, st.st_mtime_ns) != self._stamp
+                ):
                     self.changed = True
         if self.changed:
             raise self.error()
@@ -310,7 +196,8 @@ def file_guard(qfile) -> FileGuard:
 
 
 class CpuEngine:
-    """forward(tokens, start_pos) -> logits over a KV cache kept inside the engine."""
+    """The Engine (qora.engine.base) on the CPU: forward(tokens, start_pos) -> logits over a KV cache
+    kept inside the engine."""
 
     def __init__(self, qfile, n_threads: int | None = None, max_seq_len: int | None = None, isa: str | None = None):
         core = _core()
@@ -358,7 +245,8 @@ class CpuEngine:
         # AMX tiles serve prefill on the AVX-512 path where the CPU has them (process-wide switch)
         self.amx = core.set_amx(amx_request()) if self.isa == "avx512" else "off"
         self.vocab_size = cfg["vocab_size"]
-        self.device = "cpu"
+        self.device = self.device_name = "cpu"
+        self.notes: list[str] = []
 
     def forward(self, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions start_pos.. ; (n, vocab) logits if all_logits else (1, vocab) for the last."""

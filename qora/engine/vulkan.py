@@ -1,15 +1,15 @@
-"""Vulkan engine: the same forward(tokens, start_pos) -> logits contract as the CPU engine, on a GPU.
+"""Vulkan engine: the Engine protocol (qora.engine.base) on a GPU.
 
 Design: the C backend (qora/_core/qora_vk.c) reports facts and error codes; this module holds the
 policy. It picks the device (discrete > integrated > others; a CPU-type "software" device such as
 Mesa's lavapipe only when asked for), sizes the context to the device's memory, estimates what the
 model needs and lets the allocation of every buffer be the probe, and falls back to the CPU engine
-when anything fails: at load with one line on stderr (or only under --verbose when the machine
-simply has no Vulkan stack), and during a run by replaying the tokens so far on the CPU so
+when anything fails: at load (qora.engine.select: a warning, or only a --verbose note when the
+machine simply has no Vulkan stack), and during a run by replaying the tokens so far on the CPU so
 generation goes on from the same position without losing what was produced.
 
 Environment:
-    QORA_VK_DEVICE=N       use Vulkan device N (see `qora.vulkan.devices()`)
+    QORA_VK_DEVICE=N       use Vulkan device N (see `qora.engine.vulkan.devices()`)
     QORA_VK_ALLOW_CPU=1    let device="auto" use a CPU-type Vulkan device (lavapipe)
     QORA_VK_LOADER=PATH    the Vulkan loader library to open instead of the system's
     QORA_VK_FAIL=alloc     test hook: device allocations fail (out of memory at load)
@@ -26,14 +26,18 @@ Environment:
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import threading
 
 import numpy as np
 
-from qora.engine import check_tokens
+from qora.engine.base import check_tokens, default_context, kv_cache_dtype, rope_parameters
+from qora.engine.cpu import CpuEngine, file_guard
 from qora.errors import QoraError
+from qora.system import default_threads
+
+log = logging.getLogger(__name__)
 
 # Best first; CPU-type devices are used only when asked for.
 _TYPE_RANK = {"discrete": 3, "integrated": 2, "virtual": 1, "other": 0, "cpu": -1}
@@ -154,18 +158,16 @@ def _fail_hook() -> tuple[bool, int]:
 
 
 class VulkanEngine:
-    """forward(tokens, start_pos) -> logits on a Vulkan GPU, with the KV cache on the device."""
+    """The Engine (qora.engine.base) on a Vulkan GPU: forward(tokens, start_pos) -> logits, with the KV
+    cache on the device."""
 
     def __init__(
         self,
         qfile,
         n_threads: int | None = None,
         max_seq_len: int | None = None,
-        verbose: bool = False,
         required: bool = False,
     ):
-        from qora.engine import default_context, default_threads, file_guard, kv_cache_dtype, rope_parameters
-
         core = _core()
         if core is None:
             raise GpuUnavailable("this build of qora has no Vulkan backend", quiet=True)
@@ -224,13 +226,12 @@ class VulkanEngine:
         except ValueError as e:
             self._release()
             raise QoraError(f"{qfile.path}: cannot build the engine: {e}") from e
-        # pre-flight facts for --verbose (printed now when asked, else kept for the CLI)
+        # pre-flight facts for --verbose
         self.notes = [
             f"vulkan: {info['name']} ({info['type']}, Vulkan {info['api_version']}): the model needs "
             f"{_fmt_bytes(need)} of {_fmt_bytes(info['vram_budget'])} device memory ({seq}-token context)"
         ]
-        if verbose:
-            print(f"qora: {self.notes[0]}", file=sys.stderr)
+        log.debug(self.notes[0])
         if need > budget:
             self._release()
             raise GpuUnavailable(
@@ -273,13 +274,7 @@ class VulkanEngine:
 
     def _fall_back(self, error, start_pos: int):
         """Continue on the CPU engine: rebuild its KV cache from the tokens the GPU had seen."""
-        from qora.engine import CpuEngine
-
-        print(
-            f"qora: the GPU failed ({error}); continuing on the CPU from position {start_pos}",
-            file=sys.stderr,
-            flush=True,
-        )
+        log.warning("the GPU failed (%s); continuing on the CPU from position %d", error, start_pos)
         self._release(lost=True)
         if start_pos > self._n_tokens:
             raise QoraError(f"cannot continue on the CPU: positions {self._n_tokens}..{start_pos - 1} were never run")
@@ -342,25 +337,3 @@ class VulkanEngine:
             self._release()
         if self._cpu is not None:
             self._cpu.close()
-
-
-def make_engine(qfile, device: str = "auto", threads=None, max_seq_len=None, verbose: bool = False):
-    """The engine for `device` ("auto", "cpu" or "gpu"): the GPU when one can run the model, else the CPU.
-    device="gpu" makes a missing or failing GPU an error instead of a fallback."""
-    from qora.engine import CpuEngine
-
-    if device == "cpu":
-        return CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len)
-    try:
-        return VulkanEngine(
-            qfile, n_threads=threads, max_seq_len=max_seq_len, verbose=verbose, required=device == "gpu"
-        )
-    except GpuUnavailable as e:
-        if device == "gpu":
-            raise QoraError(f"no usable GPU: {e}") from None
-        note, quiet = f"GPU not used ({e}); running on the CPU", e.quiet
-    if verbose or not quiet:  # a machine without any Vulkan GPU hears about it only under --verbose
-        print(f"qora: {note}", file=sys.stderr, flush=True)
-    engine = CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len)
-    engine.notes = [] if verbose or not quiet else [note]  # for a front end's --verbose
-    return engine

@@ -1,0 +1,189 @@
+"""What every engine is: the `Engine` protocol, and the policy both engines share (token checks,
+RoPE frequencies, KV cache type, context size).
+
+An engine owns the weights on its device and one KV cache, and runs `forward` over it. Everything
+above it (qora.model.Model, the generation loop, chat, the server, bench) talks to an engine only
+through this protocol; qora.engine.select chooses which one runs a model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from qora import limits
+from qora.errors import ContextOverflowError, QoraError
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One model on one device, with one KV cache of `max_seq_len` positions kept inside.
+
+    `forward(tokens, start_pos)` runs the tokens at positions start_pos.. and overwrites the cache
+    there; positions past the last one written are never read, so moving back (a shorter prefix,
+    qora.model.Model.reuse_prefix) needs no call: the next forward at that position overwrites them.
+    `reset()` forgets the cached sequence (for engines with state beyond the cache: a GPU engine's
+    record of the tokens it would replay on a CPU fallback).
+
+    The description attributes are for reports (--verbose, `qora bench`, --version): `device` is
+    "cpu" or "vulkan" (an engine may change it once, when a failing GPU hands over to the CPU),
+    `device_name` the device ("cpu", or the GPU's name), `isa` the CPU kernel path (ISA_NAMES) or
+    "vulkan", `kv_dtype` "f16" or "f32", `notes` lines for --verbose gathered while the engine was
+    built (the GPU pre-flight, why the CPU runs the model).
+
+    Later extensions go here, as optional parts an engine may offer: several sequences in one cache
+    (a `forward` over a batch of (sequence, tokens, start_pos) and a per-sequence reset, for the
+    server's batching scheduler) and a cache of fixed-size KV blocks (allocate / free / copy
+    blocks, a block table per sequence, for long contexts and prefix sharing). Until then one
+    sequence owns the whole cache.
+    """
+
+    max_seq_len: int
+    vocab_size: int
+    n_threads: int
+    device: str
+    device_name: str
+    isa: str
+    kv_dtype: str
+    notes: list[str]
+
+    def forward(self, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
+        """float32 logits, (len(tokens), vocab) if all_logits else (1, vocab) for the last token."""
+        ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None:
+        """Free the device state; later calls raise QoraError("the model is closed")."""
+        ...
+
+
+# The attributes and methods of the protocol, for checks (tests/test_engine_protocol.py).
+ENGINE_ATTRIBUTES = ("max_seq_len", "vocab_size", "n_threads", "device", "device_name", "isa", "kv_dtype", "notes")
+ENGINE_METHODS = ("forward", "reset", "close")
+
+
+def rope_parameters(cfg: dict) -> tuple[np.ndarray, float]:
+    """Inverse frequencies (head_dim/2,) and the cos/sin scale, as transformers computes them."""
+    dim = cfg["head_dim"]
+    base = float(cfg["rope_theta"])
+    exps = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    pos_freqs = np.float32(base) ** exps
+    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    rs = cfg.get("rope_scaling") or None
+    kind = (rs or {}).get("rope_type", (rs or {}).get("type", "default"))
+    if not rs or kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return (inv_freq / np.float32(rs["factor"])).astype(np.float32), 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, rs), 1.0
+    if kind != "yarn":
+        raise QoraError(f"unsupported rope_scaling type {kind!r} (qora supports default, linear, llama3, yarn)")
+    factor = float(rs["factor"])
+    max_pos = int(cfg["max_seq_len"])
+    if rs.get("original_max_position_embeddings"):
+        orig = int(rs["original_max_position_embeddings"])
+        factor = max_pos / orig  # transformers derives the factor from the two lengths when both are given
+    else:
+        orig = max_pos
+
+    def get_mscale(scale, mscale=1.0):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attn = rs.get("attention_factor")
+    if attn is None:
+        if rs.get("mscale") and rs.get("mscale_all_dim"):
+            attn = get_mscale(factor, rs["mscale"]) / get_mscale(factor, rs["mscale_all_dim"])
+        else:
+            attn = get_mscale(factor)
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+
+    def corr_dim(rot):
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extra = np.float32(1.0) - ramp
+    inv_interp = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+    inv = inv_interp * (1 - extra) + inv_freq * extra
+    return inv.astype(np.float32), float(attn)
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, rs: dict) -> np.ndarray:
+    """Llama 3.1+ frequency scaling: long wavelengths divided by `factor`, a smooth ramp between."""
+    factor = float(rs["factor"])
+    low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+    old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def kv_cache_dtype(qfile) -> str:
+    """QORA_KV=f16|f32, else f16 for quantized models (half the bytes attention streams, as
+    llama.cpp does) and f32 for f16/f32 weights, whose users asked for full precision."""
+    want = os.environ.get("QORA_KV", "").strip().lower()
+    if want:
+        if want not in ("f16", "f32"):
+            raise QoraError(f"QORA_KV={want!r} is not one of f16, f32")
+        return want
+    wq = qfile.tensor_info.get("layers.0.wq", {}).get("dtype")
+    return "f16" if wq in ("q4", "q8") else "f32"
+
+
+def default_context(cfg: dict, requested: int | None = None) -> int:
+    """KV cache size: the request if given, else what fits a quarter of free RAM (at most 16384)."""
+    max_pos = int(cfg["max_seq_len"])
+    # KV cache (f32 keys and values for every layer) plus the attention scores, per token of context
+    per_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * 4 + 16 * cfg["n_heads"] * 4
+    try:
+        import psutil
+
+        avail = psutil.virtual_memory().available
+    except Exception:
+        avail = 8 << 30
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise QoraError(f"max_seq_len must be a positive integer, got {requested!r}")
+        n = min(requested, max_pos)
+        # Checked before the engine allocates: a context that cannot fit is an error, not an OOM kill.
+        if n * per_token > limits.MAX_CONTEXT_RAM_FRACTION * avail:
+            raise ContextOverflowError(
+                f"a {n}-token context needs {n * per_token / 2**30:.1f} GiB for its KV cache but only "
+                f"{avail / 2**30:.1f} GiB of memory is available; ask for a smaller context"
+            )
+        return n
+    fit = max(512, int(avail // 4 // per_token))
+    return max(1, min(max_pos, 16384, fit))
+
+
+def check_tokens(tokens, start_pos: int, max_seq_len: int, vocab_size: int) -> np.ndarray:
+    """Token ids as a flat int32 array, after the checks every engine's forward needs (clear errors,
+    never an out-of-range index reaching C)."""
+    ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+    n = ids.shape[0]
+    if n == 0:
+        raise QoraError("forward needs at least one token")
+    if start_pos < 0:
+        raise QoraError(f"start_pos must be >= 0, got {start_pos}")
+    if start_pos + n > max_seq_len:
+        raise ContextOverflowError(
+            f"{start_pos + n} tokens do not fit the {max_seq_len}-token context "
+            f"(prompt or conversation too long; raise max_seq_len or shorten it)"
+        )
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise QoraError(f"token id out of range [0, {vocab_size})")
+    return ids.astype(np.int32)
