@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
@@ -320,18 +319,9 @@ def test_faulthandler_enabled_after_load_does_not_hide_the_guard(model_file):
 
 def test_server_model_file_truncated_answers_503_and_stays_up(model_file):
     path, backup = model_file
-    cmd = [sys.executable, "-m", "qora", "serve", "--load", str(path), "--port", "0", "--threads", "1", "--cpu"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    try:
-        deadline, url = time.monotonic() + 60, None
-        log = []
-        while url is None:
-            line = proc.stderr.readline()
-            assert line, f"the server exited early: {''.join(log)}"
-            log.append(line)
-            if " at http://" in line:
-                url = line.split(" at ", 1)[1].split()[0].removesuffix("/v1")
-            assert time.monotonic() < deadline, "the server did not start"
+    from _helpers_server import running_server
+
+    with running_server(path, "--threads", "1", "--cpu") as (proc, url, _, _):
         body = {
             "model": "model",
             "messages": [{"role": "system", "content": "Be brief. /no_think"}, {"role": "user", "content": "Hi"}],
@@ -354,13 +344,6 @@ def test_server_model_file_truncated_answers_503_and_stays_up(model_file):
         h = httpx.get(url + "/health", timeout=10)
         assert h.status_code == 200 and h.json()["status"] == "ok"
         assert proc.poll() is None
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     assert proc.returncode != -signal.SIGBUS
 
 

@@ -5,18 +5,17 @@ succeeds and that the server log has no traceback."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from _helpers_server import running_server
 
 from qora.convert import convert
 
@@ -25,32 +24,10 @@ MODEL = "tiny-smollm3-q8"
 GOOD_COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
 
 
-@contextlib.contextmanager
 def serve(model_path, *args):
-    """`python -m qora serve` on a free port; yields (process, base URL, port, log lines)."""
-    cmd = [sys.executable, "-m", "qora", "serve", "--load", str(model_path), "--port", "0", "--threads", "1", *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    log: list[str] = []
-    try:
-        deadline = time.monotonic() + 60
-        url = None
-        while url is None:
-            line = proc.stderr.readline()
-            if not line:
-                raise AssertionError(f"the server exited early: {''.join(log)}")
-            log.append(line)
-            if " at http://" in line:
-                url = line.split(" at ", 1)[1].split()[0].removesuffix("/v1")
-            assert time.monotonic() < deadline, "the server did not start"
-        threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
-        yield proc, url, int(url.rsplit(":", 1)[1]), log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """`python -m qora serve` with one engine thread on a free port; yields a Server: (process, base URL,
+    port, log lines)."""
+    return running_server(model_path, "--threads", "1", *args)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,6 @@ and the demo model where generation must be long or real), plus the thinking cha
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +12,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from _helpers_server import running_server
 from openai import OpenAI
 
 import qora
@@ -30,29 +28,8 @@ SYSTEM = {"role": "system", "content": "Be brief. /no_think"}  # a short prompt:
 @contextlib.contextmanager
 def serve(model_path, *args):
     """Run `python -m qora serve` on a free loopback port; yield (process, base URL)."""
-    cmd = [sys.executable, "-m", "qora", "serve", "--load", str(model_path), "--port", "0", *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    log: list[str] = []
-    try:
-        deadline = time.monotonic() + 60
-        url = None
-        while url is None:
-            line = proc.stderr.readline()
-            if not line:
-                raise AssertionError(f"the server exited early: {''.join(log)}")
-            log.append(line)
-            if " at http://" in line:
-                url = line.split(" at ", 1)[1].split()[0]
-            assert time.monotonic() < deadline, "the server did not start"
-        threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()  # keep the pipe drained
-        yield proc, url.removesuffix("/v1")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running_server(model_path, *args) as srv:
+        yield srv.proc, srv.url
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,18 @@
+"""The OpenAI-compatible HTTP API that `qora serve` runs (starlette on uvicorn; the `server` extra).
+
+Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions
+(streamed as server-sent events ending with `data: [DONE]`, or one JSON answer with `usage`).
+
+The path of a request: `security` (Guard: Host, Origin, declared body size; then the API key, the body read
+within its limit and decoded as strict JSON) → `models` (the typed request, validated field by field, and
+its GenerationOptions) → `jobs` (a Job submitted to the Scheduler; today one Worker thread runs them one
+at a time, since one model has one engine and one KV cache) → `answers` (the job's Responses as one JSON
+object or as server-sent events). `app` assembles the routes and the error answers. The event loop only
+parses, validates, queues and streams back, so it never waits on the engine. The Model's KV reuse carries
+over between requests: a client that resends a growing conversation pays for its new turn only. A client
+that goes away marks its job cancelled; the worker checks between tokens and moves on.
+
+Thinking comes back as `reasoning_content`, apart from `content`. `max_tokens` caps the answer; thinking
+has its own budget (think_budget, default from RAM), as in the CLI. Sampling values a request leaves out
+take qora's defaults, not OpenAI's.
+"""

@@ -1,0 +1,184 @@
+"""The starlette app: routes, their handlers, error answers, and the scheduler's life with the app's."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import Response as HTTPResponse
+from starlette.routing import Route
+
+from qora import limits
+from qora.api import answers, security
+from qora.api.errors import ApiError, generation_error
+from qora.api.jobs import END, ClientGone, QueueFull, Scheduler, Worker
+from qora.api.models import ChatRequest, CompletionRequest
+
+log = logging.getLogger("qora.server")
+
+
+def _fingerprint() -> str:
+    try:
+        from qora import __version__
+
+        return f"qora-{__version__}"
+    except ImportError:  # pragma: no cover - the package always has it
+        return "qora"
+
+
+class Handlers:
+    """The routes' handlers, over one model served as `model_id` and the scheduler that runs its jobs."""
+
+    def __init__(self, model, model_id: str, scheduler: Scheduler, api_key, created: int, max_body_bytes: int):
+        self.model, self.model_id, self.scheduler = model, model_id, scheduler
+        self.api_key, self.created, self.max_body_bytes = api_key, created, max_body_bytes
+        self.fingerprint = _fingerprint()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/health", self.health),
+            Route("/v1/models", self.models),
+            Route("/v1/models/{name:path}", self.one_model),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+        ]
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "qora"}
+
+    async def health(self, request: Request):
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": self.model_id,
+                "queued": self.scheduler.queued,
+                "busy": self.scheduler.busy,
+                "requests": dict(self.scheduler.counts),
+                "cached_tokens": len(getattr(self.model, "cache_tokens", [])),
+            }
+        )
+
+    async def models(self, request: Request):
+        security.check_api_key(request, self.api_key)
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def one_model(self, request: Request):
+        security.check_api_key(request, self.api_key)
+        name = request.path_params["name"]
+        if name != self.model_id:
+            raise ApiError(404, f"model {name!r} does not exist", "model", "model_not_found")
+        return JSONResponse(self.model_card())
+
+    async def chat_completions(self, request: Request):
+        return await self.complete(request, ChatRequest, answers.ChatAnswer)
+
+    async def completions(self, request: Request):
+        return await self.complete(request, CompletionRequest, answers.TextAnswer)
+
+    async def complete(self, request: Request, request_type, answer_type):
+        """Validate, queue the job, then answer whole or streamed once the first event is in."""
+        security.check_api_key(request, self.api_key)
+        body = await security.read_body(request, self.max_body_bytes)
+        req = request_type.parse(body, self.model_id)
+        options = req.options()
+        try:
+            job = self.scheduler.submit(req.prompt_input, options)
+        except QueueFull as e:
+            raise ApiError(503, f"the server is busy ({e.waiting} requests waiting): retry later") from None
+        try:
+            first = await job.next_event(request.is_disconnected)
+        except ClientGone:
+            return HTTPResponse(status_code=499)  # nobody reads it: the client is gone
+        except BaseException:  # the server is stopping: drop the job
+            job.cancel()
+            raise
+        if isinstance(first, BaseException):
+            raise generation_error(first)
+        if first is END:  # nothing produced: the job was cancelled before it ran
+            return HTTPResponse(status_code=499)
+        answer = answer_type(self.model.tokenizer, options.logprobs, req.echo_text)
+        head = {
+            "id": f"{answer.id_prefix}-{uuid.uuid4().hex}",
+            "object": answer.chunk_object,
+            "created": int(time.time()),
+            "model": self.model_id,
+            "system_fingerprint": self.fingerprint,
+        }
+        if req.stream:
+            return StreamingResponse(
+                answers.stream(job, first, answer, head, req.include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            return JSONResponse(await answers.collect(job, first, answer, head, request.is_disconnected))
+        except ClientGone:
+            return HTTPResponse(status_code=499)
+
+
+async def _on_api_error(request, exc: ApiError):
+    # a 413 leaves the rest of the body unread: the connection cannot carry another request
+    headers = {"Connection": "close"} if exc.status == 413 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def _on_http_error(request, exc: HTTPException):
+    message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
+    err = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+    return JSONResponse(err.body(), status_code=exc.status_code)
+
+
+async def _on_error(request, exc: Exception):
+    log.exception("request failed")
+    err = ApiError(500, f"internal error: {type(exc).__name__}")
+    return JSONResponse(err.body(), status_code=500)
+
+
+def create_app(
+    model,
+    model_id: str,
+    api_key: str | None = None,
+    created: int | None = None,
+    *,
+    max_body_bytes: int = limits.SERVER_MAX_BODY_BYTES,
+    allowed_hosts: list[str] | None = None,
+    port: int | None = None,
+    any_ip_host: bool = False,
+    cors: list[str] = (),
+    scheduler: Scheduler | None = None,
+):
+    """The starlette app serving `model` as `model_id`; it starts and stops its scheduler itself.
+
+    allowed_hosts: Host header names (optionally NAME:PORT; "*" any) the server answers; None checks no
+    Host (in-process use; `qora serve` always passes its list). port: the port a name without one must
+    carry (or none). any_ip_host: any IP-address Host passes (the server listens on every address).
+    cors: origins ("https://app.example", "*") whose web pages may call the API; any other request that
+    carries an Origin is refused. max_body_bytes: the largest request body read. scheduler: what runs
+    the generation jobs (default: a Worker, one job at a time)."""
+    scheduler = scheduler if scheduler is not None else Worker(model)
+    created = int(created if created is not None else time.time())
+    handlers = Handlers(model, model_id, scheduler, api_key, created, max_body_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.stop)
+
+    app = Starlette(
+        routes=handlers.routes(),
+        exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_error},
+        lifespan=lifespan,
+        middleware=security.middleware(allowed_hosts, port, any_ip_host, cors, max_body_bytes),
+    )
+    app.state.worker = scheduler
+    return app
