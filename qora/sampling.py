@@ -24,6 +24,28 @@ import numpy as np
 
 from qora.errors import QoraError
 
+# ───── defaults ─────
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """One set of sampling defaults for every model, chosen for SmolLM3: the Sampler's own defaults,
+    what generate.GenerationOptions.resolved fills in, and what the CLI's --help states."""
+
+    temperature_think: float = 0.6  # the model will think
+    temperature: float = 0.7  # it will not
+    top_k: int = 20
+    top_p: float = 0.95
+    min_p: float = 0.0
+    repeat_penalty: float = 1.1
+    repeat_window: int = 64  # tokens every penalty looks back over
+    presence_penalty: float = 1.5
+    frequency_penalty: float = 0.0
+
+
+DEFAULTS = SamplingDefaults()
+_WINDOW = DEFAULTS.repeat_window
+
 # ───── validation ─────
 
 
@@ -186,7 +208,7 @@ def apply_min_p(logits, min_p: float) -> np.ndarray:
 
 
 def apply_repetition_penalty(
-    logits, tokens: Sequence[int], penalty: float, window: int | None = 64, exempt: Iterable[int] | None = None
+    logits, tokens: Sequence[int], penalty: float, window: int | None = _WINDOW, exempt: Iterable[int] | None = None
 ) -> np.ndarray:
     """HF / CTRL repetition penalty over the distinct ids among the last `window` tokens: positive
     logits are divided by `penalty`, negative ones multiplied (so penalty > 1 always lowers them)."""
@@ -202,28 +224,26 @@ def apply_repetition_penalty(
 
 
 def apply_presence_penalty(
-    logits, tokens: Sequence[int], penalty: float, window: int | None = 64, exempt: Iterable[int] | None = None
+    logits, tokens: Sequence[int], penalty: float, window: int | None = _WINDOW, exempt: Iterable[int] | None = None
 ) -> np.ndarray:
     """Subtract `penalty` once from the logit of every distinct id among the last `window` tokens."""
-    x = _check_logits(logits)
-    penalty = check_penalty("presence_penalty", penalty)
-    out = x.copy()
-    ids = np.unique(_recent_ids(tokens, window, x.size, exempt))
-    if penalty != 0.0 and ids.size:
-        out[ids] -= np.float32(penalty)
-    return out
+    return _subtract_penalty("presence_penalty", logits, tokens, penalty, window, exempt, per_occurrence=False)
 
 
 def apply_frequency_penalty(
-    logits, tokens: Sequence[int], penalty: float, window: int | None = 64, exempt: Iterable[int] | None = None
+    logits, tokens: Sequence[int], penalty: float, window: int | None = _WINDOW, exempt: Iterable[int] | None = None
 ) -> np.ndarray:
     """Subtract `penalty` times its count from the logit of every id among the last `window` tokens."""
+    return _subtract_penalty("frequency_penalty", logits, tokens, penalty, window, exempt, per_occurrence=True)
+
+
+def _subtract_penalty(name, logits, tokens, penalty, window, exempt, per_occurrence: bool) -> np.ndarray:
     x = _check_logits(logits)
-    penalty = check_penalty("frequency_penalty", penalty)
+    penalty = check_penalty(name, penalty)
     out = x.copy()
     ids, counts = np.unique(_recent_ids(tokens, window, x.size, exempt), return_counts=True)
     if penalty != 0.0 and ids.size:
-        out[ids] -= np.float32(penalty) * counts.astype(np.float32)
+        out[ids] -= np.float32(penalty) * counts.astype(np.float32) if per_occurrence else np.float32(penalty)
     return out
 
 
@@ -250,14 +270,14 @@ class Sampler:
     temperature 0 or greedy=True picks the argmax (after penalties). seed makes draws reproducible.
     """
 
-    temperature: float = 0.7
-    top_k: int = 20
-    top_p: float = 0.95
-    min_p: float = 0.0
-    repeat_penalty: float = 1.1
-    repeat_window: int = 64
-    presence_penalty: float = 1.5
-    frequency_penalty: float = 0.0
+    temperature: float = DEFAULTS.temperature
+    top_k: int = DEFAULTS.top_k
+    top_p: float = DEFAULTS.top_p
+    min_p: float = DEFAULTS.min_p
+    repeat_penalty: float = DEFAULTS.repeat_penalty
+    repeat_window: int = DEFAULTS.repeat_window
+    presence_penalty: float = DEFAULTS.presence_penalty
+    frequency_penalty: float = DEFAULTS.frequency_penalty
     seed: int | None = None
     greedy: bool = False
     exempt: frozenset[int] = frozenset()
