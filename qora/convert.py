@@ -183,7 +183,7 @@ class _SafetensorsFile:
                     raise FormatError(f"{where}: not a safetensors file (bad header length {hlen})")
                 header = parse_json(f.read(hlen), where, "safetensors header")
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + hlen else None
-                # a read past a truncation under the map: an error, not SIGBUS (qora/engine.py FileGuard)
+                # a read past a truncation under the map: an error, not SIGBUS (qora/engine/cpu.py FileGuard)
                 self._guard = self._mm and guard_mapping(self._mm, where, os.fstat(f.fileno()), size, **_SOURCE)
         except OSError as e:
             raise FormatError(f"{where}: cannot read ({e.strerror or e})") from None

@@ -334,7 +334,7 @@ class QoraFile:
             self.version = version
             self.file_size = size
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            # a read past a truncation under the map: ModelFileChangedError, not SIGBUS (qora/engine.py)
+            # a read past a truncation under the map: ModelFileChangedError, not SIGBUS (qora/engine/cpu.py)
             from qora.engine import guard_mapping
 
             self.guard = guard_mapping(mm, where, os.fstat(f.fileno()), size)

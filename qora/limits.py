@@ -94,7 +94,7 @@ PROMPT_COUNT_FROM = 1 << 16
 PROMPT_COUNT_CHUNK = 1 << 16
 PROMPT_TOKEN_FACTOR = 2
 
-# --- Files changed under their memory map (issue 16 #11; include/qora/mapguard.h, qora/engine.py) ---
+# --- Files changed under their memory map (issue 16 #11; include/qora/mapguard.h, qora/engine/cpu.py) ---
 # Model and conversion-source files watched for truncation at once (a fixed table, so the SIGBUS
 # handler allocates nothing); one more is refused with a clear error. Must equal QORA_GUARD_SLOTS.
 MAX_MAPPED_FILES = 256

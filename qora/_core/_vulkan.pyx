@@ -4,7 +4,7 @@ module is its thin Cython layer, the twin of _cpu.pyx: it checks every size befo
 to C, releases the GIL around GPU work, and turns C error codes into VulkanError(code, message).
 It imports on any machine: the Vulkan loader is opened at run time by the C side, so a machine
 without one only sees VulkanError(kind="loader") when it asks for a device. Policy (which device,
-when to fall back to the CPU) is in qora/vulkan.py."""
+when to fall back to the CPU) is in qora/engine/vulkan.py."""
 
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
