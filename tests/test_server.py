@@ -413,3 +413,21 @@ def test_thinking_comes_back_as_reasoning_content():
             deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in s.iter_lines() if line[6:7] == "{"]
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "\nsteps\n"
     assert "".join(d.get("content") or "" for d in deltas) == "The answer."
+
+
+def test_the_scheduler_is_replaceable_and_a_full_queue_is_503():
+    """create_app runs its jobs on any Scheduler (the seam a batching one plugs into); no room is a 503."""
+    from starlette.testclient import TestClient
+    from test_generate import FakeModel, script
+
+    from qora.api.jobs import Worker
+    from qora.server import create_app
+
+    model = FakeModel(script("ok"))
+    body = {"model": "fake", "prompt": "q", "max_tokens": 2}
+    with TestClient(create_app(model, "fake", scheduler=Worker(model, max_queued=0))) as tc:
+        r = tc.post("/v1/completions", json=body)
+        assert r.status_code == 503 and "busy" in r.json()["error"]["message"], r.text
+        assert tc.get("/health").json()["requests"] == {"served": 0, "cancelled": 0, "failed": 0}
+    with TestClient(create_app(model, "fake", scheduler=Worker(model, max_queued=1))) as tc:
+        assert tc.post("/v1/completions", json=body).json()["choices"][0]["text"] == "ok"
