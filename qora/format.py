@@ -36,7 +36,7 @@ import numpy as np
 from qora import quant
 from qora.errors import FormatError
 from qora.limits import CONFIG_INT_LIMITS, MAX_HEADER_BYTES, MAX_TENSOR_DIM
-from qora.safeio import AtomicWriter, open_regular
+from qora.safeio import AtomicWriter, Transaction, open_regular
 
 MAGIC = b"QORA"
 VERSION = 1
@@ -468,7 +468,7 @@ def read_qora(path, check_values: bool = True) -> QoraFile:
 # --------------------------------------------------------------------------------------------
 
 
-class QoraWriter:
+class QoraWriter(Transaction):
     """Streaming .qora writer.
 
         w = QoraWriter(path, config, tokenizer_json, chat_template, generation, special_tokens,
@@ -646,11 +646,4 @@ class QoraWriter:
             self._out.abort()
         self._done = True
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.finish()
-        else:
-            self.abort()
+    commit = finish  # what a `with` block that ends normally calls (Transaction)

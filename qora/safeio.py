@@ -152,7 +152,21 @@ def check_output(path, inputs=(), error=QoraError) -> Path:
     return p
 
 
-class AtomicWriter:
+class Transaction:
+    """A `with` block that keeps its output when the block ends normally (commit()) and throws it
+    away when it raises (abort())."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class AtomicWriter(Transaction):
     """A binary file object writing to a fresh temporary beside `path`; commit() renames it into
     place, abort() (or an exception in a `with` block) removes it. See the module docstring."""
 
@@ -206,15 +220,6 @@ class AtomicWriter:
             os.unlink(self.tmp_path)
         except FileNotFoundError:
             pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 def write_bytes(path, data: bytes, inputs=(), error=QoraError) -> Path:
