@@ -19,6 +19,7 @@ import ctypes
 import dataclasses
 import datetime as _dt
 import functools
+import inspect
 import json
 import re
 import threading
@@ -1134,24 +1135,21 @@ class Tokenizer:
         """
         return self._render(messages, add_generation_prompt, enable_thinking, today, tools, kwargs, None)
 
-    def encode_chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        add_generation_prompt: bool = True,
-        enable_thinking: bool | None = None,
-        today: _dt.date | _dt.datetime | str | None = None,
-        tools: list | None = None,
-        **kwargs: Any,
-    ) -> list[int]:
-        """Token ids of the rendered chat (arguments as apply_chat_template).
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *args: Any, **kwargs: Any) -> list[int]:
+        """Token ids of the rendered chat; the arguments are apply_chat_template's.
 
         Control tokens come only from the template's own markup (and BOS/EOS/PAD variables): a
         `<|im_end|>`, `<think>` or any other added token's spelling in a message, a role, a tool
         definition or an extra variable is tokenized as plain text, so a message cannot end its turn
         or forge another. `ModelText` contents (the model's own answers) keep their control tokens.
         A chat with no such spelling tokenizes exactly as encode(apply_chat_template(...))."""
+        chat = _CHAT_ARGUMENTS.bind(self, messages, *args, **kwargs)
+        chat.apply_defaults()
+        a = chat.arguments
         hold = _Quarantine(self._added_pattern())
-        text = self._render(messages, add_generation_prompt, enable_thinking, today, tools, kwargs, hold)
+        text = self._render(
+            a["messages"], a["add_generation_prompt"], a["enable_thinking"], a["today"], a["tools"], a["kwargs"], hold
+        )
         self.check_length(len(text))
         ids: list[int] = []
         for plain, piece in hold.split(text):
@@ -1198,6 +1196,12 @@ class Tokenizer:
             raise QoraError("chat template failed: out of memory") from None
         except Exception as e:  # TypeError, KeyError, ... inside the template
             raise QoraError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+# apply_chat_template's parameters: encode_chat takes the very same ones without spelling them again
+# (and shows them to help() and editors).
+_CHAT_ARGUMENTS = inspect.signature(Tokenizer.apply_chat_template)
+Tokenizer.encode_chat.__signature__ = _CHAT_ARGUMENTS.replace(return_annotation="list[int]")
 
 
 # ───── streaming detokenizer ─────
