@@ -600,45 +600,54 @@ def stream_generate(
     """Generate from `prompt` (a string: one user message; or a list of chat messages), yielding a
     Response per generated token and a closing one with finish_reason set. Keyword arguments override
     fields of `options`. Raises ContextOverflowError when the prompt leaves no room to generate."""
-    opts = _merge_options(options, overrides)
-    tok = model.tokenizer
-    ids = prompt_ids(tok, prompt, opts, context=int(model.engine.max_seq_len))
-    thinking_mode, think_open = thinking_state(ids, tok)
-    if opts.enable_thinking is False and tok.think_id is not None and thinking_mode and not opts.raw:
-        thinking_mode = False  # the template ignores enable_thinking but the caller asked for no thinking
-    o = opts.resolved(thinking_mode, getattr(model, "generation_defaults", None))
-    sampler = o.sampler(exempt=tok.special_ids, banned=tok.stop_ids if o.ignore_eos else frozenset())
+    yield from _Generation(model, prompt, _merge_options(options, overrides)).run()
 
-    channel = "think" if think_open else "answer"
-    history: list[int] = []  # generated tokens: the penalties' context
-    n_think = n_answer = 0
-    force: int | None = None  # a token to feed instead of sampling (the forced </think>)
-    detok = tok.detokenizer()
-    stops = StopStrings(o.stop)
-    sentence = SentenceStop()
-    loops = LoopDetector()
-    sentence_from = math.ceil(SENTENCE_STOP_FRACTION * o.max_tokens)
-    timing = _Timing()
-    finish: str | None = None
-    last_token: int | None = None
-    chosen_logprobs: tuple[float, list[tuple[int, float]]] | None = None  # the last chosen token's
 
-    def choose(logits: np.ndarray) -> int:
-        nonlocal force, chosen_logprobs
-        if force is not None:
-            token, force = force, None
+class _Generation:
+    """One answer in progress: the prompt's thinking state, the sampler, the two channels (think and
+    answer) with their detokenizer and stop checks, and the counts a Response reports. `run` feeds each
+    generated token to `_think_token` or `_answer_token`, which yield its Responses and say whether the
+    answer ended."""
+
+    def __init__(self, model, prompt, opts: GenerationOptions):
+        self.model = model
+        tok = self.tok = model.tokenizer
+        self.ids = prompt_ids(tok, prompt, opts, context=int(model.engine.max_seq_len))
+        thinking_mode, think_open = thinking_state(self.ids, tok)
+        if opts.enable_thinking is False and tok.think_id is not None and thinking_mode and not opts.raw:
+            thinking_mode = False  # the template ignores enable_thinking but the caller asked for no thinking
+        o = self.o = opts.resolved(thinking_mode, getattr(model, "generation_defaults", None))
+        self.sampler = o.sampler(exempt=tok.special_ids, banned=tok.stop_ids if o.ignore_eos else frozenset())
+        self.channel = "think" if think_open else "answer"
+        self.history: list[int] = []  # generated tokens: the penalties' context
+        self.n_think = self.n_answer = 0
+        self.force: int | None = None  # a token to feed instead of sampling (the forced </think>)
+        if think_open and o.think_budget == 0 and tok.end_think_id is not None:
+            self.force = tok.end_think_id  # the prompt opened a thought with no budget for it
+        self.detok = tok.detokenizer()
+        self.stops = StopStrings(o.stop)
+        self.sentence = SentenceStop()
+        self.loops = LoopDetector()
+        self.sentence_from = math.ceil(SENTENCE_STOP_FRACTION * o.max_tokens)
+        self.timing = _Timing()
+        self.finish: str | None = None
+        self.chosen_logprobs: tuple[float, list[tuple[int, float]]] | None = None  # the last chosen token's
+
+    def choose(self, logits: np.ndarray) -> int:
+        if self.force is not None:
+            token, self.force = self.force, None
         else:
-            token = sampler(logits, history)
-        if o.logprobs is not None:
-            chosen_logprobs = token_logprobs(logits, token, o.logprobs)
+            token = self.sampler(logits, self.history)
+        if self.o.logprobs is not None:
+            self.chosen_logprobs = token_logprobs(logits, token, self.o.logprobs)
         return token
 
-    def response(text: str, token: int | None, ch: str, finish_reason: str | None = None) -> Response:
-        now = time.perf_counter()
-        gen_time = now - timing.gen_start if timing.gen_start else 0.0
-        n_gen = len(history)
+    def response(self, text: str, token: int | None, ch: str, finish_reason: str | None = None) -> Response:
+        timing = self.timing
+        gen_time = time.perf_counter() - timing.gen_start if timing.gen_start else 0.0
+        n_gen = len(self.history)
         prefilled = timing.prompt_tokens - timing.cached_tokens
-        lp = chosen_logprobs if token is not None else None
+        lp = self.chosen_logprobs if token is not None else None
         return Response(
             text=text,
             token=token,
@@ -650,88 +659,110 @@ def stream_generate(
             generation_tokens=n_gen,
             generation_tps=n_gen / gen_time if gen_time > 0 else 0.0,
             generation_time=gen_time,
-            think_tokens=n_think,
+            think_tokens=self.n_think,
             cached_tokens=timing.cached_tokens,
             logprob=lp[0] if lp else None,
             top_logprobs=lp[1] if lp else None,
         )
 
-    def flush_channel() -> str:
+    def flush_channel(self) -> str:
         """What the current channel still holds (partial characters, a possible stop-string start)."""
-        text = detok.finalize()
-        detok.reset()
-        if channel == "answer":
-            text, _ = stops.push(text)
-            text += stops.flush()
+        text = self.detok.finalize()
+        self.detok.reset()
+        if self.channel == "answer":
+            text, _ = self.stops.push(text)
+            text += self.stops.flush()
         return text
 
-    if think_open and o.think_budget == 0 and tok.end_think_id is not None:
-        force = tok.end_think_id  # the prompt opened a thought with no budget for it
-    if hasattr(model, "reuse_prefix"):
-        cached, record = model.reuse_prefix(ids), model.cache_tokens
-    else:  # a model without a record of its cache: start from an empty one
-        model.reset()
-        cached, record = 0, None
-    tokens = generate_tokens(model.engine, ids, choose, timing, cached=cached, record=record)
-    try:
-        for token in tokens:
-            last_token = token
-            history.append(token)
-            if token in tok.stop_ids:
-                finish = "stop"
-                break
-            if token == tok.think_id and tok.end_think_id is not None:
-                # Entering thinking: what the answer channel held belongs to it.
-                yield response(flush_channel() if channel == "answer" else "", token, channel)
-                channel = "think"
-                loops.reset()
-                if n_think >= o.think_budget and tok.end_think_id is not None:
-                    force = tok.end_think_id
-                continue
-            if token == tok.end_think_id and tok.think_id is not None:
-                text = flush_channel() if channel == "think" else ""
-                yield response(text, token, "think")
-                channel = "answer"
-                loops.reset()
-                continue
+    def _tokens(self):
+        model = self.model
+        if hasattr(model, "reuse_prefix"):
+            cached, record = model.reuse_prefix(self.ids), model.cache_tokens
+        else:  # a model without a record of its cache: start from an empty one
+            model.reset()
+            cached, record = 0, None
+        return generate_tokens(model.engine, self.ids, self.choose, self.timing, cached=cached, record=record)
 
-            piece = detok.add(token)
-            if channel == "think":
-                n_think += 1
-                yield response(piece, token, "think")
-                looping = o.loop_detection and loops.add(token)
-                if (n_think >= o.think_budget or looping) and tok.end_think_id is not None:
-                    # Budget spent (or thinking in circles): close the thought, go on with the answer.
-                    force = tok.end_think_id
-                elif looping:
-                    finish = "loop"
-                    break
-                continue
-
-            n_answer += 1
-            text, hit_stop = stops.push(piece)
-            if hit_stop:
-                yield response(text, token, "answer", "stop")
-                return
-            if o.sentence_stop:
-                text, hit_end = sentence.push(text, armed=n_answer >= sentence_from)
-                if hit_end:
-                    yield response(text, token, "answer", "length")
-                    return
-            yield response(text, token, "answer")
-            if n_answer >= o.max_tokens:
-                finish = "length"
-                break
-            if o.loop_detection and loops.add(token):
-                finish = "loop"
-                break
+    def _switch(self, token: int) -> Iterator[Response]:
+        """<think> or </think>: close the channel being left (its held text goes with the tag), open the other."""
+        tok = self.tok
+        if token == tok.think_id and tok.end_think_id is not None:
+            # Entering thinking: what the answer channel held belongs to it.
+            yield self.response(self.flush_channel() if self.channel == "answer" else "", token, self.channel)
+            self.channel = "think"
+            self.loops.reset()
+            if self.n_think >= self.o.think_budget:
+                self.force = tok.end_think_id
         else:
-            finish = "length"  # the context is full
-    except KeyboardInterrupt:
-        finish = "interrupted"
-        tokens.close()
-    # The closing response: held-back text, and the stop token when one ended the answer.
-    yield response(flush_channel(), last_token if finish == "stop" else None, channel, finish)
+            yield self.response(self.flush_channel() if self.channel == "think" else "", token, "think")
+            self.channel = "answer"
+            self.loops.reset()
+
+    def _think_token(self, token: int, piece: str) -> Iterator[Response]:
+        """A token of the thought; sets finish when thinking loops with no way to close it."""
+        self.n_think += 1
+        yield self.response(piece, token, "think")
+        looping = self.o.loop_detection and self.loops.add(token)
+        if (self.n_think >= self.o.think_budget or looping) and self.tok.end_think_id is not None:
+            # Budget spent (or thinking in circles): close the thought, go on with the answer.
+            self.force = self.tok.end_think_id
+        elif looping:
+            self.finish = "loop"
+
+    def _answer_token(self, token: int, piece: str) -> Iterator[Response]:
+        """A token of the answer; sets finish when a stop string, the sentence stop, max_tokens or a loop
+        ends it (the first two end with this token's response, which carries the finish reason)."""
+        o = self.o
+        self.n_answer += 1
+        text, hit_stop = self.stops.push(piece)
+        if hit_stop:
+            self.finish = "stop"
+            yield self.response(text, token, "answer", "stop")
+            return
+        if o.sentence_stop:
+            text, hit_end = self.sentence.push(text, armed=self.n_answer >= self.sentence_from)
+            if hit_end:
+                self.finish = "length"
+                yield self.response(text, token, "answer", "length")
+                return
+        yield self.response(text, token, "answer")
+        if self.n_answer >= o.max_tokens:
+            self.finish = "length"
+        elif o.loop_detection and self.loops.add(token):
+            self.finish = "loop"
+
+    def run(self) -> Iterator[Response]:
+        tok = self.tok
+        last_token: int | None = None
+        tokens = self._tokens()
+        try:
+            for token in tokens:
+                last_token = token
+                self.history.append(token)
+                if token in tok.stop_ids:
+                    self.finish = "stop"
+                    break
+                if (token == tok.think_id and tok.end_think_id is not None) or (
+                    token == tok.end_think_id and tok.think_id is not None
+                ):
+                    yield from self._switch(token)
+                    continue
+                piece = self.detok.add(token)
+                step = self._think_token if self.channel == "think" else self._answer_token
+                for r in step(token, piece):
+                    yield r
+                    if r.finish_reason is not None:
+                        return  # a stop string or the sentence stop: this response closed the answer
+                if self.finish is not None:
+                    break
+            else:
+                self.finish = "length"  # the context is full
+        except KeyboardInterrupt:
+            self.finish = "interrupted"
+            tokens.close()
+        # The closing response: held-back text, and the stop token when one ended the answer.
+        finish = self.finish
+        yield self.response(self.flush_channel(), last_token if finish == "stop" else None, self.channel, finish)
 
 
 # ───── layer 3: text ─────
