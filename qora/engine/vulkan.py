@@ -185,7 +185,25 @@ class VulkanEngine:
         self.n_threads = int(n_threads) if n_threads else default_threads()
         self.vocab_size = cfg["vocab_size"]
         fail_alloc, fail_after = _fail_hook()
+        info = self._open_device(core, required)
+        inv_freq, rope_scale = rope_parameters(cfg)
+        tensors = {name: (i["dtype"], tuple(i["shape"]), qfile.tensor(name)) for name, i in qfile.tensor_info.items()}
+        opts = self._options(qfile, fail_after)
+        seq, need = self._fit_context(core, info, tensors, inv_freq, rope_scale, max_seq_len, opts)
+        self._upload(core, info, tensors, inv_freq, rope_scale, seq, opts, fail_alloc)
+        self.max_seq_len = seq
+        self.device = "vulkan"
+        self.device_name = info["name"]
+        self.device_info = info
+        self.isa = "vulkan"
+        self.vram_bytes = need
+        self.kv_dtype = "f16" if opts["kv_f16"] else "f32"
+        self._batch, self._logit_rows = self._model.batch, self._model.logit_rows
+        self._tokens = np.zeros(seq, dtype=np.int32)  # what the KV cache holds, to replay on a fallback
+        self._n_tokens = 0
 
+    def _open_device(self, core, required: bool) -> dict:
+        """The chosen device's facts; its shared context (and lock) on self."""
         loader = os.environ.get("QORA_VK_LOADER") or None
         try:
             found = core.list_devices(loader)
@@ -196,10 +214,12 @@ class VulkanEngine:
             self._ctx, self._lock = _context(core, loader, info["index"])
         except core.VulkanError as e:
             raise GpuUnavailable(f"{info['name']}: {e}") from None
+        return info
 
-        inv_freq, rope_scale = rope_parameters(cfg)
-        tensors = {name: (i["dtype"], tuple(i["shape"]), qfile.tensor(name)) for name, i in qfile.tensor_info.items()}
-        opts = {
+    @staticmethod
+    def _options(qfile, fail_after: int) -> dict:
+        """Kernel choices for the C backend (environment overrides for tuning and tests)."""
+        return {
             "batch": _env_int("QORA_VK_BATCH", 0),
             "mv_threads": _env_int("QORA_VK_MV_THREADS", 0),
             "mv_rows": _env_int("QORA_VK_MV_ROWS", 0),
@@ -212,7 +232,11 @@ class VulkanEngine:
             "kv_f16": kv_cache_dtype(qfile) == "f16",  # the CPU engine's choice, so both compute the same
             "fail_after": fail_after,
         }
-        # the KV cache on the device: the default context shrinks to fit; an explicit one must fit
+
+    def _fit_context(self, core, info, tensors, inv_freq, rope_scale, max_seq_len, opts) -> tuple[int, int]:
+        """(context, device bytes) of the KV cache on the device: the default context shrinks to fit;
+        an explicit one must fit."""
+        cfg = self.config
         seq = default_context(cfg, max_seq_len)
         budget = _VRAM_FRACTION * info["vram_budget"]
         try:
@@ -225,7 +249,7 @@ class VulkanEngine:
             raise GpuUnavailable(f"{info['name']}: {e}") from None
         except ValueError as e:
             self._release()
-            raise QoraError(f"{qfile.path}: cannot build the engine: {e}") from e
+            raise QoraError(f"{self._qfile.path}: cannot build the engine: {e}") from e
         # pre-flight facts for --verbose
         self.notes = [
             f"vulkan: {info['name']} ({info['type']}, Vulkan {info['api_version']}): the model needs "
@@ -238,11 +262,16 @@ class VulkanEngine:
                 f"{info['name']}: the model needs {_fmt_bytes(need)} of device memory, "
                 f"{_fmt_bytes(info['vram_budget'])} available"
             )
-        try:  # allocating every buffer is the real probe: a model that does not fit fails here
+        return seq, need
+
+    def _upload(self, core, info, tensors, inv_freq, rope_scale, seq, opts, fail_alloc: bool) -> None:
+        """Allocate every buffer and upload the weights: the real probe (a model that does not fit
+        fails here), guarded against the file shrinking under the upload."""
+        try:
             with self._lock:
                 self._ctx.set_fail_alloc(fail_alloc)
                 try:
-                    self._model = core.Model(self._ctx, cfg, tensors, inv_freq, rope_scale, seq, opts)
+                    self._model = core.Model(self._ctx, self.config, tensors, inv_freq, rope_scale, seq, opts)
                 finally:
                     self._ctx.set_fail_alloc(False)
         except core.VulkanError as e:
@@ -251,16 +280,6 @@ class VulkanEngine:
         if self._guard.poisoned:  # the file shrank during the upload: the device holds zero pages
             self._release()
             raise self._guard.error()
-        self.max_seq_len = seq
-        self.device = "vulkan"
-        self.device_name = info["name"]
-        self.device_info = info
-        self.isa = "vulkan"
-        self.vram_bytes = need
-        self.kv_dtype = "f16" if opts["kv_f16"] else "f32"
-        self._batch, self._logit_rows = self._model.batch, self._model.logit_rows
-        self._tokens = np.zeros(seq, dtype=np.int32)  # what the KV cache holds, to replay on a fallback
-        self._n_tokens = 0
 
     def _release(self, lost: bool = False):
         if self._model is not None:
