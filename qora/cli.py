@@ -397,14 +397,15 @@ def _convert(argv: list[str]) -> int:
     src = Path(args.src).expanduser()
     if not src.exists():
         raise QoraError(f"{args.src}: no such file or folder")
-    if args.output:
-        out = Path(args.output).expanduser()
+    if args.output:  # kept a string: Path() would drop a trailing "/" that names a folder
+        out_arg = os.path.expanduser(args.output)
     else:  # SmolLM3-3B -> SmolLM3-3B-q4.qora in the current folder
-        out = Path(f"{src.stem if src.is_file() else src.name}-{args.quant}.qora")
+        out_arg = f"{src.stem if src.is_file() else src.name}-{args.quant}.qora"
+    out = Path(out_arg)
     from qora.convert import convert
 
     t0 = time.perf_counter()
-    convert(str(src), str(out), quant=args.quant, embed_quant=args.embed_quant, progress=True)
+    convert(str(src), out_arg, quant=args.quant, embed_quant=args.embed_quant, progress=True)
     size = out.stat().st_size if out.exists() else 0
     _note(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
     return 0

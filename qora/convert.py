@@ -453,14 +453,40 @@ def model_root(folder: Path) -> Path:
     return real
 
 
-def source_files(src: Path) -> list[Path]:
-    """The files a conversion of `src` may read (the GGUF, or every file of the folder)."""
+def locate_source(src) -> tuple[str, Path]:
+    """("hf", folder) or ("gguf", file): what `src` (a folder, its config.json or a GGUF file) names.
+    open_source and source_files both start here, so the files checked against the output are the
+    ones the source reads."""
+    src = Path(src)
     if src.is_dir():
+        return "hf", src
+    if not os.path.lexists(src):
+        raise FormatError(f"{src}: no such file or folder")
+    with open_regular(src) as f:  # a FIFO or a device is refused before it can block
         try:
-            return [p for p in src.iterdir()]
-        except OSError:
-            return []
-    return [src]
+            magic = f.read(4)
+        except OSError as e:
+            raise FormatError(f"{src}: cannot read ({e.strerror or e})") from None
+    if magic == b"GGUF":
+        return "gguf", src
+    if src.name == "config.json":
+        return "hf", src.parent
+    raise FormatError(f"{src}: not a Hugging Face model folder or a GGUF file")
+
+
+def _located_files(kind: str, path: Path) -> list[Path]:
+    if kind == "gguf":
+        return [path]
+    try:  # every file of the folder: config, tokenizer, template, index and any shard it may name
+        return list(path.iterdir())
+    except OSError as e:
+        raise FormatError(f"{path}: cannot list the folder ({e.strerror or e})") from None
+
+
+def source_files(src) -> list[Path]:
+    """The files a conversion of `src` may read: the GGUF, or every file of the model folder
+    (also when `src` names the folder's config.json)."""
+    return _located_files(*locate_source(src))
 
 
 class _HFSource:
@@ -1279,23 +1305,13 @@ class _GGUFSource:
 # --------------------------------------------------------------------------------------------
 
 
+def _open_located(kind: str, path: Path):
+    return _HFSource(path) if kind == "hf" else _GGUFSource(path)
+
+
 def open_source(src):
     """A Hugging Face folder or a GGUF file, ready to be converted (use close() when done)."""
-    src = Path(src)
-    if src.is_dir():
-        return _HFSource(src)
-    if not os.path.lexists(src):
-        raise FormatError(f"{src}: no such file or folder")
-    with open_regular(src) as f:  # a FIFO or a device is refused before it can block
-        try:
-            magic = f.read(4)
-        except OSError as e:
-            raise FormatError(f"{src}: cannot read ({e.strerror or e})") from None
-    if magic == b"GGUF":
-        return _GGUFSource(src)
-    if src.name == "config.json":
-        return _HFSource(src.parent)
-    raise FormatError(f"{src}: not a Hugging Face model folder or a GGUF file")
+    return _open_located(*locate_source(src))
 
 
 def _plan(cfg: dict, quant: str, embed_quant: str) -> list[tuple[str, str, tuple]]:
@@ -1326,11 +1342,13 @@ def convert(src, out, quant: str = "q4", progress: bool = True, embed_quant: str
         if q is not None and q not in QUANTS:
             raise QoraError(f"{what} must be one of {', '.join(QUANTS)}, got {q!r}")
     embed_quant = embed_quant or quant
-    src, out = Path(src), Path(out)
-    # the output is checked before any work: not a folder, device or FIFO, not one of the inputs
-    inputs = file_ids(source_files(src))
-    check_output(out, inputs)
-    source = open_source(src)
+    src = Path(src)
+    # the output is checked before any work: not a folder, device or FIFO, not one of the files the
+    # source reads; check_output sees `out` as given (Path() would drop a trailing "/" naming a folder)
+    located = locate_source(src)
+    inputs = file_ids(_located_files(*located))
+    out = check_output(out, inputs)
+    source = _open_located(*located)
     try:
         cfg = source.config
         plan = _plan(cfg, quant, embed_quant)

@@ -126,8 +126,10 @@ def check_output(path, inputs=(), error=QoraError) -> Path:
     """Refuse an output path that is a folder, a device, a FIFO or a socket (or a symlink to one),
     whose folder does not exist, or that is the same file as one of `inputs` (paths or
     (st_dev, st_ino) pairs)."""
-    p = Path(os.fspath(path))
-    if not p.name or p.name in (".", "..") or os.fspath(path).endswith(os.sep):
+    raw = os.fspath(path)
+    p = Path(raw)
+    # the name as given: Path("new/") and Path("new/.") both drop what makes them name a folder
+    if os.path.basename(raw) in ("", ".", "..") or (os.altsep and raw.endswith(os.altsep)):
         raise error(f"{path}: is a folder; give a file name for the output")
     try:
         st = os.stat(p)

@@ -209,16 +209,77 @@ def test_output_same_as_input_refused(tmp_path, gguf, hf):
     assert _digest(gguf) == before
 
 
+def _hf_sharded(tmp_path) -> Path:
+    dst = tmp_path / "m"
+    dst.mkdir()
+    for f in (ROOT / "tests/fixtures/tiny-smollm3").iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_output_same_as_input_refused_whatever_names_the_source(tmp_path, gguf):
+    """The files checked against the output are every file the source reads, whether the source is
+    named by its folder, its config.json, a path with a trailing slash or '.', or a link to any of them."""
+    m = _hf_sharded(tmp_path)
+    (tmp_path / "link").symlink_to(m)
+    forms = [m, m / "config.json", str(m) + "/", m / "." / "config.json", tmp_path / "link" / "config.json"]
+    files = {p.name: _digest(p) for p in m.iterdir()}
+    for src in forms:
+        for name in files:
+            with pytest.raises(QoraError, match="is the input file itself"):
+                convert(src, m / name, quant="q8", progress=False)
+    assert {p.name: _digest(p) for p in m.iterdir()} == files
+    # a GGUF called config.json is a GGUF: its own file is the input
+    g = tmp_path / "g"
+    g.mkdir()
+    (g / "config.json").write_bytes(gguf.read_bytes())
+    with pytest.raises(QoraError, match="is the input file itself"):
+        convert(g / "config.json", g / "config.json", quant="q8", progress=False)
+
+
+def test_source_files_cover_every_file_the_source_opens(tmp_path, gguf):
+    """source_files(src) is a superset of what open_source(src) actually opens (an audit hook sees
+    every open), for every way of naming a source."""
+    from qora.convert import open_source, source_files
+
+    m = _hf_sharded(tmp_path)
+    seen = []
+    active = []
+
+    def hook(event, args):
+        if active and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            seen.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)
+    for src in (m, m / "config.json", gguf):
+        seen.clear()
+        active.append(1)
+        try:
+            open_source(src).close()
+        finally:
+            active.clear()
+        inputs = {os.path.realpath(p) for p in source_files(src)}
+        opened = {os.path.realpath(p) for p in seen if os.path.isfile(p) and not p.startswith(("/proc", sys.prefix))}
+        opened = {p for p in opened if p.startswith(str(tmp_path.resolve()))}
+        assert opened and opened <= inputs, (src, opened - inputs)
+
+
 # ───── 4. a folder as the output ─────
 
 
 def test_output_folder_clear_error(tmp_path, gguf):
     for out, pattern in ((".", "is a folder"), (str(tmp_path), "is a folder"), ("sub/", "is a folder"),
+                         ("new/", "is a folder"), ("new/.", "is a folder"), ("sub/..", "is a folder"),
+                         ("~/", "is a folder"),
                          ("missing/out.qora", "folder .*missing does not exist")):  # fmt: skip
         (tmp_path / "sub").mkdir(exist_ok=True)
         r = _cli("convert", str(gguf), "-o", out, cwd=tmp_path)
         _one_error(r, pattern)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "sub"]
+    for out in (str(tmp_path / "new") + "/", str(tmp_path / "new") + "/."):
+        with pytest.raises(QoraError, match="is a folder"):
+            convert(gguf, out, quant="q8", progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 # ───── 5. symlinks out of a model folder ─────

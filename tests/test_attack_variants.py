@@ -156,11 +156,6 @@ def test_output_naming_the_gguf_input_through_proc_cwd_or_a_hard_link_is_refused
     assert g.read_bytes() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qora convert FOLDER/config.json -o FOLDER/<shard>: convert.source_files() lists only config.json "
-    "as the input (open_source then reads the whole folder), so the shard being read is replaced by the output",
-)
 def test_output_equal_to_a_shard_when_the_source_is_named_by_its_config_json(hf):
     shard = hf / "model-00001-of-00002.safetensors"
     before = shard.read_bytes()
@@ -169,11 +164,6 @@ def test_output_equal_to_a_shard_when_the_source_is_named_by_its_config_json(hf)
     one_line_error(p, "input")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qora convert -o 'newdir/' writes a FILE named newdir: convert() turns out into a Path (which drops "
-    "the trailing slash) before safeio.check_output looks for it",
-)
 def test_output_with_a_trailing_slash_is_a_folder_not_a_file(tmp_path, hf):
     p = qora("convert", hf, "-o", str(tmp_path / "newdir") + "/", "--quant", "q8")
     assert not (tmp_path / "newdir").is_file(), "a file named newdir was written"
