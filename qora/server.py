@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from qora import limits
+from qora.api.errors import quote, valid_text
 from qora.api.security import LOOPBACK_HOSTS, WILDCARD_BINDS
 from qora.api.security import split_host as _split_host
 from qora.errors import QoraError
@@ -129,16 +130,17 @@ def main(argv: list[str]) -> int:
         raise QoraError(f"--max-body-bytes must be in 1..{1 << 40}, got {args.max_body_bytes}")
     for host in args.allowed_host:
         if host != "*" and _split_host(host) is None:
-            raise QoraError(f"--allowed-host {host!r} is not a host name, NAME:PORT or '*'")
+            raise QoraError(f"--allowed-host {quote(host)} is not a host name, NAME:PORT or '*'")
     for origin in args.cors:
         if origin != "*" and not origin.startswith(("http://", "https://")):
-            raise QoraError(f"--cors {origin!r} is not an origin such as http://localhost:3000 (or '*')")
+            raise QoraError(f"--cors {quote(origin)} is not an origin such as http://localhost:3000 (or '*')")
 
     from qora.hub import looks_like_repo_id, split_spec
     from qora.loader import load_model, resolve_model_path
 
     path = resolve_model_path(args.load)
-    model_id = args.model_name or (
+    # an undecodable byte of a file name is a lone surrogate here; clients send the id as JSON text
+    model_id = args.model_name or valid_text(
         split_spec(args.load)[0]
         if args.load and not Path(args.load).exists() and looks_like_repo_id(args.load)
         else path.stem

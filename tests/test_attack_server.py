@@ -376,3 +376,96 @@ def test_engine_failure_keeps_the_server_serving():
         r = tc.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
         assert tc.get("/health").json()["requests"]["failed"] == 2
+
+
+# ───── what comes back and what is logged: caller values, names, clients that leave ─────
+
+
+def test_error_messages_shorten_every_caller_value(server):
+    """Every error that quotes a caller's value (model, role, a wrongly typed field, a bound, a model path,
+    a route, Host, Origin) quotes at most ~80 characters of it."""
+    _, url, port, _ = server
+    huge = "v" * 300_000
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    for path, body in (
+        ("/v1/chat/completions", {**chat, "model": huge}),
+        ("/v1/completions", {**GOOD_COMPLETION, "model": huge}),
+        ("/v1/chat/completions", {**chat, "messages": [{"role": huge, "content": "x"}]}),
+        ("/v1/chat/completions", {**chat, "messages": [{"role": ["r" * 1000] * 100, "content": "x"}]}),
+        ("/v1/completions", {**GOOD_COMPLETION, "temperature": huge}),
+        ("/v1/completions", {**GOOD_COMPLETION, "max_tokens": -int("9" * 60)}),
+        ("/v1/completions", {**GOOD_COMPLETION, "stop": {"k": huge}}),
+        ("/v1/completions", {**GOOD_COMPLETION, huge[:1000]: 1, "n": huge}),
+    ):
+        r = httpx.post(url + path, json=body, timeout=30)
+        assert r.status_code in (400, 404) and len(r.text) < 600, (path, r.status_code, len(r.text))
+    for r in (
+        httpx.get(url + "/v1/models/" + "m" * 20_000, timeout=30),
+        httpx.get(url + "/nope" + "p" * 20_000, timeout=30),
+        httpx.get(url + "/health", headers={"Host": "h" * 20_000}, timeout=30),
+        httpx.get(url + "/health", headers={"Origin": "http://" + "o" * 20_000}, timeout=30),
+    ):
+        assert r.status_code in (400, 403, 404) and len(r.text) < 600, (r.status_code, len(r.text))
+    still_serves(server)
+
+
+def test_quote_cuts_before_quoting():
+    from qora.api.errors import quote
+
+    assert quote("abc") == "'abc'" and quote("abc", json.dumps) == '"abc"' and quote(None) == "None"
+    assert quote("m" * 10**6) == "'" + "m" * 80 + "'…"
+    assert len(quote("\x00" * 10**6)) <= 81 and quote("\x00" * 10**6).endswith("…")
+    assert len(quote([["x" * 1000] * 1000])) <= 81
+
+
+def test_names_that_are_not_valid_text_never_make_a_500():
+    """A model id with a lone surrogate (an undecodable byte of a file name), or one inside an error message,
+    comes back as U+FFFD in valid JSON: never a 500 and never a traceback."""
+    from starlette.testclient import TestClient
+    from test_generate import FakeModel, script
+
+    from qora.errors import QoraError
+    from qora.server import create_app
+
+    model = FakeModel(script("ok"))
+    forward = model.engine.forward
+    failures = [QoraError("cannot read /models/t\udcff.qora")]
+
+    def flaky(*args, **kwargs):
+        if failures:
+            raise failures.pop(0)
+        return forward(*args, **kwargs)
+
+    model.engine.forward = flaky
+    body = {"model": "t\ufffd", "prompt": "q", "max_tokens": 3}
+    with TestClient(create_app(model, "t\udcff"), raise_server_exceptions=False) as tc:
+        assert tc.get("/health").json()["model"] == "t\ufffd"
+        assert tc.get("/v1/models").json()["data"][0]["id"] == "t\ufffd"
+        err = assert_error(tc.post("/v1/completions", json=body), 400)
+        assert "t\ufffd.qora" in err["message"]
+        r = tc.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["model"] == "t\ufffd", r.text
+        r = tc.post("/v1/completions", json={**body, "stream": True})
+        assert r.status_code == 200 and "t\ufffd" in r.text and "\\udcff" not in r.text
+        assert_error(tc.post("/v1/completions", json={**body, "model": "x"}), 404)
+
+
+def test_clients_that_leave_early_leave_no_traceback(server):
+    """A client may go away at any point (in its headers, in its body, after a streamed answer began): the
+    server drops the request quietly and goes on serving."""
+    _, url, port, _ = server
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: localhost:%d\r\nContent-Type: application/json\r\n" % port
+    whole = json.dumps({**GOOD_COMPLETION, "max_tokens": 64, "stream": True}).encode()
+    for data in (
+        head + b"Content-Length: 1000\r\n\r\n{",
+        head + b'Transfer-Encoding: chunked\r\n\r\n10\r\n{"model": "tiny',
+        head + b"Content-Le",
+        head + b"Content-Length: %d\r\n\r\n" % len(whole) + whole,
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(data)
+            time.sleep(0.2)
+            if data.endswith(whole):
+                assert s.recv(20).startswith(b"HTTP/1.1 200")
+    time.sleep(0.5)
+    still_serves(server)

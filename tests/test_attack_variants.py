@@ -493,11 +493,6 @@ def test_json_variants_leave_the_server_serving(server):
     still_serves(server)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.read_body / _messages echo the client's 'model' and 'role' values whole ({name!r}): a "
-    "500 KB model name comes back in a 500 KB error message (other fields are cut at 60-80 characters)",
-)
 def test_error_messages_do_not_echo_huge_values(server):
     _, url, _, _ = server
     for body in (
@@ -542,12 +537,6 @@ def test_stalled_bodies_and_headers_do_not_stop_the_server(tiny):
         assert r.status_code == 200 and proc.poll() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a client that disconnects in the middle of its request body makes qora/api/security.read_body raise "
-    "starlette's ClientDisconnect, which reaches the catch-all handler: a full traceback in the server log "
-    "per dropped connection (log flooding; the answer goes nowhere)",
-)
 def test_client_leaving_mid_body_leaves_no_traceback(tiny):
     with serve(tiny) as srv:
         _, url, port, log = srv
@@ -624,12 +613,6 @@ def test_invalid_utf8_in_file_names_on_the_cli(tmp_path, hf, tiny):
     assert p.returncode == 1 and b"Traceback" not in p.stderr and p.stderr.startswith(b"qora: error:")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qora serve names the model after the file (path.stem); an undecodable byte in the file name "
-    "becomes a lone surrogate in model_id: /health and /v1/models answer 500 (UnicodeEncodeError traceback "
-    "in the log) and no JSON request can name the model",
-)
 def test_served_model_with_an_undecodable_file_name(tmp_path, tiny):
     path = os.fsencode(tmp_path) + b"/t\xff.qora"
     shutil.copy(tiny, path)

@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ClassVar
 
-from qora.api.errors import generation_error
+from qora.api.errors import generation_error, valid_text
 from qora.api.jobs import END, Job
 from qora.generate import Response
 
@@ -26,7 +26,7 @@ def usage(r: Response) -> dict:
 
 
 def sse(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + valid_text(json.dumps(obj, ensure_ascii=False)).encode() + b"\n\n"
 
 
 class Answer:

@@ -10,18 +10,26 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse as _JSONResponse
 from starlette.responses import Response as HTTPResponse
+from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from qora import limits
 from qora.api import answers, security
-from qora.api.errors import ApiError, generation_error
+from qora.api.errors import ApiError, generation_error, json_bytes, quote, valid_text
 from qora.api.jobs import END, ClientGone, QueueFull, Scheduler, Worker
 from qora.api.models import ChatRequest, CompletionRequest
 
 log = logging.getLogger("qora.server")
+
+
+class JSONResponse(_JSONResponse):
+    """starlette's, except that a lone surrogate (from a file name, say) becomes U+FFFD instead of a 500."""
+
+    def render(self, content) -> bytes:
+        return json_bytes(content)
 
 
 def _fingerprint() -> str:
@@ -73,7 +81,7 @@ class Handlers:
         security.check_api_key(request, self.api_key)
         name = request.path_params["name"]
         if name != self.model_id:
-            raise ApiError(404, f"model {name!r} does not exist", "model", "model_not_found")
+            raise ApiError(404, f"model {quote(name)} does not exist", "model", "model_not_found")
         return JSONResponse(self.model_card())
 
     async def chat_completions(self, request: Request):
@@ -130,9 +138,14 @@ async def _on_api_error(request, exc: ApiError):
 
 
 async def _on_http_error(request, exc: HTTPException):
-    message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
+    message = {404: f"no route {quote(request.url.path, str)}", 405: f"method {request.method} not allowed here"}
     err = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
     return JSONResponse(err.body(), status_code=exc.status_code)
+
+
+async def _on_client_gone(request, exc: Exception):
+    # the client left (mid-body, say): nobody reads an answer, and it is no server fault worth a traceback
+    return HTTPResponse(status_code=499)
 
 
 async def _on_error(request, exc: Exception):
@@ -163,6 +176,7 @@ def create_app(
     carries an Origin is refused. max_body_bytes: the largest request body read. scheduler: what runs
     the generation jobs (default: a Worker, one job at a time)."""
     scheduler = scheduler if scheduler is not None else Worker(model)
+    model_id = valid_text(model_id)  # the id clients send as JSON text and every answer carries
     created = int(created if created is not None else time.time())
     handlers = Handlers(model, model_id, scheduler, api_key, created, max_body_bytes)
 
@@ -176,7 +190,13 @@ def create_app(
 
     app = Starlette(
         routes=handlers.routes(),
-        exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_error},
+        exception_handlers={
+            ApiError: _on_api_error,
+            HTTPException: _on_http_error,
+            ClientDisconnect: _on_client_gone,
+            ClientGone: _on_client_gone,
+            Exception: _on_error,
+        },
         lifespan=lifespan,
         middleware=security.middleware(allowed_hosts, port, any_ip_host, cors, max_body_bytes),
     )

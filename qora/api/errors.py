@@ -2,7 +2,37 @@
 
 from __future__ import annotations
 
+import json
+
 from qora.errors import ContextOverflowError, ModelFileChangedError, QoraError
+
+QUOTE_LIMIT = 80  # characters of a caller's value an error message quotes
+
+
+def quote(value, how=repr, limit: int = QUOTE_LIMIT) -> str:
+    """`value` as an error message quotes it (`how`: repr or json.dumps), cut to `limit` characters + "…":
+    a caller's 500 KB model name must not come back whole in the answer or the log."""
+    cut = isinstance(value, str) and len(value) > limit
+    text = how(value[:limit] if cut else value)  # cut before quoting: the quoting itself stays small
+    if len(text) > limit + 2:  # escapes, or a long non-string value
+        text, cut = text[:limit], True
+    return text + "…" if cut else text
+
+
+def valid_text(text: str) -> str:
+    """`text` with every lone surrogate (an undecodable byte of a file name or argv, "\\ud800" in JSON)
+    replaced by U+FFFD: what no UTF-8 answer or log line could carry."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:  # utf-16 pairs the valid surrogate pairs and replaces the lone ones
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def json_bytes(obj) -> bytes:
+    """A JSON answer's bytes (as starlette writes them), which a lone surrogate cannot make fail."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+    return valid_text(text).encode("utf-8")
 
 
 class ApiError(Exception):

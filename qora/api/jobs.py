@@ -30,7 +30,7 @@ POLL_S = 0.2  # how often a waiting non-streamed request checks that its client 
 
 
 class ClientGone(Exception):
-    """The client disconnected while its non-streamed request waited."""
+    """The client disconnected: in the middle of its request body, or while its non-streamed request waited."""
 
 
 class QueueFull(Exception):

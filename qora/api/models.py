@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from qora import limits
-from qora.api.errors import ApiError
+from qora.api.errors import ApiError, quote
 from qora.errors import QoraError
 from qora.generate import MAX_TOP_LOGPROBS, GenerationOptions
 
@@ -79,7 +79,7 @@ class InvalidField(ValueError):
 
 
 def wrong_type(name: str, value, wanted: str) -> InvalidField:
-    return InvalidField(f"'{name}' must be {wanted}, got {json.dumps(value)[:60]}", param=name)
+    return InvalidField(f"'{name}' must be {wanted}, got {quote(value, json.dumps, 60)}", param=name)
 
 
 class _Strict(BaseModel):
@@ -138,7 +138,10 @@ class _Request(_Strict):
             raise InvalidField("'model' is required", param="model")
         if name != model_id:
             raise InvalidField(
-                f"model {name!r} does not exist; this server has {model_id!r}", "model", 404, "model_not_found"
+                f"model {quote(name)} does not exist; this server has {quote(model_id)}",
+                "model",
+                404,
+                "model_not_found",
             )
         return name
 
@@ -272,7 +275,7 @@ class ChatRequest(_Request):
             if role == "developer":  # OpenAI's newer name for the system role
                 role = "system"
             if role not in ("system", "user", "assistant", "tool"):
-                raise InvalidField(f"{where}: unknown role {role!r}", param="messages")
+                raise InvalidField(f"{where}: unknown role {quote(role)}", param="messages")
             out.append({"role": role, "content": _text_content(m.get("content"), where)})
         return out
 
@@ -370,5 +373,5 @@ def _answer(request_type: type[_Request], exc: ValidationError) -> ApiError:
         low, high = bounds.get("Ge") or bounds.get("Gt"), bounds.get("Le")
         span = f"> {low.gt}" if "Gt" in bounds else f">= {low.ge}"
         span += f" and <= {high.le}" if high is not None else ""
-        return ApiError(400, f"'{name}' must be {span}, got {value}", param=name)
+        return ApiError(400, f"'{name}' must be {span}, got {quote(value, str)}", param=name)
     return ApiError(400, f"'{name}': {error['msg']}", param=name)  # no field of ours gets here

@@ -10,7 +10,7 @@ import json
 import re
 
 from qora import limits
-from qora.api.errors import ApiError
+from qora.api.errors import ApiError, quote
 
 # ───── strict JSON ─────
 # json.loads alone takes NaN/Infinity, 1e999 (as inf), duplicate keys (the last wins), lone surrogates
@@ -39,7 +39,7 @@ def _unique_keys(pairs: list) -> dict:
     if len(out) != len(pairs):
         seen = set()
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {json.dumps(dup)[:40]}")
+        raise ValueError(f"duplicate key {quote(dup, json.dumps, 40)}")
     return out
 
 
@@ -169,7 +169,7 @@ class Guard:
     def refusal(self, headers: dict) -> ApiError | None:
         host = headers.get("host")
         if not self.host_ok(host):
-            shown = json.dumps(host)[:80] if host is not None else "none"
+            shown = quote(host, json.dumps) if host is not None else "none"
             return ApiError(
                 400,
                 f"Host header {shown} does not name this server (qora serve --allowed-host HOST allows a name)",
@@ -179,7 +179,7 @@ class Guard:
         if origin is not None and not self.origin_ok(origin):
             return ApiError(
                 403,
-                f"requests from web pages ({json.dumps(origin)[:80]}) are not allowed "
+                f"requests from web pages ({quote(origin, json.dumps)}) are not allowed "
                 "(qora serve --cors ORIGIN allows one)",
                 code="origin_not_allowed",
             )
@@ -214,7 +214,7 @@ class Guard:
             return await self.app(scope, receive, send)
         if scope["type"] != "http":
             return await send({"type": "websocket.close", "code": 1008})
-        from starlette.responses import JSONResponse
+        from qora.api.app import JSONResponse
 
         close = [("connection", "close")] if err.status == 413 else []  # the body is not read
         response = JSONResponse(err.body(), status_code=err.status)
@@ -237,16 +237,23 @@ def check_api_key(request, api_key: str | None) -> None:
 
 async def read_body(request, max_body_bytes: int) -> dict:
     """The request body as a JSON object: ApiError(413) past `max_body_bytes`, ApiError(400) if not strict JSON."""
+    from starlette.requests import ClientDisconnect
+
+    from qora.api.jobs import ClientGone
+
     chunks, size = [], 0
-    async for chunk in request.stream():  # counted as it arrives: chunked bodies declare no length
-        size += len(chunk)
-        if size > max_body_bytes:
-            raise ApiError(
-                413,
-                f"the request body is larger than {max_body_bytes} bytes (qora serve --max-body-bytes)",
-                code="request_too_large",
-            )
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():  # counted as it arrives: chunked bodies declare no length
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise ApiError(
+                    413,
+                    f"the request body is larger than {max_body_bytes} bytes (qora serve --max-body-bytes)",
+                    code="request_too_large",
+                )
+            chunks.append(chunk)
+    except (ClientDisconnect, OSError):  # the client left mid-body: the app answers 499 to nobody, no traceback
+        raise ClientGone from None
     raw = b"".join(chunks)
     del chunks
     return parse_body(raw)
