@@ -22,15 +22,15 @@ import time
 from pathlib import Path
 
 import qora
-from qora import limits
+from qora import dtypes, limits
 from qora import log as qlog
 from qora.errors import QoraError
 from qora.loader import load_model, resolve_model_path  # noqa: F401  (resolve_model_path: part of this module's API)
+from qora.sampling import DEFAULTS
 
 PROG = "qora"
 # Subcommands with a module of their own (each has main(argv) -> exit status, raising QoraError).
 SUBCOMMANDS = {"chat": "qora.chat", "serve": "qora.server", "pull": "qora.hub", "bench": "qora.bench"}
-QUANT_TYPES = ("q4", "q8", "f16", "f32")
 EXIT_INTERRUPTED = 130
 
 
@@ -156,14 +156,35 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
     dev.add_argument("--gpu", action="store_true", help="run on the GPU (Vulkan)")
-    p.add_argument("--temperature", type=_float, metavar="T", help="sampling temperature (default 0.6 think, 0.7 not)")
-    p.add_argument("--top-k", type=int_at_least(0), metavar="K", help="keep the K most likely tokens (default 20)")
-    p.add_argument("--top-p", type=_float, metavar="P", help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--min-p", type=_float, metavar="P", help="drop tokens below P x the top probability (default 0)")
-    p.add_argument("--repeat-penalty", type=_float, metavar="F", help="repetition penalty (default 1.1)")
-    p.add_argument("--repeat-window", type=int_at_least(0), metavar="N", help="tokens the penalties see (default 64)")
-    p.add_argument("--presence-penalty", type=_float, metavar="F", help="presence penalty (default 1.5)")
-    p.add_argument("--frequency-penalty", type=_float, metavar="F", help="frequency penalty (default 0)")
+    d = DEFAULTS
+    p.add_argument(
+        "--temperature",
+        type=_float,
+        metavar="T",
+        help=f"sampling temperature (default {d.temperature_think:g} think, {d.temperature:g} not)",
+    )
+    p.add_argument(
+        "--top-k", type=int_at_least(0), metavar="K", help=f"keep the K most likely tokens (default {d.top_k:g})"
+    )
+    p.add_argument("--top-p", type=_float, metavar="P", help=f"nucleus sampling mass (default {d.top_p:g})")
+    p.add_argument(
+        "--min-p", type=_float, metavar="P", help=f"drop tokens below P x the top probability (default {d.min_p:g})"
+    )
+    p.add_argument(
+        "--repeat-penalty", type=_float, metavar="F", help=f"repetition penalty (default {d.repeat_penalty:g})"
+    )
+    p.add_argument(
+        "--repeat-window",
+        type=int_at_least(0),
+        metavar="N",
+        help=f"tokens the penalties see (default {d.repeat_window:g})",
+    )
+    p.add_argument(
+        "--presence-penalty", type=_float, metavar="F", help=f"presence penalty (default {d.presence_penalty:g})"
+    )
+    p.add_argument(
+        "--frequency-penalty", type=_float, metavar="F", help=f"frequency penalty (default {d.frequency_penalty:g})"
+    )
     p.add_argument("--seed", type=int_at_least(0), metavar="N", help="random seed (reproducible sampling)")
     p.add_argument("--threads", type=int_at_least(1), metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--context", type=int_at_least(2), metavar="N", help="KV cache size in tokens (default: auto)")
@@ -197,9 +218,17 @@ def build_convert_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", metavar="SRC", help="HF folder (config.json, *.safetensors, tokenizer.json) or .gguf file")
     p.add_argument("-o", "--output", metavar="OUT", help="the .qora file to write (default: SRC name + -QUANT.qora)")
-    p.add_argument("--quant", choices=QUANT_TYPES, default="q4", help="weight type of the layers (default q4)")
     p.add_argument(
-        "--embed-quant", choices=QUANT_TYPES, default=None, help="embedding / LM head type (default: the converter's)"
+        "--quant",
+        choices=dtypes.CHOICES,
+        default=dtypes.DEFAULT,
+        help=f"weight type of the layers (default {dtypes.DEFAULT})",
+    )
+    p.add_argument(
+        "--embed-quant",
+        choices=dtypes.CHOICES,
+        default=None,
+        help="embedding / LM head type (default: the converter's)",
     )
     return p
 
@@ -267,7 +296,7 @@ def generation_options(args, parser):
             top_p=args.top_p,
             min_p=args.min_p,
             repeat_penalty=args.repeat_penalty,
-            repeat_window=64 if args.repeat_window is None else args.repeat_window,
+            repeat_window=DEFAULTS.repeat_window if args.repeat_window is None else args.repeat_window,
             presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty,
             seed=args.seed,

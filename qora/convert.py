@@ -25,6 +25,7 @@ Design:
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
@@ -41,6 +42,8 @@ from qora.engine import guard_mapping
 from qora.errors import ConfigError, FormatError, QoraError
 from qora.format import QoraWriter, check_finite, expected_tensors, parse_json, reject_nonfinite, validate_config
 from qora.safeio import check_inside, check_output, file_ids, open_regular, read_regular
+
+log = logging.getLogger(__name__)
 
 QUANTS = Q.DTYPES
 
@@ -85,7 +88,7 @@ def _short_float(v) -> float:
 
 
 def _warn(msg: str) -> None:
-    print(f"qora convert: warning: {msg}", file=sys.stderr)
+    log.warning("%s", msg)  # through qora.log: the CLI shows it, an application routes it
 
 
 def _encode_rows(read_rows, rows: int, cols: int, dtype: str) -> np.ndarray:

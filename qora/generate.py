@@ -40,17 +40,9 @@ from qora.errors import ContextOverflowError, QoraError
 from qora.sampling import Sampler
 from qora.system import default_limits
 
-# ───── defaults: one set for every model, chosen for SmolLM3 (see GenerationOptions.resolved) ─────
+# ───── defaults: the sampling ones are sampling.DEFAULTS (see GenerationOptions.resolved) ─────
 
-TEMPERATURE_THINK = 0.6
-TEMPERATURE_NO_THINK = 0.7
-TOP_K = 20
-TOP_P = 0.95
-MIN_P = 0.0
-REPEAT_PENALTY = 1.1
-REPEAT_WINDOW = 64
-PRESENCE_PENALTY = 1.5
-FREQUENCY_PENALTY = 0.0
+DEFAULTS = sampling.DEFAULTS
 SENTENCE_STOP_FRACTION = 0.85
 
 FINISH_REASONS = ("stop", "length", "loop", "interrupted")
@@ -62,7 +54,7 @@ MAX_TOP_LOGPROBS = 20
 
 @dataclass
 class GenerationOptions:
-    """What to generate and how. None means "the default": the constants above for the sampling values (the
+    """What to generate and how. None means "the default": sampling.DEFAULTS for the sampling values (the
     temperature depends on whether the model will think), available RAM for the two limits.
 
     max_tokens: answer tokens at most; think_budget: thinking tokens before `</think>` is forced.
@@ -82,7 +74,7 @@ class GenerationOptions:
     top_p: float | None = None
     min_p: float | None = None
     repeat_penalty: float | None = None
-    repeat_window: int = REPEAT_WINDOW
+    repeat_window: int = DEFAULTS.repeat_window
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = None
@@ -148,7 +140,7 @@ class GenerationOptions:
     def resolved(self, thinking: bool, generation_defaults: Mapping | None = None) -> GenerationOptions:
         """A copy with every None filled in. `thinking`: the model will think (picks the temperature).
 
-        The product defaults (the constants above) win over the file's generation_config: they were chosen for
+        The product defaults (sampling.DEFAULTS) win over the file's generation_config: they were chosen for
         SmolLM3 in both modes (the file's temperature 0.6 / top_p 0.95 agree in think mode), and one
         set of defaults for every model keeps runs comparable. The file is only consulted for what the
         product leaves unset (min_p).
@@ -162,9 +154,9 @@ class GenerationOptions:
         min_p = self.min_p
         if min_p is None:
             try:
-                min_p = sampling.check_min_p(gen.get("min_p", MIN_P) or 0.0)
+                min_p = sampling.check_min_p(gen.get("min_p", DEFAULTS.min_p) or 0.0)
             except QoraError:
-                min_p = MIN_P
+                min_p = DEFAULTS.min_p
 
         def pick(value, default):
             return default if value is None else value
@@ -173,15 +165,15 @@ class GenerationOptions:
             self,
             max_tokens=max_tokens,
             think_budget=think_budget,
-            temperature=pick(self.temperature, TEMPERATURE_THINK if thinking else TEMPERATURE_NO_THINK),
-            top_k=pick(self.top_k, TOP_K),
-            top_p=pick(self.top_p, TOP_P),
+            temperature=pick(self.temperature, DEFAULTS.temperature_think if thinking else DEFAULTS.temperature),
+            top_k=pick(self.top_k, DEFAULTS.top_k),
+            top_p=pick(self.top_p, DEFAULTS.top_p),
             min_p=min_p,
             # greedy means plain argmax (as transformers and llama.cpp do it): penalties apply only
             # when asked for explicitly
-            repeat_penalty=pick(self.repeat_penalty, 1.0 if self.greedy else REPEAT_PENALTY),
-            presence_penalty=pick(self.presence_penalty, 0.0 if self.greedy else PRESENCE_PENALTY),
-            frequency_penalty=pick(self.frequency_penalty, 0.0 if self.greedy else FREQUENCY_PENALTY),
+            repeat_penalty=pick(self.repeat_penalty, 1.0 if self.greedy else DEFAULTS.repeat_penalty),
+            presence_penalty=pick(self.presence_penalty, 0.0 if self.greedy else DEFAULTS.presence_penalty),
+            frequency_penalty=pick(self.frequency_penalty, 0.0 if self.greedy else DEFAULTS.frequency_penalty),
             loop_detection=self.loop_detection and not self.ignore_eos,
             sentence_stop=self.sentence_stop and not self.ignore_eos,
         )

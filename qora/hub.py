@@ -26,10 +26,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from qora import dtypes
 from qora.errors import QoraError
 
-QUANT_TYPES = ("q4", "q8", "f16", "f32")
-DEFAULT_QUANT = "q4"
 # What a conversion reads; anything else in a repo (other formats, ONNX exports, images) is skipped.
 ALLOW_PATTERNS = [
     "config.json",
@@ -58,7 +57,7 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 def looks_like_repo_id(spec: str) -> bool:
     """True for "ORG/NAME" (optionally ":QUANT"), the shape of a Hugging Face model id."""
     repo, quant = split_spec(spec)
-    return bool(_REPO_ID.match(repo)) and not repo.endswith(".qora") and quant in (None, *QUANT_TYPES)
+    return bool(_REPO_ID.match(repo)) and not repo.endswith(".qora") and quant in (None, *dtypes.CHOICES)
 
 
 def hub_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -86,8 +85,8 @@ def find_pulled(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
         raise QoraError(f"{spec}: no such file, and not pulled yet; run: qora pull {repo}")
     if len(have) == 1:
         return folder / f"{have[0]}.qora"
-    if DEFAULT_QUANT in have:
-        return folder / f"{DEFAULT_QUANT}.qora"
+    if dtypes.DEFAULT in have:
+        return folder / f"{dtypes.DEFAULT}.qora"
     raise QoraError(f"{spec} was pulled as {', '.join(have)}: say which, e.g. --load {repo}:{have[0]}")
 
 
@@ -134,7 +133,7 @@ def _fingerprint(folder: Path) -> dict:
 
 def pull(
     repo_id: str,
-    quant: str = DEFAULT_QUANT,
+    quant: str = dtypes.DEFAULT,
     revision: str | None = None,
     embed_quant: str | None = None,
     force: bool = False,
@@ -146,8 +145,8 @@ def pull(
     log = log or _log.info
     if not _REPO_ID.match(repo_id or ""):
         raise QoraError(f"{repo_id!r} is not a Hugging Face model id (expected ORG/NAME)")
-    if quant not in QUANT_TYPES:
-        raise QoraError(f"quant must be one of {', '.join(QUANT_TYPES)}, got {quant!r}")
+    if quant not in dtypes.CHOICES:
+        raise QoraError(f"quant must be one of {', '.join(dtypes.CHOICES)}, got {quant!r}")
     folder = _download(repo_id, revision, log)
     if not (folder / "config.json").is_file():
         raise QoraError(f"{repo_id} has no config.json at its top level: not a transformers checkpoint")
@@ -210,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("repo_id", metavar="REPO_ID", help="the model on the hub, e.g. HuggingFaceTB/SmolLM3-3B")
-    p.add_argument("--quant", choices=QUANT_TYPES, default=DEFAULT_QUANT, help="weight type (default q4)")
-    p.add_argument("--embed-quant", choices=QUANT_TYPES, default=None, help="embedding / LM head type")
+    p.add_argument(
+        "--quant", choices=dtypes.CHOICES, default=dtypes.DEFAULT, help=f"weight type (default {dtypes.DEFAULT})"
+    )
+    p.add_argument("--embed-quant", choices=dtypes.CHOICES, default=None, help="embedding / LM head type")
     p.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
     p.add_argument("--force", action="store_true", help="convert again even if the cached file is current")
     return p

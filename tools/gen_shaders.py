@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -25,7 +26,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "qora" / "_core" / "shaders"
 HEADER = ROOT / "qora" / "_core" / "shaders_spv.h"
 FLAGS = ["--target-env=vulkan1.1", "-O"]
-DTYPES = {"f32": 0, "f16": 1, "q8": 2, "q4": 3}  # the C enum qora_dtype
+
+
+def _dtypes():
+    """qora/dtypes.py, the weight-type table, loaded by path: importing the qora package would need the
+    extension this build is making."""
+    spec = importlib.util.spec_from_file_location("qora_dtypes", ROOT / "qora" / "dtypes.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_DT = _dtypes()
+DTYPES = {name: t.c_id for name, t in _DT.WEIGHT_TYPES.items()}  # the C enum qora_dtype, in its order
 
 # name -> (source, defines); one SPIR-V module per weight type where the shader reads weights
 SHADERS: dict[str, tuple[str, dict[str, int]]] = {}
@@ -34,7 +48,7 @@ for _kernel in ("matvec", "matmul", "embed"):
         _defs = {"DTYPE": _code, "DOT": 0} if _kernel == "matvec" else {"DTYPE": _code}
         SHADERS[f"{_kernel}_{_dt}"] = (f"{_kernel}.comp", _defs)
 # decode Q4/Q8 products with the packed integer dot product, for devices that offer it
-for _dt in ("q8", "q4"):
+for _dt in _DT.QUANTIZED:
     SHADERS[f"matvec_{_dt}_dot"] = ("matvec.comp", {"DTYPE": DTYPES[_dt], "DOT": 1})
 for _kernel in ("prep", "rope_kv", "attention", "quant"):
     SHADERS[_kernel] = (f"{_kernel}.comp", {})

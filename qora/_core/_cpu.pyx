@@ -16,8 +16,6 @@ import numpy as np
 include "weights.pxi"
 
 cdef extern from "qora/qora.h" nogil:
-    ctypedef struct block_q8:
-        pass
     ctypedef struct qora_xblock:
         pass
 

@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from qora import limits
+from qora import dtypes, limits
 from qora.errors import ContextOverflowError, QoraError
 
 
@@ -141,7 +141,7 @@ def kv_cache_dtype(qfile) -> str:
             raise QoraError(f"QORA_KV={want!r} is not one of f16, f32")
         return want
     wq = qfile.tensor_info.get("layers.0.wq", {}).get("dtype")
-    return "f16" if wq in ("q4", "q8") else "f32"
+    return "f16" if wq in dtypes.QUANTIZED else "f32"
 
 
 def default_context(cfg: dict, requested: int | None = None) -> int:
