@@ -496,7 +496,7 @@ class _HFSource:
     kind = "hf"
 
     def __init__(self, path: Path):
-        from qora.tokenizer import load_hf_tokenizer
+        from qora.tokenizer import check_template_source, load_hf_tokenizer
 
         self.path = path
         where = str(path)
@@ -513,6 +513,7 @@ class _HFSource:
         tcfg = _read_json(path / "tokenizer_config.json", False, where, root=root) or {}
         gen = _read_json(path / "generation_config.json", False, where, root=root) or {}
         self.chat_template = self._chat_template(path, tcfg, root)
+        check_template_source(self.chat_template, where)
         self.generation = {
             k: v for k, v in gen.items() if k not in _GENERATION_SKIP and isinstance(v, (int, float, bool, str))
         }
@@ -1137,10 +1138,11 @@ class _GGUFSource:
         if n_tokens > cfg["vocab_size"]:
             raise FormatError(f"{where}: {n_tokens} tokens but token_embd.weight has only {cfg['vocab_size']} rows")
         self.tokenizer_json = gguf_tokenizer_json(fields, where)
-        from qora.tokenizer import load_hf_tokenizer
+        from qora.tokenizer import check_template_source, load_hf_tokenizer
 
-        tok = load_hf_tokenizer(self.tokenizer_json, where)
         self.chat_template = fields.get("tokenizer.chat_template")
+        check_template_source(self.chat_template, where)
+        tok = load_hf_tokenizer(self.tokenizer_json, where)
         self.generation = {
             hf: _short_float(fields[k]) if isinstance(fields[k], float) else fields[k]
             for k, hf in _GGUF_SAMPLING.items()

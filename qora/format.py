@@ -35,7 +35,7 @@ import numpy as np
 
 from qora import quant
 from qora.errors import FormatError
-from qora.limits import CONFIG_INT_LIMITS, MAX_HEADER_BYTES, MAX_TENSOR_DIM
+from qora.limits import CONFIG_INT_LIMITS, MAX_HEADER_BYTES, MAX_TENSOR_DIM, TEMPLATE_MAX_SOURCE
 from qora.safeio import AtomicWriter, Transaction, open_regular
 
 MAGIC = b"QORA"
@@ -360,6 +360,11 @@ class QoraFile:
         self.chat_template = header.get("chat_template")
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise FormatError(f"{where}: header chat_template must be a string or null")
+        if self.chat_template is not None and len(self.chat_template) > TEMPLATE_MAX_SOURCE:
+            raise FormatError(
+                f"{where}: chat template of {len(self.chat_template)} characters is over the "
+                f"{TEMPLATE_MAX_SOURCE}-character limit"
+            )
         self.generation = header.get("generation") or {}
         self.source = header.get("source") or {}
         for key in ("generation", "source"):

@@ -54,6 +54,9 @@ TEMPLATE_MAX_OUTPUT = 4 << 20  # characters of one rendered prompt (far beyond a
 TEMPLATE_MAX_LOOP_STEPS = 1 << 20  # loop iterations in one render
 TEMPLATE_MAX_SECONDS = 5.0  # wall time of one render
 TEMPLATE_MAX_POWER = 4096  # largest exponent for `**` on integers
+# Characters of a chat template's source (real ones: 10-20K); compiling costs ~8 µs a character, so
+# 100K `{% if %}` blocks (2 MB) took 40 s. Compiling also runs under TEMPLATE_MAX_SECONDS.
+TEMPLATE_MAX_SOURCE = 1 << 20
 # ── Chat templates and tokenizers (issue 16: qora/tokenizer.py) ──
 # Characters one render may create in all (every operator, call and filter result counts): real
 # templates make a few times their output; bounds the memory and time of quadratic string building.

@@ -375,17 +375,32 @@ def _check_size(v, what: str = "a value"):
     return v
 
 
+_DICT_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
+
+
 def _text_size(v, limit: int, indent: int = 0, sep: int = 2) -> int:
     """An upper bound on the characters str(), repr() or json.dumps(indent=indent) make of `v`, computed
     only until it passes `limit` (a list holding a huge string a million times is found at once).
-    Escapes: printable ASCII may double (backslashes, quotes), anything else up to 12 characters each."""
-    total, seen = 0, set()
-    stack = [(iter((v,)), 0)]  # iterators, so a long list is never copied
+    Escapes: printable ASCII may double (backslashes, quotes), anything else up to 12 characters each.
+
+    A container referenced twice is printed twice, so it counts in full every time: `[x, x]` doubled
+    20 times is a few dozen objects but a million characters of text. Each container's full size is
+    computed once (memo by id, and by depth when indenting) and added at every reference; only a
+    container on the current path (a cycle, which str() prints as `[...]`) counts as a few characters."""
+    total = 0
+    memo: dict[tuple[int, int], int] = {}
+    on_path: set[int] = set()
+    # frames: (iterator over the items, depth, id of the container or None, total when it was entered);
+    # iterators, so a long list is never copied
+    stack = [(iter((v,)), 0, None, 0)]
     while stack:
-        it, depth = stack[-1]
+        it, depth, cid, start = stack[-1]
         x = next(it, stack)
         if x is stack:
             stack.pop()
+            if cid is not None:
+                on_path.discard(cid)
+                memo[(cid, depth if indent else 0)] = total - start
             continue
         if isinstance(x, str):
             total += len(x) * (2 if x.isascii() and x.isprintable() else 12) + 2
@@ -395,15 +410,26 @@ def _text_size(v, limit: int, indent: int = 0, sep: int = 2) -> int:
             total += x.bit_length() // 3 + 2
         elif isinstance(x, (float, range)):
             total += 32
-        elif isinstance(x, (list, tuple, dict, jinja2.utils.Namespace)):
-            if id(x) in seen:
-                total += 8
+        elif isinstance(x, (list, tuple, dict, jinja2.utils.Namespace, *_DICT_VIEWS)):
+            key = (id(x), depth + 1 if indent else 0)
+            if id(x) in on_path:
+                total += 8  # a cycle: str() prints [...], json.dumps refuses it
+            elif key in memo:
+                total += memo[key]
             else:
-                seen.add(id(x))
+                start = total
                 items = x._Namespace__attrs if isinstance(x, jinja2.utils.Namespace) else x
+                # brackets, each item's separator and (indenting) its line, and the closing bracket's line
                 total += 16 + len(items) * (sep + (indent * (depth + 1) + 1 if indent else 0))
-                flat = (kv for pair in items.items() for kv in pair) if isinstance(items, dict) else iter(items)
-                stack.append((flat, depth + 1))
+                total += indent * depth + 1 if indent else 0
+                if isinstance(items, dict):
+                    flat = (kv for pair in items.items() for kv in pair)
+                elif isinstance(items, type({}.items())):
+                    flat = (kv for pair in items for kv in pair)
+                else:
+                    flat = iter(items)
+                on_path.add(id(x))
+                stack.append((flat, depth + 1, id(x), start))
         else:
             total += 64  # macros, undefined values, loop objects: a short repr
         if total > limit:
@@ -817,8 +843,18 @@ def _as_datetime(today: Any) -> _dt.datetime:
     raise QoraError(f"chat template: date must be a datetime, date or ISO string, not {type(today).__name__}")
 
 
+def check_template_source(source, where="chat template") -> None:
+    """Refuse a template source over TEMPLATE_MAX_SOURCE characters (compiling is ~8 µs a character)."""
+    if isinstance(source, str) and len(source) > limits.TEMPLATE_MAX_SOURCE:
+        raise FormatError(
+            f"{where}: chat template of {len(source)} characters is over the "
+            f"{limits.TEMPLATE_MAX_SOURCE}-character limit"
+        )
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in the sandbox; a syntax error becomes a QoraError."""
+    """Compile a chat template in the sandbox, within the source-size limit and the render deadline
+    (the watchdog interrupts the compiler's Python parts); a syntax error becomes a QoraError."""
     env = _StrictSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols], finalize=_finalize
     )
@@ -833,8 +869,15 @@ def compile_chat_template(source: str) -> jinja2.Template:
     env.globals["strftime_now"] = lambda fmt: _strftime(_dt.datetime.now(), fmt)
     if not isinstance(source, str):
         raise QoraError(f"chat template must be a string, not {type(source).__name__}")
+    check_template_source(source)
     try:
-        return env.from_string(source)
+        with _Watchdog(limits.TEMPLATE_MAX_SECONDS):
+            return env.from_string(source)
+    except _RenderTimeout:
+        raise FormatError(
+            f"chat template: compiling took longer than {limits.TEMPLATE_MAX_SECONDS:g} s "
+            f"({len(source)} characters; a runaway template?)"
+        ) from None
     except jinja2.TemplateSyntaxError as e:
         raise QoraError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
     except jinja2.exceptions.SecurityError as e:

@@ -19,11 +19,22 @@ from qora import demo, limits
 from qora.errors import ContextOverflowError, FormatError, QoraError
 from qora.format import QoraFile
 from qora.generate import GenerationOptions, prompt_ids
-from qora.tokenizer import CHATML_TEMPLATE, ModelText, Tokenizer, _RenderTimeout, _Watchdog
+from qora.tokenizer import (
+    CHATML_TEMPLATE,
+    ModelText,
+    Tokenizer,
+    _RenderTimeout,
+    _text_size,
+    _Watchdog,
+    compile_chat_template,
+)
 
 FIX = Path(__file__).parent / "fixtures"
 SMOLLM3 = Path(__file__).resolve().parents[2] / "shared" / "smollm3-3b" / "chat_template.jinja"
 TODAY = "2025-06-01"
+# A child process's own peak RSS, in MB. ru_maxrss is no good: the kernel carries the peak of the forked
+# pytest parent across exec into the child's rusage; VmHWM belongs to the child's fresh address space.
+PEAK_MB = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]) // 1024"
 
 
 def smollm3_template() -> str:
@@ -281,7 +292,7 @@ def test_template_size_bombs_bounded_in_time_and_memory():
     well under a second, and the process never grows past a few hundred MB (nested format widths made
     3 GB, tojson with an indent 2.9 GB, wordwrap ran 20 s)."""
     code = f"""
-import json, resource, re, sys, time
+import json, re, sys, time
 sys.path.insert(0, {str(Path(__file__).parent / "fuzz")!r})
 import corpus_tools as ct
 from qora.errors import QoraError
@@ -297,12 +308,121 @@ for key, pattern in sorted(manifest.items()):
     except QoraError as e:
         assert re.search(pattern, str(e)), (key, str(e))
     worst = max(worst, time.monotonic() - t0)
-print(worst, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(worst, {PEAK_MB})
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     worst, rss_mb = r.stdout.split()
     assert float(worst) < 2.5 and int(rss_mb) < 400, r.stdout
+
+
+# Values a template shares: [x, x] doubled d times is 2d objects but 2^d elements of text. Every
+# operation that turns a value into text (or compares, sorts, hashes it) must see the full size.
+DAG = "{% set ns = namespace(x=[], y=[]) %}{% for i in range(24) %}{% set ns.x = [ns.x, ns.x] %}\
+{% set ns.y = [ns.y, ns.y] %}{% set ns.d = {'a': ns.x, 'b': ns.x} %}{% endfor %}"
+DAG_USES = {
+    "tojson": "{{ ns.x|tojson|length }}",
+    "tojson_indent": "{{ ns.x|tojson(indent=2)|length }}",
+    "string": "{{ ns.x|string|length }}",
+    "print": "{{ ns.x }}",
+    "print_dict": "{{ ns.d }}",
+    "print_namespace": "{{ ns }}",
+    "dict_items": "{{ ns.d.items() }}",
+    "concat": "{{ ('a' ~ ns.x)|length }}",
+    "join": "{{ [ns.x]|join(',')|length }}",
+    "format_filter": "{{ '%s'|format(ns.x)|length }}",
+    "percent": "{{ ('%s' % [ns.x])|length }}",
+    "str_format": "{{ '{}'.format(ns.x)|length }}",
+    "in_string": "{{ 'a' in ns.x|string }}",
+    "in_list": "{{ ns.x in [ns.y] }}",
+    "equal": "{{ ns.x == ns.y }}",
+    "sort": "{{ [ns.x, ns.y]|sort|length }}",
+    "dictsort": "{{ {'a': ns.x, 'b': ns.y}|dictsort|length }}",
+    "unique": "{{ [ns.x, ns.y]|unique|list|length }}",
+    "max": "{{ [ns.x, ns.y]|max|length }}",
+    "map_string": "{{ [ns.x]|map('string')|list|length }}",
+    "set_block": "{% set b %}{{ ns.x }}{% endset %}{{ b|length }}",
+    "tuple": "{{ (ns.x, ns.x)|string|length }}",
+    "list_count": "{{ [ns.x].count(ns.y) }}",
+}
+
+
+@pytest.mark.parametrize("use", sorted(DAG_USES))
+def test_template_shared_sublists_are_sized_in_full(use):
+    msg, took = render_error(DAG + DAG_USES[use])
+    assert re.search(r"would exceed the \d+-character limit", msg), msg
+    assert took < 1.5, took
+
+
+def test_template_shared_values_text_size_is_an_upper_bound():
+    """_text_size against what str() and json.dumps really make of shared and cyclic values."""
+    x: list = ["ab\u00e9", 7, None]
+    for _ in range(12):
+        x = [x, x, {"k": x}]
+    assert _text_size(x, 1 << 40) >= max(len(str(x)), len(json.dumps(x, ensure_ascii=False)))
+    assert _text_size(x, 1 << 40, indent=3) >= len(json.dumps(x, indent=3))
+    assert _text_size(x, 1000) <= 1000 + 64  # stops soon after the limit
+    cyc: list = [1]
+    cyc.append([cyc, cyc])
+    assert _text_size(cyc, 1 << 20) < 200  # a cycle (str() prints [...]) is still finite
+    # shared values of a normal size render as before; a namespace holding itself prints once
+    ok = "{% set a = [1, 'b'] %}{{ [a, a]|tojson }} {{ [a, a] }}"
+    ok += "{% set ns = namespace(v=1) %}{% set ns.me = ns %} {{ ns }}"
+    out = template_tok(ok).apply_chat_template([{"role": "user", "content": "x"}])
+    assert out == """[[1, "b"], [1, "b"]] [[1, 'b'], [1, 'b']] <Namespace {'v': 1, 'me': <Namespace {...}>}>"""
+
+
+def test_template_compile_bomb_is_refused_by_size_and_deadline(monkeypatch, tmp_path):
+    """A template's source is at most TEMPLATE_MAX_SOURCE characters wherever it comes from, and
+    compiling runs under the render deadline (100K `{% if %}` blocks took 40 s to compile)."""
+    block = "{% if x %}a{% endif %}"
+    over = block * (limits.TEMPLATE_MAX_SOURCE // len(block) + 1)
+    t0 = time.monotonic()
+    with pytest.raises(FormatError, match=r"chat template of \d+ characters is over the \d+-character limit"):
+        compile_chat_template(over)
+    with pytest.raises(FormatError, match="over the"):
+        template_tok(over).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 0.5
+    monkeypatch.setattr(limits, "TEMPLATE_MAX_SECONDS", 0.2)
+    under = block * (limits.TEMPLATE_MAX_SOURCE // len(block))  # ~8 s to compile
+    t0 = time.monotonic()
+    with pytest.raises(FormatError, match=r"compiling took longer than 0.2 s"):
+        compile_chat_template(under)
+    assert time.monotonic() - t0 < 1.5
+    time.sleep(0.3)  # the watchdog is gone: nothing fires later
+    assert compile_chat_template(CHATML_TEMPLATE) is not None
+
+
+def test_template_compile_bomb_refused_at_convert_and_load(tmp_path):
+    """Over TEMPLATE_MAX_SOURCE: refused when converting an HF folder (chat_template.jinja or
+    tokenizer_config.json) or a GGUF, and when loading a .qora that carries one."""
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
+    import corpus_tools as ct
+
+    from qora.convert import convert
+
+    big = "a" * (limits.TEMPLATE_MAX_SOURCE + 1)
+    pattern = r"chat template of \d+ characters is over the \d+-character limit"
+    src = tmp_path / "hf"
+    shutil.copytree(FIX / "tiny-llama", src)
+    (src / "chat_template.jinja").write_text(big)
+    with pytest.raises(FormatError, match=pattern):
+        convert(src, tmp_path / "a.qora", quant="q8", progress=False)
+    (src / "chat_template.jinja").unlink()
+    tcfg = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").exists() else {}
+    (src / "tokenizer_config.json").write_text(json.dumps({**tcfg, "chat_template": big}))
+    with pytest.raises(FormatError, match=pattern):
+        convert(src, tmp_path / "a.qora", quant="q8", progress=False)
+    md = ct.gguf_metadata(**{"tokenizer__chat_template": (ct.STR, big)})
+    (tmp_path / "g.gguf").write_bytes(ct.gguf_bytes(md))
+    with pytest.raises(FormatError, match=pattern):
+        convert(tmp_path / "g.gguf", tmp_path / "a.qora", quant="q8", progress=False)
+    (tmp_path / "b.qora").write_bytes(ct.qora_bytes(chat_template=big))
+    with pytest.raises(FormatError, match=pattern):
+        QoraFile(tmp_path / "b.qora")
+    assert not (tmp_path / "a.qora").exists()
 
 
 # ───── tokenizer.json: normalizer / pre-tokenizer / decoder growth, input cap ─────
@@ -349,9 +469,9 @@ def test_tokenizer_normalizer_expansion_cli_convert(tmp_path):
     shutil.copytree(FIX / "tiny-llama", src)
     (src / "tokenizer.json").write_text(crafted_tokenizer(**GROWTH_BOMBS["nested_replace"]))
     code = (
-        "import resource, sys, runpy; sys.argv = ['qora', 'convert', sys.argv[1], '-o', sys.argv[2]];"
+        "import sys, runpy; sys.argv = ['qora', 'convert', sys.argv[1], '-o', sys.argv[2]];"
         "\ntry:\n    runpy.run_module('qora', run_name='__main__')"
-        "\nfinally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)"
+        f"\nfinally:\n    print({PEAK_MB}, file=sys.stderr)"
     )
     r = subprocess.run(
         [sys.executable, "-c", code, str(src), str(tmp_path / "out.qora")], capture_output=True, text=True, timeout=120

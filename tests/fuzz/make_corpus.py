@@ -103,6 +103,9 @@ def qora_cases():
     yield "template_type.qora", with_header(lambda h: h.update(chat_template=["x"])), r"chat_template must be a string"
     for name, src, pattern in TEMPLATE_PAYLOADS[:4]:
         yield f"template_{name}.qora", with_header(lambda h, s=src: h.update(chat_template=s)), pattern
+    yield "template_too_long.qora", with_header(lambda h: h.update(chat_template=TEMPLATE_TOO_LONG)), (
+        r"chat template of \d+ characters is over the \d+-character limit"
+    )
 
 
 # (case, template source, expected error)
@@ -158,7 +161,21 @@ TEMPLATE_PAYLOADS = [
     ("reserved_name", "{{ __qora_loop }}", r"reserved"),
     ("undefined_call", "{{ nothing() }}", r"chat template error"),
     ("zero_division", "{{ 1 // 0 }}", r"ZeroDivisionError"),
+    # shared sub-lists: [x, x] doubled is 2^depth characters of text from 2 x depth objects
+    ("dag_tojson", "{% set ns = namespace(x=[]) %}{% for i in range(27) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}"
+     "{{ ns.x|tojson|length }}", r"would exceed"),
+    ("dag_string", "{% set ns = namespace(x=[]) %}{% for i in range(27) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}"
+     "{{ ns.x|string|length }}", r"would exceed"),
+    ("dag_print", "{% set ns = namespace(x=[]) %}{% for i in range(27) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}"
+     "{{ ns.x }}", r"would exceed"),
+    ("dag_compare", "{% set ns = namespace(x=[], y=[]) %}{% for i in range(27) %}{% set ns.x = [ns.x, ns.x] %}"
+     "{% set ns.y = [ns.y, ns.y] %}{% endfor %}{{ ns.x == ns.y }}", r"would exceed"),
+    ("dag_dict_join", "{% set ns = namespace(x=[]) %}{% for i in range(27) %}{% set ns.x = {'a': ns.x, 'b': ns.x} %}"
+     "{% endfor %}{{ [ns.x]|join(',') }}", r"would exceed"),
 ]  # fmt: skip
+
+# a source over TEMPLATE_MAX_SOURCE characters (compiling costs ~8 µs a character: 2 MB took 40 s)
+TEMPLATE_TOO_LONG = "{% if x %}a{% endif %}" * 48000
 
 
 def template_cases():
@@ -168,6 +185,7 @@ def template_cases():
         yield "smollm3.jinja", root.read_bytes(), None
     for name, src, pattern in TEMPLATE_PAYLOADS:
         yield f"{name}.jinja", src.encode(), pattern
+    yield "too_long.jinja", TEMPLATE_TOO_LONG.encode(), r"chat template of \d+ characters is over the"
 
 
 def gguf_cases():
@@ -249,6 +267,9 @@ def gguf_cases():
     )
     yield "template_cve.gguf", ct.gguf_bytes(md(**{"tokenizer__chat_template": (ct.STR, TEMPLATE_PAYLOADS[0][1])})), (
         None  # converting stores the template as text; running it is refused (test_hardening checks that)
+    )
+    yield "template_too_long.gguf", ct.gguf_bytes(md(**{"tokenizer__chat_template": (ct.STR, TEMPLATE_TOO_LONG)})), (
+        r"chat template of \d+ characters is over the \d+-character limit"
     )
     yield "template_wrong_type.gguf", ct.gguf_bytes(md(**{"tokenizer__chat_template": (ct.U32, 7)})), (
         r"tokenizer\.chat_template must be str"
