@@ -266,8 +266,15 @@ def ref_attention(q, kc, vc, n_heads, n_kv, hd):
 @isa_param
 @pytest.mark.parametrize(
     "n_heads,n_kv,hd,n_pos",
-    [(1, 1, 8, 1), (4, 2, 16, 7), (16, 4, 128, 33), (9, 3, 64, 129), (16, 4, 128, 300), (6, 2, 256, 16),
-     (12, 2, 128, 1)],
+    [
+        (1, 1, 8, 1),
+        (4, 2, 16, 7),
+        (16, 4, 128, 33),
+        (9, 3, 64, 129),
+        (16, 4, 128, 300),
+        (6, 2, 256, 16),
+        (12, 2, 128, 1),
+    ],
 )
 @pytest.mark.parametrize("kv_f16", [True, False], ids=["kv16", "kv32"])
 def test_attention(isa, n_heads, n_kv, hd, n_pos, kv_f16):
@@ -425,12 +432,12 @@ def test_float_kernels_same_bits_on_every_path(n):
     x = r.standard_normal(n).astype(np.float32)
     w = r.standard_normal(n).astype(np.float32)
     norms = [_cpu.rmsnorm(x, w, 1e-5, isa) for isa in ISAS]
-    for isa, got in zip(ISAS[1:], norms[1:]):
+    for isa, got in zip(ISAS[1:], norms[1:], strict=True):
         np.testing.assert_array_equal(got, norms[0], err_msg=ISA_NAMES[isa])
     for dtype in ("f16", "f32"):
         raw = w.astype(np.float16 if dtype == "f16" else np.float32).reshape(1, n)
         dots = [_cpu.matvec(raw, dtype, 1, n, x, isa) for isa in ISAS]
-        for isa, got in zip(ISAS[1:], dots[1:]):
+        for isa, got in zip(ISAS[1:], dots[1:], strict=True):
             np.testing.assert_array_equal(got, dots[0], err_msg=f"{dtype} {ISA_NAMES[isa]}")
 
 
@@ -444,5 +451,131 @@ def test_attention_same_bits_on_every_path(n_heads, n_kv, hd, n_pos, kv_f16):
     kc = (r.standard_normal((n_pos, n_kv * hd)) * 2).astype(np.float32)
     vc = r.standard_normal((n_pos, n_kv * hd)).astype(np.float32)
     outs = [_cpu.attention(q, kc, vc, n_heads, n_kv, hd, isa, 1, kv_f16) for isa in ISAS]
-    for isa, got in zip(ISAS[1:], outs[1:]):
+    for isa, got in zip(ISAS[1:], outs[1:], strict=True):
         np.testing.assert_array_equal(got, outs[0], err_msg=ISA_NAMES[isa])
+
+
+# ---- attention in the order of common.h, as NumPy: chunks of ATT_CHUNK positions folded in order ----
+ATT_CHUNK = 256  # QORA_ATT_CHUNK (forward.h)
+F32 = np.float32
+
+
+def fma32_exact(a, b, c):
+    """float32 fma, correctly rounded for any float32 inputs: a*b is exact in float64, the sum's
+    float64 rounding error is recovered (TwoSum) and an exact float32 tie is broken by it."""
+    a, b, c = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
+    p = a * b
+    s = p + c
+    bb = s - p
+    err = (p - (s - bb)) + (c - bb)
+    r = s.astype(np.float32)
+    d = s - r.astype(np.float64)
+    other = np.nextafter(r, np.where(d > 0, np.float32(np.inf), np.float32(-np.inf)).astype(np.float32))
+    tie = (d != 0) & (np.abs(d) * 2 == np.abs(other.astype(np.float64) - r.astype(np.float64)))
+    return np.where(tie & (err != 0) & (np.sign(err) == np.sign(d)), other, r).astype(np.float32)
+
+
+def ref_exp_neg(x):
+    """qora_exp_neg (common.h) lane by lane."""
+    x = np.maximum(np.asarray(x, F32), F32(-87.0))
+    n = np.rint(x * F32(1.44269504088896341)).astype(F32)
+    r = fma32_exact(-n, F32(0.693359375), x)
+    r = fma32_exact(-n, F32(-2.12194440e-4), r)
+    p = np.full_like(r, F32(1.9875691500e-4))
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = fma32_exact(p, r, F32(coef))
+    p = fma32_exact(p, r * r, r + F32(1.0))
+    two_n = ((n.astype(np.int32) + 127).astype(np.uint32) << 23).view(F32)
+    return (p * two_n).astype(F32)
+
+
+def ref_reduce16(c):
+    """qora_reduce16 over the last axis (16 lanes)."""
+    c = c.copy()
+    for w in (8, 4, 2, 1):
+        c[..., :w] = c[..., :w] + c[..., w : 2 * w]
+    return c[..., 0]
+
+
+def ref_float_dots(k, q):
+    """k (n, d) . q (d,) in the float dot's order: 32 fma chains, lane j + lane j+16, reduce16, tail."""
+    n, d = k.shape
+    acc = np.zeros((n, 32), F32)
+    i = 0
+    while i + 32 <= d:
+        acc = fma32_exact(k[:, i : i + 32], q[i : i + 32], acc)
+        i += 32
+    s = ref_reduce16(acc[:, :16] + acc[:, 16:])
+    for j in range(i, d):
+        s = fma32_exact(k[:, j], q[j], s)
+    return s
+
+
+def ref_attention_chunk(q, k, v, scale):
+    """One chunk for one head: (max, sum, unnormalised V sum)."""
+    s = ref_float_dots(k, q) * scale
+    mx = s.max()
+    e = ref_exp_neg(s - mx)
+    chains = np.zeros(16, F32)
+    for t in range(len(e)):
+        chains[t % 16] = chains[t % 16] + e[t]
+    acc = np.zeros(k.shape[1], F32)
+    for t in range(len(e)):
+        acc = fma32_exact(e[t], v[t], acc)
+    return mx, ref_reduce16(chains), acc
+
+
+def ref_attention_bits(q, kc, vc, n_heads, n_kv, hd):
+    """Every head's output exactly as every path computes it (common.h's attention order)."""
+    group, n_pos = n_heads // n_kv, kc.shape[0]
+    scale = F32(1) / np.sqrt(F32(hd))
+    out = np.zeros((n_heads, hd), F32)
+    for h in range(n_heads):
+        g = h // group
+        k, v, qh = kc[:, g * hd : (g + 1) * hd], vc[:, g * hd : (g + 1) * hd], q[h * hd : (h + 1) * hd]
+        M, S, o = ref_attention_chunk(qh, k[:ATT_CHUNK], v[:ATT_CHUNK], scale)
+        for p0 in range(ATT_CHUNK, n_pos, ATT_CHUNK):
+            mx, sm, acc = ref_attention_chunk(qh, k[p0 : p0 + ATT_CHUNK], v[p0 : p0 + ATT_CHUNK], scale)
+            m2 = max(M, mx)
+            a, b = ref_exp_neg(np.array([M - m2, mx - m2], F32))
+            S = fma32_exact(sm, b, S * a)
+            o = fma32_exact(b, acc, o * a)
+            M = m2
+        out[h] = o * (F32(1) / S)
+    return out.reshape(-1)
+
+
+def test_fma32_exact():
+    r = rng()
+    a, b, c = (r.standard_normal(10000).astype(F32) for _ in range(3))
+    want = np.array(
+        [np.float32(np.longdouble(x) * np.longdouble(y) + np.longdouble(z)) for x, y, z in zip(a, b, c, strict=True)]
+    )
+    np.testing.assert_array_equal(fma32_exact(a, b, c), want)
+    # the float64 sum lands on a float32 tie (and rounds to even, up) though the exact value is below it
+    odd, below = F32(1 + 2.0**-23), F32(2.0**-24 * (1 - 2.0**-23))
+    assert fma32(odd, below, odd) == F32(1 + 2.0**-22)
+    assert fma32_exact(odd, below, odd) == odd
+
+
+@pytest.mark.parametrize("n_pos", [1, 255, 256, 257, 1000, 4097])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("hd", [64, 128])
+@pytest.mark.parametrize("kv_f16", [True, False], ids=["kv16", "kv32"])
+def test_attention_chunks_same_bits_as_numpy(n_pos, group, hd, kv_f16):
+    """Decode attention split into chunks of 256 positions (one chunk, ragged last chunks, many):
+    every ISA path and thread count returns the NumPy model of the order bit for bit."""
+    r = rng()
+    n_kv = 2
+    n_heads = group * n_kv
+    q = (r.standard_normal(n_heads * hd) * 2).astype(F32)
+    kc = (r.standard_normal((n_pos, n_kv * hd)) * 2).astype(F32)
+    vc = r.standard_normal((n_pos, n_kv * hd)).astype(F32)
+    if kv_f16:  # the model reads the values the f16 cache holds
+        kc, vc = kc.astype(np.float16).astype(F32), vc.astype(np.float16).astype(F32)
+    want = ref_attention_bits(q, kc, vc, n_heads, n_kv, hd)
+    np.testing.assert_allclose(want, ref_attention(q, kc, vc, n_heads, n_kv, hd), rtol=1e-4, atol=1e-5)
+    for isa in ISAS:
+        for threads in (1, 2, 3):
+            got = _cpu.attention(q, kc, vc, n_heads, n_kv, hd, isa, threads, kv_f16)
+            np.testing.assert_array_equal(got, want, err_msg=f"{ISA_NAMES[isa]} threads={threads}")

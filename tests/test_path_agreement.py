@@ -97,8 +97,9 @@ def reference(model_path, monkeypatch):
 @pytest.mark.parametrize("repack", ["1", "0"], ids=["repacked", "file-layout"])
 @pytest.mark.parametrize("isa,amx", PATHS, ids=[f"{i}-amx_{a}" if i == "avx512" else i for i, a in PATHS])
 @pytest.mark.parametrize("name", MODELS)
-def test_every_cpu_path_gives_the_same_logits_and_greedy_text(name, isa, amx, repack, threads, model_path,
-                                                              reference, monkeypatch):
+def test_every_cpu_path_gives_the_same_logits_and_greedy_text(
+    name, isa, amx, repack, threads, model_path, reference, monkeypatch
+):
     if amx != "off" and repack == "0":
         pytest.skip("the AMX tiles serve only repacked Q4 matrices")
     if (isa, repack, threads) == ("scalar", "0", 1):
@@ -112,3 +113,28 @@ def test_every_cpu_path_gives_the_same_logits_and_greedy_text(name, isa, amx, re
     err = rel(steps, want_steps)
     assert err <= REL_TOL, f"decode: max |dlogit| / max |logit| = {err:.2e}"
     assert tokens == want_tokens
+
+
+LONG_PROMPT, LONG_STEPS = 258, 3  # past one 256-position attention chunk (forward.h QORA_ATT_CHUNK)
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "scalar"])
+def test_long_context_decode_same_bits_at_every_thread_count(isa, demo_model, monkeypatch):
+    """Past one attention chunk, decode splits the context over the threads and prefill folds the
+    chunks one after another: both give the same logits bit for bit, for 1, 2 and 3 threads. (The
+    scalar path's attention is held to the same bits in test_kernels; a 258-token scalar prefill of
+    the demo model takes minutes.)"""
+    monkeypatch.setenv("QORA_ISA", isa)
+    ids = (GOLDEN["chat_ids"].tolist() * 20)[: LONG_PROMPT + LONG_STEPS]
+    want = None
+    for threads in (1, 2, 3):
+        with qora.load(demo_model, threads=threads, max_seq_len=LONG_PROMPT + LONG_STEPS, device="cpu") as m:
+            if m.engine.isa != isa:
+                pytest.skip(f"{isa} not available (got {m.engine.isa})")
+            prefill = m.forward(ids)[LONG_PROMPT:]
+            m.forward(ids[:LONG_PROMPT])
+            steps = np.stack([m.forward([ids[p]], start_pos=p)[-1] for p in range(LONG_PROMPT, len(ids))])
+        np.testing.assert_array_equal(steps, prefill, err_msg=f"decode vs prefill, threads={threads}")
+        if want is None:
+            want = steps
+        np.testing.assert_array_equal(steps, want, err_msg=f"threads={threads} vs 1")

@@ -1,8 +1,10 @@
 /* qora — AVX-512 attention over the f16 KV cache for the query heads of one KV group.
    Each K and V row is converted once for the whole group and stays in registers; scores
    are reduced once per (position, head); softmax uses a vector exp; the value sums
-   accumulate in registers across all positions (2 heads of 128 at a time) and take the
-   1/sum at the end. Every step is the generic attention's (forward.h) in the order of common.h. Head sizes 64, 128 and 256; others use the generic loop. */
+   accumulate in registers across the chunk's positions (2 heads of 128 at a time) and are
+   stored unnormalised with each head's max and sum (one chunk of forward.h's split
+   attention). Every step is the generic chunk's (qora_attend_chunk) in the order of
+   common.h. Head sizes 64, 128 and 256; others use the generic loop. */
 #ifndef QORA_ATTENTION_AVX512_H
 #define QORA_ATTENTION_AVX512_H
 
@@ -29,13 +31,14 @@ QORA_TARGET_AVX512 static inline __m512 exp_avx512(__m512 x) {
 
 /* sc[0..n) = exp(sc - max); returns the sum: one vector holds the 16 chains (index mod 16; the masked
    tail adds +0 to the other lanes), then the tree of qora_reduce16 */
-QORA_TARGET_AVX512 static float softmax_unnorm_avx512(float* sc, int n) {
+QORA_TARGET_AVX512 static float softmax_unnorm_avx512(float* sc, int n, float* max_out) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
     int t = 0;
     for (; t + 16 <= n; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + t));
     const __mmask16 tail = (__mmask16)((1u << (n - t)) - 1);
     if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, sc + t));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    *max_out = _mm512_reduce_max_ps(mx);
+    const __m512 m = _mm512_set1_ps(*max_out);
     __m512 sum = _mm512_setzero_ps();
     for (t = 0; t + 16 <= n; t += 16) {
         const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), m));
@@ -51,10 +54,9 @@ QORA_TARGET_AVX512 static float softmax_unnorm_avx512(float* sc, int n) {
     return hsum_avx2(_mm256_add_ps(_mm512_castps512_ps256(sum), hi));
 }
 
-/* HP heads' outputs (D floats each) = sum over positions of p[h][t] * V[t], times inv[h] */
+/* HP heads' outputs (D floats each) = sum over positions of p[h][t] * V[t] (unnormalised) */
 QORA_TARGET_AVX512 QORA_INLINE void attend_pv_avx512(const int D, const int HP, const uint16_t* vc, int n_pos,
-                                                    size_t kv_stride, const float* p, size_t ss, const float* inv,
-                                                    float* out) {
+                                                    size_t kv_stride, const float* p, size_t ss, float* out) {
     __m512 acc[16];
     for (int i = 0; i < HP * D / 16; i++) acc[i] = _mm512_setzero_ps();
     for (int t = 0; t < n_pos; t++) {
@@ -68,12 +70,13 @@ QORA_TARGET_AVX512 QORA_INLINE void attend_pv_avx512(const int D, const int HP, 
     }
     for (int j = 0; j < HP; j++)
         for (int i = 0; i < D / 16; i++)
-            _mm512_storeu_ps(out + (size_t)j * D + 16 * i, _mm512_mul_ps(acc[j * (D / 16) + i], _mm512_set1_ps(inv[j])));
+            _mm512_storeu_ps(out + (size_t)j * D + 16 * i, acc[j * (D / 16) + i]);
 }
 
 QORA_TARGET_AVX512 QORA_INLINE void attend_f16_avx512_d(const int D, const float* q, const uint16_t* kc,
                                                        const uint16_t* vc, int n_pos, int nh, size_t kv_stride,
-                                                       float* scores, size_t ss, float* out, float scale) {
+                                                       float* scores, size_t ss, float* out, float* mx,
+                                                       float* sum, float scale) {
     for (int t = 0; t < n_pos; t++) {
         const uint16_t* k = kc + (size_t)t * kv_stride;
         __m512 kf[16];
@@ -89,26 +92,25 @@ QORA_TARGET_AVX512 QORA_INLINE void attend_f16_avx512_d(const int D, const float
             scores[h * ss + t] = reduce_2x16_avx512(a0, a1) * scale;
         }
     }
-    float inv[64];
-    for (int h = 0; h < nh; h++) inv[h] = 1.0f / softmax_unnorm_avx512(scores + h * ss, n_pos);
+    for (int h = 0; h < nh; h++) sum[h] = softmax_unnorm_avx512(scores + h * ss, n_pos, mx + h);
     const int HP = D >= 256 ? 1 : 256 / D; /* heads per pass: up to 16 accumulators */
     int h = 0;
     if (HP == 4)
-        for (; h + 4 <= nh; h += 4) attend_pv_avx512(D, 4, vc, n_pos, kv_stride, scores + h * ss, ss, inv + h, out + (size_t)h * D);
+        for (; h + 4 <= nh; h += 4) attend_pv_avx512(D, 4, vc, n_pos, kv_stride, scores + h * ss, ss, out + (size_t)h * D);
     if (HP >= 2)
-        for (; h + 2 <= nh; h += 2) attend_pv_avx512(D, 2, vc, n_pos, kv_stride, scores + h * ss, ss, inv + h, out + (size_t)h * D);
-    for (; h < nh; h++) attend_pv_avx512(D, 1, vc, n_pos, kv_stride, scores + h * ss, ss, inv + h, out + (size_t)h * D);
+        for (; h + 2 <= nh; h += 2) attend_pv_avx512(D, 2, vc, n_pos, kv_stride, scores + h * ss, ss, out + (size_t)h * D);
+    for (; h < nh; h++) attend_pv_avx512(D, 1, vc, n_pos, kv_stride, scores + h * ss, ss, out + (size_t)h * D);
 }
 
-/* Returns 0 (nothing done) for head sizes it has no registers plan for, or groups over 64 heads. */
+/* Returns 0 (nothing done) for head sizes it has no registers plan for. */
 QORA_TARGET_AVX512 static int attend_f16_avx512(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos,
                                                 int nh, int head_dim, size_t kv_stride, float* scores, size_t ss,
-                                                float* out, float scale) {
-    if (nh > 64 || n_pos < 1) return 0;
+                                                float* out, float* mx, float* sum, float scale) {
+    if (n_pos < 1) return 0;
     switch (head_dim) {
-    case 64: attend_f16_avx512_d(64, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, scale); return 1;
-    case 128: attend_f16_avx512_d(128, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, scale); return 1;
-    case 256: attend_f16_avx512_d(256, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, scale); return 1;
+    case 64: attend_f16_avx512_d(64, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
+    case 128: attend_f16_avx512_d(128, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
+    case 256: attend_f16_avx512_d(256, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
     default: return 0;
     }
 }

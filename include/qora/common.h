@@ -79,8 +79,16 @@ typedef struct {
      weight streams at once; prefill runs one pass per segment);
    - float dot (norms, attention scores, f16/f32 weights): 32 fma chains by index mod 32,
      lane j + lane j+16, then qora_reduce16, then the n % 32 tail by fma in order;
-   - softmax: qora_exp, the sum as 16 chains by index mod 16 then qora_reduce16;
-     attention's output = (fma chain over positions of e_t * v_t) * (1 / sum).
+   - attention (one query, one head): the cached positions go in chunks of QORA_ATT_CHUNK
+     (forward.h; a fixed length, whatever the thread count), the last one ragged. Per chunk
+     c: scores s_t = dot(k_t, q) * head_dim^-0.5, m_c = their max, e_t = qora_exp_neg(s_t - m_c),
+     sum_c = 16 chains by index mod 16 then qora_reduce16, acc_c = fma chain over the chunk's
+     positions of e_t * v_t from +0. The chunks fold in order: (M, S, o) = (m_0, sum_0, acc_0),
+     then for c = 1, 2, ...: M' = max(M, m_c), a = qora_exp_neg(M - M'),
+     b = qora_exp_neg(m_c - M'), S = fma(sum_c, b, S * a), o = fma(b, acc_c, o * a), M = M';
+     the output is o * (1 / S). One chunk (up to QORA_ATT_CHUNK positions) is plain softmax
+     attention. Decode spreads the chunks over the threads and folds afterwards; prefill folds
+     as it goes: the same operations.
    Scalar code writes every fused step as fmaf() and never a*b+c (which a compiler may or
    may not contract). */
 #define QORA_SEGS 4

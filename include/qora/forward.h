@@ -48,6 +48,20 @@ typedef struct {
    decoding, a prompt's worth when prefilling (weights then stream once per chunk). */
 #define QORA_CHUNK 16
 
+/* Attention over a long context goes in chunks of QORA_ATT_CHUNK cached positions, each with
+   its own max, sum and unnormalised V sum, folded together in chunk order (flash-decoding).
+   The chunk length is fixed in positions, never derived from the thread count, so every
+   thread count and path computes the same operations (common.h); a context of one chunk is
+   plain softmax attention. */
+#define QORA_ATT_CHUNK 256
+
+static inline int qora_att_chunks(int n_pos) { return (n_pos + QORA_ATT_CHUNK - 1) / QORA_ATT_CHUNK; }
+
+/* Floats of qora_attention_split's scratch: per chunk, every head's V sum, max and sum. */
+static inline size_t qora_att_part_floats(int n_pos, int n_heads, int head_dim) {
+    return (size_t)qora_att_chunks(n_pos) * n_heads * (head_dim + 2);
+}
+
 typedef struct {
     float* x;        /* (QORA_CHUNK, dim) residual stream */
     float* xb;       /* (QORA_CHUNK, dim) normed input of a sublayer */
@@ -61,6 +75,7 @@ typedef struct {
     qora_xblock* xs; /* (QORA_CHUNK, widest/32) extras of each Q8 block */
     size_t xq_stride;   /* blocks per row of xq and xs */
     float* scores;      /* (QORA_CHUNK, n_heads, max_seq_len) attention weights */
+    float* att_part;    /* attention scratch: decode's chunk partials, or prefill's per (token, group) */
     void* key_cache;   /* (n_layers, max_seq_len, n_kv_heads*head_dim) f16 or f32, per cfg.kv_f16 */
     void* value_cache; /* (n_layers, max_seq_len, n_kv_heads*head_dim) */
 } qora_state;
@@ -77,7 +92,7 @@ enum { QORA_OK = 0, QORA_ERR_ARGS = -1, QORA_ERR_TOKEN = -2, QORA_ERR_CONTEXT = 
 
 static void qora_state_free(qora_state* s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->att); free(s->hb);
-    free(s->xq); free(s->xs); free(s->scores); free(s->key_cache); free(s->value_cache);
+    free(s->xq); free(s->xs); free(s->scores); free(s->att_part); free(s->key_cache); free(s->value_cache);
     memset(s, 0, sizeof *s);
 }
 
@@ -106,11 +121,14 @@ static int qora_state_init(qora_state* s, const qora_config* c) {
     s->xq = calloc(C * s->xq_stride, sizeof(block_q8));
     s->xs = calloc(C * s->xq_stride, sizeof(qora_xblock));
     s->scores = calloc(C * (size_t)c->n_heads * c->max_seq_len, sizeof(float)); /* touched only as far as used */
+    size_t part = qora_att_part_floats(c->max_seq_len, c->n_heads, c->head_dim);
+    if (part < C * c->n_heads * (size_t)(c->head_dim + 4)) part = C * c->n_heads * (size_t)(c->head_dim + 4);
+    s->att_part = malloc(part * sizeof(float));
     const size_t kv_bytes = c->kv_f16 ? sizeof(uint16_t) : sizeof(float);
     s->key_cache = calloc(cache, kv_bytes);
     s->value_cache = calloc(cache, kv_bytes);
     if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->att || !s->hb || !s->xq || !s->xs || !s->scores ||
-        !s->key_cache || !s->value_cache) {
+        !s->att_part || !s->key_cache || !s->value_cache) {
         qora_state_free(s);
         return QORA_ERR_NOMEM;
     }
@@ -134,67 +152,146 @@ static void qora_rope(float* v, int n_heads, int head_dim, int pos, const float*
     }
 }
 
-/* Attention of the query heads that share KV head g, for one query over n_pos
-   cached positions: K/V rows are read once for the whole group (GQA).
-   kc/vc: (n_pos, kv_stride) rows of f16 (kv_f16) or f32; scores: (n_heads, score_stride). */
-static void qora_attend_group(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
-                              int n_pos, int g, int group, int head_dim, size_t kv_stride, float* scores,
-                              size_t score_stride, float* out) {
+/* One chunk, positions p0..p0+n-1, of the query heads that share KV head g: K/V rows are read
+   once for the whole group (GQA). Per head j of the group: scores (at their positions in
+   scores[j * score_stride]) = q . k * head_dim^-0.5, replaced by e_t = exp(s_t - mx[j]);
+   sum[j] = the e_t summed; acc[j * head_dim ..] = fma chain over positions of e_t * v_t.
+   kc/vc: (n_pos, kv_stride) rows of f16 (kv_f16) or f32; q, scores: the group's first head. */
+static void qora_attend_chunk(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
+                              int p0, int n, int g, int group, int head_dim, size_t kv_stride, float* scores,
+                              size_t score_stride, float* acc, float* mx, float* sum) {
     const float scale = 1.0f / sqrtf((float)head_dim);
-    const int h0 = g * group, h1 = (g + 1) * group;
-    const size_t off = (size_t)g * head_dim;
+    const size_t off = (size_t)p0 * kv_stride + (size_t)g * head_dim;
+    float* sc = scores + p0;
     if (kv_f16 && K->attend_f16 &&
-        K->attend_f16(q + (size_t)h0 * head_dim, (const uint16_t*)kc + off, (const uint16_t*)vc + off, n_pos, group,
-                      head_dim, kv_stride, scores + h0 * score_stride, score_stride, out + (size_t)h0 * head_dim,
-                      scale))
+        K->attend_f16(q, (const uint16_t*)kc + off, (const uint16_t*)vc + off, n, group, head_dim, kv_stride, sc,
+                      score_stride, acc, mx, sum, scale))
         return;
-    /* scores = q . k * head_dim^-0.5 */
-    for (int t = 0; t < n_pos; t++) {
-        const size_t row = (size_t)t * kv_stride + off;
-        for (int h = h0; h < h1; h++) {
-            const float* qh = q + (size_t)h * head_dim;
+    for (int t = 0; t < n; t++) {
+        const size_t row = off + (size_t)t * kv_stride;
+        for (int j = 0; j < group; j++) {
+            const float* qh = q + (size_t)j * head_dim;
             const float d = kv_f16 ? K->dot_f16_f32(head_dim, (const uint16_t*)kc + row, qh)
                                    : K->dot_f32(head_dim, (const float*)kc + row, qh);
-            scores[h * score_stride + t] = d * scale;
+            sc[j * score_stride + t] = d * scale;
         }
     }
-    /* softmax over positions, left unnormalised: e_t = exp(s_t - max); out = (e . v) * (1 / sum), in
-       the order of common.h (the AVX-512 kernel's too). Heads go 64 at a time so the V rows are read
-       once per batch of heads. */
-    for (int hb = h0; hb < h1; hb += 64) {
-        const int he = h1 - hb < 64 ? h1 : hb + 64;
-        float inv[64];
-        for (int h = hb; h < he; h++) {
-            inv[h - hb] = 1.0f / K->softmax_unnorm(scores + h * score_stride, n_pos);
-            memset(out + (size_t)h * head_dim, 0, (size_t)head_dim * sizeof(float));
+    /* heads go 64 at a time so the V rows are read once per batch of heads */
+    for (int jb = 0; jb < group; jb += 64) {
+        const int je = group - jb < 64 ? group : jb + 64;
+        for (int j = jb; j < je; j++) {
+            sum[j] = K->softmax_unnorm(sc + j * score_stride, n, mx + j);
+            memset(acc + (size_t)j * head_dim, 0, (size_t)head_dim * sizeof(float));
         }
-        for (int t = 0; t < n_pos; t++) {
-            const size_t row = (size_t)t * kv_stride + off;
-            for (int h = hb; h < he; h++) {
-                float* oh = out + (size_t)h * head_dim;
-                if (kv_f16) K->axpy_f16(head_dim, scores[h * score_stride + t], (const uint16_t*)vc + row, oh);
-                else K->axpy(head_dim, scores[h * score_stride + t], (const float*)vc + row, oh);
+        for (int t = 0; t < n; t++) {
+            const size_t row = off + (size_t)t * kv_stride;
+            for (int j = jb; j < je; j++) {
+                float* aj = acc + (size_t)j * head_dim;
+                if (kv_f16) K->axpy_f16(head_dim, sc[j * score_stride + t], (const uint16_t*)vc + row, aj);
+                else K->axpy(head_dim, sc[j * score_stride + t], (const float*)vc + row, aj);
             }
-        }
-        for (int h = hb; h < he; h++) {
-            float* oh = out + (size_t)h * head_dim;
-            for (int i = 0; i < head_dim; i++) oh[i] = oh[i] * inv[h - hb];
         }
     }
 }
 
-/* Causal GQA attention for one query position (all heads). */
+/* Folds a later chunk (acc, mx, sum of one head) into the running (*M, *S, o), in the order of
+   common.h: M' = max(M, mx), a = exp(M - M'), b = exp(mx - M'), S = fma(sum, b, S * a),
+   o = fma(b, acc, o * a). */
+static inline void qora_attend_fold(const qora_kernels* K, int head_dim, const float* acc, float mx, float sum,
+                                    float* M, float* S, float* o) {
+    const float m2 = mx > *M ? mx : *M;
+    const float a = qora_exp_neg(*M - m2), b = qora_exp_neg(mx - m2);
+    *S = fmaf(sum, b, *S * a);
+    for (int i = 0; i < head_dim; i++) o[i] = o[i] * a;
+    K->axpy(head_dim, b, acc, o);
+    *M = m2;
+}
+
+/* o = o * (1 / S) */
+static inline void qora_attend_finish(int head_dim, float S, float* o) {
+    const float inv = 1.0f / S;
+    for (int i = 0; i < head_dim; i++) o[i] = o[i] * inv;
+}
+
+/* Causal attention of KV group g's query heads for one query over n_pos cached positions, the
+   chunks one after another (prefill, where the threads take (token, group) pairs).
+   scores: (n_heads, score_stride); tmp: group * (head_dim + 4) floats. */
+static void qora_attend_group(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
+                              int n_pos, int g, int group, int head_dim, size_t kv_stride, float* scores,
+                              size_t score_stride, float* out, float* tmp) {
+    const int h0 = g * group;
+    const float* qg = q + (size_t)h0 * head_dim;
+    float* sg = scores + (size_t)h0 * score_stride;
+    float* o = out + (size_t)h0 * head_dim;
+    float *M = tmp + (size_t)group * head_dim, *S = M + group, *mx = S + group, *sum = mx + group;
+    qora_attend_chunk(K, qg, kc, vc, kv_f16, 0, n_pos < QORA_ATT_CHUNK ? n_pos : QORA_ATT_CHUNK, g, group, head_dim,
+                      kv_stride, sg, score_stride, o, M, S);
+    for (int p0 = QORA_ATT_CHUNK; p0 < n_pos; p0 += QORA_ATT_CHUNK) {
+        const int n = n_pos - p0 < QORA_ATT_CHUNK ? n_pos - p0 : QORA_ATT_CHUNK;
+        qora_attend_chunk(K, qg, kc, vc, kv_f16, p0, n, g, group, head_dim, kv_stride, sg, score_stride, tmp, mx,
+                          sum);
+        for (int j = 0; j < group; j++)
+            qora_attend_fold(K, head_dim, tmp + (size_t)j * head_dim, mx[j], sum[j], M + j, S + j,
+                             o + (size_t)j * head_dim);
+    }
+    for (int j = 0; j < group; j++) qora_attend_finish(head_dim, S[j], o + (size_t)j * head_dim);
+}
+
+/* Causal GQA attention for one query position (all heads), decode: the threads share out the
+   (chunk, KV group) items of the whole context, then fold each head's chunks in order — the
+   same operations as qora_attend_group, for any thread count.
+   part: qora_att_part_floats(n_pos, n_heads, head_dim) floats. */
+static void qora_attention_split(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
+                                 int n_pos, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride,
+                                 float* scores, size_t score_stride, float* out, float* part, int n_threads) {
+    const int group = n_heads / n_kv_heads, nc = qora_att_chunks(n_pos), items = nc * n_kv_heads;
+    const size_t per = (size_t)n_heads * (head_dim + 2); /* a chunk's part: V sums, then maxes, then sums */
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n_threads) if ((long long)n_pos * n_heads * head_dim >= QORA_PARALLEL_MIN_WORK / 4)
+#endif
+    {
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int it = 0; it < items; it++) {
+            const int c = it / n_kv_heads, g = it % n_kv_heads, h0 = g * group, p0 = c * QORA_ATT_CHUNK;
+            float* P = part + (size_t)c * per;
+            qora_attend_chunk(K, q + (size_t)h0 * head_dim, kc, vc, kv_f16, p0,
+                              n_pos - p0 < QORA_ATT_CHUNK ? n_pos - p0 : QORA_ATT_CHUNK, g, group, head_dim, kv_stride,
+                              scores + (size_t)h0 * score_stride, score_stride, P + (size_t)h0 * head_dim,
+                              P + (size_t)n_heads * head_dim + h0, P + (size_t)n_heads * (head_dim + 1) + h0);
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int h = 0; h < n_heads; h++) {
+            float* o = out + (size_t)h * head_dim;
+            memcpy(o, part + (size_t)h * head_dim, (size_t)head_dim * sizeof(float));
+            float M = part[(size_t)n_heads * head_dim + h], S = part[(size_t)n_heads * (head_dim + 1) + h];
+            for (int c = 1; c < nc; c++) {
+                const float* P = part + (size_t)c * per;
+                qora_attend_fold(K, head_dim, P + (size_t)h * head_dim, P[(size_t)n_heads * head_dim + h],
+                                 P[(size_t)n_heads * (head_dim + 1) + h], &M, &S, o);
+            }
+            qora_attend_finish(head_dim, S, o);
+        }
+    }
+    (void)n_threads;
+}
+
+/* qora_attention_split with its scratch allocated here (the kernel tests' entry; the forward pass
+   uses the state's). Without memory the output is NaN. */
 static void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
                            int n_pos, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride, float* scores,
                            size_t score_stride, float* out, int n_threads) {
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(n_threads) schedule(static) \
-    if ((long long)n_pos * n_heads * head_dim >= QORA_PARALLEL_MIN_WORK / 4)
-#endif
-    for (int g = 0; g < n_kv_heads; g++)
-        qora_attend_group(K, q, kc, vc, kv_f16, n_pos, g, n_heads / n_kv_heads, head_dim, kv_stride, scores,
-                          score_stride, out);
-    (void)n_threads;
+    float* part = malloc(qora_att_part_floats(n_pos, n_heads, head_dim) * sizeof(float));
+    if (!part) {
+        for (size_t i = 0; i < (size_t)n_heads * head_dim; i++) out[i] = NAN;
+        return;
+    }
+    qora_attention_split(K, q, kc, vc, kv_f16, n_pos, n_heads, n_kv_heads, head_dim, kv_stride, scores, score_stride,
+                         out, part, n_threads);
+    free(part);
 }
 
 /* ------------------------------------------------------------ forward pass */
@@ -250,9 +347,14 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
             }
         }
 
-        /* causal grouped-query attention: token t sees positions 0..pos0+t */
-        {
+        /* causal grouped-query attention: token t sees positions 0..pos0+t. Decode spreads the
+           context's chunks over the threads; prefill gives them (token, group) pairs. */
+        if (n == 1) {
+            qora_attention_split(K, s->q, key_cache, value_cache, c->kv_f16, pos0 + 1, c->n_heads, c->n_kv_heads,
+                                 c->head_dim, (size_t)kv_dim, s->scores, T, s->att, s->att_part, nt);
+        } else {
             const int group = c->n_heads / c->n_kv_heads, pairs = n * c->n_kv_heads;
+            const size_t tmp = (size_t)group * (c->head_dim + 4);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) \
     if ((long long)(pos0 + n) * n * c->n_heads * c->head_dim >= QORA_PARALLEL_MIN_WORK / 4)
@@ -261,7 +363,7 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
                 const int t = p / c->n_kv_heads, g = p % c->n_kv_heads;
                 qora_attend_group(K, s->q + (size_t)t * q_dim, key_cache, value_cache, c->kv_f16, pos0 + t + 1, g, group,
                                   c->head_dim, (size_t)kv_dim, s->scores + (size_t)t * c->n_heads * T, T,
-                                  s->att + (size_t)t * q_dim);
+                                  s->att + (size_t)t * q_dim, s->att_part + (size_t)p * tmp);
             }
         }
 

@@ -35,11 +35,13 @@ typedef struct {
     int q4x8_max_t;
     qora_q4x16_fn q4x16;  /* two 8-row groups at once (512-bit vectors); NULL where vectors are narrower */
     int q4x16_max_t;
-    /* attention of one KV group's query heads over an f16 cache; returns 0 where it has no plan */
+    /* one attention chunk of one KV group's query heads over an f16 cache (qora_attend_chunk's
+       contract, forward.h); returns 0 where it has no plan */
     int (*attend_f16)(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos, int nh, int head_dim,
-                      size_t kv_stride, float* scores, size_t score_stride, float* out, float scale);
-    /* sc[0..n) = e^(sc - max), returns the sum (softmax_unnorm_scalar's order, see common.h) */
-    float (*softmax_unnorm)(float* sc, int n);
+                      size_t kv_stride, float* scores, size_t score_stride, float* acc, float* mx, float* sum,
+                      float scale);
+    /* sc[0..n) = e^(sc - max), *max_out = max, returns the sum (softmax_unnorm_scalar's order, see common.h) */
+    float (*softmax_unnorm)(float* sc, int n, float* max_out);
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {

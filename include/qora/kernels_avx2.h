@@ -224,9 +224,10 @@ QORA_TARGET_AVX2 static inline __m256 exp_avx2(__m256 x) {
 }
 
 /* softmax_unnorm_scalar's result: two vectors hold the 16 chains (index mod 16) */
-QORA_TARGET_AVX2 static float softmax_unnorm_avx2(float* sc, int n) {
+QORA_TARGET_AVX2 static float softmax_unnorm_avx2(float* sc, int n, float* max_out) {
     float mx = sc[0];
     for (int t = 1; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+    *max_out = mx;
     const __m256 m = _mm256_set1_ps(mx);
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int t = 0;

@@ -85,10 +85,11 @@ static void axpy_f16_scalar(int n, float a, const uint16_t* x, float* y) {
     for (int i = 0; i < n; i++) y[i] = fmaf(a, qora_fp16_to_fp32(x[i]), y[i]);
 }
 
-/* sc[0..n) = e^(sc - max); returns their sum (16 chains by index mod 16) */
-static float softmax_unnorm_scalar(float* sc, int n) {
+/* sc[0..n) = e^(sc - max), *max_out = max; returns their sum (16 chains by index mod 16) */
+static float softmax_unnorm_scalar(float* sc, int n, float* max_out) {
     float mx = sc[0];
     for (int t = 1; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+    *max_out = mx;
     float c[16] = {0};
     for (int t = 0; t < n; t++) {
         sc[t] = qora_exp_neg(sc[t] - mx);
