@@ -64,6 +64,21 @@ QORA_TARGET_AVX2 static inline __m256i weights_i8_avx2(const int Q4, const void*
    (xs blocks apart): out[t * ldo + r], in the order of common.h. Each step takes block b of all four
    segments: their int32 dots reduce to one vector whose lane i is segment i's block, so the four
    chains advance together in one 128-bit fma; the blocks past 4 * seg end segment 3's chain. */
+/* The end of one row x token of qdot_*_t (common.h): the blocks past four whole segments join segment
+   3's chain, then the four segment sums are added in order. Shared by the AVX2 and AVX-512 kernels. */
+QORA_TARGET_AVX2 static inline float qdot_finish_avx2(const int Q4, const void* row, const block_q8* x, int seg, int nb,
+                                                     __m128 acc) {
+    float a[4];
+    _mm_storeu_ps(a, acc);
+    for (int c = QORA_SEGS * seg; c < nb; c++) {
+        uint16_t dw16;
+        const __m256i qw = weights_i8_avx2(Q4, row, c, &dw16);
+        const int32_t isum = hsum_epi32_avx2(dot_i8x32_avx2(qw, _mm256_loadu_si256((const __m256i*)x[c].qs)));
+        a[3] = fmaf(f16_avx2(dw16) * f16_avx2(x[c].d), (float)isum, a[3]);
+    }
+    return ((a[0] + a[1]) + a[2]) + a[3];
+}
+
 QORA_TARGET_AVX2 QORA_INLINE void qdot_avx2_t(const int Q4, const int R, const int T, int n, const void* w, size_t ws,
                                               const block_q8* x, size_t xs, float* out, size_t ldo) {
     const int nb = n / QK, seg = nb / QORA_SEGS;
@@ -95,16 +110,7 @@ QORA_TARGET_AVX2 QORA_INLINE void qdot_avx2_t(const int Q4, const int R, const i
     for (int r = 0; r < R; r++) {
         const char* row = (const char*)w + r * ws;
         for (int t = 0; t < T; t++) {
-            float a[4];
-            _mm_storeu_ps(a, acc[r][t]);
-            for (int c = QORA_SEGS * seg; c < nb; c++) {
-                const block_q8* xb = x + t * xs + c;
-                uint16_t dw16;
-                const __m256i qw = weights_i8_avx2(Q4, row, c, &dw16);
-                const int32_t isum = hsum_epi32_avx2(dot_i8x32_avx2(qw, _mm256_loadu_si256((const __m256i*)xb->qs)));
-                a[3] = fmaf(f16_avx2(dw16) * f16_avx2(xb->d), (float)isum, a[3]);
-            }
-            out[t * ldo + r] = ((a[0] + a[1]) + a[2]) + a[3];
+            out[t * ldo + r] = qdot_finish_avx2(Q4, row, x + t * xs, seg, nb, acc[r][t]);
         }
     }
 }

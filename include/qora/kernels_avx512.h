@@ -88,16 +88,7 @@ QORA_TARGET_AVX512 QORA_INLINE void qdot_avx512_t(const int Q4, const int R, con
     for (int r = 0; r < R; r++) {
         const char* row = (const char*)w + r * ws;
         for (int t = 0; t < T; t++) {
-            float a[4];
-            _mm_storeu_ps(a, acc[r][t]);
-            for (int c = QORA_SEGS * seg; c < nb; c++) { /* segment 3's last blocks */
-                const block_q8* xb = x + t * xs + c;
-                uint16_t dw16;
-                const __m256i qw = weights_i8_avx2(Q4, row, c, &dw16);
-                const int32_t isum = hsum_epi32_avx2(dot_i8x32_avx2(qw, _mm256_loadu_si256((const __m256i*)xb->qs)));
-                a[3] = fmaf(f16_avx2(dw16) * f16_avx2(xb->d), (float)isum, a[3]);
-            }
-            out[t * ldo + r] = ((a[0] + a[1]) + a[2]) + a[3];
+            out[t * ldo + r] = qdot_finish_avx2(Q4, row, x + t * xs, seg, nb, acc[r][t]);
         }
     }
 }
