@@ -38,9 +38,9 @@ def model_sizes(qfile) -> tuple[int, int]:
     open .qora file or a path: every tensor once, the LM head included; an untied embedding is only
     looked up (one row per token), so it counts in neither."""
     if not hasattr(qfile, "tensor_info"):
-        from qora.format import read_qora
+        from qora.loader import open_model_file
 
-        with read_qora(qfile) as q:
+        with open_model_file(qfile, check_values=False) as q:
             return model_sizes(q)
     info = dict(qfile.tensor_info)
     if "output" in info:
@@ -327,14 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from qora.cli import PROG, device_choice
-    from qora.format import read_qora
-    from qora.loader import load_model, resolve_model_path
+    from qora.loader import load_model, open_model_file, resolve_model_path
 
     args = build_parser().parse_args(argv)
     if args.pp == 0 and args.tg == 0:
         raise QoraError("nothing to measure: --pp and --tg are both 0")
     path = resolve_model_path(args.load)
-    with read_qora(path) as q:  # the header only: check the lengths before loading the weights
+    with open_model_file(
+        path, check_values=False
+    ) as q:  # the header only: check the lengths before loading the weights
         max_pos = int(q.config["max_seq_len"])
     need = args.depth + args.pp + args.tg
     if need > max_pos:

@@ -5,7 +5,7 @@
 
 Design:
 - One explicit weight map (WEIGHT_MAP): qora name <- Hugging Face name <- GGUF name.
-- A source object per input kind (_HFSource, _GGUFSource) gives the normalized config, the
+- A source object per input kind (_HFSource, GGUFSource) gives the normalized config, the
   tokenizer and chat template, and each tensor on demand; convert() plans every tensor's dtype
   and shape up front, so the writer knows the whole index before the first byte of data and can
   stream: peak memory is about one source tensor (as float32) plus its encoded copy.
@@ -125,7 +125,7 @@ def _permute_rows(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
 
 
-def _unpermute_rows(rows: int, n_head: int) -> np.ndarray:
+def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
     """Row order that undoes the permutation: hf_rows = gguf_rows[result]."""
     return np.argsort(_permute_rows(rows, n_head))
 
@@ -1112,15 +1112,25 @@ def _check_gguf_fields(fields: dict, where) -> None:
         )
 
 
-class _GGUFSource:
+class GGUFSource:
+    """A GGUF file read for conversion, or (qora.gguf_model) for running: `guard_words` say which
+    in the error a file changed under the map gives."""
+
     kind = "gguf"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, guard_words: dict | None = None):
         self.path = path
         where = str(path)
         # one parse, with every count and size checked (see gguf_prescan); tensors view the map
         fields, tensors, self._mm = gguf_prescan(path, _keep_map=True)
-        self._guard = guard_mapping(self._mm, where, **_SOURCE)
+        try:
+            self._guard = guard_mapping(self._mm, where, **(guard_words or _SOURCE))
+            self._init(fields, tensors, where)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init(self, fields: dict, tensors: list, where: str) -> None:
         _check_gguf_fields(fields, where)
         self.fields = fields
         self._tensors = {t.name: t for t in tensors}
@@ -1272,7 +1282,7 @@ class _GGUFSource:
             raw = raw.reshape(shape[0], -1)
             if qname.endswith((".wq", ".wk")):  # undo llama.cpp's RoPE row permutation
                 n_head = self.config["n_heads"] if qname.endswith(".wq") else self.config["n_kv_heads"]
-                raw = raw[_unpermute_rows(shape[0], n_head)]
+                raw = raw[unpermute_rows(shape[0], n_head)]
         if qtype.name == WEIGHT_TYPES[dtype].gguf:
             return raw  # same bytes: GGUF Q4_0 / Q8_0 / F16 / F32 are qora q4 / q8 / f16 / f32
         try:
@@ -1311,7 +1321,7 @@ class _GGUFSource:
 
 
 def _open_located(kind: str, path: Path):
-    return _HFSource(path) if kind == "hf" else _GGUFSource(path)
+    return _HFSource(path) if kind == "hf" else GGUFSource(path)
 
 
 def open_source(src):

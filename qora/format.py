@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from qora import quant
+from qora.dtypes import WEIGHT_TYPES
 from qora.errors import FormatError
 from qora.limits import CONFIG_INT_LIMITS, MAX_HEADER_BYTES, MAX_TENSOR_DIM, TEMPLATE_MAX_SOURCE
 from qora.safeio import AtomicWriter, Transaction, open_regular
@@ -98,30 +99,46 @@ def reject_nonfinite(value, where, what: str) -> None:
 
 
 # NaN/Inf bit patterns: all exponent bits set
-_F32_EXP, _F16_EXP = 0x7F800000, 0x7C00
+_F32_EXP, _F16_EXP, _BF16_EXP = 0x7F800000, 0x7C00, 0x7F80
+# byte offsets of the f16 scales (d, and the min m or dmin where the type has one) in a block of each
+# GGUF type (ggml-common.h); a type not listed keeps its one f16 scale first
+_F16_SCALES = {
+    "Q4_1": (0, 2),
+    "Q5_1": (0, 2),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+}
 _CHECK_CHUNK = 1 << 22  # elements (or blocks) checked per step: bounded temporaries
 
 
 def first_nonfinite(dtype: str, data) -> int | None:
-    """The index of the first NaN/Inf element (f32/f16) or block scale (q4/q8) in `data`, the
+    """The index of the first NaN/Inf element (f32/f16/bf16) or block (any of its f16 scales) in `data`, the
     tensor's storage (bytes-like or array), or None. Works on the bits, in chunks: a view into a
     memory-mapped file is read once, and nothing the size of the tensor is allocated."""
     if isinstance(data, np.ndarray):
         buf = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     else:
         buf = np.frombuffer(data, dtype=np.uint8)
+    gguf = WEIGHT_TYPES[dtype].gguf if dtype in WEIGHT_TYPES else None
     if dtype in quant.BLOCK_BYTES:
-        bits = buf.reshape(-1, quant.BLOCK_BYTES[dtype])[:, :2].view("<u2").reshape(-1)  # each block's f16 scale
-        exp = _F16_EXP
-    elif dtype == "f16":
-        bits, exp = buf.view("<u2"), _F16_EXP
+        blocks = buf.reshape(-1, quant.BLOCK_BYTES[dtype])
+        fields = [blocks[:, o : o + 2].view("<u2").reshape(-1) for o in _F16_SCALES.get(gguf, (0,))]
+    elif dtype == "f16" or gguf == "BF16":
+        fields = [buf.view("<u2")]
     else:
-        bits, exp = buf.view("<u4"), _F32_EXP
-    for i in range(0, bits.size, _CHECK_CHUNK):
-        bad = (bits[i : i + _CHECK_CHUNK] & exp) == exp
-        if bad.any():
-            return i + int(np.argmax(bad))
-    return None
+        fields = [buf.view("<u4")]
+    exp = _BF16_EXP if gguf == "BF16" else _F32_EXP if dtype == "f32" else _F16_EXP
+    found = None
+    for bits in fields:
+        for i in range(0, bits.size if found is None else min(bits.size, found), _CHECK_CHUNK):
+            bad = (bits[i : i + _CHECK_CHUNK] & exp) == exp
+            if bad.any():
+                found = i + int(np.argmax(bad))
+                break
+    return found
 
 
 def check_finite(where, name: str, dtype: str, data) -> None:
@@ -314,7 +331,7 @@ class QoraFile:
                 raise FormatError(f"{where}: not a .qora file (only {size} bytes)")
             magic, version, hlen = PREAMBLE.unpack(head)
             if magic != MAGIC:
-                hint = " (this is a GGUF file: convert it with `qora convert`)" if magic == b"GGUF" else ""
+                hint = " (this is a GGUF file: open it with qora.load or --load)" if magic == b"GGUF" else ""
                 raise FormatError(f"{where}: not a .qora file (magic {magic!r}){hint}")
             if version > VERSION:
                 raise FormatError(

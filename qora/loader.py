@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model_path(load: str | os.PathLike | None, progress: Callable[[str], None] | None = None) -> Path:
-    """`load` (a .qora path, or a REPO_ID fetched by `qora pull`), else ./model.qora, else the demo
+    """`load` (a .qora or GGUF path, or a REPO_ID fetched by `qora pull`), else ./model.qora, else the demo
     model (downloaded and converted on first use; `progress` gets its lines, else the log does)."""
     if load:
         load = os.fspath(load)
@@ -40,6 +40,26 @@ def resolve_model_path(load: str | os.PathLike | None, progress: Callable[[str],
     return demo.ensure_demo_model() if progress is None else demo.ensure_demo_model(log=progress)
 
 
+def open_model_file(path, check_values: bool = True):
+    """The model file at `path`, validated and memory-mapped: a .qora file (format.QoraFile) or a GGUF
+    file (gguf_model.GGUFModelFile), chosen by the file's first bytes, not its name."""
+    from qora.safeio import open_regular
+
+    where = os.fspath(path)
+    with open_regular(path, where) as f:  # a FIFO or a device is refused before it can block
+        try:
+            magic = f.read(4)
+        except OSError as e:
+            raise FormatError(f"{where}: cannot read ({e.strerror or e})") from None
+    if magic == b"GGUF":
+        from qora.gguf_model import GGUFModelFile
+
+        return GGUFModelFile(path, check_values)
+    from qora.format import read_qora
+
+    return read_qora(path, check_values)  # its errors name what else the file may be
+
+
 def engine_label(engine) -> str:
     """The engine in a few words, for --verbose: `gpu (NAME, Vulkan)` or `cpu (ISA, N threads)`."""
     if engine.device == "vulkan":
@@ -48,10 +68,9 @@ def engine_label(engine) -> str:
 
 
 def open_model(path, threads=None, device: str = "auto", max_seq_len=None, verbose: bool = False):
-    """Open a .qora file by mmap and build the engine for it (this is `qora.load`). verbose: the
+    """Open a .qora or GGUF file by mmap and build the engine for it (this is `qora.load`). verbose: the
     load's debug lines (device memory, why the CPU runs it, load time) are shown on stderr."""
     from qora.engine import DEVICES, make_engine
-    from qora.format import read_qora
     from qora.model import Model
     from qora.tokenizer import Tokenizer
 
@@ -60,7 +79,7 @@ def open_model(path, threads=None, device: str = "auto", max_seq_len=None, verbo
     path = os.fspath(path)
     with qlog.verbose(verbose):
         t0 = time.perf_counter()
-        qfile = read_qora(path)
+        qfile = open_model_file(path)
         try:
             tokenizer = Tokenizer(qfile.tokenizer_json, qfile.chat_template, qfile.special_tokens, where=path)
             if tokenizer.id_limit > qfile.config["vocab_size"]:  # ids past the embedding would reach the engine

@@ -73,9 +73,11 @@ def run_child(body: str, path: Path, backup: Path, env: dict | None = None, time
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("mapped")
-    return {
+    out = {
         q: convert(FIX / "tiny-smollm3", d / f"tiny-smollm3-{q}.qora", quant=q, progress=False) for q in ("q4", "q8")
     }
+    out["gguf"] = FIX / "tiny-smollm3.q4_0.gguf"  # run as it is (qora/gguf_model.py), under the name model.qora
+    return out
 
 
 @pytest.fixture
@@ -100,7 +102,7 @@ def assert_survived(proc, res):
 # ───── the engine, through the public API ─────
 
 
-@pytest.mark.parametrize("model_file", ["q8", "q4"], indirect=True)
+@pytest.mark.parametrize("model_file", ["q8", "q4", "gguf"], indirect=True)
 @pytest.mark.parametrize("new_size", ["half", "zero", "one_page"])
 @pytest.mark.parametrize("repack", ["1", "0"])
 def test_model_file_truncated_while_loaded_fails_cleanly(model_file, new_size, repack):

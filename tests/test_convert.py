@@ -19,7 +19,7 @@ from _helpers_convert import (
 )
 
 from qora import quant
-from qora.convert import _llama3_rope_scaling, _unpermute_rows, convert, name_map, normalize_hf_config
+from qora.convert import _llama3_rope_scaling, convert, name_map, normalize_hf_config, unpermute_rows
 from qora.errors import ConfigError, FormatError, QoraError
 from qora.format import read_qora
 
@@ -255,7 +255,7 @@ def test_unpermute_inverts_llamacpp_permute():
         w = rng.standard_normal((rows, 8)).astype(np.float32)
         p = llamacpp_permute(w, heads, heads)
         assert not np.array_equal(p, w)
-        np.testing.assert_array_equal(p[_unpermute_rows(rows, heads)], w)
+        np.testing.assert_array_equal(p[unpermute_rows(rows, heads)], w)
 
 
 MIXED = {
@@ -281,9 +281,9 @@ def gguf_fixture(tmp_path, arch="llama", tie=False, n_layers=2, **kw):
 
 def unpermuted(qname, raw_rows, cfg):
     if qname.endswith(".wq"):
-        return raw_rows[_unpermute_rows(raw_rows.shape[0], cfg["n_heads"])]
+        return raw_rows[unpermute_rows(raw_rows.shape[0], cfg["n_heads"])]
     if qname.endswith(".wk"):
-        return raw_rows[_unpermute_rows(raw_rows.shape[0], cfg["n_kv_heads"])]
+        return raw_rows[unpermute_rows(raw_rows.shape[0], cfg["n_kv_heads"])]
     return raw_rows
 
 
@@ -317,7 +317,7 @@ def test_gguf_q4_0_copied_bit_for_bit(tmp_path):
     with read_qora(convert(path, tmp_path / "m.qora", quant="q4", progress=False)) as f:
         g = raw["blk.1.attn_q.weight"]
         assert g.dtype == np.uint8
-        np.testing.assert_array_equal(f.tensor("layers.1.wq"), g[_unpermute_rows(g.shape[0], cfg["n_heads"])])
+        np.testing.assert_array_equal(f.tensor("layers.1.wq"), g[unpermute_rows(g.shape[0], cfg["n_heads"])])
         # ... which is exactly what qora would have made from the HF weights
         np.testing.assert_array_equal(
             f.tensor("layers.1.wq"), quant.quantize(w["model.layers.1.self_attn.q_proj.weight"], "q4")
@@ -489,7 +489,7 @@ def test_smollm2_gguf_weights(smol, demo_gguf):
         np.testing.assert_array_equal(f.tensor("tok_embeddings"), emb.data)  # copied, not requantized
         q = t["blk.3.attn_q.weight"]
         assert q.tensor_type == T.Q4_1
-        ref = gguf_dequantize(q.data, q.tensor_type)[_unpermute_rows(576, 9)]
+        ref = gguf_dequantize(q.data, q.tensor_type)[unpermute_rows(576, 9)]
         np.testing.assert_array_equal(f.tensor("layers.3.wq"), quant.quantize(ref, "q4"))
         np.testing.assert_array_equal(f.tensor("norm"), t["output_norm.weight"].data)
 

@@ -41,7 +41,7 @@ def qora_cases():
     yield "deep_json.qora", ct.qora_from_header(deep, [], 0), r"header is nested too deeply"
     yield "bad_utf8.qora", ct.qora_from_header(b'{"config": "\xff\xfe"}', [], 0), r"header is not valid JSON"
     yield "newer_version.qora", with_header(lambda h: None, version=9), r"format version 9 is newer"
-    yield "gguf_magic.qora", b"GGUF" + good[4:], r"this is a GGUF file"
+    yield "gguf_magic.qora", b"GGUF" + good[4:], r"GGUF version 1 is not supported"  # read as the GGUF it claims
     yield "misaligned_offset.qora", with_header(tensor("layers.0.wq", offset=65)), r"offset 65 is not a multiple of 64"
     yield "huge_offset.qora", with_header(tensor("norm", offset=1 << 62)), r"tensor norm .* runs past the end"
     yield "negative_offset.qora", with_header(tensor("norm", offset=-64)), r"offset -64 is not a multiple"
