@@ -351,6 +351,8 @@ class ChatRepl:
             return
         if last.finish_reason == "interrupted":
             self.say("[interrupted]")
+        elif last.finish_reason == "loop":
+            self.say("[stopped: the model was repeating itself]")
         elif last.finish_reason == "length" and last.prompt_tokens + last.generation_tokens >= self.conv.context:
             self.say("[context full: the answer was cut; the oldest turns will be dropped to make room]")
         if self.verbose and last.prompt_tokens:
@@ -402,13 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from qora import log
-    from qora.cli import generation_options, load_from_args
+    from qora.cli import generation_options, load_from_args, note_unused_think_flags
 
     parser = build_parser()
     args = parser.parse_args(argv)
     options = generation_options(args, parser)
     log.configure(args.verbose)
     model = load_from_args(args)
+    note_unused_think_flags(args, model.tokenizer)
     try:
         try:
             import readline  # noqa: F401  (line editing and history for input(), where available)

@@ -240,6 +240,9 @@ def _err(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
+LOOP_NOTE = "stopped: the model was repeating itself (loop detection)"
+
+
 def _note(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
@@ -258,6 +261,13 @@ def read_text(stream, where: str, limit: int = limits.CLI_MAX_PROMPT_BYTES) -> s
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise QoraError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _starts_chat(args) -> bool:
+    """No prompt, no prompt file, not --raw, and a terminal on stdin: the user wants to talk."""
+    if args.prompt is not None or getattr(args, "prompt_file", None) is not None or getattr(args, "raw", False):
+        return False
+    return sys.stdin is not None and sys.stdin.isatty()
 
 
 def _read_prompt(args, parser) -> str:
@@ -367,8 +377,18 @@ class Printer:
 
 
 def device_choice(args) -> str:
-    """--cpu / --gpu as load_model's device."""
-    return "cpu" if getattr(args, "cpu", False) else ("gpu" if getattr(args, "gpu", False) else "auto")
+    """--cpu / --gpu as load_model's device (--gpu with only a software Vulkan device: the CPU, said)."""
+    from qora.engine.select import user_device
+
+    return user_device("cpu" if getattr(args, "cpu", False) else ("gpu" if getattr(args, "gpu", False) else "auto"))
+
+
+def note_unused_think_flags(args, tokenizer) -> None:
+    """--no-think / --think-budget on a model without a thinking mode (no <think> / </think> tokens)
+    change nothing: say so once rather than silently."""
+    flags = [f for f, on in (("--no-think", args.no_think), ("--think-budget", args.think_budget is not None)) if on]
+    if flags and (tokenizer.think_id is None or tokenizer.end_think_id is None):
+        _note(f"this model has no thinking mode: {' and '.join(flags)} change nothing")
 
 
 def load_from_args(args):
@@ -386,6 +406,7 @@ def _run(args, parser) -> int:
     model = load_from_args(args)
     if args.verbose:
         _note(f"cpu: {_cpu_info_line()}")
+    note_unused_think_flags(args, model.tokenizer)
     for stream in (sys.stdout, sys.stderr):
         try:  # a console that cannot show a character gets "?" rather than a crash mid-answer
             stream.reconfigure(errors="replace")
@@ -405,6 +426,8 @@ def _run(args, parser) -> int:
             return EXIT_INTERRUPTED
         interrupted = last is not None and last.finish_reason == "interrupted"
         printer.end(always=interrupted)
+        if last is not None and last.finish_reason == "loop" and not args.verbose:
+            _note(LOOP_NOTE)  # said once, also without -v: an answer cut short must not look finished
         if args.verbose and last is not None:
             _note(f"prompt: {last.prompt_tokens} tokens in {last.prompt_time:.2f} s ({last.prompt_tps:.2f} tok/s)")
             _note(
@@ -458,6 +481,8 @@ def _main(argv: list[str]) -> int:
             return module.main(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
+        if _starts_chat(args):  # bare `qora` at a terminal: a conversation, as `ollama run` does
+            return importlib.import_module(SUBCOMMANDS["chat"]).main(argv)
         return _run(args, parser)
     except QoraError as e:
         _err(str(e).splitlines()[0] if str(e) else type(e).__name__)

@@ -463,11 +463,13 @@ class LoopDetector:
     """Detects a model stuck repeating itself: the last tokens are one n-gram (1 <= n <= max_period)
     repeated back to back, at least `min_repeats` times and over at least `min_span` tokens.
 
-    min_span 96 keeps legitimate repetition safe (a table separator, three similar code lines are far
-    shorter), while a real loop repeats forever and is cut after about a hundred tokens.
+    A sentence or phrase of 11 tokens or more is cut at its third copy in a row (a model that said
+    the same sentence three times running is looping, not answering); shorter n-grams need 32
+    tokens of repetition, so legitimate runs (a short table separator, "0, 0, 0, 0", an ellipsis)
+    pass while a loop stops within a few dozen tokens instead of running to the length limit.
     """
 
-    def __init__(self, max_period: int = 64, min_repeats: int = 3, min_span: int = 96):
+    def __init__(self, max_period: int = 64, min_repeats: int = 3, min_span: int = 32):
         self.max_period, self.min_repeats, self.min_span = max_period, min_repeats, min_span
         self.keep = max(min_span, max_period * min_repeats)
         self.tokens: list[int] = []

@@ -155,6 +155,7 @@ def test_streams_answer_and_thinking(fake_load, capsys):
 
 def test_thinking_hidden_by_default_and_verbose_stats(fake_load, capsys, monkeypatch):
     monkeypatch.setattr(qora, "cpu_info", lambda: {"isa": "avx2", "threads": 4})
+    monkeypatch.setenv("QORA_VK_ALLOW_CPU", "1")  # --gpu stays --gpu where the only device is lavapipe
     fake_load.state["model"] = FakeModel("<think>secret</think>Shown")
     rc = cli.main(["--load", str(fake_load.path), "-p", "q", "--greedy", "--verbose", "--gpu"])
     out, err = capsys.readouterr()
@@ -353,3 +354,58 @@ def test_system_limits():
     assert system.physical_cores() >= 1
     assert system.available_ram() > 0 and system.total_ram() >= system.available_ram()
     assert system.default_limits() in [row[1:] for row in system.LIMITS_TABLE]
+
+
+def test_a_stopped_loop_is_said_once_without_verbose(fake_load, capsys):
+    fake_load.state["model"] = FakeModel("Paris is the capital of France. " * 12)
+    rc = cli.main(["--load", str(fake_load.path), "-p", "q", "--greedy", "--no-think"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.count("Paris is the capital of France.") == 3
+    assert err.count("repeating itself") == 1 and "finish:" not in err
+
+
+def test_bare_qora_at_a_terminal_starts_the_chat(monkeypatch):
+    import io
+
+    from qora import chat
+
+    seen = []
+    monkeypatch.setattr(chat, "main", lambda argv: seen.append(argv) or 0)
+    tty = io.StringIO()
+    tty.isatty = lambda: True
+    monkeypatch.setattr(sys, "stdin", tty)
+    assert cli.main(["--greedy"]) == 0 and seen == [["--greedy"]]
+    with pytest.raises(SystemExit):  # --raw has no conversation: still a prompt is needed
+        cli.main(["--raw"])
+    assert len(seen) == 1
+
+
+def test_think_flags_on_a_model_without_thinking_are_said_once(fake_load, capsys):
+    tok = _tokenizer()
+    tok.think_id = tok.end_think_id = None
+    fake_load.state["model"] = FakeModel("Hi.")
+    fake_load.state["model"].tokenizer = tok
+    rc = cli.main(["--load", str(fake_load.path), "-p", "q", "--no-think", "--think-budget", "5"])
+    err = capsys.readouterr().err
+    assert rc == 0 and err.count("no thinking mode") == 1 and "--no-think and --think-budget" in err
+
+
+def test_gpu_flag_on_a_software_vulkan_device_runs_on_the_cpu(monkeypatch, capfd):
+    from qora.engine import select, vulkan
+
+    lavapipe = {"name": "llvmpipe (LLVM 15)", "type": "cpu", "usable": True, "index": 0}
+    monkeypatch.setattr(vulkan, "devices", lambda: [lavapipe])
+    for var in ("QORA_VK_ALLOW_CPU", "QORA_VK_DEVICE"):
+        monkeypatch.delenv(var, raising=False)
+    assert select.user_device("gpu") == "cpu"
+    err = capfd.readouterr().err
+    assert err.count("CPU emulation") == 1 and "llvmpipe" in err
+    assert select.user_device("auto") == "auto" and select.user_device("cpu") == "cpu"
+    monkeypatch.setenv("QORA_VK_ALLOW_CPU", "1")  # the user insists
+    assert select.user_device("gpu") == "gpu"
+    monkeypatch.delenv("QORA_VK_ALLOW_CPU")
+    monkeypatch.setenv("QORA_VK_DEVICE", "0")
+    assert select.user_device("gpu") == "gpu"
+    monkeypatch.delenv("QORA_VK_DEVICE")
+    monkeypatch.setattr(vulkan, "devices", lambda: [lavapipe, {**lavapipe, "type": "discrete", "index": 1}])
+    assert select.user_device("gpu") == "gpu"  # a real GPU is there

@@ -4,7 +4,9 @@ to the CPU when no GPU can run it."""
 from __future__ import annotations
 
 import logging
+import os
 
+from qora.engine import vulkan
 from qora.engine.base import Engine
 from qora.engine.cpu import CpuEngine
 from qora.engine.vulkan import GpuUnavailable, VulkanEngine
@@ -33,3 +35,23 @@ def make_engine(qfile, device: str = "auto", threads=None, max_seq_len=None) -> 
     engine = CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len)
     engine.notes = [note]
     return engine
+
+
+def user_device(device: str) -> str:
+    """The device a user's --gpu / --cpu means on this machine. `--gpu` where the only Vulkan devices
+    are software renderers (Mesa's llvmpipe / lavapipe: the CPU emulating a GPU, many times slower
+    than the CPU engine) runs on the CPU engine, said once, unless the user insists on it:
+    QORA_VK_DEVICE=N or QORA_VK_ALLOW_CPU=1. The API's device="gpu" is not changed by this."""
+    allow = os.environ.get("QORA_VK_ALLOW_CPU", "").strip().lower() not in ("", "0", "false", "no")
+    if device != "gpu" or allow or os.environ.get("QORA_VK_DEVICE", "").strip():
+        return device
+    usable = [d for d in vulkan.devices() if d["usable"]]
+    if usable and all(d["type"] == "cpu" for d in usable):
+        names = ", ".join(d["name"] for d in usable)
+        log.warning(
+            "--gpu: the only Vulkan device (%s) is a CPU emulation of a GPU, slower than the CPU engine: "
+            "running on the CPU (QORA_VK_ALLOW_CPU=1 or QORA_VK_DEVICE=N uses it anyway)",
+            names,
+        )
+        return "cpu"
+    return device
