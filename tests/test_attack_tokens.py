@@ -19,6 +19,7 @@ from qora import demo, limits
 from qora.errors import ContextOverflowError, FormatError, QoraError
 from qora.format import QoraFile
 from qora.generate import GenerationOptions, prompt_ids
+from qora.loader import open_model_file
 from qora.tokenizer import (
     CHATML_TEMPLATE,
     ModelText,
@@ -45,13 +46,12 @@ def smollm3_template() -> str:
 
 
 def demo_tokenizer() -> Tokenizer:
-    path = demo.default_cache_dir() / "smollm2-135m-instruct-q4.qora"
-    if not path.is_file():
-        try:
-            path = demo.ensure_demo_model(demo.default_cache_dir())
-        except Exception as e:  # offline machine
-            pytest.skip(f"demo model not available: {e}")
-    return Tokenizer.from_qora(QoraFile(str(path)))
+    try:
+        path = demo.ensure_demo_model(demo.default_cache_dir())
+    except Exception as e:  # offline machine
+        pytest.skip(f"demo model not available: {e}")
+    with open_model_file(path, check_values=False) as f:
+        return Tokenizer.from_qora(f)
 
 
 def tokenizers():

