@@ -204,6 +204,9 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
     p.add_argument(
         "--length", metavar="HINT", type=_text, help="answer length hint: short, medium, long, or '100 words'"
     )
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="the answer is JSON valid under the JSON schema in FILE")
+    shape.add_argument("--grammar", metavar="FILE", help="the answer matches the Lark or GBNF grammar in FILE")
     p.add_argument("--verbose", "-v", action="store_true", help="print load time, speeds and finish reason to stderr")
 
 
@@ -293,6 +296,19 @@ def _read_prompt(args, parser) -> str:
     return text
 
 
+def _read_grammar_file(path, flag: str) -> str | None:
+    """The text of a --json-schema / --grammar file (None when the flag is not given)."""
+    if path is None:
+        return None
+    from qora import limits, safeio
+
+    data = safeio.read_regular(path, limits.GRAMMAR_MAX_CHARS * 4, where=f"{flag} {path}", error=QoraError)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise QoraError(f"{flag} {path}: not UTF-8 text") from None
+
+
 def generation_options(args, parser):
     """The generation flags of add_generation_args as GenerationOptions (a bad value: a usage error)."""
     from qora.generate import GenerationOptions
@@ -318,6 +334,8 @@ def generation_options(args, parser):
             system=args.system,
             length_hint=args.length,
             ignore_eos=getattr(args, "ignore_eos", False),
+            json_schema=_read_grammar_file(args.json_schema, "--json-schema"),
+            grammar=_read_grammar_file(args.grammar, "--grammar"),
         )
     except QoraError as e:
         parser.error(str(e))  # a bad option value is a usage error: exit 2 with the usage line

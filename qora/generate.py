@@ -65,6 +65,12 @@ class GenerationOptions:
     (the CLI prints thinking to stderr with it); the stream always carries the think channel.
     today: the date the template's strftime_now sees (None: now). logprobs: None, or the number of
     most likely alternatives (0..20) to report with each token's log-probability.
+    Structured output (qora/structured.py): json_schema (a dict or its JSON text), grammar (Lark or
+    GBNF text, or a structured.Grammar) or response_format (OpenAI's {"type": "json_object"} /
+    {"type": "json_schema", "json_schema": {"schema": ...}}), at most one; it becomes `grammar`, a
+    structured.Grammar, and the answer (not the thinking) is kept inside it; thinking is off unless
+    enable_thinking=True. logit_bias: {token id: -100..100} added to the logits. tools: function
+    definitions (OpenAI's `tools` list) the chat template renders for the model.
     """
 
     max_tokens: int | None = None
@@ -92,6 +98,11 @@ class GenerationOptions:
     # Generate max_tokens tokens (benchmarks, load tests): end-of-turn tokens are never sampled, and
     # only max_tokens, a stop string or a full context end the answer.
     ignore_eos: bool = False
+    json_schema: object = None
+    grammar: object = None
+    response_format: dict | None = None
+    logit_bias: dict | None = None
+    tools: list | None = None
 
     def __post_init__(self):
         if self.max_tokens is not None:
@@ -136,6 +147,22 @@ class GenerationOptions:
             self.logprobs = sampling._integer("logprobs", self.logprobs, low=0)
             if self.logprobs > MAX_TOP_LOGPROBS:
                 raise QoraError(f"logprobs must be at most {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+        self._structured()
+
+    def _structured(self) -> None:
+        """json_schema / response_format / grammar -> one structured.Grammar in `grammar`; logit_bias checked."""
+        self.logit_bias = sampling.check_logit_bias(self.logit_bias) or None
+        if self.json_schema is None and self.response_format is None and self.grammar is None:
+            return
+        from qora import structured
+
+        self.grammar = structured.grammar_from(self.grammar, self.json_schema, self.response_format)
+        self.json_schema = self.response_format = None
+        if self.grammar is not None:
+            if self.ignore_eos:
+                raise QoraError("ignore_eos cannot be combined with a JSON schema or grammar (it ends the answer)")
+            if self.enable_thinking is None:
+                self.enable_thinking = False
 
     def resolved(self, thinking: bool, generation_defaults: Mapping | None = None) -> GenerationOptions:
         """A copy with every None filled in. `thinking`: the model will think (picks the temperature).
@@ -175,11 +202,12 @@ class GenerationOptions:
             presence_penalty=pick(self.presence_penalty, 0.0 if self.greedy else DEFAULTS.presence_penalty),
             frequency_penalty=pick(self.frequency_penalty, 0.0 if self.greedy else DEFAULTS.frequency_penalty),
             loop_detection=self.loop_detection and not self.ignore_eos,
-            sentence_stop=self.sentence_stop and not self.ignore_eos,
+            # a structured answer ends where its grammar does, not at a sentence end
+            sentence_stop=self.sentence_stop and not self.ignore_eos and self.grammar is None,
         )
 
-    def sampler(self, exempt=frozenset(), banned=frozenset()) -> Sampler:
-        """The Sampler for these (resolved) options."""
+    def sampler(self, exempt=frozenset(), banned=frozenset(), constraint=None) -> Sampler:
+        """The Sampler for these (resolved) options; constraint: the structured.Constraint of `grammar`."""
         if self.temperature is None:
             raise QoraError("options must be resolved before building a sampler")
         return Sampler(
@@ -195,6 +223,8 @@ class GenerationOptions:
             greedy=self.greedy,
             exempt=exempt,
             banned=banned,
+            logit_bias=self.logit_bias,
+            constraint=constraint,
         )
 
 
@@ -309,13 +339,21 @@ def prompt_ids(
         chars = sum(len(m.get("content")) for m in messages if isinstance(m.get("content"), str))
         _check_prompt_chars(tokenizer, chars, context)
     text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, enable_thinking=options.enable_thinking, today=options.today
+        messages,
+        add_generation_prompt=True,
+        enable_thinking=options.enable_thinking,
+        today=options.today,
+        tools=options.tools,
     )
     if context is not None:
         check_prompt_size(tokenizer, text, context)
     # Not encode(text): what a message spells (`<|im_end|>`...) stays text; only the template makes control tokens.
     return tokenizer.encode_chat(
-        messages, add_generation_prompt=True, enable_thinking=options.enable_thinking, today=options.today
+        messages,
+        add_generation_prompt=True,
+        enable_thinking=options.enable_thinking,
+        today=options.today,
+        tools=options.tools,
     )
 
 
@@ -611,7 +649,10 @@ class _Generation:
         if opts.enable_thinking is False and tok.think_id is not None and thinking_mode and not opts.raw:
             thinking_mode = False  # the template ignores enable_thinking but the caller asked for no thinking
         o = self.o = opts.resolved(thinking_mode, getattr(model, "generation_defaults", None))
-        self.sampler = o.sampler(exempt=tok.special_ids, banned=tok.stop_ids if o.ignore_eos else frozenset())
+        constraint = o.grammar.start(tok) if o.grammar is not None else None
+        self.sampler = o.sampler(
+            exempt=tok.special_ids, banned=tok.stop_ids if o.ignore_eos else frozenset(), constraint=constraint
+        )
         self.channel = "think" if think_open else "answer"
         self.history: list[int] = []  # generated tokens: the penalties' context
         self.n_think = self.n_answer = 0
@@ -631,7 +672,8 @@ class _Generation:
         if self.force is not None:
             token, self.force = self.force, None
         else:
-            token = self.sampler(logits, self.history)
+            # the grammar of structured output holds for the answer, not the thinking before it
+            token = self.sampler(logits, self.history, constrain=self.channel == "answer")
         if self.o.logprobs is not None:
             self.chosen_logprobs = token_logprobs(logits, token, self.o.logprobs)
         return token

@@ -84,6 +84,16 @@ SERVER_MAX_STOP_CHARS = 1024  # characters of one stop string (up to 4 of them, 
 SERVER_MAX_NUMBER_CHARS = 64  # characters of one JSON number literal (a 64-bit seed is 20)
 SERVER_MAX_QUEUED = 256  # requests waiting for the engine; more are answered 503
 SERVER_MAX_CONNECTIONS = 512  # open connections and tasks (uvicorn's limit_concurrency); more get 503
+# Structured output (qora/structured.py): a JSON schema or grammar is refused beyond these. 256 KiB
+# of schema is far past any real one (OpenAI caps a schema at 100 properties, 5 levels); the parser
+# limits are llguidance's own knobs (its defaults are 500K symbols, 200K fuel, 250K lexer states,
+# each lexer state 1-2 kB): a quarter of them keeps one hostile grammar's per-token work and memory
+# small while every schema of tests/structured_schemas.py compiles.
+GRAMMAR_MAX_CHARS = 256 << 10
+GRAMMAR_MAX_SIZE = 200_000
+GRAMMAR_STEP_FUEL = 200_000
+GRAMMAR_MAX_LEXER_STATES = 50_000
+LOGIT_BIAS_MAX_ENTRIES = 300  # OpenAI's limit for one request's logit_bias
 # CLI: a prompt file / stdin / --prompt is read up to this many bytes (a 64K-token context is ~256 KiB
 # of text); REPL input the same per message.
 CLI_MAX_PROMPT_BYTES = 16 << 20

@@ -12,6 +12,11 @@ a presence penalty of 1.5 on every token ever used would, a few hundred tokens i
 common words ("the", digits, code keywords) it legitimately needs again; a window breaks loops
 without that. Control tokens (EOS, end of turn, think tags) are exempt: penalising the end-of-turn
 token would make answers run on. `banned` tokens are never chosen (ignore_eos masks the stop tokens).
+
+After the penalties: `logit_bias` (OpenAI's: a number in [-100, 100] added to a token's logit), then
+the `constraint` of structured output (qora/structured.py), whose mask sets every token the grammar
+refuses to -inf before temperature, top-k and top-p look at the logits; the chosen token is handed
+back to it. `__call__(..., constrain=False)` skips it (tokens of the thinking channel are free).
 """
 
 from __future__ import annotations
@@ -259,6 +264,30 @@ def sample_from(logits, rng: np.random.Generator) -> int:
     return i
 
 
+LOGIT_BIAS_LIMIT = 100.0
+
+
+def check_logit_bias(bias, vocab: int | None = None) -> dict[int, float]:
+    """{token id: bias in [-100, 100]} (ids may be given as decimal strings, as OpenAI's JSON does)."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise QoraError(f"logit_bias must be a map of token id to bias, got {type(bias).__name__}")
+    from qora import limits
+
+    if len(bias) > limits.LOGIT_BIAS_MAX_ENTRIES:
+        raise QoraError(f"logit_bias may hold at most {limits.LOGIT_BIAS_MAX_ENTRIES} tokens")
+    out = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        i = _integer("logit_bias token id", key, low=0)
+        if vocab is not None and i >= vocab:
+            raise QoraError(f"logit_bias token id {i} is out of range for a vocabulary of {vocab}")
+        out[i] = _number(f"logit_bias[{i}]", value, low=-LOGIT_BIAS_LIMIT, high=LOGIT_BIAS_LIMIT)
+    return out
+
+
 # ───── the sampler ─────
 
 
@@ -282,6 +311,8 @@ class Sampler:
     greedy: bool = False
     exempt: frozenset[int] = frozenset()
     banned: frozenset[int] = frozenset()
+    logit_bias: dict | None = None
+    constraint: object | None = None  # a structured.Constraint: apply(logits) -> masked, advance(token)
 
     def __post_init__(self):
         self.temperature = check_temperature(self.temperature)
@@ -297,6 +328,9 @@ class Sampler:
         self.exempt = frozenset(int(i) for i in self.exempt)
         self.banned = frozenset(int(i) for i in self.banned)
         self._banned = np.fromiter(sorted(self.banned), dtype=np.int64, count=len(self.banned))
+        self.logit_bias = check_logit_bias(self.logit_bias)
+        self._bias_ids = np.fromiter(self.logit_bias, dtype=np.int64, count=len(self.logit_bias))
+        self._bias = np.fromiter(self.logit_bias.values(), dtype=np.float32, count=len(self.logit_bias))
         self.rng = np.random.default_rng(self.seed)
 
     def penalize(self, logits, tokens: Sequence[int]) -> np.ndarray:
@@ -310,14 +344,27 @@ class Sampler:
             x = apply_frequency_penalty(x, tokens, self.frequency_penalty, w, ex)
         return x
 
-    def __call__(self, logits, tokens: Sequence[int] = ()) -> int:
+    def __call__(self, logits, tokens: Sequence[int] = (), constrain: bool = True) -> int:
         x = _check_logits(logits)
         if np.isnan(x).any():
             raise QoraError("the model produced NaN logits")
         x = self.penalize(x, tokens)
-        if self._banned.size:
+        if self._bias_ids.size:
             x = x.copy()  # may still be the caller's array
+            ok = self._bias_ids < x.size
+            x[self._bias_ids[ok]] += self._bias[ok]
+        if self._banned.size:
+            x = x.copy()
             x[self._banned[(self._banned >= 0) & (self._banned < x.size)]] = -np.inf
+        constraint = self.constraint if constrain else None
+        if constraint is not None:
+            x = constraint.apply(x)
+        token = self._choose(x)
+        if constraint is not None:
+            constraint.advance(token)
+        return token
+
+    def _choose(self, x: np.ndarray) -> int:
         if self.greedy or self.temperature == 0.0:
             return greedy(x)
         x = apply_temperature(x, self.temperature)

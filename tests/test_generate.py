@@ -451,9 +451,9 @@ def test_temperature_default_follows_thinking_mode():
     seen = []
     real = g.GenerationOptions.sampler
 
-    def spy(self, exempt=frozenset(), banned=frozenset()):
+    def spy(self, exempt=frozenset(), banned=frozenset(), **kw):
         seen.append(self.temperature)
-        return real(self, exempt, banned)
+        return real(self, exempt, banned, **kw)
 
     g.GenerationOptions.sampler = spy
     try:
