@@ -83,6 +83,9 @@ SERVER_MAX_CONTENT_PARTS = 1024  # text parts of one message's content
 SERVER_MAX_STOP_CHARS = 1024  # characters of one stop string (up to 4 of them, OpenAI's limit)
 SERVER_MAX_NUMBER_CHARS = 64  # characters of one JSON number literal (a 64-bit seed is 20)
 SERVER_MAX_QUEUED = 256  # requests waiting for the engine; more are answered 503
+# Sequences decoded together (qora serve --parallel, CpuEngine.open_slots): each holds a whole
+# context's KV cache; past 256 a step's rows outgrow what one pass's scratch is sized for.
+MAX_BATCH_SLOTS = 256
 SERVER_MAX_CONNECTIONS = 512  # open connections and tasks (uvicorn's limit_concurrency); more get 503
 # Structured output (qora/structured.py): a JSON schema or grammar is refused beyond these. 256 KiB
 # of schema is far past any real one (OpenAI caps a schema at 100 properties, 5 levels); the parser

@@ -96,19 +96,20 @@ static void qora_state_free(qora_state* s) {
     memset(s, 0, sizeof *s);
 }
 
-/* All buffers are allocated once here: a forward call allocates nothing. */
-static int qora_state_init(qora_state* s, const qora_config* c) {
+/* All buffers are allocated once here: a forward call allocates nothing. rows: token rows a pass
+   takes at once; n_caches: KV caches of max_seq_len positions (one per sequence slot). */
+static int qora_state_alloc(qora_state* s, const qora_config* c, size_t rows, size_t n_caches) {
     if (!s || !c) return QORA_ERR_ARGS;
     memset(s, 0, sizeof *s);
     if (c->n_layers < 1 || c->dim < 1 || c->n_heads < 1 || c->n_kv_heads < 1 || c->head_dim < 1 ||
-        c->hidden_dim < 1 || c->vocab_size < 1 || c->max_seq_len < 1)
+        c->hidden_dim < 1 || c->vocab_size < 1 || c->max_seq_len < 1 || rows < 1 || n_caches < 1)
         return QORA_ERR_ARGS;
-    const size_t C = QORA_CHUNK;
+    const size_t C = rows;
     const size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
     size_t widest = (size_t)c->dim;
     if (q_dim > widest) widest = q_dim;
     if ((size_t)c->hidden_dim > widest) widest = (size_t)c->hidden_dim;
-    const size_t cache = (size_t)c->n_layers * (size_t)c->max_seq_len * kv_dim;
+    const size_t cache = n_caches * (size_t)c->n_layers * (size_t)c->max_seq_len * kv_dim;
     s->x = calloc(C * c->dim, sizeof(float));
     s->xb = calloc(C * c->dim, sizeof(float));
     s->xb2 = calloc(C * c->dim, sizeof(float));
@@ -134,6 +135,8 @@ static int qora_state_init(qora_state* s, const qora_config* c) {
     }
     return QORA_OK;
 }
+
+static int qora_state_init(qora_state* s, const qora_config* c) { return qora_state_alloc(s, c, QORA_CHUNK, 1); }
 
 /* ------------------------------------------------------------ components */
 
@@ -414,6 +417,167 @@ static int qora_forward(qora_model* m, const int32_t* tokens, int n, int start_p
         if (logits && all_logits) out = logits + (size_t)i * m->cfg.vocab_size;
         else if (logits && last) out = logits;
         qora_chunk(m, tokens + i, len, start_pos + i, out, all_logits);
+    }
+    return QORA_OK;
+}
+
+/* ------------------------------------------------ several sequences in one pass (serving) */
+
+/* Run state of batched steps: passes of up to `rows` token rows, and `n_slots` KV caches of
+   cfg.max_seq_len positions side by side, one per sequence: (n_slots, n_layers, max_seq_len, kv_dim). */
+typedef struct {
+    qora_config cfg; /* the model's, with max_seq_len = one slot's context */
+    qora_state s;
+    int rows, n_slots;
+} qora_batch;
+
+static void qora_batch_free(qora_batch* b) {
+    qora_state_free(&b->s);
+    b->rows = b->n_slots = 0;
+}
+
+static int qora_batch_init(qora_batch* b, const qora_config* c, int ctx, int rows, int n_slots) {
+    if (!b) return QORA_ERR_ARGS;
+    memset(b, 0, sizeof *b);
+    if (!c || ctx < 1 || rows < 1 || n_slots < 1) return QORA_ERR_ARGS;
+    b->cfg = *c;
+    b->cfg.max_seq_len = ctx;
+    const int rc = qora_state_alloc(&b->s, &b->cfg, (size_t)rows, (size_t)n_slots);
+    if (rc != QORA_OK) return rc;
+    b->rows = rows;
+    b->n_slots = n_slots;
+    return QORA_OK;
+}
+
+/* Bytes of one slot's cache in one layer, and in all layers. */
+static inline size_t qora_batch_layer_bytes(const qora_batch* b) {
+    return (size_t)b->cfg.max_seq_len * b->cfg.n_kv_heads * b->cfg.head_dim * (b->cfg.kv_f16 ? sizeof(uint16_t) : sizeof(float));
+}
+
+/* n <= b->rows rows: row t is token tokens[t] of the sequence in slot slots[t], at position pos[t].
+   The same operations per row as qora_chunk (weights are read once for all rows; each row attends
+   to its own slot's positions 0..pos[t], all of this pass's K/V written first, so rows of one
+   sequence at consecutive positions are a prefill chunk). Logits of rows want[i] - row0
+   (i < n_want) go to logits[i]. */
+static void qora_batch_pass(qora_model* m, qora_batch* b, const int32_t* tokens, const int32_t* slots,
+                            const int32_t* pos, int n, float* logits, const int32_t* want, int n_want, int row0) {
+    const qora_config* c = &b->cfg;
+    const qora_kernels* K = m->K;
+    qora_state* s = &b->s;
+    const int nt = m->n_threads;
+    const int D = c->dim, q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    const size_t lq = s->xq_stride, T = (size_t)c->max_seq_len;
+    const size_t kv_bytes = c->kv_f16 ? sizeof(uint16_t) : sizeof(float);
+    const size_t layer_bytes = qora_batch_layer_bytes(b), slot_bytes = (size_t)c->n_layers * layer_bytes;
+    const int group = c->n_heads / c->n_kv_heads, pairs = n * c->n_kv_heads;
+    const size_t tmp = (size_t)group * (c->head_dim + 4);
+    long long work = 0; /* attention's multiply-adds, for the threads' on/off as in qora_chunk */
+    for (int t = 0; t < n; t++) work += (long long)(pos[t] + 1) * c->n_heads * c->head_dim;
+
+    for (int t = 0; t < n; t++) qora_dequant_row(&m->w.tok_embeddings, tokens[t], s->x + (size_t)t * D);
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const qora_layer* L = &m->w.layers[l];
+        char* key_base = (char*)s->key_cache + (size_t)l * layer_bytes;
+        char* value_base = (char*)s->value_cache + (size_t)l * layer_bytes;
+
+        for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->attn_norm, D, c->norm_eps);
+        if (qora_is_quantized(L->wq.dtype) || qora_is_quantized(L->wk.dtype) || qora_is_quantized(L->wv.dtype))
+            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D, nt);
+        qora_matmul(K, &L->wq, s->xb, D, s->xq, s->xs, lq, n, s->q, q_dim, nt);
+        qora_matmul(K, &L->wk, s->xb, D, s->xq, s->xs, lq, n, s->k, kv_dim, nt);
+        qora_matmul(K, &L->wv, s->xb, D, s->xq, s->xs, lq, n, s->v, kv_dim, nt);
+
+        for (int t = 0; t < n; t++) {
+            if (L->use_rope) {
+                qora_rope(s->q + (size_t)t * q_dim, c->n_heads, c->head_dim, pos[t], m->w.inv_freq, c->rope_scale);
+                qora_rope(s->k + (size_t)t * kv_dim, c->n_kv_heads, c->head_dim, pos[t], m->w.inv_freq, c->rope_scale);
+            }
+            const size_t at = (size_t)slots[t] * slot_bytes + (size_t)pos[t] * kv_dim * kv_bytes;
+            if (c->kv_f16) {
+                K->to_f16(s->k + (size_t)t * kv_dim, (uint16_t*)(key_base + at), kv_dim);
+                K->to_f16(s->v + (size_t)t * kv_dim, (uint16_t*)(value_base + at), kv_dim);
+            } else {
+                memcpy(key_base + at, s->k + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
+                memcpy(value_base + at, s->v + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
+            }
+        }
+
+        /* every row's query heads, group by group, over its own slot (qora_attend_group: the same
+           operations as the decode split, for any thread count) */
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (work >= QORA_PARALLEL_MIN_WORK / 4)
+#endif
+        for (int p = 0; p < pairs; p++) {
+            const int t = p / c->n_kv_heads, g = p % c->n_kv_heads;
+            const size_t at = (size_t)slots[t] * slot_bytes;
+            qora_attend_group(K, s->q + (size_t)t * q_dim, key_base + at, value_base + at, c->kv_f16, pos[t] + 1, g,
+                              group, c->head_dim, (size_t)kv_dim, s->scores + (size_t)t * c->n_heads * T, T,
+                              s->att + (size_t)t * q_dim, s->att_part + (size_t)p * tmp);
+        }
+
+        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, s->xq, s->xs, lq, n, q_dim, nt);
+        qora_matmul(K, &L->wo, s->att, q_dim, s->xq, s->xs, lq, n, s->xb2, D, nt);
+        qora_residual(s->x, s->xb2, (size_t)n * D);
+
+        for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->ffn_norm, D, c->norm_eps);
+        if (qora_is_quantized(L->w_gate.dtype) || qora_is_quantized(L->w_up.dtype))
+            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D, nt);
+        qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, s->xq, s->xs, lq, n, s->hb, c->hidden_dim, nt);
+
+        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, s->xq, s->xs, lq, n, c->hidden_dim, nt);
+        qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, s->xq, s->xs, lq, n, s->xb2, D, nt);
+        qora_residual(s->x, s->xb2, (size_t)n * D);
+    }
+
+    if (n_want < 1) return;
+    for (int i = 0; i < n_want; i++)
+        K->rmsnorm(s->xb + (size_t)i * D, s->x + (size_t)(want[i] - row0) * D, m->w.norm, D, c->norm_eps);
+    qora_prepare_inputs(K, m->w.output.dtype, s->xb, D, s->xq, s->xs, lq, n_want, D, nt);
+    qora_matmul(K, &m->w.output, s->xb, D, s->xq, s->xs, lq, n_want, logits, (size_t)c->vocab_size, nt);
+}
+
+/* A batched step over n rows (any number: passes of b->rows). logits: (n_want, vocab) for the rows
+   want[] (strictly increasing), or NULL when n_want is 0. A sequence's rows must come in position
+   order; every argument is checked again here. */
+static int qora_forward_batch(qora_model* m, qora_batch* b, const int32_t* tokens, const int32_t* slots,
+                              const int32_t* pos, int n, float* logits, const int32_t* want, int n_want) {
+    if (!m || !m->w.layers || !m->K || m->n_threads < 1 || !b || !b->s.x || !tokens || !slots || !pos || n < 1 ||
+        n_want < 0 || n_want > n || (n_want && (!logits || !want)))
+        return QORA_ERR_ARGS;
+    if (b->cfg.dim != m->cfg.dim || b->cfg.n_layers != m->cfg.n_layers || b->cfg.vocab_size != m->cfg.vocab_size)
+        return QORA_ERR_ARGS;
+    for (int i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size) return QORA_ERR_TOKEN;
+        if (slots[i] < 0 || slots[i] >= b->n_slots) return QORA_ERR_ARGS;
+        if (pos[i] < 0 || pos[i] >= b->cfg.max_seq_len) return QORA_ERR_CONTEXT;
+    }
+    for (int i = 0; i < n_want; i++)
+        if (want[i] < 0 || want[i] >= n || (i && want[i] <= want[i - 1])) return QORA_ERR_ARGS;
+    int w0 = 0;
+    for (int i = 0; i < n; i += b->rows) {
+        const int len = n - i < b->rows ? n - i : b->rows;
+        int w1 = w0;
+        while (w1 < n_want && want[w1] < i + len) w1++;
+        qora_batch_pass(m, b, tokens + i, slots + i, pos + i, len, logits ? logits + (size_t)w0 * m->cfg.vocab_size : NULL,
+                        want + w0, w1 - w0, i);
+        w0 = w1;
+    }
+    return QORA_OK;
+}
+
+/* Copies positions 0..n-1 of slot src's cache to slot dst (a cached prefix for a new sequence). */
+static int qora_batch_copy(qora_batch* b, int src, int dst, int n) {
+    if (!b || !b->s.key_cache || src < 0 || dst < 0 || src >= b->n_slots || dst >= b->n_slots || n < 0 ||
+        n > b->cfg.max_seq_len)
+        return QORA_ERR_ARGS;
+    if (src == dst || n == 0) return QORA_OK;
+    const size_t layer_bytes = qora_batch_layer_bytes(b), slot_bytes = (size_t)b->cfg.n_layers * layer_bytes;
+    const size_t row_bytes = layer_bytes / (size_t)b->cfg.max_seq_len;
+    for (int l = 0; l < b->cfg.n_layers; l++) {
+        const size_t s0 = (size_t)src * slot_bytes + (size_t)l * layer_bytes, d0 = (size_t)dst * slot_bytes + (size_t)l * layer_bytes;
+        memcpy((char*)b->s.key_cache + d0, (char*)b->s.key_cache + s0, (size_t)n * row_bytes);
+        memcpy((char*)b->s.value_cache + d0, (char*)b->s.value_cache + s0, (size_t)n * row_bytes);
     }
     return QORA_OK;
 }

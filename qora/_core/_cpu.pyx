@@ -71,6 +71,15 @@ cdef extern from "qora/qora.h" nogil:
     void qora_state_free(qora_state* s)
     int qora_forward(qora_model* m, const int32_t* tokens, int n, int start_pos, float* logits, int all_logits) nogil
 
+    ctypedef struct qora_batch:
+        int rows, n_slots
+
+    int qora_batch_init(qora_batch* b, const qora_config* c, int ctx, int rows, int n_slots)
+    void qora_batch_free(qora_batch* b)
+    int qora_forward_batch(qora_model* m, qora_batch* b, const int32_t* tokens, const int32_t* slots,
+                           const int32_t* pos, int n, float* logits, const int32_t* want, int n_want) nogil
+    int qora_batch_copy(qora_batch* b, int src, int dst, int n) nogil
+
 cdef extern from "qora/mapguard.h" nogil:
     int QORA_GUARD_SLOTS
     int qora_guard_install()
@@ -437,6 +446,7 @@ cdef class MapGuard:
 cdef class CpuModel:
     """The C model over weights that stay in the caller's (memory-mapped) arrays."""
     cdef qora_model m
+    cdef qora_batch b  # the slots of batched steps (open_batch), none until asked for
     cdef qora_layer* layers
     cdef list _refs
     cdef readonly int vocab_size
@@ -446,6 +456,7 @@ cdef class CpuModel:
 
     def __cinit__(self):
         memset(&self.m, 0, sizeof(qora_model))
+        memset(&self.b, 0, sizeof(qora_batch))
         self.layers = NULL
 
     def __init__(self, dict cfg, dict tensors, inv_freq, float rope_scale, int max_seq_len, int n_threads, int isa,
@@ -508,7 +519,56 @@ cdef class CpuModel:
             raise ValueError("bad forward arguments")
         return out
 
+    def open_batch(self, int ctx, int rows, int n_slots):
+        """(Re)allocate the state of batched steps: n_slots KV caches of ctx positions, passes of `rows` rows."""
+        if self.m.s.x == NULL:
+            raise RuntimeError("model is closed")
+        qora_batch_free(&self.b)
+        if ctx < 1 or rows < 1 or n_slots < 1:
+            raise ValueError("open_batch needs ctx, rows and n_slots >= 1")
+        if qora_batch_init(&self.b, &self.m.cfg, ctx, rows, n_slots) != QORA_OK:
+            raise MemoryError(f"cannot allocate {n_slots} KV caches of {ctx} tokens")
+
+    @property
+    def batch_slots(self):
+        return self.b.n_slots
+
+    def forward_batch(self, const int32_t[::1] tokens, const int32_t[::1] slots, const int32_t[::1] pos,
+                      const int32_t[::1] want):
+        """Logits (len(want), vocab) of rows `want` of one batched step (row i: tokens[i] of slot slots[i]
+        at position pos[i])."""
+        cdef int n = tokens.shape[0], n_want = want.shape[0]
+        cdef int rc
+        if self.m.s.x == NULL:
+            raise RuntimeError("model is closed")
+        if self.b.n_slots < 1:
+            raise RuntimeError("open_batch first")
+        if n < 1 or slots.shape[0] != n or pos.shape[0] != n:
+            raise ValueError("forward_batch needs as many slots and positions as tokens (at least one)")
+        out = np.empty((n_want, self.vocab_size), dtype=np.float32)
+        cdef float[:, ::1] o = out
+        cdef float* op = &o[0, 0] if n_want else NULL
+        cdef const int32_t* wp = &want[0] if n_want else NULL
+        with nogil:
+            rc = qora_forward_batch(&self.m, &self.b, &tokens[0], &slots[0], &pos[0], n, op, wp, n_want)
+        if rc == QORA_ERR_CONTEXT:
+            raise OverflowError("a position exceeds the slots' context")
+        if rc == QORA_ERR_TOKEN:
+            raise ValueError(f"token id out of range [0, {self.vocab_size})")
+        if rc != QORA_OK:
+            raise ValueError("bad forward_batch arguments")
+        return out
+
+    def copy_slot(self, int src, int dst, int n):
+        """Positions 0..n-1 of slot src's KV cache copied to slot dst."""
+        cdef int rc
+        with nogil:
+            rc = qora_batch_copy(&self.b, src, dst, n)
+        if rc != QORA_OK:
+            raise ValueError("bad copy_slot arguments")
+
     def close(self):
+        qora_batch_free(&self.b)
         qora_state_free(&self.m.s)
         free(self.layers)
         self.layers = NULL
@@ -516,5 +576,6 @@ cdef class CpuModel:
         self._refs = []
 
     def __dealloc__(self):
+        qora_batch_free(&self.b)
         qora_state_free(&self.m.s)
         free(self.layers)

@@ -34,11 +34,15 @@ class Engine(Protocol):
     "vulkan", `kv_dtype` "f16" or "f32", `notes` lines for --verbose gathered while the engine was
     built (the GPU pre-flight, why the CPU runs the model).
 
-    Later extensions go here, as optional parts an engine may offer: several sequences in one cache
-    (a `forward` over a batch of (sequence, tokens, start_pos) and a per-sequence reset, for the
-    server's batching scheduler) and a cache of fixed-size KV blocks (allocate / free / copy
-    blocks, a block table per sequence, for long contexts and prefix sharing). Until then one
-    sequence owns the whole cache.
+    Several sequences at once (the server's batching scheduler, qora.api.batch): `open_slots(n)`
+    allocates KV caches for up to n sequences ("slots", each of `max_seq_len` positions, apart from
+    the cache `forward` uses) and returns how many it opened; `forward_batch(seqs)` runs one step
+    over entries (slot, tokens, start_pos): decoding sequences give one token, a joining one a chunk
+    of its prompt, all evaluated in one pass so the weights are read once for every row; it returns
+    each entry's last-token logits (vocab,). `copy_slot(src, dst, n)` copies a slot's first n cached
+    positions to another (a shared prompt prefix). An engine without a batched step offers one slot
+    over its own cache (`SingleSlot`). A cache of fixed-size KV blocks (block tables, prefix sharing
+    without copies) would go here next.
     """
 
     max_seq_len: int
@@ -60,10 +64,59 @@ class Engine(Protocol):
         """Free the device state; later calls raise QoraError("the model is closed")."""
         ...
 
+    def open_slots(self, n_slots: int) -> int:
+        """Allocate KV caches for up to n_slots sequences of batched steps; the number opened."""
+        ...
+
+    def forward_batch(self, seqs) -> list[np.ndarray]:
+        """One step over (slot, tokens, start_pos) entries: each entry's last-token logits (vocab,)."""
+        ...
+
+    def copy_slot(self, src: int, dst: int, n: int) -> None:
+        """Copy positions 0..n-1 of slot src's cache to slot dst."""
+        ...
+
 
 # The attributes and methods of the protocol, for checks (tests/test_engine_protocol.py).
 ENGINE_ATTRIBUTES = ("max_seq_len", "vocab_size", "n_threads", "device", "device_name", "isa", "kv_dtype", "notes")
-ENGINE_METHODS = ("forward", "reset", "close")
+ENGINE_METHODS = ("forward", "reset", "close", "open_slots", "forward_batch", "copy_slot")
+
+
+def batch_entries(seqs, n_slots: int, max_seq_len: int, vocab_size: int) -> list[tuple[int, np.ndarray, int]]:
+    """Checked (slot, token ids int32, start_pos) entries of a batched step (clear errors before C)."""
+    if n_slots < 1:
+        raise QoraError("open_slots first: this engine has no sequence slots")
+    out = []
+    for entry in seqs:
+        slot, tokens, start = entry
+        slot, start = int(slot), int(start)
+        if not 0 <= slot < n_slots:
+            raise QoraError(f"slot {slot} is not in [0, {n_slots})")
+        out.append((slot, check_tokens(tokens, start, max_seq_len, vocab_size), start))
+    if not out:
+        raise QoraError("forward_batch needs at least one entry")
+    return out
+
+
+class SingleSlot:
+    """The batch methods of an engine without a batched step: one slot, its own cache, entries run
+    one after another through `forward` (a GPU engine today: a batched Vulkan step is future work)."""
+
+    _slots_open = 0
+
+    def open_slots(self, n_slots: int) -> int:
+        if int(n_slots) < 1:
+            raise QoraError(f"n_slots must be >= 1, got {n_slots}")
+        self._slots_open = 1
+        return 1
+
+    def forward_batch(self, seqs) -> list[np.ndarray]:
+        entries = batch_entries(seqs, self._slots_open, self.max_seq_len, self.vocab_size)
+        return [self.forward(ids, start)[-1] for _, ids, start in entries]
+
+    def copy_slot(self, src: int, dst: int, n: int) -> None:
+        if not (int(src) == int(dst) == 0 and self._slots_open):
+            raise QoraError("this engine has one slot: nothing to copy between")
 
 
 def rope_parameters(cfg: dict) -> tuple[np.ndarray, float]:

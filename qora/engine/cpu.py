@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from qora import limits
-from qora.engine.base import check_tokens, default_context, kv_cache_dtype, rope_parameters
+from qora.engine.base import batch_entries, check_tokens, default_context, kv_cache_dtype, rope_parameters
 from qora.errors import ModelFileChangedError, QoraError
 from qora.system import default_threads, physical_cores
 
@@ -274,6 +274,54 @@ class CpuEngine:
                 outs.append(out)
         guard.check()  # rewritten in place while this ran: the logits may mix old and new weights
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+
+    def open_slots(self, n_slots: int, rows: int | None = None) -> int:
+        """KV caches for n_slots sequences of batched steps (each max_seq_len positions), passes of
+        `rows` token rows (default: n_slots decoders plus a prefill chunk)."""
+        n_slots = int(n_slots)
+        if not 1 <= n_slots <= limits.MAX_BATCH_SLOTS:
+            raise QoraError(f"n_slots must be in 1..{limits.MAX_BATCH_SLOTS}, got {n_slots}")
+        rows = int(rows) if rows else n_slots + _PREFILL_CHUNK
+        with self._lock:
+            if self._model is None:
+                raise QoraError("the model is closed")
+            try:
+                self._model.open_batch(self.max_seq_len, rows, n_slots)
+            except MemoryError as e:
+                raise QoraError(f"not enough memory for {n_slots} sequences of {self.max_seq_len} tokens") from e
+        return n_slots
+
+    def forward_batch(self, seqs) -> list[np.ndarray]:
+        """One step over (slot, tokens, start_pos) entries in one pass (the weights are read once for all
+        rows); each entry's last-token logits (vocab,). Entries of one slot must come in position order."""
+        model = self._model
+        if model is None:
+            raise QoraError("the model is closed")
+        entries = batch_entries(seqs, model.batch_slots, self.max_seq_len, self.vocab_size)
+        tokens = np.concatenate([ids for _, ids, _ in entries])
+        slots = np.concatenate([np.full(ids.size, slot, np.int32) for slot, ids, _ in entries])
+        pos = np.concatenate([np.arange(start, start + ids.size, dtype=np.int32) for _, ids, start in entries])
+        want = np.cumsum([ids.size for _, ids, _ in entries], dtype=np.int64).astype(np.int32) - 1
+        guard = self._guard
+        if guard is None:
+            raise QoraError("the model is closed")
+        guard.check()
+        with self._lock:
+            if self._model is None:
+                raise QoraError("the model is closed")
+            out = self._model.forward_batch(tokens, slots, pos, want)
+        if guard.poisoned:
+            raise guard.error()
+        return list(out)
+
+    def copy_slot(self, src: int, dst: int, n: int) -> None:
+        with self._lock:
+            if self._model is None:
+                raise QoraError("the model is closed")
+            try:
+                self._model.copy_slot(int(src), int(dst), int(n))
+            except ValueError as e:
+                raise QoraError(f"cannot copy {n} positions from slot {src} to slot {dst}") from e
 
     def reset(self):
         """Nothing to clear: positions past start_pos are overwritten before they are read."""

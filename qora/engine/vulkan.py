@@ -32,7 +32,7 @@ import threading
 
 import numpy as np
 
-from qora.engine.base import check_tokens, default_context, kv_cache_dtype, rope_parameters
+from qora.engine.base import SingleSlot, check_tokens, default_context, kv_cache_dtype, rope_parameters
 from qora.engine.cpu import CpuEngine, file_guard
 from qora.errors import QoraError
 from qora.system import default_threads
@@ -157,7 +157,7 @@ def _fail_hook() -> tuple[bool, int]:
     raise QoraError(f"QORA_VK_FAIL={raw!r}: expected 'alloc' or 'run:N'")
 
 
-class VulkanEngine:
+class VulkanEngine(SingleSlot):
     """The Engine (qora.engine.base) on a Vulkan GPU: forward(tokens, start_pos) -> logits, with the KV
     cache on the device."""
 
