@@ -333,9 +333,8 @@ def main(argv: list[str]) -> int:
     if args.pp == 0 and args.tg == 0:
         raise QoraError("nothing to measure: --pp and --tg are both 0")
     path = resolve_model_path(args.load)
-    with open_model_file(
-        path, check_values=False
-    ) as q:  # the header only: check the lengths before loading the weights
+    # the header only: check the lengths before loading the weights
+    with open_model_file(path, check_values=False) as q:
         max_pos = int(q.config["max_seq_len"])
     need = args.depth + args.pp + args.tg
     if need > max_pos:

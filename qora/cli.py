@@ -30,7 +30,13 @@ from qora.sampling import DEFAULTS
 
 PROG = "qora"
 # Subcommands with a module of their own (each has main(argv) -> exit status, raising QoraError).
-SUBCOMMANDS = {"chat": "qora.chat", "serve": "qora.server", "pull": "qora.hub", "bench": "qora.bench"}
+SUBCOMMANDS = {
+    "chat": "qora.chat",
+    "serve": "qora.server",
+    "pull": "qora.hub",
+    "bench": "qora.bench",
+    "perplexity": "qora.perplexity",
+}
 EXIT_INTERRUPTED = 130
 
 
