@@ -819,6 +819,49 @@ _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
+class GGMLType(int):
+    """A ggml tensor type: its id (an int, so the gguf package's tables and dequantizers take it as
+    they take their own enum) and its name."""
+
+    def __new__(cls, value: int, name: str):
+        t = super().__new__(cls, value)
+        t.name = name
+        return t
+
+    def __repr__(self) -> str:
+        return f"GGMLType({int(self)}, {self.name!r})"
+
+
+# ggml's tensor types: id -> (name, elements per block, bytes per block), as ggml.h / gguf-py list
+# them. Kept here so reading a GGUF needs no third-party package (tests/test_gguf_model.py checks it
+# against the gguf package's table).
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}  # fmt: skip
+_GGML_BY_ID = {i: GGMLType(i, name) for i, (name, _, _) in GGML_TYPES.items()}
+
+
+def gguf_dequantize(data, qtype, where):
+    """Decode a GGUF tensor's bytes to float32 with the gguf package (conversion only: running reads
+    the stored types directly)."""
+    if qtype.name in ("F32", "F16"):
+        return np.asarray(data, dtype=np.float32)
+    try:
+        from gguf.quants import dequantize
+    except ImportError:
+        raise QoraError(
+            f"{where}: decoding {qtype.name} tensors needs the gguf package: pip install 'qora[convert]'"
+        ) from None
+    return dequantize(data, qtype)
+
+
 class _GGUFTensor:
     """One tensor of a GGUF file: name, ggml type, dims (ne0 first, as ggml lists them) and a
     zero-copy view of its bytes shaped as the gguf package shapes it (float arrays [.., ne1, ne0]
@@ -832,7 +875,7 @@ class _GGUFTensor:
 
 def gguf_prescan(path: Path, _keep_map: bool = False):
     """Read a GGUF file's header the way llama.cpp's loader should: the one parser of a GGUF here
-    (the gguf package is used for its type tables and dequantizers only).
+    (its own type table, GGML_TYPES; the gguf package only dequantizes, for conversion).
 
     Returns (metadata dict, [_GGUFTensor]) (and the mmap they view when _keep_map). The gguf
     package's own GGUFReader trusts the counts it reads and builds several numpy objects per
@@ -843,8 +886,6 @@ def gguf_prescan(path: Path, _keep_map: bool = False):
     refused; each tensor's dimensions, type, alignment and data range are checked with Python
     integers (no wrap-around). Raises FormatError("PATH: problem") on the first fault.
     """
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     where = str(path)
     f = open_regular(path, where)
     with f:
@@ -857,7 +898,7 @@ def gguf_prescan(path: Path, _keep_map: bool = False):
             raise FormatError(f"{where}: cannot map ({e})") from None
     guard = guard_mapping(mm, where, **_SOURCE)
     try:
-        fields, tensors = _gguf_prescan(mm, size, where, GGML_QUANT_SIZES, GGMLQuantizationType)
+        fields, tensors = _gguf_prescan(mm, size, where)
         guard.check()
     except BaseException:
         guard = None
@@ -872,12 +913,12 @@ def gguf_prescan(path: Path, _keep_map: bool = False):
     return fields, None
 
 
-def _gguf_prescan(mm, size, where, quant_sizes, qtypes):
+def _gguf_prescan(mm, size, where):
     """Parse the mapped GGUF file: preamble, metadata, tensor infos, then the data layout."""
     n_tensors, n_kv = _gguf_preamble(mm, where)
     cur = _GGUFCursor(mm, size, where)
     fields, alignment = _gguf_metadata(cur, n_kv)
-    infos = _gguf_tensor_infos(cur, n_tensors, alignment, quant_sizes, qtypes)
+    infos = _gguf_tensor_infos(cur, n_tensors, alignment)
     data_start = (cur.pos + alignment - 1) // alignment * alignment
     _gguf_check_layout(infos, data_start, size, where)
     return fields, _gguf_tensor_views(mm, infos, data_start)
@@ -1000,7 +1041,7 @@ def _gguf_metadata(cur: _GGUFCursor, n_kv: int) -> tuple[dict, int]:
     return fields, alignment
 
 
-def _gguf_tensor_infos(cur: _GGUFCursor, n_tensors: int, alignment: int, quant_sizes, qtypes) -> list:
+def _gguf_tensor_infos(cur: _GGUFCursor, n_tensors: int, alignment: int) -> list:
     """Each tensor's name, type, dimensions and offset, checked; its byte size computed with Python
     integers (no wrap-around). Returns [(name, qtype, dims, offset, nbytes, block, type_size)]."""
     where = cur.where
@@ -1020,11 +1061,10 @@ def _gguf_tensor_infos(cur: _GGUFCursor, n_tensors: int, alignment: int, quant_s
         if any(not 1 <= d <= limits.MAX_TENSOR_DIM for d in dims):
             raise FormatError(f"{where}: GGUF tensor {name} has bad dimensions {dims}")
         ttype, offset = cur.read("I"), cur.read("Q")
-        try:
-            qtype = qtypes(ttype)
-            block, type_size = quant_sizes[qtype]
-        except (ValueError, KeyError):
-            raise FormatError(f"{where}: GGUF tensor {name} has unknown type {ttype}") from None
+        if ttype not in GGML_TYPES:
+            raise FormatError(f"{where}: GGUF tensor {name} has unknown type {ttype}")
+        qtype = _GGML_BY_ID[ttype]
+        _, block, type_size = GGML_TYPES[ttype]
         if dims[0] % block:
             raise FormatError(
                 f"{where}: GGUF tensor {name}: row length {dims[0]} is not a multiple of {qtype.name}'s block {block}"
@@ -1229,10 +1269,8 @@ class GGUFSource:
             if kind not in (None, "none"):
                 raise ConfigError(f"{where}: rope_freqs together with rope scaling {kind!r} is not supported")
             t = self._tensors["rope_freqs.weight"]
-            from gguf.quants import dequantize
-
             try:
-                factors = dequantize(t.data, t.tensor_type)
+                factors = gguf_dequantize(t.data, t.tensor_type, where)
             except Exception as e:
                 raise FormatError(f"{where}: rope_freqs.weight cannot be decoded ({type(e).__name__}: {e})") from None
             try:
@@ -1273,8 +1311,6 @@ class GGUFSource:
         return t
 
     def tensor(self, qname: str, dtype: str, shape) -> np.ndarray:
-        from gguf.quants import dequantize
-
         t = self._gguf_tensor(qname, shape)
         qtype = t.tensor_type
         raw = t.data  # [rows, bytes per row] for quantized types, [rows, cols] for F16/F32
@@ -1285,12 +1321,13 @@ class GGUFSource:
                 raw = raw[unpermute_rows(shape[0], n_head)]
         if qtype.name == WEIGHT_TYPES[dtype].gguf:
             return raw  # same bytes: GGUF Q4_0 / Q8_0 / F16 / F32 are qora q4 / q8 / f16 / f32
+        where = self.path
         try:
             if len(shape) == 1:
-                x = dequantize(raw, qtype).reshape(shape)
+                x = gguf_dequantize(raw, qtype, where).reshape(shape)
                 _check_finite_rows(x)
                 return Q.quantize(x, dtype)
-            return _encode_rows(lambda r0, r1: dequantize(raw[r0:r1], qtype), shape[0], shape[1], dtype)
+            return _encode_rows(lambda r0, r1: gguf_dequantize(raw[r0:r1], qtype, where), shape[0], shape[1], dtype)
         except NotImplementedError:
             raise FormatError(
                 f"{self.path}: tensor {t.name} is {qtype.name}, which the gguf package cannot dequantize"

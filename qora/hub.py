@@ -101,7 +101,7 @@ def _download(repo_id: str, revision: str | None, log: Callable[[str], None]) ->
             RevisionNotFoundError,
         )
     except ImportError as e:
-        raise QoraError(f"qora pull needs huggingface_hub ({e}): pip install huggingface_hub") from None
+        raise QoraError(f"qora pull needs huggingface_hub ({e}): pip install 'qora[hub]'") from None
 
     endpoint = os.environ.get("HF_ENDPOINT") or "the Hugging Face hub"
     log(f"fetching {repo_id}{f'@{revision}' if revision else ''} from {endpoint} ...")

@@ -128,3 +128,30 @@ def test_crafted_gguf_loads_or_gives_its_clean_error(key, tmp_path):
     msg = str(ei.value)
     assert re.search(pattern, msg), f"{key}: {msg!r} does not match {pattern!r}"
     assert "\n" not in msg and msg.startswith(str(p)), msg
+
+
+def test_ggml_type_table_agrees_with_the_gguf_package():
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from qora.convert import GGML_TYPES
+
+    for t, (block, size) in GGML_QUANT_SIZES.items():
+        if t.value in GGML_TYPES:
+            assert GGML_TYPES[t.value] == (t.name, block, size), t
+    assert {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"} <= {
+        name for name, _, _ in GGML_TYPES.values()
+    }
+
+
+def test_running_a_gguf_needs_no_gguf_package():
+    """The gguf package is an extra (conversion): qora reads GGUF files with its own parser."""
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['gguf'] = None\n"  # any import of it fails
+        "import qora\n"
+        f"with qora.load({str(FIX / 'tiny-llama.q8_0.gguf')!r}, device='cpu', threads=1) as m:\n"
+        "    print(len(m.forward([1, 2, 3])))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr
