@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ClassVar
 
+from qora import tools
 from qora.api.errors import generation_error, valid_text
 from qora.api.jobs import END, Job
 from qora.generate import Response
@@ -50,6 +51,8 @@ class Answer:
         self._streamed = 0  # entries already sent in a chunk
         self.answer_started = False
         self.last: Response | None = None
+        self.tools: tools.ToolSpec | None = None  # the request offered tools: look for calls in the answer
+        self._held = ""  # answer text not streamed yet: it may be (the start of) a tool call
 
     def pieces(self, r: Response) -> tuple[str, str]:
         """(reasoning text, answer text) this response adds."""
@@ -114,6 +117,39 @@ class ChatAnswer(Answer):
     def opening(self) -> list[dict]:
         return [self._delta({"role": "assistant", "content": ""})]
 
+    def _streamable(self, piece: str) -> str:
+        """With tools: the part of the answer that cannot belong to a tool call and may go out now. From a
+        `<tool_call>` on, everything is held until the end; a piece ending in a possible start of one
+        (`<tool`) is held until the next piece decides."""
+        if self.tools is None:
+            return piece
+        held = self._held + piece
+        at = held.find(tools.OPEN)
+        if at < 0:
+            at = next(
+                (
+                    i
+                    for i in range(max(0, len(held) - len(tools.OPEN) + 1), len(held))
+                    if tools.OPEN.startswith(held[i:])
+                ),
+                len(held),
+            )
+        self._held = held[at:]
+        return held[:at]
+
+    def _calls(self) -> tuple[str | None, list[dict]] | None:
+        return tools.parse("".join(self.text), self.tools) if self.tools is not None else None
+
+    def _closing(self, r: Response) -> list[dict]:
+        """The last chunks: the tool calls, or the held text when it was no call."""
+        parsed = self._calls()
+        if parsed is not None:
+            deltas = [{"index": i, **call} for i, call in enumerate(parsed[1])]
+            return [self._delta({"tool_calls": deltas}), self._delta({}, "tool_calls", with_logprobs=True)]
+        rest, self._held = self._held, ""
+        choices = [self._delta({"content": rest}, with_logprobs=True)] if rest else []
+        return choices + [self._delta({}, FINISH.get(r.finish_reason, "stop"), with_logprobs=True)]
+
     def feed(self, r: Response) -> list[dict]:
         think, piece = self.pieces(r)
         if (entry := self.entry(r)) is not None:
@@ -123,18 +159,21 @@ class ChatAnswer(Answer):
         choices = []
         if think:
             choices.append(self._delta({"reasoning_content": think}))
-        if piece:
-            choices.append(self._delta({"content": piece}, with_logprobs=True))
+        if out := self._streamable(piece):
+            choices.append(self._delta({"content": out}, with_logprobs=True))
         if r.finish_reason is not None:
-            choices.append(self._delta({}, FINISH.get(r.finish_reason, "stop"), with_logprobs=True))
+            choices.extend(self._closing(r))
         return choices
 
     def whole(self) -> dict:
         message = {"role": "assistant", "content": "".join(self.text)}
+        finish = self.finish()
+        if (parsed := self._calls()) is not None:
+            message["content"], message["tool_calls"], finish = parsed[0], parsed[1], "tool_calls"
         if any(self.reasoning):
             message["reasoning_content"] = "".join(self.reasoning)
         lp = {"content": self.entries} if self.logprobs is not None else None
-        return {"index": 0, "message": message, "logprobs": lp, "finish_reason": self.finish()}
+        return {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}
 
 
 class TextAnswer(Answer):

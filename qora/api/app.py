@@ -94,8 +94,9 @@ class Handlers:
         """Validate, queue the job, then answer whole or streamed once the first event is in."""
         security.check_api_key(request, self.api_key)
         body = await security.read_body(request, self.max_body_bytes)
-        req = request_type.parse(body, self.model_id)
-        options = req.options()
+        vocab = getattr(getattr(self.model, "engine", None), "vocab_size", None)
+        req = request_type.parse(body, self.model_id, vocab=vocab)
+        options = req.options(getattr(self.model.tokenizer, "chat_template", None))
         try:
             job = self.scheduler.submit(req.prompt_input, options)
         except QueueFull as e:
@@ -112,6 +113,7 @@ class Handlers:
         if first is END:  # nothing produced: the job was cancelled before it ran
             return HTTPResponse(status_code=499)
         answer = answer_type(self.model.tokenizer, options.logprobs, req.echo_text)
+        answer.tools = getattr(req, "tool_spec", None)
         head = {
             "id": f"{answer.id_prefix}-{uuid.uuid4().hex}",
             "object": answer.chunk_object,

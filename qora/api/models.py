@@ -6,8 +6,12 @@ says what was expected and what came. pydantic checks the types and the numeric 
 constraints); the validators below check the rest. pydantic reports every invalid field at once; the
 answer names one, the first in `CHECK_ORDER`.
 
-Beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty`, `think_budget`, `ignore_eos`, and
-`chat_template_kwargs.enable_thinking`. Fields qora does not know are ignored, as OpenAI's server does.
+Beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty`, `think_budget`, `ignore_eos`,
+`chat_template_kwargs.enable_thinking`, and llama.cpp's `grammar` (Lark or GBNF) and `json_schema`.
+A field qora does not support is answered 400 naming it, never ignored (the client would believe it
+took effect): every model forbids extra fields. OpenAI fields that clients send with their default
+are accepted with that value only (`store` false, `service_tier` "auto", `modalities` ["text"], ...);
+`user` is an end-user id OpenAI keeps for abuse reports: accepted, and logged under --verbose.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from qora import limits
+from qora import limits, sampling, structured, tools
 from qora.api.errors import ApiError, quote
 from qora.errors import QoraError
 from qora.generate import MAX_TOP_LOGPROBS, GenerationOptions
@@ -30,9 +34,21 @@ MAX_LEGACY_LOGPROBS = 5
 # ranks a nested field on its own).
 CHECK_ORDER = (
     "model",
+    "store",
+    "metadata",
+    "service_tier",
+    "modalities",
+    "best_of",
+    "user",
     "stream_options",
     "n",
     "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "json_schema",
+    "grammar",
+    "logit_bias",
     "max_completion_tokens",
     "max_tokens",
     "temperature",
@@ -83,7 +99,7 @@ def wrong_type(name: str, value, wanted: str) -> InvalidField:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_Strict):
@@ -97,6 +113,21 @@ class ChatTemplateKwargs(_Strict):
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list | None = None  # an assistant's earlier calls (checked by _chat_messages)
+    tool_call_id: str | None = None  # a tool result's call
+    name: str | None = None  # a tool result's function
+
+
+def _only(name: str, allowed: tuple):
+    """A validator accepting only the listed values (OpenAI's defaults a client may send) for `name`."""
+
+    def check(cls, value):
+        if value is not None and value not in allowed:
+            shown = " or ".join(json.dumps(a) for a in allowed)
+            raise InvalidField(f"'{name}' is not supported (only {shown} is accepted)", param=name)
+        return value
+
+    return field_validator(name, mode="before")(classmethod(check))
 
 
 class _Request(_Strict):
@@ -121,12 +152,25 @@ class _Request(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stop: list[str] = []
     ignore_eos: bool | None = None  # as vLLM and llama.cpp's server
+    response_format: Any = None
+    json_schema: Any = None  # llama.cpp's server's name for a response_format schema
+    grammar: str | None = None  # Lark or GBNF (llama.cpp's server's field)
+    logit_bias: Any = None
+    user: str | None = Field(None, max_length=256)
+    # OpenAI fields clients send with their default: accepted with it only
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    check_store = _only("store", (False,))
+    check_metadata = _only("metadata", ({},))
+    check_service_tier = _only("service_tier", ("auto", "default"))
 
     @classmethod
-    def parse(cls, body: dict, model_id: str):
-        """The request `body` validated, for the server of `model_id`; ApiError if any field is invalid."""
+    def parse(cls, body: dict, model_id: str, vocab: int | None = None):
+        """The request `body` validated, for the server of `model_id` (whose vocabulary has `vocab` ids);
+        ApiError if any field is invalid."""
         try:
-            return cls.model_validate(body, context={"model_id": model_id})
+            return cls.model_validate(body, context={"model_id": model_id, "vocab": vocab})
         except ValidationError as e:
             raise _answer(cls, e) from None
 
@@ -160,12 +204,23 @@ class _Request(_Strict):
             raise InvalidField("only n=1 is supported", param="n")
         return n
 
-    @field_validator("tools")
+    @field_validator("response_format", "json_schema", "grammar")
     @classmethod
-    def _no_tools(cls, tools):
-        if tools:
-            raise InvalidField("tools are not supported by this server", param="tools")
-        return tools
+    def _structured(cls, value, info: ValidationInfo):
+        if value is not None:
+            try:
+                structured.grammar_from(**{info.field_name: value})
+            except QoraError as e:
+                raise InvalidField(str(e), param=info.field_name) from None
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias, info: ValidationInfo):
+        try:
+            return sampling.check_logit_bias(bias, info.context.get("vocab"))
+        except QoraError as e:
+            raise InvalidField(str(e), param="logit_bias") from None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -205,8 +260,22 @@ class _Request(_Strict):
     def _enable_thinking(self) -> bool | None:
         return None
 
-    def options(self) -> GenerationOptions:
-        """The request as GenerationOptions; ApiError if the values are invalid together."""
+    def _shape(self, chat_template: str | None) -> dict:
+        """The structured-output and tool fields of GenerationOptions."""
+        given = [n for n in ("response_format", "json_schema", "grammar") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ApiError(400, f"give one of {' and '.join(map(repr, given))}, not both", param=given[1])
+        return {
+            "response_format": self.response_format,
+            "json_schema": self.json_schema,
+            "grammar": self.grammar,
+            "logit_bias": self.logit_bias or None,
+        }
+
+    def options(self, chat_template: str | None = None) -> GenerationOptions:
+        """The request as GenerationOptions (chat_template: the model's, for tools); ApiError if the values
+        are invalid together."""
+        shape = self._shape(chat_template)
         try:
             return GenerationOptions(
                 max_tokens=self._max_tokens(),
@@ -227,6 +296,7 @@ class _Request(_Strict):
                 sentence_stop=False,
                 logprobs=self._logprobs(),
                 ignore_eos=bool(self.ignore_eos),
+                **shape,
             )
         except QoraError as e:
             raise ApiError(400, str(e)) from None
@@ -241,7 +311,45 @@ class ChatRequest(_Request):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # after `logprobs`: it is read
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    modalities: Any = None
+    check_modalities = _only("modalities", (["text"],))
     messages: list[ChatMessage] = Field(None, validate_default=True)
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value):
+        if value is not None:
+            try:
+                tools.check_tools(value)
+            except QoraError as e:
+                raise InvalidField(str(e), param="tools") from None
+        return value
+
+    @property
+    def tool_spec(self) -> tools.ToolSpec | None:
+        try:
+            return tools.spec(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except QoraError as e:
+            raise ApiError(400, str(e), param="tool_choice") from None
+
+    def _shape(self, chat_template: str | None) -> dict:
+        shape = super()._shape(chat_template)
+        spec = self.tool_spec
+        if spec is None:
+            return shape
+        if not tools.supports_tools(chat_template):
+            raise ApiError(400, "this model's chat template has no tool support: 'tools' cannot be used", "tools")
+        shape["tools"] = tools.template_tools(spec.functions, chat_template)
+        if spec.required:
+            if any(v is not None for v in (self.response_format, self.json_schema, self.grammar)):
+                raise ApiError(
+                    400, "tool_choice forcing a call cannot be combined with a response format", "tool_choice"
+                )
+            shape["grammar"] = structured.Grammar.lark(tools.forcing_grammar(spec))
+        return shape
 
     @model_validator(mode="before")
     @classmethod
@@ -276,12 +384,12 @@ class ChatRequest(_Request):
                 role = "system"
             if role not in ("system", "user", "assistant", "tool"):
                 raise InvalidField(f"{where}: unknown role {quote(role)}", param="messages")
-            out.append({"role": role, "content": _text_content(m.get("content"), where)})
+            out.append(_message(m, role, where))
         return out
 
     @property
     def prompt_input(self) -> list[dict]:
-        return [m.model_dump() for m in self.messages]
+        return tools.render_messages([m.model_dump(exclude_none=True) for m in self.messages])
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -302,6 +410,8 @@ class CompletionRequest(_Request):
     prompt: str = Field(None, validate_default=True)
     suffix: str | None = None
     echo: bool | None = None
+    best_of: Any = None
+    check_best_of = _only("best_of", (1,))
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -338,6 +448,45 @@ class CompletionRequest(_Request):
         return self.logprobs
 
 
+# the fields of a message besides role and content, by role
+_MESSAGE_FIELDS = {"assistant": ("tool_calls",), "tool": ("tool_call_id", "name")}
+
+
+def _message(m: dict, role: str, where: str) -> dict:
+    """One chat message checked: its content as text; tool calls and tool results kept for the template."""
+    allowed = {"role", "content", *_MESSAGE_FIELDS.get(role, ())}
+    if role == "assistant":
+        allowed |= {"refusal"} if m.get("refusal") is None else set()
+    extra = sorted(set(m) - allowed)
+    if extra:
+        raise InvalidField(f"{where}: unsupported field {quote(extra[0])} in a {role} message", param="messages")
+    out = {"role": role, "content": _text_content(m.get("content"), where)}
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise InvalidField(f"{where}: '{key}' must be a string", param="messages")
+            if m.get(key) is not None:
+                out[key] = m[key]
+    calls = m.get("tool_calls") if role == "assistant" else None
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise InvalidField(f"{where}: 'tool_calls' must be an array", param="messages")
+        for call in calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if (
+                not isinstance(fn, dict)
+                or not isinstance(fn.get("name"), str)
+                or not isinstance(fn.get("arguments"), str)
+            ):
+                raise InvalidField(f"{where}: each tool call needs function.name and function.arguments", "messages")
+            try:
+                tools.call_text(fn["name"], fn["arguments"])
+            except QoraError as e:
+                raise InvalidField(f"{where}: {e}", param="messages") from None
+        out["tool_calls"] = calls
+    return out
+
+
 def _text_content(content, where: str) -> str:
     """A message's content: a string, or a list of {"type": "text", "text": ...} parts."""
     if content is None or isinstance(content, str):
@@ -355,6 +504,8 @@ def _text_content(content, where: str) -> str:
 
 
 def _rank(error: dict) -> int:
+    if error["type"] == "extra_forbidden":
+        return -1  # an unsupported field is the first thing to say
     loc = [str(part) for part in error["loc"]]
     dotted = ".".join(loc[:2])
     return CHECK_ORDER.index(dotted if dotted in CHECK_ORDER else loc[0])
@@ -366,6 +517,9 @@ def _answer(request_type: type[_Request], exc: ValidationError) -> ApiError:
     if isinstance(raised := (error.get("ctx") or {}).get("error"), InvalidField):
         return raised.error
     name, value = str(error["loc"][-1]), error["input"]
+    if error["type"] == "extra_forbidden":
+        dotted = ".".join(str(part) for part in error["loc"])
+        return ApiError(400, f"unsupported parameter {quote(dotted)}: qora does not support it", quote(dotted, str))
     if error["type"] in _WANTED:
         return wrong_type(name, value, _WANTED[error["type"]]).error
     if error["type"] in _BOUNDS:
