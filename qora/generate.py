@@ -666,6 +666,8 @@ class _Generation:
         self.sentence_from = math.ceil(SENTENCE_STOP_FRACTION * o.max_tokens)
         self.timing = _Timing()
         self.finish: str | None = None
+        self.closed = False  # the Response carrying the finish reason went out
+        self.last_token: int | None = None
         self.chosen_logprobs: tuple[float, list[tuple[int, float]]] | None = None  # the last chosen token's
 
     def choose(self, logits: np.ndarray) -> int:
@@ -767,28 +769,62 @@ class _Generation:
         elif o.loop_detection and self.loops.add(token):
             self.finish = "loop"
 
-    def run(self) -> Iterator[Response]:
+    def on_token(self, token: int) -> Iterator[Response]:
+        """A chosen token: yields its Responses, and sets `finish` when it ends the answer (`closed` too
+        when one of these Responses carried the finish reason: a stop string, the sentence stop)."""
         tok = self.tok
-        last_token: int | None = None
+        self.last_token = token
+        self.history.append(token)
+        if token in tok.stop_ids:
+            self.finish = "stop"
+            return
+        if (token == tok.think_id and tok.end_think_id is not None) or (
+            token == tok.end_think_id and tok.think_id is not None
+        ):
+            yield from self._switch(token)
+            return
+        piece = self.detok.add(token)
+        step = self._think_token if self.channel == "think" else self._answer_token
+        for r in step(token, piece):
+            yield r
+            if r.finish_reason is not None:
+                self.closed = True  # this response closed the answer
+                return
+
+    def close(self, finish: str | None = None) -> Response | None:
+        """The closing Response (held-back text, and the stop token when one ended the answer) with
+        `finish` (default: the reason already set); None when the answer was closed already."""
+        if self.closed:
+            return None
+        self.closed = True
+        finish = finish or self.finish
+        self.finish = finish
+        return self.response(self.flush_channel(), self.last_token if finish == "stop" else None, self.channel, finish)
+
+    def prefilled(self, cached: int, prompt_time: float) -> None:
+        """For a driver that runs the prompt itself (the batching scheduler): the prompt is in the cache."""
+        t = self.timing
+        t.prompt_tokens, t.cached_tokens, t.prompt_time = len(self.ids), cached, prompt_time
+        t.gen_start = time.perf_counter()
+
+    def feed(self, logits) -> tuple[list[Response], int | None]:
+        """One step for a driver that runs the engine itself: the next token chosen from `logits`, its
+        Responses (the closing one included when it ended the answer) and the token to feed next
+        (None once the answer is over)."""
+        token = self.choose(logits)
+        out = list(self.on_token(token))
+        if self.finish is None:
+            return out, token
+        closing = self.close()
+        if closing is not None:
+            out.append(closing)
+        return out, None
+
+    def run(self) -> Iterator[Response]:
         tokens = self._tokens()
         try:
             for token in tokens:
-                last_token = token
-                self.history.append(token)
-                if token in tok.stop_ids:
-                    self.finish = "stop"
-                    break
-                if (token == tok.think_id and tok.end_think_id is not None) or (
-                    token == tok.end_think_id and tok.think_id is not None
-                ):
-                    yield from self._switch(token)
-                    continue
-                piece = self.detok.add(token)
-                step = self._think_token if self.channel == "think" else self._answer_token
-                for r in step(token, piece):
-                    yield r
-                    if r.finish_reason is not None:
-                        return  # a stop string or the sentence stop: this response closed the answer
+                yield from self.on_token(token)
                 if self.finish is not None:
                     break
             else:
@@ -796,14 +832,108 @@ class _Generation:
         except KeyboardInterrupt:
             self.finish = "interrupted"
             tokens.close()
-        # The closing response: held-back text, and the stop token when one ended the answer.
-        finish = self.finish
-        yield self.response(self.flush_channel(), last_token if finish == "stop" else None, self.channel, finish)
+        closing = self.close()
+        if closing is not None:
+            yield closing
+
+
+# A generation in progress as a state object (fed logits, returning tokens and Responses): what a
+# scheduler that runs several sequences over one engine drives (qora.api.batch).
+Generation = _Generation
 
 
 # ───── layer 3: text ─────
 
 
-def generate(model, prompt: str | Sequence[Mapping], options: GenerationOptions | None = None, **overrides) -> str:
-    """The answer (thinking left out) as one string."""
-    return "".join(r.text for r in stream_generate(model, prompt, options, **overrides) if r.channel == "answer")
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one answer, as OpenAI's usage reports them: completion_tokens counts every
+    generated token (thinking included, think_tokens of them); cached_tokens of the prompt were reused
+    from a KV cache."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    think_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds and tokens per second: the prompt's prefill (over the tokens not cached) and generation."""
+
+    prompt_time: float = 0.0
+    prompt_tps: float = 0.0
+    generation_time: float = 0.0
+    generation_tps: float = 0.0
+
+
+class GenerationResult(str):
+    """An answer: the text (this object is that string, so code that wants a plain string keeps working)
+    with `thinking` (the think channel's text), `tokens` (every generated token id, the closing stop token
+    included), `finish_reason` (Response's: stop, length, loop, interrupted), `usage` (Usage) and
+    `timings` (Timings)."""
+
+    thinking: str
+    tokens: list[int]
+    finish_reason: str | None
+    usage: Usage
+    timings: Timings
+
+    def __new__(cls, text: str = "", **fields):
+        obj = super().__new__(cls, text)
+        obj.thinking = fields.get("thinking", "")
+        obj.tokens = list(fields.get("tokens", ()))
+        obj.finish_reason = fields.get("finish_reason")
+        obj.usage = fields.get("usage") or Usage()
+        obj.timings = fields.get("timings") or Timings()
+        return obj
+
+    @property
+    def text(self) -> str:
+        return str(self)
+
+    def __repr__(self):
+        return f"GenerationResult({str(self)!r}, finish_reason={self.finish_reason!r}, usage={self.usage})"
+
+
+class ResultCollector:
+    """Gathers a stream's Responses into a GenerationResult (`add` each, then `result()`)."""
+
+    def __init__(self):
+        self.answer: list[str] = []
+        self.think: list[str] = []
+        self.tokens: list[int] = []
+        self.last: Response | None = None
+
+    def add(self, r: Response) -> Response:
+        (self.answer if r.channel == "answer" else self.think).append(r.text)
+        if r.token is not None:
+            self.tokens.append(r.token)
+        self.last = r
+        return r
+
+    def result(self) -> GenerationResult:
+        last = self.last or Response("", None)
+        return GenerationResult(
+            "".join(self.answer),
+            thinking="".join(self.think),
+            tokens=self.tokens,
+            finish_reason=last.finish_reason,
+            usage=Usage(last.prompt_tokens, last.generation_tokens, last.cached_tokens, last.think_tokens),
+            timings=Timings(last.prompt_time, last.prompt_tps, last.generation_time, last.generation_tps),
+        )
+
+
+def generate(
+    model, prompt: str | Sequence[Mapping], options: GenerationOptions | None = None, **overrides
+) -> GenerationResult:
+    """The answer (thinking left out) as one string: a GenerationResult, which also carries the token ids,
+    the finish reason, usage and timings."""
+    collect = ResultCollector()
+    for r in stream_generate(model, prompt, options, **overrides):
+        collect.add(r)
+    return collect.result()

@@ -10,6 +10,29 @@ import numpy as np
 from qora.errors import QoraError
 
 
+class TextStream:
+    """Iterates an answer's text chunks (answer channel only); `result` (a qora.generate.GenerationResult)
+    is set once the stream is exhausted, and `responses` keeps nothing: Responses are folded as they pass."""
+
+    def __init__(self, responses):
+        from qora.generate import ResultCollector
+
+        self._responses = responses
+        self._collect = ResultCollector()
+        self.result = None
+
+    def __iter__(self):
+        for r in self._responses:
+            self._collect.add(r)
+            if r.text and r.channel == "answer":
+                yield r.text
+        self.result = self._collect.result()
+
+    def close(self) -> None:
+        """Stop generating (the generator's cleanup runs now)."""
+        self._responses.close()
+
+
 class Model:
     """A loaded model. Use `qora.load(path)`; close it (or use `with`) to release the mapping."""
 
@@ -71,17 +94,20 @@ class Model:
 
         return GenerationOptions(**options)
 
-    def stream(self, prompt, **options):
-        """Yield the answer as text chunks (thinking is not included)."""
+    def stream(self, prompt, **options) -> TextStream:
+        """The answer as text chunks (thinking is not included), as they are generated: iterate the
+        returned TextStream; once it is exhausted its `result` is the GenerationResult (token ids,
+        finish reason, usage, timings)."""
         from qora.generate import stream_generate
 
-        for r in stream_generate(self, prompt, self._options(options)):
-            if r.text and r.channel == "answer":
-                yield r.text
+        return TextStream(stream_generate(self, prompt, self._options(options)))
 
-    def generate(self, prompt, **options) -> str:
-        """The answer to a prompt (a string, or a list of chat messages) as one string."""
-        return "".join(self.stream(prompt, **options))
+    def generate(self, prompt, **options):
+        """The answer to a prompt (a string, or a list of chat messages): a GenerationResult, which is
+        the answer's text as a str and carries the token ids, finish reason, usage and timings."""
+        from qora.generate import generate
+
+        return generate(self, prompt, self._options(options))
 
     def chat(self, messages: list[dict], **options) -> str:
         """The assistant's answer to a list of {"role", "content"} messages."""
