@@ -1001,10 +1001,13 @@ class Tokenizer:
         elif isinstance(eos, int):
             eos = [eos]
         self.eos_ids: list[int] = [int(i) for i in eos if valid(i)]
-        # Ids that end generation: every EOS plus the end of a chat turn.
-        self.stop_ids: frozenset[int] = frozenset(self.eos_ids) | (
-            {self.im_end_id} if self.im_end_id is not None else set()
-        )
+        # Ids that end generation: every EOS, the end of a chat turn, and any end-of-turn spelling the
+        # chat template writes (a GGUF may name another token as EOS: SmolLM2's files say <|im_start|>
+        # in some conversions; a turn must end where the template ends it, whatever the metadata says)
+        turn_ends = {self.token_to_id(s) for s in _EOS_STRINGS if chat_template and s in chat_template}
+        self.stop_ids: frozenset[int] = frozenset(self.eos_ids) | {
+            i for i in (self.im_end_id, *turn_ends) if i is not None and valid(i)
+        }
 
     @classmethod
     def from_qora(cls, qfile) -> Tokenizer:

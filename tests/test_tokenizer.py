@@ -93,6 +93,20 @@ def test_special_tokens_from_the_file_win():
     assert t.think_id == t.token_to_id("<think>")  # null in the file: looked up by its spelling
 
 
+def test_the_templates_end_of_turn_stops_whatever_the_metadata_says():
+    """The demo GGUF trap: metadata naming <|im_start|> as EOS; and no im_end entry at all (a
+    template whose turns end with another spelling): the turn ends where the template ends it."""
+    im_start, im_end = (256 + SPECIALS.index(s) for s in ("<|im_start|>", "<|im_end|>"))
+    chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    t = Tokenizer(byte_level_json(), chatml, {"eos": [im_start]})
+    assert t.eos_ids == [im_start] and im_end in t.stop_ids
+    eot = 256 + SPECIALS.index("<|endoftext|>")
+    ends_with_eot = "{% for m in messages %}{{ m.content }}<|endoftext|>{% endfor %}"
+    t = Tokenizer(byte_level_json(), ends_with_eot, {"eos": [im_start], "im_end": None})
+    assert eot in t.stop_ids
+    assert eot not in Tokenizer(byte_level_json(), chatml, {"eos": [im_start]}).stop_ids  # not written: not a stop
+
+
 def test_bad_input_is_a_qora_error(tok):
     with pytest.raises(QoraError):
         Tokenizer("{not json", None, {})
