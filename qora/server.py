@@ -13,6 +13,7 @@ import argparse
 import ipaddress
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from qora import limits
@@ -20,6 +21,8 @@ from qora.api.errors import quote, valid_text
 from qora.api.security import LOOPBACK_HOSTS, WILDCARD_BINDS
 from qora.api.security import split_host as _split_host
 from qora.errors import QoraError
+
+SHUTDOWN_TIMEOUT_S = 10.0  # answers in progress when the server is told to stop may finish this long
 
 
 def create_app(*args, **kwargs):
@@ -88,7 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--context", type=int, metavar="N", help="KV cache size in tokens (default: auto)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
-    p.add_argument("--verbose", "-v", action="store_true", help="log every request")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=SHUTDOWN_TIMEOUT_S,
+        metavar="S",
+        help=f"on SIGTERM / Ctrl-C, let answers in progress finish for up to S seconds (default {SHUTDOWN_TIMEOUT_S:g};"
+        " a second signal stops at once)",
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="log every request (one JSON line each)")
     return p
 
 
@@ -118,6 +129,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from qora import log as qlog
+
+    qlog.configure(args.verbose)  # -v: the request log (one JSON line per request) and the library's debug lines
     try:
         import uvicorn
     except ImportError as e:
@@ -126,6 +140,8 @@ def main(argv: list[str]) -> int:
         raise QoraError(f"--port must be in 0..65535, got {args.port}")
     if args.api_key is not None and not args.api_key:
         raise QoraError("--api-key must not be empty")
+    if not 0 <= args.shutdown_timeout <= 3600:
+        raise QoraError(f"--shutdown-timeout must be in 0..3600 seconds, got {args.shutdown_timeout:g}")
     if not 1 <= args.max_body_bytes <= 1 << 40:
         raise QoraError(f"--max-body-bytes must be in 1..{1 << 40}, got {args.max_body_bytes}")
     for host in args.allowed_host:
@@ -178,14 +194,28 @@ def main(argv: list[str]) -> int:
             app,
             log_level="info" if args.verbose else "warning",
             access_log=args.verbose,
-            timeout_graceful_shutdown=3,
+            # past the grace period the answers still running are cancelled (below); a second to send their end
+            timeout_graceful_shutdown=args.shutdown_timeout + 1,
             limit_concurrency=limits.SERVER_MAX_CONNECTIONS,  # beyond it uvicorn answers 503 at once
         )
         worker = app.state.worker
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame):
-                worker.cancel_all()
+                # uvicorn stops accepting and waits for open requests; answers in progress get the grace
+                # period to finish, then are cancelled (at once on a second signal)
+                if self.should_exit or args.shutdown_timeout <= 0:
+                    worker.cancel_all()
+                else:
+                    timer = threading.Timer(args.shutdown_timeout, worker.cancel_all)
+                    timer.daemon = True
+                    timer.start()
+                    print(
+                        f"qora: stopping: answers in progress may finish for {args.shutdown_timeout:g} s "
+                        "(again to stop now)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 super().handle_exit(sig, frame)
 
         Server(config).run(sockets=[sock])

@@ -373,5 +373,65 @@ def test_tool_call_parsing_streamed_and_whole(pieces, calls, content):
         assert chunks[-1]["finish_reason"] == message["finish_reason"] == "stop"
 
 
+# ───── operations ─────
+
+
+def test_metrics_are_prometheus_text(tiny_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = _client(tiny_server.url)
+    c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
+    list(
+        c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0, stream=True
+        )
+    )
+    httpx.post(tiny_server.url + "/v1/chat/completions", json={"model": MODEL, "messages": [], "bogus": 1})
+    r = httpx.get(tiny_server.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples["qora_requests_total", (("endpoint", "chat"), ("status", "200"))] >= 2
+    assert samples["qora_requests_total", (("endpoint", "chat"), ("status", "400"))] >= 1
+    assert samples["qora_completion_tokens_total", ()] >= 6
+    assert samples["qora_prompt_tokens_total", ()] > 0
+    assert samples["qora_queue_depth", ()] == 0 and samples["qora_slots", ()] >= 1
+    assert samples["qora_time_to_first_token_seconds_count", ()] >= 2
+    assert samples["qora_decode_tokens_per_second", ()] > 0  # tokens of the last 10 s
+    assert families["qora_time_to_first_token_seconds"].type == "histogram"
+    health = httpx.get(tiny_server.url + "/health").json()
+    assert health["status"] == "ok" and health["queued"] == 0 and health["slots"] >= 1
+
+
+def test_graceful_shutdown_finishes_the_answer_in_progress_and_logs_requests(tiny_long):
+    import signal
+
+    with running_server(tiny_long, "--threads", "1", "--model-name", MODEL, "--shutdown-timeout", "60", "-v") as srv:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1500,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+        }
+        lines = []
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=120) as r:
+            it = r.iter_lines()
+            lines.append(next(it))
+            srv.proc.send_signal(signal.SIGTERM)  # mid-answer
+            lines.extend(it)
+        lines = [x for x in lines if x]  # events are separated by blank lines
+        assert lines[-1] == "data: [DONE]"
+        finish = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines if x.startswith("data: {")]
+        assert finish[-1] == "length"  # the whole answer, not cut
+        assert srv.proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has stopped
+        with pytest.raises(httpx.TransportError):
+            httpx.get(srv.url + "/health", timeout=5)
+    logged = [json.loads(x[x.index("{") :]) for x in srv.log if '"event": "request"' in x]
+    assert logged and logged[-1]["status"] == 200 and logged[-1]["completion_tokens"] >= 1500  # thinking counts too
+    assert logged[-1]["stream"] is True and "ttft_ms" in logged[-1]
+
+
 if sys.platform == "win32":  # pragma: no cover
     pytestmark = pytest.mark.skip("the server tests run on POSIX")

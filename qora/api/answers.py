@@ -216,35 +216,50 @@ class TextAnswer(Answer):
         }
 
 
-async def stream(job: Job, first, answer: Answer, head: dict, include_usage: bool) -> AsyncIterator[bytes]:
+async def stream(
+    job: Job, first, answer: Answer, head: dict, include_usage: bool, tick=None, done=None
+) -> AsyncIterator[bytes]:
     """The answer as server-sent events, from the job's first event on; cancels the job when the client
-    goes away (or the answer is complete)."""
+    goes away (or the answer is complete). tick(): called per generated token; done(status): at the end
+    (200, or the error's status, or 499 when the client left)."""
     usage_field = {"usage": None} if include_usage else {}
+    status = 499
     try:
         for choice in answer.opening():
             yield sse({**head, "choices": [choice], **usage_field})
         event = first
         while event is not END:
             if isinstance(event, BaseException):
+                status = generation_error(event).status
                 yield sse(generation_error(event).body())  # the stream has started: the error goes in band
                 break
+            if tick is not None and event.token is not None:
+                tick()
             for choice in answer.feed(event):
                 yield sse({**head, "choices": [choice], **usage_field})
             event = await job.events.get()
         if include_usage and answer.last is not None:
             yield sse({**head, "choices": [], "usage": usage(answer.last)})
+        status = 200 if status == 499 else status
         yield DONE
     finally:
         job.cancel()  # the client went away (or we are done): the scheduler stops at the next token
+        if done is not None:
+            done(status)
 
 
-async def collect(job: Job, first, answer: Answer, head: dict, client_gone: Callable[[], Awaitable[bool]]) -> dict:
-    """The whole answer as one JSON object; ApiError if generation failed, ClientGone if the client left."""
+async def collect(
+    job: Job, first, answer: Answer, head: dict, client_gone: Callable[[], Awaitable[bool]], tick=None
+) -> dict:
+    """The whole answer as one JSON object; ApiError if generation failed, ClientGone if the client left.
+    tick(): called per generated token."""
     event = first
     try:
         while event is not END:
             if isinstance(event, BaseException):
                 raise generation_error(event)
+            if tick is not None and event.token is not None:
+                tick()
             answer.feed(event)
             event = await job.next_event(client_gone)
     finally:

@@ -17,7 +17,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from qora import limits
-from qora.api import answers, security
+from qora.api import answers, metrics, security
 from qora.api.errors import ApiError, generation_error, json_bytes, quote, valid_text
 from qora.api.jobs import END, ClientGone, QueueFull, Scheduler, Worker
 from qora.api.models import ChatRequest, CompletionRequest
@@ -48,10 +48,12 @@ class Handlers:
         self.model, self.model_id, self.scheduler = model, model_id, scheduler
         self.api_key, self.created, self.max_body_bytes = api_key, created, max_body_bytes
         self.fingerprint = _fingerprint()
+        self.stats = metrics.Stats()
 
     def routes(self) -> list[Route]:
         return [
             Route("/health", self.health),
+            Route("/metrics", self.metrics),
             Route("/v1/models", self.models),
             Route("/v1/models/{name:path}", self.one_model),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -68,9 +70,17 @@ class Handlers:
                 "model": self.model_id,
                 "queued": self.scheduler.queued,
                 "busy": self.scheduler.busy,
+                "active": metrics.scheduler_gauges(self.scheduler)[1],
+                "slots": metrics.scheduler_gauges(self.scheduler)[2],
                 "requests": dict(self.scheduler.counts),
                 "cached_tokens": len(getattr(self.model, "cache_tokens", [])),
             }
+        )
+
+    async def metrics(self, request: Request):
+        security.check_api_key(request, self.api_key)
+        return HTTPResponse(
+            self.stats.render(self.scheduler, self.model_id), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
     async def models(self, request: Request):
@@ -91,6 +101,20 @@ class Handlers:
         return await self.complete(request, CompletionRequest, answers.TextAnswer)
 
     async def complete(self, request: Request, request_type, answer_type):
+        """complete_request, counted in the stats (and logged under --verbose) with its outcome."""
+        endpoint = "chat" if request_type is ChatRequest else "completions"
+        t0 = time.monotonic()
+        try:
+            response = await self.complete_request(request, request_type, answer_type, endpoint, t0)
+        except ApiError as e:
+            self.stats.finished(endpoint, e.status, duration=time.monotonic() - t0, error=e.message[:200])
+            raise
+        except ClientGone:
+            self.stats.finished(endpoint, 499, duration=time.monotonic() - t0)
+            raise
+        return response
+
+    async def complete_request(self, request: Request, request_type, answer_type, endpoint: str, t0: float):
         """Validate, queue the job, then answer whole or streamed once the first event is in."""
         security.check_api_key(request, self.api_key)
         body = await security.read_body(request, self.max_body_bytes)
@@ -111,7 +135,9 @@ class Handlers:
         if isinstance(first, BaseException):
             raise generation_error(first)
         if first is END:  # nothing produced: the job was cancelled before it ran
+            self.stats.finished(endpoint, 499, duration=time.monotonic() - t0)
             return HTTPResponse(status_code=499)
+        ttft = time.monotonic() - t0
         answer = answer_type(self.model.tokenizer, options.logprobs, req.echo_text)
         answer.tools = getattr(req, "tool_spec", None)
         head = {
@@ -121,16 +147,32 @@ class Handlers:
             "model": self.model_id,
             "system_fingerprint": self.fingerprint,
         }
+
+        def done(status):
+            self.stats.finished(
+                endpoint,
+                status,
+                answer.last,
+                ttft,
+                time.monotonic() - t0,
+                id=head["id"],
+                stream=bool(req.stream),
+                user=req.user,
+            )
+
         if req.stream:
             return StreamingResponse(
-                answers.stream(job, first, answer, head, req.include_usage),
+                answers.stream(job, first, answer, head, req.include_usage, self.stats.tokens, done),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            return JSONResponse(await answers.collect(job, first, answer, head, request.is_disconnected))
+            whole = await answers.collect(job, first, answer, head, request.is_disconnected, self.stats.tokens)
         except ClientGone:
+            done(499)
             return HTTPResponse(status_code=499)
+        done(200)
+        return JSONResponse(whole)
 
 
 async def _on_api_error(request, exc: ApiError):
@@ -203,4 +245,5 @@ def create_app(
         middleware=security.middleware(allowed_hosts, port, any_ip_host, cors, max_body_bytes),
     )
     app.state.worker = scheduler
+    app.state.stats = handlers.stats
     return app
