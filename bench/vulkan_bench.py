@@ -5,7 +5,7 @@ weight bandwidth, and which GPU ran. A plain script (not part of the test suite)
     python bench/vulkan_bench.py --model m.qora --tg 128 --pp 512 --reps 5 --json out.json
     python bench/vulkan_bench.py --sweep                  # also try decode workgroup shapes
     python bench/vulkan_bench.py --pp 0 --profile         # GPU time of each decode kernel (timestamps)
-    python bench/vulkan_bench.py --try QORA_VK_GU_ROWS=8 --try QORA_VK_ATT_SHORT=0,QORA_VK_ATT_SPLITS=4
+    python bench/vulkan_bench.py --try QORA_VK_GU_ROWS=8 --try QORA_VK_ATT_SHORT=128,QORA_VK_ATT_SPLITS=32
                                                           # also decode with these settings (same process)
     QORA_VK_LOADER=/path/libvulkan.so.1 python bench/vulkan_bench.py --nvidia-icd
 

@@ -451,49 +451,6 @@ def test_rope_kv(ctx):
 
 
 @needs_gpu
-@pytest.mark.parametrize("kv", [np.float16, np.float32])
-@pytest.mark.parametrize(
-    "n_heads,n_kv,hd,start,n_tok,splits,threads,short",
-    [(4, 2, 16, 0, 1, 1, 64, 0), (6, 2, 32, 140, 3, 1, 64, 0), (2, 2, 128, 63, 2, 1, 64, 0), (4, 2, 16, 0, 1, 3, 64, 0),
-     (6, 3, 32, 200, 1, 7, 64, 0), (6, 3, 32, 300, 1, 5, 128, 256), (4, 2, 16, 0, 1, 3, 128, 256),
-     (6, 3, 32, 200, 1, 7, 64, 256), (2, 1, 128, 130, 1, 4, 128, 256), (6, 2, 32, 140, 3, 1, 32, 128),
-     (2, 2, 256, 90, 1, 2, 32, 128)],
-)
-def test_attention(ctx, n_heads, n_kv, hd, start, n_tok, splits, threads, short, kv):
-    """Causal GQA over an f16 or f32 cache, contexts crossing the 64-position tiles; decode's
-    positions split over several workgroups (some with nothing to do), merged by the last one;
-    contexts of at most `short` positions in one pass by split 0 (the others exit)."""
-    r = np.random.default_rng()
-    n_pos, kv_dim, q_dim = start + n_tok, n_kv * hd, n_heads * hd
-    kc = r.standard_normal((n_pos, kv_dim)).astype(kv)
-    vc = r.standard_normal((n_pos, kv_dim)).astype(kv)
-    q = r.standard_normal((n_tok, q_dim + 8)).astype(np.float32)  # rows padded: ld_q != q_dim
-    out = np.zeros((n_tok, q_dim), np.float32)
-    params = np.array([start, n_tok, 0, 0], np.uint32)
-    w, half = act_layout(q_dim)
-    push = struct.pack("<7I", n_heads, n_kv, hd, q_dim + 8, q_dim, half, w)
-    epi = int(n_tok == 1)  # decode: the last workgroup quantizes the output for the next product
-    spec = [threads, int(kv == np.float16), splits, epi, hd, short]
-    part = np.zeros(n_tok * n_heads * splits * (hd + 2), np.float32)
-    done = np.zeros(n_tok * n_heads, np.uint32)
-    act, cnt = np.zeros(2 * half, np.uint32), np.zeros(w // 32 + 8, np.uint32)
-    bufs = [part, q, None, out, kc.copy(), vc.copy(), params, done, act, cnt]
-    ctx.run_kernel("attention", spec, bufs, push, n_heads, n_tok, splits)
-    assert not done.any() and not cnt.any()  # every merge reset its counter for the next step
-    if epi:
-        for got, ref in zip(unpack_act(act, q_dim, base=half), unpack_act(run_quant(ctx, out[0]), q_dim), strict=True):
-            assert np.array_equal(got, ref)
-    K, Vv = kc.astype(np.float64), vc.astype(np.float64)
-    for t in range(n_tok):
-        for h in range(n_heads):
-            g = h // (n_heads // n_kv)
-            s = K[: start + t + 1, g * hd : (g + 1) * hd] @ q[t, h * hd : (h + 1) * hd] / np.sqrt(hd)
-            p = np.exp(s - s.max())
-            ref = (p / p.sum()) @ Vv[: start + t + 1, g * hd : (g + 1) * hd]
-            assert rel_err(out[t, h * hd : (h + 1) * hd], ref) < 1e-5
-
-
-@needs_gpu
 @pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
 def test_embed(ctx, dtype):
     rows, cols = 50, 64

@@ -50,7 +50,7 @@ for _kernel in ("matvec", "matmul", "embed"):
 # decode Q4/Q8 products with the packed integer dot product, for devices that offer it
 for _dt in _DT.QUANTIZED:
     SHADERS[f"matvec_{_dt}_dot"] = ("matvec.comp", {"DTYPE": DTYPES[_dt], "DOT": 1})
-for _kernel in ("prep", "rope_kv", "attention", "quant"):
+for _kernel in ("prep", "rope_kv", "attn_decode", "attn_prefill", "quant"):
     SHADERS[_kernel] = (f"{_kernel}.comp", {})
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)

@@ -79,8 +79,8 @@ typedef struct {
     int mv_threads;  /* decode mat-vec workgroup size (0: default) */
     int mv_rows;     /* decode mat-vec rows per workgroup, all products (0: per-product defaults) */
     int kv_f16;      /* KV cache in f16 (else f32), as the CPU engine's for the same model */
-    int att_splits;  /* decode attention workgroups per head (0: default) */
-    int att_short;   /* decode attention in one pass per head up to this many positions (< 0: default, 0: never) */
+    int att_splits;  /* decode attention: chunks of the context per head group at most (0: default) */
+    int att_short;   /* decode attention: fewest positions per chunk, so one pass up to this many (< 0: default) */
     int gu_rows;     /* decode gate|up rows per workgroup (0: default) */
     int int_dot;     /* decode Q4/Q8 dots: 1 packed integer dot product (if the device has it), 0 emulated,
                         -1 the former where the driver says it is accelerated */

@@ -16,8 +16,10 @@
          matvec ADD   w_down (+RMSNorm)   x += w_down hb; the next layer's (or final) norm
        matvec STORE LM head               logits
        copy logits to host-visible memory
-   (Decode attention does each head in one workgroup while the context is short, else splits its
-   positions over several workgroups and the last to finish merges them, see attention.comp. The "+" steps run in the dispatch's last workgroup(s) to
+   (Decode attention takes the query heads of one KV head per workgroup and splits a long context
+   into chunks over many workgroups, the last to finish merging them (attn_decode.comp); prefill
+   attention is flash attention over tiles of queries and keys (attn_prefill.comp). The "+" steps
+   run in the dispatch's last workgroup(s) to
    finish, counted with atomics: fewer dispatches, and no workgroup re-reads the whole input.)
    Prefill (n tokens) runs the same layers with batched products (matmul.comp) and separate
    norm / RoPE+KV kernels. Positions, token ids and the RoPE cos/sin table live in small
@@ -59,10 +61,13 @@ static const char* const qvk_default_libs[] = {"libvulkan.so.1", "libvulkan.so",
 #define QVK_PUSH_BYTES 128
 #define QVK_BINDINGS QVK_MAX_BINDINGS
 #define QVK_PROFILE_MAX 1024 /* timestamps per decode step */
-/* decode attention: threads per workgroup, and the default context length up to which one
-   workgroup does a head in one pass (no splits and no merge) */
+/* decode attention (attn_decode.comp): threads per workgroup, the default fewest positions per
+   chunk (contexts up to it run in one pass, no partials and no merge), the most chunks per head
+   group, and the workgroups the default chunk count aims at */
 #define QVK_ATT_THREADS 128u
 #define QVK_ATT_SHORT 256u
+#define QVK_ATT_CH_MAX 256
+#define QVK_ATT_WORKGROUPS 256
 
 /* ================================================================ errors */
 
@@ -934,9 +939,10 @@ struct qvk_model {
     qvk_buffer att;    /* (batch, q_dim) */
     qvk_buffer gu;     /* (batch, 2 hidden) */
     qvk_buffer logits; /* (logit_rows, vocab) */
-    qvk_buffer att_part, att_done; /* decode attention splits: (n_heads, splits, head_dim + 2), (n_heads,) */
-    int att_splits;
-    uint32_t att_short; /* decode: one-pass attention up to this many positions (attention.comp) */
+    qvk_buffer att_part, att_done; /* decode attention chunks: (head groups, att_ch, hg (head_dim + 2)), (head groups,) */
+    int att_ch;         /* decode: chunks per head group at most */
+    uint32_t att_short; /* decode: fewest positions per chunk (one pass up to this many) */
+    uint32_t att_hg;    /* query heads per attention workgroup (all of one KV head) */
     int gu_rows;
     /* decode inputs, prepared once per product (act.glsl): two halves, each act_w floats, act_w/4
        words of Q8 ints and act_w/32 (scale, sum) pairs; the producers alternate between them */
@@ -1043,7 +1049,7 @@ static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* 
     if ((size_t)V * 4 > range) return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "the logits exceed a storage buffer");
     bytes += (size_t)batch * 4 * ((size_t)D + (size_t)widest + (size_t)widest / 32 + 1 + (size_t)(q_dim + 2 * kv_dim) + (size_t)q_dim + 2 * (size_t)H);
     bytes += (size_t)logit_rows * (size_t)V * 4 + 8 * 256 + (size_t)D * 4;
-    bytes += (size_t)g->n_heads * 32 * ((size_t)g->head_dim + 2) * 4 + (size_t)g->n_heads * 4;
+    bytes += (size_t)g->n_heads * QVK_ATT_CH_MAX * ((size_t)g->head_dim + 2) * 4 + (size_t)g->n_heads * 4;
     bytes += 2 * (((size_t)widest + 127) & ~(size_t)127) * 4 * 2 + (size_t)widest / 8 + 512; /* act (bound), cnt */
     p->bytes = bytes;
     p->batch = batch;
@@ -1192,6 +1198,25 @@ static int qvk_upload_f32(qvk_model* m, qvk_buffer* dst, const float* src, size_
 }
 
 /* The model's sizes and tuning: the config, the plan's batch, the options clamped to what the shaders take. */
+/* Attention shapes: HG query heads of one KV head per workgroup (the largest divisor of the group
+   size up to 8), so K/V are loaded once per KV head; decode chunks of at least att_short positions,
+   at most att_ch per head group (about QVK_ATT_WORKGROUPS workgroups on a long context). */
+static void qvk_attention_settings(qvk_model* m, const qvk_model_opts* o) {
+    const qora_config* cfg = &m->cfg;
+    const int group = cfg->n_heads / cfg->n_kv_heads;
+    m->att_hg = 1;
+    for (int d = 8; d >= 1; d--)
+        if (group % d == 0) {
+            m->att_hg = (uint32_t)d;
+            break;
+        }
+    m->att_short = o->att_short < 0 ? QVK_ATT_SHORT : (uint32_t)o->att_short;
+    const int groups = cfg->n_heads / (int)m->att_hg;
+    m->att_ch = o->att_splits > 0 ? o->att_splits : QVK_ATT_WORKGROUPS / groups;
+    if (m->att_ch < 1) m->att_ch = 1;
+    if (m->att_ch > QVK_ATT_CH_MAX) m->att_ch = QVK_ATT_CH_MAX;
+}
+
 static void qvk_model_settings(qvk_model* m, qvk_ctx* c, const qora_config* cfg, const qvk_model_opts* o,
                                const qvk_plan_t* plan) {
     m->c = c;
@@ -1208,14 +1233,7 @@ static void qvk_model_settings(qvk_model* m, qvk_ctx* c, const qora_config* cfg,
     m->mv_threads = o->mv_threads > 0 ? (o->mv_threads > 256 ? 256 : o->mv_threads) : 0;
     m->mv_rows = o->mv_rows > 0 ? (o->mv_rows > 16 ? 16 : o->mv_rows) : 0;
     m->gu_rows = o->gu_rows > 0 ? (o->gu_rows > 16 ? 16 : o->gu_rows) : 0;
-    /* one pass without splits while the context is short: 4 positions per thread of QVK_ATT_THREADS */
-    m->att_short = o->att_short < 0 ? QVK_ATT_SHORT : (uint32_t)o->att_short;
-    if (m->att_short > 4 * QVK_ATT_THREADS) m->att_short = 4 * QVK_ATT_THREADS;
-    /* decode attention workgroups: about 128 (an H100 timed 8 splits of 16 heads faster than 4 or 16:
-       more splits make the merge longer, fewer the positions per workgroup) */
-    m->att_splits = o->att_splits > 0 ? o->att_splits : 128 / cfg->n_heads;
-    if (m->att_splits < 1) m->att_splits = 1;
-    if (m->att_splits > 32) m->att_splits = 32;
+    qvk_attention_settings(m, o);
     m->act_w = ((uint32_t)m->widest + 127u) & ~127u;
     m->act_half = m->act_w + m->act_w / 4 + m->act_w / 16;
     m->int_dot = c->info.int_dot && (o->int_dot > 0 || (o->int_dot < 0 && c->info.int_dot_fast));
@@ -1286,7 +1304,7 @@ static int qvk_alloc_scratch(qvk_model* m, int profile, char* err, size_t n) {
     if (!rc) rc = qvk_buffer_new(c, B * m->q_dim * 4, QVK_MEM_DEVICE, &m->att, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * 2 * H * 4, QVK_MEM_DEVICE, &m->gu, err, n);
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->logit_rows * V * 4, QVK_MEM_DEVICE, &m->logits, err, n);
-    if (!rc) rc = qvk_buffer_new(c, (size_t)cfg->n_heads * m->att_splits * (cfg->head_dim + 2) * 4, QVK_MEM_DEVICE,
+    if (!rc) rc = qvk_buffer_new(c, (size_t)cfg->n_heads * m->att_ch * (cfg->head_dim + 2) * 4, QVK_MEM_DEVICE,
                                  &m->att_part, err, n);
     if (!rc) rc = qvk_buffer_new(c, (size_t)cfg->n_heads * 4, QVK_MEM_DEVICE, &m->att_done, err, n);
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->act_half * 2 * 4, QVK_MEM_DEVICE, &m->act, err, n);
@@ -1557,19 +1575,46 @@ static void qvk_rec_embed(qvk_rec* R, uint32_t n_tok) {
     }
 }
 
-/* Prefill: a workgroup per (head, token). Decode: the positions split over att_splits workgroups
-   per head too, merged by the last of them (past att_short positions; below, split 0 does the head
-   alone), and the output quantized for wo into the activation half at out_base (see attention.comp). */
+/* attn_prefill.comp's specialization (threads, KV16, head_dim, HG, BK, TS); returns the tokens per
+   workgroup. TS threads per query row keep at most 64 of its dimensions each (head_dim 8..256, a
+   multiple of 8: head_dim / TS is a multiple of 4); about 64 rows (query heads x tokens) per
+   workgroup; key tiles as long as the K and V tiles and the partial dots fit 48 KB of shared memory
+   (or what the device has). */
+static uint32_t qvk_flash_shape(const qvk_model* m, uint32_t spec[6]) {
+    const uint32_t hd = (uint32_t)m->cfg.head_dim, ts = hd <= 64 ? 1u : hd <= 128 ? 2u : 4u;
+    const uint32_t rows = ts == 4 ? 32u : 64u, bq = rows / m->att_hg ? rows / m->att_hg : 1u;
+    const uint32_t threads = bq * m->att_hg * ts;
+    const uint32_t shared = m->c->info.max_shared_memory < 49152 ? m->c->info.max_shared_memory : 49152;
+    uint32_t bk = (shared - 256) / (8u * hd + 4u * threads);
+    if (bk > 32) bk = 32;
+    if (bk > 8) bk &= ~7u;
+    spec[0] = threads;
+    spec[1] = (uint32_t)m->kv_f16;
+    spec[2] = hd;
+    spec[3] = m->att_hg;
+    spec[4] = bk;
+    spec[5] = ts;
+    return bq;
+}
+
+/* Decode (n_tok == 1): attn_decode.comp, a workgroup per (head group, chunk of positions), the
+   output quantized for wo into the activation half at out_base. Prefill: attn_prefill.comp, a
+   workgroup per (head group, tile of tokens). */
 static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, uint32_t out_base) {
     qvk_model* m = R->m;
-    const uint32_t splits = n_tok == 1 ? (uint32_t)m->att_splits : 1u;
-    const uint32_t spec[6] = {n_tok == 1 ? QVK_ATT_THREADS : 64u, (uint32_t)m->kv_f16, splits, n_tok == 1 ? 1u : 0u,
-                              (uint32_t)m->cfg.head_dim, n_tok == 1 ? m->att_short : 0u};
-    qvk_att_push p = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
-                      (uint32_t)m->qkv_dim, (uint32_t)m->q_dim, out_base, m->act_w};
+    const uint32_t hd = (uint32_t)m->cfg.head_dim, hg = m->att_hg, groups = (uint32_t)m->cfg.n_heads / hg;
+    qvk_att_push p = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, hd, (uint32_t)m->qkv_dim,
+                      (uint32_t)m->q_dim, out_base, m->act_w};
     VkBuffer b[QVK_BINDINGS] = {m->att_part.buf, m->qkv.buf, 0, m->att.buf, L->kc.buf, L->vc.buf, m->params.buf,
                                 m->att_done.buf, m->act.buf, m->cnt.buf};
-    qvk_rec_dispatch(R, "attention", spec, 6, b, &p, sizeof p, (uint32_t)m->cfg.n_heads, n_tok, splits, 1);
+    if (n_tok == 1) {
+        const uint32_t spec[7] = {QVK_ATT_THREADS, (uint32_t)m->kv_f16, hd, hg, (uint32_t)m->att_ch, m->att_short, 1u};
+        qvk_rec_dispatch(R, "attn_decode", spec, 7, b, &p, sizeof p, groups, (uint32_t)m->att_ch, 1, 1);
+    } else {
+        uint32_t spec[6];
+        const uint32_t bq = qvk_flash_shape(m, spec);
+        qvk_rec_dispatch(R, "attn_prefill", spec, 6, b, &p, sizeof p, groups, (n_tok + bq - 1) / bq, 1, 1);
+    }
 }
 
 /* The LM head's rows copied back to the host. */

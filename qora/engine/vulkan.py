@@ -17,8 +17,8 @@ Environment:
     QORA_VK_BATCH, QORA_VK_MV_THREADS, QORA_VK_MV_ROWS, QORA_VK_GU_ROWS, QORA_VK_ATT_SPLITS,
     QORA_VK_ATT_SHORT      tuning knobs (prefill tokens per submission; decode mat-vec workgroup
                            size, rows per workgroup (all products / gate|up only); decode attention
-                           workgroups per head, and the context length up to which a head is done
-                           in one pass by one workgroup, 0: never)
+                           chunks of the context per KV head at most, and the fewest positions per
+                           chunk: contexts up to it run in one pass with no merge)
     QORA_VK_DOT=0|1        decode Q4/Q8 dots without / with the packed integer dot product
                            (default: with it where the driver says it is accelerated)
     QORA_VK_PROFILE=1      time every decode dispatch on the GPU (VulkanEngine.profile())

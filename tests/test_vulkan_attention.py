@@ -1,0 +1,200 @@
+"""The Vulkan attention kernels against NumPy: decode (attn_decode.comp, split-K over chunks of the
+context, merged by the last chunk) and prefill (attn_prefill.comp, flash attention over tiles of
+queries and keys), at context lengths on and around the chunk and tile edges, GQA groups of
+several sizes, f16 and f32 caches. CI runs these on lavapipe; the lengths stay a few thousand."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from test_vulkan import DEVICE, act_layout, rel_err, run_quant, unpack_act
+
+from qora._core import _vulkan
+from qora.engine import vulkan
+
+needs_gpu = pytest.mark.skipif(DEVICE is None, reason="no usable Vulkan device (CI installs lavapipe)")
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    if DEVICE is None:
+        pytest.skip("no usable Vulkan device")
+    return vulkan._context(_vulkan, None, DEVICE["index"])[0]
+
+
+def ref_attention(q, kc, vc, start, n_heads, n_kv, hd):
+    """Causal GQA attention in float64: q (n_tok, >= n_heads hd) at positions start.. over the cache."""
+    n_tok = q.shape[0]
+    K, V = kc.astype(np.float64), vc.astype(np.float64)
+    out = np.zeros((n_tok, n_heads * hd))
+    for t in range(n_tok):
+        n = start + t + 1
+        for h in range(n_heads):
+            g = h // (n_heads // n_kv)
+            s = K[:n, g * hd : (g + 1) * hd] @ q[t, h * hd : (h + 1) * hd].astype(np.float64) / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            out[t, h * hd : (h + 1) * hd] = (p / p.sum()) @ V[:n, g * hd : (g + 1) * hd]
+    return out
+
+
+def _cache(r, n_pos, kv_dim, kv):
+    return r.standard_normal((n_pos, kv_dim)).astype(kv), r.standard_normal((n_pos, kv_dim)).astype(kv)
+
+
+def run_decode(ctx, q, kc, vc, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads=128, kv16=True):
+    """attn_decode for one token at position n_pos - 1: (output, act buffer, act half, done, cnt)."""
+    q_dim = n_heads * hd
+    out = np.zeros(q_dim, np.float32)
+    params = np.array([n_pos - 1, 1, 0, 0], np.uint32)
+    w, half = act_layout(q_dim)
+    push = struct.pack("<7I", n_heads, n_kv, hd, q_dim, q_dim, half, w)
+    part = np.zeros((n_heads // hg) * ch * hg * (hd + 2), np.float32)
+    done = np.zeros(n_heads // hg, np.uint32)
+    act, cnt = np.zeros(2 * half, np.uint32), np.zeros(w // 32 + 8, np.uint32)
+    bufs = [part, q, None, out, kc, vc, params, done, act, cnt]
+    spec = [threads, int(kv16), hd, hg, ch, cmin, 1]
+    ctx.run_kernel("attn_decode", spec, bufs, push, n_heads // hg, ch)
+    return out, act, half, done, cnt
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "n_pos,n_heads,n_kv,hd,hg,ch,cmin,threads,kv",
+    [
+        (1, 4, 2, 16, 2, 4, 256, 128, np.float16),  # one position: one chunk, no merge
+        (2, 6, 2, 32, 3, 8, 0, 64, np.float32),  # two chunks of one tile
+        (255, 4, 1, 64, 4, 16, 256, 128, np.float16),  # one chunk, two tiles, the second short
+        (256, 4, 1, 64, 2, 16, 256, 128, np.float16),  # exactly one chunk
+        (257, 4, 1, 64, 4, 16, 256, 128, np.float16),  # two chunks, the second with one position
+        (257, 8, 2, 128, 4, 64, 256, 128, np.float32),
+        (1000, 16, 4, 128, 4, 8, 64, 128, np.float16),  # 8 chunks of 128
+        (1000, 6, 3, 32, 1, 256, 0, 64, np.float16),  # head by head, many short chunks
+        (3001, 9, 3, 64, 3, 32, 256, 128, np.float16),  # SmolLM2's GQA group of 3
+        (3001, 2, 2, 256, 1, 5, 256, 128, np.float16),  # head_dim 256: 32 octets, 4 groups
+        (700, 8, 1, 8, 8, 7, 32, 64, np.float32),  # head_dim 8: 1 octet, 64 groups; 8 heads per workgroup
+    ],
+)
+def test_attn_decode(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv):
+    r = np.random.default_rng(n_pos * 7 + hd)
+    kc, vc = _cache(r, n_pos, n_kv * hd, kv)
+    q = r.standard_normal(n_heads * hd).astype(np.float32)
+    out, act, half, done, cnt = run_decode(
+        ctx, q, kc, vc, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv == np.float16
+    )
+    assert not done.any() and not cnt.any()  # every merge reset its counter for the next step
+    ref = ref_attention(q[None], kc, vc, n_pos - 1, n_heads, n_kv, hd)[0]
+    assert rel_err(out, ref) < 1e-5
+    # the output quantized for the next product, exactly as the quant kernel does it
+    q_dim = n_heads * hd
+    for got, want in zip(unpack_act(act, q_dim, base=half), unpack_act(run_quant(ctx, out), q_dim), strict=True):
+        assert np.array_equal(got, want)
+
+
+@needs_gpu
+def test_attn_decode_repeated_steps(ctx):
+    """The counters a merge resets serve the next step: three steps on the same buffers, growing."""
+    n_heads, n_kv, hd, hg, ch = 4, 2, 32, 2, 8
+    r = np.random.default_rng(5)
+    kc, vc = _cache(r, 900, n_kv * hd, np.float16)
+    q_dim = n_heads * hd
+    w, half = act_layout(q_dim)
+    part = np.zeros((n_heads // hg) * ch * hg * (hd + 2), np.float32)
+    done = np.zeros(n_heads // hg, np.uint32)
+    act, cnt = np.zeros(2 * half, np.uint32), np.zeros(w // 32 + 8, np.uint32)
+    for n_pos in (300, 301, 900):
+        q = r.standard_normal(q_dim).astype(np.float32)
+        out = np.zeros(q_dim, np.float32)
+        params = np.array([n_pos - 1, 1, 0, 0], np.uint32)
+        push = struct.pack("<7I", n_heads, n_kv, hd, q_dim, q_dim, half, w)
+        ctx.run_kernel(
+            "attn_decode",
+            [64, 1, hd, hg, ch, 64, 1],
+            [part, q, None, out, kc, vc, params, done, act, cnt],
+            push,
+            n_heads // hg,
+            ch,
+        )
+        assert not done.any()
+        assert rel_err(out, ref_attention(q[None], kc[:n_pos], vc[:n_pos], n_pos - 1, n_heads, n_kv, hd)[0]) < 1e-5
+
+
+def flash_shape(hd, hg, max_shared=32768):
+    """(threads, BK, TS, tokens per workgroup) as qvk_flash_shape picks them."""
+    ts = 1 if hd <= 64 else 2 if hd <= 128 else 4
+    rows = 32 if ts == 4 else 64
+    bq = max(rows // hg, 1)
+    threads = bq * hg * ts
+    bk = min(32, (min(max_shared, 49152) - 256) // (8 * hd + 4 * threads))
+    return threads, (bk & ~7 if bk > 8 else bk), ts, bq
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "start,n_tok,n_heads,n_kv,hd,hg,bk,kv",
+    [
+        (0, 1, 4, 2, 16, 2, None, np.float16),
+        (0, 2, 4, 2, 16, 2, 4, np.float32),
+        (0, 255, 4, 1, 64, 4, None, np.float16),  # TS 1
+        (1, 256, 6, 2, 32, 3, None, np.float16),  # 21 tokens per workgroup (63 rows)
+        (0, 257, 8, 2, 128, 4, None, np.float16),  # TS 2, partial last tiles
+        (200, 57, 8, 2, 128, 4, 8, np.float32),  # after a cached prefix
+        (0, 1000, 4, 1, 128, 4, None, np.float16),
+        (2990, 11, 2, 2, 256, 1, None, np.float16),  # TS 4, a long prefix, one workgroup of tokens
+        (5, 70, 16, 2, 8, 8, 3, np.float32),  # head_dim 8, 8 heads per workgroup, odd key tiles
+    ],
+)
+def test_attn_prefill(ctx, start, n_tok, n_heads, n_kv, hd, hg, bk, kv):
+    r = np.random.default_rng(start + n_tok + hd)
+    n_pos, q_dim = start + n_tok, n_heads * hd
+    kc, vc = _cache(r, n_pos, n_kv * hd, kv)
+    ld_q = q_dim + 2 * n_kv * hd  # q rows inside qkv rows
+    q = r.standard_normal((n_tok, ld_q)).astype(np.float32)
+    out = np.zeros((n_tok, q_dim), np.float32)
+    threads, bk_def, ts, bq = flash_shape(hd, hg, DEVICE["max_shared_memory"])
+    params = np.array([start, n_tok, 0, 0], np.uint32)
+    push = struct.pack("<7I", n_heads, n_kv, hd, ld_q, q_dim, 0, 0)
+    spec = [threads, int(kv == np.float16), hd, hg, bk or bk_def, ts]
+    ctx.run_kernel("attn_prefill", spec, [None, q, None, out, kc, vc, params], push, n_heads // hg, -(-n_tok // bq))
+    assert rel_err(out, ref_attention(q, kc, vc, start, n_heads, n_kv, hd)) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_long(tmp_path_factory):
+    """The tiny SmolLM3 fixture with a 4,096-position context (the fixture's own is 256)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from qora.convert import convert
+
+    src = Path(__file__).parent / "fixtures" / "tiny-smollm3"
+    folder = tmp_path_factory.mktemp("tiny-long")
+    shutil.copytree(src, folder / "model")
+    cfg = json.loads((folder / "model" / "config.json").read_text())
+    cfg["max_position_embeddings"] = 4096
+    (folder / "model" / "config.json").write_text(json.dumps(cfg))
+    # f16 weights: the products take float inputs, so the two engines differ only by float rounding
+    # (with Q4/Q8 weights a Q8 activation one rounding step apart grows to ~1 % of the logits over
+    # thousands of positions, with the former attention kernels as with these)
+    return convert(folder / "model", folder / "tiny-long-f16.qora", quant="f16", progress=False)
+
+
+@needs_gpu
+def test_tiny_model_long_prompt_matches_cpu(tiny_long, monkeypatch):
+    """A 3,000-token prompt (flash-attention prefill over several submissions, a long cached prefix
+    for the later ones), then decode steps whose context spans many chunks (split-K and its merge)
+    give the CPU engine's logits (f32 KV cache: the same float steps)."""
+    import qora
+
+    monkeypatch.setenv("QORA_KV", "f32")
+    monkeypatch.setenv("QORA_VK_ATT_SPLITS", "16")  # decode chunks: 3,000 positions in 12 chunks of 256
+    toks = np.random.default_rng(11).integers(0, 400, 3004).tolist()
+    with (
+        qora.load(tiny_long, device="gpu", max_seq_len=3072) as g,
+        qora.load(tiny_long, device="cpu", max_seq_len=3072) as c,
+    ):
+        assert rel_err(g.engine.forward(toks[:3000], 0), c.engine.forward(toks[:3000], 0)) < 1e-4
+        for i in range(3000, 3004):
+            assert rel_err(g.engine.forward([toks[i]], i), c.engine.forward([toks[i]], i)) < 1e-4
