@@ -52,6 +52,8 @@ class Handlers:
 
     def routes(self) -> list[Route]:
         return [
+            Route("/", self.page),
+            Route("/static/{name}", self.static),
             Route("/health", self.health),
             Route("/metrics", self.metrics),
             Route("/v1/models", self.models),
@@ -76,6 +78,12 @@ class Handlers:
                 "cached_tokens": len(getattr(self.model, "cache_tokens", [])),
             }
         )
+
+    async def page(self, request: Request):
+        return _static("index.html")
+
+    async def static(self, request: Request):
+        return _static(request.path_params["name"])
 
     async def metrics(self, request: Request):
         security.check_api_key(request, self.api_key)
@@ -173,6 +181,25 @@ class Handlers:
             return HTTPResponse(status_code=499)
         done(200)
         return JSONResponse(whole)
+
+
+# the chat page's files (qora/api/static/), the only ones served: no path from the client reaches the disk
+STATIC = {"index.html": "text/html", "chat.js": "text/javascript", "chat.css": "text/css"}
+
+
+def _static(name: str) -> HTTPResponse:
+    if name not in STATIC:
+        raise ApiError(404, f"no file {quote(name)}")
+    from importlib import resources
+
+    body = resources.files("qora.api").joinpath("static", name).read_bytes()
+    headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+    if name == "index.html":  # the page runs only its own script and style, and talks only to this server
+        headers["Content-Security-Policy"] = (
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+    return HTTPResponse(body, media_type=f"{STATIC[name]}; charset=utf-8", headers=headers)
 
 
 async def _on_api_error(request, exc: ApiError):

@@ -176,7 +176,13 @@ class Guard:
                 code="invalid_host",
             )
         origin = headers.get("origin")
-        if origin is not None and not self.origin_ok(origin):
+        # the server's own page (GET /): its Origin is this very Host, which the check above accepted
+        same_origin = (
+            origin is not None
+            and host is not None
+            and origin.lower() in (f"http://{host}".lower(), f"https://{host}".lower())
+        )
+        if origin is not None and not same_origin and not self.origin_ok(origin):
             return ApiError(
                 403,
                 f"requests from web pages ({quote(origin, json.dumps)}) are not allowed "
