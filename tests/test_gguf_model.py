@@ -155,3 +155,22 @@ def test_running_a_gguf_needs_no_gguf_package():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr
+
+
+def _vulkan_device():
+    from qora.engine import vulkan
+
+    try:
+        return vulkan.choose_device(vulkan.devices(), required=True)
+    except QoraError:
+        return None
+
+
+@pytest.mark.skipif(_vulkan_device() is None, reason="no usable Vulkan device (CI installs lavapipe)")
+def test_gguf_runs_on_the_gpu_as_on_the_cpu(monkeypatch):
+    monkeypatch.setenv("QORA_VK_ALLOW_CPU", "1")
+    p = FIX / "tiny-llama.q8_0.gguf"
+    with qora.load(p, device="gpu", max_seq_len=64) as g, qora.load(p, device="cpu", threads=1) as c:
+        assert g.engine.device == "vulkan"
+        a, b = g.forward(list(range(3, 20))), c.forward(list(range(3, 20)))
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
