@@ -17,7 +17,7 @@ __all__ = [
 
 
 def load(path, threads=None, device="auto", max_seq_len=None, verbose=False):
-    """Open a .qora model (memory-mapped) and return a ready-to-use Model.
+    """Open a GGUF or .qora model (memory-mapped) and return a ready-to-use Model.
 
     device: "auto" (a Vulkan GPU when one can run the model, else the CPU), "cpu", or "gpu" (an
     error if no GPU can); verbose: say on stderr which device runs it and what it needs."""

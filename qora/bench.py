@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure prefill (ppN) and decode (tgN) speed of a model on this machine, as llama-bench does.",
         epilog="Example: qora bench --load smollm3-3b-q4.qora --pp 512 --tg 128 --threads 4",
     )
-    p.add_argument("--load", metavar="PATH", help="the .qora model (default: ./model.qora, else the demo model)")
+    p.add_argument("--load", metavar="PATH", help="a GGUF or .qora model (default: ./model.qora, else the demo model)")
     p.add_argument("--pp", type=int_at_least(0), default=512, metavar="N", help="prompt tokens (default 512; 0 skips)")
     p.add_argument("--tg", type=int_at_least(0), default=128, metavar="N", help="tokens decoded (default 128; 0 skips)")
     p.add_argument(

@@ -142,7 +142,7 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
     p.add_argument(
         "--load",
         metavar="PATH",
-        help="the .qora model file, or a pulled REPO_ID (default: ./model.qora, else the demo model)",
+        help="a GGUF or .qora model file, or a pulled REPO_ID (default: ./model.qora, else the demo model)",
     )
     p.add_argument("--system", metavar="TEXT", type=_text, help="system message")
     p.add_argument("--max-tokens", type=int_at_least(1), metavar="N", help="answer tokens at most (default: from RAM)")

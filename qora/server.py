@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             "http://127.0.0.1:8000/v1 with model set to the id GET /v1/models lists."
         ),
     )
-    p.add_argument("--load", metavar="PATH", help="the .qora model file, or a pulled REPO_ID (default as qora)")
+    p.add_argument("--load", metavar="PATH", help="a GGUF or .qora model file, or a pulled REPO_ID (default as qora)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", metavar="KEY", type=_text, help="require Authorization: Bearer KEY on /v1 routes")
