@@ -82,7 +82,7 @@ SERVER_MAX_MESSAGES = 4096  # messages of one chat request
 SERVER_MAX_CONTENT_PARTS = 1024  # text parts of one message's content
 SERVER_MAX_STOP_CHARS = 1024  # characters of one stop string (up to 4 of them, OpenAI's limit)
 SERVER_MAX_NUMBER_CHARS = 64  # characters of one JSON number literal (a 64-bit seed is 20)
-SERVER_MAX_QUEUED = 256  # requests waiting for the engine; more are answered 503
+SERVER_MAX_QUEUED = 256  # requests waiting for the engine; more are answered 429 (qora serve --max-queued)
 # Sequences decoded together (qora serve --parallel, CpuEngine.open_slots): each holds a whole
 # context's KV cache; past 256 a step's rows outgrow what one pass's scratch is sized for.
 MAX_BATCH_SLOTS = 256

@@ -90,7 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--context", type=int, metavar="N", help="KV cache size in tokens (default: auto)")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
+    dev.add_argument("--gpu", action="store_true", help="run on the GPU (Vulkan), falling back to the CPU as qora does")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="requests generated together in one batched step (default: as many as fit half the free memory's "
+        "KV caches, at most 16); more wait in a queue, and a full queue answers 429",
+    )
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        default=limits.SERVER_MAX_QUEUED,
+        metavar="N",
+        help=f"requests waiting for a free slot (default {limits.SERVER_MAX_QUEUED}); more are answered 429",
+    )
     p.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -162,8 +178,17 @@ def main(argv: list[str]) -> int:
         else path.stem
     )
     sock = _bind(args.host, args.port)
-    model = load_model(path, "cpu" if args.cpu else "auto", args.threads, args.context, verbose=args.verbose)
+    if args.parallel is not None and not 1 <= args.parallel <= limits.MAX_BATCH_SLOTS:
+        raise QoraError(f"--parallel must be in 1..{limits.MAX_BATCH_SLOTS}, got {args.parallel}")
+    if not 0 <= args.max_queued <= 1 << 20:
+        raise QoraError(f"--max-queued must be in 0..{1 << 20}, got {args.max_queued}")
+    device = "cpu" if args.cpu else ("gpu" if args.gpu else "auto")
+    model = load_model(path, device, args.threads, args.context, verbose=args.verbose)
     try:
+        from qora.api.batch import BatchScheduler, plan_slots
+
+        parallel, slot_context = plan_slots(model, args.parallel, args.context)
+        scheduler = BatchScheduler(model, parallel, slot_context, max_queued=args.max_queued)
         host, port = sock.getsockname()[:2]
         bound = args.host.strip("[]")
         app = create_app(
@@ -176,10 +201,12 @@ def main(argv: list[str]) -> int:
             port=port,
             any_ip_host=bound in WILDCARD_BINDS,
             cors=args.cors,
+            scheduler=scheduler,
         )
         shown = f"[{host}]" if ":" in host else host
         print(
-            f"qora: serving {model_id} ({model.engine.max_seq_len}-token context) at http://{shown}:{port}/v1 "
+            f"qora: serving {model_id} ({scheduler.context}-token context, {scheduler.slots} requests in parallel) "
+            f"at http://{shown}:{port}/v1 "
             "- OpenAI-compatible; Ctrl-C stops",
             file=sys.stderr,
             flush=True,

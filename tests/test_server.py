@@ -415,8 +415,9 @@ def test_thinking_comes_back_as_reasoning_content():
     assert "".join(d.get("content") or "" for d in deltas) == "The answer."
 
 
-def test_the_scheduler_is_replaceable_and_a_full_queue_is_503():
-    """create_app runs its jobs on any Scheduler (the seam a batching one plugs into); no room is a 503."""
+def test_the_scheduler_is_replaceable_and_a_full_queue_is_429():
+    """create_app runs its jobs on any Scheduler (the seam a batching one plugs into); no room is a 429
+    with Retry-After."""
     from starlette.testclient import TestClient
     from test_generate import FakeModel, script
 
@@ -427,7 +428,8 @@ def test_the_scheduler_is_replaceable_and_a_full_queue_is_503():
     body = {"model": "fake", "prompt": "q", "max_tokens": 2}
     with TestClient(create_app(model, "fake", scheduler=Worker(model, max_queued=0))) as tc:
         r = tc.post("/v1/completions", json=body)
-        assert r.status_code == 503 and "busy" in r.json()["error"]["message"], r.text
+        assert r.status_code == 429 and "busy" in r.json()["error"]["message"], r.text
+        assert r.headers["retry-after"] == "1"
         assert tc.get("/health").json()["requests"] == {"served": 0, "cancelled": 0, "failed": 0}
     with TestClient(create_app(model, "fake", scheduler=Worker(model, max_queued=1))) as tc:
         assert tc.post("/v1/completions", json=body).json()["choices"][0]["text"] == "ok"

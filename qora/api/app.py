@@ -132,7 +132,9 @@ class Handlers:
         try:
             job = self.scheduler.submit(req.prompt_input, options)
         except QueueFull as e:
-            raise ApiError(503, f"the server is busy ({e.waiting} requests waiting): retry later") from None
+            raise ApiError(
+                429, f"the server is busy ({e.waiting} requests waiting): retry later", headers={"Retry-After": "1"}
+            ) from None
         try:
             first = await job.next_event(request.is_disconnected)
         except ClientGone:
@@ -204,8 +206,8 @@ def _static(name: str) -> HTTPResponse:
 
 async def _on_api_error(request, exc: ApiError):
     # a 413 leaves the rest of the body unread: the connection cannot carry another request
-    headers = {"Connection": "close"} if exc.status == 413 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    headers = {"Connection": "close"} if exc.status == 413 else {}
+    return JSONResponse(exc.body(), status_code=exc.status, headers={**getattr(exc, "headers", {}), **headers})
 
 
 async def _on_http_error(request, exc: HTTPException):

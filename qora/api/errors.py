@@ -38,9 +38,12 @@ def json_bytes(obj) -> bytes:
 class ApiError(Exception):
     """An OpenAI-style error answer: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = dict(headers or {})  # extra response headers (429's Retry-After)
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}.get(self.status)

@@ -64,8 +64,9 @@ class Engine(Protocol):
         """Free the device state; later calls raise QoraError("the model is closed")."""
         ...
 
-    def open_slots(self, n_slots: int) -> int:
-        """Allocate KV caches for up to n_slots sequences of batched steps; the number opened."""
+    def open_slots(self, n_slots: int, context: int | None = None) -> int:
+        """Allocate KV caches for up to n_slots sequences of batched steps, of `context` positions each
+        (at most max_seq_len; default max_seq_len); the number opened."""
         ...
 
     def forward_batch(self, seqs) -> list[np.ndarray]:
@@ -104,7 +105,7 @@ class SingleSlot:
 
     _slots_open = 0
 
-    def open_slots(self, n_slots: int) -> int:
+    def open_slots(self, n_slots: int, context: int | None = None) -> int:
         if int(n_slots) < 1:
             raise QoraError(f"n_slots must be >= 1, got {n_slots}")
         self._slots_open = 1

@@ -247,6 +247,7 @@ class CpuEngine:
         self.vocab_size = cfg["vocab_size"]
         self.device = self.device_name = "cpu"
         self.notes: list[str] = []
+        self._slot_context = 0
 
     def forward(self, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions start_pos.. ; (n, vocab) logits if all_logits else (1, vocab) for the last."""
@@ -275,20 +276,24 @@ class CpuEngine:
         guard.check()  # rewritten in place while this ran: the logits may mix old and new weights
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
-    def open_slots(self, n_slots: int, rows: int | None = None) -> int:
-        """KV caches for n_slots sequences of batched steps (each max_seq_len positions), passes of
-        `rows` token rows (default: n_slots decoders plus a prefill chunk)."""
+    def open_slots(self, n_slots: int, context: int | None = None, rows: int | None = None) -> int:
+        """KV caches for n_slots sequences of batched steps, each of `context` positions (at most, and by
+        default, max_seq_len), passes of `rows` token rows (default: n_slots decoders plus a prefill chunk)."""
         n_slots = int(n_slots)
         if not 1 <= n_slots <= limits.MAX_BATCH_SLOTS:
             raise QoraError(f"n_slots must be in 1..{limits.MAX_BATCH_SLOTS}, got {n_slots}")
+        ctx = min(int(context), self.max_seq_len) if context else self.max_seq_len
+        if ctx < 1:
+            raise QoraError(f"a slot's context must be >= 1, got {context}")
         rows = int(rows) if rows else n_slots + _PREFILL_CHUNK
         with self._lock:
             if self._model is None:
                 raise QoraError("the model is closed")
             try:
-                self._model.open_batch(self.max_seq_len, rows, n_slots)
+                self._model.open_batch(ctx, rows, n_slots)
             except MemoryError as e:
-                raise QoraError(f"not enough memory for {n_slots} sequences of {self.max_seq_len} tokens") from e
+                raise QoraError(f"not enough memory for {n_slots} sequences of {ctx} tokens") from e
+        self._slot_context = ctx
         return n_slots
 
     def forward_batch(self, seqs) -> list[np.ndarray]:
@@ -297,7 +302,7 @@ class CpuEngine:
         model = self._model
         if model is None:
             raise QoraError("the model is closed")
-        entries = batch_entries(seqs, model.batch_slots, self.max_seq_len, self.vocab_size)
+        entries = batch_entries(seqs, model.batch_slots, self._slot_context, self.vocab_size)
         tokens = np.concatenate([ids for _, ids, _ in entries])
         slots = np.concatenate([np.full(ids.size, slot, np.int32) for slot, ids, _ in entries])
         pos = np.concatenate([np.arange(start, start + ids.size, dtype=np.int32) for _, ids, start in entries])
