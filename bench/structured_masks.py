@@ -10,6 +10,14 @@ the time per token to compute the mask while a valid instance of the schema is f
 Prints one line per (library, vocabulary): compile ms (median over schemas) and mask µs per token
 (median and p99 over every step of every schema). It also checks each library accepts every token of
 every instance (a mask that refuses a valid continuation is a correctness failure).
+
+    python bench/structured_masks.py --decode MODEL.qora [--threads N] [--schemas N]
+
+measures what qora pays inside decoding: each schema's answer generated greedily with the schema
+(the time spent in the Constraint's mask and advance, against the generation time), then the same
+prompts without one (decode tok/s either way); and qora's whole per-token mask step (llguidance's
+mask, unpacking, applying it to a logits vector, advancing) at a 128,256 vocabulary, against the
+model's decode step. The share of decode time is the figure the issue bounds (<= 10 %).
 """
 
 from __future__ import annotations
@@ -131,15 +139,88 @@ def bench_outlines(text, eos, schemas, instances):
     return setup, compile_s, mask_s, bad
 
 
+def _timed_constraints():
+    """Wrap structured.Constraint.apply / advance to add up the time spent in them."""
+    from qora import structured
+
+    spent = [0.0]
+    for name in ("apply", "advance"):
+        real = getattr(structured.Constraint, name)
+
+        def timed(self, *a, _real=real):
+            t0 = time.perf_counter()
+            try:
+                return _real(self, *a)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        setattr(structured.Constraint, name, timed)
+    return spent
+
+
+def bench_decode(path: str, threads: int | None, cases, base_tokenizer: str) -> None:
+    import qora
+    from qora import structured
+    from qora.generate import GenerationOptions, stream_generate
+
+    spent = _timed_constraints()
+    with qora.load(path, threads=threads) as m:
+        gen_s = tokens = 0.0
+        for c in cases:
+            opts = GenerationOptions(greedy=True, json_schema=c.schema, max_tokens=c.max_tokens)
+            last = list(stream_generate(m, c.prompt, opts))[-1]
+            gen_s, tokens = gen_s + last.generation_time, tokens + last.generation_tokens
+        masked, free_s, free_tokens = spent[0], 0.0, 0
+        for c in cases:
+            opts = GenerationOptions(greedy=True, max_tokens=max(8, c.max_tokens // 2), ignore_eos=True)
+            last = list(stream_generate(m, c.prompt, opts))[-1]
+            free_s, free_tokens = free_s + last.generation_time, free_tokens + last.generation_tokens
+        vocab = m.engine.vocab_size
+    step = free_s / max(free_tokens, 1)
+    print(
+        f"decode {path}: vocab {vocab}, threads {threads or 'default'}: with a schema {tokens / gen_s:.1f} tok/s, "
+        f"mask+advance {masked / tokens * 1e3:.3f} ms/token = {100 * masked / gen_s:.1f} % of generation time; "
+        f"without a schema {free_tokens / free_s:.1f} tok/s ({step * 1e3:.2f} ms/token)",
+        flush=True,
+    )
+    # qora's mask step at SmolLM3's vocabulary, replaying the valid instances
+    from tokenizers import Tokenizer as HF
+
+    from qora.tokenizer import Tokenizer
+
+    text = grown_tokenizer_json(base_tokenizer, 128256)
+    tok = Tokenizer(text, None, {"eos": [0]})
+    hf = HF.from_str(text)
+    logits = np.random.default_rng(0).standard_normal(128256).astype(np.float32)
+    spent[0], n = 0.0, 0
+    for c in cases:
+        con = structured.Grammar.json_schema(c.schema).start(tok)
+        for t in hf.encode(json.dumps(c.example, separators=(",", ":")), add_special_tokens=False).ids:
+            con.apply(logits)
+            con.advance(t)
+            n += 1
+    per = spent[0] / n
+    print(
+        f"mask step at vocab 128256: {per * 1e3:.3f} ms/token = {100 * per / step:.1f} % of this model's decode "
+        f"step ({step * 1e3:.2f} ms)",
+        flush=True,
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--schemas", type=int, default=0, help="only the first N schemas (0: all)")
     ap.add_argument("--vocab", default="49152,128256")
     ap.add_argument("--libs", default="llguidance,outlines")
+    ap.add_argument("--decode", metavar="MODEL", help="measure the mask's share of decode time on this model")
+    ap.add_argument("--threads", type=int)
     args = ap.parse_args(argv)
     from structured_schemas import SCHEMAS
 
     cases = SCHEMAS[: args.schemas or None]
+    if args.decode:
+        bench_decode(args.decode, args.threads, cases, demo_tokenizer_json())
+        return 0
     schemas = [c.schema for c in cases]
     instances = [c.example for c in cases]
     base = demo_tokenizer_json()
