@@ -5,12 +5,13 @@ weight bandwidth, and which GPU ran. A plain script (not part of the test suite)
     python bench/vulkan_bench.py --model m.qora --tg 128 --pp 512 --reps 5 --json out.json
     python bench/vulkan_bench.py --sweep                  # also try decode workgroup shapes
     python bench/vulkan_bench.py --pp 0 --profile         # GPU time of each decode kernel (timestamps)
+    python bench/vulkan_bench.py --depth 0,512,4096,8192  # pp and tg with that many tokens already cached
     python bench/vulkan_bench.py --try QORA_VK_GU_ROWS=8 --try QORA_VK_ATT_SHORT=128,QORA_VK_ATT_SPLITS=32
                                                           # also decode with these settings (same process)
     QORA_VK_LOADER=/path/libvulkan.so.1 python bench/vulkan_bench.py --nvidia-icd
 
-Measured as llama-bench does: tgN = N single-token steps from an empty cache, ppN = one N-token
-prompt from an empty cache with logits for the last token only; random token ids; a warm-up run
+Measured as llama-bench does: tgN = N single-token steps, ppN = one N-token prompt with logits for
+the last token only, from an empty cache or after --depth tokens (llama-bench -d); random token ids; a warm-up run
 first (the driver compiles the shaders then), then timed repetitions, median and best reported.
 Weight bandwidth = bytes of all weights (each read once per decoded token, the tied LM head
 included) x decode tok/s. --nvidia-icd writes a loader manifest for NVIDIA's driver when the
@@ -77,16 +78,24 @@ def stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "best": max(xs), "runs": xs}
 
 
-def run(engine, pp: int, tg: int, reps: int, vocab: int, rng) -> dict:
-    """Timed pp and tg on a ready engine (caller warmed it up)."""
+def fill(engine, depth: int, vocab: int, rng):
+    """depth random tokens into the KV cache (untimed), as llama-bench -d does."""
+    if depth:
+        engine.forward(rng.integers(0, vocab, depth).astype(np.int32), 0)
+
+
+def run(engine, pp: int, tg: int, reps: int, vocab: int, rng, depth: int = 0) -> dict:
+    """Timed pp and tg on a ready engine (caller warmed it up), after depth tokens already in the
+    cache: tg = single-token steps from position depth, pp = one prompt at position depth."""
     out = {}
+    fill(engine, depth, vocab, rng)
     if tg:
         rates = []
         for _ in range(reps):
             toks = rng.integers(0, vocab, tg).astype(np.int32)
             t0 = time.perf_counter()
             for i in range(tg):
-                engine.forward(toks[i : i + 1], i)
+                engine.forward(toks[i : i + 1], depth + i)
             rates.append(tg / (time.perf_counter() - t0))
         out["tg"] = stats(rates)
     if pp:
@@ -94,7 +103,7 @@ def run(engine, pp: int, tg: int, reps: int, vocab: int, rng) -> dict:
         for _ in range(reps):
             toks = rng.integers(0, vocab, pp).astype(np.int32)
             t0 = time.perf_counter()
-            engine.forward(toks, 0)
+            engine.forward(toks, depth)
             rates.append(pp / (time.perf_counter() - t0))
         out["pp"] = stats(rates)
     return out
@@ -120,7 +129,12 @@ def main(argv=None) -> int:
     ap.add_argument("--pp", type=int, default=512, help="prompt tokens (0: skip)")
     ap.add_argument("--tg", type=int, default=128, help="decoded tokens (0: skip)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--context", type=int, default=None, help="KV cache tokens (default: pp + tg + 16)")
+    ap.add_argument(
+        "--depth",
+        default="0",
+        help="tokens already in the KV cache before pp and tg, comma-separated (llama-bench -d): 0,512,4096",
+    )
+    ap.add_argument("--context", type=int, default=None, help="KV cache tokens (default: depth + pp + tg + 16)")
     ap.add_argument("--sweep", action="store_true", help="also time decode mat-vec workgroup shapes")
     ap.add_argument("--profile", action="store_true", help="also time each decode kernel with GPU timestamps")
     ap.add_argument(
@@ -155,10 +169,17 @@ def main(argv=None) -> int:
         print("no Vulkan device (QORA_VK_LOADER points at a loader; --nvidia-icd helps in containers)", file=sys.stderr)
         return 1
 
+    try:
+        depths = [int(d) for d in a.depth.split(",") if d.strip()]
+    except ValueError:
+        ap.error(f"--depth {a.depth!r}: expected comma-separated token counts")
+    if not depths or min(depths) < 0:
+        ap.error("--depth: expected token counts >= 0")
     path = ensure_model(a.model, a.quant, a.layers)
-    context = a.context or (a.pp + a.tg + 16)
+    context = a.context or (max(depths) + max(a.pp, a.tg) + 16)
     rng = np.random.default_rng(0)
     results = {"model": str(path), "pp_tokens": a.pp, "tg_tokens": a.tg, "reps": a.reps, "context": context}
+    results["depths"] = {}
     with read_qora(path) as qf:
         weight_bytes = sum(i["nbytes"] for i in qf.tensor_info.values())
         vocab = qf.config["vocab_size"]
@@ -178,32 +199,37 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         warm(eng, a.pp, vocab, rng)
         print(f"warm-up {time.perf_counter() - t0:.1f} s")
-        r = run(eng, a.pp, a.tg, a.reps, vocab, rng)
-        results.update(r)
-        if "tg" in r:
-            tg = r["tg"]
-            print(
-                f"decode  tg{a.tg}: {tg['median']:8.1f} tok/s median, {tg['best']:8.1f} best   "
-                f"weights {weight_bytes * tg['median'] / 1e9:7.1f} GB/s median, "
-                f"{weight_bytes * tg['best'] / 1e9:7.1f} GB/s best   ({1000 / tg['median']:.3f} ms/token)"
-            )
-        if "pp" in r:
-            pp = r["pp"]
-            print(f"prefill pp{a.pp}: {pp['median']:8.1f} tok/s median, {pp['best']:8.1f} best")
+        for depth in depths:
+            r = run(eng, a.pp, a.tg, a.reps, vocab, rng, depth)
+            if depth == depths[0]:
+                results.update(r)
+            results["depths"][depth] = r
+            at = f" @ d{depth}" if depth else ""
+            if "tg" in r:
+                tg = r["tg"]
+                print(
+                    f"decode  tg{a.tg}{at}: {tg['median']:8.1f} tok/s median, {tg['best']:8.1f} best   "
+                    f"weights {weight_bytes * tg['median'] / 1e9:7.1f} GB/s median, "
+                    f"{weight_bytes * tg['best'] / 1e9:7.1f} GB/s best   ({1000 / tg['median']:.3f} ms/token)"
+                )
+            if "pp" in r:
+                pp = r["pp"]
+                print(f"prefill pp{a.pp}{at}: {pp['median']:8.1f} tok/s median, {pp['best']:8.1f} best")
         eng.close()
 
         if a.profile and a.tg:
             os.environ["QORA_VK_PROFILE"] = "1"
-            e = make_engine(qf, context)
-            warm(e, 0, vocab, rng)
-            run(e, 0, a.tg, 1, vocab, rng)
-            kernels, step_ms = e.profile()
-            e.close()
+            results["profile"] = {}
+            for depth in depths:  # a fresh engine per depth: the profile averages all its decode steps
+                e = make_engine(qf, context)
+                run(e, 0, a.tg, 1, vocab, rng, depth)  # the prefill filling the cache is not profiled
+                kernels, step_ms = e.profile()
+                e.close()
+                results["profile"][depth] = {"step_ms": step_ms, "kernels": kernels}
+                print(f"\ndecode GPU time per token at depth {depth} (timestamps): {step_ms:.3f} ms")
+                for name, (ms, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
+                    print(f"  {name:10s} {ms:7.3f} ms  {calls:5.0f} dispatches  {1000 * ms / calls:7.2f} us each")
             os.environ.pop("QORA_VK_PROFILE")
-            results["profile"] = {"step_ms": step_ms, "kernels": kernels}
-            print(f"\ndecode GPU time per token (timestamps): {step_ms:.3f} ms")
-            for name, (ms, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
-                print(f"  {name:10s} {ms:7.3f} ms  {calls:5.0f} dispatches  {1000 * ms / calls:7.2f} us each")
 
         if a.sweep and a.tg:
             results["sweep"] = []
@@ -237,13 +263,14 @@ def main(argv=None) -> int:
                 try:
                     e = make_engine(qf, context)
                     warm(e, 0, vocab, rng)
-                    s = run(e, 0, a.tg, a.reps, vocab, rng)["tg"]
+                    for depth in depths:
+                        s = run(e, 0, a.tg, a.reps, vocab, rng, depth)["tg"]
+                        results["tries"].append({"env": env, "depth": depth, **s})
+                        print(
+                            f"  {t:40s} d{depth:<6d} {s['median']:8.1f} tok/s median, {s['best']:8.1f} best, "
+                            f"{weight_bytes * s['median'] / 1e9:7.1f} GB/s"
+                        )
                     e.close()
-                    results["tries"].append({"env": env, **s})
-                    print(
-                        f"  {t:40s} {s['median']:8.1f} tok/s median, {s['best']:8.1f} best, "
-                        f"{weight_bytes * s['median'] / 1e9:7.1f} GB/s"
-                    )
                 except Exception as ex:  # a setting the device refuses: report and go on
                     print(f"  {t:40s} failed ({ex})")
                 finally:

@@ -74,6 +74,7 @@ def run_decode(ctx, q, kc, vc, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads=1
         (3001, 9, 3, 64, 3, 32, 256, 128, np.float16),  # SmolLM2's GQA group of 3
         (3001, 2, 2, 256, 1, 5, 256, 128, np.float16),  # head_dim 256: 32 octets, 4 groups
         (700, 8, 1, 8, 8, 7, 32, 64, np.float32),  # head_dim 8: 1 octet, 64 groups; 8 heads per workgroup
+        (65536, 2, 1, 8, 2, 256, 256, 128, np.float16),  # SmolLM3's full context: 256 chunks of 256 merged
     ],
 )
 def test_attn_decode(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv):
@@ -143,6 +144,7 @@ def flash_shape(hd, hg, max_shared=32768):
         (0, 1000, 4, 1, 128, 4, None, np.float16),
         (2990, 11, 2, 2, 256, 1, None, np.float16),  # TS 4, a long prefix, one workgroup of tokens
         (5, 70, 16, 2, 8, 8, 3, np.float32),  # head_dim 8, 8 heads per workgroup, odd key tiles
+        (65500, 36, 2, 1, 8, 2, None, np.float16),  # the end of a 65,536-position context
     ],
 )
 def test_attn_prefill(ctx, start, n_tok, n_heads, n_kv, hd, hg, bk, kv):

@@ -128,7 +128,7 @@ static int qvk_vkfail(char* err, size_t n, VkResult r, const char* what) {
     X(vkAllocateDescriptorSets) X(vkUpdateDescriptorSets) X(vkCreateCommandPool) X(vkDestroyCommandPool)     \
     X(vkAllocateCommandBuffers) X(vkFreeCommandBuffers) X(vkBeginCommandBuffer) X(vkEndCommandBuffer)        \
     X(vkResetCommandBuffer) X(vkCmdBindPipeline) X(vkCmdBindDescriptorSets) X(vkCmdPushConstants)            \
-    X(vkCmdDispatch) X(vkCmdPipelineBarrier) X(vkCmdCopyBuffer) X(vkCmdFillBuffer) X(vkQueueSubmit)          \
+    X(vkCmdDispatch) X(vkCmdDispatchIndirect) X(vkCmdPipelineBarrier) X(vkCmdCopyBuffer) X(vkCmdFillBuffer) X(vkQueueSubmit)          \
     X(vkCreateFence) X(vkDestroyFence) X(vkWaitForFences) X(vkResetFences) X(vkDeviceWaitIdle)             \
     X(vkCreateQueryPool) X(vkDestroyQueryPool) X(vkCmdResetQueryPool) X(vkCmdWriteTimestamp)                 \
     X(vkGetQueryPoolResults)
@@ -425,7 +425,8 @@ static int qvk_buffer_new(qvk_ctx* c, VkDeviceSize size, int kind, qvk_buffer* b
         return qvk_fail(err, n, QVK_ERR_OOM, "device memory allocation failed (simulated by QORA_VK_FAIL=alloc)");
     VkBufferCreateInfo bi = {VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO};
     bi.size = size;
-    bi.usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_SRC_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT;
+    bi.usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_SRC_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT |
+               VK_BUFFER_USAGE_INDIRECT_BUFFER_BIT;
     bi.sharingMode = VK_SHARING_MODE_EXCLUSIVE;
     VkResult r = c->f->vkCreateBuffer(c->dev, &bi, NULL, &b->buf);
     if (r != VK_SUCCESS) return qvk_vkfail(err, n, r, "vkCreateBuffer");
@@ -764,14 +765,19 @@ static VkDescriptorSet qvk_set(qvk_ctx* c, qvk_sets* s, const VkBuffer* b, char*
 
 /* Record one dispatch. Groups beyond the 65535 limit of one dimension spill into y; the
    shaders that can get that many (matvec) fold y back into a linear index. */
+/* indirect: the workgroup counts are read from that buffer when the command runs (gx, gy, gz unused) */
 static int qvk_dispatch(qvk_ctx* c, qvk_sets* s, VkCommandBuffer cb, VkPipeline pipe, const VkBuffer* binds,
-                        const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, uint32_t gz, char* err,
-                        size_t n) {
+                        const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, uint32_t gz,
+                        VkBuffer indirect, char* err, size_t n) {
     VkDescriptorSet set = qvk_set(c, s, binds, err, n);
     if (!set) return QVK_ERR_VK;
     c->f->vkCmdBindPipeline(cb, VK_PIPELINE_BIND_POINT_COMPUTE, pipe);
     c->f->vkCmdBindDescriptorSets(cb, VK_PIPELINE_BIND_POINT_COMPUTE, c->layout, 0, 1, &set, 0, NULL);
     if (push_bytes) c->f->vkCmdPushConstants(cb, c->layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, (uint32_t)push_bytes, push);
+    if (indirect) {
+        c->f->vkCmdDispatchIndirect(cb, indirect, 0);
+        return QVK_OK;
+    }
     uint32_t maxg = c->limits.maxComputeWorkGroupCount[0];
     if (gy == 1 && gz == 1 && gx > maxg) {
         gy = (gx + maxg - 1) / maxg;
@@ -812,7 +818,7 @@ int qvk_run_kernel(qvk_ctx* c, const char* name, const uint32_t* spec, int n_spe
     }
     if (!rc && qvk_cmd_begin(c, cb, 1) != VK_SUCCESS) rc = qvk_fail(err, errlen, QVK_ERR_VK, "vkBeginCommandBuffer failed");
     if (!rc) {
-        rc = qvk_dispatch(c, &sets, cb, pipe, vb, push, push_bytes, gx, gy, gz, err, errlen);
+        rc = qvk_dispatch(c, &sets, cb, pipe, vb, push, push_bytes, gx, gy, gz, VK_NULL_HANDLE, err, errlen);
         qvk_barrier(c, cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT, VK_PIPELINE_STAGE_HOST_BIT,
                     VK_ACCESS_HOST_READ_BIT);
         if (c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !rc)
@@ -939,6 +945,7 @@ struct qvk_model {
     qvk_buffer att;    /* (batch, q_dim) */
     qvk_buffer gu;     /* (batch, 2 hidden) */
     qvk_buffer logits; /* (logit_rows, vocab) */
+    qvk_buffer att_args; /* decode attention's indirect dispatch: (head groups, chunks in use, 1), per step */
     qvk_buffer att_part, att_done; /* decode attention chunks: (head groups, att_ch, hg (head_dim + 2)), (head groups,) */
     int att_ch;         /* decode: chunks per head group at most */
     uint32_t att_short; /* decode: fewest positions per chunk (one pass up to this many) */
@@ -1091,7 +1098,7 @@ void qvk_model_destroy(qvk_model* m) {
     qvk_matrix_free(c, &m->embed);
     qvk_matrix_free(c, &m->output_own);
     if (m->qpool) c->f->vkDestroyQueryPool(c->dev, m->qpool, NULL);
-    qvk_buffer* bufs[] = {&m->act, &m->cnt, &m->att_part, &m->att_done, &m->norm, &m->x, &m->xn, &m->xs, &m->qkv, &m->att, &m->gu, &m->logits, &m->readback, &m->params,
+    qvk_buffer* bufs[] = {&m->act, &m->cnt, &m->att_args, &m->att_part, &m->att_done, &m->norm, &m->x, &m->xn, &m->xs, &m->qkv, &m->att, &m->gu, &m->logits, &m->readback, &m->params,
                           &m->rope};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) qvk_buffer_free(c, bufs[i]);
     VkCommandBuffer cbs[2] = {m->cb_decode, m->cb_prefill};
@@ -1215,6 +1222,11 @@ static void qvk_attention_settings(qvk_model* m, const qvk_model_opts* o) {
     m->att_ch = o->att_splits > 0 ? o->att_splits : QVK_ATT_WORKGROUPS / groups;
     if (m->att_ch < 1) m->att_ch = 1;
     if (m->att_ch > QVK_ATT_CH_MAX) m->att_ch = QVK_ATT_CH_MAX;
+    /* attn_decode's shared arrays (q, scores, subgroup partials, value sums, merge weights) must fit */
+    const uint32_t hd = (uint32_t)cfg->head_dim, hg = m->att_hg, t = QVK_ATT_THREADS;
+    while (m->att_ch > 1 && 4u * (hg * hd + 2u * hg * t + 8u * t + hg * (uint32_t)m->att_ch + 2u * hg + 64u) + 64u >
+                                m->c->info.max_shared_memory)
+        m->att_ch /= 2;
 }
 
 static void qvk_model_settings(qvk_model* m, qvk_ctx* c, const qora_config* cfg, const qvk_model_opts* o,
@@ -1314,6 +1326,7 @@ static int qvk_alloc_scratch(qvk_model* m, int profile, char* err, size_t n) {
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->logit_rows * V * 4, QVK_MEM_READBACK, &m->readback, err, n);
     if (!rc) rc = qvk_buffer_new(c, (4 + B) * 4, QVK_MEM_UPLOAD, &m->params, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * cfg->head_dim * 4, QVK_MEM_UPLOAD, &m->rope, err, n);
+    if (!rc) rc = qvk_buffer_new(c, 16, QVK_MEM_UPLOAD, &m->att_args, err, n);
     if (!rc) {
         m->cb_decode = qvk_cmd_new(c);
         m->cb_prefill = qvk_cmd_new(c);
@@ -1474,6 +1487,7 @@ typedef struct {
     int rc;
     int prof;          /* write a timestamp after each step (profiled decode) */
     const char* label; /* what the next dispatch is called in the profile */
+    VkBuffer indirect; /* the next dispatch's workgroup counts are in this buffer (else none) */
 } qvk_rec;
 
 static void qvk_rec_dispatch(qvk_rec* R, const char* shader, const uint32_t* spec, int n_spec, const VkBuffer* binds,
@@ -1486,7 +1500,7 @@ static void qvk_rec_dispatch(qvk_rec* R, const char* shader, const uint32_t* spe
         R->rc = QVK_ERR_VK;
         return;
     }
-    R->rc = qvk_dispatch(c, &R->m->sets, R->cb, pipe, binds, push, push_bytes, gx, gy, gz, R->err, R->n);
+    R->rc = qvk_dispatch(c, &R->m->sets, R->cb, pipe, binds, push, push_bytes, gx, gy, gz, R->indirect, R->err, R->n);
     if (!R->rc && barrier) qvk_compute_barrier(c, R->cb);
     if (!R->rc && barrier && R->prof && R->m->n_ts < QVK_PROFILE_MAX) {
         R->m->ts_label[R->m->n_ts] = R->label ? R->label : shader;
@@ -1575,6 +1589,16 @@ static void qvk_rec_embed(qvk_rec* R, uint32_t n_tok) {
     }
 }
 
+/* The chunks of the context decode attention uses at n_pos positions: attn_decode.comp's rule
+   (at least att_short positions per chunk, whole tiles, at most att_ch chunks). */
+static uint32_t qvk_att_chunks(const qvk_model* m, uint32_t n_pos) {
+    const uint32_t t = QVK_ATT_THREADS, ch = (uint32_t)m->att_ch;
+    uint32_t per = (n_pos + ch - 1) / ch;
+    if (per < m->att_short) per = m->att_short;
+    per = (per + t - 1) / t * t;
+    return (n_pos + per - 1) / per;
+}
+
 /* attn_prefill.comp's specialization (threads, KV16, head_dim, HG, BK, TS); returns the tokens per
    workgroup. TS threads per query row keep at most 64 of its dimensions each (head_dim 8..256, a
    multiple of 8: head_dim / TS is a multiple of 4); about 64 rows (query heads x tokens) per
@@ -1608,8 +1632,11 @@ static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, ui
     VkBuffer b[QVK_BINDINGS] = {m->att_part.buf, m->qkv.buf, 0, m->att.buf, L->kc.buf, L->vc.buf, m->params.buf,
                                 m->att_done.buf, m->act.buf, m->cnt.buf};
     if (n_tok == 1) {
+        /* only the chunks the context fills are launched (qvk_att_chunks, written per step) */
         const uint32_t spec[7] = {QVK_ATT_THREADS, (uint32_t)m->kv_f16, hd, hg, (uint32_t)m->att_ch, m->att_short, 1u};
+        R->indirect = m->att_args.buf;
         qvk_rec_dispatch(R, "attn_decode", spec, 7, b, &p, sizeof p, groups, (uint32_t)m->att_ch, 1, 1);
+        R->indirect = VK_NULL_HANDLE;
     } else {
         uint32_t spec[6];
         const uint32_t bq = qvk_flash_shape(m, spec);
@@ -1776,6 +1803,12 @@ int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos,
             cs[2 * (t * half + j)] = cosf(angle) * m->cfg.rope_scale;
             cs[2 * (t * half + j) + 1] = sinf(angle) * m->cfg.rope_scale;
         }
+    if (n == 1) {
+        uint32_t* args = m->att_args.map;
+        args[0] = (uint32_t)m->cfg.n_heads / m->att_hg;
+        args[1] = qvk_att_chunks(m, (uint32_t)start_pos + 1);
+        args[2] = 1;
+    }
     int rc;
     VkCommandBuffer cb;
     if (n == 1) {

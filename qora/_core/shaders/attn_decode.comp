@@ -192,7 +192,18 @@ void main() {
         }
         barrier(); // ps
         const uint cnt = min(T, p_end - p0), e0 = p0 * kv_dim + kb + 8u * o;
-        for (uint i = j; i < cnt; i += J) {
+        uint i = j;
+        for (; i + 3u * J < cnt; i += 4u * J) { // four loads in flight, then the adds
+            vec4 va[4], vb[4];
+            for (uint u = 0u; u < 4u; u++) v_load(e0 + (i + u * J) * kv_dim, va[u], vb[u]);
+            for (uint u = 0u; u < 4u; u++)
+                for (uint h = 0u; h < HG; h++) {
+                    const float w = ps[h * T + i + u * J];
+                    a0[h] += w * va[u];
+                    a1[h] += w * vb[u];
+                }
+        }
+        for (; i < cnt; i += J) {
             vec4 va, vb;
             v_load(e0 + i * kv_dim, va, vb);
             for (uint h = 0u; h < HG; h++) {
@@ -224,10 +235,11 @@ void main() {
         finish(h0);
         return;
     }
-    if (tid < HG) {
-        part[pb + tid] = m[tid];
-        part[pb + HG + tid] = l[tid];
-    }
+    for (uint h = 0u; h < HG; h++) // constant indices: the arrays stay in registers
+        if (tid == h) {
+            part[pb + h] = m[h];
+            part[pb + HG + h] = l[h];
+        }
     memoryBarrierBuffer();
     barrier();
     if (tid == 0u) last = atomicAdd(done[grp], 1u) == n_act - 1u;

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Vulkan attention at depth (issue 13), on the random SmolLM3-3B-shaped Q4 model (bench/random_model.py,
+# made on first use): decode tg128 and prefill pp512 with 0 / 512 / 4096 / 8192 tokens already in the
+# KV cache, a 4096-token prompt from an empty cache, the GPU time of each decode kernel at each depth
+# (timestamps), and decode at depth with other attention chunk settings. llama.cpp's CUDA llama-bench
+# runs beside it on the same weights (bench/random_gguf.py) when LLAMA_BENCH names it.
+#
+#     bash bench/vk_depth.sh                      # results and JSON under $OUT (default /tmp/vk_depth)
+#     LLAMA_BENCH=/path/llama-bench bash bench/vk_depth.sh
+#     QUICK=1 bash bench/vk_depth.sh              # 1 repetition, no settings sweep
+#
+# Needs the built extension (python3 setup.py build_ext --inplace) and a Vulkan loader + driver
+# (--nvidia-icd writes the NVIDIA loader manifest when a container lacks it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/vk_depth}
+REPS=${REPS:-3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+
+tries=(--try QORA_VK_ATT_SPLITS=16 --try QORA_VK_ATT_SPLITS=128 --try QORA_VK_ATT_SHORT=128)
+if [ -n "${QUICK:-}" ]; then
+    REPS=1
+    tries=()
+fi
+
+echo "== qora Vulkan: tg128 / pp512 at depth 0,512,4096,8192; decode kernel profile at each depth"
+$PY bench/vulkan_bench.py --nvidia-icd --tg 128 --pp 512 --depth 0,512,4096,8192 --reps "$REPS" \
+    --profile "${tries[@]}" --json "$OUT/depth.json"
+
+echo "== qora Vulkan: a 4096-token prompt (and 8192) from an empty cache"
+$PY bench/vulkan_bench.py --nvidia-icd --tg 0 --pp 4096 --reps "$REPS" --json "$OUT/pp4096.json"
+$PY bench/vulkan_bench.py --nvidia-icd --tg 0 --pp 8192 --reps 1 --json "$OUT/pp8192.json"
+
+if [ -n "${LLAMA_BENCH:-}" ]; then
+    GGUF=${GGUF:-$OUT/smollm3-3b-random-q4_0.gguf}
+    [ -f "$GGUF" ] || $PY bench/random_gguf.py -o "$GGUF" --quant q4
+    echo "== llama.cpp (same weights): tg128 / pp512 at depth, pp4096"
+    "$LLAMA_BENCH" -m "$GGUF" -ngl 99 -fa 1 -p 512 -n 128 -d 0,512,4096,8192 -r "$REPS" -o md
+    "$LLAMA_BENCH" -m "$GGUF" -ngl 99 -fa 1 -p 4096 -n 0 -r "$REPS" -o md
+fi
+echo "== JSON under $OUT"
