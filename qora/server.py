@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"on SIGTERM / Ctrl-C, let answers in progress finish for up to S seconds (default {SHUTDOWN_TIMEOUT_S:g};"
         " a second signal stops at once)",
     )
+    p.add_argument(
+        "--ray",
+        type=int,
+        metavar="N",
+        help="serve through Ray Serve: N replicas of the model on a local Ray instance, Ray's proxy on "
+        "--host/--port (needs pip install 'ray[serve]'; module qora.api.ray_serve for a cluster)",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="log every request (one JSON line each)")
     return p
 
@@ -177,6 +184,19 @@ def main(argv: list[str]) -> int:
         if args.load and not Path(args.load).exists() and looks_like_repo_id(args.load)
         else path.stem
     )
+    if args.ray is not None:
+        if not 1 <= args.ray <= 1024 or args.port == 0:
+            raise QoraError("--ray takes 1..1024 replicas and a fixed --port")
+        from qora.api import ray_serve
+
+        device = "cpu" if args.cpu else "auto"
+        bound = args.host.strip("[]")
+        hosts = [*LOOPBACK_HOSTS, f"[{bound}]" if ":" in bound else bound, *args.allowed_host]
+        if bound in WILDCARD_BINDS:
+            hosts.append("*")  # Ray's proxy answers on every address: any Host (as any_ip_host, for names too)
+        return ray_serve.run(
+            path, model_id, args.host, args.port, args.ray, args.threads, args.context, args.api_key, device, hosts
+        )
     sock = _bind(args.host, args.port)
     if args.parallel is not None and not 1 <= args.parallel <= limits.MAX_BATCH_SLOTS:
         raise QoraError(f"--parallel must be in 1..{limits.MAX_BATCH_SLOTS}, got {args.parallel}")

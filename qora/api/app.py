@@ -49,6 +49,7 @@ class Handlers:
         self.api_key, self.created, self.max_body_bytes = api_key, created, max_body_bytes
         self.fingerprint = _fingerprint()
         self.stats = metrics.Stats()
+        self.instance = uuid.uuid4().hex[:12]  # tells replicas behind one address apart
 
     def routes(self) -> list[Route]:
         return [
@@ -70,6 +71,7 @@ class Handlers:
             {
                 "status": "ok",
                 "model": self.model_id,
+                "instance": self.instance,
                 "queued": self.scheduler.queued,
                 "busy": self.scheduler.busy,
                 "active": metrics.scheduler_gauges(self.scheduler)[1],
