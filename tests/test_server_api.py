@@ -280,6 +280,21 @@ def test_forced_tool_call_round_trip(tiny_server):
     assert r.usage.prompt_tokens > 100
 
 
+def test_bad_tools_are_400(tiny_server):
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "frob"}}}
+    for extra in (
+        {"tools": [bad], "tool_choice": "required"},
+        {"tools": [{"type": "function", "function": {"name": "a b"}}]},
+        {"tools": [NOW, NOW]},
+        {"tools": [{"type": "retrieval"}]},
+        {"tool_choice": "required"},
+        {"tools": [NOW], "tool_choice": "sometimes"},
+    ):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **extra}
+        r = httpx.post(tiny_server.url + "/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] in ("tools", "tool_choice"), (extra, r.text)
+
+
 def test_streamed_tool_calls(tiny_server):
     c = _client(tiny_server.url)
     stream = c.chat.completions.create(

@@ -348,7 +348,10 @@ class ChatRequest(_Request):
                 raise ApiError(
                     400, "tool_choice forcing a call cannot be combined with a response format", "tool_choice"
                 )
-            shape["grammar"] = structured.Grammar.lark(tools.forcing_grammar(spec))
+            try:
+                shape["grammar"] = structured.Grammar.lark(tools.forcing_grammar(spec))
+            except QoraError as e:  # a function's parameters schema the grammar cannot take
+                raise ApiError(400, f"tools: {e}", param="tools") from None
         return shape
 
     @model_validator(mode="before")
