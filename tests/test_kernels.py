@@ -441,11 +441,14 @@ def test_float_kernels_same_bits_on_every_path(n):
             np.testing.assert_array_equal(got, dots[0], err_msg=f"{dtype} {ISA_NAMES[isa]}")
 
 
-@pytest.mark.parametrize("n_heads,n_kv,hd", [(9, 3, 64), (4, 2, 16), (8, 1, 128), (2, 2, 256), (4, 4, 48)])
+@pytest.mark.parametrize(
+    "n_heads,n_kv,hd", [(9, 3, 64), (4, 2, 16), (8, 1, 128), (2, 2, 256), (4, 4, 48), (3, 1, 96), (5, 5, 32)]
+)
 @pytest.mark.parametrize("n_pos", [1, 15, 16, 17, 70, 300])
 @pytest.mark.parametrize("kv_f16", [True, False], ids=["kv16", "kv32"])
 def test_attention_same_bits_on_every_path(n_heads, n_kv, hd, n_pos, kv_f16):
-    """The generic attention and the AVX-512 one (head sizes 64/128/256) compute the same steps."""
+    """The generic attention and the AVX2 / AVX-512 ones (head sizes 64/128/256; AVX2 any multiple of 32
+    up to 256) compute the same steps."""
     r = rng()
     q = (r.standard_normal(n_heads * hd) * 2).astype(np.float32)
     kc = (r.standard_normal((n_pos, n_kv * hd)) * 2).astype(np.float32)
@@ -579,3 +582,4 @@ def test_attention_chunks_same_bits_as_numpy(n_pos, group, hd, kv_f16):
         for threads in (1, 2, 3):
             got = _cpu.attention(q, kc, vc, n_heads, n_kv, hd, isa, threads, kv_f16)
             np.testing.assert_array_equal(got, want, err_msg=f"{ISA_NAMES[isa]} threads={threads}")
+
