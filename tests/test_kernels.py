@@ -583,3 +583,52 @@ def test_attention_chunks_same_bits_as_numpy(n_pos, group, hd, kv_f16):
             got = _cpu.attention(q, kc, vc, n_heads, n_kv, hd, isa, threads, kv_f16)
             np.testing.assert_array_equal(got, want, err_msg=f"{ISA_NAMES[isa]} threads={threads}")
 
+
+# ---- prefill: flash attention of a block of queries over key chunks (forward.h qora_attention_tiles) ----
+@pytest.mark.parametrize(
+    "pos0,n",
+    [(0, 1), (0, 16), (5, 3), (240, 16), (255, 2), (256, 16), (0, 300), (500, 13), (4090, 16), (8990, 10)],
+)
+@pytest.mark.parametrize("group,hd", [(1, 64), (4, 128), (3, 64)])
+@pytest.mark.parametrize("kv_f16", [True, False], ids=["kv16", "kv32"])
+def test_prefill_attention_same_bits_as_decode(pos0, n, group, hd, kv_f16):
+    """n queries at positions pos0 .. pos0+n-1 at once (whole chunks as tiles, the diagonal masked,
+    chunks past a query skipped; lengths up to 9,000, ragged chunk and tile edges): each query's
+    output is, bit for bit, one decode step at its position (which test_attention_chunks_same_bits_as_numpy
+    holds to the NumPy model of the order), on every path and thread count; and within float
+    tolerance of a float64 softmax."""
+    r = rng()
+    n_kv = 2
+    n_heads, n_pos = group * n_kv, pos0 + n
+    q = (r.standard_normal((n, n_heads * hd)) * 2).astype(F32)
+    kc = (r.standard_normal((n_pos, n_kv * hd)) * 2).astype(F32)
+    vc = r.standard_normal((n_pos, n_kv * hd)).astype(F32)
+    if kv_f16:
+        kc, vc = kc.astype(np.float16).astype(F32), vc.astype(np.float16).astype(F32)
+    for t in (0, n // 2, n - 1):
+        p = pos0 + t + 1
+        np.testing.assert_allclose(
+            _cpu.attention(q[t], kc[:p], vc[:p], n_heads, n_kv, hd, ISAS[0], 1, kv_f16),
+            ref_attention(q[t], kc[:p], vc[:p], n_heads, n_kv, hd),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    for isa in ISAS:
+        want = np.stack(
+            [
+                _cpu.attention(q[t], kc[: pos0 + t + 1], vc[: pos0 + t + 1], n_heads, n_kv, hd, isa, 1, kv_f16)
+                for t in range(n)
+            ]
+        )
+        for threads in (1, 3):
+            got = _cpu.attention(q.reshape(-1), kc, vc, n_heads, n_kv, hd, isa, threads, kv_f16, n)
+            np.testing.assert_array_equal(got.reshape(n, -1), want, err_msg=f"{ISA_NAMES[isa]} threads={threads}")
+
+
+def test_prefill_attention_rejects_bad_query_counts():
+    q, kv = np.zeros(2 * 8, np.float32), np.zeros((3, 8), np.float32)
+    for n in (0, 4):  # no query, or more queries than cached positions
+        with pytest.raises(ValueError):
+            _cpu.attention(q, kv, kv, 1, 1, 8, 0, 1, True, n)
+    with pytest.raises(ValueError):  # q holds 2 queries, not 3
+        _cpu.attention(q, kv, kv, 1, 1, 8, 0, 1, True, 3)

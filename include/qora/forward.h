@@ -57,9 +57,10 @@ typedef struct {
 
 static inline int qora_att_chunks(int n_pos) { return (n_pos + QORA_ATT_CHUNK - 1) / QORA_ATT_CHUNK; }
 
-/* Floats of qora_attention_split's scratch: per chunk, every head's V sum, max and sum. */
-static inline size_t qora_att_part_floats(int n_pos, int n_heads, int head_dim) {
-    return (size_t)qora_att_chunks(n_pos) * n_heads * (head_dim + 2);
+/* Floats of qora_attention_tiles's scratch for n queries over n_pos positions: per chunk, every
+   query vector's V sum, max and sum. */
+static inline size_t qora_att_part_floats(int n_pos, int n, int n_heads, int head_dim) {
+    return (size_t)qora_att_chunks(n_pos) * n * n_heads * (head_dim + 2);
 }
 
 typedef struct {
@@ -75,7 +76,8 @@ typedef struct {
     qora_xblock* xs; /* (QORA_CHUNK, widest/32) extras of each Q8 block */
     size_t xq_stride;   /* blocks per row of xq and xs */
     float* scores;      /* (QORA_CHUNK, n_heads, max_seq_len) attention weights */
-    float* att_part;    /* attention scratch: decode's chunk partials, or prefill's per (token, group) */
+    float* att_part;    /* attention scratch: the chunk partials of every query vector */
+    float* qg;          /* (QORA_CHUNK, n_heads*head_dim) the queries regrouped by KV group */
     void* key_cache;   /* (n_layers, max_seq_len, n_kv_heads*head_dim) f16 or f32, per cfg.kv_f16 */
     void* value_cache; /* (n_layers, max_seq_len, n_kv_heads*head_dim) */
 } qora_state;
@@ -92,7 +94,7 @@ enum { QORA_OK = 0, QORA_ERR_ARGS = -1, QORA_ERR_TOKEN = -2, QORA_ERR_CONTEXT = 
 
 static void qora_state_free(qora_state* s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->att); free(s->hb);
-    free(s->xq); free(s->xs); free(s->scores); free(s->att_part); free(s->key_cache); free(s->value_cache);
+    free(s->xq); free(s->xs); free(s->scores); free(s->att_part); free(s->qg); free(s->key_cache); free(s->value_cache);
     memset(s, 0, sizeof *s);
 }
 
@@ -122,14 +124,17 @@ static int qora_state_alloc(qora_state* s, const qora_config* c, size_t rows, si
     s->xq = calloc(C * s->xq_stride, sizeof(block_q8));
     s->xs = calloc(C * s->xq_stride, sizeof(qora_xblock));
     s->scores = calloc(C * (size_t)c->n_heads * c->max_seq_len, sizeof(float)); /* touched only as far as used */
-    size_t part = qora_att_part_floats(c->max_seq_len, c->n_heads, c->head_dim);
+    /* attention scratch: qora_attention_tiles' partials for up to QORA_CHUNK queries, or
+       qora_attend_group's per (row, group) pair */
+    size_t part = qora_att_part_floats(c->max_seq_len, C < QORA_CHUNK ? (int)C : QORA_CHUNK, c->n_heads, c->head_dim);
     if (part < C * c->n_heads * (size_t)(c->head_dim + 4)) part = C * c->n_heads * (size_t)(c->head_dim + 4);
     s->att_part = malloc(part * sizeof(float));
+    s->qg = malloc(C * q_dim * sizeof(float));
     const size_t kv_bytes = c->kv_f16 ? sizeof(uint16_t) : sizeof(float);
     s->key_cache = calloc(cache, kv_bytes);
     s->value_cache = calloc(cache, kv_bytes);
     if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->att || !s->hb || !s->xq || !s->xs || !s->scores ||
-        !s->att_part || !s->key_cache || !s->value_cache) {
+        !s->att_part || !s->qg || !s->key_cache || !s->value_cache) {
         qora_state_free(s);
         return QORA_ERR_NOMEM;
     }
@@ -217,7 +222,8 @@ static inline void qora_attend_finish(int head_dim, float S, float* o) {
 }
 
 /* Causal attention of KV group g's query heads for one query over n_pos cached positions, the
-   chunks one after another (prefill, where the threads take (token, group) pairs).
+   chunks one after another (the batched step's rows, where the threads take (row, group) pairs):
+   the operations of qora_attention_tiles for that query.
    scores: (n_heads, score_stride); tmp: group * (head_dim + 4) floats. */
 static void qora_attend_group(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
                               int n_pos, int g, int group, int head_dim, size_t kv_stride, float* scores,
@@ -240,41 +246,75 @@ static void qora_attend_group(const qora_kernels* K, const float* q, const void*
     for (int j = 0; j < group; j++) qora_attend_finish(head_dim, S[j], o + (size_t)j * head_dim);
 }
 
-/* Causal GQA attention for one query position (all heads), decode: the threads share out the
-   (chunk, KV group) items of the whole context, then fold each head's chunks in order — the
-   same operations as qora_attend_group, for any thread count.
-   part: qora_att_part_floats(n_pos, n_heads, head_dim) floats. */
-static void qora_attention_split(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
-                                 int n_pos, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride,
-                                 float* scores, size_t score_stride, float* out, float* part, int n_threads) {
-    const int group = n_heads / n_kv_heads, nc = qora_att_chunks(n_pos), items = nc * n_kv_heads;
-    const size_t per = (size_t)n_heads * (head_dim + 2); /* a chunk's part: V sums, then maxes, then sums */
+/* Causal GQA attention of n queries at positions pos0 .. pos0+n-1 (all heads) over the cache's
+   first pos0 + n positions: flash attention in the order of common.h. A work item is one KV
+   group against one key chunk: the group's query heads of all n tokens (n * group vectors) share
+   each K and V row, read once per item; a chunk every query sees whole is one tile, and on the
+   diagonal each query takes the chunk's first positions up to its own (the causally masked rest
+   is never computed, and a chunk past a query is skipped). Items spread over the threads; then
+   each (token, head) folds its chunks in order. Every query computes exactly the operations of
+   one decode step at its position, for any n and thread count. Decode is n = 1.
+   q, out: (n, n_heads*head_dim); scores: n * n_heads * score_stride floats (score_stride >= pos0
+   + n); qg: n * n_heads * head_dim floats (the queries regrouped by KV group; unused when n = 1);
+   part: qora_att_part_floats(pos0 + n, n, n_heads, head_dim) floats. */
+static void qora_attention_tiles(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
+                                 int pos0, int n, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride,
+                                 float* scores, size_t score_stride, float* qg, float* out, float* part,
+                                 int n_threads) {
+    const int group = n_heads / n_kv_heads, nq = n * group, nc = qora_att_chunks(pos0 + n), items = nc * n_kv_heads;
+    const size_t q_dim = (size_t)n_heads * head_dim, vs = (size_t)n * n_heads; /* vs: query vectors */
+    const size_t per = vs * (head_dim + 2); /* a chunk's part: V sums, then maxes, then sums, by vector */
+    /* vector (g, t, j) = token t's head g * group + j, at (g * n + t) * group + j */
+    const float* Q = q;
+    if (n > 1) {
+        for (int t = 0; t < n; t++)
+            for (int g = 0; g < n_kv_heads; g++)
+                memcpy(qg + (size_t)(g * n + t) * group * head_dim, q + t * q_dim + (size_t)g * group * head_dim,
+                       (size_t)group * head_dim * sizeof(float));
+        Q = qg;
+    }
 #ifdef _OPENMP
-#pragma omp parallel num_threads(n_threads) if ((long long)n_pos * n_heads * head_dim >= QORA_PARALLEL_MIN_WORK / 4)
+#pragma omp parallel num_threads(n_threads) \
+    if ((long long)(pos0 + n) * n * n_heads * head_dim >= QORA_PARALLEL_MIN_WORK / 4)
 #endif
     {
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int it = 0; it < items; it++) {
-            const int c = it / n_kv_heads, g = it % n_kv_heads, h0 = g * group, p0 = c * QORA_ATT_CHUNK;
-            float* P = part + (size_t)c * per;
-            qora_attend_chunk(K, q + (size_t)h0 * head_dim, kc, vc, kv_f16, p0,
-                              n_pos - p0 < QORA_ATT_CHUNK ? n_pos - p0 : QORA_ATT_CHUNK, g, group, head_dim, kv_stride,
-                              scores + (size_t)h0 * score_stride, score_stride, P + (size_t)h0 * head_dim,
-                              P + (size_t)n_heads * head_dim + h0, P + (size_t)n_heads * (head_dim + 1) + h0);
+            const int c = it / n_kv_heads, g = it % n_kv_heads, p0 = c * QORA_ATT_CHUNK;
+            const size_t v0 = (size_t)g * nq;
+            const float* qv = Q + v0 * head_dim;
+            float* sc = scores + v0 * score_stride;
+            float *acc = part + (size_t)c * per + v0 * head_dim, *mx = part + (size_t)c * per + vs * head_dim + v0;
+            float* sum = mx + vs;
+            if (pos0 + 1 - p0 >= QORA_ATT_CHUNK) { /* every query sees the whole chunk: one tile */
+                qora_attend_chunk(K, qv, kc, vc, kv_f16, p0, QORA_ATT_CHUNK, g, nq, head_dim, kv_stride, sc,
+                                  score_stride, acc, mx, sum);
+                continue;
+            }
+            for (int t = 0; t < n; t++) { /* the diagonal: each query up to its own position */
+                int len = pos0 + t + 1 - p0;
+                if (len <= 0) continue;
+                if (len > QORA_ATT_CHUNK) len = QORA_ATT_CHUNK;
+                const size_t v = (size_t)t * group;
+                qora_attend_chunk(K, qv + v * head_dim, kc, vc, kv_f16, p0, len, g, group, head_dim, kv_stride,
+                                  sc + v * score_stride, score_stride, acc + v * head_dim, mx + v, sum + v);
+            }
         }
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int h = 0; h < n_heads; h++) {
-            float* o = out + (size_t)h * head_dim;
-            memcpy(o, part + (size_t)h * head_dim, (size_t)head_dim * sizeof(float));
-            float M = part[(size_t)n_heads * head_dim + h], S = part[(size_t)n_heads * (head_dim + 1) + h];
-            for (int c = 1; c < nc; c++) {
+        for (int i = 0; i < n * n_heads; i++) {
+            const int t = i / n_heads, h = i % n_heads;
+            const size_t v = (size_t)((h / group) * n + t) * group + h % group;
+            float* o = out + t * q_dim + (size_t)h * head_dim;
+            memcpy(o, part + v * head_dim, (size_t)head_dim * sizeof(float));
+            float M = part[vs * head_dim + v], S = part[vs * (head_dim + 1) + v];
+            for (int c = 1; c < qora_att_chunks(pos0 + t + 1); c++) {
                 const float* P = part + (size_t)c * per;
-                qora_attend_fold(K, head_dim, P + (size_t)h * head_dim, P[(size_t)n_heads * head_dim + h],
-                                 P[(size_t)n_heads * (head_dim + 1) + h], &M, &S, o);
+                qora_attend_fold(K, head_dim, P + v * head_dim, P[vs * head_dim + v], P[vs * (head_dim + 1) + v], &M,
+                                 &S, o);
             }
             qora_attend_finish(head_dim, S, o);
         }
@@ -282,19 +322,22 @@ static void qora_attention_split(const qora_kernels* K, const float* q, const vo
     (void)n_threads;
 }
 
-/* qora_attention_split with its scratch allocated here (the kernel tests' entry; the forward pass
-   uses the state's). Without memory the output is NaN. */
+/* qora_attention_tiles with its scratch allocated here (the kernel tests' entry; the forward pass
+   uses the state's): n queries whose own positions are the cache's last n rows (n_pos in all).
+   Without memory the output is NaN. */
 static void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
-                           int n_pos, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride, float* scores,
-                           size_t score_stride, float* out, int n_threads) {
-    float* part = malloc(qora_att_part_floats(n_pos, n_heads, head_dim) * sizeof(float));
-    if (!part) {
-        for (size_t i = 0; i < (size_t)n_heads * head_dim; i++) out[i] = NAN;
-        return;
+                           int n_pos, int n, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride,
+                           float* scores, size_t score_stride, float* out, int n_threads) {
+    float* part = malloc(qora_att_part_floats(n_pos, n, n_heads, head_dim) * sizeof(float));
+    float* qg = malloc((size_t)n * n_heads * head_dim * sizeof(float));
+    if (!part || !qg) {
+        for (size_t i = 0; i < (size_t)n * n_heads * head_dim; i++) out[i] = NAN;
+    } else {
+        qora_attention_tiles(K, q, kc, vc, kv_f16, n_pos - n, n, n_heads, n_kv_heads, head_dim, kv_stride, scores,
+                             score_stride, qg, out, part, n_threads);
     }
-    qora_attention_split(K, q, kc, vc, kv_f16, n_pos, n_heads, n_kv_heads, head_dim, kv_stride, scores, score_stride,
-                         out, part, n_threads);
     free(part);
+    free(qg);
 }
 
 /* ------------------------------------------------------------ forward pass */
@@ -350,25 +393,9 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
             }
         }
 
-        /* causal grouped-query attention: token t sees positions 0..pos0+t. Decode spreads the
-           context's chunks over the threads; prefill gives them (token, group) pairs. */
-        if (n == 1) {
-            qora_attention_split(K, s->q, key_cache, value_cache, c->kv_f16, pos0 + 1, c->n_heads, c->n_kv_heads,
-                                 c->head_dim, (size_t)kv_dim, s->scores, T, s->att, s->att_part, nt);
-        } else {
-            const int group = c->n_heads / c->n_kv_heads, pairs = n * c->n_kv_heads;
-            const size_t tmp = (size_t)group * (c->head_dim + 4);
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) \
-    if ((long long)(pos0 + n) * n * c->n_heads * c->head_dim >= QORA_PARALLEL_MIN_WORK / 4)
-#endif
-            for (int p = 0; p < pairs; p++) {
-                const int t = p / c->n_kv_heads, g = p % c->n_kv_heads;
-                qora_attend_group(K, s->q + (size_t)t * q_dim, key_cache, value_cache, c->kv_f16, pos0 + t + 1, g, group,
-                                  c->head_dim, (size_t)kv_dim, s->scores + (size_t)t * c->n_heads * T, T,
-                                  s->att + (size_t)t * q_dim, s->att_part + (size_t)p * tmp);
-            }
-        }
+        /* causal grouped-query attention: token t sees positions 0..pos0+t */
+        qora_attention_tiles(K, s->q, key_cache, value_cache, c->kv_f16, pos0, n, c->n_heads, c->n_kv_heads,
+                             c->head_dim, (size_t)kv_dim, s->scores, T, s->qg, s->att, s->att_part, nt);
 
         /* output projection and residual */
         qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, s->xq, s->xs, lq, n, q_dim, nt);

@@ -54,7 +54,7 @@ cdef extern from "qora/qora.h" nogil:
     void qora_dequant_row(const qora_tensor* W, int r, float* out)
     void qora_rope(float* v, int n_heads, int head_dim, int pos, const float* inv_freq, float scale)
     void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16, int n_pos,
-                        int n_heads, int n_kv_heads, int head_dim, size_t kv_stride, float* scores,
+                        int n, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride, float* scores,
                         size_t score_stride, float* out, int n_threads)
 
     ctypedef struct qora_state:
@@ -353,9 +353,11 @@ def rope(v, int n_heads, int head_dim, int pos, const float[::1] inv_freq, float
 
 
 def attention(const float[::1] q, kc_in, vc_in, int n_heads, int n_kv_heads, int head_dim, int isa,
-              int n_threads=1, bint kv_f16=True):
-    """Softmax(q k^T / sqrt(d)) v for one query over kc/vc (n_pos, n_kv_heads*head_dim), held as
-    f16 (kv_f16, the engine's default cache) or f32."""
+              int n_threads=1, bint kv_f16=True, int n_queries=1):
+    """Causal softmax(q k^T / sqrt(d)) v for n_queries queries (q: n_queries * n_heads * head_dim,
+    token by token) whose own positions are the last n_queries rows of kc/vc (n_pos,
+    n_kv_heads*head_dim), held as f16 (kv_f16, the engine's default cache) or f32: query t sees
+    positions 0 .. n_pos - n_queries + t (prefill's flash attention; one query is decode)."""
     cdef const qora_kernels* K = _kernels(isa)
     kv_dtype = np.float16 if kv_f16 else np.float32
     kc_arr = np.ascontiguousarray(kc_in, dtype=kv_dtype)
@@ -369,16 +371,18 @@ def attention(const float[::1] q, kc_in, vc_in, int n_heads, int n_kv_heads, int
     _threads(n_threads)
     if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or head_dim <= 0:
         raise ValueError("attention: bad head configuration")
+    if n_queries < 1 or n_queries > n_pos:
+        raise ValueError("attention: n_queries must be 1 .. n_pos")
     # products in Py_ssize_t: an int product could wrap and let a short buffer through
-    if q.shape[0] != <Py_ssize_t>n_heads * head_dim or kv_width != <Py_ssize_t>n_kv_heads * head_dim or \
+    if q.shape[0] != <Py_ssize_t>n_queries * n_heads * head_dim or kv_width != <Py_ssize_t>n_kv_heads * head_dim or \
             vc.shape[0] != n_pos or vc.shape[1] != kc.shape[1] or n_pos == 0:
         raise ValueError("attention: shapes disagree")
-    scores = np.empty(<Py_ssize_t>n_heads * n_pos, dtype=np.float32)
-    out = np.empty(<Py_ssize_t>n_heads * head_dim, dtype=np.float32)
+    scores = np.empty(<Py_ssize_t>n_queries * n_heads * n_pos, dtype=np.float32)
+    out = np.empty(<Py_ssize_t>n_queries * n_heads * head_dim, dtype=np.float32)
     cdef float[::1] sc = scores
     cdef float[::1] o = out
     with nogil:
-        qora_attention(K, &q[0], &kc[0, 0], &vc[0, 0], kv_f16, n_pos, n_heads, n_kv_heads, head_dim,
+        qora_attention(K, &q[0], &kc[0, 0], &vc[0, 0], kv_f16, n_pos, n_queries, n_heads, n_kv_heads, head_dim,
                        <size_t>kv_width, &sc[0], <size_t>n_pos, &o[0], n_threads)
     return out
 
