@@ -198,11 +198,27 @@ def kv_cache_dtype(qfile) -> str:
     return "f16" if wq in dtypes.QUANTIZED else "f32"
 
 
-def default_context(cfg: dict, requested: int | None = None) -> int:
-    """KV cache size: the request if given, else what fits a quarter of free RAM (at most 16384)."""
+# Bytes of one cached key or value element per KV cache type.
+KV_ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0}
+
+
+def context_bytes_per_token(cfg: dict, kv_dtype: str = "f32") -> float:
+    """Memory one token of context costs the engine: its keys and values in every layer, plus the
+    attention scratch that grows with the context (include/qora/forward.h: QORA_CHUNK rows of
+    scores per position, and each 256-position chunk's partial sums for QORA_CHUNK queries)."""
+    if kv_dtype not in KV_ELEMENT_BYTES:
+        raise QoraError(f"KV cache type {kv_dtype!r} is not one of {', '.join(KV_ELEMENT_BYTES)}")
+    kv = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * KV_ELEMENT_BYTES[kv_dtype]
+    scores = 16 * cfg["n_heads"] * 4
+    partials = 16 * cfg["n_heads"] * (cfg["head_dim"] + 2) * 4 / 256
+    return kv + scores + partials
+
+
+def default_context(cfg: dict, requested: int | None = None, kv_dtype: str = "f32") -> int:
+    """KV cache size: the request if given (checked against available RAM for a cache of kv_dtype),
+    else what fits a quarter of free RAM (at most 16384)."""
     max_pos = int(cfg["max_seq_len"])
-    # KV cache (f32 keys and values for every layer) plus the attention scores, per token of context
-    per_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * 4 + 16 * cfg["n_heads"] * 4
+    per_token = context_bytes_per_token(cfg, kv_dtype)
     try:
         import psutil
 
@@ -215,9 +231,10 @@ def default_context(cfg: dict, requested: int | None = None) -> int:
         n = min(requested, max_pos)
         # Checked before the engine allocates: a context that cannot fit is an error, not an OOM kill.
         if n * per_token > limits.MAX_CONTEXT_RAM_FRACTION * avail:
+            fits = int(limits.MAX_CONTEXT_RAM_FRACTION * avail // per_token)
             raise ContextOverflowError(
-                f"a {n}-token context needs {n * per_token / 2**30:.1f} GiB for its KV cache but only "
-                f"{avail / 2**30:.1f} GiB of memory is available; ask for a smaller context"
+                f"a {n}-token context needs {n * per_token / 2**30:.1f} GiB for its {kv_dtype} KV cache but only "
+                f"{avail / 2**30:.1f} GiB of memory is available; about {fits} tokens fit: ask for a smaller context"
             )
         return n
     fit = max(512, int(avail // 4 // per_token))

@@ -208,7 +208,8 @@ class CpuEngine:
         self.n_threads = int(n_threads) if n_threads else default_threads()
         if not 1 <= self.n_threads <= limits.MAX_THREADS:
             raise QoraError(f"threads must be in 1..{limits.MAX_THREADS}, got {self.n_threads}")
-        self.max_seq_len = default_context(cfg, max_seq_len)
+        self.kv_dtype = kv_cache_dtype(qfile)
+        self.max_seq_len = default_context(cfg, max_seq_len, self.kv_dtype)  # the pre-flight counts this cache
         inv_freq, rope_scale = rope_parameters(cfg)
         # the weights are read from the mapping while the engine is built (Q4 repacking) and by
         # every forward (embeddings, norms, matrices not repacked): a fault there is caught
@@ -220,7 +221,6 @@ class CpuEngine:
         try:
             # QORA_REPACK=0 keeps Q4 matrices in file order (half the memory, slower products)
             repack = os.environ.get("QORA_REPACK", "1").strip() not in ("0", "false", "no")
-            self.kv_dtype = kv_cache_dtype(qfile)
             self._model = core.CpuModel(
                 cfg,
                 tensors,
