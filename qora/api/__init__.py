@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API that `qora serve` runs (starlette on uvicorn; the `server` extra).
 
-Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions
-(streamed as server-sent events ending with `data: [DONE]`, or one JSON answer with `usage`).
+Routes: GET / (the chat page, `static/`), GET /health, GET /metrics (Prometheus text, `metrics`), GET
+/v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions (streamed as
+server-sent events ending with `data: [DONE]`, or one JSON answer with `usage`). Structured output
+(`response_format`, `grammar`) is qora/structured.py's; tool calls are qora/tools.py's.
 
 The path of a request: `security` (Guard: Host, Origin, declared body size; then the API key, the body read
 within its limit and decoded as strict JSON) → `models` (the typed request, validated field by field, and
