@@ -195,6 +195,11 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
     p.add_argument("--threads", type=int_at_least(1), metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--context", type=int_at_least(2), metavar="N", help="KV cache size in tokens (default: auto)")
     p.add_argument(
+        "--rope-scaling",
+        metavar="yarn[:F]",
+        help="stretch the model's context by YaRN, factor F (default 2: SmolLM3's 65,536 -> 131,072 positions)",
+    )
+    p.add_argument(
         "--ignore-eos",
         action="store_true",
         help="generate --max-tokens tokens: never end the answer at an end-of-turn token (for benchmarks)",
@@ -418,7 +423,9 @@ def note_unused_think_flags(args, tokenizer) -> None:
 def load_from_args(args):
     """The model the flags of add_generation_args ask for (--load, --cpu / --gpu, --threads, --context);
     with --verbose the load says what it found (device memory, the engine, load time)."""
-    return load_model(args.load, device_choice(args), args.threads, args.context, verbose=args.verbose)
+    return load_model(
+        args.load, device_choice(args), args.threads, args.context, verbose=args.verbose, rope_scaling=args.rope_scaling
+    )
 
 
 def _run(args, parser) -> int:

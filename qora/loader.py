@@ -67,10 +67,12 @@ def engine_label(engine) -> str:
     return f"cpu ({engine.isa}, {engine.n_threads} threads)"
 
 
-def open_model(path, threads=None, device: str = "auto", max_seq_len=None, verbose: bool = False):
+def open_model(path, threads=None, device: str = "auto", max_seq_len=None, verbose: bool = False, rope_scaling=None):
     """Open a .qora or GGUF file by mmap and build the engine for it (this is `qora.load`). verbose: the
-    load's debug lines (device memory, why the CPU runs it, load time) are shown on stderr."""
+    load's debug lines (device memory, why the CPU runs it, load time) are shown on stderr;
+    rope_scaling: "yarn" / "yarn:F" (engine.base.with_rope_scaling)."""
     from qora.engine import DEVICES, make_engine
+    from qora.engine.base import with_rope_scaling
     from qora.model import Model
     from qora.tokenizer import Tokenizer
 
@@ -81,6 +83,7 @@ def open_model(path, threads=None, device: str = "auto", max_seq_len=None, verbo
         t0 = time.perf_counter()
         qfile = open_model_file(path)
         try:
+            qfile.config = with_rope_scaling(qfile.config, rope_scaling)
             tokenizer = Tokenizer(qfile.tokenizer_json, qfile.chat_template, qfile.special_tokens, where=path)
             if tokenizer.id_limit > qfile.config["vocab_size"]:  # ids past the embedding would reach the engine
                 raise FormatError(
@@ -105,6 +108,7 @@ def load_model(
     context: int | None = None,
     verbose: bool = False,
     progress: Callable[[str], None] | None = None,
+    rope_scaling: str | None = None,
 ):
     """A front end's options -> a loaded Model: the path as resolve_model_path finds it (a demo
     download reports to `progress`), then `qora.load` with the device ("auto", "cpu", "gpu"), the
@@ -115,6 +119,8 @@ def load_model(
     kwargs = {"threads": threads, "device": device}
     if context is not None:
         kwargs["max_seq_len"] = context
+    if rope_scaling is not None:
+        kwargs["rope_scaling"] = rope_scaling
     with qlog.verbose(verbose):
         # through the public qora.load: the one entry a program (or a test) may wrap or replace
         return qora.load(path, **kwargs)

@@ -82,3 +82,42 @@ def test_preflight_counts_the_kv_type(monkeypatch):
         base.default_context(cfg, fits16 - 1, "f32")  # the same length in f32 needs twice the memory
     with pytest.raises(qora.QoraError, match="KV cache type"):
         base.context_bytes_per_token(cfg, "q3")
+
+
+def smollm3_cfg(**over):
+    return dict({"head_dim": 128, "rope_theta": 5e6, "max_seq_len": FULL, "rope_scaling": None}, **over)
+
+
+def test_yarn_factor_2_as_the_model_card_says():
+    """--rope-scaling yarn (factor 2) on SmolLM3's config, and the YaRN block SmolLM3's card tells
+    users to add, both give 131,072 positions with transformers' frequencies and attention factor for
+    factor 2 over 65,536 (tests/fixtures/rope_cases.json, made by transformers)."""
+    import json
+    from pathlib import Path
+
+    cases = json.loads((Path(__file__).parent / "fixtures" / "rope_cases.json").read_text())
+    want = next(c for c in cases if c["max_seq_len"] == 2 * FULL and c["rope_scaling"]["rope_type"] == "yarn")
+    card = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": FULL}
+    for cfg in (base.with_rope_scaling(smollm3_cfg(), "yarn"), base.with_rope_scaling(smollm3_cfg(rope_scaling=card))):
+        assert cfg["max_seq_len"] == 2 * FULL
+        inv, attn = base.rope_parameters(cfg)
+        np.testing.assert_allclose(inv, np.float32(want["inv_freq"]), rtol=1e-6)
+        assert abs(attn - want["attention_factor"]) < 1e-6
+    assert base.with_rope_scaling(smollm3_cfg(), "yarn:4")["max_seq_len"] == 4 * FULL
+    plain = smollm3_cfg()
+    assert base.with_rope_scaling(plain) is plain  # no YaRN asked for, none in the config: unchanged
+
+
+@pytest.mark.parametrize("spec", ["linear", "yarn:1", "yarn:0.5", "yarn:abc", "yarn:1000", "yarn:nan"])
+def test_rope_scaling_flag_errors(spec):
+    with pytest.raises(qora.QoraError, match="rope-scaling"):
+        base.with_rope_scaling(smollm3_cfg(), spec)
+
+
+def test_yarn_context_runs(long_model):
+    """qora.load(rope_scaling="yarn") doubles the tiny model's 65,536 positions; the last one runs."""
+    with qora.load(long_model["q8"], device="cpu", threads=2, max_seq_len=2 * FULL, rope_scaling="yarn") as m:
+        assert m.engine.max_seq_len == 2 * FULL
+        assert np.isfinite(m.engine.forward([5, 6], 2 * FULL - 2)).all()
+        with pytest.raises(ContextOverflowError):
+            m.engine.forward([5], 2 * FULL)

@@ -173,6 +173,53 @@ def rope_parameters(cfg: dict) -> tuple[np.ndarray, float]:
     return inv.astype(np.float32), float(attn)
 
 
+YARN_DEFAULT_FACTOR = 2.0  # SmolLM3's model card: its 65,536 positions -> 131,072
+YARN_MAX_FACTOR = 64.0
+
+
+def parse_rope_scaling(spec: str) -> float:
+    """The YaRN factor of a --rope-scaling value: "yarn" (factor 2, SmolLM3's card) or "yarn:F"."""
+    kind, _, factor = str(spec).strip().lower().partition(":")
+    if kind != "yarn":
+        raise QoraError(f"--rope-scaling {spec!r}: only yarn or yarn:FACTOR is supported")
+    try:
+        f = float(factor) if factor else YARN_DEFAULT_FACTOR
+    except ValueError:
+        f = math.nan
+    if not 1.0 < f <= YARN_MAX_FACTOR:
+        raise QoraError(f"--rope-scaling {spec!r}: the factor must be a number in (1, {YARN_MAX_FACTOR:g}]")
+    return f
+
+
+def with_rope_scaling(cfg: dict, spec: str | None = None) -> dict:
+    """The config the engines run. `spec` ("yarn" / "yarn:F", the --rope-scaling flag or
+    qora.load(rope_scaling=)) puts YaRN by factor F over the model's trained context (the
+    original_max_position_embeddings of a YaRN block it has, else its max_seq_len), and the context
+    grows to F times that. Without a spec, a YaRN block written as SmolLM3's card says (factor 2,
+    original_max_position_embeddings 65536, max_position_embeddings left at 65536) means the same:
+    context factor x original (transformers would derive factor 1 from the two equal lengths, that
+    is no scaling; llama.cpp and vLLM use the factor). Any other config is returned as it is."""
+    rs = cfg.get("rope_scaling") or {}
+    yarn = rs.get("rope_type", rs.get("type")) == "yarn"
+    if spec is None:
+        if not yarn or not rs.get("original_max_position_embeddings"):
+            return cfg
+        factor, orig = float(rs.get("factor") or 1), int(rs["original_max_position_embeddings"])
+        if factor <= 1 or int(cfg["max_seq_len"]) != orig:
+            return cfg
+    else:
+        factor = parse_rope_scaling(spec)
+        orig = (
+            int(rs.get("original_max_position_embeddings") or cfg["max_seq_len"]) if yarn else int(cfg["max_seq_len"])
+        )
+    new = dict(cfg)
+    new["rope_scaling"] = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig}
+    new["max_seq_len"] = int(factor * orig)
+    if new["max_seq_len"] > limits.CONFIG_INT_LIMITS["max_seq_len"]:
+        raise QoraError(f"--rope-scaling {spec!r}: a {new['max_seq_len']}-token context is beyond qora's limit")
+    return new
+
+
 def _llama3_inv_freq(inv_freq: np.ndarray, rs: dict) -> np.ndarray:
     """Llama 3.1+ frequency scaling: long wavelengths divided by `factor`, a smooth ramp between."""
     factor = float(rs["factor"])
