@@ -200,3 +200,24 @@ def test_tiny_model_long_prompt_matches_cpu(tiny_long, monkeypatch):
         assert rel_err(g.engine.forward(toks[:3000], 0), c.engine.forward(toks[:3000], 0)) < 1e-4
         for i in range(3000, 3004):
             assert rel_err(g.engine.forward([toks[i]], i), c.engine.forward([toks[i]], i)) < 1e-4
+
+
+@needs_gpu
+def test_vram_preflight_says_what_fits(tiny_long, monkeypatch):
+    """A context whose KV cache does not fit the device budget is refused with the KV cache's share
+    and the longest context that fits, which then loads."""
+    import re
+
+    import qora
+    from qora.errors import QoraError
+
+    monkeypatch.setenv("QORA_KV", "f32")
+    monkeypatch.setattr(vulkan, "_VRAM_FRACTION", 2.5e-3 * (2 << 30) / DEVICE["vram_budget"])  # ~5 MB
+    with pytest.raises(QoraError, match=r"of KV cache\), .* available; a \d+-token context fits") as e:
+        qora.load(tiny_long, device="gpu", max_seq_len=4096)
+    fits = int(re.search(r"a (\d+)-token context fits", str(e.value)).group(1))
+    assert 256 < fits < 4096
+    with qora.load(tiny_long, device="gpu", max_seq_len=fits) as m:
+        assert m.engine.device == "vulkan" and "of it the f32 KV cache" in m.engine.notes[0]
+    with pytest.raises(QoraError, match="context fits"):
+        qora.load(tiny_long, device="gpu", max_seq_len=fits + 1)

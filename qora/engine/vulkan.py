@@ -250,19 +250,34 @@ class VulkanEngine(SingleSlot):
         except ValueError as e:
             self._release()
             raise QoraError(f"{self._qfile.path}: cannot build the engine: {e}") from e
-        # pre-flight facts for --verbose
+        # pre-flight facts for --verbose: the KV cache's share, by its element type
+        kv = 2 * cfg["n_layers"] * seq * cfg["n_kv_heads"] * cfg["head_dim"] * (2 if opts["kv_f16"] else 4)
         self.notes = [
             f"vulkan: {info['name']} ({info['type']}, Vulkan {info['api_version']}): the model needs "
-            f"{_fmt_bytes(need)} of {_fmt_bytes(info['vram_budget'])} device memory ({seq}-token context)"
+            f"{_fmt_bytes(need)} of {_fmt_bytes(info['vram_budget'])} device memory ({seq}-token context, "
+            f"{_fmt_bytes(kv)} of it the {'f16' if opts['kv_f16'] else 'f32'} KV cache)"
         ]
         log.debug(self.notes[0])
         if need > budget:
+            fits = self._context_that_fits(core, cfg, tensors, inv_freq, rope_scale, opts, budget)
             self._release()
             raise GpuUnavailable(
-                f"{info['name']}: the model needs {_fmt_bytes(need)} of device memory, "
-                f"{_fmt_bytes(info['vram_budget'])} available"
+                f"{info['name']}: the model needs {_fmt_bytes(need)} of device memory with a {seq}-token context "
+                f"({_fmt_bytes(kv)} of KV cache), {_fmt_bytes(info['vram_budget'])} available"
+                + (f"; a {fits}-token context fits" if fits else "")
             )
         return seq, need
+
+    def _context_that_fits(self, core, cfg, tensors, inv_freq, rope_scale, opts, budget) -> int:
+        """The longest context whose estimate fits the budget (the estimate grows linearly with it), 0 if none."""
+        try:
+            one = core.estimate(self._ctx, cfg, tensors, inv_freq, rope_scale, 1, opts)
+            per = core.estimate(self._ctx, cfg, tensors, inv_freq, rope_scale, 2, opts) - one
+        except (core.VulkanError, ValueError):
+            return 0
+        if one > budget or per <= 0:
+            return 0
+        return int(min(cfg["max_seq_len"], 1 + (budget - one) // per))
 
     def _upload(self, core, info, tensors, inv_freq, rope_scale, seq, opts, fail_alloc: bool) -> None:
         """Allocate every buffer and upload the weights: the real probe (a model that does not fit

@@ -5,7 +5,8 @@
 // than once per (head, token). Softmax is online per row (running max and sum, f32), keys past a
 // row's position are masked, and key tiles past the workgroup's last position are never loaded.
 // Each query row belongs to TS neighbouring threads, each holding DPT = HD / TS of its dimensions
-// (q and the output accumulator in registers); a score is their partial dots summed through shared
+// (q and the output accumulator in registers; lane l takes the 4-float groups l, l + TS, ..., so the
+// lanes of a row read neighbouring shared-memory words, not the same bank); a score is their partial dots summed through shared
 // memory (in lane order), so every thread of the row sees the whole score and keeps its own copy
 // of the row's max and sum. Row r of the tile is token r / HG, head r % HG.
 // The f16 tensor-core version (cooperative matrices) keeps this tiling: S = Q K^T and O += P V on
@@ -86,9 +87,9 @@ void main() {
     const uint k_end = start + min(n_tok, (tile + 1u) * BQ); // past the tile's last position
 
     vec4 q[16], acc[16];
-    const uint qb = (min(t, n_tok - 1u) * pc.ld_q + h * HD) / 4u + lane * D4;
+    const uint qb = (min(t, n_tok - 1u) * pc.ld_q + h * HD) / 4u + lane;
     for (uint i = 0u; i < D4; i++) {
-        q[i] = q4[qb + i];
+        q[i] = q4[qb + i * TS];
         acc[i] = vec4(0.0);
     }
     float m = -1e30, l = 0.0;
@@ -100,7 +101,7 @@ void main() {
         float mt = -1e30;
         for (uint k = 0u; k < BK; k++) {
             float d = 0.0;
-            for (uint i = 0u; i < D4; i++) d += dot(q[i], ks[k * HD4 + lane * D4 + i]);
+            for (uint i = 0u; i < D4; i++) d += dot(q[i], ks[k * HD4 + i * TS + lane]);
             if (TS > 1u) sp[(r * BK + k) * TS + lane] = d;
             else s[k] = d;
         }
@@ -123,12 +124,12 @@ void main() {
         for (uint k = 0u; k < BK; k++) {
             const float p = k0 + k <= pos ? exp(s[k] - m) : 0.0;
             ls += p;
-            for (uint i = 0u; i < D4; i++) acc[i] += p * vs[k * HD4 + lane * D4 + i];
+            for (uint i = 0u; i < D4; i++) acc[i] += p * vs[k * HD4 + i * TS + lane];
         }
         l = l * corr + ls;
     }
     if (row_ok) {
-        const uint ob = (t * pc.ld_out + h * HD) / 4u + lane * D4;
-        for (uint i = 0u; i < D4; i++) y4[ob + i] = acc[i] / l;
+        const uint ob = (t * pc.ld_out + h * HD) / 4u + lane;
+        for (uint i = 0u; i < D4; i++) y4[ob + i * TS] = acc[i] / l;
     }
 }
