@@ -221,3 +221,21 @@ def test_vram_preflight_says_what_fits(tiny_long, monkeypatch):
         assert m.engine.device == "vulkan" and "of it the f32 KV cache" in m.engine.notes[0]
     with pytest.raises(QoraError, match="context fits"):
         qora.load(tiny_long, device="gpu", max_seq_len=fits + 1)
+
+
+@needs_gpu
+def test_yarn_context_matches_cpu(tiny_long, monkeypatch):
+    """With YaRN (factor 2: the context doubled, frequencies and the attention factor changed) the
+    GPU gives the CPU engine's logits, in prefill and in decode."""
+    import qora
+
+    monkeypatch.setenv("QORA_KV", "f32")
+    toks = np.random.default_rng(13).integers(0, 400, 40).tolist()
+    with (
+        qora.load(tiny_long, device="gpu", max_seq_len=8192, rope_scaling="yarn") as g,
+        qora.load(tiny_long, device="cpu", max_seq_len=8192, rope_scaling="yarn") as c,
+    ):
+        assert g.engine.max_seq_len == c.engine.max_seq_len == 8192
+        assert rel_err(g.engine.forward(toks[:36], 0), c.engine.forward(toks[:36], 0)) < 1e-4
+        for i in range(36, 40):
+            assert rel_err(g.engine.forward([toks[i]], i), c.engine.forward([toks[i]], i)) < 1e-4
