@@ -225,7 +225,7 @@ def main(argv: list[str]) -> int:
         )
         shown = f"[{host}]" if ":" in host else host
         print(
-            f"qora: serving {model_id} ({scheduler.context}-token context, {scheduler.slots} requests in parallel) "
+            f"qora: serving {model_id} ({scheduler.context}-token context, {scheduler.slots} in parallel) "
             f"at http://{shown}:{port}/v1 "
             "- OpenAI-compatible; Ctrl-C stops",
             file=sys.stderr,

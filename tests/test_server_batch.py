@@ -66,7 +66,7 @@ def _wait(cond, timeout: float = 30.0) -> None:
 
 
 def test_the_server_says_how_many_run_together(srv):
-    assert "4 requests in parallel" in "".join(srv.log)
+    assert "4 in parallel" in "".join(srv.log)
     h = _health(srv)
     assert h["slots"] == 4 and h["active"] == 0
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qora import limits
-from qora.api.jobs import END, Job, Meter, QueueFull
+from qora.api.jobs import END, Job, QueueFull
 from qora.errors import ContextOverflowError, QoraError
 from qora.generate import Generation, GenerationOptions
 
@@ -51,8 +51,6 @@ class _Seq:
     pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
     next_token: int | None = None
     started: float = field(default_factory=time.perf_counter)
-    first: bool = True  # no Response sent yet
-    last: object = None
 
 
 DEFAULT_MAX_PARALLEL = 16  # sequences at once when --parallel is not given (and memory allows)
@@ -109,7 +107,6 @@ class BatchScheduler:
             log.warning("the %s engine runs %d sequence(s) at a time, not %d", self.engine.device, self.slots, parallel)
         self.max_queued = max_queued
         self.counts = {"served": 0, "cancelled": 0, "failed": 0}
-        self.meter = Meter()
         self.prefill_chunk = PREFILL_CHUNK
         self._waiting: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
@@ -135,15 +132,6 @@ class BatchScheduler:
     def active(self) -> int:
         """Sequences being generated now (of `slots`), for /metrics (qora.api.metrics.SchedulerStats)."""
         return len(self._active)
-
-    def stats(self) -> dict:
-        return {
-            "slots": self.slots,
-            "active": len(self._active),
-            "queued": self.queued,
-            "requests": dict(self.counts),
-            **self.meter.snapshot(),
-        }
 
     def start(self) -> None:
         self._thread.start()
@@ -207,8 +195,6 @@ class BatchScheduler:
         """The sequence is done (or its client gone): its slot is free at once, its cache kept for reuse."""
         del self._active[seq.slot]
         self.counts[outcome] += 1
-        if seq.last is not None:
-            self.meter.finished(seq.last)
         seq.job.emit(END)
 
     def _admit(self) -> None:
@@ -278,7 +264,6 @@ class BatchScheduler:
 
     def _step(self) -> None:
         rows = self._entries()
-        t0 = time.perf_counter()
         try:
             logits = self.engine.forward_batch([(seq.slot, toks, seq.pos) for seq, toks in rows])
         except Exception as e:
@@ -289,7 +274,6 @@ class BatchScheduler:
                 seq.job.emit(e)
                 self._leave(seq, "failed")
             return
-        self.meter.step(time.perf_counter() - t0, sum(len(t) for _, t in rows))
         for (seq, toks), out in zip(rows, logits, strict=True):
             self._held[seq.slot][seq.pos :] = toks
             seq.pos += len(toks)
@@ -317,10 +301,6 @@ class BatchScheduler:
             self._leave(seq, "failed")
             return
         for r in responses:
-            if seq.first:
-                self.meter.first_token(seq.job)
-                seq.first = False
-            seq.last = r
             seq.job.emit(r)
         if token is None:
             self._leave(seq, "cancelled" if seq.job.cancelled.is_set() else "served")

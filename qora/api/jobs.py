@@ -80,60 +80,10 @@ class Job:
                 getter.cancel()
 
 
-class Meter:
-    """A scheduler's running totals for /health and /metrics (`Scheduler.stats()`): tokens in and out,
-    time to first token, generation steps. Updated from the scheduler's thread, read from the app's."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
-        self.ttft_sum, self.ttft_count = 0.0, 0
-        self.steps, self.step_seconds, self.step_rows = 0, 0.0, 0
-
-    def first_token(self, job: Job) -> None:
-        with self._lock:
-            self.ttft_sum += time.monotonic() - job.submitted
-            self.ttft_count += 1
-
-    def finished(self, last) -> None:
-        """A job's last Response (its counts cover the whole answer)."""
-        with self._lock:
-            self.prompt_tokens += last.prompt_tokens
-            self.cached_tokens += last.cached_tokens
-            self.completion_tokens += last.generation_tokens
-
-    def step(self, seconds: float, rows: int) -> None:
-        with self._lock:
-            self.steps += 1
-            self.step_seconds += seconds
-            self.step_rows += rows
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            return {
-                "prompt_tokens": self.prompt_tokens,
-                "cached_tokens": self.cached_tokens,
-                "completion_tokens": self.completion_tokens,
-                "ttft_seconds_sum": self.ttft_sum,
-                "ttft_count": self.ttft_count,
-                "steps": self.steps,
-                "step_seconds": self.step_seconds,
-                "step_rows": self.step_rows,
-            }
-
-
 class Scheduler(Protocol):
-    """What the app needs from whatever runs generation jobs.
-
-    `stats()` is a snapshot of plain numbers for /health and /metrics: "slots" (sequences it runs at
-    once), "active" (running now), "queued" (waiting), "requests" (the counts), and Meter's totals:
-    "prompt_tokens", "cached_tokens", "completion_tokens", "ttft_seconds_sum" / "ttft_count" (time
-    from submission to the first Response), "steps", "step_seconds", "step_rows" (engine steps, the
-    seconds they took and the token rows they ran)."""
+    """What the app needs from whatever runs generation jobs."""
 
     counts: dict[str, int]  # requests "served", "cancelled", "failed" so far
-
-    def stats(self) -> dict: ...
 
     def start(self) -> None: ...
 
@@ -162,17 +112,7 @@ class Worker:
         self.jobs: queue.Queue = queue.Queue()
         self.counts = {"served": 0, "cancelled": 0, "failed": 0}
         self.running: Job | None = None
-        self.meter = Meter()
         self._thread = threading.Thread(target=self._run, name="qora-engine", daemon=True)
-
-    def stats(self) -> dict:
-        return {
-            "slots": 1,
-            "active": int(self.running is not None),
-            "queued": self.queued,
-            "requests": dict(self.counts),
-            **self.meter.snapshot(),
-        }
 
     @property
     def queued(self) -> int:
@@ -225,14 +165,10 @@ class Worker:
             job.emit(END)
             return
         gen = stream_generate(self.model, job.prompt, job.options)
-        last = None
         try:
             for r in gen:
                 if job.cancelled.is_set():
                     break
-                if last is None:
-                    self.meter.first_token(job)
-                last = r
                 job.emit(r)
         except QoraError as e:
             self.counts["failed"] += 1
@@ -245,6 +181,4 @@ class Worker:
             self.counts["cancelled" if job.cancelled.is_set() else "served"] += 1
         finally:
             gen.close()
-            if last is not None:
-                self.meter.finished(last)
             job.emit(END)
