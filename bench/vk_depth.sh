@@ -5,9 +5,11 @@
 # (timestamps), and decode at depth with other attention chunk settings. llama.cpp's CUDA llama-bench
 # runs beside it on the same weights (bench/random_gguf.py) when LLAMA_BENCH names it.
 #
-#     bash bench/vk_depth.sh                      # results and JSON under $OUT (default /tmp/vk_depth)
-#     LLAMA_BENCH=/path/llama-bench bash bench/vk_depth.sh
+#     bash bench/vk_depth.sh [all|depth|prompt|peer]   # results and JSON under $OUT (default /tmp/vk_depth)
+#     LLAMA_BENCH=/path/llama-bench bash bench/vk_depth.sh peer
 #     QUICK=1 bash bench/vk_depth.sh              # 1 repetition, no settings sweep
+# The parts (depth: tg/pp at depth + profile + sweep; prompt: pp4096 / pp8192; peer: llama-bench) can
+# run as separate commands where one command's time is limited.
 #
 # Needs the built extension (python3 setup.py build_ext --inplace) and a Vulkan loader + driver
 # (--nvidia-icd writes the NVIDIA loader manifest when a container lacks it).
@@ -20,21 +22,29 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 
-tries=(--try QORA_VK_ATT_SPLITS=16 --try QORA_VK_ATT_SPLITS=128 --try QORA_VK_ATT_SHORT=128)
+STEP=${1:-all}
+model=(--quant q4)
+if [ -n "${MODEL:-}" ]; then model=(--model "$MODEL"); fi  # another .qora (smoke tests)
+tries=(--try QORA_VK_ATT_SPLITS=16 --try QORA_VK_ATT_SPLITS=128 --try QORA_VK_ATT_SHORT=128
+    --try QORA_VK_ATT_SHORT=64 --try QORA_VK_ATT_SPLITS=128,QORA_VK_ATT_SHORT=128)
 if [ -n "${QUICK:-}" ]; then
     REPS=1
     tries=()
 fi
 
-echo "== qora Vulkan: tg128 / pp512 at depth 0,512,4096,8192; decode kernel profile at each depth"
-$PY bench/vulkan_bench.py --nvidia-icd --tg 128 --pp 512 --depth 0,512,4096,8192 --reps "$REPS" \
-    --profile "${tries[@]}" --json "$OUT/depth.json"
+if [ "$STEP" = all ] || [ "$STEP" = depth ]; then
+    echo "== qora Vulkan: tg128 / pp512 at depth 0,512,4096,8192; decode kernel profile at each depth"
+    $PY bench/vulkan_bench.py --nvidia-icd "${model[@]}" --tg 128 --pp 512 --depth 0,512,4096,8192 --reps "$REPS" \
+        --profile ${tries[@]+"${tries[@]}"} --json "$OUT/depth.json"
+fi
 
-echo "== qora Vulkan: a 4096-token prompt (and 8192) from an empty cache"
-$PY bench/vulkan_bench.py --nvidia-icd --tg 0 --pp 4096 --reps "$REPS" --json "$OUT/pp4096.json"
-$PY bench/vulkan_bench.py --nvidia-icd --tg 0 --pp 8192 --reps 1 --json "$OUT/pp8192.json"
+if [ "$STEP" = all ] || [ "$STEP" = prompt ]; then
+    echo "== qora Vulkan: a 4096-token prompt (and 8192) from an empty cache"
+    $PY bench/vulkan_bench.py --nvidia-icd "${model[@]}" --tg 0 --pp 4096 --reps "$REPS" --json "$OUT/pp4096.json"
+    $PY bench/vulkan_bench.py --nvidia-icd "${model[@]}" --tg 0 --pp 8192 --reps 1 --json "$OUT/pp8192.json"
+fi
 
-if [ -n "${LLAMA_BENCH:-}" ]; then
+if { [ "$STEP" = all ] || [ "$STEP" = peer ]; } && [ -n "${LLAMA_BENCH:-}" ]; then
     GGUF=${GGUF:-$OUT/smollm3-3b-random-q4_0.gguf}
     [ -f "$GGUF" ] || $PY bench/random_gguf.py -o "$GGUF" --quant q4
     echo "== llama.cpp (same weights): tg128 / pp512 at depth, pp4096"
