@@ -99,7 +99,10 @@ class BuildExt(build_ext):
             compile_args, link_args = ["/O2", "/openmp"], []
         else:
             cc = self.compiler.compiler_so[:1] if hasattr(self.compiler, "compiler_so") else ["cc"]
-            compile_args, link_args = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function"], []
+            # no fp contraction: every fused multiply-add is an explicit fma (include/qora/common.h), and
+            # the dequantized values must be gguf-py's unfused products and sums bit for bit
+            compile_args = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function", "-ffp-contract=off"]
+            link_args = []
             if sanitize:
                 compile_args += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-O1", "-g"]
                 link_args += [f"-fsanitize={sanitize}"]

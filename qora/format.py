@@ -280,10 +280,11 @@ def _check_dtype_shape(where, name, dtype, shape, allowed=_MATRIX_DTYPES) -> int
         or any(not _is_int(s) or not 1 <= s <= MAX_TENSOR_DIM for s in shape)
     ):
         raise FormatError(f"{where}: tensor {name} has a bad shape {shape!r}")
-    if dtype in quant.BLOCK_BYTES and (len(shape) != 2 or shape[1] % quant.QK):
+    block = WEIGHT_TYPES[dtype].block
+    if dtype in quant.BLOCK_BYTES and (len(shape) != 2 or shape[1] % block):
         raise FormatError(
             f"{where}: tensor {name} of shape {list(shape)} cannot be {dtype} "
-            f"(needs 2-D with a row length that is a multiple of {quant.QK})"
+            f"(needs 2-D with a row length that is a multiple of {block})"
         )
     return quant.nbytes(dtype, shape)
 

@@ -9,6 +9,9 @@ can be checked against llama.cpp on the very same bytes:
                       value = (nibble - 8) * d
     q8 (= GGUF Q8_0)  per row, cols/32 blocks of 34 bytes: f16 scale d, then 32 int8; value = q * d
     f16, f32          IEEE half / single, stored as is
+    q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, bf16
+                      GGUF's Q4_1 ... Q6_K and BF16 bit for bit (layouts: include/qora/common.h), run
+                      as stored; decoded here through gguf-py's reference (gguf.quants)
 
 Quantization follows ggml's reference code step for step, in float32 (see the q4/q8 helpers).
 Shapes are [rows, cols] = [out_features, in_features]; 1-D tensors are [n].
@@ -36,12 +39,14 @@ def _check_dtype(dtype: str) -> None:
 
 
 def row_bytes(dtype: str, cols: int) -> int:
-    """Bytes of one row of `cols` elements (cols must be a multiple of 32 for q4/q8)."""
+    """Bytes of one row of `cols` elements (cols must be a multiple of the type's block: 32, or 256 for
+    the K types)."""
     _check_dtype(dtype)
     if dtype in BLOCK_BYTES:
-        if cols % QK:
-            raise ValueError(f"{dtype} needs a row length that is a multiple of {QK}, got {cols}")
-        return cols // QK * BLOCK_BYTES[dtype]
+        block = WEIGHT_TYPES[dtype].block
+        if cols % block:
+            raise ValueError(f"{dtype} needs a row length that is a multiple of {block}, got {cols}")
+        return cols // block * BLOCK_BYTES[dtype]
     return cols * FLOAT_DTYPES[dtype].itemsize
 
 
@@ -129,6 +134,7 @@ def _dequantize_blocks_q8(b: np.ndarray) -> np.ndarray:
 
 _QUANT_BLOCKS = {"q4": _quantize_blocks_q4, "q8": _quantize_blocks_q8}
 _DEQUANT_BLOCKS = {"q4": _dequantize_blocks_q4, "q8": _dequantize_blocks_q8}
+WRITABLE = tuple(n for n, t in WEIGHT_TYPES.items() if t.writable)  # what quantize() can make
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,6 +150,8 @@ def quantize(arr, dtype: str) -> np.ndarray:
     """
     _check_dtype(dtype)
     arr = np.asarray(arr)
+    if dtype not in _QUANT_BLOCKS and dtype not in ("f16", "f32"):
+        raise ValueError(f"qora has no quantizer for {dtype} (it can write {', '.join(WRITABLE)})")
     if dtype in FLOAT_DTYPES:
         return np.ascontiguousarray(arr, dtype=FLOAT_DTYPES[dtype])
     if arr.ndim != 2:
@@ -171,6 +179,11 @@ def dequantize(raw, dtype: str, shape) -> np.ndarray:
         buf = np.frombuffer(raw, dtype=np.uint8)
     if buf.size != want:
         raise ValueError(f"{dtype} tensor of shape {list(shape)} needs {want} bytes, got {buf.size}")
+    if dtype not in _DEQUANT_BLOCKS and dtype not in ("f16", "f32"):
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+
+        return gguf_dequantize(buf, GGMLQuantizationType[WEIGHT_TYPES[dtype].gguf]).astype(np.float32).reshape(shape)
     if dtype in FLOAT_DTYPES:
         return buf.view(FLOAT_DTYPES[dtype]).astype(np.float32).reshape(shape)
     rows, cols = shape

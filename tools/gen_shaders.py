@@ -39,7 +39,8 @@ def _dtypes():
 
 
 _DT = _dtypes()
-DTYPES = {name: t.c_id for name, t in _DT.WEIGHT_TYPES.items()}  # the C enum qora_dtype, in its order
+# the C enum qora_dtype, in its order: the types the Vulkan backend has kernels for
+DTYPES = {name: t.c_id for name, t in _DT.WEIGHT_TYPES.items() if t.vulkan}
 
 # name -> (source, defines); one SPIR-V module per weight type where the shader reads weights
 SHADERS: dict[str, tuple[str, dict[str, int]]] = {}
@@ -48,7 +49,7 @@ for _kernel in ("matvec", "matmul", "embed"):
         _defs = {"DTYPE": _code, "DOT": 0} if _kernel == "matvec" else {"DTYPE": _code}
         SHADERS[f"{_kernel}_{_dt}"] = (f"{_kernel}.comp", _defs)
 # decode Q4/Q8 products with the packed integer dot product, for devices that offer it
-for _dt in _DT.QUANTIZED:
+for _dt in (d for d in _DT.QUANTIZED if d in DTYPES):
     SHADERS[f"matvec_{_dt}_dot"] = ("matvec.comp", {"DTYPE": DTYPES[_dt], "DOT": 1})
 for _kernel in ("prep", "rope_kv", "attn_decode", "attn_prefill", "quant"):
     SHADERS[_kernel] = (f"{_kernel}.comp", {})

@@ -40,11 +40,15 @@
 #define QORA_STATIC_ASSERT(c, m) _Static_assert(c, m)
 #endif
 
-/* ---- dtypes (values shared with qora/_core/_cpu.pyx) ---- */
-enum qora_dtype { QORA_F32 = 0, QORA_F16 = 1, QORA_Q8 = 2, QORA_Q4 = 3 };
+/* ---- dtypes (values shared with qora/dtypes.py through qora/_core/weights.pxi) ---- */
+enum qora_dtype {
+    QORA_F32 = 0, QORA_F16 = 1, QORA_Q8 = 2, QORA_Q4 = 3, QORA_Q4_1 = 4, QORA_Q5_0 = 5, QORA_Q5_1 = 6,
+    QORA_Q4_K = 7, QORA_Q5_K = 8, QORA_Q6_K = 9, QORA_BF16 = 10, QORA_DTYPE_COUNT = 11
+};
 
-/* ---- block layouts, bit-identical to GGUF Q4_0 / Q8_0 ---- */
+/* ---- block layouts, bit-identical to GGUF (Q4_0, Q8_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) ---- */
 #define QK 32
+#define QK_K 256
 typedef struct {
     uint16_t d;          /* f16 scale */
     uint8_t qs[QK / 2];  /* element j in low nibble of byte j, element j+16 in the high nibble */
@@ -56,6 +60,78 @@ typedef struct {
     int8_t qs[QK];
 } block_q8;
 QORA_STATIC_ASSERT(sizeof(block_q8) == 2 + QK, "block_q8 must be 34 bytes");
+
+/* value = nibble * d + m */
+typedef struct {
+    uint16_t d, m;       /* f16 scale and minimum */
+    uint8_t qs[QK / 2];  /* as block_q4 */
+} block_q4_1;
+QORA_STATIC_ASSERT(sizeof(block_q4_1) == 4 + QK / 2, "block_q4_1 must be 20 bytes");
+
+/* 5-bit values: the low four bits as block_q4, bit 4 of element j in bit j of qh */
+typedef struct {
+    uint16_t d;          /* value = (q - 16) * d */
+    uint8_t qh[4];
+    uint8_t qs[QK / 2];
+} block_q5_0;
+QORA_STATIC_ASSERT(sizeof(block_q5_0) == 6 + QK / 2, "block_q5_0 must be 22 bytes");
+
+typedef struct {
+    uint16_t d, m;       /* value = q * d + m */
+    uint8_t qh[4];
+    uint8_t qs[QK / 2];
+} block_q5_1;
+QORA_STATIC_ASSERT(sizeof(block_q5_1) == 8 + QK / 2, "block_q5_1 must be 24 bytes");
+
+/* K super-blocks of 256: eight sub-blocks of 32, each with a 6-bit scale and a 6-bit minimum packed
+   in scales[12] (qora_kscale); value = d * sc_j * q - dmin * m_j. Q4_K: sub-blocks 2i and 2i+1 share
+   the 32 bytes qs[32i..32i+32), low nibbles the first, high nibbles the second. */
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[QK_K / 2];
+} block_q4_K;
+QORA_STATIC_ASSERT(sizeof(block_q4_K) == 144, "block_q4_K must be 144 bytes");
+
+/* Q4_K's layout plus bit 4 of element 32j + l in bit j of qh[l] */
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qh[QK_K / 8];
+    uint8_t qs[QK_K / 2];
+} block_q5_K;
+QORA_STATIC_ASSERT(sizeof(block_q5_K) == 176, "block_q5_K must be 176 bytes");
+
+/* sixteen sub-blocks of 16 with int8 scales; value = d * scales[j] * (q - 32), q of 6 bits: per half of
+   128 elements, element 32i + l (i < 4) has its low four bits in ql[l + 32 (i & 1)] (low nibble for
+   i < 2, high for i >= 2) and its top two bits in bits 2i..2i+1 of qh[l] */
+typedef struct {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    uint16_t d;
+} block_q6_K;
+QORA_STATIC_ASSERT(sizeof(block_q6_K) == 210, "block_q6_K must be 210 bytes");
+
+/* the activations of the K types' integer products (llama.cpp's Q8_K): a float scale, 256 int8 and the
+   sums of each 16 of them */
+typedef struct {
+    float d;
+    int8_t qs[QK_K];
+    int16_t bsums[QK_K / 16];
+} block_q8K;
+QORA_STATIC_ASSERT(sizeof(block_q8K) == 292, "block_q8K must be 292 bytes");
+
+/* 6-bit scale and minimum of sub-block j (0..7) of a Q4_K / Q5_K super-block */
+static inline void qora_kscale(const uint8_t* q, int j, uint8_t* sc, uint8_t* m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
 
 /* Per activation block, computed once when the activation is quantized so the
    inner loops only broadcast from memory: off = -8 * (sum of the int8 values),
@@ -76,7 +152,16 @@ typedef struct {
      d_b = f16(w.d) * f16(x.d) (exact in float: two 11-bit mantissas); the blocks form
      QORA_SEGS contiguous segments (qora_seg_begin), each a chain acc = fma(d_b, isum_b, acc)
      from +0, and the value is ((a0 + a1) + a2) + a3 (segments let decode walk four
-     weight streams at once; prefill runs one pass per segment);
+     weight streams at once; prefill runs one pass per segment); the types with a minimum (Q4_1,
+     Q5_1) follow each block's fma with acc = fma(m_b * d_x, xsum_b, acc), xsum_b the exact sum of
+     the activation block's int8; Q5_0 is Q4_0's order with its 5-bit integers;
+   - K type row . Q8_K activation (kquants.h): per super-block b the exact int32 S_b (the sub-block
+     scales times their integer dots; Q6_K's -32 offset taken out with the activation's block sums)
+     and, for Q4_K / Q5_K, M_b (the minimums times the activation's block sums); one chain from +0
+     over the super-blocks in order: acc = fma(f16(d) * x.d, S_b, acc), then
+     acc = fma(-(f16(dmin) * x.d), M_b, acc);
+   - float activations (any block type): the weights dequantized with gguf-py's operations
+     (qora_dequant_range: no fused steps), then the float dot below over the whole row;
    - float dot (norms, attention scores, f16/f32 weights): 32 fma chains by index mod 32,
      lane j + lane j+16, then qora_reduce16, then the n % 32 tail by fma in order;
    - attention (one query, one head): the cached positions go in chunks of QORA_ATT_CHUNK
@@ -123,13 +208,29 @@ static inline float qora_exp_neg(float x) {
     return p * two_n;
 }
 
+/* elements per block of a dtype (1: a plain float type) */
+static inline int qora_block_elems(int dtype) {
+    switch (dtype) {
+    case QORA_Q8: case QORA_Q4: case QORA_Q4_1: case QORA_Q5_0: case QORA_Q5_1: return QK;
+    case QORA_Q4_K: case QORA_Q5_K: case QORA_Q6_K: return QK_K;
+    default: return 1;
+    }
+}
+
 /* bytes of one row of `cols` elements */
 static inline size_t qora_row_bytes(int dtype, int cols) {
     switch (dtype) {
     case QORA_F32: return (size_t)cols * 4;
-    case QORA_F16: return (size_t)cols * 2;
+    case QORA_F16:
+    case QORA_BF16: return (size_t)cols * 2;
     case QORA_Q8: return (size_t)(cols / QK) * sizeof(block_q8);
     case QORA_Q4: return (size_t)(cols / QK) * sizeof(block_q4);
+    case QORA_Q4_1: return (size_t)(cols / QK) * sizeof(block_q4_1);
+    case QORA_Q5_0: return (size_t)(cols / QK) * sizeof(block_q5_0);
+    case QORA_Q5_1: return (size_t)(cols / QK) * sizeof(block_q5_1);
+    case QORA_Q4_K: return (size_t)(cols / QK_K) * sizeof(block_q4_K);
+    case QORA_Q5_K: return (size_t)(cols / QK_K) * sizeof(block_q5_K);
+    case QORA_Q6_K: return (size_t)(cols / QK_K) * sizeof(block_q6_K);
     default: return 0;
     }
 }

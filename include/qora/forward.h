@@ -19,6 +19,7 @@ typedef struct {
     float norm_eps;
     float rope_scale; /* YaRN attention factor applied to cos/sin; 1 otherwise */
     int kv_f16;       /* KV cache in f16 (half the bytes attention streams) or f32 (exact) */
+    int act_f32;      /* float activations: weights dequantized, no activation rounding (else Q8_0 / Q8_K) */
 } qora_config;
 
 /* --------------------------------------------------------------- weights */
@@ -72,7 +73,7 @@ typedef struct {
     float* v;        /* (QORA_CHUNK, n_kv_heads*head_dim) */
     float* att;      /* (QORA_CHUNK, n_heads*head_dim) attention output */
     float* hb;       /* (QORA_CHUNK, hidden_dim) silu(gate) * up */
-    block_q8* xq;    /* (QORA_CHUNK, widest/32) activations as Q8, widest = max(dim, q_dim, hidden_dim) */
+    block_q8* xq;    /* (QORA_CHUNK, xq_stride) activations as Q8_0 / Q8_K (qora_q8k_at), widest = max(dim, q_dim, hidden_dim) */
     qora_xblock* xs; /* (QORA_CHUNK, widest/32) extras of each Q8 block */
     size_t xq_stride;   /* blocks per row of xq and xs */
     float* scores;      /* (QORA_CHUNK, n_heads, max_seq_len) attention weights */
@@ -120,7 +121,7 @@ static int qora_state_alloc(qora_state* s, const qora_config* c, size_t rows, si
     s->v = calloc(C * kv_dim, sizeof(float));
     s->att = calloc(C * q_dim, sizeof(float));
     s->hb = calloc(C * c->hidden_dim, sizeof(float));
-    s->xq_stride = widest / QK + 1;
+    s->xq_stride = qora_xq_stride((int)widest);
     s->xq = calloc(C * s->xq_stride, sizeof(block_q8));
     s->xs = calloc(C * s->xq_stride, sizeof(qora_xblock));
     s->scores = calloc(C * (size_t)c->n_heads * c->max_seq_len, sizeof(float)); /* touched only as far as used */
@@ -356,6 +357,7 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
     const int nt = m->n_threads;
     const int D = c->dim, q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
     const size_t lq = s->xq_stride, T = (size_t)c->max_seq_len;
+    block_q8* xq = c->act_f32 ? NULL : s->xq; /* NULL: float activations (qora_matmul) */
 
     /* token embeddings */
     for (int t = 0; t < n; t++) qora_dequant_row(&m->w.tok_embeddings, tokens[t], s->x + (size_t)t * D);
@@ -370,11 +372,11 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
         for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->attn_norm, D, c->norm_eps);
 
         /* q, k, v projections (activations quantized once for the three) */
-        if (qora_is_quantized(L->wq.dtype) || qora_is_quantized(L->wk.dtype) || qora_is_quantized(L->wv.dtype))
-            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D, nt);
-        qora_matmul(K, &L->wq, s->xb, D, s->xq, s->xs, lq, n, s->q, q_dim, nt);
-        qora_matmul(K, &L->wk, s->xb, D, s->xq, s->xs, lq, n, s->k, kv_dim, nt);
-        qora_matmul(K, &L->wv, s->xb, D, s->xq, s->xs, lq, n, s->v, kv_dim, nt);
+        qora_prepare_acts(K, qora_act_needs(L->wq.dtype) | qora_act_needs(L->wk.dtype) | qora_act_needs(L->wv.dtype),
+                          s->xb, D, xq, s->xs, lq, n, D, nt);
+        qora_matmul(K, &L->wq, s->xb, D, xq, s->xs, lq, n, s->q, q_dim, nt);
+        qora_matmul(K, &L->wk, s->xb, D, xq, s->xs, lq, n, s->k, kv_dim, nt);
+        qora_matmul(K, &L->wv, s->xb, D, xq, s->xs, lq, n, s->v, kv_dim, nt);
 
         /* RoPE on q and k, except on NoPE layers; then k, v join the cache */
         for (int t = 0; t < n; t++) {
@@ -398,21 +400,21 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
                              c->head_dim, (size_t)kv_dim, s->scores, T, s->qg, s->att, s->att_part, nt);
 
         /* output projection and residual */
-        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, s->xq, s->xs, lq, n, q_dim, nt);
-        qora_matmul(K, &L->wo, s->att, q_dim, s->xq, s->xs, lq, n, s->xb2, D, nt);
+        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, xq, s->xs, lq, n, q_dim, nt);
+        qora_matmul(K, &L->wo, s->att, q_dim, xq, s->xs, lq, n, s->xb2, D, nt);
         qora_residual(s->x, s->xb2, (size_t)n * D);
 
         /* ffn norm */
         for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->ffn_norm, D, c->norm_eps);
 
         /* fused gate+up: hb = silu(gate . x) * (up . x) */
-        if (qora_is_quantized(L->w_gate.dtype) || qora_is_quantized(L->w_up.dtype))
-            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D, nt);
-        qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, s->xq, s->xs, lq, n, s->hb, c->hidden_dim, nt);
+        qora_prepare_acts(K, qora_act_needs(L->w_gate.dtype) | qora_act_needs(L->w_up.dtype), s->xb, D, xq, s->xs, lq,
+                          n, D, nt);
+        qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, xq, s->xs, lq, n, s->hb, c->hidden_dim, nt);
 
         /* down projection and residual */
-        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, s->xq, s->xs, lq, n, c->hidden_dim, nt);
-        qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, s->xq, s->xs, lq, n, s->xb2, D, nt);
+        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, xq, s->xs, lq, n, c->hidden_dim, nt);
+        qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, xq, s->xs, lq, n, s->xb2, D, nt);
         qora_residual(s->x, s->xb2, (size_t)n * D);
     }
 
@@ -422,8 +424,8 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
     const int first = all_logits ? 0 : n - 1, rows = n - first;
     for (int t = first; t < n; t++)
         K->rmsnorm(s->xb + (size_t)(t - first) * D, s->x + (size_t)t * D, m->w.norm, D, c->norm_eps);
-    qora_prepare_inputs(K, m->w.output.dtype, s->xb, D, s->xq, s->xs, lq, rows, D, nt);
-    qora_matmul(K, &m->w.output, s->xb, D, s->xq, s->xs, lq, rows, logits, (size_t)c->vocab_size, nt);
+    qora_prepare_inputs(K, m->w.output.dtype, s->xb, D, xq, s->xs, lq, rows, D, nt);
+    qora_matmul(K, &m->w.output, s->xb, D, xq, s->xs, lq, rows, logits, (size_t)c->vocab_size, nt);
 }
 
 /* n tokens at positions start_pos.. ; logits: (n, vocab) if all_logits else (vocab,)

@@ -9,6 +9,8 @@
 #include "kernels_avx2.h"
 #include "kernels_avx512.h"
 #include "tiles.h"
+#include "kquants.h"
+#include "kquants_avx2.h"
 #include "repack.h"
 #include "amx.h"
 #include "attention_avx2.h"
@@ -43,25 +45,31 @@ typedef struct {
                       float scale);
     /* sc[0..n) = e^(sc - max), *max_out = max, returns the sum (softmax_unnorm_scalar's order, see common.h) */
     float (*softmax_unnorm)(float* sc, int n, float* max_out);
+    /* the types of kquants.h: Q4_1 / Q5_0 / Q5_1 x Q8_0 and K types x Q8_K tiles (tile_x_scalar's contract),
+       the float dot of a bf16 row, and any block type against float activations */
+    void (*tile_x)(int dtype, int n, const void* w, size_t ws, int nr, const void* x, size_t xs, int nt, float* out,
+                   size_t ldo);
+    float (*dot_bf16_f32)(int n, const uint16_t* w, const float* x);
+    float (*dot_deq_f32)(int dtype, int n, const void* w, const float* x);
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
     "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
     dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, axpy_f16_scalar, to_f16_scalar, tile_q4_scalar, tile_q8_scalar,
-    q4x8_scalar, 4, NULL, 0, NULL, softmax_unnorm_scalar,
+    q4x8_scalar, 4, NULL, 0, NULL, softmax_unnorm_scalar, tile_x_scalar, dot_bf16_f32_scalar, dot_deq_f32_scalar,
 };
 
 #if QORA_X86
 static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avx2, 4, NULL, 0, attend_f16_avx2, softmax_unnorm_avx2,
+    q4x8_avx2, 4, NULL, 0, attend_f16_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2,
 };
 #if QORA_HAVE_AVXVNNI
 static const qora_kernels qora_kernels_avx2vnni = {
     "avx2vnni", QORA_ISA_AVX2VNNI, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avxvnni, 4, NULL, 0, attend_f16_avx2, softmax_unnorm_avx2,
+    q4x8_avxvnni, 4, NULL, 0, attend_f16_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2,
 };
 #endif
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
@@ -69,7 +77,8 @@ static const qora_kernels qora_kernels_avx2vnni = {
 static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
-    q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512, softmax_unnorm_avx512,
+    q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512, softmax_unnorm_avx512, tile_x_avx2, dot_bf16_f32_avx2,
+    dot_deq_f32_avx2,
 };
 #endif
 
@@ -97,35 +106,69 @@ typedef struct {
     const block_q4x8* packed; /* Q4 only, optional: rows / 8 groups x cols / 32 blocks, interleaved at load */
 } qora_tensor;
 
-/* dot product of row r of W with the activation (x as floats, xq as Q8 blocks) */
+static inline int qora_is_quantized(int dtype) { return qora_block_elems(dtype) > 1; }
+
+/* The activation formats a weight type's integer product reads (its partner, as in llama.cpp): Q8_0
+   blocks for the 32-element types, Q8_K for the K types, none for float weights. */
+enum { QORA_ACT_Q8 = 1, QORA_ACT_Q8K = 2 };
+static inline int qora_act_needs(int dtype) {
+    const int e = qora_block_elems(dtype);
+    return e == QK ? QORA_ACT_Q8 : e == QK_K ? QORA_ACT_Q8K : 0;
+}
+
+/* An activation row of the quantized inputs (XQ, ldxq blocks of block_q8 per row) holds its Q8_0 blocks
+   from the start and its Q8_K blocks from qora_q8k_at: after the Q8_0 blocks of a `cols`-wide row,
+   4-byte aligned (ldxq is even, so every row starts 4-byte aligned). */
+static inline const block_q8K* qora_q8k_at(const block_q8* row, int cols) {
+    return (const block_q8K*)((const char*)row + (((size_t)(cols / QK) * sizeof(block_q8) + 3) & ~(size_t)3));
+}
+
+/* ldxq for activations up to `widest` columns: room for both formats, even */
+static inline size_t qora_xq_stride(int widest) {
+    const size_t bytes = (size_t)(widest / QK) * sizeof(block_q8) + 4 + (size_t)(widest / QK_K) * sizeof(block_q8K);
+    const size_t blocks = (bytes + sizeof(block_q8) - 1) / sizeof(block_q8) + 1;
+    return blocks + (blocks & 1);
+}
+
+/* Dot product of row r of W with one activation: x as floats, xq its quantized row (qora_q8k_at), or
+   NULL for float activations (every type's weights dequantized, no activation rounding). */
 static inline float qora_row_dot(const qora_kernels* K, const qora_tensor* W, int r, const float* x,
                                  const block_q8* xq) {
     const char* row = (const char*)W->data + (size_t)r * W->row_bytes;
+    if (qora_is_quantized(W->dtype) && !xq) return K->dot_deq_f32(W->dtype, W->cols, row, x);
     switch (W->dtype) {
     case QORA_Q4: return K->dot_q4_q8(W->cols, (const block_q4*)row, xq);
     case QORA_Q8: return K->dot_q8_q8(W->cols, (const block_q8*)row, xq);
     case QORA_F16: return K->dot_f16_f32(W->cols, (const uint16_t*)row, x);
-    default: return K->dot_f32(W->cols, (const float*)row, x);
+    case QORA_BF16: return K->dot_bf16_f32(W->cols, (const uint16_t*)row, x);
+    case QORA_F32: return K->dot_f32(W->cols, (const float*)row, x);
+    default: {
+        float out;
+        const void* xa = qora_act_needs(W->dtype) == QORA_ACT_Q8K ? (const void*)qora_q8k_at(xq, W->cols) : xq;
+        K->tile_x(W->dtype, W->cols, row, 0, 1, xa, 0, 1, &out, 1);
+        return out;
+    }
     }
 }
-
-static inline int qora_is_quantized(int dtype) { return dtype == QORA_Q4 || dtype == QORA_Q8; }
 
 /* Below this many multiply-adds a product runs on one thread: waking the team
    costs more than it saves, and on a busy machine a descheduled worker would
    stall the whole barrier. */
 #define QORA_PARALLEL_MIN_WORK (1 << 18)
 
-/* Quantize n activation rows (X: n x ldx floats) to Q8 (XQ: n x ldxq blocks),
-   once per matrix input, and only when an integer product will read them. */
-static inline void qora_prepare_inputs(const qora_kernels* K, int dtype, const float* X, size_t ldx, block_q8* XQ,
-                                       qora_xblock* XS, size_t ldxq, int n, int cols, int n_threads) {
-    if (!qora_is_quantized(dtype)) return;
+/* Quantize n activation rows (X: n x ldx floats) into the formats `needs` names (qora_act_needs of the
+   matrices that will read them; XQ: n x ldxq blocks, see qora_q8k_at), once per matrix input, and only
+   when an integer product will read them. */
+static inline void qora_prepare_acts(const qora_kernels* K, int needs, const float* X, size_t ldx, block_q8* XQ,
+                                     qora_xblock* XS, size_t ldxq, int n, int cols, int n_threads) {
+    if (!needs || !XQ) return;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (n >= 4)
 #endif
     for (int t = 0; t < n; t++) {
         block_q8* xq = XQ + t * ldxq;
+        if (needs & QORA_ACT_Q8K) qora_quantize_q8k(X + t * ldx, (block_q8K*)qora_q8k_at(xq, cols), cols);
+        if (!(needs & QORA_ACT_Q8)) continue;
         K->quantize_q8(X + t * ldx, xq, cols);
         for (int b = 0; b < cols / QK; b++) {
             int32_t sum = 0;
@@ -137,16 +180,27 @@ static inline void qora_prepare_inputs(const qora_kernels* K, int dtype, const f
     (void)n_threads;
 }
 
+/* the inputs of one matrix of type dtype */
+static inline void qora_prepare_inputs(const qora_kernels* K, int dtype, const float* X, size_t ldx, block_q8* XQ,
+                                       qora_xblock* XS, size_t ldxq, int n, int cols, int n_threads) {
+    qora_prepare_acts(K, qora_act_needs(dtype), X, ldx, XQ, XS, ldxq, n, cols, n_threads);
+}
+
 /* Rows r0..r0+nr-1 (nr <= 4) against tokens t0..t0+nt-1 (nt <= 4):
    out[t * ldo + r] for the local r, t. */
 static inline void qora_tile(const qora_kernels* K, const qora_tensor* W, int r0, int nr, const float* X, size_t ldx,
                              const block_q8* XQ, size_t ldxq, int t0, int nt, float* out, size_t ldo) {
     const char* w = (const char*)W->data + (size_t)r0 * W->row_bytes;
-    if (W->dtype == QORA_Q4) {
+    const int needs = XQ ? qora_act_needs(W->dtype) : 0;
+    if (W->dtype == QORA_Q4 && needs) {
         K->tile_q4(W->cols, w, W->row_bytes, nr, XQ + (size_t)t0 * ldxq, ldxq, nt, out, ldo);
-    } else if (W->dtype == QORA_Q8) {
+    } else if (W->dtype == QORA_Q8 && needs) {
         K->tile_q8(W->cols, w, W->row_bytes, nr, XQ + (size_t)t0 * ldxq, ldxq, nt, out, ldo);
-    } else {
+    } else if (needs) {
+        const block_q8* xq = XQ + (size_t)t0 * ldxq;
+        const void* xa = needs == QORA_ACT_Q8K ? (const void*)qora_q8k_at(xq, W->cols) : xq;
+        K->tile_x(W->dtype, W->cols, w, W->row_bytes, nr, xa, ldxq * sizeof(block_q8), nt, out, ldo);
+    } else { /* float weights, or float activations (XQ == NULL) */
         for (int r = 0; r < nr; r++)
             for (int t = 0; t < nt; t++)
                 out[t * ldo + r] = qora_row_dot(K, W, r0 + r, X + (size_t)(t0 + t) * ldx, NULL);
@@ -209,11 +263,23 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
     return r0;
 }
 
+/* W as the products read it: with float activations (XQ == NULL) the interleaved Q4 copy (an integer
+   kernel's layout) is not used. */
+static inline const qora_tensor* qora_as_read(const qora_tensor* W, const block_q8* XQ, qora_tensor* tmp) {
+    if (XQ || !W->packed) return W;
+    *tmp = *W;
+    tmp->packed = NULL;
+    return tmp;
+}
+
 /* Y[t][r] = W[r] . X[t] for n tokens (Y: n x ldy). Units of rows are split
    evenly over the threads; each unit meets the tokens 4 at a time while it is
-   hot in L1, so a weight byte comes from memory once per call, not per token. */
-static void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float* X, size_t ldx, const block_q8* XQ,
+   hot in L1, so a weight byte comes from memory once per call, not per token.
+   XQ == NULL: float activations (no rounding; see qora_row_dot). */
+static void qora_matmul(const qora_kernels* K, const qora_tensor* W_in, const float* X, size_t ldx, const block_q8* XQ,
                         const qora_xblock* XS, size_t ldxq, int n, float* Y, size_t ldy, int n_threads) {
+    qora_tensor tmp;
+    const qora_tensor* W = qora_as_read(W_in, XQ, &tmp);
     const int units = qora_units(K, W);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * W->rows * W->cols >= QORA_PARALLEL_MIN_WORK)
@@ -233,9 +299,11 @@ static void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float
 
 /* H[t][j] = silu(Wg[j] . X[t]) * (Wu[j] . X[t]): gate and up rows are taken
    together, unit by unit, so both are read in one pass. */
-static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora_tensor* Wu, const float* X, size_t ldx,
-                        const block_q8* XQ, const qora_xblock* XS, size_t ldxq, int n, float* H, size_t ldh,
+static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg_in, const qora_tensor* Wu_in, const float* X,
+                        size_t ldx, const block_q8* XQ, const qora_xblock* XS, size_t ldxq, int n, float* H, size_t ldh,
                         int n_threads) {
+    qora_tensor tmp_g, tmp_u;
+    const qora_tensor *Wg = qora_as_read(Wg_in, XQ, &tmp_g), *Wu = qora_as_read(Wu_in, XQ, &tmp_u);
     const int units = qora_units(K, Wg);
     const int same_layout = (Wg->packed != NULL) == (Wu->packed != NULL);
 #ifdef _OPENMP
@@ -254,7 +322,7 @@ static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora
                 for (int r = 0; r < nr; r++)
                     for (int t = 0; t < nt; t++)
                         up[t * 16 + r] = qora_row_dot(K, Wu, r0 + r, X + (size_t)(t0 + t) * ldx,
-                                                     XQ + (size_t)(t0 + t) * ldxq);
+                                                     XQ ? XQ + (size_t)(t0 + t) * ldxq : NULL);
             }
             for (int t = 0; t < nt; t++)
                 for (int r = 0; r < nr; r++) {
@@ -266,35 +334,9 @@ static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg, const qora
     (void)n_threads;
 }
 
-/* Dequantize row r of W into out[cols] (embedding lookup). */
+/* Dequantize row r of W into out[cols] (embedding lookup): gguf.quants.dequantize's values. */
 static void qora_dequant_row(const qora_tensor* W, int r, float* out) {
-    const char* row = (const char*)W->data + (size_t)r * W->row_bytes;
-    const int n = W->cols;
-    switch (W->dtype) {
-    case QORA_Q4: {
-        const block_q4* b = (const block_q4*)row;
-        for (int i = 0; i < n / QK; i++) {
-            const float d = qora_fp16_to_fp32(b[i].d);
-            for (int j = 0; j < QK / 2; j++) {
-                out[i * QK + j] = (float)((b[i].qs[j] & 0x0f) - 8) * d;
-                out[i * QK + j + QK / 2] = (float)((b[i].qs[j] >> 4) - 8) * d;
-            }
-        }
-        break;
-    }
-    case QORA_Q8: {
-        const block_q8* b = (const block_q8*)row;
-        for (int i = 0; i < n / QK; i++) {
-            const float d = qora_fp16_to_fp32(b[i].d);
-            for (int j = 0; j < QK; j++) out[i * QK + j] = (float)b[i].qs[j] * d;
-        }
-        break;
-    }
-    case QORA_F16:
-        for (int i = 0; i < n; i++) out[i] = qora_fp16_to_fp32(((const uint16_t*)row)[i]);
-        break;
-    default: memcpy(out, row, (size_t)n * sizeof(float));
-    }
+    qora_dequant_range(W->dtype, (const char*)W->data + (size_t)r * W->row_bytes, 0, W->cols, out);
 }
 
 #endif /* QORA_KERNELS_H */

@@ -51,6 +51,11 @@ cdef extern from "qora/qora.h" nogil:
                      int n_threads)
     void qora_prepare_inputs(const qora_kernels* K, int dtype, const float* X, size_t ldx, block_q8* XQ,
                              qora_xblock* XS, size_t ldxq, int n, int cols, int n_threads)
+    size_t qora_xq_stride(int widest)
+    int qora_act_needs(int dtype)
+    void qora_prepare_acts(const qora_kernels* K, int needs, const float* X, size_t ldx, block_q8* XQ,
+                           qora_xblock* XS, size_t ldxq, int n, int cols, int n_threads)
+    void qora_quantize_q8k(const float* x, block_q8K* y, int n)
     void qora_dequant_row(const qora_tensor* W, int r, float* out)
     void qora_rope(float* v, int n_heads, int head_dim, int pos, const float* inv_freq, float scale)
     void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16, int n_pos,
@@ -208,6 +213,18 @@ cdef int _threads(int n_threads) except -1:
 
 
 # ------------------------------------------------------------ kernel wrappers
+def quantize_q8k(const float[::1] x):
+    """x (n,), n % 256 == 0 -> Q8_K blocks (the K types' activations) as uint8 (n/256*292,)."""
+    cdef int n = x.shape[0]
+    if n == 0 or n % 256:
+        raise ValueError(f"quantize_q8k: length must be a positive multiple of 256, got {n}")
+    out = np.empty(n // 256 * 292, dtype=np.uint8)
+    cdef uint8_t[::1] o = out
+    with nogil:
+        qora_quantize_q8k(&x[0], <block_q8K*>&o[0], n)
+    return out
+
+
 def quantize_q8(const float[::1] x, int isa):
     """x (n,), n % 32 == 0 -> Q8 blocks as uint8 (n/32*34,)."""
     cdef const qora_kernels* K = _kernels(isa)
@@ -235,18 +252,20 @@ cdef class Matrix:
         self.packed = _repack(&self.t, n_threads) if repack else None
         self.rows, self.cols = rows, cols
 
-    def matmul(self, const float[:, ::1] x, int isa, int n_threads=1):
-        """Y (n, rows) = X (n, cols) W^T: activations quantized, then the tiled product."""
+    def matmul(self, const float[:, ::1] x, int isa, int n_threads=1, bint act_f32=False):
+        """Y (n, rows) = X (n, cols) W^T: activations quantized (or kept as floats: act_f32), then the tiled
+        product."""
         cdef const qora_kernels* K = _kernels(isa)
         _threads(n_threads)
         cdef int n = _check_x(x, self.cols, "matmul")
         y = np.empty((n, self.rows), dtype=np.float32)
         cdef float[:, ::1] yv = y
         inputs = _Inputs(n, self.cols)
+        cdef block_q8* xq = NULL if act_f32 else inputs.xq
         with nogil:
-            qora_prepare_inputs(K, self.t.dtype, &x[0, 0], self.cols, inputs.xq, inputs.xs, inputs.lq, n,
+            qora_prepare_inputs(K, self.t.dtype, &x[0, 0], self.cols, xq, inputs.xs, inputs.lq, n,
                                 self.cols, n_threads)
-            qora_matmul(K, &self.t, &x[0, 0], self.cols, inputs.xq, inputs.xs, inputs.lq, n, &yv[0, 0], self.rows,
+            qora_matmul(K, &self.t, &x[0, 0], self.cols, xq, inputs.xs, inputs.lq, n, &yv[0, 0], self.rows,
                         n_threads)
         return y
 
@@ -259,7 +278,7 @@ cdef class _Inputs:
     cdef size_t lq
 
     def __init__(self, int n, int cols):
-        self.lq = cols // 32 + 1
+        self.lq = qora_xq_stride(cols)  # room for the Q8_0 and the Q8_K form of a row
         self.xq_buf = np.zeros(n * self.lq * 34, dtype=np.uint8)
         self.xs_buf = np.zeros(2 * n * self.lq, dtype=np.int32)  # qora_xblock: int32 + float
         cdef uint8_t[::1] xq = self.xq_buf
@@ -274,34 +293,36 @@ cdef int _check_x(const float[:, ::1] x, int cols, str what) except -1:
     return x.shape[0]
 
 
-def matmul(w, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int n_threads=1, bint repack=False):
+def matmul(w, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int n_threads=1, bint repack=False,
+           bint act_f32=False):
     """Y (n, rows) = X (n, cols) W^T with W (rows, cols) stored as dtype: the tiled product
-    (repack: Q4 rows interleaved by 8 first, as the engine does at load)."""
+    (repack: Q4 rows interleaved by 8 first, as the engine does at load; act_f32: float activations)."""
     _kernels(isa)
-    return Matrix(w, dtype, rows, cols, repack, n_threads).matmul(x, isa, n_threads)
+    return Matrix(w, dtype, rows, cols, repack, n_threads).matmul(x, isa, n_threads, act_f32)
 
 
-def matvec(w, str dtype, int rows, int cols, const float[::1] x, int isa, int n_threads=1):
+def matvec(w, str dtype, int rows, int cols, const float[::1] x, int isa, int n_threads=1, bint act_f32=False):
     """y = W x with W (rows, cols) stored as dtype (raw bytes / f16 / f32 array)."""
     if x.shape[0] != cols:
         raise ValueError(f"matvec: x has {x.shape[0]} elements, W has {cols} columns")
-    return matmul(w, dtype, rows, cols, np.asarray(x).reshape(1, cols), isa, n_threads)[0]
+    return matmul(w, dtype, rows, cols, np.asarray(x).reshape(1, cols), isa, n_threads, False, act_f32)[0]
 
 
-def swiglu_prepared(Matrix gate, Matrix up, const float[:, ::1] x, int isa, int n_threads=1):
-    """H (n, rows) = silu(X Wg^T) * (X Wu^T), one pass over both prepared matrices."""
+def swiglu_prepared(Matrix gate, Matrix up, const float[:, ::1] x, int isa, int n_threads=1, bint act_f32=False):
+    """H (n, rows) = silu(X Wg^T) * (X Wu^T), one pass over both prepared matrices (of any two types)."""
     cdef const qora_kernels* K = _kernels(isa)
     _threads(n_threads)
-    if gate.rows != up.rows or gate.cols != up.cols or gate.t.dtype != up.t.dtype:
-        raise ValueError("swiglu: gate and up must have the same shape and dtype")
+    if gate.rows != up.rows or gate.cols != up.cols:
+        raise ValueError("swiglu: gate and up must have the same shape")
     cdef int n = _check_x(x, gate.cols, "swiglu")
     h = np.empty((n, gate.rows), dtype=np.float32)
     cdef float[:, ::1] hv = h
     inputs = _Inputs(n, gate.cols)
+    cdef block_q8* xq = NULL if act_f32 else inputs.xq
+    cdef int needs = qora_act_needs(gate.t.dtype) | qora_act_needs(up.t.dtype)
     with nogil:
-        qora_prepare_inputs(K, gate.t.dtype, &x[0, 0], gate.cols, inputs.xq, inputs.xs, inputs.lq, n, gate.cols,
-                            n_threads)
-        qora_swiglu(K, &gate.t, &up.t, &x[0, 0], gate.cols, inputs.xq, inputs.xs, inputs.lq, n, &hv[0, 0],
+        qora_prepare_acts(K, needs, &x[0, 0], gate.cols, xq, inputs.xs, inputs.lq, n, gate.cols, n_threads)
+        qora_swiglu(K, &gate.t, &up.t, &x[0, 0], gate.cols, xq, inputs.xs, inputs.lq, n, &hv[0, 0],
                     gate.rows, n_threads)
     return h
 
@@ -457,6 +478,7 @@ cdef class CpuModel:
     cdef readonly int max_seq_len
     cdef readonly int n_threads
     cdef readonly str isa_name
+    cdef readonly bint act_f32
 
     def __cinit__(self):
         memset(&self.m, 0, sizeof(qora_model))
@@ -464,8 +486,11 @@ cdef class CpuModel:
         self.layers = NULL
 
     def __init__(self, dict cfg, dict tensors, inv_freq, float rope_scale, int max_seq_len, int n_threads, int isa,
-                 bint repack=True, bint kv_f16=True):
-        """cfg: normalized config; tensors: name -> (dtype, shape, array) as stored in the file."""
+                 bint repack=True, bint kv_f16=True, bint act_f32=False):
+        """cfg: normalized config; tensors: name -> (dtype, shape, array) as stored in the file (the dtype
+        names of qora/dtypes.py, the array the type's raw bytes: GGUF blocks as they are). act_f32: float
+        activations (the weights dequantized block by block, nothing rounded to 8 bits) instead of each
+        type's Q8_0 / Q8_K partner."""
         cdef int i, n_layers = cfg["n_layers"]
         cdef qora_config* c = &self.m.cfg
         cdef qora_layer* L
@@ -477,11 +502,13 @@ cdef class CpuModel:
         self.isa_name = ISA_NAMES[self.m.K.isa]
         _fill_config(c, cfg, max_seq_len, rope_scale)
         c.kv_f16 = kv_f16
+        c.act_f32 = act_f32
+        self.act_f32 = act_f32
         self.layers = <qora_layer*>calloc(n_layers, sizeof(qora_layer))
         if self.layers == NULL:
             raise MemoryError()
         _fill_weights(&self.m.w, self.layers, c, cfg, tensors, inv_freq, self._refs)
-        if repack:  # decode and prefill read Q4 matrices through the interleaved copy
+        if repack and not act_f32:  # integer decode and prefill read Q4 matrices through the interleaved copy
             self._keep(_repack(&self.m.w.output, n_threads))
             for i in range(n_layers):
                 L = &self.layers[i]

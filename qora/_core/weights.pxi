@@ -4,13 +4,28 @@
 # long as C reads the pointers.
 
 cdef extern from "qora/forward.h" nogil:
-    int QORA_F32, QORA_F16, QORA_Q8, QORA_Q4
-    int QK
+    int QORA_F32, QORA_F16, QORA_Q8, QORA_Q4, QORA_Q4_1, QORA_Q5_0, QORA_Q5_1, QORA_Q4_K, QORA_Q5_K, QORA_Q6_K
+    int QORA_BF16
+    int QK, QK_K
     size_t qora_row_bytes(int dtype, int cols)
 
     ctypedef struct block_q4:
         pass
     ctypedef struct block_q8:
+        pass
+    ctypedef struct block_q4_1:
+        pass
+    ctypedef struct block_q5_0:
+        pass
+    ctypedef struct block_q5_1:
+        pass
+    ctypedef struct block_q4_K:
+        pass
+    ctypedef struct block_q5_K:
+        pass
+    ctypedef struct block_q6_K:
+        pass
+    ctypedef struct block_q8K:
         pass
 
     ctypedef struct block_q4x8:
@@ -28,6 +43,7 @@ cdef extern from "qora/forward.h" nogil:
         int n_layers, dim, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size, max_seq_len
         float norm_eps, rope_scale
         int kv_f16
+        int act_f32
 
     ctypedef struct qora_layer:
         const float* attn_norm
@@ -50,11 +66,18 @@ DTYPES = {name: t.c_id for name, t in _WEIGHT_TYPES.items()}  # name -> enum qor
 
 def c_weight_types():
     """The C side of the weight-type table, as compiled (tests/test_dtypes.py compares it with
-    qora/dtypes.py): the enum values, QK and the block struct sizes."""
+    qora/dtypes.py): the enum values, QK, QK_K and the block struct sizes (by the table's names)."""
     return {
-        "enum": {"QORA_F32": QORA_F32, "QORA_F16": QORA_F16, "QORA_Q8": QORA_Q8, "QORA_Q4": QORA_Q4},
+        "enum": {"QORA_F32": QORA_F32, "QORA_F16": QORA_F16, "QORA_Q8": QORA_Q8, "QORA_Q4": QORA_Q4,
+                 "QORA_Q4_1": QORA_Q4_1, "QORA_Q5_0": QORA_Q5_0, "QORA_Q5_1": QORA_Q5_1, "QORA_Q4_K": QORA_Q4_K,
+                 "QORA_Q5_K": QORA_Q5_K, "QORA_Q6_K": QORA_Q6_K, "QORA_BF16": QORA_BF16},
         "QK": QK,
-        "sizeof": {"block_q8": sizeof(block_q8), "block_q4": sizeof(block_q4)},
+        "QK_K": QK_K,
+        "sizeof": {"block_q8": sizeof(block_q8), "block_q4": sizeof(block_q4), "block_q4_1": sizeof(block_q4_1),
+                   "block_q5_0": sizeof(block_q5_0), "block_q5_1": sizeof(block_q5_1),
+                   "block_q4_k": sizeof(block_q4_K), "block_q5_k": sizeof(block_q5_K),
+                   "block_q6_k": sizeof(block_q6_K)},
+        "sizeof_q8k": sizeof(block_q8K),
     }
 
 

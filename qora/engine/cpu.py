@@ -24,6 +24,34 @@ from qora.system import default_threads, physical_cores
 # checks them against the C enum and kernel tables.
 ISA_NAMES = ("scalar", "avx2", "avx2vnni", "avx512")
 
+# The arithmetic of the matrix products: "q8" rounds each product's activations to 8 bits (Q8_0 blocks for
+# the 32-element weight types, Q8_K for the K types, as llama.cpp does: integer dot products, fastest);
+# "f32" keeps them as floats and dequantizes the weights block by block (no activation rounding: slower
+# on big models, and what a small model needs where its answer hangs on a near tie).
+PRECISIONS = ("q8", "f32")
+# Models up to this many weights default to "f32" (SmolLM2-135M's first answer token is a 0.09-logit tie
+# that 8-bit activations flip; at this size float arithmetic costs little).
+F32_PRECISION_MAX_PARAMS = 1_000_000_000
+
+
+def model_params(cfg: dict) -> int:
+    """Weights of the layers and the embedding (the LM head counted once), from the normalized config."""
+    d, h, q = int(cfg["dim"]), int(cfg["hidden_dim"]), int(cfg["n_heads"]) * int(cfg["head_dim"])
+    kv = int(cfg["n_kv_heads"]) * int(cfg["head_dim"])
+    return int(cfg["n_layers"]) * (2 * d * q + 2 * d * kv + 3 * d * h) + int(cfg["vocab_size"]) * d
+
+
+def default_precision(cfg: dict, requested: str | None = None) -> str:
+    """The product arithmetic: `requested`, else QORA_PRECISION, else "f32" for models up to
+    F32_PRECISION_MAX_PARAMS weights and "q8" above."""
+    want = (requested or os.environ.get("QORA_PRECISION", "")).strip().lower()
+    if want:
+        if want not in PRECISIONS:
+            raise QoraError(f"precision {want!r} is not one of {', '.join(PRECISIONS)}")
+        return want
+    return "f32" if model_params(cfg) <= F32_PRECISION_MAX_PARAMS else "q8"
+
+
 # Prefill is split into calls of this many tokens so Ctrl-C is honoured
 # between chunks (the C loop runs without the GIL and cannot be interrupted).
 _PREFILL_CHUNK = 64
@@ -195,11 +223,29 @@ def file_guard(qfile) -> FileGuard:
     return guard
 
 
+def _precision(requested: str | None) -> str:
+    want = (requested or os.environ.get("QORA_PRECISION", "") or "q8").strip().lower()
+    if want not in PRECISIONS:
+        raise QoraError(f"precision {want!r} is not one of {', '.join(PRECISIONS)}")
+    return want
+
+
 class CpuEngine:
     """The Engine (qora.engine.base) on the CPU: forward(tokens, start_pos) -> logits over a KV cache
-    kept inside the engine."""
+    kept inside the engine.
 
-    def __init__(self, qfile, n_threads: int | None = None, max_seq_len: int | None = None, isa: str | None = None):
+    precision: "q8" (activations rounded to each weight type's 8-bit partner, integer products) or "f32"
+    (float activations); None: QORA_PRECISION, else "q8". `default_precision(cfg)` is the choice by model
+    size that loaders pass."""
+
+    def __init__(
+        self,
+        qfile,
+        n_threads: int | None = None,
+        max_seq_len: int | None = None,
+        isa: str | None = None,
+        precision: str | None = None,
+    ):
         core = _core()
         self._lock = threading.Lock()
         self._model = self._guard = None
@@ -221,6 +267,7 @@ class CpuEngine:
         try:
             # QORA_REPACK=0 keeps Q4 matrices in file order (half the memory, slower products)
             repack = os.environ.get("QORA_REPACK", "1").strip() not in ("0", "false", "no")
+            self.precision = _precision(precision)
             self._model = core.CpuModel(
                 cfg,
                 tensors,
@@ -231,6 +278,7 @@ class CpuEngine:
                 isa_idx,
                 repack,
                 self.kv_dtype == "f16",
+                self.precision == "f32",
             )
         except (ValueError, KeyError) as e:
             raise QoraError(f"{qfile.path}: cannot build the engine: {e}") from e

@@ -32,6 +32,7 @@ import threading
 
 import numpy as np
 
+from qora import dtypes
 from qora.engine.base import SingleSlot, check_tokens, default_context, kv_cache_dtype, rope_parameters
 from qora.engine.cpu import CpuEngine, file_guard
 from qora.errors import QoraError
@@ -171,6 +172,9 @@ class VulkanEngine(SingleSlot):
         core = _core()
         if core is None:
             raise GpuUnavailable("this build of qora has no Vulkan backend", quiet=True)
+        for name, info in qfile.tensor_info.items():  # types with CPU kernels only: the CPU engine runs them
+            if info["dtype"] not in dtypes.VULKAN:
+                raise GpuUnavailable(f"tensor {name} is {info['dtype']}, which the Vulkan backend cannot run yet")
         self.config = cfg = qfile.config
         self._qfile = qfile
         self._cpu = None

@@ -1,0 +1,184 @@
+"""The GGUF weight types the engine runs as stored (Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, BF16, besides
+Q4_0 / Q8_0 / F16 / F32): dequantization bit for bit against gguf-py's reference, the activation
+quantizer of the K types against llama.cpp's algorithm in NumPy, every product against a float64 NumPy
+reference on random blocks and ragged shapes, and every ISA path against the scalar one bit for bit,
+with 8-bit activations (each type's partner: Q8_0 or Q8_K) and with float activations."""
+
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from qora._core import _cpu
+from qora.dtypes import QK, QK_K, WEIGHT_TYPES
+from qora.engine import ISA_NAMES
+
+FEATS = _cpu.cpu_features()
+ISAS = [i for i, n in enumerate(ISA_NAMES) if n in FEATS["cpu_supports"] and n in FEATS["compiled"]]
+SCALAR = ISA_NAMES.index("scalar")
+BLOCK_TYPES = [n for n, t in WEIGHT_TYPES.items() if t.quantized]
+NEW_TYPES = ["q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+
+
+def rng():
+    return np.random.default_rng()  # fresh inputs every run
+
+
+def random_blocks(r, dtype, rows, cols):
+    """Random bytes in the type's block layout with finite f16 scales (and minimums) of a model's size."""
+    t = WEIGHT_TYPES[dtype]
+    if not t.quantized:
+        if dtype == "bf16":
+            return (r.standard_normal((rows, cols)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return r.standard_normal((rows, cols)).astype(t.numpy)
+    nb = rows * cols // t.block
+    raw = r.integers(0, 256, size=(nb, t.block_bytes), dtype=np.uint8)
+    for k, off in enumerate(t.scales):
+        mag = 0.002 if t.block == QK_K else 0.02  # K types: d times a 6-bit (or int8) sub-scale
+        v = (r.random(nb) * mag + mag / 20) * (1 if k == 0 else -r.integers(0, 2, nb) * 2 + 1)
+        raw[:, off : off + 2] = v.astype("<f2").view(np.uint8).reshape(nb, 2)
+    return raw.reshape(rows, -1)
+
+
+def reference_values(raw, dtype, rows, cols):
+    """gguf-py's dequantization of the stored bytes (float32)."""
+    if dtype in ("f32", "f16"):
+        return raw.astype(np.float32)
+    flat = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    return gguf_dequantize(flat, GGMLQuantizationType[WEIGHT_TYPES[dtype].gguf]).reshape(rows, cols)
+
+
+def widths(dtype):
+    b = WEIGHT_TYPES[dtype].block
+    if b == 1:
+        return [1, 7, 33, 100, 576]
+    if b == QK:
+        return [32, 96, 160, 576, 1568]
+    return [256, 768, 1536, 2304]
+
+
+@pytest.mark.parametrize("dtype", [*BLOCK_TYPES, "bf16", "f16", "f32"])
+def test_dequant_row_is_gguf_bit_for_bit(dtype):
+    r = rng()
+    for cols in widths(dtype):
+        rows = 5
+        raw = random_blocks(r, dtype, rows, cols)
+        want = reference_values(raw, dtype, rows, cols)
+        for i in range(rows):
+            got = _cpu.dequant_row(raw, dtype, rows, cols, i)
+            np.testing.assert_array_equal(got.view(np.uint32), want[i].view(np.uint32), err_msg=f"{dtype} {cols}")
+
+
+def ref_quantize_q8k(x):
+    """llama.cpp's quantize_row_q8_K_ref in NumPy float32: (d, q, bsums) per 256."""
+    xb = x.reshape(-1, QK_K).astype(np.float32)
+    i = np.abs(xb).argmax(axis=1)
+    vmax = xb[np.arange(len(xb)), i]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(vmax != 0, np.float32(-127.0) / vmax, np.float32(0)).astype(np.float32)
+        q = np.minimum(np.rint(xb * iscale[:, None]), 127).astype(np.int8)
+        d = np.where(vmax != 0, np.float32(1.0) / iscale, np.float32(0)).astype(np.float32)
+    return d, q, q.reshape(-1, 16, 16).astype(np.int32).sum(axis=2)
+
+
+def parse_q8k(raw):
+    b = raw.reshape(-1, 292)
+    return b[:, :4].copy().view("<f4").reshape(-1), b[:, 4:260].view(np.int8), b[:, 260:].copy().view("<i2")
+
+
+@pytest.mark.parametrize("n", [256, 512, 2304])
+def test_quantize_q8k_is_llama_cpps(n):
+    x = rng().standard_normal(n).astype(np.float32) * 3
+    x[:256] = 0.0  # an all-zero block: d = 0, q = 0
+    d, q, s = parse_q8k(_cpu.quantize_q8k(x))
+    rd, rq, rs = ref_quantize_q8k(x)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(q, rq)
+    np.testing.assert_array_equal(s, rs)
+
+
+def effective_inputs(dtype, x):
+    """The activations an 8-bit product multiplies by: Q8_0 (32-element types) or Q8_K (K types), as the
+    C quantizers round them (their rounding is tested on its own above and in test_kernels)."""
+    rows = []
+    for row in x:
+        if WEIGHT_TYPES[dtype].block == QK_K:
+            d, q, _ = parse_q8k(_cpu.quantize_q8k(row))
+            rows.append((q.astype(np.float64) * d[:, None]).reshape(-1))
+        else:
+            b = _cpu.quantize_q8(row, SCALAR).reshape(-1, 34)
+            d = b[:, :2].copy().view("<f2").astype(np.float64)
+            rows.append((b[:, 2:].view(np.int8) * d).reshape(-1))
+    return np.stack(rows)
+
+
+SHAPES = [(1, 1), (3, 1), (5, 2), (13, 3), (33, 2)]  # (rows, blocks per row)
+
+
+@pytest.mark.parametrize("act_f32", [False, True], ids=["q8-acts", "f32-acts"])
+@pytest.mark.parametrize("dtype", [*NEW_TYPES, "q4", "q8", "bf16"])
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 9, 17])
+def test_matmul_against_numpy_and_every_path_bit_for_bit(dtype, n, act_f32):
+    """Every tile shape (1-4 rows x 1-4 tokens) and the ragged edges, each ISA path equal to the scalar one."""
+    r = rng()
+    block = max(WEIGHT_TYPES[dtype].block, QK)
+    for rows, nb in SHAPES + ([(130, 9)] if block == QK else [(130, 4)]):
+        cols = block * nb
+        raw = random_blocks(r, dtype, rows, cols)
+        w = reference_values(raw, dtype, rows, cols).astype(np.float64)
+        x = r.standard_normal((n, cols)).astype(np.float32)
+        xe = x.astype(np.float64) if act_f32 or not WEIGHT_TYPES[dtype].quantized else effective_inputs(dtype, x)
+        ref = xe @ w.T
+        scale = np.abs(x).astype(np.float64) @ np.abs(w).T + 1e-6
+        outs = {isa: _cpu.matmul(raw, dtype, rows, cols, x, isa, 2, False, act_f32) for isa in ISAS}
+        err = np.abs(outs[SCALAR] - ref) / scale
+        assert err.max() < 1e-5, (dtype, rows, cols, err.max())
+        for isa, y in outs.items():
+            np.testing.assert_array_equal(y, outs[SCALAR], err_msg=f"{ISA_NAMES[isa]} {dtype} {rows}x{cols} n={n}")
+
+
+@pytest.mark.parametrize("dtype", NEW_TYPES)
+def test_8bit_activations_cost_what_the_partner_rounding_costs(dtype):
+    """Against the float product: the error is the activation rounding's, nothing more."""
+    r = rng()
+    block = WEIGHT_TYPES[dtype].block
+    rows, cols = 64, 4 * max(block, 256)
+    raw = random_blocks(r, dtype, rows, cols)
+    w = reference_values(raw, dtype, rows, cols).astype(np.float64)
+    x = r.standard_normal((3, cols)).astype(np.float32)
+    y = _cpu.matmul(raw, dtype, rows, cols, x, ISAS[-1], 2)
+    scale = np.abs(x).astype(np.float64) @ np.abs(w).T
+    assert (np.abs(y - x.astype(np.float64) @ w.T) / scale).max() < 2e-2
+
+
+@pytest.mark.parametrize("act_f32", [False, True], ids=["q8-acts", "f32-acts"])
+@pytest.mark.parametrize("types", [("q4_k", "q6_k"), ("q4_k", "q5_0"), ("q5_1", "q8"), ("q4", "q4_k")])
+def test_swiglu_of_two_types(types, act_f32):
+    """Gate and up of different types (a Q4_K_M file's mix): both activation formats prepared at once."""
+    r = rng()
+    rows, cols, n = 37, 512, 5
+    gate_raw, up_raw = (random_blocks(r, t, rows, cols) for t in types)
+    x = r.standard_normal((n, cols)).astype(np.float32)
+    outs = {}
+    for isa in ISAS:
+        g = _cpu.Matrix(gate_raw, types[0], rows, cols)
+        u = _cpu.Matrix(up_raw, types[1], rows, cols)
+        outs[isa] = _cpu.swiglu_prepared(g, u, x, isa, 2, act_f32)
+    gw, uw = (
+        reference_values(raw, t, rows, cols).astype(np.float64)
+        for raw, t in zip((gate_raw, up_raw), types, strict=True)
+    )
+    xg = x.astype(np.float64) if act_f32 else effective_inputs(types[0], x)
+    xu = x.astype(np.float64) if act_f32 else effective_inputs(types[1], x)
+    g, u = xg @ gw.T, xu @ uw.T
+    ref = g / (1 + np.exp(-g)) * u
+    assert np.abs(outs[SCALAR] - ref).max() <= 1e-4 * np.abs(ref).max()
+    for isa, y in outs.items():
+        np.testing.assert_array_equal(y, outs[SCALAR], err_msg=ISA_NAMES[isa])
+
+
+@pytest.mark.parametrize("dtype", NEW_TYPES)
+def test_rows_that_are_not_whole_blocks_are_refused(dtype):
+    block = WEIGHT_TYPES[dtype].block
+    with pytest.raises(ValueError, match=f"multiple of {block}"):
+        _cpu.Matrix(np.zeros(100, np.uint8), dtype, 1, block + QK // 2)
