@@ -1403,8 +1403,10 @@ def _plan(cfg: dict, quant: str, embed_quant: str) -> list[tuple[str, str, tuple
             dtype = "f32"
         else:
             dtype = embed_quant if qname in EMBED_TENSORS else quant
-            if dtype in Q.BLOCK_BYTES and shape[1] % Q.QK:
-                _warn(f"{qname}: row length {shape[1]} is not a multiple of {Q.QK}; storing f16")
+            tied = qname == "tok_embeddings" and "output" not in expected_tensors(cfg)
+            dtype = Q.recipe_type("tok_embeddings.tied" if tied else qname, dtype, shape, cfg["n_layers"])
+            if dtype in Q.BLOCK_BYTES and shape[1] % WEIGHT_TYPES[dtype].block:
+                _warn(f"{qname}: row length {shape[1]} is not whole {dtype} blocks; storing f16")
                 dtype = "f16"
         plan.append((qname, dtype, shape))
     return plan

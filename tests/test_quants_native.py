@@ -182,3 +182,70 @@ def test_rows_that_are_not_whole_blocks_are_refused(dtype):
     block = WEIGHT_TYPES[dtype].block
     with pytest.raises(ValueError, match=f"multiple of {block}"):
         _cpu.Matrix(np.zeros(100, np.uint8), dtype, 1, block + QK // 2)
+
+
+# ------------------------------------------------------------------ writing the types (qora/quant.py)
+
+
+def rel_rmse(dtype, x):
+    from qora import quant
+
+    raw = quant.quantize(x, dtype)
+    back = reference_values(raw, dtype, *x.shape)
+    return float(np.sqrt(((back - x) ** 2).mean() / (x**2).mean())), raw
+
+
+def test_quantizers_round_trip_through_gguf_py():
+    """q4_k / q6_k (llama.cpp's make_qkx2 / make_qx searches in NumPy) and the 32-element types (gguf-py's
+    reference): gguf-py decodes the bytes, and the error ranks as the bits do."""
+    r = np.random.default_rng(5)
+    x = r.standard_normal((64, 1024)).astype(np.float32) * np.float32(0.05)
+    x[3, 100] = 2.0  # an outlier
+    x[5, :256] = 0.0  # an all-zero super-block
+    x[6, 256:512] = 0.25  # a constant one
+    err = {}
+    for dtype in ("q4", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k", "q8"):
+        err[dtype], raw = rel_rmse(dtype, x)
+        assert raw.shape == (64, 1024 // WEIGHT_TYPES[dtype].block * WEIGHT_TYPES[dtype].block_bytes)
+        back = reference_values(raw, dtype, *x.shape)
+        assert np.isfinite(back).all() and (back[5, :256] == 0).all(), dtype
+        np.testing.assert_allclose(back[6, 256:512], 0.25, rtol=0.02, atol=0)
+    assert err["q8"] < err["q6_k"] < err["q5_1"] < err["q4_k"] < err["q4"], err
+    assert err["q4_k"] < 0.1 and err["q6_k"] < 0.025, err
+
+
+def test_q4_k_m_recipe():
+    from qora.quant import recipe_type
+
+    n = 16  # llama.cpp's use_more_bits: layers 0, 1, 4, 7, 10, 13, 14, 15 of 16
+    more = [i for i in range(n) if recipe_type(f"layers.{i}.wv", "q4_k", (256, 2048), n) == "q6_k"]
+    assert more == [0, 1, 4, 7, 10, 13, 14, 15]
+    assert [recipe_type(f"layers.{i}.w_down", "q4_k", (2048, 8192), n) for i in (0, 2)] == ["q6_k", "q4_k"]
+    assert recipe_type("layers.2.wq", "q4_k", (2048, 2048), n) == "q4_k"
+    assert recipe_type("output", "q4_k", (1000, 2048), n) == "q6_k"
+    assert recipe_type("tok_embeddings", "q4_k", (1000, 2048), n) == "q4_k"
+    assert recipe_type("tok_embeddings.tied", "q4_k", (1000, 2048), n) == "q6_k"
+    # rows that are not whole super-blocks fall back as llama.cpp's do (SmolLM2-135M's 576)
+    assert recipe_type("layers.2.wq", "q4_k", (576, 576), n) == "q5_0"
+    assert recipe_type("output", "q4_k", (1000, 576), n) == "q8"
+    assert recipe_type("layers.2.wq", "q8", (576, 576), n) == "q8"
+
+
+def test_a_model_converted_as_q4_k_runs_close_to_its_float_forward(tiny_model, monkeypatch):
+    """qora convert --quant q4_k on a tiny checkpoint (rows of 64: the recipe's fallbacks q5_0 / q8),
+    run with float activations against the float64 forward over the stored weights."""
+    from reference import ReferenceModel
+
+    from qora.engine.cpu import CpuEngine
+    from qora.format import read_qora
+
+    monkeypatch.setenv("QORA_KV", "f32")
+    tokens = [1, 5, 9, 200, 33]
+    with read_qora(tiny_model("tiny-llama", "q4_k")) as f:
+        types = {i["dtype"] for i in f.tensor_info.values()}
+        assert {"q5_0", "q8"} <= types
+        eng = CpuEngine(f, n_threads=2, max_seq_len=16, precision="f32")
+        got = eng.forward(tokens, 0, all_logits=True)
+        eng.close()
+        ref = ReferenceModel(f, quantize_activations=False).forward(tokens)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
