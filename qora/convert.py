@@ -1406,7 +1406,7 @@ def _plan(cfg: dict, quant: str, embed_quant: str) -> list[tuple[str, str, tuple
             tied = qname == "tok_embeddings" and "output" not in expected_tensors(cfg)
             dtype = Q.recipe_type("tok_embeddings.tied" if tied else qname, dtype, shape, cfg["n_layers"])
             if dtype in Q.BLOCK_BYTES and shape[1] % WEIGHT_TYPES[dtype].block:
-                _warn(f"{qname}: row length {shape[1]} is not whole {dtype} blocks; storing f16")
+                _warn(f"{qname}: row length {shape[1]} is not a multiple of {WEIGHT_TYPES[dtype].block}; storing f16")
                 dtype = "f16"
         plan.append((qname, dtype, shape))
     return plan

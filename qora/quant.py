@@ -286,14 +286,26 @@ def _quantize_blocks_q6_k(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _gguf(what: str):
+    """The gguf package (the [convert] extra), or a QoraError naming it."""
+    try:
+        import gguf.constants
+        import gguf.quants
+    except ImportError:
+        from qora.errors import QoraError
+
+        raise QoraError(f"{what} needs the gguf package: pip install 'qora[convert]'") from None
+    return gguf
+
+
 def _gguf_quantizer(name: str):
     """gguf-py's quantizer of a 32-element type (ggml's reference, bit for bit)."""
 
     def quantize_blocks(x: np.ndarray) -> np.ndarray:
-        from gguf.constants import GGMLQuantizationType
-        from gguf.quants import quantize as gguf_quantize
-
-        return gguf_quantize(x, GGMLQuantizationType[WEIGHT_TYPES[name].gguf]).reshape(x.shape[0], -1)
+        gguf = _gguf("writing " + name)
+        return gguf.quants.quantize(x, gguf.constants.GGMLQuantizationType[WEIGHT_TYPES[name].gguf]).reshape(
+            x.shape[0], -1
+        )
 
     return quantize_blocks
 
@@ -354,10 +366,9 @@ def dequantize(raw, dtype: str, shape) -> np.ndarray:
     if buf.size != want:
         raise ValueError(f"{dtype} tensor of shape {list(shape)} needs {want} bytes, got {buf.size}")
     if dtype not in _DEQUANT_BLOCKS and dtype not in ("f16", "f32"):
-        from gguf.constants import GGMLQuantizationType
-        from gguf.quants import dequantize as gguf_dequantize
-
-        return gguf_dequantize(buf, GGMLQuantizationType[WEIGHT_TYPES[dtype].gguf]).astype(np.float32).reshape(shape)
+        gguf = _gguf("decoding " + dtype)
+        qtype = gguf.constants.GGMLQuantizationType[WEIGHT_TYPES[dtype].gguf]
+        return gguf.quants.dequantize(buf, qtype).astype(np.float32).reshape(shape)
     if dtype in FLOAT_DTYPES:
         return buf.view(FLOAT_DTYPES[dtype]).astype(np.float32).reshape(shape)
     rows, cols = shape

@@ -12,7 +12,13 @@ from qora import engine as eng
 from qora.errors import QoraError
 from qora.format import read_qora
 
-_CASES = [("tiny-smollm3", "q4"), ("tiny-smollm3", "q8"), ("tiny-llama", "f16"), ("tiny-llama", "q4")]
+_CASES = [
+    ("tiny-smollm3", "q4"),
+    ("tiny-smollm3", "q8"),
+    ("tiny-llama", "f16"),
+    ("tiny-llama", "q4"),
+    ("tiny-llama", "q4_k"),
+]
 
 
 def _alone(e, prompt, n_decode):

@@ -496,6 +496,7 @@ static void qora_batch_pass(qora_model* m, qora_batch* b, const int32_t* tokens,
     const int nt = m->n_threads;
     const int D = c->dim, q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
     const size_t lq = s->xq_stride, T = (size_t)c->max_seq_len;
+    block_q8* xq = c->act_f32 ? NULL : s->xq; /* NULL: float activations (qora_matmul) */
     const size_t kv_bytes = c->kv_f16 ? sizeof(uint16_t) : sizeof(float);
     const size_t layer_bytes = qora_batch_layer_bytes(b), slot_bytes = (size_t)c->n_layers * layer_bytes;
     const int group = c->n_heads / c->n_kv_heads, pairs = n * c->n_kv_heads;
@@ -511,11 +512,11 @@ static void qora_batch_pass(qora_model* m, qora_batch* b, const int32_t* tokens,
         char* value_base = (char*)s->value_cache + (size_t)l * layer_bytes;
 
         for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->attn_norm, D, c->norm_eps);
-        if (qora_is_quantized(L->wq.dtype) || qora_is_quantized(L->wk.dtype) || qora_is_quantized(L->wv.dtype))
-            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D, nt);
-        qora_matmul(K, &L->wq, s->xb, D, s->xq, s->xs, lq, n, s->q, q_dim, nt);
-        qora_matmul(K, &L->wk, s->xb, D, s->xq, s->xs, lq, n, s->k, kv_dim, nt);
-        qora_matmul(K, &L->wv, s->xb, D, s->xq, s->xs, lq, n, s->v, kv_dim, nt);
+        qora_prepare_acts(K, qora_act_needs(L->wq.dtype) | qora_act_needs(L->wk.dtype) | qora_act_needs(L->wv.dtype),
+                          s->xb, D, xq, s->xs, lq, n, D, nt);
+        qora_matmul(K, &L->wq, s->xb, D, xq, s->xs, lq, n, s->q, q_dim, nt);
+        qora_matmul(K, &L->wk, s->xb, D, xq, s->xs, lq, n, s->k, kv_dim, nt);
+        qora_matmul(K, &L->wv, s->xb, D, xq, s->xs, lq, n, s->v, kv_dim, nt);
 
         for (int t = 0; t < n; t++) {
             if (L->use_rope) {
@@ -545,25 +546,25 @@ static void qora_batch_pass(qora_model* m, qora_batch* b, const int32_t* tokens,
                               s->att + (size_t)t * q_dim, s->att_part + (size_t)p * tmp);
         }
 
-        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, s->xq, s->xs, lq, n, q_dim, nt);
-        qora_matmul(K, &L->wo, s->att, q_dim, s->xq, s->xs, lq, n, s->xb2, D, nt);
+        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, xq, s->xs, lq, n, q_dim, nt);
+        qora_matmul(K, &L->wo, s->att, q_dim, xq, s->xs, lq, n, s->xb2, D, nt);
         qora_residual(s->x, s->xb2, (size_t)n * D);
 
         for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->ffn_norm, D, c->norm_eps);
-        if (qora_is_quantized(L->w_gate.dtype) || qora_is_quantized(L->w_up.dtype))
-            qora_prepare_inputs(K, QORA_Q8, s->xb, D, s->xq, s->xs, lq, n, D, nt);
-        qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, s->xq, s->xs, lq, n, s->hb, c->hidden_dim, nt);
+        qora_prepare_acts(K, qora_act_needs(L->w_gate.dtype) | qora_act_needs(L->w_up.dtype), s->xb, D, xq, s->xs, lq,
+                          n, D, nt);
+        qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, xq, s->xs, lq, n, s->hb, c->hidden_dim, nt);
 
-        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, s->xq, s->xs, lq, n, c->hidden_dim, nt);
-        qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, s->xq, s->xs, lq, n, s->xb2, D, nt);
+        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, xq, s->xs, lq, n, c->hidden_dim, nt);
+        qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, xq, s->xs, lq, n, s->xb2, D, nt);
         qora_residual(s->x, s->xb2, (size_t)n * D);
     }
 
     if (n_want < 1) return;
     for (int i = 0; i < n_want; i++)
         K->rmsnorm(s->xb + (size_t)i * D, s->x + (size_t)(want[i] - row0) * D, m->w.norm, D, c->norm_eps);
-    qora_prepare_inputs(K, m->w.output.dtype, s->xb, D, s->xq, s->xs, lq, n_want, D, nt);
-    qora_matmul(K, &m->w.output, s->xb, D, s->xq, s->xs, lq, n_want, logits, (size_t)c->vocab_size, nt);
+    qora_prepare_inputs(K, m->w.output.dtype, s->xb, D, xq, s->xs, lq, n_want, D, nt);
+    qora_matmul(K, &m->w.output, s->xb, D, xq, s->xs, lq, n_want, logits, (size_t)c->vocab_size, nt);
 }
 
 /* A batched step over n rows (any number: passes of b->rows). logits: (n_want, vocab) for the rows
