@@ -48,6 +48,8 @@ def run(path, name, isa, amx, repack, threads, monkeypatch):
     monkeypatch.setenv("QORA_ISA", isa)
     monkeypatch.setenv("QORA_AMX", amx)
     monkeypatch.setenv("QORA_REPACK", repack)
+    # the 8-bit activation paths (integer kernels, repacking, AMX); float activations: test_mixed_types_model
+    monkeypatch.setenv("QORA_PRECISION", "q8")
     try:
         with qora.load(path, threads=threads, max_seq_len=128, device="cpu") as m:
             if m.engine.isa != isa:

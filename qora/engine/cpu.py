@@ -223,11 +223,12 @@ def file_guard(qfile) -> FileGuard:
     return guard
 
 
-def _precision(requested: str | None) -> str:
-    want = (requested or os.environ.get("QORA_PRECISION", "") or "q8").strip().lower()
-    if want not in PRECISIONS:
-        raise QoraError(f"precision {want!r} is not one of {', '.join(PRECISIONS)}")
-    return want
+def _precision(requested: str | None, qfile) -> str:
+    """`requested`, else QORA_PRECISION, else by model size for a GGUF file (default_precision: what
+    users bring, run in its stored types) and "q8" for a .qora file."""
+    if requested or os.environ.get("QORA_PRECISION", "").strip() or getattr(qfile, "kind", None) == "gguf":
+        return default_precision(qfile.config, requested)
+    return "q8"
 
 
 class CpuEngine:
@@ -235,8 +236,8 @@ class CpuEngine:
     kept inside the engine.
 
     precision: "q8" (activations rounded to each weight type's 8-bit partner, integer products) or "f32"
-    (float activations); None: QORA_PRECISION, else "q8". `default_precision(cfg)` is the choice by model
-    size that loaders pass."""
+    (float activations); None: QORA_PRECISION, else for a GGUF file `default_precision(cfg)` (f32 up to
+    1B weights) and "q8" for a .qora file."""
 
     def __init__(
         self,
@@ -267,7 +268,7 @@ class CpuEngine:
         try:
             # QORA_REPACK=0 keeps Q4 matrices in file order (half the memory, slower products)
             repack = os.environ.get("QORA_REPACK", "1").strip() not in ("0", "false", "no")
-            self.precision = _precision(precision)
+            self.precision = _precision(precision, qfile)
             self._model = core.CpuModel(
                 cfg,
                 tensors,
