@@ -417,7 +417,8 @@ def note_unused_think_flags(args, tokenizer) -> None:
     change nothing: say so once rather than silently."""
     flags = [f for f, on in (("--no-think", args.no_think), ("--think-budget", args.think_budget is not None)) if on]
     if flags and (tokenizer.think_id is None or tokenizer.end_think_id is None):
-        _note(f"this model has no thinking mode: {' and '.join(flags)} change nothing")
+        verb = "change" if len(flags) > 1 else "changes"
+        _note(f"this model has no thinking mode: {' and '.join(flags)} {verb} nothing")
 
 
 def load_from_args(args):
