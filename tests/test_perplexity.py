@@ -93,8 +93,8 @@ def test_kl_divergence_against_itself_and_another_model(tiny, tmp_path):
     save.save(tmp_path / "ref.npz")
     base = P.Reference.load(tmp_path / "ref.npz")
     same = P.perplexity(tiny, tokens, 16, base=base)
-    assert same.kl.mean < 1e-6 and same.kl.same_top == 1.0
-    assert same.kl.base_ppl == pytest.approx(r0.ppl, rel=1e-5)
+    assert same.kl.mean < 1e-4 and same.kl.same_top == 1.0  # the 16-bit steps of the saved log-probs
+    assert same.kl.base_ppl == pytest.approx(r0.ppl, rel=1e-4)
     with qora.load(FIX / "tiny-smollm3.q4_0.gguf", device="cpu", threads=1) as q4:
         other = P.perplexity(q4, tokens, 16, base=base)
     k = other.kl
@@ -140,7 +140,7 @@ def test_command_line(tmp_path, capsys):
     assert "Final estimate: PPL = " in out and "PPL" in err
     assert qora_main([*base, "--json", "-q", "--kl-base", str(tmp_path / "ref.npz")]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["kl"]["same_top"] == 1.0 and r["ppl"] == pytest.approx(r["kl"]["base_ppl"], rel=1e-5)
+    assert r["kl"]["same_top"] == 1.0 and r["ppl"] == pytest.approx(r["kl"]["base_ppl"], rel=1e-4)
     assert qora_main(["perplexity", "--load", gguf, "--file", str(tmp_path / "missing.txt")]) == 1
     assert capsys.readouterr().err.startswith("qora: error: ")
 
