@@ -4,6 +4,7 @@ driven by selenium. Skipped where they are not installed (CI installs them: .ci/
 from __future__ import annotations
 
 import shutil
+import time
 
 import httpx
 import pytest
@@ -80,6 +81,13 @@ def test_chat_streams_an_answer_shows_the_model_and_speed(page_server, browser):
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
 
 
+def _wait_for(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
 def test_stop_button_ends_the_answer(page_server, browser):
     browser.get(page_server.url + "/")
     wait = WebDriverWait(browser, 60)
@@ -93,8 +101,8 @@ def test_stop_button_ends_the_answer(page_server, browser):
     wait.until(lambda b: _answers(b)[-1].get_attribute("data-done") == "1")
     stopped = _answers(browser)[-1].text
     assert 20 < len(stopped) < 6000 and browser.find_element(By.ID, "send").is_enabled()
-    health = httpx.get(page_server.url + "/health").json()
-    assert health["requests"]["cancelled"] >= 1  # the server stopped generating too
+    # the server stopped generating too: it notices the closed stream at its next step
+    _wait_for(lambda: httpx.get(page_server.url + "/health").json()["requests"]["cancelled"] >= 1, 20)
 
 
 def test_think_toggle_is_sent(page_server, browser):
