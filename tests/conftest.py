@@ -54,3 +54,11 @@ def demo_gguf():
     from qora import demo
 
     return demo.ensure_demo_gguf(demo.default_cache_dir(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def ctx():
+    """The Vulkan context of the GPU tests (tests/_helpers_vulkan.py); skips without a Vulkan device."""
+    from _helpers_vulkan import context
+
+    return context()

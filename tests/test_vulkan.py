@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers_vulkan import DEVICE, needs_gpu
 from test_kernels import random_q4, random_q8, ref_quantize_q8
 
 import qora
@@ -23,24 +24,6 @@ from qora.errors import QoraError
 REPO = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"
 STORE, ADD, SWIGLU, QKV = 0, 1, 2, 3
-
-
-def _device():
-    try:
-        return vulkan.choose_device(_vulkan.list_devices(), required=True)
-    except (_vulkan.VulkanError, QoraError):
-        return None
-
-
-DEVICE = _device()
-needs_gpu = pytest.mark.skipif(DEVICE is None, reason="no usable Vulkan device (CI installs lavapipe)")
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    if DEVICE is None:
-        pytest.skip("no usable Vulkan device")
-    return vulkan._context(_vulkan, None, DEVICE["index"])[0]
 
 
 def rel_err(a, b):

@@ -9,19 +9,10 @@ import struct
 
 import numpy as np
 import pytest
-from test_vulkan import DEVICE, act_layout, rel_err, run_quant, unpack_act
+from _helpers_vulkan import DEVICE, needs_gpu
+from test_vulkan import act_layout, rel_err, run_quant, unpack_act
 
-from qora._core import _vulkan
 from qora.engine import vulkan
-
-needs_gpu = pytest.mark.skipif(DEVICE is None, reason="no usable Vulkan device (CI installs lavapipe)")
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    if DEVICE is None:
-        pytest.skip("no usable Vulkan device")
-    return vulkan._context(_vulkan, None, DEVICE["index"])[0]
 
 
 def ref_attention(q, kc, vc, start, n_heads, n_kv, hd):

@@ -348,6 +348,30 @@ static inline void qora_residual(float* x, const float* y, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
 
+/* A layer after its attention, for the n rows of s->att (the attention output) and s->x (the
+   residual stream): output projection and residual, ffn norm, fused gate+up
+   hb = silu(gate . x) * (up . x), down projection and residual. qora_chunk and qora_batch_pass
+   share it, so a row computes the same operations in either. */
+static void qora_layer_tail(const qora_kernels* K, const qora_config* c, const qora_layer* L, qora_state* s, int n,
+                            int nt) {
+    const int D = c->dim, q_dim = c->n_heads * c->head_dim;
+    const size_t lq = s->xq_stride;
+    block_q8* xq = c->act_f32 ? NULL : s->xq; /* NULL: float activations (qora_matmul) */
+
+    qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, xq, s->xs, lq, n, q_dim, nt);
+    qora_matmul(K, &L->wo, s->att, q_dim, xq, s->xs, lq, n, s->xb2, D, nt);
+    qora_residual(s->x, s->xb2, (size_t)n * D);
+
+    for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->ffn_norm, D, c->norm_eps);
+    qora_prepare_acts(K, qora_act_needs(L->w_gate.dtype) | qora_act_needs(L->w_up.dtype), s->xb, D, xq, s->xs, lq, n,
+                      D, nt);
+    qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, xq, s->xs, lq, n, s->hb, c->hidden_dim, nt);
+
+    qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, xq, s->xs, lq, n, c->hidden_dim, nt);
+    qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, xq, s->xs, lq, n, s->xb2, D, nt);
+    qora_residual(s->x, s->xb2, (size_t)n * D);
+}
+
 /* n <= QORA_CHUNK tokens at positions pos0.. through every layer. Logits:
    all n rows (all_logits), only the last row, or none (logits == NULL). */
 static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, float* logits, int all_logits) {
@@ -399,23 +423,7 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
         qora_attention_tiles(K, s->q, key_cache, value_cache, c->kv_f16, pos0, n, c->n_heads, c->n_kv_heads,
                              c->head_dim, (size_t)kv_dim, s->scores, T, s->qg, s->att, s->att_part, nt);
 
-        /* output projection and residual */
-        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, xq, s->xs, lq, n, q_dim, nt);
-        qora_matmul(K, &L->wo, s->att, q_dim, xq, s->xs, lq, n, s->xb2, D, nt);
-        qora_residual(s->x, s->xb2, (size_t)n * D);
-
-        /* ffn norm */
-        for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->ffn_norm, D, c->norm_eps);
-
-        /* fused gate+up: hb = silu(gate . x) * (up . x) */
-        qora_prepare_acts(K, qora_act_needs(L->w_gate.dtype) | qora_act_needs(L->w_up.dtype), s->xb, D, xq, s->xs, lq,
-                          n, D, nt);
-        qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, xq, s->xs, lq, n, s->hb, c->hidden_dim, nt);
-
-        /* down projection and residual */
-        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, xq, s->xs, lq, n, c->hidden_dim, nt);
-        qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, xq, s->xs, lq, n, s->xb2, D, nt);
-        qora_residual(s->x, s->xb2, (size_t)n * D);
+        qora_layer_tail(K, c, L, s, n, nt);
     }
 
     if (!logits) return; /* prefill chunks whose logits nobody reads skip the LM head */
@@ -546,18 +554,7 @@ static void qora_batch_pass(qora_model* m, qora_batch* b, const int32_t* tokens,
                               s->att + (size_t)t * q_dim, s->att_part + (size_t)p * tmp);
         }
 
-        qora_prepare_inputs(K, L->wo.dtype, s->att, q_dim, xq, s->xs, lq, n, q_dim, nt);
-        qora_matmul(K, &L->wo, s->att, q_dim, xq, s->xs, lq, n, s->xb2, D, nt);
-        qora_residual(s->x, s->xb2, (size_t)n * D);
-
-        for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->ffn_norm, D, c->norm_eps);
-        qora_prepare_acts(K, qora_act_needs(L->w_gate.dtype) | qora_act_needs(L->w_up.dtype), s->xb, D, xq, s->xs, lq,
-                          n, D, nt);
-        qora_swiglu(K, &L->w_gate, &L->w_up, s->xb, D, xq, s->xs, lq, n, s->hb, c->hidden_dim, nt);
-
-        qora_prepare_inputs(K, L->w_down.dtype, s->hb, c->hidden_dim, xq, s->xs, lq, n, c->hidden_dim, nt);
-        qora_matmul(K, &L->w_down, s->hb, c->hidden_dim, xq, s->xs, lq, n, s->xb2, D, nt);
-        qora_residual(s->x, s->xb2, (size_t)n * D);
+        qora_layer_tail(K, c, L, s, n, nt);
     }
 
     if (n_want < 1) return;
