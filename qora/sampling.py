@@ -155,12 +155,17 @@ def apply_temperature(logits, temperature: float) -> np.ndarray:
 
 def apply_top_k(logits, k: int) -> np.ndarray:
     """Keep the k largest logits, -inf elsewhere (k=0 or k >= vocab keeps all). Ties at the k-th
-    value are broken by index order of argpartition, so exactly k survive."""
+    value go to the lower ids, so exactly k survive, the same k as the C sampler's."""
     x = _check_logits(logits)
     k = check_top_k(k)
     if k == 0 or k >= x.size:
         return x.copy()
     keep = np.argpartition(x, -k)[-k:]
+    kth = x[keep].min()
+    above = keep[x[keep] > kth]
+    tied = np.flatnonzero(x == kth)
+    if tied.size > k - above.size:  # argpartition left the choice among the tied to its own order
+        keep = np.concatenate([above, tied[: k - above.size]])
     out = np.full_like(x, -np.inf)
     out[keep] = x[keep]
     return out
@@ -254,10 +259,14 @@ def _subtract_penalty(name, logits, tokens, penalty, window, exempt, per_occurre
 
 def sample_from(logits, rng: np.random.Generator) -> int:
     """Draw one token id with probability softmax(logits) (-inf entries are never drawn)."""
-    x = _check_logits(logits)
+    return _draw(_check_logits(logits), rng.random)
+
+
+def _draw(x: np.ndarray, uniform) -> int:
+    """sample_from with the uniform number in [0, 1) from uniform() (called once, after the checks)."""
     probs = _softmax(x)
     cdf = np.cumsum(probs)
-    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    i = int(np.searchsorted(cdf, uniform() * cdf[-1], side="right"))
     i = min(i, x.size - 1)
     while probs[i] == 0.0 and i > 0:  # float edge: landed on a zero-probability tail entry
         i -= 1
@@ -313,6 +322,7 @@ class Sampler:
     banned: frozenset[int] = frozenset()
     logit_bias: dict | None = None
     constraint: object | None = None  # a structured.Constraint: apply(logits) -> masked, advance(token)
+    fast: bool = True  # choose in C where the settings allow (the same token); False: this module's NumPy
 
     def __post_init__(self):
         self.temperature = check_temperature(self.temperature)
@@ -332,6 +342,7 @@ class Sampler:
         self._bias_ids = np.fromiter(self.logit_bias, dtype=np.int64, count=len(self.logit_bias))
         self._bias = np.fromiter(self.logit_bias.values(), dtype=np.float32, count=len(self.logit_bias))
         self.rng = np.random.default_rng(self.seed)
+        self._c = None  # the C sampler, made on first use
 
     def penalize(self, logits, tokens: Sequence[int]) -> np.ndarray:
         x = _check_logits(logits)
@@ -346,6 +357,9 @@ class Sampler:
 
     def __call__(self, logits, tokens: Sequence[int] = (), constrain: bool = True) -> int:
         x = _check_logits(logits)
+        constraint = self.constraint if constrain else None
+        if self._fast_for(x, constraint):
+            return self._call_c(x, tokens, constraint)
         if np.isnan(x).any():
             raise QoraError("the model produced NaN logits")
         x = self.penalize(x, tokens)
@@ -356,10 +370,53 @@ class Sampler:
         if self._banned.size:
             x = x.copy()
             x[self._banned[(self._banned >= 0) & (self._banned < x.size)]] = -np.inf
-        constraint = self.constraint if constrain else None
         if constraint is not None:
             x = constraint.apply(x)
         token = self._choose(x)
+        if constraint is not None:
+            constraint.advance(token)
+        return token
+
+    def _fast_for(self, x: np.ndarray, constraint) -> bool:
+        """Whether the C sampler (qora/_core/sample.pxi) takes this call. It chooses the token this
+        module would, and this module stays the reference for what C does not take."""
+        if not self.fast or _c_core() is None:
+            return False
+        if constraint is not None and not hasattr(constraint, "mask_words"):
+            return False  # a constraint that only offers apply(logits): only the NumPy path can use it
+        if not (self.greedy or self.temperature == 0.0):
+            k = self.top_k if 0 < self.top_k < x.size else x.size
+            if k > _c_core().SAMPLE_MAX_K:
+                return False  # no top-k cut: top-p over the whole vocabulary sorts it, as the reference does
+        return True
+
+    def _c_sampler(self):
+        if self._c is None:
+            self._c = _c_core().CSampler(
+                self.greedy or self.temperature == 0.0,
+                np.float32(self.temperature),
+                self.top_k,
+                self.top_p,
+                self.min_p,
+                np.float32(math.log(self.min_p)) if self.min_p > 0.0 else 0.0,
+                np.float32(self.repeat_penalty),
+                np.float32(self.presence_penalty),
+                np.float32(self.frequency_penalty),
+                sorted(self.exempt),
+                self._bias_ids.astype(np.int32),
+                self._bias,
+                self._banned.clip(-1, 2**31 - 1),
+            )
+        return self._c
+
+    def _call_c(self, x: np.ndarray, tokens, constraint) -> int:
+        penalties = self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        recent = _window(tokens, self.repeat_window) if penalties else ()
+        mask, bits = constraint.mask_words() if constraint is not None else (None, 0)
+        greedy = self.greedy or self.temperature == 0.0
+        token = self._c_sampler().sample(np.ascontiguousarray(x), recent, 0.0 if greedy else self.rng.random(), mask, bits)
+        if token < 0:
+            raise _c_error(token, x.size)
         if constraint is not None:
             constraint.advance(token)
         return token
@@ -380,3 +437,35 @@ class Sampler:
         if self.min_p > 0.0:
             sub = apply_min_p(sub, self.min_p)
         return int(ids[sample_from(sub, self.rng)])
+
+
+def _window(tokens, window: int):
+    """The last `window` tokens as a list or tuple (what the C sampler reads)."""
+    if not isinstance(tokens, (list, tuple)):
+        tokens = list(tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)
+    return tokens[len(tokens) - window :] if window < len(tokens) else tokens
+
+
+_C_CORE: list = []
+
+
+def _c_core():
+    """qora._core._cpu (its CSampler), or None in a build without it."""
+    if not _C_CORE:
+        try:
+            from qora._core import _cpu
+        except ImportError:
+            _cpu = None
+        _C_CORE.append(_cpu if hasattr(_cpu, "CSampler") else None)
+    return _C_CORE[0]
+
+
+def _c_error(code: int, vocab: int) -> QoraError:
+    kind = _c_core().SAMPLE_ERRORS.get(code)
+    if kind == "nan":
+        return QoraError("the model produced NaN logits")
+    if kind == "range":
+        return QoraError(f"token id out of range for a vocabulary of {vocab}")
+    if kind == "empty":
+        return QoraError("no token left to sample: every logit is -inf")
+    return QoraError(f"the C sampler refused the settings (code {code})")

@@ -179,6 +179,12 @@ class Constraint:
         bits = np.unpackbits(self.words.view(np.uint8), bitorder="little")
         return bits[: self.tokenizer.vocab_size].view(bool)
 
+    def mask_words(self) -> tuple[np.ndarray, int]:
+        """The allowed ids as bits (bit i of word i // 32: id i may come next) and how many ids they cover."""
+        self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
+        self._check()
+        return self.words.view(np.uint32), self.tokenizer.vocab_size
+
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """The logits with every token the grammar refuses here set to -inf (a new array)."""
         ok = self.allowed()

@@ -610,3 +610,6 @@ cdef class CpuModel:
         qora_batch_free(&self.b)
         qora_state_free(&self.m.s)
         free(self.layers)
+
+
+include "sample.pxi"
