@@ -294,7 +294,7 @@ def format_report(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qora.cli import PROG, int_at_least
+    from qora.cli import PROG, add_context_args, int_at_least
 
     p = argparse.ArgumentParser(
         prog=f"{PROG} bench",
@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens already in the KV cache before each test, as llama-bench -d (default 0)",
     )  # fmt: skip
     p.add_argument("--reps", type=int_at_least(1), default=3, metavar="N", help="timed runs per test (default 3)")
+    add_context_args(p)
     p.add_argument(
         "--threads", type=int_at_least(1), metavar="N", help="CPU threads (default: QORA_THREADS, else physical cores)"
     )
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from qora.cli import PROG, device_choice
+    from qora.engine.base import with_rope_scaling
     from qora.loader import load_model, open_model_file, resolve_model_path
 
     args = build_parser().parse_args(argv)
@@ -335,7 +337,7 @@ def main(argv: list[str]) -> int:
     path = resolve_model_path(args.load)
     # the header only: check the lengths before loading the weights
     with open_model_file(path, check_values=False) as q:
-        max_pos = int(q.config["max_seq_len"])
+        max_pos = int(with_rope_scaling(q.config, args.rope_scaling)["max_seq_len"])
     need = args.depth + args.pp + args.tg
     if need > max_pos:
         raise QoraError(
@@ -350,7 +352,9 @@ def main(argv: list[str]) -> int:
     device = device_choice(args)
     log(f"loading {path} ...")
     # the KV cache holds depth + pp + tg tokens, as llama-bench sizes its context
-    with load_model(path, device, args.threads, context=need) as model:
+    with load_model(
+        path, device, args.threads, context=need, rope_scaling=args.rope_scaling, kv_type=args.kv_type
+    ) as model:
         report = run_bench(model, args.pp, args.tg, args.reps, log=log, depth=args.depth, bandwidth=args.bandwidth)
     print(json.dumps(report) if args.json else format_report(report), flush=True)
     return 0

@@ -194,11 +194,7 @@ def add_generation_args(p: argparse.ArgumentParser, raw: bool = True) -> None:
     p.add_argument("--seed", type=int_at_least(0), metavar="N", help="random seed (reproducible sampling)")
     p.add_argument("--threads", type=int_at_least(1), metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--context", type=int_at_least(2), metavar="N", help="KV cache size in tokens (default: auto)")
-    p.add_argument(
-        "--rope-scaling",
-        metavar="yarn[:F]",
-        help="stretch the model's context by YaRN, factor F (default 2: SmolLM3's 65,536 -> 131,072 positions)",
-    )
+    add_context_args(p)
     p.add_argument(
         "--ignore-eos",
         action="store_true",
@@ -421,11 +417,34 @@ def note_unused_think_flags(args, tokenizer) -> None:
         _note(f"this model has no thinking mode: {' and '.join(flags)} {verb} nothing")
 
 
+def add_context_args(p) -> None:
+    """--rope-scaling and --kv-type: how long a context the model runs and how its KV cache is stored
+    (qora, qora chat, qora serve, qora bench, qora perplexity)."""
+    p.add_argument(
+        "--rope-scaling",
+        metavar="yarn[:F]",
+        help="stretch the model's context by YaRN, factor F (default 2: SmolLM3's 65,536 -> 131,072 positions)",
+    )
+    p.add_argument(
+        "--kv-type",
+        choices=("f16", "f32", "q8"),
+        help="KV cache type: f16 (default for quantized weights), f32, or q8 (Q8_0 blocks: about half the "
+        "memory of f16, for long contexts)",
+    )
+
+
 def load_from_args(args):
-    """The model the flags of add_generation_args ask for (--load, --cpu / --gpu, --threads, --context);
-    with --verbose the load says what it found (device memory, the engine, load time)."""
+    """The model the flags of add_generation_args ask for (--load, --cpu / --gpu, --threads, --context,
+    --rope-scaling, --kv-type); with --verbose the load says what it found (device memory, the engine,
+    load time)."""
     return load_model(
-        args.load, device_choice(args), args.threads, args.context, verbose=args.verbose, rope_scaling=args.rope_scaling
+        args.load,
+        device_choice(args),
+        args.threads,
+        args.context,
+        verbose=args.verbose,
+        rope_scaling=args.rope_scaling,
+        kv_type=args.kv_type,
     )
 
 

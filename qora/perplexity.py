@@ -237,7 +237,7 @@ def _check_base(base: Reference, tokens, ctx: int, vocab: int, n_chunk: int) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qora.cli import PROG, int_at_least
+    from qora.cli import PROG, add_context_args, int_at_least
 
     p = argparse.ArgumentParser(
         prog=f"{PROG} perplexity",
@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-logits", metavar="FILE", help="save the scored log-probabilities as a KL reference")
     p.add_argument("--kl-base", metavar="FILE", help="a reference saved with --save-logits: report KL divergence")
     p.add_argument("--threads", type=int_at_least(1), metavar="N", help="CPU threads")
+    add_context_args(p)
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--cpu", action="store_true", help="never try a GPU")
     dev.add_argument("--gpu", action="store_true", help="require the GPU")
@@ -287,7 +288,9 @@ def main(argv: list[str]) -> int:
     with open_regular(Path(args.file).expanduser(), args.file, error=QoraError) as f:
         text = read_text(f, args.file)
     base = Reference.load(args.kl_base) if args.kl_base else None
-    model = load_model(args.load, device_choice(args), args.threads, args.ctx)
+    model = load_model(
+        args.load, device_choice(args), args.threads, args.ctx, rope_scaling=args.rope_scaling, kv_type=args.kv_type
+    )
     try:
         tokens = tokenize_text(model.tokenizer, text)
         save = Reference(tokens, args.ctx, model.config["vocab_size"]) if args.save_logits else None

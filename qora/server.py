@@ -48,6 +48,8 @@ def _text(value: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qora.cli import add_context_args
+
     p = argparse.ArgumentParser(
         prog="qora serve",
         description="Serve a model over an OpenAI-compatible HTTP API (chat and completions, streaming).",
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--context", type=int, metavar="N", help="KV cache size in tokens (default: auto)")
+    add_context_args(p)
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is usable")
     dev.add_argument("--gpu", action="store_true", help="run on the GPU (Vulkan), falling back to the CPU as qora does")
@@ -203,7 +206,10 @@ def main(argv: list[str]) -> int:
     if not 0 <= args.max_queued <= 1 << 20:
         raise QoraError(f"--max-queued must be in 0..{1 << 20}, got {args.max_queued}")
     device = "cpu" if args.cpu else ("gpu" if args.gpu else "auto")
-    model = load_model(path, device, args.threads, args.context, verbose=args.verbose)
+    model = load_model(
+        path, device, args.threads, args.context, verbose=args.verbose, rope_scaling=args.rope_scaling,
+        kv_type=args.kv_type,
+    )  # fmt: skip
     try:
         from qora.api.batch import BatchScheduler, plan_slots
 

@@ -5,7 +5,10 @@
    halving tree (lanes j + j+4, j + j+2, j + j+1) runs on 8 positions at once, so no dot ends
    in its own horizontal sum. The value sums run column block by column block (32 floats, the
    block's V rows stay in L1 across the heads), two heads at a time: 8 accumulators in
-   registers over the chunk's positions. Head sizes that are multiples of 32, up to 256. */
+   registers over the chunk's positions. Head sizes that are multiples of 32, up to 256.
+   The same code reads a Q8_0 cache (Q8 = 1): each 32-element block converted as f16(d) * q, which
+   is exact in float, so the steps after the conversion are those of the f16 cache; a column block
+   of the value sums is one Q8 block. */
 #ifndef QORA_ATTENTION_AVX2_H
 #define QORA_ATTENTION_AVX2_H
 
@@ -53,18 +56,33 @@ QORA_TARGET_AVX2 QORA_INLINE void dot2_avx2(const int D, const float* k0, const 
     *c1 = _mm256_add_ps(_mm256_add_ps(b0, b2), _mm256_add_ps(b1, b3));
 }
 
+/* the 8 values of a Q8_0 block b from element j (j % 8 == 0): f16(d) * q, exact */
+QORA_TARGET_AVX2 QORA_INLINE __m256 q8kv8_avx2(const block_q8* b, int j) {
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(b->qs + j))));
+    return _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(b->d)), q);
+}
+
+/* kf[0..D) = K row t of the cache as floats (f16 halves, or Q8 blocks: kv_stride / 32 per row) */
+QORA_TARGET_AVX2 QORA_INLINE void kv_row_avx2(const int Q8, const int D, const void* kc, size_t kv_stride, int t,
+                                              float* kf) {
+    if (Q8) {
+        const block_q8* b = (const block_q8*)kc + (size_t)t * (kv_stride / QK);
+        for (int i = 0; i < D; i += 8) _mm256_storeu_ps(kf + i, q8kv8_avx2(b + i / QK, i % QK));
+    } else {
+        const uint16_t* k = (const uint16_t*)kc + (size_t)t * kv_stride;
+        for (int i = 0; i < D; i += 8) _mm256_storeu_ps(kf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k + i))));
+    }
+}
+
 /* scores[h * ss + t] = dot(k_t, q_h) * scale for the chunk's positions and the group's heads */
-QORA_TARGET_AVX2 QORA_INLINE void attend_scores_avx2(const int D, const float* q, const uint16_t* kc, int n_pos,
-                                                     int nh, size_t kv_stride, float* scores, size_t ss, float scale) {
+QORA_TARGET_AVX2 QORA_INLINE void attend_scores_avx2(const int Q8, const int D, const float* q, const void* kc,
+                                                     int n_pos, int nh, size_t kv_stride, float* scores, size_t ss,
+                                                     float scale) {
     float kf[8 * QORA_ATT_AVX2_MAX_D];
     const __m256 vs = _mm256_set1_ps(scale);
     for (int t0 = 0; t0 < n_pos; t0 += 8) {
         const int np = n_pos - t0 < 8 ? n_pos - t0 : 8;
-        for (int p = 0; p < np; p++) {
-            const uint16_t* k = kc + (size_t)(t0 + p) * kv_stride;
-            for (int i = 0; i < D; i += 8)
-                _mm256_storeu_ps(kf + p * D + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k + i))));
-        }
+        for (int p = 0; p < np; p++) kv_row_avx2(Q8, D, kc, kv_stride, t0 + p, kf + p * D);
         for (int p = np; p < 8; p++) memset(kf + p * D, 0, (size_t)D * sizeof(float));
         for (int h = 0; h < nh; h++) {
             __m256 c[8];
@@ -84,15 +102,20 @@ QORA_TARGET_AVX2 QORA_INLINE void attend_scores_avx2(const int D, const float* q
 
 /* HP heads' outputs, columns [col, col + 8 * NV): the fma chain over the chunk's positions of
    p[j][t] * v_t (unnormalised), from +0 */
-QORA_TARGET_AVX2 QORA_INLINE void attend_pv_avx2(const int HP, const int NV, const uint16_t* vc, int n_pos,
+QORA_TARGET_AVX2 QORA_INLINE void attend_pv_avx2(const int Q8, const int HP, const int NV, const void* vc, int n_pos,
                                                  size_t kv_stride, const float* p, size_t ss, int col, int D,
                                                  float* out) {
     __m256 acc[8];
     for (int i = 0; i < HP * NV; i++) acc[i] = _mm256_setzero_ps();
-    const uint16_t* v = vc + col;
-    for (int t = 0; t < n_pos; t++, v += kv_stride) {
+    for (int t = 0; t < n_pos; t++) {
         __m256 vf[8];
-        for (int i = 0; i < NV; i++) vf[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(v + 8 * i)));
+        if (Q8) { /* NV = 4: the columns are one block */
+            const block_q8* b = (const block_q8*)vc + (size_t)t * (kv_stride / QK) + col / QK;
+            for (int i = 0; i < NV; i++) vf[i] = q8kv8_avx2(b, 8 * i);
+        } else {
+            const uint16_t* v = (const uint16_t*)vc + (size_t)t * kv_stride + col;
+            for (int i = 0; i < NV; i++) vf[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(v + 8 * i)));
+        }
         for (int j = 0; j < HP; j++) {
             const __m256 w = _mm256_broadcast_ss(p + j * ss + t);
             for (int i = 0; i < NV; i++) acc[j * NV + i] = _mm256_fmadd_ps(w, vf[i], acc[j * NV + i]);
@@ -102,34 +125,46 @@ QORA_TARGET_AVX2 QORA_INLINE void attend_pv_avx2(const int HP, const int NV, con
         for (int i = 0; i < NV; i++) _mm256_storeu_ps(out + (size_t)j * D + col + 8 * i, acc[j * NV + i]);
 }
 
-QORA_TARGET_AVX2 QORA_INLINE void attend_f16_avx2_d(const int D, const float* q, const uint16_t* kc,
-                                                   const uint16_t* vc, int n_pos, int nh, size_t kv_stride,
-                                                   float* scores, size_t ss, float* out, float* mx, float* sum,
-                                                   float scale) {
-    attend_scores_avx2(D, q, kc, n_pos, nh, kv_stride, scores, ss, scale);
+QORA_TARGET_AVX2 QORA_INLINE void attend_avx2_d(const int Q8, const int D, const float* q, const void* kc,
+                                               const void* vc, int n_pos, int nh, size_t kv_stride, float* scores,
+                                               size_t ss, float* out, float* mx, float* sum, float scale) {
+    attend_scores_avx2(Q8, D, q, kc, n_pos, nh, kv_stride, scores, ss, scale);
     for (int h = 0; h < nh; h++) sum[h] = softmax_unnorm_avx2(scores + h * ss, n_pos, mx + h);
     for (int col = 0; col < D; col += 32) {
         int h = 0;
         for (; h + 2 <= nh; h += 2)
-            attend_pv_avx2(2, 4, vc, n_pos, kv_stride, scores + h * ss, ss, col, D, out + (size_t)h * D);
-        if (h < nh) attend_pv_avx2(1, 4, vc, n_pos, kv_stride, scores + h * ss, ss, col, D, out + (size_t)h * D);
+            attend_pv_avx2(Q8, 2, 4, vc, n_pos, kv_stride, scores + h * ss, ss, col, D, out + (size_t)h * D);
+        if (h < nh) attend_pv_avx2(Q8, 1, 4, vc, n_pos, kv_stride, scores + h * ss, ss, col, D, out + (size_t)h * D);
     }
 }
 
 /* Returns 0 (nothing done) for head sizes it has no plan for. */
+QORA_TARGET_AVX2 QORA_INLINE int attend_avx2(const int Q8, const float* q, const void* kc, const void* vc, int n_pos,
+                                         int nh, int head_dim, size_t kv_stride, float* scores, size_t ss,
+                                         float* out, float* mx, float* sum, float scale) {
+    if (n_pos < 1) return 0;
+    switch (head_dim) {
+    case 64: attend_avx2_d(Q8, 64, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
+    case 128: attend_avx2_d(Q8, 128, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
+    case 256: attend_avx2_d(Q8, 256, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
+    default:
+        if (head_dim % 32 || head_dim > QORA_ATT_AVX2_MAX_D) return 0;
+        attend_avx2_d(Q8, head_dim, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale);
+        return 1;
+    }
+}
+
 QORA_TARGET_AVX2 static int attend_f16_avx2(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos,
                                             int nh, int head_dim, size_t kv_stride, float* scores, size_t ss,
                                             float* out, float* mx, float* sum, float scale) {
-    if (n_pos < 1) return 0;
-    switch (head_dim) {
-    case 64: attend_f16_avx2_d(64, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
-    case 128: attend_f16_avx2_d(128, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
-    case 256: attend_f16_avx2_d(256, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
-    default:
-        if (head_dim % 32 || head_dim > QORA_ATT_AVX2_MAX_D) return 0;
-        attend_f16_avx2_d(head_dim, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale);
-        return 1;
-    }
+    return attend_avx2(0, q, kc, vc, n_pos, nh, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
+}
+
+/* the Q8_0 cache: kc, vc rows of kv_stride / 32 blocks */
+QORA_TARGET_AVX2 static int attend_q8_avx2(const float* q, const block_q8* kc, const block_q8* vc, int n_pos, int nh,
+                                           int head_dim, size_t kv_stride, float* scores, size_t ss, float* out,
+                                           float* mx, float* sum, float scale) {
+    return attend_avx2(1, q, kc, vc, n_pos, nh, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
 }
 #endif /* QORA_X86 */
 

@@ -18,7 +18,8 @@ typedef struct {
     int max_seq_len; /* KV cache capacity in tokens (not the model's maximum) */
     float norm_eps;
     float rope_scale; /* YaRN attention factor applied to cos/sin; 1 otherwise */
-    int kv_f16;       /* KV cache in f16 (half the bytes attention streams) or f32 (exact) */
+    int kv_type;      /* KV cache: QORA_F32 (exact), QORA_F16 (half the bytes attention streams) or QORA_Q8
+                         (Q8_0 blocks of 32 per head, 34 bytes: about half of f16; head_dim % 32 == 0) */
     int act_f32;      /* float activations: weights dequantized, no activation rounding (else Q8_0 / Q8_K) */
 } qora_config;
 
@@ -79,8 +80,8 @@ typedef struct {
     float* scores;      /* (QORA_CHUNK, n_heads, max_seq_len) attention weights */
     float* att_part;    /* attention scratch: the chunk partials of every query vector */
     float* qg;          /* (QORA_CHUNK, n_heads*head_dim) the queries regrouped by KV group */
-    void* key_cache;   /* (n_layers, max_seq_len, n_kv_heads*head_dim) f16 or f32, per cfg.kv_f16 */
-    void* value_cache; /* (n_layers, max_seq_len, n_kv_heads*head_dim) */
+    void* key_cache;   /* (n_layers, max_seq_len) rows of n_kv_heads*head_dim, of cfg.kv_type (qora_kv_row_bytes) */
+    void* value_cache; /* the same */
 } qora_state;
 
 typedef struct {
@@ -92,6 +93,17 @@ typedef struct {
 } qora_model;
 
 enum { QORA_OK = 0, QORA_ERR_ARGS = -1, QORA_ERR_TOKEN = -2, QORA_ERR_CONTEXT = -3, QORA_ERR_NOMEM = -4 };
+
+/* the KV cache types: f32, f16, and Q8_0 (llama.cpp's block layout, 32 values per block, which
+   never straddles two heads) */
+static inline int qora_kv_type_ok(int kv_type, int head_dim) {
+    return kv_type == QORA_F32 || kv_type == QORA_F16 || (kv_type == QORA_Q8 && head_dim % QK == 0);
+}
+
+/* bytes of one cached position's keys (or values) in one layer */
+static inline size_t qora_kv_row_bytes(const qora_config* c) {
+    return qora_row_bytes(c->kv_type, c->n_kv_heads * c->head_dim);
+}
 
 static void qora_state_free(qora_state* s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->att); free(s->hb);
@@ -105,14 +117,15 @@ static int qora_state_alloc(qora_state* s, const qora_config* c, size_t rows, si
     if (!s || !c) return QORA_ERR_ARGS;
     memset(s, 0, sizeof *s);
     if (c->n_layers < 1 || c->dim < 1 || c->n_heads < 1 || c->n_kv_heads < 1 || c->head_dim < 1 ||
-        c->hidden_dim < 1 || c->vocab_size < 1 || c->max_seq_len < 1 || rows < 1 || n_caches < 1)
+        c->hidden_dim < 1 || c->vocab_size < 1 || c->max_seq_len < 1 || rows < 1 || n_caches < 1 ||
+        !qora_kv_type_ok(c->kv_type, c->head_dim))
         return QORA_ERR_ARGS;
     const size_t C = rows;
     const size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
     size_t widest = (size_t)c->dim;
     if (q_dim > widest) widest = q_dim;
     if ((size_t)c->hidden_dim > widest) widest = (size_t)c->hidden_dim;
-    const size_t cache = n_caches * (size_t)c->n_layers * (size_t)c->max_seq_len * kv_dim;
+    const size_t cache = n_caches * (size_t)c->n_layers * (size_t)c->max_seq_len; /* rows of qora_kv_row_bytes */
     s->x = calloc(C * c->dim, sizeof(float));
     s->xb = calloc(C * c->dim, sizeof(float));
     s->xb2 = calloc(C * c->dim, sizeof(float));
@@ -131,9 +144,8 @@ static int qora_state_alloc(qora_state* s, const qora_config* c, size_t rows, si
     if (part < C * c->n_heads * (size_t)(c->head_dim + 4)) part = C * c->n_heads * (size_t)(c->head_dim + 4);
     s->att_part = malloc(part * sizeof(float));
     s->qg = malloc(C * q_dim * sizeof(float));
-    const size_t kv_bytes = c->kv_f16 ? sizeof(uint16_t) : sizeof(float);
-    s->key_cache = calloc(cache, kv_bytes);
-    s->value_cache = calloc(cache, kv_bytes);
+    s->key_cache = calloc(cache, qora_kv_row_bytes(c));
+    s->value_cache = calloc(cache, qora_kv_row_bytes(c));
     if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->att || !s->hb || !s->xq || !s->xs || !s->scores ||
         !s->att_part || !s->qg || !s->key_cache || !s->value_cache) {
         qora_state_free(s);
@@ -165,23 +177,30 @@ static void qora_rope(float* v, int n_heads, int head_dim, int pos, const float*
    once for the whole group (GQA). Per head j of the group: scores (at their positions in
    scores[j * score_stride]) = q . k * head_dim^-0.5, replaced by e_t = exp(s_t - mx[j]);
    sum[j] = the e_t summed; acc[j * head_dim ..] = fma chain over positions of e_t * v_t.
-   kc/vc: (n_pos, kv_stride) rows of f16 (kv_f16) or f32; q, scores: the group's first head. */
-static void qora_attend_chunk(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
+   kc/vc: (n_pos, kv_stride) values of kv_type (f32, f16, or Q8_0: kv_stride / 32 blocks a row, each
+   value f16(d) * q, exact in float, so its steps are the float ones); q, scores: the group's first head. */
+static void qora_attend_chunk(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_type,
                               int p0, int n, int g, int group, int head_dim, size_t kv_stride, float* scores,
                               size_t score_stride, float* acc, float* mx, float* sum) {
     const float scale = 1.0f / sqrtf((float)head_dim);
     const size_t off = (size_t)p0 * kv_stride + (size_t)g * head_dim;
     float* sc = scores + p0;
-    if (kv_f16 && K->attend_f16 &&
+    const block_q8* kq = kv_type == QORA_Q8 ? (const block_q8*)kc + off / QK : NULL;
+    const block_q8* vq = kv_type == QORA_Q8 ? (const block_q8*)vc + off / QK : NULL;
+    if (kv_type == QORA_F16 && K->attend_f16 &&
         K->attend_f16(q, (const uint16_t*)kc + off, (const uint16_t*)vc + off, n, group, head_dim, kv_stride, sc,
                       score_stride, acc, mx, sum, scale))
+        return;
+    if (kv_type == QORA_Q8 && K->attend_q8 &&
+        K->attend_q8(q, kq, vq, n, group, head_dim, kv_stride, sc, score_stride, acc, mx, sum, scale))
         return;
     for (int t = 0; t < n; t++) {
         const size_t row = off + (size_t)t * kv_stride;
         for (int j = 0; j < group; j++) {
             const float* qh = q + (size_t)j * head_dim;
-            const float d = kv_f16 ? K->dot_f16_f32(head_dim, (const uint16_t*)kc + row, qh)
-                                   : K->dot_f32(head_dim, (const float*)kc + row, qh);
+            const float d = kv_type == QORA_F16 ? K->dot_f16_f32(head_dim, (const uint16_t*)kc + row, qh)
+                            : kv_type == QORA_Q8 ? dot_q8kv_f32_scalar(head_dim, kq + (size_t)t * (kv_stride / QK), qh)
+                                                 : K->dot_f32(head_dim, (const float*)kc + row, qh);
             sc[j * score_stride + t] = d * scale;
         }
     }
@@ -196,8 +215,10 @@ static void qora_attend_chunk(const qora_kernels* K, const float* q, const void*
             const size_t row = off + (size_t)t * kv_stride;
             for (int j = jb; j < je; j++) {
                 float* aj = acc + (size_t)j * head_dim;
-                if (kv_f16) K->axpy_f16(head_dim, sc[j * score_stride + t], (const uint16_t*)vc + row, aj);
-                else K->axpy(head_dim, sc[j * score_stride + t], (const float*)vc + row, aj);
+                const float e = sc[j * score_stride + t];
+                if (kv_type == QORA_F16) K->axpy_f16(head_dim, e, (const uint16_t*)vc + row, aj);
+                else if (kv_type == QORA_Q8) axpy_q8kv_scalar(head_dim, e, vq + (size_t)t * (kv_stride / QK), aj);
+                else K->axpy(head_dim, e, (const float*)vc + row, aj);
             }
         }
     }
@@ -226,7 +247,7 @@ static inline void qora_attend_finish(int head_dim, float S, float* o) {
    chunks one after another (the batched step's rows, where the threads take (row, group) pairs):
    the operations of qora_attention_tiles for that query.
    scores: (n_heads, score_stride); tmp: group * (head_dim + 4) floats. */
-static void qora_attend_group(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
+static void qora_attend_group(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_type,
                               int n_pos, int g, int group, int head_dim, size_t kv_stride, float* scores,
                               size_t score_stride, float* out, float* tmp) {
     const int h0 = g * group;
@@ -234,11 +255,11 @@ static void qora_attend_group(const qora_kernels* K, const float* q, const void*
     float* sg = scores + (size_t)h0 * score_stride;
     float* o = out + (size_t)h0 * head_dim;
     float *M = tmp + (size_t)group * head_dim, *S = M + group, *mx = S + group, *sum = mx + group;
-    qora_attend_chunk(K, qg, kc, vc, kv_f16, 0, n_pos < QORA_ATT_CHUNK ? n_pos : QORA_ATT_CHUNK, g, group, head_dim,
+    qora_attend_chunk(K, qg, kc, vc, kv_type, 0, n_pos < QORA_ATT_CHUNK ? n_pos : QORA_ATT_CHUNK, g, group, head_dim,
                       kv_stride, sg, score_stride, o, M, S);
     for (int p0 = QORA_ATT_CHUNK; p0 < n_pos; p0 += QORA_ATT_CHUNK) {
         const int n = n_pos - p0 < QORA_ATT_CHUNK ? n_pos - p0 : QORA_ATT_CHUNK;
-        qora_attend_chunk(K, qg, kc, vc, kv_f16, p0, n, g, group, head_dim, kv_stride, sg, score_stride, tmp, mx,
+        qora_attend_chunk(K, qg, kc, vc, kv_type, p0, n, g, group, head_dim, kv_stride, sg, score_stride, tmp, mx,
                           sum);
         for (int j = 0; j < group; j++)
             qora_attend_fold(K, head_dim, tmp + (size_t)j * head_dim, mx[j], sum[j], M + j, S + j,
@@ -258,7 +279,7 @@ static void qora_attend_group(const qora_kernels* K, const float* q, const void*
    q, out: (n, n_heads*head_dim); scores: n * n_heads * score_stride floats (score_stride >= pos0
    + n); qg: n * n_heads * head_dim floats (the queries regrouped by KV group; unused when n = 1);
    part: qora_att_part_floats(pos0 + n, n, n_heads, head_dim) floats. */
-static void qora_attention_tiles(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
+static void qora_attention_tiles(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_type,
                                  int pos0, int n, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride,
                                  float* scores, size_t score_stride, float* qg, float* out, float* part,
                                  int n_threads) {
@@ -290,7 +311,7 @@ static void qora_attention_tiles(const qora_kernels* K, const float* q, const vo
             float *acc = part + (size_t)c * per + v0 * head_dim, *mx = part + (size_t)c * per + vs * head_dim + v0;
             float* sum = mx + vs;
             if (pos0 + 1 - p0 >= QORA_ATT_CHUNK) { /* every query sees the whole chunk: one tile */
-                qora_attend_chunk(K, qv, kc, vc, kv_f16, p0, QORA_ATT_CHUNK, g, nq, head_dim, kv_stride, sc,
+                qora_attend_chunk(K, qv, kc, vc, kv_type, p0, QORA_ATT_CHUNK, g, nq, head_dim, kv_stride, sc,
                                   score_stride, acc, mx, sum);
                 continue;
             }
@@ -299,7 +320,7 @@ static void qora_attention_tiles(const qora_kernels* K, const float* q, const vo
                 if (len <= 0) continue;
                 if (len > QORA_ATT_CHUNK) len = QORA_ATT_CHUNK;
                 const size_t v = (size_t)t * group;
-                qora_attend_chunk(K, qv + v * head_dim, kc, vc, kv_f16, p0, len, g, group, head_dim, kv_stride,
+                qora_attend_chunk(K, qv + v * head_dim, kc, vc, kv_type, p0, len, g, group, head_dim, kv_stride,
                                   sc + v * score_stride, score_stride, acc + v * head_dim, mx + v, sum + v);
             }
         }
@@ -326,7 +347,7 @@ static void qora_attention_tiles(const qora_kernels* K, const float* q, const vo
 /* qora_attention_tiles with its scratch allocated here (the kernel tests' entry; the forward pass
    uses the state's): n queries whose own positions are the cache's last n rows (n_pos in all).
    Without memory the output is NaN. */
-static void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16,
+static void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_type,
                            int n_pos, int n, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride,
                            float* scores, size_t score_stride, float* out, int n_threads) {
     float* part = malloc(qora_att_part_floats(n_pos, n, n_heads, head_dim) * sizeof(float));
@@ -334,7 +355,7 @@ static void qora_attention(const qora_kernels* K, const float* q, const void* kc
     if (!part || !qg) {
         for (size_t i = 0; i < (size_t)n * n_heads * head_dim; i++) out[i] = NAN;
     } else {
-        qora_attention_tiles(K, q, kc, vc, kv_f16, n_pos - n, n, n_heads, n_kv_heads, head_dim, kv_stride, scores,
+        qora_attention_tiles(K, q, kc, vc, kv_type, n_pos - n, n, n_heads, n_kv_heads, head_dim, kv_stride, scores,
                              score_stride, qg, out, part, n_threads);
     }
     free(part);
@@ -346,6 +367,44 @@ static void qora_attention(const qora_kernels* K, const float* q, const void* kc
 /* x[t] += y[t] for n rows of dim */
 static inline void qora_residual(float* x, const float* y, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* A layer up to its attention, for n rows of s->x: attention norm, then the q, k, v projections
+   (activations quantized once for the three) into s->q, s->k, s->v. */
+static void qora_layer_qkv(const qora_kernels* K, const qora_config* c, const qora_layer* L, qora_state* s, int n,
+                           int nt) {
+    const int D = c->dim, q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    const size_t lq = s->xq_stride;
+    block_q8* xq = c->act_f32 ? NULL : s->xq;
+    for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->attn_norm, D, c->norm_eps);
+    qora_prepare_acts(K, qora_act_needs(L->wq.dtype) | qora_act_needs(L->wk.dtype) | qora_act_needs(L->wv.dtype), s->xb,
+                      D, xq, s->xs, lq, n, D, nt);
+    qora_matmul(K, &L->wq, s->xb, D, xq, s->xs, lq, n, s->q, q_dim, nt);
+    qora_matmul(K, &L->wk, s->xb, D, xq, s->xs, lq, n, s->k, kv_dim, nt);
+    qora_matmul(K, &L->wv, s->xb, D, xq, s->xs, lq, n, s->v, kv_dim, nt);
+}
+
+/* Row t at position pos: RoPE on its q and k (not on NoPE layers), then its k and v into the
+   cache rows kdst, vdst as cfg.kv_type stores them (f32 copied, f16 rounded, Q8_0 quantized by
+   the activation quantizer, the same bits on every path). */
+static void qora_rope_store(const qora_config* c, const qora_layer* L, const float* inv_freq, const qora_kernels* K,
+                            qora_state* s, int t, int pos, void* kdst, void* vdst) {
+    const int q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    float *k = s->k + (size_t)t * kv_dim, *v = s->v + (size_t)t * kv_dim;
+    if (L->use_rope) {
+        qora_rope(s->q + (size_t)t * q_dim, c->n_heads, c->head_dim, pos, inv_freq, c->rope_scale);
+        qora_rope(k, c->n_kv_heads, c->head_dim, pos, inv_freq, c->rope_scale);
+    }
+    if (c->kv_type == QORA_F16) {
+        K->to_f16(k, (uint16_t*)kdst, kv_dim);
+        K->to_f16(v, (uint16_t*)vdst, kv_dim);
+    } else if (c->kv_type == QORA_Q8) {
+        K->quantize_q8(k, (block_q8*)kdst, kv_dim);
+        K->quantize_q8(v, (block_q8*)vdst, kv_dim);
+    } else {
+        memcpy(kdst, k, (size_t)kv_dim * sizeof(float));
+        memcpy(vdst, v, (size_t)kv_dim * sizeof(float));
+    }
 }
 
 /* A layer after its attention, for the n rows of s->att (the attention output) and s->x (the
@@ -379,7 +438,7 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
     const qora_kernels* K = m->K;
     qora_state* s = &m->s;
     const int nt = m->n_threads;
-    const int D = c->dim, q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    const int D = c->dim, kv_dim = c->n_kv_heads * c->head_dim;
     const size_t lq = s->xq_stride, T = (size_t)c->max_seq_len;
     block_q8* xq = c->act_f32 ? NULL : s->xq; /* NULL: float activations (qora_matmul) */
 
@@ -388,39 +447,17 @@ static void qora_chunk(qora_model* m, const int32_t* tokens, int n, int pos0, fl
 
     for (int l = 0; l < c->n_layers; l++) {
         const qora_layer* L = &m->w.layers[l];
-        const size_t kv_bytes = c->kv_f16 ? sizeof(uint16_t) : sizeof(float);
-        char* key_cache = (char*)s->key_cache + (size_t)l * T * kv_dim * kv_bytes; /* (max_seq_len, kv_dim) */
-        char* value_cache = (char*)s->value_cache + (size_t)l * T * kv_dim * kv_bytes;
+        const size_t row_bytes = qora_kv_row_bytes(c);
+        char* key_cache = (char*)s->key_cache + (size_t)l * T * row_bytes; /* (max_seq_len) rows */
+        char* value_cache = (char*)s->value_cache + (size_t)l * T * row_bytes;
 
-        /* attention norm */
-        for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->attn_norm, D, c->norm_eps);
-
-        /* q, k, v projections (activations quantized once for the three) */
-        qora_prepare_acts(K, qora_act_needs(L->wq.dtype) | qora_act_needs(L->wk.dtype) | qora_act_needs(L->wv.dtype),
-                          s->xb, D, xq, s->xs, lq, n, D, nt);
-        qora_matmul(K, &L->wq, s->xb, D, xq, s->xs, lq, n, s->q, q_dim, nt);
-        qora_matmul(K, &L->wk, s->xb, D, xq, s->xs, lq, n, s->k, kv_dim, nt);
-        qora_matmul(K, &L->wv, s->xb, D, xq, s->xs, lq, n, s->v, kv_dim, nt);
-
-        /* RoPE on q and k, except on NoPE layers; then k, v join the cache */
-        for (int t = 0; t < n; t++) {
-            if (L->use_rope) {
-                qora_rope(s->q + (size_t)t * q_dim, c->n_heads, c->head_dim, pos0 + t, m->w.inv_freq, c->rope_scale);
-                qora_rope(s->k + (size_t)t * kv_dim, c->n_kv_heads, c->head_dim, pos0 + t, m->w.inv_freq,
-                          c->rope_scale);
-            }
-            const size_t at = (size_t)(pos0 + t) * kv_dim * kv_bytes;
-            if (c->kv_f16) {
-                K->to_f16(s->k + (size_t)t * kv_dim, (uint16_t*)(key_cache + at), kv_dim);
-                K->to_f16(s->v + (size_t)t * kv_dim, (uint16_t*)(value_cache + at), kv_dim);
-            } else {
-                memcpy(key_cache + at, s->k + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
-                memcpy(value_cache + at, s->v + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
-            }
-        }
+        qora_layer_qkv(K, c, L, s, n, nt);
+        for (int t = 0; t < n; t++)
+            qora_rope_store(c, L, m->w.inv_freq, K, s, t, pos0 + t, key_cache + (size_t)(pos0 + t) * row_bytes,
+                            value_cache + (size_t)(pos0 + t) * row_bytes);
 
         /* causal grouped-query attention: token t sees positions 0..pos0+t */
-        qora_attention_tiles(K, s->q, key_cache, value_cache, c->kv_f16, pos0, n, c->n_heads, c->n_kv_heads,
+        qora_attention_tiles(K, s->q, key_cache, value_cache, c->kv_type, pos0, n, c->n_heads, c->n_kv_heads,
                              c->head_dim, (size_t)kv_dim, s->scores, T, s->qg, s->att, s->att_part, nt);
 
         qora_layer_tail(K, c, L, s, n, nt);
@@ -488,7 +525,7 @@ static int qora_batch_init(qora_batch* b, const qora_config* c, int ctx, int row
 
 /* Bytes of one slot's cache in one layer, and in all layers. */
 static inline size_t qora_batch_layer_bytes(const qora_batch* b) {
-    return (size_t)b->cfg.max_seq_len * b->cfg.n_kv_heads * b->cfg.head_dim * (b->cfg.kv_f16 ? sizeof(uint16_t) : sizeof(float));
+    return (size_t)b->cfg.max_seq_len * qora_kv_row_bytes(&b->cfg);
 }
 
 /* n <= b->rows rows: row t is token tokens[t] of the sequence in slot slots[t], at position pos[t].
@@ -503,9 +540,8 @@ static void qora_batch_pass(qora_model* m, qora_batch* b, const int32_t* tokens,
     qora_state* s = &b->s;
     const int nt = m->n_threads;
     const int D = c->dim, q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
-    const size_t lq = s->xq_stride, T = (size_t)c->max_seq_len;
+    const size_t lq = s->xq_stride, T = (size_t)c->max_seq_len, row_bytes = qora_kv_row_bytes(c);
     block_q8* xq = c->act_f32 ? NULL : s->xq; /* NULL: float activations (qora_matmul) */
-    const size_t kv_bytes = c->kv_f16 ? sizeof(uint16_t) : sizeof(float);
     const size_t layer_bytes = qora_batch_layer_bytes(b), slot_bytes = (size_t)c->n_layers * layer_bytes;
     const int group = c->n_heads / c->n_kv_heads, pairs = n * c->n_kv_heads;
     const size_t tmp = (size_t)group * (c->head_dim + 4);
@@ -519,26 +555,10 @@ static void qora_batch_pass(qora_model* m, qora_batch* b, const int32_t* tokens,
         char* key_base = (char*)s->key_cache + (size_t)l * layer_bytes;
         char* value_base = (char*)s->value_cache + (size_t)l * layer_bytes;
 
-        for (int t = 0; t < n; t++) K->rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->attn_norm, D, c->norm_eps);
-        qora_prepare_acts(K, qora_act_needs(L->wq.dtype) | qora_act_needs(L->wk.dtype) | qora_act_needs(L->wv.dtype),
-                          s->xb, D, xq, s->xs, lq, n, D, nt);
-        qora_matmul(K, &L->wq, s->xb, D, xq, s->xs, lq, n, s->q, q_dim, nt);
-        qora_matmul(K, &L->wk, s->xb, D, xq, s->xs, lq, n, s->k, kv_dim, nt);
-        qora_matmul(K, &L->wv, s->xb, D, xq, s->xs, lq, n, s->v, kv_dim, nt);
-
+        qora_layer_qkv(K, c, L, s, n, nt);
         for (int t = 0; t < n; t++) {
-            if (L->use_rope) {
-                qora_rope(s->q + (size_t)t * q_dim, c->n_heads, c->head_dim, pos[t], m->w.inv_freq, c->rope_scale);
-                qora_rope(s->k + (size_t)t * kv_dim, c->n_kv_heads, c->head_dim, pos[t], m->w.inv_freq, c->rope_scale);
-            }
-            const size_t at = (size_t)slots[t] * slot_bytes + (size_t)pos[t] * kv_dim * kv_bytes;
-            if (c->kv_f16) {
-                K->to_f16(s->k + (size_t)t * kv_dim, (uint16_t*)(key_base + at), kv_dim);
-                K->to_f16(s->v + (size_t)t * kv_dim, (uint16_t*)(value_base + at), kv_dim);
-            } else {
-                memcpy(key_base + at, s->k + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
-                memcpy(value_base + at, s->v + (size_t)t * kv_dim, (size_t)kv_dim * sizeof(float));
-            }
+            const size_t at = (size_t)slots[t] * slot_bytes + (size_t)pos[t] * row_bytes;
+            qora_rope_store(c, L, m->w.inv_freq, K, s, t, pos[t], key_base + at, value_base + at);
         }
 
         /* every row's query heads, group by group, over its own slot (qora_attend_group: the same
@@ -549,7 +569,7 @@ static void qora_batch_pass(qora_model* m, qora_batch* b, const int32_t* tokens,
         for (int p = 0; p < pairs; p++) {
             const int t = p / c->n_kv_heads, g = p % c->n_kv_heads;
             const size_t at = (size_t)slots[t] * slot_bytes;
-            qora_attend_group(K, s->q + (size_t)t * q_dim, key_base + at, value_base + at, c->kv_f16, pos[t] + 1, g,
+            qora_attend_group(K, s->q + (size_t)t * q_dim, key_base + at, value_base + at, c->kv_type, pos[t] + 1, g,
                               group, c->head_dim, (size_t)kv_dim, s->scores + (size_t)t * c->n_heads * T, T,
                               s->att + (size_t)t * q_dim, s->att_part + (size_t)p * tmp);
         }

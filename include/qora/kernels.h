@@ -43,6 +43,10 @@ typedef struct {
     int (*attend_f16)(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos, int nh, int head_dim,
                       size_t kv_stride, float* scores, size_t score_stride, float* acc, float* mx, float* sum,
                       float scale);
+    /* the same over a Q8_0 cache (rows of kv_stride / 32 blocks; head_dim % 32 == 0) */
+    int (*attend_q8)(const float* q, const block_q8* kc, const block_q8* vc, int n_pos, int nh, int head_dim,
+                     size_t kv_stride, float* scores, size_t score_stride, float* acc, float* mx, float* sum,
+                     float scale);
     /* sc[0..n) = e^(sc - max), *max_out = max, returns the sum (softmax_unnorm_scalar's order, see common.h) */
     float (*softmax_unnorm)(float* sc, int n, float* max_out);
     /* the types of kquants.h: Q4_1 / Q5_0 / Q5_1 x Q8_0 and K types x Q8_K tiles (tile_x_scalar's contract),
@@ -56,20 +60,20 @@ typedef struct {
 static const qora_kernels qora_kernels_scalar = {
     "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
     dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, axpy_f16_scalar, to_f16_scalar, tile_q4_scalar, tile_q8_scalar,
-    q4x8_scalar, 4, NULL, 0, NULL, softmax_unnorm_scalar, tile_x_scalar, dot_bf16_f32_scalar, dot_deq_f32_scalar,
+    q4x8_scalar, 4, NULL, 0, NULL, NULL, softmax_unnorm_scalar, tile_x_scalar, dot_bf16_f32_scalar, dot_deq_f32_scalar,
 };
 
 #if QORA_X86
 static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avx2, 4, NULL, 0, attend_f16_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2,
+    q4x8_avx2, 4, NULL, 0, attend_f16_avx2, attend_q8_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2,
 };
 #if QORA_HAVE_AVXVNNI
 static const qora_kernels qora_kernels_avx2vnni = {
     "avx2vnni", QORA_ISA_AVX2VNNI, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avxvnni, 4, NULL, 0, attend_f16_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2,
+    q4x8_avxvnni, 4, NULL, 0, attend_f16_avx2, attend_q8_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2,
 };
 #endif
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
@@ -77,7 +81,7 @@ static const qora_kernels qora_kernels_avx2vnni = {
 static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
-    q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512, softmax_unnorm_avx512, tile_x_avx2, dot_bf16_f32_avx2,
+    q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512, attend_q8_avx512, softmax_unnorm_avx512, tile_x_avx2, dot_bf16_f32_avx2,
     dot_deq_f32_avx2,
 };
 #endif

@@ -69,6 +69,11 @@ static float dot_f16_f32_scalar(int n, const uint16_t* w, const float* x) { QORA
 
 static float dot_f32_scalar(int n, const float* w, const float* x) { QORA_FLOAT_DOT_SCALAR(QORA_F32_AT) }
 
+/* A Q8_0 row of the KV cache (n % 32 == 0) dotted with floats: each element f16(d) * q is exact in
+   float, so this is the float dot of the dequantized row, in the same order (common.h). */
+#define QORA_Q8KV_AT(i) (qora_fp16_to_fp32(w[(i) / QK].d) * (float)w[(i) / QK].qs[(i) % QK])
+static float dot_q8kv_f32_scalar(int n, const block_q8* w, const float* x) { QORA_FLOAT_DOT_SCALAR(QORA_Q8KV_AT) }
+
 /* out = x / sqrt(mean(x^2) + eps) * w   (HF LlamaRMSNorm: weight, not 1 + weight) */
 static void rmsnorm_scalar(float* out, const float* x, const float* w, int n, float eps) {
     const float inv = 1.0f / sqrtf(dot_f32_scalar(n, x, x) / (float)n + eps);
@@ -83,6 +88,11 @@ static void axpy_scalar(int n, float a, const float* x, float* y) {
 /* y += a * x with x in f16 (the V rows of the KV cache) */
 static void axpy_f16_scalar(int n, float a, const uint16_t* x, float* y) {
     for (int i = 0; i < n; i++) y[i] = fmaf(a, qora_fp16_to_fp32(x[i]), y[i]);
+}
+
+/* y += a * x with x a Q8_0 row of the KV cache (n % 32 == 0), each element dequantized exactly */
+static void axpy_q8kv_scalar(int n, float a, const block_q8* x, float* y) {
+    for (int i = 0; i < n; i++) y[i] = fmaf(a, qora_fp16_to_fp32(x[i / QK].d) * (float)x[i / QK].qs[i % QK], y[i]);
 }
 
 /* sc[0..n) = e^(sc - max), *max_out = max; returns their sum (16 chains by index mod 16) */

@@ -78,7 +78,7 @@ typedef struct {
     int logit_rows;  /* rows of logits one submission can return (0: default) */
     int mv_threads;  /* decode mat-vec workgroup size (0: default) */
     int mv_rows;     /* decode mat-vec rows per workgroup, all products (0: per-product defaults) */
-    int kv_f16;      /* KV cache in f16 (else f32), as the CPU engine's for the same model */
+    int kv_type;     /* KV cache: QORA_F32, QORA_F16 or QORA_Q8 (qora_dtype values), as the CPU engine's */
     int att_splits;  /* decode attention: chunks of the context per head group at most (0: default) */
     int att_short;   /* decode attention: fewest positions per chunk, so one pass up to this many (< 0: default) */
     int gu_rows;     /* decode gate|up rows per workgroup (0: default) */

@@ -58,7 +58,7 @@ cdef extern from "qora/qora.h" nogil:
     void qora_quantize_q8k(const float* x, block_q8K* y, int n)
     void qora_dequant_row(const qora_tensor* W, int r, float* out)
     void qora_rope(float* v, int n_heads, int head_dim, int pos, const float* inv_freq, float scale)
-    void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_f16, int n_pos,
+    void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_type, int n_pos,
                         int n, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride, float* scores,
                         size_t score_stride, float* out, int n_threads)
 
@@ -373,14 +373,28 @@ def rope(v, int n_heads, int head_dim, int pos, const float[::1] inv_freq, float
     return out
 
 
+KV_TYPES = {"f32": QORA_F32, "f16": QORA_F16, "q8": QORA_Q8}
+
+
+def _kv_type(kv):
+    """A KV cache type name of KV_TYPES (True / False: f16 / f32) -> its qora_dtype value."""
+    if isinstance(kv, bool):
+        return QORA_F16 if kv else QORA_F32
+    if kv not in KV_TYPES:
+        raise ValueError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got {kv!r}")
+    return KV_TYPES[kv]
+
+
 def attention(const float[::1] q, kc_in, vc_in, int n_heads, int n_kv_heads, int head_dim, int isa,
-              int n_threads=1, bint kv_f16=True, int n_queries=1):
+              int n_threads=1, kv_type="f16", int n_queries=1):
     """Causal softmax(q k^T / sqrt(d)) v for n_queries queries (q: n_queries * n_heads * head_dim,
     token by token) whose own positions are the last n_queries rows of kc/vc (n_pos,
-    n_kv_heads*head_dim), held as f16 (kv_f16, the engine's default cache) or f32: query t sees
+    n_kv_heads*head_dim), held as kv_type: "f16" (True, the engine's default cache), "f32" (False), or
+    "q8" (each row n_kv_heads*head_dim/32 Q8_0 blocks of 34 bytes, as uint8): query t sees
     positions 0 .. n_pos - n_queries + t (prefill's flash attention; one query is decode)."""
     cdef const qora_kernels* K = _kernels(isa)
-    kv_dtype = np.float16 if kv_f16 else np.float32
+    cdef int kvt = _kv_type(kv_type)
+    kv_dtype = {QORA_F16: np.float16, QORA_F32: np.float32, QORA_Q8: np.uint8}[kvt]
     kc_arr = np.ascontiguousarray(kc_in, dtype=kv_dtype)
     vc_arr = np.ascontiguousarray(vc_in, dtype=kv_dtype)
     if kc_arr.ndim != 2 or vc_arr.ndim != 2:
@@ -389,6 +403,10 @@ def attention(const float[::1] q, kc_in, vc_in, int n_heads, int n_kv_heads, int
     cdef const uint8_t[:, ::1] vc = vc_arr.view(np.uint8)
     cdef int n_pos = kc.shape[0]
     cdef Py_ssize_t kv_width = kc_arr.shape[1]
+    if kvt == QORA_Q8:
+        if kv_width % sizeof(block_q8) or head_dim % QK:
+            raise ValueError("attention: a q8 cache needs rows of whole 34-byte blocks and head_dim % 32 == 0")
+        kv_width = kv_width // sizeof(block_q8) * QK
     _threads(n_threads)
     if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or head_dim <= 0:
         raise ValueError("attention: bad head configuration")
@@ -403,7 +421,7 @@ def attention(const float[::1] q, kc_in, vc_in, int n_heads, int n_kv_heads, int
     cdef float[::1] sc = scores
     cdef float[::1] o = out
     with nogil:
-        qora_attention(K, &q[0], &kc[0, 0], &vc[0, 0], kv_f16, n_pos, n_queries, n_heads, n_kv_heads, head_dim,
+        qora_attention(K, &q[0], &kc[0, 0], &vc[0, 0], kvt, n_pos, n_queries, n_heads, n_kv_heads, head_dim,
                        <size_t>kv_width, &sc[0], <size_t>n_pos, &o[0], n_threads)
     return out
 
@@ -486,7 +504,7 @@ cdef class CpuModel:
         self.layers = NULL
 
     def __init__(self, dict cfg, dict tensors, inv_freq, float rope_scale, int max_seq_len, int n_threads, int isa,
-                 bint repack=True, bint kv_f16=True, bint act_f32=False):
+                 bint repack=True, kv_type="f16", bint act_f32=False):
         """cfg: normalized config; tensors: name -> (dtype, shape, array) as stored in the file (the dtype
         names of qora/dtypes.py, the array the type's raw bytes: GGUF blocks as they are). act_f32: float
         activations (the weights dequantized block by block, nothing rounded to 8 bits) instead of each
@@ -501,7 +519,7 @@ cdef class CpuModel:
         self.m.K = _kernels(isa)
         self.isa_name = ISA_NAMES[self.m.K.isa]
         _fill_config(c, cfg, max_seq_len, rope_scale)
-        c.kv_f16 = kv_f16
+        c.kv_type = _kv_type(kv_type)
         c.act_f32 = act_f32
         self.act_f32 = act_f32
         self.layers = <qora_layer*>calloc(n_layers, sizeof(qora_layer))

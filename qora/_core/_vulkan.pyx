@@ -40,7 +40,7 @@ cdef extern from "qora/vk_backend.h" nogil:
         size_t bytes
 
     ctypedef struct qvk_model_opts:
-        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_f16, att_splits, att_short, gu_rows, int_dot
+        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_type, att_splits, att_short, gu_rows, int_dot
         int profile, chunk_rows
         int fail_after
 
@@ -263,7 +263,7 @@ cdef qvk_model_opts _opts(int max_seq_len, dict opts):
     o.logit_rows = opts.get("logit_rows", 0)
     o.mv_threads = opts.get("mv_threads", 0)
     o.mv_rows = opts.get("mv_rows", 0)
-    o.kv_f16 = opts.get("kv_f16", 1)
+    o.kv_type = opts.get("kv_type", 1)
     o.att_splits = opts.get("att_splits", 0)
     o.att_short = opts.get("att_short", -1)
     o.gu_rows = opts.get("gu_rows", 0)

@@ -923,7 +923,7 @@ typedef struct {
     qvk_matrix wgu;    /* (2 hidden, dim): gate, then up */
     qvk_matrix wdown;  /* (dim, hidden) */
     qvk_buffer attn_norm, ffn_norm; /* (dim,) f32 */
-    qvk_buffer kc, vc; /* (max_seq_len, kv_dim) f16 or f32 (kv_f16) */
+    qvk_buffer kc, vc; /* max_seq_len rows of kv_dim values of kv_type (qvk_kv_row_bytes) */
     int use_rope;
 } qvk_layer;
 
@@ -969,7 +969,7 @@ struct qvk_model {
     qvk_sets sets;
     VkCommandBuffer cb_decode, cb_prefill;
     int decode_recorded;
-    int kv_f16;
+    int kv_type; /* QORA_F32, QORA_F16, QORA_Q8 */
     int chunk_rows; /* tests: split the embedding / LM head into chunks of this many rows */
     int fail_after;
     long n_forward;
@@ -1038,7 +1038,9 @@ static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* 
         }
         bytes += 2 * ((size_t)D * 4 + 256);
     }
-    const size_t kv_layer = (size_t)o->max_seq_len * (size_t)kv_dim * (o->kv_f16 ? 2 : 4);
+    if (o->kv_type != QORA_F32 && o->kv_type != QORA_F16)
+        return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "KV cache type %d not supported on the GPU", o->kv_type);
+    const size_t kv_layer = (size_t)o->max_seq_len * (size_t)kv_dim * (o->kv_type == QORA_F16 ? 2 : 4);
     if (kv_layer > range)
         return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "a %d-token KV cache layer (%.0f MB) exceeds the device's "
                         "storage-buffer limit", o->max_seq_len, (double)kv_layer / 1e6);
@@ -1250,7 +1252,7 @@ static void qvk_model_settings(qvk_model* m, qvk_ctx* c, const qora_config* cfg,
     m->act_half = m->act_w + m->act_w / 4 + m->act_w / 16;
     m->int_dot = c->info.int_dot && (o->int_dot > 0 || (o->int_dot < 0 && c->info.int_dot_fast));
     m->fail_after = o->fail_after;
-    m->kv_f16 = o->kv_f16 ? 1 : 0;
+    m->kv_type = o->kv_type;
     m->chunk_rows = o->chunk_rows;
     m->sets.pool_sets = (uint32_t)(cfg->n_layers * 24 + 64);
 }
@@ -1266,7 +1268,7 @@ static int qvk_alloc_weights(qvk_model* m, const qora_weights* w, char* err, siz
     } else {
         m->output = &m->embed;
     }
-    const size_t kv_bytes = (size_t)m->cfg.max_seq_len * m->kv_dim * (m->kv_f16 ? 2 : 4);
+    const size_t kv_bytes = (size_t)m->cfg.max_seq_len * m->kv_dim * (m->kv_type == QORA_F16 ? 2 : 4);
     for (int l = 0; l < m->cfg.n_layers && !rc; l++) {
         const qora_layer* S = &w->layers[l];
         qvk_layer* L = &m->layers[l];
@@ -1519,7 +1521,7 @@ static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, uint32_t i
     snprintf(name, sizeof name, "matvec_%s%s", qvk_dtype_name(M->dtype), dot ? "_dot" : "");
     const uint32_t rows_per = qvk_mv_rows(m, mode);
     const uint32_t spec[5] = {qvk_mv_threads(m, M->dtype, M->cols), rows_per, (uint32_t)mode, (uint32_t)epi,
-                              (uint32_t)m->kv_f16};
+                              (uint32_t)m->kv_type};
     if (epi && M->n_chunks != 1) { /* the epilogue counts the workgroups of one dispatch */
         R->rc = qvk_fail(R->err, R->n, QVK_ERR_ARGS, "a chunked matrix cannot finish with an epilogue");
         return;
@@ -1613,7 +1615,7 @@ static uint32_t qvk_flash_shape(const qvk_model* m, uint32_t spec[6]) {
     if (bk > 32) bk = 32;
     if (bk > 8) bk &= ~7u;
     spec[0] = threads;
-    spec[1] = (uint32_t)m->kv_f16;
+    spec[1] = (uint32_t)m->kv_type;
     spec[2] = hd;
     spec[3] = m->att_hg;
     spec[4] = bk;
@@ -1633,7 +1635,7 @@ static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, ui
                                 m->att_done.buf, m->act.buf, m->cnt.buf};
     if (n_tok == 1) {
         /* only the chunks the context fills are launched (qvk_att_chunks, written per step) */
-        const uint32_t spec[7] = {QVK_ATT_THREADS, (uint32_t)m->kv_f16, hd, hg, (uint32_t)m->att_ch, m->att_short, 1u};
+        const uint32_t spec[7] = {QVK_ATT_THREADS, (uint32_t)m->kv_type, hd, hg, (uint32_t)m->att_ch, m->att_short, 1u};
         R->indirect = m->att_args.buf;
         qvk_rec_dispatch(R, "attn_decode", spec, 7, b, &p, sizeof p, groups, (uint32_t)m->att_ch, 1, 1);
         R->indirect = VK_NULL_HANDLE;
@@ -1717,7 +1719,7 @@ static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int
         qvk_rope_push rp = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
                             (uint32_t)m->qkv_dim, (uint32_t)L->use_rope};
         VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, L->kc.buf, L->vc.buf, m->params.buf, m->rope.buf};
-        const uint32_t kv_spec[2] = {0, (uint32_t)m->kv_f16};
+        const uint32_t kv_spec[2] = {0, (uint32_t)m->kv_type};
         qvk_rec_dispatch(&R, "rope_kv", kv_spec, 2, rb, &rp, sizeof rp, nt, 1, 1, 1);
         qvk_rec_attention(&R, L, nt, 0);
         /* output projection + residual */

@@ -42,7 +42,7 @@ cdef extern from "qora/forward.h" nogil:
     ctypedef struct qora_config:
         int n_layers, dim, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size, max_seq_len
         float norm_eps, rope_scale
-        int kv_f16
+        int kv_type
         int act_f32
 
     ctypedef struct qora_layer:

@@ -63,7 +63,9 @@ def plan_slots(model, parallel: int | None = None, context: int | None = None, a
     positions) must fit KV_RAM_FRACTION of available memory. Without --parallel, as many as fit (at most
     DEFAULT_MAX_PARALLEL); with it and no --context, each slot's context shrinks to fit."""
     cfg, engine = model.config, model.engine
-    width = 2 if getattr(engine, "kv_dtype", "f16") == "f16" else 4
+    from qora.engine.base import KV_ELEMENT_BYTES
+
+    width = KV_ELEMENT_BYTES.get(getattr(engine, "kv_dtype", "f16"), 4.0)
     per_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * width  # keys and values
     if available is None:
         import psutil

@@ -233,20 +233,28 @@ def _llama3_inv_freq(inv_freq: np.ndarray, rs: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def kv_cache_dtype(qfile) -> str:
-    """QORA_KV=f16|f32, else f16 for quantized models (half the bytes attention streams, as
-    llama.cpp does) and f32 for f16/f32 weights, whose users asked for full precision."""
-    want = os.environ.get("QORA_KV", "").strip().lower()
-    if want:
-        if want not in ("f16", "f32"):
-            raise QoraError(f"QORA_KV={want!r} is not one of f16, f32")
-        return want
-    wq = qfile.tensor_info.get("layers.0.wq", {}).get("dtype")
-    return "f16" if wq in dtypes.QUANTIZED else "f32"
+# Bytes of one cached key or value element per KV cache type: q8 is llama.cpp's Q8_0 (a block of 32
+# int8 and one f16 scale, 34 bytes), each block inside one head.
+KV_ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "q8": 34 / 32}
+KV_TYPES = tuple(KV_ELEMENT_BYTES)
 
 
-# Bytes of one cached key or value element per KV cache type.
-KV_ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0}
+def kv_cache_dtype(qfile, requested: str | None = None) -> str:
+    """The KV cache type, the one policy both engines follow: `requested` (--kv-type,
+    qora.load(kv_type=)), else QORA_KV, else f16 for quantized models (half the bytes attention
+    streams, as llama.cpp does) and f32 for f16/f32 weights, whose users asked for full precision.
+    q8 (Q8_0 blocks, about half of f16) needs head_dim to be a multiple of the block's 32."""
+    source = "--kv-type" if requested else "QORA_KV"
+    want = str(requested or os.environ.get("QORA_KV", "")).strip().lower()
+    if not want:
+        wq = qfile.tensor_info.get("layers.0.wq", {}).get("dtype")
+        return "f16" if wq in dtypes.QUANTIZED else "f32"
+    if want not in KV_TYPES:
+        raise QoraError(f"{source} {want!r} is not one of {', '.join(KV_TYPES)}")
+    head_dim = int(qfile.config["head_dim"])
+    if want == "q8" and head_dim % 32:
+        raise QoraError(f"{source} q8 needs a head size that is a multiple of 32; this model's is {head_dim}")
+    return want
 
 
 def context_bytes_per_token(cfg: dict, kv_dtype: str = "f32") -> float:

@@ -246,6 +246,7 @@ class CpuEngine:
         max_seq_len: int | None = None,
         isa: str | None = None,
         precision: str | None = None,
+        kv_type: str | None = None,
     ):
         core = _core()
         self._lock = threading.Lock()
@@ -255,7 +256,7 @@ class CpuEngine:
         self.n_threads = int(n_threads) if n_threads else default_threads()
         if not 1 <= self.n_threads <= limits.MAX_THREADS:
             raise QoraError(f"threads must be in 1..{limits.MAX_THREADS}, got {self.n_threads}")
-        self.kv_dtype = kv_cache_dtype(qfile)
+        self.kv_dtype = kv_cache_dtype(qfile, kv_type)
         self.max_seq_len = default_context(cfg, max_seq_len, self.kv_dtype)  # the pre-flight counts this cache
         inv_freq, rope_scale = rope_parameters(cfg)
         # the weights are read from the mapping while the engine is built (Q4 repacking) and by
@@ -278,7 +279,7 @@ class CpuEngine:
                 self.n_threads,
                 isa_idx,
                 repack,
-                self.kv_dtype == "f16",
+                self.kv_dtype,
                 self.precision == "f32",
             )
         except (ValueError, KeyError) as e:

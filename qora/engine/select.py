@@ -17,22 +17,25 @@ log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "gpu")
 
 
-def make_engine(qfile, device: str = "auto", threads=None, max_seq_len=None) -> Engine:
+def make_engine(qfile, device: str = "auto", threads=None, max_seq_len=None, kv_type=None) -> Engine:
     """The engine for `device` ("auto", "cpu" or "gpu"): the GPU when one can run the model, else the CPU.
-    device="gpu" makes a missing or failing GPU an error instead of a fallback."""
+    device="gpu" makes a missing or failing GPU an error instead of a fallback. kv_type: the KV cache
+    type ("f32", "f16", "q8"; None: engine.base.kv_cache_dtype's default)."""
     if device not in DEVICES:
         raise QoraError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
     if device == "cpu":
-        return CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len)
+        return CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len, kv_type=kv_type)
     try:
-        return VulkanEngine(qfile, n_threads=threads, max_seq_len=max_seq_len, required=device == "gpu")
+        return VulkanEngine(
+            qfile, n_threads=threads, max_seq_len=max_seq_len, required=device == "gpu", kv_type=kv_type
+        )
     except GpuUnavailable as e:
         if device == "gpu":
             raise QoraError(f"no usable GPU: {e}") from None
         note = f"GPU not used ({e}); running on the CPU"
         # a machine without any Vulkan GPU hears about it only under --verbose
         log.log(logging.DEBUG if e.quiet else logging.WARNING, note)
-    engine = CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len)
+    engine = CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len, kv_type=kv_type)
     engine.notes = [note]
     return engine
 

@@ -33,7 +33,14 @@ import threading
 import numpy as np
 
 from qora import dtypes
-from qora.engine.base import SingleSlot, check_tokens, default_context, kv_cache_dtype, rope_parameters
+from qora.engine.base import (
+    KV_ELEMENT_BYTES,
+    SingleSlot,
+    check_tokens,
+    default_context,
+    kv_cache_dtype,
+    rope_parameters,
+)
 from qora.engine.cpu import CpuEngine, file_guard
 from qora.errors import QoraError
 from qora.system import default_threads
@@ -44,6 +51,7 @@ log = logging.getLogger(__name__)
 _TYPE_RANK = {"discrete": 3, "integrated": 2, "virtual": 1, "other": 0, "cpu": -1}
 # Use at most this share of what the driver says is free: drivers, display and other apps need room.
 _VRAM_FRACTION = 0.9
+KV_NAMES = ("f32", "f16", "q8")  # the KV cache types by their qora_dtype value (the backend's kv_type)
 # The smallest context worth shrinking to when the default one does not fit in VRAM.
 _MIN_AUTO_CONTEXT = 512
 
@@ -168,6 +176,7 @@ class VulkanEngine(SingleSlot):
         n_threads: int | None = None,
         max_seq_len: int | None = None,
         required: bool = False,
+        kv_type: str | None = None,
     ):
         core = _core()
         if core is None:
@@ -192,7 +201,7 @@ class VulkanEngine(SingleSlot):
         info = self._open_device(core, required)
         inv_freq, rope_scale = rope_parameters(cfg)
         tensors = {name: (i["dtype"], tuple(i["shape"]), qfile.tensor(name)) for name, i in qfile.tensor_info.items()}
-        opts = self._options(qfile, fail_after)
+        opts = self._options(qfile, fail_after, kv_type)
         seq, need = self._fit_context(core, info, tensors, inv_freq, rope_scale, max_seq_len, opts)
         self._upload(core, info, tensors, inv_freq, rope_scale, seq, opts, fail_alloc)
         self.max_seq_len = seq
@@ -201,7 +210,7 @@ class VulkanEngine(SingleSlot):
         self.device_info = info
         self.isa = "vulkan"
         self.vram_bytes = need
-        self.kv_dtype = "f16" if opts["kv_f16"] else "f32"
+        self.kv_dtype = KV_NAMES[opts["kv_type"]]
         self._batch, self._logit_rows = self._model.batch, self._model.logit_rows
         self._tokens = np.zeros(seq, dtype=np.int32)  # what the KV cache holds, to replay on a fallback
         self._n_tokens = 0
@@ -221,7 +230,7 @@ class VulkanEngine(SingleSlot):
         return info
 
     @staticmethod
-    def _options(qfile, fail_after: int) -> dict:
+    def _options(qfile, fail_after: int, kv_type: str | None = None) -> dict:
         """Kernel choices for the C backend (environment overrides for tuning and tests)."""
         return {
             "batch": _env_int("QORA_VK_BATCH", 0),
@@ -233,7 +242,8 @@ class VulkanEngine(SingleSlot):
             "int_dot": _env_int("QORA_VK_DOT", -1),  # -1: where the driver says it is accelerated
             "profile": 1 if _env_flag("QORA_VK_PROFILE") else 0,
             "chunk_rows": _env_int("QORA_VK_CHUNK_ROWS", 0),  # tests: the embedding / LM head in pieces
-            "kv_f16": kv_cache_dtype(qfile) == "f16",  # the CPU engine's choice, so both compute the same
+            # the CPU engine's choice, so both compute the same (qora_dtype values)
+            "kv_type": KV_NAMES.index(kv_cache_dtype(qfile, kv_type)),
             "fail_after": fail_after,
         }
 
@@ -241,7 +251,8 @@ class VulkanEngine(SingleSlot):
         """(context, device bytes) of the KV cache on the device: the default context shrinks to fit;
         an explicit one must fit."""
         cfg = self.config
-        seq = default_context(cfg, max_seq_len)
+        kv_name = KV_NAMES[opts["kv_type"]]
+        seq = default_context(cfg, max_seq_len, kv_name)
         budget = _VRAM_FRACTION * info["vram_budget"]
         try:
             need = core.estimate(self._ctx, cfg, tensors, inv_freq, rope_scale, seq, opts)
@@ -255,11 +266,11 @@ class VulkanEngine(SingleSlot):
             self._release()
             raise QoraError(f"{self._qfile.path}: cannot build the engine: {e}") from e
         # pre-flight facts for --verbose: the KV cache's share, by its element type
-        kv = 2 * cfg["n_layers"] * seq * cfg["n_kv_heads"] * cfg["head_dim"] * (2 if opts["kv_f16"] else 4)
+        kv = int(2 * cfg["n_layers"] * seq * cfg["n_kv_heads"] * cfg["head_dim"] * KV_ELEMENT_BYTES[kv_name])
         self.notes = [
             f"vulkan: {info['name']} ({info['type']}, Vulkan {info['api_version']}): the model needs "
             f"{_fmt_bytes(need)} of {_fmt_bytes(info['vram_budget'])} device memory ({seq}-token context, "
-            f"{_fmt_bytes(kv)} of it the {'f16' if opts['kv_f16'] else 'f32'} KV cache)"
+            f"{_fmt_bytes(kv)} of it the {kv_name} KV cache)"
         ]
         log.debug(self.notes[0])
         if need > budget:
@@ -316,7 +327,7 @@ class VulkanEngine(SingleSlot):
         self._release(lost=True)
         if start_pos > self._n_tokens:
             raise QoraError(f"cannot continue on the CPU: positions {self._n_tokens}..{start_pos - 1} were never run")
-        cpu = CpuEngine(self._qfile, n_threads=self.n_threads, max_seq_len=self.max_seq_len)
+        cpu = CpuEngine(self._qfile, n_threads=self.n_threads, max_seq_len=self.max_seq_len, kv_type=self.kv_dtype)
         if start_pos:
             cpu.forward(self._tokens[:start_pos], 0)
         self._cpu = cpu
