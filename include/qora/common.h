@@ -26,6 +26,22 @@
 #define QORA_TARGET_AVX512
 #endif
 
+/* aarch64 (GCC / clang): NEON (AdvSIMD) is the baseline of the architecture; the dotprod (sdot) and i8mm
+   (smmla) paths carry target attributes like the x86 ones and run only where cpu_features.h saw them. */
+#if defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
+#define QORA_NEON 1
+#include <arm_neon.h>
+#if defined(__clang__)
+#define QORA_TARGET_DOTPROD __attribute__((target("dotprod")))
+#define QORA_TARGET_I8MM __attribute__((target("dotprod,i8mm")))
+#else
+#define QORA_TARGET_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod"))) /* arm_neon.h's own pragma */
+#define QORA_TARGET_I8MM __attribute__((target("arch=armv8.2-a+dotprod+i8mm")))
+#endif
+#else
+#define QORA_NEON 0
+#endif
+
 #ifndef QORA_INLINE
 #if defined(__GNUC__) || defined(__clang__)
 #define QORA_INLINE static inline __attribute__((always_inline))

@@ -18,7 +18,65 @@ typedef struct {
     int os_avx512; /* XCR0 has opmask+ZMM state */
     int amx_tile, amx_int8;
     int os_amx;    /* XCR0 has XTILECFG+XTILEDATA state (Linux also wants a permission request, see amx.h) */
+    int neon, dotprod, i8mm; /* aarch64: AdvSIMD, SDOT/UDOT (FEAT_DotProd), SMMLA (FEAT_I8MM); 0 elsewhere */
 } qora_cpu_features;
+
+#if defined(__aarch64__) || defined(_M_ARM64)
+#define QORA_ARM64 1
+#else
+#define QORA_ARM64 0
+#endif
+
+#if QORA_ARM64
+/* ---- aarch64: what the OS reports (HWCAPs on Linux / Android, sysctl on macOS); ARM has no user-mode
+   CPUID, and the kernel only announces what it saves and restores. */
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1UL << 1)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1UL << 13)
+#endif
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+static int qora_sysctl_flag(const char* name) {
+    int v = 0;
+    size_t len = sizeof v;
+    return sysctlbyname(name, &v, &len, NULL, 0) == 0 && v != 0;
+}
+#endif
+
+static void qora_detect_arm(qora_cpu_features* f) {
+    f->neon = 1; /* AdvSIMD is part of every aarch64 CPU the OSes run on */
+#if defined(__linux__)
+    const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+    f->neon = (hw & HWCAP_ASIMD) != 0;
+    f->dotprod = f->neon && (hw & HWCAP_ASIMDDP) != 0;
+    f->i8mm = f->dotprod && (hw2 & HWCAP2_I8MM) != 0;
+#elif defined(__APPLE__)
+    f->dotprod = qora_sysctl_flag("hw.optional.arm.FEAT_DotProd");
+    f->i8mm = f->dotprod && qora_sysctl_flag("hw.optional.arm.FEAT_I8MM");
+#endif /* elsewhere (Windows on ARM, the BSDs): NEON only, until a test for them is written */
+}
+
+/* ISA paths on aarch64, best last: NEON (every aarch64 CPU), dotprod (sdot: Cortex-A76 / Neoverse N1,
+   Apple M1 and later), i8mm (smmla prefill tiles: Neoverse V1 / N2, Graviton 3, Apple M2 and later). */
+enum qora_isa { QORA_ISA_SCALAR = 0, QORA_ISA_NEON = 1, QORA_ISA_DOTPROD = 2, QORA_ISA_I8MM = 3, QORA_ISA_COUNT = 4 };
+
+static inline int qora_cpu_supports(const qora_cpu_features* f, int isa) {
+    switch (isa) {
+    case QORA_ISA_SCALAR: return 1;
+    case QORA_ISA_NEON: return f->neon;
+    case QORA_ISA_DOTPROD: return f->neon && f->dotprod;
+    case QORA_ISA_I8MM: return f->neon && f->dotprod && f->i8mm;
+    default: return 0;
+    }
+}
+#endif /* QORA_ARM64 */
 
 #if QORA_X86
 static void qora_cpuid(unsigned leaf, unsigned sub, unsigned r[4]) {
@@ -75,9 +133,13 @@ static qora_cpu_features qora_detect_cpu(void) {
         f.avxvnni = (r[0] >> 4) & 1;
     }
 #endif
+#if QORA_ARM64
+    qora_detect_arm(&f);
+#endif
     return f;
 }
 
+#if !QORA_ARM64
 /* ISA paths, best last. A path whose kernels are not compiled in maps to the best one below it.
    AVX2VNNI: the AVX2 kernels with vpdpbusd (AVX-VNNI) in the repacked Q4 products. */
 enum qora_isa { QORA_ISA_SCALAR = 0, QORA_ISA_AVX2 = 1, QORA_ISA_AVX2VNNI = 2, QORA_ISA_AVX512 = 3, QORA_ISA_COUNT = 4 };
@@ -93,5 +155,6 @@ static inline int qora_cpu_supports(const qora_cpu_features* f, int isa) {
     default: return 0;
     }
 }
+#endif /* !QORA_ARM64 */
 
 #endif /* QORA_CPU_FEATURES_H */

@@ -15,6 +15,7 @@
 #include "amx.h"
 #include "attention_avx2.h"
 #include "attention_avx512.h"
+#include "kernels_neon.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -86,6 +87,30 @@ static const qora_kernels qora_kernels_avx512 = {
 };
 #endif
 
+#if QORA_NEON
+/* aarch64: quantize_q8 and the float kernels are NEON in all three tables (they need nothing more);
+   the integer products are the NEON or sdot instances of kernels_neon_int.h. No attend_f16: attention
+   goes through dot_f16_f32 / softmax_unnorm / axpy_f16 (qora_attend_chunk's portable loop). */
+static const qora_kernels qora_kernels_neon = {
+    "neon", QORA_ISA_NEON, quantize_q8_neon, dot_q4_q8_neon, dot_q8_q8_neon,
+    dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_neon, tile_q8_neon,
+    q4x8_neon, 4, NULL, 0, NULL, softmax_unnorm_neon, tile_x_neon, dot_bf16_f32_neon, dot_deq_f32_neon,
+};
+static const qora_kernels qora_kernels_dotprod = {
+    "dotprod", QORA_ISA_DOTPROD, quantize_q8_neon, dot_q4_q8_dotprod, dot_q8_q8_dotprod,
+    dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_dotprod,
+    tile_q8_dotprod, q4x8_dotprod, 4, NULL, 0, NULL, softmax_unnorm_neon, tile_x_dotprod, dot_bf16_f32_neon,
+    dot_deq_f32_neon,
+};
+/* i8mm: the dotprod table with smmla prefill for interleaved Q4 rows (q4x8_i8mm: 2x2 row x token tiles) */
+static const qora_kernels qora_kernels_i8mm = {
+    "i8mm", QORA_ISA_I8MM, quantize_q8_neon, dot_q4_q8_dotprod, dot_q8_q8_dotprod,
+    dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_dotprod,
+    tile_q8_dotprod, q4x8_i8mm, 4, NULL, 0, NULL, softmax_unnorm_neon, tile_x_dotprod, dot_bf16_f32_neon,
+    dot_deq_f32_neon,
+};
+#endif
+
 /* Table per ISA slot; NULL = not compiled in for this architecture. */
 static const qora_kernels* qora_kernel_table(int isa) {
     switch (isa) {
@@ -95,6 +120,11 @@ static const qora_kernels* qora_kernel_table(int isa) {
 #if QORA_HAVE_AVXVNNI
     case QORA_ISA_AVX2VNNI: return &qora_kernels_avx2vnni;
 #endif
+#endif
+#if QORA_NEON
+    case QORA_ISA_NEON: return &qora_kernels_neon;
+    case QORA_ISA_DOTPROD: return &qora_kernels_dotprod;
+    case QORA_ISA_I8MM: return &qora_kernels_i8mm;
 #endif
     case QORA_ISA_SCALAR: return &qora_kernels_scalar;
     default: return NULL;
@@ -238,7 +268,11 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
     if (W->packed && u < pairs) {
         const size_t nb = (size_t)(W->cols / QK);
         const block_q4x8* g = W->packed + (size_t)(2 * u) * nb;
+#if QORA_ARM64
+        const qora_q4x16_amx_fn amx = NULL; /* no q4x16 kernels on aarch64: not reached */
+#else
         const qora_q4x16_amx_fn amx = nt == 16 && K->isa == QORA_ISA_AVX512 ? qora_amx_kernel() : NULL;
+#endif
         if (amx) { /* one tile pass per segment of common.h, like the other prefill kernels */
             const block_q8* xq = XQ + (size_t)t0 * ldxq;
             const qora_xblock* xs = XS + (size_t)t0 * ldxq;

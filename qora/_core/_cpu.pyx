@@ -24,12 +24,13 @@ cdef extern from "qora/qora.h" nogil:
         int avx512f, avx512bw, avx512vl, avx512vnni, avxvnni
         int os_avx, os_avx512
         int amx_tile, amx_int8, os_amx
+        int neon, dotprod, i8mm
 
     qora_cpu_features qora_detect_cpu()
     int qora_amx_set_mode(int mode)
     int qora_amx_mode
     int qora_cpu_supports(const qora_cpu_features* f, int isa)
-    int QORA_ISA_SCALAR, QORA_ISA_AVX2, QORA_ISA_AVX2VNNI, QORA_ISA_AVX512, QORA_ISA_COUNT
+    int QORA_ISA_SCALAR, QORA_ISA_COUNT
     int QORA_OK, QORA_ERR_ARGS, QORA_ERR_TOKEN, QORA_ERR_CONTEXT, QORA_ERR_NOMEM
 
     ctypedef struct qora_kernels:
@@ -107,6 +108,26 @@ cdef extern from *:
     int qora_openmp_enabled()
     int qora_omp_max_threads()
 
+cdef extern from *:
+    """
+    /* the enum qora_isa of the architecture this core is built for (cpu_features.h), by constant name */
+    #if QORA_ARM64
+    #define QORA_ISA_CONSTANTS {"QORA_ISA_SCALAR", QORA_ISA_SCALAR}, {"QORA_ISA_NEON", QORA_ISA_NEON}, \
+        {"QORA_ISA_DOTPROD", QORA_ISA_DOTPROD}, {"QORA_ISA_I8MM", QORA_ISA_I8MM}
+    #else
+    #define QORA_ISA_CONSTANTS {"QORA_ISA_SCALAR", QORA_ISA_SCALAR}, {"QORA_ISA_AVX2", QORA_ISA_AVX2}, \
+        {"QORA_ISA_AVX2VNNI", QORA_ISA_AVX2VNNI}, {"QORA_ISA_AVX512", QORA_ISA_AVX512}
+    #endif
+    typedef struct { const char* name; int value; } qora_isa_constant;
+    static const qora_isa_constant qora_isa_constants[] = {QORA_ISA_CONSTANTS};
+    static const int qora_isa_n_constants = (int)(sizeof qora_isa_constants / sizeof qora_isa_constants[0]);
+    """
+    ctypedef struct qora_isa_constant:
+        const char* name
+        int value
+    const qora_isa_constant qora_isa_constants[]
+    const int qora_isa_n_constants
+
 from qora.engine.cpu import ISA_NAMES  # the one table of the paths' names, in the enum's order
 
 
@@ -118,8 +139,7 @@ def c_isa_table():
         if qora_kernel_table(i) != NULL:
             kernels[i] = qora_kernel_table(i).name.decode()
     return {
-        "enum": {"QORA_ISA_SCALAR": QORA_ISA_SCALAR, "QORA_ISA_AVX2": QORA_ISA_AVX2,
-                 "QORA_ISA_AVX2VNNI": QORA_ISA_AVX2VNNI, "QORA_ISA_AVX512": QORA_ISA_AVX512},
+        "enum": {qora_isa_constants[i].name.decode(): qora_isa_constants[i].value for i in range(qora_isa_n_constants)},
         "count": QORA_ISA_COUNT,
         "kernels": kernels,
     }
@@ -132,7 +152,8 @@ def cpu_features():
     flags = dict(sse42=f.sse42, avx=f.avx, avx2=f.avx2, fma=f.fma, f16c=f.f16c,
                  avx512f=f.avx512f, avx512bw=f.avx512bw, avx512vl=f.avx512vl,
                  avx512vnni=f.avx512vnni, avxvnni=f.avxvnni, os_avx=f.os_avx, os_avx512=f.os_avx512,
-                 amx_tile=f.amx_tile, amx_int8=f.amx_int8, os_amx=f.os_amx)
+                 amx_tile=f.amx_tile, amx_int8=f.amx_int8, os_amx=f.os_amx, neon=f.neon, dotprod=f.dotprod,
+                 i8mm=f.i8mm)
     cpu_ok = [ISA_NAMES[i] for i in range(QORA_ISA_COUNT) if qora_cpu_supports(&f, i)]
     built = [ISA_NAMES[i] for i in range(QORA_ISA_COUNT) if qora_kernel_table(i) != NULL]
     return {"flags": {k: bool(v) for k, v in flags.items()}, "cpu_supports": cpu_ok, "compiled": built,

@@ -10,6 +10,7 @@ file changed under its memory map from crashing the process.
 from __future__ import annotations
 
 import os
+import platform
 import threading
 
 import numpy as np
@@ -20,9 +21,16 @@ from qora.errors import ModelFileChangedError, QoraError
 from qora.system import default_threads, physical_cores
 
 # The CPU kernel paths: the Python side of the C enum qora_isa (include/qora/cpu_features.h), in its
-# order (index = enum value). The compiled core takes its names from here; tests/test_engine_protocol.py
-# checks them against the C enum and kernel tables.
-ISA_NAMES = ("scalar", "avx2", "avx2vnni", "avx512")
+# order (index = enum value). The enum is per architecture (aarch64 has its own paths); the compiled core
+# takes its names from here; tests/test_engine_protocol.py checks them against the C enum and kernel tables.
+ISA_NAMES_BY_ARCH = {
+    "x86_64": ("scalar", "avx2", "avx2vnni", "avx512"),
+    "aarch64": ("scalar", "neon", "dotprod", "i8mm"),
+}
+# what the running interpreter (and so its compiled core) is built for; other CPUs build the x86 enum's
+# list with only the scalar kernels compiled in
+MACHINE = "aarch64" if platform.machine().lower() in ("aarch64", "arm64") else "x86_64"
+ISA_NAMES = ISA_NAMES_BY_ARCH[MACHINE]
 
 # The arithmetic of the matrix products: "q8" rounds each product's activations to 8 bits (Q8_0 blocks for
 # the 32-element weight types, Q8_K for the K types, as llama.cpp does: integer dot products, fastest);
@@ -75,6 +83,11 @@ def resolve_isa(requested: str | None = None) -> tuple[int, str]:
     want = (requested or os.environ.get("QORA_ISA", "")).strip().lower()
     if want:
         if want not in ISA_NAMES:
+            other = [m for m, names in ISA_NAMES_BY_ARCH.items() if want in names]
+            if other:
+                raise QoraError(
+                    f"QORA_ISA={want} is an {other[0]} path; this {MACHINE} build runs {', '.join(ISA_NAMES)}"
+                )
             raise QoraError(f"QORA_ISA={want!r} is not one of {', '.join(ISA_NAMES)}")
         i = ISA_NAMES.index(want)
         if want not in feats["cpu_supports"]:

@@ -1,0 +1,264 @@
+/* qora — aarch64 kernels: NEON (AdvSIMD, every aarch64 CPU), dotprod (sdot) and i8mm (smmla), beside
+   the x86 ones with the same contracts and the same order of float operations (common.h), so every
+   path gives the same bits: the integer parts are exact whatever instructions form them, and the
+   float steps are the scalar reference's, lane for lane (vfmaq_f32 is fmaf, vcvtnq_s32_f32 and
+   vrndnq_f32 round half to even like nearbyintf, vcvt_f32_f16 is exact).
+   The float kernels (dots, norms, softmax, f16 conversion) need nothing past NEON and serve all three
+   tables; the integer products are written once in kernels_neon_int.h and compiled twice, with
+   widening multiplies (NEON) and with sdot (dotprod); i8mm adds smmla tiles for the prefill of
+   repacked Q4 matrices. */
+#ifndef QORA_KERNELS_NEON_H
+#define QORA_KERNELS_NEON_H
+
+#include "common.h"
+#include "kernels_scalar.h"
+#include "tiles.h"
+#include "kquants.h"
+#include "repack.h"
+
+#if QORA_NEON
+
+static inline float f16_neon(uint16_t h) { return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0); }
+
+static inline float32x4_t f16x4_neon(uint16_t a, uint16_t b, uint16_t c, uint16_t d) {
+    const uint16_t h[4] = {a, b, c, d};
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+}
+
+/* the fixed tree of the float dot (common.h) over the 32 chains held as 8 vectors (chain j: vector j / 4,
+   lane j % 4): lane j + lane j+16, then qora_reduce16's halvings j + j+8, j + j+4, j + j+2, j + j+1 */
+static inline float reduce32_neon(const float32x4_t a[8]) {
+    const float32x4_t c0 = vaddq_f32(a[0], a[4]), c1 = vaddq_f32(a[1], a[5]);
+    const float32x4_t c2 = vaddq_f32(a[2], a[6]), c3 = vaddq_f32(a[3], a[7]);
+    const float32x4_t e = vaddq_f32(vaddq_f32(c0, c2), vaddq_f32(c1, c3));
+    const float32x2_t f = vadd_f32(vget_low_f32(e), vget_high_f32(e));
+    return vget_lane_f32(f, 0) + vget_lane_f32(f, 1);
+}
+
+/* 32 chains by index mod 32 over n (a multiple of 32 here) weights from LOAD4(i) and x */
+#define QORA_FLOAT_DOT_NEON(LOAD4, AT)                                                            \
+    float32x4_t a[8];                                                                             \
+    for (int j = 0; j < 8; j++) a[j] = vdupq_n_f32(0.0f);                                         \
+    int i = 0;                                                                                    \
+    for (; i + 32 <= n; i += 32)                                                                  \
+        for (int j = 0; j < 8; j++) a[j] = vfmaq_f32(a[j], LOAD4(i + 4 * j), vld1q_f32(x + i + 4 * j)); \
+    float sum = reduce32_neon(a);                                                                 \
+    for (; i < n; i++) sum = fmaf(AT(i), x[i], sum); /* ragged tail, in order */                  \
+    return sum;
+
+#define QORA_LOAD4_F32_NEON(i) vld1q_f32(w + (i))
+#define QORA_LOAD4_F16_NEON(i) vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w + (i))))
+#define QORA_LOAD4_BF16_NEON(i) vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(w + (i)), 16))
+
+static float dot_f32_neon(int n, const float* w, const float* x) { QORA_FLOAT_DOT_NEON(QORA_LOAD4_F32_NEON, QORA_F32_AT) }
+
+static float dot_f16_f32_neon(int n, const uint16_t* w, const float* x) {
+    QORA_FLOAT_DOT_NEON(QORA_LOAD4_F16_NEON, QORA_F16_AT)
+}
+
+static float dot_bf16_f32_neon(int n, const uint16_t* w, const float* x) {
+    QORA_FLOAT_DOT_NEON(QORA_LOAD4_BF16_NEON, QORA_BF16_AT)
+}
+
+static void rmsnorm_neon(float* out, const float* x, const float* w, int n, float eps) {
+    const float inv = 1.0f / sqrtf(dot_f32_neon(n, x, x) / (float)n + eps);
+    const float32x4_t vinv = vdupq_n_f32(inv);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, vmulq_f32(vld1q_f32(w + i), vmulq_f32(vld1q_f32(x + i), vinv)));
+    for (; i < n; i++) out[i] = w[i] * (x[i] * inv);
+}
+
+static void axpy_neon(int n, float a, const float* x, float* y) {
+    const float32x4_t va = vdupq_n_f32(a);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_f32(vld1q_f32(y + i), va, vld1q_f32(x + i)));
+    for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
+}
+
+static void axpy_f16_neon(int n, float a, const uint16_t* x, float* y) {
+    const float32x4_t va = vdupq_n_f32(a);
+    int i = 0;
+    for (; i + 4 <= n; i += 4)
+        vst1q_f32(y + i, vfmaq_f32(vld1q_f32(y + i), va, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(x + i)))));
+    for (; i < n; i++) y[i] = fmaf(a, qora_fp16_to_fp32(x[i]), y[i]);
+}
+
+/* qora_exp_neg (common.h), 4 lanes: the same operations */
+static inline float32x4_t exp_neon(float32x4_t x) {
+    x = vmaxq_f32(x, vdupq_n_f32(QORA_EXP_MIN));
+    const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+
+/* softmax_unnorm_scalar's result: four vectors hold the 16 chains (index mod 16) */
+static float softmax_unnorm_neon(float* sc, int n, float* max_out) {
+    float mx = sc[0];
+    for (int t = 1; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+    *max_out = mx;
+    const float32x4_t m = vdupq_n_f32(mx);
+    float32x4_t s[4];
+    for (int j = 0; j < 4; j++) s[j] = vdupq_n_f32(0.0f);
+    int t = 0;
+    for (; t + 16 <= n; t += 16)
+        for (int j = 0; j < 4; j++) {
+            const float32x4_t e = exp_neon(vsubq_f32(vld1q_f32(sc + t + 4 * j), m));
+            vst1q_f32(sc + t + 4 * j, e);
+            s[j] = vaddq_f32(s[j], e);
+        }
+    float c[16];
+    for (int j = 0; j < 4; j++) vst1q_f32(c + 4 * j, s[j]);
+    for (; t < n; t++) {
+        sc[t] = qora_exp_neg(sc[t] - mx);
+        c[t % 16] = c[t % 16] + sc[t];
+    }
+    return qora_reduce16(c);
+}
+
+/* f32 -> f16 round to nearest even (FCVTN under the default FPCR), as qora_fp32_to_fp16 */
+static void to_f16_neon(const float* x, uint16_t* y, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+    for (; i < n; i++) y[i] = qora_fp32_to_fp16(x[i]);
+}
+
+/* quantize_q8_scalar: d = amax / 127 as f16, q = round-half-even(x * (127 / amax)) */
+static void quantize_q8_neon(const float* x, block_q8* y, int n) {
+    for (int b = 0; b < n / QK; b++) {
+        const float* xb = x + b * QK;
+        float32x4_t v[8], m = vdupq_n_f32(0.0f);
+        for (int j = 0; j < 8; j++) {
+            v[j] = vld1q_f32(xb + 4 * j);
+            m = vmaxq_f32(m, vabsq_f32(v[j]));
+        }
+        const float amax = vmaxvq_f32(m);
+        y[b].d = qora_fp32_to_fp16(amax / 127.0f);
+        const float32x4_t id = vdupq_n_f32(amax != 0.0f ? 127.0f / amax : 0.0f);
+        for (int j = 0; j < 8; j += 2) {
+            const int32x4_t i0 = vcvtnq_s32_f32(vmulq_f32(v[j], id)), i1 = vcvtnq_s32_f32(vmulq_f32(v[j + 1], id));
+            const int16x8_t h = vcombine_s16(vmovn_s32(i0), vmovn_s32(i1));
+            vst1_s8(y[b].qs + 4 * j, vmovn_s16(h));
+        }
+    }
+}
+
+/* dot_deq_f32_scalar's result: the weights dequantized 256 at a time by qora_dequant_range (its values
+   bit for bit), then the float dot's 32 chains over the whole row */
+static float dot_deq_f32_neon(int dtype, int n, const void* w, const float* x) {
+    float32x4_t a[8];
+    for (int j = 0; j < 8; j++) a[j] = vdupq_n_f32(0.0f);
+    float buf[QORA_DEQ_CHUNK];
+    for (int i = 0; i < n; i += QORA_DEQ_CHUNK) {
+        const int len = n - i < QORA_DEQ_CHUNK ? n - i : QORA_DEQ_CHUNK;
+        qora_dequant_range(dtype, w, i, len, buf);
+        for (int k = 0; k < len; k += 32)
+            for (int j = 0; j < 8; j++) a[j] = vfmaq_f32(a[j], vld1q_f32(buf + k + 4 * j), vld1q_f32(x + i + k + 4 * j));
+    }
+    return reduce32_neon(a);
+}
+
+/* ---- the integer products, once with widening multiplies and once with sdot ---- */
+#define QN(name) name##_neon
+#define QN_TARGET
+#define QN_DOTPROD 0
+#include "kernels_neon_int.h"
+#undef QN
+#undef QN_TARGET
+#undef QN_DOTPROD
+
+#define QN(name) name##_dotprod
+#define QN_TARGET QORA_TARGET_DOTPROD
+#define QN_DOTPROD 1
+#include "kernels_neon_int.h"
+#undef QN
+#undef QN_TARGET
+#undef QN_DOTPROD
+
+/* ---- i8mm: smmla prefill tiles for interleaved Q4 rows ----
+   smmla multiplies a 2x8 block of int8 (two rows' 8 consecutive elements) by another (two tokens'
+   elements) into a 2x2 int32 tile: the chunk pair (2kp, 2kp+1) of rows (2p, 2p+1) is one 32-bit zip of
+   the two chunks, and a token pair's 8 activation bytes are two 8-byte loads. Twice the products of
+   an sdot per instruction; the integers are the same exact dots, so the float steps (q4x8_block's)
+   and their order are unchanged. */
+QORA_TARGET_I8MM QORA_INLINE void q4x8_mm_weights(const block_q4x8* wb, int8x16_t lo[2][4], int8x16_t hi[2][4]) {
+    const uint8x16_t m4 = vdupq_n_u8(0x0f);
+    for (int kp = 0; kp < 2; kp++)
+        for (int h = 0; h < 2; h++) { /* rows 4h..4h+3 */
+            const uint32x4_t a = vreinterpretq_u32_u8(vld1q_u8(wb->qs[2 * kp][4 * h]));
+            const uint32x4_t b = vreinterpretq_u32_u8(vld1q_u8(wb->qs[2 * kp + 1][4 * h]));
+            const uint8x16_t p0 = vreinterpretq_u8_u32(vzip1q_u32(a, b)), p1 = vreinterpretq_u8_u32(vzip2q_u32(a, b));
+            lo[kp][2 * h] = vreinterpretq_s8_u8(vandq_u8(p0, m4));
+            hi[kp][2 * h] = vreinterpretq_s8_u8(vshrq_n_u8(p0, 4));
+            lo[kp][2 * h + 1] = vreinterpretq_s8_u8(vandq_u8(p1, m4));
+            hi[kp][2 * h + 1] = vreinterpretq_s8_u8(vshrq_n_u8(p1, 4));
+        }
+}
+
+/* one chain per row over the blocks given, for TP token pairs (2 * TP tokens; x1 of the last pair may
+   repeat its x0, its results unused) */
+QORA_TARGET_I8MM QORA_INLINE void q4x8_mm_t(const int TP, int nt, int n, const block_q4x8* w, const block_q8* x,
+                                            const qora_xblock* xsum, size_t xs, float* out, size_t ldo) {
+    float32x4_t acc[4][2];
+    for (int t = 0; t < 2 * TP; t++) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
+    for (int b = 0; b < n / QK; b++) {
+        const block_q4x8* wb = w + b;
+        int8x16_t lo[2][4], hi[2][4];
+        q4x8_mm_weights(wb, lo, hi);
+        const float32x4_t dw0 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(wb->d)));
+        const float32x4_t dw1 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(wb->d + 4)));
+        for (int tp = 0; tp < TP; tp++) {
+            const int t0 = 2 * tp, t1 = 2 * tp + 1 < nt ? 2 * tp + 1 : 2 * tp;
+            const int8_t *x0 = x[t0 * xs + b].qs, *x1 = x[t1 * xs + b].qs;
+            int32x4_t p[4]; /* row pair p: [r2p.t0, r2p.t1, r2p+1.t0, r2p+1.t1] */
+            for (int r = 0; r < 4; r++) p[r] = vdupq_n_s32(0);
+            for (int kp = 0; kp < 2; kp++) {
+                const int8x16_t xl = vcombine_s8(vld1_s8(x0 + 8 * kp), vld1_s8(x1 + 8 * kp));
+                const int8x16_t xh = vcombine_s8(vld1_s8(x0 + 16 + 8 * kp), vld1_s8(x1 + 16 + 8 * kp));
+                for (int r = 0; r < 4; r++) p[r] = vmmlaq_s32(vmmlaq_s32(p[r], lo[kp][r], xl), hi[kp][r], xh);
+            }
+            const int32x4_t s[2][2] = {{vuzp1q_s32(p[0], p[1]), vuzp1q_s32(p[2], p[3])},
+                                       {vuzp2q_s32(p[0], p[1]), vuzp2q_s32(p[2], p[3])}};
+            for (int u = 0; u < 2; u++) {
+                const int t = u ? t1 : t0;
+                const qora_xblock* xe = xsum + t * xs + b;
+                const int32x4_t o = vdupq_n_s32(xe->off);
+                const float32x4_t dx = vdupq_n_f32(xe->d);
+                float32x4_t* a = acc[2 * tp + u];
+                a[0] = vfmaq_f32(a[0], vmulq_f32(dw0, dx), vcvtq_f32_s32(vaddq_s32(s[u][0], o)));
+                a[1] = vfmaq_f32(a[1], vmulq_f32(dw1, dx), vcvtq_f32_s32(vaddq_s32(s[u][1], o)));
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        vst1q_f32(out + t * ldo, acc[t][0]);
+        vst1q_f32(out + t * ldo + 4, acc[t][1]);
+    }
+}
+
+QORA_TARGET_I8MM static void q4x8_i8mm_range(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
+                                             size_t xs, int nt, float* out, size_t ldo) {
+    if (nt <= 2) q4x8_mm_t(1, nt, n, w, x, xsum, xs, out, ldo);
+    else q4x8_mm_t(2, nt, n, w, x, xsum, xs, out, ldo);
+}
+
+/* decode (one token) stays on sdot: a lone token fills half of each smmla */
+QORA_TARGET_I8MM static void q4x8_i8mm(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
+                                       size_t xs, int nt, float* out, size_t ldo) {
+    if (nt == 1) {
+        q4x8_decode_dotprod(n, w, x, xsum, out);
+        return;
+    }
+    QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo, q4x8_i8mm_range(nbs * QK, w + b0, x + b0, xsum + b0, xs, nt, dst, lddst));
+}
+
+#endif /* QORA_NEON */
+#endif /* QORA_KERNELS_NEON_H */
