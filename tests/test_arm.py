@@ -15,6 +15,7 @@ engine's logits. Skipped where the cross compiler or qemu-aarch64 is missing (.c
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,12 +31,13 @@ from qora.engine.base import rope_parameters
 from qora.engine.cpu import ISA_NAMES, ISA_NAMES_BY_ARCH, CpuEngine
 from qora.format import read_qora
 
-CC = os.environ.get("QORA_ARM_CC", "aarch64-linux-gnu-gcc")
+# the cross compiler, with its arguments (e.g. QORA_ARM_CC="clang-16 --target=aarch64-linux-gnu")
+CC = shlex.split(os.environ.get("QORA_ARM_CC", "aarch64-linux-gnu-gcc"))
 QEMU = os.environ.get("QORA_ARM_QEMU", "qemu-aarch64")
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(
-    shutil.which(CC) is None or shutil.which(QEMU) is None,
-    reason=f"needs {CC} and {QEMU} (Debian: apt install gcc-aarch64-linux-gnu qemu-user)",
+    shutil.which(CC[0]) is None or shutil.which(QEMU) is None,
+    reason=f"needs {CC[0]} and {QEMU} (Debian: apt install gcc-aarch64-linux-gnu qemu-user)",
 )
 
 ARM_ISAS = ISA_NAMES_BY_ARCH["aarch64"]
@@ -54,13 +56,14 @@ X86_SCALAR = ISA_NAMES.index("scalar")
 def harness(tmp_path_factory):
     """The harness cross-compiled with setup.py's flags (static: qemu needs no aarch64 sysroot)."""
     out = tmp_path_factory.mktemp("arm-build") / "harness"
+    omp = [] if "clang" in Path(CC[0]).name else ["-fopenmp"]  # (QORA_ARM_CC=clang-16: no aarch64 libomp here)
     cmd = [
-        CC,
+        *CC,
         "-O3",
         "-fno-strict-aliasing",
         "-Wno-unused-function",
         "-ffp-contract=off",
-        "-fopenmp",
+        *omp,
         "-static",
         "-I",
         str(ROOT / "include"),

@@ -96,12 +96,15 @@ static const qora_kernels qora_kernels_neon = {
     dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_neon, tile_q8_neon,
     q4x8_neon, 4, NULL, 0, NULL, softmax_unnorm_neon, tile_x_neon, dot_bf16_f32_neon, dot_deq_f32_neon,
 };
+#if QORA_NEON_DOTPROD
 static const qora_kernels qora_kernels_dotprod = {
     "dotprod", QORA_ISA_DOTPROD, quantize_q8_neon, dot_q4_q8_dotprod, dot_q8_q8_dotprod,
     dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_dotprod,
     tile_q8_dotprod, q4x8_dotprod, 4, NULL, 0, NULL, softmax_unnorm_neon, tile_x_dotprod, dot_bf16_f32_neon,
     dot_deq_f32_neon,
 };
+#endif
+#if QORA_NEON_I8MM
 /* i8mm: the dotprod table with smmla prefill for interleaved Q4 rows (q4x8_i8mm: 2x2 row x token tiles) */
 static const qora_kernels qora_kernels_i8mm = {
     "i8mm", QORA_ISA_I8MM, quantize_q8_neon, dot_q4_q8_dotprod, dot_q8_q8_dotprod,
@@ -110,6 +113,7 @@ static const qora_kernels qora_kernels_i8mm = {
     dot_deq_f32_neon,
 };
 #endif
+#endif /* QORA_NEON */
 
 /* Table per ISA slot; NULL = not compiled in for this architecture. */
 static const qora_kernels* qora_kernel_table(int isa) {
@@ -123,8 +127,12 @@ static const qora_kernels* qora_kernel_table(int isa) {
 #endif
 #if QORA_NEON
     case QORA_ISA_NEON: return &qora_kernels_neon;
+#if QORA_NEON_DOTPROD
     case QORA_ISA_DOTPROD: return &qora_kernels_dotprod;
+#endif
+#if QORA_NEON_I8MM
     case QORA_ISA_I8MM: return &qora_kernels_i8mm;
+#endif
 #endif
     case QORA_ISA_SCALAR: return &qora_kernels_scalar;
     default: return NULL;

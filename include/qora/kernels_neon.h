@@ -151,21 +151,6 @@ static void quantize_q8_neon(const float* x, block_q8* y, int n) {
     }
 }
 
-/* dot_deq_f32_scalar's result: the weights dequantized 256 at a time by qora_dequant_range (its values
-   bit for bit), then the float dot's 32 chains over the whole row */
-static float dot_deq_f32_neon(int dtype, int n, const void* w, const float* x) {
-    float32x4_t a[8];
-    for (int j = 0; j < 8; j++) a[j] = vdupq_n_f32(0.0f);
-    float buf[QORA_DEQ_CHUNK];
-    for (int i = 0; i < n; i += QORA_DEQ_CHUNK) {
-        const int len = n - i < QORA_DEQ_CHUNK ? n - i : QORA_DEQ_CHUNK;
-        qora_dequant_range(dtype, w, i, len, buf);
-        for (int k = 0; k < len; k += 32)
-            for (int j = 0; j < 8; j++) a[j] = vfmaq_f32(a[j], vld1q_f32(buf + k + 4 * j), vld1q_f32(x + i + k + 4 * j));
-    }
-    return reduce32_neon(a);
-}
-
 /* ---- the integer products, once with widening multiplies and once with sdot ---- */
 #define QN(name) name##_neon
 #define QN_TARGET
@@ -175,6 +160,65 @@ static float dot_deq_f32_neon(int dtype, int n, const void* w, const float* x) {
 #undef QN_TARGET
 #undef QN_DOTPROD
 
+/* ---- float activations: dot_deq_f32_scalar's result, the weights dequantized in registers with
+   qora_dequant_range's operations (s * q, then + m or - m: never fused) into the 32 chains of the float
+   dot ---- */
+static inline void deq_fma32_neon(int8x16_t lo, int8x16_t hi, float s_lo, float s_hi, float m, int mode,
+                                  const float* x, float32x4_t a[8]) {
+    const int8x16_t v[2] = {lo, hi};
+    for (int h = 0; h < 2; h++) {
+        const int16x8_t w[2] = {vmovl_s8(vget_low_s8(v[h])), vmovl_high_s8(v[h])};
+        const float32x4_t s = vdupq_n_f32(h ? s_hi : s_lo);
+        for (int k = 0; k < 4; k++) {
+            const int32x4_t q = k & 1 ? vmovl_high_s16(w[k / 2]) : vmovl_s16(vget_low_s16(w[k / 2]));
+            float32x4_t wv = vmulq_f32(s, vcvtq_f32_s32(q));
+            if (mode > 0) wv = vaddq_f32(wv, vdupq_n_f32(m));
+            else if (mode < 0) wv = vsubq_f32(wv, vdupq_n_f32(m));
+            a[4 * h + k] = vfmaq_f32(a[4 * h + k], wv, vld1q_f32(x + 16 * h + 4 * k));
+        }
+    }
+}
+
+static float dot_deq_f32_neon(int dtype, int n, const void* w, const float* x) {
+    float32x4_t a[8];
+    for (int j = 0; j < 8; j++) a[j] = vdupq_n_f32(0.0f);
+    if (qora_block_elems(dtype) == QK) {
+        for (int b = 0; b < n / QK; b++) {
+            int8x16_t lo, hi;
+            uint16_t d16, m16 = 0;
+            if (dtype == QORA_Q4 || dtype == QORA_Q8) weights_i8_neon(dtype == QORA_Q4, w, b, &lo, &hi, &d16);
+            else w32_i8_neon(dtype, w, b, &lo, &hi, &d16, &m16);
+            const int mode = dtype == QORA_Q4_1 || dtype == QORA_Q5_1;
+            const float d = f16_neon(d16);
+            deq_fma32_neon(lo, hi, d, d, mode ? f16_neon(m16) : 0.0f, mode, x + b * QK, a);
+        }
+        return reduce32_neon(a);
+    }
+    const size_t bb = qora_row_bytes(dtype, QK_K);
+    for (int b = 0; b < n / QK_K; b++) {
+        const char* blk = (const char*)w + (size_t)b * bb;
+        int8x16_t q[16];
+        int32_t sc[16], mn[8];
+        kq_unpack_neon(dtype, blk, q, sc, mn);
+        const float* xb = x + (size_t)b * QK_K;
+        if (dtype == QORA_Q6_K) {
+            const float d = f16_neon(((const block_q6_K*)blk)->d);
+            for (int k = 0; k < 8; k++)
+                deq_fma32_neon(q[2 * k], q[2 * k + 1], d * (float)sc[2 * k], d * (float)sc[2 * k + 1], 0.0f, 0,
+                               xb + 32 * k, a);
+        } else {
+            const block_q4_K* k4 = (const block_q4_K*)blk;
+            const float d = f16_neon(k4->d), dmin = f16_neon(k4->dmin);
+            for (int k = 0; k < 8; k++) {
+                const float ds = d * (float)sc[2 * k];
+                deq_fma32_neon(q[2 * k], q[2 * k + 1], ds, ds, dmin * (float)mn[k], -1, xb + 32 * k, a);
+            }
+        }
+    }
+    return reduce32_neon(a);
+}
+
+#if QORA_NEON_DOTPROD
 #define QN(name) name##_dotprod
 #define QN_TARGET QORA_TARGET_DOTPROD
 #define QN_DOTPROD 1
@@ -182,7 +226,9 @@ static float dot_deq_f32_neon(int dtype, int n, const void* w, const float* x) {
 #undef QN
 #undef QN_TARGET
 #undef QN_DOTPROD
+#endif
 
+#if QORA_NEON_I8MM
 /* ---- i8mm: smmla prefill tiles for interleaved Q4 rows ----
    smmla multiplies a 2x8 block of int8 (two rows' 8 consecutive elements) by another (two tokens'
    elements) into a 2x2 int32 tile: the chunk pair (2kp, 2kp+1) of rows (2p, 2p+1) is one 32-bit zip of
@@ -259,6 +305,7 @@ QORA_TARGET_I8MM static void q4x8_i8mm(int n, const block_q4x8* w, const block_q
     }
     QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo, q4x8_i8mm_range(nbs * QK, w + b0, x + b0, xsum + b0, xs, nt, dst, lddst));
 }
+#endif /* QORA_NEON_I8MM */
 
 #endif /* QORA_NEON */
 #endif /* QORA_KERNELS_NEON_H */

@@ -229,6 +229,88 @@ QN_TARGET static void QN(q4x8)(int n, const block_q4x8* w, const block_q8* x, co
     QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo, QN(q4x8_range)(nbs * QK, w + b0, x + b0, xsum + b0, xs, nt, dst, lddst));
 }
 
+/* ---- Q4_1 / Q5_0 / Q5_1 x Q8_0 (kquants.h): dot_q32_q8_scalar's order, qdot_t's scheme ---- */
+
+/* a Q4_1 / Q5_0 / Q5_1 block's 32 integers in element order (qora_q32_int) and its f16 scale and minimum */
+QN_TARGET QORA_INLINE void QN(w32_i8)(const int dtype, const void* row, int b, int8x16_t* lo, int8x16_t* hi,
+                                      uint16_t* d, uint16_t* m) {
+    const char* blk = (const char*)row + (size_t)b * qora_row_bytes(dtype, QK);
+    *d = ((const uint16_t*)blk)[0];
+    *m = dtype == QORA_Q5_0 ? 0 : ((const uint16_t*)blk)[1];
+    const uint8_t* qs = dtype == QORA_Q4_1   ? ((const block_q4_1*)blk)->qs
+                        : dtype == QORA_Q5_0 ? ((const block_q5_0*)blk)->qs
+                                             : ((const block_q5_1*)blk)->qs;
+    const uint8x16_t raw = vld1q_u8(qs);
+    uint8x16_t l = vandq_u8(raw, vdupq_n_u8(0x0f)), h = vshrq_n_u8(raw, 4);
+    if (dtype != QORA_Q4_1) { /* bit 4 of element j is bit j of qh */
+        const uint8_t* qh = dtype == QORA_Q5_0 ? ((const block_q5_0*)blk)->qh : ((const block_q5_1*)blk)->qh;
+        static const uint8_t bits[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+        const uint8x16_t bit = vld1q_u8(bits), b16 = vdupq_n_u8(0x10);
+        l = vorrq_u8(l, vandq_u8(vtstq_u8(vcombine_u8(vdup_n_u8(qh[0]), vdup_n_u8(qh[1])), bit), b16));
+        h = vorrq_u8(h, vandq_u8(vtstq_u8(vcombine_u8(vdup_n_u8(qh[2]), vdup_n_u8(qh[3])), bit), b16));
+    }
+    const int8x16_t off = vdupq_n_s8(dtype == QORA_Q5_0 ? 16 : 0);
+    *lo = vsubq_s8(vreinterpretq_s8_u8(l), off);
+    *hi = vsubq_s8(vreinterpretq_s8_u8(h), off);
+}
+
+QN_TARGET QORA_INLINE int32_t QN(xsum32)(const block_q8* xb) {
+    return vaddlvq_s8(vld1q_s8(xb->qs)) + vaddlvq_s8(vld1q_s8(xb->qs + 16));
+}
+
+QN_TARGET QORA_INLINE void QN(qdot32_t)(const int dtype, const int R, const int T, int n, const void* w, size_t ws,
+                                        const block_q8* x, size_t xs, float* out, size_t ldo) {
+    const int nb = n / QK, seg = nb / QORA_SEGS, has_min = dtype != QORA_Q5_0;
+    float32x4_t acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);
+    for (int b = 0; b < seg; b++) {
+        float32x4_t dx[4], xsum[4];
+        for (int t = 0; t < T; t++) {
+            const block_q8* xt = x + t * xs + b;
+            dx[t] = f16x4_neon(xt[0].d, xt[seg].d, xt[2 * seg].d, xt[3 * seg].d);
+            if (has_min) {
+                const int32_t s[4] = {QN(xsum32)(xt), QN(xsum32)(xt + seg), QN(xsum32)(xt + 2 * seg),
+                                      QN(xsum32)(xt + 3 * seg)};
+                xsum[t] = vcvtq_f32_s32(vld1q_s32(s));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const char* row = (const char*)w + r * ws;
+            int8x16_t lo[4], hi[4];
+            uint16_t d16[4], m16[4];
+            for (int i = 0; i < 4; i++) QN(w32_i8)(dtype, row, b + i * seg, &lo[i], &hi[i], &d16[i], &m16[i]);
+            const float32x4_t dw = f16x4_neon(d16[0], d16[1], d16[2], d16[3]);
+            const float32x4_t mw = f16x4_neon(m16[0], m16[1], m16[2], m16[3]);
+            for (int t = 0; t < T; t++) {
+                const block_q8* xt = x + t * xs + b;
+                int32x4_t p[4];
+                for (int i = 0; i < 4; i++) p[i] = QN(block_dot)(lo[i], hi[i], xt + i * seg);
+                const int32x4_t s = vpaddq_s32(vpaddq_s32(p[0], p[1]), vpaddq_s32(p[2], p[3]));
+                acc[r][t] = vfmaq_f32(acc[r][t], vmulq_f32(dw, dx[t]), vcvtq_f32_s32(s));
+                if (has_min) acc[r][t] = vfmaq_f32(acc[r][t], vmulq_f32(mw, dx[t]), xsum[t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const char* row = (const char*)w + r * ws;
+        for (int t = 0; t < T; t++) {
+            float a[4];
+            vst1q_f32(a, acc[r][t]);
+            const block_q8* xt = x + t * xs;
+            for (int c = QORA_SEGS * seg; c < nb; c++) { /* segment 3's end */
+                int8x16_t lo, hi;
+                uint16_t d16, m16;
+                QN(w32_i8)(dtype, row, c, &lo, &hi, &d16, &m16);
+                const float dxc = f16_neon(xt[c].d);
+                a[3] = fmaf(f16_neon(d16) * dxc, (float)vaddvq_s32(QN(block_dot)(lo, hi, xt + c)), a[3]);
+                if (has_min) a[3] = fmaf(f16_neon(m16) * dxc, (float)QN(xsum32)(xt + c), a[3]);
+            }
+            out[t * ldo + r] = ((a[0] + a[1]) + a[2]) + a[3];
+        }
+    }
+}
+
 /* ---- K types x Q8_K (kquants.h): per super-block the exact S and M of kdot_ints_scalar, then
    dot_qk_q8k_scalar's fmas ---- */
 
@@ -312,20 +394,31 @@ QN_TARGET QORA_INLINE void QN(qdotk_t)(const int dtype, const int R, const int T
         for (int t = 0; t < T; t++) out[t * ldo + r] = acc[r][t];
 }
 
+#define QN_TILE_Q41(R, T, n, w, ws, x, xs, out, ldo) QN(qdot32_t)(QORA_Q4_1, R, T, n, w, ws, x, xs, out, ldo)
+#define QN_TILE_Q50(R, T, n, w, ws, x, xs, out, ldo) QN(qdot32_t)(QORA_Q5_0, R, T, n, w, ws, x, xs, out, ldo)
+#define QN_TILE_Q51(R, T, n, w, ws, x, xs, out, ldo) QN(qdot32_t)(QORA_Q5_1, R, T, n, w, ws, x, xs, out, ldo)
 #define QN_TILE_Q4K(R, T, n, w, ws, x, xs, out, ldo) QN(qdotk_t)(QORA_Q4_K, R, T, n, w, ws, x, xs, out, ldo)
 #define QN_TILE_Q5K(R, T, n, w, ws, x, xs, out, ldo) QN(qdotk_t)(QORA_Q5_K, R, T, n, w, ws, x, xs, out, ldo)
 #define QN_TILE_Q6K(R, T, n, w, ws, x, xs, out, ldo) QN(qdotk_t)(QORA_Q6_K, R, T, n, w, ws, x, xs, out, ldo)
 
-/* tile_x_scalar's contract: the K types here; Q4_1 / Q5_0 / Q5_1 x Q8_0 run the scalar reference */
+/* tile_x_scalar's contract (x: Q8_0 rows for Q4_1 / Q5_0 / Q5_1, Q8_K rows for the K types, xs bytes apart) */
 QN_TARGET static void QN(tile_x)(int dtype, int n, const void* w, size_t ws, int nr, const void* x, size_t xs, int nt,
                                  float* out, size_t ldo) {
+    const block_q8* x8 = (const block_q8*)x;
+    const size_t xs8 = xs / sizeof(block_q8);
     switch (dtype) {
+    case QORA_Q4_1: QORA_TILE_SWITCH(QN_TILE_Q41, n, w, ws, nr, x8, xs8, nt, out, ldo) break;
+    case QORA_Q5_0: QORA_TILE_SWITCH(QN_TILE_Q50, n, w, ws, nr, x8, xs8, nt, out, ldo) break;
+    case QORA_Q5_1: QORA_TILE_SWITCH(QN_TILE_Q51, n, w, ws, nr, x8, xs8, nt, out, ldo) break;
     case QORA_Q4_K: QORA_TILE_SWITCH(QN_TILE_Q4K, n, w, ws, nr, x, xs, nt, out, ldo) break;
     case QORA_Q5_K: QORA_TILE_SWITCH(QN_TILE_Q5K, n, w, ws, nr, x, xs, nt, out, ldo) break;
     case QORA_Q6_K: QORA_TILE_SWITCH(QN_TILE_Q6K, n, w, ws, nr, x, xs, nt, out, ldo) break;
     default: tile_x_scalar(dtype, n, w, ws, nr, x, xs, nt, out, ldo); break;
     }
 }
+#undef QN_TILE_Q41
+#undef QN_TILE_Q50
+#undef QN_TILE_Q51
 #undef QN_TILE_Q4K
 #undef QN_TILE_Q5K
 #undef QN_TILE_Q6K

@@ -48,9 +48,12 @@ static const char* const qvk_default_libs[] = {"vulkan-1.dll", NULL};
 static void* qvk_open_lib(const char* name) { return dlopen(name, RTLD_NOW | RTLD_LOCAL); }
 static void* qvk_sym(void* lib, const char* s) { return dlsym(lib, s); }
 #ifdef __APPLE__
-/* the LunarG SDK / Homebrew loader, else MoltenVK itself (it exports vkGetInstanceProcAddr) */
+/* the LunarG SDK / Homebrew loader (brew install vulkan-loader molten-vk), else MoltenVK itself (it exports
+   vkGetInstanceProcAddr); dlopen's default search has neither Homebrew prefix on Apple silicon */
 static const char* const qvk_default_libs[] = {"libvulkan.1.dylib", "libvulkan.dylib", "/usr/local/lib/libvulkan.1.dylib",
-                                               "/opt/homebrew/lib/libvulkan.1.dylib", "libMoltenVK.dylib", NULL};
+                                               "/opt/homebrew/lib/libvulkan.1.dylib", "libMoltenVK.dylib",
+                                               "/usr/local/lib/libMoltenVK.dylib", "/opt/homebrew/lib/libMoltenVK.dylib",
+                                               NULL};
 #else
 static const char* const qvk_default_libs[] = {"libvulkan.so.1", "libvulkan.so", NULL};
 #endif
