@@ -139,9 +139,17 @@ def test_context_overflow_is_a_clear_error(converted):
 
 
 def test_forced_isa_the_cpu_lacks_is_an_error(converted, monkeypatch):
-    monkeypatch.setenv("QORA_ISA", "neon")
-    with pytest.raises(qora.QoraError, match="QORA_ISA"):
+    from qora.engine.cpu import ISA_NAMES_BY_ARCH, MACHINE
+
+    other = next(n for m, names in ISA_NAMES_BY_ARCH.items() if m != MACHINE for n in names if n != "scalar")
+    monkeypatch.setenv("QORA_ISA", other)  # a path of the other architecture
+    with pytest.raises(qora.QoraError, match=f"QORA_ISA={other} is an .* path; this {MACHINE} build runs"):
         qora.load(converted["tiny-smollm3", "q4"])
+    missing = [n for n in ISA_NAMES if n not in _cpu.cpu_features()["cpu_supports"]]
+    if missing:  # a path of this architecture the CPU lacks
+        monkeypatch.setenv("QORA_ISA", missing[-1])
+        with pytest.raises(qora.QoraError, match="does not support"):
+            qora.load(converted["tiny-smollm3", "q4"])
 
 
 def test_rope_layers_come_from_the_config(converted, tmp_path):
