@@ -48,15 +48,13 @@ WEIGHT_TYPES = {
         WeightType("f16", 1, 1, 2, "F16", np.dtype("<f2")),
         WeightType("q8", 2, QK, 2 + QK, "Q8_0", scales=(0,)),
         WeightType("q4", 3, QK, 2 + QK // 2, "Q4_0", scales=(0,)),
-        WeightType("q4_1", 4, QK, 4 + QK // 2, "Q4_1", scales=(0, 2), vulkan=False),
-        WeightType("q5_0", 5, QK, 6 + QK // 2, "Q5_0", scales=(0,), vulkan=False),
-        WeightType("q5_1", 6, QK, 8 + QK // 2, "Q5_1", scales=(0, 2), vulkan=False),
-        WeightType("q4_k", 7, QK_K, 4 + 12 + QK_K // 2, "Q4_K", scales=(0, 2), vulkan=False),
-        WeightType(
-            "q5_k", 8, QK_K, 4 + 12 + QK_K // 8 + QK_K // 2, "Q5_K", scales=(0, 2), writable=False, vulkan=False
-        ),
-        WeightType("q6_k", 9, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2, "Q6_K", scales=(208,), vulkan=False),
-        WeightType("bf16", 10, 1, 2, "BF16", np.dtype("<u2"), writable=False, vulkan=False),
+        WeightType("q4_1", 4, QK, 4 + QK // 2, "Q4_1", scales=(0, 2)),
+        WeightType("q5_0", 5, QK, 6 + QK // 2, "Q5_0", scales=(0,)),
+        WeightType("q5_1", 6, QK, 8 + QK // 2, "Q5_1", scales=(0, 2)),
+        WeightType("q4_k", 7, QK_K, 4 + 12 + QK_K // 2, "Q4_K", scales=(0, 2)),
+        WeightType("q5_k", 8, QK_K, 4 + 12 + QK_K // 8 + QK_K // 2, "Q5_K", scales=(0, 2), writable=False),
+        WeightType("q6_k", 9, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2, "Q6_K", scales=(208,)),
+        WeightType("bf16", 10, 1, 2, "BF16", np.dtype("<u2"), writable=False),
     )
 }
 

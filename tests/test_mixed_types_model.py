@@ -119,13 +119,38 @@ def test_8bit_activations_match_a_float64_forward_that_rounds_them_alike(mixed_m
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
 
 
-def test_the_gpu_engine_refuses_types_it_lacks_and_the_cpu_runs_them(mixed_model):
-    """A type without Vulkan kernels: a message naming the tensor and the type, and make_engine falls
-    back to the CPU engine (device="gpu" makes it an error)."""
+def test_the_gpu_engine_runs_it_and_matches_the_cpu(mixed_model, monkeypatch):
+    """Every type on the Vulkan backend too (q|k|v in three types, gate and up in two): float activations
+    on both engines, the same logits to float rounding (needs a Vulkan device; CI: lavapipe)."""
+    from qora.engine.vulkan import GpuUnavailable, VulkanEngine
+
+    monkeypatch.setenv("QORA_KV", "f32")
+    monkeypatch.setenv("QORA_PRECISION", "f32")
+    with read_qora(mixed_model) as f:
+        try:
+            gpu = VulkanEngine(f, max_seq_len=32, required=True)
+        except GpuUnavailable as e:
+            pytest.skip(f"no usable Vulkan device ({e})")
+        try:
+            got = gpu.forward(TOKENS, 0, all_logits=True)
+            step = gpu.forward([3], len(TOKENS))
+        finally:
+            gpu.close()
+    want = run(mixed_model, ISAS[-1], 2, "f32")[0]
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    assert np.isfinite(step).all()
+
+
+def test_the_gpu_engine_refuses_a_type_it_lacks_and_the_cpu_runs_it(mixed_model, monkeypatch):
+    """A type without Vulkan kernels (every GGUF type qora runs has them; pretend q6_k had none): a
+    message naming the tensor and the type, and make_engine falls back to the CPU engine (device="gpu"
+    makes it an error)."""
+    from qora import dtypes
     from qora.engine import make_engine
     from qora.engine.vulkan import GpuUnavailable, VulkanEngine, _core
     from qora.errors import QoraError
 
+    monkeypatch.setattr(dtypes, "VULKAN", tuple(n for n in dtypes.VULKAN if n != "q6_k"))
     with read_qora(mixed_model) as f:
         if _core() is not None:
             with pytest.raises(GpuUnavailable, match="tensor tok_embeddings is q6_k, which the Vulkan backend"):

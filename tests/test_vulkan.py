@@ -167,7 +167,7 @@ def run_matvec(
     w, half = act_layout(width)
     act = run_quant(ctx, x, norm, width=width)
     push = struct.pack(
-        "<11If",
+        "<11IfI",
         rows,
         cols,
         0,
@@ -180,6 +180,7 @@ def run_matvec(
         epi_n,
         half,
         1e-6,
+        qkv.get("row0", 0),
     )
     if mode == QKV:
         groups = (rows // 4 + rows_per // 4 - 1) // (rows_per // 4)
@@ -190,7 +191,7 @@ def run_matvec(
     spec = [threads, rows_per, mode, epi]
     cnt = np.zeros(w // 32 + 8, np.uint32)
     nq = nq if nq is not None else np.zeros(4, np.float32)
-    name = f"matvec_{dtype}" + ("_dot" if dot else "")
+    name = f"matvec_{dtype}" + ("_dot" if dot else "") + qkv.get("suffix", "")
     ctx.run_kernel(name, spec, [packed, None, None, y, kc, vc, params, rope, act, cnt, nq], push, groups)
     assert not cnt.any()  # the epilogue's last workgroup reset the count for the next dispatch
     return y, kc, vc, act

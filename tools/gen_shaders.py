@@ -48,9 +48,13 @@ for _kernel in ("matvec", "matmul", "embed"):
     for _dt, _code in DTYPES.items():
         _defs = {"DTYPE": _code, "DOT": 0} if _kernel == "matvec" else {"DTYPE": _code}
         SHADERS[f"{_kernel}_{_dt}"] = (f"{_kernel}.comp", _defs)
-# decode Q4/Q8 products with the packed integer dot product, for devices that offer it
-for _dt in (d for d in _DT.QUANTIZED if d in DTYPES):
+# Q4/Q8 with Q8 activations (integer block sums, the "q8" precision) have two more variants: decode
+# products with the packed integer dot product, for devices that offer it, and, "_f", the float
+# activations every other block type takes (the "f32" precision)
+for _dt in ("q4", "q8"):
     SHADERS[f"matvec_{_dt}_dot"] = ("matvec.comp", {"DTYPE": DTYPES[_dt], "DOT": 1})
+    SHADERS[f"matvec_{_dt}_f"] = ("matvec.comp", {"DTYPE": DTYPES[_dt], "DOT": 0, "FACT": 1})
+    SHADERS[f"matmul_{_dt}_f"] = ("matmul.comp", {"DTYPE": DTYPES[_dt], "FACT": 1})
 for _kernel in ("prep", "rope_kv", "attn_decode", "attn_prefill", "quant"):
     SHADERS[_kernel] = (f"{_kernel}.comp", {})
 

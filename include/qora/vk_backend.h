@@ -85,6 +85,7 @@ typedef struct {
     int int_dot;     /* decode Q4/Q8 dots: 1 packed integer dot product (if the device has it), 0 emulated,
                         -1 the former where the driver says it is accelerated */
     int profile;     /* time every decode dispatch with GPU timestamps (qvk_model_profile) */
+    int f32_act;     /* Q4/Q8 products with float activations (the "f32" precision; else Q8 ones, integer sums) */
     int chunk_rows;  /* tests: cap the rows per chunk of the embedding / LM head (0: what fits) */
     int fail_after;  /* test hook: forward calls that succeed before a simulated device loss; < 0 never */
 } qvk_model_opts;

@@ -41,6 +41,7 @@ cdef extern from "qora/vk_backend.h" nogil:
 
     ctypedef struct qvk_model_opts:
         int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_type, att_splits, att_short, gu_rows, int_dot
+        int f32_act
         int profile, chunk_rows
         int fail_after
 
@@ -270,6 +271,7 @@ cdef qvk_model_opts _opts(int max_seq_len, dict opts):
     o.int_dot = opts.get("int_dot", -1)
     o.profile = opts.get("profile", 0)
     o.chunk_rows = opts.get("chunk_rows", 0)
+    o.f32_act = opts.get("f32_act", 0)
     o.fail_after = opts.get("fail_after", -1)
     return o
 

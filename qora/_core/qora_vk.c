@@ -842,58 +842,87 @@ int qvk_run_kernel(qvk_ctx* c, const char* name, const uint32_t* spec, int n_spe
 /* Bytes of one stored row in the file, and of a packed matrix of `rows` rows on the device. */
 static size_t qvk_file_row_bytes(int dtype, int cols) { return qora_row_bytes(dtype, cols); }
 
-static int qvk_is_quant(int dtype) { return dtype == QORA_Q4 || dtype == QORA_Q8; }
-
 /* enum qora_dtype -> the name qora/dtypes.py gives it, which also names the shaders (matvec_q4, embed_f16, ...) */
-static const char* const qvk_dtype_names[] = {"f32", "f16", "q8", "q4"};
-static const char* qvk_dtype_name(int d) {
-    return d >= 0 && d < (int)(sizeof qvk_dtype_names / sizeof *qvk_dtype_names) ? qvk_dtype_names[d] : "?";
+static const char* const qvk_dtype_names[] = {"f32", "f16", "q8", "q4", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k",
+                                              "bf16"};
+#define QVK_N_DTYPES ((int)(sizeof qvk_dtype_names / sizeof *qvk_dtype_names))
+static const char* qvk_dtype_name(int d) { return d >= 0 && d < QVK_N_DTYPES ? qvk_dtype_names[d] : "?"; }
+
+/* The device layout of a block type (shaders/dequant.glsl): each block split into its main part
+   (quants; a multiple of 16 bytes, so every shader load is an aligned uvec4) and its meta part
+   (scales, Q5 high bits) in a region after all the main parts. Returns 0 for the plain float types. */
+typedef struct {
+    int elems, main, meta; /* elements, main bytes, meta bytes of one block */
+} qvk_layout_t;
+
+static int qvk_layout(int dtype, qvk_layout_t* L) {
+    switch (dtype) {
+    case QORA_Q4: *L = (qvk_layout_t){QK, 16, 2}; return 1;
+    case QORA_Q8: *L = (qvk_layout_t){QK, 32, 2}; return 1;
+    case QORA_Q4_1: *L = (qvk_layout_t){QK, 16, 4}; return 1;
+    case QORA_Q5_0:
+    case QORA_Q5_1: *L = (qvk_layout_t){QK, 16, 8}; return 1;
+    case QORA_Q4_K: *L = (qvk_layout_t){QK_K, 144, 0}; return 1;
+    case QORA_Q5_K: *L = (qvk_layout_t){QK_K, 176, 0}; return 1;
+    case QORA_Q6_K: *L = (qvk_layout_t){QK_K, 208, 4}; return 1;
+    default: return 0;
+    }
 }
 
-static size_t qvk_quant_bytes(int dtype, int rows, int cols) { /* the 16-byte-aligned quant region */
-    return (size_t)rows * (size_t)(cols / QK) * (dtype == QORA_Q4 ? 16 : 32);
+/* One file block split into its device parts (meta bytes beyond the stored ones are zero). */
+static void qvk_split_block(int dtype, const uint8_t* b, uint8_t* main, uint8_t* meta) {
+    switch (dtype) {
+    case QORA_Q4: memcpy(main, b + 2, 16), memcpy(meta, b, 2); break;
+    case QORA_Q8: memcpy(main, b + 2, 32), memcpy(meta, b, 2); break;
+    case QORA_Q4_1: memcpy(main, b + 4, 16), memcpy(meta, b, 4); break; /* d, m */
+    case QORA_Q5_0: memcpy(main, b + 6, 16), memcpy(meta, b + 2, 4), memcpy(meta + 4, b, 2), memset(meta + 6, 0, 2); break;
+    case QORA_Q5_1: memcpy(main, b + 8, 16), memcpy(meta, b + 4, 4), memcpy(meta + 4, b, 4); break; /* qh; d, m */
+    case QORA_Q4_K: memcpy(main, b, 144); break;
+    case QORA_Q5_K: memcpy(main, b, 176); break;
+    default: memcpy(main, b, 208), memcpy(meta, b + 208, 2), memset(meta + 2, 0, 2); break; /* Q6_K: d last */
+    }
+}
+
+static size_t qvk_quant_bytes(int dtype, int rows, int cols) { /* the main region (all of a float type's) */
+    qvk_layout_t L;
+    if (!qvk_layout(dtype, &L)) return (size_t)rows * qvk_file_row_bytes(dtype, cols);
+    return (size_t)rows * (size_t)(cols / L.elems) * (size_t)L.main;
+}
+
+static size_t qvk_meta_bytes(int dtype, int rows, int cols) {
+    qvk_layout_t L;
+    return qvk_layout(dtype, &L) ? (size_t)rows * (size_t)(cols / L.elems) * (size_t)L.meta : 0;
 }
 
 size_t qvk_packed_bytes(int dtype, int rows, int cols) {
-    size_t b;
-    if (qvk_is_quant(dtype))
-        b = qvk_quant_bytes(dtype, rows, cols) + (size_t)rows * (size_t)(cols / QK) * 2;
-    else
-        b = (size_t)rows * (size_t)cols * (dtype == QORA_F16 ? 2 : 4);
+    const size_t b = qvk_quant_bytes(dtype, rows, cols) + qvk_meta_bytes(dtype, rows, cols);
     return (b + 15) & ~(size_t)15;
 }
 
 /* Rows [a, a+k) of a matrix with `rows` rows in all, from row-major file blocks `src` (row a first):
-   quants to q (row a's quants first), scales to sc. */
+   main parts to q (row a's first), meta parts to sc. */
 static void qvk_pack_rows(int dtype, int cols, int k, const uint8_t* src, uint8_t* q, uint8_t* sc) {
-    const int nb = cols / QK;
     const size_t rb = qvk_file_row_bytes(dtype, cols);
-    if (dtype == QORA_Q4) {
-        for (int r = 0; r < k; r++) {
-            const block_q4* b = (const block_q4*)(src + (size_t)r * rb);
-            for (int i = 0; i < nb; i++) {
-                memcpy(q + ((size_t)r * nb + i) * 16, b[i].qs, 16);
-                memcpy(sc + ((size_t)r * nb + i) * 2, &b[i].d, 2);
-            }
-        }
-    } else if (dtype == QORA_Q8) {
-        for (int r = 0; r < k; r++) {
-            const block_q8* b = (const block_q8*)(src + (size_t)r * rb);
-            for (int i = 0; i < nb; i++) {
-                memcpy(q + ((size_t)r * nb + i) * 32, b[i].qs, 32);
-                memcpy(sc + ((size_t)r * nb + i) * 2, &b[i].d, 2);
-            }
-        }
-    } else {
+    qvk_layout_t L;
+    if (!qvk_layout(dtype, &L)) {
         memcpy(q, src, (size_t)k * rb);
+        return;
     }
+    const int nb = cols / L.elems;
+    const size_t bb = rb / (size_t)nb;
+    for (int r = 0; r < k; r++)
+        for (int i = 0; i < nb; i++) {
+            const size_t j = (size_t)r * nb + i;
+            qvk_split_block(dtype, src + (size_t)r * rb + (size_t)i * bb, q + j * L.main, sc + j * L.meta);
+        }
 }
 
 static int qvk_shape_ok(int dtype, int cols) {
+    qvk_layout_t L;
+    if (qvk_layout(dtype, &L)) return cols > 0 && cols % L.elems == 0;
     switch (dtype) {
-    case QORA_Q4:
-    case QORA_Q8: return cols > 0 && cols % QK == 0;
-    case QORA_F16: return cols > 0 && cols % 8 == 0;
+    case QORA_F16:
+    case QORA_BF16: return cols > 0 && cols % 8 == 0;
     case QORA_F32: return cols > 0 && cols % 4 == 0;
     default: return 0;
     }
@@ -916,14 +945,17 @@ typedef struct {
 
 typedef struct {
     int dtype, rows, cols;
+    int row0; /* its first row's place in a product split by type (q|k|v): output column / QKV row */
     int n_chunks;
     qvk_chunk* chunks;
 } qvk_matrix;
 
 typedef struct {
-    qvk_matrix wqkv;   /* (q_dim + 2 kv_dim, dim): wq, wk, wv stacked */
+    qvk_matrix wqkv[3]; /* (q_dim + 2 kv_dim, dim): wq, wk, wv stacked, in n_qkv pieces of one type each */
+    int n_qkv;
     qvk_matrix wo;     /* (dim, q_dim) */
-    qvk_matrix wgu;    /* (2 hidden, dim): gate, then up */
+    qvk_matrix wgu[2]; /* (2 hidden, dim): gate, then up; one matrix, or gate and up when their types differ */
+    int n_gu;
     qvk_matrix wdown;  /* (dim, hidden) */
     qvk_buffer attn_norm, ffn_norm; /* (dim,) f32 */
     qvk_buffer kc, vc; /* max_seq_len rows of kv_dim values of kv_type (qvk_kv_row_bytes) */
@@ -959,6 +991,7 @@ struct qvk_model {
     qvk_buffer act, cnt; /* cnt: the counters of the "last workgroup finishes up" epilogues */
     uint32_t act_w, act_half;
     int int_dot; /* decode Q4/Q8 products use the packed integer dot product shaders */
+    int f32_act; /* Q4/Q8 products with float activations too (the "f32" precision), not Q8 ones */
     /* decode profile (opts.profile): a timestamp after every dispatch of the step */
     VkQueryPool qpool;
     int n_ts;
@@ -989,7 +1022,7 @@ typedef struct {
 
 static int qvk_chunk_rows(const qvk_ctx* c, int dtype, int rows, int cols) {
     /* the most rows whose packed matrix fits one storage-buffer binding (packing pads by < 32 bytes) */
-    const size_t per_row = qvk_file_row_bytes(dtype, cols);
+    const size_t per_row = qvk_quant_bytes(dtype, 1, cols) + qvk_meta_bytes(dtype, 1, cols);
     const size_t limit = c->info.max_storage_buffer_range;
     const size_t k = limit > 32 && per_row ? (limit - 32) / per_row : 0;
     return k >= (size_t)rows ? rows : (int)k;
@@ -997,6 +1030,42 @@ static int qvk_chunk_rows(const qvk_ctx* c, int dtype, int rows, int cols) {
 
 static int qvk_matrix_dtype_ok(const qora_tensor* t, int rows, int cols) {
     return t->data && t->rows == rows && t->cols == cols && qvk_shape_ok(t->dtype, cols);
+}
+
+/* q, k, v in runs of one type (llama-quantize's mixes store v in more bits than q and k): the pieces
+   of the fused QKV product, each its own matrix and dispatch. Piece i holds tensors first[i] ..
+   first[i] + count[i] - 1 of (q, k, v), rows[i] rows from row row0[i] of the stacked product. */
+typedef struct {
+    int n, dtype[3], row0[3], rows[3], first[3], count[3];
+} qvk_qkv_split;
+
+static void qvk_split_qkv(const qora_layer* S, int q_dim, int kv_dim, qvk_qkv_split* P) {
+    const qora_tensor* t[3] = {&S->wq, &S->wk, &S->wv};
+    const int rows[3] = {q_dim, kv_dim, kv_dim};
+    memset(P, 0, sizeof *P);
+    for (int i = 0, r0 = 0; i < 3; r0 += rows[i], i++) {
+        if (i == 0 || t[i]->dtype != t[i - 1]->dtype) {
+            P->dtype[P->n] = t[i]->dtype, P->row0[P->n] = r0, P->first[P->n] = i;
+            P->n++;
+        }
+        P->rows[P->n - 1] += rows[i];
+        P->count[P->n - 1]++;
+    }
+}
+
+/* Why a layer's weights cannot run here (NULL if they can). */
+static const char* qvk_layer_problem(const qora_layer* L, int D, int H, int q_dim, int kv_dim, char* buf, size_t n) {
+    const qora_tensor* t[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+    static const char* const names[7] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+    const int rows[7] = {q_dim, kv_dim, kv_dim, D, H, H, D}, cols[7] = {D, D, D, q_dim, D, D, H};
+    if (!L->attn_norm || !L->ffn_norm) return "a norm weight is missing";
+    for (int i = 0; i < 7; i++)
+        if (!qvk_matrix_dtype_ok(t[i], rows[i], cols[i])) {
+            snprintf(buf, n, "%s: type %s with %d columns is not supported on the GPU", names[i],
+                     qvk_dtype_name(t[i]->dtype), t[i]->cols);
+            return buf;
+        }
+    return NULL;
 }
 
 /* Check the model can run here and add up the device memory it takes. */
@@ -1024,16 +1093,16 @@ static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* 
     if (out->data != emb->data) bytes += qvk_packed_bytes(out->dtype, V, D) + 4096;
     for (int l = 0; l < g->n_layers; l++) {
         const qora_layer* L = &w->layers[l];
-        if (!L->attn_norm || !L->ffn_norm || !qvk_matrix_dtype_ok(&L->wq, q_dim, D) ||
-            !qvk_matrix_dtype_ok(&L->wk, kv_dim, D) || !qvk_matrix_dtype_ok(&L->wv, kv_dim, D) ||
-            !qvk_matrix_dtype_ok(&L->wo, D, q_dim) || !qvk_matrix_dtype_ok(&L->w_gate, H, D) ||
-            !qvk_matrix_dtype_ok(&L->w_up, H, D) || !qvk_matrix_dtype_ok(&L->w_down, D, H))
-            return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "layer %d: a weight type or shape the GPU path does not run", l);
-        if (L->wq.dtype != L->wk.dtype || L->wq.dtype != L->wv.dtype || L->w_gate.dtype != L->w_up.dtype)
-            return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "layer %d: q/k/v or gate/up stored in different types", l);
-        size_t parts[4] = {qvk_packed_bytes(L->wq.dtype, q_dim + 2 * kv_dim, D), qvk_packed_bytes(L->wo.dtype, D, q_dim),
-                           qvk_packed_bytes(L->w_gate.dtype, 2 * H, D), qvk_packed_bytes(L->w_down.dtype, D, H)};
-        for (int i = 0; i < 4; i++) {
+        char why[160];
+        const char* problem = qvk_layer_problem(L, D, H, q_dim, kv_dim, why, sizeof why);
+        if (problem) return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "layer %d: %s", l, problem);
+        qvk_qkv_split qs;
+        qvk_split_qkv(L, q_dim, kv_dim, &qs);
+        size_t parts[7] = {qvk_packed_bytes(L->wo.dtype, D, q_dim), qvk_packed_bytes(L->w_gate.dtype, H, D),
+                           qvk_packed_bytes(L->w_up.dtype, H, D), qvk_packed_bytes(L->w_down.dtype, D, H), 0, 0, 0};
+        if (L->w_gate.dtype == L->w_up.dtype) parts[1] = qvk_packed_bytes(L->w_gate.dtype, 2 * H, D), parts[2] = 0;
+        for (int i = 0; i < qs.n; i++) parts[4 + i] = qvk_packed_bytes(qs.dtype[i], qs.rows[i], D);
+        for (int i = 0; i < 4 + qs.n; i++) {
             if (parts[i] > range)
                 return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "layer %d: a %.0f MB matrix exceeds the device's %.0f MB "
                                 "storage-buffer limit", l, (double)parts[i] / 1e6, (double)range / 1e6);
@@ -1090,9 +1159,9 @@ void qvk_model_destroy(qvk_model* m) {
     if (m->layers)
         for (int l = 0; l < m->cfg.n_layers; l++) {
             qvk_layer* L = &m->layers[l];
-            qvk_matrix_free(c, &L->wqkv);
+            for (int i = 0; i < 3; i++) qvk_matrix_free(c, &L->wqkv[i]);
             qvk_matrix_free(c, &L->wo);
-            qvk_matrix_free(c, &L->wgu);
+            for (int i = 0; i < 2; i++) qvk_matrix_free(c, &L->wgu[i]);
             qvk_matrix_free(c, &L->wdown);
             qvk_buffer_free(c, &L->attn_norm);
             qvk_buffer_free(c, &L->ffn_norm);
@@ -1152,10 +1221,10 @@ static const uint8_t* qvk_part_row(const qvk_part* parts, int n_parts, size_t ro
 static int qvk_upload_matrix(qvk_model* m, qvk_matrix* M, const qvk_part* parts, int n_parts, qvk_buffer* stage,
                              VkCommandBuffer cb, char* err, size_t n) {
     qvk_ctx* c = m->c;
-    const int quant = qvk_is_quant(M->dtype);
     const size_t frb = qvk_file_row_bytes(M->dtype, M->cols);
-    const size_t qrow = quant ? qvk_quant_bytes(M->dtype, 1, M->cols) : frb; /* quant bytes per row */
-    const size_t srow = quant ? (size_t)(M->cols / QK) * 2 : 0;             /* scale bytes per row */
+    const size_t qrow = qvk_quant_bytes(M->dtype, 1, M->cols); /* main bytes per row */
+    const size_t srow = qvk_meta_bytes(M->dtype, 1, M->cols);  /* meta bytes per row */
+    const int quant = srow > 0;
     const int stage_rows = (int)(stage->size / (qrow + srow + 16));
     if (stage_rows < 1) return qvk_fail(err, n, QVK_ERR_ARGS, "staging buffer too small");
     for (int ci = 0; ci < M->n_chunks; ci++) {
@@ -1253,6 +1322,7 @@ static void qvk_model_settings(qvk_model* m, qvk_ctx* c, const qora_config* cfg,
     qvk_attention_settings(m, o);
     m->act_w = ((uint32_t)m->widest + 127u) & ~127u;
     m->act_half = m->act_w + m->act_w / 4 + m->act_w / 16;
+    m->f32_act = o->f32_act ? 1 : 0;
     m->int_dot = c->info.int_dot && (o->int_dot > 0 || (o->int_dot < 0 && c->info.int_dot_fast));
     m->fail_after = o->fail_after;
     m->kv_type = o->kv_type;
@@ -1277,9 +1347,19 @@ static int qvk_alloc_weights(qvk_model* m, const qora_weights* w, char* err, siz
         qvk_layer* L = &m->layers[l];
         L->use_rope = S->use_rope;
         /* one chunk each (checked by the plan): the fused modes need the whole matrix in one binding */
-        rc = qvk_matrix_alloc(m, &L->wqkv, S->wq.dtype, m->qkv_dim, D, 0, err, n);
+        qvk_qkv_split qs;
+        qvk_split_qkv(S, m->q_dim, m->kv_dim, &qs);
+        L->n_qkv = qs.n;
+        for (int i = 0; i < qs.n && !rc; i++) {
+            rc = qvk_matrix_alloc(m, &L->wqkv[i], qs.dtype[i], qs.rows[i], D, 0, err, n);
+            L->wqkv[i].row0 = qs.row0[i];
+        }
         if (!rc) rc = qvk_matrix_alloc(m, &L->wo, S->wo.dtype, D, m->q_dim, 0, err, n);
-        if (!rc) rc = qvk_matrix_alloc(m, &L->wgu, S->w_gate.dtype, 2 * H, D, 0, err, n);
+        L->n_gu = S->w_gate.dtype == S->w_up.dtype ? 1 : 2;
+        for (int i = 0; i < L->n_gu && !rc; i++) {
+            rc = qvk_matrix_alloc(m, &L->wgu[i], i ? S->w_up.dtype : S->w_gate.dtype, 2 * H / L->n_gu, D, 0, err, n);
+            L->wgu[i].row0 = i * H;
+        }
         if (!rc) rc = qvk_matrix_alloc(m, &L->wdown, S->w_down.dtype, D, H, 0, err, n);
         if (!rc) rc = qvk_buffer_new(c, (size_t)D * 4, QVK_MEM_DEVICE, &L->attn_norm, err, n);
         if (!rc) rc = qvk_buffer_new(c, (size_t)D * 4, QVK_MEM_DEVICE, &L->ffn_norm, err, n);
@@ -1356,9 +1436,13 @@ static int qvk_upload_weights(qvk_model* m, const qora_weights* w, qvk_buffer* s
         qvk_part qkv[3] = {{S->wq.data, m->q_dim}, {S->wk.data, m->kv_dim}, {S->wv.data, m->kv_dim}};
         qvk_part gu[2] = {{S->w_gate.data, H}, {S->w_up.data, H}};
         qvk_part wo = {S->wo.data, D}, down = {S->w_down.data, D};
-        rc = qvk_upload_matrix(m, &L->wqkv, qkv, 3, stage, cb, err, n);
+        qvk_qkv_split qs;
+        qvk_split_qkv(S, m->q_dim, m->kv_dim, &qs);
+        for (int i = 0; i < qs.n && !rc; i++)
+            rc = qvk_upload_matrix(m, &L->wqkv[i], qkv + qs.first[i], qs.count[i], stage, cb, err, n);
         if (!rc) rc = qvk_upload_matrix(m, &L->wo, &wo, 1, stage, cb, err, n);
-        if (!rc) rc = qvk_upload_matrix(m, &L->wgu, gu, 2, stage, cb, err, n);
+        for (int i = 0; i < L->n_gu && !rc; i++)
+            rc = qvk_upload_matrix(m, &L->wgu[i], gu + i, 3 - L->n_gu, stage, cb, err, n);
         if (!rc) rc = qvk_upload_matrix(m, &L->wdown, &down, 1, stage, cb, err, n);
         if (!rc) rc = qvk_upload_f32(m, &L->attn_norm, S->attn_norm, (size_t)D, stage, cb, err, n);
         if (!rc) rc = qvk_upload_f32(m, &L->ffn_norm, S->ffn_norm, (size_t)D, stage, cb, err, n);
@@ -1430,6 +1514,7 @@ typedef struct { /* matvec.comp's push constants */
     uint32_t q_dim, kv_dim, head_dim, use_rope;
     uint32_t epi_n, out_base;
     float eps;
+    uint32_t row0;
 } qvk_mv_push;
 
 typedef struct {
@@ -1460,6 +1545,17 @@ typedef struct {
     uint32_t rows, cols, r0, ld;
 } qvk_embed_push;
 
+/* Q4/Q8 products with Q8 activations and integer block sums (the "q8" precision, the CPU engine's
+   arithmetic for them); every other product takes float activations. */
+static int qvk_int_path(const qvk_model* m, int dtype) {
+    return !m->f32_act && (dtype == QORA_Q4 || dtype == QORA_Q8);
+}
+
+/* The shader variant suffix of a product with float activations on Q4/Q8 weights ("_f"). */
+static const char* qvk_float_suffix(const qvk_model* m, int dtype) {
+    return m->f32_act && (dtype == QORA_Q4 || dtype == QORA_Q8) ? "_f" : "";
+}
+
 /* rows per decode workgroup: enough bytes per workgroup to keep loads in flight, enough
    workgroups to fill the device. 4 for every product: an H100 decoded tg128 at 440-448 tok/s
    with 4 rows for the down projection (11008 columns) against 419 with 2, and slower with 8 or
@@ -1472,12 +1568,13 @@ static uint32_t qvk_mv_rows(const qvk_model* m, int mode) {
     return r;
 }
 
-/* threads per decode workgroup: about three input units (a Q4/Q8 block, 8 f16, 4 f32) per
-   thread, so long rows (the down projection) keep more loads in flight, and 64 at least (one
-   2048-wide Q4 row is exactly 64 blocks) */
+/* threads per decode workgroup: about three input units (a 32-element block, a quarter K super-block,
+   8 f16 / bf16, 4 f32) per thread, so long rows (the down projection) keep more loads in flight, and
+   64 at least (one 2048-wide Q4 row is exactly 64 blocks) */
 static uint32_t qvk_mv_threads(const qvk_model* m, int dtype, int cols) {
     if (m->mv_threads) return (uint32_t)m->mv_threads;
-    const int unit = qvk_is_quant(dtype) ? QK : dtype == QORA_F16 ? 8 : 4;
+    qvk_layout_t L;
+    const int unit = qvk_layout(dtype, &L) ? (L.elems == QK_K ? 64 : QK) : dtype == QORA_F32 ? 4 : 8;
     const int want = (cols / unit + 2) / 3;
     uint32_t t = 64;
     while ((int)t < want && t < 256) t *= 2;
@@ -1520,8 +1617,8 @@ static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, uint32_t i
                            uint32_t out_base) {
     qvk_model* m = R->m;
     char name[32];
-    const int dot = m->int_dot && qvk_is_quant(M->dtype);
-    snprintf(name, sizeof name, "matvec_%s%s", qvk_dtype_name(M->dtype), dot ? "_dot" : "");
+    const int intq = qvk_int_path(m, M->dtype), dot = m->int_dot && intq;
+    snprintf(name, sizeof name, "matvec_%s%s", qvk_dtype_name(M->dtype), dot ? "_dot" : qvk_float_suffix(m, M->dtype));
     const uint32_t rows_per = qvk_mv_rows(m, mode);
     const uint32_t spec[5] = {qvk_mv_threads(m, M->dtype, M->cols), rows_per, (uint32_t)mode, (uint32_t)epi,
                               (uint32_t)m->kv_type};
@@ -1533,7 +1630,7 @@ static void qvk_rec_matvec(qvk_rec* R, const qvk_matrix* M, int mode, uint32_t i
         const qvk_chunk* ch = &M->chunks[i];
         qvk_mv_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, in_base, y_off + (uint32_t)ch->r0, m->act_w,
                          (uint32_t)m->q_dim, (uint32_t)m->kv_dim, (uint32_t)m->cfg.head_dim, (uint32_t)use_rope,
-                         epi_n, out_base, m->cfg.norm_eps};
+                         epi_n, out_base, m->cfg.norm_eps, (uint32_t)M->row0};
         uint32_t groups;
         if (mode == QVK_SWIGLU) {
             p.rows = (uint32_t)ch->rows / 2; /* the gate half */
@@ -1558,14 +1655,24 @@ static void qvk_rec_quant(qvk_rec* R, VkBuffer src, uint32_t off, uint32_t n_el,
     qvk_rec_dispatch(R, "quant", spec, 2, b, &p, sizeof p, 1, 1, 1, 1);
 }
 
+/* silu(y[0, n)) * y[n, 2n) prepared into the activation half at out_base (one workgroup): the
+   gate|up product when gate and up are stored in different types. */
+static void qvk_rec_quant_swiglu(qvk_rec* R, VkBuffer gu, uint32_t n_el, uint32_t out_base) {
+    qvk_model* m = R->m;
+    const uint32_t spec[3] = {256, 0, 1};
+    qvk_quant_push p = {n_el, 0, out_base, m->act_w, m->cfg.norm_eps};
+    VkBuffer b[QVK_BINDINGS] = {0, 0, 0, gu, 0, 0, 0, 0, m->act.buf, m->cnt.buf, 0, 0};
+    qvk_rec_dispatch(R, "quant", spec, 3, b, &p, sizeof p, 1, 1, 1, 1);
+}
+
 static void qvk_rec_matmul(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer x, uint32_t ldx, VkBuffer y,
                            uint32_t ldy, uint32_t n_tok) {
     char name[32];
-    snprintf(name, sizeof name, "matmul_%s", qvk_dtype_name(M->dtype));
+    snprintf(name, sizeof name, "matmul_%s%s", qvk_dtype_name(M->dtype), qvk_float_suffix(R->m, M->dtype));
     const uint32_t spec[2] = {0, (uint32_t)mode};
     for (int i = 0; i < M->n_chunks; i++) {
         const qvk_chunk* ch = &M->chunks[i];
-        qvk_mm_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, n_tok, ldx, ldy, (uint32_t)ch->r0};
+        qvk_mm_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, n_tok, ldx, ldy, (uint32_t)(M->row0 + ch->r0)};
         VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, x, R->m->xs.buf, y};
         qvk_rec_dispatch(R, name, spec, 2, b, &p, sizeof p, ((uint32_t)ch->rows + 63) / 64, (n_tok + 63) / 64, 1,
                          i == M->n_chunks - 1);
@@ -1687,14 +1794,23 @@ static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, char* err, size_t
         const qvk_layer* L = &m->layers[l];
         VkBuffer next_norm = l + 1 < m->cfg.n_layers ? m->layers[l + 1].attn_norm.buf : m->norm.buf;
         R.label = "qkv";
-        qvk_rec_matvec(&R, &L->wqkv, QVK_QKV, A, m->qkv.buf, 0, L->kc.buf, L->vc.buf, L->use_rope, QVK_EPI_NONE, 0, 0, 0);
+        for (int i = 0; i < L->n_qkv; i++)
+            qvk_rec_matvec(&R, &L->wqkv[i], QVK_QKV, A, m->qkv.buf, 0, L->kc.buf, L->vc.buf, L->use_rope, QVK_EPI_NONE, 0,
+                           0, 0);
         R.label = "attention";
         qvk_rec_attention(&R, L, 1, B);
         R.label = "wo";
         qvk_rec_matvec(&R, &L->wo, QVK_ADD, B, m->x.buf, 0, 0, 0, 0, QVK_EPI_NORM, L->ffn_norm.buf, D, A);
         R.label = "gate_up";
-        qvk_rec_matvec(&R, &L->wgu, QVK_SWIGLU, A, m->xn.buf, 0, 0, 0, 0, QVK_EPI_QUANT, 0,
-                       (uint32_t)m->cfg.hidden_dim, B);
+        if (L->n_gu == 1) {
+            qvk_rec_matvec(&R, &L->wgu[0], QVK_SWIGLU, A, m->xn.buf, 0, 0, 0, 0, QVK_EPI_QUANT, 0,
+                           (uint32_t)m->cfg.hidden_dim, B);
+        } else { /* gate and up in two types: each product on its own, then silu(gate) * up prepared for down */
+            const uint32_t H = (uint32_t)m->cfg.hidden_dim;
+            qvk_rec_matvec(&R, &L->wgu[0], QVK_STORE, A, m->gu.buf, 0, 0, 0, 0, QVK_EPI_NONE, 0, 0, 0);
+            qvk_rec_matvec(&R, &L->wgu[1], QVK_STORE, A, m->gu.buf, H, 0, 0, 0, QVK_EPI_NONE, 0, 0, 0);
+            qvk_rec_quant_swiglu(&R, m->gu.buf, H, B);
+        }
         R.label = "down";
         qvk_rec_matvec(&R, &L->wdown, QVK_ADD, B, m->x.buf, 0, 0, 0, 0, QVK_EPI_NORM, next_norm, D, A);
     }
@@ -1717,8 +1833,12 @@ static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int
     for (int l = 0; l < m->cfg.n_layers; l++) {
         const qvk_layer* L = &m->layers[l];
         /* attention norm, q/k/v, RoPE + cache, attention */
-        qvk_rec_prep(&R, m->x.buf, D, D, L->attn_norm.buf, 0, qvk_is_quant(L->wqkv.dtype), nt);
-        qvk_rec_matmul(&R, &L->wqkv, QVK_STORE, m->xn.buf, D, m->qkv.buf, (uint32_t)m->qkv_dim, nt);
+        for (int i = 0; i < L->n_qkv; i++) { /* the input again only where the next piece takes it otherwise */
+            const int intq = qvk_int_path(m, L->wqkv[i].dtype);
+            if (i == 0 || intq != qvk_int_path(m, L->wqkv[i - 1].dtype))
+                qvk_rec_prep(&R, m->x.buf, D, D, L->attn_norm.buf, 0, intq, nt);
+            qvk_rec_matmul(&R, &L->wqkv[i], QVK_STORE, m->xn.buf, D, m->qkv.buf, (uint32_t)m->qkv_dim, nt);
+        }
         qvk_rope_push rp = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
                             (uint32_t)m->qkv_dim, (uint32_t)L->use_rope};
         VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, L->kc.buf, L->vc.buf, m->params.buf, m->rope.buf};
@@ -1727,19 +1847,23 @@ static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int
         qvk_rec_attention(&R, L, nt, 0);
         /* output projection + residual */
         VkBuffer att_in = m->att.buf;
-        if (qvk_is_quant(L->wo.dtype)) {
+        if (qvk_int_path(m, L->wo.dtype)) {
             qvk_rec_prep(&R, m->att.buf, (uint32_t)m->q_dim, (uint32_t)m->q_dim, 0, 0, 1, nt);
             att_in = m->xn.buf;
         }
         qvk_rec_matmul(&R, &L->wo, QVK_ADD, att_in, (uint32_t)m->q_dim, m->x.buf, D, nt);
         /* MLP norm, gate|up, swiglu, down + residual */
-        qvk_rec_prep(&R, m->x.buf, D, D, L->ffn_norm.buf, 0, qvk_is_quant(L->wgu.dtype), nt);
-        qvk_rec_matmul(&R, &L->wgu, QVK_STORE, m->xn.buf, D, m->gu.buf, 2 * H, nt);
-        qvk_rec_prep(&R, m->gu.buf, H, 2 * H, 0, 1, qvk_is_quant(L->wdown.dtype), nt);
+        for (int i = 0; i < L->n_gu; i++) {
+            const int intq = qvk_int_path(m, L->wgu[i].dtype);
+            if (i == 0 || intq != qvk_int_path(m, L->wgu[0].dtype))
+                qvk_rec_prep(&R, m->x.buf, D, D, L->ffn_norm.buf, 0, intq, nt);
+            qvk_rec_matmul(&R, &L->wgu[i], QVK_STORE, m->xn.buf, D, m->gu.buf, 2 * H, nt);
+        }
+        qvk_rec_prep(&R, m->gu.buf, H, 2 * H, 0, 1, qvk_int_path(m, L->wdown.dtype), nt);
         qvk_rec_matmul(&R, &L->wdown, QVK_ADD, m->xn.buf, H, m->x.buf, D, nt);
     }
     if (all_logits) {
-        qvk_rec_prep(&R, m->x.buf, D, D, m->norm.buf, 0, qvk_is_quant(m->output->dtype), nt);
+        qvk_rec_prep(&R, m->x.buf, D, D, m->norm.buf, 0, qvk_int_path(m, m->output->dtype), nt);
         qvk_rec_matmul(&R, m->output, QVK_STORE, m->xn.buf, D, m->logits.buf, (uint32_t)m->cfg.vocab_size, nt);
     } else {
         qvk_rec_quant(&R, m->x.buf, (nt - 1) * D, D, m->norm.buf, 0);

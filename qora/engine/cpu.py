@@ -236,7 +236,7 @@ def file_guard(qfile) -> FileGuard:
     return guard
 
 
-def _precision(requested: str | None, qfile) -> str:
+def resolve_precision(requested: str | None, qfile) -> str:
     """`requested`, else QORA_PRECISION, else by model size for a GGUF file (default_precision: what
     users bring, run in its stored types) and "q8" for a .qora file."""
     if requested or os.environ.get("QORA_PRECISION", "").strip() or getattr(qfile, "kind", None) == "gguf":
@@ -282,7 +282,7 @@ class CpuEngine:
         try:
             # QORA_REPACK=0 keeps Q4 matrices in file order (half the memory, slower products)
             repack = os.environ.get("QORA_REPACK", "1").strip() not in ("0", "false", "no")
-            self.precision = _precision(precision, qfile)
+            self.precision = resolve_precision(precision, qfile)
             self._model = core.CpuModel(
                 cfg,
                 tensors,

@@ -41,7 +41,7 @@ from qora.engine.base import (
     kv_cache_dtype,
     rope_parameters,
 )
-from qora.engine.cpu import CpuEngine, file_guard
+from qora.engine.cpu import CpuEngine, file_guard, resolve_precision
 from qora.errors import QoraError
 from qora.system import default_threads
 
@@ -184,6 +184,11 @@ class VulkanEngine(SingleSlot):
         for name, info in qfile.tensor_info.items():  # types with CPU kernels only: the CPU engine runs them
             if info["dtype"] not in dtypes.VULKAN:
                 raise GpuUnavailable(f"tensor {name} is {info['dtype']}, which the Vulkan backend cannot run yet")
+        # the CPU engine's arithmetic for the same file: "q8" rounds Q4_0 / Q8_0 products' activations to
+        # Q8 (integer block sums, as the CPU does); "f32" keeps every product's activations float. The
+        # other block types take float activations in either (their CPU "q8" partner, Q8_K for the K
+        # types, is not mirrored on the GPU).
+        self.precision = resolve_precision(None, qfile)
         self.config = cfg = qfile.config
         self._qfile = qfile
         self._cpu = None
@@ -244,6 +249,7 @@ class VulkanEngine(SingleSlot):
             "chunk_rows": _env_int("QORA_VK_CHUNK_ROWS", 0),  # tests: the embedding / LM head in pieces
             # the CPU engine's choice, so both compute the same (qora_dtype values)
             "kv_type": KV_NAMES.index(kv_cache_dtype(qfile, kv_type)),
+            "f32_act": 1 if resolve_precision(None, qfile) == "f32" else 0,
             "fail_after": fail_after,
         }
 

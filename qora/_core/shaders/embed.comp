@@ -11,6 +11,9 @@ layout(binding = 0) readonly buffer WF { vec4 wf4[]; };
 layout(binding = 3) writeonly buffer Y { float y[]; };
 layout(binding = 6) readonly buffer P { uint params[]; };
 
+#define FACT 1 // the values themselves: the Q4/Q8 branches below, deq32 for the other block types
+#include "dequant.glsl"
+
 layout(push_constant) uniform PC {
     uint rows;  // rows of this chunk
     uint cols;
@@ -24,7 +27,13 @@ void main() {
     const uint tok = params[4u + t];
     if (tok < pc.r0 || tok >= pc.r0 + pc.rows) return;
     const uint r = tok - pc.r0, ob = t * pc.ld;
-#if DTYPE == 3
+#if FLOATQ && DTYPE != 2 && DTYPE != 3
+    for (uint b = tid; b < pc.cols / 32u; b += 64u) {
+        float v[32];
+        deq32(pc.rows, pc.cols, r, 32u * b, v);
+        for (uint e = 0u; e < 32u; e++) y[ob + 32u * b + e] = v[e];
+    }
+#elif DTYPE == 3
     const uint nb = pc.cols / 32u;
     for (uint b = tid; b < nb; b += 64u) {
         uvec4 q = w4[r * nb + b];
@@ -49,11 +58,15 @@ void main() {
             }
         }
     }
-#elif DTYPE == 1
+#elif DTYPE == 1 || DTYPE == 10
     for (uint u = tid; u < pc.cols / 8u; u += 64u) {
         uvec4 q = w4[(r * pc.cols) / 8u + u];
         for (uint c = 0u; c < 4u; c++) {
+#if DTYPE == 10
+            vec2 p = vec2(uintBitsToFloat(q[c] << 16), uintBitsToFloat(q[c] & 0xFFFF0000u));
+#else
             vec2 p = unpackHalf2x16(q[c]);
+#endif
             y[ob + 8u * u + 2u * c] = p.x;
             y[ob + 8u * u + 2u * c + 1u] = p.y;
         }

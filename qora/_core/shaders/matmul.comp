@@ -1,11 +1,11 @@
 #version 450
-// Prefill product: Y[t, r] (=|+=) sum_k W[r, k] X[t, k] for a batch of tokens (DTYPE as in matvec).
+// Prefill product: Y[t, r] (=|+=) sum_k W[r, k] X[t, k] for a batch of tokens (DTYPE: dequant.glsl).
 // A workgroup computes a 64-row x 64-token tile: each 32-wide slice of W is dequantized once into
 // shared memory and used for all 64 tokens, so the weights are read once per 64 tokens.
-// For Q4/Q8 weights, X holds the input already quantized to Q8 by prep.comp (integer values, one
+// For Q4/Q8 weights in the "q8" precision (INTQ), X holds the input already quantized to Q8 by prep.comp (integer values, one
 // scale per 32-block in XS) and the tile holds the weights' integer values: each block's dot
-// product is summed exactly, then scaled by both block scales, as the CPU engine does. For F16/F32
-// weights X is the float input.
+// product is summed exactly, then scaled by both block scales, as the CPU engine does. For every
+// other type X is the float input and the tile holds the dequantized weights (deq32).
 #include "common.glsl"
 
 layout(local_size_x = 128) in;
@@ -17,6 +17,8 @@ layout(binding = 0) readonly buffer WF { vec4 wf4[]; };
 layout(binding = 1) readonly buffer X4 { vec4 x4[]; };
 layout(binding = 2) readonly buffer XS { float xsc[]; };
 layout(binding = 3) buffer Y { float y[]; };
+
+#include "dequant.glsl"
 
 layout(push_constant) uniform PC {
     uint rows;   // rows of this chunk
@@ -45,7 +47,7 @@ void main() {
 
     vec4 acc[8];
     for (uint j = 0u; j < 8u; j++) acc[j] = vec4(0.0);
-#if DTYPE >= 2
+#if INTQ
     vec4 blk[8];
 #endif
 
@@ -57,7 +59,7 @@ void main() {
             for (uint i = 0u; i < 32u; i++) v[i] = 0.0;
             wsc[tid] = 0.0;
             if (r < pc.rows) {
-#if DTYPE == 3
+#if INTQ && DTYPE == 3
                 uint nb = pc.cols / 32u, b = r * nb + k0 / 32u;
                 uvec4 q = w4[b];
                 wsc[tid] = SCALE_AT(w1, pc.rows * nb * 4u, b);
@@ -68,7 +70,7 @@ void main() {
                         v[16u + 4u * c + e] = hi[e];
                     }
                 }
-#elif DTYPE == 2
+#elif INTQ && DTYPE == 2
                 uint nb = pc.cols / 32u, b = r * nb + k0 / 32u;
                 wsc[tid] = SCALE_AT(w1, pc.rows * nb * 8u, b);
                 for (uint h = 0u; h < 2u; h++) {
@@ -78,12 +80,18 @@ void main() {
                         for (uint e = 0u; e < 4u; e++) v[16u * h + 4u * c + e] = e4[e];
                     }
                 }
-#elif DTYPE == 1
+#elif FLOATQ
+                deq32(pc.rows, pc.cols, r, k0, v);
+#elif DTYPE == 1 || DTYPE == 10
                 for (uint h = 0u; h < 4u; h++) {
                     if (k0 + 8u * h < pc.cols) {
                         uvec4 q = w4[(r * pc.cols + k0) / 8u + h];
                         for (uint c = 0u; c < 4u; c++) {
+#if DTYPE == 10
+                            vec2 p = vec2(uintBitsToFloat(q[c] << 16), uintBitsToFloat(q[c] & 0xFFFF0000u));
+#else
                             vec2 p = unpackHalf2x16(q[c]);
+#endif
                             v[8u * h + 2u * c] = p.x;
                             v[8u * h + 2u * c + 1u] = p.y;
                         }
@@ -102,7 +110,7 @@ void main() {
         } else {
             // one token's 32-wide slice of X
             uint u = tid - TM, t = t0 + u;
-#if DTYPE >= 2
+#if INTQ
             xssc[u] = t < pc.n_tok ? xsc[t * (pc.ldx / 32u) + k0 / 32u] : 0.0;
 #endif
             for (uint h = 0u; h < 8u; h++) {
@@ -112,7 +120,7 @@ void main() {
             }
         }
         barrier();
-#if DTYPE >= 2
+#if INTQ
         for (uint j = 0u; j < 8u; j++) blk[j] = vec4(0.0);
         for (uint k = 0u; k < TK; k++) {
             vec4 a = vec4(ws[k][tr * 4u], ws[k][tr * 4u + 1u], ws[k][tr * 4u + 2u], ws[k][tr * 4u + 3u]);

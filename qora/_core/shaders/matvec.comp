@@ -1,9 +1,11 @@
 #version 450
-// Decode mat-vec: y = W x for one token, W in its stored type (DTYPE 0 f32, 1 f16, 2 q8, 3 q4).
+// Decode mat-vec: y = W x for one token, W in its stored type (DTYPE: dequant.glsl).
 // The input was prepared once for the token (act.glsl): Q8 blocks (packed int8 + scale + sum) for
-// Q4/Q8 weights, floats for F16/F32. One workgroup computes R rows; thread t takes input blocks
-// t, t+T, ... and uses each for all R rows, so every weight byte is read once and each block dot is
-// an exact integer sum (the CPU engine's arithmetic; DOT=1 uses the device's packed 4x8 dot).
+// Q4/Q8 weights in the "q8" precision (INTQ), floats for every other type and precision. One
+// workgroup computes R rows; thread t takes input pieces t, t+T, ... (a block, a quarter K
+// super-block, 8 or 4 floats) and uses each for all R rows, so every weight byte is read once. INTQ:
+// each block dot is an exact integer sum (the CPU engine's arithmetic; DOT=1 uses the device's
+// packed 4x8 dot); FLOATQ: the block's quants dotted with the float input, scaled once per block.
 // Around the product, by specialization constants:
 //   MODE   STORE y = Wx, ADD y += Wx (residual), SWIGLU y = silu(Wg x) * (Wu x),
 //          QKV: q, k, v rows with RoPE on q and k, k and v written straight into the KV cache
@@ -50,14 +52,26 @@ layout(push_constant) uniform PC {
     uint epi_n;    // EPI: elements of y to prepare, into the half at out_base
     uint out_base;
     float eps;
+    uint row0;     // QKV: the q|k|v row of this dispatch's row 0 (q, k, v stored in different types)
 } pc;
 
-#if DTYPE >= 2
+#include "dequant.glsl"
+
+#if INTQ
 #define UNIT 32u
-#elif DTYPE == 1
+#elif FLOATQ
+#define UNIT UNITQ
+#elif DTYPE == 1 || DTYPE == 10
 #define UNIT 8u
 #else
 #define UNIT 4u
+#endif
+
+// 8 halves (f16 or bf16) of a uvec4 as two vec4
+#if DTYPE == 10
+#define HALF2(w) vec2(uintBitsToFloat((w) << 16), uintBitsToFloat((w) & 0xFFFF0000u))
+#else
+#define HALF2(w) unpackHalf2x16(w)
 #endif
 
 #if DOT
@@ -114,7 +128,7 @@ void main() {
     float acc[R];
     for (uint s = 0u; s < R; s++) acc[s] = 0.0;
 
-#if DTYPE >= 2
+#if INTQ
     const uint qb = act_q4(pc.in_base, pc.act_w), db = act_d2(pc.in_base, pc.act_w);
     const uint sbase = stored_rows * nu * (DTYPE == 3 ? 4u : 8u); // first scale word
     for (uint u = tid; u < nu; u += T) {
@@ -138,20 +152,27 @@ void main() {
 #endif
         }
     }
+#elif FLOATQ
+    const uint xf = pc.in_base / 4u, nb = pc.cols / BLK, mbase = stored_rows * nb * MAINV * 4u;
+    for (uint u = tid; u < nu; u += T) {
+        vec4 x[XV];
+        for (uint k = 0u; k < XV; k++) x[k] = af4[xf + unit_x(u, k)];
+        const vec4 xs = unit_sums(x);
+        for (uint s = 0u; s < R; s++) acc[s] += unit_dot(rowv[s], u, nb, mbase, x, xs);
+    }
 #else
     const uint xf = pc.in_base / 4u;
     for (uint u = tid; u < nu; u += T) {
-#if DTYPE == 1
+#if DTYPE == 1 || DTYPE == 10
         const vec4 x0 = af4[xf + 2u * u], x1 = af4[xf + 2u * u + 1u];
 #else
         const vec4 x0 = af4[xf + u];
 #endif
         for (uint s = 0u; s < R; s++) {
             const uint blk = rowv[s] * nu + u;
-#if DTYPE == 1
+#if DTYPE == 1 || DTYPE == 10
             uvec4 q = w4[blk];
-            acc[s] += dot(vec4(unpackHalf2x16(q.x), unpackHalf2x16(q.y)), x0) +
-                      dot(vec4(unpackHalf2x16(q.z), unpackHalf2x16(q.w)), x1);
+            acc[s] += dot(vec4(HALF2(q.x), HALF2(q.y)), x0) + dot(vec4(HALF2(q.z), HALF2(q.w)), x1);
 #else
             acc[s] += dot(wf4[blk], x0);
 #endif
@@ -189,7 +210,7 @@ void main() {
             uint half_ = pc.head_dim / 2u, qh = pc.head_dim / 4u;
             uint head = quad / qh;
             uint j = 2u * (quad - head * qh);
-            uint ra = head * pc.head_dim + j; // rows ra, ra+1 and their partners ra+half, ra+1+half
+            uint ra = pc.row0 + head * pc.head_dim + j; // rows ra, ra+1 and their partners ra+half, ra+1+half
             float a0 = fin[4u * tid], a1 = fin[4u * tid + 1u], b0 = fin[4u * tid + 2u], b1 = fin[4u * tid + 3u];
             if (ra < pc.q_dim + pc.kv_dim && pc.use_rope != 0u) { // RoPE (rotate-half) on q and k
                 float c0 = rope_cs[2u * j], s0 = rope_cs[2u * j + 1u];
