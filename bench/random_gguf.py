@@ -28,8 +28,11 @@ sys.path.insert(0, str(HERE))  # random_model.py next to this file, also when im
 
 import random_model  # noqa: E402
 
-# qora dtype -> (GGML tensor type name, general.file_type of a file made mostly of it)
-GGUF_TYPES = {"q4": ("Q4_0", 2), "q8": ("Q8_0", 7), "f16": ("F16", 1), "f32": ("F32", 0)}
+from qora.dtypes import WEIGHT_TYPES  # noqa: E402
+
+# qora dtype -> (GGML tensor type name, general.file_type of a file made mostly of it); q4_k_m: a mix
+GGUF_TYPES = {"q4": ("Q4_0", 2), "q8": ("Q8_0", 7), "f16": ("F16", 1), "f32": ("F32", 0), "q4_k_m": ("Q4_K", 15)}
+GGUF_TYPES.update({n: (t.gguf, 0) for n, t in WEIGHT_TYPES.items() if n not in GGUF_TYPES})
 # gguf.TokenType values
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 SMOLLM3_NOPE_STEP = 4  # llama.cpp hard-codes n_no_rope_layer_step = 4 for smollm3 (no GGUF key exists)
@@ -143,7 +146,7 @@ def write_gguf(path, cfg: dict, plan, arrays, add_tokenizer, quant: str, permute
             raw = GGMLQuantizationType[GGUF_TYPES[dtype][0]]
             store = storage_shape(dtype, shape)
             nbytes = qnbytes(dtype, shape)
-            if dtype in ("q4", "q8"):  # uint8 rows of blocks; gguf turns the byte shape into elements
+            if WEIGHT_TYPES[dtype].quantized:  # uint8 rows of blocks; gguf turns the byte shape into elements
                 w.add_tensor_info(gguf_name(name), store, np.dtype(np.uint8), nbytes, raw_dtype=raw)
             else:
                 w.add_tensor_info(
@@ -216,7 +219,7 @@ def qora_to_gguf(src, path, tokenizer_gguf=None, pre="llama-bpe") -> Path:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", required=True)
-    ap.add_argument("--quant", default="q4", choices=["q4", "q8", "f16"])
+    ap.add_argument("--quant", default="q4", choices=list(random_model.QUANTS))
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--from", dest="src", default=None, help="write this .qora instead of random weights")

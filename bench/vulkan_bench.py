@@ -2,6 +2,8 @@
 weight bandwidth, and which GPU ran. A plain script (not part of the test suite):
 
     python bench/vulkan_bench.py                          # Q4 model made on first use, tg128 + pp512
+    python bench/vulkan_bench.py --quant q4_k_m           # the same shape as llama-quantize's Q4_K_M mix
+    python bench/vulkan_bench.py --model m.gguf           # any GGUF (e.g. llama-quantize's output) as it is
     python bench/vulkan_bench.py --model m.qora --tg 128 --pp 512 --reps 5 --json out.json
     python bench/vulkan_bench.py --sweep                  # also try decode workgroup shapes
     python bench/vulkan_bench.py --pp 0 --profile         # GPU time of each decode kernel (timestamps)
@@ -123,8 +125,13 @@ def make_engine(qfile, context: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="a .qora file (default: the random SmolLM3-3B-shaped model)")
-    ap.add_argument("--quant", default="q4", choices=["q4", "q8", "f16"], help="quant of the random model")
+    ap.add_argument("--model", type=Path, help="a .qora or GGUF file (default: the random SmolLM3-3B-shaped model)")
+    ap.add_argument(
+        "--quant",
+        default="q4",
+        choices=random_model.QUANTS,
+        help="quant of the random model (q4_k_m: each tensor in llama-quantize Q4_K_M's type for it)",
+    )
     ap.add_argument("--layers", type=int, help="random model with fewer layers (quick runs)")
     ap.add_argument("--pp", type=int, default=512, help="prompt tokens (0: skip)")
     ap.add_argument("--tg", type=int, default=128, help="decoded tokens (0: skip)")
@@ -155,7 +162,7 @@ def main(argv=None) -> int:
             os.environ["VK_ICD_FILENAMES"] = icd
             print(f"using NVIDIA loader manifest {icd}", file=sys.stderr)
     from qora.engine import vulkan
-    from qora.format import read_qora
+    from qora.loader import open_model_file
 
     found = vulkan.devices()
     for d in found:
@@ -180,7 +187,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     results = {"model": str(path), "pp_tokens": a.pp, "tg_tokens": a.tg, "reps": a.reps, "context": context}
     results["depths"] = {}
-    with read_qora(path) as qf:
+    with open_model_file(path) as qf:
         weight_bytes = sum(i["nbytes"] for i in qf.tensor_info.values())
         vocab = qf.config["vocab_size"]
         t0 = time.perf_counter()

@@ -10,23 +10,16 @@ import struct
 
 import numpy as np
 import pytest
+from _helpers_vulkan import needs_gpu
 from test_quants_native import random_blocks, reference_values
-from test_vulkan import ADD, DEVICE, QKV, STORE, SWIGLU, needs_gpu, ref_rope, rel_err, rope_table, run_matvec
+from test_vulkan import ADD, QKV, STORE, SWIGLU, ref_rope, rel_err, rope_table, run_matvec
 
 import qora
 from qora._core import _vulkan
 from qora.dtypes import WEIGHT_TYPES
-from qora.engine import vulkan
 
 NEW = ["q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "bf16"]
 FLOAT_ACT = [*NEW, "q4", "q8"]  # every type whose products take float activations (q4 / q8: the "_f" variants)
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    if DEVICE is None:
-        pytest.skip("no usable Vulkan device")
-    return vulkan._context(_vulkan, None, DEVICE["index"])[0]
 
 
 def suffix(dtype):
