@@ -239,7 +239,7 @@ def small_kernel_cases(c: Cases, rng):
         v = rng.standard_normal((n_pos, nkv * hd)).astype(np.float16)
         for ext, arr in (("q", q), ("k", k), ("v", v)):
             c.file(name, ext, arr)
-        want = _cpu.attention(q, k, v, nh, nkv, hd, X86_SCALAR, 1, True, nq)
+        want = _cpu.attention(q, k, v, nh, nkv, hd, X86_SCALAR, 1, "f16", nq)
         ref = attention_reference(q, k, v, nh, nkv, hd, nq)
         c.add(f"attention {name} {nh} {nkv} {hd} {n_pos} {nq} 2", name, want, within(ref, np.abs(ref).max(), 1e-5))
 
@@ -282,25 +282,25 @@ def test_kernels_equal_the_x86_build_and_numpy(kernel_runs, isa):
 PREFILL, N_TOKENS = 20, 26  # prefill of 20 tokens (ragged 16-token chunks), then 6 decode steps
 
 
-def dump_model(c: Cases, name, path, precision, repack=1):
+def dump_model(c: Cases, name, path, precision, kv_type, repack=1):
     """The model as CpuModel gets it, in the harness's files; returns the x86 engine's logits (scalar path:
     every x86 path gives the same bits, tests/test_path_agreement.py)."""
     with read_qora(path) as qf:
         cfg = qf.config
-        e = CpuEngine(qf, n_threads=1, max_seq_len=64, isa="scalar", precision=precision)
+        e = CpuEngine(qf, n_threads=1, max_seq_len=64, isa="scalar", precision=precision, kv_type=kv_type)
         try:
             tokens = np.random.default_rng(3).integers(0, cfg["vocab_size"], N_TOKENS).astype(np.int32)
             rows = [e.forward(tokens[:PREFILL].tolist(), 0, all_logits=True)]
             rows += [e.forward([int(t)], p) for p, t in enumerate(tokens[PREFILL:], PREFILL)]
             want = np.concatenate(rows).astype(np.float32)
-            kv_f16, ctx = int(e.kv_dtype == "f16"), e.max_seq_len
+            kv, ctx = WEIGHT_TYPES[e.kv_dtype].c_id, e.max_seq_len
         finally:
             e.close()
         inv_freq, rope_scale = rope_parameters(cfg)
         tied = int("output" not in qf.tensor_info)
         nums = [cfg[k] for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size")]
         f32 = [float(np.float32(v)).hex() for v in (cfg["norm_eps"], rope_scale)]  # exact through fscanf
-        head = [*nums, ctx, *f32, kv_f16, int(precision == "f32"), repack, N_TOKENS, PREFILL, tied]
+        head = [*nums, ctx, *f32, kv, int(precision == "f32"), repack, N_TOKENS, PREFILL, tied]
         (c.dir / f"{name}.cfg").write_text(
             " ".join(map(str, head)) + "\n" + " ".join(str(int(bool(r))) for r in cfg["rope_layers"]) + "\n"
         )
@@ -318,16 +318,16 @@ def dump_model(c: Cases, name, path, precision, repack=1):
 @pytest.fixture(scope="module")
 def model_cases(tiny_model, tmp_path_factory):
     c = Cases(tmp_path_factory.mktemp("arm-models"))
-    for i, (model, quant, precision) in enumerate(
+    for i, (model, quant, precision, kv_type) in enumerate(
         [
-            ("tiny-smollm3", "q4", "q8"),
-            ("tiny-llama", "q8", "q8"),
-            ("tiny-llama", "q4_k", "q8"),
-            ("tiny-smollm3", "q4", "f32"),
+            ("tiny-smollm3", "q4", "q8", "f16"),
+            ("tiny-llama", "q8", "q8", "f16"),
+            ("tiny-llama", "q4_k", "q8", "f16"),
+            ("tiny-smollm3", "q4", "f32", "f32"),
         ]
     ):
-        name = f"{model}-{quant}-{precision}"
-        want = dump_model(c, name, tiny_model(model, quant), precision)
+        name = f"{model}-{quant}-{precision}-kv{kv_type}"
+        want = dump_model(c, name, tiny_model(model, quant), precision, kv_type)
         c.add(f"model {name} {1 + i % 2}", name, want)
     return c
 

@@ -92,7 +92,7 @@ static void run_attention(const qora_kernels* K, const char* name, int nh, int n
     uint16_t* vc = slurp(name, "v", (size_t)n_pos * width * 2);
     float* scores = calloc((size_t)nq * nh * n_pos, sizeof(float));
     float* out = calloc((size_t)nq * nh * hd, sizeof(float));
-    qora_attention(K, q, kc, vc, 1, n_pos, nq, nh, nkv, hd, width, scores, n_pos, out, threads);
+    qora_attention(K, q, kc, vc, QORA_F16, n_pos, nq, nh, nkv, hd, width, scores, n_pos, out, threads);
     spill(name, out, (size_t)nq * nh * hd * sizeof(float));
     free(q); free(kc); free(vc); free(scores); free(out);
 }
@@ -130,7 +130,7 @@ static void run_model(const qora_kernels* K, const char* name, int threads) {
     int repack, n_tokens, prefill, tied;
     if (fscanf(cf, "%d %d %d %d %d %d %d %d %f %f %d %d %d %d %d %d", &c->n_layers, &c->dim, &c->n_heads,
                &c->n_kv_heads, &c->head_dim, &c->hidden_dim, &c->vocab_size, &c->max_seq_len, &c->norm_eps,
-               &c->rope_scale, &c->kv_f16, &c->act_f32, &repack, &n_tokens, &prefill, &tied) != 16)
+               &c->rope_scale, &c->kv_type, &c->act_f32, &repack, &n_tokens, &prefill, &tied) != 16)
         die("bad config", name);
     const int D = c->dim, H = c->hidden_dim, V = c->vocab_size, qd = c->n_heads * c->head_dim,
               kvd = c->n_kv_heads * c->head_dim;
