@@ -160,6 +160,58 @@ static void quantize_q8_neon(const float* x, block_q8* y, int n) {
 #undef QN_TARGET
 #undef QN_DOTPROD
 
+/* ---- attention: one chunk of one KV group's query heads over the f16 cache (qora_attend_chunk's
+   contract and its portable loop's operations: each K row converted to float once for the whole group,
+   each score the float dot of common.h times the scale, softmax_unnorm_neon per head, then per column
+   the fma chain over the positions of e_t * v_t from +0, a block of 16 columns of up to four heads in
+   registers while the positions stream by, each V row converted once for those heads) ---- */
+#define QORA_ATT_NEON_MAX_D 256
+
+QORA_INLINE void attend_pv_neon(const int HP, const uint16_t* vc, int n_pos, size_t kv_stride, const float* p,
+                                  size_t ss, int col, int D, float* out) {
+    float32x4_t acc[4][4];
+    for (int j = 0; j < HP; j++)
+        for (int i = 0; i < 4; i++) acc[j][i] = vdupq_n_f32(0.0f);
+    const uint16_t* v = vc + col;
+    for (int t = 0; t < n_pos; t++, v += kv_stride) {
+        float32x4_t vf[4];
+        for (int i = 0; i < 4; i++) vf[i] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(v + 4 * i)));
+        for (int j = 0; j < HP; j++) {
+            const float32x4_t e = vdupq_n_f32(p[j * ss + t]);
+            for (int i = 0; i < 4; i++) acc[j][i] = vfmaq_f32(acc[j][i], e, vf[i]);
+        }
+    }
+    for (int j = 0; j < HP; j++)
+        for (int i = 0; i < 4; i++) vst1q_f32(out + (size_t)j * D + col + 4 * i, acc[j][i]);
+}
+
+/* Returns 0 (nothing done) for head sizes it has no plan for (not a multiple of 32, or past 256). */
+static int attend_f16_neon(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos, int nh, int head_dim,
+                           size_t kv_stride, float* scores, size_t ss, float* out, float* mx, float* sum, float scale) {
+    const int D = head_dim;
+    if (n_pos < 1 || D % 32 || D > QORA_ATT_NEON_MAX_D) return 0;
+    float kf[QORA_ATT_NEON_MAX_D];
+    for (int t = 0; t < n_pos; t++) {
+        const uint16_t* k = kc + (size_t)t * kv_stride;
+        for (int i = 0; i < D; i += 4) vst1q_f32(kf + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(k + i))));
+        for (int h = 0; h < nh; h++) scores[(size_t)h * ss + t] = dot_f32_neon(D, kf, q + (size_t)h * D) * scale;
+    }
+    for (int h = 0; h < nh; h++) sum[h] = softmax_unnorm_neon(scores + (size_t)h * ss, n_pos, mx + h);
+    for (int col = 0; col < D; col += 16)
+        for (int h = 0; h < nh; h += 4) {
+            const int hp = nh - h < 4 ? nh - h : 4;
+            const float* p = scores + (size_t)h * ss;
+            float* o = out + (size_t)h * D;
+            switch (hp) {
+            case 1: attend_pv_neon(1, vc, n_pos, kv_stride, p, ss, col, D, o); break;
+            case 2: attend_pv_neon(2, vc, n_pos, kv_stride, p, ss, col, D, o); break;
+            case 3: attend_pv_neon(3, vc, n_pos, kv_stride, p, ss, col, D, o); break;
+            default: attend_pv_neon(4, vc, n_pos, kv_stride, p, ss, col, D, o); break;
+            }
+        }
+    return 1;
+}
+
 /* ---- float activations: dot_deq_f32_scalar's result, the weights dequantized in registers with
    qora_dequant_range's operations (s * q, then + m or - m: never fused) into the 32 chains of the float
    dot ---- */

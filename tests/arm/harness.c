@@ -3,6 +3,7 @@
    for the test to compare with NumPy references and with the x86 build bit for bit.
 
    harness --features           the ISA paths this CPU (qemu's -cpu) supports, one name per line
+   harness --tables             QORA_ISA_COUNT, then "slot name isa" of each compiled kernel table
    harness ISA DIR CASES        runs each line of DIR/CASES on the path named ISA:
      matmul NAME DTYPE ROWS COLS NT REPACK ACTF32 THREADS   NAME.w (raw rows), NAME.x (NT x COLS f32) -> NAME.ISA.out
      swiglu NAME DTYPE ROWS COLS NT REPACK ACTF32 THREADS   NAME.wg, NAME.wu, NAME.x -> NAME.ISA.out (NT x ROWS)
@@ -220,6 +221,12 @@ static void run_case(const qora_kernels* K, char* line) {
 
 int main(int argc, char** argv) {
     const qora_cpu_features f = qora_detect_cpu();
+    if (argc == 2 && !strcmp(argv[1], "--tables")) { /* the enum's size, then each compiled table's slot */
+        printf("%d\n", QORA_ISA_COUNT);
+        for (int i = 0; i < QORA_ISA_COUNT; i++)
+            if (qora_kernel_table(i)) printf("%d %s %d\n", i, qora_kernel_table(i)->name, qora_kernel_table(i)->isa);
+        return 0;
+    }
     if (argc == 2 && !strcmp(argv[1], "--features")) {
         for (int i = 0; i < QORA_ISA_COUNT; i++)
             if (qora_cpu_supports(&f, i) && qora_kernel_table(i)) printf("%s\n", qora_kernel_table(i)->name);
