@@ -38,14 +38,16 @@
 #define QORA_TARGET_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod"))) /* arm_neon.h's own pragma */
 #define QORA_TARGET_I8MM __attribute__((target("arch=armv8.2-a+dotprod+i8mm")))
 #endif
-/* clang before 16 declares the sdot / smmla intrinsics only when the whole file targets them (-march):
-   those paths are then left out (the table maps them to the best one below), unless -march gave them. */
-#if !defined(__clang__) || __clang_major__ >= 16 || defined(__ARM_FEATURE_DOTPROD)
+/* clang before 16 declares the sdot / smmla intrinsics only when the whole file targets them (-march), and
+   GCC has them from 8 (sdot) and 10 (smmla): older compilers leave those paths out (the table maps them
+   to the best one below), unless -march gave them. */
+#if defined(__clang__) ? (__clang_major__ >= 16 || defined(__ARM_FEATURE_DOTPROD)) : __GNUC__ >= 8
 #define QORA_NEON_DOTPROD 1
 #else
 #define QORA_NEON_DOTPROD 0
 #endif
-#if QORA_NEON_DOTPROD && (!defined(__clang__) || __clang_major__ >= 16 || defined(__ARM_FEATURE_MATMUL_INT8))
+#if QORA_NEON_DOTPROD && \
+    (defined(__clang__) ? (__clang_major__ >= 16 || defined(__ARM_FEATURE_MATMUL_INT8)) : __GNUC__ >= 10)
 #define QORA_NEON_I8MM 1
 #else
 #define QORA_NEON_I8MM 0

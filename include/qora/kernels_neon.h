@@ -357,6 +357,81 @@ QORA_TARGET_I8MM static void q4x8_i8mm(int n, const block_q4x8* w, const block_q
     }
     QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo, q4x8_i8mm_range(nbs * QK, w + b0, x + b0, xsum + b0, xs, nt, dst, lddst));
 }
+
+/* K rows x Q8_K activations (qdotk_t's contract and integers, R, T <= 4) with smmla: per super-block and
+   16-element sub-block, one 2x2 tile (a row pair's and a token pair's 16 bytes, as two 8-byte halves)
+   times the rows' scales; an odd row or token repeats the last one, its results unused. */
+QORA_TARGET_I8MM QORA_INLINE void qdotk_mm_t(const int dtype, const int R, const int T, int n, const void* w,
+                                             size_t ws, const void* x, size_t xs, float* out, size_t ldo) {
+    const int nb = n / QK_K;
+    const size_t bb = qora_row_bytes(dtype, QK_K);
+    float acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        int8x16_t q[4][16];
+        int32_t sc[4][16], mn[4][8];
+        const char* blk[4];
+        const block_q8K* xt[4];
+        for (int r = 0; r < R; r++) {
+            blk[r] = (const char*)w + r * ws + (size_t)b * bb;
+            kq_unpack_dotprod(dtype, blk[r], q[r], sc[r], mn[r]);
+        }
+        for (int t = 0; t < T; t++) xt[t] = (const block_q8K*)((const char*)x + t * xs) + b;
+        for (int r0 = 0; r0 < R; r0 += 2) {
+            const int r1 = r0 + 1 < R ? r0 + 1 : r0;
+            for (int t0 = 0; t0 < T; t0 += 2) {
+                const int t1 = t0 + 1 < T ? t0 + 1 : t0;
+                int32x4_t s = vdupq_n_s32(0); /* [r0.t0, r0.t1, r1.t0, r1.t1] */
+                for (int i = 0; i < 16; i++) {
+                    const int64x2_t a = vreinterpretq_s64_s8(q[r0][i]), c = vreinterpretq_s64_s8(q[r1][i]);
+                    const int64x2_t u = vreinterpretq_s64_s8(vld1q_s8(xt[t0]->qs + 16 * i));
+                    const int64x2_t v = vreinterpretq_s64_s8(vld1q_s8(xt[t1]->qs + 16 * i));
+                    int32x4_t m = vmmlaq_s32(vdupq_n_s32(0), vreinterpretq_s8_s64(vzip1q_s64(a, c)),
+                                             vreinterpretq_s8_s64(vzip1q_s64(u, v)));
+                    m = vmmlaq_s32(m, vreinterpretq_s8_s64(vzip2q_s64(a, c)), vreinterpretq_s8_s64(vzip2q_s64(u, v)));
+                    const int32_t scv[4] = {sc[r0][i], sc[r0][i], sc[r1][i], sc[r1][i]};
+                    s = vmlaq_s32(s, m, vld1q_s32(scv));
+                }
+                int32_t S[4];
+                vst1q_s32(S, s);
+                for (int k = 0; k < 4; k++) {
+                    const int r = k < 2 ? r0 : r1, t = k & 1 ? t1 : t0;
+                    if ((k >= 2 && r1 == r0) || ((k & 1) && t1 == t0)) continue; /* a repeated row or token */
+                    if (dtype == QORA_Q6_K) {
+                        acc[r][t] = fmaf(f16_neon(((const block_q6_K*)blk[r])->d) * xt[t]->d, (float)S[k], acc[r][t]);
+                    } else {
+                        const block_q4_K* kb = (const block_q4_K*)blk[r];
+                        int32_t M = 0;
+                        for (int j = 0; j < 8; j++) M += mn[r][j] * (xt[t]->bsums[2 * j] + xt[t]->bsums[2 * j + 1]);
+                        acc[r][t] = fmaf(f16_neon(kb->d) * xt[t]->d, (float)S[k], acc[r][t]);
+                        acc[r][t] = fmaf(-(f16_neon(kb->dmin) * xt[t]->d), (float)M, acc[r][t]);
+                    }
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[t * ldo + r] = acc[r][t];
+}
+
+#define QORA_TILE_Q4K_MM(R, T, n, w, ws, x, xs, out, ldo) qdotk_mm_t(QORA_Q4_K, R, T, n, w, ws, x, xs, out, ldo)
+#define QORA_TILE_Q5K_MM(R, T, n, w, ws, x, xs, out, ldo) qdotk_mm_t(QORA_Q5_K, R, T, n, w, ws, x, xs, out, ldo)
+#define QORA_TILE_Q6K_MM(R, T, n, w, ws, x, xs, out, ldo) qdotk_mm_t(QORA_Q6_K, R, T, n, w, ws, x, xs, out, ldo)
+
+/* tile_x on i8mm: the K types' prefill tiles (two or more tokens) with smmla, the rest as dotprod */
+QORA_TARGET_I8MM static void tile_x_i8mm(int dtype, int n, const void* w, size_t ws, int nr, const void* x, size_t xs,
+                                         int nt, float* out, size_t ldo) {
+    if (nt < 2 || qora_block_elems(dtype) != QK_K) {
+        tile_x_dotprod(dtype, n, w, ws, nr, x, xs, nt, out, ldo);
+        return;
+    }
+    switch (dtype) {
+    case QORA_Q4_K: QORA_TILE_SWITCH(QORA_TILE_Q4K_MM, n, w, ws, nr, x, xs, nt, out, ldo) break;
+    case QORA_Q5_K: QORA_TILE_SWITCH(QORA_TILE_Q5K_MM, n, w, ws, nr, x, xs, nt, out, ldo) break;
+    default: QORA_TILE_SWITCH(QORA_TILE_Q6K_MM, n, w, ws, nr, x, xs, nt, out, ldo) break;
+    }
+}
 #endif /* QORA_NEON_I8MM */
 
 #endif /* QORA_NEON */
