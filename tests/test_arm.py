@@ -242,16 +242,34 @@ def small_kernel_cases(c: Cases, rng):
         c.file(name, "x", x)
         with np.errstate(over="ignore"):  # 7e4 becomes inf, as it must
             c.add(f"tof16 {name} {n}", name, x.astype(np.float16))  # round to nearest even, bit for bit
-    for nh, nkv, hd, n_pos, nq in [(4, 2, 64, 40, 1), (6, 2, 64, 300, 1), (4, 1, 128, 530, 5), (3, 3, 32, 17, 17)]:
-        name = f"a{nh}_{n_pos}_{nq}"
-        q = rng.standard_normal(nq * nh * hd).astype(np.float32)
-        k = rng.standard_normal((n_pos, nkv * hd)).astype(np.float16)
-        v = rng.standard_normal((n_pos, nkv * hd)).astype(np.float16)
-        for ext, arr in (("q", q), ("k", k), ("v", v)):
-            c.file(name, ext, arr)
-        want = _cpu.attention(q, k, v, nh, nkv, hd, X86_SCALAR, 1, "f16", nq)
-        ref = attention_reference(q, k, v, nh, nkv, hd, nq)
-        c.add(f"attention {name} {nh} {nkv} {hd} {n_pos} {nq} 2", name, want, within(ref, np.abs(ref).max(), 1e-5))
+    attention = [(4, 2, 64, 40, 1), (6, 2, 64, 300, 1), (4, 1, 128, 530, 5), (3, 3, 32, 17, 17), (5, 1, 16, 20, 2)]
+    for kv in ("f16", "q8"):
+        for nh, nkv, hd, n_pos, nq in attention if kv == "f16" else attention[:4]:
+            name = f"a{kv}_{nh}_{hd}_{n_pos}_{nq}"
+            q = rng.standard_normal(nq * nh * hd).astype(np.float32)
+            k, v = (rng.standard_normal((n_pos, nkv * hd)).astype(np.float32) for _ in range(2))
+            if kv == "f16":
+                k, v = k.astype(np.float16), v.astype(np.float16)
+                kf, vf = k, v
+            else:  # Q8_0 rows as the engine writes them (the activation quantizer)
+                k, v = (np.stack([_cpu.quantize_q8(row, X86_SCALAR) for row in a]) for a in (k, v))
+                kf, vf = (np.stack([q8_values(row) for row in a]) for a in (k, v))
+            for ext, arr in (("q", q), ("k", k), ("v", v)):
+                c.file(name, ext, arr)
+            want = _cpu.attention(q, k, v, nh, nkv, hd, X86_SCALAR, 1, kv, nq)
+            ref = attention_reference(q, kf, vf, nh, nkv, hd, nq)
+            c.add(
+                f"attention {name} {nh} {nkv} {hd} {n_pos} {nq} 2 {kv}",
+                name,
+                want,
+                within(ref, np.abs(ref).max(), 1e-5),
+            )
+
+
+def q8_values(raw):
+    """A row of Q8_0 blocks (uint8) as its float values."""
+    b = raw.reshape(-1, 34)
+    return (b[:, 2:].view(np.int8) * b[:, :2].copy().view(np.float16).astype(np.float32)).reshape(-1)
 
 
 def attention_reference(q, k, v, nh, nkv, hd, nq):
@@ -340,7 +358,8 @@ def wide_head_model(folder: Path) -> Path:
 def model_cases(tiny_model, tmp_path_factory):
     c = Cases(tmp_path_factory.mktemp("arm-models"))
     wide = wide_head_model(tmp_path_factory.mktemp("arm-wide"))
-    c.add("model wide-q4 2", "wide-q4", dump_model(c, "wide-q4", wide, "q8", "f16"))
+    for kv in ("f16", "q8"):
+        c.add(f"model wide-q4-kv{kv} 2", f"wide-q4-kv{kv}", dump_model(c, f"wide-q4-kv{kv}", wide, "q8", kv))
     for i, (model, quant, precision, kv_type) in enumerate(
         [
             ("tiny-smollm3", "q4", "q8", "f16"),

@@ -88,19 +88,19 @@ static const qora_kernels qora_kernels_avx512 = {
 #endif
 
 #if QORA_NEON
-/* aarch64: quantize_q8, the float kernels and attention over the f16 cache are NEON in all three tables
-   (they need nothing more); the integer products are the NEON or sdot instances of kernels_neon_int.h.
-   No attend_q8: a Q8_0 KV cache goes through qora_attend_chunk's portable loop. */
+/* aarch64: quantize_q8, the float kernels and attention over the f16 / Q8_0 cache are NEON in all three
+   tables (they need nothing more); the integer products are the NEON or sdot instances of
+   kernels_neon_int.h. */
 static const qora_kernels qora_kernels_neon = {
     "neon", QORA_ISA_NEON, quantize_q8_neon, dot_q4_q8_neon, dot_q8_q8_neon,
     dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_neon, tile_q8_neon,
-    q4x8_neon, 4, NULL, 0, attend_f16_neon, NULL, softmax_unnorm_neon, tile_x_neon, dot_bf16_f32_neon, dot_deq_f32_neon,
+    q4x8_neon, 4, NULL, 0, attend_f16_neon, attend_q8_neon, softmax_unnorm_neon, tile_x_neon, dot_bf16_f32_neon, dot_deq_f32_neon,
 };
 #if QORA_NEON_DOTPROD
 static const qora_kernels qora_kernels_dotprod = {
     "dotprod", QORA_ISA_DOTPROD, quantize_q8_neon, dot_q4_q8_dotprod, dot_q8_q8_dotprod,
     dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_dotprod,
-    tile_q8_dotprod, q4x8_dotprod, 4, NULL, 0, attend_f16_neon, NULL, softmax_unnorm_neon, tile_x_dotprod, dot_bf16_f32_neon,
+    tile_q8_dotprod, q4x8_dotprod, 4, NULL, 0, attend_f16_neon, attend_q8_neon, softmax_unnorm_neon, tile_x_dotprod, dot_bf16_f32_neon,
     dot_deq_f32_neon,
 };
 #endif
@@ -110,7 +110,7 @@ static const qora_kernels qora_kernels_dotprod = {
 static const qora_kernels qora_kernels_i8mm = {
     "i8mm", QORA_ISA_I8MM, quantize_q8_neon, dot_q4_q8_dotprod, dot_q8_q8_dotprod,
     dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_dotprod,
-    tile_q8_dotprod, q4x8_i8mm, 4, NULL, 0, attend_f16_neon, NULL, softmax_unnorm_neon, tile_x_i8mm, dot_bf16_f32_neon,
+    tile_q8_dotprod, q4x8_i8mm, 4, NULL, 0, attend_f16_neon, attend_q8_neon, softmax_unnorm_neon, tile_x_i8mm, dot_bf16_f32_neon,
     dot_deq_f32_neon,
 };
 #endif

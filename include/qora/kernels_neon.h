@@ -160,22 +160,43 @@ static void quantize_q8_neon(const float* x, block_q8* y, int n) {
 #undef QN_TARGET
 #undef QN_DOTPROD
 
-/* ---- attention: one chunk of one KV group's query heads over the f16 cache (qora_attend_chunk's
-   contract and its portable loop's operations: each K row converted to float once for the whole group,
-   each score the float dot of common.h times the scale, softmax_unnorm_neon per head, then per column
-   the fma chain over the positions of e_t * v_t from +0, a block of 16 columns of up to four heads in
-   registers while the positions stream by, each V row converted once for those heads) ---- */
+/* ---- attention: one chunk of one KV group's query heads over the KV cache, f16 or Q8_0
+   (qora_attend_chunk's contract and its portable loop's operations: each K row converted to float once
+   for the whole group (a Q8_0 value f16(d) * q is exact in float), each score the float dot of common.h
+   times the scale, softmax_unnorm_neon per head, then per column the fma chain over the positions of
+   e_t * v_t from +0, a block of 16 columns of up to four heads in registers while the positions stream
+   by, each V row converted once for those heads). Q8: kc, vc rows of kv_stride / 32 blocks. ---- */
 #define QORA_ATT_NEON_MAX_D 256
 
-QORA_INLINE void attend_pv_neon(const int HP, const uint16_t* vc, int n_pos, size_t kv_stride, const float* p,
-                                  size_t ss, int col, int D, float* out) {
+/* 16 values of a cache row from element c (c % 16 == 0) as floats */
+QORA_INLINE void kv16_neon(const int Q8, const void* row, int c, float32x4_t v[4]) {
+    if (Q8) {
+        const block_q8* b = (const block_q8*)row + c / QK;
+        const float32x4_t d = vdupq_n_f32(f16_neon(b->d));
+        const int8x16_t q = vld1q_s8(b->qs + c % QK);
+        const int16x8_t w[2] = {vmovl_s8(vget_low_s8(q)), vmovl_high_s8(q)};
+        for (int i = 0; i < 4; i++) {
+            const int32x4_t qi = i & 1 ? vmovl_high_s16(w[i / 2]) : vmovl_s16(vget_low_s16(w[i / 2]));
+            v[i] = vmulq_f32(d, vcvtq_f32_s32(qi));
+        }
+        return;
+    }
+    for (int i = 0; i < 4; i++) v[i] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t*)row + c + 4 * i)));
+}
+
+QORA_INLINE const void* kv_row_neon(const int Q8, const void* base, size_t kv_stride, int t) {
+    return Q8 ? (const void*)((const block_q8*)base + (size_t)t * (kv_stride / QK))
+              : (const void*)((const uint16_t*)base + (size_t)t * kv_stride);
+}
+
+QORA_INLINE void attend_pv_neon(const int Q8, const int HP, const void* vc, int n_pos, size_t kv_stride,
+                                const float* p, size_t ss, int col, int D, float* out) {
     float32x4_t acc[4][4];
     for (int j = 0; j < HP; j++)
         for (int i = 0; i < 4; i++) acc[j][i] = vdupq_n_f32(0.0f);
-    const uint16_t* v = vc + col;
-    for (int t = 0; t < n_pos; t++, v += kv_stride) {
+    for (int t = 0; t < n_pos; t++) {
         float32x4_t vf[4];
-        for (int i = 0; i < 4; i++) vf[i] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(v + 4 * i)));
+        kv16_neon(Q8, kv_row_neon(Q8, vc, kv_stride, t), col, vf);
         for (int j = 0; j < HP; j++) {
             const float32x4_t e = vdupq_n_f32(p[j * ss + t]);
             for (int i = 0; i < 4; i++) acc[j][i] = vfmaq_f32(acc[j][i], e, vf[i]);
@@ -186,14 +207,19 @@ QORA_INLINE void attend_pv_neon(const int HP, const uint16_t* vc, int n_pos, siz
 }
 
 /* Returns 0 (nothing done) for head sizes it has no plan for (not a multiple of 32, or past 256). */
-static int attend_f16_neon(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos, int nh, int head_dim,
-                           size_t kv_stride, float* scores, size_t ss, float* out, float* mx, float* sum, float scale) {
+QORA_INLINE int attend_neon(const int Q8, const float* q, const void* kc, const void* vc, int n_pos, int nh,
+                            int head_dim, size_t kv_stride, float* scores, size_t ss, float* out, float* mx,
+                            float* sum, float scale) {
     const int D = head_dim;
     if (n_pos < 1 || D % 32 || D > QORA_ATT_NEON_MAX_D) return 0;
     float kf[QORA_ATT_NEON_MAX_D];
     for (int t = 0; t < n_pos; t++) {
-        const uint16_t* k = kc + (size_t)t * kv_stride;
-        for (int i = 0; i < D; i += 4) vst1q_f32(kf + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(k + i))));
+        const void* k = kv_row_neon(Q8, kc, kv_stride, t);
+        for (int c = 0; c < D; c += 16) {
+            float32x4_t v[4];
+            kv16_neon(Q8, k, c, v);
+            for (int i = 0; i < 4; i++) vst1q_f32(kf + c + 4 * i, v[i]);
+        }
         for (int h = 0; h < nh; h++) scores[(size_t)h * ss + t] = dot_f32_neon(D, kf, q + (size_t)h * D) * scale;
     }
     for (int h = 0; h < nh; h++) sum[h] = softmax_unnorm_neon(scores + (size_t)h * ss, n_pos, mx + h);
@@ -203,13 +229,23 @@ static int attend_f16_neon(const float* q, const uint16_t* kc, const uint16_t* v
             const float* p = scores + (size_t)h * ss;
             float* o = out + (size_t)h * D;
             switch (hp) {
-            case 1: attend_pv_neon(1, vc, n_pos, kv_stride, p, ss, col, D, o); break;
-            case 2: attend_pv_neon(2, vc, n_pos, kv_stride, p, ss, col, D, o); break;
-            case 3: attend_pv_neon(3, vc, n_pos, kv_stride, p, ss, col, D, o); break;
-            default: attend_pv_neon(4, vc, n_pos, kv_stride, p, ss, col, D, o); break;
+            case 1: attend_pv_neon(Q8, 1, vc, n_pos, kv_stride, p, ss, col, D, o); break;
+            case 2: attend_pv_neon(Q8, 2, vc, n_pos, kv_stride, p, ss, col, D, o); break;
+            case 3: attend_pv_neon(Q8, 3, vc, n_pos, kv_stride, p, ss, col, D, o); break;
+            default: attend_pv_neon(Q8, 4, vc, n_pos, kv_stride, p, ss, col, D, o); break;
             }
         }
     return 1;
+}
+
+static int attend_f16_neon(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos, int nh, int head_dim,
+                           size_t kv_stride, float* scores, size_t ss, float* out, float* mx, float* sum, float scale) {
+    return attend_neon(0, q, kc, vc, n_pos, nh, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
+}
+
+static int attend_q8_neon(const float* q, const block_q8* kc, const block_q8* vc, int n_pos, int nh, int head_dim,
+                          size_t kv_stride, float* scores, size_t ss, float* out, float* mx, float* sum, float scale) {
+    return attend_neon(1, q, kc, vc, n_pos, nh, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
 }
 
 /* ---- float activations: dot_deq_f32_scalar's result, the weights dequantized in registers with

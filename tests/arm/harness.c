@@ -11,7 +11,7 @@
      rmsnorm NAME N EPS                                     NAME.x, NAME.w -> NAME.ISA.out
      softmax NAME N                                         NAME.x -> NAME.ISA.out (N values, max, sum)
      tof16 NAME N                                           NAME.x -> NAME.ISA.out (f16)
-     attention NAME NH NKV HD NPOS NQ THREADS               NAME.q, NAME.k, NAME.v (f16) -> NAME.ISA.out
+     attention NAME NH NKV HD NPOS NQ THREADS KV           NAME.q, NAME.k, NAME.v (KV: f16 or q8) -> NAME.ISA.out
      model NAME THREADS                                     NAME.cfg, NAME.tensors, NAME.tokens -> NAME.ISA.out
    Any failure exits non-zero with a message on stderr. */
 #include <stdio.h>
@@ -86,14 +86,14 @@ static void run_product(const qora_kernels* K, int swiglu, const char* name, int
 }
 
 static void run_attention(const qora_kernels* K, const char* name, int nh, int nkv, int hd, int n_pos, int nq,
-                          int threads) {
-    const size_t width = (size_t)nkv * hd;
+                          int threads, int kv_type) {
+    const size_t width = (size_t)nkv * hd, row = qora_row_bytes(kv_type, (int)width);
     float* q = slurp(name, "q", (size_t)nq * nh * hd * sizeof(float));
-    uint16_t* kc = slurp(name, "k", (size_t)n_pos * width * 2);
-    uint16_t* vc = slurp(name, "v", (size_t)n_pos * width * 2);
+    void* kc = slurp(name, "k", (size_t)n_pos * row);
+    void* vc = slurp(name, "v", (size_t)n_pos * row);
     float* scores = calloc((size_t)nq * nh * n_pos, sizeof(float));
     float* out = calloc((size_t)nq * nh * hd, sizeof(float));
-    qora_attention(K, q, kc, vc, QORA_F16, n_pos, nq, nh, nkv, hd, width, scores, n_pos, out, threads);
+    qora_attention(K, q, kc, vc, kv_type, n_pos, nq, nh, nkv, hd, width, scores, n_pos, out, threads);
     spill(name, out, (size_t)nq * nh * hd * sizeof(float));
     free(q); free(kc); free(vc); free(scores); free(out);
 }
@@ -209,8 +209,8 @@ static void run_case(const qora_kernels* K, char* line) {
         spill(name, h, (size_t)a * 2);
         free(v); free(h);
     } else if (!strcmp(op, "attention")) {
-        if (sscanf(line, "%*s %*s %d %d %d %d %d %d", &a, &b, &c, &d, &e, &f) != 6) die("bad case", line);
-        run_attention(K, name, a, b, c, d, e, f);
+        if (sscanf(line, "%*s %*s %d %d %d %d %d %d %15s", &a, &b, &c, &d, &e, &f, dt) != 7) die("bad case", line);
+        run_attention(K, name, a, b, c, d, e, f, dtype_id(dt));
     } else if (!strcmp(op, "model")) {
         if (sscanf(line, "%*s %*s %d", &g) != 1) die("bad case", line);
         run_model(K, name, g);
