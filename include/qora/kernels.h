@@ -105,12 +105,12 @@ static const qora_kernels qora_kernels_dotprod = {
 };
 #endif
 #if QORA_NEON_I8MM
-/* i8mm: the dotprod table with smmla prefill tiles (2 rows x 2 tokens) for interleaved Q4 rows (q4x8_i8mm)
-   and the K types (tile_x_i8mm) */
+/* i8mm: the dotprod table with smmla prefill tiles (2 rows x 2 tokens) for interleaved Q4 rows (q4x8_i8mm),
+   Q4_0 / Q8_0 rows in the file's layout (tile_q4_i8mm, tile_q8_i8mm) and the K types (tile_x_i8mm) */
 static const qora_kernels qora_kernels_i8mm = {
     "i8mm", QORA_ISA_I8MM, quantize_q8_neon, dot_q4_q8_dotprod, dot_q8_q8_dotprod,
-    dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_dotprod,
-    tile_q8_dotprod, q4x8_i8mm, 4, NULL, 0, attend_f16_neon, attend_q8_neon, softmax_unnorm_neon, tile_x_i8mm, dot_bf16_f32_neon,
+    dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_i8mm,
+    tile_q8_i8mm, q4x8_i8mm, 4, NULL, 0, attend_f16_neon, attend_q8_neon, softmax_unnorm_neon, tile_x_i8mm, dot_bf16_f32_neon,
     dot_deq_f32_neon,
 };
 #endif

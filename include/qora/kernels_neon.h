@@ -394,6 +394,100 @@ QORA_TARGET_I8MM static void q4x8_i8mm(int n, const block_q4x8* w, const block_q
     QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo, q4x8_i8mm_range(nbs * QK, w + b0, x + b0, xsum + b0, xs, nt, dst, lddst));
 }
 
+/* Q4_0 / Q8_0 rows in the file's layout x Q8_0 activations (qdot_t's contract and order, R, T <= 4) with
+   smmla: per block of each segment, one 2x2 tile of (row pair) x (token pair) dots from four 8-byte
+   chunks; the four segments' tiles are transposed so that lane i is segment i again, as in qdot_t. */
+QORA_TARGET_I8MM QORA_INLINE int32x4_t mm_block(int8x16_t lo0, int8x16_t hi0, int8x16_t lo1, int8x16_t hi1,
+                                                const int8_t* x0, const int8_t* x1) {
+    const int64x2_t a[2][2] = {{vreinterpretq_s64_s8(lo0), vreinterpretq_s64_s8(hi0)},
+                               {vreinterpretq_s64_s8(lo1), vreinterpretq_s64_s8(hi1)}};
+    int32x4_t m = vdupq_n_s32(0);
+    for (int h = 0; h < 2; h++) {
+        const int64x2_t u = vreinterpretq_s64_s8(vld1q_s8(x0 + 16 * h)), v = vreinterpretq_s64_s8(vld1q_s8(x1 + 16 * h));
+        m = vmmlaq_s32(m, vreinterpretq_s8_s64(vzip1q_s64(a[0][h], a[1][h])), vreinterpretq_s8_s64(vzip1q_s64(u, v)));
+        m = vmmlaq_s32(m, vreinterpretq_s8_s64(vzip2q_s64(a[0][h], a[1][h])), vreinterpretq_s8_s64(vzip2q_s64(u, v)));
+    }
+    return m; /* [r0.t0, r0.t1, r1.t0, r1.t1] */
+}
+
+QORA_TARGET_I8MM QORA_INLINE void qdot_mm_t(const int Q4, const int R, const int T, int n, const void* w, size_t ws,
+                                            const block_q8* x, size_t xs, float* out, size_t ldo) {
+    const int nb = n / QK, seg = nb / QORA_SEGS;
+    float32x4_t acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);
+    for (int b = 0; b < seg; b++) {
+        float32x4_t dx[4], dw[4];
+        int8x16_t lo[4][4], hi[4][4]; /* [row][segment] */
+        for (int t = 0; t < T; t++) {
+            const block_q8* xt = x + t * xs + b;
+            dx[t] = f16x4_neon(xt[0].d, xt[seg].d, xt[2 * seg].d, xt[3 * seg].d);
+        }
+        for (int r = 0; r < R; r++) {
+            uint16_t d16[4];
+            for (int i = 0; i < 4; i++)
+                weights_i8_dotprod(Q4, (const char*)w + r * ws, b + i * seg, &lo[r][i], &hi[r][i], &d16[i]);
+            dw[r] = f16x4_neon(d16[0], d16[1], d16[2], d16[3]);
+        }
+        for (int r0 = 0; r0 < R; r0 += 2) {
+            const int r1 = r0 + 1 < R ? r0 + 1 : r0;
+            for (int t0 = 0; t0 < T; t0 += 2) {
+                const int t1 = t0 + 1 < T ? t0 + 1 : t0;
+                int32x4_t p[4]; /* segment i's tile */
+                for (int i = 0; i < 4; i++)
+                    p[i] = mm_block(lo[r0][i], hi[r0][i], lo[r1][i], hi[r1][i], x[t0 * xs + b + i * seg].qs,
+                                    x[t1 * xs + b + i * seg].qs);
+                const int32x4_t ea = vtrn1q_s32(p[0], p[1]), eb = vtrn2q_s32(p[0], p[1]);
+                const int32x4_t fa = vtrn1q_s32(p[2], p[3]), fb = vtrn2q_s32(p[2], p[3]);
+                const int64x2_t a64 = vreinterpretq_s64_s32(ea), b64 = vreinterpretq_s64_s32(eb);
+                const int64x2_t c64 = vreinterpretq_s64_s32(fa), d64 = vreinterpretq_s64_s32(fb);
+                const int32x4_t s[4] = {/* r0.t0, r0.t1, r1.t0, r1.t1, lane i = segment i */
+                                        vreinterpretq_s32_s64(vzip1q_s64(a64, c64)),
+                                        vreinterpretq_s32_s64(vzip1q_s64(b64, d64)),
+                                        vreinterpretq_s32_s64(vzip2q_s64(a64, c64)),
+                                        vreinterpretq_s32_s64(vzip2q_s64(b64, d64))};
+                for (int k = 0; k < 4; k++) {
+                    const int r = k < 2 ? r0 : r1, t = k & 1 ? t1 : t0;
+                    if ((k >= 2 && r1 == r0) || ((k & 1) && t1 == t0)) continue; /* a repeated row or token */
+                    acc[r][t] = vfmaq_f32(acc[r][t], vmulq_f32(dw[r], dx[t]), vcvtq_f32_s32(s[k]));
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const char* row = (const char*)w + r * ws;
+        for (int t = 0; t < T; t++) {
+            float a[4];
+            vst1q_f32(a, acc[r][t]);
+            const block_q8* xt = x + t * xs;
+            for (int c = QORA_SEGS * seg; c < nb; c++) { /* segment 3's end, as qdot_t */
+                int8x16_t l, h;
+                uint16_t d16;
+                weights_i8_dotprod(Q4, row, c, &l, &h, &d16);
+                const int32_t isum = vaddvq_s32(block_dot_dotprod(l, h, xt + c));
+                a[3] = fmaf(f16_neon(d16) * f16_neon(xt[c].d), (float)isum, a[3]);
+            }
+            out[t * ldo + r] = ((a[0] + a[1]) + a[2]) + a[3];
+        }
+    }
+}
+
+#define QORA_TILE_Q4_MM(R, T, n, w, ws, x, xs, out, ldo) qdot_mm_t(1, R, T, n, w, ws, x, xs, out, ldo)
+#define QORA_TILE_Q8_MM(R, T, n, w, ws, x, xs, out, ldo) qdot_mm_t(0, R, T, n, w, ws, x, xs, out, ldo)
+
+/* prefill tiles (two or more tokens) with smmla; one token (decode) on sdot */
+QORA_TARGET_I8MM static void tile_q4_i8mm(int n, const void* w, size_t ws, int nr, const block_q8* x, size_t xs, int nt,
+                                          float* out, size_t ldo) {
+    if (nt < 2) tile_q4_dotprod(n, w, ws, nr, x, xs, nt, out, ldo);
+    else QORA_TILE_SWITCH(QORA_TILE_Q4_MM, n, w, ws, nr, x, xs, nt, out, ldo)
+}
+
+QORA_TARGET_I8MM static void tile_q8_i8mm(int n, const void* w, size_t ws, int nr, const block_q8* x, size_t xs, int nt,
+                                          float* out, size_t ldo) {
+    if (nt < 2) tile_q8_dotprod(n, w, ws, nr, x, xs, nt, out, ldo);
+    else QORA_TILE_SWITCH(QORA_TILE_Q8_MM, n, w, ws, nr, x, xs, nt, out, ldo)
+}
+
 /* K rows x Q8_K activations (qdotk_t's contract and integers, R, T <= 4) with smmla: per super-block and
    16-element sub-block, one 2x2 tile (a row pair's and a token pair's 16 bytes, as two 8-byte halves)
    times the rows' scales; an odd row or token repeats the last one, its results unused. */
