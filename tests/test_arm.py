@@ -8,9 +8,10 @@ dotprod on a Neoverse N1, i8mm on `max`), so an instruction past its level would
 SIGILL; feature detection (getauxval's HWCAPs) is checked on each model. Covered: every weight type's
 products (random blocks, ragged rows and token counts, real SmolLM2-135M / SmolLM3-3B shapes, Q4
 repacked and in file order, 8-bit and float activations, 1 and 2 OpenMP threads), swiglu, the Q8
-quantizer, RMSNorm, softmax, f16 conversion, attention over the f16 cache (one and several 256-position
-chunks), and whole forward passes of the tiny fixture models (prefill then decode) against the x86
-engine's logits. Skipped where the cross compiler or qemu-aarch64 is missing (.ci/run installs both)."""
+quantizer, RMSNorm, softmax, f16 conversion, attention over the f16 and Q8_0 caches (one and several
+256-position chunks), and whole forward passes of tiny models (prefill then decode) against the x86
+engine's logits. The tests that run the harness skip where the cross compiler or qemu-aarch64 is missing
+(.ci/run installs both); resolve_isa's aarch64 list is tested without them."""
 
 from __future__ import annotations
 
@@ -35,10 +36,6 @@ from qora.format import read_qora
 CC = shlex.split(os.environ.get("QORA_ARM_CC", "aarch64-linux-gnu-gcc"))
 QEMU = os.environ.get("QORA_ARM_QEMU", "qemu-aarch64")
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(
-    shutil.which(CC[0]) is None or shutil.which(QEMU) is None,
-    reason=f"needs {CC[0]} and {QEMU} (Debian: apt install gcc-aarch64-linux-gnu qemu-user)",
-)
 
 ARM_ISAS = ISA_NAMES_BY_ARCH["aarch64"]
 # the least qemu CPU model with each path's features
@@ -54,7 +51,10 @@ X86_SCALAR = ISA_NAMES.index("scalar")
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    """The harness cross-compiled with setup.py's flags (static: qemu needs no aarch64 sysroot)."""
+    """The harness cross-compiled with setup.py's flags (static: qemu needs no aarch64 sysroot); every
+    test that runs it skips where the cross compiler or qemu-aarch64 is missing."""
+    if shutil.which(CC[0]) is None or shutil.which(QEMU) is None:
+        pytest.skip(f"needs {CC[0]} and {QEMU} (Debian: apt install gcc-aarch64-linux-gnu qemu-user)")
     out = tmp_path_factory.mktemp("arm-build") / "harness"
     omp = [] if "clang" in Path(CC[0]).name else ["-fopenmp"]  # (QORA_ARM_CC=clang-16: no aarch64 libomp here)
     cmd = [
@@ -135,6 +135,28 @@ def test_kernel_tables_follow_the_python_names(harness):
     count, *rows = r.stdout.splitlines()
     assert int(count) == len(ARM_ISAS)
     assert [row.split() for row in rows] == [[str(i), name, str(i)] for i, name in enumerate(ARM_ISAS)]
+
+
+def test_resolve_isa_on_an_aarch64_build(monkeypatch):
+    """The Python side of an aarch64 build (no ARM interpreter here): the best path the CPU and the build
+    have, a forced one, one the CPU lacks, one the build left out (clang before 16: i8mm), and x86 names."""
+    from qora.engine import cpu as eng
+    from qora.errors import QoraError
+
+    feats = {"cpu_supports": ["scalar", "neon", "dotprod", "i8mm"], "compiled": ["scalar", "neon", "dotprod"]}
+    monkeypatch.setattr(eng, "ISA_NAMES", ARM_ISAS)
+    monkeypatch.setattr(eng, "MACHINE", "aarch64")
+    monkeypatch.setattr(eng, "_core", lambda: type("Core", (), {"cpu_features": staticmethod(lambda: feats)}))
+    monkeypatch.delenv("QORA_ISA", raising=False)
+    assert eng.resolve_isa() == (2, "best available")
+    assert eng.resolve_isa("neon") == (1, "forced by QORA_ISA=neon")
+    assert eng.resolve_isa("i8mm") == (2, "QORA_ISA=i8mm: not compiled into this build, using dotprod")
+    with pytest.raises(QoraError, match="QORA_ISA=avx2 is an x86_64 path; this aarch64 build runs scalar, neon"):
+        eng.resolve_isa("avx2")
+    feats["cpu_supports"] = ["scalar", "neon"]  # a Cortex-A53 / A72
+    assert eng.resolve_isa() == (1, "best available")
+    with pytest.raises(QoraError, match="does not support dotprod"):
+        eng.resolve_isa("dotprod")
 
 
 # (rows, cols) per block size: ragged rows (tiles of 4, interleaved groups of 8 and their leftovers), block
