@@ -3,10 +3,10 @@
    path gives the same bits: the integer parts are exact whatever instructions form them, and the
    float steps are the scalar reference's, lane for lane (vfmaq_f32 is fmaf, vcvtnq_s32_f32 and
    vrndnq_f32 round half to even like nearbyintf, vcvt_f32_f16 is exact).
-   The float kernels (dots, norms, softmax, f16 conversion) need nothing past NEON and serve all three
-   tables; the integer products are written once in kernels_neon_int.h and compiled twice, with
-   widening multiplies (NEON) and with sdot (dotprod); i8mm adds smmla tiles for the prefill of
-   repacked Q4 matrices. */
+   The float kernels (dots, norms, softmax, f16 conversion, attention, float activations) need nothing
+   past NEON and serve all three tables; the integer products are written once in kernels_neon_int.h and
+   compiled twice, with widening multiplies (NEON) and with sdot (dotprod); i8mm adds smmla prefill tiles
+   (two rows x two tokens) for Q4_0 (repacked or not), Q8_0 and the K types. */
 #ifndef QORA_KERNELS_NEON_H
 #define QORA_KERNELS_NEON_H
 
