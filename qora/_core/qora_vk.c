@@ -1570,13 +1570,14 @@ static uint32_t qvk_mv_rows(const qvk_model* m, int mode) {
 
 /* threads per decode workgroup: about three input units (a 32-element block, a quarter K super-block,
    8 f16 / bf16, 4 f32) per thread, so long rows (the down projection) keep more loads in flight, and
-   64 at least (one 2048-wide Q4 row is exactly 64 blocks) */
+   64 at least (one 2048-wide Q4 row is exactly 64 blocks), 32 where a row has fewer than 64 units (a
+   2048-wide K-type row has 32: no idle half workgroup) */
 static uint32_t qvk_mv_threads(const qvk_model* m, int dtype, int cols) {
     if (m->mv_threads) return (uint32_t)m->mv_threads;
     qvk_layout_t L;
     const int unit = qvk_layout(dtype, &L) ? (L.elems == QK_K ? 64 : QK) : dtype == QORA_F32 ? 4 : 8;
     const int want = (cols / unit + 2) / 3;
-    uint32_t t = 64;
+    uint32_t t = cols / unit < 64 ? 32 : 64;
     while ((int)t < want && t < 256) t *= 2;
     return t;
 }

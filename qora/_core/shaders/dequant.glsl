@@ -49,14 +49,19 @@
 #define UNITQ 32u
 #endif
 
+// Small integers (< 2^23) to floats without an int->float conversion (a quarter-rate instruction on
+// many GPUs): OR-ed into the mantissa of 2^23, minus 2^23 (common.glsl's MAGIC), exact.
+vec4 u2f(uvec4 v) { return uintBitsToFloat(v | MAGIC) - MAGIC_F; }
 // the 4 bytes of a word, the low and high nibbles of each
 uvec4 bytes4(uint w) { return (uvec4(w) >> uvec4(0u, 8u, 16u, 24u)) & 0xFFu; }
-vec4 lo4(uint w) { return vec4(bytes4(w) & 0xFu); }
-vec4 hi4(uint w) { return vec4(bytes4(w) >> 4u); }
+uvec4 ulo4(uint w) { return (uvec4(w) >> uvec4(0u, 8u, 16u, 24u)) & 0xFu; }
+uvec4 uhi4(uint w) { return (uvec4(w) >> uvec4(4u, 12u, 20u, 28u)) & 0xFu; }
+vec4 lo4(uint w) { return u2f(ulo4(w)); }
+vec4 hi4(uint w) { return u2f(uhi4(w)); }
 // bit `s` of each byte of w, times 16 (the fifth bit of a 5-bit value)
-vec4 bit4(uint w, uint s) { return vec4(((uvec4(w) >> (uvec4(0u, 8u, 16u, 24u) + s)) & 1u) << 4u); }
+uvec4 ubit4(uint w, uint s) { return ((uvec4(w) >> (uvec4(0u, 8u, 16u, 24u) + s)) & 1u) << 4u; }
 // bits 4e + s (e = 0..3) of qh, times 16: the fifth bits of elements 4c.. of a Q5_0/Q5_1 block
-vec4 qhbit4(uint qh, uint first) { return vec4(((uvec4(qh) >> (uvec4(0u, 1u, 2u, 3u) + first)) & 1u) << 4u); }
+uvec4 uqhbit4(uint qh, uint first) { return ((uvec4(qh) >> (uvec4(0u, 1u, 2u, 3u) + first)) & 1u) << 4u; }
 // byte i of a uvec4 (the K types' scale bytes)
 uint byte_at(uvec4 v, uint i) { return (v[i >> 2] >> (8u * (i & 3u))) & 0xFFu; }
 // the 6-bit scale and min of sub-block j of a Q4_K / Q5_K block (llama.cpp's get_scale_min_k4),
@@ -103,10 +108,10 @@ void deq32(uint rows, uint cols, uint r, uint k0, out float v[32]) {
     const uint qh = DTYPE == 4 ? 0u : w1[mbase + META * blk];
     const vec2 dm = unpackHalf2x16(w1[mbase + META * blk + META - 1u]);
     for (uint c = 0u; c < 4u; c++) {
-        vec4 lo = lo4(q[c]), hi = hi4(q[c]);
-#if DTYPE != 4
-        lo += qhbit4(qh, 4u * c);
-        hi += qhbit4(qh, 16u + 4u * c);
+#if DTYPE == 4
+        const vec4 lo = lo4(q[c]), hi = hi4(q[c]);
+#else
+        const vec4 lo = u2f(ulo4(q[c]) | uqhbit4(qh, 4u * c)), hi = u2f(uhi4(q[c]) | uqhbit4(qh, 16u + 4u * c));
 #endif
 #if DTYPE == 5
         precise vec4 a = dm.x * (lo - 16.0), b = dm.x * (hi - 16.0);
@@ -132,10 +137,11 @@ void deq32(uint rows, uint cols, uint r, uint k0, out float v[32]) {
         const uvec4 qhv = w4[base + 1u + hh];
 #endif
         for (uint c = 0u; c < 4u; c++) {
-            vec4 n = (j & 1u) != 0u ? hi4(q[c]) : lo4(q[c]);
+            uvec4 nu = (j & 1u) != 0u ? uhi4(q[c]) : ulo4(q[c]);
 #if DTYPE == 8
-            n += bit4(qhv[c], j);
+            nu |= ubit4(qhv[c], j);
 #endif
+            const vec4 n = u2f(nu);
             precise vec4 a = ds * n - dmn;
             for (uint e = 0u; e < 4u; e++) v[16u * hh + 4u * c + e] = a[e];
         }
@@ -149,8 +155,8 @@ void deq32(uint rows, uint cols, uint r, uint k0, out float v[32]) {
         const uvec4 qh = w4[base + 8u + 2u * hf + hh];
         precise float ds = d * float(sbyte(scv, 8u * hf + 2u * i + hh));
         for (uint c = 0u; c < 4u; c++) {
-            const vec4 lo = i < 2u ? lo4(ql[c]) : hi4(ql[c]);
-            const vec4 n = lo + vec4(((bytes4(qh[c]) >> (2u * i)) & 3u) << 4u) - 32.0;
+            const uvec4 lo = i < 2u ? ulo4(ql[c]) : uhi4(ql[c]);
+            const vec4 n = u2f(lo | (((bytes4(qh[c]) >> (2u * i)) & 3u) << 4u)) - 32.0;
             precise vec4 a = ds * n;
             for (uint e = 0u; e < 4u; e++) v[16u * hh + 4u * c + e] = a[e];
         }
@@ -193,7 +199,7 @@ float unit_dot(uint row, uint u, uint nb, uint mbase, vec4 x[XV], vec4 xs) {
 #else
     const uint qh = w1[mbase + 2u * blk];
     for (uint c = 0u; c < 4u; c++)
-        s += dot(lo4(q[c]) + qhbit4(qh, 4u * c), x[c]) + dot(hi4(q[c]) + qhbit4(qh, 16u + 4u * c), x[4u + c]);
+        s += dot(u2f(ulo4(q[c]) | uqhbit4(qh, 4u * c)), x[c]) + dot(u2f(uhi4(q[c]) | uqhbit4(qh, 16u + 4u * c)), x[4u + c]);
 #endif
 #if DTYPE == 3
     return SCALE_AT(w1, mbase, blk) * (s - 8.0 * xs.x);
@@ -216,10 +222,10 @@ float unit_dot(uint row, uint u, uint nb, uint mbase, vec4 x[XV], vec4 xs) {
         const uvec4 qhv = w4[base + 1u + hh];
 #endif
         for (uint c = 0u; c < 4u; c++) {
-            vec4 l = lo4(q[c]), hi = hi4(q[c]);
 #if DTYPE == 8
-            l += bit4(qhv[c], 2u * p);
-            hi += bit4(qhv[c], 2u * p + 1u);
+            const vec4 l = u2f(ulo4(q[c]) | ubit4(qhv[c], 2u * p)), hi = u2f(uhi4(q[c]) | ubit4(qhv[c], 2u * p + 1u));
+#else
+            const vec4 l = lo4(q[c]), hi = hi4(q[c]);
 #endif
             s0 += dot(l, x[4u * hh + c]);
             s1 += dot(hi, x[8u + 4u * hh + c]);
@@ -238,10 +244,10 @@ float unit_dot(uint row, uint u, uint nb, uint mbase, vec4 x[XV], vec4 xs) {
     vec4 s = vec4(0.0);
     for (uint c = 0u; c < 4u; c++) {
         const uvec4 hb = bytes4(qh[c]);
-        s.x += dot(lo4(qa[c]) + vec4((hb & 3u) << 4u), x[c]);
-        s.y += dot(lo4(qb[c]) + vec4(((hb >> 2u) & 3u) << 4u), x[4u + c]);
-        s.z += dot(hi4(qa[c]) + vec4(((hb >> 4u) & 3u) << 4u), x[8u + c]);
-        s.w += dot(hi4(qb[c]) + vec4((hb >> 6u) << 4u), x[12u + c]);
+        s.x += dot(u2f(ulo4(qa[c]) | ((hb & 3u) << 4u)), x[c]);
+        s.y += dot(u2f(ulo4(qb[c]) | (((hb >> 2u) & 3u) << 4u)), x[4u + c]);
+        s.z += dot(u2f(uhi4(qa[c]) | (((hb >> 4u) & 3u) << 4u)), x[8u + c]);
+        s.w += dot(u2f(uhi4(qb[c]) | ((hb >> 6u) << 4u)), x[12u + c]);
     }
     const uint s0 = 8u * hf + i;
     const vec4 sc = vec4(sbyte(scv, s0), sbyte(scv, s0 + 2u), sbyte(scv, s0 + 4u), sbyte(scv, s0 + 6u));
