@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--isa", default=None, help=f"one of {', '.join(ISA_NAMES)} (default: the best)")
     p.add_argument("--precision", choices=("q8", "f32"), default="q8")
     p.add_argument("--types", default=",".join(TYPES))
+    p.add_argument("--file-layout", action="store_true", help="no interleaved copies (QORA_REPACK=0's layout)")
     a = p.parse_args(argv)
     feats = _cpu.cpu_features()
     isa = (
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     r = np.random.default_rng(0)
     types = a.types.split(",")
     mats = {
-        t: _cpu.Matrix(random_weights(r, t, a.rows, a.cols), t, a.rows, a.cols, t == "q4", a.threads) for t in types
+        t: _cpu.Matrix(random_weights(r, t, a.rows, a.cols), t, a.rows, a.cols, not a.file_layout, a.threads) for t in types
     }
     x = r.standard_normal((1, a.cols)).astype(np.float32)
     best = {t: float("inf") for t in types}

@@ -119,7 +119,9 @@ SHAPES = [(1, 1), (3, 1), (5, 2), (13, 3), (33, 2)]  # (rows, blocks per row)
 @pytest.mark.parametrize("dtype", [*NEW_TYPES, "q4", "q8", "bf16"])
 @pytest.mark.parametrize("n", [1, 2, 4, 5, 9, 17])
 def test_matmul_against_numpy_and_every_path_bit_for_bit(dtype, n, act_f32):
-    """Every tile shape (1-4 rows x 1-4 tokens) and the ragged edges, each ISA path equal to the scalar one."""
+    """Every tile shape (1-4 rows x 1-4 tokens) and the ragged edges, each ISA path equal to the scalar one,
+    in the file's layout and with the interleaved copy the engine makes at load (Q4_0 x8, the x8 layouts of
+    kquants_repack.h: groups of 8 rows, the rest in the file's layout)."""
     r = rng()
     block = max(WEIGHT_TYPES[dtype].block, QK)
     for rows, nb in SHAPES + ([(130, 9)] if block == QK else [(130, 4)]):
@@ -130,11 +132,14 @@ def test_matmul_against_numpy_and_every_path_bit_for_bit(dtype, n, act_f32):
         xe = x.astype(np.float64) if act_f32 or not WEIGHT_TYPES[dtype].quantized else effective_inputs(dtype, x)
         ref = xe @ w.T
         scale = np.abs(x).astype(np.float64) @ np.abs(w).T + 1e-6
-        outs = {isa: _cpu.matmul(raw, dtype, rows, cols, x, isa, 2, False, act_f32) for isa in ISAS}
-        err = np.abs(outs[SCALAR] - ref) / scale
+        outs = {
+            (isa, rp): _cpu.matmul(raw, dtype, rows, cols, x, isa, 2, rp, act_f32) for isa in ISAS for rp in (False, True)
+        }
+        base = outs[SCALAR, False]
+        err = np.abs(base - ref) / scale
         assert err.max() < 1e-5, (dtype, rows, cols, err.max())
-        for isa, y in outs.items():
-            np.testing.assert_array_equal(y, outs[SCALAR], err_msg=f"{ISA_NAMES[isa]} {dtype} {rows}x{cols} n={n}")
+        for (isa, rp), y in outs.items():
+            np.testing.assert_array_equal(y, base, err_msg=f"{ISA_NAMES[isa]} repack={rp} {dtype} {rows}x{cols} n={n}")
 
 
 @pytest.mark.parametrize("dtype", NEW_TYPES)
@@ -152,18 +157,23 @@ def test_8bit_activations_cost_what_the_partner_rounding_costs(dtype):
 
 
 @pytest.mark.parametrize("act_f32", [False, True], ids=["q8-acts", "f32-acts"])
-@pytest.mark.parametrize("types", [("q4_k", "q6_k"), ("q4_k", "q5_0"), ("q5_1", "q8"), ("q4", "q4_k")])
+@pytest.mark.parametrize(
+    "types", [("q4_k", "q6_k"), ("q4_k", "q5_0"), ("q5_1", "q8"), ("q4", "q4_k"), ("q8", "q5_k"), ("q6_k", "q4")]
+)
 def test_swiglu_of_two_types(types, act_f32):
-    """Gate and up of different types (a Q4_K_M file's mix): both activation formats prepared at once."""
+    """Gate and up of different types (a Q4_K_M file's mix): both activation formats prepared at once, in
+    any mix of the file's layout and the interleaved ones."""
     r = rng()
     rows, cols, n = 37, 512, 5
     gate_raw, up_raw = (random_blocks(r, t, rows, cols) for t in types)
     x = r.standard_normal((n, cols)).astype(np.float32)
     outs = {}
     for isa in ISAS:
-        g = _cpu.Matrix(gate_raw, types[0], rows, cols)
-        u = _cpu.Matrix(up_raw, types[1], rows, cols)
-        outs[isa] = _cpu.swiglu_prepared(g, u, x, isa, 2, act_f32)
+        for layouts in [(False, False), (True, True), (True, False), (False, True)]:
+            g = _cpu.Matrix(gate_raw, types[0], rows, cols, layouts[0], 2)
+            u = _cpu.Matrix(up_raw, types[1], rows, cols, layouts[1], 2)
+            outs[isa, layouts] = _cpu.swiglu_prepared(g, u, x, isa, 2, act_f32)
+    outs[SCALAR] = outs[SCALAR, (False, False)]
     gw, uw = (
         reference_values(raw, t, rows, cols).astype(np.float64)
         for raw, t in zip((gate_raw, up_raw), types, strict=True)
@@ -173,8 +183,8 @@ def test_swiglu_of_two_types(types, act_f32):
     g, u = xg @ gw.T, xu @ uw.T
     ref = g / (1 + np.exp(-g)) * u
     assert np.abs(outs[SCALAR] - ref).max() <= 1e-4 * np.abs(ref).max()
-    for isa, y in outs.items():
-        np.testing.assert_array_equal(y, outs[SCALAR], err_msg=ISA_NAMES[isa])
+    for key, y in outs.items():
+        np.testing.assert_array_equal(y, outs[SCALAR], err_msg=str(key))
 
 
 @pytest.mark.parametrize("dtype", NEW_TYPES)

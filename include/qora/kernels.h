@@ -12,6 +12,7 @@
 #include "kquants.h"
 #include "kquants_avx2.h"
 #include "repack.h"
+#include "kquants_repack.h"
 #include "amx.h"
 #include "attention_avx2.h"
 #include "attention_avx512.h"
@@ -147,6 +148,7 @@ typedef struct {
     size_t row_bytes;
     const void* data; /* rows * row_bytes bytes, usually inside the mmap */
     const block_q4x8* packed; /* Q4 only, optional: rows / 8 groups x cols / 32 blocks, interleaved at load */
+    const void* kpacked; /* Q8_0 / K types, optional: the x8 layout of kquants_repack.h (groups of 8 rows) */
 } qora_tensor;
 
 static inline int qora_is_quantized(int dtype) { return qora_block_elems(dtype) > 1; }
@@ -257,6 +259,7 @@ static inline int qora_unit_pairs(const qora_kernels* K, const qora_tensor* W) {
 }
 
 static inline int qora_units(const qora_kernels* K, const qora_tensor* W) {
+    if (W->kpacked) return W->rows / 8 + (W->rows % 8 + 3) / 4; /* x8 groups, then the rest by 4 */
     if (!W->packed) return (W->rows + 3) / 4;
     const int pairs = qora_unit_pairs(K, W), groups = W->rows / 8, tail = W->rows % 8;
     return pairs + (groups - 2 * pairs) + (tail + 3) / 4;
@@ -264,8 +267,30 @@ static inline int qora_units(const qora_kernels* K, const qora_tensor* W) {
 
 /* Tokens a unit takes at once: interleaved rows meet up to q4x8_max_t (q4x16_max_t) activations. */
 static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W, int u) {
+    if (W->kpacked) return QORA_KX8_MAX_T;
     if (!W->packed) return 4;
     return u < qora_unit_pairs(K, W) ? K->q4x16_max_t : K->q4x8_max_t;
+}
+
+/* qora_unit for a matrix with an x8 copy (kquants_repack.h): group u, or the rows past the groups by 4 */
+static inline int qora_kx8_unit(const qora_kernels* K, const qora_tensor* W, int u, const float* X, size_t ldx,
+                                const block_q8* XQ, size_t ldxq, int t0, int nt, float* out, size_t ldo, int* nr_out) {
+    const int groups = W->rows / 8;
+    if (u < groups) {
+        const int e = qora_block_elems(W->dtype);
+        const block_q8* xq = XQ + (size_t)t0 * ldxq;
+        const void* xa = e == QK_K ? (const void*)qora_q8k_at(xq, W->cols) : xq;
+        qora_kx8_kernel(K->isa)(W->dtype, W->cols,
+                                (const char*)W->kpacked + (size_t)u * (W->cols / e) * qora_kx8_block_bytes(W->dtype), xa,
+                                ldxq * sizeof(block_q8), nt, out, ldo);
+        *nr_out = 8;
+        return u * 8;
+    }
+    const int r0 = groups * 8 + (u - groups) * 4, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
+    for (int t = 0; t < nt; t += 4)
+        qora_tile(K, W, r0, nr, X, ldx, XQ, ldxq, t0 + t, nt - t < 4 ? nt - t : 4, out + (size_t)t * ldo, ldo);
+    *nr_out = nr;
+    return r0;
 }
 
 /* Unit u against tokens t0..t0+nt-1 (nt <= qora_unit_tokens): out[t * ldo + local row], up to 16
@@ -273,6 +298,7 @@ static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W, 
 static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, const float* X, size_t ldx,
                             const block_q8* XQ, const qora_xblock* XS, size_t ldxq, int t0, int nt, float* out, size_t ldo,
                             int* nr_out) {
+    if (W->kpacked) return qora_kx8_unit(K, W, u, X, ldx, XQ, ldxq, t0, nt, out, ldo, nr_out);
     const int pairs = qora_unit_pairs(K, W);
     if (W->packed && u < pairs) {
         const size_t nb = (size_t)(W->cols / QK);
@@ -313,9 +339,10 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
 /* W as the products read it: with float activations (XQ == NULL) the interleaved Q4 copy (an integer
    kernel's layout) is not used. */
 static inline const qora_tensor* qora_as_read(const qora_tensor* W, const block_q8* XQ, qora_tensor* tmp) {
-    if (XQ || !W->packed) return W;
+    if (XQ || (!W->packed && !W->kpacked)) return W;
     *tmp = *W;
     tmp->packed = NULL;
+    tmp->kpacked = NULL;
     return tmp;
 }
 
@@ -352,7 +379,7 @@ static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg_in, const q
     qora_tensor tmp_g, tmp_u;
     const qora_tensor *Wg = qora_as_read(Wg_in, XQ, &tmp_g), *Wu = qora_as_read(Wu_in, XQ, &tmp_u);
     const int units = qora_units(K, Wg);
-    const int same_layout = (Wg->packed != NULL) == (Wu->packed != NULL);
+    const int same_layout = (Wg->packed != NULL) == (Wu->packed != NULL) && (Wg->kpacked != NULL) == (Wu->kpacked != NULL);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * Wg->rows * Wg->cols >= QORA_PARALLEL_MIN_WORK)
 #endif

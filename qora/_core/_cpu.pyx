@@ -44,6 +44,11 @@ cdef extern from "qora/qora.h" nogil:
     void* qora_alloc_weights(size_t nbytes)
     void qora_free_weights(void* p)
     void qora_repack_q4x8(const void* src, size_t row_bytes, int rows, int cols, block_q4x8* dst, int n_threads)
+    ctypedef void (*qora_kx8_fn)(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
+                                 size_t ldo) noexcept nogil
+    qora_kx8_fn qora_kx8_kernel(int isa)
+    size_t qora_kx8_bytes(int dtype, int rows, int cols)
+    void qora_kx8_repack(int dtype, const void* src, size_t row_bytes, int rows, int cols, void* dst, int n_threads)
 
     void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float* X, size_t ldx, const block_q8* XQ,
                      const qora_xblock* XS, size_t ldxq, int n, float* Y, size_t ldy, int n_threads)
@@ -190,7 +195,7 @@ cdef const qora_kernels* _kernels(int isa) except NULL:
 
 
 cdef class _Packed:
-    """A Q4 matrix repacked into 8-row interleaved groups (freed with this object)."""
+    """A matrix repacked into 8-row interleaved groups (freed with this object)."""
     cdef void* buf
 
     def __cinit__(self):
@@ -200,18 +205,32 @@ cdef class _Packed:
         qora_free_weights(self.buf)
 
 
-cdef _Packed _repack(qora_tensor* t, int n_threads):
-    """Give t an interleaved copy when it is Q4 with at least one full group of 8 rows."""
+cdef _Packed _repack(qora_tensor* t, int n_threads, int isa=-1):
+    """Give t an interleaved copy when it has at least one full group of 8 rows: Q4 rows as block_q4x8
+    (repack.h); Q8_0 and the K types in their x8 layout (kquants_repack.h) where the ISA path `isa` (-1:
+    the scalar one) has a kernel for it, else t stays in the file's layout."""
     cdef _Packed p = _Packed()
-    if t.dtype != QORA_Q4 or t.rows < 8:
+    cdef size_t nbytes
+    if t.rows < 8:
         return p
-    cdef size_t nbytes = <size_t>(t.rows // 8) * <size_t>(t.cols // 32) * 144
+    if t.dtype == QORA_Q4:
+        nbytes = <size_t>(t.rows // 8) * <size_t>(t.cols // 32) * 144
+    elif qora_kx8_kernel(QORA_ISA_SCALAR if isa < 0 else isa) != NULL:
+        nbytes = qora_kx8_bytes(t.dtype, t.rows, t.cols)
+    else:
+        nbytes = 0
+    if nbytes == 0:
+        return p
     p.buf = qora_alloc_weights(nbytes)
     if p.buf == NULL:
         raise MemoryError(f"cannot allocate {nbytes} bytes for repacked weights")
     with nogil:
-        qora_repack_q4x8(t.data, t.row_bytes, t.rows, t.cols, <block_q4x8*>p.buf, n_threads)
-    t.packed = <const block_q4x8*>p.buf
+        if t.dtype == QORA_Q4:
+            qora_repack_q4x8(t.data, t.row_bytes, t.rows, t.cols, <block_q4x8*>p.buf, n_threads)
+            t.packed = <const block_q4x8*>p.buf
+        else:
+            qora_kx8_repack(t.dtype, t.data, t.row_bytes, t.rows, t.cols, p.buf, n_threads)
+            t.kpacked = p.buf
     return p
 
 
@@ -548,16 +567,16 @@ cdef class CpuModel:
             raise MemoryError()
         _fill_weights(&self.m.w, self.layers, c, cfg, tensors, inv_freq, self._refs)
         if repack and not act_f32:  # integer decode and prefill read Q4 matrices through the interleaved copy
-            self._keep(_repack(&self.m.w.output, n_threads))
+            self._keep(_repack(&self.m.w.output, n_threads, isa))
             for i in range(n_layers):
                 L = &self.layers[i]
-                self._keep(_repack(&L.wq, n_threads))
-                self._keep(_repack(&L.wk, n_threads))
-                self._keep(_repack(&L.wv, n_threads))
-                self._keep(_repack(&L.wo, n_threads))
-                self._keep(_repack(&L.w_gate, n_threads))
-                self._keep(_repack(&L.w_up, n_threads))
-                self._keep(_repack(&L.w_down, n_threads))
+                self._keep(_repack(&L.wq, n_threads, isa))
+                self._keep(_repack(&L.wk, n_threads, isa))
+                self._keep(_repack(&L.wv, n_threads, isa))
+                self._keep(_repack(&L.wo, n_threads, isa))
+                self._keep(_repack(&L.w_gate, n_threads, isa))
+                self._keep(_repack(&L.w_up, n_threads, isa))
+                self._keep(_repack(&L.w_down, n_threads, isa))
         if qora_state_init(&self.m.s, c) != QORA_OK:
             raise MemoryError(f"cannot allocate the run state for a {max_seq_len}-token context")
         self.vocab_size = c.vocab_size

@@ -38,6 +38,7 @@ cdef extern from "qora/forward.h" nogil:
         size_t row_bytes
         const void* data
         const block_q4x8* packed
+        const void* kpacked
 
     ctypedef struct qora_config:
         int n_layers, dim, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size, max_seq_len

@@ -1,0 +1,526 @@
+/* qora — Q8_0, Q4_K, Q5_K and Q6_K rows interleaved at load into groups of 8 (the "x8" layouts), as
+   repack.h does for Q4_0: lane j of a 256-bit vector belongs to row j, so one vpmaddubsw on 4-byte
+   chunks of eight rows against four broadcast activation bytes leaves each row's partial sums in its
+   own 32-bit lane, the K sub-block scales multiply eight rows in one vpmaddwd, and no horizontal sum
+   is left in the block loop. The integers and the float operations per row are those of the file-layout
+   kernels (common.h's order), so the results are the same bits. Used on x86 only (qora_kx8_kernel):
+   elsewhere the matrices stay in the file's layout. The rows past the last full group of 8 stay in the
+   file's layout too. */
+#ifndef QORA_KQUANTS_REPACK_H
+#define QORA_KQUANTS_REPACK_H
+
+#include "common.h"
+#include "cpu_features.h"
+#include "kquants.h"
+#include "repack.h"
+
+/* Q8_0: qs[k][j] = bytes 4k..4k+3 of row j's block */
+typedef struct {
+    uint16_t d[8];
+    int8_t qs[8][8][4];
+} block_q8x8;
+QORA_STATIC_ASSERT(sizeof(block_q8x8) == 16 + 256, "block_q8x8 must be 272 bytes");
+
+/* Q4_K: the 6-bit scales and minimums unpacked (sc[s][j]: row j's scale of sub-block s; mn[p][j][e]:
+   row j's minimum of sub-block 2p + e), qs[k][j] = bytes 4k..4k+3 of row j's qs (k = 8p + c: low nibbles
+   elements 64p + 4c.., high nibbles 64p + 32 + 4c..) */
+typedef struct {
+    uint16_t d[8], dmin[8];
+    uint8_t sc[8][8];
+    uint8_t mn[4][8][2];
+    uint8_t qs[32][8][4];
+} block_q4_Kx8;
+QORA_STATIC_ASSERT(sizeof(block_q4_Kx8) == 1184, "block_q4_Kx8 must be 1184 bytes");
+
+/* Q5_K: Q4_K's x8 layout, then qh[c][j] = bytes 4c..4c+3 of row j's qh (bit s: bit 4 of sub-block s's
+   element 4c + e) */
+typedef struct {
+    block_q4_Kx8 k4;
+    uint8_t qh[8][8][4];
+} block_q5_Kx8;
+QORA_STATIC_ASSERT(sizeof(block_q5_Kx8) == 1184 + 256, "block_q5_Kx8 must be 1440 bytes");
+
+/* Q6_K: sc[p][j][e] = row j's int8 scale of the 16 elements 16 (2p + e)..; per quarter p of 64 elements,
+   ql[8p + c][j] holds the low four bits of elements 64p + 4c + e (c < 8; low nibble) and 64p + 32 + 4c + e
+   (high nibble), qh[4p + c][j] (c < 4) the top two bits of elements 64p + 4c + e (bits 0-1),
+   64p + 32 + 4c + e (2-3), 64p + 16 + 4c + e (4-5) and 64p + 48 + 4c + e (6-7) */
+typedef struct {
+    uint16_t d[8];
+    int8_t sc[8][8][2];
+    uint8_t ql[32][8][4];
+    uint8_t qh[16][8][4];
+} block_q6_Kx8;
+QORA_STATIC_ASSERT(sizeof(block_q6_Kx8) == 1680, "block_q6_Kx8 must be 1680 bytes");
+
+/* bytes of one x8 block (8 rows x one block of the type); 0: no x8 layout */
+static inline size_t qora_kx8_block_bytes(int dtype) {
+    switch (dtype) {
+    case QORA_Q8: return sizeof(block_q8x8);
+    case QORA_Q4_K: return sizeof(block_q4_Kx8);
+    case QORA_Q5_K: return sizeof(block_q5_Kx8);
+    case QORA_Q6_K: return sizeof(block_q6_Kx8);
+    default: return 0;
+    }
+}
+
+/* bytes of a matrix's x8 copy (its full groups of 8 rows) */
+static inline size_t qora_kx8_bytes(int dtype, int rows, int cols) {
+    const int e = qora_block_elems(dtype);
+    return e > 1 ? (size_t)(rows / 8) * (size_t)(cols / e) * qora_kx8_block_bytes(dtype) : 0;
+}
+
+/* ---- layout: one row's block into / out of an x8 block ---- */
+
+static void kx8_put_q4k(block_q4_Kx8* o, int j, const block_q4_K* in) {
+    o->d[j] = in->d;
+    o->dmin[j] = in->dmin;
+    for (int s = 0; s < 8; s++) {
+        uint8_t sc, m;
+        qora_kscale(in->scales, s, &sc, &m);
+        o->sc[s][j] = sc;
+        o->mn[s / 2][j][s % 2] = m;
+    }
+    for (int k = 0; k < 32; k++) memcpy(o->qs[k][j], in->qs + 4 * k, 4);
+}
+
+static void kx8_put_q6k(block_q6_Kx8* o, int j, const block_q6_K* in) {
+    o->d[j] = in->d;
+    for (int s = 0; s < 16; s++) o->sc[s / 2][j][s % 2] = in->scales[s];
+    for (int p = 0; p < 4; p++) {
+        const int h = p / 2, sh = 4 * (p % 2), i0 = 2 * (p % 2);
+        const uint8_t *ql = in->ql + 64 * h, *qh = in->qh + 32 * h;
+        for (int l = 0; l < 32; l++) { /* l = 4c + e */
+            o->ql[8 * p + l / 4][j][l % 4] = (uint8_t)(((ql[l] >> sh) & 15) | ((ql[32 + l] >> sh) & 15) << 4);
+            if (l < 16)
+                o->qh[4 * p + l / 4][j][l % 4] =
+                    (uint8_t)(((qh[l] >> (2 * i0)) & 3) | ((qh[l] >> (2 * i0 + 2)) & 3) << 2 |
+                              ((qh[l + 16] >> (2 * i0)) & 3) << 4 | ((qh[l + 16] >> (2 * i0 + 2)) & 3) << 6);
+        }
+    }
+}
+
+/* row j's block b of a Q4_K / Q5_K x8 block back in the file's layout (the 6-bit scales re-packed) */
+static void kx8_get_q4k(const block_q4_Kx8* g, int j, block_q4_K* out) {
+    out->d = g->d[j];
+    out->dmin = g->dmin[j];
+    memset(out->scales, 0, 12);
+    for (int s = 0; s < 8; s++) {
+        const uint8_t sc = g->sc[s][j], m = g->mn[s / 2][j][s % 2];
+        if (s < 4) {
+            out->scales[s] |= sc & 63;
+            out->scales[s + 4] |= m & 63;
+        } else {
+            out->scales[s + 4] = (uint8_t)((sc & 15) | (m & 15) << 4);
+            out->scales[s - 4] |= (uint8_t)((sc >> 4) << 6);
+            out->scales[s] |= (uint8_t)((m >> 4) << 6);
+        }
+    }
+    for (int k = 0; k < 32; k++) memcpy(out->qs + 4 * k, g->qs[k][j], 4);
+}
+
+static void kx8_get_q6k(const block_q6_Kx8* g, int j, block_q6_K* out) {
+    out->d = g->d[j];
+    for (int s = 0; s < 16; s++) out->scales[s] = g->sc[s / 2][j][s % 2];
+    memset(out->ql, 0, sizeof out->ql);
+    memset(out->qh, 0, sizeof out->qh);
+    for (int p = 0; p < 4; p++) {
+        const int h = p / 2, sh = 4 * (p % 2), i0 = 2 * (p % 2);
+        uint8_t *ql = out->ql + 64 * h, *qh = out->qh + 32 * h;
+        for (int l = 0; l < 32; l++) {
+            const uint8_t v = g->ql[8 * p + l / 4][j][l % 4];
+            ql[l] |= (uint8_t)((v & 15) << sh);
+            ql[32 + l] |= (uint8_t)((v >> 4) << sh);
+            if (l < 16) {
+                const uint8_t b = g->qh[4 * p + l / 4][j][l % 4];
+                qh[l] |= (uint8_t)((b & 3) << (2 * i0) | ((b >> 2) & 3) << (2 * i0 + 2));
+                qh[l + 16] |= (uint8_t)(((b >> 4) & 3) << (2 * i0) | ((b >> 6) & 3) << (2 * i0 + 2));
+            }
+        }
+    }
+}
+
+/* Row j's block in the file's layout from x8 block g (out: one block of the type). */
+static void qora_kx8_get(int dtype, const void* g, int j, void* out) {
+    switch (dtype) {
+    case QORA_Q8: {
+        const block_q8x8* q = (const block_q8x8*)g;
+        block_q8* o = (block_q8*)out;
+        o->d = q->d[j];
+        for (int k = 0; k < 8; k++) memcpy(o->qs + 4 * k, q->qs[k][j], 4);
+        return;
+    }
+    case QORA_Q4_K: kx8_get_q4k((const block_q4_Kx8*)g, j, (block_q4_K*)out); return;
+    case QORA_Q5_K: {
+        const block_q5_Kx8* q = (const block_q5_Kx8*)g;
+        block_q4_K k4;
+        kx8_get_q4k(&q->k4, j, &k4);
+        block_q5_K* o = (block_q5_K*)out;
+        o->d = k4.d;
+        o->dmin = k4.dmin;
+        memcpy(o->scales, k4.scales, 12);
+        memcpy(o->qs, k4.qs, sizeof o->qs);
+        for (int c = 0; c < 8; c++) memcpy(o->qh + 4 * c, q->qh[c][j], 4);
+        return;
+    }
+    case QORA_Q6_K: kx8_get_q6k((const block_q6_Kx8*)g, j, (block_q6_K*)out); return;
+    default: return;
+    }
+}
+
+static void kx8_put(int dtype, void* g, int j, const void* in) {
+    switch (dtype) {
+    case QORA_Q8: {
+        block_q8x8* q = (block_q8x8*)g;
+        const block_q8* b = (const block_q8*)in;
+        q->d[j] = b->d;
+        for (int k = 0; k < 8; k++) memcpy(q->qs[k][j], b->qs + 4 * k, 4);
+        return;
+    }
+    case QORA_Q4_K: kx8_put_q4k((block_q4_Kx8*)g, j, (const block_q4_K*)in); return;
+    case QORA_Q5_K: {
+        block_q5_Kx8* q = (block_q5_Kx8*)g;
+        const block_q5_K* b = (const block_q5_K*)in;
+        block_q4_K k4; /* Q5_K's fields but qh, as a Q4_K block */
+        k4.d = b->d;
+        k4.dmin = b->dmin;
+        memcpy(k4.scales, b->scales, 12);
+        memcpy(k4.qs, b->qs, sizeof k4.qs);
+        kx8_put_q4k(&q->k4, j, &k4);
+        for (int c = 0; c < 8; c++) memcpy(q->qh[c][j], b->qh + 4 * c, 4);
+        return;
+    }
+    case QORA_Q6_K: kx8_put_q6k((block_q6_Kx8*)g, j, (const block_q6_K*)in); return;
+    default: return;
+    }
+}
+
+/* Interleave rows 8g..8g+7 of a matrix (rows x cols of dtype, row_bytes apart) for every full group,
+   group after group, block after block within a group. */
+static void qora_kx8_repack(int dtype, const void* src, size_t row_bytes, int rows, int cols, void* dst,
+                            int n_threads) {
+    const int groups = rows / 8, nb = cols / qora_block_elems(dtype);
+    const size_t bb = qora_row_bytes(dtype, qora_block_elems(dtype)), gb = qora_kx8_block_bytes(dtype);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+#endif
+    for (int g = 0; g < groups; g++)
+        for (int b = 0; b < nb; b++) {
+            char* o = (char*)dst + ((size_t)g * nb + b) * gb;
+            for (int j = 0; j < 8; j++) kx8_put(dtype, o, j, (const char*)src + (size_t)(8 * g + j) * row_bytes + b * bb);
+        }
+    (void)n_threads;
+}
+
+/* ---- kernels: out[t * ldo + j] = dot(row j of the group, activation t), j < 8, t < nt <= 4. w: the group's
+   first x8 block; x: the activations in the type's partner format (block_q8 for Q8_0, block_q8K for the K
+   types), xs bytes apart. */
+typedef void (*qora_kx8_fn)(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
+                            size_t ldo);
+#define QORA_KX8_MAX_T 4
+
+/* the reference: each row's blocks back in the file's layout, then kquants.h's / the Q8_0 scalar order */
+static void kx8_scalar(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out, size_t ldo) {
+    const int e = qora_block_elems(dtype), nb = n / e;
+    const size_t gb = qora_kx8_block_bytes(dtype);
+    for (int t = 0; t < nt; t++)
+        for (int j = 0; j < 8; j++) {
+            const char* xt = (const char*)x + t * xs;
+            float sum = 0.0f;
+            if (dtype == QORA_Q8) {
+                for (int i = 0; i < QORA_SEGS; i++) {
+                    float acc = 0.0f;
+                    for (int b = qora_seg_begin(nb, i); b < qora_seg_begin(nb, i + 1); b++) {
+                        block_q8 wb;
+                        qora_kx8_get(dtype, (const char*)w + b * gb, j, &wb);
+                        const block_q8* xb = (const block_q8*)xt + b;
+                        int32_t isum = 0;
+                        for (int k = 0; k < QK; k++) isum += wb.qs[k] * xb->qs[k];
+                        acc = fmaf(qora_fp16_to_fp32(wb.d) * qora_fp16_to_fp32(xb->d), (float)isum, acc);
+                    }
+                    sum = i == 0 ? acc : sum + acc;
+                }
+            } else {
+                for (int b = 0; b < nb; b++) {
+                    union {
+                        block_q4_K k4;
+                        block_q5_K k5;
+                        block_q6_K k6;
+                    } blk;
+                    qora_kx8_get(dtype, (const char*)w + b * gb, j, &blk);
+                    const block_q8K* xb = (const block_q8K*)xt + b;
+                    int32_t S, M;
+                    kdot_ints_scalar(dtype, &blk, xb, &S, &M);
+                    if (dtype == QORA_Q6_K) {
+                        sum = fmaf(qora_fp16_to_fp32(blk.k6.d) * xb->d, (float)S, sum);
+                    } else {
+                        sum = fmaf(qora_fp16_to_fp32(blk.k4.d) * xb->d, (float)S, sum);
+                        sum = fmaf(-(qora_fp16_to_fp32(blk.k4.dmin) * xb->d), (float)M, sum);
+                    }
+                }
+            }
+            out[t * ldo + j] = sum;
+        }
+}
+
+#if QORA_X86
+/* ------------------------------------------------------------------ AVX2 */
+
+/* eight bytes at p (one per row) as eight int32 lanes holding the byte in both 16-bit halves */
+QORA_TARGET_AVX2 static inline __m256i kx8_u8_pairs(const uint8_t* p) {
+    int64_t v;
+    memcpy(&v, p, 8);
+    const __m256i dup = _mm256_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1, 4, -1, 4, -1, 5, -1, 5,
+                                         -1, 6, -1, 6, -1, 7, -1, 7, -1);
+    return _mm256_shuffle_epi8(_mm256_set1_epi64x(v), dup);
+}
+
+/* two int16 as one int32, for a broadcast that a vpmaddwd pairs with two per-row values */
+static inline int32_t kx8_pair16(const int16_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Q4_K / Q5_K x8 against T <= 4 Q8_K activations: per super-block the exact S and M of kdot_ints_scalar
+   for the 8 rows, then dot_qk_q8k_scalar's two fmas lane by lane. Sums of eight (Q4_K) or four (Q5_K)
+   vpmaddubsw stay below 2^15: 8 * 2 * 15 * 127, 4 * 2 * 31 * 127. */
+QORA_TARGET_AVX2 QORA_INLINE void q45kx8_avx2_t(const int Q5, const int T, int nb, const char* w, const char* x,
+                                                size_t xs, float* out, size_t ldo) {
+    const size_t gb = Q5 ? sizeof(block_q5_Kx8) : sizeof(block_q4_Kx8);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const block_q4_Kx8* g = (const block_q4_Kx8*)(w + (size_t)b * gb);
+        const uint8_t(*qh)[8][4] = Q5 ? ((const block_q5_Kx8*)g)->qh : NULL;
+        for (int i = 0; i < (int)(gb / 64); i++) _mm_prefetch((const char*)g + 2 * gb + 64 * i, _MM_HINT_T0);
+        const block_q8K* xb[4];
+        int32_t bs[4][4]; /* per token, the activation sums of sub-blocks (2p, 2p + 1) as int16 pairs */
+        __m256i S[4], M[4];
+        for (int t = 0; t < T; t++) {
+            xb[t] = (const block_q8K*)(x + t * xs) + b;
+            const __m128i s = _mm_hadd_epi16(_mm_loadu_si128((const __m128i*)xb[t]->bsums),
+                                             _mm_loadu_si128((const __m128i*)(xb[t]->bsums + 8)));
+            _mm_storeu_si128((__m128i*)bs[t], s);
+            S[t] = _mm256_setzero_si256();
+            M[t] = _mm256_setzero_si256();
+        }
+        for (int p = 0; p < 4; p++) {
+            const __m256i sc0 = kx8_u8_pairs(g->sc[2 * p]), sc1 = kx8_u8_pairs(g->sc[2 * p + 1]);
+            const __m256i mn = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)g->mn[p]));
+            for (int t = 0; t < T; t++) M[t] = _mm256_add_epi32(M[t], _mm256_madd_epi16(mn, _mm256_set1_epi32(bs[t][p])));
+            __m256i lo[4], hi[4];
+            for (int t = 0; t < T; t++) lo[t] = hi[t] = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[8 * p + c]);
+                __m256i wl = _mm256_and_si256(v, m4), wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (Q5) {
+                    const __m256i h = _mm256_loadu_si256((const __m256i*)qh[c]);
+                    /* bit 2p (low nibbles' sub-block) and bit 2p + 1 to bit 4 of each byte */
+                    const __m256i hl = p < 2 ? _mm256_slli_epi16(h, 4 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 4);
+                    const __m256i hh = p < 2 ? _mm256_slli_epi16(h, 3 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 3);
+                    wl = _mm256_or_si256(wl, _mm256_and_si256(hl, bit4));
+                    wh = _mm256_or_si256(wh, _mm256_and_si256(hh, bit4));
+                }
+                for (int t = 0; t < T; t++) {
+                    const int8_t* xq = xb[t]->qs + 64 * p + 4 * c;
+                    lo[t] = _mm256_add_epi16(lo[t], _mm256_maddubs_epi16(wl, bcast_i32_avx2(xq)));
+                    hi[t] = _mm256_add_epi16(hi[t], _mm256_maddubs_epi16(wh, bcast_i32_avx2(xq + 32)));
+                }
+                if (c == 7 || (Q5 && c == 3))
+                    for (int t = 0; t < T; t++) {
+                        S[t] = _mm256_add_epi32(S[t], _mm256_add_epi32(_mm256_madd_epi16(lo[t], sc0),
+                                                                       _mm256_madd_epi16(hi[t], sc1)));
+                        lo[t] = hi[t] = _mm256_setzero_si256();
+                    }
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->dmin));
+        for (int t = 0; t < T; t++) {
+            const __m256 dx = _mm256_set1_ps(xb[t]->d);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(S[t]), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(M[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+}
+
+/* Q6_K x8: the integers as unsigned q + 32 (pairs of vpmaddubsw sums stay below 2^15: 2 * 2 * 63 * 127),
+   S = sum of scale * (their dots) - 32 * sum of scale * (activation sums), then one fma per super-block. */
+QORA_TARGET_AVX2 QORA_INLINE void q6kx8_avx2_t(const int T, int nb, const char* w, const char* x, size_t xs,
+                                               float* out, size_t ldo) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    /* row j's scale (byte 2j + e of a pair row) into the high byte of both 16-bit halves of lane j */
+    const __m256i e0 = _mm256_setr_epi8(-1, 0, -1, 0, -1, 2, -1, 2, -1, 4, -1, 4, -1, 6, -1, 6, -1, 8, -1, 8, -1, 10, -1,
+                                        10, -1, 12, -1, 12, -1, 14, -1, 14);
+    const __m256i e1 = _mm256_add_epi8(e0, _mm256_set1_epi16(0x0100));
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const block_q6_Kx8* g = (const block_q6_Kx8*)w + b;
+        for (int i = 0; i < (int)(sizeof(block_q6_Kx8) / 64); i++)
+            _mm_prefetch((const char*)(g + 2) + 64 * i, _MM_HINT_T0);
+        const block_q8K* xb[4];
+        __m256i S[4], C[4];
+        for (int t = 0; t < T; t++) {
+            xb[t] = (const block_q8K*)(x + t * xs) + b;
+            S[t] = C[t] = _mm256_setzero_si256();
+        }
+        for (int p = 0; p < 4; p++) {
+            const __m128i r0 = _mm_loadu_si128((const __m128i*)g->sc[2 * p]);
+            const __m128i r1 = _mm_loadu_si128((const __m128i*)g->sc[2 * p + 1]);
+            const __m256i b0 = _mm256_broadcastsi128_si256(r0), b1 = _mm256_broadcastsi128_si256(r1);
+            __m256i sc[4]; /* sub-blocks 4p .. 4p + 3 */
+            sc[0] = _mm256_srai_epi16(_mm256_shuffle_epi8(b0, e0), 8);
+            sc[1] = _mm256_srai_epi16(_mm256_shuffle_epi8(b0, e1), 8);
+            sc[2] = _mm256_srai_epi16(_mm256_shuffle_epi8(b1, e0), 8);
+            sc[3] = _mm256_srai_epi16(_mm256_shuffle_epi8(b1, e1), 8);
+            const __m256i w0 = _mm256_cvtepi8_epi16(r0), w1 = _mm256_cvtepi8_epi16(r1);
+            for (int t = 0; t < T; t++) {
+                const __m256i c0 = _mm256_madd_epi16(w0, _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p)));
+                const __m256i c1 = _mm256_madd_epi16(w1, _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p + 2)));
+                C[t] = _mm256_add_epi32(C[t], _mm256_add_epi32(c0, c1));
+            }
+            __m256i a[4][4]; /* [token][sub-block] */
+            for (int t = 0; t < T; t++)
+                for (int q = 0; q < 4; q++) a[t][q] = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                const __m256i h = _mm256_loadu_si256((const __m256i*)g->qh[4 * p + c]);
+                const __m256i v0 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + c]);
+                const __m256i v1 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + 4 + c]);
+                __m256i q[4];
+                q[0] = _mm256_or_si256(_mm256_and_si256(v0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
+                q[1] = _mm256_or_si256(_mm256_and_si256(v1, m4), _mm256_and_si256(h, m30));
+                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4),
+                                       _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
+                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4),
+                                       _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+                for (int t = 0; t < T; t++) {
+                    const int8_t* xq = xb[t]->qs + 64 * p + 4 * c;
+                    for (int k = 0; k < 4; k++)
+                        a[t][k] = _mm256_add_epi16(a[t][k], _mm256_maddubs_epi16(q[k], bcast_i32_avx2(xq + 16 * k)));
+                }
+                if (c & 1)
+                    for (int t = 0; t < T; t++) {
+                        const __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(a[t][0], sc[0]), _mm256_madd_epi16(a[t][1], sc[1]));
+                        const __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(a[t][2], sc[2]), _mm256_madd_epi16(a[t][3], sc[3]));
+                        S[t] = _mm256_add_epi32(S[t], _mm256_add_epi32(s01, s23));
+                        for (int k = 0; k < 4; k++) a[t][k] = _mm256_setzero_si256();
+                    }
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
+        for (int t = 0; t < T; t++) {
+            const __m256i s = _mm256_sub_epi32(S[t], _mm256_slli_epi32(C[t], 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb[t]->d)), _mm256_cvtepi32_ps(s), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+}
+
+/* One Q8_0 x8 block against one activation block: the 8 rows' exact int32 dots. |w| x (x with w's sign):
+   each vpmaddubsw pair stays below 2^15 (2 * 128 * 127), so it is widened at once. */
+QORA_TARGET_AVX2 static inline __m256i q8x8_isum_avx2(const block_q8x8* g, const int8_t* xq) {
+    const __m256i one = _mm256_set1_epi16(1);
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int k = 0; k < 8; k += 2) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)g->qs[k]);
+        const __m256i v1 = _mm256_loadu_si256((const __m256i*)g->qs[k + 1]);
+        const __m256i p0 = _mm256_maddubs_epi16(_mm256_sign_epi8(v0, v0), _mm256_sign_epi8(bcast_i32_avx2(xq + 4 * k), v0));
+        const __m256i p1 =
+            _mm256_maddubs_epi16(_mm256_sign_epi8(v1, v1), _mm256_sign_epi8(bcast_i32_avx2(xq + 4 * k + 4), v1));
+        s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, one));
+        s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, one));
+    }
+    return _mm256_add_epi32(s0, s1);
+}
+
+QORA_TARGET_AVX2 static inline __m256 q8x8_block_avx2(const block_q8x8* g, const block_q8* xb, __m256 acc) {
+    for (int i = 0; i < 5; i++) _mm_prefetch((const char*)(g + 4) + 64 * i, _MM_HINT_T0);
+    const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d)), _mm256_set1_ps(f16_avx2(xb->d)));
+    return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q8x8_isum_avx2(g, xb->qs)), acc);
+}
+
+/* one chain per row and token over blocks [0, nb) (a segment pass of QORA_SEGMENT_PASSES) */
+QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q8x8* w, const char* x, size_t xs,
+                                              float* out, size_t ldo) {
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++)
+        for (int t = 0; t < T; t++) acc[t] = q8x8_block_avx2(w + b, (const block_q8*)(x + t * xs) + b, acc[t]);
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+}
+
+/* decode: the four segments of common.h walked at once (four weight streams in flight) */
+QORA_TARGET_AVX2 static void q8x8_avx2_decode(int nb, const block_q8x8* w, const block_q8* x, float* out) {
+    const int seg = nb / QORA_SEGS;
+    __m256 acc[4];
+    for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < seg; b++)
+        for (int i = 0; i < 4; i++) acc[i] = q8x8_block_avx2(w + b + i * seg, x + b + i * seg, acc[i]);
+    for (int c = 4 * seg; c < nb; c++) acc[3] = q8x8_block_avx2(w + c, x + c, acc[3]);
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
+}
+
+#define QORA_KX8_SWITCH_T(CALL_T)  \
+    switch (nt) {                  \
+    case 1: CALL_T(1); break;      \
+    case 2: CALL_T(2); break;      \
+    case 3: CALL_T(3); break;      \
+    default: CALL_T(4); break;     \
+    }
+
+QORA_TARGET_AVX2 static void q8x8_avx2_range(int nb, const block_q8x8* w, const char* x, size_t xs, int nt, float* out,
+                                             size_t ldo) {
+#define QORA_Q8X8_T(T) q8x8_avx2_t(T, nb, w, x, xs, out, ldo)
+    QORA_KX8_SWITCH_T(QORA_Q8X8_T)
+#undef QORA_Q8X8_T
+}
+
+QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
+                                      size_t ldo) {
+    const char *wc = (const char*)w, *xc = (const char*)x;
+    switch (dtype) {
+    case QORA_Q8: {
+        const block_q8x8* g = (const block_q8x8*)w;
+        if (nt == 1) {
+            q8x8_avx2_decode(n / QK, g, (const block_q8*)x, out);
+            return;
+        }
+        QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo,
+                            q8x8_avx2_range(nbs, g + b0, xc + b0 * sizeof(block_q8), xs, nt, dst, lddst));
+        return;
+    }
+    case QORA_Q4_K:
+#define QORA_Q4KX8_T(T) q45kx8_avx2_t(0, T, n / QK_K, wc, xc, xs, out, ldo)
+        QORA_KX8_SWITCH_T(QORA_Q4KX8_T)
+#undef QORA_Q4KX8_T
+        return;
+    case QORA_Q5_K:
+#define QORA_Q5KX8_T(T) q45kx8_avx2_t(1, T, n / QK_K, wc, xc, xs, out, ldo)
+        QORA_KX8_SWITCH_T(QORA_Q5KX8_T)
+#undef QORA_Q5KX8_T
+        return;
+    case QORA_Q6_K:
+#define QORA_Q6KX8_T(T) q6kx8_avx2_t(T, n / QK_K, wc, xc, xs, out, ldo)
+        QORA_KX8_SWITCH_T(QORA_Q6KX8_T)
+#undef QORA_Q6KX8_T
+        return;
+    default: return;
+    }
+}
+#endif /* QORA_X86 */
+
+/* The x8 kernel of an ISA path, NULL where none exists (the matrices then stay in the file's layout).
+   The AVX-512 paths use the AVX2 kernels: the same operations, so the same bits. */
+static inline qora_kx8_fn qora_kx8_kernel(int isa) {
+#if QORA_X86
+    return isa == QORA_ISA_SCALAR ? kx8_scalar : kx8_avx2;
+#else
+    (void)isa;
+    return NULL;
+#endif
+}
+
+#endif /* QORA_KQUANTS_REPACK_H */
