@@ -353,7 +353,8 @@ def main(argv: list[str]) -> int:
     log(f"loading {path} ...")
     # the KV cache holds depth + pp + tg tokens, as llama-bench sizes its context
     with load_model(
-        path, device, args.threads, context=need, rope_scaling=args.rope_scaling, kv_type=args.kv_type
+        path, device, args.threads, context=need, rope_scaling=args.rope_scaling, kv_type=args.kv_type,
+        precision=args.precision,
     ) as model:
         report = run_bench(model, args.pp, args.tg, args.reps, log=log, depth=args.depth, bandwidth=args.bandwidth)
     print(json.dumps(report) if args.json else format_report(report), flush=True)

@@ -418,8 +418,10 @@ def note_unused_think_flags(args, tokenizer) -> None:
 
 
 def add_context_args(p) -> None:
-    """--rope-scaling and --kv-type: how long a context the model runs and how its KV cache is stored
-    (qora, qora chat, qora serve, qora bench, qora perplexity)."""
+    """--rope-scaling, --kv-type and --precision: how long a context the model runs, how its KV cache is
+    stored and the CPU engine's arithmetic (qora, qora chat, qora serve, qora bench, qora perplexity)."""
+    from qora.engine.cpu import PRECISIONS
+
     p.add_argument(
         "--rope-scaling",
         metavar="yarn[:F]",
@@ -431,11 +433,17 @@ def add_context_args(p) -> None:
         help="KV cache type: f16 (default for quantized weights), f32, or q8 (Q8_0 blocks: about half the "
         "memory of f16, for long contexts)",
     )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="the CPU engine's arithmetic: q8 rounds activations to 8 bits for integer products (llama.cpp's "
+        "way, faster), f32 keeps them as floats (default: f32 for a GGUF of up to 1B weights, else q8)",
+    )
 
 
 def load_from_args(args):
     """The model the flags of add_generation_args ask for (--load, --cpu / --gpu, --threads, --context,
-    --rope-scaling, --kv-type); with --verbose the load says what it found (device memory, the engine,
+    --rope-scaling, --kv-type, --precision); with --verbose the load says what it found (device memory, the engine,
     load time)."""
     return load_model(
         args.load,
@@ -445,6 +453,7 @@ def load_from_args(args):
         verbose=args.verbose,
         rope_scaling=args.rope_scaling,
         kv_type=args.kv_type,
+        precision=args.precision,
     )
 
 

@@ -68,12 +68,20 @@ def engine_label(engine) -> str:
 
 
 def open_model(
-    path, threads=None, device: str = "auto", max_seq_len=None, verbose: bool = False, rope_scaling=None, kv_type=None
+    path,
+    threads=None,
+    device: str = "auto",
+    max_seq_len=None,
+    verbose: bool = False,
+    rope_scaling=None,
+    kv_type=None,
+    precision=None,
 ):
     """Open a .qora or GGUF file by mmap and build the engine for it (this is `qora.load`). verbose: the
     load's debug lines (device memory, why the CPU runs it, load time) are shown on stderr;
     rope_scaling: "yarn" / "yarn:F" (engine.base.with_rope_scaling); kv_type: the KV cache type
-    ("f16", "f32", "q8"; engine.base.kv_cache_dtype)."""
+    ("f16", "f32", "q8"; engine.base.kv_cache_dtype); precision: the CPU engine's arithmetic, "q8" or "f32"
+    (None: engine.cpu.default_precision)."""
     from qora.engine import DEVICES, make_engine
     from qora.engine.base import with_rope_scaling
     from qora.model import Model
@@ -93,7 +101,9 @@ def open_model(
                     f"{path}: tokenizer has token ids up to {tokenizer.id_limit - 1} but the model's vocab_size is "
                     f"{qfile.config['vocab_size']}"
                 )
-            engine = make_engine(qfile, device, threads=threads, max_seq_len=max_seq_len, kv_type=kv_type)
+            engine = make_engine(
+                qfile, device, threads=threads, max_seq_len=max_seq_len, kv_type=kv_type, precision=precision
+            )
         except BaseException:
             qfile.close()
             raise
@@ -113,6 +123,7 @@ def load_model(
     progress: Callable[[str], None] | None = None,
     rope_scaling: str | None = None,
     kv_type: str | None = None,
+    precision: str | None = None,
 ):
     """A front end's options -> a loaded Model: the path as resolve_model_path finds it (a demo
     download reports to `progress`), then `qora.load` with the device ("auto", "cpu", "gpu"), the
@@ -127,6 +138,8 @@ def load_model(
         kwargs["rope_scaling"] = rope_scaling
     if kv_type is not None:
         kwargs["kv_type"] = kv_type
+    if precision is not None:
+        kwargs["precision"] = precision
     with qlog.verbose(verbose):
         # through the public qora.load: the one entry a program (or a test) may wrap or replace
         return qora.load(path, **kwargs)

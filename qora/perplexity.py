@@ -289,8 +289,9 @@ def main(argv: list[str]) -> int:
         text = read_text(f, args.file)
     base = Reference.load(args.kl_base) if args.kl_base else None
     model = load_model(
-        args.load, device_choice(args), args.threads, args.ctx, rope_scaling=args.rope_scaling, kv_type=args.kv_type
-    )
+        args.load, device_choice(args), args.threads, args.ctx, rope_scaling=args.rope_scaling, kv_type=args.kv_type,
+        precision=args.precision,
+    )  # fmt: skip
     try:
         tokens = tokenize_text(model.tokenizer, text)
         save = Reference(tokens, args.ctx, model.config["vocab_size"]) if args.save_logits else None

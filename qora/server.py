@@ -208,7 +208,7 @@ def main(argv: list[str]) -> int:
     device = "cpu" if args.cpu else ("gpu" if args.gpu else "auto")
     model = load_model(
         path, device, args.threads, args.context, verbose=args.verbose, rope_scaling=args.rope_scaling,
-        kv_type=args.kv_type,
+        kv_type=args.kv_type, precision=args.precision,
     )  # fmt: skip
     try:
         from qora.api.batch import BatchScheduler, plan_slots

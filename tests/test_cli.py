@@ -151,6 +151,19 @@ def test_streams_answer_and_thinking(fake_load, capsys):
     assert fake_load.state["model"].closed
 
 
+@pytest.mark.parametrize("precision", ["q8", "f32"])
+def test_precision_flag_reaches_qora_load(fake_load, capsys, precision):
+    rc = cli.main(["--load", str(fake_load.path), "-p", "q", "--greedy", "--precision", precision])
+    assert rc == 0
+    assert fake_load.calls[0][1]["precision"] == precision
+
+
+def test_bad_precision_is_a_usage_error(fake_load, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--load", str(fake_load.path), "-p", "q", "--precision", "f16"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_thinking_hidden_by_default_and_verbose_stats(fake_load, capsys, monkeypatch):
     monkeypatch.setattr(qora, "cpu_info", lambda: {"isa": "avx2", "threads": 4})
     monkeypatch.setenv("QORA_VK_ALLOW_CPU", "1")  # --gpu stays --gpu where the only device is lavapipe

@@ -49,6 +49,13 @@ def model_params(cfg: dict) -> int:
     return int(cfg["n_layers"]) * (2 * d * q + 2 * d * kv + 3 * d * h) + int(cfg["vocab_size"]) * d
 
 
+def check_precision(precision: str | None) -> str | None:
+    """A precision a caller names (qora.load(precision=), --precision): one of PRECISIONS, or None."""
+    if precision is not None and precision not in PRECISIONS:
+        raise QoraError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 def default_precision(cfg: dict, requested: str | None = None) -> str:
     """The product arithmetic: `requested`, else QORA_PRECISION, else "f32" for models up to
     F32_PRECISION_MAX_PARAMS weights and "q8" above."""

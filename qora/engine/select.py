@@ -8,7 +8,7 @@ import os
 
 from qora.engine import vulkan
 from qora.engine.base import Engine
-from qora.engine.cpu import CpuEngine
+from qora.engine.cpu import CpuEngine, check_precision
 from qora.engine.vulkan import GpuUnavailable, VulkanEngine
 from qora.errors import QoraError
 
@@ -17,17 +17,24 @@ log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "gpu")
 
 
-def make_engine(qfile, device: str = "auto", threads=None, max_seq_len=None, kv_type=None) -> Engine:
+def make_engine(qfile, device: str = "auto", threads=None, max_seq_len=None, kv_type=None, precision=None) -> Engine:
     """The engine for `device` ("auto", "cpu" or "gpu"): the GPU when one can run the model, else the CPU.
     device="gpu" makes a missing or failing GPU an error instead of a fallback. kv_type: the KV cache
-    type ("f32", "f16", "q8"; None: engine.base.kv_cache_dtype's default)."""
+    type ("f32", "f16", "q8"; None: engine.base.kv_cache_dtype's default); precision: the CPU engine's
+    arithmetic ("q8", "f32"; None: engine.cpu.default_precision), also on a GPU's fallback to the CPU."""
     if device not in DEVICES:
         raise QoraError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+    check_precision(precision)
     if device == "cpu":
-        return CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len, kv_type=kv_type)
+        return CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len, kv_type=kv_type, precision=precision)
     try:
         return VulkanEngine(
-            qfile, n_threads=threads, max_seq_len=max_seq_len, required=device == "gpu", kv_type=kv_type
+            qfile,
+            n_threads=threads,
+            max_seq_len=max_seq_len,
+            required=device == "gpu",
+            kv_type=kv_type,
+            cpu_precision=precision,
         )
     except GpuUnavailable as e:
         if device == "gpu":
@@ -35,7 +42,7 @@ def make_engine(qfile, device: str = "auto", threads=None, max_seq_len=None, kv_
         note = f"GPU not used ({e}); running on the CPU"
         # a machine without any Vulkan GPU hears about it only under --verbose
         log.log(logging.DEBUG if e.quiet else logging.WARNING, note)
-    engine = CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len, kv_type=kv_type)
+    engine = CpuEngine(qfile, n_threads=threads, max_seq_len=max_seq_len, kv_type=kv_type, precision=precision)
     engine.notes = [note]
     return engine
 

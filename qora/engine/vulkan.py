@@ -177,7 +177,9 @@ class VulkanEngine(SingleSlot):
         max_seq_len: int | None = None,
         required: bool = False,
         kv_type: str | None = None,
+        cpu_precision: str | None = None,
     ):
+        self._cpu_precision = cpu_precision  # the CPU engine's arithmetic if the GPU fails mid-answer
         core = _core()
         if core is None:
             raise GpuUnavailable("this build of qora has no Vulkan backend", quiet=True)
@@ -333,7 +335,13 @@ class VulkanEngine(SingleSlot):
         self._release(lost=True)
         if start_pos > self._n_tokens:
             raise QoraError(f"cannot continue on the CPU: positions {self._n_tokens}..{start_pos - 1} were never run")
-        cpu = CpuEngine(self._qfile, n_threads=self.n_threads, max_seq_len=self.max_seq_len, kv_type=self.kv_dtype)
+        cpu = CpuEngine(
+            self._qfile,
+            n_threads=self.n_threads,
+            max_seq_len=self.max_seq_len,
+            kv_type=self.kv_dtype,
+            precision=self._cpu_precision,
+        )
         if start_pos:
             cpu.forward(self._tokens[:start_pos], 0)
         self._cpu = cpu
