@@ -83,18 +83,29 @@ static void kx8_put_q4k(block_q4_Kx8* o, int j, const block_q4_K* in) {
     for (int k = 0; k < 32; k++) memcpy(o->qs[k][j], in->qs + 4 * k, 4);
 }
 
+static inline uint32_t kx8_word(const uint8_t* p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* four elements at a time: bytes as the lanes of a 32-bit word (the layout is the same on any byte order) */
 static void kx8_put_q6k(block_q6_Kx8* o, int j, const block_q6_K* in) {
+    const uint32_t m4 = 0x0f0f0f0fu, m2 = 0x03030303u;
     o->d[j] = in->d;
     for (int s = 0; s < 16; s++) o->sc[s / 2][j][s % 2] = in->scales[s];
     for (int p = 0; p < 4; p++) {
         const int h = p / 2, sh = 4 * (p % 2), i0 = 2 * (p % 2);
         const uint8_t *ql = in->ql + 64 * h, *qh = in->qh + 32 * h;
-        for (int l = 0; l < 32; l++) { /* l = 4c + e */
-            o->ql[8 * p + l / 4][j][l % 4] = (uint8_t)(((ql[l] >> sh) & 15) | ((ql[32 + l] >> sh) & 15) << 4);
-            if (l < 16)
-                o->qh[4 * p + l / 4][j][l % 4] =
-                    (uint8_t)(((qh[l] >> (2 * i0)) & 3) | ((qh[l] >> (2 * i0 + 2)) & 3) << 2 |
-                              ((qh[l + 16] >> (2 * i0)) & 3) << 4 | ((qh[l + 16] >> (2 * i0 + 2)) & 3) << 6);
+        for (int c = 0; c < 8; c++) { /* elements l = 4c + e */
+            const uint32_t v = ((kx8_word(ql + 4 * c) >> sh) & m4) | ((kx8_word(ql + 32 + 4 * c) >> sh) & m4) << 4;
+            memcpy(o->ql[8 * p + c][j], &v, 4);
+        }
+        for (int c = 0; c < 4; c++) {
+            const uint32_t a = kx8_word(qh + 4 * c), b = kx8_word(qh + 16 + 4 * c);
+            const uint32_t v = ((a >> (2 * i0)) & m2) | ((a >> (2 * i0 + 2)) & m2) << 2 | ((b >> (2 * i0)) & m2) << 4 |
+                               ((b >> (2 * i0 + 2)) & m2) << 6;
+            memcpy(o->qh[4 * p + c][j], &v, 4);
         }
     }
 }
