@@ -12,6 +12,7 @@
 #include "common.h"
 #include "cpu_features.h"
 #include "kquants.h"
+#include "kquants_avx2.h"
 #include "repack.h"
 
 /* Q8_0: qs[k][j] = bytes 4k..4k+3 of row j's block */
@@ -20,6 +21,29 @@ typedef struct {
     int8_t qs[8][8][4];
 } block_q8x8;
 QORA_STATIC_ASSERT(sizeof(block_q8x8) == 16 + 256, "block_q8x8 must be 272 bytes");
+
+/* Q4_1 / Q5_0 / Q5_1: scales d[8] (and minimums m[8]), qs[k][j] = bytes 4k..4k+3 of row j's qs (low nibbles
+   elements 4k + e, high nibbles 16 + 4k + e); the 5-bit types' bit 4 as qh[k][j]: bit e for element 4k + e,
+   bit 4 + e for element 16 + 4k + e */
+typedef struct {
+    uint16_t d[8], m[8];
+    uint8_t qs[4][8][4];
+} block_q4_1x8;
+QORA_STATIC_ASSERT(sizeof(block_q4_1x8) == 8 * sizeof(block_q4_1), "block_q4_1x8 must be 160 bytes");
+
+typedef struct {
+    uint16_t d[8];
+    uint8_t qh[4][8];
+    uint8_t qs[4][8][4];
+} block_q5_0x8;
+QORA_STATIC_ASSERT(sizeof(block_q5_0x8) == 8 * sizeof(block_q5_0), "block_q5_0x8 must be 176 bytes");
+
+typedef struct {
+    uint16_t d[8], m[8];
+    uint8_t qh[4][8];
+    uint8_t qs[4][8][4];
+} block_q5_1x8;
+QORA_STATIC_ASSERT(sizeof(block_q5_1x8) == 8 * sizeof(block_q5_1), "block_q5_1x8 must be 192 bytes");
 
 /* Q4_K: the 6-bit scales and minimums unpacked (sc[s][j]: row j's scale of sub-block s; mn[p][j][e]:
    row j's minimum of sub-block 2p + e), qs[k][j] = bytes 4k..4k+3 of row j's qs (k = 8p + c: low nibbles
@@ -56,6 +80,9 @@ QORA_STATIC_ASSERT(sizeof(block_q6_Kx8) == 1680, "block_q6_Kx8 must be 1680 byte
 static inline size_t qora_kx8_block_bytes(int dtype) {
     switch (dtype) {
     case QORA_Q8: return sizeof(block_q8x8);
+    case QORA_Q4_1: return sizeof(block_q4_1x8);
+    case QORA_Q5_0: return sizeof(block_q5_0x8);
+    case QORA_Q5_1: return sizeof(block_q5_1x8);
     case QORA_Q4_K: return sizeof(block_q4_Kx8);
     case QORA_Q5_K: return sizeof(block_q5_Kx8);
     case QORA_Q6_K: return sizeof(block_q6_Kx8);
@@ -150,6 +177,49 @@ static void kx8_get_q6k(const block_q6_Kx8* g, int j, block_q6_K* out) {
     }
 }
 
+/* where a Q4_1 / Q5_0 / Q5_1 x8 block keeps its fields (bytes from its start; qh: -1 for Q4_1) */
+typedef struct {
+    int m, qh, qs;
+} kx8_q32_fields;
+static inline kx8_q32_fields kx8_q32_at(int dtype) {
+    kx8_q32_fields f;
+    f.m = dtype == QORA_Q5_0 ? -1 : 16;
+    f.qh = dtype == QORA_Q4_1 ? -1 : (dtype == QORA_Q5_0 ? 16 : 32);
+    f.qs = dtype == QORA_Q4_1 ? 32 : (dtype == QORA_Q5_0 ? 48 : 64);
+    return f;
+}
+
+/* a file block of Q4_1 / Q5_0 / Q5_1: d, m (0 if none), the 32 bits of qh (0 if none), qs */
+static void kx8_q32_put(int dtype, uint8_t* g, int j, const void* in) {
+    const kx8_q32_fields f = kx8_q32_at(dtype);
+    const uint8_t* b = (const uint8_t*)in;
+    memcpy(g + 2 * j, b, 2);
+    if (f.m >= 0) memcpy(g + f.m + 2 * j, b + 2, 2);
+    const uint8_t* qs = b + qora_row_bytes(dtype, QK) - QK / 2;
+    if (f.qh >= 0) {
+        const uint32_t h = qora_qh32(qs - 4);
+        for (int k = 0; k < 4; k++) g[f.qh + 8 * k + j] = (uint8_t)(((h >> (4 * k)) & 15) | ((h >> (16 + 4 * k)) & 15) << 4);
+    }
+    for (int k = 0; k < 4; k++) memcpy(g + f.qs + 32 * k + 4 * j, qs + 4 * k, 4);
+}
+
+static void kx8_q32_get(int dtype, const uint8_t* g, int j, void* out) {
+    const kx8_q32_fields f = kx8_q32_at(dtype);
+    uint8_t* b = (uint8_t*)out;
+    memcpy(b, g + 2 * j, 2);
+    if (f.m >= 0) memcpy(b + 2, g + f.m + 2 * j, 2);
+    uint8_t* qs = b + qora_row_bytes(dtype, QK) - QK / 2;
+    if (f.qh >= 0) {
+        uint32_t h = 0;
+        for (int k = 0; k < 4; k++) {
+            const uint32_t v = g[f.qh + 8 * k + j];
+            h |= (v & 15) << (4 * k) | (v >> 4) << (16 + 4 * k);
+        }
+        for (int i = 0; i < 4; i++) qs[i - 4] = (uint8_t)(h >> (8 * i));
+    }
+    for (int k = 0; k < 4; k++) memcpy(qs + 4 * k, g + f.qs + 32 * k + 4 * j, 4);
+}
+
 /* Row j's block in the file's layout from x8 block g (out: one block of the type). */
 static void qora_kx8_get(int dtype, const void* g, int j, void* out) {
     switch (dtype) {
@@ -160,6 +230,9 @@ static void qora_kx8_get(int dtype, const void* g, int j, void* out) {
         for (int k = 0; k < 8; k++) memcpy(o->qs + 4 * k, q->qs[k][j], 4);
         return;
     }
+    case QORA_Q4_1:
+    case QORA_Q5_0:
+    case QORA_Q5_1: kx8_q32_get(dtype, (const uint8_t*)g, j, out); return;
     case QORA_Q4_K: kx8_get_q4k((const block_q4_Kx8*)g, j, (block_q4_K*)out); return;
     case QORA_Q5_K: {
         const block_q5_Kx8* q = (const block_q5_Kx8*)g;
@@ -187,6 +260,9 @@ static void kx8_put(int dtype, void* g, int j, const void* in) {
         for (int k = 0; k < 8; k++) memcpy(q->qs[k][j], b->qs + 4 * k, 4);
         return;
     }
+    case QORA_Q4_1:
+    case QORA_Q5_0:
+    case QORA_Q5_1: kx8_q32_put(dtype, (uint8_t*)g, j, in); return;
     case QORA_Q4_K: kx8_put_q4k((block_q4_Kx8*)g, j, (const block_q4_K*)in); return;
     case QORA_Q5_K: {
         block_q5_Kx8* q = (block_q5_Kx8*)g;
@@ -229,6 +305,19 @@ typedef void (*qora_kx8_fn)(int dtype, int n, const void* w, const void* x, size
                             size_t ldo);
 #define QORA_KX8_MAX_T 4
 
+/* one block of dot_q32_q8_scalar's chain: acc = fma(dw * dx, isum, acc), then the minimum's fma */
+static inline float kx8_q32_block_scalar(int dtype, const void* blk, const block_q8* x, float acc) {
+    int32_t isum = 0, xsum = 0;
+    for (int j = 0; j < QK; j++) {
+        isum += qora_q32_int(dtype, blk, j) * x->qs[j];
+        xsum += x->qs[j];
+    }
+    const float dx = qora_fp16_to_fp32(x->d);
+    acc = fmaf(qora_fp16_to_fp32(*(const uint16_t*)blk) * dx, (float)isum, acc);
+    if (dtype != QORA_Q5_0) acc = fmaf(qora_fp16_to_fp32(((const uint16_t*)blk)[1]) * dx, (float)xsum, acc);
+    return acc;
+}
+
 /* the reference: each row's blocks back in the file's layout, then kquants.h's / the Q8_0 scalar order */
 static void kx8_scalar(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out, size_t ldo) {
     const int e = qora_block_elems(dtype), nb = n / e;
@@ -237,7 +326,17 @@ static void kx8_scalar(int dtype, int n, const void* w, const void* x, size_t xs
         for (int j = 0; j < 8; j++) {
             const char* xt = (const char*)x + t * xs;
             float sum = 0.0f;
-            if (dtype == QORA_Q8) {
+            if (e == QK && dtype != QORA_Q8) {
+                char blk[sizeof(block_q5_1)];
+                for (int i = 0; i < QORA_SEGS; i++) {
+                    float acc = 0.0f;
+                    for (int b = qora_seg_begin(nb, i); b < qora_seg_begin(nb, i + 1); b++) {
+                        qora_kx8_get(dtype, (const char*)w + b * gb, j, blk);
+                        acc = kx8_q32_block_scalar(dtype, blk, (const block_q8*)xt + b, acc);
+                    }
+                    sum = i == 0 ? acc : sum + acc;
+                }
+            } else if (dtype == QORA_Q8) {
                 for (int i = 0; i < QORA_SEGS; i++) {
                     float acc = 0.0f;
                     for (int b = qora_seg_begin(nb, i); b < qora_seg_begin(nb, i + 1); b++) {
@@ -474,6 +573,67 @@ QORA_TARGET_AVX2 static void q8x8_avx2_decode(int nb, const block_q8x8* w, const
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
 }
 
+/* One Q4_1 / Q5_0 / Q5_1 x8 block against one Q8_0 activation block: dot_q32_q8_scalar's two fmas per row.
+   The integers as unsigned (Q5_0: q + 16, taken back with the activation sum); the vpmaddubsw sums stay
+   below 2^15: eight of 2 * 15 * 127 (Q4_1), four of 2 * 31 * 127 (the 5-bit types). */
+QORA_TARGET_AVX2 QORA_INLINE __m256 q32x8_block_avx2(const int dtype, const uint8_t* g, const block_q8* xb, __m256 acc) {
+    const kx8_q32_fields f = kx8_q32_at(dtype);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10), one = _mm256_set1_epi16(1);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6,
+                                            6, 7, 7, 7, 7);
+    const __m256i bl = _mm256_set1_epi32(0x08040201), bh = _mm256_set1_epi32((int)0x80402010u);
+    const size_t gb = qora_kx8_block_bytes(dtype);
+    for (int i = 0; i < (int)((gb + 63) / 64); i++) _mm_prefetch((const char*)g + 4 * gb + 64 * i, _MM_HINT_T0);
+    __m256i plo = _mm256_setzero_si256(), phi = _mm256_setzero_si256();
+    for (int k = 0; k < 4; k++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(g + f.qs + 32 * k));
+        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        if (f.qh >= 0) {
+            int64_t h8;
+            memcpy(&h8, g + f.qh + 8 * k, 8);
+            const __m256i h = _mm256_shuffle_epi8(_mm256_set1_epi64x(h8), spread);
+            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bl), bl), bit4));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bh), bh), bit4));
+        }
+        plo = _mm256_add_epi16(plo, _mm256_maddubs_epi16(lo, bcast_i32_avx2(xb->qs + 4 * k)));
+        phi = _mm256_add_epi16(phi, _mm256_maddubs_epi16(hi, bcast_i32_avx2(xb->qs + 16 + 4 * k)));
+    }
+    __m256i s = dtype == QORA_Q4_1 ? _mm256_madd_epi16(_mm256_add_epi16(plo, phi), one)
+                                   : _mm256_add_epi32(_mm256_madd_epi16(plo, one), _mm256_madd_epi16(phi, one));
+    const int32_t xsum = hsum_epi32_avx2(xsum_i8x32_avx2(_mm256_loadu_si256((const __m256i*)xb->qs)));
+    if (dtype == QORA_Q5_0) s = _mm256_sub_epi32(s, _mm256_set1_epi32(16 * xsum));
+    const __m256 dx = _mm256_set1_ps(f16_avx2(xb->d));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g)), dx), _mm256_cvtepi32_ps(s), acc);
+    if (f.m >= 0)
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g + f.m))), dx),
+                              _mm256_set1_ps((float)xsum), acc);
+    return acc;
+}
+
+/* blocks [0, nb) of the group against T tokens, one chain per row and token (a segment pass) */
+QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_t(const int dtype, const int T, int nb, const uint8_t* w, const char* x,
+                                               size_t xs, float* out, size_t ldo) {
+    const size_t gb = qora_kx8_block_bytes(dtype);
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++)
+        for (int t = 0; t < T; t++) acc[t] = q32x8_block_avx2(dtype, w + b * gb, (const block_q8*)(x + t * xs) + b, acc[t]);
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+}
+
+/* decode: the four segments of common.h at once */
+QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_decode(const int dtype, int nb, const uint8_t* w, const block_q8* x,
+                                                    float* out) {
+    const size_t gb = qora_kx8_block_bytes(dtype);
+    const int seg = nb / QORA_SEGS;
+    __m256 acc[4];
+    for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < seg; b++)
+        for (int i = 0; i < 4; i++) acc[i] = q32x8_block_avx2(dtype, w + (b + i * seg) * gb, x + b + i * seg, acc[i]);
+    for (int c = 4 * seg; c < nb; c++) acc[3] = q32x8_block_avx2(dtype, w + c * gb, x + c, acc[3]);
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
+}
+
 #define QORA_KX8_SWITCH_T(CALL_T)  \
     switch (nt) {                  \
     case 1: CALL_T(1); break;      \
@@ -487,6 +647,39 @@ QORA_TARGET_AVX2 static void q8x8_avx2_range(int nb, const block_q8x8* w, const 
 #define QORA_Q8X8_T(T) q8x8_avx2_t(T, nb, w, x, xs, out, ldo)
     QORA_KX8_SWITCH_T(QORA_Q8X8_T)
 #undef QORA_Q8X8_T
+}
+
+#define QORA_Q32X8_RANGE(DT, NAME)                                                                               \
+    QORA_TARGET_AVX2 static void NAME(int nb, const uint8_t* w, const char* x, size_t xs, int nt, float* out,       \
+                                      size_t ldo) {                                                                 \
+        switch (nt) {                                                                                               \
+        case 1: q32x8_avx2_t(DT, 1, nb, w, x, xs, out, ldo); break;                                                 \
+        case 2: q32x8_avx2_t(DT, 2, nb, w, x, xs, out, ldo); break;                                                 \
+        case 3: q32x8_avx2_t(DT, 3, nb, w, x, xs, out, ldo); break;                                                 \
+        default: q32x8_avx2_t(DT, 4, nb, w, x, xs, out, ldo); break;                                                \
+        }                                                                                                           \
+    }                                                                                                               \
+    QORA_TARGET_AVX2 static void NAME##_decode(int nb, const uint8_t* w, const block_q8* x, float* out) {          \
+        q32x8_avx2_decode(DT, nb, w, x, out);                                                                       \
+    }
+QORA_Q32X8_RANGE(QORA_Q4_1, q41x8_avx2)
+QORA_Q32X8_RANGE(QORA_Q5_0, q50x8_avx2)
+QORA_Q32X8_RANGE(QORA_Q5_1, q51x8_avx2)
+#undef QORA_Q32X8_RANGE
+
+/* Q4_1 / Q5_0 / Q5_1: decode walks the four segments at once, prefill makes one pass per segment */
+QORA_TARGET_AVX2 static void q32x8_avx2(int dtype, int n, const uint8_t* g, const char* xc, size_t xs, int nt,
+                                        float* out, size_t ldo) {
+    void (*range)(int, const uint8_t*, const char*, size_t, int, float*, size_t) =
+        dtype == QORA_Q4_1 ? q41x8_avx2 : dtype == QORA_Q5_0 ? q50x8_avx2 : q51x8_avx2;
+    void (*decode)(int, const uint8_t*, const block_q8*, float*) =
+        dtype == QORA_Q4_1 ? q41x8_avx2_decode : dtype == QORA_Q5_0 ? q50x8_avx2_decode : q51x8_avx2_decode;
+    const size_t gb = qora_kx8_block_bytes(dtype);
+    if (nt == 1) {
+        decode(n / QK, g, (const block_q8*)xc, out);
+        return;
+    }
+    QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo, range(nbs, g + b0 * gb, xc + b0 * sizeof(block_q8), xs, nt, dst, lddst));
 }
 
 QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
@@ -503,6 +696,9 @@ QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const voi
                             q8x8_avx2_range(nbs, g + b0, xc + b0 * sizeof(block_q8), xs, nt, dst, lddst));
         return;
     }
+    case QORA_Q4_1:
+    case QORA_Q5_0:
+    case QORA_Q5_1: q32x8_avx2(dtype, n, (const uint8_t*)w, xc, xs, nt, out, ldo); return;
     case QORA_Q4_K:
 #define QORA_Q4KX8_T(T) q45kx8_avx2_t(0, T, n / QK_K, wc, xc, xs, out, ldo)
         QORA_KX8_SWITCH_T(QORA_Q4KX8_T)
