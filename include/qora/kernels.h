@@ -276,7 +276,7 @@ static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W, 
 static inline int qora_kx8_unit(const qora_kernels* K, const qora_tensor* W, int u, const float* X, size_t ldx,
                                 const block_q8* XQ, size_t ldxq, int t0, int nt, float* out, size_t ldo, int* nr_out) {
     const int groups = W->rows / 8;
-    if (u < groups) {
+    if (u < groups && (nt == 1 || qora_kx8_prefill(W->dtype))) {
         const int e = qora_block_elems(W->dtype);
         const block_q8* xq = XQ + (size_t)t0 * ldxq;
         const void* xa = e == QK_K ? (const void*)qora_q8k_at(xq, W->cols) : xq;
@@ -286,9 +286,13 @@ static inline int qora_kx8_unit(const qora_kernels* K, const qora_tensor* W, int
         *nr_out = 8;
         return u * 8;
     }
-    const int r0 = groups * 8 + (u - groups) * 4, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
-    for (int t = 0; t < nt; t += 4)
-        qora_tile(K, W, r0, nr, X, ldx, XQ, ldxq, t0 + t, nt - t < 4 ? nt - t : 4, out + (size_t)t * ldo, ldo);
+    /* the rows past the groups, or a group's prefill in the file's layout (the same bits) */
+    const int r0 = u < groups ? u * 8 : groups * 8 + (u - groups) * 4;
+    const int nr = u < groups ? 8 : (W->rows - r0 < 4 ? W->rows - r0 : 4);
+    for (int r = 0; r < nr; r += 4)
+        for (int t = 0; t < nt; t += 4)
+            qora_tile(K, W, r0 + r, nr - r < 4 ? nr - r : 4, X, ldx, XQ, ldxq, t0 + t, nt - t < 4 ? nt - t : 4,
+                      out + (size_t)t * ldo + r, ldo);
     *nr_out = nr;
     return r0;
 }

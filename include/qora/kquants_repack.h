@@ -719,6 +719,12 @@ QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const voi
 }
 #endif /* QORA_X86 */
 
+/* Whether prefill (several tokens) reads the x8 copy too: measured on the dev box (AVX2, 2048 x 2048, 64
+   tokens), the x8 kernels are faster than the file-layout tiles for Q4_1 (1.4x) and even for Q5_0, but
+   slower for Q8_0 (0.76x), Q4_K (0.82x) and Q6_K (0.91x), whose 4-token kernels run out of registers;
+   those prefill from the file's rows, which gives the same bits. */
+static inline int qora_kx8_prefill(int dtype) { return dtype == QORA_Q4_1 || dtype == QORA_Q5_0 || dtype == QORA_Q5_1; }
+
 /* The x8 kernel of an ISA path, NULL where none exists (the matrices then stay in the file's layout).
    The AVX-512 paths use the AVX2 kernels: the same operations, so the same bits. */
 static inline qora_kx8_fn qora_kx8_kernel(int isa) {
