@@ -328,3 +328,23 @@ def test_mixed_model_matches_cpu(mixed_gguf, mix, precision, monkeypatch):
     finally:
         gpu.close()
         cpu.close()
+
+
+@needs_gpu
+def test_demo_q4_1_gguf_first_answer_token_on_the_gpu(demo_gguf, monkeypatch):
+    """The demo's own Q4_1 GGUF on the GPU: its chat prompt's logits are the CPU engine's (both with float
+    activations, the GGUF default of a 135M model), so the near tie of its first answer token ("The"
+    25.33 against "L" 25.24) goes the same way: "The"."""
+    monkeypatch.setenv("QORA_KV", "f32")
+    gpu = qora.load(demo_gguf, device="gpu", max_seq_len=64)
+    cpu = qora.load(demo_gguf, device="cpu", max_seq_len=64)
+    try:
+        assert gpu.engine.device == "vulkan" and gpu.engine.precision == cpu.engine.precision == "f32"
+        ids = gpu.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+        lg, lc = gpu.engine.forward(ids, 0), cpu.engine.forward(ids, 0)
+        assert rel_err(lg, lc) < 1e-4
+        assert int(lg[-1].argmax()) == int(lc[-1].argmax())
+        assert gpu.tokenizer.decode([int(lg[-1].argmax())]).strip() == "The"
+    finally:
+        gpu.close()
+        cpu.close()
