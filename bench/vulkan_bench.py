@@ -237,6 +237,18 @@ def main(argv=None) -> int:
                 for name, (ms, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
                     print(f"  {name:10s} {ms:7.3f} ms  {calls:5.0f} dispatches  {1000 * ms / calls:7.2f} us each")
             os.environ.pop("QORA_VK_PROFILE")
+        if a.profile and a.pp:
+            os.environ["QORA_VK_PROFILE"] = "1"
+            e = make_engine(qf, context)
+            for _ in range(3):  # the average of all three (the first also warms the device's caches)
+                e.forward(rng.integers(0, vocab, a.pp).astype(np.int32), 0)
+            kernels, pp_ms = e.prefill_profile()
+            e.close()
+            os.environ.pop("QORA_VK_PROFILE")
+            results["prefill_profile"] = {"ms": pp_ms, "kernels": kernels}
+            print(f"\nprefill GPU time per {min(a.pp, 512)}-token submission (timestamps): {pp_ms:.3f} ms")
+            for name, (ms, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
+                print(f"  {name:10s} {ms:7.3f} ms  {calls:5.0f} dispatches  {1000 * ms / calls:7.2f} us each")
 
         if a.sweep and a.tg:
             results["sweep"] = []

@@ -201,6 +201,7 @@ def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0, band
         "device": "vulkan" if on_gpu else "cpu",
         "device_name": engine.device_name if on_gpu else None,
         "isa": engine.isa,
+        "gpu_matmul": getattr(engine, "matmul", None) if on_gpu else None,
         "threads": runner.threads,
         "kv_cache": engine.kv_dtype,
         "pp": pp,
@@ -250,7 +251,7 @@ def format_report(report: dict) -> str:
     name = report["model"].removesuffix(".qora")
     size = _size_text(report["file_bytes"])
     if report["device"] == "vulkan":
-        backend = f"Vulkan ({report['device_name']})"
+        backend = f"Vulkan ({report['device_name']}, {report.get('gpu_matmul') or 'fp32'} prefill)"
     else:
         backend = f"CPU ({report['isa']})"
     head = ["model", "size", "params", "backend", "threads", "test", "t/s", "weights GB/s"]

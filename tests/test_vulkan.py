@@ -65,9 +65,10 @@ def _gen_shaders():
     reason="needs the source tree (shader sources and tools/gen_shaders.py)",
 )
 def test_embedded_spirv_matches_sources():
-    """The header's hashes match the GLSL; with the same glslc, a fresh compile gives the same bytes."""
+    """The header's hashes match the GLSL; with the same compiler (glslc, or glslangValidator for the
+    cooperative-matrix shaders), a fresh compile gives the same bytes."""
     gen = _gen_shaders()
-    assert gen.stale(shutil.which("glslc")) == []
+    assert gen.stale(gen.Tools(shutil.which("glslc"), shutil.which("glslangValidator"))) == []
     version, have = gen.parse_header(gen.HEADER.read_text())
     assert set(have) == set(gen.SHADERS)
     assert all(blob[:4] == b"\x03\x02\x23\x07" for _, blob in have.values())  # SPIR-V magic
@@ -150,8 +151,22 @@ def run_quant(ctx, x, norm=None, threads=64, width=None):
 
 
 def run_matvec(
-    ctx, dtype, raw, rows, cols, x, mode=STORE, norm=None, y=None, rows_per=4, threads=64, dot=False, epi=0,
-    nq=None, epi_n=0, **qkv
+    ctx,
+    dtype,
+    raw,
+    rows,
+    cols,
+    x,
+    mode=STORE,
+    norm=None,
+    y=None,
+    rows_per=4,
+    threads=64,
+    dot=False,
+    epi=0,
+    nq=None,
+    epi_n=0,
+    **qkv,
 ):
     """One matvec.comp dispatch on the input x prepared by quant.comp (rows: of the stored matrix;
     SWIGLU: gate rows, the up rows follow). Returns y, the caches and the activation buffer
@@ -350,6 +365,55 @@ def test_matvec_qkv_rope_and_cache(ctx, use_rope):
     assert not kc16[:pos].any() and not vc16[pos + 1 :].any()  # nothing else written
 
 
+needs_coopmat = pytest.mark.skipif(
+    DEVICE is None or not DEVICE.get("coopmat"),
+    reason="no device with f16 cooperative matrices (lavapipe has none; runs on an NVIDIA GPU)",
+)
+
+
+@needs_coopmat
+@pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
+@pytest.mark.parametrize("mode", [STORE, ADD])
+@pytest.mark.parametrize("shape", [(70, 67), (300, 129), (128, 512)])
+def test_matmul_coop(ctx, dtype, mode, shape):
+    """Tensor-core prefill product: weights dequantized to f16, the float input rounded to f16, f32
+    sums; tile edges crossed in rows, tokens and columns."""
+    rows, n_tok = shape
+    cols = 96 if dtype in ("q4", "q8") else 88
+    r = np.random.default_rng()
+    raw, vals = random_matrix(r, dtype, rows, cols)
+    x = r.standard_normal((n_tok, cols)).astype(np.float32)
+    ldy = rows + 5
+    y0 = r.standard_normal((n_tok, ldy)).astype(np.float32)
+    push = struct.pack("<6I", rows, cols, n_tok, cols, ldy, 2)
+    y = y0.copy()
+    ctx.run_kernel(
+        f"matmul_coop_{dtype}",
+        [0, mode],
+        [_vulkan.pack(dtype, rows, cols, raw), x.copy(), np.zeros(4, np.float32), y],
+        push,
+        (rows + 127) // 128,
+        (n_tok + 127) // 128,
+    )
+    # the operands as the shader stages them: f16 (q * d rounded once)
+    w16 = vals.astype(np.float32).astype(np.float16).astype(np.float64)
+    ref = x.astype(np.float16).astype(np.float64) @ w16.T
+    want = y0.astype(np.float64)
+    want[:, 2 : 2 + rows] = (want[:, 2 : 2 + rows] if mode == ADD else 0) + ref
+    assert rel_err(y, want) < 1e-5
+    assert rel_err(y[:, 2 : 2 + rows], want[:, 2 : 2 + rows]) < 1e-5
+    assert np.array_equal(y[:, :2], y0[:, :2]) and np.array_equal(y[:, 2 + rows :], y0[:, 2 + rows :])
+
+
+def test_coopmat_probe_reported():
+    """Every listed device says whether the tensor-core prefill can run on it (a bool the engine reads)."""
+    try:
+        found = _vulkan.list_devices()
+    except _vulkan.VulkanError:
+        pytest.skip("no Vulkan loader")
+    assert all(isinstance(d["coopmat"], bool) for d in found)
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["q4", "q8", "f16", "f32"])
 @pytest.mark.parametrize("mode", [STORE, ADD])
@@ -476,14 +540,23 @@ PROMPT = "The capital of France is"
 
 @needs_gpu
 @pytest.mark.parametrize(
-    "quant,kv,dot", [("q4", "f32", 0), ("q8", "f32", 0), ("f16", "f32", 0), ("q4", "f16", 0), ("q8", "f16", 0),
-                     ("q4", "f32", 1), ("q8", "f16", 1)]
+    "quant,kv,dot",
+    [
+        ("q4", "f32", 0),
+        ("q8", "f32", 0),
+        ("f16", "f32", 0),
+        ("q4", "f16", 0),
+        ("q8", "f16", 0),
+        ("q4", "f32", 1),
+        ("q8", "f16", 1),
+    ],
 )
 def test_tiny_model_matches_cpu(tiny, quant, kv, dot, monkeypatch):
     if dot and not DEVICE.get("int_dot"):
         pytest.skip("no packed integer dot product on this device")
     monkeypatch.setenv("QORA_KV", kv)
     monkeypatch.setenv("QORA_VK_DOT", str(dot))  # decode Q4/Q8 dots emulated / by the device's instruction
+    monkeypatch.setenv("QORA_VK_COOPMAT", "0")  # the integer prefill path (tensor cores: the test below)
     tol = TOL[kv]
     gpu = qora.load(tiny[quant], device="gpu", max_seq_len=128)
     cpu = qora.load(tiny[quant], device="cpu", max_seq_len=128)
@@ -511,11 +584,38 @@ def test_tiny_model_matches_cpu(tiny, quant, kv, dot, monkeypatch):
         gpu.engine.forward([1], 0)
 
 
+@needs_coopmat
+@pytest.mark.parametrize("quant", ["q4", "q8", "f16"])
+def test_tiny_model_coopmat(tiny, quant, monkeypatch):
+    """Prefill on tensor cores (f16 operands, f32 sums) against the CPU engine's float-activation
+    arithmetic, the nearest CPU counterpart; decode after it (the integer mat-vecs) against the
+    CPU's default arithmetic: its KV cache was filled with other roundings (f16 there, Q8 here),
+    which the tiny random model amplifies to a few percent (0.05 seen on an H100)."""
+    monkeypatch.setenv("QORA_KV", "f32")
+    monkeypatch.setenv("QORA_VK_COOPMAT", "2")  # every product, however small
+    toks = np.random.default_rng(11).integers(0, 400, 44).tolist()
+    gpu = qora.load(tiny[quant], device="gpu", max_seq_len=128)
+    try:
+        assert gpu.engine.matmul == "coopmat"
+        lg = gpu.forward(toks[:40])
+        monkeypatch.setenv("QORA_PRECISION", "f32")
+        with qora.load(tiny[quant], device="cpu", max_seq_len=128) as cpu:
+            assert rel_err(lg, cpu.forward(toks[:40])) < 1e-2
+        monkeypatch.delenv("QORA_PRECISION")
+        with qora.load(tiny[quant], device="cpu", max_seq_len=128) as cpu:
+            cpu.forward(toks[:40])
+            for i in range(40, 44):
+                assert rel_err(gpu.engine.forward([toks[i]], i), cpu.engine.forward([toks[i]], i)) < 0.1
+    finally:
+        gpu.close()
+
+
 @needs_gpu
 def test_chunked_head_and_long_prefill(tiny, monkeypatch):
     """The embedding / LM head split into row chunks (as when it exceeds a storage-buffer binding)
     and a prompt longer than one prefill submission give the CPU engine's logits."""
     monkeypatch.setenv("QORA_KV", "f32")
+    monkeypatch.setenv("QORA_VK_COOPMAT", "0")  # integer prefill products, as the CPU's
     monkeypatch.setenv("QORA_VK_CHUNK_ROWS", "96")  # 400 rows: 5 chunks, the last one short
     monkeypatch.setenv("QORA_VK_BATCH", "16")
     toks = np.random.default_rng(3).integers(0, 400, 45).tolist()

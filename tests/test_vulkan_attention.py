@@ -182,6 +182,7 @@ def test_tiny_model_long_prompt_matches_cpu(tiny_long, monkeypatch):
     import qora
 
     monkeypatch.setenv("QORA_KV", "f32")
+    monkeypatch.setenv("QORA_VK_COOPMAT", "0")  # integer prefill products, as the CPU's
     monkeypatch.setenv("QORA_VK_ATT_SPLITS", "16")  # decode chunks: 3,000 positions in 12 chunks of 256
     toks = np.random.default_rng(11).integers(0, 400, 3004).tolist()
     with (
@@ -221,6 +222,7 @@ def test_yarn_context_matches_cpu(tiny_long, monkeypatch):
     import qora
 
     monkeypatch.setenv("QORA_KV", "f32")
+    monkeypatch.setenv("QORA_VK_COOPMAT", "0")  # integer prefill products, as the CPU's
     toks = np.random.default_rng(13).integers(0, 400, 40).tolist()
     with (
         qora.load(tiny_long, device="gpu", max_seq_len=8192, rope_scaling="yarn") as g,

@@ -40,6 +40,7 @@ typedef struct {
     uint32_t max_shared_memory;
     int int_dot;              /* packed 4x8-bit integer dot products in shaders (enabled when offered) */
     int int_dot_fast;         /* ... and the driver says they are accelerated */
+    int coopmat;              /* KHR cooperative matrices f16 16x16x16 -> f32: the tensor-core prefill can run */
     int usable;               /* 1 if qora can run on it, else why_not says why */
     char why_not[160];
 } qvk_device_info;
@@ -84,8 +85,10 @@ typedef struct {
     int gu_rows;     /* decode gate|up rows per workgroup (0: default) */
     int int_dot;     /* decode Q4/Q8 dots: 1 packed integer dot product (if the device has it), 0 emulated,
                         -1 the former where the driver says it is accelerated */
-    int profile;     /* time every decode dispatch with GPU timestamps (qvk_model_profile) */
+    int profile;     /* time every dispatch with GPU timestamps (qvk_model_profile; prefill labels "pp:...") */
     int f32_act;     /* Q4/Q8 products with float activations (the "f32" precision; else Q8 ones, integer sums) */
+    int coopmat;     /* prefill products on cooperative matrices, where the device has them: 1 for the products big
+                        enough to pay (default), 2 all, 0 none */
     int chunk_rows;  /* tests: cap the rows per chunk of the embedding / LM head (0: what fits) */
     int fail_after;  /* test hook: forward calls that succeed before a simulated device loss; < 0 never */
 } qvk_model_opts;
@@ -112,6 +115,8 @@ typedef struct {
     long calls;
 } qvk_profile_entry;
 int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, double* step_ns, long* steps);
+/* GPU time of all profiled prefill submissions and their count */
+void qvk_model_prefill_profile(const qvk_model* m, double* ns, long* runs);
 void qvk_model_destroy(qvk_model* m);
 
 #endif /* QORA_VK_BACKEND_H */

@@ -26,6 +26,7 @@ cdef extern from "qora/vk_backend.h" nogil:
         uint64_t max_allocation
         uint32_t max_shared_memory
         int int_dot, int_dot_fast
+        int coopmat
         int usable
         char why_not[160]
 
@@ -42,6 +43,7 @@ cdef extern from "qora/vk_backend.h" nogil:
     ctypedef struct qvk_model_opts:
         int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_type, att_splits, att_short, gu_rows, int_dot
         int f32_act
+        int coopmat
         int profile, chunk_rows
         int fail_after
 
@@ -70,6 +72,7 @@ cdef extern from "qora/vk_backend.h" nogil:
     int qvk_model_batch(const qvk_model* m)
     int qvk_model_logit_rows(const qvk_model* m)
     int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, double* step_ns, long* steps)
+    void qvk_model_prefill_profile(const qvk_model* m, double* ns, long* runs)
     void qvk_model_destroy(qvk_model* m)
 
 ERROR_KINDS = {-10: "loader", -11: "no_device", -12: "feature", -13: "oom", -14: "device_lost", -15: "vulkan",
@@ -119,6 +122,7 @@ cdef dict _info(const qvk_device_info* d):
         "max_shared_memory": d.max_shared_memory,
         "int_dot": bool(d.int_dot),
         "int_dot_fast": bool(d.int_dot_fast),
+        "coopmat": bool(d.coopmat),
         "usable": bool(d.usable),
         "why_not": (<char*>d.why_not).decode("utf-8", "replace"),
     }
@@ -269,6 +273,7 @@ cdef qvk_model_opts _opts(int max_seq_len, dict opts):
     o.att_short = opts.get("att_short", -1)
     o.gu_rows = opts.get("gu_rows", 0)
     o.int_dot = opts.get("int_dot", -1)
+    o.coopmat = opts.get("coopmat", 1)
     o.profile = opts.get("profile", 0)
     o.chunk_rows = opts.get("chunk_rows", 0)
     o.f32_act = opts.get("f32_act", 0)
@@ -348,8 +353,26 @@ cdef class Model:
         n = qvk_model_profile(self.m, e, 64, &step_ns, &steps)
         if n <= 0 or steps <= 0:
             return {}, 0.0
-        return ({(<char*>e[i].name).decode(): (e[i].ns / steps / 1e6, e[i].calls / steps) for i in range(n)},
-                step_ns / steps / 1e6)
+        names = [(<char*>e[i].name).decode() for i in range(n)]
+        return ({names[i]: (e[i].ns / steps / 1e6, e[i].calls / steps) for i in range(n)
+                 if not names[i].startswith("pp:")}, step_ns / steps / 1e6)
+
+    def prefill_profile(self):
+        """Prefill GPU time per kernel: ({name: (ms per prefill, dispatches per prefill)}, ms per whole
+        prefill), averaged over the profiled prefill submissions so far; ({}, 0.0) when none."""
+        cdef qvk_profile_entry e[64]
+        cdef double step_ns = 0, pp_ns = 0
+        cdef long steps = 0, runs = 0
+        cdef int i, n
+        if self.m == NULL:
+            raise VulkanError(-16, "the model is closed")
+        n = qvk_model_profile(self.m, e, 64, &step_ns, &steps)
+        qvk_model_prefill_profile(self.m, &pp_ns, &runs)
+        if n <= 0 or runs <= 0:
+            return {}, 0.0
+        names = [(<char*>e[i].name).decode() for i in range(n)]
+        return ({names[i][3:]: (e[i].ns / runs / 1e6, e[i].calls / runs) for i in range(n)
+                 if names[i].startswith("pp:")}, pp_ns / runs / 1e6)
 
     def close(self):
         if self.m != NULL:

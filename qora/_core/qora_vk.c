@@ -60,6 +60,28 @@ static const char* const qvk_default_libs[] = {"libvulkan.so.1", "libvulkan.so",
 #endif
 
 #define QVK_PORTABILITY_SUBSET "VK_KHR_portability_subset" /* in vulkan_beta.h, which we do not include */
+/* VK_KHR_cooperative_matrix (Vulkan headers 1.3.255+; the vendored ones predate it) */
+#define QVK_COOPMAT_EXT "VK_KHR_cooperative_matrix"
+#define QVK_STYPE_COOPMAT_FEATURES ((VkStructureType)1000506000)
+#define QVK_STYPE_COOPMAT_PROPERTIES ((VkStructureType)1000506001)
+enum { QVK_COMPONENT_F16 = 0, QVK_COMPONENT_F32 = 1, QVK_SCOPE_SUBGROUP = 3 };
+typedef struct {
+    VkStructureType sType;
+    void* pNext;
+    VkBool32 cooperativeMatrix, cooperativeMatrixRobustBufferAccess;
+} qvk_coopmat_features;
+typedef struct {
+    VkStructureType sType;
+    void* pNext;
+    uint32_t MSize, NSize, KSize;
+    int32_t AType, BType, CType, ResultType; /* VkComponentTypeKHR */
+    VkBool32 saturatingAccumulation;
+    int32_t scope; /* VkScopeKHR */
+} qvk_coopmat_props;
+typedef VkResult(VKAPI_PTR* qvk_PFN_coopmat_props)(VkPhysicalDevice, uint32_t*, qvk_coopmat_props*);
+/* matmul_coop.comp: 8 subgroups of 32, f16 16x16x16 -> f32, xs + ws (128 x 72 f16 each) + cs in shared memory */
+#define QVK_COOP_SHARED (2u * 128u * 72u * 2u + 8u * 256u * 4u)
+
 #define QVK_FENCE_TIMEOUT_NS (120ull * 1000 * 1000 * 1000)
 #define QVK_PUSH_BYTES 128
 #define QVK_BINDINGS QVK_MAX_BINDINGS
@@ -250,6 +272,39 @@ static int qvk_device_has_ext(qvk_inst* I, VkPhysicalDevice pd, const char* name
     return has;
 }
 
+/* Whether the tensor-core prefill (matmul_coop.comp) can run: the device lists f16 x f16 -> f32
+   16x16x16 subgroup matrices and offers the features the shader declares (Float16, the Vulkan
+   memory model), with 32-wide subgroups (the shader's 8 per workgroup) and its shared memory. */
+static int qvk_coopmat_probe(qvk_inst* I, VkPhysicalDevice pd, const VkPhysicalDeviceProperties* p, uint32_t sg) {
+    if (p->apiVersion < VK_API_VERSION_1_1 || sg != 32 || p->limits.maxComputeSharedMemorySize < QVK_COOP_SHARED)
+        return 0;
+    if (!qvk_device_has_ext(I, pd, QVK_COOPMAT_EXT) ||
+        !qvk_device_has_ext(I, pd, VK_KHR_SHADER_FLOAT16_INT8_EXTENSION_NAME) ||
+        !qvk_device_has_ext(I, pd, VK_KHR_VULKAN_MEMORY_MODEL_EXTENSION_NAME))
+        return 0;
+    qvk_coopmat_features cf = {QVK_STYPE_COOPMAT_FEATURES};
+    VkPhysicalDeviceVulkanMemoryModelFeatures mm = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES, &cf};
+    VkPhysicalDeviceShaderFloat16Int8Features f16 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES, &mm};
+    VkPhysicalDeviceFeatures2 f2 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, &f16};
+    I->f.vkGetPhysicalDeviceFeatures2(pd, &f2);
+    if (!cf.cooperativeMatrix || !f16.shaderFloat16 || !mm.vulkanMemoryModel) return 0;
+    qvk_PFN_coopmat_props get = (qvk_PFN_coopmat_props)I->f.vkGetInstanceProcAddr(
+        I->instance, "vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR");
+    uint32_t n = 0;
+    if (!get || get(pd, &n, NULL) != VK_SUCCESS || n == 0 || n > 4096) return 0;
+    qvk_coopmat_props* cp = calloc(n, sizeof *cp);
+    if (!cp) return 0;
+    for (uint32_t i = 0; i < n; i++) cp[i].sType = QVK_STYPE_COOPMAT_PROPERTIES;
+    int ok = 0;
+    if (get(pd, &n, cp) == VK_SUCCESS)
+        for (uint32_t i = 0; i < n && !ok; i++)
+            ok = cp[i].MSize == 16 && cp[i].NSize == 16 && cp[i].KSize == 16 && cp[i].AType == QVK_COMPONENT_F16 &&
+                 cp[i].BType == QVK_COMPONENT_F16 && cp[i].CType == QVK_COMPONENT_F32 &&
+                 cp[i].ResultType == QVK_COMPONENT_F32 && cp[i].scope == QVK_SCOPE_SUBGROUP;
+    free(cp);
+    return ok;
+}
+
 /* Everything qora needs to know about a device, and whether it can run on it. */
 static void qvk_describe(qvk_inst* I, VkPhysicalDevice pd, qvk_device_info* d) {
     memset(d, 0, sizeof *d);
@@ -283,6 +338,8 @@ static void qvk_describe(qvk_inst* I, VkPhysicalDevice pd, qvk_device_info* d) {
             d->int_dot_fast = d->int_dot && dp.integerDotProduct4x8BitPackedSignedAccelerated;
         }
     }
+
+    d->coopmat = qvk_coopmat_probe(I, pd, &p, sg.subgroupSize);
 
     VkPhysicalDeviceMemoryBudgetPropertiesEXT budget = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MEMORY_BUDGET_PROPERTIES_EXT};
     int has_budget = p.apiVersion >= VK_API_VERSION_1_1 && qvk_device_has_ext(I, pd, VK_EXT_MEMORY_BUDGET_EXTENSION_NAME);
@@ -611,7 +668,7 @@ int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* er
     c->f->vkGetPhysicalDeviceMemoryProperties(c->pd, &c->mem);
     qvk_compute_family(&c->I, c->pd, &c->family);
 
-    const char* exts[3];
+    const char* exts[6];
     uint32_t n_exts = 0;
     if (qvk_device_has_ext(&c->I, c->pd, VK_EXT_MEMORY_BUDGET_EXTENSION_NAME))
         exts[n_exts++] = VK_EXT_MEMORY_BUDGET_EXTENSION_NAME;
@@ -620,10 +677,27 @@ int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* er
     VkPhysicalDeviceShaderIntegerDotProductFeatures dot = {
         VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_FEATURES, NULL, VK_TRUE};
     if (c->info.int_dot) exts[n_exts++] = VK_KHR_SHADER_INTEGER_DOT_PRODUCT_EXTENSION_NAME;
+    /* tensor-core prefill, where the device has it (qvk_coopmat_probe) */
+    qvk_coopmat_features cf = {QVK_STYPE_COOPMAT_FEATURES, NULL, VK_TRUE, VK_FALSE};
+    VkPhysicalDeviceVulkanMemoryModelFeatures mm = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES, &cf,
+                                                    VK_TRUE, VK_FALSE, VK_FALSE};
+    VkPhysicalDeviceShaderFloat16Int8Features f16 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES,
+                                                     &mm, VK_TRUE, VK_FALSE};
+    void* chain = NULL;
+    if (c->info.coopmat) {
+        exts[n_exts++] = QVK_COOPMAT_EXT;
+        exts[n_exts++] = VK_KHR_SHADER_FLOAT16_INT8_EXTENSION_NAME;
+        exts[n_exts++] = VK_KHR_VULKAN_MEMORY_MODEL_EXTENSION_NAME;
+        chain = &f16;
+    }
+    if (c->info.int_dot) {
+        dot.pNext = chain;
+        chain = &dot;
+    }
     float prio = 1.0f;
     VkDeviceQueueCreateInfo qi = {VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO, NULL, 0, c->family, 1, &prio};
     VkDeviceCreateInfo di = {VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO};
-    if (c->info.int_dot) di.pNext = &dot;
+    di.pNext = chain;
     di.queueCreateInfoCount = 1;
     di.pQueueCreateInfos = &qi;
     di.enabledExtensionCount = n_exts;
@@ -992,6 +1066,7 @@ struct qvk_model {
     uint32_t act_w, act_half;
     int int_dot; /* decode Q4/Q8 products use the packed integer dot product shaders */
     int f32_act; /* Q4/Q8 products with float activations too (the "f32" precision), not Q8 ones */
+    int coopmat; /* prefill products on cooperative matrices (matmul_coop.comp): 0 never, 1 where they pay, 2 always */
     /* decode profile (opts.profile): a timestamp after every dispatch of the step */
     VkQueryPool qpool;
     int n_ts;
@@ -1000,6 +1075,8 @@ struct qvk_model {
     int n_prof;
     double prof_step_ns, ts_period;
     long prof_steps;
+    double prof_pp_ns; /* prefill: GPU time of the profiled prefill submissions, their count */
+    long prof_pp_runs;
     qvk_buffer readback, params, rope; /* host-visible: logits, [start, n, -, -, tokens...], cos/sin */
     float* inv_freq;
     qvk_sets sets;
@@ -1323,6 +1400,7 @@ static void qvk_model_settings(qvk_model* m, qvk_ctx* c, const qora_config* cfg,
     m->act_w = ((uint32_t)m->widest + 127u) & ~127u;
     m->act_half = m->act_w + m->act_w / 4 + m->act_w / 16;
     m->f32_act = o->f32_act ? 1 : 0;
+    m->coopmat = c->info.coopmat ? o->coopmat : 0;
     m->int_dot = c->info.int_dot && (o->int_dot > 0 || (o->int_dot < 0 && c->info.int_dot_fast));
     m->fail_after = o->fail_after;
     m->kv_type = o->kv_type;
@@ -1666,17 +1744,38 @@ static void qvk_rec_quant_swiglu(qvk_rec* R, VkBuffer gu, uint32_t n_el, uint32_
     qvk_rec_dispatch(R, "quant", spec, 3, b, &p, sizeof p, 1, 1, 1, 1);
 }
 
+/* Whether the prefill product with M over nt tokens runs on cooperative matrices: it then takes the
+   float input (prep without Q8), the f16 tiles of matmul_coop.comp. Only products with enough
+   128 x 128 tiles to fill the device: measured on an H100 (132 SMs), the tensor-core kernel won on
+   qkv (96 tiles at 512 tokens: 296 vs 350 us) and gate|up (688: 1448 vs 1927 us) and lost on wo and
+   down (64 tiles: 252 vs 179, 1074 vs 911 us) to the 64 x 64 fp32 path's 4x as many workgroups. */
+#define QVK_COOP_MIN_TILES 96u
+static int qvk_coop(const qvk_model* m, const qvk_matrix* M, uint32_t nt) {
+    const uint32_t tiles = (((uint32_t)M->rows + 127u) / 128u) * ((nt + 127u) / 128u);
+    return m->coopmat && M->dtype >= QORA_F32 && M->dtype <= QORA_Q4 && (m->coopmat == 2 || tiles >= QVK_COOP_MIN_TILES);
+}
+
+/* the prefill input of a product with M is quantized to Q8 (the integer matmul.comp path) */
+static int qvk_mm_q8(const qvk_model* m, const qvk_matrix* M, uint32_t nt) {
+    return qvk_int_path(m, M->dtype) && !qvk_coop(m, M, nt);
+}
+
 static void qvk_rec_matmul(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer x, uint32_t ldx, VkBuffer y,
                            uint32_t ldy, uint32_t n_tok) {
     char name[32];
-    snprintf(name, sizeof name, "matmul_%s%s", qvk_dtype_name(M->dtype), qvk_float_suffix(R->m, M->dtype));
+    const int coop = qvk_coop(R->m, M, n_tok);
+    const uint32_t tile = coop ? 128u : 64u;
+    if (coop)
+        snprintf(name, sizeof name, "matmul_coop_%s", qvk_dtype_name(M->dtype));
+    else
+        snprintf(name, sizeof name, "matmul_%s%s", qvk_dtype_name(M->dtype), qvk_float_suffix(R->m, M->dtype));
     const uint32_t spec[2] = {0, (uint32_t)mode};
     for (int i = 0; i < M->n_chunks; i++) {
         const qvk_chunk* ch = &M->chunks[i];
         qvk_mm_push p = {(uint32_t)ch->rows, (uint32_t)M->cols, n_tok, ldx, ldy, (uint32_t)(M->row0 + ch->r0)};
         VkBuffer b[QVK_BINDINGS] = {ch->buf.buf, x, R->m->xs.buf, y};
-        qvk_rec_dispatch(R, name, spec, 2, b, &p, sizeof p, ((uint32_t)ch->rows + 63) / 64, (n_tok + 63) / 64, 1,
-                         i == M->n_chunks - 1);
+        qvk_rec_dispatch(R, name, spec, 2, b, &p, sizeof p, ((uint32_t)ch->rows + tile - 1) / tile,
+                         (n_tok + tile - 1) / tile, 1, i == M->n_chunks - 1);
     }
 }
 
@@ -1825,46 +1924,64 @@ static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, char* err, size_t
 
 /* n_tok > 1 tokens: batched products; logits for every token (all_logits) or the last. */
 static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int all_logits, char* err, size_t n) {
-    qvk_rec R = {m, cb, err, n, 0, 0, NULL};
+    qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL};
     const uint32_t D = (uint32_t)m->cfg.dim, H = (uint32_t)m->cfg.hidden_dim;
     if (qvk_cmd_begin(m->c, cb, 1) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
     qvk_barrier(m->c, cb, VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
                 VK_ACCESS_SHADER_READ_BIT);
+    if (R.prof) {
+        m->n_ts = 0;
+        m->c->f->vkCmdResetQueryPool(cb, m->qpool, 0, QVK_PROFILE_MAX);
+        m->ts_label[m->n_ts] = "start";
+        m->c->f->vkCmdWriteTimestamp(cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, m->qpool, (uint32_t)m->n_ts++);
+    }
+    R.label = "pp:embed";
     qvk_rec_embed(&R, nt);
     for (int l = 0; l < m->cfg.n_layers; l++) {
         const qvk_layer* L = &m->layers[l];
         /* attention norm, q/k/v, RoPE + cache, attention */
         for (int i = 0; i < L->n_qkv; i++) { /* the input again only where the next piece takes it otherwise */
-            const int intq = qvk_int_path(m, L->wqkv[i].dtype);
-            if (i == 0 || intq != qvk_int_path(m, L->wqkv[i - 1].dtype))
+            const int intq = qvk_mm_q8(m, &L->wqkv[i], nt);
+            R.label = "pp:prep";
+            if (i == 0 || intq != qvk_mm_q8(m, &L->wqkv[i - 1], nt))
                 qvk_rec_prep(&R, m->x.buf, D, D, L->attn_norm.buf, 0, intq, nt);
+            R.label = "pp:qkv";
             qvk_rec_matmul(&R, &L->wqkv[i], QVK_STORE, m->xn.buf, D, m->qkv.buf, (uint32_t)m->qkv_dim, nt);
         }
         qvk_rope_push rp = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
                             (uint32_t)m->qkv_dim, (uint32_t)L->use_rope};
         VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, L->kc.buf, L->vc.buf, m->params.buf, m->rope.buf};
         const uint32_t kv_spec[2] = {0, (uint32_t)m->kv_type};
+        R.label = "pp:rope_kv";
         qvk_rec_dispatch(&R, "rope_kv", kv_spec, 2, rb, &rp, sizeof rp, nt, 1, 1, 1);
+        R.label = "pp:attention";
         qvk_rec_attention(&R, L, nt, 0);
         /* output projection + residual */
         VkBuffer att_in = m->att.buf;
-        if (qvk_int_path(m, L->wo.dtype)) {
+        if (qvk_mm_q8(m, &L->wo, nt)) {
+            R.label = "pp:prep";
             qvk_rec_prep(&R, m->att.buf, (uint32_t)m->q_dim, (uint32_t)m->q_dim, 0, 0, 1, nt);
             att_in = m->xn.buf;
         }
+        R.label = "pp:wo";
         qvk_rec_matmul(&R, &L->wo, QVK_ADD, att_in, (uint32_t)m->q_dim, m->x.buf, D, nt);
         /* MLP norm, gate|up, swiglu, down + residual */
         for (int i = 0; i < L->n_gu; i++) {
-            const int intq = qvk_int_path(m, L->wgu[i].dtype);
-            if (i == 0 || intq != qvk_int_path(m, L->wgu[0].dtype))
+            const int intq = qvk_mm_q8(m, &L->wgu[i], nt);
+            R.label = "pp:prep";
+            if (i == 0 || intq != qvk_mm_q8(m, &L->wgu[0], nt))
                 qvk_rec_prep(&R, m->x.buf, D, D, L->ffn_norm.buf, 0, intq, nt);
+            R.label = "pp:gate_up";
             qvk_rec_matmul(&R, &L->wgu[i], QVK_STORE, m->xn.buf, D, m->gu.buf, 2 * H, nt);
         }
-        qvk_rec_prep(&R, m->gu.buf, H, 2 * H, 0, 1, qvk_int_path(m, L->wdown.dtype), nt);
+        R.label = "pp:prep";
+        qvk_rec_prep(&R, m->gu.buf, H, 2 * H, 0, 1, qvk_mm_q8(m, &L->wdown, nt), nt);
+        R.label = "pp:down";
         qvk_rec_matmul(&R, &L->wdown, QVK_ADD, m->xn.buf, H, m->x.buf, D, nt);
     }
+    R.label = "pp:lm_head";
     if (all_logits) {
-        qvk_rec_prep(&R, m->x.buf, D, D, m->norm.buf, 0, qvk_int_path(m, m->output->dtype), nt);
+        qvk_rec_prep(&R, m->x.buf, D, D, m->norm.buf, 0, qvk_mm_q8(m, m->output, nt), nt);
         qvk_rec_matmul(&R, m->output, QVK_STORE, m->xn.buf, D, m->logits.buf, (uint32_t)m->cfg.vocab_size, nt);
     } else {
         qvk_rec_quant(&R, m->x.buf, (nt - 1) * D, D, m->norm.buf, 0);
@@ -1876,8 +1993,8 @@ static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int
     return R.rc;
 }
 
-/* Add the last decode step's timestamps to the per-label totals. */
-static void qvk_profile_collect(qvk_model* m) {
+/* Add the last submission's timestamps to the per-label totals (prefill labels start "pp:"). */
+static void qvk_profile_collect(qvk_model* m, int decode) {
     uint64_t ts[QVK_PROFILE_MAX];
     if (m->c->f->vkGetQueryPoolResults(m->c->dev, m->qpool, 0, (uint32_t)m->n_ts, sizeof ts, ts, 8,
                                        VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT) != VK_SUCCESS)
@@ -1894,8 +2011,18 @@ static void qvk_profile_collect(qvk_model* m) {
         m->prof[e].ns += (double)(ts[i] - ts[i - 1]) * m->ts_period;
         m->prof[e].calls++;
     }
-    m->prof_step_ns += (double)(ts[m->n_ts - 1] - ts[0]) * m->ts_period;
-    m->prof_steps++;
+    if (decode) {
+        m->prof_step_ns += (double)(ts[m->n_ts - 1] - ts[0]) * m->ts_period;
+        m->prof_steps++;
+    } else {
+        m->prof_pp_ns += (double)(ts[m->n_ts - 1] - ts[0]) * m->ts_period;
+        m->prof_pp_runs++;
+    }
+}
+
+void qvk_model_prefill_profile(const qvk_model* m, double* ns, long* runs) {
+    *ns = m->prof_pp_ns;
+    *runs = m->prof_pp_runs;
 }
 
 int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, double* step_ns, long* steps) {
@@ -1959,7 +2086,7 @@ int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos,
         return rc;
     }
     m->n_forward++;
-    if (n == 1 && m->qpool && m->n_ts > 1) qvk_profile_collect(m);
+    if (m->qpool && m->n_ts > 1) qvk_profile_collect(m, n == 1);
     const int rows = all_logits ? n : 1;
     memcpy(logits, m->readback.map, (size_t)rows * m->cfg.vocab_size * sizeof(float));
     return QVK_OK;

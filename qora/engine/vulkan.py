@@ -216,6 +216,17 @@ class VulkanEngine(SingleSlot):
         self.device_name = info["name"]
         self.device_info = info
         self.isa = "vulkan"
+        # which kernel family runs the prefill products: tensor cores where the device lists them
+        self.matmul = "coopmat" if info.get("coopmat") and opts["coopmat"] else "fp32"
+        self.notes.append(
+            "vulkan: prefill products on "
+            + (
+                "tensor cores (KHR cooperative matrices, f16 x f16 -> f32)"
+                if self.matmul == "coopmat"
+                else "the fp32 shader path" + ("" if info.get("coopmat") else " (no f16 cooperative matrices here)")
+            )
+        )
+        log.debug(self.notes[-1])
         self.vram_bytes = need
         self.kv_dtype = KV_NAMES[opts["kv_type"]]
         self._batch, self._logit_rows = self._model.batch, self._model.logit_rows
@@ -247,6 +258,8 @@ class VulkanEngine(SingleSlot):
             "att_short": _env_int("QORA_VK_ATT_SHORT", -1),
             "gu_rows": _env_int("QORA_VK_GU_ROWS", 0),
             "int_dot": _env_int("QORA_VK_DOT", -1),  # -1: where the driver says it is accelerated
+            # tensor-core prefill: 1 for the products big enough to pay, 2 all (tests), 0 none
+            "coopmat": _env_int("QORA_VK_COOPMAT", 1),
             "profile": 1 if _env_flag("QORA_VK_PROFILE") else 0,
             "chunk_rows": _env_int("QORA_VK_CHUNK_ROWS", 0),  # tests: the embedding / LM head in pieces
             # the CPU engine's choice, so both compute the same (qora_dtype values)
@@ -383,6 +396,11 @@ class VulkanEngine(SingleSlot):
     def profile(self):
         """GPU time per decode kernel under QORA_VK_PROFILE=1: ({name: (ms, calls) per step}, ms per step)."""
         return self._model.profile() if self._model is not None else ({}, 0.0)
+
+    def prefill_profile(self):
+        """GPU time per prefill kernel under QORA_VK_PROFILE=1: ({name: (ms, calls) per prefill submission},
+        ms per submission)."""
+        return self._model.prefill_profile() if self._model is not None else ({}, 0.0)
 
     def reset(self):
         """Nothing to clear on the device: positions past start_pos are overwritten before they are read."""
