@@ -300,12 +300,12 @@ def test_mixed_model_matches_cpu(mixed_gguf, mix, precision, monkeypatch):
     rounding on the other side of a tie (test_vulkan's f16-cache case): the tolerance is that one's."""
     tol = 1e-4 if precision == "f32" else 5e-2
     monkeypatch.setenv("QORA_KV", "f32")
-    monkeypatch.setenv("QORA_PRECISION", precision)
     path = mixed_gguf(mix)
-    gpu = qora.load(path, device="gpu", max_seq_len=64)
-    cpu = qora.load(path, device="cpu", max_seq_len=64)
+    gpu = qora.load(path, device="gpu", max_seq_len=64, precision=precision)
+    cpu = qora.load(path, device="cpu", max_seq_len=64, precision=precision)
     try:
         assert gpu.engine.device == "vulkan" and cpu.engine.device == "cpu"
+        assert gpu.engine.precision == cpu.engine.precision == precision
         kinds = {i["dtype"] for i in gpu.engine._qfile.tensor_info.values()}
         want = {
             "q4_k_m": {"q4_k", "q6_k"},

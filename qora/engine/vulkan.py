@@ -179,18 +179,18 @@ class VulkanEngine(SingleSlot):
         kv_type: str | None = None,
         cpu_precision: str | None = None,
     ):
-        self._cpu_precision = cpu_precision  # the CPU engine's arithmetic if the GPU fails mid-answer
+        self._cpu_precision = cpu_precision  # the arithmetic asked for: the GPU's, and the CPU's on a fallback
         core = _core()
         if core is None:
             raise GpuUnavailable("this build of qora has no Vulkan backend", quiet=True)
         for name, info in qfile.tensor_info.items():  # types with CPU kernels only: the CPU engine runs them
             if info["dtype"] not in dtypes.VULKAN:
                 raise GpuUnavailable(f"tensor {name} is {info['dtype']}, which the Vulkan backend cannot run yet")
-        # the CPU engine's arithmetic for the same file: "q8" rounds Q4_0 / Q8_0 products' activations to
-        # Q8 (integer block sums, as the CPU does); "f32" keeps every product's activations float. The
-        # other block types take float activations in either (their CPU "q8" partner, Q8_K for the K
-        # types, is not mirrored on the GPU).
-        self.precision = resolve_precision(None, qfile)
+        # the CPU engine's arithmetic for the same file and request: "q8" rounds Q4_0 / Q8_0 products'
+        # activations to Q8 (integer block sums, as the CPU does); "f32" keeps every product's activations
+        # float. The other block types take float activations in either (their CPU "q8" partner, Q8_K
+        # for the K types, is not mirrored on the GPU).
+        self.precision = resolve_precision(cpu_precision, qfile)
         self.config = cfg = qfile.config
         self._qfile = qfile
         self._cpu = None
@@ -208,7 +208,7 @@ class VulkanEngine(SingleSlot):
         info = self._open_device(core, required)
         inv_freq, rope_scale = rope_parameters(cfg)
         tensors = {name: (i["dtype"], tuple(i["shape"]), qfile.tensor(name)) for name, i in qfile.tensor_info.items()}
-        opts = self._options(qfile, fail_after, kv_type)
+        opts = self._options(qfile, fail_after, kv_type, self.precision)
         seq, need = self._fit_context(core, info, tensors, inv_freq, rope_scale, max_seq_len, opts)
         self._upload(core, info, tensors, inv_freq, rope_scale, seq, opts, fail_alloc)
         self.max_seq_len = seq
@@ -248,7 +248,7 @@ class VulkanEngine(SingleSlot):
         return info
 
     @staticmethod
-    def _options(qfile, fail_after: int, kv_type: str | None = None) -> dict:
+    def _options(qfile, fail_after: int, kv_type: str | None = None, precision: str = "q8") -> dict:
         """Kernel choices for the C backend (environment overrides for tuning and tests)."""
         return {
             "batch": _env_int("QORA_VK_BATCH", 0),
@@ -264,7 +264,7 @@ class VulkanEngine(SingleSlot):
             "chunk_rows": _env_int("QORA_VK_CHUNK_ROWS", 0),  # tests: the embedding / LM head in pieces
             # the CPU engine's choice, so both compute the same (qora_dtype values)
             "kv_type": KV_NAMES.index(kv_cache_dtype(qfile, kv_type)),
-            "f32_act": 1 if resolve_precision(None, qfile) == "f32" else 0,
+            "f32_act": 1 if precision == "f32" else 0,
             "fail_after": fail_after,
         }
 
