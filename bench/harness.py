@@ -157,9 +157,29 @@ def extra_info(r: Result, model: ModelPair, peer: Result | None) -> dict:
     return out
 
 
-def table(rows, title: str = "") -> str:
-    """rows: [(model, qora Result, peer Result | None)] -> a side-by-side text table."""
-    head = ["model", "test", "thr", "qora tok/s", "peer tok/s", "ratio", "qora rate", "peer rate"]
+def bandwidth_share(test: str, tok_s: float, model: ModelPair, read_gb_s: float | None) -> str:
+    """Decode's weight GB/s as a percentage of the machine's read bandwidth at that thread count."""
+    if not test.startswith("tg") or not read_gb_s:
+        return "-"
+    return f"{100 * model.weight_bytes * tok_s / 1e9 / read_gb_s:.0f}%"
+
+
+def table(rows, title: str = "", read_gb_s: dict | None = None) -> str:
+    """rows: [(model, qora Result, peer Result | None)] -> a side-by-side text table; read_gb_s: threads ->
+    the read bandwidth, for decode as a share of it."""
+    head = [
+        "model",
+        "test",
+        "thr",
+        "qora tok/s",
+        "peer tok/s",
+        "ratio",
+        "qora rate",
+        "peer rate",
+        "qora %bw",
+        "peer %bw",
+    ]
+    bw = read_gb_s or {}
     lines = []
     for model, q, p in rows:
         lines.append(
@@ -172,6 +192,8 @@ def table(rows, title: str = "") -> str:
                 f"{q.median / p.median:.2f}x" if p else "-",
                 work_rate(q.test, q.median, model),
                 work_rate(p.test, p.median, model) if p else "-",
+                bandwidth_share(q.test, q.median, model, bw.get(q.threads)),
+                bandwidth_share(p.test, p.median, model, bw.get(q.threads)) if p else "-",
             ]
         )
     widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
@@ -180,6 +202,8 @@ def table(rows, title: str = "") -> str:
     out += [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines]
     out.append("tok/s: median of the repetitions (best in brackets); ratio = qora / peer medians;")
     out.append("rate: decode GB/s = weight bytes per token x tok/s, prefill GOP/s = 2 x weights x tok/s")
+    if bw:
+        out.append("%bw: decode GB/s as a share of the read bandwidth at that thread count (qora bench --bandwidth)")
     return "\n".join(out)
 
 

@@ -146,23 +146,17 @@ class Runner:
 
 
 def read_bandwidth(threads: int, gib: float = 2.0, reps: int = 5) -> float:
-    """A STREAM-like read: GB/s of `threads` threads each scanning its share of a buffer far larger
-    than the last-level cache (NumPy's max over uint8 is a SIMD scan that releases the GIL). Best of
-    reps. Decode reads every weight once per token, so this is its ceiling on this machine."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """A STREAM-like read (include/qora/bandwidth.h): GB/s of `threads` OpenMP threads each reading its
+    share of a buffer far larger than the last-level cache with wide loads, as decode reads weights.
+    Best of reps. Decode reads every weight once per token, so this is its ceiling on this machine."""
+    from qora._core import _cpu
     from qora.system import available_ram
 
     n = int(min(gib * 2**30, max(available_ram() // 4, 256 << 20)))  # never a large share of free RAM
-    buf = np.ones(n, dtype=np.uint8)  # written once so every page is really there
-    parts = np.array_split(buf, threads)
-    best = 0.0
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            list(pool.map(np.max, parts))
-            best = max(best, n / (time.perf_counter() - t0) / 1e9)
-    return best
+    try:
+        return _cpu.read_bandwidth(threads, n, reps)
+    except MemoryError as e:
+        raise QoraError(f"the bandwidth probe: {e}") from e
 
 
 # ───── the report ─────

@@ -96,7 +96,7 @@ def version_text() -> str:
         info = qora.cpu_info()
         lines.append(
             f"cpu: isa {info['isa'] or 'none'} ({info['isa_reason']}); compiled {', '.join(info['compiled'])}; "
-            f"amx {info['amx']}"
+            f"amx {info['amx']}; decode walk {info['kernel'] or 'none'} ({info['kernel_reason']})"
         )
         omp = "on" if info["openmp"] else "off (single-threaded build)"
         lines.append(f"openmp: {omp}; threads {info['threads']} of {info['physical_cores']} physical cores")

@@ -14,6 +14,7 @@ with the limits, and they must fit beside whatever else is running.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -142,6 +143,32 @@ def default_threads() -> int:
     if omp.isdigit() and int(omp) > 0:
         return int(omp)
     return usable_cores()
+
+
+# How long an OpenMP thread spins before it sleeps, waiting for the next parallel region: a decode step runs
+# about 7 regions per layer (250 for a 36-layer model), a few microseconds apart, so a short spin keeps
+# the team awake across a step, while on a machine with other load a long spin burns the time slices
+# the other threads need. GCC's libgomp spins 300,000 rounds by default; measured on a busy 2-core AMD
+# EPYC (bench/NOTES.md), 2 threads of decode products read weights at 6-14% of the read bandwidth by
+# default, 9-10% at 100,000, 38-41% at 10,000 and 61-68% at 1,000 (libgomp's own value for an
+# oversubscribed machine). OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the user win.
+OMP_SPINCOUNT = "1000"
+
+
+@contextlib.contextmanager
+def openmp_environment(environ=None):
+    """Around the first import of the compiled core (libgomp reads its settings once, when it is
+    loaded): GOMP_SPINCOUNT=OMP_SPINCOUNT unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT;
+    the environment is put back afterwards, so child processes (a llama.cpp peer) see the user's."""
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        yield
+        return
+    environ["GOMP_SPINCOUNT"] = OMP_SPINCOUNT
+    try:
+        yield
+    finally:
+        environ.pop("GOMP_SPINCOUNT", None)
 
 
 def _meminfo_bytes(key: str) -> int | None:

@@ -44,12 +44,16 @@ def test_version(monkeypatch):
     assert lines[0].startswith(f"qora {qora.__version__} (Python ")
     info = qora.cpu_info()
     assert lines[1].startswith(f"cpu: isa {info['isa']} (")
+    assert f"; decode walk {info['kernel']} ({info['kernel_reason']})" in lines[1]
     assert lines[2].startswith("openmp: ") and f"threads {info['threads']} " in lines[2]
     assert lines[3].startswith("vulkan: ")
     # Reported, not fatal: a bad QORA_ISA still prints the facts for the bug report.
     monkeypatch.setenv("QORA_ISA", "bogus")
     p = qora_cmd("--version")
     assert p.returncode == 0 and "cpu: isa none (QORA_ISA='bogus' is not one of" in p.stdout
+    monkeypatch.setenv("QORA_KERNEL", "bogus")
+    p = qora_cmd("--version")
+    assert p.returncode == 0 and "decode walk none (QORA_KERNEL='bogus' is not one of seq, seg4)" in p.stdout
 
 
 def test_qora_error_is_one_line_exit_1(tmp_path):

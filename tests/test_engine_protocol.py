@@ -102,6 +102,10 @@ def test_isa_table_agrees_with_the_c_enum():
     for value, name in c["kernels"].items():  # the name each compiled kernel table gives itself
         assert eng.ISA_NAMES[value] == name
     assert _cpu.ISA_NAMES is eng.ISA_NAMES  # the compiled core reads the same table
+    walks = c["walks"]  # the decode walks of repack.h, likewise
+    assert walks.pop("count") == len(eng.DECODE_WALKS)
+    for const, value in walks.items():
+        assert eng.DECODE_WALKS[value] == const.removeprefix("QORA_WALK_").lower()
 
 
 def test_isa_names_are_spelled_once():

@@ -414,6 +414,49 @@ def test_quantized_products_same_bits_on_every_path(dtype, repack, n, shape):
             np.testing.assert_array_equal(got, want, err_msg=f"{ISA_NAMES[isa]} threads={threads}")
 
 
+@pytest.mark.parametrize("walk", ["seq", "seg4"])
+@pytest.mark.parametrize(
+    "shape", [(8, 32), (16, 96), (13, 96), (24, 224), (41, 576), (130, 2048), (2048 + 24, 224), (33, 11008)]
+)
+def test_decode_walks_same_bits(walk, shape):
+    """The two decode walks of repacked Q4 (repack.h: one stream per thread, or four segment streams)
+    on every ISA path and thread count give the NumPy model of the shared order bit for bit: one
+    token (the decode kernels), ragged rows (not a multiple of 8 or 16) and block counts (under 4,
+    not a multiple of 4, the last segment longer)."""
+    r = rng()
+    rows, cols = shape
+    raw, _ = random_weights(r, "q4", rows, cols)
+    x = (r.standard_normal((1, cols)) * 3).astype(np.float32)
+    want = ref_quantized_products(raw, "q4", rows, cols, _cpu.quantize_q8(x[0], ISAS[0])[None])
+    before = _cpu.decode_walk()
+    try:
+        assert _cpu.set_decode_walk(walk) == walk
+        for isa in ISAS:
+            for threads in (1, 2, 3):
+                got = _cpu.matmul(raw, "q4", rows, cols, x, isa, threads, True)
+                np.testing.assert_array_equal(got, want, err_msg=f"{ISA_NAMES[isa]} threads={threads}")
+    finally:
+        _cpu.set_decode_walk(before)
+
+
+def test_decode_walk_rejects_unknown_names():
+    with pytest.raises(ValueError, match="decode walk"):
+        _cpu.set_decode_walk("zigzag")
+
+
+def test_read_bandwidth_probe():
+    """The bandwidth probe reads a buffer at 1 and 2 threads and reports a positive rate; a buffer
+    too small for its threads, or an impossible size, is refused."""
+    for threads in (1, 2):
+        assert _cpu.read_bandwidth(threads, 8 << 20, 1) > 0
+    with pytest.raises(ValueError):
+        _cpu.read_bandwidth(4, 64, 1)
+    with pytest.raises(MemoryError):
+        _cpu.read_bandwidth(1, 1 << 62, 1)
+    with pytest.raises(ValueError):
+        _cpu.read_bandwidth(0, 8 << 20, 1)
+
+
 def test_amx_products_same_bits(amx):
     """The AMX tile kernel (16 rows x 16 tokens, one pass per segment) gives the same bits too."""
     r = rng()

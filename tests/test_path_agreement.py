@@ -21,7 +21,7 @@ import pytest
 
 import qora
 from qora._core import _cpu
-from qora.engine import ISA_NAMES
+from qora.engine import ISA_NAMES, resolve_kernel
 
 FEATS = _cpu.cpu_features()
 ISAS = [n for n in ISA_NAMES if n in FEATS["cpu_supports"] and n in FEATS["compiled"]]
@@ -140,3 +140,25 @@ def test_long_context_decode_same_bits_at_every_thread_count(isa, demo_model, mo
         if want is None:
             want = steps
         np.testing.assert_array_equal(steps, want, err_msg=f"threads={threads} vs 1")
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "scalar"])
+@pytest.mark.parametrize("name", ["demo-q4", "tiny-smollm3-q4"])
+def test_decode_walks_give_the_same_bits(name, isa, model_path, monkeypatch):
+    """The decode walks of repacked Q4 (QORA_KERNEL=seq / seg4, repack.h) give the same logits bit for
+    bit, prompt and decode, at 1 and 2 threads."""
+    got = {}
+    try:
+        for walk in ("seq", "seg4"):
+            monkeypatch.setenv("QORA_KERNEL", walk)
+            for threads in (1, 2):
+                prefill, steps, tokens = run(model_path(name), name, isa, "off", "1", threads, monkeypatch)
+                got[walk, threads] = (np.concatenate([prefill[n] for n in PROMPT_LENS]), steps, tokens)
+    finally:
+        monkeypatch.delenv("QORA_KERNEL")
+        _cpu.set_decode_walk(resolve_kernel()[0])  # process-wide: back to this machine's choice
+    want = got["seq", 1]
+    for key, (prefill, steps, tokens) in got.items():
+        np.testing.assert_array_equal(prefill, want[0], err_msg=f"prompt logits, {key}")
+        np.testing.assert_array_equal(steps, want[1], err_msg=f"decode logits, {key}")
+        assert tokens == want[2], key

@@ -19,7 +19,11 @@ typedef struct {
     int amx_tile, amx_int8;
     int os_amx;    /* XCR0 has XTILECFG+XTILEDATA state (Linux also wants a permission request, see amx.h) */
     int neon, dotprod, i8mm; /* aarch64: AdvSIMD, SDOT/UDOT (FEAT_DotProd), SMMLA (FEAT_I8MM); 0 elsewhere */
+    int vendor;    /* QORA_VENDOR_*: the per-CPU kernel choice reads it (engine/cpu.py) */
+    int family, model; /* x86 CPUID leaf 1, extended family and model folded in; 0 elsewhere */
 } qora_cpu_features;
+
+enum { QORA_VENDOR_OTHER = 0, QORA_VENDOR_INTEL = 1, QORA_VENDOR_AMD = 2 };
 
 #if defined(__aarch64__) || defined(_M_ARM64)
 #define QORA_ARM64 1
@@ -107,8 +111,21 @@ static qora_cpu_features qora_detect_cpu(void) {
     unsigned r[4];
     qora_cpuid(0, 0, r);
     unsigned max_leaf = r[0];
+    char vendor[13];
+    memcpy(vendor, &r[1], 4);
+    memcpy(vendor + 4, &r[3], 4);
+    memcpy(vendor + 8, &r[2], 4);
+    vendor[12] = 0;
+    f.vendor = strcmp(vendor, "GenuineIntel") == 0   ? QORA_VENDOR_INTEL
+               : strcmp(vendor, "AuthenticAMD") == 0 ? QORA_VENDOR_AMD
+                                                     : QORA_VENDOR_OTHER;
     if (max_leaf < 1) return f;
     qora_cpuid(1, 0, r);
+    {
+        const unsigned fam = (r[0] >> 8) & 0xf, mod = (r[0] >> 4) & 0xf;
+        f.family = (int)(fam == 0xf ? fam + ((r[0] >> 20) & 0xff) : fam);
+        f.model = (int)(fam == 0x6 || fam == 0xf ? mod + (((r[0] >> 16) & 0xf) << 4) : mod);
+    }
     f.sse42 = (r[2] >> 20) & 1;
     f.fma = (r[2] >> 12) & 1;
     f.osxsave = (r[2] >> 27) & 1;

@@ -5,4 +5,5 @@
 #include "cpu_features.h"
 #include "kernels.h"
 #include "forward.h"
+#include "bandwidth.h"
 #endif

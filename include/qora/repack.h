@@ -125,6 +125,21 @@ static void q4x8_scalar(int n, const block_q4x8* w, const block_q8* x, const qor
                 for (int j_ = 0; j_ < (ROWS); j_++) (OUT)[t_ * (LDO) + j_] = 0.0f;                  \
     } while (0)
 
+/* How decode (one token) walks a group's blocks, process-wide, chosen per CPU at load (engine/cpu.py:
+   QORA_KERNEL, else a table by vendor). Both give the same operations in the same order (common.h):
+   - SEG4: the four segments of common.h at once, four weight streams in flight (2-vCPU Xeon: +13%
+     decode tok/s over one stream);
+   - SEQ: the segments one after the other, one sequential stream per thread with software prefetch
+     QORA_PREFETCH_SEQ blocks ahead, across group ends (AMD Zen 3, 1 thread: 84-101% of the read
+     bandwidth against 55-69% for SEG4; bench/matvec_bench.c). */
+enum { QORA_WALK_SEQ = 0, QORA_WALK_SEG4 = 1, QORA_WALK_COUNT = 2 };
+static int qora_decode_walk = QORA_WALK_SEG4;
+static int qora_set_decode_walk(int walk) {
+    if (walk >= 0 && walk < QORA_WALK_COUNT) qora_decode_walk = walk;
+    return qora_decode_walk;
+}
+#define QORA_PREFETCH_SEQ 16
+
 #if QORA_X86
 /* Decode streams every weight once per token and, on one or a few threads, is
    bound by memory latency: the hardware prefetcher stops at 4 KiB pages, so ask
@@ -190,11 +205,11 @@ QORA_TARGET_AVX2 QORA_INLINE void q4x8_avx2_t(const int T, int n, const block_q4
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
-/* Decode on AVX2: the group's blocks as four segments at once (more weight streams in flight,
-   as in the AVX-512 decode kernel below). */
+
+/* Decode on AVX2: one chain per segment, the segments walked as qora_decode_walk says. */
 QORA_TARGET_AVX2 static inline __m256 q4x8_block_1_avx2(const block_q4x8* wb, const block_q8* xb, const qora_xblock* xe,
-                                                        __m256 acc) {
-    qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);
+                                                        __m256 acc, int pf) {
+    qora_prefetch_q4x8(wb + pf);
     __m256i lo[4], hi[4];
     q4x8_nibbles_avx2(wb, lo, hi);
     const __m256i s = q4x8_dot_avx2(lo, hi, xb, xe->off);
@@ -204,16 +219,23 @@ QORA_TARGET_AVX2 static inline __m256 q4x8_block_1_avx2(const block_q4x8* wb, co
 
 QORA_TARGET_AVX2 static void q4x8_avx2_decode(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
                                               float* out) {
-    QORA_STATIC_ASSERT(QORA_SEGS == 4, "the decode kernels walk the four segments of common.h at once");
+    QORA_STATIC_ASSERT(QORA_SEGS == 4, "the decode kernels walk the four segments of common.h");
     const int nb = n / QK, seg = nb / QORA_SEGS;
     __m256 acc[4];
     for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
-    for (int b = 0; b < seg; b++)
-        for (int i = 0; i < 4; i++) {
-            const int c = b + i * seg;
-            acc[i] = q4x8_block_1_avx2(w + c, x + c, xsum + c, acc[i]);
-        }
-    for (int c = 4 * seg; c < nb; c++) acc[3] = q4x8_block_1_avx2(w + c, x + c, xsum + c, acc[3]); /* segment 3's end */
+    if (qora_decode_walk == QORA_WALK_SEQ) {
+        for (int i = 0; i < 4; i++)
+            for (int c = qora_seg_begin(nb, i); c < qora_seg_begin(nb, i + 1); c++)
+                acc[i] = q4x8_block_1_avx2(w + c, x + c, xsum + c, acc[i], QORA_PREFETCH_SEQ);
+    } else {
+        for (int b = 0; b < seg; b++)
+            for (int i = 0; i < 4; i++) {
+                const int c = b + i * seg;
+                acc[i] = q4x8_block_1_avx2(w + c, x + c, xsum + c, acc[i], QORA_PREFETCH_BLOCKS);
+            }
+        for (int c = 4 * seg; c < nb; c++) /* segment 3's end */
+            acc[3] = q4x8_block_1_avx2(w + c, x + c, xsum + c, acc[3], QORA_PREFETCH_BLOCKS);
+    }
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
 }
 
@@ -378,15 +400,16 @@ QORA_TARGET_AVX512 QORA_INLINE void q4x16_vnni_t(const int T, int n, const block
     for (int t = 0; t < T; t++) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
-/* Decode (one token) is bound by the misses one core keeps in flight: walking the row pair's
-   blocks as four segments at once makes eight concurrent weight streams for the hardware
-   prefetchers (2-vCPU Xeon: +13% decode tok/s; two streams per segment pair, or sixteen, were slower). */
+/* Decode (one token) is bound by the misses one core keeps in flight: SEG4 walks the row pair's blocks
+   as four segments at once, eight concurrent weight streams for the hardware prefetchers (2-vCPU Xeon:
+   +13% decode tok/s; two streams per segment pair, or sixteen, were slower); SEQ walks them one
+   segment after the other with software prefetch ahead (qora_decode_walk, as the AVX2 decode). */
 #define QORA_DECODE_SEGMENTS QORA_SEGS /* the segments of common.h */
 QORA_TARGET_AVX512 static inline __m512 q4x16_block_1(const block_q4x8* wa, const block_q4x8* wb, const block_q8* xb,
-                                                    const qora_xblock* xe, __m512 acc) {
+                                                    const qora_xblock* xe, __m512 acc, int pf) {
     const __m512i m4 = _mm512_set1_epi8(0x0f);
-    qora_prefetch_q4x8(wa + QORA_PREFETCH_BLOCKS);
-    qora_prefetch_q4x8(wb + QORA_PREFETCH_BLOCKS);
+    qora_prefetch_q4x8(wa + pf);
+    qora_prefetch_q4x8(wb + pf);
     __m512i s0 = _mm512_set1_epi32(xe->off), s1 = _mm512_setzero_si512();
     for (int k = 0; k < 4; k++) {
         const __m512i v = q4x16_pair(wa, wb, k);
@@ -403,13 +426,20 @@ QORA_TARGET_AVX512 static void q4x16_vnni_decode(int n, const block_q4x8* w0, co
     const int nb = n / QK, seg = nb / QORA_DECODE_SEGMENTS;
     __m512 acc[QORA_DECODE_SEGMENTS];
     for (int i = 0; i < QORA_DECODE_SEGMENTS; i++) acc[i] = _mm512_setzero_ps();
-    for (int b = 0; b < seg; b++)
-        for (int i = 0; i < QORA_DECODE_SEGMENTS; i++) {
-            const int c = b + i * seg;
-            acc[i] = q4x16_block_1(w0 + c, w1 + c, x + c, xsum + c, acc[i]);
-        }
-    for (int c = QORA_DECODE_SEGMENTS * seg; c < nb; c++) /* segment 3's end (common.h) */
-        acc[QORA_DECODE_SEGMENTS - 1] = q4x16_block_1(w0 + c, w1 + c, x + c, xsum + c, acc[QORA_DECODE_SEGMENTS - 1]);
+    if (qora_decode_walk == QORA_WALK_SEQ) {
+        for (int i = 0; i < QORA_DECODE_SEGMENTS; i++)
+            for (int c = qora_seg_begin(nb, i); c < qora_seg_begin(nb, i + 1); c++)
+                acc[i] = q4x16_block_1(w0 + c, w1 + c, x + c, xsum + c, acc[i], QORA_PREFETCH_SEQ);
+    } else {
+        for (int b = 0; b < seg; b++)
+            for (int i = 0; i < QORA_DECODE_SEGMENTS; i++) {
+                const int c = b + i * seg;
+                acc[i] = q4x16_block_1(w0 + c, w1 + c, x + c, xsum + c, acc[i], QORA_PREFETCH_BLOCKS);
+            }
+        for (int c = QORA_DECODE_SEGMENTS * seg; c < nb; c++) /* segment 3's end (common.h) */
+            acc[QORA_DECODE_SEGMENTS - 1] =
+                q4x16_block_1(w0 + c, w1 + c, x + c, xsum + c, acc[QORA_DECODE_SEGMENTS - 1], QORA_PREFETCH_BLOCKS);
+    }
     for (int i = 1; i < QORA_DECODE_SEGMENTS; i++) acc[0] = _mm512_add_ps(acc[0], acc[i]);
     _mm512_storeu_ps(out, acc[0]);
 }

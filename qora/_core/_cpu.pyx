@@ -25,10 +25,16 @@ cdef extern from "qora/qora.h" nogil:
         int os_avx, os_avx512
         int amx_tile, amx_int8, os_amx
         int neon, dotprod, i8mm
+        int vendor, family, model
 
     qora_cpu_features qora_detect_cpu()
     int qora_amx_set_mode(int mode)
     int qora_amx_mode
+    int qora_set_decode_walk(int walk)
+    int qora_decode_walk
+    int QORA_WALK_SEQ, QORA_WALK_SEG4, QORA_WALK_COUNT
+    int QORA_VENDOR_OTHER, QORA_VENDOR_INTEL, QORA_VENDOR_AMD
+    double qora_read_bandwidth(int threads, size_t nbytes, int reps)
     int qora_cpu_supports(const qora_cpu_features* f, int isa)
     int QORA_ISA_SCALAR, QORA_ISA_COUNT
     int QORA_OK, QORA_ERR_ARGS, QORA_ERR_TOKEN, QORA_ERR_CONTEXT, QORA_ERR_NOMEM
@@ -133,7 +139,7 @@ cdef extern from *:
     const qora_isa_constant qora_isa_constants[]
     const int qora_isa_n_constants
 
-from qora.engine.cpu import ISA_NAMES  # the one table of the paths' names, in the enum's order
+from qora.engine.cpu import DECODE_WALKS, ISA_NAMES  # the names of the C enums, in their order
 
 
 def c_isa_table():
@@ -147,6 +153,7 @@ def c_isa_table():
         "enum": {qora_isa_constants[i].name.decode(): qora_isa_constants[i].value for i in range(qora_isa_n_constants)},
         "count": QORA_ISA_COUNT,
         "kernels": kernels,
+        "walks": {"QORA_WALK_SEQ": QORA_WALK_SEQ, "QORA_WALK_SEG4": QORA_WALK_SEG4, "count": QORA_WALK_COUNT},
     }
 
 
@@ -161,8 +168,38 @@ def cpu_features():
                  i8mm=f.i8mm)
     cpu_ok = [ISA_NAMES[i] for i in range(QORA_ISA_COUNT) if qora_cpu_supports(&f, i)]
     built = [ISA_NAMES[i] for i in range(QORA_ISA_COUNT) if qora_kernel_table(i) != NULL]
+    vendor = {QORA_VENDOR_INTEL: "intel", QORA_VENDOR_AMD: "amd"}.get(f.vendor, "other")
     return {"flags": {k: bool(v) for k, v in flags.items()}, "cpu_supports": cpu_ok, "compiled": built,
-            "openmp": bool(qora_openmp_enabled()), "omp_max_threads": qora_omp_max_threads()}
+            "openmp": bool(qora_openmp_enabled()), "omp_max_threads": qora_omp_max_threads(),
+            "vendor": vendor, "family": f.family, "model": f.model}
+
+
+def set_decode_walk(str walk):
+    """How one-token products walk a Q4 group's blocks (repack.h): 'seq' or 'seg4'; the same numbers
+    either way. Process-wide; returns the walk now in effect."""
+    if walk not in DECODE_WALKS:
+        raise ValueError(f"decode walk must be one of {', '.join(DECODE_WALKS)}, got {walk!r}")
+    return DECODE_WALKS[qora_set_decode_walk(DECODE_WALKS.index(walk))]
+
+
+def decode_walk():
+    return DECODE_WALKS[qora_decode_walk]
+
+
+def read_bandwidth(int n_threads, size_t nbytes, int reps=3):
+    """GB/s of n_threads threads reading their shares of an nbytes buffer (bandwidth.h), best of reps;
+    raises MemoryError when the buffer cannot be allocated."""
+    _threads(n_threads)
+    if reps < 1:
+        raise ValueError(f"reps must be positive, got {reps}")
+    if nbytes < 128 * <size_t>n_threads:
+        raise ValueError(f"a {nbytes}-byte buffer is too small for {n_threads} threads")
+    cdef double gbs
+    with nogil:
+        gbs = qora_read_bandwidth(n_threads, nbytes, reps)
+    if gbs < 0:
+        raise MemoryError(f"cannot allocate {nbytes} bytes for the bandwidth probe")
+    return gbs
 
 
 AMX_MODES = ("off", "hw", "emulate")
@@ -592,26 +629,36 @@ cdef class CpuModel:
         """Logits (n, vocab) or (1, vocab) for the last token; fills the KV cache."""
         cdef int n = tokens.shape[0]
         cdef int rc
-        if self.m.s.x == NULL:
-            raise RuntimeError("model is closed")
+        self._check_open()
         if n < 1:
             raise ValueError("forward needs at least one token")
         out = np.empty((n if all_logits else 1, self.vocab_size), dtype=np.float32)
         cdef float[:, ::1] o = out
         with nogil:
             rc = qora_forward(&self.m, &tokens[0], n, start_pos, &o[0, 0], all_logits)
+        self._check_rc(rc, "forward",
+                       f"positions {start_pos}..{start_pos + n - 1} exceed the {self.max_seq_len}-token cache")
+        return out
+
+    cdef int _check_open(self) except -1:
+        if self.m.s.x == NULL:
+            raise RuntimeError("model is closed")
+        return 0
+
+    cdef int _check_rc(self, int rc, str entry, str overflow) except -1:
+        """A forward entry's return code as the exception both entries raise (overflow: the message when
+        a position is past the cache)."""
         if rc == QORA_ERR_CONTEXT:
-            raise OverflowError(f"positions {start_pos}..{start_pos + n - 1} exceed the {self.max_seq_len}-token cache")
+            raise OverflowError(overflow)
         if rc == QORA_ERR_TOKEN:
             raise ValueError(f"token id out of range [0, {self.vocab_size})")
         if rc != QORA_OK:
-            raise ValueError("bad forward arguments")
-        return out
+            raise ValueError(f"bad {entry} arguments")
+        return 0
 
     def open_batch(self, int ctx, int rows, int n_slots):
         """(Re)allocate the state of batched steps: n_slots KV caches of ctx positions, passes of `rows` rows."""
-        if self.m.s.x == NULL:
-            raise RuntimeError("model is closed")
+        self._check_open()
         qora_batch_free(&self.b)
         if ctx < 1 or rows < 1 or n_slots < 1:
             raise ValueError("open_batch needs ctx, rows and n_slots >= 1")
@@ -628,8 +675,7 @@ cdef class CpuModel:
         at position pos[i])."""
         cdef int n = tokens.shape[0], n_want = want.shape[0]
         cdef int rc
-        if self.m.s.x == NULL:
-            raise RuntimeError("model is closed")
+        self._check_open()
         if self.b.n_slots < 1:
             raise RuntimeError("open_batch first")
         if n < 1 or slots.shape[0] != n or pos.shape[0] != n:
@@ -640,12 +686,7 @@ cdef class CpuModel:
         cdef const int32_t* wp = &want[0] if n_want else NULL
         with nogil:
             rc = qora_forward_batch(&self.m, &self.b, &tokens[0], &slots[0], &pos[0], n, op, wp, n_want)
-        if rc == QORA_ERR_CONTEXT:
-            raise OverflowError("a position exceeds the slots' context")
-        if rc == QORA_ERR_TOKEN:
-            raise ValueError(f"token id out of range [0, {self.vocab_size})")
-        if rc != QORA_OK:
-            raise ValueError("bad forward_batch arguments")
+        self._check_rc(rc, "forward_batch", "a position exceeds the slots' context")
         return out
 
     def copy_slot(self, int src, int dst, int n):

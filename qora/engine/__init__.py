@@ -16,6 +16,7 @@ from qora.engine.base import (
     rope_parameters,
 )
 from qora.engine.cpu import (
+    DECODE_WALKS,
     ISA_NAMES,
     CpuEngine,
     FileGuard,
@@ -24,11 +25,13 @@ from qora.engine.cpu import (
     file_guard,
     guard_mapping,
     resolve_isa,
+    resolve_kernel,
 )
 from qora.engine.select import DEVICES, make_engine
 from qora.engine.vulkan import GpuUnavailable, VulkanEngine
 
 __all__ = [
+    "DECODE_WALKS",
     "DEVICES",
     "ENGINE_ATTRIBUTES",
     "ENGINE_METHODS",
@@ -47,5 +50,6 @@ __all__ = [
     "kv_cache_dtype",
     "make_engine",
     "resolve_isa",
+    "resolve_kernel",
     "rope_parameters",
 ]

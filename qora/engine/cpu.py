@@ -32,6 +32,15 @@ ISA_NAMES_BY_ARCH = {
 MACHINE = "aarch64" if platform.machine().lower() in ("aarch64", "arm64") else "x86_64"
 ISA_NAMES = ISA_NAMES_BY_ARCH[MACHINE]
 
+# How one-token (decode) products walk the blocks of a repacked Q4 group: the Python side of the C enum
+# of include/qora/repack.h, in its order. Same operations, same numbers; only the memory access differs:
+# "seq" one sequential stream per thread with software prefetch ahead, "seg4" the four segments of
+# common.h at once (four streams). Which is faster depends on the CPU's prefetchers (KERNEL_TABLE).
+DECODE_WALKS = ("seq", "seg4")
+# vendor -> decode walk, measured with bench/matvec_bench.c: AMD Zen 3 (EPYC, 1 thread) reads weights at
+# 84-101% of the read bandwidth with "seq" against 55-69% with "seg4"; on a 2-vCPU Xeon "seg4" was
+# 13% faster than one stream per group (bench/NOTES.md). Other vendors get "seq".
+KERNEL_TABLE = {"amd": "seq", "intel": "seg4"}
 # The arithmetic of the matrix products: "q8" rounds each product's activations to 8 bits (Q8_0 blocks for
 # the 32-element weight types, Q8_K for the K types, as llama.cpp does: integer dot products, fastest);
 # "f32" keeps them as floats and dequantizes the weights block by block (no activation rounding: slower
@@ -107,8 +116,23 @@ def resolve_isa(requested: str | None = None) -> tuple[int, str]:
     return best, "best available"
 
 
+def resolve_kernel(requested: str | None = None) -> tuple[str, str]:
+    """The decode walk (DECODE_WALKS): QORA_KERNEL (or `requested`), else KERNEL_TABLE by CPU vendor.
+    Returns (walk, reason)."""
+    want = (requested or os.environ.get("QORA_KERNEL", "")).strip().lower()
+    if want:
+        if want not in DECODE_WALKS:
+            raise QoraError(f"QORA_KERNEL={want!r} is not one of {', '.join(DECODE_WALKS)}")
+        return want, f"forced by QORA_KERNEL={want}"
+    feats = _core().cpu_features()
+    vendor = feats.get("vendor", "other")
+    cpu = f"{vendor} family {feats.get('family', 0):#x} model {feats.get('model', 0):#x}"
+    return KERNEL_TABLE.get(vendor, "seq"), f"table: {cpu}"
+
+
 def cpu_info() -> dict:
-    """What the CPU engine runs with: ISA path (and why), CPU features, OpenMP threads."""
+    """What the CPU engine runs with: ISA path (and why), decode kernel (and why), CPU features, OpenMP
+    threads."""
     from qora import __version__
 
     core = _core()
@@ -118,10 +142,16 @@ def cpu_info() -> dict:
         isa_name = ISA_NAMES[isa]
     except QoraError as e:
         isa_name, why = None, str(e)
+    try:
+        kernel, kernel_why = resolve_kernel()
+    except QoraError as e:
+        kernel, kernel_why = None, str(e)
     return {
         "version": __version__,
         "isa": isa_name,
         "isa_reason": why,
+        "kernel": kernel,
+        "kernel_reason": kernel_why,
         "cpu_supports": feats["cpu_supports"],
         "compiled": feats["compiled"],
         "openmp": feats["openmp"],
@@ -273,6 +303,7 @@ class CpuEngine:
         self._model = self._guard = None
         self.config = cfg = qfile.config
         isa_idx, self.isa_reason = resolve_isa(isa)
+        self.kernel, self.kernel_reason = resolve_kernel()
         self.n_threads = int(n_threads) if n_threads else default_threads()
         if not 1 <= self.n_threads <= limits.MAX_THREADS:
             raise QoraError(f"threads must be in 1..{limits.MAX_THREADS}, got {self.n_threads}")
@@ -314,6 +345,8 @@ class CpuEngine:
         self.isa = self._model.isa_name
         # AMX tiles serve prefill on the AVX-512 path where the CPU has them (process-wide switch)
         self.amx = core.set_amx(amx_request()) if self.isa == "avx512" else "off"
+        # the decode walk is a property of the machine, so process-wide as well
+        self.kernel = core.set_decode_walk(self.kernel)
         self.vocab_size = cfg["vocab_size"]
         self.device = self.device_name = "cpu"
         self.notes: list[str] = []
