@@ -338,17 +338,10 @@ def prompt_ids(
     if context is not None:  # cheap first: the contents alone may already be far too long to render
         chars = sum(len(m.get("content")) for m in messages if isinstance(m.get("content"), str))
         _check_prompt_chars(tokenizer, chars, context)
-    text = tokenizer.apply_chat_template(
-        messages,
-        add_generation_prompt=True,
-        enable_thinking=options.enable_thinking,
-        today=options.today,
-        tools=options.tools,
-    )
-    if context is not None:
-        check_prompt_size(tokenizer, text, context)
-    # Not encode(text): what a message spells (`<|im_end|>`...) stays text; only the template makes control tokens.
-    return tokenizer.encode_chat(
+    # Not encode(text): what a message spells (`<|im_end|>`...) stays text; only the template makes control
+    # tokens. One render: the size check sees the rendered text before it is tokenized.
+    return tokenizer.encode_chat_checked(
+        (lambda text: check_prompt_size(tokenizer, text, context)) if context is not None else None,
         messages,
         add_generation_prompt=True,
         enable_thinking=options.enable_thinking,

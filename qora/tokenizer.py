@@ -1189,6 +1189,11 @@ class Tokenizer:
         definition or an extra variable is tokenized as plain text, so a message cannot end its turn
         or forge another. `ModelText` contents (the model's own answers) keep their control tokens.
         A chat with no such spelling tokenizes exactly as encode(apply_chat_template(...))."""
+        return self.encode_chat_checked(None, messages, *args, **kwargs)
+
+    def encode_chat_checked(self, check, messages: Sequence[Mapping[str, Any]], *args: Any, **kwargs: Any) -> list[int]:
+        """encode_chat, calling check(text) with the rendered chat (apply_chat_template's text) before
+        tokenizing it: one render for a caller that must look at the text first (a size check)."""
         chat = _CHAT_ARGUMENTS.bind(self, messages, *args, **kwargs)
         chat.apply_defaults()
         a = chat.arguments
@@ -1196,9 +1201,12 @@ class Tokenizer:
         text = self._render(
             a["messages"], a["add_generation_prompt"], a["enable_thinking"], a["today"], a["tools"], a["kwargs"], hold
         )
+        pieces = hold.split(text)
+        if check is not None:
+            check("".join(piece for _, piece in pieces))
         self.check_length(len(text))
         ids: list[int] = []
-        for plain, piece in hold.split(text):
+        for plain, piece in pieces:
             ids += self._encode_plain(piece) if plain else self._encode_template(piece)
         return ids
 

@@ -513,3 +513,15 @@ def test_greedy_is_plain_argmax_unless_penalties_are_asked_for():
     assert r.repeat_penalty == 1.3
     r = GenerationOptions(max_tokens=8, think_budget=8).resolved(thinking=False)
     assert (r.repeat_penalty, r.presence_penalty) == (1.1, 1.5)
+
+
+def test_prompt_ids_renders_the_template_once(monkeypatch):
+    from qora.generate import GenerationOptions, prompt_ids
+
+    tok = make_tokenizer()
+    calls = []
+    render = tok._render
+    monkeypatch.setattr(tok, "_render", lambda *a: calls.append(1) or render(*a))
+    ids = prompt_ids(tok, "hello", GenerationOptions(), context=4096)
+    assert len(calls) == 1
+    assert ids == tok.encode_chat([{"role": "user", "content": "hello"}], add_generation_prompt=True)
