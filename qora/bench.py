@@ -73,7 +73,7 @@ class Result:
 
     @property
     def n_tokens(self) -> int:
-        return int(self.test[2:])
+        return int("".join(c for c in self.test if c.isdigit()))
 
     @property
     def median(self) -> float:
@@ -123,8 +123,25 @@ class Runner:
             logits = fwd([t], pos)
         return logits
 
+    def generate(self, ids) -> np.ndarray:
+        """len(ids) single-token steps as a generation runs them: from the first id on, the default
+        Sampler (seeded) chooses each next token from the step's logits, through the engine's
+        on-device sampling where it has one (qora.generate.engine_step); the last step's logits."""
+        from qora.generate import engine_step
+        from qora.sampling import Sampler
+
+        sampler = Sampler(seed=SEED)
+        history, t = [], int(ids[0])
+        for pos in range(self.depth, self.depth + len(ids)):
+            logits = engine_step(self.engine, t, pos)
+            history.append(t)
+            t = sampler(logits, history)
+        return np.asarray(logits)
+
     def target(self, test: str):
-        """(function of the token ids, number of tokens) for a test name like pp512 or tg128."""
+        """(function of the token ids, number of tokens) for a test name like pp512, tg128 or gen128."""
+        if test.startswith("gen"):
+            return self.generate, int(test[3:])
         return (self.prefill if test.startswith("pp") else self.decode), int(test[2:])
 
     def run(self, test: str, reps: int, warmup: int = WARMUP, log=None) -> Result:
@@ -162,10 +179,13 @@ def read_bandwidth(threads: int, gib: float = 2.0, reps: int = 5) -> float:
 # ───── the report ─────
 
 
-def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0, bandwidth: bool = False) -> dict:
+def run_bench(
+    model, pp: int, tg: int, reps: int, log=None, depth: int = 0, bandwidth: bool = False, sampled: bool = True
+) -> dict:
     """Measure ppN and tgN (0 skips one) on a loaded qora.Model, each after `depth` tokens already in
-    the KV cache; with `bandwidth`, also the machine's read bandwidth at the same thread count and
-    decode's weight GB/s as a share of it. The report as a JSON-ready dict."""
+    the KV cache; with `sampled`, also genN: tgN with the default sampler choosing every token (the
+    speed a generation sees); with `bandwidth`, also the machine's read bandwidth at the same thread
+    count and decode's weight GB/s as a share of it. The report as a JSON-ready dict."""
     engine = model.engine
     runner = Runner(engine, depth=depth)
     weight_bytes, matmul_params = model_sizes(model.file)
@@ -174,7 +194,7 @@ def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0, band
             log(f"filling the KV cache with {depth} tokens ...")
         runner.fill()
     results = {}
-    for test, n in (("pp", pp), ("tg", tg)):
+    for test, n in (("pp", pp), ("tg", tg), ("gen", tg if sampled else 0)):
         if n > 0:
             results[test] = runner.run(f"{test}{n}", reps, log=log)
     # read after the runs: a GPU engine that failed mid-run goes on on the CPU and says so in device / isa
@@ -211,6 +231,10 @@ def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0, band
         "tg_tok_s": None,
         "tg_std": None,
         "tg_samples": [],
+        "gen_tok_s": None,
+        "gen_std": None,
+        "gen_samples": [],
+        "gen_pct_of_tg": None,
         "gb_s": None,
         "read_gb_s": None,
         "tg_bandwidth_pct": None,
@@ -223,6 +247,10 @@ def run_bench(model, pp: int, tg: int, reps: int, log=None, depth: int = 0, band
         r = results["tg"]
         report.update(tg_tok_s=r.mean, tg_std=r.std, tg_samples=r.samples)
         report["gb_s"] = weight_bytes * r.mean / 1e9
+    if "gen" in results:
+        r = results["gen"]
+        report.update(gen_tok_s=r.mean, gen_std=r.std, gen_samples=r.samples)
+        report["gen_pct_of_tg"] = 100 * r.mean / report["tg_tok_s"]
     if bandwidth:
         if log:
             log(f"read bandwidth, {runner.threads} threads ...")
@@ -251,13 +279,13 @@ def format_report(report: dict) -> str:
     head = ["model", "size", "params", "backend", "threads", "test", "t/s", "weights GB/s"]
     at = f" @ d{report['depth']}" if report.get("depth") else ""  # llama-bench's label for -d
     rows = []
-    for test in ("pp", "tg"):
-        if report[f"{test}_tok_s"] is None:
+    for test in ("pp", "tg", "gen"):
+        if report.get(f"{test}_tok_s") is None:
             continue
         rate = f"{report['gb_s']:.2f}" if test == "tg" else "-"
         tps = f"{report[f'{test}_tok_s']:.2f} ± {report[f'{test}_std']:.2f}"
         rows.append([name, size, _params_text(report["params"]), backend, str(report["threads"]),
-                     f"{test}{report[test]}{at}", tps, rate])  # fmt: skip
+                     f"{test}{report['tg' if test == 'gen' else test]}{at}", tps, rate])  # fmt: skip
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
     right = [h in ("size", "params", "threads", "t/s", "weights GB/s") for h in head]  # numbers: right-aligned
 
@@ -276,6 +304,11 @@ def format_report(report: dict) -> str:
         f"t/s: mean ± std of {report['reps']} runs after {report['warmup']} warm-up, random token ids "
         f"(seed {report['seed']}); weights GB/s = bytes read per token x decode t/s; qora {report['qora']}",
     ]
+    if report.get("gen_tok_s") is not None:
+        notes.append(
+            f"gen{report['tg']}: tg{report['tg']} with the default sampler choosing every token (temperature, "
+            f"top-k, top-p, penalties): {report['gen_pct_of_tg']:.0f}% of the raw decode speed"
+        )
     if report.get("read_gb_s"):
         bw = f"memory read bandwidth, {report['threads']} threads: {report['read_gb_s']:.1f} GB/s"
         if report.get("tg_bandwidth_pct") is not None:
@@ -316,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure the memory read bandwidth (a STREAM-like scan at the same thread count) and "
         "give decode's weight GB/s as a share of it",
     )  # fmt: skip
+    p.add_argument(
+        "--sampled", action=argparse.BooleanOptionalAction, default=True,
+        help="also time genN: tgN with the default sampler choosing every token, the speed a generation "
+        "sees (default on)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     return p
@@ -351,6 +389,9 @@ def main(argv: list[str]) -> int:
         path, device, args.threads, context=need, rope_scaling=args.rope_scaling, kv_type=args.kv_type,
         precision=args.precision,
     ) as model:
-        report = run_bench(model, args.pp, args.tg, args.reps, log=log, depth=args.depth, bandwidth=args.bandwidth)
+        report = run_bench(
+            model, args.pp, args.tg, args.reps, log=log, depth=args.depth, bandwidth=args.bandwidth,
+            sampled=args.sampled,
+        )  # fmt: skip
     print(json.dumps(report) if args.json else format_report(report), flush=True)
     return 0

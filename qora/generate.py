@@ -541,6 +541,16 @@ class _Timing:
     gen_start: float = 0.0
 
 
+def engine_step(engine, token: int, pos: int):
+    """One decode step: the logits of `token` at `pos`, (vocab,). An engine that can sample where its
+    logits are (`forward_lazy`: the Vulkan engine) keeps them there; the Sampler then reads back only
+    its candidates, and anything else that asks for the array gets the whole row."""
+    lazy = getattr(engine, "forward_lazy", None)
+    if lazy is not None:
+        return lazy(token, pos)
+    return engine.forward(np.array([token], dtype=np.int32), pos)[-1]
+
+
 def generate_tokens(
     engine,
     prompt: Sequence[int],
@@ -578,12 +588,13 @@ def generate_tokens(
     timing.prompt_time = time.perf_counter() - t0
     timing.gen_start = time.perf_counter()
     pos = n
+    logits = np.asarray(logits)[-1]
     while True:
-        token = int(choose(np.asarray(logits)[-1]))
+        token = int(choose(logits))
         yield token
         if pos + 1 > max_seq:
             return  # context full: the token was produced but cannot be fed
-        logits = engine.forward(np.array([token], dtype=np.int32), pos)
+        logits = engine_step(engine, token, pos)
         if record is not None:
             record.append(token)
         pos += 1
