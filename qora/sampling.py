@@ -356,10 +356,15 @@ class Sampler:
         return x
 
     def __call__(self, logits, tokens: Sequence[int] = (), constrain: bool = True) -> int:
-        x = _check_logits(logits)
         constraint = self.constraint if constrain else None
+        u = None
+        if getattr(logits, "candidates", None) is not None:  # a GPU step's row left on the device
+            token, u = self._call_device(logits, tokens, constraint)
+            if token is not None:
+                return token
+        x = _check_logits(logits)  # (a device row is copied back here)
         if self._fast_for(x, constraint):
-            return self._call_c(x, tokens, constraint)
+            return self._call_c(x, tokens, constraint, u)
         if np.isnan(x).any():
             raise QoraError("the model produced NaN logits")
         x = self.penalize(x, tokens)
@@ -409,12 +414,42 @@ class Sampler:
             )
         return self._c
 
-    def _call_c(self, x: np.ndarray, tokens, constraint) -> int:
+    def _call_device(self, logits, tokens, constraint) -> tuple[int | None, float | None]:
+        """(token, None) chosen from a device row's candidates (qora.engine.vulkan.DeviceLogits), or
+        (None, the uniform number drawn) when the whole row must decide: settings that can raise a
+        logit from below the candidates' threshold or mask any (those need every logit), top-k off or
+        too wide, or candidates that leave a tie open."""
+        greedy = self.greedy or self.temperature == 0.0
+        lowering = (
+            self.repeat_penalty >= 1.0
+            and self.presence_penalty >= 0.0
+            and self.frequency_penalty >= 0.0
+            and not (self._bias > 0).any()
+        )
+        vocab = logits.vocab_size
+        if not (self.fast and _c_core() is not None and lowering and constraint is None):
+            return None, None
+        if not greedy and not 0 < self.top_k < min(vocab, _c_core().SAMPLE_MAX_K):
+            return None, None
+        u = 0.0 if greedy else self.rng.random()
+        token = self._c_sampler().sample_sparse(logits.candidates, vocab, self._recent(tokens), u)
+        if token == _c_core().SAMPLE_ERRORS_BY_KIND["args"]:
+            return None, u
+        if token < 0:
+            raise _c_error(token, vocab)
+        return token, None
+
+    def _recent(self, tokens):
         penalties = self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-        recent = _window(tokens, self.repeat_window) if penalties else ()
+        return _window(tokens, self.repeat_window) if penalties else ()
+
+    def _call_c(self, x: np.ndarray, tokens, constraint, u: float | None = None) -> int:
+        recent = self._recent(tokens)
         mask, bits = constraint.mask_words() if constraint is not None else (None, 0)
         greedy = self.greedy or self.temperature == 0.0
-        token = self._c_sampler().sample(np.ascontiguousarray(x), recent, 0.0 if greedy else self.rng.random(), mask, bits)
+        if u is None:
+            u = 0.0 if greedy else self.rng.random()
+        token = self._c_sampler().sample(np.ascontiguousarray(x), recent, u, mask, bits)
         if token < 0:
             raise _c_error(token, x.size)
         if constraint is not None:

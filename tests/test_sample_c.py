@@ -126,8 +126,9 @@ def test_c_sampler_ties_at_the_top_k_boundary():
     x[[4000, 17, 900, 3, 2500, 60, 4999, 1200, 8, 333]] = 5.0
     for seed in range(20):
         fast = Sampler(top_k=5, top_p=1.0, temperature=1.0, repeat_penalty=1.0, presence_penalty=0.0, seed=seed)
-        ref = Sampler(top_k=5, top_p=1.0, temperature=1.0, repeat_penalty=1.0, presence_penalty=0.0, seed=seed,
-                      fast=False)
+        ref = Sampler(
+            top_k=5, top_p=1.0, temperature=1.0, repeat_penalty=1.0, presence_penalty=0.0, seed=seed, fast=False
+        )
         t = fast(x)
         assert t == ref(x) and t in (3, 8, 17, 60, 333)
     kept = np.flatnonzero(np.isfinite(sampling.apply_top_k(x, 5)))

@@ -68,6 +68,7 @@ for _kernel in ("prep", "rope_kv", "attn_decode", "attn_prefill", "quant"):
 COOP_DTYPES = ("f32", "f16", "q8", "q4")
 for _dt in (d for d in COOP_DTYPES if d in DTYPES):
     SHADERS[f"matmul_coop_{_dt}"] = ("matmul_coop.comp", {"DTYPE": DTYPES[_dt]})
+SHADERS["sample_topk"] = ("sample_topk.comp", {})  # sampling candidates (include/qora/sample.h finishes)
 # which compiler builds each shader
 GLSLANG = {name for name, (src, _) in SHADERS.items() if src == "matmul_coop.comp"}
 

@@ -26,6 +26,7 @@
 #include <string.h>
 
 #define QORA_SAMPLE_MAX_K 1024 /* the most top-k candidates the C path keeps (more: the Python path) */
+#define QORA_SAMPLE_SPARSE_MAX 4096 /* the most candidates a sparse choice takes */
 
 enum {
     QORA_SAMPLE_NAN = -1,   /* a logit is NaN */
@@ -49,6 +50,8 @@ typedef struct {
     float* y;          /* (vocab) the logits after penalties, bias, bans and mask */
     int32_t* count;    /* (vocab) occurrences in the window; zero between calls */
     int32_t* distinct; /* (vocab) the distinct ids of the window */
+    uint8_t* mark;     /* (vocab) candidates of a sparse choice; zero between calls */
+    int32_t* list;     /* (QORA_SAMPLE_SPARSE_MAX) their ids */
     /* candidates: top-k heap, then (id, value) in id order, probabilities, order by probability */
     float hv[QORA_SAMPLE_MAX_K];
     int32_t hi[QORA_SAMPLE_MAX_K];
@@ -75,6 +78,8 @@ static inline void qora_sampler_free(qora_sampler* S) {
     free(S->y);
     free(S->count);
     free(S->distinct);
+    free(S->mark);
+    free(S->list);
     free(S);
 }
 
@@ -86,7 +91,9 @@ static inline qora_sampler* qora_sampler_new(int vocab) {
     S->y = (float*)malloc((size_t)vocab * sizeof(float));
     S->count = (int32_t*)calloc((size_t)vocab, sizeof(int32_t));
     S->distinct = (int32_t*)malloc((size_t)vocab * sizeof(int32_t));
-    if (!S->y || !S->count || !S->distinct) {
+    S->mark = (uint8_t*)calloc((size_t)vocab, 1);
+    S->list = (int32_t*)malloc(QORA_SAMPLE_SPARSE_MAX * sizeof(int32_t));
+    if (!S->y || !S->count || !S->distinct || !S->mark || !S->list) {
         qora_sampler_free(S);
         return NULL;
     }
@@ -297,11 +304,9 @@ static int qora_sample_candidates(qora_sampler* S, const qora_sample_params* P, 
 }
 
 /* Penalties, bias, bans and mask applied to a copy of the logits in S->y. Returns 0 or an error. */
-static int qora_sample_adjust(qora_sampler* S, const qora_sample_params* P, const float* x,
+static int qora_sample_modify(qora_sampler* S, const qora_sample_params* P, float* y,
                               const qora_sample_inputs* in) {
     const int V = S->vocab;
-    memcpy(S->y, x, (size_t)V * sizeof(float));
-    float* y = S->y;
     const int pen = P->repeat_penalty != 1.0f || P->presence_penalty != 0.0f || P->frequency_penalty != 0.0f;
     if (pen && in->n_recent > 0) {
         for (int i = 0; i < in->n_recent; i++)
@@ -326,6 +331,16 @@ static int qora_sample_adjust(qora_sampler* S, const qora_sample_params* P, cons
         if (in->bias_id[i] >= 0 && in->bias_id[i] < V) y[in->bias_id[i]] += in->bias[i];
     for (int i = 0; i < in->n_banned; i++)
         if (in->banned[i] >= 0 && in->banned[i] < V) y[in->banned[i]] = -INFINITY;
+    return 0;
+}
+
+static int qora_sample_adjust(qora_sampler* S, const qora_sample_params* P, const float* x,
+                              const qora_sample_inputs* in) {
+    const int V = S->vocab;
+    memcpy(S->y, x, (size_t)V * sizeof(float));
+    float* y = S->y;
+    const int rc = qora_sample_modify(S, P, y, in);
+    if (rc) return rc;
     if (in->mask) {
         const int nb = in->mask_bits < V ? in->mask_bits : V;
         for (int i = 0; i < nb; i++)
@@ -334,6 +349,8 @@ static int qora_sample_adjust(qora_sampler* S, const qora_sample_params* P, cons
     }
     return 0;
 }
+
+static int qora_sample_heap(qora_sampler* S, const qora_sample_params* P, const float* y, int n, double u);
 
 /* The whole choice over the vocabulary: the chosen id, or a QORA_SAMPLE_* error. */
 static int qora_sample(qora_sampler* S, const qora_sample_params* P, const float* x, const qora_sample_inputs* in,
@@ -352,6 +369,12 @@ static int qora_sample(qora_sampler* S, const qora_sample_params* P, const float
     if (k == 0 || k >= V) k = V; /* every token */
     if (k > QORA_SAMPLE_MAX_K || !(P->temperature > 0.0f)) return QORA_SAMPLE_ARGS;
     int n = qora_topk_scan(y, V, P->temperature, k, S->hv, S->hi);
+    return qora_sample_heap(S, P, y, n, u);
+}
+
+/* From a top-k heap of n entries over the values y (before temperature) on: Python's _choose after
+   apply_top_k. */
+static int qora_sample_heap(qora_sampler* S, const qora_sample_params* P, const float* y, int n, double u) {
     int f = 0; /* finite ones, in id order */
     for (int i = 0; i < n; i++)
         if (isfinite(S->hv[i])) S->ord[f++] = S->hi[i];
@@ -363,6 +386,64 @@ static int qora_sample(qora_sampler* S, const qora_sample_params* P, const float
         S->hv[i] = P->temperature != 1.0f ? y[id] / P->temperature : y[id];
     }
     return qora_sample_candidates(S, P, S->hi, S->hv, f, u);
+}
+
+/* float of an order-preserving key (sample_topk.comp's key_of) */
+static inline float qora_key_float(uint32_t key) {
+    const uint32_t u = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* The choice from part of the logits: n (value bits, id) pairs holding every logit >= thr (all of
+   them when `all`; every other logit is below thr), for settings whose penalties, bias and bans only
+   ever lower a logit (so a logit below thr stays below it) and no mask. Chooses exactly what
+   qora_sample would over the whole row, or returns QORA_SAMPLE_ARGS when the pairs cannot decide it
+   (a logit left out could tie or pass the k-th after temperature): the caller reads the whole row. */
+static int qora_sample_sparse(qora_sampler* S, const qora_sample_params* P, const uint32_t* pairs, int n, float thr,
+                              int all, const qora_sample_inputs* in, double u) {
+    const int V = S->vocab;
+    if (n < 1 || n > QORA_SAMPLE_SPARSE_MAX || in->mask) return QORA_SAMPLE_ARGS;
+    if (P->repeat_penalty < 1.0f || P->presence_penalty < 0.0f || P->frequency_penalty < 0.0f) return QORA_SAMPLE_ARGS;
+    for (int i = 0; i < in->n_bias; i++)
+        if (in->bias[i] > 0.0f) return QORA_SAMPLE_ARGS; /* would raise a logit from below thr */
+    float* y = S->y;
+    int nl = 0, rc = 0;
+    for (int i = 0; i < n; i++) {
+        const int32_t id = (int32_t)pairs[2 * i + 1];
+        if (id < 0 || id >= V || S->mark[id]) continue;
+        float v;
+        memcpy(&v, &pairs[2 * i], sizeof v);
+        if (v != v) rc = QORA_SAMPLE_ARGS; /* NaN: the whole row says so */
+        y[id] = v;
+        S->mark[id] = 1;
+        S->list[nl++] = id;
+    }
+    for (int i = 0; i < nl; i++) S->mark[S->list[i]] = 0;
+    if (rc) return rc;
+    /* ids outside the pairs are changed too (their y is not set): only their own entries are read */
+    rc = qora_sample_modify(S, P, y, in);
+    if (rc) return rc;
+    qsort(S->list, (size_t)nl, sizeof(int32_t), qora_by_id);
+    /* every logit left out is < thr, and stays below it: at most prev(thr) before temperature */
+    const float out_max = nextafterf(thr, -INFINITY);
+    if (P->greedy) {
+        int best = S->list[0];
+        for (int i = 1; i < nl; i++)
+            if (y[S->list[i]] > y[best]) best = S->list[i];
+        return all || y[best] > out_max ? best : QORA_SAMPLE_ARGS;
+    }
+    const int k = P->top_k;
+    if (k < 1 || k >= V || k > QORA_SAMPLE_MAX_K || !(P->temperature > 0.0f)) return QORA_SAMPLE_ARGS;
+    int kept = 0;
+    for (int i = 0; i < nl; i++) {
+        const int32_t id = S->list[i];
+        qora_heap_offer(S->hv, S->hi, &kept, k, P->temperature != 1.0f ? y[id] / P->temperature : y[id], id);
+    }
+    const float z_out = P->temperature != 1.0f ? out_max / P->temperature : out_max;
+    if (!all && (kept < k || !(S->hv[0] > z_out))) return QORA_SAMPLE_ARGS;
+    return qora_sample_heap(S, P, y, kept, u);
 }
 
 #endif /* QORA_SAMPLE_H */

@@ -104,6 +104,18 @@ int qvk_model_create(qvk_ctx* c, const qora_config* cfg, const qora_weights* w, 
    last. n <= batch, and n <= logit_rows when all_logits. */
 int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos, float* logits, int all_logits,
                       char* err, size_t errlen);
+/* Sampling where the logits are: one decode step (token at start_pos) whose logits stay on the
+   device; out (QVK_SAMPLE_OUT_WORDS) receives sample_topk.comp's result: [count, flags (1: more than
+   QVK_SAMPLE_CAP logits tie at the threshold, 2: a NaN), threshold key, total], QVK_SAMPLE_CAP
+   (value bits, id) pairs of which `count` are set: every logit >= the threshold, at least `need` of
+   them; then the logits of the n_gather ids. qvk_model_read_logits copies the last step's whole row
+   back (logits of a sampling step, when the host needs all of them after all). */
+#define QVK_SAMPLE_CAP 1024
+#define QVK_SAMPLE_MAX_GATHER 512
+#define QVK_SAMPLE_OUT_WORDS (4 + 2 * QVK_SAMPLE_CAP + QVK_SAMPLE_MAX_GATHER)
+int qvk_model_forward_topk(qvk_model* m, int32_t token, int start_pos, int need, const int32_t* gather, int n_gather,
+                           uint32_t* out, char* err, size_t errlen);
+int qvk_model_read_logits(qvk_model* m, float* logits, char* err, size_t errlen);
 int qvk_model_batch(const qvk_model* m);
 int qvk_model_logit_rows(const qvk_model* m);
 /* Decode profile (opts.profile): up to cap entries of (kernel name, total GPU ns, calls) summed over

@@ -69,6 +69,10 @@ cdef extern from "qora/vk_backend.h" nogil:
                          qvk_model** out, char* err, size_t errlen)
     int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos, float* logits,
                           int all_logits, char* err, size_t errlen)
+    int QVK_SAMPLE_CAP, QVK_SAMPLE_OUT_WORDS
+    int qvk_model_forward_topk(qvk_model* m, int32_t token, int start_pos, int need, const int32_t* gather,
+                               int n_gather, uint32_t* out, char* err, size_t errlen)
+    int qvk_model_read_logits(qvk_model* m, float* logits, char* err, size_t errlen)
     int qvk_model_batch(const qvk_model* m)
     int qvk_model_logit_rows(const qvk_model* m)
     int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, double* step_ns, long* steps)
@@ -337,6 +341,38 @@ cdef class Model:
         err[0] = 0
         with nogil:
             rc = qvk_model_forward(self.m, &tokens[0], n, start_pos, &o[0, 0], all_logits, err, ERRLEN)
+        if rc != QVK_OK:
+            _raise(rc, err)
+        return out
+
+    def forward_topk(self, int token, int start_pos, int need):
+        """One decode step whose logits stay on the device: the sampling candidates (every logit at or
+        above a threshold, at least `need` of them; layout in vk_backend.h) as a uint32 array."""
+        cdef int rc
+        cdef char err[ERRLEN]
+        cdef int32_t tok = token
+        if self.m == NULL:
+            raise VulkanError(-16, "the model is closed")
+        out = np.empty(QVK_SAMPLE_OUT_WORDS, dtype=np.uint32)
+        cdef uint32_t[::1] o = out
+        err[0] = 0
+        with nogil:
+            rc = qvk_model_forward_topk(self.m, tok, start_pos, need, NULL, 0, &o[0], err, ERRLEN)
+        if rc != QVK_OK:
+            _raise(rc, err)
+        return out
+
+    def read_logits(self):
+        """The last step's logits row (1, vocab), copied back from the device."""
+        cdef int rc
+        cdef char err[ERRLEN]
+        if self.m == NULL:
+            raise VulkanError(-16, "the model is closed")
+        out = np.empty((1, self.vocab_size), dtype=np.float32)
+        cdef float[:, ::1] o = out
+        err[0] = 0
+        with nogil:
+            rc = qvk_model_read_logits(self.m, &o[0, 0], err, ERRLEN)
         if rc != QVK_OK:
             _raise(rc, err)
         return out

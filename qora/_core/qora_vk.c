@@ -1087,6 +1087,12 @@ struct qvk_model {
     int fail_after;
     long n_forward;
     int lost;
+    /* sampling where the logits are (sample_topk.comp): the decode step recorded a second time with the
+       candidates' search and copy instead of the logits' copy; the logits stay on the device, copied
+       back only when asked for (cb_copy) */
+    qvk_buffer sample_in, sample_out; /* [need, n_gather, ids...] (host-visible); the shader's output */
+    VkCommandBuffer cb_decode_topk, cb_copy;
+    int topk_recorded, copy_recorded;
 };
 
 #define QVK_DEFAULT_BATCH 512
@@ -1250,10 +1256,10 @@ void qvk_model_destroy(qvk_model* m) {
     qvk_matrix_free(c, &m->output_own);
     if (m->qpool) c->f->vkDestroyQueryPool(c->dev, m->qpool, NULL);
     qvk_buffer* bufs[] = {&m->act, &m->cnt, &m->att_args, &m->att_part, &m->att_done, &m->norm, &m->x, &m->xn, &m->xs, &m->qkv, &m->att, &m->gu, &m->logits, &m->readback, &m->params,
-                          &m->rope};
+                          &m->rope, &m->sample_in, &m->sample_out};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) qvk_buffer_free(c, bufs[i]);
-    VkCommandBuffer cbs[2] = {m->cb_decode, m->cb_prefill};
-    for (int i = 0; i < 2; i++)
+    VkCommandBuffer cbs[4] = {m->cb_decode, m->cb_prefill, m->cb_decode_topk, m->cb_copy};
+    for (int i = 0; i < 4; i++)
         if (cbs[i]) c->f->vkFreeCommandBuffers(c->dev, c->cmd_pool, 1, &cbs[i]);
     qvk_sets_free(c, &m->sets);
     free(m->inv_freq);
@@ -1490,6 +1496,13 @@ static int qvk_alloc_scratch(qvk_model* m, int profile, char* err, size_t n) {
     if (!rc) rc = qvk_buffer_new(c, (4 + B) * 4, QVK_MEM_UPLOAD, &m->params, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * cfg->head_dim * 4, QVK_MEM_UPLOAD, &m->rope, err, n);
     if (!rc) rc = qvk_buffer_new(c, 16, QVK_MEM_UPLOAD, &m->att_args, err, n);
+    if (!rc) rc = qvk_buffer_new(c, (2 + QVK_SAMPLE_MAX_GATHER) * 4, QVK_MEM_UPLOAD, &m->sample_in, err, n);
+    if (!rc) rc = qvk_buffer_new(c, QVK_SAMPLE_OUT_WORDS * 4, QVK_MEM_DEVICE, &m->sample_out, err, n);
+    if (!rc) {
+        m->cb_decode_topk = qvk_cmd_new(c);
+        m->cb_copy = qvk_cmd_new(c);
+        if (!m->cb_decode_topk || !m->cb_copy) rc = qvk_fail(err, n, QVK_ERR_VK, "vkAllocateCommandBuffers failed");
+    }
     if (!rc) {
         m->cb_decode = qvk_cmd_new(c);
         m->cb_prefill = qvk_cmd_new(c);
@@ -1873,7 +1886,9 @@ static void qvk_rec_readback(qvk_rec* R, uint32_t rows) {
    product's input is prepared by the dispatch before it, alternating between the activation
    halves A and B: embed, quant (attn norm) -> A; per layer qkv(A), attention -> B, wo(B) + ffn norm
    -> A, gate/up(A) -> B, down(B) + next norm -> A; LM head(A). */
-static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, char* err, size_t n) {
+static void qvk_rec_topk(qvk_rec* R);
+
+static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, int topk, char* err, size_t n) {
     qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL};
     const uint32_t A = 0, B = m->act_half, D = (uint32_t)m->cfg.dim;
     if (qvk_cmd_begin(m->c, cb, 0) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
@@ -1916,7 +1931,10 @@ static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, char* err, size_t
     }
     R.label = "lm_head";
     qvk_rec_matvec(&R, m->output, QVK_STORE, A, m->logits.buf, 0, 0, 0, 0, QVK_EPI_NONE, 0, 0, 0);
-    qvk_rec_readback(&R, 1);
+    if (topk)
+        qvk_rec_topk(&R);
+    else
+        qvk_rec_readback(&R, 1);
     if (m->c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !R.rc)
         R.rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
     return R.rc;
@@ -1993,6 +2011,25 @@ static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int
     return R.rc;
 }
 
+/* Sampling candidates of the decode step's logits (sample_topk.comp), copied to the host-visible
+   readback buffer in place of the logits. */
+static void qvk_rec_topk(qvk_rec* R) {
+    if (R->rc) return;
+    qvk_model* m = R->m;
+    qvk_ctx* c = m->c;
+    const uint32_t push[2] = {(uint32_t)m->cfg.vocab_size, QVK_SAMPLE_CAP};
+    VkBuffer b[QVK_BINDINGS] = {m->logits.buf, m->sample_in.buf, m->sample_out.buf};
+    R->label = "sample_topk";
+    qvk_rec_dispatch(R, "sample_topk", NULL, 0, b, push, sizeof push, 1, 1, 1, 1);
+    if (R->rc) return;
+    qvk_barrier(c, R->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT,
+                VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_READ_BIT);
+    VkBufferCopy region = {0, 0, (VkDeviceSize)QVK_SAMPLE_OUT_WORDS * 4};
+    c->f->vkCmdCopyBuffer(R->cb, m->sample_out.buf, m->readback.buf, 1, &region);
+    qvk_barrier(c, R->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT, VK_PIPELINE_STAGE_HOST_BIT,
+                VK_ACCESS_HOST_READ_BIT);
+}
+
 /* Add the last submission's timestamps to the per-label totals (prefill labels start "pp:"). */
 static void qvk_profile_collect(qvk_model* m, int decode) {
     uint64_t ts[QVK_PROFILE_MAX];
@@ -2033,9 +2070,12 @@ int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, doubl
     return k;
 }
 
-int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos, float* logits, int all_logits,
-                      char* err, size_t errlen) {
-    if (!m || !tokens || !logits || n < 1 || start_pos < 0 || n > m->batch || (all_logits && n > m->logit_rows))
+/* One submission: n tokens; the decode step (n == 1) records its logits' copy, or with topk the
+   sampling candidates' search, once. The results are in m->readback afterwards. */
+static int qvk_step(qvk_model* m, const int32_t* tokens, int n, int start_pos, int all_logits, int topk, char* err,
+                    size_t errlen) {
+    if (!m || !tokens || n < 1 || start_pos < 0 || n > m->batch || (all_logits && n > m->logit_rows) ||
+        (topk && n != 1))
         return qvk_fail(err, errlen, QVK_ERR_ARGS, "bad forward arguments");
     if ((long long)start_pos + n > m->cfg.max_seq_len)
         return qvk_fail(err, errlen, QVK_ERR_ARGS, "positions beyond the %d-token cache", m->cfg.max_seq_len);
@@ -2069,11 +2109,12 @@ int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos,
     int rc;
     VkCommandBuffer cb;
     if (n == 1) {
-        cb = m->cb_decode;
-        if (!m->decode_recorded) {
-            rc = qvk_record_decode(m, cb, err, errlen);
+        cb = topk ? m->cb_decode_topk : m->cb_decode;
+        int* recorded = topk ? &m->topk_recorded : &m->decode_recorded;
+        if (!*recorded) {
+            rc = qvk_record_decode(m, cb, topk, err, errlen);
             if (rc) return rc;
-            m->decode_recorded = 1;
+            *recorded = 1;
         }
     } else {
         cb = m->cb_prefill;
@@ -2087,7 +2128,55 @@ int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos,
     }
     m->n_forward++;
     if (m->qpool && m->n_ts > 1) qvk_profile_collect(m, n == 1);
+    return QVK_OK;
+}
+
+int qvk_model_forward(qvk_model* m, const int32_t* tokens, int n, int start_pos, float* logits, int all_logits,
+                      char* err, size_t errlen) {
+    if (!logits) return qvk_fail(err, errlen, QVK_ERR_ARGS, "bad forward arguments");
+    const int rc = qvk_step(m, tokens, n, start_pos, all_logits, 0, err, errlen);
+    if (rc) return rc;
     const int rows = all_logits ? n : 1;
     memcpy(logits, m->readback.map, (size_t)rows * m->cfg.vocab_size * sizeof(float));
+    return QVK_OK;
+}
+
+int qvk_model_forward_topk(qvk_model* m, int32_t token, int start_pos, int need, const int32_t* gather, int n_gather,
+                           uint32_t* out, char* err, size_t errlen) {
+    if (!m || !out || need < 1 || need > QVK_SAMPLE_CAP || n_gather < 0 || n_gather > QVK_SAMPLE_MAX_GATHER ||
+        (n_gather && !gather))
+        return qvk_fail(err, errlen, QVK_ERR_ARGS, "bad sampling arguments");
+    uint32_t* in = m->sample_in.map;
+    in[0] = (uint32_t)need;
+    in[1] = (uint32_t)n_gather;
+    for (int i = 0; i < n_gather; i++) {
+        if (gather[i] < 0 || gather[i] >= m->cfg.vocab_size)
+            return qvk_fail(err, errlen, QVK_ERR_ARGS, "token id %d out of range", gather[i]);
+        in[2 + i] = (uint32_t)gather[i];
+    }
+    const int rc = qvk_step(m, &token, 1, start_pos, 0, 1, err, errlen);
+    if (rc) return rc;
+    memcpy(out, m->readback.map, (size_t)QVK_SAMPLE_OUT_WORDS * 4);
+    return QVK_OK;
+}
+
+int qvk_model_read_logits(qvk_model* m, float* logits, char* err, size_t errlen) {
+    if (!m || !logits) return qvk_fail(err, errlen, QVK_ERR_ARGS, "bad arguments");
+    if (m->lost) return qvk_fail(err, errlen, QVK_ERR_DEVICE_LOST, "the GPU was lost earlier");
+    if (!m->copy_recorded) {
+        if (qvk_cmd_begin(m->c, m->cb_copy, 0) != VK_SUCCESS)
+            return qvk_fail(err, errlen, QVK_ERR_VK, "vkBeginCommandBuffer failed");
+        qvk_rec R = {m, m->cb_copy, err, errlen, 0, 0, NULL};
+        qvk_rec_readback(&R, 1);
+        if (m->c->f->vkEndCommandBuffer(m->cb_copy) != VK_SUCCESS)
+            return qvk_fail(err, errlen, QVK_ERR_VK, "vkEndCommandBuffer failed");
+        m->copy_recorded = 1;
+    }
+    const int rc = qvk_submit_wait(m->c, m->cb_copy, err, errlen);
+    if (rc) {
+        if (rc == QVK_ERR_DEVICE_LOST) m->lost = 1;
+        return rc;
+    }
+    memcpy(logits, m->readback.map, (size_t)m->cfg.vocab_size * sizeof(float));
     return QVK_OK;
 }

@@ -36,11 +36,15 @@ cdef extern from "qora/sample.h" nogil:
     int qora_sample(qora_sampler* S, const qora_sample_params* P, const float* x, const qora_sample_inputs* inp,
                     double u)
     double qora_pairwise_sum(const double* a, long n)
+    int qora_sample_sparse(qora_sampler* S, const qora_sample_params* P, const uint32_t* pairs, int n, float thr,
+                           int all, const qora_sample_inputs* inp, double u)
+    float qora_key_float(uint32_t key)
 
 
 SAMPLE_MAX_K = QORA_SAMPLE_MAX_K
 SAMPLE_ERRORS = {QORA_SAMPLE_NAN: "nan", QORA_SAMPLE_RANGE: "range", QORA_SAMPLE_EMPTY: "empty",
                  QORA_SAMPLE_ARGS: "args"}
+SAMPLE_ERRORS_BY_KIND = {v: k for k, v in SAMPLE_ERRORS.items()}
 
 
 def pairwise_sum(const double[::1] a):
@@ -93,10 +97,8 @@ cdef class CSampler:
         self.exempt_map = ex
         return 0
 
-    def sample(self, const float[::1] logits, recent, double u, const uint32_t[::1] mask=None, int mask_bits=0):
-        """recent: the window of recent token ids (a list); their range is checked here (RANGE)."""
-        cdef int V = logits.shape[0], n = len(recent), i, rc
-        cdef qora_sample_inputs inp
+    cdef int _inputs(self, qora_sample_inputs* inp, int V, recent) except -1:
+        cdef int n = len(recent), i
         cdef long long t
         self._ready(V)
         if n > self.recent_buf.shape[0]:
@@ -115,7 +117,7 @@ cdef class CSampler:
         cdef const int32_t[::1] ban = self.banned
         inp.recent = &self.recent_buf[0]
         inp.n_recent = n
-        inp.exempt = &ex[0]
+        inp.exempt = &ex[0]  # the arrays live on self: the pointers stay valid after return
         inp.n_bias = bid.shape[0]
         inp.bias_id = &bid[0] if inp.n_bias else NULL
         inp.bias = &bv[0] if inp.n_bias else NULL
@@ -123,6 +125,13 @@ cdef class CSampler:
         inp.banned = &ban[0] if inp.n_banned else NULL
         inp.mask = NULL
         inp.mask_bits = 0
+        return 0
+
+    def sample(self, const float[::1] logits, recent, double u, const uint32_t[::1] mask=None, int mask_bits=0):
+        """recent: the window of recent token ids (a list); their range is checked here (RANGE)."""
+        cdef int V = logits.shape[0], rc
+        cdef qora_sample_inputs inp
+        self._inputs(&inp, V, recent)
         if mask is not None:
             if mask.shape[0] * 32 < mask_bits:
                 raise ValueError("the mask holds fewer bits than mask_bits")
@@ -134,3 +143,19 @@ cdef class CSampler:
 
     def __dealloc__(self):
         qora_sampler_free(self.S)
+
+    def sample_sparse(self, const uint32_t[::1] out, int vocab, recent, double u):
+        """The choice from a GPU step's candidates (qvk_model_forward_topk's `out`), or SAMPLE_ARGS when
+        they cannot decide it (the caller then reads the whole row and calls sample)."""
+        cdef qora_sample_inputs inp
+        cdef int rc, n
+        if out.shape[0] < 4 or out[1] != 0:  # too many ties at the threshold, or a NaN
+            return QORA_SAMPLE_ARGS
+        n = out[0]
+        if out.shape[0] < 4 + 2 * n:
+            raise ValueError("the candidates buffer is shorter than its count")
+        self._inputs(&inp, vocab, recent)
+        with nogil:
+            rc = qora_sample_sparse(self.S, &self.P, &out[4], n, qora_key_float(out[2]), out[3] == <uint32_t>vocab,
+                                    &inp, u)
+        return rc

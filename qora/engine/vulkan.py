@@ -166,6 +166,31 @@ def _fail_hook() -> tuple[bool, int]:
     raise QoraError(f"QORA_VK_FAIL={raw!r}: expected 'alloc' or 'run:N'")
 
 
+# Candidates a sampling step reads back at least: the default top-k (20), one more, and room for the
+# recent tokens' penalties (a 64-token window) to push some below the rest (sample_topk.comp).
+SAMPLE_NEED = 128
+
+
+class DeviceLogits:
+    """One decode step's logits row, left on the GPU (VulkanEngine.forward_lazy): `candidates` (the
+    logits at or above a threshold, at least SAMPLE_NEED; layout in include/qora/vk_backend.h) is what
+    the Sampler reads; np.asarray() copies the whole row back, valid until the engine's next step."""
+
+    def __init__(self, engine, candidates: np.ndarray, step: int):
+        self.candidates = candidates
+        self.vocab_size = engine.vocab_size
+        self._engine, self._step, self._row = engine, step, None
+
+    def __array__(self, dtype=None, copy=None):
+        if self._row is None:
+            self._row = self._engine._read_logits(self._step)
+        return self._row if dtype is None else self._row.astype(dtype)
+
+    @property
+    def shape(self):
+        return (self.vocab_size,)
+
+
 class VulkanEngine(SingleSlot):
     """The Engine (qora.engine.base) on a Vulkan GPU: forward(tokens, start_pos) -> logits, with the KV
     cache on the device."""
@@ -230,6 +255,7 @@ class VulkanEngine(SingleSlot):
         self.vram_bytes = need
         self.kv_dtype = KV_NAMES[opts["kv_type"]]
         self._batch, self._logit_rows = self._model.batch, self._model.logit_rows
+        self._step = 0  # decode steps of forward_lazy: a DeviceLogits reads its row only before the next
         self._tokens = np.zeros(seq, dtype=np.int32)  # what the KV cache holds, to replay on a fallback
         self._n_tokens = 0
 
@@ -382,6 +408,7 @@ class VulkanEngine(SingleSlot):
                     if self._model is None:
                         raise QoraError("the model is closed")
                     out = self._model.forward(chunk, start_pos + i, all_logits)
+                    self._step += 1
                 self._tokens[start_pos + i : start_pos + i + len(chunk)] = chunk
                 self._n_tokens = start_pos + i + len(chunk)
                 if all_logits or last:
@@ -392,6 +419,37 @@ class VulkanEngine(SingleSlot):
             self._fall_back(e, start_pos)
             return self._cpu.forward(tokens, start_pos, all_logits)
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+
+    def forward_lazy(self, token: int, pos: int):
+        """forward([token], pos) for a generation step: a DeviceLogits whose row stays on the GPU (the
+        sampling candidates come back, the whole row only when asked for); on the CPU after a fallback,
+        the plain logits row."""
+        if self._closed:
+            raise QoraError("the model is closed")
+        if self._cpu is not None:
+            return self._cpu.forward(np.array([token], dtype=np.int32), pos)[-1]
+        ids = check_tokens([token], pos, self.max_seq_len, self.vocab_size)
+        core = _core()
+        try:
+            with self._lock:
+                if self._model is None:
+                    raise QoraError("the model is closed")
+                out = self._model.forward_topk(int(ids[0]), pos, SAMPLE_NEED)
+                self._step += 1
+        except core.VulkanError as e:
+            if e.kind == "args":
+                raise QoraError(str(e)) from None
+            self._fall_back(e, pos)
+            return self._cpu.forward(ids, pos)[-1]
+        self._tokens[pos] = ids[0]
+        self._n_tokens = pos + 1
+        return DeviceLogits(self, out, self._step)
+
+    def _read_logits(self, step: int) -> np.ndarray:
+        with self._lock:
+            if self._model is None or step != self._step:
+                raise QoraError("these logits were overwritten by a later step (read them before the next one)")
+            return self._model.read_logits()[0]
 
     def profile(self):
         """GPU time per decode kernel under QORA_VK_PROFILE=1: ({name: (ms, calls) per step}, ms per step)."""
