@@ -11,6 +11,11 @@ from test_kernels import ISA_NAMES, ISAS, ref_attention, ref_attention_bits, ref
 
 from qora._core import _cpu
 
+try:
+    from _helpers_vulkan import needs_gpu
+except ImportError:  # a build without the Vulkan extension
+    needs_gpu = pytest.mark.skip(reason="no Vulkan backend")
+
 F32 = np.float32
 
 
@@ -179,3 +184,131 @@ def test_demo_readme_prompt_unchanged_with_q8_cache(demo_model):
             texts[kv] = str(m.generate("What is the capital of France?", max_tokens=40, greedy=True))
     assert "Paris" in texts["q8"]
     assert texts["q8"] == texts["f16"]
+
+
+# ---- the Vulkan backend's q8 cache (kvq8.glsl: per position the int8 values, then the f16 scales) ----
+def gpu_q8_rows(x):
+    """(the device's Q8_0 rows as uint32 words, the float32 values they hold) of (n_pos, kv_dim) floats."""
+    n_pos, kv_dim = x.shape
+    nb = kv_dim // 32
+    words = (kv_dim // 4 + (nb + 1) // 2 + 3) & ~3
+    d, q = ref_quantize_q8(x.reshape(-1))
+    rows = np.zeros((n_pos, words * 4), np.uint8)
+    rows[:, :kv_dim] = q.reshape(n_pos, kv_dim).view(np.uint8)
+    rows[:, kv_dim : kv_dim + 2 * nb] = d.reshape(n_pos, nb).view(np.uint8)
+    vals = (q.astype(F32) * d.astype(F32)[:, None]).reshape(n_pos, kv_dim)
+    return rows.view(np.uint32).reshape(-1), vals
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "n_pos,n_heads,n_kv,hd,hg,ch,cmin",
+    [
+        (1, 4, 2, 32, 2, 8, 64),
+        (257, 4, 1, 64, 4, 16, 256),  # two chunks, the second with one position
+        (1000, 6, 3, 64, 2, 16, 64),  # SmolLM2's GQA group of 3, 3 KV heads (odd block count per row)
+        (3001, 8, 2, 128, 4, 32, 256),
+        (1500, 2, 1, 256, 2, 7, 128),
+    ],
+)
+def test_vulkan_attn_decode_q8(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin):
+    """Split-K decode attention over a Q8_0 cache (one chunk, ragged chunks, many) against exact
+    attention on the dequantized values."""
+    from test_vulkan_attention import ref_attention as ref_gpu
+    from test_vulkan_attention import run_decode
+
+    r = np.random.default_rng(n_pos + hd)
+    kc, kv = gpu_q8_rows(r.standard_normal((n_pos, n_kv * hd)).astype(F32))
+    vc, vv = gpu_q8_rows(r.standard_normal((n_pos, n_kv * hd)).astype(F32))
+    q = r.standard_normal(n_heads * hd).astype(F32)
+    out, _, _, done, cnt = run_decode(ctx, q, kc, vc, n_pos, n_heads, n_kv, hd, hg, ch, cmin, 128, 2)
+    assert not done.any() and not cnt.any()
+    ref = ref_gpu(q[None], kv, vv, n_pos - 1, n_heads, n_kv, hd)[0]
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "start,n_tok,n_heads,n_kv,hd,hg",
+    [
+        (0, 1, 4, 2, 32, 2),
+        (0, 257, 8, 2, 128, 4),
+        (1, 256, 6, 3, 64, 2),
+        (200, 57, 4, 1, 64, 4),
+        (2990, 11, 2, 2, 256, 1),
+    ],
+)
+def test_vulkan_attn_prefill_q8(ctx, start, n_tok, n_heads, n_kv, hd, hg):
+    """Flash-attention prefill staging Q8_0 tiles (ragged tiles, a cached prefix) against exact attention."""
+    import struct
+
+    from _helpers_vulkan import DEVICE
+    from test_vulkan_attention import flash_shape
+    from test_vulkan_attention import ref_attention as ref_gpu
+
+    r = np.random.default_rng(start + n_tok + hd)
+    n_pos, q_dim = start + n_tok, n_heads * hd
+    kc, kv = gpu_q8_rows(r.standard_normal((n_pos, n_kv * hd)).astype(F32))
+    vc, vv = gpu_q8_rows(r.standard_normal((n_pos, n_kv * hd)).astype(F32))
+    ld_q = q_dim + 2 * n_kv * hd
+    q = r.standard_normal((n_tok, ld_q)).astype(F32)
+    out = np.zeros((n_tok, q_dim), F32)
+    threads, bk, ts, bq = flash_shape(hd, hg, DEVICE["max_shared_memory"])
+    params = np.array([start, n_tok, 0, 0], np.uint32)
+    push = struct.pack("<7I", n_heads, n_kv, hd, ld_q, q_dim, 0, 0)
+    spec = [threads, 2, hd, hg, bk, ts]
+    ctx.run_kernel("attn_prefill", spec, [None, q, None, out, kc, vc, params], push, n_heads // hg, -(-n_tok // bq))
+    ref = ref_gpu(q, kv, vv, start, n_heads, n_kv, hd)
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("use_rope,n_kv,hd", [(1, 2, 32), (0, 3, 64), (1, 1, 128)])
+def test_vulkan_rope_kv_q8(ctx, use_rope, n_kv, hd):
+    """rope_kv into a Q8_0 cache: q rotated in place as before, k (rotated) and v stored as the CPU
+    engine's quantizer stores them (the rotated k taken from the f32-cache run of the same kernel)."""
+    import struct
+
+    from test_vulkan import rope_table
+
+    n_heads, n_tok, start, max_pos = 4, 3, 2, 8
+    q_dim, kv_dim = n_heads * hd, n_kv * hd
+    ld = q_dim + 2 * kv_dim
+    r = np.random.default_rng(hd + n_kv)
+    qkv = r.standard_normal((n_tok, ld)).astype(F32)
+    cs = rope_table(np.arange(start, start + n_tok), hd)
+    params = np.array([start, n_tok, 0, 0], np.uint32)
+    push = struct.pack("<5I", n_heads, n_kv, hd, ld, use_rope)
+    words = (kv_dim // 4 + (kv_dim // 32 + 1) // 2 + 3) & ~3
+    kf, vf, out_f = np.zeros(max_pos * kv_dim, F32), np.zeros(max_pos * kv_dim, F32), qkv.copy()
+    ctx.run_kernel("rope_kv", [0, 0], [None, None, None, out_f, kf, vf, params, cs.reshape(-1)], push, n_tok)
+    kq, vq, out = np.zeros(max_pos * words, np.uint32), np.zeros(max_pos * words, np.uint32), qkv.copy()
+    ctx.run_kernel("rope_kv", [0, 2], [None, None, None, out, kq, vq, params, cs.reshape(-1)], push, n_tok)
+    np.testing.assert_array_equal(out[:, :q_dim], out_f[:, :q_dim])  # q rotated in place, the same bits
+    for cache, ref in ((kq, kf), (vq, vf)):
+        want, _ = gpu_q8_rows(ref.reshape(max_pos, kv_dim)[start : start + n_tok])
+        np.testing.assert_array_equal(cache.reshape(max_pos, words)[start : start + n_tok].reshape(-1), want)
+
+
+@needs_gpu
+def test_vulkan_engine_q8_cache_matches_cpu(tmp_path, monkeypatch):
+    """The GPU engine with a q8 cache (prefill through rope_kv, decode through the QKV product and
+    rope_kv, split-K decode over several chunks) against the CPU engine with a q8 cache."""
+    from _helpers_convert import make_hf_model
+
+    import qora
+    from qora.convert import convert
+
+    monkeypatch.setenv("QORA_VK_ATT_SPLITS", "4")  # decode over 96.. positions: 4 chunks, merged
+    monkeypatch.setenv("QORA_VK_ATT_SHORT", "16")
+    make_hf_model(tmp_path / "hf", n_layers=2, head_dim=32, n_heads=4, n_kv_heads=2)
+    path = convert(tmp_path / "hf", tmp_path / "m-f16.qora", quant="f16", progress=False)
+    ids = np.random.default_rng(9).integers(3, 300, 100).tolist()
+    with (
+        qora.load(path, device="gpu", max_seq_len=128, kv_type="q8") as g,
+        qora.load(path, device="cpu", max_seq_len=128, kv_type="q8") as c,
+    ):
+        assert g.engine.device == "vulkan" and g.engine.kv_dtype == c.engine.kv_dtype == "q8"
+        assert rel(g.engine.forward(ids[:96], 0), c.engine.forward(ids[:96], 0)) < 2e-3
+        for i in range(96, 100):
+            assert rel(g.engine.forward([ids[i]], i), c.engine.forward([ids[i]], i)) < 2e-3

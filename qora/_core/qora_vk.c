@@ -1151,6 +1151,13 @@ static const char* qvk_layer_problem(const qora_layer* L, int D, int H, int q_di
     return NULL;
 }
 
+/* Bytes of one cached position's keys (or values) in one layer: f32, f16, or Q8_0 rows as
+   kvq8.glsl lays them out (the int8 values, then the f16 scales, padded to 16 bytes). */
+static size_t qvk_kv_row_bytes(int kv_type, int kv_dim) {
+    if (kv_type == QORA_Q8) return (((size_t)kv_dim / 4 + ((size_t)kv_dim / QK + 1) / 2 + 3) & ~(size_t)3) * 4;
+    return (size_t)kv_dim * (kv_type == QORA_F16 ? 2 : 4);
+}
+
 /* Check the model can run here and add up the device memory it takes. */
 static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* w, const qvk_model_opts* o,
                     qvk_plan_t* p, char* err, size_t n) {
@@ -1193,9 +1200,10 @@ static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* 
         }
         bytes += 2 * ((size_t)D * 4 + 256);
     }
-    if (o->kv_type != QORA_F32 && o->kv_type != QORA_F16)
-        return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "KV cache type %d not supported on the GPU", o->kv_type);
-    const size_t kv_layer = (size_t)o->max_seq_len * (size_t)kv_dim * (o->kv_type == QORA_F16 ? 2 : 4);
+    if (!qora_kv_type_ok(o->kv_type, g->head_dim))
+        return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "KV cache type %d with head size %d not supported on the GPU",
+                        o->kv_type, g->head_dim);
+    const size_t kv_layer = (size_t)o->max_seq_len * qvk_kv_row_bytes(o->kv_type, kv_dim);
     if (kv_layer > range)
         return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "a %d-token KV cache layer (%.0f MB) exceeds the device's "
                         "storage-buffer limit", o->max_seq_len, (double)kv_layer / 1e6);
@@ -1425,7 +1433,7 @@ static int qvk_alloc_weights(qvk_model* m, const qora_weights* w, char* err, siz
     } else {
         m->output = &m->embed;
     }
-    const size_t kv_bytes = (size_t)m->cfg.max_seq_len * m->kv_dim * (m->kv_type == QORA_F16 ? 2 : 4);
+    const size_t kv_bytes = (size_t)m->cfg.max_seq_len * qvk_kv_row_bytes(m->kv_type, m->kv_dim);
     for (int l = 0; l < m->cfg.n_layers && !rc; l++) {
         const qora_layer* S = &w->layers[l];
         qvk_layer* L = &m->layers[l];
@@ -1882,6 +1890,16 @@ static void qvk_rec_readback(qvk_rec* R, uint32_t rows) {
                 VK_ACCESS_HOST_READ_BIT);
 }
 
+/* rope_kv.comp over n_tok tokens of qkv: RoPE (use_rope) and their k, v into the layer's cache. */
+static void qvk_rec_rope_kv(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, int use_rope) {
+    qvk_model* m = R->m;
+    qvk_rope_push rp = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
+                        (uint32_t)m->qkv_dim, (uint32_t)use_rope};
+    VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, L->kc.buf, L->vc.buf, m->params.buf, m->rope.buf};
+    const uint32_t kv_spec[2] = {0, (uint32_t)m->kv_type};
+    qvk_rec_dispatch(R, "rope_kv", kv_spec, 2, rb, &rp, sizeof rp, n_tok, 1, 1, 1);
+}
+
 /* One token (position from the params buffer): the whole step in one command buffer. Each
    product's input is prepared by the dispatch before it, alternating between the activation
    halves A and B: embed, quant (attn norm) -> A; per layer qkv(A), attention -> B, wo(B) + ffn norm
@@ -1912,6 +1930,10 @@ static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, int topk, char* e
         for (int i = 0; i < L->n_qkv; i++)
             qvk_rec_matvec(&R, &L->wqkv[i], QVK_QKV, A, m->qkv.buf, 0, L->kc.buf, L->vc.buf, L->use_rope, QVK_EPI_NONE, 0,
                            0, 0);
+        if (m->kv_type == QORA_Q8) { /* the products left k and v in qkv: whole Q8 blocks into the cache */
+            R.label = "kv_q8";
+            qvk_rec_rope_kv(&R, L, 1, 0);
+        }
         R.label = "attention";
         qvk_rec_attention(&R, L, 1, B);
         R.label = "wo";
@@ -1966,12 +1988,8 @@ static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int
             R.label = "pp:qkv";
             qvk_rec_matmul(&R, &L->wqkv[i], QVK_STORE, m->xn.buf, D, m->qkv.buf, (uint32_t)m->qkv_dim, nt);
         }
-        qvk_rope_push rp = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
-                            (uint32_t)m->qkv_dim, (uint32_t)L->use_rope};
-        VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, L->kc.buf, L->vc.buf, m->params.buf, m->rope.buf};
-        const uint32_t kv_spec[2] = {0, (uint32_t)m->kv_type};
         R.label = "pp:rope_kv";
-        qvk_rec_dispatch(&R, "rope_kv", kv_spec, 2, rb, &rp, sizeof rp, nt, 1, 1, 1);
+        qvk_rec_rope_kv(&R, L, nt, L->use_rope);
         R.label = "pp:attention";
         qvk_rec_attention(&R, L, nt, 0);
         /* output projection + residual */

@@ -15,10 +15,11 @@
 // workgroup that finishes whole Q8 blocks (HG x HD a multiple of 32) quantizes its heads, else the
 // last to finish quantizes all.
 #include "common.glsl"
+#include "kvq8.glsl"
 
 layout(local_size_x_id = 0) in;
 layout(constant_id = 0) const uint T = 128;   // threads and positions per tile; a multiple of HD / 8
-layout(constant_id = 1) const uint KV16 = 1;
+layout(constant_id = 1) const uint KV16 = 1;  // the cache: 0 f32, 1 f16, 2 Q8_0 (kvq8.glsl; HD % 32 == 0)
 layout(constant_id = 2) const uint HD = 128;  // head_dim: a multiple of 8, at most 256
 layout(constant_id = 3) const uint HG = 1;    // query heads per workgroup, 1..8, all of one KV head
 layout(constant_id = 4) const uint CH = 1;    // chunks per head group at most (the dispatch's y), <= 256
@@ -33,6 +34,10 @@ layout(binding = 4) readonly buffer KC { uvec4 kc8[]; }; // KV16: 8 halves per l
 layout(binding = 4) readonly buffer KCF { vec4 kc4[]; };
 layout(binding = 5) readonly buffer VC8 { uvec4 vc8[]; };
 layout(binding = 5) readonly buffer VCF4 { vec4 vcf4[]; };
+layout(binding = 4) readonly buffer KCQ { uvec4 kq4[]; };
+layout(binding = 4) readonly buffer KCW { uint kqw[]; };
+layout(binding = 5) readonly buffer VCQ { uvec2 vq2[]; };
+layout(binding = 5) readonly buffer VCW { uint vqw[]; };
 layout(binding = 6) readonly buffer P { uint params[]; };
 layout(binding = 7) coherent buffer DONE { uint done[]; }; // finished chunks per head group
 
@@ -73,8 +78,16 @@ void wg_reduce(inout float v[8], bool is_max) {
     }
 }
 
-void v_load(uint e, out vec4 a, out vec4 b) {
-    if (KV16 != 0u) {
+// values col .. col + 7 of cached position p (col % 8 == 0)
+void v_load(uint p, uint col, out vec4 a, out vec4 b) {
+    const uint kv_dim = pc.n_kv_heads * HD, e = p * kv_dim + col;
+    if (KV16 == 2u) {
+        const uint row = p * kvq_row_words(kv_dim);
+        const uvec2 w = vq2[(row + col / 4u) / 2u];
+        const float d = KVQ_SCALE(vqw, row, kv_dim, col / 32u);
+        a = d * I8X4(w.x);
+        b = d * I8X4(w.y);
+    } else if (KV16 != 0u) {
         uvec4 v = vc8[e / 8u];
         a = vec4(unpackHalf2x16(v.x), unpackHalf2x16(v.y));
         b = vec4(unpackHalf2x16(v.z), unpackHalf2x16(v.w));
@@ -156,7 +169,21 @@ void main() {
         float s[8];
         for (uint h = 0u; h < HG; h++) s[h] = 0.0;
         if (valid) {
-            if (KV16 != 0u) {
+            if (KV16 == 2u) {
+                const uint row = p * kvq_row_words(kv_dim), kr = (row + kb / 4u) / 4u;
+                for (uint bi = 0u; bi < HD / 32u; bi++) {
+                    const float d = KVQ_SCALE(kqw, row, kv_dim, kb / 32u + bi);
+                    const uvec4 w0 = kq4[kr + 2u * bi], w1 = kq4[kr + 2u * bi + 1u];
+                    for (uint h = 0u; h < HG; h++) {
+                        const uint qb = h * HD / 4u + 8u * bi;
+                        const float a = (dot(qs[qb], I8X4(w0.x)) + dot(qs[qb + 1u], I8X4(w0.y))) +
+                                        (dot(qs[qb + 2u], I8X4(w0.z)) + dot(qs[qb + 3u], I8X4(w0.w)));
+                        const float b = (dot(qs[qb + 4u], I8X4(w1.x)) + dot(qs[qb + 5u], I8X4(w1.y))) +
+                                        (dot(qs[qb + 6u], I8X4(w1.z)) + dot(qs[qb + 7u], I8X4(w1.w)));
+                        s[h] += d * (a + b);
+                    }
+                }
+            } else if (KV16 != 0u) {
                 const uint kr = (p * kv_dim + kb) / 8u;
                 for (uint i = 0u; i < HD / 8u; i++) {
                     const uvec4 k8 = kc8[kr + i];
@@ -191,11 +218,11 @@ void main() {
             a1[h] *= corr[h];
         }
         barrier(); // ps
-        const uint cnt = min(T, p_end - p0), e0 = p0 * kv_dim + kb + 8u * o;
+        const uint cnt = min(T, p_end - p0), col = kb + 8u * o;
         uint i = j;
         for (; i + 3u * J < cnt; i += 4u * J) { // four loads in flight, then the adds
             vec4 va[4], vb[4];
-            for (uint u = 0u; u < 4u; u++) v_load(e0 + (i + u * J) * kv_dim, va[u], vb[u]);
+            for (uint u = 0u; u < 4u; u++) v_load(p0 + i + u * J, col, va[u], vb[u]);
             for (uint u = 0u; u < 4u; u++)
                 for (uint h = 0u; h < HG; h++) {
                     const float w = ps[h * T + i + u * J];
@@ -205,7 +232,7 @@ void main() {
         }
         for (; i < cnt; i += J) {
             vec4 va, vb;
-            v_load(e0 + i * kv_dim, va, vb);
+            v_load(p0 + i, col, va, vb);
             for (uint h = 0u; h < HG; h++) {
                 const float w = ps[h * T + i];
                 a0[h] += w * va;

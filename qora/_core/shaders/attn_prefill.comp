@@ -12,10 +12,11 @@
 // The f16 tensor-core version (cooperative matrices) keeps this tiling: S = Q K^T and O += P V on
 // the staged tiles.
 #include "common.glsl"
+#include "kvq8.glsl"
 
 layout(local_size_x_id = 0) in;
 layout(constant_id = 0) const uint T = 128;  // threads = RQ x TS
-layout(constant_id = 1) const uint KV16 = 1;
+layout(constant_id = 1) const uint KV16 = 1; // the cache: 0 f32, 1 f16, 2 Q8_0 (kvq8.glsl; HD % 32 == 0)
 layout(constant_id = 2) const uint HD = 128; // head_dim: a multiple of 4 x TS, at most 256
 layout(constant_id = 3) const uint HG = 1;   // query heads per workgroup, all of one KV head
 layout(constant_id = 4) const uint BK = 32;  // keys per tile, at most 64
@@ -27,6 +28,10 @@ layout(binding = 4) readonly buffer KC { uvec4 kc8[]; }; // KV16: 8 halves per l
 layout(binding = 4) readonly buffer KCF { vec4 kc4[]; };
 layout(binding = 5) readonly buffer VC { uvec4 vc8[]; };
 layout(binding = 5) readonly buffer VCF { vec4 vc4[]; };
+layout(binding = 4) readonly buffer KCQ { uvec4 kq4[]; };
+layout(binding = 4) readonly buffer KCW { uint kqw[]; };
+layout(binding = 5) readonly buffer VCQ { uvec4 vq4[]; };
+layout(binding = 5) readonly buffer VCW { uint vqw[]; };
 layout(binding = 6) readonly buffer P { uint params[]; };
 
 layout(push_constant) uniform PC {
@@ -48,7 +53,30 @@ shared float sp[T * BK]; // TS > 1: the partial dots, (row, key, lane)
 // Stage positions [k0, k0 + BK) (those before `k_end`) of K and V as f32.
 void stage(uint k0, uint k_end, uint kv_dim, uint kb) {
     const uint tid = gl_LocalInvocationID.x;
-    if (KV16 != 0u) {
+    if (KV16 == 2u) {
+        const uint rw = kvq_row_words(kv_dim);
+        for (uint i = tid; i < BK * HD / 16u; i += T) {
+            const uint k = i / (HD / 16u), c = i - k * (HD / 16u);
+            uvec4 kw = uvec4(0u), vw = uvec4(0u);
+            float kd = 0.0, vd = 0.0;
+            if (k0 + k < k_end) {
+                const uint row = (k0 + k) * rw, blk = (kb + 16u * c) / 32u;
+                kw = kq4[(row + kb / 4u) / 4u + c];
+                vw = vq4[(row + kb / 4u) / 4u + c];
+                kd = KVQ_SCALE(kqw, row, kv_dim, blk);
+                vd = KVQ_SCALE(vqw, row, kv_dim, blk);
+            }
+            const uint o = k * HD4 + 4u * c;
+            ks[o] = kd * I8X4(kw.x);
+            ks[o + 1u] = kd * I8X4(kw.y);
+            ks[o + 2u] = kd * I8X4(kw.z);
+            ks[o + 3u] = kd * I8X4(kw.w);
+            vs[o] = vd * I8X4(vw.x);
+            vs[o + 1u] = vd * I8X4(vw.y);
+            vs[o + 2u] = vd * I8X4(vw.z);
+            vs[o + 3u] = vd * I8X4(vw.w);
+        }
+    } else if (KV16 != 0u) {
         for (uint i = tid; i < BK * HD / 8u; i += T) {
             const uint k = i / (HD / 8u), c = i - k * (HD / 8u);
             uvec4 kw = uvec4(0u), vw = uvec4(0u);

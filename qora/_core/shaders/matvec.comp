@@ -9,7 +9,8 @@
 // Around the product, by specialization constants:
 //   MODE   STORE y = Wx, ADD y += Wx (residual), SWIGLU y = silu(Wg x) * (Wu x),
 //          QKV: q, k, v rows with RoPE on q and k, k and v written straight into the KV cache
-//          (f16 or f32: KV16) at the current position. Rows go in quads j, j+1, j+head_dim/2, j+1+head_dim/2 (j even):
+//          (f16 or f32: KV16) at the current position; a Q8_0 cache (KV16 = 2) gets k and v into y as
+//          q (rope_kv.comp quantizes them next, whole blocks at a time). Rows go in quads j, j+1, j+head_dim/2, j+1+head_dim/2 (j even):
 //          the rotation pairs of two neighbours, so one thread writes whole f16 pairs.
 //   EPI    0, or the next product's input is prepared from the finished y into the other half of
 //          binding 8: 1 quantize (by the last workgroup to finish each Q8 block of y, where a
@@ -222,7 +223,7 @@ void main() {
                 a1 = t1;
             }
             uint pos = params[0];
-            if (ra < pc.q_dim) {
+            if (ra < pc.q_dim || KV16 == 2u) {
                 y[pc.y_off + ra] = a0;
                 y[pc.y_off + ra + 1u] = a1;
                 y[pc.y_off + ra + half_] = b0;
