@@ -146,22 +146,35 @@ def default_threads() -> int:
 
 
 # How long an OpenMP thread spins before it sleeps, waiting for the next parallel region: a decode step runs
-# about 7 regions per layer (250 for a 36-layer model), a few microseconds apart, so a short spin keeps
-# the team awake across a step, while on a machine with other load a long spin burns the time slices
-# the other threads need. GCC's libgomp spins 300,000 rounds by default; measured on a busy 2-core AMD
-# EPYC (bench/NOTES.md), 2 threads of decode products read weights at 6-14% of the read bandwidth by
-# default, 9-10% at 100,000, 38-41% at 10,000 and 61-68% at 1,000 (libgomp's own value for an
-# oversubscribed machine). OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the user win.
+# about 7 regions per layer (250 for a 36-layer model), a few microseconds apart. On an idle machine
+# GCC's long default spin (300,000 rounds) keeps the team awake across a step: on a 16-core Xeon
+# (bench/NOTES.md) the 3B model decoded tg32 at 57.1 tok/s with it against 44.1 with a 1,000-round spin
+# (pp512 359 vs 298). On a machine whose CPUs other work already keeps busy, the long spin burns the
+# time slices the other threads need: on a busy 2-core AMD EPYC, 2 threads of decode products read
+# weights at 6-14% of the read bandwidth by default, 9-10% at 100,000, 38-41% at 10,000 and 61-68% at
+# 1,000 (libgomp's own value for an oversubscribed machine). So the short spin only where the load
+# average at import already fills the CPUs; OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the user win.
 OMP_SPINCOUNT = "1000"
 
 
+def machine_busy() -> bool:
+    """Whether other work already keeps this machine's CPUs busy: the 1-minute load average at least
+    the logical CPU count (False where the OS does not say)."""
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return False
+
+
 @contextlib.contextmanager
-def openmp_environment(environ=None):
+def openmp_environment(environ=None, busy=None):
     """Around the first import of the compiled core (libgomp reads its settings once, when it is
-    loaded): GOMP_SPINCOUNT=OMP_SPINCOUNT unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT;
-    the environment is put back afterwards, so child processes (a llama.cpp peer) see the user's."""
+    loaded): GOMP_SPINCOUNT=OMP_SPINCOUNT on a busy machine (machine_busy) unless the user set
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT; the environment is put back afterwards, so child processes (a
+    llama.cpp peer) see the user's."""
     environ = os.environ if environ is None else environ
-    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+    busy = machine_busy() if busy is None else busy
+    if not busy or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         yield
         return
     environ["GOMP_SPINCOUNT"] = OMP_SPINCOUNT

@@ -131,3 +131,21 @@ def test_engine_uses_the_default_and_honours_an_explicit_count(machine, monkeypa
     with qora.load(path, threads=2, device="cpu", max_seq_len=16) as m:  # the caller's count wins
         assert m.engine.n_threads == 2
         assert m.forward([1, 2, 3]).shape == (3, m.config["vocab_size"])
+
+
+def test_openmp_short_spin_only_on_a_busy_machine():
+    """GOMP_SPINCOUNT goes in around the core's import only where other load fills the CPUs, never over
+    the user's own OpenMP wait settings, and comes out again afterwards."""
+    from qora.system import OMP_SPINCOUNT, openmp_environment
+
+    env = {}
+    with openmp_environment(env, busy=True):
+        assert env == {"GOMP_SPINCOUNT": OMP_SPINCOUNT}
+    assert env == {}
+    with openmp_environment(env, busy=False):
+        assert env == {}
+    for user in ({"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "5"}):
+        env = dict(user)
+        with openmp_environment(env, busy=True):
+            assert env == user
+        assert env == user
