@@ -892,10 +892,12 @@ class _Watchdog:
     """Interrupts the rendering thread at the deadline, for work the checks above cannot see into
     (one filter running pure-Python code for a long time: textwrap, unique, urlize). The exception is
     delivered at the next bytecode boundary of that thread (CPython's PyThreadState_SetAsyncExc), only
-    while the render runs: leaving clears one still pending. Long C calls are bounded by the size
-    checks instead."""
+    while the render runs: leaving clears one still pending. Where it lands in code whose exceptions
+    Python ignores (a weakref callback, a __del__), it is lost: so it is sent again every
+    REPEAT_SECONDS until the work ends. Long C calls are bounded by the size checks instead."""
 
     _set_async_exc = getattr(getattr(ctypes, "pythonapi", None), "PyThreadState_SetAsyncExc", None)
+    REPEAT_SECONDS = 0.05
 
     def __init__(self, seconds: float):
         self._lock = threading.Lock()
@@ -908,6 +910,9 @@ class _Watchdog:
         with self._lock:
             if self._active and self._set_async_exc is not None:
                 self._set_async_exc(ctypes.c_ulong(self._thread), ctypes.py_object(_RenderTimeout))
+                self._timer = threading.Timer(self.REPEAT_SECONDS, self._fire)
+                self._timer.daemon = True
+                self._timer.start()
 
     def __enter__(self):
         if self._set_async_exc is not None:
@@ -915,9 +920,9 @@ class _Watchdog:
         return self
 
     def __exit__(self, *exc):
-        self._timer.cancel()
         with self._lock:
             self._active = False
+            self._timer.cancel()
             if self._set_async_exc is not None:
                 self._set_async_exc(ctypes.c_ulong(self._thread), None)  # one fired but not yet delivered
         return False

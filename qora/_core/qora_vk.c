@@ -1900,6 +1900,24 @@ static void qvk_rec_rope_kv(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, int 
     qvk_rec_dispatch(R, "rope_kv", kv_spec, 2, rb, &rp, sizeof rp, n_tok, 1, 1, 1);
 }
 
+/* Begin recording a step (once: a one-time submission): the host's writes before the submission
+   (params, RoPE table, tokens) made visible to the shaders and, when profiling, the query pool reset
+   and the first timestamp written. */
+static int qvk_rec_begin(qvk_rec* R, int once) {
+    qvk_model* m = R->m;
+    if (qvk_cmd_begin(m->c, R->cb, once) != VK_SUCCESS)
+        return qvk_fail(R->err, R->n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
+    qvk_barrier(m->c, R->cb, VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+                VK_ACCESS_SHADER_READ_BIT);
+    if (R->prof) {
+        m->n_ts = 0;
+        m->c->f->vkCmdResetQueryPool(R->cb, m->qpool, 0, QVK_PROFILE_MAX);
+        m->ts_label[m->n_ts] = "start";
+        m->c->f->vkCmdWriteTimestamp(R->cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, m->qpool, (uint32_t)m->n_ts++);
+    }
+    return QVK_OK;
+}
+
 /* One token (position from the params buffer): the whole step in one command buffer. Each
    product's input is prepared by the dispatch before it, alternating between the activation
    halves A and B: embed, quant (attn norm) -> A; per layer qkv(A), attention -> B, wo(B) + ffn norm
@@ -1909,16 +1927,8 @@ static void qvk_rec_topk(qvk_rec* R);
 static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, int topk, char* err, size_t n) {
     qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL};
     const uint32_t A = 0, B = m->act_half, D = (uint32_t)m->cfg.dim;
-    if (qvk_cmd_begin(m->c, cb, 0) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
-    /* the host wrote params/rope before submitting: make those writes visible */
-    qvk_barrier(m->c, cb, VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
-                VK_ACCESS_SHADER_READ_BIT);
-    if (R.prof) {
-        m->n_ts = 0;
-        m->c->f->vkCmdResetQueryPool(cb, m->qpool, 0, QVK_PROFILE_MAX);
-        m->ts_label[m->n_ts] = "start";
-        m->c->f->vkCmdWriteTimestamp(cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, m->qpool, (uint32_t)m->n_ts++);
-    }
+    const int rc = qvk_rec_begin(&R, 0);
+    if (rc) return rc;
     R.label = "embed";
     qvk_rec_embed(&R, 1);
     R.label = "quant";
@@ -1966,15 +1976,8 @@ static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, int topk, char* e
 static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int all_logits, char* err, size_t n) {
     qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL};
     const uint32_t D = (uint32_t)m->cfg.dim, H = (uint32_t)m->cfg.hidden_dim;
-    if (qvk_cmd_begin(m->c, cb, 1) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
-    qvk_barrier(m->c, cb, VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
-                VK_ACCESS_SHADER_READ_BIT);
-    if (R.prof) {
-        m->n_ts = 0;
-        m->c->f->vkCmdResetQueryPool(cb, m->qpool, 0, QVK_PROFILE_MAX);
-        m->ts_label[m->n_ts] = "start";
-        m->c->f->vkCmdWriteTimestamp(cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, m->qpool, (uint32_t)m->n_ts++);
-    }
+    const int rc = qvk_rec_begin(&R, 1);
+    if (rc) return rc;
     R.label = "pp:embed";
     qvk_rec_embed(&R, nt);
     for (int l = 0; l < m->cfg.n_layers; l++) {
