@@ -270,7 +270,8 @@ def test_matvec_norm_and_residual(ctx, dtype):
     assert rel_err(y, vals @ effective_input(dtype, xn)) < 3e-3
     y0 = r.standard_normal(rows).astype(np.float32)
     y, _, _, _ = run_matvec(ctx, dtype, raw, rows, cols, x, mode=ADD, y=y0.copy())
-    assert rel_err(y, y0 + vals @ effective_input(dtype, x)) < 1e-5
+    # the GPU's x / d may differ from NumPy's by an ulp and round one Q8 value the other way
+    assert rel_err(y, y0 + vals @ effective_input(dtype, x)) < (3e-3 if dtype == "q4" else 1e-5)
 
 
 @needs_gpu

@@ -436,7 +436,9 @@ class CpuEngine:
 
     def close(self):
         with self._lock:
-            if self._model is not None:
-                self._model.close()
-                self._model = None
+            # unhooked before it is freed: a Ctrl-C landing between the two must not leave a freed
+            # model in place (its calls would raise a bare RuntimeError instead of QoraError)
+            model, self._model = self._model, None
             self._guard = None  # the mapping goes when its last user lets go (QoraFile.close)
+            if model is not None:
+                model.close()
