@@ -10,6 +10,8 @@ weight bandwidth, and which GPU ran. A plain script (not part of the test suite)
     python bench/vulkan_bench.py --depth 0,512,4096,8192  # pp and tg with that many tokens already cached
     python bench/vulkan_bench.py --try QORA_VK_GU_ROWS=8 --try QORA_VK_ATT_SHORT=128,QORA_VK_ATT_SPLITS=32
                                                           # also decode with these settings (same process)
+    python bench/vulkan_bench.py --pp 0 --depth 0,4096 --try QORA_VK_ATT_KERNEL=2 --try-profile attention
+                                                          # ... and each one's attention GPU time per depth
     QORA_VK_LOADER=/path/libvulkan.so.1 python bench/vulkan_bench.py --nvidia-icd
 
 Measured as llama-bench does: tgN = N single-token steps, ppN = one N-token prompt with logits for
@@ -123,6 +125,20 @@ def make_engine(qfile, context: int):
     return VulkanEngine(qfile, max_seq_len=context, required=True)
 
 
+def profile_depth(qf, context: int, tg: int, vocab: int, rng, depth: int):
+    """GPU time per decode kernel of tg steps after depth cached tokens, on a fresh engine (the profile
+    averages all of an engine's decode steps): ({name: (ms, calls)}, ms per step)."""
+    os.environ["QORA_VK_PROFILE"] = "1"
+    try:
+        e = make_engine(qf, context)
+        run(e, 0, tg, 1, vocab, rng, depth)  # the prefill filling the cache is not profiled
+        kernels, step_ms = e.profile()
+        e.close()
+    finally:
+        os.environ.pop("QORA_VK_PROFILE")
+    return kernels, step_ms
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a .qora or GGUF file (default: the random SmolLM3-3B-shaped model)")
@@ -151,6 +167,11 @@ def main(argv=None) -> int:
         default=[],
         metavar="VAR=VAL[,VAR=VAL]",
         help="also time decode with these environment settings (repeatable)",
+    )
+    ap.add_argument(
+        "--try-profile",
+        metavar="KERNEL",
+        help="also time this decode kernel (a profile label, e.g. attention) at each depth of each --try",
     )
     ap.add_argument("--nvidia-icd", action="store_true", help="write an NVIDIA loader manifest if missing")
     ap.add_argument("--json", type=Path, help="write the results here too")
@@ -225,18 +246,13 @@ def main(argv=None) -> int:
         eng.close()
 
         if a.profile and a.tg:
-            os.environ["QORA_VK_PROFILE"] = "1"
             results["profile"] = {}
-            for depth in depths:  # a fresh engine per depth: the profile averages all its decode steps
-                e = make_engine(qf, context)
-                run(e, 0, a.tg, 1, vocab, rng, depth)  # the prefill filling the cache is not profiled
-                kernels, step_ms = e.profile()
-                e.close()
+            for depth in depths:
+                kernels, step_ms = profile_depth(qf, context, a.tg, vocab, rng, depth)
                 results["profile"][depth] = {"step_ms": step_ms, "kernels": kernels}
                 print(f"\ndecode GPU time per token at depth {depth} (timestamps): {step_ms:.3f} ms")
                 for name, (ms, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
                     print(f"  {name:10s} {ms:7.3f} ms  {calls:5.0f} dispatches  {1000 * ms / calls:7.2f} us each")
-            os.environ.pop("QORA_VK_PROFILE")
         if a.profile and a.pp:
             os.environ["QORA_VK_PROFILE"] = "1"
             e = make_engine(qf, context)
@@ -290,6 +306,16 @@ def main(argv=None) -> int:
                             f"{weight_bytes * s['median'] / 1e9:7.1f} GB/s"
                         )
                     e.close()
+                    for depth in depths if a.try_profile else ():
+                        kernels, step_ms = profile_depth(qf, context, a.tg, vocab, rng, depth)
+                        ms, calls = kernels.get(a.try_profile, (0.0, 1))
+                        results["tries"].append(
+                            {"env": env, "depth": depth, "profile": {"step_ms": step_ms, "kernels": kernels}}
+                        )
+                        print(
+                            f"  {t:40s} d{depth:<6d} GPU {step_ms:7.3f} ms/token, {a.try_profile} "
+                            f"{1000 * ms / calls:7.2f} us each ({ms:6.3f} ms/token)"
+                        )
                 except Exception as ex:  # a setting the device refuses: report and go on
                     print(f"  {t:40s} failed ({ex})")
                 finally:

@@ -211,9 +211,10 @@ def gpu_q8_rows(x):
         (1500, 2, 1, 256, 2, 7, 128),
     ],
 )
-def test_vulkan_attn_decode_q8(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin):
-    """Split-K decode attention over a Q8_0 cache (one chunk, ragged chunks, many) against exact
-    attention on the dequantized values."""
+@pytest.mark.parametrize("kernel", [1, 2])
+def test_vulkan_attn_decode_q8(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin, kernel):
+    """Split-K decode attention (both kernels) over a Q8_0 cache (one chunk, ragged chunks, many)
+    against exact attention on the dequantized values."""
     from test_vulkan_attention import ref_attention as ref_gpu
     from test_vulkan_attention import run_decode
 
@@ -221,7 +222,7 @@ def test_vulkan_attn_decode_q8(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin):
     kc, kv = gpu_q8_rows(r.standard_normal((n_pos, n_kv * hd)).astype(F32))
     vc, vv = gpu_q8_rows(r.standard_normal((n_pos, n_kv * hd)).astype(F32))
     q = r.standard_normal(n_heads * hd).astype(F32)
-    out, _, _, done, cnt = run_decode(ctx, q, kc, vc, n_pos, n_heads, n_kv, hd, hg, ch, cmin, 128, 2)
+    out, _, _, done, cnt = run_decode(ctx, q, kc, vc, n_pos, n_heads, n_kv, hd, hg, ch, cmin, 128, 2, kernel)
     assert not done.any() and not cnt.any()
     ref = ref_gpu(q[None], kv, vv, n_pos - 1, n_heads, n_kv, hd)[0]
     assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5

@@ -1,5 +1,6 @@
 """The Vulkan attention kernels against NumPy: decode (attn_decode.comp, split-K over chunks of the
-context, merged by the last chunk) and prefill (attn_prefill.comp, flash attention over tiles of
+context, merged by the last chunk; attn_decode2.comp, clusters of lanes per cached position, short
+chunks merged in two levels) and prefill (attn_prefill.comp, flash attention over tiles of
 queries and keys), at context lengths on and around the chunk and tile edges, GQA groups of
 several sizes, f16 and f32 caches. CI runs these on lavapipe; the lengths stay a few thousand."""
 
@@ -34,20 +35,65 @@ def _cache(r, n_pos, kv_dim, kv):
     return r.standard_normal((n_pos, kv_dim)).astype(kv), r.standard_normal((n_pos, kv_dim)).astype(kv)
 
 
-def run_decode(ctx, q, kc, vc, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads=128, kv16=True):
-    """attn_decode for one token at position n_pos - 1: (output, act buffer, act half, done, cnt)."""
+def att2_cluster(hd):
+    """attn_decode2's lanes per cached position as qvk_att2_cluster picks them on DEVICE."""
+    c = 1
+    while c < hd // 8:
+        c *= 2
+    return min(c, DEVICE["subgroup_size"])
+
+
+MB = 16  # attn_decode2: partials per merge
+
+
+def decode_buffers(n_heads, hd, hg, ch, kernel):
+    """(partials, done counters) of the decode kernel: attn_decode (head, chunk) x (hd + 2) and a
+    count per head group; attn_decode2 (head group, chunk, then block) x (hg hd + 16) and counts per
+    head group and per block."""
+    groups = n_heads // hg
+    if kernel == 1:
+        return np.zeros(groups * ch * hg * (hd + 2), np.float32), np.zeros(groups, np.uint32)
+    return np.zeros(groups * (ch + MB) * (hg * hd + 16), np.float32), np.zeros(groups * (1 + MB), np.uint32)
+
+
+def decode_spec(threads, kv16, hd, hg, ch, cmin, kernel):
+    """(shader, specialization) of decode kernel 1 or 2."""
+    spec = [threads, int(kv16), hd, hg, ch, cmin, 1]
+    return ("attn_decode", spec) if kernel == 1 else ("attn_decode2", spec + [att2_cluster(hd)])
+
+
+def run_decode(ctx, q, kc, vc, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads=128, kv16=True, kernel=1):
+    """attn_decode (kernel 1) or attn_decode2 (2) for one token at position n_pos - 1: (output, act
+    buffer, act half, done, cnt)."""
     q_dim = n_heads * hd
     out = np.zeros(q_dim, np.float32)
     params = np.array([n_pos - 1, 1, 0, 0], np.uint32)
     w, half = act_layout(q_dim)
     push = struct.pack("<7I", n_heads, n_kv, hd, q_dim, q_dim, half, w)
-    part = np.zeros((n_heads // hg) * ch * hg * (hd + 2), np.float32)
-    done = np.zeros(n_heads // hg, np.uint32)
+    part, done = decode_buffers(n_heads, hd, hg, ch, kernel)
     act, cnt = np.zeros(2 * half, np.uint32), np.zeros(w // 32 + 8, np.uint32)
     bufs = [part, q, None, out, kc, vc, params, done, act, cnt]
-    spec = [threads, int(kv16), hd, hg, ch, cmin, 1]
-    ctx.run_kernel("attn_decode", spec, bufs, push, n_heads // hg, ch)
+    name, spec = decode_spec(threads, kv16, hd, hg, ch, cmin, kernel)
+    ctx.run_kernel(name, spec, bufs, push, n_heads // hg, ch)
     return out, act, half, done, cnt
+
+
+def check_decode(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv, kernel):
+    """One decode step on a random cache against NumPy, its counters reset, its output quantized as
+    the quant kernel does it."""
+    r = np.random.default_rng(n_pos * 7 + hd)
+    kc, vc = _cache(r, n_pos, n_kv * hd, kv)
+    q = r.standard_normal(n_heads * hd).astype(np.float32)
+    out, act, half, done, cnt = run_decode(
+        ctx, q, kc, vc, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv == np.float16, kernel
+    )
+    assert not done.any() and not cnt.any()  # every merge reset its counter for the next step
+    ref = ref_attention(q[None], kc, vc, n_pos - 1, n_heads, n_kv, hd)[0]
+    assert rel_err(out, ref) < 1e-5
+    # the output quantized for the next product, exactly as the quant kernel does it
+    q_dim = n_heads * hd
+    for got, want in zip(unpack_act(act, q_dim, base=half), unpack_act(run_quant(ctx, out), q_dim), strict=True):
+        assert np.array_equal(got, want)
 
 
 @needs_gpu
@@ -68,46 +114,51 @@ def run_decode(ctx, q, kc, vc, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads=1
         (65536, 2, 1, 8, 2, 256, 256, 128, np.float16),  # SmolLM3's full context: 256 chunks of 256 merged
     ],
 )
-def test_attn_decode(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv):
-    r = np.random.default_rng(n_pos * 7 + hd)
-    kc, vc = _cache(r, n_pos, n_kv * hd, kv)
-    q = r.standard_normal(n_heads * hd).astype(np.float32)
-    out, act, half, done, cnt = run_decode(
-        ctx, q, kc, vc, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv == np.float16
-    )
-    assert not done.any() and not cnt.any()  # every merge reset its counter for the next step
-    ref = ref_attention(q[None], kc, vc, n_pos - 1, n_heads, n_kv, hd)[0]
-    assert rel_err(out, ref) < 1e-5
-    # the output quantized for the next product, exactly as the quant kernel does it
-    q_dim = n_heads * hd
-    for got, want in zip(unpack_act(act, q_dim, base=half), unpack_act(run_quant(ctx, out), q_dim), strict=True):
-        assert np.array_equal(got, want)
+@pytest.mark.parametrize("kernel", [1, 2])
+def test_attn_decode(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv, kernel):
+    check_decode(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv, kernel)
 
 
 @needs_gpu
-def test_attn_decode_repeated_steps(ctx):
-    """The counters a merge resets serve the next step: three steps on the same buffers, growing."""
-    n_heads, n_kv, hd, hg, ch = 4, 2, 32, 2, 8
+@pytest.mark.parametrize(
+    "n_pos,n_heads,n_kv,hd,hg,ch,cmin,threads,kv",
+    [
+        (64, 16, 4, 128, 4, 8, 8, 128, np.float16),  # a short context over 8 chunks: one merge
+        (16 * 40, 4, 1, 128, 4, 16, 40, 128, np.float16),  # exactly one block of 16 chunks
+        (17 * 40, 4, 1, 128, 4, 17, 40, 128, np.float16),  # 17 chunks: a second block of one, two levels
+        (4096, 16, 4, 128, 4, 128, 32, 128, np.float16),  # the 3B's default at depth 4096: 8 blocks
+        (9200, 4, 2, 64, 2, 256, 1, 64, np.float32),  # 256 chunks of 36 (the last of 20): 16 whole blocks
+        (8999, 8, 1, 128, 8, 250, 1, 128, np.float16),  # 250 chunks, a ragged last block
+        (500, 4, 2, 96, 2, 8, 32, 128, np.float16),  # head_dim 96: lanes of the cluster past the row idle
+        (333, 4, 2, 16, 2, 9, 5, 32, np.float32),  # head_dim 16: clusters of 2
+        (2000, 2, 1, 256, 1, 200, 3, 128, np.float16),  # head_dim 256, 4 units a lane on 8-lane subgroups
+    ],
+)
+def test_attn_decode2(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv):
+    """attn_decode2's own edges: the two merge levels (one block, a block of one, many ragged
+    blocks), short chunks, head sizes that leave lanes idle or give a lane several units."""
+    check_decode(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv, 2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("kernel", [1, 2])
+def test_attn_decode_repeated_steps(ctx, kernel):
+    """The counters a merge resets serve the next step: steps on the same buffers, growing (one
+    pass, one merge level, two levels)."""
+    n_heads, n_kv, hd, hg, ch, cmin = 4, 2, 32, 2, 40, 16
     r = np.random.default_rng(5)
     kc, vc = _cache(r, 900, n_kv * hd, np.float16)
     q_dim = n_heads * hd
     w, half = act_layout(q_dim)
-    part = np.zeros((n_heads // hg) * ch * hg * (hd + 2), np.float32)
-    done = np.zeros(n_heads // hg, np.uint32)
+    part, done = decode_buffers(n_heads, hd, hg, ch, kernel)
     act, cnt = np.zeros(2 * half, np.uint32), np.zeros(w // 32 + 8, np.uint32)
-    for n_pos in (300, 301, 900):
+    name, spec = decode_spec(64, 1, hd, hg, ch, cmin, kernel)
+    for n_pos in (10, 300, 301, 900, 17, 640):
         q = r.standard_normal(q_dim).astype(np.float32)
         out = np.zeros(q_dim, np.float32)
         params = np.array([n_pos - 1, 1, 0, 0], np.uint32)
         push = struct.pack("<7I", n_heads, n_kv, hd, q_dim, q_dim, half, w)
-        ctx.run_kernel(
-            "attn_decode",
-            [64, 1, hd, hg, ch, 64, 1],
-            [part, q, None, out, kc, vc, params, done, act, cnt],
-            push,
-            n_heads // hg,
-            ch,
-        )
+        ctx.run_kernel(name, spec, [part, q, None, out, kc, vc, params, done, act, cnt], push, n_heads // hg, ch)
         assert not done.any()
         assert rel_err(out, ref_attention(q[None], kc[:n_pos], vc[:n_pos], n_pos - 1, n_heads, n_kv, hd)[0]) < 1e-5
 
@@ -175,15 +226,21 @@ def tiny_long(tmp_path_factory):
 
 
 @needs_gpu
-def test_tiny_model_long_prompt_matches_cpu(tiny_long, monkeypatch):
+@pytest.mark.parametrize("kernel,splits", [(1, 16), (2, 0), (2, 40)])
+def test_tiny_model_long_prompt_matches_cpu(tiny_long, monkeypatch, kernel, splits):
     """A 3,000-token prompt (flash-attention prefill over several submissions, a long cached prefix
     for the later ones), then decode steps whose context spans many chunks (split-K and its merge)
-    give the CPU engine's logits (f32 KV cache: the same float steps)."""
+    give the CPU engine's logits (f32 KV cache: the same float steps), with either decode kernel."""
     import qora
 
     monkeypatch.setenv("QORA_KV", "f32")
     monkeypatch.setenv("QORA_VK_COOPMAT", "0")  # integer prefill products, as the CPU's
-    monkeypatch.setenv("QORA_VK_ATT_SPLITS", "16")  # decode chunks: 3,000 positions in 12 chunks of 256
+    # kernel 1: 3,000 positions in 12 chunks of 256; kernel 2 (where the device has subgroup shuffles,
+    # as lavapipe does): its default, 94 chunks of 32 for the fixture's 2 head groups (six blocks
+    # merged in two levels), or 40 chunks of 75 (three blocks)
+    assert kernel == 1 or DEVICE["subgroup_shuffle"]
+    monkeypatch.setenv("QORA_VK_ATT_KERNEL", str(kernel))
+    monkeypatch.setenv("QORA_VK_ATT_SPLITS", str(splits))
     toks = np.random.default_rng(11).integers(0, 400, 3004).tolist()
     with (
         qora.load(tiny_long, device="gpu", max_seq_len=3072) as g,

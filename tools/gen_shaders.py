@@ -62,7 +62,7 @@ for _dt in ("q4", "q8"):
     SHADERS[f"matvec_{_dt}_dot"] = ("matvec.comp", {"DTYPE": DTYPES[_dt], "DOT": 1})
     SHADERS[f"matvec_{_dt}_f"] = ("matvec.comp", {"DTYPE": DTYPES[_dt], "DOT": 0, "FACT": 1})
     SHADERS[f"matmul_{_dt}_f"] = ("matmul.comp", {"DTYPE": DTYPES[_dt], "FACT": 1})
-for _kernel in ("prep", "rope_kv", "attn_decode", "attn_prefill", "quant"):
+for _kernel in ("prep", "rope_kv", "attn_decode", "attn_decode2", "attn_prefill", "quant"):
     SHADERS[_kernel] = (f"{_kernel}.comp", {})
 # prefill products on tensor cores (KHR cooperative matrices), for the weight types the shader decodes
 COOP_DTYPES = ("f32", "f16", "q8", "q4")

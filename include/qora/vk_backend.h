@@ -41,6 +41,7 @@ typedef struct {
     int int_dot;              /* packed 4x8-bit integer dot products in shaders (enabled when offered) */
     int int_dot_fast;         /* ... and the driver says they are accelerated */
     int coopmat;              /* KHR cooperative matrices f16 16x16x16 -> f32: the tensor-core prefill can run */
+    int subgroup_shuffle;     /* subgroup shuffles in compute shaders (the second decode attention kernel) */
     int usable;               /* 1 if qora can run on it, else why_not says why */
     char why_not[160];
 } qvk_device_info;
@@ -82,6 +83,7 @@ typedef struct {
     int kv_type;     /* KV cache: QORA_F32, QORA_F16 or QORA_Q8 (qora_dtype values), as the CPU engine's */
     int att_splits;  /* decode attention: chunks of the context per head group at most (0: default) */
     int att_short;   /* decode attention: fewest positions per chunk, so one pass up to this many (< 0: default) */
+    int att_kernel;  /* decode attention: 1 attn_decode.comp, 2 attn_decode2.comp where the device can (0: default) */
     int gu_rows;     /* decode gate|up rows per workgroup (0: default) */
     int int_dot;     /* decode Q4/Q8 dots: 1 packed integer dot product (if the device has it), 0 emulated,
                         -1 the former where the driver says it is accelerated */

@@ -25,7 +25,7 @@ cdef extern from "qora/vk_backend.h" nogil:
         uint32_t subgroup_size, max_storage_buffer_range
         uint64_t max_allocation
         uint32_t max_shared_memory
-        int int_dot, int_dot_fast
+        int int_dot, int_dot_fast, subgroup_shuffle
         int coopmat
         int usable
         char why_not[160]
@@ -41,7 +41,8 @@ cdef extern from "qora/vk_backend.h" nogil:
         size_t bytes
 
     ctypedef struct qvk_model_opts:
-        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_type, att_splits, att_short, gu_rows, int_dot
+        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_type, att_splits, att_short, att_kernel
+        int gu_rows, int_dot
         int f32_act
         int coopmat
         int profile, chunk_rows
@@ -127,6 +128,7 @@ cdef dict _info(const qvk_device_info* d):
         "int_dot": bool(d.int_dot),
         "int_dot_fast": bool(d.int_dot_fast),
         "coopmat": bool(d.coopmat),
+        "subgroup_shuffle": bool(d.subgroup_shuffle),
         "usable": bool(d.usable),
         "why_not": (<char*>d.why_not).decode("utf-8", "replace"),
     }
@@ -275,6 +277,7 @@ cdef qvk_model_opts _opts(int max_seq_len, dict opts):
     o.kv_type = opts.get("kv_type", 1)
     o.att_splits = opts.get("att_splits", 0)
     o.att_short = opts.get("att_short", -1)
+    o.att_kernel = opts.get("att_kernel", 0)
     o.gu_rows = opts.get("gu_rows", 0)
     o.int_dot = opts.get("int_dot", -1)
     o.coopmat = opts.get("coopmat", 1)

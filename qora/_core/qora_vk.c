@@ -93,6 +93,13 @@ typedef VkResult(VKAPI_PTR* qvk_PFN_coopmat_props)(VkPhysicalDevice, uint32_t*, 
 #define QVK_ATT_SHORT 256u
 #define QVK_ATT_CH_MAX 256
 #define QVK_ATT_WORKGROUPS 256
+/* attn_decode2.comp: the same threads, fewest positions per chunk, the workgroups its default chunk
+   count aims at (several per compute unit on a large GPU), partials per merge (its MB) */
+#define QVK_ATT2_SHORT 32u
+#define QVK_ATT2_WORKGROUPS 512
+#define QVK_ATT2_MB 16u
+/* the decode attention kernel by default (1 or 2) */
+#define QVK_ATT_KERNEL 1
 
 /* ================================================================ errors */
 
@@ -330,6 +337,8 @@ static void qvk_describe(qvk_inst* I, VkPhysicalDevice pd, qvk_device_info* d) {
         VkPhysicalDeviceProperties2 p2 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, has_dot ? (void*)&dp : (void*)&m3};
         I->f.vkGetPhysicalDeviceProperties2(pd, &p2);
         d->subgroup_size = sg.subgroupSize;
+        d->subgroup_shuffle = (sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) &&
+                              (sg.supportedOperations & VK_SUBGROUP_FEATURE_SHUFFLE_BIT);
         d->max_allocation = m3.maxMemoryAllocationSize;
         if (has_dot) {
             VkPhysicalDeviceFeatures2 f2 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, &df};
@@ -1059,6 +1068,8 @@ struct qvk_model {
     int att_ch;         /* decode: chunks per head group at most */
     uint32_t att_short; /* decode: fewest positions per chunk (one pass up to this many) */
     uint32_t att_hg;    /* query heads per attention workgroup (all of one KV head) */
+    int att_kernel;     /* decode: 1 attn_decode.comp, 2 attn_decode2.comp */
+    uint32_t att_c;     /* attn_decode2: threads per cluster (one cached position at a time) */
     int gu_rows;
     /* decode inputs, prepared once per product (act.glsl): two halves, each act_w floats, act_w/4
        words of Q8 ints and act_w/32 (scale, sum) pairs; the producers alternate between them */
@@ -1221,7 +1232,9 @@ static int qvk_plan(const qvk_ctx* c, const qora_config* g, const qora_weights* 
     if ((size_t)V * 4 > range) return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "the logits exceed a storage buffer");
     bytes += (size_t)batch * 4 * ((size_t)D + (size_t)widest + (size_t)widest / 32 + 1 + (size_t)(q_dim + 2 * kv_dim) + (size_t)q_dim + 2 * (size_t)H);
     bytes += (size_t)logit_rows * (size_t)V * 4 + 8 * 256 + (size_t)D * 4;
-    bytes += (size_t)g->n_heads * QVK_ATT_CH_MAX * ((size_t)g->head_dim + 2) * 4 + (size_t)g->n_heads * 4;
+    /* decode attention partials and counters, either kernel (attn_decode2: block partials and counts too) */
+    bytes += (size_t)g->n_heads * (QVK_ATT_CH_MAX + QVK_ATT2_MB) * ((size_t)g->head_dim + 16) * 4 +
+             (size_t)g->n_heads * (1 + QVK_ATT2_MB) * 4;
     bytes += 2 * (((size_t)widest + 127) & ~(size_t)127) * 4 * 2 + (size_t)widest / 8 + 512; /* act (bound), cnt */
     p->bytes = bytes;
     p->batch = batch;
@@ -1370,9 +1383,25 @@ static int qvk_upload_f32(qvk_model* m, qvk_buffer* dst, const float* src, size_
 }
 
 /* The model's sizes and tuning: the config, the plan's batch, the options clamped to what the shaders take. */
+/* attn_decode2.comp's cluster size for head_dim hd: enough lanes for one 8-element unit each, a power
+   of two, at most the subgroup; 0 where the device or the shape cannot take that kernel (no subgroup
+   shuffles, more than 4 units a lane, its shared arrays too big). */
+static uint32_t qvk_att2_cluster(const qvk_model* m) {
+    const qvk_device_info* d = &m->c->info;
+    const uint32_t hd = (uint32_t)m->cfg.head_dim, nu = hd / 8u, t = QVK_ATT_THREADS;
+    uint32_t cl = 1;
+    while (cl < nu) cl *= 2;
+    if (cl > d->subgroup_size) cl = d->subgroup_size;
+    if (!d->subgroup_shuffle || cl == 0 || t % cl || (nu + cl - 1) / cl > 4) return 0;
+    const uint32_t nc = t / cl, hg = m->att_hg;
+    if (4u * (nc * hd + 2u * nc * hg + hg * QVK_ATT2_MB + 2u * hg + 64u) + 64u > d->max_shared_memory) return 0;
+    return cl;
+}
+
 /* Attention shapes: HG query heads of one KV head per workgroup (the largest divisor of the group
    size up to 8), so K/V are loaded once per KV head; decode chunks of at least att_short positions,
-   at most att_ch per head group (about QVK_ATT_WORKGROUPS workgroups on a long context). */
+   at most att_ch per head group (about QVK_ATT_WORKGROUPS workgroups on a long context, or
+   QVK_ATT2_WORKGROUPS with attn_decode2's shorter chunks). */
 static void qvk_attention_settings(qvk_model* m, const qvk_model_opts* o) {
     const qora_config* cfg = &m->cfg;
     const int group = cfg->n_heads / cfg->n_kv_heads;
@@ -1382,11 +1411,16 @@ static void qvk_attention_settings(qvk_model* m, const qvk_model_opts* o) {
             m->att_hg = (uint32_t)d;
             break;
         }
-    m->att_short = o->att_short < 0 ? QVK_ATT_SHORT : (uint32_t)o->att_short;
+    m->att_c = qvk_att2_cluster(m);
+    m->att_kernel = (o->att_kernel > 0 ? o->att_kernel : QVK_ATT_KERNEL) == 2 && m->att_c ? 2 : 1;
+    const int k2 = m->att_kernel == 2;
+    m->att_short = o->att_short < 0 ? (k2 ? QVK_ATT2_SHORT : QVK_ATT_SHORT) : (uint32_t)o->att_short;
+    if (k2 && m->att_short < 1) m->att_short = 1;
     const int groups = cfg->n_heads / (int)m->att_hg;
-    m->att_ch = o->att_splits > 0 ? o->att_splits : QVK_ATT_WORKGROUPS / groups;
+    m->att_ch = o->att_splits > 0 ? o->att_splits : (k2 ? QVK_ATT2_WORKGROUPS : QVK_ATT_WORKGROUPS) / groups;
     if (m->att_ch < 1) m->att_ch = 1;
-    if (m->att_ch > QVK_ATT_CH_MAX) m->att_ch = QVK_ATT_CH_MAX;
+    if (m->att_ch > QVK_ATT_CH_MAX) m->att_ch = QVK_ATT_CH_MAX; /* attn_decode2: MB x MB at most */
+    if (k2) return;
     /* attn_decode's shared arrays (q, scores, subgroup partials, value sums, merge weights) must fit */
     const uint32_t hd = (uint32_t)cfg->head_dim, hg = m->att_hg, t = QVK_ATT_THREADS;
     while (m->att_ch > 1 && 4u * (hg * hd + 2u * hg * t + 8u * t + hg * (uint32_t)m->att_ch + 2u * hg + 64u) + 64u >
@@ -1493,9 +1527,13 @@ static int qvk_alloc_scratch(qvk_model* m, int profile, char* err, size_t n) {
     if (!rc) rc = qvk_buffer_new(c, B * m->q_dim * 4, QVK_MEM_DEVICE, &m->att, err, n);
     if (!rc) rc = qvk_buffer_new(c, B * 2 * H * 4, QVK_MEM_DEVICE, &m->gu, err, n);
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->logit_rows * V * 4, QVK_MEM_DEVICE, &m->logits, err, n);
-    if (!rc) rc = qvk_buffer_new(c, (size_t)cfg->n_heads * m->att_ch * (cfg->head_dim + 2) * 4, QVK_MEM_DEVICE,
-                                 &m->att_part, err, n);
-    if (!rc) rc = qvk_buffer_new(c, (size_t)cfg->n_heads * 4, QVK_MEM_DEVICE, &m->att_done, err, n);
+    /* decode attention partials: attn_decode (head, chunk) x (head_dim + 2); attn_decode2 (head group,
+       chunk, then block) x (hg head_dim + 16), and its counters per head group and per block */
+    const size_t groups = (size_t)cfg->n_heads / m->att_hg, hd = (size_t)cfg->head_dim;
+    const size_t part = m->att_kernel == 2 ? groups * ((size_t)m->att_ch + QVK_ATT2_MB) * (m->att_hg * hd + 16)
+                                           : (size_t)cfg->n_heads * (size_t)m->att_ch * (hd + 2);
+    if (!rc) rc = qvk_buffer_new(c, part * 4, QVK_MEM_DEVICE, &m->att_part, err, n);
+    if (!rc) rc = qvk_buffer_new(c, groups * (1 + QVK_ATT2_MB) * 4, QVK_MEM_DEVICE, &m->att_done, err, n);
     if (!rc) rc = qvk_buffer_new(c, (size_t)m->act_half * 2 * 4, QVK_MEM_DEVICE, &m->act, err, n);
     /* slot 0: whole-dispatch epilogues; 1 + b: per-Q8-block ones */
     if (!rc) rc = qvk_buffer_new(c, ((size_t)m->act_w / 32 + 8) * 4, QVK_MEM_DEVICE, &m->cnt, err, n);
@@ -1822,10 +1860,10 @@ static void qvk_rec_embed(qvk_rec* R, uint32_t n_tok) {
     }
 }
 
-/* The chunks of the context decode attention uses at n_pos positions: attn_decode.comp's rule
-   (at least att_short positions per chunk, whole tiles, at most att_ch chunks). */
+/* The chunks of the context decode attention uses at n_pos positions: the shader's rule (at least
+   att_short positions per chunk, at most att_ch chunks; attn_decode.comp: whole tiles). */
 static uint32_t qvk_att_chunks(const qvk_model* m, uint32_t n_pos) {
-    const uint32_t t = QVK_ATT_THREADS, ch = (uint32_t)m->att_ch;
+    const uint32_t t = m->att_kernel == 2 ? 1u : QVK_ATT_THREADS, ch = (uint32_t)m->att_ch;
     uint32_t per = (n_pos + ch - 1) / ch;
     if (per < m->att_short) per = m->att_short;
     per = (per + t - 1) / t * t;
@@ -1866,9 +1904,11 @@ static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, ui
                                 m->att_done.buf, m->act.buf, m->cnt.buf};
     if (n_tok == 1) {
         /* only the chunks the context fills are launched (qvk_att_chunks, written per step) */
-        const uint32_t spec[7] = {QVK_ATT_THREADS, (uint32_t)m->kv_type, hd, hg, (uint32_t)m->att_ch, m->att_short, 1u};
+        const int k2 = m->att_kernel == 2;
+        const uint32_t spec[8] = {QVK_ATT_THREADS, (uint32_t)m->kv_type, hd, hg, (uint32_t)m->att_ch, m->att_short, 1u, m->att_c};
         R->indirect = m->att_args.buf;
-        qvk_rec_dispatch(R, "attn_decode", spec, 7, b, &p, sizeof p, groups, (uint32_t)m->att_ch, 1, 1);
+        qvk_rec_dispatch(R, k2 ? "attn_decode2" : "attn_decode", spec, k2 ? 8 : 7, b, &p, sizeof p, groups,
+                         (uint32_t)m->att_ch, 1, 1);
         R->indirect = VK_NULL_HANDLE;
     } else {
         uint32_t spec[6];

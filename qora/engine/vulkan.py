@@ -19,6 +19,8 @@ Environment:
                            size, rows per workgroup (all products / gate|up only); decode attention
                            chunks of the context per KV head at most, and the fewest positions per
                            chunk: contexts up to it run in one pass with no merge)
+    QORA_VK_ATT_KERNEL=1|2 decode attention kernel: 1 attn_decode.comp, 2 attn_decode2.comp (clusters
+                           of lanes per cached position, short chunks; needs subgroup shuffles, else 1)
     QORA_VK_DOT=0|1        decode Q4/Q8 dots without / with the packed integer dot product
                            (default: with it where the driver says it is accelerated)
     QORA_VK_PROFILE=1      time every decode dispatch on the GPU (VulkanEngine.profile())
@@ -282,6 +284,7 @@ class VulkanEngine(SingleSlot):
             "mv_rows": _env_int("QORA_VK_MV_ROWS", 0),
             "att_splits": _env_int("QORA_VK_ATT_SPLITS", 0),
             "att_short": _env_int("QORA_VK_ATT_SHORT", -1),
+            "att_kernel": _env_int("QORA_VK_ATT_KERNEL", 0),  # 0: the backend's default
             "gu_rows": _env_int("QORA_VK_GU_ROWS", 0),
             "int_dot": _env_int("QORA_VK_DOT", -1),  # -1: where the driver says it is accelerated
             # tensor-core prefill: 1 for the products big enough to pay, 2 all (tests), 0 none
