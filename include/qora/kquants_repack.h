@@ -281,21 +281,102 @@ static void kx8_put(int dtype, void* g, int j, const void* in) {
     }
 }
 
+/* Group g (rows 8g..8g+7, nb blocks of bb bytes each, row_bytes apart) into its nb x8 blocks at dst. */
+static void qora_kx8_repack_group(int dtype, const void* src, size_t row_bytes, int nb, int g, void* dst) {
+    const size_t bb = qora_row_bytes(dtype, qora_block_elems(dtype)), gb = qora_kx8_block_bytes(dtype);
+    const char* rows = (const char*)src + (size_t)8 * g * row_bytes;
+    for (int b = 0; b < nb; b++) {
+        char* o = (char*)dst + (size_t)b * gb;
+        for (int j = 0; j < 8; j++) kx8_put(dtype, o, j, rows + (size_t)j * row_bytes + (size_t)b * bb);
+    }
+}
+
 /* Interleave rows 8g..8g+7 of a matrix (rows x cols of dtype, row_bytes apart) for every full group,
    group after group, block after block within a group. */
 static void qora_kx8_repack(int dtype, const void* src, size_t row_bytes, int rows, int cols, void* dst,
                             int n_threads) {
     const int groups = rows / 8, nb = cols / qora_block_elems(dtype);
-    const size_t bb = qora_row_bytes(dtype, qora_block_elems(dtype)), gb = qora_kx8_block_bytes(dtype);
+    const size_t gb = qora_kx8_block_bytes(dtype);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static)
 #endif
-    for (int g = 0; g < groups; g++)
-        for (int b = 0; b < nb; b++) {
-            char* o = (char*)dst + ((size_t)g * nb + b) * gb;
-            for (int j = 0; j < 8; j++) kx8_put(dtype, o, j, (const char*)src + (size_t)(8 * g + j) * row_bytes + b * bb);
-        }
+    for (int g = 0; g < groups; g++) qora_kx8_repack_group(dtype, src, row_bytes, nb, g, (char*)dst + (size_t)g * nb * gb);
     (void)n_threads;
+}
+
+/* ---- the whole model's interleaved copies in one pass (the engine's load) ----
+   One job per matrix: its full groups of 8 rows go to dst (Q4_0 as block_q4x8, the other types in their
+   x8 layout). All jobs' groups are cut into pieces of about QORA_REPACK_PIECE source bytes, handed out to
+   the threads of one parallel region in file order (dynamic: matrices differ in width, and on a shared
+   machine threads in speed), so the threads stream through the mapping and the destination together;
+   the destination's pages are first touched by the thread that fills them. */
+typedef struct {
+    int dtype, rows, cols;
+    size_t row_bytes;
+    const void* src;
+    void* dst;
+} qora_repack_job;
+
+#define QORA_REPACK_PIECE ((size_t)256 << 10)
+
+/* groups per piece of a job (at least 1) */
+static inline int qora_repack_piece_groups(const qora_repack_job* j) {
+    const size_t per = QORA_REPACK_PIECE / (8 * j->row_bytes + 1);
+    return per < 1 ? 1 : (per > (size_t)j->rows ? j->rows : (int)per);
+}
+
+/* bytes of a job's destination (0: nothing to repack) */
+static inline size_t qora_repack_job_bytes(const qora_repack_job* j) {
+    if (j->rows < 8) return 0;
+    if (j->dtype == QORA_Q4) return (size_t)(j->rows / 8) * (size_t)(j->cols / QK) * sizeof(block_q4x8);
+    return qora_kx8_bytes(j->dtype, j->rows, j->cols);
+}
+
+/* Repack every job; returns 0, or -1 when the piece table cannot be allocated (nothing written then). */
+static int qora_repack_all(const qora_repack_job* jobs, int n_jobs, int n_threads) {
+    long* first = (long*)malloc(((size_t)n_jobs + 1) * sizeof(long)); /* first[i]: job i's first piece */
+    if (first == NULL) return -1;
+    first[0] = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        const int groups = jobs[i].rows / 8, per = qora_repack_piece_groups(&jobs[i]);
+        first[i + 1] = first[i] + (groups + per - 1) / per;
+    }
+    const long pieces = first[n_jobs];
+#if defined(__linux__) && defined(MADV_WILLNEED)
+    /* a file not in the page cache is read ahead in large requests instead of 8 rows' worth per fault */
+    const uintptr_t page = 4096;
+    for (int i = 0; i < n_jobs; i++) {
+        const uintptr_t a = (uintptr_t)jobs[i].src & ~(page - 1);
+        const size_t len = (size_t)((uintptr_t)jobs[i].src - a) + (size_t)(jobs[i].rows / 8) * 8 * jobs[i].row_bytes;
+        if (len) madvise((void*)a, len, MADV_WILLNEED);
+    }
+#endif
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
+#endif
+    for (long p = 0; p < pieces; p++) {
+        int lo = 0, hi = n_jobs - 1; /* the job whose pieces hold p: first[lo] <= p < first[lo + 1] */
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (first[mid] <= p) lo = mid;
+            else hi = mid - 1;
+        }
+        const qora_repack_job* j = &jobs[lo];
+        const int per = qora_repack_piece_groups(j), groups = j->rows / 8;
+        const int g0 = (int)(p - first[lo]) * per, g1 = g0 + per < groups ? g0 + per : groups;
+        const int nb = j->cols / qora_block_elems(j->dtype);
+        if (j->dtype == QORA_Q4) {
+            for (int g = g0; g < g1; g++)
+                qora_repack_q4x8_group(j->src, j->row_bytes, nb, g, (block_q4x8*)j->dst + (size_t)g * nb);
+        } else {
+            const size_t gb = qora_kx8_block_bytes(j->dtype);
+            for (int g = g0; g < g1; g++)
+                qora_kx8_repack_group(j->dtype, j->src, j->row_bytes, nb, g, (char*)j->dst + (size_t)g * nb * gb);
+        }
+    }
+    free(first);
+    (void)n_threads;
+    return 0;
 }
 
 /* ---- kernels: out[t * ldo + j] = dot(row j of the group, activation t), j < 8, t < nt <= 4. w: the group's

@@ -19,6 +19,19 @@ typedef struct {
 } block_q4x8;
 QORA_STATIC_ASSERT(sizeof(block_q4x8) == 16 + 128, "block_q4x8 must be 144 bytes");
 
+/* Group g of a Q4 matrix (rows 8g..8g+7, nb blocks each, row_bytes apart) interleaved into dst[0..nb). */
+static void qora_repack_q4x8_group(const void* src, size_t row_bytes, int nb, int g, block_q4x8* dst) {
+    const char* rows = (const char*)src + (size_t)8 * g * row_bytes;
+    for (int b = 0; b < nb; b++) {
+        block_q4x8* o = dst + b;
+        for (int j = 0; j < 8; j++) {
+            const block_q4* in = (const block_q4*)(rows + (size_t)j * row_bytes) + b;
+            o->d[j] = in->d;
+            for (int k = 0; k < 4; k++) memcpy(o->qs[k][j], in->qs + 4 * k, 4);
+        }
+    }
+}
+
 /* Interleave rows 8g..8g+7 of a Q4 matrix (rows x cols, row_bytes apart) for
    every full group; the last rows % 8 rows stay in the original layout. */
 static void qora_repack_q4x8(const void* src, size_t row_bytes, int rows, int cols, block_q4x8* dst, int n_threads) {
@@ -26,16 +39,7 @@ static void qora_repack_q4x8(const void* src, size_t row_bytes, int rows, int co
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static)
 #endif
-    for (int g = 0; g < groups; g++) {
-        for (int b = 0; b < nb; b++) {
-            block_q4x8* o = dst + (size_t)g * nb + b;
-            for (int j = 0; j < 8; j++) {
-                const block_q4* in = (const block_q4*)((const char*)src + (size_t)(8 * g + j) * row_bytes) + b;
-                o->d[j] = in->d;
-                for (int k = 0; k < 4; k++) memcpy(o->qs[k][j], in->qs + 4 * k, 4);
-            }
-        }
-    }
+    for (int g = 0; g < groups; g++) qora_repack_q4x8_group(src, row_bytes, nb, g, dst + (size_t)g * nb);
     (void)n_threads;
 }
 

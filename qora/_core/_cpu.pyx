@@ -9,7 +9,7 @@ the preallocated run state, and does one C call per forward."""
 
 from libc.stdint cimport int32_t, uint8_t, uint16_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 import numpy as np
 
@@ -55,6 +55,13 @@ cdef extern from "qora/qora.h" nogil:
     qora_kx8_fn qora_kx8_kernel(int isa)
     size_t qora_kx8_bytes(int dtype, int rows, int cols)
     void qora_kx8_repack(int dtype, const void* src, size_t row_bytes, int rows, int cols, void* dst, int n_threads)
+    ctypedef struct qora_repack_job:
+        int dtype, rows, cols
+        size_t row_bytes
+        const void* src
+        void* dst
+    size_t qora_repack_job_bytes(const qora_repack_job* j)
+    int qora_repack_all(const qora_repack_job* jobs, int n_jobs, int n_threads)
 
     void qora_matmul(const qora_kernels* K, const qora_tensor* W, const float* X, size_t ldx, const block_q8* XQ,
                      const qora_xblock* XS, size_t ldxq, int n, float* Y, size_t ldy, int n_threads)
@@ -242,33 +249,68 @@ cdef class _Packed:
         qora_free_weights(self.buf)
 
 
-cdef _Packed _repack(qora_tensor* t, int n_threads, int isa=-1):
-    """Give t an interleaved copy when it has at least one full group of 8 rows: Q4 rows as block_q4x8
-    (repack.h); Q8_0 and the K types in their x8 layout (kquants_repack.h) where the ISA path `isa` (-1:
-    the scalar one) has a kernel for it, else t stays in the file's layout."""
-    cdef _Packed p = _Packed()
-    cdef size_t nbytes
+cdef bint _repackable(const qora_tensor* t, int isa):
+    """t gets an interleaved copy: at least one full group of 8 rows, and Q4_0 (repack.h) or a type with an
+    x8 kernel on the ISA path `isa` (-1: the scalar one; kquants_repack.h)."""
     if t.rows < 8:
+        return False
+    return t.dtype == QORA_Q4 or (qora_kx8_kernel(QORA_ISA_SCALAR if isa < 0 else isa) != NULL and
+                                  qora_kx8_bytes(t.dtype, t.rows, t.cols) > 0)
+
+
+cdef _Packed _repack_all(qora_tensor** ts, int n, int n_threads, int isa=-1):
+    """Give each tensor of ts[0..n) that _repackable() accepts its interleaved copy (Q4 rows as block_q4x8,
+    Q8_0 and the K types in their x8 layout), all in one buffer allocated once and filled by one parallel
+    pass over every matrix (qora_repack_all); the others stay in the file's layout."""
+    cdef _Packed p = _Packed()
+    cdef qora_repack_job* jobs = <qora_repack_job*>calloc(max(n, 1), sizeof(qora_repack_job))
+    cdef qora_tensor** owner = <qora_tensor**>calloc(max(n, 1), sizeof(qora_tensor*))
+    cdef size_t* offs = <size_t*>calloc(max(n, 1), sizeof(size_t))
+    cdef int i, n_jobs = 0, rc
+    cdef size_t total = 0, nbytes
+    cdef char* base
+    try:
+        if jobs == NULL or owner == NULL or offs == NULL:
+            raise MemoryError("cannot allocate the repack table")
+        for i in range(n):
+            if not _repackable(ts[i], isa):
+                continue
+            jobs[n_jobs].dtype, jobs[n_jobs].rows, jobs[n_jobs].cols = ts[i].dtype, ts[i].rows, ts[i].cols
+            jobs[n_jobs].row_bytes, jobs[n_jobs].src = ts[i].row_bytes, ts[i].data
+            nbytes = qora_repack_job_bytes(&jobs[n_jobs])
+            if nbytes == 0:
+                continue
+            offs[n_jobs] = total
+            total += (nbytes + 63) // 64 * 64  # each copy starts on a cache line
+            owner[n_jobs] = ts[i]
+            n_jobs += 1
+        if n_jobs == 0:
+            return p
+        p.buf = qora_alloc_weights(total)
+        if p.buf == NULL:
+            raise MemoryError(f"cannot allocate {total} bytes for repacked weights")
+        base = <char*>p.buf
+        for i in range(n_jobs):
+            jobs[i].dst = base + offs[i]
+        with nogil:
+            rc = qora_repack_all(jobs, n_jobs, n_threads)
+        if rc != 0:
+            raise MemoryError("cannot allocate the repack table")
+        for i in range(n_jobs):
+            if owner[i].dtype == QORA_Q4:
+                owner[i].packed = <const block_q4x8*>jobs[i].dst
+            else:
+                owner[i].kpacked = jobs[i].dst
         return p
-    if t.dtype == QORA_Q4:
-        nbytes = <size_t>(t.rows // 8) * <size_t>(t.cols // 32) * 144
-    elif qora_kx8_kernel(QORA_ISA_SCALAR if isa < 0 else isa) != NULL:
-        nbytes = qora_kx8_bytes(t.dtype, t.rows, t.cols)
-    else:
-        nbytes = 0
-    if nbytes == 0:
-        return p
-    p.buf = qora_alloc_weights(nbytes)
-    if p.buf == NULL:
-        raise MemoryError(f"cannot allocate {nbytes} bytes for repacked weights")
-    with nogil:
-        if t.dtype == QORA_Q4:
-            qora_repack_q4x8(t.data, t.row_bytes, t.rows, t.cols, <block_q4x8*>p.buf, n_threads)
-            t.packed = <const block_q4x8*>p.buf
-        else:
-            qora_kx8_repack(t.dtype, t.data, t.row_bytes, t.rows, t.cols, p.buf, n_threads)
-            t.kpacked = p.buf
-    return p
+    finally:
+        free(jobs)
+        free(owner)
+        free(offs)
+
+
+cdef _Packed _repack(qora_tensor* t, int n_threads, int isa=-1):
+    """One tensor's interleaved copy (_repack_all)."""
+    return _repack_all(&t, 1, n_threads, isa)
 
 
 def _bytes(arr):
@@ -376,6 +418,51 @@ def matmul(w, str dtype, int rows, int cols, const float[:, ::1] x, int isa, int
     (repack: Q4 rows interleaved by 8 first, as the engine does at load; act_f32: float activations)."""
     _kernels(isa)
     return Matrix(w, dtype, rows, cols, repack, n_threads).matmul(x, isa, n_threads, act_f32)
+
+
+def repacked_layouts(list mats, int n_threads, int isa, bint together=True):
+    """The interleaved copies the engine makes at load of matrices (w, dtype, rows, cols), as bytes (None
+    for a matrix kept in the file's layout): together, all in one pass (_repack_all, the engine's load);
+    else each on its own through the per-matrix loops (qora_repack_q4x8 / qora_kx8_repack), the reference
+    the one pass must equal byte for byte."""
+    cdef int i, n = len(mats)
+    cdef qora_tensor* ts = <qora_tensor*>calloc(max(n, 1), sizeof(qora_tensor))
+    cdef qora_tensor** tp = <qora_tensor**>calloc(max(n, 1), sizeof(qora_tensor*))
+    cdef size_t nbytes
+    cdef const uint8_t[::1] view
+    cdef uint8_t[::1] o
+    keep, out = [], []
+    _threads(n_threads)
+    _kernels(isa)
+    try:
+        if ts == NULL or tp == NULL:
+            raise MemoryError()
+        for i in range(n):
+            w, dtype, rows, cols = mats[i]
+            keep.append(_bytes(w))
+            ts[i] = _tensor(dtype, rows, cols, keep[i], "repacked_layouts")
+            tp[i] = &ts[i]
+        if together:
+            packed = _repack_all(tp, n, n_threads, isa)
+        for i in range(n):
+            if not _repackable(&ts[i], isa):
+                out.append(None)
+                continue
+            nbytes = (<size_t>(ts[i].rows // 8) * <size_t>(ts[i].cols // 32) * 144 if ts[i].dtype == QORA_Q4 else
+                      qora_kx8_bytes(ts[i].dtype, ts[i].rows, ts[i].cols))
+            arr = np.empty(nbytes, dtype=np.uint8)
+            o = arr
+            if together:
+                memcpy(&o[0], ts[i].kpacked if ts[i].dtype != QORA_Q4 else <const void*>ts[i].packed, nbytes)
+            elif ts[i].dtype == QORA_Q4:
+                qora_repack_q4x8(ts[i].data, ts[i].row_bytes, ts[i].rows, ts[i].cols, <block_q4x8*>&o[0], n_threads)
+            else:
+                qora_kx8_repack(ts[i].dtype, ts[i].data, ts[i].row_bytes, ts[i].rows, ts[i].cols, &o[0], n_threads)
+            out.append(arr)
+        return out
+    finally:
+        free(ts)
+        free(tp)
 
 
 def matvec(w, str dtype, int rows, int cols, const float[::1] x, int isa, int n_threads=1, bint act_f32=False):
@@ -604,22 +691,32 @@ cdef class CpuModel:
             raise MemoryError()
         _fill_weights(&self.m.w, self.layers, c, cfg, tensors, inv_freq, self._refs)
         if repack and not act_f32:  # integer decode and prefill read Q4 matrices through the interleaved copy
-            self._keep(_repack(&self.m.w.output, n_threads, isa))
-            for i in range(n_layers):
-                L = &self.layers[i]
-                self._keep(_repack(&L.wq, n_threads, isa))
-                self._keep(_repack(&L.wk, n_threads, isa))
-                self._keep(_repack(&L.wv, n_threads, isa))
-                self._keep(_repack(&L.wo, n_threads, isa))
-                self._keep(_repack(&L.w_gate, n_threads, isa))
-                self._keep(_repack(&L.w_up, n_threads, isa))
-                self._keep(_repack(&L.w_down, n_threads, isa))
+            self._keep(self._repack_matrices(n_layers, n_threads, isa))
         if qora_state_init(&self.m.s, c) != QORA_OK:
             raise MemoryError(f"cannot allocate the run state for a {max_seq_len}-token context")
         self.vocab_size = c.vocab_size
         self.max_seq_len = max_seq_len
         self.n_threads = n_threads
         self.m.n_threads = n_threads
+
+    cdef _Packed _repack_matrices(self, int n_layers, int n_threads, int isa):
+        """Every matrix's interleaved copy in one buffer, in one pass (file order: output, then layer by layer)."""
+        cdef qora_tensor** ts = <qora_tensor**>calloc(1 + 7 * <size_t>n_layers, sizeof(qora_tensor*))
+        cdef qora_layer* L
+        cdef int i, n = 0
+        if ts == NULL:
+            raise MemoryError()
+        try:
+            ts[n] = &self.m.w.output
+            n += 1
+            for i in range(n_layers):
+                L = &self.layers[i]
+                ts[n], ts[n + 1], ts[n + 2], ts[n + 3] = &L.wq, &L.wk, &L.wv, &L.wo
+                ts[n + 4], ts[n + 5], ts[n + 6] = &L.w_gate, &L.w_up, &L.w_down
+                n += 7
+            return _repack_all(ts, n, n_threads, isa)
+        finally:
+            free(ts)
 
     cdef object _keep(self, arr):
         self._refs.append(arr)
