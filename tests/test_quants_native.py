@@ -142,6 +142,24 @@ def test_matmul_against_numpy_and_every_path_bit_for_bit(dtype, n, act_f32):
             np.testing.assert_array_equal(y, base, err_msg=f"{ISA_NAMES[isa]} repack={rp} {dtype} {rows}x{cols} n={n}")
 
 
+@pytest.mark.parametrize("dtype", [*NEW_TYPES, "q4", "q8"])
+def test_float_activation_tokens_together_equal_one_at_a_time(dtype):
+    """Several tokens against float activations (each row dequantized once, then the float dot per
+    token) give each token's single-token product bit for bit, on every path: a batched server step
+    answers what one request alone would."""
+    r = rng()
+    block = max(WEIGHT_TYPES[dtype].block, QK)
+    for rows, nb in [(5, 2), (13, 3), (130, 4)]:
+        cols = block * nb
+        raw = random_blocks(r, dtype, rows, cols)
+        x = r.standard_normal((37, cols)).astype(np.float32)
+        for isa in ISAS:
+            one = np.stack([_cpu.matvec(raw, dtype, rows, cols, x[t], isa, 1, True) for t in range(len(x))])
+            for n in (2, 5, 16, 17, 37):
+                y = _cpu.matmul(raw, dtype, rows, cols, x[:n], isa, 2, False, True)
+                np.testing.assert_array_equal(y, one[:n], err_msg=f"{ISA_NAMES[isa]} {dtype} {rows}x{cols} n={n}")
+
+
 @pytest.mark.parametrize("dtype", NEW_TYPES)
 def test_8bit_activations_cost_what_the_partner_rounding_costs(dtype):
     """Against the float product: the error is the activation rounding's, nothing more."""

@@ -57,25 +57,27 @@ typedef struct {
                    size_t ldo);
     float (*dot_bf16_f32)(int n, const uint16_t* w, const float* x);
     float (*dot_deq_f32)(int dtype, int n, const void* w, const float* x);
+    /* a row of any block type dequantized: qora_dequant_range's values (the float tiles' unpacking) */
+    void (*deq_f32)(int dtype, int n, const void* w, float* out);
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
     "scalar", QORA_ISA_SCALAR, quantize_q8_scalar, dot_q4_q8_scalar, dot_q8_q8_scalar,
     dot_f16_f32_scalar, dot_f32_scalar, rmsnorm_scalar, axpy_scalar, axpy_f16_scalar, to_f16_scalar, tile_q4_scalar, tile_q8_scalar,
-    q4x8_scalar, 4, NULL, 0, NULL, NULL, softmax_unnorm_scalar, tile_x_scalar, dot_bf16_f32_scalar, dot_deq_f32_scalar,
+    q4x8_scalar, 4, NULL, 0, NULL, NULL, softmax_unnorm_scalar, tile_x_scalar, dot_bf16_f32_scalar, dot_deq_f32_scalar, deq_f32_generic,
 };
 
 #if QORA_X86
 static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avx2, 4, NULL, 0, attend_f16_avx2, attend_q8_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2,
+    q4x8_avx2, 4, NULL, 0, attend_f16_avx2, attend_q8_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2, deq_f32_avx2,
 };
 #if QORA_HAVE_AVXVNNI
 static const qora_kernels qora_kernels_avx2vnni = {
     "avx2vnni", QORA_ISA_AVX2VNNI, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
-    q4x8_avxvnni, 4, NULL, 0, attend_f16_avx2, attend_q8_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2,
+    q4x8_avxvnni, 4, NULL, 0, attend_f16_avx2, attend_q8_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2, deq_f32_avx2,
 };
 #endif
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then
@@ -84,7 +86,7 @@ static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
     q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512, attend_q8_avx512, softmax_unnorm_avx512, tile_x_avx2, dot_bf16_f32_avx2,
-    dot_deq_f32_avx2,
+    dot_deq_f32_avx2, deq_f32_avx2,
 };
 #endif
 
@@ -95,14 +97,14 @@ static const qora_kernels qora_kernels_avx512 = {
 static const qora_kernels qora_kernels_neon = {
     "neon", QORA_ISA_NEON, quantize_q8_neon, dot_q4_q8_neon, dot_q8_q8_neon,
     dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_neon, tile_q8_neon,
-    q4x8_neon, 4, NULL, 0, attend_f16_neon, attend_q8_neon, softmax_unnorm_neon, tile_x_neon, dot_bf16_f32_neon, dot_deq_f32_neon,
+    q4x8_neon, 4, NULL, 0, attend_f16_neon, attend_q8_neon, softmax_unnorm_neon, tile_x_neon, dot_bf16_f32_neon, dot_deq_f32_neon, deq_f32_generic,
 };
 #if QORA_NEON_DOTPROD
 static const qora_kernels qora_kernels_dotprod = {
     "dotprod", QORA_ISA_DOTPROD, quantize_q8_neon, dot_q4_q8_dotprod, dot_q8_q8_dotprod,
     dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_dotprod,
     tile_q8_dotprod, q4x8_dotprod, 4, NULL, 0, attend_f16_neon, attend_q8_neon, softmax_unnorm_neon, tile_x_dotprod, dot_bf16_f32_neon,
-    dot_deq_f32_neon,
+    dot_deq_f32_neon, deq_f32_generic,
 };
 #endif
 #if QORA_NEON_I8MM
@@ -112,7 +114,7 @@ static const qora_kernels qora_kernels_i8mm = {
     "i8mm", QORA_ISA_I8MM, quantize_q8_neon, dot_q4_q8_dotprod, dot_q8_q8_dotprod,
     dot_f16_f32_neon, dot_f32_neon, rmsnorm_neon, axpy_neon, axpy_f16_neon, to_f16_neon, tile_q4_i8mm,
     tile_q8_i8mm, q4x8_i8mm, 4, NULL, 0, attend_f16_neon, attend_q8_neon, softmax_unnorm_neon, tile_x_i8mm, dot_bf16_f32_neon,
-    dot_deq_f32_neon,
+    dot_deq_f32_neon, deq_f32_generic,
 };
 #endif
 #endif /* QORA_NEON */
@@ -252,6 +254,23 @@ static inline void qora_tile(const qora_kernels* K, const qora_tensor* W, int r0
     }
 }
 
+/* Float activations against quantized rows, several tokens at once: each row dequantized once
+   (qora_dequant_range's values) and then dotted with every token by the float dot of common.h.
+   dot_deq_f32 is that same dot over those same values, so the bits are the single-token path's,
+   while the unpacking (most of the work) is paid once per row instead of once per token. Rows wider
+   than the stack buffer return 0 (the caller dots token by token). */
+#define QORA_DEQ_ROW_MAX 16384
+static inline int qora_tile_deq(const qora_kernels* K, const qora_tensor* W, int r0, int nr, const float* X, size_t ldx,
+                                int nt, float* out, size_t ldo) {
+    if (W->cols > QORA_DEQ_ROW_MAX) return 0;
+    float buf[QORA_DEQ_ROW_MAX] __attribute__((aligned(64)));
+    for (int r = 0; r < nr; r++) {
+        K->deq_f32(W->dtype, W->cols, (const char*)W->data + (size_t)(r0 + r) * W->row_bytes, buf);
+        for (int t = 0; t < nt; t++) out[t * ldo + r] = K->dot_f32(W->cols, buf, X + (size_t)t * ldx);
+    }
+    return 1;
+}
+
 /* Units [u] of W: pairs of 8-row groups first (where the ISA has a 16-row kernel), then single
    groups, then the remaining rows by 4. */
 static inline int qora_unit_pairs(const qora_kernels* K, const qora_tensor* W) {
@@ -265,10 +284,11 @@ static inline int qora_units(const qora_kernels* K, const qora_tensor* W) {
     return pairs + (groups - 2 * pairs) + (tail + 3) / 4;
 }
 
-/* Tokens a unit takes at once: interleaved rows meet up to q4x8_max_t (q4x16_max_t) activations. */
-static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W, int u) {
+/* Tokens a unit takes at once: interleaved rows meet up to q4x8_max_t (q4x16_max_t) activations;
+   quantized rows against float activations (XQ == NULL) 16, each row dequantized once (qora_tile_deq). */
+static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W, int u, const block_q8* XQ) {
     if (W->kpacked) return QORA_KX8_MAX_T;
-    if (!W->packed) return 4;
+    if (!W->packed) return !XQ && qora_is_quantized(W->dtype) ? 16 : 4;
     return u < qora_unit_pairs(K, W) ? K->q4x16_max_t : K->q4x8_max_t;
 }
 
@@ -334,6 +354,9 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
     }
     const int base = W->packed ? (W->rows / 8) * 8 : 0, first = W->packed ? pairs + (W->rows / 8 - 2 * pairs) : 0;
     const int r0 = base + (u - first) * 4, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
+    *nr_out = nr;
+    if (!XQ && nt > 1 && qora_is_quantized(W->dtype) && qora_tile_deq(K, W, r0, nr, X + (size_t)t0 * ldx, ldx, nt, out, ldo))
+        return r0;
     for (int t = 0; t < nt; t += 4)
         qora_tile(K, W, r0, nr, X, ldx, XQ, ldxq, t0 + t, nt - t < 4 ? nt - t : 4, out + (size_t)t * ldo, ldo);
     *nr_out = nr;
@@ -363,7 +386,7 @@ static void qora_matmul(const qora_kernels* K, const qora_tensor* W_in, const fl
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * W->rows * W->cols >= QORA_PARALLEL_MIN_WORK)
 #endif
     for (int u = 0; u < units; u++) {
-        const int step = qora_unit_tokens(K, W, u);
+        const int step = qora_unit_tokens(K, W, u, XQ);
         for (int t0 = 0; t0 < n; t0 += step) {
             const int nt = n - t0 < step ? n - t0 : step;
             float tmp[16 * 16]; /* [t][local row] */
@@ -388,7 +411,7 @@ static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg_in, const q
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * Wg->rows * Wg->cols >= QORA_PARALLEL_MIN_WORK)
 #endif
     for (int u = 0; u < units; u++) {
-        const int step = same_layout ? qora_unit_tokens(K, Wg, u) : 4;
+        const int step = same_layout ? qora_unit_tokens(K, Wg, u, XQ) : 4;
         for (int t0 = 0; t0 < n; t0 += step) {
             const int nt = n - t0 < step ? n - t0 : step;
             float gate[16 * 16], up[16 * 16]; /* [t][local row] */

@@ -231,6 +231,9 @@ static float dot_qk_q8k_scalar(int dtype, int n, const void* w, const block_q8K*
 #define QORA_BF16_AT(i) qora_bf16_to_fp32(w[i])
 static float dot_bf16_f32_scalar(int n, const uint16_t* w, const float* x) { QORA_FLOAT_DOT_SCALAR(QORA_BF16_AT) }
 
+/* a whole row dequantized (the kernel tables' deq_f32 where no vector version exists) */
+static void deq_f32_generic(int dtype, int n, const void* w, float* out) { qora_dequant_range(dtype, w, 0, n, out); }
+
 /* Any block type . float activations (no activation rounding): the weights dequantized 256 at a time
    (qora_dequant_range's values), then the float dot of common.h over the whole row: 32 chains by index
    mod 32, lane j + lane j+16, qora_reduce16 (rows are whole blocks: no tail). */

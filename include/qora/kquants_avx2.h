@@ -240,9 +240,10 @@ QORA_TARGET_AVX2 static void tile_x_avx2(int dtype, int n, const void* w, size_t
 /* ---- float activations ---- */
 
 /* 32 weights w = s * q (+ m, or - m: mode 1 / -1) in element order into the four chains of
-   QORA_FLOAT_DOT_AVX2 (index mod 32): the values of qora_dequant_range, the fmas of the float dot */
+   QORA_FLOAT_DOT_AVX2 (index mod 32): the values of qora_dequant_range, the fmas of the float dot;
+   with out, the values are stored there instead */
 QORA_TARGET_AVX2 static inline void deq_fma32_avx2(__m256i q, float s_lo, float s_hi, float m, int mode,
-                                                   const float* x, __m256 acc[4]) {
+                                                   const float* x, __m256 acc[4], float* out) {
     for (int k = 0; k < 4; k++) {
         const __m128i bytes = k & 1 ? _mm_srli_si128(_mm256_extracti128_si256(q, k / 2), 8)
                                     : _mm256_extracti128_si256(q, k / 2);
@@ -250,13 +251,15 @@ QORA_TARGET_AVX2 static inline void deq_fma32_avx2(__m256i q, float s_lo, float 
         __m256 wv = _mm256_mul_ps(_mm256_set1_ps(k < 2 ? s_lo : s_hi), qf);
         if (mode > 0) wv = _mm256_add_ps(wv, _mm256_set1_ps(m));
         else if (mode < 0) wv = _mm256_sub_ps(wv, _mm256_set1_ps(m));
-        acc[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 8 * k), acc[k]);
+        if (out) _mm256_storeu_ps(out + 8 * k, wv);
+        else acc[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 8 * k), acc[k]);
     }
 }
 
-/* dot_deq_f32_scalar's result: any block type . float activations */
-QORA_TARGET_AVX2 static float dot_deq_f32_avx2(int dtype, int n, const void* w, const float* x) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+/* A row of any block type walked block by block: each 32 weights into the float dot's chains (out NULL)
+   or stored to out (the row dequantized: qora_dequant_range's values) */
+QORA_TARGET_AVX2 static inline void deq_row_avx2(int dtype, int n, const void* w, const float* x, __m256 acc[4],
+                                                 float* out) {
     const char* row = (const char*)w;
     if (qora_block_elems(dtype) == QK) {
         for (int b = 0; b < n / QK; b++) {
@@ -273,7 +276,7 @@ QORA_TARGET_AVX2 static float dot_deq_f32_avx2(int dtype, int n, const void* w, 
                 d = f16_avx2(d16);
                 if (dtype != QORA_Q5_0) m = f16_avx2(m16), mode = 1;
             }
-            deq_fma32_avx2(q, d, d, m, mode, x + b * QK, acc);
+            deq_fma32_avx2(q, d, d, m, mode, x + b * QK, acc, out ? out + b * QK : NULL);
         }
     } else {
         const size_t bb = qora_row_bytes(dtype, QK_K);
@@ -282,12 +285,13 @@ QORA_TARGET_AVX2 static float dot_deq_f32_avx2(int dtype, int n, const void* w, 
             __m256i q[8];
             kquants_u8_avx2(dtype, blk, q);
             const float* xb = x + (size_t)b * QK_K;
+            float* ob = out ? out + (size_t)b * QK_K : NULL;
             if (dtype == QORA_Q6_K) {
                 const block_q6_K* k6 = (const block_q6_K*)blk;
                 const float d = f16_avx2(k6->d);
                 for (int k = 0; k < 8; k++)
                     deq_fma32_avx2(_mm256_sub_epi8(q[k], _mm256_set1_epi8(32)), d * (float)k6->scales[2 * k],
-                                   d * (float)k6->scales[2 * k + 1], 0.0f, 0, xb + 32 * k, acc);
+                                   d * (float)k6->scales[2 * k + 1], 0.0f, 0, xb + 32 * k, acc, ob ? ob + 32 * k : NULL);
             } else {
                 const block_q4_K* k4 = (const block_q4_K*)blk;
                 const float d = f16_avx2(k4->d), dmin = f16_avx2(k4->dmin);
@@ -296,12 +300,24 @@ QORA_TARGET_AVX2 static float dot_deq_f32_avx2(int dtype, int n, const void* w, 
                 _mm_storeu_si128((__m128i*)mn, kscales_avx2(k4->scales, sc));
                 for (int k = 0; k < 8; k++) {
                     const float ds = d * (float)sc[k];
-                    deq_fma32_avx2(q[k], ds, ds, dmin * (float)mn[k], -1, xb + 32 * k, acc);
+                    deq_fma32_avx2(q[k], ds, ds, dmin * (float)mn[k], -1, xb + 32 * k, acc, ob ? ob + 32 * k : NULL);
                 }
             }
         }
     }
+}
+
+/* dot_deq_f32_scalar's result: any block type . float activations */
+QORA_TARGET_AVX2 static float dot_deq_f32_avx2(int dtype, int n, const void* w, const float* x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    deq_row_avx2(dtype, n, w, x, acc, NULL);
     return reduce_4x8_avx2(acc[0], acc[1], acc[2], acc[3]);
+}
+
+/* a row of any block type dequantized (qora_dequant_range's values) */
+QORA_TARGET_AVX2 static void deq_f32_avx2(int dtype, int n, const void* w, float* out) {
+    __m256 acc[4];
+    deq_row_avx2(dtype, n, w, out, acc, out); /* x is not read when storing */
 }
 
 #define QORA_LOAD8_BF16(i) \
