@@ -187,25 +187,27 @@ def main(argv: list[str]) -> int:
         if args.load and not Path(args.load).exists() and looks_like_repo_id(args.load)
         else path.stem
     )
-    if args.ray is not None:
-        if not 1 <= args.ray <= 1024 or args.port == 0:
-            raise QoraError("--ray takes 1..1024 replicas and a fixed --port")
-        from qora.api import ray_serve
-
-        device = "cpu" if args.cpu else "auto"
-        bound = args.host.strip("[]")
-        hosts = [*LOOPBACK_HOSTS, f"[{bound}]" if ":" in bound else bound, *args.allowed_host]
-        if bound in WILDCARD_BINDS:
-            hosts.append("*")  # Ray's proxy answers on every address: any Host (as any_ip_host, for names too)
-        return ray_serve.run(
-            path, model_id, args.host, args.port, args.ray, args.threads, args.context, args.api_key, device, hosts
-        )
-    sock = _bind(args.host, args.port)
     if args.parallel is not None and not 1 <= args.parallel <= limits.MAX_BATCH_SLOTS:
         raise QoraError(f"--parallel must be in 1..{limits.MAX_BATCH_SLOTS}, got {args.parallel}")
     if not 0 <= args.max_queued <= 1 << 20:
         raise QoraError(f"--max-queued must be in 0..{1 << 20}, got {args.max_queued}")
     device = "cpu" if args.cpu else ("gpu" if args.gpu else "auto")
+    if args.ray is not None:
+        if not 1 <= args.ray <= 1024 or args.port == 0:
+            raise QoraError("--ray takes 1..1024 replicas and a fixed --port")
+        from qora.api import ray_serve
+
+        bound = args.host.strip("[]")
+        hosts = [*LOOPBACK_HOSTS, f"[{bound}]" if ":" in bound else bound, *args.allowed_host]
+        if bound in WILDCARD_BINDS:
+            hosts.append("*")  # Ray's proxy answers on every address: any Host (as any_ip_host, for names too)
+        # every other serve option reaches each replica (none is dropped on the way)
+        options = {k: getattr(args, k) for k in ray_serve.REPLICA_OPTIONS}
+        return ray_serve.run(
+            path, model_id, args.host, args.port, args.ray, args.threads, args.context, args.api_key, device, hosts,
+            options, args.shutdown_timeout,
+        )  # fmt: skip
+    sock = _bind(args.host, args.port)
     model = load_model(
         path, device, args.threads, args.context, verbose=args.verbose, rope_scaling=args.rope_scaling,
         kv_type=args.kv_type, precision=args.precision,

@@ -25,13 +25,32 @@ def _ray_serve():
     return serve
 
 
-def build_app(path: str, model_id: str, threads, context, api_key, device: str, allowed_hosts, port):
-    """The ASGI app of one replica: the model loaded on the replica's node, then qora's app over it."""
+def build_app(
+    path: str, model_id: str, threads, context, api_key, device: str, allowed_hosts, port, options: dict | None = None
+):
+    """The ASGI app of one replica: the model loaded on the replica's node, then qora's app over it with
+    the batching scheduler `qora serve` runs (options: those of `qora serve` a replica takes, see
+    application)."""
     from qora.api.app import create_app
+    from qora.api.batch import BatchScheduler, plan_slots
     from qora.loader import load_model
 
-    model = load_model(path, device, threads, context, verbose=False)
-    return create_app(model, model_id, api_key=api_key, allowed_hosts=allowed_hosts, port=port)
+    o = dict(options or {})
+    model = load_model(
+        path, device, threads, context, verbose=False,
+        rope_scaling=o.get("rope_scaling"), kv_type=o.get("kv_type"), precision=o.get("precision"),
+    )  # fmt: skip
+    parallel, slot_context = plan_slots(model, o.get("parallel"), context)
+    kwargs = {"max_queued": o["max_queued"]} if o.get("max_queued") is not None else {}
+    scheduler = BatchScheduler(model, parallel, slot_context, **kwargs)
+    app_kwargs = {k: o[k] for k in ("cors", "max_body_bytes") if o.get(k) is not None}
+    return create_app(
+        model, model_id, api_key=api_key, allowed_hosts=allowed_hosts, port=port, scheduler=scheduler, **app_kwargs
+    )
+
+
+# what a replica takes from `qora serve` besides the arguments of application (build_app's options)
+REPLICA_OPTIONS = ("rope_scaling", "kv_type", "precision", "parallel", "max_queued", "cors", "max_body_bytes")
 
 
 def application(
@@ -44,19 +63,28 @@ def application(
     device: str = "cpu",
     allowed_hosts: list[str] | None = None,
     port: int | None = None,
+    options: dict | None = None,
+    shutdown_timeout: float | None = None,
 ):
     """A Ray Serve application serving the model at `path` (a path every node can read) from `replicas`
     replicas, each with `threads` CPU threads (Ray reserves that many CPUs per replica; default 1).
     allowed_hosts / port: the Host header check of create_app (None: any Host, as behind a load balancer
-    that sets its own)."""
+    that sets its own). options: REPLICA_OPTIONS of `qora serve` (rope_scaling, kv_type, precision: the
+    load; parallel, max_queued: each replica's batching; cors, max_body_bytes: its app). shutdown_timeout:
+    seconds a stopping replica lets answers in progress finish."""
     from pathlib import Path
 
     serve = _ray_serve()
     path = str(Path(path).resolve())
     model_id = model_id or Path(path).stem
+    unknown = set(options or {}) - set(REPLICA_OPTIONS)
+    if unknown:
+        from qora.errors import QoraError
+
+        raise QoraError(f"a Ray Serve replica does not take {', '.join(sorted(unknown))}")
 
     def builder():  # a plain function: Ray Serve calls it on each replica (a partial would pass for an app)
-        return build_app(path, model_id, threads, context, api_key, device, allowed_hosts, port)
+        return build_app(path, model_id, threads, context, api_key, device, allowed_hosts, port, options)
 
     replica = serve.ingress(builder)()
     deployment = serve.deployment(
@@ -66,6 +94,7 @@ def application(
         ray_actor_options={"num_cpus": threads or 1},
         # one engine per replica: requests beyond its queue wait in Ray's proxy, not in the replica
         max_ongoing_requests=64,
+        **({"graceful_shutdown_timeout_s": float(shutdown_timeout)} if shutdown_timeout is not None else {}),
     )
     return deployment.bind()
 
@@ -81,6 +110,8 @@ def run(
     api_key: str | None,
     device: str,
     allowed_hosts: list[str] | None = None,
+    options: dict | None = None,
+    shutdown_timeout: float | None = None,
 ) -> int:
     """`qora serve --ray N`: a local Ray instance, N replicas, Ray's proxy on host:port, until Ctrl-C."""
     import signal
@@ -93,7 +124,9 @@ def run(
     ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
-        app = application(path, replicas, threads, context, model_id, api_key, device, allowed_hosts, port)
+        app = application(
+            path, replicas, threads, context, model_id, api_key, device, allowed_hosts, port, options, shutdown_timeout
+        )
         serve.run(app, name="qora", route_prefix="/")
         print(
             f"qora: serving {model_id} with {replicas} Ray Serve replicas at http://{host}:{port}/v1 - Ctrl-C stops",
