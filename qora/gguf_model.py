@@ -64,6 +64,7 @@ class GGUFModelFile:
             self.config = src.config
             self.tokenizer_json = src.tokenizer_json
             self.chat_template = src.chat_template
+            self.loaded_tokenizer = src.loaded_tokenizer  # the loader's Tokenizer takes it as it is
             self.generation = dict(src.generation)
             self.special_tokens = dict(src.special_tokens)
             self.source = {"from": "gguf", "path": where}

@@ -95,7 +95,13 @@ def open_model(
         qfile = open_model_file(path)
         try:
             qfile.config = with_rope_scaling(qfile.config, rope_scaling)
-            tokenizer = Tokenizer(qfile.tokenizer_json, qfile.chat_template, qfile.special_tokens, where=path)
+            tokenizer = Tokenizer(
+                qfile.tokenizer_json,
+                qfile.chat_template,
+                qfile.special_tokens,
+                where=path,
+                loaded=getattr(qfile, "loaded_tokenizer", None),
+            )
             if tokenizer.id_limit > qfile.config["vocab_size"]:  # ids past the embedding would reach the engine
                 raise FormatError(
                     f"{path}: tokenizer has token ids up to {tokenizer.id_limit - 1} but the model's vocab_size is "

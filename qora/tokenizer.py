@@ -210,6 +210,13 @@ def load_hf_tokenizer(text: str, where, check: bool = True) -> _HFTokenizer:
         raise FormatError(f"{where}: tokenizer.json cannot be loaded by tokenizers ({msg})") from None
 
 
+def load_checked_tokenizer(text: str, where) -> tuple[_HFTokenizer, float, str]:
+    """load_hf_tokenizer's tokenizer, check_tokenizer_growth's growth and the text they came from: what
+    Tokenizer(loaded=) takes (only for that very text)."""
+    growth = check_tokenizer_growth(text, where)
+    return load_hf_tokenizer(text, where, check=False), growth, text
+
+
 def _rust_call(what: str, fn, *args, **kwargs):
     """Call into tokenizers; an error or a Rust panic becomes a QoraError."""
     try:
@@ -970,11 +977,15 @@ class Tokenizer:
         chat_template: str | None = None,
         special_tokens: dict | None = None,
         where: str = "model file",
+        loaded: tuple | None = None,
     ):
         if not isinstance(tokenizer_json, str):
             raise QoraError(f"{where}: tokenizer.json could not be read: expected its text")
-        growth = check_tokenizer_growth(tokenizer_json, where)
-        self._tok = load_hf_tokenizer(tokenizer_json, where, check=False)
+        # loaded: what load_checked_tokenizer made of this very text already (a GGUF's parse needs the
+        # tokenizer for its special tokens; checking and loading 128K tokens again cost ~0.3 s of a load)
+        if loaded is None or loaded[2] is not tokenizer_json:
+            loaded = load_checked_tokenizer(tokenizer_json, where)
+        self._tok, growth = loaded[0], loaded[1]
         # the longest text one encode takes: tokenizers' working memory grows with the normalized text
         self.max_input_chars = int(min(limits.TOKENIZER_MAX_INPUT, limits.TOKENIZER_MAX_WORK / max(growth, 1.0)))
         self.chat_template = chat_template
