@@ -9,11 +9,18 @@ token) and p50 / p99 time to first token. Repetitions alternate between the two 
     python bench/serve_load.py                       # the demo model, 1 / 8 / 32 clients, 2 threads
     python bench/serve_load.py --model M.gguf --threads 16 --clients 1,8,32 --parallel 8
     python bench/serve_load.py --no-peer             # qora only
+    python bench/serve_load.py --gpu --model M.gguf --peer /path/llama-server   # qora --gpu vs -ngl 99
 
 The model defaults to the demo model's GGUF Q4_0 written from its .qora (the same bytes both run;
 bench/harness.py ensure_demo_pair). qora runs the GGUF file itself (its importer), so both servers
 read one file. llama-server: --peer PATH (default /tmp/lcb-native/bin/llama-server, built as
 bench/README.md describes for llama-bench, target llama-server).
+
+--gpu: qora serves with `--gpu` (the Vulkan engine's batched step: all rows of a step in one pass, the
+slots' KV caches on the device) and llama-server with every layer offloaded (`-ngl 99`; give it a CUDA
+or Vulkan build with --peer). --nvidia-icd writes a loader manifest for NVIDIA's Vulkan driver where a
+container has the driver but no manifest (bench/vulkan_bench.py). The server's stderr goes to
+--log-dir when given (which device it chose, the pre-flight of the slots).
 """
 
 from __future__ import annotations
@@ -56,13 +63,18 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], port: int, model_id: str | None):
+    def __init__(self, name: str, cmd: list[str], port: int, model_id: str | None, log_dir: Path | None = None):
         self.name, self.cmd, self.port, self.model_id = name, cmd, port, model_id
         self.url = f"http://127.0.0.1:{port}"
         self.proc = None
+        self.log_dir = log_dir
 
     def __enter__(self):
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.err = subprocess.DEVNULL
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.err = open(self.log_dir / f"{self.name}.log", "a")  # noqa: SIM115 (closed in __exit__)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=self.err)
         wait_ready(self.url, self.proc)
         if self.model_id is None:
             self.model_id = httpx.get(self.url + "/v1/models", timeout=10).json()["data"][0]["id"]
@@ -75,6 +87,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.err is not subprocess.DEVNULL:
+            self.err.close()
 
 
 def one_client(server: Server, i: int, max_tokens: int, start: threading.Event, out: list) -> None:
@@ -149,23 +163,35 @@ def main(argv=None) -> int:
     p.add_argument("--peer", default="/tmp/lcb-native/bin/llama-server")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--gpu", action="store_true", help="qora --gpu, llama-server -ngl 99")
+    p.add_argument("--nvidia-icd", action="store_true", help="write an NVIDIA Vulkan loader manifest if missing")
+    p.add_argument("--log-dir", type=Path, help="the servers' stderr, one file each")
     a = p.parse_args(argv)
+    if a.nvidia_icd and not os.environ.get("VK_ICD_FILENAMES"):
+        sys.path.insert(0, str(HERE))
+        from vulkan_bench import nvidia_icd
+
+        icd = nvidia_icd()
+        if icd:
+            os.environ["VK_ICD_FILENAMES"] = icd
     model = a.model or default_model()
     counts = [int(c) for c in a.clients.split(",")]
     qport = free_port()
     qora_cmd = [sys.executable, "-m", "qora", "serve", "--load", str(model), "--port", str(qport)]
     qora_cmd += ["--threads", str(a.threads), "--parallel", str(a.parallel), "--context", str(a.context)]
-    qora_cmd += ["--max-queued", "1024"]
-    servers = [Server("qora", qora_cmd, qport, None)]
+    qora_cmd += ["--max-queued", "1024"] + (["--gpu", "--verbose"] if a.gpu else [])
+    servers = [Server("qora", qora_cmd, qport, None, a.log_dir)]
     if not a.no_peer:
         if not os.access(a.peer, os.X_OK):
             raise SystemExit(f"no llama-server at {a.peer} (--peer PATH, or --no-peer)")
         lport = free_port()
         llama_cmd = [a.peer, "-m", str(model), "--port", str(lport), "-t", str(a.threads), "-tb", str(a.threads)]
         llama_cmd += ["-np", str(a.parallel), "-c", str(a.parallel * a.context), "-cb", "--no-webui"]
-        servers.append(Server("llama-server", llama_cmd, lport, "model"))
+        llama_cmd += ["-ngl", "99"] if a.gpu else []
+        servers.append(Server("llama-server", llama_cmd, lport, "model", a.log_dir))
     results: dict[str, dict[int, list[dict]]] = {s.name: {c: [] for c in counts} for s in servers}
-    print(f"model {model.name}, {a.threads} threads, parallel {a.parallel}, {a.max_tokens} tokens per answer")
+    where = "GPU (qora --gpu, llama-server -ngl 99)" if a.gpu else "CPU"
+    print(f"model {model.name}, {where}, {a.threads} threads, parallel {a.parallel}, {a.max_tokens} tokens per answer")
     # one server at a time (they would fight for the cores), alternating over the repetitions
     for rep in range(a.reps):
         for srv in servers if rep % 2 == 0 else servers[::-1]:

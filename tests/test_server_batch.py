@@ -171,3 +171,30 @@ def test_plan_slots_fits_the_memory(local):
         plan_slots(local, 8, ctx, available=int(2 * 8 * 300 * per_token))
     with pytest.raises(QoraError, match="--parallel must be"):
         plan_slots(local, 0)
+
+
+def test_gpu_server_batches_and_answers_as_one_at_a_time(tiny_model, monkeypatch):
+    """`qora serve --gpu --parallel 3` (lavapipe in CI; a tiny model, as lavapipe is slow): concurrent
+    answers from the batched Vulkan step equal the same server's answers asked one at a time (each row's
+    arithmetic is independent of the other rows of its step), and the slots' caches are on the device."""
+    from _helpers_vulkan import DEVICE
+
+    if DEVICE is None:
+        pytest.skip("no usable Vulkan device (CI installs lavapipe)")
+    monkeypatch.setenv("QORA_VK_ALLOW_CPU", "1")
+    monkeypatch.setenv("QORA_VK_COOPMAT", "0")  # the same product kernels whatever the rows of a step
+    questions = QUESTIONS[:5]
+    path = tiny_model("tiny-smollm3", "q8")
+    with running_server(path, "--gpu", "--parallel", "3", "--context", "128", "--verbose") as s:
+        log = "".join(s.log)
+        assert "3 in parallel" in log and "vulkan:" in log
+
+        def ask(q):  # a plain completion: the tiny model's 256 positions hold no chat template
+            return _client(s).completions.create(model=_model_id(s), prompt=q, max_tokens=8, temperature=0)
+
+        alone = [ask(q).choices[0].text for q in questions]
+        with ThreadPoolExecutor(len(questions)) as pool:  # five clients on three slots
+            together = list(pool.map(ask, questions))
+        assert [r.choices[0].text for r in together] == alone
+        assert all(r.usage.completion_tokens == 8 for r in together)
+        assert _health(s)["slots"] == 3

@@ -133,4 +133,19 @@ int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, doubl
 void qvk_model_prefill_profile(const qvk_model* m, double* ns, long* runs);
 void qvk_model_destroy(qvk_model* m);
 
+/* Batched steps over several sequences (the server's continuous batching). open_batch allocates
+   n_slots KV caches of ctx positions (apart from the cache the steps above use; opening again
+   replaces them) and passes of up to `ents` entries; batch_bytes is what that takes, without
+   allocating. forward_batch runs n_rows token rows (at most qvk_model_batch) in one submission:
+   ents holds n_ent (slot, start, count) triples whose counts add up to n_rows, the tokens in the
+   same order; each row is stored at its own slot and position and attends over its slot's first
+   start + its index + 1 positions; logits (n_ent, vocab) receives each entry's last row.
+   copy_slot copies positions 0..n_pos-1 of slot src's cache to slot dst. */
+int qvk_model_batch_bytes(const qvk_model* m, int n_slots, int ctx, int ents, uint64_t* bytes, char* err, size_t n);
+int qvk_model_open_batch(qvk_model* m, int n_slots, int ctx, int ents, char* err, size_t n);
+int qvk_model_slots(const qvk_model* m);
+int qvk_model_forward_batch(qvk_model* m, const int32_t* tokens, int n_rows, const int32_t* ents, int n_ent,
+                            float* logits, char* err, size_t n);
+int qvk_model_copy_slot(qvk_model* m, int src, int dst, int n_pos, char* err, size_t n);
+
 #endif /* QORA_VK_BACKEND_H */

@@ -79,6 +79,13 @@ cdef extern from "qora/vk_backend.h" nogil:
     int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, double* step_ns, long* steps)
     void qvk_model_prefill_profile(const qvk_model* m, double* ns, long* runs)
     void qvk_model_destroy(qvk_model* m)
+    int qvk_model_batch_bytes(const qvk_model* m, int n_slots, int ctx, int ents, uint64_t* bytes, char* err,
+                              size_t n)
+    int qvk_model_open_batch(qvk_model* m, int n_slots, int ctx, int ents, char* err, size_t n)
+    int qvk_model_slots(const qvk_model* m)
+    int qvk_model_forward_batch(qvk_model* m, const int32_t* tokens, int n_rows, const int32_t* ents, int n_ent,
+                                float* logits, char* err, size_t n)
+    int qvk_model_copy_slot(qvk_model* m, int src, int dst, int n_pos, char* err, size_t n)
 
 ERROR_KINDS = {-10: "loader", -11: "no_device", -12: "feature", -13: "oom", -14: "device_lost", -15: "vulkan",
                -16: "args", -17: "unsupported"}
@@ -412,6 +419,62 @@ cdef class Model:
         names = [(<char*>e[i].name).decode() for i in range(n)]
         return ({names[i][3:]: (e[i].ns / runs / 1e6, e[i].calls / runs) for i in range(n)
                  if names[i].startswith("pp:")}, pp_ns / runs / 1e6)
+
+    cdef qvk_model* _get(self) except NULL:
+        if self.m == NULL:
+            raise VulkanError(-16, "the model is closed")
+        return self.m
+
+    def batch_bytes(self, int n_slots, int ctx, int ents):
+        """Device memory n_slots KV caches of ctx positions and passes of ents entries would take."""
+        cdef uint64_t nbytes = 0
+        cdef char err[ERRLEN]
+        err[0] = 0
+        rc = qvk_model_batch_bytes(self._get(), n_slots, ctx, ents, &nbytes, err, ERRLEN)
+        if rc != QVK_OK:
+            _raise(rc, err)
+        return nbytes
+
+    def open_batch(self, int n_slots, int ctx, int ents):
+        """Allocate the slots' KV caches (replacing any opened before)."""
+        cdef char err[ERRLEN]
+        cdef int rc
+        cdef qvk_model* m = self._get()
+        err[0] = 0
+        with nogil:
+            rc = qvk_model_open_batch(m, n_slots, ctx, ents, err, ERRLEN)
+        if rc != QVK_OK:
+            _raise(rc, err)
+
+    @property
+    def batch_slots(self):
+        return qvk_model_slots(self.m) if self.m != NULL else 0
+
+    def forward_batch(self, const int32_t[::1] tokens, const int32_t[:, ::1] ents):
+        """One pass over the rows of (slot, start, count) entries: each entry's last-row logits (n_ent, vocab)."""
+        cdef int n_rows = tokens.shape[0], n_ent = ents.shape[0], rc
+        cdef char err[ERRLEN]
+        cdef qvk_model* m = self._get()
+        if n_rows < 1 or n_ent < 1 or ents.shape[1] != 3:
+            raise ValueError("forward_batch needs token rows and (slot, start, count) entries")
+        out = np.empty((n_ent, self.vocab_size), dtype=np.float32)
+        cdef float[:, ::1] o = out
+        err[0] = 0
+        with nogil:
+            rc = qvk_model_forward_batch(m, &tokens[0], n_rows, &ents[0, 0], n_ent, &o[0, 0], err, ERRLEN)
+        if rc != QVK_OK:
+            _raise(rc, err)
+        return out
+
+    def copy_slot(self, int src, int dst, int n_pos):
+        cdef char err[ERRLEN]
+        cdef int rc
+        cdef qvk_model* m = self._get()
+        err[0] = 0
+        with nogil:
+            rc = qvk_model_copy_slot(m, src, dst, n_pos, err, ERRLEN)
+        if rc != QVK_OK:
+            _raise(rc, err)
 
     def close(self):
         if self.m != NULL:

@@ -1042,6 +1042,7 @@ typedef struct {
     qvk_matrix wdown;  /* (dim, hidden) */
     qvk_buffer attn_norm, ffn_norm; /* (dim,) f32 */
     qvk_buffer kc, vc; /* max_seq_len rows of kv_dim values of kv_type (qvk_kv_row_bytes) */
+    qvk_buffer kb, vb; /* batched steps: n_slots x slot_ctx rows, slot s from row s x slot_ctx */
     int use_rope;
 } qvk_layer;
 
@@ -1104,6 +1105,12 @@ struct qvk_model {
     qvk_buffer sample_in, sample_out; /* [need, n_gather, ids...] (host-visible); the shader's output */
     VkCommandBuffer cb_decode_topk, cb_copy;
     int topk_recorded, copy_recorded;
+    /* batched steps over several sequences (qvk_model_open_batch): per layer the slots' caches (kb, vb),
+       the rows' cache rows (rowmap: slot x slot_ctx + position), the entries (seg: start, n, first row,
+       first cache row), each entry's last row gathered (xg) for the LM head (blogits, bread) */
+    int n_slots, slot_ctx, b_ents;
+    qvk_buffer rowmap, seg, xg, blogits, bread;
+    uint32_t b_n_ent, b_max_n; /* the pass being recorded: entries, the longest */
 };
 
 #define QVK_DEFAULT_BATCH 512
@@ -1256,6 +1263,8 @@ static void qvk_matrix_free(qvk_ctx* c, qvk_matrix* M) {
     memset(M, 0, sizeof *M);
 }
 
+static void qvk_batch_free(qvk_model* m);
+
 void qvk_model_destroy(qvk_model* m) {
     if (!m) return;
     qvk_ctx* c = m->c;
@@ -1272,6 +1281,7 @@ void qvk_model_destroy(qvk_model* m) {
             qvk_buffer_free(c, &L->kc);
             qvk_buffer_free(c, &L->vc);
         }
+    qvk_batch_free(m);
     free(m->layers);
     qvk_matrix_free(c, &m->embed);
     qvk_matrix_free(c, &m->output_own);
@@ -1728,6 +1738,7 @@ typedef struct {
     int prof;          /* write a timestamp after each step (profiled decode) */
     const char* label; /* what the next dispatch is called in the profile */
     VkBuffer indirect; /* the next dispatch's workgroup counts are in this buffer (else none) */
+    int batch;         /* a batched step: the slots' caches, per-row cache rows, attention per entry */
 } qvk_rec;
 
 static void qvk_rec_dispatch(qvk_rec* R, const char* shader, const uint32_t* spec, int n_spec, const VkBuffer* binds,
@@ -1894,7 +1905,8 @@ static uint32_t qvk_flash_shape(const qvk_model* m, uint32_t spec[6]) {
 
 /* Decode (n_tok == 1): attn_decode.comp, a workgroup per (head group, chunk of positions), the
    output quantized for wo into the activation half at out_base. Prefill: attn_prefill.comp, a
-   workgroup per (head group, tile of tokens). */
+   workgroup per (head group, tile of tokens). A batched step (however many rows, one included):
+   attn_prefill.comp per entry over its slot's cache. */
 static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, uint32_t out_base) {
     qvk_model* m = R->m;
     const uint32_t hd = (uint32_t)m->cfg.head_dim, hg = m->att_hg, groups = (uint32_t)m->cfg.n_heads / hg;
@@ -1902,7 +1914,13 @@ static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, ui
                       (uint32_t)m->q_dim, out_base, m->act_w};
     VkBuffer b[QVK_BINDINGS] = {m->att_part.buf, m->qkv.buf, 0, m->att.buf, L->kc.buf, L->vc.buf, m->params.buf,
                                 m->att_done.buf, m->act.buf, m->cnt.buf};
-    if (n_tok == 1) {
+    if (R->batch) { /* one z per entry, each over its own slot (SEG) */
+        uint32_t spec[7];
+        const uint32_t bq = qvk_flash_shape(m, spec);
+        spec[6] = 1;
+        b[4] = L->kb.buf, b[5] = L->vb.buf, b[8] = m->seg.buf, b[7] = b[9] = 0;
+        qvk_rec_dispatch(R, "attn_prefill", spec, 7, b, &p, sizeof p, groups, (m->b_max_n + bq - 1) / bq, m->b_n_ent, 1);
+    } else if (n_tok == 1) {
         /* only the chunks the context fills are launched (qvk_att_chunks, written per step) */
         const int k2 = m->att_kernel == 2;
         const uint32_t spec[8] = {QVK_ATT_THREADS, (uint32_t)m->kv_type, hd, hg, (uint32_t)m->att_ch, m->att_short, 1u, m->att_c};
@@ -1917,27 +1935,31 @@ static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, ui
     }
 }
 
-/* The LM head's rows copied back to the host. */
-static void qvk_rec_readback(qvk_rec* R, uint32_t rows) {
+/* rows of logits in src copied back to the host-visible dst. */
+static void qvk_rec_copy_back(qvk_rec* R, VkBuffer src, VkBuffer dst, uint32_t rows) {
     if (R->rc) return;
     qvk_model* m = R->m;
     qvk_ctx* c = m->c;
     qvk_barrier(c, R->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT,
                 VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_READ_BIT);
     VkBufferCopy region = {0, 0, (VkDeviceSize)rows * m->cfg.vocab_size * 4};
-    c->f->vkCmdCopyBuffer(R->cb, m->logits.buf, m->readback.buf, 1, &region);
+    c->f->vkCmdCopyBuffer(R->cb, src, dst, 1, &region);
     qvk_barrier(c, R->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT, VK_PIPELINE_STAGE_HOST_BIT,
                 VK_ACCESS_HOST_READ_BIT);
 }
+
+/* The LM head's rows copied back to the host. */
+static void qvk_rec_readback(qvk_rec* R, uint32_t rows) { qvk_rec_copy_back(R, R->m->logits.buf, R->m->readback.buf, rows); }
 
 /* rope_kv.comp over n_tok tokens of qkv: RoPE (use_rope) and their k, v into the layer's cache. */
 static void qvk_rec_rope_kv(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, int use_rope) {
     qvk_model* m = R->m;
     qvk_rope_push rp = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
                         (uint32_t)m->qkv_dim, (uint32_t)use_rope};
-    VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, L->kc.buf, L->vc.buf, m->params.buf, m->rope.buf};
-    const uint32_t kv_spec[2] = {0, (uint32_t)m->kv_type};
-    qvk_rec_dispatch(R, "rope_kv", kv_spec, 2, rb, &rp, sizeof rp, n_tok, 1, 1, 1);
+    VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, R->batch ? L->kb.buf : L->kc.buf, R->batch ? L->vb.buf : L->vc.buf,
+                                 m->params.buf, m->rope.buf, R->batch ? m->rowmap.buf : 0};
+    const uint32_t kv_spec[3] = {0, (uint32_t)m->kv_type, R->batch ? 1u : 0u};
+    qvk_rec_dispatch(R, "rope_kv", kv_spec, R->batch ? 3 : 2, rb, &rp, sizeof rp, n_tok, 1, 1, 1);
 }
 
 /* Begin recording a step (once: a one-time submission): the host's writes before the submission
@@ -2012,52 +2034,60 @@ static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, int topk, char* e
     return R.rc;
 }
 
-/* n_tok > 1 tokens: batched products; logits for every token (all_logits) or the last. */
-static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int all_logits, char* err, size_t n) {
-    qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL};
+/* Every layer over nt token rows: batched products, RoPE + cache, attention (a prefill, or with
+   R->batch a batched step over several sequences' slots). */
+static void qvk_rec_layers(qvk_rec* R, uint32_t nt) {
+    qvk_model* m = R->m;
     const uint32_t D = (uint32_t)m->cfg.dim, H = (uint32_t)m->cfg.hidden_dim;
-    const int rc = qvk_rec_begin(&R, 1);
-    if (rc) return rc;
-    R.label = "pp:embed";
-    qvk_rec_embed(&R, nt);
     for (int l = 0; l < m->cfg.n_layers; l++) {
         const qvk_layer* L = &m->layers[l];
         /* attention norm, q/k/v, RoPE + cache, attention */
         for (int i = 0; i < L->n_qkv; i++) { /* the input again only where the next piece takes it otherwise */
             const int intq = qvk_mm_q8(m, &L->wqkv[i], nt);
-            R.label = "pp:prep";
+            R->label = "pp:prep";
             if (i == 0 || intq != qvk_mm_q8(m, &L->wqkv[i - 1], nt))
-                qvk_rec_prep(&R, m->x.buf, D, D, L->attn_norm.buf, 0, intq, nt);
-            R.label = "pp:qkv";
-            qvk_rec_matmul(&R, &L->wqkv[i], QVK_STORE, m->xn.buf, D, m->qkv.buf, (uint32_t)m->qkv_dim, nt);
+                qvk_rec_prep(R, m->x.buf, D, D, L->attn_norm.buf, 0, intq, nt);
+            R->label = "pp:qkv";
+            qvk_rec_matmul(R, &L->wqkv[i], QVK_STORE, m->xn.buf, D, m->qkv.buf, (uint32_t)m->qkv_dim, nt);
         }
-        R.label = "pp:rope_kv";
-        qvk_rec_rope_kv(&R, L, nt, L->use_rope);
-        R.label = "pp:attention";
-        qvk_rec_attention(&R, L, nt, 0);
+        R->label = "pp:rope_kv";
+        qvk_rec_rope_kv(R, L, nt, L->use_rope);
+        R->label = "pp:attention";
+        qvk_rec_attention(R, L, nt, 0);
         /* output projection + residual */
         VkBuffer att_in = m->att.buf;
         if (qvk_mm_q8(m, &L->wo, nt)) {
-            R.label = "pp:prep";
-            qvk_rec_prep(&R, m->att.buf, (uint32_t)m->q_dim, (uint32_t)m->q_dim, 0, 0, 1, nt);
+            R->label = "pp:prep";
+            qvk_rec_prep(R, m->att.buf, (uint32_t)m->q_dim, (uint32_t)m->q_dim, 0, 0, 1, nt);
             att_in = m->xn.buf;
         }
-        R.label = "pp:wo";
-        qvk_rec_matmul(&R, &L->wo, QVK_ADD, att_in, (uint32_t)m->q_dim, m->x.buf, D, nt);
+        R->label = "pp:wo";
+        qvk_rec_matmul(R, &L->wo, QVK_ADD, att_in, (uint32_t)m->q_dim, m->x.buf, D, nt);
         /* MLP norm, gate|up, swiglu, down + residual */
         for (int i = 0; i < L->n_gu; i++) {
             const int intq = qvk_mm_q8(m, &L->wgu[i], nt);
-            R.label = "pp:prep";
+            R->label = "pp:prep";
             if (i == 0 || intq != qvk_mm_q8(m, &L->wgu[0], nt))
-                qvk_rec_prep(&R, m->x.buf, D, D, L->ffn_norm.buf, 0, intq, nt);
-            R.label = "pp:gate_up";
-            qvk_rec_matmul(&R, &L->wgu[i], QVK_STORE, m->xn.buf, D, m->gu.buf, 2 * H, nt);
+                qvk_rec_prep(R, m->x.buf, D, D, L->ffn_norm.buf, 0, intq, nt);
+            R->label = "pp:gate_up";
+            qvk_rec_matmul(R, &L->wgu[i], QVK_STORE, m->xn.buf, D, m->gu.buf, 2 * H, nt);
         }
-        R.label = "pp:prep";
-        qvk_rec_prep(&R, m->gu.buf, H, 2 * H, 0, 1, qvk_mm_q8(m, &L->wdown, nt), nt);
-        R.label = "pp:down";
-        qvk_rec_matmul(&R, &L->wdown, QVK_ADD, m->xn.buf, H, m->x.buf, D, nt);
+        R->label = "pp:prep";
+        qvk_rec_prep(R, m->gu.buf, H, 2 * H, 0, 1, qvk_mm_q8(m, &L->wdown, nt), nt);
+        R->label = "pp:down";
+        qvk_rec_matmul(R, &L->wdown, QVK_ADD, m->xn.buf, H, m->x.buf, D, nt);
     }
+}
+
+/* n_tok > 1 tokens: batched products; logits for every token (all_logits) or the last. */
+static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int all_logits, char* err, size_t n) {
+    qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL};
+    const uint32_t D = (uint32_t)m->cfg.dim;
+    const int rc = qvk_rec_begin(&R, 1);
+    if (rc) return rc;
+    R.label = "pp:embed";
+    qvk_rec_embed(&R, nt);
+    qvk_rec_layers(&R, nt);
     R.label = "pp:lm_head";
     if (all_logits) {
         qvk_rec_prep(&R, m->x.buf, D, D, m->norm.buf, 0, qvk_mm_q8(m, m->output, nt), nt);
@@ -2131,6 +2161,27 @@ int qvk_model_profile(const qvk_model* m, qvk_profile_entry* out, int cap, doubl
     return k;
 }
 
+/* A step may run: the device was not lost (or made to fail by the test hook). */
+static int qvk_step_ready(qvk_model* m, char* err, size_t errlen) {
+    if (m->lost) return qvk_fail(err, errlen, QVK_ERR_DEVICE_LOST, "the GPU was lost earlier");
+    if (m->fail_after >= 0 && m->n_forward >= m->fail_after) {
+        m->lost = 1;
+        return qvk_fail(err, errlen, QVK_ERR_DEVICE_LOST, "device lost (simulated by QORA_VK_FAIL=run)");
+    }
+    return QVK_OK;
+}
+
+/* RoPE cos/sin of token row t at position pos, computed exactly as the CPU engine does. */
+static void qvk_rope_row(qvk_model* m, int t, int pos) {
+    float* cs = m->rope.map;
+    const int half = m->cfg.head_dim / 2;
+    for (int j = 0; j < half; j++) {
+        const float angle = (float)pos * m->inv_freq[j];
+        cs[2 * (t * half + j)] = cosf(angle) * m->cfg.rope_scale;
+        cs[2 * (t * half + j) + 1] = sinf(angle) * m->cfg.rope_scale;
+    }
+}
+
 /* One submission: n tokens; the decode step (n == 1) records its logits' copy, or with topk the
    sampling candidates' search, once. The results are in m->readback afterwards. */
 static int qvk_step(qvk_model* m, const int32_t* tokens, int n, int start_pos, int all_logits, int topk, char* err,
@@ -2143,31 +2194,20 @@ static int qvk_step(qvk_model* m, const int32_t* tokens, int n, int start_pos, i
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size)
             return qvk_fail(err, errlen, QVK_ERR_ARGS, "token id %d out of range", tokens[i]);
-    if (m->lost) return qvk_fail(err, errlen, QVK_ERR_DEVICE_LOST, "the GPU was lost earlier");
-    if (m->fail_after >= 0 && m->n_forward >= m->fail_after) {
-        m->lost = 1;
-        return qvk_fail(err, errlen, QVK_ERR_DEVICE_LOST, "device lost (simulated by QORA_VK_FAIL=run)");
-    }
+    int rc = qvk_step_ready(m, err, errlen);
+    if (rc) return rc;
     /* per-step inputs: position, tokens, and RoPE cos/sin computed exactly as the CPU engine does */
     uint32_t* p = m->params.map;
     p[0] = (uint32_t)start_pos;
     p[1] = (uint32_t)n;
     for (int i = 0; i < n; i++) p[4 + i] = (uint32_t)tokens[i];
-    float* cs = m->rope.map;
-    const int half = m->cfg.head_dim / 2;
-    for (int t = 0; t < n; t++)
-        for (int j = 0; j < half; j++) {
-            const float angle = (float)(start_pos + t) * m->inv_freq[j];
-            cs[2 * (t * half + j)] = cosf(angle) * m->cfg.rope_scale;
-            cs[2 * (t * half + j) + 1] = sinf(angle) * m->cfg.rope_scale;
-        }
+    for (int t = 0; t < n; t++) qvk_rope_row(m, t, start_pos + t);
     if (n == 1) {
         uint32_t* args = m->att_args.map;
         args[0] = (uint32_t)m->cfg.n_heads / m->att_hg;
         args[1] = qvk_att_chunks(m, (uint32_t)start_pos + 1);
         args[2] = 1;
     }
-    int rc;
     VkCommandBuffer cb;
     if (n == 1) {
         cb = topk ? m->cb_decode_topk : m->cb_decode;
@@ -2240,4 +2280,201 @@ int qvk_model_read_logits(qvk_model* m, float* logits, char* err, size_t errlen)
     }
     memcpy(logits, m->readback.map, (size_t)m->cfg.vocab_size * sizeof(float));
     return QVK_OK;
+}
+
+/* ================================================================ batched steps over several sequences
+
+   Rows of several sequences in one pass (qora.engine.base: open_slots, forward_batch, copy_slot): the
+   products as a prefill's (matmul.comp / matmul_coop.comp over every row: the weights read once per
+   step), RoPE and the cache store at each row's own slot row and position (rope_kv.comp ROWMAP), each
+   entry's attention over its own slot's first start + n positions (attn_prefill.comp SEG, a
+   workgroup z per entry), and the LM head over each entry's last row only (gathered into xg). The
+   slots' caches are their own buffers: the single-sequence steps keep theirs (kc, vc). */
+
+/* Forget the cached descriptor sets that bind b before it is freed (a later buffer may get its
+   handle); the sets themselves stay in their pool until the model goes. */
+static void qvk_sets_forget(qvk_sets* s, VkBuffer b) {
+    int k = 0;
+    for (int i = 0; i < s->n_sets; i++) {
+        int uses = 0;
+        for (int j = 0; j < QVK_BINDINGS; j++) uses |= s->sets[i].b[j] == b;
+        if (!uses) s->sets[k++] = s->sets[i];
+    }
+    s->n_sets = k;
+}
+
+static void qvk_batch_buffer_free(qvk_model* m, qvk_buffer* b) {
+    if (b->buf) qvk_sets_forget(&m->sets, b->buf);
+    qvk_buffer_free(m->c, b);
+}
+
+static void qvk_batch_free(qvk_model* m) {
+    if (m->layers)
+        for (int l = 0; l < m->cfg.n_layers; l++) {
+            qvk_batch_buffer_free(m, &m->layers[l].kb);
+            qvk_batch_buffer_free(m, &m->layers[l].vb);
+        }
+    qvk_buffer* bufs[] = {&m->rowmap, &m->seg, &m->xg, &m->blogits, &m->bread};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) qvk_batch_buffer_free(m, bufs[i]);
+    m->n_slots = m->slot_ctx = m->b_ents = 0;
+}
+
+/* Bytes the slots take: n_slots caches of ctx positions per layer, passes of up to ents entries. */
+int qvk_model_batch_bytes(const qvk_model* m, int n_slots, int ctx, int ents, uint64_t* bytes, char* err, size_t n) {
+    *bytes = 0;
+    if (!m || n_slots < 1 || ctx < 1 || ctx > m->cfg.max_seq_len || ents < 1 || ents > m->batch)
+        return qvk_fail(err, n, QVK_ERR_ARGS, "bad slot arguments");
+    const size_t range = m->c->info.max_storage_buffer_range;
+    const size_t layer = (size_t)n_slots * (size_t)ctx * qvk_kv_row_bytes(m->kv_type, m->kv_dim);
+    if (layer > range)
+        return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "%d sequences of %d tokens: a KV cache layer of %.0f MB exceeds "
+                        "the device's %.0f MB storage-buffer limit", n_slots, ctx, (double)layer / 1e6, (double)range / 1e6);
+    const size_t V = (size_t)m->cfg.vocab_size, D = (size_t)m->cfg.dim;
+    if ((size_t)ents * V * 4 > range)
+        return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "the logits of %d sequences exceed a storage buffer", ents);
+    *bytes = 2 * (uint64_t)m->cfg.n_layers * (layer + 256) + (uint64_t)ents * (D + 2 * V) * 4 +
+             (uint64_t)m->batch * 4 + (uint64_t)ents * 16 + 5 * 256;
+    return QVK_OK;
+}
+
+int qvk_model_open_batch(qvk_model* m, int n_slots, int ctx, int ents, char* err, size_t n) {
+    uint64_t bytes;
+    int rc = qvk_model_batch_bytes(m, n_slots, ctx, ents, &bytes, err, n);
+    if (rc) return rc;
+    qvk_batch_free(m);
+    qvk_ctx* c = m->c;
+    const size_t layer = (size_t)n_slots * (size_t)ctx * qvk_kv_row_bytes(m->kv_type, m->kv_dim);
+    const size_t V = (size_t)m->cfg.vocab_size, D = (size_t)m->cfg.dim;
+    for (int l = 0; l < m->cfg.n_layers && !rc; l++) {
+        rc = qvk_buffer_new(c, layer, QVK_MEM_DEVICE, &m->layers[l].kb, err, n);
+        if (!rc) rc = qvk_buffer_new(c, layer, QVK_MEM_DEVICE, &m->layers[l].vb, err, n);
+    }
+    if (!rc) rc = qvk_buffer_new(c, (size_t)m->batch * 4, QVK_MEM_UPLOAD, &m->rowmap, err, n);
+    if (!rc) rc = qvk_buffer_new(c, (size_t)ents * 16, QVK_MEM_UPLOAD, &m->seg, err, n);
+    if (!rc) rc = qvk_buffer_new(c, (size_t)ents * D * 4, QVK_MEM_DEVICE, &m->xg, err, n);
+    if (!rc) rc = qvk_buffer_new(c, (size_t)ents * V * 4, QVK_MEM_DEVICE, &m->blogits, err, n);
+    if (!rc) rc = qvk_buffer_new(c, (size_t)ents * V * 4, QVK_MEM_READBACK, &m->bread, err, n);
+    if (rc) {
+        qvk_batch_free(m);
+        return rc;
+    }
+    m->n_slots = n_slots, m->slot_ctx = ctx, m->b_ents = ents;
+    return QVK_OK;
+}
+
+int qvk_model_slots(const qvk_model* m) { return m->n_slots; }
+
+/* Each entry's last row of the residual stream into row e of xg, for the LM head. */
+static void qvk_rec_gather(qvk_rec* R, uint32_t n_ent) {
+    if (R->rc) return;
+    qvk_model* m = R->m;
+    qvk_ctx* c = m->c;
+    VkBufferCopy* regions = malloc((size_t)n_ent * sizeof *regions);
+    if (!regions) {
+        R->rc = qvk_fail(R->err, R->n, QVK_ERR_OOM, "out of host memory");
+        return;
+    }
+    const uint32_t* sg = m->seg.map;
+    const VkDeviceSize row = (VkDeviceSize)m->cfg.dim * 4;
+    for (uint32_t e = 0; e < n_ent; e++)
+        regions[e] = (VkBufferCopy){(sg[4 * e + 2] + sg[4 * e + 1] - 1) * row, e * row, row};
+    qvk_barrier(c, R->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT,
+                VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_READ_BIT);
+    c->f->vkCmdCopyBuffer(R->cb, m->x.buf, m->xg.buf, n_ent, regions);
+    qvk_barrier(c, R->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT,
+                VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_READ_BIT);
+    free(regions);
+}
+
+/* The batched step over nt rows of n_ent entries (the tables are filled): logits of each entry's last row. */
+static int qvk_record_batch(qvk_model* m, VkCommandBuffer cb, uint32_t nt, uint32_t n_ent, char* err, size_t n) {
+    qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL, VK_NULL_HANDLE, 1};
+    const uint32_t D = (uint32_t)m->cfg.dim;
+    const int rc = qvk_rec_begin(&R, 1);
+    if (rc) return rc;
+    R.label = "pp:embed";
+    qvk_rec_embed(&R, nt);
+    qvk_rec_layers(&R, nt);
+    qvk_rec_gather(&R, n_ent);
+    R.label = "pp:lm_head";
+    qvk_rec_prep(&R, m->xg.buf, D, D, m->norm.buf, 0, qvk_mm_q8(m, m->output, n_ent), n_ent);
+    qvk_rec_matmul(&R, m->output, QVK_STORE, m->xn.buf, D, m->blogits.buf, (uint32_t)m->cfg.vocab_size, n_ent);
+    qvk_rec_copy_back(&R, m->blogits.buf, m->bread.buf, n_ent);
+    if (m->c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !R.rc)
+        R.rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
+    return R.rc;
+}
+
+/* The step's tables: tokens, RoPE and cache row per row, the entries; checked against the slots. */
+static int qvk_batch_tables(qvk_model* m, const int32_t* tokens, int n_rows, const int32_t* ents, int n_ent, char* err,
+                            size_t n) {
+    uint32_t *p = m->params.map, *rowmap = m->rowmap.map, *sg = m->seg.map;
+    int row = 0;
+    m->b_max_n = 0;
+    for (int e = 0; e < n_ent; e++) {
+        const int slot = ents[3 * e], start = ents[3 * e + 1], cnt = ents[3 * e + 2];
+        if (slot < 0 || slot >= m->n_slots || start < 0 || cnt < 1 || cnt > n_rows - row ||
+            (long long)start + cnt > m->slot_ctx)
+            return qvk_fail(err, n, QVK_ERR_ARGS, "bad batch entry %d (slot %d, positions %d..%d)", e, slot, start,
+                            start + cnt - 1);
+        const uint32_t base = (uint32_t)slot * (uint32_t)m->slot_ctx;
+        sg[4 * e] = (uint32_t)start, sg[4 * e + 1] = (uint32_t)cnt, sg[4 * e + 2] = (uint32_t)row, sg[4 * e + 3] = base;
+        if ((uint32_t)cnt > m->b_max_n) m->b_max_n = (uint32_t)cnt;
+        for (int t = 0; t < cnt; t++, row++) {
+            if (tokens[row] < 0 || tokens[row] >= m->cfg.vocab_size)
+                return qvk_fail(err, n, QVK_ERR_ARGS, "token id %d out of range", tokens[row]);
+            p[4 + row] = (uint32_t)tokens[row];
+            rowmap[row] = base + (uint32_t)(start + t);
+            qvk_rope_row(m, row, start + t);
+        }
+    }
+    if (row != n_rows) return qvk_fail(err, n, QVK_ERR_ARGS, "the entries hold %d rows, not %d", row, n_rows);
+    p[0] = 0, p[1] = (uint32_t)n_rows;
+    m->b_n_ent = (uint32_t)n_ent;
+    return QVK_OK;
+}
+
+int qvk_model_forward_batch(qvk_model* m, const int32_t* tokens, int n_rows, const int32_t* ents, int n_ent,
+                            float* logits, char* err, size_t n) {
+    if (!m || !tokens || !ents || !logits || n_rows < 1 || n_rows > m->batch || n_ent < 1)
+        return qvk_fail(err, n, QVK_ERR_ARGS, "bad batch arguments");
+    if (!m->n_slots) return qvk_fail(err, n, QVK_ERR_ARGS, "no sequence slots are open");
+    if (n_ent > m->b_ents) return qvk_fail(err, n, QVK_ERR_ARGS, "%d entries, at most %d per pass", n_ent, m->b_ents);
+    int rc = qvk_step_ready(m, err, n);
+    if (!rc) rc = qvk_batch_tables(m, tokens, n_rows, ents, n_ent, err, n);
+    if (!rc) rc = qvk_record_batch(m, m->cb_prefill, (uint32_t)n_rows, (uint32_t)n_ent, err, n);
+    if (!rc) rc = qvk_submit_wait(m->c, m->cb_prefill, err, n);
+    if (rc) {
+        if (rc == QVK_ERR_DEVICE_LOST) m->lost = 1;
+        return rc;
+    }
+    m->n_forward++;
+    if (m->qpool && m->n_ts > 1) qvk_profile_collect(m, 0);
+    memcpy(logits, m->bread.map, (size_t)n_ent * m->cfg.vocab_size * sizeof(float));
+    return QVK_OK;
+}
+
+/* Positions 0..n_pos-1 of slot src's cache (every layer) copied to slot dst. */
+int qvk_model_copy_slot(qvk_model* m, int src, int dst, int n_pos, char* err, size_t n) {
+    if (!m || src < 0 || dst < 0 || src >= m->n_slots || dst >= m->n_slots || n_pos < 0 || n_pos > m->slot_ctx)
+        return qvk_fail(err, n, QVK_ERR_ARGS, "bad slot copy arguments");
+    if (m->lost) return qvk_fail(err, n, QVK_ERR_DEVICE_LOST, "the GPU was lost earlier");
+    if (src == dst || n_pos == 0) return QVK_OK;
+    qvk_ctx* c = m->c;
+    VkCommandBuffer cb = m->cb_prefill;
+    if (qvk_cmd_begin(c, cb, 1) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
+    const VkDeviceSize row = qvk_kv_row_bytes(m->kv_type, m->kv_dim), slot = row * (VkDeviceSize)m->slot_ctx;
+    VkBufferCopy region = {(VkDeviceSize)src * slot, (VkDeviceSize)dst * slot, (VkDeviceSize)n_pos * row};
+    qvk_barrier(c, cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT, VK_PIPELINE_STAGE_TRANSFER_BIT,
+                VK_ACCESS_TRANSFER_READ_BIT);
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        c->f->vkCmdCopyBuffer(cb, m->layers[l].kb.buf, m->layers[l].kb.buf, 1, &region);
+        c->f->vkCmdCopyBuffer(cb, m->layers[l].vb.buf, m->layers[l].vb.buf, 1, &region);
+    }
+    qvk_barrier(c, cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+                VK_ACCESS_SHADER_READ_BIT);
+    if (c->f->vkEndCommandBuffer(cb) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
+    const int rc = qvk_submit_wait(c, cb, err, n);
+    if (rc == QVK_ERR_DEVICE_LOST) m->lost = 1;
+    return rc;
 }

@@ -60,18 +60,24 @@ MIN_SLOT_CONTEXT = 256
 
 def plan_slots(model, parallel: int | None = None, context: int | None = None, available: int | None = None):
     """(parallel, context per sequence) for `qora serve`: the KV caches of all slots (parallel x context
-    positions) must fit KV_RAM_FRACTION of available memory. Without --parallel, as many as fit (at most
-    DEFAULT_MAX_PARALLEL); with it and no --context, each slot's context shrinks to fit."""
+    positions) must fit KV_RAM_FRACTION of available memory, or on a GPU the device memory the model
+    left (`engine.slot_memory()`). Without --parallel, as many as fit (at most DEFAULT_MAX_PARALLEL);
+    with it and no --context, each slot's context shrinks to fit."""
     cfg, engine = model.config, model.engine
     from qora.engine.base import KV_ELEMENT_BYTES
 
     width = KV_ELEMENT_BYTES.get(getattr(engine, "kv_dtype", "f16"), 4.0)
     per_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * width  # keys and values
-    if available is None:
-        import psutil
+    device_free = getattr(engine, "slot_memory", lambda: None)() if available is None else None
+    memory = "memory is available"
+    if device_free is not None:  # the GPU's slots also take their logits and tables: a margin for them
+        available, budget, memory = device_free, 0.95 * device_free, "device memory is left after the model"
+    else:
+        if available is None:
+            import psutil
 
-        available = psutil.virtual_memory().available
-    budget = KV_RAM_FRACTION * available
+            available = psutil.virtual_memory().available
+        budget = KV_RAM_FRACTION * available
     ctx = min(int(context), engine.max_seq_len) if context else engine.max_seq_len
     if parallel is None:
         return max(1, min(DEFAULT_MAX_PARALLEL, int(budget // (ctx * per_token)))), ctx
@@ -82,7 +88,7 @@ def plan_slots(model, parallel: int | None = None, context: int | None = None, a
         if context or fit < MIN_SLOT_CONTEXT:
             raise QoraError(
                 f"{parallel} sequences of {ctx} tokens need {parallel * ctx * per_token / 2**30:.1f} GiB of KV cache "
-                f"but {available / 2**30:.1f} GiB of memory is available: lower --parallel or --context"
+                f"but {available / 2**30:.1f} GiB of {memory}: lower --parallel or --context"
             )
         ctx = fit
     return parallel, ctx

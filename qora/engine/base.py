@@ -40,8 +40,8 @@ class Engine(Protocol):
     over entries (slot, tokens, start_pos): decoding sequences give one token, a joining one a chunk
     of its prompt, all evaluated in one pass so the weights are read once for every row; it returns
     each entry's last-token logits (vocab,). `copy_slot(src, dst, n)` copies a slot's first n cached
-    positions to another (a shared prompt prefix). An engine without a batched step offers one slot
-    over its own cache (`SingleSlot`). A cache of fixed-size KV blocks (block tables, prefix sharing
+    positions to another (a shared prompt prefix). Both engines run the batched step in one pass (the
+    GPU's slots are device buffers). A cache of fixed-size KV blocks (block tables, prefix sharing
     without copies) would go here next.
     """
 
@@ -97,27 +97,6 @@ def batch_entries(seqs, n_slots: int, max_seq_len: int, vocab_size: int) -> list
     if not out:
         raise QoraError("forward_batch needs at least one entry")
     return out
-
-
-class SingleSlot:
-    """The batch methods of an engine without a batched step: one slot, its own cache, entries run
-    one after another through `forward` (a GPU engine today: a batched Vulkan step is future work)."""
-
-    _slots_open = 0
-
-    def open_slots(self, n_slots: int, context: int | None = None) -> int:
-        if int(n_slots) < 1:
-            raise QoraError(f"n_slots must be >= 1, got {n_slots}")
-        self._slots_open = 1
-        return 1
-
-    def forward_batch(self, seqs) -> list[np.ndarray]:
-        entries = batch_entries(seqs, self._slots_open, self.max_seq_len, self.vocab_size)
-        return [self.forward(ids, start)[-1] for _, ids, start in entries]
-
-    def copy_slot(self, src: int, dst: int, n: int) -> None:
-        if not (int(src) == int(dst) == 0 and self._slots_open):
-            raise QoraError("this engine has one slot: nothing to copy between")
 
 
 def rope_parameters(cfg: dict) -> tuple[np.ndarray, float]:

@@ -34,10 +34,10 @@ import threading
 
 import numpy as np
 
-from qora import dtypes
+from qora import dtypes, limits
 from qora.engine.base import (
     KV_ELEMENT_BYTES,
-    SingleSlot,
+    batch_entries,
     check_tokens,
     default_context,
     kv_cache_dtype,
@@ -193,9 +193,10 @@ class DeviceLogits:
         return (self.vocab_size,)
 
 
-class VulkanEngine(SingleSlot):
+class VulkanEngine:
     """The Engine (qora.engine.base) on a Vulkan GPU: forward(tokens, start_pos) -> logits, with the KV
-    cache on the device."""
+    cache on the device. Batched steps (open_slots, forward_batch, copy_slot) keep each sequence slot's
+    cache on the device too, apart from the one `forward` uses (as the CPU engine does)."""
 
     def __init__(
         self,
@@ -260,6 +261,11 @@ class VulkanEngine(SingleSlot):
         self._step = 0  # decode steps of forward_lazy: a DeviceLogits reads its row only before the next
         self._tokens = np.zeros(seq, dtype=np.int32)  # what the KV cache holds, to replay on a fallback
         self._n_tokens = 0
+        # the slots of batched steps: their context, rows per pass, and what each slot's cache holds
+        # (tokens and how many), to replay on a fallback
+        self._slot_context = self._pass_rows = self._ents = 0
+        self._slot_tokens = np.zeros((0, 0), dtype=np.int32)
+        self._slot_len = np.zeros(0, dtype=np.int64)
 
     def _open_device(self, core, required: bool) -> dict:
         """The chosen device's facts; its shared context (and lock) on self."""
@@ -386,6 +392,11 @@ class VulkanEngine(SingleSlot):
         )
         if start_pos:
             cpu.forward(self._tokens[:start_pos], 0)
+        n_slots = self._slot_len.size
+        if n_slots:
+            cpu.open_slots(n_slots, self._slot_context)
+            for slot in np.flatnonzero(self._slot_len):
+                cpu.forward_batch([(int(slot), self._slot_tokens[slot, : self._slot_len[slot]], 0)])
         self._cpu = cpu
         self.device, self.isa = "cpu", cpu.isa
         self.device_name = "cpu"
@@ -462,6 +473,139 @@ class VulkanEngine(SingleSlot):
         """GPU time per prefill kernel under QORA_VK_PROFILE=1: ({name: (ms, calls) per prefill submission},
         ms per submission)."""
         return self._model.prefill_profile() if self._model is not None else ({}, 0.0)
+
+    def slot_memory(self) -> int | None:
+        """Device bytes left for the slots' KV caches (qora.api.batch.plan_slots); None on the CPU."""
+        if self._cpu is not None:
+            return None
+        return max(0, int(_VRAM_FRACTION * self.device_info["vram_budget"]) - int(self.vram_bytes))
+
+    def open_slots(self, n_slots: int, context: int | None = None, rows: int | None = None) -> int:
+        """KV caches on the device for n_slots sequences of batched steps, each of `context` positions (at
+        most, and by default, max_seq_len), passes of at most `rows` token rows (default: the prefill
+        submission's); they must fit the device memory the model left (the pre-flight says what fits)."""
+        if self._closed:
+            raise QoraError("the model is closed")
+        if self._cpu is not None:
+            return self._cpu.open_slots(n_slots, context, rows)
+        n_slots = int(n_slots)
+        if not 1 <= n_slots <= limits.MAX_BATCH_SLOTS:
+            raise QoraError(f"n_slots must be in 1..{limits.MAX_BATCH_SLOTS}, got {n_slots}")
+        ctx = min(int(context), self.max_seq_len) if context else self.max_seq_len
+        if ctx < 1:
+            raise QoraError(f"a slot's context must be >= 1, got {context}")
+        pass_rows = min(int(rows), self._batch) if rows else self._batch
+        if pass_rows < 1:
+            raise QoraError(f"rows must be >= 1, got {rows}")
+        ents = min(n_slots, self._batch)
+        core = _core()
+        with self._lock:
+            if self._model is None:
+                raise QoraError("the model is closed")
+            self._slot_preflight(core, n_slots, ctx, ents)
+            try:
+                self._model.open_batch(n_slots, ctx, ents)
+            except core.VulkanError as e:
+                self._slot_len = np.zeros(0, dtype=np.int64)
+                raise QoraError(f"{self.device_name}: cannot open {n_slots} sequences of {ctx} tokens: {e}") from None
+        self._slot_context, self._pass_rows, self._ents = ctx, pass_rows, ents
+        self._slot_tokens = np.zeros((n_slots, ctx), dtype=np.int32)
+        self._slot_len = np.zeros(n_slots, dtype=np.int64)
+        return n_slots
+
+    def _slot_preflight(self, core, n_slots: int, ctx: int, ents: int) -> None:
+        """The slots' device memory against what the model left of the budget: a clear error saying
+        what fits instead of an allocation failure."""
+        try:
+            need = self._model.batch_bytes(n_slots, ctx, ents)
+            one = self._model.batch_bytes(n_slots, 1, ents)
+            per = self._model.batch_bytes(n_slots, 2, ents) - one
+        except core.VulkanError as e:
+            raise QoraError(f"{self.device_name}: {e}") from None
+        free = self.slot_memory()
+        log.debug("vulkan: %d sequences of %d tokens take %s of device memory", n_slots, ctx, _fmt_bytes(need))
+        if need <= free:
+            return
+        fits = int(min(ctx, 1 + (free - one) // per)) if free >= one and per > 0 else 0
+        raise QoraError(
+            f"{self.device_name}: {n_slots} sequences of {ctx} tokens need {_fmt_bytes(need)} of device memory for "
+            f"their KV caches, {_fmt_bytes(free)} is left after the model"
+            + (f"; {n_slots} sequences of {fits} tokens fit" if fits else "; lower the number of sequences")
+        )
+
+    def _passes(self, entries):
+        """The entries cut into passes of at most _pass_rows rows and _ents entries; each piece is
+        (slot, ids, start, last piece of its entry)."""
+        passes, cur, rows = [], [], 0
+        for slot, ids, start in entries:
+            off = 0
+            while off < ids.size:
+                if rows == self._pass_rows or len(cur) == self._ents:
+                    passes.append(cur)
+                    cur, rows = [], 0
+                take = min(self._pass_rows - rows, ids.size - off)
+                cur.append((slot, ids[off : off + take], start + off, off + take == ids.size))
+                rows += take
+                off += take
+        passes.append(cur)
+        return passes
+
+    def forward_batch(self, seqs) -> list[np.ndarray]:
+        """One step over (slot, tokens, start_pos) entries, in as few passes as the rows allow (the weights
+        read once per pass for all rows); each entry's last-token logits (vocab,). Entries of one slot must
+        come in position order."""
+        if self._closed:
+            raise QoraError("the model is closed")
+        if self._cpu is not None:
+            return self._cpu.forward_batch(seqs)
+        entries = batch_entries(seqs, self._slot_len.size, self._slot_context, self.vocab_size)
+        core = _core()
+        out = []
+        try:
+            for pieces in self._passes(entries):
+                tokens = np.concatenate([ids for _, ids, _, _ in pieces]).astype(np.int32)
+                table = np.array([(slot, start, ids.size) for slot, ids, start, _ in pieces], dtype=np.int32)
+                with self._lock:
+                    if self._model is None:
+                        raise QoraError("the model is closed")
+                    logits = self._model.forward_batch(tokens, table)
+                    self._step += 1
+                for (slot, ids, start, last), row in zip(pieces, logits, strict=True):
+                    self._slot_tokens[slot, start : start + ids.size] = ids
+                    self._slot_len[slot] = start + ids.size
+                    if last:
+                        out.append(row)
+        except core.VulkanError as e:
+            if e.kind == "args":
+                raise QoraError(str(e)) from None
+            self._fall_back(e, self._n_tokens)
+            return self._cpu.forward_batch(seqs)
+        return out
+
+    def copy_slot(self, src: int, dst: int, n: int) -> None:
+        """Positions 0..n-1 of slot src's cache copied to slot dst (a GPU buffer copy)."""
+        if self._closed:
+            raise QoraError("the model is closed")
+        if self._cpu is not None:
+            return self._cpu.copy_slot(src, dst, n)
+        src, dst, n = int(src), int(dst), int(n)
+        n_slots = self._slot_len.size
+        if not (0 <= src < n_slots and 0 <= dst < n_slots and 0 <= n <= self._slot_context):
+            raise QoraError(f"cannot copy {n} positions from slot {src} to slot {dst}")
+        core = _core()
+        try:
+            with self._lock:
+                if self._model is None:
+                    raise QoraError("the model is closed")
+                self._model.copy_slot(src, dst, n)
+        except core.VulkanError as e:
+            if e.kind == "args":
+                raise QoraError(f"cannot copy {n} positions from slot {src} to slot {dst}") from None
+            self._fall_back(e, self._n_tokens)
+            return self._cpu.copy_slot(src, dst, n)
+        if src != dst:
+            self._slot_tokens[dst, :n] = self._slot_tokens[src, :n]
+            self._slot_len[dst] = n
 
     def reset(self):
         """Nothing to clear on the device: positions past start_pos are overwritten before they are read."""

@@ -11,6 +11,8 @@
 // of the row's max and sum. Row r of the tile is token r / HG, head r % HG.
 // The f16 tensor-core version (cooperative matrices) keeps this tiling: S = Q K^T and O += P V on
 // the staged tiles.
+// SEG=1 (a batched step over several sequences): workgroup z is entry e of seg[] = (start, n_tok,
+// first row in q and out, first cache row of its slot), each entry attending over its own slot.
 #include "common.glsl"
 #include "kvq8.glsl"
 
@@ -21,6 +23,7 @@ layout(constant_id = 2) const uint HD = 128; // head_dim: a multiple of 4 x TS, 
 layout(constant_id = 3) const uint HG = 1;   // query heads per workgroup, all of one KV head
 layout(constant_id = 4) const uint BK = 32;  // keys per tile, at most 64
 layout(constant_id = 5) const uint TS = 2;   // threads per query row: 1, 2 or 4
+layout(constant_id = 6) const uint SEG = 0;  // 1: entries from seg[] (workgroup z), else one from params
 
 layout(binding = 1) readonly buffer Q { vec4 q4[]; };
 layout(binding = 3) writeonly buffer Y { vec4 y4[]; };
@@ -33,6 +36,7 @@ layout(binding = 4) readonly buffer KCW { uint kqw[]; };
 layout(binding = 5) readonly buffer VCQ { uvec4 vq4[]; };
 layout(binding = 5) readonly buffer VCW { uint vqw[]; };
 layout(binding = 6) readonly buffer P { uint params[]; };
+layout(binding = 8) readonly buffer SG { uvec4 seg[]; };
 
 layout(push_constant) uniform PC {
     uint n_heads;
@@ -51,7 +55,7 @@ shared vec4 vs[BK * HD4];
 shared float sp[T * BK]; // TS > 1: the partial dots, (row, key, lane)
 
 // Stage positions [k0, k0 + BK) (those before `k_end`) of K and V as f32.
-void stage(uint k0, uint k_end, uint kv_dim, uint kb) {
+void stage(uint k0, uint k_end, uint kv_dim, uint kb, uint kvb) {
     const uint tid = gl_LocalInvocationID.x;
     if (KV16 == 2u) {
         const uint rw = kvq_row_words(kv_dim);
@@ -60,7 +64,7 @@ void stage(uint k0, uint k_end, uint kv_dim, uint kb) {
             uvec4 kw = uvec4(0u), vw = uvec4(0u);
             float kd = 0.0, vd = 0.0;
             if (k0 + k < k_end) {
-                const uint row = (k0 + k) * rw, blk = (kb + 16u * c) / 32u;
+                const uint row = (kvb + k0 + k) * rw, blk = (kb + 16u * c) / 32u;
                 kw = kq4[(row + kb / 4u) / 4u + c];
                 vw = vq4[(row + kb / 4u) / 4u + c];
                 kd = KVQ_SCALE(kqw, row, kv_dim, blk);
@@ -81,7 +85,7 @@ void stage(uint k0, uint k_end, uint kv_dim, uint kb) {
             const uint k = i / (HD / 8u), c = i - k * (HD / 8u);
             uvec4 kw = uvec4(0u), vw = uvec4(0u);
             if (k0 + k < k_end) {
-                const uint e = ((k0 + k) * kv_dim + kb) / 8u + c;
+                const uint e = ((kvb + k0 + k) * kv_dim + kb) / 8u + c;
                 kw = kc8[e];
                 vw = vc8[e];
             }
@@ -94,7 +98,7 @@ void stage(uint k0, uint k_end, uint kv_dim, uint kb) {
         for (uint i = tid; i < BK * HD4; i += T) {
             const uint k = i / HD4, c = i - k * HD4;
             const bool in_ = k0 + k < k_end;
-            const uint e = ((k0 + k) * kv_dim + kb) / 4u + c;
+            const uint e = ((kvb + k0 + k) * kv_dim + kb) / 4u + c;
             ks[i] = in_ ? kc4[e] : vec4(0.0);
             vs[i] = in_ ? vc4[e] : vec4(0.0);
         }
@@ -104,7 +108,9 @@ void stage(uint k0, uint k_end, uint kv_dim, uint kb) {
 void main() {
     const uint tid = gl_LocalInvocationID.x;
     const uint grp = gl_WorkGroupID.x, tile = gl_WorkGroupID.y;
-    const uint start = params[0], n_tok = params[1];
+    const uvec4 sg = SEG != 0u ? seg[gl_WorkGroupID.z] : uvec4(params[0], params[1], 0u, 0u);
+    const uint start = sg.x, n_tok = sg.y, row0 = sg.z, kvb = sg.w;
+    if (tile * BQ >= n_tok) return; // an entry shorter than the longest: the whole workgroup leaves
     const uint r = tid / TS, lane = tid - r * TS;
     const uint t = tile * BQ + r / HG, h = grp * HG + r % HG;
     const bool row_ok = r < BQ * HG && t < n_tok;
@@ -115,7 +121,7 @@ void main() {
     const uint k_end = start + min(n_tok, (tile + 1u) * BQ); // past the tile's last position
 
     vec4 q[16], acc[16];
-    const uint qb = (min(t, n_tok - 1u) * pc.ld_q + h * HD) / 4u + lane;
+    const uint qb = ((row0 + min(t, n_tok - 1u)) * pc.ld_q + h * HD) / 4u + lane;
     for (uint i = 0u; i < D4; i++) {
         q[i] = q4[qb + i * TS];
         acc[i] = vec4(0.0);
@@ -123,7 +129,7 @@ void main() {
     float m = -1e30, l = 0.0;
     for (uint k0 = 0u; k0 < k_end; k0 += BK) {
         barrier(); // the previous tile is used up
-        stage(k0, k_end, kv_dim, kb);
+        stage(k0, k_end, kv_dim, kb, kvb);
         barrier();
         float s[64];
         float mt = -1e30;
@@ -157,7 +163,7 @@ void main() {
         l = l * corr + ls;
     }
     if (row_ok) {
-        const uint ob = (t * pc.ld_out + h * HD) / 4u + lane;
+        const uint ob = ((row0 + t) * pc.ld_out + h * HD) / 4u + lane;
         for (uint i = 0u; i < D4; i++) y4[ob + i * TS] = acc[i] / l;
     }
 }

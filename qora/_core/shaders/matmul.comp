@@ -120,18 +120,24 @@ void main() {
             }
         }
         barrier();
+        // a thread whose 8 tokens are all past n_tok (a batched step of a few rows) has nothing to add
+        const bool busy = t0 + tc * 8u < pc.n_tok;
 #if INTQ
         for (uint j = 0u; j < 8u; j++) blk[j] = vec4(0.0);
-        for (uint k = 0u; k < TK; k++) {
-            vec4 a = vec4(ws[k][tr * 4u], ws[k][tr * 4u + 1u], ws[k][tr * 4u + 2u], ws[k][tr * 4u + 3u]);
-            for (uint j = 0u; j < 8u; j++) blk[j] += a * xs[k][tc * 8u + j]; // exact: integers below 2^24
+        if (busy) {
+            for (uint k = 0u; k < TK; k++) {
+                vec4 a = vec4(ws[k][tr * 4u], ws[k][tr * 4u + 1u], ws[k][tr * 4u + 2u], ws[k][tr * 4u + 3u]);
+                for (uint j = 0u; j < 8u; j++) blk[j] += a * xs[k][tc * 8u + j]; // exact: integers below 2^24
+            }
         }
-        vec4 dw = vec4(wsc[tr * 4u], wsc[tr * 4u + 1u], wsc[tr * 4u + 2u], wsc[tr * 4u + 3u]);
+        const vec4 dw = vec4(wsc[tr * 4u], wsc[tr * 4u + 1u], wsc[tr * 4u + 2u], wsc[tr * 4u + 3u]);
         for (uint j = 0u; j < 8u; j++) acc[j] += blk[j] * (dw * xssc[tc * 8u + j]);
 #else
-        for (uint k = 0u; k < TK; k++) {
-            vec4 a = vec4(ws[k][tr * 4u], ws[k][tr * 4u + 1u], ws[k][tr * 4u + 2u], ws[k][tr * 4u + 3u]);
-            for (uint j = 0u; j < 8u; j++) acc[j] += a * xs[k][tc * 8u + j];
+        if (busy) {
+            for (uint k = 0u; k < TK; k++) {
+                vec4 a = vec4(ws[k][tr * 4u], ws[k][tr * 4u + 1u], ws[k][tr * 4u + 2u], ws[k][tr * 4u + 3u]);
+                for (uint j = 0u; j < 8u; j++) acc[j] += a * xs[k][tc * 8u + j];
+            }
         }
 #endif
         barrier();

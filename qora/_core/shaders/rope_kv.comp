@@ -5,11 +5,14 @@
 // pairs; a Q8_0 cache instead takes a pair of K or V blocks per thread (each value rotated as the
 // pairs are, then the block's scale, as the CPU engine's quantizer). Decode with a Q8_0 cache runs
 // this for its one token with use_rope 0: the QKV product wrote k and v rotated into qkv.
+// ROWMAP=1 (a batched step over several sequences): token t's cache row is rowmap[t] (its slot's
+// first row + its position), not params[0] + t; its cos/sin in rope_cs are for its own position.
 #include "common.glsl"
 #include "kvq8.glsl"
 
 layout(local_size_x = 64) in;
 layout(constant_id = 1) const uint KV16 = 1;
+layout(constant_id = 2) const uint ROWMAP = 0;
 
 layout(binding = 3) buffer QKV { float qkv[]; };
 layout(binding = 4) writeonly buffer KC { uint kc[]; }; // KV16: f16 pairs
@@ -20,6 +23,7 @@ layout(binding = 4) writeonly buffer KCQ { uint kq[]; };
 layout(binding = 5) writeonly buffer VCQ { uint vq[]; };
 layout(binding = 6) readonly buffer P { uint params[]; };
 layout(binding = 7) readonly buffer RC { float rope_cs[]; };
+layout(binding = 8) readonly buffer RM { uint rowmap[]; };
 
 layout(push_constant) uniform PC {
     uint n_heads;
@@ -69,7 +73,7 @@ void store_q8(uint t, uint pos, uint base, uint q_dim, uint kv_dim) {
 void main() {
     const uint tid = gl_LocalInvocationID.x;
     const uint t = gl_WorkGroupID.x;
-    const uint pos = params[0] + t;
+    const uint pos = ROWMAP != 0u ? rowmap[t] : params[0] + t;
     const uint half_ = pc.head_dim / 2u;
     const uint q_dim = pc.n_heads * pc.head_dim, kv_dim = pc.n_kv_heads * pc.head_dim;
     const uint base = t * pc.ld;
