@@ -69,7 +69,7 @@ def test_attn_prefill_entries_over_their_slots(ctx, entries, n_heads, n_kv, hd, 
     bufs = [None, q, None, out, kc, vc, np.zeros(4, np.uint32), None, seg]
     tiles = -(-max(n for _, _, n in entries) // bq)
     ctx.run_kernel("attn_prefill", spec, bufs, push, n_heads // hg, tiles, len(entries))
-    for (slot, start, n), (_, _, row0, base) in zip(entries, seg, strict=True):
+    for (_, start, n), (_, _, row0, base) in zip(entries, seg, strict=True):
         own = slice(base, base + start + n)
         want = ref_attention(q[row0 : row0 + n], kc[own], vc[own], start, n_heads, n_kv, hd)
         assert rel_err(out[row0 : row0 + n], want) < 1e-5
