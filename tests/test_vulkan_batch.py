@@ -227,6 +227,16 @@ def test_bad_input_and_preflight(engines):
         gpu.open_slots(200, 96)
     gpu.device_info = dict(gpu.device_info, vram_budget=(gpu.vram_bytes + free) / 0.9)
     assert len(gpu.forward_batch([(0, [1, 2, 3], 0)])) == 1
+    # the device refusing the allocation (as when another process took the memory): a clear error
+    gpu._ctx.set_fail_alloc(True)
+    try:
+        with pytest.raises(QoraError, match="cannot open 3 sequences"):
+            gpu.open_slots(3)
+    finally:
+        gpu._ctx.set_fail_alloc(False)
+    with pytest.raises(QoraError, match="open_slots first"):  # the old slots went with the failed attempt
+        gpu.forward_batch([(0, [1], 0)])
+    assert gpu.open_slots(2) == 2 and len(gpu.forward_batch([(1, [1, 2], 0)])) == 1
     gpu.close()
     with pytest.raises(QoraError, match="closed"):
         gpu.forward_batch([(0, [1], 0)])
