@@ -177,8 +177,10 @@ def test_gpu_server_batches_and_answers_as_one_at_a_time(tiny_model, monkeypatch
     """`qora serve --gpu --parallel 3` (lavapipe in CI; a tiny model, as lavapipe is slow): concurrent
     answers from the batched Vulkan step equal the same server's answers asked one at a time (each row's
     arithmetic is independent of the other rows of its step), and the slots' caches are on the device."""
-    from _helpers_vulkan import DEVICE
-
+    try:
+        from _helpers_vulkan import DEVICE
+    except ImportError:  # a build without the Vulkan extension
+        DEVICE = None
     if DEVICE is None:
         pytest.skip("no usable Vulkan device (CI installs lavapipe)")
     monkeypatch.setenv("QORA_VK_ALLOW_CPU", "1")
