@@ -222,16 +222,21 @@ static int qora_has_nan(const float* x, int n) {
     return bad;
 }
 
-/* Python's _softmax over v[0..n) into p (entries at -inf get 0); 0 when none is finite. */
-static int qora_softmax64(const float* v, int n, double* e, double* p) {
+/* The largest finite value of v[0..n) into *m; 0 when none is finite. */
+static int qora_finite_max(const float* v, int n, float* m) {
     int any = 0;
-    float m = 0.0f;
     for (int i = 0; i < n; i++)
-        if (isfinite(v[i]) && (!any || v[i] > m)) {
-            m = v[i];
+        if (isfinite(v[i]) && (!any || v[i] > *m)) {
+            *m = v[i];
             any = 1;
         }
-    if (!any) return 0;
+    return any;
+}
+
+/* Python's _softmax over v[0..n) into p (entries at -inf get 0); 0 when none is finite. */
+static int qora_softmax64(const float* v, int n, double* e, double* p) {
+    float m = 0.0f;
+    if (!qora_finite_max(v, n, &m)) return 0;
     for (int i = 0; i < n; i++) e[i] = isfinite(v[i]) ? exp((double)v[i] - (double)m) : 0.0;
     const double s = qora_pairwise_sum(e, n);
     for (int i = 0; i < n; i++) p[i] = e[i] / s;
@@ -274,14 +279,8 @@ static int qora_sample_candidates(qora_sampler* S, const qora_sample_params* P, 
             if (!(S->p[i] > 0) || S->e[i] == -1.0) v[i] = -INFINITY;
     }
     if (P->min_p > 0.0) {
-        int any = 0;
         float m = 0.0f;
-        for (int i = 0; i < n; i++)
-            if (isfinite(v[i]) && (!any || v[i] > m)) {
-                m = v[i];
-                any = 1;
-            }
-        const float thr = any ? m + P->log_min_p : INFINITY;
+        const float thr = qora_finite_max(v, n, &m) ? m + P->log_min_p : INFINITY;
         for (int i = 0; i < n; i++)
             if (!(v[i] >= thr)) v[i] = -INFINITY;
     }
