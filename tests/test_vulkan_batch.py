@@ -199,6 +199,38 @@ def test_slot_reuse_and_copy(engines):
     gpu.copy_slot(2, 0, 0)
 
 
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+def test_one_row_step_is_the_decode_step_over_the_slot(tiny_model, monkeypatch, kv):
+    """A step of one decode row runs the single-sequence decode step over that slot's cache (its own
+    buffers aliasing the slots' cache): the batched path's logits within rounding, every slot, the
+    other slots untouched, after a copy_slot too."""
+    monkeypatch.setenv("QORA_KV", kv)
+    monkeypatch.setenv("QORA_VK_ALLOW_CPU", "1")
+    monkeypatch.setenv("QORA_VK_COOPMAT", "0")
+    monkeypatch.setenv("QORA_VK_PROFILE", "1")  # decode steps show in profile(), batched ones do not
+    qf = read_qora(tiny_model("tiny-llama", "f16"))
+    out = {}
+    try:
+        for mode in ("1", "0"):
+            monkeypatch.setenv("QORA_VK_SLOT_DECODE", mode)
+            gpu = eng.make_engine(qf, "gpu", max_seq_len=64)
+            gpu.open_slots(3, 40)  # 40 positions: slots padded to 256-byte boundaries
+            p = np.random.default_rng(4).integers(0, gpu.vocab_size, 20)
+            gpu.forward_batch([(0, p[:9], 0), (1, p, 0), (2, p[:3], 0)])
+            rows = [gpu.forward_batch([(s, [5 + s], n)])[0] for s, n in ((1, 20), (0, 9), (2, 3), (1, 21))]
+            gpu.copy_slot(1, 2, 22)
+            rows += [gpu.forward_batch([(2, [7], 22)])[0], gpu.forward_batch([(0, [8], 10)])[0]]
+            out[mode] = rows
+            kernels, _ = gpu.profile()
+            assert ("attention" in kernels) == (mode == "1")  # which path the one-row steps took
+            gpu.close()
+    finally:
+        qf.close()
+    tol = 1e-4 if kv == "f32" else KV_TOL[kv]
+    for a, b in zip(out["1"], out["0"], strict=True):
+        assert rel_err(a, b) < tol
+
+
 def test_several_entries_of_one_slot_in_one_step(engines):
     gpu, cpu, tol = engines
     p = np.random.default_rng(2).integers(0, gpu.vocab_size, 12)

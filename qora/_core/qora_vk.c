@@ -1042,7 +1042,8 @@ typedef struct {
     qvk_matrix wdown;  /* (dim, hidden) */
     qvk_buffer attn_norm, ffn_norm; /* (dim,) f32 */
     qvk_buffer kc, vc; /* max_seq_len rows of kv_dim values of kv_type (qvk_kv_row_bytes) */
-    qvk_buffer kb, vb; /* batched steps: n_slots x slot_ctx rows, slot s from row s x slot_ctx */
+    qvk_buffer kb, vb; /* batched steps: n_slots x slot_rows rows, slot s from row s x slot_rows */
+    VkBuffer *kslot, *vslot; /* slot s's rows of kb, vb as buffers of their own (aliases: the one-row step) */
     int use_rope;
 } qvk_layer;
 
@@ -1109,7 +1110,13 @@ struct qvk_model {
        the rows' cache rows (rowmap: slot x slot_ctx + position), the entries (seg: start, n, first row,
        first cache row), each entry's last row gathered (xg) for the LM head (blogits, bread) */
     int n_slots, slot_ctx, b_ents;
+    int slot_rows; /* rows between slots: slot_ctx padded so each slot starts on a 256-byte boundary */
     qvk_buffer rowmap, seg, xg, blogits, bread;
+    /* a step of one decode row runs the decode step (mat-vecs, split-K attention) over that slot's
+       aliases: a command buffer per slot, recorded on first use */
+    int slot_decode, use_slot_decode;
+    VkCommandBuffer* cb_slot;
+    int* slot_recorded;
     uint32_t b_n_ent, b_max_n; /* the pass being recorded: entries, the longest */
 };
 
@@ -1463,6 +1470,7 @@ static void qvk_model_settings(qvk_model* m, qvk_ctx* c, const qora_config* cfg,
     m->fail_after = o->fail_after;
     m->kv_type = o->kv_type;
     m->chunk_rows = o->chunk_rows;
+    m->use_slot_decode = 1;
     m->sets.pool_sets = (uint32_t)(cfg->n_layers * 24 + 64);
 }
 
@@ -1739,7 +1747,15 @@ typedef struct {
     const char* label; /* what the next dispatch is called in the profile */
     VkBuffer indirect; /* the next dispatch's workgroup counts are in this buffer (else none) */
     int batch;         /* a batched step: the slots' caches, per-row cache rows, attention per entry */
+    int slot1;         /* a decode step over slot slot1 - 1's cache (its aliases); 0: the model's own cache */
 } qvk_rec;
+
+/* The key (v = 0) or value cache a step binds: the slots' (batched), one slot's, or the model's own. */
+static VkBuffer qvk_kv(const qvk_rec* R, const qvk_layer* L, int v) {
+    if (R->batch) return v ? L->vb.buf : L->kb.buf;
+    if (R->slot1) return v ? L->vslot[R->slot1 - 1] : L->kslot[R->slot1 - 1];
+    return v ? L->vc.buf : L->kc.buf;
+}
 
 static void qvk_rec_dispatch(qvk_rec* R, const char* shader, const uint32_t* spec, int n_spec, const VkBuffer* binds,
                              const void* push, size_t push_bytes, uint32_t gx, uint32_t gy, uint32_t gz,
@@ -1912,13 +1928,13 @@ static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, ui
     const uint32_t hd = (uint32_t)m->cfg.head_dim, hg = m->att_hg, groups = (uint32_t)m->cfg.n_heads / hg;
     qvk_att_push p = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, hd, (uint32_t)m->qkv_dim,
                       (uint32_t)m->q_dim, out_base, m->act_w};
-    VkBuffer b[QVK_BINDINGS] = {m->att_part.buf, m->qkv.buf, 0, m->att.buf, L->kc.buf, L->vc.buf, m->params.buf,
+    VkBuffer b[QVK_BINDINGS] = {m->att_part.buf, m->qkv.buf, 0, m->att.buf, qvk_kv(R, L, 0), qvk_kv(R, L, 1), m->params.buf,
                                 m->att_done.buf, m->act.buf, m->cnt.buf};
     if (R->batch) { /* one z per entry, each over its own slot (SEG) */
         uint32_t spec[7];
         const uint32_t bq = qvk_flash_shape(m, spec);
         spec[6] = 1;
-        b[4] = L->kb.buf, b[5] = L->vb.buf, b[8] = m->seg.buf, b[7] = b[9] = 0;
+        b[8] = m->seg.buf, b[7] = b[9] = 0;
         qvk_rec_dispatch(R, "attn_prefill", spec, 7, b, &p, sizeof p, groups, (m->b_max_n + bq - 1) / bq, m->b_n_ent, 1);
     } else if (n_tok == 1) {
         /* only the chunks the context fills are launched (qvk_att_chunks, written per step) */
@@ -1956,7 +1972,7 @@ static void qvk_rec_rope_kv(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, int 
     qvk_model* m = R->m;
     qvk_rope_push rp = {(uint32_t)m->cfg.n_heads, (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_dim,
                         (uint32_t)m->qkv_dim, (uint32_t)use_rope};
-    VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, R->batch ? L->kb.buf : L->kc.buf, R->batch ? L->vb.buf : L->vc.buf,
+    VkBuffer rb[QVK_BINDINGS] = {0, 0, 0, m->qkv.buf, qvk_kv(R, L, 0), qvk_kv(R, L, 1),
                                  m->params.buf, m->rope.buf, R->batch ? m->rowmap.buf : 0};
     const uint32_t kv_spec[3] = {0, (uint32_t)m->kv_type, R->batch ? 1u : 0u};
     qvk_rec_dispatch(R, "rope_kv", kv_spec, R->batch ? 3 : 2, rb, &rp, sizeof rp, n_tok, 1, 1, 1);
@@ -1986,8 +2002,8 @@ static int qvk_rec_begin(qvk_rec* R, int once) {
    -> A, gate/up(A) -> B, down(B) + next norm -> A; LM head(A). */
 static void qvk_rec_topk(qvk_rec* R);
 
-static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, int topk, char* err, size_t n) {
-    qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL};
+static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, int topk, int slot1, char* err, size_t n) {
+    qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL, VK_NULL_HANDLE, 0, slot1};
     const uint32_t A = 0, B = m->act_half, D = (uint32_t)m->cfg.dim;
     const int rc = qvk_rec_begin(&R, 0);
     if (rc) return rc;
@@ -2000,7 +2016,7 @@ static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, int topk, char* e
         VkBuffer next_norm = l + 1 < m->cfg.n_layers ? m->layers[l + 1].attn_norm.buf : m->norm.buf;
         R.label = "qkv";
         for (int i = 0; i < L->n_qkv; i++)
-            qvk_rec_matvec(&R, &L->wqkv[i], QVK_QKV, A, m->qkv.buf, 0, L->kc.buf, L->vc.buf, L->use_rope, QVK_EPI_NONE, 0,
+            qvk_rec_matvec(&R, &L->wqkv[i], QVK_QKV, A, m->qkv.buf, 0, qvk_kv(&R, L, 0), qvk_kv(&R, L, 1), L->use_rope, QVK_EPI_NONE, 0,
                            0, 0);
         if (m->kv_type == QORA_Q8) { /* the products left k and v in qkv: whole Q8 blocks into the cache */
             R.label = "kv_q8";
@@ -2213,7 +2229,7 @@ static int qvk_step(qvk_model* m, const int32_t* tokens, int n, int start_pos, i
         cb = topk ? m->cb_decode_topk : m->cb_decode;
         int* recorded = topk ? &m->topk_recorded : &m->decode_recorded;
         if (!*recorded) {
-            rc = qvk_record_decode(m, cb, topk, err, errlen);
+            rc = qvk_record_decode(m, cb, topk, 0, err, errlen);
             if (rc) return rc;
             *recorded = 1;
         }
@@ -2309,14 +2325,81 @@ static void qvk_batch_buffer_free(qvk_model* m, qvk_buffer* b) {
 }
 
 static void qvk_batch_free(qvk_model* m) {
+    qvk_ctx* c = m->c;
     if (m->layers)
         for (int l = 0; l < m->cfg.n_layers; l++) {
-            qvk_batch_buffer_free(m, &m->layers[l].kb);
-            qvk_batch_buffer_free(m, &m->layers[l].vb);
+            qvk_layer* L = &m->layers[l];
+            for (int s = 0; s < m->n_slots && L->kslot; s++) {
+                VkBuffer al[2] = {L->kslot[s], L->vslot[s]};
+                for (int i = 0; i < 2; i++)
+                    if (al[i]) {
+                        qvk_sets_forget(&m->sets, al[i]);
+                        c->f->vkDestroyBuffer(c->dev, al[i], NULL);
+                    }
+            }
+            free(L->kslot);
+            free(L->vslot);
+            L->kslot = L->vslot = NULL;
+            qvk_batch_buffer_free(m, &L->kb);
+            qvk_batch_buffer_free(m, &L->vb);
         }
+    for (int s = 0; s < m->n_slots && m->cb_slot; s++)
+        if (m->cb_slot[s]) c->f->vkFreeCommandBuffers(c->dev, c->cmd_pool, 1, &m->cb_slot[s]);
+    free(m->cb_slot);
+    free(m->slot_recorded);
+    m->cb_slot = NULL;
+    m->slot_recorded = NULL;
     qvk_buffer* bufs[] = {&m->rowmap, &m->seg, &m->xg, &m->blogits, &m->bread};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) qvk_batch_buffer_free(m, bufs[i]);
-    m->n_slots = m->slot_ctx = m->b_ents = 0;
+    m->n_slots = m->slot_ctx = m->slot_rows = m->b_ents = 0;
+}
+
+/* Rows between slots: ctx rounded up so that a slot's bytes are a multiple of 256 (its alias buffer
+   then starts where any device may bind one). */
+static size_t qvk_slot_rows(const qvk_model* m, int ctx) {
+    const size_t row = qvk_kv_row_bytes(m->kv_type, m->kv_dim);
+    size_t rows = (size_t)ctx;
+    while ((rows * row) % 256) rows++;
+    return rows;
+}
+
+/* Slot s's rows of a slots' cache buffer as a buffer of its own (bound to the same memory): NULL
+   where the device wants another alignment (the one-row step then stays on the batched path). */
+static VkBuffer qvk_alias(qvk_ctx* c, const qvk_buffer* b, VkDeviceSize off, VkDeviceSize size) {
+    VkBufferCreateInfo bi = {VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO};
+    bi.size = size;
+    bi.usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_SRC_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT;
+    bi.sharingMode = VK_SHARING_MODE_EXCLUSIVE;
+    VkBuffer a = VK_NULL_HANDLE;
+    if (c->f->vkCreateBuffer(c->dev, &bi, NULL, &a) != VK_SUCCESS) return VK_NULL_HANDLE;
+    VkMemoryRequirements req;
+    c->f->vkGetBufferMemoryRequirements(c->dev, a, &req);
+    if (off % req.alignment || off + req.size > b->size || c->f->vkBindBufferMemory(c->dev, a, b->mem, off) != VK_SUCCESS) {
+        c->f->vkDestroyBuffer(c->dev, a, NULL);
+        return VK_NULL_HANDLE;
+    }
+    return a;
+}
+
+/* Every slot's aliases and its (not yet recorded) decode command buffer; slot_decode stays 0 if any fails. */
+static void qvk_slot_aliases(qvk_model* m) {
+    qvk_ctx* c = m->c;
+    const VkDeviceSize bytes = (VkDeviceSize)m->slot_rows * qvk_kv_row_bytes(m->kv_type, m->kv_dim);
+    m->cb_slot = calloc((size_t)m->n_slots, sizeof *m->cb_slot);
+    m->slot_recorded = calloc((size_t)m->n_slots, sizeof *m->slot_recorded);
+    int ok = m->cb_slot && m->slot_recorded;
+    for (int l = 0; l < m->cfg.n_layers && ok; l++) {
+        qvk_layer* L = &m->layers[l];
+        L->kslot = calloc((size_t)m->n_slots, sizeof(VkBuffer));
+        L->vslot = calloc((size_t)m->n_slots, sizeof(VkBuffer));
+        ok = L->kslot && L->vslot;
+        for (int s = 0; s < m->n_slots && ok; s++) {
+            L->kslot[s] = qvk_alias(c, &L->kb, (VkDeviceSize)s * bytes, bytes);
+            L->vslot[s] = qvk_alias(c, &L->vb, (VkDeviceSize)s * bytes, bytes);
+            ok = L->kslot[s] && L->vslot[s];
+        }
+    }
+    m->slot_decode = ok;
 }
 
 /* Bytes the slots take: n_slots caches of ctx positions per layer, passes of up to ents entries. */
@@ -2325,7 +2408,7 @@ int qvk_model_batch_bytes(const qvk_model* m, int n_slots, int ctx, int ents, ui
     if (!m || n_slots < 1 || ctx < 1 || ctx > m->cfg.max_seq_len || ents < 1 || ents > m->batch)
         return qvk_fail(err, n, QVK_ERR_ARGS, "bad slot arguments");
     const size_t range = m->c->info.max_storage_buffer_range;
-    const size_t layer = (size_t)n_slots * (size_t)ctx * qvk_kv_row_bytes(m->kv_type, m->kv_dim);
+    const size_t layer = (size_t)n_slots * qvk_slot_rows(m, ctx) * qvk_kv_row_bytes(m->kv_type, m->kv_dim);
     if (layer > range)
         return qvk_fail(err, n, QVK_ERR_UNSUPPORTED, "%d sequences of %d tokens: a KV cache layer of %.0f MB exceeds "
                         "the device's %.0f MB storage-buffer limit", n_slots, ctx, (double)layer / 1e6, (double)range / 1e6);
@@ -2343,7 +2426,7 @@ int qvk_model_open_batch(qvk_model* m, int n_slots, int ctx, int ents, char* err
     if (rc) return rc;
     qvk_batch_free(m);
     qvk_ctx* c = m->c;
-    const size_t layer = (size_t)n_slots * (size_t)ctx * qvk_kv_row_bytes(m->kv_type, m->kv_dim);
+    const size_t layer = (size_t)n_slots * qvk_slot_rows(m, ctx) * qvk_kv_row_bytes(m->kv_type, m->kv_dim);
     const size_t V = (size_t)m->cfg.vocab_size, D = (size_t)m->cfg.dim;
     for (int l = 0; l < m->cfg.n_layers && !rc; l++) {
         rc = qvk_buffer_new(c, layer, QVK_MEM_DEVICE, &m->layers[l].kb, err, n);
@@ -2358,7 +2441,8 @@ int qvk_model_open_batch(qvk_model* m, int n_slots, int ctx, int ents, char* err
         qvk_batch_free(m);
         return rc;
     }
-    m->n_slots = n_slots, m->slot_ctx = ctx, m->b_ents = ents;
+    m->n_slots = n_slots, m->slot_ctx = ctx, m->b_ents = ents, m->slot_rows = (int)qvk_slot_rows(m, ctx);
+    qvk_slot_aliases(m);
     return QVK_OK;
 }
 
@@ -2417,7 +2501,7 @@ static int qvk_batch_tables(qvk_model* m, const int32_t* tokens, int n_rows, con
             (long long)start + cnt > m->slot_ctx)
             return qvk_fail(err, n, QVK_ERR_ARGS, "bad batch entry %d (slot %d, positions %d..%d)", e, slot, start,
                             start + cnt - 1);
-        const uint32_t base = (uint32_t)slot * (uint32_t)m->slot_ctx;
+        const uint32_t base = (uint32_t)slot * (uint32_t)m->slot_rows;
         sg[4 * e] = (uint32_t)start, sg[4 * e + 1] = (uint32_t)cnt, sg[4 * e + 2] = (uint32_t)row, sg[4 * e + 3] = base;
         if ((uint32_t)cnt > m->b_max_n) m->b_max_n = (uint32_t)cnt;
         for (int t = 0; t < cnt; t++, row++) {
@@ -2434,6 +2518,36 @@ static int qvk_batch_tables(qvk_model* m, const int32_t* tokens, int n_rows, con
     return QVK_OK;
 }
 
+/* One decode row of slot `slot` at pos (the tables are filled): the single-sequence decode step over the
+   slot's aliases, as fast as `forward` of one token (the batched path's products and attention are
+   made for many rows). */
+static int qvk_slot_step(qvk_model* m, int slot, int pos, float* logits, char* err, size_t n) {
+    uint32_t* p = m->params.map;
+    p[0] = (uint32_t)pos, p[1] = 1;
+    uint32_t* args = m->att_args.map;
+    args[0] = (uint32_t)m->cfg.n_heads / m->att_hg;
+    args[1] = qvk_att_chunks(m, (uint32_t)pos + 1);
+    args[2] = 1;
+    if (!m->cb_slot[slot]) m->cb_slot[slot] = qvk_cmd_new(m->c);
+    if (!m->cb_slot[slot]) return qvk_fail(err, n, QVK_ERR_VK, "vkAllocateCommandBuffers failed");
+    int rc = QVK_OK;
+    if (!m->slot_recorded[slot]) {
+        rc = qvk_record_decode(m, m->cb_slot[slot], 0, slot + 1, err, n);
+        m->slot_recorded[slot] = !rc;
+    }
+    if (!rc) rc = qvk_submit_wait(m->c, m->cb_slot[slot], err, n);
+    if (rc) {
+        if (rc == QVK_ERR_DEVICE_LOST) m->lost = 1;
+        return rc;
+    }
+    m->n_forward++;
+    if (m->qpool && m->n_ts > 1) qvk_profile_collect(m, 1);
+    memcpy(logits, m->readback.map, (size_t)m->cfg.vocab_size * sizeof(float));
+    return QVK_OK;
+}
+
+void qvk_model_set_slot_decode(qvk_model* m, int on) { m->use_slot_decode = on; }
+
 int qvk_model_forward_batch(qvk_model* m, const int32_t* tokens, int n_rows, const int32_t* ents, int n_ent,
                             float* logits, char* err, size_t n) {
     if (!m || !tokens || !ents || !logits || n_rows < 1 || n_rows > m->batch || n_ent < 1)
@@ -2442,6 +2556,7 @@ int qvk_model_forward_batch(qvk_model* m, const int32_t* tokens, int n_rows, con
     if (n_ent > m->b_ents) return qvk_fail(err, n, QVK_ERR_ARGS, "%d entries, at most %d per pass", n_ent, m->b_ents);
     int rc = qvk_step_ready(m, err, n);
     if (!rc) rc = qvk_batch_tables(m, tokens, n_rows, ents, n_ent, err, n);
+    if (!rc && n_rows == 1 && m->slot_decode && m->use_slot_decode) return qvk_slot_step(m, ents[0], ents[1], logits, err, n);
     if (!rc) rc = qvk_record_batch(m, m->cb_prefill, (uint32_t)n_rows, (uint32_t)n_ent, err, n);
     if (!rc) rc = qvk_submit_wait(m->c, m->cb_prefill, err, n);
     if (rc) {
@@ -2463,7 +2578,7 @@ int qvk_model_copy_slot(qvk_model* m, int src, int dst, int n_pos, char* err, si
     qvk_ctx* c = m->c;
     VkCommandBuffer cb = m->cb_prefill;
     if (qvk_cmd_begin(c, cb, 1) != VK_SUCCESS) return qvk_fail(err, n, QVK_ERR_VK, "vkBeginCommandBuffer failed");
-    const VkDeviceSize row = qvk_kv_row_bytes(m->kv_type, m->kv_dim), slot = row * (VkDeviceSize)m->slot_ctx;
+    const VkDeviceSize row = qvk_kv_row_bytes(m->kv_type, m->kv_dim), slot = row * (VkDeviceSize)m->slot_rows;
     VkBufferCopy region = {(VkDeviceSize)src * slot, (VkDeviceSize)dst * slot, (VkDeviceSize)n_pos * row};
     qvk_barrier(c, cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT, VK_PIPELINE_STAGE_TRANSFER_BIT,
                 VK_ACCESS_TRANSFER_READ_BIT);

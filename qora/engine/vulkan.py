@@ -24,6 +24,8 @@ Environment:
     QORA_VK_DOT=0|1        decode Q4/Q8 dots without / with the packed integer dot product
                            (default: with it where the driver says it is accelerated)
     QORA_VK_PROFILE=1      time every decode dispatch on the GPU (VulkanEngine.profile())
+    QORA_VK_SLOT_DECODE=0  batched steps of one decode row through the batched path too (default: the
+                           single-sequence decode step over that slot's cache)
 """
 
 from __future__ import annotations
@@ -503,6 +505,8 @@ class VulkanEngine:
             if self._model is None:
                 raise QoraError("the model is closed")
             self._slot_preflight(core, n_slots, ctx, ents)
+            # a step of one decode row as the single-sequence decode step (0: the batched path, for A/B)
+            self._model.set_slot_decode(_env_int("QORA_VK_SLOT_DECODE", 1) != 0)
             try:
                 self._model.open_batch(n_slots, ctx, ents)
             except core.VulkanError as e:
