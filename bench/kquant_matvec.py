@@ -2,7 +2,7 @@
 the GGUF types against Q4_0 (repacked as the engine does). The types are timed interleaved, several
 rounds, so a noisy machine moves them alike; compare the ratios.
 
-    python bench/kquant_matvec.py [--rows 8192] [--cols 4096] [--threads 2] [--rounds 5] [--isa avx2]
+    python bench/kquant_matvec.py [--rows 8192] [--cols 4096] [--threads 2] [--rounds 5] [--isa avx2] [--walk seq]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from qora._core import _cpu
 from qora.dtypes import WEIGHT_TYPES
 from qora.engine import ISA_NAMES
+from qora.engine.cpu import DECODE_WALKS, resolve_kernel
 
 TYPES = ["q4", "q4_1", "q5_0", "q5_1", "q8", "q4_k", "q5_k", "q6_k", "f16", "bf16"]
 
@@ -41,7 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("q8", "f32"), default="q8")
     p.add_argument("--types", default=",".join(TYPES))
     p.add_argument("--file-layout", action="store_true", help="no interleaved copies (QORA_REPACK=0's layout)")
+    p.add_argument("--walk", choices=DECODE_WALKS, default=None, help="decode walk (default: the engine's choice)")
     a = p.parse_args(argv)
+    walk = _cpu.set_decode_walk(a.walk or resolve_kernel()[0])
     feats = _cpu.cpu_features()
     isa = (
         ISA_NAMES.index(a.isa)
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
                 m.matmul(x, isa, a.threads, f32)
                 n += 1
             best[t] = min(best[t], (time.perf_counter() - t0) / n)
-    print(f"{a.rows}x{a.cols}, {ISA_NAMES[isa]}, {a.threads} threads, {a.precision} activations, best of {a.rounds}")
+    print(f"{a.rows}x{a.cols}, {ISA_NAMES[isa]}, {a.threads} threads, {a.precision} activations, walk {walk}, "
+          f"best of {a.rounds}")
     base = None
     for t in types:
         gbs = a.rows * a.cols * WEIGHT_TYPES[t].bits_per_weight / 8 / best[t] / 1e9

@@ -66,3 +66,29 @@ def test_q4_layout_against_numpy():
     mats = [(random_blocks(r, "q4", rows, 32 * nb), "q4", rows, 32 * nb) for rows, nb in [(8, 1), (21, 3), (4000, 70)]]
     for (raw, _, rows, cols), got in zip(mats, _cpu.repacked_layouts(mats, 2, ISAS[-1], True)):
         np.testing.assert_array_equal(got, q4x8_reference(raw, rows, cols))
+
+
+@pytest.mark.parametrize("dtype", ["q8", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k"])
+def test_decode_walks_give_the_same_bits(dtype):
+    """One-token products over the x8 copies walk a group's blocks as the process-wide decode walk says
+    (QORA_KERNEL: seq, one stream; seg4, the four segments at once): the same chains in the same order,
+    so the same bits, equal to the scalar path's; block counts below 4, not a multiple of 4, rows past the
+    last group of 8."""
+    r = np.random.default_rng()
+    block = max(WEIGHT_TYPES[dtype].block, 32)
+    scalar = ISA_NAMES.index("scalar")
+    before = _cpu.decode_walk()
+    try:
+        for rows, nb in [(8, 1), (16, 3), (130, 9), (64, 37)]:
+            cols = block * nb
+            raw = random_blocks(r, dtype, rows, cols)
+            x = r.standard_normal((1, cols)).astype(np.float32)
+            base = _cpu.matmul(raw, dtype, rows, cols, x, scalar, 1, False)
+            for walk in ("seq", "seg4"):
+                _cpu.set_decode_walk(walk)
+                for isa in ISAS:
+                    for threads in (1, 2):
+                        y = _cpu.matmul(raw, dtype, rows, cols, x, isa, threads, True)
+                        np.testing.assert_array_equal(y, base, err_msg=f"{walk} {ISA_NAMES[isa]} {dtype} {rows}x{cols}")
+    finally:
+        _cpu.set_decode_walk(before)

@@ -643,14 +643,30 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
-/* decode: the four segments of common.h walked at once (four weight streams in flight) */
+/* decode: the four segments of common.h, walked as qora_decode_walk says (repack.h): SEG4 all four at
+   once (four weight streams in flight), SEQ one after the other (one stream, prefetched QORA_KX8_PREFETCH
+   bytes ahead across segment and group ends). The same chains in the same order either way: segment i's
+   blocks into acc[i] (the blocks past 4 * seg into acc[3]), then ((acc0 + acc1) + acc2) + acc3. */
+#define QORA_KX8_PREFETCH 2048
 QORA_TARGET_AVX2 static void q8x8_avx2_decode(int nb, const block_q8x8* w, const block_q8* x, float* out) {
     const int seg = nb / QORA_SEGS;
     __m256 acc[4];
     for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
-    for (int b = 0; b < seg; b++)
-        for (int i = 0; i < 4; i++) acc[i] = q8x8_block_avx2(w + b + i * seg, x + b + i * seg, acc[i]);
-    for (int c = 4 * seg; c < nb; c++) acc[3] = q8x8_block_avx2(w + c, x + c, acc[3]);
+    if (qora_decode_walk == QORA_WALK_SEQ) {
+        for (int i = 0; i < 4; i++)
+            for (int b = i * seg; b < (i == 3 ? nb : (i + 1) * seg); b++) {
+                _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 64, _MM_HINT_T0);
+                _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 128, _MM_HINT_T0);
+                _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 192, _MM_HINT_T0);
+                _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 256, _MM_HINT_T0);
+                acc[i] = q8x8_block_avx2(w + b, x + b, acc[i]);
+            }
+    } else {
+        for (int b = 0; b < seg; b++)
+            for (int i = 0; i < 4; i++) acc[i] = q8x8_block_avx2(w + b + i * seg, x + b + i * seg, acc[i]);
+        for (int c = 4 * seg; c < nb; c++) acc[3] = q8x8_block_avx2(w + c, x + c, acc[3]);
+    }
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
 }
 
@@ -709,9 +725,18 @@ QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_decode(const int dtype, int nb, con
     const int seg = nb / QORA_SEGS;
     __m256 acc[4];
     for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
-    for (int b = 0; b < seg; b++)
-        for (int i = 0; i < 4; i++) acc[i] = q32x8_block_avx2(dtype, w + (b + i * seg) * gb, x + b + i * seg, acc[i]);
-    for (int c = 4 * seg; c < nb; c++) acc[3] = q32x8_block_avx2(dtype, w + c * gb, x + c, acc[3]);
+    if (qora_decode_walk == QORA_WALK_SEQ) { /* as q8x8_avx2_decode */
+        for (int i = 0; i < 4; i++)
+            for (int b = i * seg; b < (i == 3 ? nb : (i + 1) * seg); b++) {
+                for (int l = 0; l < (int)((gb + 63) / 64); l++)
+                    _mm_prefetch((const char*)w + b * gb + QORA_KX8_PREFETCH + 64 * l, _MM_HINT_T0);
+                acc[i] = q32x8_block_avx2(dtype, w + b * gb, x + b, acc[i]);
+            }
+    } else {
+        for (int b = 0; b < seg; b++)
+            for (int i = 0; i < 4; i++) acc[i] = q32x8_block_avx2(dtype, w + (b + i * seg) * gb, x + b + i * seg, acc[i]);
+        for (int c = 4 * seg; c < nb; c++) acc[3] = q32x8_block_avx2(dtype, w + c * gb, x + c, acc[3]);
+    }
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
 }
 
