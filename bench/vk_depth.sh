@@ -28,12 +28,14 @@ STEP=${1:-all}
 model=(--quant q4)
 if [ -n "${MODEL:-}" ]; then model=(--model "$MODEL"); fi  # another .qora (smoke tests)
 # decode attention: kernel 1 (attn_decode.comp) as it is and with its best chunk setting so far, kernel 2
-# (attn_decode2.comp) with its defaults (512 workgroups on a long context, chunks of 32 positions at
-# least), fewer / more chunks, shorter / longer shortest chunks
+# (attn_decode2.comp) with its defaults (128-thread workgroups, 512 of them on a long context, chunks
+# of 32 positions at least), fewer / more chunks, smaller / larger workgroups, shorter / longer
+# shortest chunks
+K2=QORA_VK_ATT_KERNEL=2
 tries=(--try QORA_VK_ATT_KERNEL=1 --try QORA_VK_ATT_KERNEL=1,QORA_VK_ATT_SHORT=128
-    --try QORA_VK_ATT_KERNEL=2 --try QORA_VK_ATT_KERNEL=2,QORA_VK_ATT_SPLITS=32
-    --try QORA_VK_ATT_KERNEL=2,QORA_VK_ATT_SPLITS=64 --try QORA_VK_ATT_KERNEL=2,QORA_VK_ATT_SPLITS=256
-    --try QORA_VK_ATT_KERNEL=2,QORA_VK_ATT_SHORT=16 --try QORA_VK_ATT_KERNEL=2,QORA_VK_ATT_SHORT=64)
+    --try $K2 --try $K2,QORA_VK_ATT_SPLITS=32 --try $K2,QORA_VK_ATT_SPLITS=64 --try $K2,QORA_VK_ATT_SPLITS=256
+    --try $K2,QORA_VK_ATT_THREADS=64 --try $K2,QORA_VK_ATT_THREADS=256,QORA_VK_ATT_SPLITS=64
+    --try $K2,QORA_VK_ATT_SHORT=16 --try $K2,QORA_VK_ATT_SHORT=64)
 if [ -n "${QUICK:-}" ]; then
     REPS=1
     tries=()

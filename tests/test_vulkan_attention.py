@@ -127,8 +127,9 @@ def test_attn_decode(ctx, n_pos, n_heads, n_kv, hd, hg, ch, cmin, threads, kv, k
         (16 * 40, 4, 1, 128, 4, 16, 40, 128, np.float16),  # exactly one block of 16 chunks
         (17 * 40, 4, 1, 128, 4, 17, 40, 128, np.float16),  # 17 chunks: a second block of one, two levels
         (4096, 16, 4, 128, 4, 128, 32, 128, np.float16),  # the 3B's default at depth 4096: 8 blocks
+        (4095, 16, 4, 128, 4, 64, 32, 256, np.float16),  # 256 threads a workgroup
         (9200, 4, 2, 64, 2, 256, 1, 64, np.float32),  # 256 chunks of 36 (the last of 20): 16 whole blocks
-        (8999, 8, 1, 128, 8, 250, 1, 128, np.float16),  # 250 chunks, a ragged last block
+        (8999, 2, 1, 64, 2, 250, 1, 64, np.float16),  # 250 chunks, a ragged last block
         (500, 4, 2, 96, 2, 8, 32, 128, np.float16),  # head_dim 96: lanes of the cluster past the row idle
         (333, 4, 2, 16, 2, 9, 5, 32, np.float32),  # head_dim 16: clusters of 2
         (2000, 2, 1, 256, 1, 200, 3, 128, np.float16),  # head_dim 256, 4 units a lane on 8-lane subgroups
@@ -226,8 +227,8 @@ def tiny_long(tmp_path_factory):
 
 
 @needs_gpu
-@pytest.mark.parametrize("kernel,splits", [(1, 16), (2, 0), (2, 40)])
-def test_tiny_model_long_prompt_matches_cpu(tiny_long, monkeypatch, kernel, splits):
+@pytest.mark.parametrize("kernel,splits,threads", [(1, 16, 0), (2, 0, 64)])
+def test_tiny_model_long_prompt_matches_cpu(tiny_long, monkeypatch, kernel, splits, threads):
     """A 3,000-token prompt (flash-attention prefill over several submissions, a long cached prefix
     for the later ones), then decode steps whose context spans many chunks (split-K and its merge)
     give the CPU engine's logits (f32 KV cache: the same float steps), with either decode kernel."""
@@ -237,10 +238,11 @@ def test_tiny_model_long_prompt_matches_cpu(tiny_long, monkeypatch, kernel, spli
     monkeypatch.setenv("QORA_VK_COOPMAT", "0")  # integer prefill products, as the CPU's
     # kernel 1: 3,000 positions in 12 chunks of 256; kernel 2 (where the device has subgroup shuffles,
     # as lavapipe does): its default, 94 chunks of 32 for the fixture's 2 head groups (six blocks
-    # merged in two levels), or 40 chunks of 75 (three blocks)
+    # merged in two levels), in workgroups of 64 threads
     assert kernel == 1 or DEVICE["subgroup_shuffle"]
     monkeypatch.setenv("QORA_VK_ATT_KERNEL", str(kernel))
     monkeypatch.setenv("QORA_VK_ATT_SPLITS", str(splits))
+    monkeypatch.setenv("QORA_VK_ATT_THREADS", str(threads))
     toks = np.random.default_rng(11).integers(0, 400, 3004).tolist()
     with (
         qora.load(tiny_long, device="gpu", max_seq_len=3072) as g,

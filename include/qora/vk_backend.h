@@ -84,6 +84,7 @@ typedef struct {
     int att_splits;  /* decode attention: chunks of the context per head group at most (0: default) */
     int att_short;   /* decode attention: fewest positions per chunk, so one pass up to this many (< 0: default) */
     int att_kernel;  /* decode attention: 1 attn_decode.comp, 2 attn_decode2.comp where the device can (0: default) */
+    int att_threads; /* attn_decode2: threads per workgroup, a power of two 32..256 (0: default) */
     int gu_rows;     /* decode gate|up rows per workgroup (0: default) */
     int int_dot;     /* decode Q4/Q8 dots: 1 packed integer dot product (if the device has it), 0 emulated,
                         -1 the former where the driver says it is accelerated */

@@ -41,7 +41,7 @@ cdef extern from "qora/vk_backend.h" nogil:
         size_t bytes
 
     ctypedef struct qvk_model_opts:
-        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_type, att_splits, att_short, att_kernel
+        int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_type, att_splits, att_short, att_kernel, att_threads
         int gu_rows, int_dot
         int f32_act
         int coopmat
@@ -286,6 +286,7 @@ cdef qvk_model_opts _opts(int max_seq_len, dict opts):
     o.att_splits = opts.get("att_splits", 0)
     o.att_short = opts.get("att_short", -1)
     o.att_kernel = opts.get("att_kernel", 0)
+    o.att_threads = opts.get("att_threads", 0)
     o.gu_rows = opts.get("gu_rows", 0)
     o.int_dot = opts.get("int_dot", -1)
     o.coopmat = opts.get("coopmat", 1)

@@ -17,7 +17,8 @@
        matvec STORE LM head               logits
        copy logits to host-visible memory
    (Decode attention takes the query heads of one KV head per workgroup and splits a long context
-   into chunks over many workgroups, the last to finish merging them (attn_decode.comp); prefill
+   into chunks over many workgroups, the last to finish merging them (attn_decode.comp, or with
+   QORA_VK_ATT_KERNEL=2 attn_decode2.comp: shorter chunks, merged in two levels); prefill
    attention is flash attention over tiles of queries and keys (attn_prefill.comp). The "+" steps
    run in the dispatch's last workgroup(s) to
    finish, counted with atomics: fewer dispatches, and no workgroup re-reads the whole input.)
@@ -1072,6 +1073,7 @@ struct qvk_model {
     uint32_t att_hg;    /* query heads per attention workgroup (all of one KV head) */
     int att_kernel;     /* decode: 1 attn_decode.comp, 2 attn_decode2.comp */
     uint32_t att_c;     /* attn_decode2: threads per cluster (one cached position at a time) */
+    uint32_t att_t;     /* attn_decode2: threads per workgroup */
     int gu_rows;
     /* decode inputs, prepared once per product (act.glsl): two halves, each act_w floats, act_w/4
        words of Q8 ints and act_w/32 (scale, sum) pairs; the producers alternate between them */
@@ -1405,13 +1407,13 @@ static int qvk_upload_f32(qvk_model* m, qvk_buffer* dst, const float* src, size_
    shuffles, more than 4 units a lane, its shared arrays too big). */
 static uint32_t qvk_att2_cluster(const qvk_model* m) {
     const qvk_device_info* d = &m->c->info;
-    const uint32_t hd = (uint32_t)m->cfg.head_dim, nu = hd / 8u, t = QVK_ATT_THREADS;
+    const uint32_t hd = (uint32_t)m->cfg.head_dim, nu = hd / 8u, t = m->att_t;
     uint32_t cl = 1;
     while (cl < nu) cl *= 2;
     if (cl > d->subgroup_size) cl = d->subgroup_size;
     if (!d->subgroup_shuffle || cl == 0 || t % cl || (nu + cl - 1) / cl > 4) return 0;
     const uint32_t nc = t / cl, hg = m->att_hg;
-    if (4u * (nc * hd + 2u * nc * hg + hg * QVK_ATT2_MB + 2u * hg + 64u) + 64u > d->max_shared_memory) return 0;
+    if (4u * (nc * hd + 2u * nc * hg + 3u * hg * QVK_ATT2_MB + 2u * hg + 64u) + 64u > d->max_shared_memory) return 0;
     return cl;
 }
 
@@ -1428,6 +1430,11 @@ static void qvk_attention_settings(qvk_model* m, const qvk_model_opts* o) {
             m->att_hg = (uint32_t)d;
             break;
         }
+    m->att_t = QVK_ATT_THREADS; /* attn_decode2's workgroup: a power of two, 32..256 */
+    if (o->att_threads > 0) {
+        m->att_t = 32;
+        while (m->att_t < 256 && m->att_t * 2 <= (uint32_t)o->att_threads) m->att_t *= 2;
+    }
     m->att_c = qvk_att2_cluster(m);
     m->att_kernel = (o->att_kernel > 0 ? o->att_kernel : QVK_ATT_KERNEL) == 2 && m->att_c ? 2 : 1;
     const int k2 = m->att_kernel == 2;
@@ -1939,7 +1946,8 @@ static void qvk_rec_attention(qvk_rec* R, const qvk_layer* L, uint32_t n_tok, ui
     } else if (n_tok == 1) {
         /* only the chunks the context fills are launched (qvk_att_chunks, written per step) */
         const int k2 = m->att_kernel == 2;
-        const uint32_t spec[8] = {QVK_ATT_THREADS, (uint32_t)m->kv_type, hd, hg, (uint32_t)m->att_ch, m->att_short, 1u, m->att_c};
+        const uint32_t spec[8] = {k2 ? m->att_t : QVK_ATT_THREADS, (uint32_t)m->kv_type, hd, hg, (uint32_t)m->att_ch,
+                                  m->att_short, 1u, m->att_c};
         R->indirect = m->att_args.buf;
         qvk_rec_dispatch(R, k2 ? "attn_decode2" : "attn_decode", spec, k2 ? 8 : 7, b, &p, sizeof p, groups,
                          (uint32_t)m->att_ch, 1, 1);

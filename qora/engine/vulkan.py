@@ -21,6 +21,7 @@ Environment:
                            chunk: contexts up to it run in one pass with no merge)
     QORA_VK_ATT_KERNEL=1|2 decode attention kernel: 1 attn_decode.comp, 2 attn_decode2.comp (clusters
                            of lanes per cached position, short chunks; needs subgroup shuffles, else 1)
+    QORA_VK_ATT_THREADS    attn_decode2's threads per workgroup (a power of two, 32..256; default 128)
     QORA_VK_DOT=0|1        decode Q4/Q8 dots without / with the packed integer dot product
                            (default: with it where the driver says it is accelerated)
     QORA_VK_PROFILE=1      time every decode dispatch on the GPU (VulkanEngine.profile())
@@ -293,6 +294,7 @@ class VulkanEngine:
             "att_splits": _env_int("QORA_VK_ATT_SPLITS", 0),
             "att_short": _env_int("QORA_VK_ATT_SHORT", -1),
             "att_kernel": _env_int("QORA_VK_ATT_KERNEL", 0),  # 0: the backend's default
+            "att_threads": _env_int("QORA_VK_ATT_THREADS", 0),
             "gu_rows": _env_int("QORA_VK_GU_ROWS", 0),
             "int_dot": _env_int("QORA_VK_DOT", -1),  # -1: where the driver says it is accelerated
             # tensor-core prefill: 1 for the products big enough to pay, 2 all (tests), 0 none

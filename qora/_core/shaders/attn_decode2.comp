@@ -65,6 +65,7 @@ layout(push_constant) uniform PC {
 shared vec4 sacc[NC * HD / 4u]; // one head's cluster sums
 shared float sml[2u * NC * HG]; // the clusters' m, then l
 shared float wts[HG * MB];
+shared float mls[2u * HG * MB]; // a merge's partials' m and l
 shared float hstat[2u * HG];
 shared bool last;
 
@@ -113,23 +114,25 @@ void finish(uint h0) {
 }
 
 // Merge the n (1..MB) partials from float src (stride S) into y (out_y) or into the partial at dst.
+// Two trips to memory: all the partials' m and l at once, then all their sums at once.
 void merge(uint src, uint n, bool out_y, uint dst, uint h0) {
     const uint tid = gl_LocalInvocationID.x;
     barrier(); // wts / hstat of an earlier merge
+    for (uint i = tid; i < 2u * HG * n; i += T) {
+        const uint c = i / (2u * HG), k = i - c * 2u * HG; // k < HG: m of head k, else l of head k - HG
+        mls[i] = part[src + c * S + HG * HD + (k < HG ? k : 8u + k - HG)];
+    }
+    barrier();
     if (tid < HG) {
         float mx = -1e30;
-        for (uint c = 0u; c < n; c++) mx = max(mx, part[src + c * S + HG * HD + tid]);
-        hstat[tid] = mx;
-    }
-    barrier();
-    for (uint i = tid; i < HG * n; i += T) {
-        const uint h = i / n, c = i - h * n;
-        wts[h * MB + c] = exp(part[src + c * S + HG * HD + h] - hstat[h]);
-    }
-    barrier();
-    if (tid < HG) {
+        for (uint c = 0u; c < n; c++) mx = max(mx, mls[c * 2u * HG + tid]);
         float s = 0.0;
-        for (uint c = 0u; c < n; c++) s += wts[tid * MB + c] * part[src + c * S + HG * HD + 8u + tid];
+        for (uint c = 0u; c < n; c++) {
+            const float w = exp(mls[c * 2u * HG + tid] - mx);
+            wts[tid * MB + c] = w;
+            s += w * mls[c * 2u * HG + HG + tid];
+        }
+        hstat[tid] = mx;
         hstat[HG + tid] = s;
     }
     barrier();
