@@ -1067,7 +1067,7 @@ struct qvk_model {
     qvk_buffer gu;     /* (batch, 2 hidden) */
     qvk_buffer logits; /* (logit_rows, vocab) */
     qvk_buffer att_args; /* decode attention's indirect dispatch: (head groups, chunks in use, 1), per step */
-    qvk_buffer att_part, att_done; /* decode attention chunks: (head groups, att_ch, hg (head_dim + 2)), (head groups,) */
+    qvk_buffer att_part, att_done; /* decode attention partials and counts (qvk_alloc_scratch: per kernel) */
     int att_ch;         /* decode: chunks per head group at most */
     uint32_t att_short; /* decode: fewest positions per chunk (one pass up to this many) */
     uint32_t att_hg;    /* query heads per attention workgroup (all of one KV head) */

@@ -40,6 +40,9 @@ const uint NC = T / C;               // clusters per workgroup
 const uint MB = 16u;                 // partials per merge at most
 const uint S = HG * HD + 16u;        // floats per partial: acc[HG][HD], m at HG HD, l at HG HD + 8
 
+// unit j + r C of a lane exists (r < R): always where the lanes divide the row, no test at all
+bool unit_ok(uint u) { return NU % C == 0u || u < NU; }
+
 layout(binding = 0) coherent buffer PART { float part[]; }; // chunk partials, then block partials
 layout(binding = 0) coherent buffer PART4 { vec4 part4[]; };
 layout(binding = 1) readonly buffer Q { vec4 q4[]; };
@@ -183,8 +186,8 @@ void main() {
         l[h] = 0.0;
         for (uint r = 0u; r < R; r++) {
             const uint u = j + r * C;
-            qv[h][2u * r] = u < NU ? q4[(h0 + h) * HD / 4u + 2u * u] : vec4(0.0);
-            qv[h][2u * r + 1u] = u < NU ? q4[(h0 + h) * HD / 4u + 2u * u + 1u] : vec4(0.0);
+            qv[h][2u * r] = unit_ok(u) ? q4[(h0 + h) * HD / 4u + 2u * u] : vec4(0.0);
+            qv[h][2u * r + 1u] = unit_ok(u) ? q4[(h0 + h) * HD / 4u + 2u * u + 1u] : vec4(0.0);
             acc[h][2u * r] = vec4(0.0);
             acc[h][2u * r + 1u] = vec4(0.0);
         }
@@ -198,7 +201,7 @@ void main() {
             const uint p = min(p0 + t * NC, p_end - 1u); // past the end: a valid row, masked below
             for (uint r = 0u; r < R; r++) {
                 const uint u = j + r * C;
-                if (u < NU) {
+                if (unit_ok(u)) {
                     unit_load(true, p, kb, u, ka[t][r], kb2[t][r]);
                     unit_load(false, p, kb, u, va[t][r], vb[t][r]);
                 } else {
@@ -261,7 +264,7 @@ void main() {
         barrier(); // the previous head's sums are read
         for (uint r = 0u; r < R; r++) {
             const uint u = j + r * C;
-            if (u < NU) {
+            if (unit_ok(u)) {
                 sacc[cl * HD / 4u + 2u * u] = w * acc[h][2u * r];
                 sacc[cl * HD / 4u + 2u * u + 1u] = w * acc[h][2u * r + 1u];
             }
