@@ -165,6 +165,12 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", action="store_true", help="qora --gpu, llama-server -ngl 99")
     p.add_argument("--nvidia-icd", action="store_true", help="write an NVIDIA Vulkan loader manifest if missing")
     p.add_argument("--log-dir", type=Path, help="the servers' stderr, one file each")
+    p.add_argument(
+        "--precision",
+        choices=("q8", "f32"),
+        help="qora serve --precision (q8: llama.cpp's arithmetic, 8-bit activations; default: qora's choice "
+        "for the file, f32 for a GGUF of up to 1B weights)",
+    )
     a = p.parse_args(argv)
     if a.nvidia_icd and not os.environ.get("VK_ICD_FILENAMES"):
         sys.path.insert(0, str(HERE))
@@ -179,6 +185,7 @@ def main(argv=None) -> int:
     qora_cmd = [sys.executable, "-m", "qora", "serve", "--load", str(model), "--port", str(qport)]
     qora_cmd += ["--threads", str(a.threads), "--parallel", str(a.parallel), "--context", str(a.context)]
     qora_cmd += ["--max-queued", "1024"] + (["--gpu", "--verbose"] if a.gpu else [])
+    qora_cmd += ["--precision", a.precision] if a.precision else []
     servers = [Server("qora", qora_cmd, qport, None, a.log_dir)]
     if not a.no_peer:
         if not os.access(a.peer, os.X_OK):

@@ -401,3 +401,37 @@ def test_ctrl_c_leaves_the_process_usable(tiny, tmp_path):
             p.kill()
     assert p.returncode == 0, err
     assert out.strip() == "ok", out + err
+
+
+def test_the_engine_is_built_on_a_thread_that_ends(tiny, monkeypatch):
+    """The build's parallel regions (the repack) run on a short-lived thread: libgomp keeps a worker pool
+    per thread that opened a region, and with two pools (the loader's and a server's scheduler thread)
+    it manages more threads than CPUs and stops spinning between regions, halving decode speed."""
+    import threading
+
+    import qora
+    from qora.engine import cpu
+
+    core = cpu._core()
+    seen = []
+
+    class Recording(core.CpuModel):
+        def __init__(self, *args):
+            seen.append(threading.current_thread())
+            super().__init__(*args)
+
+    monkeypatch.setattr(core, "CpuModel", Recording)
+    with qora.load(tiny, threads=2, device="cpu") as m:
+        assert m.generate("hi", max_tokens=2, greedy=True, raw=True) is not None
+    assert len(seen) == 1 and seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+
+def test_an_error_while_building_reaches_the_caller():
+    from qora.engine.cpu import on_own_thread
+
+    def fail():
+        raise ValueError("bad tensor")
+
+    with pytest.raises(ValueError, match="bad tensor"):
+        on_own_thread(fail)
+    assert on_own_thread(lambda a, b: a + b, 2, 3) == 5

@@ -281,6 +281,36 @@ def resolve_precision(requested: str | None, qfile) -> str:
     return "q8"
 
 
+def on_own_thread(fn, *args):
+    """fn(*args) on a short-lived thread; its result, or its exception, here. libgomp keeps a pool of
+    worker threads for each thread that ever opened a parallel region, and once it manages more threads
+    than there are CPUs its workers stop spinning between regions (its throttled spin): a server whose
+    main thread built the engine (the repack's parallel regions) and whose scheduler thread then
+    decoded ran at half speed (dev box, 2 threads: 60 vs 120 tok/s). A thread that ends takes its pool
+    with it, so the build leaves none behind. Ctrl-C during the build takes effect once it is done."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="qora-build", daemon=True)
+    thread.start()
+    interrupted = None
+    while thread.is_alive():
+        try:
+            thread.join()
+        except KeyboardInterrupt as e:
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
+    if "error" in box:
+        raise box.pop("error")
+    return box.pop("result")
+
+
 class CpuEngine:
     """The Engine (qora.engine.base) on the CPU: forward(tokens, start_pos) -> logits over a KV cache
     kept inside the engine.
@@ -321,7 +351,8 @@ class CpuEngine:
             # QORA_REPACK=0 keeps Q4 matrices in file order (half the memory, slower products)
             repack = os.environ.get("QORA_REPACK", "1").strip() not in ("0", "false", "no")
             self.precision = resolve_precision(precision, qfile)
-            self._model = core.CpuModel(
+            self._model = on_own_thread(
+                core.CpuModel,
                 cfg,
                 tensors,
                 inv_freq,
