@@ -242,7 +242,7 @@ QORA_TARGET_AVX2 static void tile_x_avx2(int dtype, int n, const void* w, size_t
 /* 32 weights w = s * q (+ m, or - m: mode 1 / -1) in element order into the four chains of
    QORA_FLOAT_DOT_AVX2 (index mod 32): the values of qora_dequant_range, the fmas of the float dot;
    with out, the values are stored there instead */
-QORA_TARGET_AVX2 static inline void deq_fma32_avx2(__m256i q, float s_lo, float s_hi, float m, int mode,
+QORA_TARGET_AVX2 QORA_INLINE void deq_fma32_avx2(__m256i q, float s_lo, float s_hi, float m, int mode,
                                                    const float* x, __m256 acc[4], float* out) {
     for (int k = 0; k < 4; k++) {
         const __m128i bytes = k & 1 ? _mm_srli_si128(_mm256_extracti128_si256(q, k / 2), 8)
@@ -258,7 +258,7 @@ QORA_TARGET_AVX2 static inline void deq_fma32_avx2(__m256i q, float s_lo, float 
 
 /* A row of any block type walked block by block: each 32 weights into the float dot's chains (out NULL)
    or stored to out (the row dequantized: qora_dequant_range's values) */
-QORA_TARGET_AVX2 static inline void deq_row_avx2(int dtype, int n, const void* w, const float* x, __m256 acc[4],
+QORA_TARGET_AVX2 QORA_INLINE void deq_row_avx2(int dtype, int n, const void* w, const float* x, __m256 acc[4],
                                                  float* out) {
     const char* row = (const char*)w;
     if (qora_block_elems(dtype) == QK) {
