@@ -83,6 +83,18 @@ ENGINE_ATTRIBUTES = ("max_seq_len", "vocab_size", "n_threads", "device", "device
 ENGINE_METHODS = ("forward", "reset", "close", "open_slots", "forward_batch", "copy_slot")
 
 
+def slot_request(n_slots, context, max_seq_len: int) -> tuple[int, int]:
+    """Checked (slots, positions per slot) of an open_slots call: 1..MAX_BATCH_SLOTS slots, a context of at
+    least 1 and at most (and by default) max_seq_len."""
+    n_slots = int(n_slots)
+    if not 1 <= n_slots <= limits.MAX_BATCH_SLOTS:
+        raise QoraError(f"n_slots must be in 1..{limits.MAX_BATCH_SLOTS}, got {n_slots}")
+    ctx = min(int(context), max_seq_len) if context else max_seq_len
+    if ctx < 1:
+        raise QoraError(f"a slot's context must be >= 1, got {context}")
+    return n_slots, ctx
+
+
 def batch_entries(seqs, n_slots: int, max_seq_len: int, vocab_size: int) -> list[tuple[int, np.ndarray, int]]:
     """Checked (slot, token ids int32, start_pos) entries of a batched step (clear errors before C)."""
     if n_slots < 1:

@@ -16,7 +16,14 @@ import threading
 import numpy as np
 
 from qora import limits
-from qora.engine.base import batch_entries, check_tokens, default_context, kv_cache_dtype, rope_parameters
+from qora.engine.base import (
+    batch_entries,
+    check_tokens,
+    default_context,
+    kv_cache_dtype,
+    rope_parameters,
+    slot_request,
+)
 from qora.errors import ModelFileChangedError, QoraError
 from qora.system import default_threads, physical_cores
 
@@ -413,12 +420,7 @@ class CpuEngine:
     def open_slots(self, n_slots: int, context: int | None = None, rows: int | None = None) -> int:
         """KV caches for n_slots sequences of batched steps, each of `context` positions (at most, and by
         default, max_seq_len), passes of `rows` token rows (default: n_slots decoders plus a prefill chunk)."""
-        n_slots = int(n_slots)
-        if not 1 <= n_slots <= limits.MAX_BATCH_SLOTS:
-            raise QoraError(f"n_slots must be in 1..{limits.MAX_BATCH_SLOTS}, got {n_slots}")
-        ctx = min(int(context), self.max_seq_len) if context else self.max_seq_len
-        if ctx < 1:
-            raise QoraError(f"a slot's context must be >= 1, got {context}")
+        n_slots, ctx = slot_request(n_slots, context, self.max_seq_len)
         rows = int(rows) if rows else n_slots + _PREFILL_CHUNK
         with self._lock:
             if self._model is None:

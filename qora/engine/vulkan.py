@@ -37,7 +37,7 @@ import threading
 
 import numpy as np
 
-from qora import dtypes, limits
+from qora import dtypes
 from qora.engine.base import (
     KV_ELEMENT_BYTES,
     batch_entries,
@@ -45,6 +45,7 @@ from qora.engine.base import (
     default_context,
     kv_cache_dtype,
     rope_parameters,
+    slot_request,
 )
 from qora.engine.cpu import CpuEngine, file_guard, resolve_precision
 from qora.errors import QoraError
@@ -492,12 +493,7 @@ class VulkanEngine:
             raise QoraError("the model is closed")
         if self._cpu is not None:
             return self._cpu.open_slots(n_slots, context, rows)
-        n_slots = int(n_slots)
-        if not 1 <= n_slots <= limits.MAX_BATCH_SLOTS:
-            raise QoraError(f"n_slots must be in 1..{limits.MAX_BATCH_SLOTS}, got {n_slots}")
-        ctx = min(int(context), self.max_seq_len) if context else self.max_seq_len
-        if ctx < 1:
-            raise QoraError(f"a slot's context must be >= 1, got {context}")
+        n_slots, ctx = slot_request(n_slots, context, self.max_seq_len)
         pass_rows = min(int(rows), self._batch) if rows else self._batch
         if pass_rows < 1:
             raise QoraError(f"rows must be >= 1, got {rows}")
