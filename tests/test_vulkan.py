@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers_vulkan import DEVICE, needs_gpu
+from _helpers_vulkan import DEVICE, matmul_want, needs_gpu, run_matmul
 from test_kernels import random_q4, random_q8, ref_quantize_q8
 
 import qora
@@ -384,23 +384,11 @@ def test_matmul_coop(ctx, dtype, mode, shape):
     r = np.random.default_rng()
     raw, vals = random_matrix(r, dtype, rows, cols)
     x = r.standard_normal((n_tok, cols)).astype(np.float32)
-    ldy = rows + 5
-    y0 = r.standard_normal((n_tok, ldy)).astype(np.float32)
-    push = struct.pack("<6I", rows, cols, n_tok, cols, ldy, 2)
-    y = y0.copy()
-    ctx.run_kernel(
-        f"matmul_coop_{dtype}",
-        [0, mode],
-        [_vulkan.pack(dtype, rows, cols, raw), x.copy(), np.zeros(4, np.float32), y],
-        push,
-        (rows + 127) // 128,
-        (n_tok + 127) // 128,
-    )
+    w = _vulkan.pack(dtype, rows, cols, raw)
+    y, y0 = run_matmul(ctx, f"matmul_coop_{dtype}", mode, w, x, np.zeros(4, np.float32), rows, cols, 128, r)
     # the operands as the shader stages them: f16 (q * d rounded once)
     w16 = vals.astype(np.float32).astype(np.float16).astype(np.float64)
-    ref = x.astype(np.float16).astype(np.float64) @ w16.T
-    want = y0.astype(np.float64)
-    want[:, 2 : 2 + rows] = (want[:, 2 : 2 + rows] if mode == ADD else 0) + ref
+    want = matmul_want(y0, x.astype(np.float16).astype(np.float64) @ w16.T, mode == ADD)
     assert rel_err(y, want) < 1e-5
     assert rel_err(y[:, 2 : 2 + rows], want[:, 2 : 2 + rows]) < 1e-5
     assert np.array_equal(y[:, :2], y0[:, :2]) and np.array_equal(y[:, 2 + rows :], y0[:, 2 + rows :])
@@ -424,28 +412,15 @@ def test_matmul(ctx, dtype, mode):
     r = np.random.default_rng()
     raw, vals = random_matrix(r, dtype, rows, cols)
     x = r.standard_normal((n_tok, cols)).astype(np.float32)
-    ldy = rows + 5
-    y0 = r.standard_normal((n_tok, ldy)).astype(np.float32)
     xs = np.zeros(n_tok * (cols // 32 + 1), np.float32)
+    xin = x
     if dtype in ("q4", "q8"):  # the Q8 input prep.comp makes: integer values, one scale per block
         d, q = ref_quantize_q8(x)
         xin, xs[: d.size] = q.astype(np.float32).reshape(n_tok, cols), d.astype(np.float32)
-        ldx = cols
-    else:
-        xin, ldx = x, cols
-    push = struct.pack("<6I", rows, cols, n_tok, ldx, ldy, 2)
-    y = y0.copy()
-    ctx.run_kernel(
-        f"matmul_{dtype}",
-        [0, mode],
-        [_vulkan.pack(dtype, rows, cols, raw), xin.copy(), xs, y],
-        push,
-        (rows + 63) // 64,
-        (n_tok + 63) // 64,
-    )
+    w = _vulkan.pack(dtype, rows, cols, raw)
+    y, y0 = run_matmul(ctx, f"matmul_{dtype}", mode, w, xin, xs, rows, cols, 64, r)
     ref = np.stack([vals @ effective_input(dtype, x[t]) for t in range(n_tok)])
-    want = y0.astype(np.float64)
-    want[:, 2 : 2 + rows] = (want[:, 2 : 2 + rows] if mode == ADD else 0) + ref
+    want = matmul_want(y0, ref, mode == ADD)
     assert rel_err(y, want) < 1e-5
 
 

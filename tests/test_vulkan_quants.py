@@ -10,7 +10,7 @@ import struct
 
 import numpy as np
 import pytest
-from _helpers_vulkan import needs_gpu
+from _helpers_vulkan import matmul_want, needs_gpu, run_matmul
 from test_quants_native import random_blocks, reference_values
 from test_vulkan import ADD, QKV, STORE, SWIGLU, ref_rope, rel_err, rope_table, run_matvec
 
@@ -184,20 +184,9 @@ def test_matmul(ctx, dtype, mode):
     r = np.random.default_rng()
     raw, vals = matrix(r, dtype, rows, cols)
     x = r.standard_normal((n_tok, cols)).astype(np.float32)
-    ldy = rows + 5
-    y0 = r.standard_normal((n_tok, ldy)).astype(np.float32)
-    push = struct.pack("<6I", rows, cols, n_tok, cols, ldy, 2)
-    y = y0.copy()
-    ctx.run_kernel(
-        f"matmul_{dtype}{suffix(dtype)}",
-        [0, mode],
-        [_vulkan.pack(dtype, rows, cols, raw), x.copy(), np.zeros(4, np.float32), y],
-        push,
-        (rows + 63) // 64,
-        (n_tok + 63) // 64,
-    )
-    want = y0.astype(np.float64)
-    want[:, 2 : 2 + rows] = (want[:, 2 : 2 + rows] if mode == ADD else 0) + x.astype(np.float64) @ vals.T
+    w = _vulkan.pack(dtype, rows, cols, raw)
+    y, y0 = run_matmul(ctx, f"matmul_{dtype}{suffix(dtype)}", mode, w, x, np.zeros(4, np.float32), rows, cols, 64, r)
+    want = matmul_want(y0, x.astype(np.float64) @ vals.T, mode == ADD)
     assert rel_err(y, want) < 2e-5
 
 
