@@ -2004,6 +2004,13 @@ static int qvk_rec_begin(qvk_rec* R, int once) {
     return QVK_OK;
 }
 
+/* End recording a step: the recording's first error, else vkEndCommandBuffer's. */
+static int qvk_rec_end(qvk_rec* R) {
+    if (R->m->c->f->vkEndCommandBuffer(R->cb) != VK_SUCCESS && !R->rc)
+        R->rc = qvk_fail(R->err, R->n, QVK_ERR_VK, "vkEndCommandBuffer failed");
+    return R->rc;
+}
+
 /* One token (position from the params buffer): the whole step in one command buffer. Each
    product's input is prepared by the dispatch before it, alternating between the activation
    halves A and B: embed, quant (attn norm) -> A; per layer qkv(A), attention -> B, wo(B) + ffn norm
@@ -2053,9 +2060,7 @@ static int qvk_record_decode(qvk_model* m, VkCommandBuffer cb, int topk, int slo
         qvk_rec_topk(&R);
     else
         qvk_rec_readback(&R, 1);
-    if (m->c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !R.rc)
-        R.rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
-    return R.rc;
+    return qvk_rec_end(&R);
 }
 
 /* Every layer over nt token rows: batched products, RoPE + cache, attention (a prefill, or with
@@ -2103,15 +2108,22 @@ static void qvk_rec_layers(qvk_rec* R, uint32_t nt) {
     }
 }
 
+/* A one-time step over nt token rows (prefill, the batched step): begun, embedded, every layer recorded. */
+static int qvk_rec_rows(qvk_rec* R, uint32_t nt) {
+    const int rc = qvk_rec_begin(R, 1);
+    if (rc) return rc;
+    R->label = "pp:embed";
+    qvk_rec_embed(R, nt);
+    qvk_rec_layers(R, nt);
+    return QVK_OK;
+}
+
 /* n_tok > 1 tokens: batched products; logits for every token (all_logits) or the last. */
 static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int all_logits, char* err, size_t n) {
     qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL};
     const uint32_t D = (uint32_t)m->cfg.dim;
-    const int rc = qvk_rec_begin(&R, 1);
+    const int rc = qvk_rec_rows(&R, nt);
     if (rc) return rc;
-    R.label = "pp:embed";
-    qvk_rec_embed(&R, nt);
-    qvk_rec_layers(&R, nt);
     R.label = "pp:lm_head";
     if (all_logits) {
         qvk_rec_prep(&R, m->x.buf, D, D, m->norm.buf, 0, qvk_mm_q8(m, m->output, nt), nt);
@@ -2121,9 +2133,7 @@ static int qvk_record_prefill(qvk_model* m, VkCommandBuffer cb, uint32_t nt, int
         qvk_rec_matvec(&R, m->output, QVK_STORE, 0, m->logits.buf, 0, 0, 0, 0, QVK_EPI_NONE, 0, 0, 0);
     }
     qvk_rec_readback(&R, all_logits ? nt : 1);
-    if (m->c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !R.rc)
-        R.rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
-    return R.rc;
+    return qvk_rec_end(&R);
 }
 
 /* Sampling candidates of the decode step's logits (sample_topk.comp), copied to the host-visible
@@ -2482,19 +2492,14 @@ static void qvk_rec_gather(qvk_rec* R, uint32_t n_ent) {
 static int qvk_record_batch(qvk_model* m, VkCommandBuffer cb, uint32_t nt, uint32_t n_ent, char* err, size_t n) {
     qvk_rec R = {m, cb, err, n, 0, m->qpool != VK_NULL_HANDLE, NULL, VK_NULL_HANDLE, 1};
     const uint32_t D = (uint32_t)m->cfg.dim;
-    const int rc = qvk_rec_begin(&R, 1);
+    const int rc = qvk_rec_rows(&R, nt);
     if (rc) return rc;
-    R.label = "pp:embed";
-    qvk_rec_embed(&R, nt);
-    qvk_rec_layers(&R, nt);
     qvk_rec_gather(&R, n_ent);
     R.label = "pp:lm_head";
     qvk_rec_prep(&R, m->xg.buf, D, D, m->norm.buf, 0, qvk_mm_q8(m, m->output, n_ent), n_ent);
     qvk_rec_matmul(&R, m->output, QVK_STORE, m->xn.buf, D, m->blogits.buf, (uint32_t)m->cfg.vocab_size, n_ent);
     qvk_rec_copy_back(&R, m->blogits.buf, m->bread.buf, n_ent);
-    if (m->c->f->vkEndCommandBuffer(cb) != VK_SUCCESS && !R.rc)
-        R.rc = qvk_fail(err, n, QVK_ERR_VK, "vkEndCommandBuffer failed");
-    return R.rc;
+    return qvk_rec_end(&R);
 }
 
 /* The step's tables: tokens, RoPE and cache row per row, the entries; checked against the slots. */
