@@ -359,7 +359,6 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
         return r0;
     for (int t = 0; t < nt; t += 4)
         qora_tile(K, W, r0, nr, X, ldx, XQ, ldxq, t0 + t, nt - t < 4 ? nt - t : 4, out + (size_t)t * ldo, ldo);
-    *nr_out = nr;
     return r0;
 }
 
