@@ -834,6 +834,8 @@ class _Generation:
             else:
                 self.finish = "length"  # the context is full
         except KeyboardInterrupt:
+            if self.closed:  # the closing Response is out already: the Ctrl-C is the caller's, not lost
+                raise
             self.finish = "interrupted"
             tokens.close()
         closing = self.close()

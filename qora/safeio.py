@@ -55,19 +55,26 @@ def open_regular(path, where=None, error=FormatError):
         raise error(f"{where}: cannot read ({e.strerror or e})") from None
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{where}: is {kind_of(st.st_mode)}, not a regular file")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise error(f"{where}: cannot read ({e.strerror or e})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # swapped between the stat and the open
-            raise error(f"{where}: is {kind_of(st.st_mode)}, not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+
+    def opener(name, flags):
+        # the checks run inside open(): once it has the descriptor, the file object owns it, so a Ctrl-C
+        # landing anywhere closes it once (an fdopen after os.open could be interrupted with the
+        # descriptor owned by a half-built file object, and closed twice)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise error(f"{where}: cannot read ({e.strerror or e})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # swapped between the stat and the open
+                raise error(f"{where}: is {kind_of(st.st_mode)}, not a regular file")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    return open(path, "rb", opener=opener)
 
 
 def read_regular(path, limit: int, where=None, error=FormatError) -> bytes:

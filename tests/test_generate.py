@@ -353,6 +353,27 @@ def test_keyboard_interrupt_stops_cleanly():
     assert text_of(rs) == "abcde"  # the tokens produced before Ctrl-C, all emitted
 
 
+def test_keyboard_interrupt_after_the_closing_response_reaches_the_caller(monkeypatch):
+    """A stop string closes the answer with that token's own Response; a Ctrl-C landing in the generator
+    after it went out (on_token's tail) has no Response left to report it in, so it is raised to the
+    caller, not swallowed (it was: a Ctrl-C then did nothing at all)."""
+    from qora import generate
+
+    plain = generate._Generation.on_token
+
+    def on_token(self, token):
+        yield from plain(self, token)
+        if self.closed:
+            raise KeyboardInterrupt  # as if the signal landed here
+
+    monkeypatch.setattr(generate._Generation, "on_token", on_token)
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        for r in stream_generate(FakeModel(script("value: STOP and more")), "hi", GenerationOptions(stop=["STOP"])):
+            seen.append(r)
+    assert seen[-1].finish_reason == "stop"
+
+
 # ───── prompt building and options ─────
 
 
