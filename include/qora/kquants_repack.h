@@ -653,15 +653,18 @@ QORA_TARGET_AVX2 static void q8x8_avx2_decode(int nb, const block_q8x8* w, const
     __m256 acc[4];
     for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
     if (qora_decode_walk == QORA_WALK_SEQ) {
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < 4; i++) { /* the running sum in a register (acc[i] by a variable i is memory) */
+            __m256 a = _mm256_setzero_ps();
             for (int b = i * seg; b < (i == 3 ? nb : (i + 1) * seg); b++) {
                 _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH, _MM_HINT_T0);
                 _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 64, _MM_HINT_T0);
                 _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 128, _MM_HINT_T0);
                 _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 192, _MM_HINT_T0);
                 _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 256, _MM_HINT_T0);
-                acc[i] = q8x8_block_avx2(w + b, x + b, acc[i]);
+                a = q8x8_block_avx2(w + b, x + b, a);
             }
+            acc[i] = a;
+        }
     } else {
         for (int b = 0; b < seg; b++)
             for (int i = 0; i < 4; i++) acc[i] = q8x8_block_avx2(w + b + i * seg, x + b + i * seg, acc[i]);
@@ -726,12 +729,15 @@ QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_decode(const int dtype, int nb, con
     __m256 acc[4];
     for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
     if (qora_decode_walk == QORA_WALK_SEQ) { /* as q8x8_avx2_decode */
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < 4; i++) { /* the running sum in a register */
+            __m256 a = _mm256_setzero_ps();
             for (int b = i * seg; b < (i == 3 ? nb : (i + 1) * seg); b++) {
                 for (int l = 0; l < (int)((gb + 63) / 64); l++)
                     _mm_prefetch((const char*)w + b * gb + QORA_KX8_PREFETCH + 64 * l, _MM_HINT_T0);
-                acc[i] = q32x8_block_avx2(dtype, w + b * gb, x + b, acc[i]);
+                a = q32x8_block_avx2(dtype, w + b * gb, x + b, a);
             }
+            acc[i] = a;
+        }
     } else {
         for (int b = 0; b < seg; b++)
             for (int i = 0; i < 4; i++) acc[i] = q32x8_block_avx2(dtype, w + (b + i * seg) * gb, x + b + i * seg, acc[i]);
