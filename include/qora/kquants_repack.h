@@ -651,29 +651,36 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
    bytes ahead across segment and group ends). The same chains in the same order either way: segment i's
    blocks into acc[i] (the blocks past 4 * seg into acc[3]), then ((acc0 + acc1) + acc2) + acc3. */
 #define QORA_KX8_PREFETCH 2048
+/* BLOCK(g, xb, acc): one block's fma (q8x8_block_avx2 or, on AVX-512, q8x8_block_vnni) */
+#define QORA_Q8X8_DECODE_WALK(BLOCK)                                                                         \
+    do {                                                                                                     \
+        const int seg = nb / QORA_SEGS;                                                                      \
+        __m256 acc[4];                                                                                       \
+        for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();                                            \
+        if (qora_decode_walk == QORA_WALK_SEQ) {                                                             \
+            for (int i = 0; i < 4; i++) { /* the running sum in a register (acc[i] by a variable i is memory) */ \
+                __m256 a = _mm256_setzero_ps();                                                              \
+                for (int b = i * seg; b < (i == 3 ? nb : (i + 1) * seg); b++) {                              \
+                    for (int l = 0; l < 5; l++)                                                              \
+                        _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 64 * l, _MM_HINT_T0);        \
+                    a = BLOCK(w + b, x + b, a);                                                              \
+                }                                                                                            \
+                acc[i] = a;                                                                                  \
+            }                                                                                                \
+        } else {                                                                                             \
+            for (int b = 0; b < seg; b++) {                                                                  \
+                acc[0] = BLOCK(w + b, x + b, acc[0]);                                                        \
+                acc[1] = BLOCK(w + b + seg, x + b + seg, acc[1]);                                            \
+                acc[2] = BLOCK(w + b + 2 * seg, x + b + 2 * seg, acc[2]);                                    \
+                acc[3] = BLOCK(w + b + 3 * seg, x + b + 3 * seg, acc[3]);                                    \
+            }                                                                                                \
+            for (int c = 4 * seg; c < nb; c++) acc[3] = BLOCK(w + c, x + c, acc[3]);                         \
+        }                                                                                                    \
+        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));   \
+    } while (0)
+
 QORA_TARGET_AVX2 static void q8x8_avx2_decode(int nb, const block_q8x8* w, const block_q8* x, float* out) {
-    const int seg = nb / QORA_SEGS;
-    __m256 acc[4];
-    for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
-    if (qora_decode_walk == QORA_WALK_SEQ) {
-        for (int i = 0; i < 4; i++) { /* the running sum in a register (acc[i] by a variable i is memory) */
-            __m256 a = _mm256_setzero_ps();
-            for (int b = i * seg; b < (i == 3 ? nb : (i + 1) * seg); b++) {
-                _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH, _MM_HINT_T0);
-                _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 64, _MM_HINT_T0);
-                _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 128, _MM_HINT_T0);
-                _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 192, _MM_HINT_T0);
-                _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 256, _MM_HINT_T0);
-                a = q8x8_block_avx2(w + b, x + b, a);
-            }
-            acc[i] = a;
-        }
-    } else {
-        for (int b = 0; b < seg; b++)
-            for (int i = 0; i < 4; i++) acc[i] = q8x8_block_avx2(w + b + i * seg, x + b + i * seg, acc[i]);
-        for (int c = 4 * seg; c < nb; c++) acc[3] = q8x8_block_avx2(w + c, x + c, acc[3]);
-    }
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
+    QORA_Q8X8_DECODE_WALK(q8x8_block_avx2);
 }
 
 /* One Q4_1 / Q5_0 / Q5_1 x8 block against one Q8_0 activation block: dot_q32_q8_scalar's two fmas per row.
@@ -832,6 +839,35 @@ QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const voi
     default: return;
     }
 }
+
+/* AVX-512 (VNNI): Q8_0 decode with vpdpbusd (|w| against x with w's sign, as the AVX2 kernel pairs them:
+   one instruction for its vpmaddubsw, vpmaddwd and add; exact int32 sums, so the same bits); the rest
+   is the AVX2 kernels'. Zen 4, 1 thread, 32768x4096 past the L3: see bench/NOTES.md. */
+QORA_TARGET_AVX512 static inline __m256 q8x8_block_vnni(const block_q8x8* g, const block_q8* xb, __m256 acc) {
+    for (int i = 0; i < 5; i++) _mm_prefetch((const char*)(g + 4) + 64 * i, _MM_HINT_T0);
+    const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d)), _mm256_set1_ps(f16_avx2(xb->d)));
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int k = 0; k < 8; k += 2) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)g->qs[k]);
+        const __m256i v1 = _mm256_loadu_si256((const __m256i*)g->qs[k + 1]);
+        s0 = _mm256_dpbusd_epi32(s0, _mm256_sign_epi8(v0, v0), _mm256_sign_epi8(bcast_i32_avx2(xb->qs + 4 * k), v0));
+        s1 = _mm256_dpbusd_epi32(s1, _mm256_sign_epi8(v1, v1), _mm256_sign_epi8(bcast_i32_avx2(xb->qs + 4 * k + 4), v1));
+    }
+    return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), acc);
+}
+
+QORA_TARGET_AVX512 static void q8x8_vnni_decode(int nb, const block_q8x8* w, const block_q8* x, float* out) {
+    QORA_Q8X8_DECODE_WALK(q8x8_block_vnni);
+}
+
+QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
+                                          size_t ldo) {
+    if (dtype == QORA_Q8 && nt == 1) {
+        q8x8_vnni_decode(n / QK, (const block_q8x8*)w, (const block_q8*)x, out);
+        return;
+    }
+    kx8_avx2(dtype, n, w, x, xs, nt, out, ldo);
+}
 #endif /* QORA_X86 */
 
 /* Whether prefill (several tokens) reads the x8 copy too: measured on the dev box (AVX2, 2048 x 2048, 64
@@ -841,10 +877,10 @@ QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const voi
 static inline int qora_kx8_prefill(int dtype) { return dtype == QORA_Q4_1 || dtype == QORA_Q5_0 || dtype == QORA_Q5_1; }
 
 /* The x8 kernel of an ISA path, NULL where none exists (the matrices then stay in the file's layout).
-   The AVX-512 paths use the AVX2 kernels: the same operations, so the same bits. */
+   The AVX-512 path uses the AVX2 kernels but for Q8_0's decode: the same sums, so the same bits. */
 static inline qora_kx8_fn qora_kx8_kernel(int isa) {
 #if QORA_X86
-    return isa == QORA_ISA_SCALAR ? kx8_scalar : kx8_avx2;
+    return isa == QORA_ISA_SCALAR ? kx8_scalar : isa == QORA_ISA_AVX512 ? kx8_avx512 : kx8_avx2;
 #else
     (void)isa;
     return NULL;
