@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -135,7 +136,17 @@ def test_save_and_load(tiny, tmp_path):
 def spawn(model_path, *args, timeout=90):
     env = dict(os.environ, TERM="dumb", NO_COLOR="1", PYTHONIOENCODING="utf-8")
     cmd = ["-m", "qora", "chat", "--load", str(model_path), "--threads", "1", "--context", "1024", *args]
-    child = pexpect.spawn(sys.executable, cmd, cwd=str(REPO), env=env, encoding="utf-8", timeout=timeout)
+    # Ctrl-C as a terminal sends it: the child must not inherit SIGINT ignored (a test run started in the
+    # background by a non-interactive shell has it so, and Python then never raises KeyboardInterrupt)
+    child = pexpect.spawn(
+        sys.executable,
+        cmd,
+        cwd=str(REPO),
+        env=env,
+        encoding="utf-8",
+        timeout=timeout,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     child.expect_exact(">>> ")
     return child
 

@@ -404,11 +404,12 @@ def test_ctrl_c_leaves_the_process_usable(tiny, tmp_path):
     p = subprocess.Popen(
         [sys.executable, str(script), str(tiny)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
+
     def line(timeout=60):  # a Ctrl-C that is lost fails here, it does not hang the run
         ready, _, _ = select.select([p.stdout], [], [], timeout)
         if not ready:
             p.kill()
-            return "(nothing in %g s) " % timeout + p.stderr.read()
+            return f"(nothing in {timeout:g} s) " + p.stderr.read()
         return p.stdout.readline().strip()
 
     try:
