@@ -59,6 +59,8 @@ typedef struct {
     float (*dot_deq_f32)(int dtype, int n, const void* w, const float* x);
     /* a row of any block type dequantized: qora_dequant_range's values (the float tiles' unpacking) */
     void (*deq_f32)(int dtype, int n, const void* w, float* out);
+    /* out[t * ldo] = dot_f32(n, w, X + t * ldx) for t < nt, the same bits; NULL: dot_f32 one at a time */
+    void (*dots_f32)(int n, const float* w, const float* X, size_t ldx, int nt, float* out, size_t ldo);
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
@@ -86,7 +88,7 @@ static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
     q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512, attend_q8_avx512, softmax_unnorm_avx512, tile_x_avx2, dot_bf16_f32_avx2,
-    dot_deq_f32_avx2, deq_f32_avx2,
+    dot_deq_f32_avx2, deq_f32_avx2, dots_f32_avx512,
 };
 #endif
 
@@ -266,7 +268,10 @@ static inline int qora_tile_deq(const qora_kernels* K, const qora_tensor* W, int
     float buf[QORA_DEQ_ROW_MAX] __attribute__((aligned(64)));
     for (int r = 0; r < nr; r++) {
         K->deq_f32(W->dtype, W->cols, (const char*)W->data + (size_t)(r0 + r) * W->row_bytes, buf);
-        for (int t = 0; t < nt; t++) out[t * ldo + r] = K->dot_f32(W->cols, buf, X + (size_t)t * ldx);
+        if (K->dots_f32)
+            K->dots_f32(W->cols, buf, X, ldx, nt, out + r, ldo);
+        else
+            for (int t = 0; t < nt; t++) out[t * ldo + r] = K->dot_f32(W->cols, buf, X + (size_t)t * ldx);
     }
     return 1;
 }
