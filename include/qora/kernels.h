@@ -74,12 +74,14 @@ static const qora_kernels qora_kernels_avx2 = {
     "avx2", QORA_ISA_AVX2, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
     q4x8_avx2, 4, NULL, 0, attend_f16_avx2, attend_q8_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2, deq_f32_avx2,
+    dots_f32_avx2,
 };
 #if QORA_HAVE_AVXVNNI
 static const qora_kernels qora_kernels_avx2vnni = {
     "avx2vnni", QORA_ISA_AVX2VNNI, quantize_q8_avx2, dot_q4_q8_avx2, dot_q8_q8_avx2,
     dot_f16_f32_avx2, dot_f32_avx2, rmsnorm_avx2, axpy_avx2, axpy_f16_avx2, to_f16_avx2, tile_q4_avx2, tile_q8_avx2,
     q4x8_avxvnni, 4, NULL, 0, attend_f16_avx2, attend_q8_avx2, softmax_unnorm_avx2, tile_x_avx2, dot_bf16_f32_avx2, dot_deq_f32_avx2, deq_f32_avx2,
+    dots_f32_avx2,
 };
 #endif
 /* quantize_q8 stays AVX2: it is a small share of the work and its rounding then

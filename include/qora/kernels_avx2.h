@@ -185,6 +185,40 @@ QORA_TARGET_AVX2 static float dot_f32_avx2(int n, const float* w, const float* x
     QORA_FLOAT_DOT_AVX2(QORA_LOAD8_F32, QORA_AT_F32)
 }
 
+/* Float dots of one row w against T <= 3 tokens (ldx apart): dot_f32_avx2's four chains and reduction for
+   each token, so its bits, with the row's vectors loaded once for all of them (as dots_f32_avx512; three
+   tokens' twelve chains fill the sixteen registers) */
+QORA_TARGET_AVX2 QORA_INLINE void dots_f32_avx2_t(const int T, int n, const float* w, const float* X, size_t ldx,
+                                                  float* out, size_t ldo) {
+    __m256 a[3][4];
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < 4; j++) a[t][j] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int j = 0; j < 4; j++) {
+            const __m256 wj = _mm256_loadu_ps(w + i + 8 * j);
+            for (int t = 0; t < T; t++) a[t][j] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(X + t * ldx + i + 8 * j), a[t][j]);
+        }
+    for (int t = 0; t < T; t++) {
+        float sum = reduce_4x8_avx2(a[t][0], a[t][1], a[t][2], a[t][3]);
+        for (int k = i; k < n; k++) sum = fmaf(w[k], X[t * ldx + k], sum);
+        out[t * ldo] = sum;
+    }
+}
+
+QORA_TARGET_AVX2 static void dots_f32_avx2(int n, const float* w, const float* X, size_t ldx, int nt, float* out,
+                                           size_t ldo) {
+    for (int t0 = 0; t0 < nt; t0 += 3) {
+        const float* x = X + (size_t)t0 * ldx;
+        float* o = out + (size_t)t0 * ldo;
+        switch (nt - t0 < 3 ? nt - t0 : 3) {
+        case 1: dots_f32_avx2_t(1, n, w, x, ldx, o, ldo); break;
+        case 2: dots_f32_avx2_t(2, n, w, x, ldx, o, ldo); break;
+        default: dots_f32_avx2_t(3, n, w, x, ldx, o, ldo); break;
+        }
+    }
+}
+
 QORA_TARGET_AVX2 static void rmsnorm_avx2(float* out, const float* x, const float* w, int n, float eps) {
     const float inv = 1.0f / sqrtf(dot_f32_avx2(n, x, x) / (float)n + eps);
     const __m256 vinv = _mm256_set1_ps(inv);
