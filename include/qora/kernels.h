@@ -90,7 +90,7 @@ static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
     q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512, attend_q8_avx512, softmax_unnorm_avx512, tile_x_avx2, dot_bf16_f32_avx2,
-    dot_deq_f32_avx2, deq_f32_avx2, dots_f32_avx512,
+    dot_deq_f32_avx512, deq_f32_avx512, dots_f32_avx512,
 };
 #endif
 

@@ -8,6 +8,7 @@
 #include "common.h"
 #include "kquants.h"
 #include "kernels_avx2.h"
+#include "kernels_avx512.h"
 
 #if QORA_X86
 
@@ -257,54 +258,61 @@ QORA_TARGET_AVX2 QORA_INLINE void deq_fma32_avx2(__m256i q, float s_lo, float s_
 }
 
 /* A row of any block type walked block by block: each 32 weights into the float dot's chains (out NULL)
-   or stored to out (the row dequantized: qora_dequant_range's values) */
+   or stored to out (the row dequantized: qora_dequant_range's values). FMA32(q, s_lo, s_hi, m, mode, x,
+   out) takes 32 weights (deq_fma32_avx2, or deq_fma32_avx512 with its two 16-lane chains). */
+#define QORA_DEQ_ROW_WALK(FMA32)                                                                              \
+    do {                                                                                                      \
+        const char* row = (const char*)w;                                                                     \
+        if (qora_block_elems(dtype) == QK) {                                                                  \
+            for (int b = 0; b < n / QK; b++) {                                                                \
+                __m256i q;                                                                                    \
+                float d, m = 0.0f;                                                                            \
+                int mode = 0;                                                                                 \
+                if (dtype == QORA_Q4 || dtype == QORA_Q8) {                                                   \
+                    uint16_t d16;                                                                             \
+                    q = weights_i8_avx2(dtype == QORA_Q4, row, b, &d16);                                      \
+                    d = f16_avx2(d16);                                                                        \
+                } else {                                                                                      \
+                    uint16_t d16, m16;                                                                        \
+                    q = w32_i8_avx2(dtype, row, b, &d16, &m16);                                               \
+                    d = f16_avx2(d16);                                                                        \
+                    if (dtype != QORA_Q5_0) m = f16_avx2(m16), mode = 1;                                      \
+                }                                                                                             \
+                FMA32(q, d, d, m, mode, x + b * QK, out ? out + b * QK : NULL);                               \
+            }                                                                                                 \
+        } else {                                                                                              \
+            const size_t bb = qora_row_bytes(dtype, QK_K);                                                   \
+            for (int b = 0; b < n / QK_K; b++) {                                                              \
+                const char* blk = row + (size_t)b * bb;                                                       \
+                __m256i q[8];                                                                                 \
+                kquants_u8_avx2(dtype, blk, q);                                                               \
+                const float* xb = x + (size_t)b * QK_K;                                                       \
+                float* ob = out ? out + (size_t)b * QK_K : NULL;                                              \
+                if (dtype == QORA_Q6_K) {                                                                     \
+                    const block_q6_K* k6 = (const block_q6_K*)blk;                                            \
+                    const float d = f16_avx2(k6->d);                                                          \
+                    for (int k = 0; k < 8; k++)                                                               \
+                        FMA32(_mm256_sub_epi8(q[k], _mm256_set1_epi8(32)), d * (float)k6->scales[2 * k],      \
+                              d * (float)k6->scales[2 * k + 1], 0.0f, 0, xb + 32 * k, ob ? ob + 32 * k : NULL);    \
+                } else {                                                                                      \
+                    const block_q4_K* k4 = (const block_q4_K*)blk;                                            \
+                    const float d = f16_avx2(k4->d), dmin = f16_avx2(k4->dmin);                               \
+                    uint8_t sc[8];                                                                            \
+                    uint16_t mn[8];                                                                           \
+                    _mm_storeu_si128((__m128i*)mn, kscales_avx2(k4->scales, sc));                             \
+                    for (int k = 0; k < 8; k++) {                                                             \
+                        const float ds = d * (float)sc[k];                                                    \
+                        FMA32(q[k], ds, ds, dmin * (float)mn[k], -1, xb + 32 * k, ob ? ob + 32 * k : NULL);   \
+                    }                                                                                         \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+    } while (0)
+
+#define QORA_DEQ_FMA32_AVX2(q, s_lo, s_hi, m, mode, xp, op) deq_fma32_avx2(q, s_lo, s_hi, m, mode, xp, acc, op)
 QORA_TARGET_AVX2 QORA_INLINE void deq_row_avx2(int dtype, int n, const void* w, const float* x, __m256 acc[4],
                                                  float* out) {
-    const char* row = (const char*)w;
-    if (qora_block_elems(dtype) == QK) {
-        for (int b = 0; b < n / QK; b++) {
-            __m256i q;
-            float d, m = 0.0f;
-            int mode = 0;
-            if (dtype == QORA_Q4 || dtype == QORA_Q8) {
-                uint16_t d16;
-                q = weights_i8_avx2(dtype == QORA_Q4, row, b, &d16);
-                d = f16_avx2(d16);
-            } else {
-                uint16_t d16, m16;
-                q = w32_i8_avx2(dtype, row, b, &d16, &m16);
-                d = f16_avx2(d16);
-                if (dtype != QORA_Q5_0) m = f16_avx2(m16), mode = 1;
-            }
-            deq_fma32_avx2(q, d, d, m, mode, x + b * QK, acc, out ? out + b * QK : NULL);
-        }
-    } else {
-        const size_t bb = qora_row_bytes(dtype, QK_K);
-        for (int b = 0; b < n / QK_K; b++) {
-            const char* blk = row + (size_t)b * bb;
-            __m256i q[8];
-            kquants_u8_avx2(dtype, blk, q);
-            const float* xb = x + (size_t)b * QK_K;
-            float* ob = out ? out + (size_t)b * QK_K : NULL;
-            if (dtype == QORA_Q6_K) {
-                const block_q6_K* k6 = (const block_q6_K*)blk;
-                const float d = f16_avx2(k6->d);
-                for (int k = 0; k < 8; k++)
-                    deq_fma32_avx2(_mm256_sub_epi8(q[k], _mm256_set1_epi8(32)), d * (float)k6->scales[2 * k],
-                                   d * (float)k6->scales[2 * k + 1], 0.0f, 0, xb + 32 * k, acc, ob ? ob + 32 * k : NULL);
-            } else {
-                const block_q4_K* k4 = (const block_q4_K*)blk;
-                const float d = f16_avx2(k4->d), dmin = f16_avx2(k4->dmin);
-                uint8_t sc[8];
-                uint16_t mn[8];
-                _mm_storeu_si128((__m128i*)mn, kscales_avx2(k4->scales, sc));
-                for (int k = 0; k < 8; k++) {
-                    const float ds = d * (float)sc[k];
-                    deq_fma32_avx2(q[k], ds, ds, dmin * (float)mn[k], -1, xb + 32 * k, acc, ob ? ob + 32 * k : NULL);
-                }
-            }
-        }
-    }
+    QORA_DEQ_ROW_WALK(QORA_DEQ_FMA32_AVX2);
 }
 
 /* dot_deq_f32_scalar's result: any block type . float activations */
@@ -326,6 +334,41 @@ QORA_TARGET_AVX2 static void deq_f32_avx2(int dtype, int n, const void* w, float
 
 QORA_TARGET_AVX2 static float dot_bf16_f32_avx2(int n, const uint16_t* w, const float* x) {
     QORA_FLOAT_DOT_AVX2(QORA_LOAD8_BF16, QORA_AT_BF16)
+}
+
+/* ---- AVX-512 ---- */
+
+/* Float activations against quantized rows (the row walk above, QORA_DEQ_ROW_WALK): the 32
+   weights of a step as two 16-lane vectors, chains j and j + 16 (dot_f32_avx512's), each weight the same
+   s * q (+ or - m) as deq_fma32_avx2's, so the same bits as the AVX2 path; one conversion and one fma per
+   16 weights instead of per 8 */
+QORA_TARGET_AVX512 QORA_INLINE void deq_fma32_avx512(__m256i q, float s_lo, float s_hi, float m, int mode,
+                                                     const float* x, __m512 acc[2], float* out) {
+    for (int h = 0; h < 2; h++) {
+        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, h)));
+        __m512 wv = _mm512_mul_ps(_mm512_set1_ps(h ? s_hi : s_lo), qf);
+        if (mode > 0) wv = _mm512_add_ps(wv, _mm512_set1_ps(m));
+        else if (mode < 0) wv = _mm512_sub_ps(wv, _mm512_set1_ps(m));
+        if (out) _mm512_storeu_ps(out + 16 * h, wv);
+        else acc[h] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 16 * h), acc[h]);
+    }
+}
+
+#define QORA_DEQ_FMA32_AVX512(q, s_lo, s_hi, m, mode, xp, op) deq_fma32_avx512(q, s_lo, s_hi, m, mode, xp, acc, op)
+QORA_TARGET_AVX512 QORA_INLINE void deq_row_avx512(int dtype, int n, const void* w, const float* x, __m512 acc[2],
+                                                   float* out) {
+    QORA_DEQ_ROW_WALK(QORA_DEQ_FMA32_AVX512);
+}
+
+QORA_TARGET_AVX512 static float dot_deq_f32_avx512(int dtype, int n, const void* w, const float* x) {
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    deq_row_avx512(dtype, n, w, x, acc, NULL);
+    return reduce_2x16_avx512(acc[0], acc[1]);
+}
+
+QORA_TARGET_AVX512 static void deq_f32_avx512(int dtype, int n, const void* w, float* out) {
+    __m512 acc[2];
+    deq_row_avx512(dtype, n, w, out, acc, out); /* x is not read when storing */
 }
 
 #endif /* QORA_X86 */
