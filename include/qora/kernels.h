@@ -303,7 +303,7 @@ static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W, 
 static inline int qora_kx8_unit(const qora_kernels* K, const qora_tensor* W, int u, const float* X, size_t ldx,
                                 const block_q8* XQ, size_t ldxq, int t0, int nt, float* out, size_t ldo, int* nr_out) {
     const int groups = W->rows / 8;
-    if (u < groups && (nt == 1 || qora_kx8_prefill(W->dtype))) {
+    if (u < groups && (nt == 1 || qora_kx8_prefill(K->isa, W->dtype))) {
         const int e = qora_block_elems(W->dtype);
         const block_q8* xq = XQ + (size_t)t0 * ldxq;
         const void* xa = e == QK_K ? (const void*)qora_q8k_at(xq, W->cols) : xq;

@@ -860,10 +860,50 @@ QORA_TARGET_AVX512 static void q8x8_vnni_decode(int nb, const block_q8x8* w, con
     QORA_Q8X8_DECODE_WALK(q8x8_block_vnni);
 }
 
+/* Q8_0 prefill: T <= 4 tokens over blocks [0, nb) (a segment pass), q8x8_avx2_t's chains and order; |w|
+   and w's signs once per chunk for all the tokens (AVX-512VL gives the 256-bit vpdpbusd 32 registers) */
+QORA_TARGET_AVX512 QORA_INLINE void q8x8_vnni_t(const int T, int nb, const block_q8x8* w, const char* x, size_t xs,
+                                                float* out, size_t ldo) {
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const block_q8x8* g = w + b;
+        for (int i = 0; i < 5; i++) _mm_prefetch((const char*)(g + 4) + 64 * i, _MM_HINT_T0);
+        __m256i s[4];
+        for (int t = 0; t < T; t++) s[t] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; k++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[k]), a = _mm256_sign_epi8(v, v);
+            for (int t = 0; t < T; t++) {
+                const block_q8* xb = (const block_q8*)(x + t * xs) + b;
+                s[t] = _mm256_dpbusd_epi32(s[t], a, _mm256_sign_epi8(bcast_i32_avx2(xb->qs + 4 * k), v));
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
+        for (int t = 0; t < T; t++) {
+            const block_q8* xb = (const block_q8*)(x + t * xs) + b;
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d))), _mm256_cvtepi32_ps(s[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+}
+
+QORA_TARGET_AVX512 static void q8x8_vnni_range(int nb, const block_q8x8* w, const char* x, size_t xs, int nt, float* out,
+                                               size_t ldo) {
+#define QORA_Q8X8_VNNI_T(T) q8x8_vnni_t(T, nb, w, x, xs, out, ldo)
+    QORA_KX8_SWITCH_T(QORA_Q8X8_VNNI_T)
+#undef QORA_Q8X8_VNNI_T
+}
+
 QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
                                           size_t ldo) {
-    if (dtype == QORA_Q8 && nt == 1) {
-        q8x8_vnni_decode(n / QK, (const block_q8x8*)w, (const block_q8*)x, out);
+    if (dtype == QORA_Q8) {
+        const block_q8x8* g = (const block_q8x8*)w;
+        if (nt == 1) {
+            q8x8_vnni_decode(n / QK, g, (const block_q8*)x, out);
+            return;
+        }
+        QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo,
+                            q8x8_vnni_range(nbs, g + b0, (const char*)x + b0 * sizeof(block_q8), xs, nt, dst, lddst));
         return;
     }
     kx8_avx2(dtype, n, w, x, xs, nt, out, ldo);
@@ -874,7 +914,13 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
    tokens), the x8 kernels are faster than the file-layout tiles for Q4_1 (1.4x) and even for Q5_0, but
    slower for Q8_0 (0.76x), Q4_K (0.82x) and Q6_K (0.91x), whose 4-token kernels run out of registers;
    those prefill from the file's rows, which gives the same bits. */
-static inline int qora_kx8_prefill(int dtype) { return dtype == QORA_Q4_1 || dtype == QORA_Q5_0 || dtype == QORA_Q5_1; }
+static inline int qora_kx8_prefill(int isa, int dtype) {
+#if QORA_X86
+    if (dtype == QORA_Q8 && isa == QORA_ISA_AVX512) return 1; /* the VNNI kernel above (bench/NOTES.md) */
+#endif
+    (void)isa;
+    return dtype == QORA_Q4_1 || dtype == QORA_Q5_0 || dtype == QORA_Q5_1;
+}
 
 /* The x8 kernel of an ISA path, NULL where none exists (the matrices then stay in the file's layout).
    The AVX-512 path uses the AVX2 kernels but for Q8_0's decode: the same sums, so the same bits. */
