@@ -906,7 +906,27 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
                             q8x8_vnni_range(nbs, g + b0, (const char*)x + b0 * sizeof(block_q8), xs, nt, dst, lddst));
         return;
     }
-    kx8_avx2(dtype, n, w, x, xs, nt, out, ldo);
+    /* the K types: the AVX2 kernels compiled here, where AVX-512VL's 32 vector registers hold their 4-token
+       sums without spilling (the same instructions, so the same bits) */
+    const char *wc = (const char*)w, *xc = (const char*)x;
+    switch (dtype) {
+    case QORA_Q4_K:
+#define QORA_Q4KX8_T(T) q45kx8_avx2_t(0, T, n / QK_K, wc, xc, xs, out, ldo)
+        QORA_KX8_SWITCH_T(QORA_Q4KX8_T)
+#undef QORA_Q4KX8_T
+        return;
+    case QORA_Q5_K:
+#define QORA_Q5KX8_T(T) q45kx8_avx2_t(1, T, n / QK_K, wc, xc, xs, out, ldo)
+        QORA_KX8_SWITCH_T(QORA_Q5KX8_T)
+#undef QORA_Q5KX8_T
+        return;
+    case QORA_Q6_K:
+#define QORA_Q6KX8_T(T) q6kx8_avx2_t(T, n / QK_K, wc, xc, xs, out, ldo)
+        QORA_KX8_SWITCH_T(QORA_Q6KX8_T)
+#undef QORA_Q6KX8_T
+        return;
+    default: kx8_avx2(dtype, n, w, x, xs, nt, out, ldo); return;
+    }
 }
 #endif /* QORA_X86 */
 
@@ -916,7 +936,8 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
    those prefill from the file's rows, which gives the same bits. */
 static inline int qora_kx8_prefill(int isa, int dtype) {
 #if QORA_X86
-    if (dtype == QORA_Q8 && isa == QORA_ISA_AVX512) return 1; /* the VNNI kernel above (bench/NOTES.md) */
+    if (isa == QORA_ISA_AVX512 && (dtype == QORA_Q8 || dtype == QORA_Q4_K || dtype == QORA_Q5_K || dtype == QORA_Q6_K))
+        return 1; /* kx8_avx512 (bench/NOTES.md) */
 #endif
     (void)isa;
     return dtype == QORA_Q4_1 || dtype == QORA_Q5_0 || dtype == QORA_Q5_1;
