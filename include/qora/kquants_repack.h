@@ -804,6 +804,16 @@ QORA_TARGET_AVX2 static void q32x8_avx2(int dtype, int n, const uint8_t* g, cons
     QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo, range(nbs, g + b0 * gb, xc + b0 * sizeof(block_q8), xs, nt, dst, lddst));
 }
 
+/* the K types' cases of an x8 entry (wc, xc: the weights and activations as bytes), for kx8_avx2 and, compiled
+   with AVX-512VL's 32 registers, kx8_avx512 */
+#define QORA_KX8_K_CASES                                                          \
+    case QORA_Q4_K: QORA_KX8_SWITCH_T(QORA_Q4KX8_T) return;                       \
+    case QORA_Q5_K: QORA_KX8_SWITCH_T(QORA_Q5KX8_T) return;                       \
+    case QORA_Q6_K: QORA_KX8_SWITCH_T(QORA_Q6KX8_T) return;
+#define QORA_Q4KX8_T(T) q45kx8_avx2_t(0, T, n / QK_K, wc, xc, xs, out, ldo)
+#define QORA_Q5KX8_T(T) q45kx8_avx2_t(1, T, n / QK_K, wc, xc, xs, out, ldo)
+#define QORA_Q6KX8_T(T) q6kx8_avx2_t(T, n / QK_K, wc, xc, xs, out, ldo)
+
 QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
                                       size_t ldo) {
     const char *wc = (const char*)w, *xc = (const char*)x;
@@ -821,21 +831,7 @@ QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const voi
     case QORA_Q4_1:
     case QORA_Q5_0:
     case QORA_Q5_1: q32x8_avx2(dtype, n, (const uint8_t*)w, xc, xs, nt, out, ldo); return;
-    case QORA_Q4_K:
-#define QORA_Q4KX8_T(T) q45kx8_avx2_t(0, T, n / QK_K, wc, xc, xs, out, ldo)
-        QORA_KX8_SWITCH_T(QORA_Q4KX8_T)
-#undef QORA_Q4KX8_T
-        return;
-    case QORA_Q5_K:
-#define QORA_Q5KX8_T(T) q45kx8_avx2_t(1, T, n / QK_K, wc, xc, xs, out, ldo)
-        QORA_KX8_SWITCH_T(QORA_Q5KX8_T)
-#undef QORA_Q5KX8_T
-        return;
-    case QORA_Q6_K:
-#define QORA_Q6KX8_T(T) q6kx8_avx2_t(T, n / QK_K, wc, xc, xs, out, ldo)
-        QORA_KX8_SWITCH_T(QORA_Q6KX8_T)
-#undef QORA_Q6KX8_T
-        return;
+    QORA_KX8_K_CASES
     default: return;
     }
 }
@@ -910,21 +906,7 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
        sums without spilling (the same instructions, so the same bits) */
     const char *wc = (const char*)w, *xc = (const char*)x;
     switch (dtype) {
-    case QORA_Q4_K:
-#define QORA_Q4KX8_T(T) q45kx8_avx2_t(0, T, n / QK_K, wc, xc, xs, out, ldo)
-        QORA_KX8_SWITCH_T(QORA_Q4KX8_T)
-#undef QORA_Q4KX8_T
-        return;
-    case QORA_Q5_K:
-#define QORA_Q5KX8_T(T) q45kx8_avx2_t(1, T, n / QK_K, wc, xc, xs, out, ldo)
-        QORA_KX8_SWITCH_T(QORA_Q5KX8_T)
-#undef QORA_Q5KX8_T
-        return;
-    case QORA_Q6_K:
-#define QORA_Q6KX8_T(T) q6kx8_avx2_t(T, n / QK_K, wc, xc, xs, out, ldo)
-        QORA_KX8_SWITCH_T(QORA_Q6KX8_T)
-#undef QORA_Q6KX8_T
-        return;
+    QORA_KX8_K_CASES
     default: kx8_avx2(dtype, n, w, x, xs, nt, out, ldo); return;
     }
 }
