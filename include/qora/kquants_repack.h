@@ -651,8 +651,10 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
    bytes ahead across segment and group ends). The same chains in the same order either way: segment i's
    blocks into acc[i] (the blocks past 4 * seg into acc[3]), then ((acc0 + acc1) + acc2) + acc3. */
 #define QORA_KX8_PREFETCH 2048
-/* BLOCK(g, xb, acc): one block's fma (q8x8_block_avx2 or, on AVX-512, q8x8_block_vnni) */
-#define QORA_Q8X8_DECODE_WALK(BLOCK)                                                                         \
+/* The x8 decode walk (w: the group's x8 blocks of BYTES bytes each, x: the Q8_0 activation blocks);
+   BLOCK(b, acc) adds block b's fma: Q8_0 (q8x8_block_avx2, or q8x8_block_vnni on AVX-512) and Q4_1 /
+   Q5_0 / Q5_1 (q32x8_block_avx2). */
+#define QORA_KX8_DECODE_WALK(BYTES, BLOCK)                                                                   \
     do {                                                                                                     \
         const int seg = nb / QORA_SEGS;                                                                      \
         __m256 acc[4];                                                                                       \
@@ -661,26 +663,27 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
             for (int i = 0; i < 4; i++) { /* the running sum in a register (acc[i] by a variable i is memory) */ \
                 __m256 a = _mm256_setzero_ps();                                                              \
                 for (int b = i * seg; b < (i == 3 ? nb : (i + 1) * seg); b++) {                              \
-                    for (int l = 0; l < 5; l++)                                                              \
-                        _mm_prefetch((const char*)(w + b) + QORA_KX8_PREFETCH + 64 * l, _MM_HINT_T0);        \
-                    a = BLOCK(w + b, x + b, a);                                                              \
+                    for (int l = 0; l < (int)(((BYTES) + 63) / 64); l++)                                     \
+                        _mm_prefetch((const char*)w + b * (BYTES) + QORA_KX8_PREFETCH + 64 * l, _MM_HINT_T0); \
+                    a = BLOCK(b, a);                                                                         \
                 }                                                                                            \
                 acc[i] = a;                                                                                  \
             }                                                                                                \
         } else {                                                                                             \
             for (int b = 0; b < seg; b++) {                                                                  \
-                acc[0] = BLOCK(w + b, x + b, acc[0]);                                                        \
-                acc[1] = BLOCK(w + b + seg, x + b + seg, acc[1]);                                            \
-                acc[2] = BLOCK(w + b + 2 * seg, x + b + 2 * seg, acc[2]);                                    \
-                acc[3] = BLOCK(w + b + 3 * seg, x + b + 3 * seg, acc[3]);                                    \
+                acc[0] = BLOCK(b, acc[0]);                                                                   \
+                acc[1] = BLOCK(b + seg, acc[1]);                                                             \
+                acc[2] = BLOCK(b + 2 * seg, acc[2]);                                                         \
+                acc[3] = BLOCK(b + 3 * seg, acc[3]);                                                         \
             }                                                                                                \
-            for (int c = 4 * seg; c < nb; c++) acc[3] = BLOCK(w + c, x + c, acc[3]);                         \
+            for (int c = 4 * seg; c < nb; c++) acc[3] = BLOCK(c, acc[3]);                                    \
         }                                                                                                    \
         _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));   \
     } while (0)
 
+#define QORA_Q8X8_BLOCK_AVX2(b, a) q8x8_block_avx2(w + (b), x + (b), a)
 QORA_TARGET_AVX2 static void q8x8_avx2_decode(int nb, const block_q8x8* w, const block_q8* x, float* out) {
-    QORA_Q8X8_DECODE_WALK(q8x8_block_avx2);
+    QORA_KX8_DECODE_WALK(sizeof(block_q8x8), QORA_Q8X8_BLOCK_AVX2);
 }
 
 /* One Q4_1 / Q5_0 / Q5_1 x8 block against one Q8_0 activation block: dot_q32_q8_scalar's two fmas per row.
@@ -732,28 +735,11 @@ QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_t(const int dtype, const int T, int
 }
 
 /* decode: the four segments of common.h at once */
+#define QORA_Q32X8_BLOCK_AVX2(b, a) q32x8_block_avx2(dtype, w + (b) * gb, x + (b), a)
 QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_decode(const int dtype, int nb, const uint8_t* w, const block_q8* x,
                                                     float* out) {
     const size_t gb = qora_kx8_block_bytes(dtype);
-    const int seg = nb / QORA_SEGS;
-    __m256 acc[4];
-    for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
-    if (qora_decode_walk == QORA_WALK_SEQ) { /* as q8x8_avx2_decode */
-        for (int i = 0; i < 4; i++) { /* the running sum in a register */
-            __m256 a = _mm256_setzero_ps();
-            for (int b = i * seg; b < (i == 3 ? nb : (i + 1) * seg); b++) {
-                for (int l = 0; l < (int)((gb + 63) / 64); l++)
-                    _mm_prefetch((const char*)w + b * gb + QORA_KX8_PREFETCH + 64 * l, _MM_HINT_T0);
-                a = q32x8_block_avx2(dtype, w + b * gb, x + b, a);
-            }
-            acc[i] = a;
-        }
-    } else {
-        for (int b = 0; b < seg; b++)
-            for (int i = 0; i < 4; i++) acc[i] = q32x8_block_avx2(dtype, w + (b + i * seg) * gb, x + b + i * seg, acc[i]);
-        for (int c = 4 * seg; c < nb; c++) acc[3] = q32x8_block_avx2(dtype, w + c * gb, x + c, acc[3]);
-    }
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
+    QORA_KX8_DECODE_WALK(gb, QORA_Q32X8_BLOCK_AVX2);
 }
 
 #define QORA_KX8_SWITCH_T(CALL_T)  \
@@ -852,8 +838,9 @@ QORA_TARGET_AVX512 static inline __m256 q8x8_block_vnni(const block_q8x8* g, con
     return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), acc);
 }
 
+#define QORA_Q8X8_BLOCK_VNNI(b, a) q8x8_block_vnni(w + (b), x + (b), a)
 QORA_TARGET_AVX512 static void q8x8_vnni_decode(int nb, const block_q8x8* w, const block_q8* x, float* out) {
-    QORA_Q8X8_DECODE_WALK(q8x8_block_vnni);
+    QORA_KX8_DECODE_WALK(sizeof(block_q8x8), QORA_Q8X8_BLOCK_VNNI);
 }
 
 /* Q8_0 prefill: T <= 4 tokens over blocks [0, nb) (a segment pass), q8x8_avx2_t's chains and order; |w|
@@ -915,18 +902,20 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
 /* Whether prefill (several tokens) reads the x8 copy too: measured on the dev box (AVX2, 2048 x 2048, 64
    tokens), the x8 kernels are faster than the file-layout tiles for Q4_1 (1.4x) and even for Q5_0, but
    slower for Q8_0 (0.76x), Q4_K (0.82x) and Q6_K (0.91x), whose 4-token kernels run out of registers;
-   those prefill from the file's rows, which gives the same bits. */
+   those prefill from the file's rows, which gives the same bits. On AVX-512 (32 registers, and a VNNI
+   kernel for Q8_0) the x8 copies win for those too (Zen 4: pp64 2.4-2.6x; bench/NOTES.md). */
 static inline int qora_kx8_prefill(int isa, int dtype) {
 #if QORA_X86
     if (isa == QORA_ISA_AVX512 && (dtype == QORA_Q8 || dtype == QORA_Q4_K || dtype == QORA_Q5_K || dtype == QORA_Q6_K))
-        return 1; /* kx8_avx512 (bench/NOTES.md) */
+        return 1;
 #endif
     (void)isa;
     return dtype == QORA_Q4_1 || dtype == QORA_Q5_0 || dtype == QORA_Q5_1;
 }
 
 /* The x8 kernel of an ISA path, NULL where none exists (the matrices then stay in the file's layout).
-   The AVX-512 path uses the AVX2 kernels but for Q8_0's decode: the same sums, so the same bits. */
+   The AVX-512 path has its own for Q8_0 and compiles the K types' AVX2 kernels with its registers; the
+   rest are the AVX2 kernels: the same sums everywhere, so the same bits. */
 static inline qora_kx8_fn qora_kx8_kernel(int isa) {
 #if QORA_X86
     return isa == QORA_ISA_SCALAR ? kx8_scalar : isa == QORA_ISA_AVX512 ? kx8_avx512 : kx8_avx2;

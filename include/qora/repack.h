@@ -223,14 +223,14 @@ QORA_TARGET_AVX2 static inline __m256 q4x8_block_1_avx2(const block_q4x8* wb, co
 
 /* One 8-row group's decode: one chain per segment, the segments walked as qora_decode_walk says;
    BLOCK(wb, xb, xe, acc, prefetch) adds one block. Shared by the AVX2 and the 256-bit VNNI decode. */
-#define QORA_Q4X8_DECODE_WALK(VEC, ZERO, ADD, STORE, BLOCK)                                              \
+#define QORA_Q4X8_DECODE_WALK(BLOCK)                                                                  \
     do {                                                                                              \
         const int nb = n / QK, seg = nb / QORA_SEGS;                                                  \
-        VEC acc[4];                                                                                   \
-        for (int i = 0; i < 4; i++) acc[i] = ZERO();                                                  \
+        __m256 acc[4];                                                                                   \
+        for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();                                                  \
         if (qora_decode_walk == QORA_WALK_SEQ) {                                                      \
             for (int i = 0; i < 4; i++) { /* the running sum in a register, not acc[i] in memory */  \
-                VEC a = ZERO();                                                                       \
+                __m256 a = _mm256_setzero_ps();                                                                       \
                 for (int c = qora_seg_begin(nb, i); c < qora_seg_begin(nb, i + 1); c++)               \
                     a = BLOCK(w + c, x + c, xsum + c, a, QORA_PREFETCH_SEQ);                          \
                 acc[i] = a;                                                                           \
@@ -247,13 +247,13 @@ QORA_TARGET_AVX2 static inline __m256 q4x8_block_1_avx2(const block_q4x8* wb, co
             for (int c = 4 * seg; c < nb; c++) /* segment 3's end */                                  \
                 acc[3] = BLOCK(w + c, x + c, xsum + c, acc[3], QORA_PREFETCH_BLOCKS);                 \
         }                                                                                             \
-        STORE(out, ADD(ADD(ADD(acc[0], acc[1]), acc[2]), acc[3]));                                    \
+        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));                                    \
     } while (0)
 
 QORA_TARGET_AVX2 static void q4x8_avx2_decode(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
                                               float* out) {
     QORA_STATIC_ASSERT(QORA_SEGS == 4, "the decode kernels walk the four segments of common.h");
-    QORA_Q4X8_DECODE_WALK(__m256, _mm256_setzero_ps, _mm256_add_ps, _mm256_storeu_ps, q4x8_block_1_avx2);
+    QORA_Q4X8_DECODE_WALK(q4x8_block_1_avx2);
 }
 
 QORA_TARGET_AVX2 static void q4x8_avx2_range(int n, const block_q4x8* w, const block_q8* x, const qora_xblock* xsum,
@@ -475,7 +475,7 @@ QORA_TARGET_AVX512 static inline __m256 q4x8_block_1_vnni(const block_q4x8* wb, 
 
 QORA_TARGET_AVX512 static void q4x8_vnni256_decode(int n, const block_q4x8* w, const block_q8* x,
                                                    const qora_xblock* xsum, float* out) {
-    QORA_Q4X8_DECODE_WALK(__m256, _mm256_setzero_ps, _mm256_add_ps, _mm256_storeu_ps, q4x8_block_1_vnni);
+    QORA_Q4X8_DECODE_WALK(q4x8_block_1_vnni);
 }
 
 QORA_TARGET_AVX512 static void q4x16_avx512_range(int n, const block_q4x8* w0, const block_q4x8* w1, const block_q8* x,
