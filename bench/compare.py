@@ -88,7 +88,10 @@ def main(argv=None) -> int:
             log(f"demo model skipped: {e}")
 
     info = qora.cpu_info()
-    print(f"cpu: {cpu_name()} ({info['physical_cores']} physical cores), qora {info['version']} isa {info['isa']}")
+    print(
+        f"cpu: {cpu_name()} ({info['physical_cores']} physical cores), qora {info['version']} isa {info['isa']}, "
+        f"OpenMP wait: {info.get('openmp_wait')}"
+    )
     print(f"peer: {peer_name}")
     bw = {}
     if not a.no_stream:

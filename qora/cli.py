@@ -99,7 +99,10 @@ def version_text() -> str:
             f"amx {info['amx']}; decode walk {info['kernel'] or 'none'} ({info['kernel_reason']})"
         )
         omp = "on" if info["openmp"] else "off (single-threaded build)"
-        lines.append(f"openmp: {omp}; threads {info['threads']} of {info['physical_cores']} physical cores")
+        lines.append(
+            f"openmp: {omp}; threads {info['threads']} of {info['physical_cores']} physical cores; "
+            f"wait: {info['openmp_wait']}"
+        )
     except QoraError as e:
         lines.append(f"cpu: {e}")
     lines.append(f"vulkan: {_vulkan_summary()}")

@@ -152,18 +152,38 @@ def default_threads() -> int:
 # (pp512 359 vs 298). On a machine whose CPUs other work already keeps busy, the long spin burns the
 # time slices the other threads need: on a busy 2-core AMD EPYC, 2 threads of decode products read
 # weights at 6-14% of the read bandwidth by default, 9-10% at 100,000, 38-41% at 10,000 and 61-68% at
-# 1,000 (libgomp's own value for an oversubscribed machine). So the short spin only where the load
-# average at import already fills the CPUs; OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the user win.
+# 1,000 (libgomp's own value for an oversubscribed machine). So the short spin only where other work
+# keeps the CPUs busy at import; OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the user win. Busy is measured
+# over a moment (CPU time in use), not by the 1-minute load average: that lags, and after a benchmark
+# or a build had just used every core it called an idle 16-core machine busy (pp512 262 instead of
+# ~360 tok/s, bench/NOTES.md).
 OMP_SPINCOUNT = "1000"
+# what openmp_environment chose for this process (shown by `qora --version` and cpu_info)
+openmp_wait = "libgomp default (core not imported yet)"
 
 
-def machine_busy() -> bool:
-    """Whether other work already keeps this machine's CPUs busy: the 1-minute load average at least
-    the logical CPU count (False where the OS does not say)."""
+def cpu_busy_share(interval: float = 0.05) -> float | None:
+    """Share (0..1) of all logical CPUs' time in use during `interval` seconds; None if unknown."""
     try:
-        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+        import psutil
+
+        return psutil.cpu_percent(interval=interval) / 100.0
+    except Exception:
+        pass
+    try:
+        return min(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
     except (AttributeError, OSError):
+        return None
+
+
+def machine_busy(share: float | None = None) -> bool:
+    """Whether other work already keeps this machine's CPUs busy: fewer CPUs free right now than three
+    quarters of the threads qora would start by default."""
+    share = cpu_busy_share() if share is None else share
+    if share is None:
         return False
+    free = (1.0 - share) * (os.cpu_count() or 1)
+    return free < 0.75 * usable_cores()
 
 
 @contextlib.contextmanager
@@ -171,12 +191,24 @@ def openmp_environment(environ=None, busy=None):
     """Around the first import of the compiled core (libgomp reads its settings once, when it is
     loaded): GOMP_SPINCOUNT=OMP_SPINCOUNT on a busy machine (machine_busy) unless the user set
     OMP_WAIT_POLICY or GOMP_SPINCOUNT; the environment is put back afterwards, so child processes (a
-    llama.cpp peer) see the user's."""
+    llama.cpp peer) see the user's. The choice is kept in `openmp_wait`."""
+    global openmp_wait
     environ = os.environ if environ is None else environ
-    busy = machine_busy() if busy is None else busy
-    if not busy or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+    user = [f"{k}={environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in environ]
+    if user:
+        openmp_wait = "as set: " + " ".join(user)
         yield
         return
+    share = None
+    if busy is None:
+        share = cpu_busy_share()
+        busy = machine_busy(share)
+    in_use = f"{share:.0%} of the CPUs in use at import" if share is not None else "busy"
+    if not busy:
+        openmp_wait = "libgomp default spin" + (f" ({in_use})" if share is not None else "")
+        yield
+        return
+    openmp_wait = f"short spin, GOMP_SPINCOUNT={OMP_SPINCOUNT} ({in_use})"
     environ["GOMP_SPINCOUNT"] = OMP_SPINCOUNT
     try:
         yield

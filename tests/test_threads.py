@@ -133,19 +133,39 @@ def test_engine_uses_the_default_and_honours_an_explicit_count(machine, monkeypa
         assert m.forward([1, 2, 3]).shape == (3, m.config["vocab_size"])
 
 
-def test_openmp_short_spin_only_on_a_busy_machine():
+def test_openmp_short_spin_only_on_a_busy_machine(monkeypatch):
     """GOMP_SPINCOUNT goes in around the core's import only where other load fills the CPUs, never over
-    the user's own OpenMP wait settings, and comes out again afterwards."""
+    the user's own OpenMP wait settings, and comes out again afterwards; the choice is recorded."""
     from qora.system import OMP_SPINCOUNT, openmp_environment
 
+    monkeypatch.setattr(system, "openmp_wait", system.openmp_wait)  # restored after the test
     env = {}
     with openmp_environment(env, busy=True):
         assert env == {"GOMP_SPINCOUNT": OMP_SPINCOUNT}
     assert env == {}
+    assert system.openmp_wait.startswith(f"short spin, GOMP_SPINCOUNT={OMP_SPINCOUNT}")
     with openmp_environment(env, busy=False):
         assert env == {}
+    assert system.openmp_wait.startswith("libgomp default spin")
     for user in ({"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "5"}):
         env = dict(user)
         with openmp_environment(env, busy=True):
             assert env == user
         assert env == user
+        assert system.openmp_wait == "as set: " + " ".join(f"{k}={v}" for k, v in user.items())
+
+
+def test_machine_busy_counts_the_cpus_in_use_now(monkeypatch):
+    """Busy = fewer CPUs free at this moment than 3/4 of the default thread count (not the 1-minute load
+    average, which still counts a benchmark that has just finished)."""
+    monkeypatch.setattr(system.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(system, "usable_cores", lambda: 16)
+    assert not system.machine_busy(0.02)  # idle after a build or a peer's benchmark
+    assert not system.machine_busy(0.2)
+    assert system.machine_busy(0.5)  # 8 CPUs taken by other work
+    monkeypatch.setattr(system.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(system, "usable_cores", lambda: 2)
+    assert system.machine_busy(0.5)  # one of two cores busy: two threads would contend
+    assert not system.machine_busy(0.1)
+    share = system.cpu_busy_share(0.01)
+    assert share is None or 0.0 <= share <= 1.0

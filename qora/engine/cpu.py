@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from qora import limits
+from qora import limits, system
 from qora.engine.base import (
     batch_entries,
     check_tokens,
@@ -162,6 +162,7 @@ def cpu_info() -> dict:
         "cpu_supports": feats["cpu_supports"],
         "compiled": feats["compiled"],
         "openmp": feats["openmp"],
+        "openmp_wait": system.openmp_wait,
         "threads": default_threads(),
         "physical_cores": physical_cores(),
         "features": sorted(k for k, v in feats["flags"].items() if v),
