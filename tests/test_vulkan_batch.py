@@ -201,9 +201,9 @@ def test_slot_reuse_and_copy(engines):
 
 @pytest.mark.parametrize("kv", ["f32", "f16"])
 def test_one_row_step_is_the_decode_step_over_the_slot(tiny_model, monkeypatch, kv):
-    """A step of one decode row runs the single-sequence decode step over that slot's cache (its own
-    buffers aliasing the slots' cache): the batched path's logits within rounding, every slot, the
-    other slots untouched, after a copy_slot too."""
+    """A step of one decode row (or of a few, one token per sequence: QORA_VK_SLOT_DECODE) runs the
+    single-sequence decode step over that slot's cache (its own buffers aliasing the slots' cache): the
+    batched path's logits within rounding, every slot, the other slots untouched, after a copy_slot too."""
     monkeypatch.setenv("QORA_KV", kv)
     monkeypatch.setenv("QORA_VK_ALLOW_CPU", "1")
     monkeypatch.setenv("QORA_VK_COOPMAT", "0")
@@ -220,6 +220,8 @@ def test_one_row_step_is_the_decode_step_over_the_slot(tiny_model, monkeypatch, 
             rows = [gpu.forward_batch([(s, [5 + s], n)])[0] for s, n in ((1, 20), (0, 9), (2, 3), (1, 21))]
             gpu.copy_slot(1, 2, 22)
             rows += [gpu.forward_batch([(2, [7], 22)])[0], gpu.forward_batch([(0, [8], 10)])[0]]
+            # a step of decode rows only (one token each, any order): each row its slot's decode step
+            rows += gpu.forward_batch([(1, [9], 22), (2, [4], 23), (0, [6], 11)])
             out[mode] = rows
             kernels, _ = gpu.profile()
             assert ("attention" in kernels) == (mode == "1")  # which path the one-row steps took

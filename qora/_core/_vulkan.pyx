@@ -86,7 +86,7 @@ cdef extern from "qora/vk_backend.h" nogil:
     int qvk_model_forward_batch(qvk_model* m, const int32_t* tokens, int n_rows, const int32_t* ents, int n_ent,
                                 float* logits, char* err, size_t n)
     int qvk_model_copy_slot(qvk_model* m, int src, int dst, int n_pos, char* err, size_t n)
-    void qvk_model_set_slot_decode(qvk_model* m, int on)
+    void qvk_model_set_slot_decode(qvk_model* m, int rows)
 
 ERROR_KINDS = {-10: "loader", -11: "no_device", -12: "feature", -13: "oom", -14: "device_lost", -15: "vulkan",
                -16: "args", -17: "unsupported"}
@@ -468,8 +468,8 @@ cdef class Model:
             _raise(rc, err)
         return out
 
-    def set_slot_decode(self, bint on):
-        qvk_model_set_slot_decode(self._get(), on)
+    def set_slot_decode(self, int rows):
+        qvk_model_set_slot_decode(self._get(), rows)
 
     def copy_slot(self, int src, int dst, int n_pos):
         cdef char err[ERRLEN]

@@ -1477,7 +1477,7 @@ static void qvk_model_settings(qvk_model* m, qvk_ctx* c, const qora_config* cfg,
     m->fail_after = o->fail_after;
     m->kv_type = o->kv_type;
     m->chunk_rows = o->chunk_rows;
-    m->use_slot_decode = 1;
+    m->use_slot_decode = 1; /* steps of up to this many decode rows run as decode steps (qvk_model_set_slot_decode) */
     m->sets.pool_sets = (uint32_t)(cfg->n_layers * 24 + 64);
 }
 
@@ -2559,7 +2559,7 @@ static int qvk_slot_step(qvk_model* m, int slot, int pos, float* logits, char* e
     return QVK_OK;
 }
 
-void qvk_model_set_slot_decode(qvk_model* m, int on) { m->use_slot_decode = on; }
+void qvk_model_set_slot_decode(qvk_model* m, int rows) { m->use_slot_decode = rows > 0 ? rows : 0; }
 
 int qvk_model_forward_batch(qvk_model* m, const int32_t* tokens, int n_rows, const int32_t* ents, int n_ent,
                             float* logits, char* err, size_t n) {
@@ -2569,7 +2569,19 @@ int qvk_model_forward_batch(qvk_model* m, const int32_t* tokens, int n_rows, con
     if (n_ent > m->b_ents) return qvk_fail(err, n, QVK_ERR_ARGS, "%d entries, at most %d per pass", n_ent, m->b_ents);
     int rc = qvk_step_ready(m, err, n);
     if (!rc) rc = qvk_batch_tables(m, tokens, n_rows, ents, n_ent, err, n);
-    if (!rc && n_rows == 1 && m->slot_decode && m->use_slot_decode) return qvk_slot_step(m, ents[0], ents[1], logits, err, n);
+    /* a step of decode rows only (one token per entry: n_rows == n_ent), at most use_slot_decode of them:
+       each the single-sequence decode step over its slot. The batched path's products are made for many
+       rows (64-row tiles, the LM head as a matrix product): on an H100 a step of 8 decode rows cost it
+       about as much as 25 decode steps (serve_load, bench/NOTES.md), so a few rows go faster one by one. */
+    if (!rc && n_rows == n_ent && n_rows <= m->use_slot_decode && m->slot_decode) {
+        uint32_t* p = m->params.map;
+        for (int e = 0; e < n_ent && !rc; e++) { /* the decode step reads row 0 of the tables: this row's */
+            p[4] = (uint32_t)tokens[e];
+            qvk_rope_row(m, 0, ents[3 * e + 1]);
+            rc = qvk_slot_step(m, ents[3 * e], ents[3 * e + 1], logits + (size_t)e * m->cfg.vocab_size, err, n);
+        }
+        return rc;
+    }
     if (!rc) rc = qvk_record_batch(m, m->cb_prefill, (uint32_t)n_rows, (uint32_t)n_ent, err, n);
     if (!rc) rc = qvk_submit_wait(m->c, m->cb_prefill, err, n);
     if (rc) {

@@ -25,8 +25,9 @@ Environment:
     QORA_VK_DOT=0|1        decode Q4/Q8 dots without / with the packed integer dot product
                            (default: with it where the driver says it is accelerated)
     QORA_VK_PROFILE=1      time every decode dispatch on the GPU (VulkanEngine.profile())
-    QORA_VK_SLOT_DECODE=0  batched steps of one decode row through the batched path too (default: the
-                           single-sequence decode step over that slot's cache)
+    QORA_VK_SLOT_DECODE=N  batched steps of up to N decode rows (one token per sequence) run as N
+                           single-sequence decode steps, each over its slot's cache (default 16; 0: every
+                           step through the batched path, whose products are made for many rows)
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ _VRAM_FRACTION = 0.9
 KV_NAMES = ("f32", "f16", "q8")  # the KV cache types by their qora_dtype value (the backend's kv_type)
 # The smallest context worth shrinking to when the default one does not fit in VRAM.
 _MIN_AUTO_CONTEXT = 512
+# Batched steps of up to this many decode rows run as single-sequence decode steps (QORA_VK_SLOT_DECODE):
+# on an H100 (serve_load, 8 clients) the batched path's step of 8 decode rows took ~66 ms, a decode step
+# 2.3-3.8 ms (bench/NOTES.md), so up to ~16 rows one by one is faster until the batched path has
+# narrow products.
+SLOT_DECODE_ROWS = 16
 
 
 class GpuUnavailable(QoraError):
@@ -503,8 +509,8 @@ class VulkanEngine:
             if self._model is None:
                 raise QoraError("the model is closed")
             self._slot_preflight(core, n_slots, ctx, ents)
-            # a step of one decode row as the single-sequence decode step (0: the batched path, for A/B)
-            self._model.set_slot_decode(_env_int("QORA_VK_SLOT_DECODE", 1) != 0)
+            # steps of a few decode rows as single-sequence decode steps (0: the batched path, for A/B)
+            self._model.set_slot_decode(max(0, _env_int("QORA_VK_SLOT_DECODE", SLOT_DECODE_ROWS)))
             try:
                 self._model.open_batch(n_slots, ctx, ents)
             except core.VulkanError as e:
