@@ -294,7 +294,7 @@ static inline int qora_units(const qora_kernels* K, const qora_tensor* W) {
 /* Tokens a unit takes at once: interleaved rows meet up to q4x8_max_t (q4x16_max_t) activations;
    quantized rows against float activations (XQ == NULL) 16, each row dequantized once (qora_tile_deq). */
 static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W, int u, const block_q8* XQ) {
-    if (W->kpacked) return QORA_KX8_MAX_T;
+    if (W->kpacked) return qora_kx8_max_t(K->isa, W->dtype);
     if (!W->packed) return !XQ && qora_is_quantized(W->dtype) ? 16 : 4;
     return u < qora_unit_pairs(K, W) ? K->q4x16_max_t : K->q4x8_max_t;
 }
@@ -417,7 +417,8 @@ static void qora_swiglu(const qora_kernels* K, const qora_tensor* Wg_in, const q
 #pragma omp parallel for num_threads(n_threads) schedule(static) if ((long long)n * Wg->rows * Wg->cols >= QORA_PARALLEL_MIN_WORK)
 #endif
     for (int u = 0; u < units; u++) {
-        const int step = same_layout ? qora_unit_tokens(K, Wg, u, XQ) : 4;
+        const int sg = qora_unit_tokens(K, Wg, u, XQ), su = qora_unit_tokens(K, Wu, u, XQ);
+        const int step = !same_layout ? 4 : sg < su ? sg : su; /* gate and up may differ in type */
         for (int t0 = 0; t0 < n; t0 += step) {
             const int nt = n - t0 < step ? n - t0 : step;
             float gate[16 * 16], up[16 * 16]; /* [t][local row] */

@@ -379,7 +379,7 @@ static int qora_repack_all(const qora_repack_job* jobs, int n_jobs, int n_thread
     return 0;
 }
 
-/* ---- kernels: out[t * ldo + j] = dot(row j of the group, activation t), j < 8, t < nt <= 4. w: the group's
+/* ---- kernels: out[t * ldo + j] = dot(row j of the group, activation t), j < 8, t < nt <= qora_kx8_max_t. w: the group's
    first x8 block; x: the activations in the type's partner format (block_q8 for Q8_0, block_q8K for the K
    types), xs bytes apart. */
 typedef void (*qora_kx8_fn)(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
@@ -877,6 +877,154 @@ QORA_TARGET_AVX512 static void q8x8_vnni_range(int nb, const block_q8x8* w, cons
 #undef QORA_Q8X8_VNNI_T
 }
 
+/* Q4_K / Q5_K prefill, up to 8 tokens a call: q45kx8_avx2_t's exact integers S and M and its two fmas per
+   super-block (so the same bits), with vpdpbusd (the weights' unsigned 4/5-bit values against each token's
+   bytes, broadcast from memory) summing a quarter's products straight into int32 where the AVX2 kernel
+   takes vpmaddubsw + add: a weight vector is decoded once for 8 tokens, and a token costs two
+   instructions per 32 weight bytes. S takes each quarter's sums times their scales (vpmulld); M comes from
+   the block sums at the end, so a token holds three registers (lo, hi, S) in the loop. */
+QORA_TARGET_AVX512 static inline __m256i kx8_bcast32(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+QORA_TARGET_AVX512 QORA_INLINE void q45kx8_vnni_t(const int Q5, const int T, int nb, const char* w, const char* x,
+                                                  size_t xs, float* out, size_t ldo) {
+    const size_t gb = Q5 ? sizeof(block_q5_Kx8) : sizeof(block_q4_Kx8);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    __m256 acc[8];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const block_q4_Kx8* g = (const block_q4_Kx8*)(w + (size_t)b * gb);
+        const uint8_t(*qh)[8][4] = Q5 ? ((const block_q5_Kx8*)g)->qh : NULL;
+        const block_q8K* xb[8];
+        __m256i S[8];
+        for (int t = 0; t < T; t++) {
+            xb[t] = (const block_q8K*)(x + t * xs) + b;
+            S[t] = _mm256_setzero_si256();
+        }
+        for (int p = 0; p < 4; p++) {
+            const int lines = (int)((gb + 255) / 256); /* the block after next, a quarter per quarter */
+            for (int i = lines * p; i < lines * (p + 1); i++) _mm_prefetch((const char*)g + 2 * gb + 64 * i, _MM_HINT_T0);
+            __m256i lo[8], hi[8];
+            for (int t = 0; t < T; t++) lo[t] = hi[t] = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[8 * p + c]);
+                __m256i wl = _mm256_and_si256(v, m4), wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (Q5) {
+                    const __m256i h = _mm256_loadu_si256((const __m256i*)qh[c]);
+                    const __m256i hl = p < 2 ? _mm256_slli_epi16(h, 4 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 4);
+                    const __m256i hh = p < 2 ? _mm256_slli_epi16(h, 3 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 3);
+                    wl = _mm256_or_si256(wl, _mm256_and_si256(hl, bit4));
+                    wh = _mm256_or_si256(wh, _mm256_and_si256(hh, bit4));
+                }
+                for (int t = 0; t < T; t++) {
+                    const int8_t* xq = xb[t]->qs + 64 * p + 4 * c;
+                    lo[t] = _mm256_dpbusd_epi32(lo[t], wl, kx8_bcast32(xq));
+                    hi[t] = _mm256_dpbusd_epi32(hi[t], wh, kx8_bcast32(xq + 32));
+                }
+            }
+            const __m256i sc0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)g->sc[2 * p]));
+            const __m256i sc1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)g->sc[2 * p + 1]));
+            for (int t = 0; t < T; t++)
+                S[t] = _mm256_add_epi32(S[t], _mm256_add_epi32(_mm256_mullo_epi32(lo[t], sc0), _mm256_mullo_epi32(hi[t], sc1)));
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->dmin));
+        __m256i mn[4];
+        for (int p = 0; p < 4; p++) mn[p] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)g->mn[p]));
+        for (int t = 0; t < T; t++) {
+            int32_t bs[4]; /* the activation sums of sub-blocks (2p, 2p + 1) as int16 pairs */
+            const __m128i s = _mm_hadd_epi16(_mm_loadu_si128((const __m128i*)xb[t]->bsums),
+                                             _mm_loadu_si128((const __m128i*)(xb[t]->bsums + 8)));
+            _mm_storeu_si128((__m128i*)bs, s);
+            __m256i M = _mm256_setzero_si256();
+            for (int p = 0; p < 4; p++) M = _mm256_add_epi32(M, _mm256_madd_epi16(mn[p], _mm256_set1_epi32(bs[p])));
+            const __m256 dx = _mm256_set1_ps(xb[t]->d);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(S[t]), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(M), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+}
+
+/* Q6_K prefill, up to 4 tokens: q6kx8_avx2_t's exact S and C and its fma (the same bits), each quarter's
+   products summed into int32 per sub-block by vpdpbusd (the unsigned q + 32 against the token's bytes)
+   in place of vpmaddubsw + add, then times the sub-block scales (vpmulld); C from the block sums after
+   the quarters. */
+QORA_TARGET_AVX512 QORA_INLINE void q6kx8_vnni_t(const int T, int nb, const char* w, const char* x, size_t xs,
+                                                 float* out, size_t ldo) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const block_q6_Kx8* g = (const block_q6_Kx8*)w + b;
+        const block_q8K* xb[4];
+        __m256i S[4];
+        for (int t = 0; t < T; t++) {
+            xb[t] = (const block_q8K*)(x + t * xs) + b;
+            S[t] = _mm256_setzero_si256();
+        }
+        for (int p = 0; p < 4; p++) {
+            for (int i = 7 * p; i < 7 * p + 7; i++) _mm_prefetch((const char*)(g + 2) + 64 * i, _MM_HINT_T0);
+            __m256i a[4][4]; /* [token][sub-block 4p + k] */
+            for (int t = 0; t < T; t++)
+                for (int k = 0; k < 4; k++) a[t][k] = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                const __m256i h = _mm256_loadu_si256((const __m256i*)g->qh[4 * p + c]);
+                const __m256i v0 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + c]);
+                const __m256i v1 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + 4 + c]);
+                __m256i q[4];
+                q[0] = _mm256_or_si256(_mm256_and_si256(v0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
+                q[1] = _mm256_or_si256(_mm256_and_si256(v1, m4), _mm256_and_si256(h, m30));
+                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4),
+                                       _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
+                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4),
+                                       _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+                for (int t = 0; t < T; t++) {
+                    const int8_t* xq = xb[t]->qs + 64 * p + 4 * c;
+                    for (int k = 0; k < 4; k++) a[t][k] = _mm256_dpbusd_epi32(a[t][k], q[k], kx8_bcast32(xq + 16 * k));
+                }
+            }
+            /* row j's scales of sub-blocks 4p .. 4p + 3: bytes 2j, 2j + 1 of sc[2p] and of sc[2p + 1] */
+            const __m256i r0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p]));
+            const __m256i r1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p + 1]));
+            const __m256i sc0 = _mm256_srai_epi32(_mm256_slli_epi32(r0, 16), 16), sc1 = _mm256_srai_epi32(r0, 16);
+            const __m256i sc2 = _mm256_srai_epi32(_mm256_slli_epi32(r1, 16), 16), sc3 = _mm256_srai_epi32(r1, 16);
+            for (int t = 0; t < T; t++) {
+                const __m256i s01 = _mm256_add_epi32(_mm256_mullo_epi32(a[t][0], sc0), _mm256_mullo_epi32(a[t][1], sc1));
+                const __m256i s23 = _mm256_add_epi32(_mm256_mullo_epi32(a[t][2], sc2), _mm256_mullo_epi32(a[t][3], sc3));
+                S[t] = _mm256_add_epi32(S[t], _mm256_add_epi32(s01, s23));
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
+        for (int t = 0; t < T; t++) {
+            __m256i C = _mm256_setzero_si256();
+            for (int p = 0; p < 4; p++) {
+                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p]));
+                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p + 1]));
+                C = _mm256_add_epi32(C, _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p))),
+                                                         _mm256_madd_epi16(w1, _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p + 2)))));
+            }
+            const __m256i sv = _mm256_sub_epi32(S[t], _mm256_slli_epi32(C, 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb[t]->d)), _mm256_cvtepi32_ps(sv), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+}
+
+#define QORA_KX8_SWITCH_T8(CALL_T) \
+    switch (nt) {                  \
+    case 2: CALL_T(2); break;      \
+    case 3: CALL_T(3); break;      \
+    case 4: CALL_T(4); break;      \
+    case 5: CALL_T(5); break;      \
+    case 6: CALL_T(6); break;      \
+    case 7: CALL_T(7); break;      \
+    default: CALL_T(8); break;     \
+    }
+
 QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
                                           size_t ldo) {
     if (dtype == QORA_Q8) {
@@ -892,6 +1040,19 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
     /* the K types: the AVX2 kernels compiled here, where AVX-512VL's 32 vector registers hold their 4-token
        sums without spilling (the same instructions, so the same bits) */
     const char *wc = (const char*)w, *xc = (const char*)x;
+    if (nt > 1 && (dtype == QORA_Q4_K || dtype == QORA_Q5_K)) { /* prefill: up to 8 tokens, VNNI */
+        const int q5 = dtype == QORA_Q5_K;
+#define QORA_Q45KX8_VNNI_T(T) q45kx8_vnni_t(q5, T, n / QK_K, wc, xc, xs, out, ldo)
+        QORA_KX8_SWITCH_T8(QORA_Q45KX8_VNNI_T)
+#undef QORA_Q45KX8_VNNI_T
+        return;
+    }
+    if (nt > 1 && dtype == QORA_Q6_K) {
+#define QORA_Q6KX8_VNNI_T(T) q6kx8_vnni_t(T, n / QK_K, wc, xc, xs, out, ldo)
+        QORA_KX8_SWITCH_T(QORA_Q6KX8_VNNI_T)
+#undef QORA_Q6KX8_VNNI_T
+        return;
+    }
     switch (dtype) {
     QORA_KX8_K_CASES
     default: kx8_avx2(dtype, n, w, x, xs, nt, out, ldo); return;
@@ -916,6 +1077,17 @@ static inline int qora_kx8_prefill(int isa, int dtype) {
 /* The x8 kernel of an ISA path, NULL where none exists (the matrices then stay in the file's layout).
    The AVX-512 path has its own for Q8_0 and compiles the K types' AVX2 kernels with its registers; the
    rest are the AVX2 kernels: the same sums everywhere, so the same bits. */
+/* Tokens an x8 kernel call takes (the unit's step): 8 for the AVX-512 Q4_K / Q5_K prefill kernel, else
+   QORA_KX8_MAX_T. */
+static inline int qora_kx8_max_t(int isa, int dtype) {
+#if QORA_X86
+    if (isa == QORA_ISA_AVX512 && (dtype == QORA_Q4_K || dtype == QORA_Q5_K)) return 8;
+#endif
+    (void)isa;
+    (void)dtype;
+    return QORA_KX8_MAX_T;
+}
+
 static inline qora_kx8_fn qora_kx8_kernel(int isa) {
 #if QORA_X86
     return isa == QORA_ISA_SCALAR ? kx8_scalar : isa == QORA_ISA_AVX512 ? kx8_avx512 : kx8_avx2;
