@@ -909,7 +909,7 @@ QORA_TARGET_AVX512 QORA_INLINE void q45kx8_vnni_t(const int Q5, const int T, int
             for (int i = lines * p; i < lines * (p + 1); i++) _mm_prefetch((const char*)g + 2 * gb + 64 * i, _MM_HINT_T0);
             __m256i lo[8], hi[8];
             for (int t = 0; t < T; t++) lo[t] = hi[t] = _mm256_setzero_si256();
-            for (int c = 0; c < 8; c++) {
+            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[8 * p + c]);
                 __m256i wl = _mm256_and_si256(v, m4), wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 if (Q5) {
