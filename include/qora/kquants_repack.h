@@ -472,13 +472,43 @@ static inline int32_t kx8_pair16(const int16_t* p) {
     return v;
 }
 
+/* The x8 K-type values the kernels multiply, decoded from a group's bytes: Q4_K / Q5_K quarter p, step c:
+   the 8 rows' 4 values of sub-block 2p (wl) and of 2p + 1 (wh) as unsigned bytes (Q5_K's fifth bit from
+   qh); Q6_K quarter p, step c: the 8 rows' 4 values of each sub-block 4p + k as unsigned q + 32. */
+QORA_TARGET_AVX2 QORA_INLINE void q45kx8_values(const int Q5, const block_q4_Kx8* g, const uint8_t (*qh)[8][4], int p,
+                                                int c, __m256i* wl_out, __m256i* wh_out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[8 * p + c]);
+    __m256i wl = _mm256_and_si256(v, m4), wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    if (Q5) {
+        const __m256i h = _mm256_loadu_si256((const __m256i*)qh[c]);
+        /* bit 2p (low nibbles' sub-block) and bit 2p + 1 to bit 4 of each byte */
+        const __m256i hl = p < 2 ? _mm256_slli_epi16(h, 4 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 4);
+        const __m256i hh = p < 2 ? _mm256_slli_epi16(h, 3 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 3);
+        wl = _mm256_or_si256(wl, _mm256_and_si256(hl, bit4));
+        wh = _mm256_or_si256(wh, _mm256_and_si256(hh, bit4));
+    }
+    *wl_out = wl;
+    *wh_out = wh;
+}
+
+QORA_TARGET_AVX2 QORA_INLINE void q6kx8_values(const block_q6_Kx8* g, int p, int c, __m256i q[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    const __m256i h = _mm256_loadu_si256((const __m256i*)g->qh[4 * p + c]);
+    const __m256i v0 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + c]);
+    const __m256i v1 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + 4 + c]);
+    q[0] = _mm256_or_si256(_mm256_and_si256(v0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
+    q[1] = _mm256_or_si256(_mm256_and_si256(v1, m4), _mm256_and_si256(h, m30));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+}
+
 /* Q4_K / Q5_K x8 against T <= 4 Q8_K activations: per super-block the exact S and M of kdot_ints_scalar
    for the 8 rows, then dot_qk_q8k_scalar's two fmas lane by lane. Sums of eight (Q4_K) or four (Q5_K)
    vpmaddubsw stay below 2^15: 8 * 2 * 15 * 127, 4 * 2 * 31 * 127. */
 QORA_TARGET_AVX2 QORA_INLINE void q45kx8_avx2_t(const int Q5, const int T, int nb, const char* w, const char* x,
                                                 size_t xs, float* out, size_t ldo) {
     const size_t gb = Q5 ? sizeof(block_q5_Kx8) : sizeof(block_q4_Kx8);
-    const __m256i m4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
     __m256 acc[4];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
@@ -505,16 +535,8 @@ QORA_TARGET_AVX2 QORA_INLINE void q45kx8_avx2_t(const int Q5, const int T, int n
             __m256i lo[4], hi[4];
             for (int t = 0; t < T; t++) lo[t] = hi[t] = _mm256_setzero_si256();
             for (int c = 0; c < 8; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[8 * p + c]);
-                __m256i wl = _mm256_and_si256(v, m4), wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                if (Q5) {
-                    const __m256i h = _mm256_loadu_si256((const __m256i*)qh[c]);
-                    /* bit 2p (low nibbles' sub-block) and bit 2p + 1 to bit 4 of each byte */
-                    const __m256i hl = p < 2 ? _mm256_slli_epi16(h, 4 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 4);
-                    const __m256i hh = p < 2 ? _mm256_slli_epi16(h, 3 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 3);
-                    wl = _mm256_or_si256(wl, _mm256_and_si256(hl, bit4));
-                    wh = _mm256_or_si256(wh, _mm256_and_si256(hh, bit4));
-                }
+                __m256i wl, wh;
+                q45kx8_values(Q5, g, qh, p, c, &wl, &wh);
                 for (int t = 0; t < T; t++) {
                     const int8_t* xq = xb[t]->qs + 64 * p + 4 * c;
                     lo[t] = _mm256_add_epi16(lo[t], _mm256_maddubs_epi16(wl, bcast_i32_avx2(xq)));
@@ -543,7 +565,6 @@ QORA_TARGET_AVX2 QORA_INLINE void q45kx8_avx2_t(const int Q5, const int T, int n
    S = sum of scale * (their dots) - 32 * sum of scale * (activation sums), then one fma per super-block. */
 QORA_TARGET_AVX2 QORA_INLINE void q6kx8_avx2_t(const int T, int nb, const char* w, const char* x, size_t xs,
                                                float* out, size_t ldo) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
     /* row j's scale (byte 2j + e of a pair row) into the high byte of both 16-bit halves of lane j */
     const __m256i e0 = _mm256_setr_epi8(-1, 0, -1, 0, -1, 2, -1, 2, -1, 4, -1, 4, -1, 6, -1, 6, -1, 8, -1, 8, -1, 10, -1,
                                         10, -1, 12, -1, 12, -1, 14, -1, 14);
@@ -580,16 +601,8 @@ QORA_TARGET_AVX2 QORA_INLINE void q6kx8_avx2_t(const int T, int nb, const char* 
             for (int t = 0; t < T; t++)
                 for (int q = 0; q < 4; q++) a[t][q] = _mm256_setzero_si256();
             for (int c = 0; c < 4; c++) {
-                const __m256i h = _mm256_loadu_si256((const __m256i*)g->qh[4 * p + c]);
-                const __m256i v0 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + c]);
-                const __m256i v1 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + 4 + c]);
                 __m256i q[4];
-                q[0] = _mm256_or_si256(_mm256_and_si256(v0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
-                q[1] = _mm256_or_si256(_mm256_and_si256(v1, m4), _mm256_and_si256(h, m30));
-                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4),
-                                       _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
-                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4),
-                                       _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+                q6kx8_values(g, p, c, q);
                 for (int t = 0; t < T; t++) {
                     const int8_t* xq = xb[t]->qs + 64 * p + 4 * c;
                     for (int k = 0; k < 4; k++)
@@ -892,7 +905,6 @@ QORA_TARGET_AVX512 static inline __m256i kx8_bcast32(const int8_t* p) {
 QORA_TARGET_AVX512 QORA_INLINE void q45kx8_vnni_t(const int Q5, const int T, int nb, const char* w, const char* x,
                                                   size_t xs, float* out, size_t ldo) {
     const size_t gb = Q5 ? sizeof(block_q5_Kx8) : sizeof(block_q4_Kx8);
-    const __m256i m4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
     __m256 acc[8];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
@@ -910,15 +922,8 @@ QORA_TARGET_AVX512 QORA_INLINE void q45kx8_vnni_t(const int Q5, const int T, int
             __m256i lo[8], hi[8];
             for (int t = 0; t < T; t++) lo[t] = hi[t] = _mm256_setzero_si256();
             _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[8 * p + c]);
-                __m256i wl = _mm256_and_si256(v, m4), wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                if (Q5) {
-                    const __m256i h = _mm256_loadu_si256((const __m256i*)qh[c]);
-                    const __m256i hl = p < 2 ? _mm256_slli_epi16(h, 4 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 4);
-                    const __m256i hh = p < 2 ? _mm256_slli_epi16(h, 3 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 3);
-                    wl = _mm256_or_si256(wl, _mm256_and_si256(hl, bit4));
-                    wh = _mm256_or_si256(wh, _mm256_and_si256(hh, bit4));
-                }
+                __m256i wl, wh;
+                q45kx8_values(Q5, g, qh, p, c, &wl, &wh);
                 for (int t = 0; t < T; t++) {
                     const int8_t* xq = xb[t]->qs + 64 * p + 4 * c;
                     lo[t] = _mm256_dpbusd_epi32(lo[t], wl, kx8_bcast32(xq));
@@ -955,7 +960,6 @@ QORA_TARGET_AVX512 QORA_INLINE void q45kx8_vnni_t(const int Q5, const int T, int
    the quarters. */
 QORA_TARGET_AVX512 QORA_INLINE void q6kx8_vnni_t(const int T, int nb, const char* w, const char* x, size_t xs,
                                                  float* out, size_t ldo) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
     __m256 acc[4];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
@@ -972,16 +976,8 @@ QORA_TARGET_AVX512 QORA_INLINE void q6kx8_vnni_t(const int T, int nb, const char
             for (int t = 0; t < T; t++)
                 for (int k = 0; k < 4; k++) a[t][k] = _mm256_setzero_si256();
             for (int c = 0; c < 4; c++) {
-                const __m256i h = _mm256_loadu_si256((const __m256i*)g->qh[4 * p + c]);
-                const __m256i v0 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + c]);
-                const __m256i v1 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + 4 + c]);
                 __m256i q[4];
-                q[0] = _mm256_or_si256(_mm256_and_si256(v0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
-                q[1] = _mm256_or_si256(_mm256_and_si256(v1, m4), _mm256_and_si256(h, m30));
-                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4),
-                                       _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
-                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4),
-                                       _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+                q6kx8_values(g, p, c, q);
                 for (int t = 0; t < T; t++) {
                     const int8_t* xq = xb[t]->qs + 64 * p + 4 * c;
                     for (int k = 0; k < 4; k++) a[t][k] = _mm256_dpbusd_epi32(a[t][k], q[k], kx8_bcast32(xq + 16 * k));
