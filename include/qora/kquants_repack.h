@@ -763,6 +763,17 @@ QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_decode(const int dtype, int nb, con
     default: CALL_T(4); break;     \
     }
 
+#define QORA_KX8_SWITCH_T8(CALL_T) \
+    switch (nt) {                  \
+    case 2: CALL_T(2); break;      \
+    case 3: CALL_T(3); break;      \
+    case 4: CALL_T(4); break;      \
+    case 5: CALL_T(5); break;      \
+    case 6: CALL_T(6); break;      \
+    case 7: CALL_T(7); break;      \
+    default: CALL_T(8); break;     \
+    }
+
 QORA_TARGET_AVX2 static void q8x8_avx2_range(int nb, const block_q8x8* w, const char* x, size_t xs, int nt, float* out,
                                              size_t ldo) {
 #define QORA_Q8X8_T(T) q8x8_avx2_t(T, nb, w, x, xs, out, ldo)
@@ -856,28 +867,45 @@ QORA_TARGET_AVX512 static void q8x8_vnni_decode(int nb, const block_q8x8* w, con
     QORA_KX8_DECODE_WALK(sizeof(block_q8x8), QORA_Q8X8_BLOCK_VNNI);
 }
 
-/* Q8_0 prefill: T <= 4 tokens over blocks [0, nb) (a segment pass), q8x8_avx2_t's chains and order; |w|
-   and w's signs once per chunk for all the tokens (AVX-512VL gives the 256-bit vpdpbusd 32 registers) */
-QORA_TARGET_AVX512 QORA_INLINE void q8x8_vnni_t(const int T, int nb, const block_q8x8* w, const char* x, size_t xs,
-                                                float* out, size_t ldo) {
-    __m256 acc[4];
+/* four bytes at p in every 32-bit lane (an embedded broadcast of vpdpbusd's memory operand) */
+QORA_TARGET_AVX512 static inline __m256i kx8_bcast32(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* Q8_0 prefill: up to 8 tokens over blocks [0, nb) (a segment pass), q8x8_avx2_t's chains and order and
+   its exact int32 dots, taken as sum((x + 128) w) - 128 sum(w): vpdpbusd gets each token's bytes as
+   unsigned (x ^ 0x80, once per block into a small buffer) and the weights as they are, so a token costs
+   one broadcast and one vpdpbusd per 4 bytes (|w| against x with w's sign needed a vpsignb more);
+   sum(w) per row once per block for all the tokens. */
+QORA_TARGET_AVX512 QORA_INLINE void q8x8_vnni8_t(const int T, int nb, const block_q8x8* w, const char* x, size_t xs,
+                                                 float* out, size_t ldo) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi8(1);
+    __m256 acc[8];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const block_q8x8* g = w + b;
         for (int i = 0; i < 5; i++) _mm_prefetch((const char*)(g + 4) + 64 * i, _MM_HINT_T0);
-        __m256i s[4];
-        for (int t = 0; t < T; t++) s[t] = _mm256_setzero_si256();
-        for (int k = 0; k < 8; k++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[k]), a = _mm256_sign_epi8(v, v);
-            for (int t = 0; t < T; t++) {
-                const block_q8* xb = (const block_q8*)(x + t * xs) + b;
-                s[t] = _mm256_dpbusd_epi32(s[t], a, _mm256_sign_epi8(bcast_i32_avx2(xb->qs + 4 * k), v));
-            }
+        int8_t xu[8][32];
+        __m256i s[8];
+        for (int t = 0; t < T; t++) {
+            const block_q8* xb = (const block_q8*)(x + t * xs) + b;
+            _mm256_storeu_si256((__m256i*)xu[t], _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)xb->qs), flip));
+            s[t] = _mm256_setzero_si256();
         }
+        __m256i ws = _mm256_setzero_si256();
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[k]);
+            ws = _mm256_dpbusd_epi32(ws, ones, v);
+            for (int t = 0; t < T; t++) s[t] = _mm256_dpbusd_epi32(s[t], kx8_bcast32(xu[t] + 4 * k), v);
+        }
+        const __m256i corr = _mm256_slli_epi32(ws, 7);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
         for (int t = 0; t < T; t++) {
             const block_q8* xb = (const block_q8*)(x + t * xs) + b;
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d))), _mm256_cvtepi32_ps(s[t]), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d))),
+                                     _mm256_cvtepi32_ps(_mm256_sub_epi32(s[t], corr)), acc[t]);
         }
     }
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
@@ -885,8 +913,8 @@ QORA_TARGET_AVX512 QORA_INLINE void q8x8_vnni_t(const int T, int nb, const block
 
 QORA_TARGET_AVX512 static void q8x8_vnni_range(int nb, const block_q8x8* w, const char* x, size_t xs, int nt, float* out,
                                                size_t ldo) {
-#define QORA_Q8X8_VNNI_T(T) q8x8_vnni_t(T, nb, w, x, xs, out, ldo)
-    QORA_KX8_SWITCH_T(QORA_Q8X8_VNNI_T)
+#define QORA_Q8X8_VNNI_T(T) q8x8_vnni8_t(T, nb, w, x, xs, out, ldo)
+    QORA_KX8_SWITCH_T8(QORA_Q8X8_VNNI_T)
 #undef QORA_Q8X8_VNNI_T
 }
 
@@ -896,12 +924,6 @@ QORA_TARGET_AVX512 static void q8x8_vnni_range(int nb, const block_q8x8* w, cons
    takes vpmaddubsw + add: a weight vector is decoded once for 8 tokens, and a token costs two
    instructions per 32 weight bytes. S takes each quarter's sums times their scales (vpmulld); M comes from
    the block sums at the end, so a token holds three registers (lo, hi, S) in the loop. */
-QORA_TARGET_AVX512 static inline __m256i kx8_bcast32(const int8_t* p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
-}
-
 QORA_TARGET_AVX512 QORA_INLINE void q45kx8_vnni_t(const int Q5, const int T, int nb, const char* w, const char* x,
                                                   size_t xs, float* out, size_t ldo) {
     const size_t gb = Q5 ? sizeof(block_q5_Kx8) : sizeof(block_q4_Kx8);
@@ -1010,17 +1032,6 @@ QORA_TARGET_AVX512 QORA_INLINE void q6kx8_vnni_t(const int T, int nb, const char
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
-#define QORA_KX8_SWITCH_T8(CALL_T) \
-    switch (nt) {                  \
-    case 2: CALL_T(2); break;      \
-    case 3: CALL_T(3); break;      \
-    case 4: CALL_T(4); break;      \
-    case 5: CALL_T(5); break;      \
-    case 6: CALL_T(6); break;      \
-    case 7: CALL_T(7); break;      \
-    default: CALL_T(8); break;     \
-    }
-
 QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
                                           size_t ldo) {
     if (dtype == QORA_Q8) {
@@ -1077,7 +1088,7 @@ static inline int qora_kx8_prefill(int isa, int dtype) {
    QORA_KX8_MAX_T. */
 static inline int qora_kx8_max_t(int isa, int dtype) {
 #if QORA_X86
-    if (isa == QORA_ISA_AVX512 && (dtype == QORA_Q4_K || dtype == QORA_Q5_K)) return 8;
+    if (isa == QORA_ISA_AVX512 && (dtype == QORA_Q4_K || dtype == QORA_Q5_K || dtype == QORA_Q8)) return 8;
 #endif
     (void)isa;
     (void)dtype;
