@@ -492,6 +492,16 @@ QORA_TARGET_AVX2 QORA_INLINE void q45kx8_values(const int Q5, const block_q4_Kx8
     *wh_out = wh;
 }
 
+/* one of q6kx8_values' four: sub-block 4p + k */
+QORA_TARGET_AVX2 QORA_INLINE __m256i q6kx8_value(const block_q6_Kx8* g, int p, int c, const int k) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    const __m256i h = _mm256_loadu_si256((const __m256i*)g->qh[4 * p + c]);
+    const __m256i v = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + (k & 1) * 4 + c]);
+    const __m256i lo = k < 2 ? _mm256_and_si256(v, m4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    const __m256i hb = k == 0 ? _mm256_slli_epi16(h, 4) : k == 1 ? h : k == 2 ? _mm256_slli_epi16(h, 2) : _mm256_srli_epi16(h, 2);
+    return _mm256_or_si256(lo, _mm256_and_si256(hb, m30));
+}
+
 QORA_TARGET_AVX2 QORA_INLINE void q6kx8_values(const block_q6_Kx8* g, int p, int c, __m256i q[4]) {
     const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
     const __m256i h = _mm256_loadu_si256((const __m256i*)g->qh[4 * p + c]);
@@ -1032,6 +1042,53 @@ QORA_TARGET_AVX512 QORA_INLINE void q6kx8_vnni_t(const int T, int nb, const char
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
+/* Q6_K prefill, up to 8 tokens: q6kx8_vnni_t's exact S and C and fma, its sums taken one sub-block at a
+   time (each quarter's 4 steps of sub-block 4p + k, then S += sum x scale), so a token holds two registers
+   in the loop (a, S) and one sub-block's values are decoded once for 8 tokens. */
+QORA_TARGET_AVX512 QORA_INLINE void q6kx8_vnni8_t(const int T, int nb, const char* w, const char* x, size_t xs,
+                                                  float* out, size_t ldo) {
+    __m256 acc[8];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const block_q6_Kx8* g = (const block_q6_Kx8*)w + b;
+        const block_q8K* xb[8];
+        __m256i S[8];
+        for (int t = 0; t < T; t++) {
+            xb[t] = (const block_q8K*)(x + t * xs) + b;
+            S[t] = _mm256_setzero_si256();
+        }
+        for (int p = 0; p < 4; p++) {
+            for (int i = 7 * p; i < 7 * p + 7; i++) _mm_prefetch((const char*)(g + 2) + 64 * i, _MM_HINT_T0);
+            const __m256i r0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p]));
+            const __m256i r1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p + 1]));
+            const __m256i sc[4] = {_mm256_srai_epi32(_mm256_slli_epi32(r0, 16), 16), _mm256_srai_epi32(r0, 16),
+                                   _mm256_srai_epi32(_mm256_slli_epi32(r1, 16), 16), _mm256_srai_epi32(r1, 16)};
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                __m256i a[8];
+                for (int t = 0; t < T; t++) a[t] = _mm256_setzero_si256();
+                _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+                    const __m256i q = q6kx8_value(g, p, c, k);
+                    for (int t = 0; t < T; t++) a[t] = _mm256_dpbusd_epi32(a[t], q, kx8_bcast32(xb[t]->qs + 64 * p + 4 * c + 16 * k));
+                }
+                for (int t = 0; t < T; t++) S[t] = _mm256_add_epi32(S[t], _mm256_mullo_epi32(a[t], sc[k]));
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
+        for (int t = 0; t < T; t++) {
+            __m256i C = _mm256_setzero_si256();
+            for (int p = 0; p < 4; p++) {
+                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p]));
+                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p + 1]));
+                C = _mm256_add_epi32(C, _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p))),
+                                                         _mm256_madd_epi16(w1, _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p + 2)))));
+            }
+            const __m256i sv = _mm256_sub_epi32(S[t], _mm256_slli_epi32(C, 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb[t]->d)), _mm256_cvtepi32_ps(sv), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
+}
+
 QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
                                           size_t ldo) {
     if (dtype == QORA_Q8) {
@@ -1055,8 +1112,8 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
         return;
     }
     if (nt > 1 && dtype == QORA_Q6_K) {
-#define QORA_Q6KX8_VNNI_T(T) q6kx8_vnni_t(T, n / QK_K, wc, xc, xs, out, ldo)
-        QORA_KX8_SWITCH_T(QORA_Q6KX8_VNNI_T)
+#define QORA_Q6KX8_VNNI_T(T) q6kx8_vnni8_t(T, n / QK_K, wc, xc, xs, out, ldo)
+        QORA_KX8_SWITCH_T8(QORA_Q6KX8_VNNI_T)
 #undef QORA_Q6KX8_VNNI_T
         return;
     }
@@ -1088,7 +1145,8 @@ static inline int qora_kx8_prefill(int isa, int dtype) {
    QORA_KX8_MAX_T. */
 static inline int qora_kx8_max_t(int isa, int dtype) {
 #if QORA_X86
-    if (isa == QORA_ISA_AVX512 && (dtype == QORA_Q4_K || dtype == QORA_Q5_K || dtype == QORA_Q8)) return 8;
+    if (isa == QORA_ISA_AVX512 && (dtype == QORA_Q4_K || dtype == QORA_Q5_K || dtype == QORA_Q6_K || dtype == QORA_Q8))
+        return 8;
 #endif
     (void)isa;
     (void)dtype;
