@@ -986,65 +986,10 @@ QORA_TARGET_AVX512 QORA_INLINE void q45kx8_vnni_t(const int Q5, const int T, int
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
-/* Q6_K prefill, up to 4 tokens: q6kx8_avx2_t's exact S and C and its fma (the same bits), each quarter's
-   products summed into int32 per sub-block by vpdpbusd (the unsigned q + 32 against the token's bytes)
-   in place of vpmaddubsw + add, then times the sub-block scales (vpmulld); C from the block sums after
-   the quarters. */
-QORA_TARGET_AVX512 QORA_INLINE void q6kx8_vnni_t(const int T, int nb, const char* w, const char* x, size_t xs,
-                                                 float* out, size_t ldo) {
-    __m256 acc[4];
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const block_q6_Kx8* g = (const block_q6_Kx8*)w + b;
-        const block_q8K* xb[4];
-        __m256i S[4];
-        for (int t = 0; t < T; t++) {
-            xb[t] = (const block_q8K*)(x + t * xs) + b;
-            S[t] = _mm256_setzero_si256();
-        }
-        for (int p = 0; p < 4; p++) {
-            for (int i = 7 * p; i < 7 * p + 7; i++) _mm_prefetch((const char*)(g + 2) + 64 * i, _MM_HINT_T0);
-            __m256i a[4][4]; /* [token][sub-block 4p + k] */
-            for (int t = 0; t < T; t++)
-                for (int k = 0; k < 4; k++) a[t][k] = _mm256_setzero_si256();
-            for (int c = 0; c < 4; c++) {
-                __m256i q[4];
-                q6kx8_values(g, p, c, q);
-                for (int t = 0; t < T; t++) {
-                    const int8_t* xq = xb[t]->qs + 64 * p + 4 * c;
-                    for (int k = 0; k < 4; k++) a[t][k] = _mm256_dpbusd_epi32(a[t][k], q[k], kx8_bcast32(xq + 16 * k));
-                }
-            }
-            /* row j's scales of sub-blocks 4p .. 4p + 3: bytes 2j, 2j + 1 of sc[2p] and of sc[2p + 1] */
-            const __m256i r0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p]));
-            const __m256i r1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p + 1]));
-            const __m256i sc0 = _mm256_srai_epi32(_mm256_slli_epi32(r0, 16), 16), sc1 = _mm256_srai_epi32(r0, 16);
-            const __m256i sc2 = _mm256_srai_epi32(_mm256_slli_epi32(r1, 16), 16), sc3 = _mm256_srai_epi32(r1, 16);
-            for (int t = 0; t < T; t++) {
-                const __m256i s01 = _mm256_add_epi32(_mm256_mullo_epi32(a[t][0], sc0), _mm256_mullo_epi32(a[t][1], sc1));
-                const __m256i s23 = _mm256_add_epi32(_mm256_mullo_epi32(a[t][2], sc2), _mm256_mullo_epi32(a[t][3], sc3));
-                S[t] = _mm256_add_epi32(S[t], _mm256_add_epi32(s01, s23));
-            }
-        }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
-        for (int t = 0; t < T; t++) {
-            __m256i C = _mm256_setzero_si256();
-            for (int p = 0; p < 4; p++) {
-                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p]));
-                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p + 1]));
-                C = _mm256_add_epi32(C, _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p))),
-                                                         _mm256_madd_epi16(w1, _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p + 2)))));
-            }
-            const __m256i sv = _mm256_sub_epi32(S[t], _mm256_slli_epi32(C, 5));
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb[t]->d)), _mm256_cvtepi32_ps(sv), acc[t]);
-        }
-    }
-    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
-}
-
-/* Q6_K prefill, up to 8 tokens: q6kx8_vnni_t's exact S and C and fma, its sums taken one sub-block at a
-   time (each quarter's 4 steps of sub-block 4p + k, then S += sum x scale), so a token holds two registers
-   in the loop (a, S) and one sub-block's values are decoded once for 8 tokens. */
+/* Q6_K prefill, up to 8 tokens: q6kx8_avx2_t's exact S and C and its fma (the same bits), with vpdpbusd
+   (the unsigned q + 32 against the token's bytes) summing one sub-block at a time into int32 (each
+   quarter's 4 steps of sub-block 4p + k, then S += sum x scale, vpmulld), so a token holds two registers
+   in the loop (a, S) and a sub-block's values are decoded once for 8 tokens; C from the block sums. */
 QORA_TARGET_AVX512 QORA_INLINE void q6kx8_vnni8_t(const int T, int nb, const char* w, const char* x, size_t xs,
                                                   float* out, size_t ldo) {
     __m256 acc[8];
