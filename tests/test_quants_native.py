@@ -90,11 +90,34 @@ def parse_q8k(raw):
 def test_quantize_q8k_is_llama_cpps(n):
     x = rng().standard_normal(n).astype(np.float32) * 3
     x[:256] = 0.0  # an all-zero block: d = 0, q = 0
-    d, q, s = parse_q8k(_cpu.quantize_q8k(x))
     rd, rq, rs = ref_quantize_q8k(x)
+    for isa in ISAS:  # every path's quantizer (AVX-512 has its own loop)
+        d, q, s = parse_q8k(_cpu.quantize_q8k(x, isa))
+        np.testing.assert_array_equal(d, rd, err_msg=ISA_NAMES[isa])
+        np.testing.assert_array_equal(q, rq, err_msg=ISA_NAMES[isa])
+        np.testing.assert_array_equal(s, rs, err_msg=ISA_NAMES[isa])
+
+
+def test_quantize_q8k_edges_the_same_on_every_path():
+    """The largest magnitude twice with both signs (the first one sets the scale's sign), values that scale
+    to exact halves (ties to even), tiny and huge blocks, a lone nonzero element: the same bytes."""
+    r = rng()
+    blocks = [r.standard_normal(256).astype(np.float32) for _ in range(6)]
+    blocks[0][[7, 200]] = [-5.0, 5.0]
+    blocks[1][[3, 100]] = [5.0, -5.0]
+    blocks[2] = (np.arange(256, dtype=np.float32) - 127.0) / 2.0  # many exact halves after scaling
+    blocks[3] *= np.float32(1e-30)
+    blocks[4] *= np.float32(1e30)
+    blocks[5] = np.zeros(256, np.float32)
+    blocks[5][255] = -0.75
+    x = np.concatenate(blocks)
+    want = _cpu.quantize_q8k(x, SCALAR)
+    rd, rq, rs = ref_quantize_q8k(x)
+    d, q, s = parse_q8k(want)
     np.testing.assert_array_equal(d, rd)
     np.testing.assert_array_equal(q, rq)
-    np.testing.assert_array_equal(s, rs)
+    for isa in ISAS:
+        np.testing.assert_array_equal(_cpu.quantize_q8k(x, isa), want, err_msg=ISA_NAMES[isa])
 
 
 def effective_inputs(dtype, x):

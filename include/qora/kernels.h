@@ -207,6 +207,18 @@ static inline float qora_row_dot(const qora_kernels* K, const qora_tensor* W, in
    stall the whole barrier. */
 #define QORA_PARALLEL_MIN_WORK (1 << 18)
 
+/* Q8_K activations (qora_quantize_q8k's bytes) on an ISA path: AVX-512 has its own loop */
+static inline void qora_quantize_q8k_isa(int isa, const float* x, block_q8K* y, int n) {
+#if QORA_X86
+    if (isa == QORA_ISA_AVX512) {
+        qora_quantize_q8k_avx512(x, y, n);
+        return;
+    }
+#endif
+    (void)isa;
+    qora_quantize_q8k(x, y, n);
+}
+
 /* Quantize n activation rows (X: n x ldx floats) into the formats `needs` names (qora_act_needs of the
    matrices that will read them; XQ: n x ldxq blocks, see qora_q8k_at), once per matrix input, and only
    when an integer product will read them. */
@@ -218,7 +230,7 @@ static inline void qora_prepare_acts(const qora_kernels* K, int needs, const flo
 #endif
     for (int t = 0; t < n; t++) {
         block_q8* xq = XQ + t * ldxq;
-        if (needs & QORA_ACT_Q8K) qora_quantize_q8k(X + t * ldx, (block_q8K*)qora_q8k_at(xq, cols), cols);
+        if (needs & QORA_ACT_Q8K) qora_quantize_q8k_isa(K->isa, X + t * ldx, (block_q8K*)qora_q8k_at(xq, cols), cols);
         if (!(needs & QORA_ACT_Q8)) continue;
         K->quantize_q8(X + t * ldx, xq, cols);
         for (int b = 0; b < cols / QK; b++) {

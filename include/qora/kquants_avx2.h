@@ -371,5 +371,41 @@ QORA_TARGET_AVX512 static void deq_f32_avx512(int dtype, int n, const void* w, f
     deq_row_avx512(dtype, n, w, out, acc, out); /* x is not read when storing */
 }
 
+
+/* qora_quantize_q8k with AVX-512, the same bytes: amax and the first element of that magnitude (the scalar
+   loop's strict > keeps the first; max_ps(v, acc) passes over NaN as that comparison does), q =
+   nearbyint(iscale * x) as vcvtps2dq in the default rounding mode, the top clamp at 127, each bsum the
+   int32 sum of one 16-lane vector. */
+QORA_TARGET_AVX512 static void qora_quantize_q8k_avx512(const float* x, block_q8K* y, int n) {
+    for (int b = 0; b < n / QK_K; b++) {
+        const float* xb = x + (size_t)b * QK_K;
+        __m512 am = _mm512_setzero_ps();
+        for (int j = 0; j < QK_K; j += 16) am = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xb + j)), am);
+        const float amax = _mm512_reduce_max_ps(am);
+        if (!(amax > 0.0f)) {
+            memset(&y[b], 0, sizeof y[b]);
+            continue;
+        }
+        float vmax = 0.0f;
+        const __m512 va = _mm512_set1_ps(amax);
+        for (int j = 0; j < QK_K; j += 16) {
+            const __m512 v = _mm512_loadu_ps(xb + j);
+            const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_abs_ps(v), va, _CMP_EQ_OQ);
+            if (hit) {
+                vmax = xb[j + __builtin_ctz(hit)];
+                break;
+            }
+        }
+        const float iscale = -127.0f / vmax;
+        const __m512 vs = _mm512_set1_ps(iscale);
+        const __m512i top = _mm512_set1_epi32(127);
+        for (int k = 0; k < QK_K / 16; k++) {
+            const __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(vs, _mm512_loadu_ps(xb + 16 * k))), top);
+            _mm_storeu_si128((__m128i*)(y[b].qs + 16 * k), _mm512_cvtepi32_epi8(q));
+            y[b].bsums[k] = (int16_t)_mm512_reduce_add_epi32(q);
+        }
+        y[b].d = 1.0f / iscale;
+    }
+}
 #endif /* QORA_X86 */
 #endif /* QORA_KQUANTS_AVX2_H */

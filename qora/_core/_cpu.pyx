@@ -75,6 +75,7 @@ cdef extern from "qora/qora.h" nogil:
     void qora_prepare_acts(const qora_kernels* K, int needs, const float* X, size_t ldx, block_q8* XQ,
                            qora_xblock* XS, size_t ldxq, int n, int cols, int n_threads)
     void qora_quantize_q8k(const float* x, block_q8K* y, int n)
+    void qora_quantize_q8k_isa(int isa, const float* x, block_q8K* y, int n)
     void qora_dequant_row(const qora_tensor* W, int r, float* out)
     void qora_rope(float* v, int n_heads, int head_dim, int pos, const float* inv_freq, float scale)
     void qora_attention(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_type, int n_pos,
@@ -332,15 +333,16 @@ cdef int _threads(int n_threads) except -1:
 
 
 # ------------------------------------------------------------ kernel wrappers
-def quantize_q8k(const float[::1] x):
-    """x (n,), n % 256 == 0 -> Q8_K blocks (the K types' activations) as uint8 (n/256*292,)."""
+def quantize_q8k(const float[::1] x, int isa=0):
+    """x (n,), n % 256 == 0 -> Q8_K blocks (the K types' activations) as uint8 (n/256*292,), by the
+    quantizer of ISA path `isa` (0: the scalar reference)."""
     cdef int n = x.shape[0]
     if n == 0 or n % 256:
         raise ValueError(f"quantize_q8k: length must be a positive multiple of 256, got {n}")
     out = np.empty(n // 256 * 292, dtype=np.uint8)
     cdef uint8_t[::1] o = out
     with nogil:
-        qora_quantize_q8k(&x[0], <block_q8K*>&o[0], n)
+        qora_quantize_q8k_isa(isa, &x[0], <block_q8K*>&o[0], n)
     return out
 
 
