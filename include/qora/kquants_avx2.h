@@ -392,7 +392,9 @@ QORA_TARGET_AVX512 static void qora_quantize_q8k_avx512(const float* x, block_q8
             const __m512 v = _mm512_loadu_ps(xb + j);
             const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_abs_ps(v), va, _CMP_EQ_OQ);
             if (hit) {
-                vmax = xb[j + __builtin_ctz(hit)];
+                int i = 0;
+                while (!((hit >> i) & 1)) i++;
+                vmax = xb[j + i];
                 break;
             }
         }
