@@ -200,9 +200,9 @@ def openmp_environment(environ=None, busy=None):
         yield
         return
     share = None
-    if busy is None:
+    if busy is None:  # measured once: machine_busy(None) would measure again
         share = cpu_busy_share()
-        busy = machine_busy(share)
+        busy = share is not None and machine_busy(share)
     in_use = f"{share:.0%} of the CPUs in use at import" if share is not None else "busy"
     if not busy:
         openmp_wait = "libgomp default spin" + (f" ({in_use})" if share is not None else "")

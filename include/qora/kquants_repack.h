@@ -503,14 +503,7 @@ QORA_TARGET_AVX2 QORA_INLINE __m256i q6kx8_value(const block_q6_Kx8* g, int p, i
 }
 
 QORA_TARGET_AVX2 QORA_INLINE void q6kx8_values(const block_q6_Kx8* g, int p, int c, __m256i q[4]) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
-    const __m256i h = _mm256_loadu_si256((const __m256i*)g->qh[4 * p + c]);
-    const __m256i v0 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + c]);
-    const __m256i v1 = _mm256_loadu_si256((const __m256i*)g->ql[8 * p + 4 + c]);
-    q[0] = _mm256_or_si256(_mm256_and_si256(v0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
-    q[1] = _mm256_or_si256(_mm256_and_si256(v1, m4), _mm256_and_si256(h, m30));
-    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
-    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+    for (int k = 0; k < 4; k++) q[k] = q6kx8_value(g, p, c, k);
 }
 
 /* Q4_K / Q5_K x8 against T <= 4 Q8_K activations: per super-block the exact S and M of kdot_ints_scalar
@@ -1019,14 +1012,13 @@ QORA_TARGET_AVX512 QORA_INLINE void q6kx8_vnni8_t(const int T, int nb, const cha
             }
         }
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
+        __m256i w16[8]; /* the scales as int16, row by row in pairs of sub-blocks, for every token's C */
+        for (int i = 0; i < 8; i++) w16[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[i]));
         for (int t = 0; t < T; t++) {
             __m256i C = _mm256_setzero_si256();
-            for (int p = 0; p < 4; p++) {
-                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p]));
-                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)g->sc[2 * p + 1]));
-                C = _mm256_add_epi32(C, _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p))),
-                                                         _mm256_madd_epi16(w1, _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p + 2)))));
-            }
+            for (int p = 0; p < 4; p++)
+                C = _mm256_add_epi32(C, _mm256_add_epi32(_mm256_madd_epi16(w16[2 * p], _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p))),
+                                                         _mm256_madd_epi16(w16[2 * p + 1], _mm256_set1_epi32(kx8_pair16(xb[t]->bsums + 4 * p + 2)))));
             const __m256i sv = _mm256_sub_epi32(S[t], _mm256_slli_epi32(C, 5));
             acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb[t]->d)), _mm256_cvtepi32_ps(sv), acc[t]);
         }
@@ -1046,8 +1038,6 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
                             q8x8_vnni_range(nbs, g + b0, (const char*)x + b0 * sizeof(block_q8), xs, nt, dst, lddst));
         return;
     }
-    /* the K types: the AVX2 kernels compiled here, where AVX-512VL's 32 vector registers hold their 4-token
-       sums without spilling (the same instructions, so the same bits) */
     const char *wc = (const char*)w, *xc = (const char*)x;
     if (nt > 1 && (dtype == QORA_Q4_K || dtype == QORA_Q5_K)) { /* prefill: up to 8 tokens, VNNI */
         const int q5 = dtype == QORA_Q5_K;
@@ -1062,6 +1052,7 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
 #undef QORA_Q6KX8_VNNI_T
         return;
     }
+    /* decode of the K types: the AVX2 kernels compiled here (the same instructions, so the same bits) */
     switch (dtype) {
     QORA_KX8_K_CASES
     default: kx8_avx2(dtype, n, w, x, xs, nt, out, ldo); return;
@@ -1069,35 +1060,32 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
 }
 #endif /* QORA_X86 */
 
+/* Whether the ISA path has an 8-token prefill kernel for the type (AVX-512: Q4_K, Q5_K, Q6_K, Q8_0) */
+static inline int qora_kx8_8tok(int isa, int dtype) {
+#if QORA_X86
+    return isa == QORA_ISA_AVX512 && (dtype == QORA_Q8 || dtype == QORA_Q4_K || dtype == QORA_Q5_K || dtype == QORA_Q6_K);
+#else
+    (void)isa;
+    (void)dtype;
+    return 0;
+#endif
+}
+
 /* Whether prefill (several tokens) reads the x8 copy too: measured on the dev box (AVX2, 2048 x 2048, 64
    tokens), the x8 kernels are faster than the file-layout tiles for Q4_1 (1.4x) and even for Q5_0, but
    slower for Q8_0 (0.76x), Q4_K (0.82x) and Q6_K (0.91x), whose 4-token kernels run out of registers;
    those prefill from the file's rows, which gives the same bits. On AVX-512 (32 registers, and a VNNI
    kernel for Q8_0) the x8 copies win for those too (Zen 4: pp64 2.4-2.6x; bench/NOTES.md). */
 static inline int qora_kx8_prefill(int isa, int dtype) {
-#if QORA_X86
-    if (isa == QORA_ISA_AVX512 && (dtype == QORA_Q8 || dtype == QORA_Q4_K || dtype == QORA_Q5_K || dtype == QORA_Q6_K))
-        return 1;
-#endif
-    (void)isa;
-    return dtype == QORA_Q4_1 || dtype == QORA_Q5_0 || dtype == QORA_Q5_1;
+    return qora_kx8_8tok(isa, dtype) || dtype == QORA_Q4_1 || dtype == QORA_Q5_0 || dtype == QORA_Q5_1;
 }
+
+/* Tokens an x8 kernel call takes (the unit's step) */
+static inline int qora_kx8_max_t(int isa, int dtype) { return qora_kx8_8tok(isa, dtype) ? 8 : QORA_KX8_MAX_T; }
 
 /* The x8 kernel of an ISA path, NULL where none exists (the matrices then stay in the file's layout).
-   The AVX-512 path has its own for Q8_0 and compiles the K types' AVX2 kernels with its registers; the
-   rest are the AVX2 kernels: the same sums everywhere, so the same bits. */
-/* Tokens an x8 kernel call takes (the unit's step): 8 for the AVX-512 Q4_K / Q5_K prefill kernel, else
-   QORA_KX8_MAX_T. */
-static inline int qora_kx8_max_t(int isa, int dtype) {
-#if QORA_X86
-    if (isa == QORA_ISA_AVX512 && (dtype == QORA_Q4_K || dtype == QORA_Q5_K || dtype == QORA_Q6_K || dtype == QORA_Q8))
-        return 8;
-#endif
-    (void)isa;
-    (void)dtype;
-    return QORA_KX8_MAX_T;
-}
-
+   The AVX-512 path has its own prefill kernels for Q8_0 and the K types and Q8_0's decode; the rest are
+   the AVX2 kernels: the same sums everywhere, so the same bits. */
 static inline qora_kx8_fn qora_kx8_kernel(int isa) {
 #if QORA_X86
     return isa == QORA_ISA_SCALAR ? kx8_scalar : isa == QORA_ISA_AVX512 ? kx8_avx512 : kx8_avx2;

@@ -148,8 +148,9 @@ int qvk_model_slots(const qvk_model* m);
 int qvk_model_forward_batch(qvk_model* m, const int32_t* tokens, int n_rows, const int32_t* ents, int n_ent,
                             float* logits, char* err, size_t n);
 int qvk_model_copy_slot(qvk_model* m, int src, int dst, int n_pos, char* err, size_t n);
-/* A step of one decode row runs the single-sequence decode step over that slot (default on where the
-   device can bind a slot's rows on their own); off: the batched path for every step (tests, A/B). */
-void qvk_model_set_slot_decode(qvk_model* m, int rows); /* steps of up to `rows` decode rows as decode steps; 0: none */
+/* A step of up to `rows` decode rows (one token per entry) runs each row as the single-sequence decode
+   step over its slot (where the device can bind a slot's rows on their own); 0: the batched path for
+   every step (tests, A/B). */
+void qvk_model_set_slot_decode(qvk_model* m, int rows);
 
 #endif /* QORA_VK_BACKEND_H */
