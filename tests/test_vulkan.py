@@ -74,6 +74,26 @@ def test_embedded_spirv_matches_sources():
     assert all(blob[:4] == b"\x03\x02\x23\x07" for _, blob in have.values())  # SPIR-V magic
 
 
+@pytest.mark.skipif(
+    not (REPO / "tools" / "gen_shaders.py").exists() or sys.platform == "win32",
+    reason="needs tools/gen_shaders.py and a POSIX shell",
+)
+def test_a_compiler_that_does_not_run_counts_as_absent(tmp_path, capsys):
+    """A glslangValidator or glslc that exits non-zero on --version (a broken install: its SPIRV-Tools
+    library missing or of another ABI) is ignored with a warning, and --if-stale still builds from the
+    committed SPIR-V: such a machine once failed `pip install -e .`."""
+    gen = _gen_shaders()
+    broken = tmp_path / "broken-tool"
+    broken.write_text("#!/bin/sh\necho 'error while loading shared libraries: libSPIRV-Tools-shared.so' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    tools = gen.Tools(str(broken), str(broken), str(broken))
+    assert (tools.glslc, tools.glslang, tools.glslc_version, tools.glslang_version) == (None, None, None, None)
+    assert not tools.complete()
+    err = capsys.readouterr().err
+    assert "exited 1" in err and "libSPIRV-Tools-shared.so" in err
+    assert gen.main(["--if-stale", "--glslc", str(broken), "--glslang", str(broken)]) == 0
+
+
 def test_no_loader_imports_and_reports(monkeypatch, tmp_path):
     missing = str(tmp_path / "libvulkan-missing.so.1")
     with pytest.raises(_vulkan.VulkanError) as e:

@@ -96,16 +96,35 @@ def source_hash(name: str) -> str:
     return h.hexdigest()
 
 
-def glslc_version(glslc: str) -> str:
-    out = subprocess.run([glslc, "--version"], capture_output=True, text=True, check=True).stdout
-    return " ".join(line.strip() for line in out.splitlines()[:3] if line.strip())
+def _version_output(tool: str) -> str | None:
+    """What `tool --version` prints (stdout + stderr: spirv-opt writes its version to stderr), or None
+    with a warning when the tool does not run: a broken install (a glslangValidator whose SPIRV-Tools
+    library is missing or of another ABI) counts as an absent tool, so a build falls back to the
+    committed SPIR-V instead of failing."""
+    try:
+        r = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"gen_shaders: {tool} does not run ({e}); ignoring it", file=sys.stderr)
+        return None
+    out = r.stdout + r.stderr
+    if r.returncode != 0:
+        why = out.strip().splitlines()[-1] if out.strip() else "no output"
+        print(f"gen_shaders: {tool} --version exited {r.returncode} ({why}); ignoring it", file=sys.stderr)
+        return None
+    return out
 
 
-def glslang_version(glslang: str, spirv_opt: str) -> str:
+def glslc_version(glslc: str) -> str | None:
+    out = _version_output(glslc)
+    return None if out is None else " ".join(line.strip() for line in out.splitlines()[:3] if line.strip())
+
+
+def glslang_version(glslang: str, spirv_opt: str) -> str | None:
     first = []
     for tool in (glslang, spirv_opt):
-        r = subprocess.run([tool, "--version"], capture_output=True, text=True, check=True)
-        out = r.stdout + r.stderr  # spirv-opt writes its version to stderr
+        out = _version_output(tool)
+        if out is None:
+            return None
         first.append(out.splitlines()[0].strip() if out.strip() else "unknown")
     return "; ".join(first)
 
@@ -116,9 +135,13 @@ class Tools:
     def __init__(self, glslc: str | None, glslang: str | None, spirv_opt: str | None = None):
         self.glslc, self.glslang, self.spirv_opt = glslc, glslang, spirv_opt or shutil.which("spirv-opt")
         self.glslc_version = glslc_version(glslc) if glslc else None
+        if self.glslc_version is None:
+            self.glslc = None
         if not (self.glslang and self.spirv_opt):
             self.glslang = None
         self.glslang_version = glslang_version(self.glslang, self.spirv_opt) if self.glslang else None
+        if self.glslang_version is None:
+            self.glslang = None
 
     def complete(self) -> bool:
         return bool(self.glslc and self.glslang)
