@@ -646,8 +646,11 @@ QORA_TARGET_AVX2 static inline __m256i q8x8_isum_avx2(const block_q8x8* g, const
     return _mm256_add_epi32(s0, s1);
 }
 
-QORA_TARGET_AVX2 static inline __m256 q8x8_block_avx2(const block_q8x8* g, const block_q8* xb, __m256 acc) {
-    for (int i = 0; i < 5; i++) _mm_prefetch((const char*)(g + 4) + 64 * i, _MM_HINT_T0);
+/* pf: prefetch the block 4 ahead (the multi-token kernels and the seg4 walk; the seq walk prefetches its
+   one stream itself, and a second prefetch of the same lines cost Zen 4 10-15 % of its bandwidth) */
+QORA_TARGET_AVX2 static inline __m256 q8x8_block_avx2(const int pf, const block_q8x8* g, const block_q8* xb, __m256 acc) {
+    if (pf)
+        for (int i = 0; i < 5; i++) _mm_prefetch((const char*)(g + 4) + 64 * i, _MM_HINT_T0);
     const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d)), _mm256_set1_ps(f16_avx2(xb->d)));
     return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q8x8_isum_avx2(g, xb->qs)), acc);
 }
@@ -658,7 +661,7 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
     __m256 acc[4];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++)
-        for (int t = 0; t < T; t++) acc[t] = q8x8_block_avx2(w + b, (const block_q8*)(x + t * xs) + b, acc[t]);
+        for (int t = 0; t < T; t++) acc[t] = q8x8_block_avx2(1, w + b, (const block_q8*)(x + t * xs) + b, acc[t]);
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
@@ -668,8 +671,8 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
    blocks into acc[i] (the blocks past 4 * seg into acc[3]), then ((acc0 + acc1) + acc2) + acc3. */
 #define QORA_KX8_PREFETCH 2048
 /* The x8 decode walk (w: the group's x8 blocks of BYTES bytes each, x: the Q8_0 activation blocks);
-   BLOCK(b, acc) adds block b's fma: Q8_0 (q8x8_block_avx2, or q8x8_block_vnni on AVX-512) and Q4_1 /
-   Q5_0 / Q5_1 (q32x8_block_avx2). */
+   BLOCK(b, acc, pf) adds block b's fma, prefetching ahead itself where pf (the seg4 walk): Q8_0
+   (q8x8_block_avx2, or q8x8_block_vnni on AVX-512) and Q4_1 / Q5_0 / Q5_1 (q32x8_block_avx2). */
 #define QORA_KX8_DECODE_WALK(BYTES, BLOCK)                                                                   \
     do {                                                                                                     \
         const int seg = nb / QORA_SEGS;                                                                      \
@@ -681,23 +684,23 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
                 for (int b = i * seg; b < (i == 3 ? nb : (i + 1) * seg); b++) {                              \
                     for (int l = 0; l < (int)(((BYTES) + 63) / 64); l++)                                     \
                         _mm_prefetch((const char*)w + b * (BYTES) + QORA_KX8_PREFETCH + 64 * l, _MM_HINT_T0); \
-                    a = BLOCK(b, a);                                                                         \
+                    a = BLOCK(b, a, 0);                                                                      \
                 }                                                                                            \
                 acc[i] = a;                                                                                  \
             }                                                                                                \
         } else {                                                                                             \
             for (int b = 0; b < seg; b++) {                                                                  \
-                acc[0] = BLOCK(b, acc[0]);                                                                   \
-                acc[1] = BLOCK(b + seg, acc[1]);                                                             \
-                acc[2] = BLOCK(b + 2 * seg, acc[2]);                                                         \
-                acc[3] = BLOCK(b + 3 * seg, acc[3]);                                                         \
+                acc[0] = BLOCK(b, acc[0], 1);                                                                \
+                acc[1] = BLOCK(b + seg, acc[1], 1);                                                          \
+                acc[2] = BLOCK(b + 2 * seg, acc[2], 1);                                                      \
+                acc[3] = BLOCK(b + 3 * seg, acc[3], 1);                                                      \
             }                                                                                                \
-            for (int c = 4 * seg; c < nb; c++) acc[3] = BLOCK(c, acc[3]);                                    \
+            for (int c = 4 * seg; c < nb; c++) acc[3] = BLOCK(c, acc[3], 1);                                 \
         }                                                                                                    \
         _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));   \
     } while (0)
 
-#define QORA_Q8X8_BLOCK_AVX2(b, a) q8x8_block_avx2(w + (b), x + (b), a)
+#define QORA_Q8X8_BLOCK_AVX2(b, a, pf) q8x8_block_avx2(pf, w + (b), x + (b), a)
 QORA_TARGET_AVX2 static void q8x8_avx2_decode(int nb, const block_q8x8* w, const block_q8* x, float* out) {
     QORA_KX8_DECODE_WALK(sizeof(block_q8x8), QORA_Q8X8_BLOCK_AVX2);
 }
@@ -705,14 +708,16 @@ QORA_TARGET_AVX2 static void q8x8_avx2_decode(int nb, const block_q8x8* w, const
 /* One Q4_1 / Q5_0 / Q5_1 x8 block against one Q8_0 activation block: dot_q32_q8_scalar's two fmas per row.
    The integers as unsigned (Q5_0: q + 16, taken back with the activation sum); the vpmaddubsw sums stay
    below 2^15: eight of 2 * 15 * 127 (Q4_1), four of 2 * 31 * 127 (the 5-bit types). */
-QORA_TARGET_AVX2 QORA_INLINE __m256 q32x8_block_avx2(const int dtype, const uint8_t* g, const block_q8* xb, __m256 acc) {
+QORA_TARGET_AVX2 QORA_INLINE __m256 q32x8_block_avx2(const int pf, const int dtype, const uint8_t* g, const block_q8* xb,
+                                                     __m256 acc) {
     const kx8_q32_fields f = kx8_q32_at(dtype);
     const __m256i m4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10), one = _mm256_set1_epi16(1);
     const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6,
                                             6, 7, 7, 7, 7);
     const __m256i bl = _mm256_set1_epi32(0x08040201), bh = _mm256_set1_epi32((int)0x80402010u);
     const size_t gb = qora_kx8_block_bytes(dtype);
-    for (int i = 0; i < (int)((gb + 63) / 64); i++) _mm_prefetch((const char*)g + 4 * gb + 64 * i, _MM_HINT_T0);
+    if (pf) /* as q8x8_block_avx2's */
+        for (int i = 0; i < (int)((gb + 63) / 64); i++) _mm_prefetch((const char*)g + 4 * gb + 64 * i, _MM_HINT_T0);
     __m256i plo = _mm256_setzero_si256(), phi = _mm256_setzero_si256();
     for (int k = 0; k < 4; k++) {
         const __m256i v = _mm256_loadu_si256((const __m256i*)(g + f.qs + 32 * k));
@@ -746,12 +751,12 @@ QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_t(const int dtype, const int T, int
     __m256 acc[4];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++)
-        for (int t = 0; t < T; t++) acc[t] = q32x8_block_avx2(dtype, w + b * gb, (const block_q8*)(x + t * xs) + b, acc[t]);
+        for (int t = 0; t < T; t++) acc[t] = q32x8_block_avx2(1, dtype, w + b * gb, (const block_q8*)(x + t * xs) + b, acc[t]);
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
 /* decode: the four segments of common.h at once */
-#define QORA_Q32X8_BLOCK_AVX2(b, a) q32x8_block_avx2(dtype, w + (b) * gb, x + (b), a)
+#define QORA_Q32X8_BLOCK_AVX2(b, a, pf) q32x8_block_avx2(pf, dtype, w + (b) * gb, x + (b), a)
 QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_decode(const int dtype, int nb, const uint8_t* w, const block_q8* x,
                                                     float* out) {
     const size_t gb = qora_kx8_block_bytes(dtype);
@@ -852,8 +857,9 @@ QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const voi
 /* AVX-512 (VNNI): Q8_0 decode with vpdpbusd (|w| against x with w's sign, as the AVX2 kernel pairs them:
    one instruction for its vpmaddubsw, vpmaddwd and add; exact int32 sums, so the same bits); the rest
    is the AVX2 kernels'. Zen 4, 1 thread, 32768x4096 past the L3: see bench/NOTES.md. */
-QORA_TARGET_AVX512 static inline __m256 q8x8_block_vnni(const block_q8x8* g, const block_q8* xb, __m256 acc) {
-    for (int i = 0; i < 5; i++) _mm_prefetch((const char*)(g + 4) + 64 * i, _MM_HINT_T0);
+QORA_TARGET_AVX512 static inline __m256 q8x8_block_vnni(const int pf, const block_q8x8* g, const block_q8* xb, __m256 acc) {
+    if (pf)
+        for (int i = 0; i < 5; i++) _mm_prefetch((const char*)(g + 4) + 64 * i, _MM_HINT_T0);
     const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d)), _mm256_set1_ps(f16_avx2(xb->d)));
     __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
     for (int k = 0; k < 8; k += 2) {
@@ -865,7 +871,7 @@ QORA_TARGET_AVX512 static inline __m256 q8x8_block_vnni(const block_q8x8* g, con
     return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), acc);
 }
 
-#define QORA_Q8X8_BLOCK_VNNI(b, a) q8x8_block_vnni(w + (b), x + (b), a)
+#define QORA_Q8X8_BLOCK_VNNI(b, a, pf) q8x8_block_vnni(pf, w + (b), x + (b), a)
 QORA_TARGET_AVX512 static void q8x8_vnni_decode(int nb, const block_q8x8* w, const block_q8* x, float* out) {
     QORA_KX8_DECODE_WALK(sizeof(block_q8x8), QORA_Q8X8_BLOCK_VNNI);
 }
