@@ -903,6 +903,10 @@ QORA_TARGET_AVX512 QORA_INLINE void q8x8_vnni8_t(const int T, int nb, const bloc
             _mm256_storeu_si256((__m256i*)xu[t], _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)xb->qs), flip));
             s[t] = _mm256_setzero_si256();
         }
+        /* xu is read back from memory: without this GCC keeps it in registers and takes each dword out with two
+           shuffles (vpsrldq / valignd + vpbroadcastd) per token and step, which bound the kernel; a broadcast
+           from memory is a load */
+        __asm__ volatile("" : : "r"(xu) : "memory");
         __m256i ws = _mm256_setzero_si256();
         _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[k]);
