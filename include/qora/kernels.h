@@ -313,7 +313,7 @@ static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W, 
 
 /* qora_unit for a matrix with an x8 copy (kquants_repack.h): group u, or the rows past the groups by 4 */
 static inline int qora_kx8_unit(const qora_kernels* K, const qora_tensor* W, int u, const float* X, size_t ldx,
-                                const block_q8* XQ, size_t ldxq, int t0, int nt, float* out, size_t ldo, int* nr_out) {
+                                const block_q8* XQ, const qora_xblock* XS, size_t ldxq, int t0, int nt, float* out, size_t ldo, int* nr_out) {
     const int groups = W->rows / 8;
     if (u < groups && (nt == 1 || qora_kx8_prefill(K->isa, W->dtype))) {
         const int e = qora_block_elems(W->dtype);
@@ -321,7 +321,7 @@ static inline int qora_kx8_unit(const qora_kernels* K, const qora_tensor* W, int
         const void* xa = e == QK_K ? (const void*)qora_q8k_at(xq, W->cols) : xq;
         qora_kx8_kernel(K->isa)(W->dtype, W->cols,
                                 (const char*)W->kpacked + (size_t)u * (W->cols / e) * qora_kx8_block_bytes(W->dtype), xa,
-                                ldxq * sizeof(block_q8), nt, out, ldo);
+                                e == QK_K ? NULL : XS + (size_t)t0 * ldxq, ldxq * sizeof(block_q8), nt, out, ldo);
         *nr_out = 8;
         return u * 8;
     }
@@ -341,7 +341,7 @@ static inline int qora_kx8_unit(const qora_kernels* K, const qora_tensor* W, int
 static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, const float* X, size_t ldx,
                             const block_q8* XQ, const qora_xblock* XS, size_t ldxq, int t0, int nt, float* out, size_t ldo,
                             int* nr_out) {
-    if (W->kpacked) return qora_kx8_unit(K, W, u, X, ldx, XQ, ldxq, t0, nt, out, ldo, nr_out);
+    if (W->kpacked) return qora_kx8_unit(K, W, u, X, ldx, XQ, XS, ldxq, t0, nt, out, ldo, nr_out);
     const int pairs = qora_unit_pairs(K, W);
     if (W->packed && u < pairs) {
         const size_t nb = (size_t)(W->cols / QK);

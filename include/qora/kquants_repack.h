@@ -381,9 +381,10 @@ static int qora_repack_all(const qora_repack_job* jobs, int n_jobs, int n_thread
 
 /* ---- kernels: out[t * ldo + j] = dot(row j of the group, activation t), j < 8, t < nt <= qora_kx8_max_t. w: the group's
    first x8 block; x: the activations in the type's partner format (block_q8 for Q8_0, block_q8K for the K
-   types), xs bytes apart. */
-typedef void (*qora_kx8_fn)(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
-                            size_t ldo);
+   types), xs bytes apart; xe: the Q8_0 blocks' extras (qora_xblock: -8 x their sum, their scale as float;
+   xs / sizeof(block_q8) apart), read by the AVX-512 Q8_0 prefill, NULL for the K types. */
+typedef void (*qora_kx8_fn)(int dtype, int n, const void* w, const void* x, const qora_xblock* xe, size_t xs, int nt,
+                            float* out, size_t ldo);
 #define QORA_KX8_MAX_T 4
 
 /* one block of dot_q32_q8_scalar's chain: acc = fma(dw * dx, isum, acc), then the minimum's fma */
@@ -400,7 +401,9 @@ static inline float kx8_q32_block_scalar(int dtype, const void* blk, const block
 }
 
 /* the reference: each row's blocks back in the file's layout, then kquants.h's / the Q8_0 scalar order */
-static void kx8_scalar(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out, size_t ldo) {
+static void kx8_scalar(int dtype, int n, const void* w, const void* x, const qora_xblock* xe, size_t xs, int nt,
+                       float* out, size_t ldo) {
+    (void)xe;
     const int e = qora_block_elems(dtype), nb = n / e;
     const size_t gb = qora_kx8_block_bytes(dtype);
     for (int t = 0; t < nt; t++)
@@ -832,8 +835,9 @@ QORA_TARGET_AVX2 static void q32x8_avx2(int dtype, int n, const uint8_t* g, cons
 #define QORA_Q5KX8_T(T) q45kx8_avx2_t(1, T, n / QK_K, wc, xc, xs, out, ldo)
 #define QORA_Q6KX8_T(T) q6kx8_avx2_t(T, n / QK_K, wc, xc, xs, out, ldo)
 
-QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
-                                      size_t ldo) {
+QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const void* x, const qora_xblock* xe, size_t xs,
+                                      int nt, float* out, size_t ldo) {
+    (void)xe;
     const char *wc = (const char*)w, *xc = (const char*)x;
     switch (dtype) {
     case QORA_Q8: {
@@ -884,49 +888,39 @@ QORA_TARGET_AVX512 static inline __m256i kx8_bcast32(const int8_t* p) {
 }
 
 /* Q8_0 prefill: up to 8 tokens over blocks [0, nb) (a segment pass), q8x8_avx2_t's chains and order and
-   its exact int32 dots, taken as sum((x + 128) w) - 128 sum(w): vpdpbusd gets each token's bytes as
-   unsigned (x ^ 0x80, once per block into a small buffer) and the weights as they are, so a token costs
-   one broadcast and one vpdpbusd per 4 bytes (|w| against x with w's sign needed a vpsignb more);
-   sum(w) per row once per block for all the tokens. */
-QORA_TARGET_AVX512 QORA_INLINE void q8x8_vnni8_t(const int T, int nb, const block_q8x8* w, const char* x, size_t xs,
-                                                 float* out, size_t ldo) {
-    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi8(1);
+   its exact int32 dots, taken as sum((w + 128) x) - 128 sum(x): vpdpbusd gets the weights as unsigned
+   (w ^ 0x80, once per vector for all the tokens) and each token's bytes as they are, broadcast from the
+   activation block, so a token costs one broadcast and one vpdpbusd per 4 bytes; 128 sum(x) is
+   -16 x the block's precomputed off (qora_xblock), and its d is the block's scale as float. */
+QORA_TARGET_AVX512 QORA_INLINE void q8x8_vnni8_t(const int T, int nb, const block_q8x8* w, const char* x,
+                                                 const qora_xblock* xe, size_t xs, float* out, size_t ldo) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    const size_t xes = xs / sizeof(block_q8);
     __m256 acc[8];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const block_q8x8* g = w + b;
         for (int i = 0; i < 5; i++) _mm_prefetch((const char*)(g + 4) + 64 * i, _MM_HINT_T0);
-        int8_t xu[8][32];
         __m256i s[8];
-        for (int t = 0; t < T; t++) {
-            const block_q8* xb = (const block_q8*)(x + t * xs) + b;
-            _mm256_storeu_si256((__m256i*)xu[t], _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)xb->qs), flip));
-            s[t] = _mm256_setzero_si256();
-        }
-        /* xu is read back from memory: without this GCC keeps it in registers and takes each dword out with two
-           shuffles (vpsrldq / valignd + vpbroadcastd) per token and step, which bound the kernel; a broadcast
-           from memory is a load */
-        __asm__ volatile("" : : "r"(xu) : "memory");
-        __m256i ws = _mm256_setzero_si256();
+        for (int t = 0; t < T; t++) s[t] = _mm256_setzero_si256();
         _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[k]);
-            ws = _mm256_dpbusd_epi32(ws, ones, v);
-            for (int t = 0; t < T; t++) s[t] = _mm256_dpbusd_epi32(s[t], kx8_bcast32(xu[t] + 4 * k), v);
+            const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)g->qs[k]), flip);
+            for (int t = 0; t < T; t++)
+                s[t] = _mm256_dpbusd_epi32(s[t], v, kx8_bcast32(((const block_q8*)(x + t * xs) + b)->qs + 4 * k));
         }
-        const __m256i corr = _mm256_slli_epi32(ws, 7);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
         for (int t = 0; t < T; t++) {
-            const block_q8* xb = (const block_q8*)(x + t * xs) + b;
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d))),
-                                     _mm256_cvtepi32_ps(_mm256_sub_epi32(s[t], corr)), acc[t]);
+            const qora_xblock* e = xe + t * xes + b;
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(e->d)),
+                                     _mm256_cvtepi32_ps(_mm256_add_epi32(s[t], _mm256_set1_epi32(16 * e->off))), acc[t]);
         }
     }
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
-QORA_TARGET_AVX512 static void q8x8_vnni_range(int nb, const block_q8x8* w, const char* x, size_t xs, int nt, float* out,
-                                               size_t ldo) {
-#define QORA_Q8X8_VNNI_T(T) q8x8_vnni8_t(T, nb, w, x, xs, out, ldo)
+QORA_TARGET_AVX512 static void q8x8_vnni_range(int nb, const block_q8x8* w, const char* x, const qora_xblock* xe,
+                                               size_t xs, int nt, float* out, size_t ldo) {
+#define QORA_Q8X8_VNNI_T(T) q8x8_vnni8_t(T, nb, w, x, xe, xs, out, ldo)
     QORA_KX8_SWITCH_T8(QORA_Q8X8_VNNI_T)
 #undef QORA_Q8X8_VNNI_T
 }
@@ -1036,8 +1030,8 @@ QORA_TARGET_AVX512 QORA_INLINE void q6kx8_vnni8_t(const int T, int nb, const cha
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
-QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
-                                          size_t ldo) {
+QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const void* x, const qora_xblock* xe,
+                                          size_t xs, int nt, float* out, size_t ldo) {
     if (dtype == QORA_Q8) {
         const block_q8x8* g = (const block_q8x8*)w;
         if (nt == 1) {
@@ -1045,7 +1039,7 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
             return;
         }
         QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo,
-                            q8x8_vnni_range(nbs, g + b0, (const char*)x + b0 * sizeof(block_q8), xs, nt, dst, lddst));
+                            q8x8_vnni_range(nbs, g + b0, (const char*)x + b0 * sizeof(block_q8), xe + b0, xs, nt, dst, lddst));
         return;
     }
     const char *wc = (const char*)w, *xc = (const char*)x;
@@ -1065,7 +1059,7 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
     /* decode of the K types: the AVX2 kernels compiled here (the same instructions, so the same bits) */
     switch (dtype) {
     QORA_KX8_K_CASES
-    default: kx8_avx2(dtype, n, w, x, xs, nt, out, ldo); return;
+    default: kx8_avx2(dtype, n, w, x, xe, xs, nt, out, ldo); return;
     }
 }
 #endif /* QORA_X86 */

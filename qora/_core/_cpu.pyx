@@ -50,8 +50,8 @@ cdef extern from "qora/qora.h" nogil:
     void* qora_alloc_weights(size_t nbytes)
     void qora_free_weights(void* p)
     void qora_repack_q4x8(const void* src, size_t row_bytes, int rows, int cols, block_q4x8* dst, int n_threads)
-    ctypedef void (*qora_kx8_fn)(int dtype, int n, const void* w, const void* x, size_t xs, int nt, float* out,
-                                 size_t ldo) noexcept nogil
+    ctypedef void (*qora_kx8_fn)(int dtype, int n, const void* w, const void* x, const qora_xblock* xe, size_t xs,
+                                 int nt, float* out, size_t ldo) noexcept nogil
     qora_kx8_fn qora_kx8_kernel(int isa)
     size_t qora_kx8_bytes(int dtype, int rows, int cols)
     void qora_kx8_repack(int dtype, const void* src, size_t row_bytes, int rows, int cols, void* dst, int n_threads)
