@@ -858,25 +858,29 @@ QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const voi
     }
 }
 
-/* AVX-512 (VNNI): Q8_0 decode with vpdpbusd (|w| against x with w's sign, as the AVX2 kernel pairs them:
-   one instruction for its vpmaddubsw, vpmaddwd and add; exact int32 sums, so the same bits); the rest
-   is the AVX2 kernels'. Zen 4, 1 thread, 32768x4096 past the L3: see bench/NOTES.md. */
-QORA_TARGET_AVX512 static inline __m256 q8x8_block_vnni(const int pf, const block_q8x8* g, const block_q8* xb, __m256 acc) {
+/* AVX-512 (VNNI): Q8_0 decode with vpdpbusd as the prefill below: sum((w + 128) x) - 128 sum(x), the
+   weights made unsigned (one vpxor per vector) against the token's bytes broadcast from its block, 128 sum(x)
+   from the block's qora_xblock; exact int32 sums, so the same bits as the AVX2 kernel (|w| against x with
+   w's sign: two vpsignb a vector more); the rest is the AVX2 kernels'. */
+QORA_TARGET_AVX512 static inline __m256 q8x8_block_vnni(const int pf, const block_q8x8* g, const block_q8* xb,
+                                                        const qora_xblock* e, __m256 acc) {
     if (pf)
         for (int i = 0; i < 5; i++) _mm_prefetch((const char*)(g + 4) + 64 * i, _MM_HINT_T0);
-    const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d)), _mm256_set1_ps(f16_avx2(xb->d)));
-    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d)), _mm256_set1_ps(e->d));
+    __m256i s0 = _mm256_set1_epi32(16 * e->off), s1 = _mm256_setzero_si256();
     for (int k = 0; k < 8; k += 2) {
-        const __m256i v0 = _mm256_loadu_si256((const __m256i*)g->qs[k]);
-        const __m256i v1 = _mm256_loadu_si256((const __m256i*)g->qs[k + 1]);
-        s0 = _mm256_dpbusd_epi32(s0, _mm256_sign_epi8(v0, v0), _mm256_sign_epi8(bcast_i32_avx2(xb->qs + 4 * k), v0));
-        s1 = _mm256_dpbusd_epi32(s1, _mm256_sign_epi8(v1, v1), _mm256_sign_epi8(bcast_i32_avx2(xb->qs + 4 * k + 4), v1));
+        const __m256i v0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)g->qs[k]), flip);
+        const __m256i v1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)g->qs[k + 1]), flip);
+        s0 = _mm256_dpbusd_epi32(s0, v0, bcast_i32_avx2(xb->qs + 4 * k));
+        s1 = _mm256_dpbusd_epi32(s1, v1, bcast_i32_avx2(xb->qs + 4 * k + 4));
     }
     return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), acc);
 }
 
-#define QORA_Q8X8_BLOCK_VNNI(b, a, pf) q8x8_block_vnni(pf, w + (b), x + (b), a)
-QORA_TARGET_AVX512 static void q8x8_vnni_decode(int nb, const block_q8x8* w, const block_q8* x, float* out) {
+#define QORA_Q8X8_BLOCK_VNNI(b, a, pf) q8x8_block_vnni(pf, w + (b), x + (b), xe + (b), a)
+QORA_TARGET_AVX512 static void q8x8_vnni_decode(int nb, const block_q8x8* w, const block_q8* x, const qora_xblock* xe,
+                                               float* out) {
     QORA_KX8_DECODE_WALK(sizeof(block_q8x8), QORA_Q8X8_BLOCK_VNNI);
 }
 
@@ -1035,7 +1039,7 @@ QORA_TARGET_AVX512 static void kx8_avx512(int dtype, int n, const void* w, const
     if (dtype == QORA_Q8) {
         const block_q8x8* g = (const block_q8x8*)w;
         if (nt == 1) {
-            q8x8_vnni_decode(n / QK, g, (const block_q8*)x, out);
+            q8x8_vnni_decode(n / QK, g, (const block_q8*)x, xe, out);
             return;
         }
         QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo,
