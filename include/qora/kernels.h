@@ -61,6 +61,9 @@ typedef struct {
     void (*deq_f32)(int dtype, int n, const void* w, float* out);
     /* out[t * ldo] = dot_f32(n, w, X + t * ldx) for t < nt, the same bits; NULL: dot_f32 one at a time */
     void (*dots_f32)(int n, const float* w, const float* X, size_t ldx, int nt, float* out, size_t ldo);
+    /* out[r] = dot_deq_f32(dtype, n, w + r * ws, x) for r < nr <= 4, the same bits; returns 0 for a type it
+       does not take (then dot_deq_f32 row by row); NULL: none */
+    int (*rows_deq_f32)(int dtype, int n, const void* w, size_t ws, int nr, const float* x, float* out);
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
@@ -90,7 +93,7 @@ static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
     q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512, attend_q8_avx512, softmax_unnorm_avx512, tile_x_avx2, dot_bf16_f32_avx2,
-    dot_deq_f32_avx512, deq_f32_avx512, dots_f32_avx512,
+    dot_deq_f32_avx512, deq_f32_avx512, dots_f32_avx512, rows_deq_f32_avx512,
 };
 #endif
 
@@ -375,6 +378,10 @@ static inline int qora_unit(const qora_kernels* K, const qora_tensor* W, int u, 
     const int r0 = base + (u - first) * 4, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
     *nr_out = nr;
     if (!XQ && nt > 1 && qora_is_quantized(W->dtype) && qora_tile_deq(K, W, r0, nr, X + (size_t)t0 * ldx, ldx, nt, out, ldo))
+        return r0;
+    if (!XQ && nt == 1 && K->rows_deq_f32 && qora_is_quantized(W->dtype) &&
+        K->rows_deq_f32(W->dtype, W->cols, (const char*)W->data + (size_t)r0 * W->row_bytes, W->row_bytes, nr,
+                        X + (size_t)t0 * ldx, out))
         return r0;
     for (int t = 0; t < nt; t += 4)
         qora_tile(K, W, r0, nr, X, ldx, XQ, ldxq, t0 + t, nt - t < 4 ? nt - t : 4, out + (size_t)t * ldo, ldo);

@@ -371,6 +371,59 @@ QORA_TARGET_AVX512 static void deq_f32_avx512(int dtype, int n, const void* w, f
     deq_row_avx512(dtype, n, w, out, acc, out); /* x is not read when storing */
 }
 
+/* Decode with float activations: R rows (ws bytes apart) of Q4_0 / Q4_1 against one activation,
+   out[r] = dot_deq_f32_avx512's result for each (the same weight values s * q (+ m) and the same two
+   chains per row, so the same bits). A block's weights come from its 16 possible values, made once per
+   block (mul then add, as the row walk does) and picked by vpermps with the nibble as the index: one
+   permute a 16 weights instead of a widening, a conversion, a multiply and an add; the rows go together
+   so their chains are independent (one row's two fma chains wait on the fma latency). Q8_0 keeps the
+   row walk: no table, and its large matrices read faster one row at a time. */
+QORA_TARGET_AVX512 QORA_INLINE void rows_deq_f32_avx512_r(const int Q4_1, const int R, int n, const char* w, size_t ws,
+                                                         const float* x, float* out) {
+    const size_t bsz = Q4_1 ? sizeof(block_q4_1) : sizeof(block_q4);
+    __m512 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const __m512 idx = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 idx8 = _mm512_sub_ps(idx, _mm512_set1_ps(8.0f)); /* Q4_0's q - 8, exact */
+    for (int b = 0; b < n / QK; b++) {
+        const __m512 x0 = _mm512_loadu_ps(x + b * QK), x1 = _mm512_loadu_ps(x + b * QK + 16);
+        for (int r = 0; r < R; r++) {
+            const char* blk = w + (size_t)r * ws + (size_t)b * bsz;
+            _mm_prefetch(blk + 8 * bsz, _MM_HINT_T0); /* each row's stream: the prefetchers lag on the interleave */
+            __m512 tbl;
+            const uint8_t* qs;
+            if (Q4_1) {
+                const block_q4_1* k = (const block_q4_1*)blk;
+                tbl = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(f16_avx2(k->d)), idx), _mm512_set1_ps(f16_avx2(k->m)));
+                qs = k->qs;
+            } else {
+                const block_q4* k = (const block_q4*)blk;
+                tbl = _mm512_mul_ps(_mm512_set1_ps(f16_avx2(k->d)), idx8);
+                qs = k->qs;
+            }
+            const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs)); /* vpermps reads the low 4 bits */
+            acc[r][0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, tbl), x0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), tbl), x1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = reduce_2x16_avx512(acc[r][0], acc[r][1]);
+}
+
+/* returns 0 (nothing done) for the types it has no plan for */
+QORA_TARGET_AVX512 static int rows_deq_f32_avx512(int dtype, int n, const void* w, size_t ws, int nr, const float* x,
+                                                  float* out) {
+    if (dtype != QORA_Q4 && dtype != QORA_Q4_1) return 0;
+    const int q41 = dtype == QORA_Q4_1;
+    const char* wc = (const char*)w;
+    switch (nr) {
+    case 1: q41 ? rows_deq_f32_avx512_r(1, 1, n, wc, ws, x, out) : rows_deq_f32_avx512_r(0, 1, n, wc, ws, x, out); break;
+    case 2: q41 ? rows_deq_f32_avx512_r(1, 2, n, wc, ws, x, out) : rows_deq_f32_avx512_r(0, 2, n, wc, ws, x, out); break;
+    case 3: q41 ? rows_deq_f32_avx512_r(1, 3, n, wc, ws, x, out) : rows_deq_f32_avx512_r(0, 3, n, wc, ws, x, out); break;
+    default: q41 ? rows_deq_f32_avx512_r(1, 4, n, wc, ws, x, out) : rows_deq_f32_avx512_r(0, 4, n, wc, ws, x, out); break;
+    }
+    return 1;
+}
+
 
 /* qora_quantize_q8k with AVX-512, the same bytes: amax and the first element of that magnitude (the scalar
    loop's strict > keeps the first; max_ps(v, acc) passes over NaN as that comparison does), q =
