@@ -413,14 +413,20 @@ QORA_TARGET_AVX512 QORA_INLINE void rows_deq_f32_avx512_r(const int Q4_1, const 
 QORA_TARGET_AVX512 static int rows_deq_f32_avx512(int dtype, int n, const void* w, size_t ws, int nr, const float* x,
                                                   float* out) {
     if (dtype != QORA_Q4 && dtype != QORA_Q4_1) return 0;
-    const int q41 = dtype == QORA_Q4_1;
     const char* wc = (const char*)w;
-    switch (nr) {
-    case 1: q41 ? rows_deq_f32_avx512_r(1, 1, n, wc, ws, x, out) : rows_deq_f32_avx512_r(0, 1, n, wc, ws, x, out); break;
-    case 2: q41 ? rows_deq_f32_avx512_r(1, 2, n, wc, ws, x, out) : rows_deq_f32_avx512_r(0, 2, n, wc, ws, x, out); break;
-    case 3: q41 ? rows_deq_f32_avx512_r(1, 3, n, wc, ws, x, out) : rows_deq_f32_avx512_r(0, 3, n, wc, ws, x, out); break;
-    default: q41 ? rows_deq_f32_avx512_r(1, 4, n, wc, ws, x, out) : rows_deq_f32_avx512_r(0, 4, n, wc, ws, x, out); break;
+#define QORA_ROWS_DEQ(Q41)                                                  \
+    switch (nr) {                                                           \
+    case 1: rows_deq_f32_avx512_r(Q41, 1, n, wc, ws, x, out); break;        \
+    case 2: rows_deq_f32_avx512_r(Q41, 2, n, wc, ws, x, out); break;        \
+    case 3: rows_deq_f32_avx512_r(Q41, 3, n, wc, ws, x, out); break;        \
+    default: rows_deq_f32_avx512_r(Q41, 4, n, wc, ws, x, out); break;       \
     }
+    if (dtype == QORA_Q4_1) {
+        QORA_ROWS_DEQ(1)
+    } else {
+        QORA_ROWS_DEQ(0)
+    }
+#undef QORA_ROWS_DEQ
     return 1;
 }
 
