@@ -382,7 +382,8 @@ static int qora_repack_all(const qora_repack_job* jobs, int n_jobs, int n_thread
 /* ---- kernels: out[t * ldo + j] = dot(row j of the group, activation t), j < 8, t < nt <= qora_kx8_max_t. w: the group's
    first x8 block; x: the activations in the type's partner format (block_q8 for Q8_0, block_q8K for the K
    types), xs bytes apart; xe: the Q8_0 blocks' extras (qora_xblock: -8 x their sum, their scale as float;
-   xs / sizeof(block_q8) apart), read by the AVX-512 Q8_0 prefill, NULL for the K types. */
+   xs / sizeof(block_q8) apart), read by the 32-element types' kernels (Q8_0 on AVX-512, Q4_1 / Q5_0 /
+   Q5_1 everywhere but the scalar reference), NULL for the K types. */
 typedef void (*qora_kx8_fn)(int dtype, int n, const void* w, const void* x, const qora_xblock* xe, size_t xs, int nt,
                             float* out, size_t ldo);
 #define QORA_KX8_MAX_T 4
@@ -712,7 +713,7 @@ QORA_TARGET_AVX2 static void q8x8_avx2_decode(int nb, const block_q8x8* w, const
    The integers as unsigned (Q5_0: q + 16, taken back with the activation sum); the vpmaddubsw sums stay
    below 2^15: eight of 2 * 15 * 127 (Q4_1), four of 2 * 31 * 127 (the 5-bit types). */
 QORA_TARGET_AVX2 QORA_INLINE __m256 q32x8_block_avx2(const int pf, const int dtype, const uint8_t* g, const block_q8* xb,
-                                                     __m256 acc) {
+                                                     const qora_xblock* e, __m256 acc) {
     const kx8_q32_fields f = kx8_q32_at(dtype);
     const __m256i m4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10), one = _mm256_set1_epi16(1);
     const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6,
@@ -737,9 +738,9 @@ QORA_TARGET_AVX2 QORA_INLINE __m256 q32x8_block_avx2(const int pf, const int dty
     }
     __m256i s = dtype == QORA_Q4_1 ? _mm256_madd_epi16(_mm256_add_epi16(plo, phi), one)
                                    : _mm256_add_epi32(_mm256_madd_epi16(plo, one), _mm256_madd_epi16(phi, one));
-    const int32_t xsum = hsum_epi32_avx2(xsum_i8x32_avx2(_mm256_loadu_si256((const __m256i*)xb->qs)));
+    const int32_t xsum = -e->off / 8; /* the block's int8 sum, precomputed as -8 x it (exact) */
     if (dtype == QORA_Q5_0) s = _mm256_sub_epi32(s, _mm256_set1_epi32(16 * xsum));
-    const __m256 dx = _mm256_set1_ps(f16_avx2(xb->d));
+    const __m256 dx = _mm256_set1_ps(e->d);
     acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g)), dx), _mm256_cvtepi32_ps(s), acc);
     if (f.m >= 0)
         acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g + f.m))), dx),
@@ -749,19 +750,20 @@ QORA_TARGET_AVX2 QORA_INLINE __m256 q32x8_block_avx2(const int pf, const int dty
 
 /* blocks [0, nb) of the group against T tokens, one chain per row and token (a segment pass) */
 QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_t(const int dtype, const int T, int nb, const uint8_t* w, const char* x,
-                                               size_t xs, float* out, size_t ldo) {
+                                               const qora_xblock* xe, size_t xs, float* out, size_t ldo) {
+    const size_t xes = xs / sizeof(block_q8);
     const size_t gb = qora_kx8_block_bytes(dtype);
     __m256 acc[4];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++)
-        for (int t = 0; t < T; t++) acc[t] = q32x8_block_avx2(1, dtype, w + b * gb, (const block_q8*)(x + t * xs) + b, acc[t]);
+        for (int t = 0; t < T; t++) acc[t] = q32x8_block_avx2(1, dtype, w + b * gb, (const block_q8*)(x + t * xs) + b, xe + t * xes + b, acc[t]);
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
 /* decode: the four segments of common.h at once */
-#define QORA_Q32X8_BLOCK_AVX2(b, a, pf) q32x8_block_avx2(pf, dtype, w + (b) * gb, x + (b), a)
+#define QORA_Q32X8_BLOCK_AVX2(b, a, pf) q32x8_block_avx2(pf, dtype, w + (b) * gb, x + (b), xe + (b), a)
 QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_decode(const int dtype, int nb, const uint8_t* w, const block_q8* x,
-                                                    float* out) {
+                                                    const qora_xblock* xe, float* out) {
     const size_t gb = qora_kx8_block_bytes(dtype);
     QORA_KX8_DECODE_WALK(gb, QORA_Q32X8_BLOCK_AVX2);
 }
@@ -793,17 +795,18 @@ QORA_TARGET_AVX2 static void q8x8_avx2_range(int nb, const block_q8x8* w, const 
 }
 
 #define QORA_Q32X8_RANGE(DT, NAME)                                                                               \
-    QORA_TARGET_AVX2 static void NAME(int nb, const uint8_t* w, const char* x, size_t xs, int nt, float* out,       \
-                                      size_t ldo) {                                                                 \
+    QORA_TARGET_AVX2 static void NAME(int nb, const uint8_t* w, const char* x, const qora_xblock* xe, size_t xs,    \
+                                      int nt, float* out, size_t ldo) {                                             \
         switch (nt) {                                                                                               \
-        case 1: q32x8_avx2_t(DT, 1, nb, w, x, xs, out, ldo); break;                                                 \
-        case 2: q32x8_avx2_t(DT, 2, nb, w, x, xs, out, ldo); break;                                                 \
-        case 3: q32x8_avx2_t(DT, 3, nb, w, x, xs, out, ldo); break;                                                 \
-        default: q32x8_avx2_t(DT, 4, nb, w, x, xs, out, ldo); break;                                                \
+        case 1: q32x8_avx2_t(DT, 1, nb, w, x, xe, xs, out, ldo); break;                                             \
+        case 2: q32x8_avx2_t(DT, 2, nb, w, x, xe, xs, out, ldo); break;                                             \
+        case 3: q32x8_avx2_t(DT, 3, nb, w, x, xe, xs, out, ldo); break;                                             \
+        default: q32x8_avx2_t(DT, 4, nb, w, x, xe, xs, out, ldo); break;                                            \
         }                                                                                                           \
     }                                                                                                               \
-    QORA_TARGET_AVX2 static void NAME##_decode(int nb, const uint8_t* w, const block_q8* x, float* out) {          \
-        q32x8_avx2_decode(DT, nb, w, x, out);                                                                       \
+    QORA_TARGET_AVX2 static void NAME##_decode(int nb, const uint8_t* w, const block_q8* x, const qora_xblock* xe,  \
+                                               float* out) {                                                        \
+        q32x8_avx2_decode(DT, nb, w, x, xe, out);                                                                   \
     }
 QORA_Q32X8_RANGE(QORA_Q4_1, q41x8_avx2)
 QORA_Q32X8_RANGE(QORA_Q5_0, q50x8_avx2)
@@ -811,18 +814,19 @@ QORA_Q32X8_RANGE(QORA_Q5_1, q51x8_avx2)
 #undef QORA_Q32X8_RANGE
 
 /* Q4_1 / Q5_0 / Q5_1: decode walks the four segments at once, prefill makes one pass per segment */
-QORA_TARGET_AVX2 static void q32x8_avx2(int dtype, int n, const uint8_t* g, const char* xc, size_t xs, int nt,
-                                        float* out, size_t ldo) {
-    void (*range)(int, const uint8_t*, const char*, size_t, int, float*, size_t) =
+QORA_TARGET_AVX2 static void q32x8_avx2(int dtype, int n, const uint8_t* g, const char* xc, const qora_xblock* xe,
+                                        size_t xs, int nt, float* out, size_t ldo) {
+    void (*range)(int, const uint8_t*, const char*, const qora_xblock*, size_t, int, float*, size_t) =
         dtype == QORA_Q4_1 ? q41x8_avx2 : dtype == QORA_Q5_0 ? q50x8_avx2 : q51x8_avx2;
-    void (*decode)(int, const uint8_t*, const block_q8*, float*) =
+    void (*decode)(int, const uint8_t*, const block_q8*, const qora_xblock*, float*) =
         dtype == QORA_Q4_1 ? q41x8_avx2_decode : dtype == QORA_Q5_0 ? q50x8_avx2_decode : q51x8_avx2_decode;
     const size_t gb = qora_kx8_block_bytes(dtype);
     if (nt == 1) {
-        decode(n / QK, g, (const block_q8*)xc, out);
+        decode(n / QK, g, (const block_q8*)xc, xe, out);
         return;
     }
-    QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo, range(nbs, g + b0 * gb, xc + b0 * sizeof(block_q8), xs, nt, dst, lddst));
+    QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo,
+                        range(nbs, g + b0 * gb, xc + b0 * sizeof(block_q8), xe + b0, xs, nt, dst, lddst));
 }
 
 /* the K types' cases of an x8 entry (wc, xc: the weights and activations as bytes), for kx8_avx2 and, compiled
@@ -837,7 +841,6 @@ QORA_TARGET_AVX2 static void q32x8_avx2(int dtype, int n, const uint8_t* g, cons
 
 QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const void* x, const qora_xblock* xe, size_t xs,
                                       int nt, float* out, size_t ldo) {
-    (void)xe;
     const char *wc = (const char*)w, *xc = (const char*)x;
     switch (dtype) {
     case QORA_Q8: {
@@ -852,7 +855,7 @@ QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const voi
     }
     case QORA_Q4_1:
     case QORA_Q5_0:
-    case QORA_Q5_1: q32x8_avx2(dtype, n, (const uint8_t*)w, xc, xs, nt, out, ldo); return;
+    case QORA_Q5_1: q32x8_avx2(dtype, n, (const uint8_t*)w, xc, xe, xs, nt, out, ldo); return;
     QORA_KX8_K_CASES
     default: return;
     }
