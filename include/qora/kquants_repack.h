@@ -659,13 +659,33 @@ QORA_TARGET_AVX2 static inline __m256 q8x8_block_avx2(const int pf, const block_
     return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q8x8_isum_avx2(g, xb->qs)), acc);
 }
 
-/* one chain per row and token over blocks [0, nb) (a segment pass of QORA_SEGMENT_PASSES) */
+/* one chain per row and token over blocks [0, nb) (a segment pass of QORA_SEGMENT_PASSES): each block's
+   weight vectors loaded and made |w| once for all the tokens (q8x8_isum_avx2's exact int32 dots, summed in
+   another grouping: the same integers, so the same bits) */
 QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q8x8* w, const char* x, size_t xs,
                                               float* out, size_t ldo) {
+    const __m256i one = _mm256_set1_epi16(1);
     __m256 acc[4];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++)
-        for (int t = 0; t < T; t++) acc[t] = q8x8_block_avx2(1, w + b, (const block_q8*)(x + t * xs) + b, acc[t]);
+    for (int b = 0; b < nb; b++) {
+        const block_q8x8* g = w + b;
+        for (int i = 0; i < 5; i++) _mm_prefetch((const char*)(g + 4) + 64 * i, _MM_HINT_T0);
+        __m256i s[4];
+        for (int t = 0; t < T; t++) s[t] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; k++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)g->qs[k]), a = _mm256_sign_epi8(v, v);
+            for (int t = 0; t < T; t++) {
+                const int8_t* xq = ((const block_q8*)(x + t * xs) + b)->qs;
+                s[t] = _mm256_add_epi32(
+                    s[t], _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(bcast_i32_avx2(xq + 4 * k), v)), one));
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
+        for (int t = 0; t < T; t++) {
+            const block_q8* xb = (const block_q8*)(x + t * xs) + b;
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d))), _mm256_cvtepi32_ps(s[t]), acc[t]);
+        }
+    }
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
 
@@ -1084,11 +1104,13 @@ static inline int qora_kx8_8tok(int isa, int dtype) {
 
 /* Whether prefill (several tokens) reads the x8 copy too: measured on the dev box (AVX2, 2048 x 2048, 64
    tokens), the x8 kernels are faster than the file-layout tiles for Q4_1 (1.4x) and even for Q5_0, but
-   slower for Q8_0 (0.76x), Q4_K (0.82x) and Q6_K (0.91x), whose 4-token kernels run out of registers;
-   those prefill from the file's rows, which gives the same bits. On AVX-512 (32 registers, and a VNNI
-   kernel for Q8_0) the x8 copies win for those too (Zen 4: pp64 2.4-2.6x; bench/NOTES.md). */
+   slower for Q4_K (0.82x) and Q6_K (0.91x), whose 4-token kernels run out of registers; those prefill
+   from the file's rows on AVX2, which gives the same bits. Q8_0's AVX2 kernel, once it made |w| once per
+   block for all its tokens, beats the tiles too (Zen 4 through the AVX2 path, 4096 x 2048, 64 tokens: 112
+   vs 65 GOP/s; it had been 0.76x). On AVX-512 (32 registers, VNNI kernels) the x8 copies win for every
+   type (Zen 4: pp64 2.4-2.6x; bench/NOTES.md). */
 static inline int qora_kx8_prefill(int isa, int dtype) {
-    return qora_kx8_8tok(isa, dtype) || dtype == QORA_Q4_1 || dtype == QORA_Q5_0 || dtype == QORA_Q5_1;
+    return qora_kx8_8tok(isa, dtype) || dtype == QORA_Q8 || dtype == QORA_Q4_1 || dtype == QORA_Q5_0 || dtype == QORA_Q5_1;
 }
 
 /* Tokens an x8 kernel call takes (the unit's step) */
