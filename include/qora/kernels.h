@@ -316,7 +316,8 @@ static inline int qora_unit_tokens(const qora_kernels* K, const qora_tensor* W, 
 
 /* qora_unit for a matrix with an x8 copy (kquants_repack.h): group u, or the rows past the groups by 4 */
 static inline int qora_kx8_unit(const qora_kernels* K, const qora_tensor* W, int u, const float* X, size_t ldx,
-                                const block_q8* XQ, const qora_xblock* XS, size_t ldxq, int t0, int nt, float* out, size_t ldo, int* nr_out) {
+                                const block_q8* XQ, const qora_xblock* XS, size_t ldxq, int t0, int nt, float* out,
+                                size_t ldo, int* nr_out) {
     const int groups = W->rows / 8;
     if (u < groups && (nt == 1 || qora_kx8_prefill(K->isa, W->dtype))) {
         const int e = qora_block_elems(W->dtype);

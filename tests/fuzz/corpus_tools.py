@@ -333,6 +333,12 @@ def run_hf(entry: bytes, tmp: Path) -> None:
     convert(folder, tmp / "out.qora", quant="q8", progress=False)
 
 
+# Tokens run_template streams one by one (a context's worth, what one answer can produce); the rest of a
+# larger render is decoded in one call: a template may render 4M characters, ~2M tokens of the fuzz
+# vocabulary, and streaming all of them took a minute of linear work.
+STREAM_TOKENS = 1 << 16
+
+
 def run_template(source: bytes) -> str:
     """Render a chat template (its text) with a fixed conversation, then encode/decode the result."""
     from qora.tokenizer import Tokenizer
@@ -341,16 +347,9 @@ def run_template(source: bytes) -> str:
     tok = Tokenizer(tokenizer_json(), text, {"eos": [1], "im_start": 0, "im_end": 1})
     prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, today="2025-01-01")
     ids = tok.encode(prompt)
-    # Streamed token by token only up to a context's worth (what one answer can produce): a template may
-    # render 4M characters, ~2M tokens of the fuzz vocabulary, and streaming all of them takes a minute
-    # of linear work; the rest is decoded in one call.
     detok = tok.detokenizer()
-    head = ids[:STREAM_TOKENS]
-    pieces = "".join(detok.add(i) for i in head) + detok.finalize()
+    pieces = "".join(detok.add(i) for i in ids[:STREAM_TOKENS]) + detok.finalize()
     return pieces + (tok.decode(ids[STREAM_TOKENS:]) if len(ids) > STREAM_TOKENS else "")
-
-
-STREAM_TOKENS = 1 << 16
 
 
 def run_target(target: str, data: bytes) -> None:
