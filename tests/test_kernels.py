@@ -485,9 +485,10 @@ def test_float_kernels_same_bits_on_every_path(n):
 
 
 @pytest.mark.parametrize(
-    "n_heads,n_kv,hd", [(9, 3, 64), (4, 2, 16), (8, 1, 128), (2, 2, 256), (4, 4, 48), (3, 1, 96), (5, 5, 32)]
+    "n_heads,n_kv,hd",
+    [(9, 3, 64), (4, 2, 16), (8, 1, 128), (2, 2, 256), (4, 4, 48), (3, 1, 96), (5, 5, 32), (12, 2, 64), (14, 2, 256)],
 )
-@pytest.mark.parametrize("n_pos", [1, 15, 16, 17, 70, 300])
+@pytest.mark.parametrize("n_pos", [1, 15, 16, 17, 70, 300, 1030])
 @pytest.mark.parametrize("kv_f16", [True, False], ids=["kv16", "kv32"])
 def test_attention_same_bits_on_every_path(n_heads, n_kv, hd, n_pos, kv_f16):
     """The generic attention and the AVX2 / AVX-512 ones (head sizes 64/128/256; AVX2 any multiple of 32
@@ -499,6 +500,11 @@ def test_attention_same_bits_on_every_path(n_heads, n_kv, hd, n_pos, kv_f16):
     outs = [_cpu.attention(q, kc, vc, n_heads, n_kv, hd, isa, 1, kv_f16) for isa in ISAS]
     for isa, got in zip(ISAS[1:], outs[1:], strict=True):
         np.testing.assert_array_equal(got, outs[0], err_msg=ISA_NAMES[isa])
+    # 1 to 3 threads: work items of whole rows (every group), of some groups, and of one group
+    for isa in ISAS:
+        for threads in (2, 3):
+            got = _cpu.attention(q, kc, vc, n_heads, n_kv, hd, isa, threads, kv_f16)
+            np.testing.assert_array_equal(got, outs[0], err_msg=f"{ISA_NAMES[isa]} threads={threads}")
 
 
 # ---- attention in the order of common.h, as NumPy: chunks of ATT_CHUNK positions folded in order ----

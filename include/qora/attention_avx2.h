@@ -74,27 +74,38 @@ QORA_TARGET_AVX2 QORA_INLINE void kv_row_avx2(const int Q8, const int D, const v
     }
 }
 
-/* scores[h * ss + t] = dot(k_t, q_h) * scale for the chunk's positions and the group's heads */
+/* the first value of KV group g's slice (D values) of a cache row */
+QORA_INLINE const void* kv_group_avx2(const int Q8, const void* c, int g, int D) {
+    return Q8 ? (const void*)((const block_q8*)c + (size_t)g * D / QK) : (const void*)((const uint16_t*)c + (size_t)g * D);
+}
+
+/* scores[h * ss + t] = dot(k_t, q_h) * scale for the chunk's positions and the ng groups' heads (nh
+   a group): the groups of a block of 8 positions go one after another, so the rows are read whole
+   in one pass (see attend_scores_avx512) */
 QORA_TARGET_AVX2 QORA_INLINE void attend_scores_avx2(const int Q8, const int D, const float* q, const void* kc,
-                                                     int n_pos, int nh, size_t kv_stride, float* scores, size_t ss,
-                                                     float scale) {
+                                                     int n_pos, int nh, int ng, size_t kv_stride, float* scores,
+                                                     size_t ss, float scale) {
     float kf[8 * QORA_ATT_AVX2_MAX_D];
     const __m256 vs = _mm256_set1_ps(scale);
     for (int t0 = 0; t0 < n_pos; t0 += 8) {
         const int np = n_pos - t0 < 8 ? n_pos - t0 : 8;
-        for (int p = 0; p < np; p++) kv_row_avx2(Q8, D, kc, kv_stride, t0 + p, kf + p * D);
-        for (int p = np; p < 8; p++) memset(kf + p * D, 0, (size_t)D * sizeof(float));
-        for (int h = 0; h < nh; h++) {
-            __m256 c[8];
-            for (int p = 0; p < 8; p += 2) dot2_avx2(D, kf + p * D, kf + (p + 1) * D, q + (size_t)h * D, &c[p], &c[p + 1]);
-            const __m256 s = _mm256_mul_ps(reduce8_avx2(c), vs);
-            float* out = scores + (size_t)h * ss + t0;
-            if (np == 8) {
-                _mm256_storeu_ps(out, s);
-            } else {
-                float tmp[8];
-                _mm256_storeu_ps(tmp, s);
-                memcpy(out, tmp, (size_t)np * sizeof(float));
+        for (int g = 0; g < ng; g++) {
+            const void* kg = kv_group_avx2(Q8, kc, g, D);
+            for (int p = 0; p < np; p++) kv_row_avx2(Q8, D, kg, kv_stride, t0 + p, kf + p * D);
+            for (int p = np; p < 8; p++) memset(kf + p * D, 0, (size_t)D * sizeof(float));
+            for (int h = g * nh; h < (g + 1) * nh; h++) {
+                __m256 c[8];
+                for (int p = 0; p < 8; p += 2)
+                    dot2_avx2(D, kf + p * D, kf + (p + 1) * D, q + (size_t)h * D, &c[p], &c[p + 1]);
+                const __m256 s = _mm256_mul_ps(reduce8_avx2(c), vs);
+                float* out = scores + (size_t)h * ss + t0;
+                if (np == 8) {
+                    _mm256_storeu_ps(out, s);
+                } else {
+                    float tmp[8];
+                    _mm256_storeu_ps(tmp, s);
+                    memcpy(out, tmp, (size_t)np * sizeof(float));
+                }
             }
         }
     }
@@ -126,45 +137,50 @@ QORA_TARGET_AVX2 QORA_INLINE void attend_pv_avx2(const int Q8, const int HP, con
 }
 
 QORA_TARGET_AVX2 QORA_INLINE void attend_avx2_d(const int Q8, const int D, const float* q, const void* kc,
-                                               const void* vc, int n_pos, int nh, size_t kv_stride, float* scores,
-                                               size_t ss, float* out, float* mx, float* sum, float scale) {
-    attend_scores_avx2(Q8, D, q, kc, n_pos, nh, kv_stride, scores, ss, scale);
-    for (int h = 0; h < nh; h++) sum[h] = softmax_unnorm_avx2(scores + h * ss, n_pos, mx + h);
-    for (int col = 0; col < D; col += 32) {
-        int h = 0;
-        for (; h + 2 <= nh; h += 2)
-            attend_pv_avx2(Q8, 2, 4, vc, n_pos, kv_stride, scores + h * ss, ss, col, D, out + (size_t)h * D);
-        if (h < nh) attend_pv_avx2(Q8, 1, 4, vc, n_pos, kv_stride, scores + h * ss, ss, col, D, out + (size_t)h * D);
+                                               const void* vc, int n_pos, int nh, int ng, size_t kv_stride,
+                                               float* scores, size_t ss, float* out, float* mx, float* sum,
+                                               float scale) {
+    attend_scores_avx2(Q8, D, q, kc, n_pos, nh, ng, kv_stride, scores, ss, scale);
+    for (int h = 0; h < nh * ng; h++) sum[h] = softmax_unnorm_avx2(scores + h * ss, n_pos, mx + h);
+    for (int g = 0; g < ng; g++) {
+        const void* vg = kv_group_avx2(Q8, vc, g, D);
+        for (int col = 0; col < D; col += 32) {
+            int h = g * nh;
+            for (; h + 2 <= (g + 1) * nh; h += 2)
+                attend_pv_avx2(Q8, 2, 4, vg, n_pos, kv_stride, scores + h * ss, ss, col, D, out + (size_t)h * D);
+            if (h < (g + 1) * nh)
+                attend_pv_avx2(Q8, 1, 4, vg, n_pos, kv_stride, scores + h * ss, ss, col, D, out + (size_t)h * D);
+        }
     }
 }
 
 /* Returns 0 (nothing done) for head sizes it has no plan for. */
 QORA_TARGET_AVX2 QORA_INLINE int attend_avx2(const int Q8, const float* q, const void* kc, const void* vc, int n_pos,
-                                         int nh, int head_dim, size_t kv_stride, float* scores, size_t ss,
+                                         int nh, int ng, int head_dim, size_t kv_stride, float* scores, size_t ss,
                                          float* out, float* mx, float* sum, float scale) {
     if (n_pos < 1) return 0;
     switch (head_dim) {
-    case 64: attend_avx2_d(Q8, 64, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
-    case 128: attend_avx2_d(Q8, 128, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
-    case 256: attend_avx2_d(Q8, 256, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
+    case 64: attend_avx2_d(Q8, 64, q, kc, vc, n_pos, nh, ng, kv_stride, scores, ss, out, mx, sum, scale); return 1;
+    case 128: attend_avx2_d(Q8, 128, q, kc, vc, n_pos, nh, ng, kv_stride, scores, ss, out, mx, sum, scale); return 1;
+    case 256: attend_avx2_d(Q8, 256, q, kc, vc, n_pos, nh, ng, kv_stride, scores, ss, out, mx, sum, scale); return 1;
     default:
         if (head_dim % 32 || head_dim > QORA_ATT_AVX2_MAX_D) return 0;
-        attend_avx2_d(Q8, head_dim, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale);
+        attend_avx2_d(Q8, head_dim, q, kc, vc, n_pos, nh, ng, kv_stride, scores, ss, out, mx, sum, scale);
         return 1;
     }
 }
 
 QORA_TARGET_AVX2 static int attend_f16_avx2(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos,
-                                            int nh, int head_dim, size_t kv_stride, float* scores, size_t ss,
+                                            int nh, int ng, int head_dim, size_t kv_stride, float* scores, size_t ss,
                                             float* out, float* mx, float* sum, float scale) {
-    return attend_avx2(0, q, kc, vc, n_pos, nh, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
+    return attend_avx2(0, q, kc, vc, n_pos, nh, ng, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
 }
 
 /* the Q8_0 cache: kc, vc rows of kv_stride / 32 blocks */
 QORA_TARGET_AVX2 static int attend_q8_avx2(const float* q, const block_q8* kc, const block_q8* vc, int n_pos, int nh,
-                                           int head_dim, size_t kv_stride, float* scores, size_t ss, float* out,
-                                           float* mx, float* sum, float scale) {
-    return attend_avx2(1, q, kc, vc, n_pos, nh, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
+                                           int ng, int head_dim, size_t kv_stride, float* scores, size_t ss,
+                                           float* out, float* mx, float* sum, float scale) {
+    return attend_avx2(1, q, kc, vc, n_pos, nh, ng, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
 }
 #endif /* QORA_X86 */
 

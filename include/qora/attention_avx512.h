@@ -1,8 +1,9 @@
 /* qora — AVX-512 attention over the f16 KV cache for the query heads of one KV group.
-   Each K and V row is converted once for the whole group and stays in registers; scores
-   are reduced once per (position, head); softmax uses a vector exp; the value sums
-   accumulate in registers across the chunk's positions (2 heads of 128 at a time) and are
-   stored unnormalised with each head's max and sum (one chunk of forward.h's split
+   Scores go 8 positions at a time: their K rows are converted to float once for every head of
+   the group, and the 8 dots of a head end in one halving tree run side by side (no dot ends in
+   its own horizontal sum); K and V rows are prefetched QORA_ATT_PF positions ahead. Softmax uses
+   a vector exp; the value sums accumulate in registers across the chunk's positions (64 columns
+   of up to 4 heads a pass, each V slice converted once for them) and are stored unnormalised with each head's max and sum (one chunk of forward.h's split
    attention). Every step is the generic chunk's (qora_attend_chunk) in the order of
    common.h. Head sizes 64, 128 and 256; others use the generic loop. A Q8_0 cache (Q8 = 1) is
    converted 16 values at a time as f16(d) * q (exact in float); every later step is the f16 one. */
@@ -66,77 +67,169 @@ QORA_TARGET_AVX512 QORA_INLINE __m512 kv16_avx512(const int Q8, const void* c, s
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(v + 16 * i)));
 }
 
-/* HP heads' outputs (D floats each) = sum over positions of p[h][t] * V[t] (unnormalised) */
-QORA_TARGET_AVX512 QORA_INLINE void attend_pv_avx512(const int Q8, const int D, const int HP, const void* vc, int n_pos,
-                                                    size_t kv_stride, const float* p, size_t ss, float* out) {
+/* The prefetch distance of the K / V streams, in positions: far enough ahead to cover a DRAM
+   round trip (~100 ns) at the loop's pace, so a cache past the last-level cache streams while the
+   scores of earlier positions are computed rather than one miss after another. */
+#define QORA_ATT_PF 16
+
+/* the first value of KV group g's slice (D values) of a cache row */
+QORA_INLINE const void* kv_group_avx512(const int Q8, const void* c, int g, int D) {
+    return Q8 ? (const void*)((const block_q8*)c + (size_t)g * D / QK) : (const void*)((const uint16_t*)c + (size_t)g * D);
+}
+
+/* every line of len bytes of row t of a cache (f16 halves, or Q8 blocks: kv_stride / 32 a row) */
+QORA_INLINE void kv_prefetch_avx512(const int Q8, const void* c, size_t kv_stride, int t, int len, int hint) {
+    const char* r = Q8 ? (const char*)((const block_q8*)c + (size_t)t * (kv_stride / QK))
+                       : (const char*)((const uint16_t*)c + (size_t)t * kv_stride);
+    for (int o = 0; o < len + 63; o += 64) {
+        const char* a = o < len ? r + o : r + len - 1;
+        if (hint) _mm_prefetch(a, _MM_HINT_T1);
+        else _mm_prefetch(a, _MM_HINT_T0);
+    }
+}
+
+/* s[p] (p < 8): one dot's 16 lanes each (its chains a0 + a1); returns the 8 dots in position
+   order, each finished with the halving tree of reduce_2x16_avx512 (lanes j + j+8, j + j+4,
+   j + j+2, j + j+1), the 8 trees side by side: every addition has the operands it has there. */
+QORA_TARGET_AVX512 static inline __m256 reduce8x16_avx512(const __m512 s[8]) {
+    __m512 u[4]; /* u[i]: lanes 0..7 = s[2i]'s j + j+8 step, lanes 8..15 = s[2i+1]'s */
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* j + j+4: 128-bit lanes are positions (0 1 2 3) of v0 and (4 5 6 7) of v1 */
+    const __m512 v0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* j + j+2: per 128-bit lane, elements (0, 1) + (2, 3) of positions k and 4 + k side by side */
+    const __m512 w = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(v0), _mm512_castps_pd(v1))),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(v0), _mm512_castps_pd(v1))));
+    /* j + j+1: lane 4k = position k, lane 4k + 1 = position 4 + k */
+    const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(w, w, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(w, w, _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_castps512_ps256(
+        _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), f));
+}
+
+/* scores[h * ss + t] = dot(k_t, q_h) * scale, 8 positions at a time: per group, their K slices
+   converted to float once for every head of the group, then per head the 8 dots' chains and one
+   tree for all 8. The groups of a block go one after another, so ng groups read whole rows
+   (ng * D values) in one pass rather than ng passes over every row's slice, each a strided stream
+   the hardware prefetchers follow poorly; the V rows go to L2 for the value pass meanwhile. */
+QORA_TARGET_AVX512 QORA_INLINE void attend_scores_avx512(const int Q8, const int D, const float* q, const void* kc,
+                                                         const void* vc, int n_pos, int nh, int ng, size_t kv_stride,
+                                                         float* scores, size_t ss, float scale) {
+    float kf[8 * 256];
+    const __m256 vs = _mm256_set1_ps(scale);
+    const int len = Q8 ? ng * D / QK * (int)sizeof(block_q8) : 2 * ng * D; /* bytes of the groups' rows */
+    for (int t0 = 0; t0 < n_pos; t0 += 8) {
+        const int np = n_pos - t0 < 8 ? n_pos - t0 : 8;
+        for (int p = 0; p < 8 && t0 + QORA_ATT_PF + p < n_pos; p++) {
+            kv_prefetch_avx512(Q8, kc, kv_stride, t0 + QORA_ATT_PF + p, len, 0);
+            kv_prefetch_avx512(Q8, vc, kv_stride, t0 + QORA_ATT_PF + p, len, 1);
+        }
+        for (int g = 0; g < ng; g++) {
+            const void* kg = kv_group_avx512(Q8, kc, g, D);
+            for (int p = 0; p < np; p++)
+                for (int i = 0; i < D / 16; i++)
+                    _mm512_storeu_ps(kf + p * D + 16 * i, kv16_avx512(Q8, kg, kv_stride, t0 + p, i));
+            for (int h = g * nh; h < (g + 1) * nh; h++) {
+                const float* qh = q + (size_t)h * D;
+                __m512 s[8];
+                for (int p = 0; p < 8; p++) {
+                    if (p >= np) { /* past the chunk: a dot of nothing */
+                        s[p] = _mm512_setzero_ps();
+                        continue;
+                    }
+                    /* the float dot of common.h (D is a multiple of 32: no tail) */
+                    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+                    for (int i = 0; i < D / 16; i += 2) {
+                        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(kf + p * D + 16 * i), _mm512_loadu_ps(qh + 16 * i), a0);
+                        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(kf + p * D + 16 * i + 16),
+                                             _mm512_loadu_ps(qh + 16 * i + 16), a1);
+                    }
+                    s[p] = _mm512_add_ps(a0, a1);
+                }
+                const __m256 r = _mm256_mul_ps(reduce8x16_avx512(s), vs);
+                float* out = scores + (size_t)h * ss + t0;
+                if (np == 8) _mm256_storeu_ps(out, r);
+                else _mm256_mask_storeu_ps(out, (__mmask8)((1u << np) - 1), r);
+            }
+        }
+    }
+}
+
+/* HP heads' outputs, columns [col, col + 16 NV): the fma chain over the chunk's positions of
+   p[j][t] * v_t (unnormalised), from +0; each V slice is converted once for the HP heads */
+QORA_TARGET_AVX512 QORA_INLINE void attend_pv_avx512(const int Q8, const int HP, const int NV, const void* vc, int n_pos,
+                                                    size_t kv_stride, const float* p, size_t ss, int col, int D,
+                                                    float* out) {
     __m512 acc[16];
-    for (int i = 0; i < HP * D / 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int i = 0; i < HP * NV; i++) acc[i] = _mm512_setzero_ps();
+    const int len = Q8 ? NV * 16 / QK * (int)sizeof(block_q8) : 32 * NV; /* bytes of a row's columns */
+    const void* vcol = kv_group_avx512(Q8, vc, 1, col);
     for (int t = 0; t < n_pos; t++) {
-        __m512 w[4];
-        for (int j = 0; j < HP; j++) w[j] = _mm512_set1_ps(p[j * ss + t]);
-        for (int i = 0; i < D / 16; i++) {
-            const __m512 vf = kv16_avx512(Q8, vc, kv_stride, t, i);
-            for (int j = 0; j < HP; j++) acc[j * (D / 16) + i] = _mm512_fmadd_ps(w[j], vf, acc[j * (D / 16) + i]);
+        __m512 vf[4];
+        /* the slice's rows come from L2 (attend_scores_avx512), strided: the L1 prefetcher does not follow */
+        if (t + 8 < n_pos) kv_prefetch_avx512(Q8, vcol, kv_stride, t + 8, len, 0);
+        for (int i = 0; i < NV; i++) vf[i] = kv16_avx512(Q8, vc, kv_stride, t, col / 16 + i);
+        for (int j = 0; j < HP; j++) {
+            const __m512 w = _mm512_set1_ps(p[j * ss + t]);
+            for (int i = 0; i < NV; i++) acc[j * NV + i] = _mm512_fmadd_ps(w, vf[i], acc[j * NV + i]);
         }
     }
     for (int j = 0; j < HP; j++)
-        for (int i = 0; i < D / 16; i++)
-            _mm512_storeu_ps(out + (size_t)j * D + 16 * i, acc[j * (D / 16) + i]);
+        for (int i = 0; i < NV; i++) _mm512_storeu_ps(out + (size_t)j * D + col + 16 * i, acc[j * NV + i]);
 }
 
 QORA_TARGET_AVX512 QORA_INLINE void attend_avx512_d(const int Q8, const int D, const float* q, const void* kc,
-                                                   const void* vc, int n_pos, int nh, size_t kv_stride, float* scores,
-                                                   size_t ss, float* out, float* mx, float* sum, float scale) {
-    for (int t = 0; t < n_pos; t++) {
-        __m512 kf[16];
-        for (int i = 0; i < D / 16; i++) kf[i] = kv16_avx512(Q8, kc, kv_stride, t, i);
-        for (int h = 0; h < nh; h++) {
-            const float* qh = q + (size_t)h * D;
-            /* the float dot of common.h (D is a multiple of 32: no tail) */
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-            for (int i = 0; i < D / 16; i += 2) {
-                a0 = _mm512_fmadd_ps(kf[i], _mm512_loadu_ps(qh + 16 * i), a0);
-                a1 = _mm512_fmadd_ps(kf[i + 1], _mm512_loadu_ps(qh + 16 * i + 16), a1);
-            }
-            scores[h * ss + t] = reduce_2x16_avx512(a0, a1) * scale;
+                                                   const void* vc, int n_pos, int nh, int ng, size_t kv_stride,
+                                                   float* scores, size_t ss, float* out, float* mx, float* sum,
+                                                   float scale) {
+    attend_scores_avx512(Q8, D, q, kc, vc, n_pos, nh, ng, kv_stride, scores, ss, scale);
+    for (int h = 0; h < nh * ng; h++) sum[h] = softmax_unnorm_avx512(scores + h * ss, n_pos, mx + h);
+    /* per group, columns 64 at a time (4 vectors), up to 4 heads a pass: 16 accumulators */
+    for (int g = 0; g < ng; g++) {
+        const void* vg = kv_group_avx512(Q8, vc, g, D);
+        for (int col = 0; col < D; col += 64) {
+            int h = g * nh;
+            const int he = h + nh;
+            for (; h + 4 <= he; h += 4)
+                attend_pv_avx512(Q8, 4, 4, vg, n_pos, kv_stride, scores + h * ss, ss, col, D, out + (size_t)h * D);
+            const float* ps = scores + h * ss;
+            float* o = out + (size_t)h * D;
+            if (he - h == 3) attend_pv_avx512(Q8, 3, 4, vg, n_pos, kv_stride, ps, ss, col, D, o);
+            else if (he - h == 2) attend_pv_avx512(Q8, 2, 4, vg, n_pos, kv_stride, ps, ss, col, D, o);
+            else if (he - h == 1) attend_pv_avx512(Q8, 1, 4, vg, n_pos, kv_stride, ps, ss, col, D, o);
         }
     }
-    for (int h = 0; h < nh; h++) sum[h] = softmax_unnorm_avx512(scores + h * ss, n_pos, mx + h);
-    const int HP = D >= 256 ? 1 : 256 / D; /* heads per pass: up to 16 accumulators */
-    int h = 0;
-    if (HP == 4)
-        for (; h + 4 <= nh; h += 4)
-            attend_pv_avx512(Q8, D, 4, vc, n_pos, kv_stride, scores + h * ss, ss, out + (size_t)h * D);
-    if (HP >= 2)
-        for (; h + 2 <= nh; h += 2)
-            attend_pv_avx512(Q8, D, 2, vc, n_pos, kv_stride, scores + h * ss, ss, out + (size_t)h * D);
-    for (; h < nh; h++) attend_pv_avx512(Q8, D, 1, vc, n_pos, kv_stride, scores + h * ss, ss, out + (size_t)h * D);
 }
 
 /* Returns 0 (nothing done) for head sizes it has no registers plan for. */
 QORA_TARGET_AVX512 QORA_INLINE int attend_avx512(const int Q8, const float* q, const void* kc, const void* vc,
-                                                 int n_pos, int nh, int head_dim, size_t kv_stride, float* scores,
-                                                 size_t ss, float* out, float* mx, float* sum, float scale) {
+                                                 int n_pos, int nh, int ng, int head_dim, size_t kv_stride,
+                                                 float* scores, size_t ss, float* out, float* mx, float* sum,
+                                                 float scale) {
     if (n_pos < 1) return 0;
     switch (head_dim) {
-    case 64: attend_avx512_d(Q8, 64, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
-    case 128: attend_avx512_d(Q8, 128, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
-    case 256: attend_avx512_d(Q8, 256, q, kc, vc, n_pos, nh, kv_stride, scores, ss, out, mx, sum, scale); return 1;
+    case 64: attend_avx512_d(Q8, 64, q, kc, vc, n_pos, nh, ng, kv_stride, scores, ss, out, mx, sum, scale); return 1;
+    case 128: attend_avx512_d(Q8, 128, q, kc, vc, n_pos, nh, ng, kv_stride, scores, ss, out, mx, sum, scale); return 1;
+    case 256: attend_avx512_d(Q8, 256, q, kc, vc, n_pos, nh, ng, kv_stride, scores, ss, out, mx, sum, scale); return 1;
     default: return 0;
     }
 }
 
 QORA_TARGET_AVX512 static int attend_f16_avx512(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos,
-                                                int nh, int head_dim, size_t kv_stride, float* scores, size_t ss,
-                                                float* out, float* mx, float* sum, float scale) {
-    return attend_avx512(0, q, kc, vc, n_pos, nh, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
+                                                int nh, int ng, int head_dim, size_t kv_stride, float* scores,
+                                                size_t ss, float* out, float* mx, float* sum, float scale) {
+    return attend_avx512(0, q, kc, vc, n_pos, nh, ng, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
 }
 
 /* the Q8_0 cache: kc, vc rows of kv_stride / 32 blocks */
 QORA_TARGET_AVX512 static int attend_q8_avx512(const float* q, const block_q8* kc, const block_q8* vc, int n_pos,
-                                               int nh, int head_dim, size_t kv_stride, float* scores, size_t ss,
-                                               float* out, float* mx, float* sum, float scale) {
-    return attend_avx512(1, q, kc, vc, n_pos, nh, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
+                                               int nh, int ng, int head_dim, size_t kv_stride, float* scores,
+                                               size_t ss, float* out, float* mx, float* sum, float scale) {
+    return attend_avx512(1, q, kc, vc, n_pos, nh, ng, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
 }
 #endif /* QORA_X86 */
 

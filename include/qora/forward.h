@@ -180,20 +180,28 @@ static void qora_rope(float* v, int n_heads, int head_dim, int pos, const float*
    kc/vc: (n_pos, kv_stride) values of kv_type (f32, f16, or Q8_0: kv_stride / 32 blocks a row, each
    value f16(d) * q, exact in float, so its steps are the float ones); q, scores: the group's first head. */
 static void qora_attend_chunk(const qora_kernels* K, const float* q, const void* kc, const void* vc, int kv_type,
-                              int p0, int n, int g, int group, int head_dim, size_t kv_stride, float* scores,
-                              size_t score_stride, float* acc, float* mx, float* sum) {
+                              int p0, int n, int g, int group, int ng, int head_dim, size_t kv_stride,
+                              float* scores, size_t score_stride, float* acc, float* mx, float* sum) {
     const float scale = 1.0f / sqrtf((float)head_dim);
     const size_t off = (size_t)p0 * kv_stride + (size_t)g * head_dim;
     float* sc = scores + p0;
     const block_q8* kq = kv_type == QORA_Q8 ? (const block_q8*)kc + off / QK : NULL;
     const block_q8* vq = kv_type == QORA_Q8 ? (const block_q8*)vc + off / QK : NULL;
     if (kv_type == QORA_F16 && K->attend_f16 &&
-        K->attend_f16(q, (const uint16_t*)kc + off, (const uint16_t*)vc + off, n, group, head_dim, kv_stride, sc,
+        K->attend_f16(q, (const uint16_t*)kc + off, (const uint16_t*)vc + off, n, group, ng, head_dim, kv_stride, sc,
                       score_stride, acc, mx, sum, scale))
         return;
     if (kv_type == QORA_Q8 && K->attend_q8 &&
-        K->attend_q8(q, kq, vq, n, group, head_dim, kv_stride, sc, score_stride, acc, mx, sum, scale))
+        K->attend_q8(q, kq, vq, n, group, ng, head_dim, kv_stride, sc, score_stride, acc, mx, sum, scale))
         return;
+    if (ng > 1) { /* the generic loop takes one group at a time */
+        for (int i = 0; i < ng; i++) {
+            const size_t h = (size_t)i * group;
+            qora_attend_chunk(K, q + h * head_dim, kc, vc, kv_type, p0, n, g + i, group, 1, head_dim, kv_stride,
+                              scores + h * score_stride, score_stride, acc + h * head_dim, mx + h, sum + h);
+        }
+        return;
+    }
     for (int t = 0; t < n; t++) {
         const size_t row = off + (size_t)t * kv_stride;
         for (int j = 0; j < group; j++) {
@@ -255,11 +263,11 @@ static void qora_attend_group(const qora_kernels* K, const float* q, const void*
     float* sg = scores + (size_t)h0 * score_stride;
     float* o = out + (size_t)h0 * head_dim;
     float *M = tmp + (size_t)group * head_dim, *S = M + group, *mx = S + group, *sum = mx + group;
-    qora_attend_chunk(K, qg, kc, vc, kv_type, 0, n_pos < QORA_ATT_CHUNK ? n_pos : QORA_ATT_CHUNK, g, group, head_dim,
+    qora_attend_chunk(K, qg, kc, vc, kv_type, 0, n_pos < QORA_ATT_CHUNK ? n_pos : QORA_ATT_CHUNK, g, group, 1, head_dim,
                       kv_stride, sg, score_stride, o, M, S);
     for (int p0 = QORA_ATT_CHUNK; p0 < n_pos; p0 += QORA_ATT_CHUNK) {
         const int n = n_pos - p0 < QORA_ATT_CHUNK ? n_pos - p0 : QORA_ATT_CHUNK;
-        qora_attend_chunk(K, qg, kc, vc, kv_type, p0, n, g, group, head_dim, kv_stride, sg, score_stride, tmp, mx,
+        qora_attend_chunk(K, qg, kc, vc, kv_type, p0, n, g, group, 1, head_dim, kv_stride, sg, score_stride, tmp, mx,
                           sum);
         for (int j = 0; j < group; j++)
             qora_attend_fold(K, head_dim, tmp + (size_t)j * head_dim, mx[j], sum[j], M + j, S + j,
@@ -283,7 +291,19 @@ static void qora_attention_tiles(const qora_kernels* K, const float* q, const vo
                                  int pos0, int n, int n_heads, int n_kv_heads, int head_dim, size_t kv_stride,
                                  float* scores, size_t score_stride, float* qg, float* out, float* part,
                                  int n_threads) {
-    const int group = n_heads / n_kv_heads, nq = n * group, nc = qora_att_chunks(pos0 + n), items = nc * n_kv_heads;
+    const int group = n_heads / n_kv_heads, nq = n * group, nc = qora_att_chunks(pos0 + n);
+    /* groups per work item: decode takes whole cache rows (all groups) where that leaves two items a
+       thread, half rows and so on down to one group, since an item that reads each row's slice of one
+       group is a strided stream the hardware prefetchers follow poorly; a prefill tile reads each row
+       for many queries, so its items stay one group (more of them for the threads) */
+    int gpi = 1;
+    if (n == 1)
+        for (int d = n_kv_heads; d > 1; d--)
+            if (n_kv_heads % d == 0 && (long long)nc * (n_kv_heads / d) >= 2LL * n_threads) {
+                gpi = d;
+                break;
+            }
+    const int ipc = n_kv_heads / gpi, items = nc * ipc; /* items per chunk, in all */
     const size_t q_dim = (size_t)n_heads * head_dim, vs = (size_t)n * n_heads; /* vs: query vectors */
     const size_t per = vs * (head_dim + 2); /* a chunk's part: V sums, then maxes, then sums, by vector */
     /* vector (g, t, j) = token t's head g * group + j, at (g * n + t) * group + j */
@@ -304,23 +324,23 @@ static void qora_attention_tiles(const qora_kernels* K, const float* q, const vo
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int it = 0; it < items; it++) {
-            const int c = it / n_kv_heads, g = it % n_kv_heads, p0 = c * QORA_ATT_CHUNK;
+            const int c = it / ipc, g = it % ipc * gpi, p0 = c * QORA_ATT_CHUNK;
             const size_t v0 = (size_t)g * nq;
             const float* qv = Q + v0 * head_dim;
             float* sc = scores + v0 * score_stride;
             float *acc = part + (size_t)c * per + v0 * head_dim, *mx = part + (size_t)c * per + vs * head_dim + v0;
             float* sum = mx + vs;
             if (pos0 + 1 - p0 >= QORA_ATT_CHUNK) { /* every query sees the whole chunk: one tile */
-                qora_attend_chunk(K, qv, kc, vc, kv_type, p0, QORA_ATT_CHUNK, g, nq, head_dim, kv_stride, sc,
+                qora_attend_chunk(K, qv, kc, vc, kv_type, p0, QORA_ATT_CHUNK, g, nq, gpi, head_dim, kv_stride, sc,
                                   score_stride, acc, mx, sum);
                 continue;
             }
-            for (int t = 0; t < n; t++) { /* the diagonal: each query up to its own position */
+            for (int t = 0; t < n; t++) { /* the diagonal: each query up to its own position (gpi > 1: n = 1) */
                 int len = pos0 + t + 1 - p0;
                 if (len <= 0) continue;
                 if (len > QORA_ATT_CHUNK) len = QORA_ATT_CHUNK;
                 const size_t v = (size_t)t * group;
-                qora_attend_chunk(K, qv + v * head_dim, kc, vc, kv_type, p0, len, g, group, head_dim, kv_stride,
+                qora_attend_chunk(K, qv + v * head_dim, kc, vc, kv_type, p0, len, g, group, gpi, head_dim, kv_stride,
                                   sc + v * score_stride, score_stride, acc + v * head_dim, mx + v, sum + v);
             }
         }

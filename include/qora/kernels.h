@@ -40,15 +40,15 @@ typedef struct {
     int q4x8_max_t;
     qora_q4x16_fn q4x16;  /* two 8-row groups at once (512-bit vectors); NULL where vectors are narrower */
     int q4x16_max_t;
-    /* one attention chunk of one KV group's query heads over an f16 cache (qora_attend_chunk's
-       contract, forward.h); returns 0 where it has no plan */
-    int (*attend_f16)(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos, int nh, int head_dim,
-                      size_t kv_stride, float* scores, size_t score_stride, float* acc, float* mx, float* sum,
-                      float scale);
+    /* one attention chunk of ng consecutive KV groups' query heads, nh per group, over an f16 cache
+       (qora_attend_chunk's contract, forward.h); returns 0 where it has no plan */
+    int (*attend_f16)(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos, int nh, int ng,
+                      int head_dim, size_t kv_stride, float* scores, size_t score_stride, float* acc, float* mx,
+                      float* sum, float scale);
     /* the same over a Q8_0 cache (rows of kv_stride / 32 blocks; head_dim % 32 == 0) */
-    int (*attend_q8)(const float* q, const block_q8* kc, const block_q8* vc, int n_pos, int nh, int head_dim,
-                     size_t kv_stride, float* scores, size_t score_stride, float* acc, float* mx, float* sum,
-                     float scale);
+    int (*attend_q8)(const float* q, const block_q8* kc, const block_q8* vc, int n_pos, int nh, int ng,
+                     int head_dim, size_t kv_stride, float* scores, size_t score_stride, float* acc, float* mx,
+                     float* sum, float scale);
     /* sc[0..n) = e^(sc - max), *max_out = max, returns the sum (softmax_unnorm_scalar's order, see common.h) */
     float (*softmax_unnorm)(float* sc, int n, float* max_out);
     /* the types of kquants.h: Q4_1 / Q5_0 / Q5_1 x Q8_0 and K types x Q8_K tiles (tile_x_scalar's contract),

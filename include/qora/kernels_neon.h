@@ -238,14 +238,29 @@ QORA_INLINE int attend_neon(const int Q8, const float* q, const void* kc, const 
     return 1;
 }
 
-static int attend_f16_neon(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos, int nh, int head_dim,
-                           size_t kv_stride, float* scores, size_t ss, float* out, float* mx, float* sum, float scale) {
-    return attend_neon(0, q, kc, vc, n_pos, nh, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
+/* ng groups one after another; group g's heads are g * nh .. and its K / V slice head_dim * g values on */
+static int attend_f16_neon(const float* q, const uint16_t* kc, const uint16_t* vc, int n_pos, int nh, int ng,
+                           int head_dim, size_t kv_stride, float* scores, size_t ss, float* out, float* mx, float* sum,
+                           float scale) {
+    for (int g = 0; g < ng; g++) {
+        const size_t h = (size_t)g * nh;
+        if (!attend_neon(0, q + h * head_dim, kc + (size_t)g * head_dim, vc + (size_t)g * head_dim, n_pos, nh, head_dim,
+                         kv_stride, scores + h * ss, ss, out + h * head_dim, mx + h, sum + h, scale))
+            return 0; /* no plan for this head size: none for any group */
+    }
+    return 1;
 }
 
-static int attend_q8_neon(const float* q, const block_q8* kc, const block_q8* vc, int n_pos, int nh, int head_dim,
-                          size_t kv_stride, float* scores, size_t ss, float* out, float* mx, float* sum, float scale) {
-    return attend_neon(1, q, kc, vc, n_pos, nh, head_dim, kv_stride, scores, ss, out, mx, sum, scale);
+static int attend_q8_neon(const float* q, const block_q8* kc, const block_q8* vc, int n_pos, int nh, int ng,
+                          int head_dim, size_t kv_stride, float* scores, size_t ss, float* out, float* mx, float* sum,
+                          float scale) {
+    for (int g = 0; g < ng; g++) {
+        const size_t h = (size_t)g * nh, b = (size_t)g * head_dim / QK;
+        if (!attend_neon(1, q + h * head_dim, kc + b, vc + b, n_pos, nh, head_dim, kv_stride, scores + h * ss, ss,
+                         out + h * head_dim, mx + h, sum + h, scale))
+            return 0;
+    }
+    return 1;
 }
 
 /* ---- float activations: dot_deq_f32_scalar's result, the weights dequantized in registers with
