@@ -88,29 +88,6 @@ QORA_INLINE void kv_prefetch_avx512(const int Q8, const void* c, size_t kv_strid
     }
 }
 
-/* s[p] (p < 8): one dot's 16 lanes each (its chains a0 + a1); returns the 8 dots in position
-   order, each finished with the halving tree of reduce_2x16_avx512 (lanes j + j+8, j + j+4,
-   j + j+2, j + j+1), the 8 trees side by side: every addition has the operands it has there. */
-QORA_TARGET_AVX512 static inline __m256 reduce8x16_avx512(const __m512 s[8]) {
-    __m512 u[4]; /* u[i]: lanes 0..7 = s[2i]'s j + j+8 step, lanes 8..15 = s[2i+1]'s */
-    for (int i = 0; i < 4; i++)
-        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    /* j + j+4: 128-bit lanes are positions (0 1 2 3) of v0 and (4 5 6 7) of v1 */
-    const __m512 v0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    const __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
-    /* j + j+2: per 128-bit lane, elements (0, 1) + (2, 3) of positions k and 4 + k side by side */
-    const __m512 w = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(v0), _mm512_castps_pd(v1))),
-                                   _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(v0), _mm512_castps_pd(v1))));
-    /* j + j+1: lane 4k = position k, lane 4k + 1 = position 4 + k */
-    const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(w, w, _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_ps(w, w, _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_castps512_ps256(
-        _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), f));
-}
-
 /* scores[h * ss + t] = dot(k_t, q_h) * scale, 8 positions at a time: per group, their K slices
    converted to float once for every head of the group, then per head the 8 dots' chains and one
    tree for all 8. The groups of a block go one after another, so ng groups read whole rows

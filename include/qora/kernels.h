@@ -64,6 +64,10 @@ typedef struct {
     /* out[r] = dot_deq_f32(dtype, n, w + r * ws, x) for r < nr <= 4, the same bits; returns 0 for a type it
        does not take (then dot_deq_f32 row by row); NULL: none */
     int (*rows_deq_f32)(int dtype, int n, const void* w, size_t ws, int nr, const float* x, float* out);
+    /* out[t * ldo + r] = dot_f32(n, w + r * ldw, X + t * ldx) for r < nr <= 4, t < nt, the same bits
+       (several rows together: fewer loads per fma); NULL: dots_f32 row by row */
+    void (*dots_rows_f32)(int n, int nr, const float* w, size_t ldw, const float* X, size_t ldx, int nt, float* out,
+                          size_t ldo);
 } qora_kernels;
 
 static const qora_kernels qora_kernels_scalar = {
@@ -93,7 +97,7 @@ static const qora_kernels qora_kernels_avx512 = {
     "avx512", QORA_ISA_AVX512, quantize_q8_avx2, dot_q4_q8_avx512, dot_q8_q8_avx512,
     dot_f16_f32_avx512, dot_f32_avx512, rmsnorm_avx512, axpy_avx512, axpy_f16_avx2, to_f16_avx2, tile_q4_avx512, tile_q8_avx512,
     q4x8_avx512, 8, q4x16_avx512, 16, attend_f16_avx512, attend_q8_avx512, softmax_unnorm_avx512, tile_x_avx2, dot_bf16_f32_avx2,
-    dot_deq_f32_avx512, deq_f32_avx512, dots_f32_avx512, rows_deq_f32_avx512,
+    dot_deq_f32_avx512, deq_f32_avx512, dots_f32_avx512, rows_deq_f32_avx512, dots_rows_f32_avx512,
 };
 #endif
 
@@ -283,6 +287,12 @@ static inline int qora_tile_deq(const qora_kernels* K, const qora_tensor* W, int
                                 int nt, float* out, size_t ldo) {
     if (W->cols > QORA_DEQ_ROW_MAX) return 0;
     float buf[QORA_DEQ_ROW_MAX] __attribute__((aligned(64)));
+    if (K->dots_rows_f32 && nr > 1 && (size_t)nr * W->cols <= QORA_DEQ_ROW_MAX) { /* the unit's rows at once */
+        for (int r = 0; r < nr; r++)
+            K->deq_f32(W->dtype, W->cols, (const char*)W->data + (size_t)(r0 + r) * W->row_bytes, buf + (size_t)r * W->cols);
+        K->dots_rows_f32(W->cols, nr, buf, W->cols, X, ldx, nt, out, ldo);
+        return 1;
+    }
     for (int r = 0; r < nr; r++) {
         K->deq_f32(W->dtype, W->cols, (const char*)W->data + (size_t)(r0 + r) * W->row_bytes, buf);
         if (K->dots_f32)

@@ -177,6 +177,86 @@ QORA_TARGET_AVX512 static void dots_f32_avx512(int n, const float* w, const floa
     }
 }
 
+/* s[p] (p < 8): one dot's 16 lanes each (its chains a0 + a1); returns the 8 dots in order, each finished with the halving tree of reduce_2x16_avx512 (lanes j + j+8, j + j+4,
+   j + j+2, j + j+1), the 8 trees side by side: every addition has the operands it has there. */
+QORA_TARGET_AVX512 static inline __m256 reduce8x16_avx512(const __m512 s[8]) {
+    __m512 u[4]; /* u[i]: lanes 0..7 = s[2i]'s j + j+8 step, lanes 8..15 = s[2i+1]'s */
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* j + j+4: 128-bit lanes are positions (0 1 2 3) of v0 and (4 5 6 7) of v1 */
+    const __m512 v0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* j + j+2: per 128-bit lane, elements (0, 1) + (2, 3) of positions k and 4 + k side by side */
+    const __m512 w = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(v0), _mm512_castps_pd(v1))),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(v0), _mm512_castps_pd(v1))));
+    /* j + j+1: lane 4k = position k, lane 4k + 1 = position 4 + k */
+    const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(w, w, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(w, w, _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_castps512_ps256(
+        _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), f));
+}
+
+/* Float dots of two rows against T <= 4 tokens: 16 chains in registers, each weight and activation
+   vector loaded once for 2 x T fmas (one row at a time loads 9 vectors per 8 fmas and waits on the
+   loads); each dot is dot_f32_avx512's two chains and reduction, so its bits */
+QORA_TARGET_AVX512 QORA_INLINE void dots2_f32_avx512_t(const int T, int n, const float* w0, const float* w1,
+                                                       const float* X, size_t ldx, float* out, size_t ldo) {
+    __m512 a[2][4][2];
+    for (int t = 0; t < T; t++) a[0][t][0] = a[0][t][1] = a[1][t][0] = a[1][t][1] = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512 u0 = _mm512_loadu_ps(w0 + i), u1 = _mm512_loadu_ps(w0 + i + 16);
+        const __m512 v0 = _mm512_loadu_ps(w1 + i), v1 = _mm512_loadu_ps(w1 + i + 16);
+        for (int t = 0; t < T; t++) {
+            const __m512 x0 = _mm512_loadu_ps(X + t * ldx + i), x1 = _mm512_loadu_ps(X + t * ldx + i + 16);
+            a[0][t][0] = _mm512_fmadd_ps(u0, x0, a[0][t][0]);
+            a[0][t][1] = _mm512_fmadd_ps(u1, x1, a[0][t][1]);
+            a[1][t][0] = _mm512_fmadd_ps(v0, x0, a[1][t][0]);
+            a[1][t][1] = _mm512_fmadd_ps(v1, x1, a[1][t][1]);
+        }
+    }
+    float d[8];
+    if (T == 4) { /* the 8 dots' trees side by side */
+        __m512 s[8];
+        for (int r = 0; r < 2; r++)
+            for (int t = 0; t < 4; t++) s[r * 4 + t] = _mm512_add_ps(a[r][t][0], a[r][t][1]);
+        _mm256_storeu_ps(d, reduce8x16_avx512(s));
+    } else {
+        for (int r = 0; r < 2; r++)
+            for (int t = 0; t < T; t++) d[r * 4 + t] = reduce_2x16_avx512(a[r][t][0], a[r][t][1]);
+    }
+    for (int r = 0; r < 2; r++) {
+        const float* w = r ? w1 : w0;
+        for (int t = 0; t < T; t++) {
+            float sum = d[r * 4 + t];
+            for (int j = i; j < n; j++) sum = fmaf(w[j], X[t * ldx + j], sum);
+            out[t * ldo + r] = sum;
+        }
+    }
+}
+
+/* out[t * ldo + r] = dot_f32(n, w + r * ldw, X + t * ldx) for r < nr, t < nt: rows by two, tokens by
+   four (16 chains: more would spill) */
+QORA_TARGET_AVX512 static void dots_rows_f32_avx512(int n, int nr, const float* w, size_t ldw, const float* X,
+                                                    size_t ldx, int nt, float* out, size_t ldo) {
+    int r = 0;
+    for (; r + 2 <= nr; r += 2)
+        for (int t0 = 0; t0 < nt; t0 += 4) {
+            const float *w0 = w + r * ldw, *w1 = w0 + ldw, *x = X + (size_t)t0 * ldx;
+            float* o = out + (size_t)t0 * ldo + r;
+            switch (nt - t0 < 4 ? nt - t0 : 4) {
+            case 1: dots2_f32_avx512_t(1, n, w0, w1, x, ldx, o, ldo); break;
+            case 2: dots2_f32_avx512_t(2, n, w0, w1, x, ldx, o, ldo); break;
+            case 3: dots2_f32_avx512_t(3, n, w0, w1, x, ldx, o, ldo); break;
+            default: dots2_f32_avx512_t(4, n, w0, w1, x, ldx, o, ldo); break;
+            }
+        }
+    if (r < nr) dots_f32_avx512(n, w + r * ldw, X, ldx, nt, out + r, ldo);
+}
+
 QORA_TARGET_AVX512 static void rmsnorm_avx512(float* out, const float* x, const float* w, int n, float eps) {
     const float inv = 1.0f / sqrtf(dot_f32_avx512(n, x, x) / (float)n + eps);
     const __m512 vinv = _mm512_set1_ps(inv);
