@@ -74,11 +74,6 @@ QORA_TARGET_AVX2 QORA_INLINE void kv_row_avx2(const int Q8, const int D, const v
     }
 }
 
-/* the first value of KV group g's slice (D values) of a cache row */
-QORA_INLINE const void* kv_group_avx2(const int Q8, const void* c, int g, int D) {
-    return Q8 ? (const void*)((const block_q8*)c + (size_t)g * D / QK) : (const void*)((const uint16_t*)c + (size_t)g * D);
-}
-
 /* scores[h * ss + t] = dot(k_t, q_h) * scale for the chunk's positions and the ng groups' heads (nh
    a group): the groups of a block of 8 positions go one after another, so the rows are read whole
    in one pass (see attend_scores_avx512) */
@@ -90,7 +85,7 @@ QORA_TARGET_AVX2 QORA_INLINE void attend_scores_avx2(const int Q8, const int D, 
     for (int t0 = 0; t0 < n_pos; t0 += 8) {
         const int np = n_pos - t0 < 8 ? n_pos - t0 : 8;
         for (int g = 0; g < ng; g++) {
-            const void* kg = kv_group_avx2(Q8, kc, g, D);
+            const void* kg = qora_kv_at(Q8, kc, (size_t)g * D);
             for (int p = 0; p < np; p++) kv_row_avx2(Q8, D, kg, kv_stride, t0 + p, kf + p * D);
             for (int p = np; p < 8; p++) memset(kf + p * D, 0, (size_t)D * sizeof(float));
             for (int h = g * nh; h < (g + 1) * nh; h++) {
@@ -143,7 +138,7 @@ QORA_TARGET_AVX2 QORA_INLINE void attend_avx2_d(const int Q8, const int D, const
     attend_scores_avx2(Q8, D, q, kc, n_pos, nh, ng, kv_stride, scores, ss, scale);
     for (int h = 0; h < nh * ng; h++) sum[h] = softmax_unnorm_avx2(scores + h * ss, n_pos, mx + h);
     for (int g = 0; g < ng; g++) {
-        const void* vg = kv_group_avx2(Q8, vc, g, D);
+        const void* vg = qora_kv_at(Q8, vc, (size_t)g * D);
         for (int col = 0; col < D; col += 32) {
             int h = g * nh;
             for (; h + 2 <= (g + 1) * nh; h += 2)

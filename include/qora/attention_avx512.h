@@ -1,10 +1,11 @@
-/* qora — AVX-512 attention over the f16 KV cache for the query heads of one KV group.
-   Scores go 8 positions at a time: their K rows are converted to float once for every head of
-   the group, and the 8 dots of a head end in one halving tree run side by side (no dot ends in
-   its own horizontal sum); K and V rows are prefetched QORA_ATT_PF positions ahead. Softmax uses
-   a vector exp; the value sums accumulate in registers across the chunk's positions (64 columns
-   of up to 4 heads a pass, each V slice converted once for them) and are stored unnormalised with each head's max and sum (one chunk of forward.h's split
-   attention). Every step is the generic chunk's (qora_attend_chunk) in the order of
+/* qora — AVX-512 attention over the f16 KV cache for the query heads of one or more consecutive
+   KV groups. Scores go 8 positions at a time, the groups of a block one after another (rows read
+   whole): a group's K slices are converted to float once for every head of the group, and the 8
+   dots of a head end in one halving tree run side by side (no dot ends in its own horizontal
+   sum); K and V rows are prefetched QORA_ATT_PF positions ahead. Softmax uses a vector exp; the
+   value sums accumulate in registers across the chunk's positions (64 columns of up to 4 heads a
+   pass, each V slice converted once for them) and are stored unnormalised with each head's max
+   and sum (one chunk of forward.h's split attention). Every step is the generic chunk's (qora_attend_chunk) in the order of
    common.h. Head sizes 64, 128 and 256; others use the generic loop. A Q8_0 cache (Q8 = 1) is
    converted 16 values at a time as f16(d) * q (exact in float); every later step is the f16 one. */
 #ifndef QORA_ATTENTION_AVX512_H
@@ -72,11 +73,6 @@ QORA_TARGET_AVX512 QORA_INLINE __m512 kv16_avx512(const int Q8, const void* c, s
    scores of earlier positions are computed rather than one miss after another. */
 #define QORA_ATT_PF 16
 
-/* the first value of KV group g's slice (D values) of a cache row */
-QORA_INLINE const void* kv_group_avx512(const int Q8, const void* c, int g, int D) {
-    return Q8 ? (const void*)((const block_q8*)c + (size_t)g * D / QK) : (const void*)((const uint16_t*)c + (size_t)g * D);
-}
-
 /* every line of len bytes of row t of a cache (f16 halves, or Q8 blocks: kv_stride / 32 a row) */
 QORA_INLINE void kv_prefetch_avx512(const int Q8, const void* c, size_t kv_stride, int t, int len, int hint) {
     const char* r = Q8 ? (const char*)((const block_q8*)c + (size_t)t * (kv_stride / QK))
@@ -106,7 +102,7 @@ QORA_TARGET_AVX512 QORA_INLINE void attend_scores_avx512(const int Q8, const int
             kv_prefetch_avx512(Q8, vc, kv_stride, t0 + QORA_ATT_PF + p, len, 1);
         }
         for (int g = 0; g < ng; g++) {
-            const void* kg = kv_group_avx512(Q8, kc, g, D);
+            const void* kg = qora_kv_at(Q8, kc, (size_t)g * D);
             for (int p = 0; p < np; p++)
                 for (int i = 0; i < D / 16; i++)
                     _mm512_storeu_ps(kf + p * D + 16 * i, kv16_avx512(Q8, kg, kv_stride, t0 + p, i));
@@ -143,12 +139,8 @@ QORA_TARGET_AVX512 QORA_INLINE void attend_pv_avx512(const int Q8, const int HP,
                                                     float* out) {
     __m512 acc[16];
     for (int i = 0; i < HP * NV; i++) acc[i] = _mm512_setzero_ps();
-    const int len = Q8 ? NV * 16 / QK * (int)sizeof(block_q8) : 32 * NV; /* bytes of a row's columns */
-    const void* vcol = kv_group_avx512(Q8, vc, 1, col);
     for (int t = 0; t < n_pos; t++) {
         __m512 vf[4];
-        /* the slice's rows come from L2 (attend_scores_avx512), strided: the L1 prefetcher does not follow */
-        if (t + 8 < n_pos) kv_prefetch_avx512(Q8, vcol, kv_stride, t + 8, len, 0);
         for (int i = 0; i < NV; i++) vf[i] = kv16_avx512(Q8, vc, kv_stride, t, col / 16 + i);
         for (int j = 0; j < HP; j++) {
             const __m512 w = _mm512_set1_ps(p[j * ss + t]);
@@ -167,7 +159,7 @@ QORA_TARGET_AVX512 QORA_INLINE void attend_avx512_d(const int Q8, const int D, c
     for (int h = 0; h < nh * ng; h++) sum[h] = softmax_unnorm_avx512(scores + h * ss, n_pos, mx + h);
     /* per group, columns 64 at a time (4 vectors), up to 4 heads a pass: 16 accumulators */
     for (int g = 0; g < ng; g++) {
-        const void* vg = kv_group_avx512(Q8, vc, g, D);
+        const void* vg = qora_kv_at(Q8, vc, (size_t)g * D);
         for (int col = 0; col < D; col += 64) {
             int h = g * nh;
             const int he = h + nh;

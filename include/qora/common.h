@@ -91,6 +91,12 @@ typedef struct {
 } block_q8;
 QORA_STATIC_ASSERT(sizeof(block_q8) == 2 + QK, "block_q8 must be 34 bytes");
 
+/* value e of a KV cache row (f16 halves, or Q8_0 blocks when Q8; e % 32 == 0 then): where the
+   attention kernels find KV group g's slice (e = g * head_dim) */
+QORA_INLINE const void* qora_kv_at(const int Q8, const void* row, size_t e) {
+    return Q8 ? (const void*)((const block_q8*)row + e / QK) : (const void*)((const uint16_t*)row + e);
+}
+
 /* value = nibble * d + m */
 typedef struct {
     uint16_t d, m;       /* f16 scale and minimum */

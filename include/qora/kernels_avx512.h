@@ -177,8 +177,9 @@ QORA_TARGET_AVX512 static void dots_f32_avx512(int n, const float* w, const floa
     }
 }
 
-/* s[p] (p < 8): one dot's 16 lanes each (its chains a0 + a1); returns the 8 dots in order, each finished with the halving tree of reduce_2x16_avx512 (lanes j + j+8, j + j+4,
-   j + j+2, j + j+1), the 8 trees side by side: every addition has the operands it has there. */
+/* s[p] (p < 8): one dot's 16 lanes each (its chains a0 + a1); returns the 8 dots in order, each
+   finished with the halving tree of reduce_2x16_avx512 (lanes j + j+8, j + j+4, j + j+2, j + j+1),
+   the 8 trees side by side: every addition has the operands it has there. */
 QORA_TARGET_AVX512 static inline __m256 reduce8x16_avx512(const __m512 s[8]) {
     __m512 u[4]; /* u[i]: lanes 0..7 = s[2i]'s j + j+8 step, lanes 8..15 = s[2i+1]'s */
     for (int i = 0; i < 4; i++)

@@ -244,7 +244,8 @@ static int attend_f16_neon(const float* q, const uint16_t* kc, const uint16_t* v
                            float scale) {
     for (int g = 0; g < ng; g++) {
         const size_t h = (size_t)g * nh;
-        if (!attend_neon(0, q + h * head_dim, kc + (size_t)g * head_dim, vc + (size_t)g * head_dim, n_pos, nh, head_dim,
+        const size_t e = (size_t)g * head_dim;
+        if (!attend_neon(0, q + h * head_dim, qora_kv_at(0, kc, e), qora_kv_at(0, vc, e), n_pos, nh, head_dim,
                          kv_stride, scores + h * ss, ss, out + h * head_dim, mx + h, sum + h, scale))
             return 0; /* no plan for this head size: none for any group */
     }
@@ -255,9 +256,9 @@ static int attend_q8_neon(const float* q, const block_q8* kc, const block_q8* vc
                           int head_dim, size_t kv_stride, float* scores, size_t ss, float* out, float* mx, float* sum,
                           float scale) {
     for (int g = 0; g < ng; g++) {
-        const size_t h = (size_t)g * nh, b = (size_t)g * head_dim / QK;
-        if (!attend_neon(1, q + h * head_dim, kc + b, vc + b, n_pos, nh, head_dim, kv_stride, scores + h * ss, ss,
-                         out + h * head_dim, mx + h, sum + h, scale))
+        const size_t h = (size_t)g * nh, e = (size_t)g * head_dim;
+        if (!attend_neon(1, q + h * head_dim, qora_kv_at(1, kc, e), qora_kv_at(1, vc, e), n_pos, nh, head_dim,
+                         kv_stride, scores + h * ss, ss, out + h * head_dim, mx + h, sum + h, scale))
             return 0;
     }
     return 1;
