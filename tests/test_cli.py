@@ -53,7 +53,7 @@ def test_version(monkeypatch):
     assert p.returncode == 0 and "cpu: isa none (QORA_ISA='bogus' is not one of" in p.stdout
     monkeypatch.setenv("QORA_KERNEL", "bogus")
     p = qora_cmd("--version")
-    assert p.returncode == 0 and "decode walk none (QORA_KERNEL='bogus' is not one of seq, seg4)" in p.stdout
+    assert p.returncode == 0 and "decode walk none (QORA_KERNEL='bogus' is not one of seq, seg4, stream)" in p.stdout
 
 
 def test_qora_error_is_one_line_exit_1(tmp_path):

@@ -108,6 +108,23 @@ def test_isa_table_agrees_with_the_c_enum():
         assert eng.DECODE_WALKS[value] == const.removeprefix("QORA_WALK_").lower()
 
 
+def test_decode_walk_table_by_cpu():
+    """The decode walk by vendor and family (engine/cpu.py): Intel the four segment streams, AMD Zen 3 one
+    prefetched stream, Zen 4 and later one stream without software prefetch, others the prefetched one."""
+    from qora.engine.cpu import kernel_for_cpu
+
+    assert kernel_for_cpu("intel", 6, 0x8F) == "seg4"
+    assert kernel_for_cpu("amd", 0x19, 0x01) == "seq"  # Zen 3 (Milan)
+    assert kernel_for_cpu("amd", 0x19, 0x21) == "seq"  # Zen 3 (Vermeer)
+    assert kernel_for_cpu("amd", 0x19, 0x50) == "seq"  # Zen 3 (Cezanne)
+    assert kernel_for_cpu("amd", 0x19, 0x61) == "stream"  # Zen 4 (Raphael)
+    assert kernel_for_cpu("amd", 0x19, 0x11) == "stream"  # Zen 4 (Genoa)
+    assert kernel_for_cpu("amd", 0x1A, 0x02) == "stream"  # Zen 5
+    assert kernel_for_cpu("amd", 0x17, 0x31) == "seq"  # Zen 2
+    assert kernel_for_cpu("other", 0, 0) == "seq"
+    assert all(kernel_for_cpu(v, f, m) in eng.DECODE_WALKS for v, f, m in [("intel", 6, 0), ("amd", 0x19, 0x61)])
+
+
 def test_isa_names_are_spelled_once():
     """Outside the table, no module of qora spells the set of ISA paths out again."""
     for path in QORA.rglob("*.py"):

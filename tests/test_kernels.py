@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qora._core import _cpu
-from qora.engine import ISA_NAMES
+from qora.engine import DECODE_WALKS, ISA_NAMES
 
 FEATS = _cpu.cpu_features()
 ISAS = [i for i, n in enumerate(ISA_NAMES) if n in FEATS["cpu_supports"] and n in FEATS["compiled"]]
@@ -414,12 +414,13 @@ def test_quantized_products_same_bits_on_every_path(dtype, repack, n, shape):
             np.testing.assert_array_equal(got, want, err_msg=f"{ISA_NAMES[isa]} threads={threads}")
 
 
-@pytest.mark.parametrize("walk", ["seq", "seg4"])
+@pytest.mark.parametrize("walk", DECODE_WALKS)
 @pytest.mark.parametrize(
     "shape", [(8, 32), (16, 96), (13, 96), (24, 224), (41, 576), (130, 2048), (2048 + 24, 224), (33, 11008)]
 )
 def test_decode_walks_same_bits(walk, shape):
-    """The two decode walks of repacked Q4 (repack.h: one stream per thread, or four segment streams)
+    """The decode walks of repacked Q4 (repack.h: one stream per thread with or without software prefetch,
+    or four segment streams)
     on every ISA path and thread count give the NumPy model of the shared order bit for bit: one
     token (the decode kernels), ragged rows (not a multiple of 8 or 16) and block counts (under 4,
     not a multiple of 4, the last segment longer)."""

@@ -21,7 +21,7 @@ import pytest
 
 import qora
 from qora._core import _cpu
-from qora.engine import ISA_NAMES, resolve_kernel
+from qora.engine import DECODE_WALKS, ISA_NAMES, resolve_kernel
 
 FEATS = _cpu.cpu_features()
 ISAS = [n for n in ISA_NAMES if n in FEATS["cpu_supports"] and n in FEATS["compiled"]]
@@ -145,11 +145,11 @@ def test_long_context_decode_same_bits_at_every_thread_count(isa, demo_model, mo
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "scalar"])
 @pytest.mark.parametrize("name", ["demo-q4", "tiny-smollm3-q4"])
 def test_decode_walks_give_the_same_bits(name, isa, model_path, monkeypatch):
-    """The decode walks of repacked Q4 (QORA_KERNEL=seq / seg4, repack.h) give the same logits bit for
+    """The decode walks of repacked Q4 (QORA_KERNEL=seq / seg4 / stream, repack.h) give the same logits bit for
     bit, prompt and decode, at 1 and 2 threads."""
     got = {}
     try:
-        for walk in ("seq", "seg4"):
+        for walk in DECODE_WALKS:
             monkeypatch.setenv("QORA_KERNEL", walk)
             for threads in (1, 2):
                 prefill, steps, tokens = run(model_path(name), name, isa, "off", "1", threads, monkeypatch)

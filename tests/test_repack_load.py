@@ -11,7 +11,7 @@ import pytest
 
 from qora._core import _cpu
 from qora.dtypes import WEIGHT_TYPES
-from qora.engine import ISA_NAMES
+from qora.engine import DECODE_WALKS, ISA_NAMES
 
 from test_quants_native import random_blocks
 
@@ -71,7 +71,7 @@ def test_q4_layout_against_numpy():
 @pytest.mark.parametrize("dtype", ["q8", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k"])
 def test_decode_walks_give_the_same_bits(dtype):
     """One-token products over the x8 copies walk a group's blocks as the process-wide decode walk says
-    (QORA_KERNEL: seq, one stream; seg4, the four segments at once): the same chains in the same order,
+    (QORA_KERNEL: seq, one stream; stream, the same without software prefetch; seg4, the four segments at once): the same chains in the same order,
     so the same bits, equal to the scalar path's; block counts below 4, not a multiple of 4, rows past the
     last group of 8."""
     r = np.random.default_rng()
@@ -84,7 +84,7 @@ def test_decode_walks_give_the_same_bits(dtype):
             raw = random_blocks(r, dtype, rows, cols)
             x = r.standard_normal((1, cols)).astype(np.float32)
             base = _cpu.matmul(raw, dtype, rows, cols, x, scalar, 1, False)
-            for walk in ("seq", "seg4"):
+            for walk in DECODE_WALKS:
                 _cpu.set_decode_walk(walk)
                 for isa in ISAS:
                     for threads in (1, 2):

@@ -515,6 +515,9 @@ QORA_TARGET_AVX2 QORA_INLINE void q6kx8_values(const block_q6_Kx8* g, int p, int
    vpmaddubsw stay below 2^15: 8 * 2 * 15 * 127, 4 * 2 * 31 * 127. */
 QORA_TARGET_AVX2 QORA_INLINE void q45kx8_avx2_t(const int Q5, const int T, int nb, const char* w, const char* x,
                                                 size_t xs, float* out, size_t ldo) {
+    /* decode's STREAM walk: Q4_K without software prefetch (Zen 4, 1 thread: 26.7 -> 29-30 GB/s); Q5_K and
+       Q6_K keep it, their blocks are not read front to back (without: Q6_K 27 -> 7 GB/s, Q5_K 20.7 -> 17) */
+    const int ahead = T > 1 || Q5 || qora_decode_walk != QORA_WALK_STREAM;
     const size_t gb = Q5 ? sizeof(block_q5_Kx8) : sizeof(block_q4_Kx8);
     __m256 acc[4];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
@@ -535,7 +538,7 @@ QORA_TARGET_AVX2 QORA_INLINE void q45kx8_avx2_t(const int Q5, const int T, int n
         for (int p = 0; p < 4; p++) {
             /* the block after next, a quarter per quarter (all its lines at once stalled the stream) */
             const int lines = (int)((gb + 255) / 256);
-            for (int i = lines * p; i < lines * (p + 1); i++) _mm_prefetch((const char*)g + 2 * gb + 64 * i, _MM_HINT_T0);
+            if (ahead) for (int i = lines * p; i < lines * (p + 1); i++) _mm_prefetch((const char*)g + 2 * gb + 64 * i, _MM_HINT_T0);
             const __m256i sc0 = kx8_u8_pairs(g->sc[2 * p]), sc1 = kx8_u8_pairs(g->sc[2 * p + 1]);
             const __m256i mn = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)g->mn[p]));
             for (int t = 0; t < T; t++) M[t] = _mm256_add_epi32(M[t], _mm256_madd_epi16(mn, _mm256_set1_epi32(bs[t][p])));
@@ -696,7 +699,7 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
 
 /* decode: the four segments of common.h, walked as qora_decode_walk says (repack.h): SEG4 all four at
    once (four weight streams in flight), SEQ one after the other (one stream, prefetched QORA_KX8_PREFETCH
-   bytes ahead across segment and group ends). The same chains in the same order either way: segment i's
+   bytes ahead across segment and group ends), STREAM as SEQ without the prefetches. The same chains in the same order either way: segment i's
    blocks into acc[i] (the blocks past 4 * seg into acc[3]), then ((acc0 + acc1) + acc2) + acc3. */
 #define QORA_KX8_PREFETCH 2048
 /* The x8 decode walk (w: the group's x8 blocks of BYTES bytes each, x: the Q8_0 activation blocks);
@@ -707,11 +710,12 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
         const int seg = nb / QORA_SEGS;                                                                      \
         __m256 acc[4];                                                                                       \
         for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();                                            \
-        if (qora_decode_walk == QORA_WALK_SEQ) {                                                             \
+        if (qora_decode_walk != QORA_WALK_SEG4) {                                                            \
+            const int ahead = qora_decode_walk == QORA_WALK_SEQ; /* STREAM: the hardware prefetchers alone */ \
             for (int i = 0; i < 4; i++) { /* the running sum in a register (acc[i] by a variable i is memory) */ \
                 __m256 a = _mm256_setzero_ps();                                                              \
                 for (int b = i * seg; b < (i == 3 ? nb : (i + 1) * seg); b++) {                              \
-                    for (int l = 0; l < (int)(((BYTES) + 63) / 64); l++)                                     \
+                    for (int l = 0; ahead && l < (int)(((BYTES) + 63) / 64); l++)                            \
                         _mm_prefetch((const char*)w + b * (BYTES) + QORA_KX8_PREFETCH + 64 * l, _MM_HINT_T0); \
                     a = BLOCK(b, a, 0);                                                                      \
                 }                                                                                            \
@@ -965,6 +969,9 @@ QORA_TARGET_AVX512 static void q8x8_vnni_range(int nb, const block_q8x8* w, cons
    the block sums at the end, so a token holds three registers (lo, hi, S) in the loop. */
 QORA_TARGET_AVX512 QORA_INLINE void q45kx8_vnni_t(const int Q5, const int T, int nb, const char* w, const char* x,
                                                   size_t xs, float* out, size_t ldo) {
+    /* decode's STREAM walk: Q4_K without software prefetch (Zen 4, 1 thread: 26.7 -> 29-30 GB/s); Q5_K and
+       Q6_K keep it, their blocks are not read front to back (without: Q6_K 27 -> 7 GB/s, Q5_K 20.7 -> 17) */
+    const int ahead = T > 1 || Q5 || qora_decode_walk != QORA_WALK_STREAM;
     const size_t gb = Q5 ? sizeof(block_q5_Kx8) : sizeof(block_q4_Kx8);
     __m256 acc[8];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
@@ -979,7 +986,7 @@ QORA_TARGET_AVX512 QORA_INLINE void q45kx8_vnni_t(const int Q5, const int T, int
         }
         for (int p = 0; p < 4; p++) {
             const int lines = (int)((gb + 255) / 256); /* the block after next, a quarter per quarter */
-            for (int i = lines * p; i < lines * (p + 1); i++) _mm_prefetch((const char*)g + 2 * gb + 64 * i, _MM_HINT_T0);
+            if (ahead) for (int i = lines * p; i < lines * (p + 1); i++) _mm_prefetch((const char*)g + 2 * gb + 64 * i, _MM_HINT_T0);
             __m256i lo[8], hi[8];
             for (int t = 0; t < T; t++) lo[t] = hi[t] = _mm256_setzero_si256();
             _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {

@@ -135,8 +135,10 @@ static void q4x8_scalar(int n, const block_q4x8* w, const block_q8* x, const qor
      decode tok/s over one stream);
    - SEQ: the segments one after the other, one sequential stream per thread with software prefetch
      QORA_PREFETCH_SEQ blocks ahead, across group ends (AMD Zen 3, 1 thread: 84-101% of the read
-     bandwidth against 55-69% for SEG4; bench/matvec_bench.c). */
-enum { QORA_WALK_SEQ = 0, QORA_WALK_SEG4 = 1, QORA_WALK_COUNT = 2 };
+     bandwidth against 55-69% for SEG4; bench/matvec_bench.c);
+   - STREAM: SEQ without software prefetch, the hardware prefetchers alone (Zen 4, 1 thread: the
+     prefetch instructions themselves held the stream at 21-25 GB/s where it reads at 27-29 without). */
+enum { QORA_WALK_SEQ = 0, QORA_WALK_SEG4 = 1, QORA_WALK_STREAM = 2, QORA_WALK_COUNT = 3 };
 static int qora_decode_walk = QORA_WALK_SEG4;
 static int qora_set_decode_walk(int walk) {
     if (walk >= 0 && walk < QORA_WALK_COUNT) qora_decode_walk = walk;
@@ -213,13 +215,22 @@ QORA_TARGET_AVX2 QORA_INLINE void q4x8_avx2_t(const int T, int n, const block_q4
 /* Decode on AVX2: one chain per segment, the segments walked as qora_decode_walk says. */
 QORA_TARGET_AVX2 static inline __m256 q4x8_block_1_avx2(const block_q4x8* wb, const block_q8* xb, const qora_xblock* xe,
                                                         __m256 acc, int pf) {
-    qora_prefetch_q4x8(wb + pf);
+    if (pf) qora_prefetch_q4x8(wb + pf); /* pf 0: the STREAM walk (a constant once inlined) */
     __m256i lo[4], hi[4];
     q4x8_nibbles_avx2(wb, lo, hi);
     const __m256i s = q4x8_dot_avx2(lo, hi, xb, xe->off);
     const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(load_scales8(wb->d)), _mm256_set1_ps(xe->d));
     return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc);
 }
+
+/* The segments one after the other, each chain's running sum in a register (not acc[i] in memory). */
+#define QORA_Q4X8_SEQ(BLOCK, PF)                                                                      \
+    for (int i = 0; i < 4; i++) {                                                                     \
+        __m256 a = _mm256_setzero_ps();                                                               \
+        for (int c = qora_seg_begin(nb, i); c < qora_seg_begin(nb, i + 1); c++)                       \
+            a = BLOCK(w + c, x + c, xsum + c, a, PF);                                                 \
+        acc[i] = a;                                                                                   \
+    }
 
 /* One 8-row group's decode: one chain per segment, the segments walked as qora_decode_walk says;
    BLOCK(wb, xb, xe, acc, prefetch) adds one block. Shared by the AVX2 and the 256-bit VNNI decode. */
@@ -229,12 +240,9 @@ QORA_TARGET_AVX2 static inline __m256 q4x8_block_1_avx2(const block_q4x8* wb, co
         __m256 acc[4];                                                                                   \
         for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();                                                  \
         if (qora_decode_walk == QORA_WALK_SEQ) {                                                      \
-            for (int i = 0; i < 4; i++) { /* the running sum in a register, not acc[i] in memory */  \
-                __m256 a = _mm256_setzero_ps();                                                                       \
-                for (int c = qora_seg_begin(nb, i); c < qora_seg_begin(nb, i + 1); c++)               \
-                    a = BLOCK(w + c, x + c, xsum + c, a, QORA_PREFETCH_SEQ);                          \
-                acc[i] = a;                                                                           \
-            }                                                                                         \
+            QORA_Q4X8_SEQ(BLOCK, QORA_PREFETCH_SEQ);                                                  \
+        } else if (qora_decode_walk == QORA_WALK_STREAM) {                                            \
+            QORA_Q4X8_SEQ(BLOCK, 0);                                                                  \
         } else {                                                                                      \
             for (int b = 0; b < seg; b++) {                                                           \
                 acc[0] = BLOCK(w + b, x + b, xsum + b, acc[0], QORA_PREFETCH_BLOCKS);                 \
@@ -455,14 +463,14 @@ QORA_TARGET_AVX512 static void q4x16_vnni_decode(int n, const block_q4x8* w0, co
     _mm512_storeu_ps(out, acc[0]);
 }
 
-/* The seq walk of decode on AVX-512 takes the two groups one after the other with 256-bit VNNI: one
+/* The seq and stream walks of decode on AVX-512 take the two groups one after the other with 256-bit VNNI: one
    sequential weight stream, as the AVX2 decode has (Zen 4, 1 thread, 8 SmolLM3-3B layers: the 16-row
    kernel's two streams read at 45-48 % of the read bandwidth, the AVX2 walk at 73 %). The same
    operations per row in the same order as the 16-row kernel, so the same bits. */
 QORA_TARGET_AVX512 static inline __m256 q4x8_block_1_vnni(const block_q4x8* wb, const block_q8* xb, const qora_xblock* xe,
                                                           __m256 acc, int pf) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
-    qora_prefetch_q4x8(wb + pf);
+    if (pf) qora_prefetch_q4x8(wb + pf);
     __m256i s0 = _mm256_set1_epi32(xe->off), s1 = _mm256_setzero_si256();
     for (int k = 0; k < 4; k++) {
         const __m256i v = _mm256_loadu_si256((const __m256i*)wb->qs[k]);
@@ -493,7 +501,7 @@ QORA_TARGET_AVX512 static void q4x16_avx512_range(int n, const block_q4x8* w0, c
 
 QORA_TARGET_AVX512 static void q4x16_avx512(int n, const block_q4x8* w0, const block_q4x8* w1, const block_q8* x,
                                             const qora_xblock* xsum, size_t xs, int nt, float* out, size_t ldo) {
-    if (nt == 1 && qora_decode_walk == QORA_WALK_SEQ) {
+    if (nt == 1 && qora_decode_walk != QORA_WALK_SEG4) {
         q4x8_vnni256_decode(n, w0, x, xsum, out);
         q4x8_vnni256_decode(n, w1, x, xsum, out + 8);
         return;

@@ -32,7 +32,7 @@ cdef extern from "qora/qora.h" nogil:
     int qora_amx_mode
     int qora_set_decode_walk(int walk)
     int qora_decode_walk
-    int QORA_WALK_SEQ, QORA_WALK_SEG4, QORA_WALK_COUNT
+    int QORA_WALK_SEQ, QORA_WALK_SEG4, QORA_WALK_STREAM, QORA_WALK_COUNT
     int QORA_VENDOR_OTHER, QORA_VENDOR_INTEL, QORA_VENDOR_AMD
     double qora_read_bandwidth(int threads, size_t nbytes, int reps)
     int qora_cpu_supports(const qora_cpu_features* f, int isa)
@@ -161,7 +161,8 @@ def c_isa_table():
         "enum": {qora_isa_constants[i].name.decode(): qora_isa_constants[i].value for i in range(qora_isa_n_constants)},
         "count": QORA_ISA_COUNT,
         "kernels": kernels,
-        "walks": {"QORA_WALK_SEQ": QORA_WALK_SEQ, "QORA_WALK_SEG4": QORA_WALK_SEG4, "count": QORA_WALK_COUNT},
+        "walks": {"QORA_WALK_SEQ": QORA_WALK_SEQ, "QORA_WALK_SEG4": QORA_WALK_SEG4, "QORA_WALK_STREAM": QORA_WALK_STREAM,
+                  "count": QORA_WALK_COUNT},
     }
 
 
@@ -183,7 +184,7 @@ def cpu_features():
 
 
 def set_decode_walk(str walk):
-    """How one-token products walk a Q4 group's blocks (repack.h): 'seq' or 'seg4'; the same numbers
+    """How one-token products walk a Q4 group's blocks (repack.h): 'seq', 'seg4' or 'stream'; the same numbers
     either way. Process-wide; returns the walk now in effect."""
     if walk not in DECODE_WALKS:
         raise ValueError(f"decode walk must be one of {', '.join(DECODE_WALKS)}, got {walk!r}")

@@ -42,12 +42,27 @@ ISA_NAMES = ISA_NAMES_BY_ARCH[MACHINE]
 # How one-token (decode) products walk the blocks of a repacked Q4 group: the Python side of the C enum
 # of include/qora/repack.h, in its order. Same operations, same numbers; only the memory access differs:
 # "seq" one sequential stream per thread with software prefetch ahead, "seg4" the four segments of
-# common.h at once (four streams). Which is faster depends on the CPU's prefetchers (KERNEL_TABLE).
-DECODE_WALKS = ("seq", "seg4")
+# common.h at once (four streams), "stream" one stream with the hardware prefetchers alone. Which is
+# fastest depends on the CPU's prefetchers (kernel_for_cpu).
+DECODE_WALKS = ("seq", "seg4", "stream")
 # vendor -> decode walk, measured with bench/matvec_bench.c: AMD Zen 3 (EPYC, 1 thread) reads weights at
 # 84-101% of the read bandwidth with "seq" against 55-69% with "seg4"; on a 2-vCPU Xeon "seg4" was
 # 13% faster than one stream per group (bench/NOTES.md). Other vendors get "seq".
 KERNEL_TABLE = {"amd": "seq", "intel": "seg4"}
+# AMD from Zen 4 on (family 0x19 outside Zen 3's models, family 0x1a and later): the software prefetches
+# of "seq" cost the stream more than they bring (Zen 4, 1 thread: weights read at 21-25 GB/s with them,
+# 27-30 without; bench/NOTES.md). Zen 3 (measured with "seq") is family 0x19 models 0x00-0x0f, 0x20-0x2f
+# and 0x40-0x5f; Zen 2 and older are family 0x17 and below.
+ZEN3_MODELS = (range(0x00, 0x10), range(0x20, 0x30), range(0x40, 0x60))
+
+
+def kernel_for_cpu(vendor: str, family: int, model: int) -> str:
+    """The decode walk the table gives this CPU."""
+    if vendor == "amd" and (family > 0x19 or (family == 0x19 and not any(model in r for r in ZEN3_MODELS))):
+        return "stream"
+    return KERNEL_TABLE.get(vendor, "seq")
+
+
 # The arithmetic of the matrix products: "q8" rounds each product's activations to 8 bits (Q8_0 blocks for
 # the 32-element weight types, Q8_K for the K types, as llama.cpp does: integer dot products, fastest);
 # "f32" keeps them as floats and dequantizes the weights block by block (no activation rounding: slower
@@ -134,7 +149,7 @@ def resolve_kernel(requested: str | None = None) -> tuple[str, str]:
     feats = _core().cpu_features()
     vendor = feats.get("vendor", "other")
     cpu = f"{vendor} family {feats.get('family', 0):#x} model {feats.get('model', 0):#x}"
-    return KERNEL_TABLE.get(vendor, "seq"), f"table: {cpu}"
+    return kernel_for_cpu(vendor, feats.get("family", 0), feats.get("model", 0)), f"table: {cpu}"
 
 
 def cpu_info() -> dict:
