@@ -204,7 +204,8 @@ QORA_TARGET_AVX2 QORA_INLINE void q4x8_avx2_t(const int T, int n, const block_q4
         for (int t = 0; t < T; t++) {
             const block_q8* xb = x + t * xs + b;
             const __m256i s = q4x8_dot_avx2(lo, hi, xb, xsum[t * xs + b].off);
-            const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d)));
+            /* the extras' float scale: the f16 one converted (the same value), one broadcast from memory */
+            const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(xsum[t * xs + b].d));
             acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
         }
     }
