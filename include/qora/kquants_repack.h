@@ -660,19 +660,22 @@ static inline void q8x8_prefetch(const block_q8x8* g) {
 
 /* pf: prefetch the block 4 ahead (the seg4 walk; the seq walk prefetches its one stream itself, and a
    second prefetch of the same lines cost Zen 4 10-15 % of its bandwidth) */
-QORA_TARGET_AVX2 static inline __m256 q8x8_block_avx2(const int pf, const block_q8x8* g, const block_q8* xb, __m256 acc) {
+QORA_TARGET_AVX2 static inline __m256 q8x8_block_avx2(const int pf, const block_q8x8* g, const block_q8* xb,
+                                                      const qora_xblock* xe, __m256 acc) {
     if (pf)
         q8x8_prefetch(g);
-    const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d)), _mm256_set1_ps(f16_avx2(xb->d)));
+    /* the activation's scale from its float extras: xb->d converted, one broadcast from memory */
+    const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d)), _mm256_set1_ps(xe->d));
     return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q8x8_isum_avx2(g, xb->qs)), acc);
 }
 
 /* one chain per row and token over blocks [0, nb) (a segment pass of QORA_SEGMENT_PASSES): each block's
    weight vectors loaded and made |w| once for all the tokens (q8x8_isum_avx2's exact int32 dots, summed in
    another grouping: the same integers, so the same bits) */
-QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q8x8* w, const char* x, size_t xs,
-                                              float* out, size_t ldo) {
+QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q8x8* w, const char* x,
+                                              const qora_xblock* xe, size_t xs, float* out, size_t ldo) {
     const __m256i one = _mm256_set1_epi16(1);
+    const size_t xes = xs / sizeof(block_q8);
     __m256 acc[4];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
@@ -689,10 +692,8 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g->d));
-        for (int t = 0; t < T; t++) {
-            const block_q8* xb = (const block_q8*)(x + t * xs) + b;
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(f16_avx2(xb->d))), _mm256_cvtepi32_ps(s[t]), acc[t]);
-        }
+        for (int t = 0; t < T; t++) /* the activation's scale as in q8x8_block_avx2 */
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xe[t * xes + b].d)), _mm256_cvtepi32_ps(s[t]), acc[t]);
     }
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + t * ldo, acc[t]);
 }
@@ -733,8 +734,9 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
         _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));   \
     } while (0)
 
-#define QORA_Q8X8_BLOCK_AVX2(b, a, pf) q8x8_block_avx2(pf, w + (b), x + (b), a)
-QORA_TARGET_AVX2 static void q8x8_avx2_decode(int nb, const block_q8x8* w, const block_q8* x, float* out) {
+#define QORA_Q8X8_BLOCK_AVX2(b, a, pf) q8x8_block_avx2(pf, w + (b), x + (b), xe + (b), a)
+QORA_TARGET_AVX2 static void q8x8_avx2_decode(int nb, const block_q8x8* w, const block_q8* x, const qora_xblock* xe,
+                                              float* out) {
     QORA_KX8_DECODE_WALK(sizeof(block_q8x8), QORA_Q8X8_BLOCK_AVX2);
 }
 
@@ -816,9 +818,9 @@ QORA_TARGET_AVX2 QORA_INLINE void q32x8_avx2_decode(const int dtype, int nb, con
     default: CALL_T(8); break;     \
     }
 
-QORA_TARGET_AVX2 static void q8x8_avx2_range(int nb, const block_q8x8* w, const char* x, size_t xs, int nt, float* out,
-                                             size_t ldo) {
-#define QORA_Q8X8_T(T) q8x8_avx2_t(T, nb, w, x, xs, out, ldo)
+QORA_TARGET_AVX2 static void q8x8_avx2_range(int nb, const block_q8x8* w, const char* x, const qora_xblock* xe, size_t xs,
+                                             int nt, float* out, size_t ldo) {
+#define QORA_Q8X8_T(T) q8x8_avx2_t(T, nb, w, x, xe, xs, out, ldo)
     QORA_KX8_SWITCH_T(QORA_Q8X8_T)
 #undef QORA_Q8X8_T
 }
@@ -875,11 +877,11 @@ QORA_TARGET_AVX2 static void kx8_avx2(int dtype, int n, const void* w, const voi
     case QORA_Q8: {
         const block_q8x8* g = (const block_q8x8*)w;
         if (nt == 1) {
-            q8x8_avx2_decode(n / QK, g, (const block_q8*)x, out);
+            q8x8_avx2_decode(n / QK, g, (const block_q8*)x, xe, out);
             return;
         }
         QORA_SEGMENT_PASSES(n / QK, nt, 8, out, ldo,
-                            q8x8_avx2_range(nbs, g + b0, xc + b0 * sizeof(block_q8), xs, nt, dst, lddst));
+                            q8x8_avx2_range(nbs, g + b0, xc + b0 * sizeof(block_q8), xe + b0, xs, nt, dst, lddst));
         return;
     }
     case QORA_Q4_1:
