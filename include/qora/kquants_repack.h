@@ -515,9 +515,7 @@ QORA_TARGET_AVX2 QORA_INLINE void q6kx8_values(const block_q6_Kx8* g, int p, int
    vpmaddubsw stay below 2^15: 8 * 2 * 15 * 127, 4 * 2 * 31 * 127. */
 QORA_TARGET_AVX2 QORA_INLINE void q45kx8_avx2_t(const int Q5, const int T, int nb, const char* w, const char* x,
                                                 size_t xs, float* out, size_t ldo) {
-    /* decode's STREAM walk: Q4_K without software prefetch (Zen 4, 1 thread: 26.7 -> 29-30 GB/s); Q5_K and
-       Q6_K keep it, their blocks are not read front to back (without: Q6_K 27 -> 7 GB/s, Q5_K 20.7 -> 17) */
-    const int ahead = T > 1 || Q5 || qora_decode_walk != QORA_WALK_STREAM;
+    const int ahead = T > 1 || Q5 || qora_decode_walk != QORA_WALK_STREAM; /* as q45kx8_vnni_t's */
     const size_t gb = Q5 ? sizeof(block_q5_Kx8) : sizeof(block_q4_Kx8);
     __m256 acc[4];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
@@ -700,8 +698,9 @@ QORA_TARGET_AVX2 QORA_INLINE void q8x8_avx2_t(const int T, int nb, const block_q
 
 /* decode: the four segments of common.h, walked as qora_decode_walk says (repack.h): SEG4 all four at
    once (four weight streams in flight), SEQ one after the other (one stream, prefetched QORA_KX8_PREFETCH
-   bytes ahead across segment and group ends), STREAM as SEQ without the prefetches. The same chains in the same order either way: segment i's
-   blocks into acc[i] (the blocks past 4 * seg into acc[3]), then ((acc0 + acc1) + acc2) + acc3. */
+   bytes ahead across segment and group ends), STREAM as SEQ without the prefetches. The same chains in
+   the same order either way: segment i's blocks into acc[i] (the blocks past 4 * seg into acc[3]), then
+   ((acc0 + acc1) + acc2) + acc3. */
 #define QORA_KX8_PREFETCH 2048
 /* The x8 decode walk (w: the group's x8 blocks of BYTES bytes each, x: the Q8_0 activation blocks);
    BLOCK(b, acc, pf) adds block b's fma, prefetching ahead itself where pf (the seg4 walk): Q8_0
