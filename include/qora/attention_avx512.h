@@ -5,9 +5,10 @@
    sum); K and V rows are prefetched QORA_ATT_PF positions ahead. Softmax uses a vector exp; the
    value sums accumulate in registers across the chunk's positions (64 columns of up to 4 heads a
    pass, each V slice converted once for them) and are stored unnormalised with each head's max
-   and sum (one chunk of forward.h's split attention). Every step is the generic chunk's (qora_attend_chunk) in the order of
-   common.h. Head sizes 64, 128 and 256; others use the generic loop. A Q8_0 cache (Q8 = 1) is
-   converted 16 values at a time as f16(d) * q (exact in float); every later step is the f16 one. */
+   and sum (one chunk of forward.h's split attention). Every step is the generic chunk's
+   (qora_attend_chunk) in the order of common.h. Head sizes 64, 128 and 256; others use the generic
+   loop. A Q8_0 cache (Q8 = 1) is converted 16 values at a time as f16(d) * q (exact in float); every
+   later step is the f16 one. */
 #ifndef QORA_ATTENTION_AVX512_H
 #define QORA_ATTENTION_AVX512_H
 

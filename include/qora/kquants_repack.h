@@ -510,12 +510,19 @@ QORA_TARGET_AVX2 QORA_INLINE void q6kx8_values(const block_q6_Kx8* g, int p, int
     for (int k = 0; k < 4; k++) q[k] = q6kx8_value(g, p, c, k);
 }
 
+/* Whether a Q4_K / Q5_K kernel prefetches the block after next: always but in Q4_K's decode on the STREAM
+   walk (Zen 4, 1 thread: 26.7 -> 29-30 GB/s without). Q5_K and Q6_K keep it: their blocks are not read
+   front to back (without: Q6_K 27 -> 7 GB/s, Q5_K 20.7 -> 17). */
+static inline int q45kx8_ahead(const int Q5, const int T) {
+    return T > 1 || Q5 || qora_decode_walk != QORA_WALK_STREAM;
+}
+
 /* Q4_K / Q5_K x8 against T <= 4 Q8_K activations: per super-block the exact S and M of kdot_ints_scalar
    for the 8 rows, then dot_qk_q8k_scalar's two fmas lane by lane. Sums of eight (Q4_K) or four (Q5_K)
    vpmaddubsw stay below 2^15: 8 * 2 * 15 * 127, 4 * 2 * 31 * 127. */
 QORA_TARGET_AVX2 QORA_INLINE void q45kx8_avx2_t(const int Q5, const int T, int nb, const char* w, const char* x,
                                                 size_t xs, float* out, size_t ldo) {
-    const int ahead = T > 1 || Q5 || qora_decode_walk != QORA_WALK_STREAM; /* as q45kx8_vnni_t's */
+    const int ahead = q45kx8_ahead(Q5, T);
     const size_t gb = Q5 ? sizeof(block_q5_Kx8) : sizeof(block_q4_Kx8);
     __m256 acc[4];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
@@ -970,9 +977,7 @@ QORA_TARGET_AVX512 static void q8x8_vnni_range(int nb, const block_q8x8* w, cons
    the block sums at the end, so a token holds three registers (lo, hi, S) in the loop. */
 QORA_TARGET_AVX512 QORA_INLINE void q45kx8_vnni_t(const int Q5, const int T, int nb, const char* w, const char* x,
                                                   size_t xs, float* out, size_t ldo) {
-    /* decode's STREAM walk: Q4_K without software prefetch (Zen 4, 1 thread: 26.7 -> 29-30 GB/s); Q5_K and
-       Q6_K keep it, their blocks are not read front to back (without: Q6_K 27 -> 7 GB/s, Q5_K 20.7 -> 17) */
-    const int ahead = T > 1 || Q5 || qora_decode_walk != QORA_WALK_STREAM;
+    const int ahead = q45kx8_ahead(Q5, T);
     const size_t gb = Q5 ? sizeof(block_q5_Kx8) : sizeof(block_q4_Kx8);
     __m256 acc[8];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
