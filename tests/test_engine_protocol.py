@@ -109,11 +109,11 @@ def test_isa_table_agrees_with_the_c_enum():
 
 
 def test_decode_walk_table_by_cpu():
-    """The decode walk by vendor and family (engine/cpu.py): Intel the four segment streams, AMD Zen 3 one
-    prefetched stream, Zen 4 and later one stream without software prefetch, others the prefetched one."""
+    """The decode walk by vendor and family (engine/cpu.py): Intel and AMD Zen 3 one prefetched stream,
+    Zen 4 and later one stream without software prefetch, others the prefetched one."""
     from qora.engine.cpu import kernel_for_cpu
 
-    assert kernel_for_cpu("intel", 6, 0x8F) == "seg4"
+    assert kernel_for_cpu("intel", 6, 0x8F) == "seq"  # Sapphire Rapids
     assert kernel_for_cpu("amd", 0x19, 0x01) == "seq"  # Zen 3 (Milan)
     assert kernel_for_cpu("amd", 0x19, 0x21) == "seq"  # Zen 3 (Vermeer)
     assert kernel_for_cpu("amd", 0x19, 0x50) == "seq"  # Zen 3 (Cezanne)

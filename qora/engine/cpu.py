@@ -45,10 +45,11 @@ ISA_NAMES = ISA_NAMES_BY_ARCH[MACHINE]
 # common.h at once (four streams), "stream" one stream with the hardware prefetchers alone. Which is
 # fastest depends on the CPU's prefetchers (kernel_for_cpu).
 DECODE_WALKS = ("seq", "seg4", "stream")
-# vendor -> decode walk, measured with bench/matvec_bench.c: AMD Zen 3 (EPYC, 1 thread) reads weights at
-# 84-101% of the read bandwidth with "seq" against 55-69% with "seg4"; on a 2-vCPU Xeon "seg4" was
-# 13% faster than one stream per group (bench/NOTES.md). Other vendors get "seq".
-KERNEL_TABLE = {"amd": "seq", "intel": "seg4"}
+# vendor -> decode walk, measured: AMD Zen 3 (EPYC, 1 thread) reads weights at 84-101% of the read
+# bandwidth with "seq" against 55-69% with "seg4" (bench/matvec_bench.c); on the 16-core Sapphire Rapids
+# host the whole 3B model decodes 6-9% faster with "seq" than "seg4" at 1 and 16 threads (walks
+# alternated in one process, bench/NOTES.md). Other vendors get "seq" too.
+KERNEL_TABLE = {"amd": "seq", "intel": "seq"}
 # AMD from Zen 4 on (family 0x19 outside Zen 3's models, family 0x1a and later): the software prefetches
 # of "seq" cost the stream more than they bring (Zen 4, 1 thread: weights read at 21-25 GB/s with them,
 # 27-30 without; bench/NOTES.md). Zen 3 (measured with "seq") is family 0x19 models 0x00-0x0f, 0x20-0x2f
