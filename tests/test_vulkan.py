@@ -75,6 +75,29 @@ def test_embedded_spirv_matches_sources():
 
 
 @pytest.mark.skipif(
+    not (REPO / "tools" / "gen_shaders.py").exists()
+    or not (REPO / "qora" / "_core" / "shaders").is_dir()
+    or not (shutil.which("glslangValidator") and shutil.which("spirv-opt")),
+    reason="needs the source tree and glslangValidator + spirv-opt",
+)
+def test_coopmat_probe_variants_compile():
+    """The tensor-core kernel's measurement variants (gen_shaders --probes, bench/coopmat_probe.sh) still
+    compile, with and without spirv-opt, and are not in the committed header."""
+    gen = _gen_shaders()
+    tools = gen.Tools(shutil.which("glslc"), shutil.which("glslangValidator"))
+    assert not any(name.startswith("matmul_coop_q4_") for name in gen.SHADERS)
+    for probe in ("n8", "noopt", "pm168"):
+        name = f"matmul_coop_q4_{probe}"
+        gen.SHADERS[name] = ("matmul_coop.comp", {"DTYPE": gen.DTYPES["q4"], **gen.COOP_PROBES[probe]})
+        gen.GLSLANG.add(name)
+        try:
+            assert gen.compile_spirv(name, tools)[:4] == b"\x03\x02\x23\x07"
+        finally:
+            del gen.SHADERS[name]
+            gen.GLSLANG.discard(name)
+
+
+@pytest.mark.skipif(
     not (REPO / "tools" / "gen_shaders.py").exists() or sys.platform == "win32",
     reason="needs tools/gen_shaders.py and a POSIX shell",
 )

@@ -8,6 +8,8 @@ left in function memory costs drivers dearly).
     python tools/gen_shaders.py            regenerate qora/_core/shaders_spv.h
     python tools/gen_shaders.py --check    exit 1 if the header does not match the sources
     python tools/gen_shaders.py --if-stale regenerate only if the sources changed and glslc exists
+    python tools/gen_shaders.py --probes   regenerate with the tensor-core kernel's measurement variants
+                                           (for a GPU run, bench/coopmat_probe.sh; not to be committed)
 
 The header records, per shader, a SHA-256 of its sources (the .comp file, the files it includes,
 its defines and the glslc flags) and the glslc version that compiled it. --check compares the
@@ -68,6 +70,22 @@ for _kernel in ("prep", "rope_kv", "attn_decode", "attn_decode2", "attn_prefill"
 COOP_DTYPES = ("f32", "f16", "q8", "q4")
 for _dt in (d for d in COOP_DTYPES if d in DTYPES):
     SHADERS[f"matmul_coop_{_dt}"] = ("matmul_coop.comp", {"DTYPE": DTYPES[_dt]})
+# Variants of the Q4 tensor-core kernel for measuring it on a GPU (`--probes`; never committed): picked
+# at run time by QORA_VK_COOP_SHADER=matmul_coop_q4_<name> (bench/coopmat_probe.sh). NOOPT: without
+# spirv-opt (llama.cpp does not optimize its cooperative-matrix shaders).
+COOP_PROBES = {
+    "v2": {"SHV": 2},  # shared memory as f16vec2 (llama.cpp's layout)
+    "v1": {"SHV": 1},  # ... as scalar f16
+    "a16": {"ACC16": 1},  # f16 accumulators
+    "noopt": {"NOOPT": 1},
+    "n8": {"CN": 8},  # 16 x 8 accumulators (the hardware's mma shape)
+    "n8noopt": {"CN": 8, "NOOPT": 1},
+    "pm": {"PROBE_MMA": 1},  # the products alone, operands loaded once (wrong results: timing only)
+    "pm16": {"PROBE_MMA": 1, "ACC16": 1},
+    "pmnoopt": {"PROBE_MMA": 1, "NOOPT": 1},
+    "pm168": {"PROBE_MMA": 2},  # ... on 16 x 8 accumulators
+    "pm168h": {"PROBE_MMA": 2, "ACC16": 1},
+}
 SHADERS["sample_topk"] = ("sample_topk.comp", {})  # sampling candidates (include/qora/sample.h finishes)
 # which compiler builds each shader
 GLSLANG = {name for name, (src, _) in SHADERS.items() if src == "matmul_coop.comp"}
@@ -158,6 +176,8 @@ def compile_spirv(name: str, tools: Tools) -> bytes:
                 [tools.glslang, *GLSLANG_FLAGS, *defs, str(SRC / src), "-o", str(raw)],
                 [tools.spirv_opt, *SPIRV_OPT_FLAGS, str(raw), "-o", str(out)],
             ]
+            if "NOOPT" in defines:
+                cmds[1] = ["cp", str(raw), str(out)]
         else:
             cmds = [[tools.glslc, *FLAGS, *defs, str(SRC / src), "-o", str(out)]]
         for cmd in cmds:
@@ -258,8 +278,15 @@ def main(argv=None) -> int:
         default=shutil.which("glslangValidator"),
         help="the glslangValidator (13.1+) for the cooperative-matrix shaders (default: from PATH)",
     )
+    ap.add_argument(
+        "--probes", action="store_true", help="also the tensor-core kernel's measurement variants (COOP_PROBES)"
+    )
     a = ap.parse_args(argv)
     tools = Tools(a.glslc, a.glslang)
+    if a.probes:
+        for name, defs in COOP_PROBES.items():
+            SHADERS[f"matmul_coop_q4_{name}"] = ("matmul_coop.comp", {"DTYPE": DTYPES["q4"], **defs})
+            GLSLANG.add(f"matmul_coop_q4_{name}")
     if a.check:
         problems = stale(tools)
         for p in problems:

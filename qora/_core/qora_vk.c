@@ -304,11 +304,18 @@ static int qvk_coopmat_probe(qvk_inst* I, VkPhysicalDevice pd, const VkPhysicalD
     if (!cp) return 0;
     for (uint32_t i = 0; i < n; i++) cp[i].sType = QVK_STYPE_COOPMAT_PROPERTIES;
     int ok = 0;
+    const char* dump = getenv("QORA_VK_PIPELINE_STATS"); /* the shapes the driver lists (VkComponentTypeKHR codes) */
     if (get(pd, &n, cp) == VK_SUCCESS)
-        for (uint32_t i = 0; i < n && !ok; i++)
-            ok = cp[i].MSize == 16 && cp[i].NSize == 16 && cp[i].KSize == 16 && cp[i].AType == QVK_COMPONENT_F16 &&
-                 cp[i].BType == QVK_COMPONENT_F16 && cp[i].CType == QVK_COMPONENT_F32 &&
-                 cp[i].ResultType == QVK_COMPONENT_F32 && cp[i].scope == QVK_SCOPE_SUBGROUP;
+        for (uint32_t i = 0; i < n; i++) {
+            if (dump && *dump && strcmp(dump, "0"))
+                fprintf(stderr, "qora-vk %s coopmat %ux%ux%u A%d B%d C%d R%d sat%u scope%d\n", p->deviceName,
+                        cp[i].MSize, cp[i].NSize, cp[i].KSize, cp[i].AType, cp[i].BType, cp[i].CType,
+                        cp[i].ResultType, (unsigned)cp[i].saturatingAccumulation, cp[i].scope);
+            ok = ok || (cp[i].MSize == 16 && cp[i].NSize == 16 && cp[i].KSize == 16 &&
+                        cp[i].AType == QVK_COMPONENT_F16 && cp[i].BType == QVK_COMPONENT_F16 &&
+                        cp[i].CType == QVK_COMPONENT_F32 && cp[i].ResultType == QVK_COMPONENT_F32 &&
+                        cp[i].scope == QVK_SCOPE_SUBGROUP);
+        }
     free(cp);
     return ok;
 }
@@ -447,6 +454,11 @@ struct qvk_ctx {
     VkFence fence;
     qvk_buffer dummy; /* bound where a shader's binding is unused */
     int fail_alloc;
+    int coop_subgroups; /* QORA_VK_COOP_SUBGROUPS: tensor-core pipelines require full subgroups (1), of 32 (2) */
+    /* QORA_VK_PIPELINE_STATS=1: the driver's statistics of each pipeline (registers, spills, ...) on
+       stderr, where it has VK_KHR_pipeline_executable_properties */
+    PFN_vkGetPipelineExecutablePropertiesKHR exec_props;
+    PFN_vkGetPipelineExecutableStatisticsKHR exec_stats;
 };
 
 enum { QVK_MEM_DEVICE, QVK_MEM_UPLOAD, QVK_MEM_READBACK, QVK_MEM_STAGING };
@@ -569,6 +581,35 @@ static int qvk_shader_index(const char* name) {
     return -1;
 }
 
+static void qvk_print_pipeline_stats(qvk_ctx* c, VkPipeline pipe, const char* name, const uint32_t* spec, int n_spec) {
+    VkPipelineInfoKHR pinfo = {VK_STRUCTURE_TYPE_PIPELINE_INFO_KHR, NULL, pipe};
+    VkPipelineExecutablePropertiesKHR props[4];
+    uint32_t n_ex = 4;
+    for (uint32_t i = 0; i < 4; i++) props[i] = (VkPipelineExecutablePropertiesKHR){VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_PROPERTIES_KHR};
+    if (c->exec_props(c->dev, &pinfo, &n_ex, props) < 0) return;
+    fprintf(stderr, "qora-vk pipeline %s spec", name);
+    for (int i = 0; i < n_spec; i++) fprintf(stderr, " %u", spec[i]);
+    fprintf(stderr, ":");
+    for (uint32_t e = 0; e < n_ex; e++) {
+        VkPipelineExecutableInfoKHR ei = {VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_INFO_KHR, NULL, pipe, e};
+        VkPipelineExecutableStatisticKHR st[32];
+        uint32_t n_st = 32;
+        for (uint32_t i = 0; i < 32; i++) st[i] = (VkPipelineExecutableStatisticKHR){VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_STATISTIC_KHR};
+        if (c->exec_stats(c->dev, &ei, &n_st, st) < 0) continue;
+        for (uint32_t i = 0; i < n_st; i++) {
+            fprintf(stderr, " [%s=", st[i].name);
+            switch (st[i].format) {
+            case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_BOOL32_KHR: fprintf(stderr, "%u", (unsigned)st[i].value.b32); break;
+            case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_INT64_KHR: fprintf(stderr, "%lld", (long long)st[i].value.i64); break;
+            case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_UINT64_KHR: fprintf(stderr, "%llu", (unsigned long long)st[i].value.u64); break;
+            default: fprintf(stderr, "%g", st[i].value.f64);
+            }
+            fprintf(stderr, "]");
+        }
+    }
+    fprintf(stderr, "\n");
+}
+
 /* The pipeline of a shader specialized with spec[0..n_spec) (constant ids 0..n_spec-1), cached. */
 static VkPipeline qvk_pipeline(qvk_ctx* c, const char* name, const uint32_t* spec, int n_spec, char* err, size_t n) {
     static const uint32_t no_spec[1] = {0};
@@ -602,12 +643,20 @@ static VkPipeline qvk_pipeline(qvk_ctx* c, const char* name, const uint32_t* spe
     pi.stage.pName = "main";
     pi.stage.pSpecializationInfo = n_spec ? &si : NULL;
     pi.layout = c->layout;
+    if (c->exec_stats) pi.flags |= VK_PIPELINE_CREATE_CAPTURE_STATISTICS_BIT_KHR;
+    VkPipelineShaderStageRequiredSubgroupSizeCreateInfo rss = {
+        VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_REQUIRED_SUBGROUP_SIZE_CREATE_INFO, NULL, 32};
+    if (c->coop_subgroups && !strncmp(name, "matmul_coop", 11)) {
+        pi.stage.flags |= VK_PIPELINE_SHADER_STAGE_CREATE_REQUIRE_FULL_SUBGROUPS_BIT;
+        if (c->coop_subgroups == 2) pi.stage.pNext = &rss;
+    }
     VkPipeline pipe = VK_NULL_HANDLE;
     r = c->f->vkCreateComputePipelines(c->dev, VK_NULL_HANDLE, 1, &pi, NULL, &pipe);
     if (r != VK_SUCCESS) {
         qvk_vkfail(err, n, r, "vkCreateComputePipelines");
         return VK_NULL_HANDLE;
     }
+    if (c->exec_stats) qvk_print_pipeline_stats(c, pipe, name, spec, n_spec);
     if (c->n_pipes == c->cap_pipes) {
         int cap = c->cap_pipes ? 2 * c->cap_pipes : 32;
         qvk_pipe* np = realloc(c->pipes, (size_t)cap * sizeof *np);
@@ -678,7 +727,7 @@ int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* er
     c->f->vkGetPhysicalDeviceMemoryProperties(c->pd, &c->mem);
     qvk_compute_family(&c->I, c->pd, &c->family);
 
-    const char* exts[6];
+    const char* exts[10];
     uint32_t n_exts = 0;
     if (qvk_device_has_ext(&c->I, c->pd, VK_EXT_MEMORY_BUDGET_EXTENSION_NAME))
         exts[n_exts++] = VK_EXT_MEMORY_BUDGET_EXTENSION_NAME;
@@ -703,6 +752,26 @@ int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* er
     if (c->info.int_dot) {
         dot.pNext = chain;
         chain = &dot;
+    }
+    const char* want_stats = getenv("QORA_VK_PIPELINE_STATS");
+    VkPhysicalDevicePipelineExecutablePropertiesFeaturesKHR pe = {
+        VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PIPELINE_EXECUTABLE_PROPERTIES_FEATURES_KHR, NULL, VK_TRUE};
+    int stats = want_stats && *want_stats && strcmp(want_stats, "0") &&
+                qvk_device_has_ext(&c->I, c->pd, VK_KHR_PIPELINE_EXECUTABLE_PROPERTIES_EXTENSION_NAME);
+    if (stats) {
+        exts[n_exts++] = VK_KHR_PIPELINE_EXECUTABLE_PROPERTIES_EXTENSION_NAME;
+        pe.pNext = chain;
+        chain = &pe;
+    }
+    VkPhysicalDeviceSubgroupSizeControlFeatures ssc = {
+        VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_SIZE_CONTROL_FEATURES, NULL, VK_TRUE, VK_TRUE};
+    const char* csg = getenv("QORA_VK_COOP_SUBGROUPS"); /* a measurement knob (bench/coopmat_probe.sh) */
+    if (c->info.coopmat && csg && (!strcmp(csg, "1") || !strcmp(csg, "2")) &&
+        qvk_device_has_ext(&c->I, c->pd, VK_EXT_SUBGROUP_SIZE_CONTROL_EXTENSION_NAME)) {
+        exts[n_exts++] = VK_EXT_SUBGROUP_SIZE_CONTROL_EXTENSION_NAME;
+        ssc.pNext = chain;
+        chain = &ssc;
+        c->coop_subgroups = atoi(csg);
     }
     float prio = 1.0f;
     VkDeviceQueueCreateInfo qi = {VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO, NULL, 0, c->family, 1, &prio};
@@ -733,6 +802,13 @@ int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* er
     QVK_DEVICE_FNS(QVK_CHECK_D)
 #undef QVK_CHECK_D
     c->f->vkGetDeviceQueue(c->dev, c->family, 0, &c->queue);
+    if (stats) {
+        c->exec_props = (PFN_vkGetPipelineExecutablePropertiesKHR)c->f->vkGetDeviceProcAddr(
+            c->dev, "vkGetPipelineExecutablePropertiesKHR");
+        c->exec_stats = (PFN_vkGetPipelineExecutableStatisticsKHR)c->f->vkGetDeviceProcAddr(
+            c->dev, "vkGetPipelineExecutableStatisticsKHR");
+        if (!c->exec_props || !c->exec_stats) c->exec_props = NULL, c->exec_stats = NULL;
+    }
 
     VkDescriptorSetLayoutBinding b[QVK_BINDINGS];
     for (int i = 0; i < QVK_BINDINGS; i++)
@@ -1860,7 +1936,9 @@ static void qvk_rec_matmul(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer x
     const uint32_t tile = coop ? 128u : 64u;
     if (coop)
         snprintf(name, sizeof name, "matmul_coop_%s", qvk_dtype_name(M->dtype));
-    else
+    const char* variant = getenv("QORA_VK_COOP_SHADER"); /* a Q4 measurement variant (gen_shaders --probes) */
+    if (coop && M->dtype == QORA_Q4 && variant && *variant) snprintf(name, sizeof name, "%s", variant);
+    if (!coop)
         snprintf(name, sizeof name, "matmul_%s%s", qvk_dtype_name(M->dtype), qvk_float_suffix(R->m, M->dtype));
     const uint32_t spec[2] = {0, (uint32_t)mode};
     for (int i = 0; i < M->n_chunks; i++) {

@@ -25,6 +25,12 @@ Environment:
     QORA_VK_DOT=0|1        decode Q4/Q8 dots without / with the packed integer dot product
                            (default: with it where the driver says it is accelerated)
     QORA_VK_PROFILE=1      time every decode dispatch on the GPU (VulkanEngine.profile())
+    QORA_VK_PIPELINE_STATS=1  print the driver's statistics of each pipeline as it is built (registers,
+                           local memory, ...) and the device's cooperative-matrix shapes, on stderr
+                           (where the driver has VK_KHR_pipeline_executable_properties)
+    QORA_VK_COOP_SHADER, QORA_VK_COOP_SUBGROUPS=1|2  measurement knobs for the tensor-core prefill: a
+                           variant of its Q4 kernel (tools/gen_shaders.py --probes), its pipelines
+                           requiring full subgroups (1) of 32 lanes (2); bench/coopmat_probe.sh
     QORA_VK_SLOT_DECODE=N  batched steps of up to N decode rows (one token per sequence) run as N
                            single-sequence decode steps, each over its slot's cache (default 16; 0: every
                            step through the batched path, whose products are made for many rows)
