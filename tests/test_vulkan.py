@@ -74,6 +74,33 @@ def test_embedded_spirv_matches_sources():
     assert all(blob[:4] == b"\x03\x02\x23\x07" for _, blob in have.values())  # SPIR-V magic
 
 
+def _function_variables(spirv: bytes) -> int:
+    """OpVariables in the Function storage class (arrays there that a driver may place in local memory)."""
+    words = np.frombuffer(spirv, dtype="<u4")
+    assert words[0] == 0x07230203
+    i, n = 5, 0
+    while i < len(words):
+        count, op = int(words[i]) >> 16, int(words[i]) & 0xFFFF
+        assert count > 0
+        n += op == 59 and int(words[i + 3]) == 7  # OpVariable, StorageClass Function
+        i += count
+    return n
+
+
+@pytest.mark.skipif(not (REPO / "tools" / "gen_shaders.py").exists(), reason="needs tools/gen_shaders.py")
+def test_coopmat_accumulators_are_values():
+    """The tensor-core kernels' SPIR-V keeps no variable in function memory: the accumulator array once
+    stayed there (one loop over it indexed by a variable), and an H100 then loaded and stored every
+    accumulator in local memory around each product (the products alone ran at ~32 TFLOP/s)."""
+    gen = _gen_shaders()
+    _, have = gen.parse_header(gen.HEADER.read_text())
+    coop = {name: blob for name, (_, blob) in have.items() if name.startswith("matmul_coop_")}
+    assert coop
+    for name, blob in coop.items():
+        assert _function_variables(blob) == 0, name
+    assert _function_variables(have["attn_prefill"][1]) > 0  # the parser does see them where they are
+
+
 @pytest.mark.skipif(
     not (REPO / "tools" / "gen_shaders.py").exists()
     or not (REPO / "qora" / "_core" / "shaders").is_dir()

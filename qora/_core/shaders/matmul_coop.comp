@@ -245,7 +245,11 @@ void main() {
 #endif
             subgroupMemoryBarrierShared();
             subgroupBarrier();
-            for (uint e = lane; e < 16u * CN; e += gl_SubgroupSize) {
+            // a fixed count (subgroups of 32: qvk_coopmat_probe), so that every loop here unrolls and
+            // acc is only ever indexed by constants: indexed by a variable, the whole array lives in
+            // local memory and every product loads and stores its accumulator there
+            [[unroll]] for (uint e0 = 0u; e0 < 16u * CN; e0 += 32u) {
+                const uint e = e0 + lane;
                 uint t = t0 + st + 16u * i + e / CN;
                 uint r = r0 + sr + CN * j + e % CN;
                 if (t < pc.n_tok && r < pc.rows) {
