@@ -98,7 +98,9 @@ def test_coopmat_accumulators_are_values():
     assert coop
     for name, blob in coop.items():
         assert _function_variables(blob) == 0, name
-    assert _function_variables(have["attn_prefill"][1]) > 0  # the parser does see them where they are
+    # the parser does see one: a module header and `%2 = OpVariable %1 Function`
+    one = np.array([0x07230203, 0x10300, 0, 3, 0, (4 << 16) | 59, 1, 2, 7], "<u4").tobytes()
+    assert _function_variables(one) == 1
 
 
 @pytest.mark.skipif(
@@ -292,14 +294,18 @@ def dot_variants(dtype):
 @pytest.mark.parametrize("shape", [(1, 32), (37, 64), (130, 352), (64, 2048)])
 def test_matvec(ctx, dtype, shape):
     rows, cols = shape
-    r = np.random.default_rng()
+    r = np.random.default_rng(1000 * rows + cols)
     raw, vals = random_matrix(r, dtype, rows, cols)
     x = r.standard_normal(cols).astype(np.float32)
+    xe = effective_input(dtype, x)
+    # float32 sums against float64 ones: the error scales with the terms, not with the result (a
+    # one-row result can cancel to near zero: 4e-5 of such a result was once seen in CI)
+    scale = (np.abs(vals) @ np.abs(xe)).max()
     for dot in dot_variants(dtype):
         y, _, _, _ = run_matvec(
             ctx, dtype, raw, rows, cols, x, rows_per=1 + rows % 5, threads=32 if cols < 100 else 64, dot=dot
         )
-        assert rel_err(y, vals @ effective_input(dtype, x)) < 1e-5
+        assert np.abs(y - vals @ xe).max() / scale < 1e-6
         # bit-for-bit the CPU engine's integer arithmetic, up to float summation order
         assert rel_err(y, _cpu.matvec(raw, dtype, rows, cols, x, 0)) < 1e-5
 

@@ -13,6 +13,7 @@
 // the staged tiles.
 // SEG=1 (a batched step over several sequences): workgroup z is entry e of seg[] = (start, n_tok,
 // first row in q and out, first cache row of its slot), each entry attending over its own slot.
+#extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
 #include "kvq8.glsl"
 
@@ -120,9 +121,12 @@ void main() {
     const float scale = 1.0 / sqrt(float(HD));
     const uint k_end = start + min(n_tok, (tile + 1u) * BQ); // past the tile's last position
 
+    // q, acc and s are indexed only in loops marked for unrolling (their bounds are specialization
+    // constants, so only the driver can): left rolled, they index the arrays by a variable and the
+    // arrays go to local memory (NVIDIA reported 768 bytes, these three arrays, before the marks)
     vec4 q[16], acc[16];
     const uint qb = ((row0 + min(t, n_tok - 1u)) * pc.ld_q + h * HD) / 4u + lane;
-    for (uint i = 0u; i < D4; i++) {
+    [[unroll]] for (uint i = 0u; i < D4; i++) {
         q[i] = q4[qb + i * TS];
         acc[i] = vec4(0.0);
     }
@@ -133,37 +137,37 @@ void main() {
         barrier();
         float s[64];
         float mt = -1e30;
-        for (uint k = 0u; k < BK; k++) {
+        [[unroll]] for (uint k = 0u; k < BK; k++) {
             float d = 0.0;
-            for (uint i = 0u; i < D4; i++) d += dot(q[i], ks[k * HD4 + i * TS + lane]);
+            [[unroll]] for (uint i = 0u; i < D4; i++) d += dot(q[i], ks[k * HD4 + i * TS + lane]);
             if (TS > 1u) sp[(r * BK + k) * TS + lane] = d;
             else s[k] = d;
         }
         if (TS > 1u) {
             barrier();
-            for (uint k = 0u; k < BK; k++) {
+            [[unroll]] for (uint k = 0u; k < BK; k++) {
                 float d = 0.0;
-                for (uint i = 0u; i < TS; i++) d += sp[(r * BK + k) * TS + i];
+                [[unroll]] for (uint i = 0u; i < TS; i++) d += sp[(r * BK + k) * TS + i];
                 s[k] = d;
             }
         }
-        for (uint k = 0u; k < BK; k++) {
+        [[unroll]] for (uint k = 0u; k < BK; k++) {
             s[k] = k0 + k <= pos ? s[k] * scale : -1e30;
             mt = max(mt, s[k]);
         }
         const float m_new = max(m, mt), corr = exp(m - m_new);
         m = m_new;
         float ls = 0.0;
-        for (uint i = 0u; i < D4; i++) acc[i] *= corr;
-        for (uint k = 0u; k < BK; k++) {
+        [[unroll]] for (uint i = 0u; i < D4; i++) acc[i] *= corr;
+        [[unroll]] for (uint k = 0u; k < BK; k++) {
             const float p = k0 + k <= pos ? exp(s[k] - m) : 0.0;
             ls += p;
-            for (uint i = 0u; i < D4; i++) acc[i] += p * vs[k * HD4 + i * TS + lane];
+            [[unroll]] for (uint i = 0u; i < D4; i++) acc[i] += p * vs[k * HD4 + i * TS + lane];
         }
         l = l * corr + ls;
     }
     if (row_ok) {
         const uint ob = ((row0 + t) * pc.ld_out + h * HD) / 4u + lane;
-        for (uint i = 0u; i < D4; i++) y4[ob + i * TS] = acc[i] / l;
+        [[unroll]] for (uint i = 0u; i < D4; i++) y4[ob + i * TS] = acc[i] / l;
     }
 }
