@@ -14,6 +14,7 @@
 // EPI=1: the output is quantized for the output projection (act.glsl): no separate dispatch. Each
 // workgroup that finishes whole Q8 blocks (HG x HD a multiple of 32) quantizes its heads, else the
 // last to finish quantizes all.
+#extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
 #include "kvq8.glsl"
 
@@ -63,12 +64,12 @@ shared bool last;
 
 // Per head h < HG: the workgroup's max (mode 0) or sum (mode 1) of v[h].
 void wg_reduce(inout float v[8], bool is_max) {
-    for (uint h = 0u; h < HG; h++) {
+    [[unroll]] for (uint h = 0u; h < HG; h++) {
         float r = is_max ? subgroupMax(v[h]) : subgroupAdd(v[h]);
         if (subgroupElect()) red[h * gl_NumSubgroups + gl_SubgroupID] = r;
     }
     barrier();
-    for (uint h = 0u; h < HG; h++) {
+    [[unroll]] for (uint h = 0u; h < HG; h++) {
         float r = red[h * gl_NumSubgroups];
         for (uint i = 1u; i < gl_NumSubgroups; i++) {
             float x = red[h * gl_NumSubgroups + i];
@@ -155,9 +156,12 @@ void main() {
     barrier();
 
     const uint o = tid % OCT, j = tid / OCT;
+    // m, l, a0, a1, s, t, corr are indexed by h only in loops marked for unrolling (HG is a specialization
+    // constant, so only the driver can): left rolled, they index by a variable and the arrays go to
+    // local memory (NVIDIA reported 288 bytes before the marks)
     float m[8], l[8]; // l: this thread's share of each head's sum (the scale factors are uniform)
     vec4 a0[8], a1[8];
-    for (uint h = 0u; h < HG; h++) {
+    [[unroll]] for (uint h = 0u; h < HG; h++) {
         m[h] = -1e30;
         l[h] = 0.0;
         a0[h] = vec4(0.0);
@@ -167,14 +171,14 @@ void main() {
         const uint p = p0 + tid;
         const bool valid = p < p_end;
         float s[8];
-        for (uint h = 0u; h < HG; h++) s[h] = 0.0;
+        [[unroll]] for (uint h = 0u; h < HG; h++) s[h] = 0.0;
         if (valid) {
             if (KV16 == 2u) {
                 const uint row = p * kvq_row_words(kv_dim), kr = (row + kb / 4u) / 4u;
                 for (uint bi = 0u; bi < HD / 32u; bi++) {
                     const float d = KVQ_SCALE(kqw, row, kv_dim, kb / 32u + bi);
                     const uvec4 w0 = kq4[kr + 2u * bi], w1 = kq4[kr + 2u * bi + 1u];
-                    for (uint h = 0u; h < HG; h++) {
+                    [[unroll]] for (uint h = 0u; h < HG; h++) {
                         const uint qb = h * HD / 4u + 8u * bi;
                         const float a = (dot(qs[qb], I8X4(w0.x)) + dot(qs[qb + 1u], I8X4(w0.y))) +
                                         (dot(qs[qb + 2u], I8X4(w0.z)) + dot(qs[qb + 3u], I8X4(w0.w)));
@@ -189,25 +193,25 @@ void main() {
                     const uvec4 k8 = kc8[kr + i];
                     const vec4 klo = vec4(unpackHalf2x16(k8.x), unpackHalf2x16(k8.y));
                     const vec4 khi = vec4(unpackHalf2x16(k8.z), unpackHalf2x16(k8.w));
-                    for (uint h = 0u; h < HG; h++)
+                    [[unroll]] for (uint h = 0u; h < HG; h++)
                         s[h] += dot(qs[h * HD / 4u + 2u * i], klo) + dot(qs[h * HD / 4u + 2u * i + 1u], khi);
                 }
             } else {
                 const uint kr = (p * kv_dim + kb) / 4u;
                 for (uint i = 0u; i < HD / 4u; i++) {
                     const vec4 k4 = kc4[kr + i];
-                    for (uint h = 0u; h < HG; h++) s[h] += dot(qs[h * HD / 4u + i], k4);
+                    [[unroll]] for (uint h = 0u; h < HG; h++) s[h] += dot(qs[h * HD / 4u + i], k4);
                 }
             }
         }
         float t[8];
-        for (uint h = 0u; h < HG; h++) {
+        [[unroll]] for (uint h = 0u; h < HG; h++) {
             s[h] = valid ? s[h] * scale : -1e30;
             t[h] = s[h];
         }
         wg_reduce(t, true);
         float corr[8];
-        for (uint h = 0u; h < HG; h++) {
+        [[unroll]] for (uint h = 0u; h < HG; h++) {
             const float m_new = max(m[h], t[h]);
             const float e = valid ? exp(s[h] - m_new) : 0.0;
             ps[h * T + tid] = e;
@@ -222,9 +226,9 @@ void main() {
         uint i = j;
         for (; i + 3u * J < cnt; i += 4u * J) { // four loads in flight, then the adds
             vec4 va[4], vb[4];
-            for (uint u = 0u; u < 4u; u++) v_load(p0 + i + u * J, col, va[u], vb[u]);
-            for (uint u = 0u; u < 4u; u++)
-                for (uint h = 0u; h < HG; h++) {
+            [[unroll]] for (uint u = 0u; u < 4u; u++) v_load(p0 + i + u * J, col, va[u], vb[u]);
+            [[unroll]] for (uint u = 0u; u < 4u; u++)
+                [[unroll]] for (uint h = 0u; h < HG; h++) {
                     const float w = ps[h * T + i + u * J];
                     a0[h] += w * va[u];
                     a1[h] += w * vb[u];
@@ -233,7 +237,7 @@ void main() {
         for (; i < cnt; i += J) {
             vec4 va, vb;
             v_load(p0 + i, col, va, vb);
-            for (uint h = 0u; h < HG; h++) {
+            [[unroll]] for (uint h = 0u; h < HG; h++) {
                 const float w = ps[h * T + i];
                 a0[h] += w * va;
                 a1[h] += w * vb;
@@ -244,7 +248,7 @@ void main() {
     // the J group sums of each head, through shared memory
     const bool one = n_act == 1u;
     const uint stride = HG * (HD + 2u), pb = (grp * CH + chunk) * stride;
-    for (uint h = 0u; h < HG; h++) {
+    [[unroll]] for (uint h = 0u; h < HG; h++) {
         barrier();
         for (uint i = 0u; i < 4u; i++) {
             vs[j * HD + 8u * o + i] = a0[h][i];
@@ -262,7 +266,7 @@ void main() {
         finish(h0);
         return;
     }
-    for (uint h = 0u; h < HG; h++) // constant indices: the arrays stay in registers
+    [[unroll]] for (uint h = 0u; h < HG; h++) // constant indices: the arrays stay in registers
         if (tid == h) {
             part[pb + h] = m[h];
             part[pb + HG + h] = l[h];
