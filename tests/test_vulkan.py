@@ -88,15 +88,18 @@ def _function_variables(spirv: bytes) -> int:
 
 
 @pytest.mark.skipif(not (REPO / "tools" / "gen_shaders.py").exists(), reason="needs tools/gen_shaders.py")
-def test_coopmat_accumulators_are_values():
-    """The tensor-core kernels' SPIR-V keeps no variable in function memory: the accumulator array once
-    stayed there (one loop over it indexed by a variable), and an H100 then loaded and stored every
-    accumulator in local memory around each product (the products alone ran at ~32 TFLOP/s)."""
+def test_register_arrays_are_values():
+    """The tensor-core kernels and the decode attention keep no variable in function memory. The
+    accumulator array of matmul_coop.comp once stayed there (one loop over it indexed by a variable),
+    and an H100 then loaded and stored every accumulator in local memory around each product (the
+    products alone ran at ~32 TFLOP/s); attn_decode.comp's per-head arrays, indexed in loops to a
+    specialization constant, took 288 bytes of local memory there."""
     gen = _gen_shaders()
     _, have = gen.parse_header(gen.HEADER.read_text())
-    coop = {name: blob for name, (_, blob) in have.items() if name.startswith("matmul_coop_")}
-    assert coop
-    for name, blob in coop.items():
+    kernels = {name: blob for name, (_, blob) in have.items() if name.startswith("matmul_coop_")}
+    assert kernels
+    kernels["attn_decode"] = have["attn_decode"][1]
+    for name, blob in kernels.items():
         assert _function_variables(blob) == 0, name
     # the parser does see one: a module header and `%2 = OpVariable %1 Function`
     one = np.array([0x07230203, 0x10300, 0, 3, 0, (4 << 16) | 59, 1, 2, 7], "<u4").tobytes()

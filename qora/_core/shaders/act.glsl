@@ -30,7 +30,7 @@ uint act_d2(uint base, uint w) { return (base + w + w / 4u) / 2u; } // vec2 inde
 // One Q8 block v (8 vec4) stored as floats and packed ints + (scale, sum), block b of the output.
 void act_store_block(vec4 v[8], uint b, uint fb, uint qb, uint db) {
     float amax = 0.0;
-    for (uint i = 0u; i < 8u; i++) {
+    [[unroll]] for (uint i = 0u; i < 8u; i++) {
         af4[fb + 8u * b + i] = v[i];
         vec4 a = abs(v[i]);
         amax = max(amax, max(max(a.x, a.y), max(a.z, a.w)));
@@ -39,7 +39,7 @@ void act_store_block(vec4 v[8], uint b, uint fb, uint qb, uint db) {
     q8_scales(amax, d, id);
     float sum = 0.0;
     uint words[8];
-    for (uint i = 0u; i < 8u; i++) {
+    [[unroll]] for (uint i = 0u; i < 8u; i++) {
         vec4 q = roundEven(v[i] * id);
         sum += (q.x + q.y) + (q.z + q.w);
         ivec4 iq = ivec4(q) & 0xFF;
@@ -72,15 +72,15 @@ void act_fill_norm1(uint n, uint s4, uint dst, uint base, uint w, float eps) {
     vec4 v[8], g[8];
     float ss = 0.0;
     if (tid < nb) {
-        for (uint i = 0u; i < 8u; i++) {
+        [[unroll]] for (uint i = 0u; i < 8u; i++) {
             v[i] = y4[s4 + 8u * tid + i];
             g[i] = nq4[dst / 4u + 8u * tid + i];
         }
-        for (uint i = 0u; i < 8u; i++) ss += dot(v[i], v[i]);
+        [[unroll]] for (uint i = 0u; i < 8u; i++) ss += dot(v[i], v[i]);
     }
     const float s = act_rms_scale(ss, n, eps);
     if (tid < nb) {
-        for (uint i = 0u; i < 8u; i++) v[i] = g[i] * (v[i] * s);
+        [[unroll]] for (uint i = 0u; i < 8u; i++) v[i] = g[i] * (v[i] * s);
         act_store_block(v, dst / 32u + tid, base / 4u, act_q4(base, w), act_d2(base, w));
     }
 }
@@ -117,7 +117,7 @@ void act_fill(uint n, uint src, uint dst, uint base, uint w, bool norm, float ep
     const uint qb = act_q4(base, w), db = act_d2(base, w), fb = base / 4u;
     for (uint b = tid; b < n / 32u; b += T) {
         vec4 v[8];
-        for (uint i = 0u; i < 8u; i++) {
+        [[unroll]] for (uint i = 0u; i < 8u; i++) {
             v[i] = y4[s4 + 8u * b + i];
             if (norm) v[i] = nq4[dst / 4u + 8u * b + i] * (v[i] * s);
         }

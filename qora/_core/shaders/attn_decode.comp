@@ -14,7 +14,6 @@
 // EPI=1: the output is quantized for the output projection (act.glsl): no separate dispatch. Each
 // workgroup that finishes whole Q8 blocks (HG x HD a multiple of 32) quantizes its heads, else the
 // last to finish quantizes all.
-#extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
 #include "kvq8.glsl"
 
@@ -54,6 +53,12 @@ layout(push_constant) uniform PC {
 
 const uint OCT = HD / 8u, J = T / OCT;
 
+// Loops over the HG <= 8 heads: a fixed count of 8, so that spirv-opt unrolls them and the per-head
+// arrays below are indexed by constants only (HG is a specialization constant: a loop to it stays
+// rolled until the driver, and indexed by a variable the arrays went to local memory on NVIDIA, 288
+// bytes); the driver drops the heads past HG
+#define FOR_HEADS(h) [[unroll]] for (uint h = 0u; h < 8u; h++) if (h < HG)
+
 shared vec4 qs[HG * HD / 4u];
 shared float ps[HG * T];
 shared float red[HG * T]; // per-subgroup partials (any subgroup size)
@@ -64,19 +69,17 @@ shared bool last;
 
 // Per head h < HG: the workgroup's max (mode 0) or sum (mode 1) of v[h].
 void wg_reduce(inout float v[8], bool is_max) {
-    [[unroll]] for (uint h = 0u; h < HG; h++) {
+    FOR_HEADS(h) {
         float r = is_max ? subgroupMax(v[h]) : subgroupAdd(v[h]);
         if (subgroupElect()) red[h * gl_NumSubgroups + gl_SubgroupID] = r;
     }
     barrier();
-    [[unroll]] for (uint h = 0u; h < HG; h++) {
-        float r = red[h * gl_NumSubgroups];
-        for (uint i = 1u; i < gl_NumSubgroups; i++) {
+    FOR_HEADS(h) v[h] = red[h * gl_NumSubgroups];
+    for (uint i = 1u; i < gl_NumSubgroups; i++) // the heads innermost: a loop to 8 that unrolls
+        FOR_HEADS(h) {
             float x = red[h * gl_NumSubgroups + i];
-            r = is_max ? max(r, x) : r + x;
+            v[h] = is_max ? max(v[h], x) : v[h] + x;
         }
-        v[h] = r;
-    }
 }
 
 // values col .. col + 7 of cached position p (col % 8 == 0)
@@ -156,12 +159,9 @@ void main() {
     barrier();
 
     const uint o = tid % OCT, j = tid / OCT;
-    // m, l, a0, a1, s, t, corr are indexed by h only in loops marked for unrolling (HG is a specialization
-    // constant, so only the driver can): left rolled, they index by a variable and the arrays go to
-    // local memory (NVIDIA reported 288 bytes before the marks)
     float m[8], l[8]; // l: this thread's share of each head's sum (the scale factors are uniform)
     vec4 a0[8], a1[8];
-    [[unroll]] for (uint h = 0u; h < HG; h++) {
+    FOR_HEADS(h) {
         m[h] = -1e30;
         l[h] = 0.0;
         a0[h] = vec4(0.0);
@@ -171,14 +171,14 @@ void main() {
         const uint p = p0 + tid;
         const bool valid = p < p_end;
         float s[8];
-        [[unroll]] for (uint h = 0u; h < HG; h++) s[h] = 0.0;
+        FOR_HEADS(h) s[h] = 0.0;
         if (valid) {
             if (KV16 == 2u) {
                 const uint row = p * kvq_row_words(kv_dim), kr = (row + kb / 4u) / 4u;
                 for (uint bi = 0u; bi < HD / 32u; bi++) {
                     const float d = KVQ_SCALE(kqw, row, kv_dim, kb / 32u + bi);
                     const uvec4 w0 = kq4[kr + 2u * bi], w1 = kq4[kr + 2u * bi + 1u];
-                    [[unroll]] for (uint h = 0u; h < HG; h++) {
+                    FOR_HEADS(h) {
                         const uint qb = h * HD / 4u + 8u * bi;
                         const float a = (dot(qs[qb], I8X4(w0.x)) + dot(qs[qb + 1u], I8X4(w0.y))) +
                                         (dot(qs[qb + 2u], I8X4(w0.z)) + dot(qs[qb + 3u], I8X4(w0.w)));
@@ -193,25 +193,25 @@ void main() {
                     const uvec4 k8 = kc8[kr + i];
                     const vec4 klo = vec4(unpackHalf2x16(k8.x), unpackHalf2x16(k8.y));
                     const vec4 khi = vec4(unpackHalf2x16(k8.z), unpackHalf2x16(k8.w));
-                    [[unroll]] for (uint h = 0u; h < HG; h++)
+                    FOR_HEADS(h)
                         s[h] += dot(qs[h * HD / 4u + 2u * i], klo) + dot(qs[h * HD / 4u + 2u * i + 1u], khi);
                 }
             } else {
                 const uint kr = (p * kv_dim + kb) / 4u;
                 for (uint i = 0u; i < HD / 4u; i++) {
                     const vec4 k4 = kc4[kr + i];
-                    [[unroll]] for (uint h = 0u; h < HG; h++) s[h] += dot(qs[h * HD / 4u + i], k4);
+                    FOR_HEADS(h) s[h] += dot(qs[h * HD / 4u + i], k4);
                 }
             }
         }
         float t[8];
-        [[unroll]] for (uint h = 0u; h < HG; h++) {
+        FOR_HEADS(h) {
             s[h] = valid ? s[h] * scale : -1e30;
             t[h] = s[h];
         }
         wg_reduce(t, true);
         float corr[8];
-        [[unroll]] for (uint h = 0u; h < HG; h++) {
+        FOR_HEADS(h) {
             const float m_new = max(m[h], t[h]);
             const float e = valid ? exp(s[h] - m_new) : 0.0;
             ps[h * T + tid] = e;
@@ -228,7 +228,7 @@ void main() {
             vec4 va[4], vb[4];
             [[unroll]] for (uint u = 0u; u < 4u; u++) v_load(p0 + i + u * J, col, va[u], vb[u]);
             [[unroll]] for (uint u = 0u; u < 4u; u++)
-                [[unroll]] for (uint h = 0u; h < HG; h++) {
+                FOR_HEADS(h) {
                     const float w = ps[h * T + i + u * J];
                     a0[h] += w * va[u];
                     a1[h] += w * vb[u];
@@ -237,7 +237,7 @@ void main() {
         for (; i < cnt; i += J) {
             vec4 va, vb;
             v_load(p0 + i, col, va, vb);
-            [[unroll]] for (uint h = 0u; h < HG; h++) {
+            FOR_HEADS(h) {
                 const float w = ps[h * T + i];
                 a0[h] += w * va;
                 a1[h] += w * vb;
@@ -248,17 +248,20 @@ void main() {
     // the J group sums of each head, through shared memory
     const bool one = n_act == 1u;
     const uint stride = HG * (HD + 2u), pb = (grp * CH + chunk) * stride;
-    [[unroll]] for (uint h = 0u; h < HG; h++) {
+    for (uint h = 0u; h < HG; h++) { // stays a loop (barriers, inner loops): head h's values by selection
+        vec4 x0 = vec4(0.0), x1 = vec4(0.0);
+        float lh = 1.0;
+        FOR_HEADS(k) if (k == h) x0 = a0[k], x1 = a1[k], lh = l[k];
         barrier();
-        for (uint i = 0u; i < 4u; i++) {
-            vs[j * HD + 8u * o + i] = a0[h][i];
-            vs[j * HD + 8u * o + 4u + i] = a1[h][i];
-        }
+        vs[j * HD + 8u * o] = x0.x, vs[j * HD + 8u * o + 1u] = x0.y;
+        vs[j * HD + 8u * o + 2u] = x0.z, vs[j * HD + 8u * o + 3u] = x0.w;
+        vs[j * HD + 8u * o + 4u] = x1.x, vs[j * HD + 8u * o + 5u] = x1.y;
+        vs[j * HD + 8u * o + 6u] = x1.z, vs[j * HD + 8u * o + 7u] = x1.w;
         barrier();
         for (uint d = tid; d < HD; d += T) {
             float a = 0.0;
             for (uint g = 0u; g < J; g++) a += vs[g * HD + d];
-            if (one) y[(h0 + h) * HD + d] = a / l[h];
+            if (one) y[(h0 + h) * HD + d] = a / lh;
             else part[pb + 2u * HG + h * HD + d] = a;
         }
     }
@@ -266,7 +269,7 @@ void main() {
         finish(h0);
         return;
     }
-    [[unroll]] for (uint h = 0u; h < HG; h++) // constant indices: the arrays stay in registers
+    FOR_HEADS(h) // constant indices: the arrays stay in registers
         if (tid == h) {
             part[pb + h] = m[h];
             part[pb + HG + h] = l[h];

@@ -13,7 +13,6 @@
 // the staged tiles.
 // SEG=1 (a batched step over several sequences): workgroup z is entry e of seg[] = (start, n_tok,
 // first row in q and out, first cache row of its slot), each entry attending over its own slot.
-#extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
 #include "kvq8.glsl"
 

@@ -10,6 +10,7 @@
 
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
+#extension GL_EXT_control_flow_attributes : require
 
 #define MODE_STORE 0u
 #define MODE_ADD 1u
