@@ -49,6 +49,8 @@ layout(push_constant) uniform PC {
 } pc;
 
 const uint RQ = T / TS, BQ = RQ / HG, DPT = HD / TS, D4 = DPT / 4u, HD4 = HD / 4u;
+// a loop over this thread's D4 <= 16 vec4 of q and acc (see main)
+#define FOR_D4(i) [[unroll]] for (uint i = 0u; i < 16u; i++) if (i < D4)
 
 shared vec4 ks[BK * HD4];
 shared vec4 vs[BK * HD4];
@@ -120,12 +122,12 @@ void main() {
     const float scale = 1.0 / sqrt(float(HD));
     const uint k_end = start + min(n_tok, (tile + 1u) * BQ); // past the tile's last position
 
-    // q, acc and s are indexed only in loops marked for unrolling (their bounds are specialization
-    // constants, so only the driver can): left rolled, they index the arrays by a variable and the
-    // arrays go to local memory (NVIDIA reported 768 bytes, these three arrays, before the marks)
+    // q and acc are indexed in loops to a fixed 16 (FOR_D4), which spirv-opt unrolls: constant indices
+    // only. s is indexed in loops to BK (a specialization constant, only marked for the driver to
+    // unroll). Indexed by a variable, arrays go to local memory (NVIDIA: 768 bytes, these three).
     vec4 q[16], acc[16];
     const uint qb = ((row0 + min(t, n_tok - 1u)) * pc.ld_q + h * HD) / 4u + lane;
-    [[unroll]] for (uint i = 0u; i < D4; i++) {
+    FOR_D4(i) {
         q[i] = q4[qb + i * TS];
         acc[i] = vec4(0.0);
     }
@@ -138,7 +140,7 @@ void main() {
         float mt = -1e30;
         [[unroll]] for (uint k = 0u; k < BK; k++) {
             float d = 0.0;
-            [[unroll]] for (uint i = 0u; i < D4; i++) d += dot(q[i], ks[k * HD4 + i * TS + lane]);
+            FOR_D4(i) d += dot(q[i], ks[k * HD4 + i * TS + lane]);
             if (TS > 1u) sp[(r * BK + k) * TS + lane] = d;
             else s[k] = d;
         }
@@ -157,16 +159,16 @@ void main() {
         const float m_new = max(m, mt), corr = exp(m - m_new);
         m = m_new;
         float ls = 0.0;
-        [[unroll]] for (uint i = 0u; i < D4; i++) acc[i] *= corr;
+        FOR_D4(i) acc[i] *= corr;
         [[unroll]] for (uint k = 0u; k < BK; k++) {
             const float p = k0 + k <= pos ? exp(s[k] - m) : 0.0;
             ls += p;
-            [[unroll]] for (uint i = 0u; i < D4; i++) acc[i] += p * vs[k * HD4 + i * TS + lane];
+            FOR_D4(i) acc[i] += p * vs[k * HD4 + i * TS + lane];
         }
         l = l * corr + ls;
     }
     if (row_ok) {
         const uint ob = ((row0 + t) * pc.ld_out + h * HD) / 4u + lane;
-        [[unroll]] for (uint i = 0u; i < D4; i++) y4[ob + i * TS] = acc[i] / l;
+        FOR_D4(i) y4[ob + i * TS] = acc[i] / l;
     }
 }
