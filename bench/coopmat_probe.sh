@@ -12,7 +12,7 @@
 # Variants (tools/gen_shaders.py COOP_PROBES): v2 / v1 shared memory as f16vec2 / f16, a16 f16
 # accumulators, noopt without spirv-opt, n8 16 x 8 accumulators; pm* the products alone on operands
 # loaded once (timing only: their results are wrong). QORA_VK_COOP_SUBGROUPS=1|2: the pipelines require
-# full subgroups (of 32 lanes).
+# full subgroups (of 32 lanes). QORA_VK_COOP_MIN_TILES: which products take the tensor cores.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,6 +30,8 @@ run() {
 run X=1
 grep -a "coopmat [0-9]" "$OUT/run.txt" | sort -u
 run QORA_VK_COOPMAT=0
+run QORA_VK_COOP_MIN_TILES=1 # every product on the tensor cores (the default threshold was set when they were slow)
+run QORA_VK_COOP_MIN_TILES=48
 run QORA_VK_COOP_SUBGROUPS=1
 run QORA_VK_COOP_SUBGROUPS=2
 for v in noopt v2 a16 n8 n8noopt pm pmnoopt pm16 pm168 pm168h; do

@@ -92,6 +92,7 @@ typedef struct {
     int f32_act;     /* Q4/Q8 products with float activations (the "f32" precision; else Q8 ones, integer sums) */
     int coopmat;     /* prefill products on cooperative matrices, where the device has them: 1 for the products big
                         enough to pay (default), 2 all, 0 none */
+    int coop_min_tiles; /* "big enough": at least this many 128 x 128 output tiles (0: QVK_COOP_MIN_TILES) */
     int chunk_rows;  /* tests: cap the rows per chunk of the embedding / LM head (0: what fits) */
     int fail_after;  /* test hook: forward calls that succeed before a simulated device loss; < 0 never */
 } qvk_model_opts;

@@ -44,7 +44,7 @@ cdef extern from "qora/vk_backend.h" nogil:
         int max_seq_len, batch, logit_rows, mv_threads, mv_rows, kv_type, att_splits, att_short, att_kernel, att_threads
         int gu_rows, int_dot
         int f32_act
-        int coopmat
+        int coopmat, coop_min_tiles
         int profile, chunk_rows
         int fail_after
 
@@ -290,6 +290,7 @@ cdef qvk_model_opts _opts(int max_seq_len, dict opts):
     o.gu_rows = opts.get("gu_rows", 0)
     o.int_dot = opts.get("int_dot", -1)
     o.coopmat = opts.get("coopmat", 1)
+    o.coop_min_tiles = opts.get("coop_min_tiles", 0)
     o.profile = opts.get("profile", 0)
     o.chunk_rows = opts.get("chunk_rows", 0)
     o.f32_act = opts.get("f32_act", 0)

@@ -82,6 +82,7 @@ typedef struct {
 typedef VkResult(VKAPI_PTR* qvk_PFN_coopmat_props)(VkPhysicalDevice, uint32_t*, qvk_coopmat_props*);
 /* matmul_coop.comp: 8 subgroups of 32, f16 16x16x16 -> f32, xs + ws (128 x 72 f16 each) + cs in shared memory */
 #define QVK_COOP_SHARED (2u * 128u * 72u * 2u + 8u * 256u * 4u)
+#define QVK_COOP_MIN_TILES 96u /* output tiles for a product to take the tensor cores (qvk_coop) */
 
 #define QVK_FENCE_TIMEOUT_NS (120ull * 1000 * 1000 * 1000)
 #define QVK_PUSH_BYTES 128
@@ -1158,6 +1159,7 @@ struct qvk_model {
     int int_dot; /* decode Q4/Q8 products use the packed integer dot product shaders */
     int f32_act; /* Q4/Q8 products with float activations too (the "f32" precision), not Q8 ones */
     int coopmat; /* prefill products on cooperative matrices (matmul_coop.comp): 0 never, 1 where they pay, 2 always */
+    uint32_t coop_min_tiles; /* where they pay: products of at least this many 128 x 128 tiles */
     /* decode profile (opts.profile): a timestamp after every dispatch of the step */
     VkQueryPool qpool;
     int n_ts;
@@ -1549,6 +1551,7 @@ static void qvk_model_settings(qvk_model* m, qvk_ctx* c, const qora_config* cfg,
     m->act_half = m->act_w + m->act_w / 4 + m->act_w / 16;
     m->f32_act = o->f32_act ? 1 : 0;
     m->coopmat = c->info.coopmat ? o->coopmat : 0;
+    m->coop_min_tiles = o->coop_min_tiles > 0 ? (uint32_t)o->coop_min_tiles : QVK_COOP_MIN_TILES;
     m->int_dot = c->info.int_dot && (o->int_dot > 0 || (o->int_dot < 0 && c->info.int_dot_fast));
     m->fail_after = o->fail_after;
     m->kv_type = o->kv_type;
@@ -1917,11 +1920,11 @@ static void qvk_rec_quant_swiglu(qvk_rec* R, VkBuffer gu, uint32_t n_el, uint32_
    float input (prep without Q8), the f16 tiles of matmul_coop.comp. Only products with enough
    128 x 128 tiles to fill the device: measured on an H100 (132 SMs), the tensor-core kernel won on
    qkv (96 tiles at 512 tokens: 296 vs 350 us) and gate|up (688: 1448 vs 1927 us) and lost on wo and
-   down (64 tiles: 252 vs 179, 1074 vs 911 us) to the 64 x 64 fp32 path's 4x as many workgroups. */
-#define QVK_COOP_MIN_TILES 96u
+   down (64 tiles: 252 vs 179, 1074 vs 911 us) to the 64 x 64 fp32 path's 4x as many workgroups
+   (QVK_COOP_MIN_TILES; QORA_VK_COOP_MIN_TILES overrides it). */
 static int qvk_coop(const qvk_model* m, const qvk_matrix* M, uint32_t nt) {
     const uint32_t tiles = (((uint32_t)M->rows + 127u) / 128u) * ((nt + 127u) / 128u);
-    return m->coopmat && M->dtype >= QORA_F32 && M->dtype <= QORA_Q4 && (m->coopmat == 2 || tiles >= QVK_COOP_MIN_TILES);
+    return m->coopmat && M->dtype >= QORA_F32 && M->dtype <= QORA_Q4 && (m->coopmat == 2 || tiles >= m->coop_min_tiles);
 }
 
 /* the prefill input of a product with M is quantized to Q8 (the integer matmul.comp path) */

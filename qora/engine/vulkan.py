@@ -28,6 +28,8 @@ Environment:
     QORA_VK_PIPELINE_STATS=1  print the driver's statistics of each pipeline as it is built (registers,
                            local memory, ...) and the device's cooperative-matrix shapes, on stderr
                            (where the driver has VK_KHR_pipeline_executable_properties)
+    QORA_VK_COOP_MIN_TILES=N  the tensor-core prefill takes products of at least N 128 x 128 output tiles
+                           (default 96, set when the kernel was slow; with QORA_VK_COOPMAT=1)
     QORA_VK_COOP_SHADER, QORA_VK_COOP_SUBGROUPS=1|2  measurement knobs for the tensor-core prefill: a
                            variant of its Q4 kernel (tools/gen_shaders.py --probes), its pipelines
                            requiring full subgroups (1) of 32 lanes (2); bench/coopmat_probe.sh
@@ -312,6 +314,7 @@ class VulkanEngine:
             "int_dot": _env_int("QORA_VK_DOT", -1),  # -1: where the driver says it is accelerated
             # tensor-core prefill: 1 for the products big enough to pay, 2 all (tests), 0 none
             "coopmat": _env_int("QORA_VK_COOPMAT", 1),
+            "coop_min_tiles": _env_int("QORA_VK_COOP_MIN_TILES", 0),  # 0: the backend's default
             "profile": 1 if _env_flag("QORA_VK_PROFILE") else 0,
             "chunk_rows": _env_int("QORA_VK_CHUNK_ROWS", 0),  # tests: the embedding / LM head in pieces
             # the CPU engine's choice, so both compute the same (qora_dtype values)
