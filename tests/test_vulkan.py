@@ -119,9 +119,7 @@ def test_coopmat_probe_variants_compile():
     tools = gen.Tools(shutil.which("glslc"), shutil.which("glslangValidator"))
     assert not any(name.startswith("matmul_coop_q4_") for name in gen.SHADERS)
     for probe in ("n8", "noopt", "pm168"):
-        name = f"matmul_coop_q4_{probe}"
-        gen.SHADERS[name] = ("matmul_coop.comp", {"DTYPE": gen.DTYPES["q4"], **gen.COOP_PROBES[probe]})
-        gen.GLSLANG.add(name)
+        name = gen.add_probe(probe)
         try:
             assert gen.compile_spirv(name, tools)[:4] == b"\x03\x02\x23\x07"
         finally:

@@ -90,6 +90,15 @@ SHADERS["sample_topk"] = ("sample_topk.comp", {})  # sampling candidates (includ
 # which compiler builds each shader
 GLSLANG = {name for name, (src, _) in SHADERS.items() if src == "matmul_coop.comp"}
 
+
+def add_probe(probe: str) -> str:
+    """Register the Q4 tensor-core kernel's measurement variant COOP_PROBES[probe]; returns its name."""
+    name = f"matmul_coop_q4_{probe}"
+    SHADERS[name] = ("matmul_coop.comp", {"DTYPE": DTYPES["q4"], **COOP_PROBES[probe]})
+    GLSLANG.add(name)
+    return name
+
+
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 
 
@@ -171,13 +180,10 @@ def compile_spirv(name: str, tools: Tools) -> bytes:
         out = Path(d) / "out.spv"
         defs = [f"-D{k}={v}" for k, v in defines.items()]
         if name in GLSLANG:
-            raw = Path(d) / "raw.spv"
-            cmds = [
-                [tools.glslang, *GLSLANG_FLAGS, *defs, str(SRC / src), "-o", str(raw)],
-                [tools.spirv_opt, *SPIRV_OPT_FLAGS, str(raw), "-o", str(out)],
-            ]
-            if "NOOPT" in defines:
-                cmds[1] = ["cp", str(raw), str(out)]
+            raw = out if "NOOPT" in defines else Path(d) / "raw.spv"  # NOOPT: glslang's output as it is
+            cmds = [[tools.glslang, *GLSLANG_FLAGS, *defs, str(SRC / src), "-o", str(raw)]]
+            if raw != out:
+                cmds.append([tools.spirv_opt, *SPIRV_OPT_FLAGS, str(raw), "-o", str(out)])
         else:
             cmds = [[tools.glslc, *FLAGS, *defs, str(SRC / src), "-o", str(out)]]
         for cmd in cmds:
@@ -284,9 +290,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     tools = Tools(a.glslc, a.glslang)
     if a.probes:
-        for name, defs in COOP_PROBES.items():
-            SHADERS[f"matmul_coop_q4_{name}"] = ("matmul_coop.comp", {"DTYPE": DTYPES["q4"], **defs})
-            GLSLANG.add(f"matmul_coop_q4_{name}")
+        for probe in COOP_PROBES:
+            add_probe(probe)
     if a.check:
         problems = stale(tools)
         for p in problems:

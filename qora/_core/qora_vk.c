@@ -281,6 +281,12 @@ static int qvk_device_has_ext(qvk_inst* I, VkPhysicalDevice pd, const char* name
     return has;
 }
 
+/* A diagnostic switch in the environment: set, not empty and not "0". */
+static int qvk_env_flag(const char* name) {
+    const char* v = getenv(name);
+    return v && *v && strcmp(v, "0");
+}
+
 /* Whether the tensor-core prefill (matmul_coop.comp) can run: the device lists f16 x f16 -> f32
    16x16x16 subgroup matrices and offers the features the shader declares (Float16, the Vulkan
    memory model), with 32-wide subgroups (the shader's 8 per workgroup) and its shared memory. */
@@ -305,10 +311,10 @@ static int qvk_coopmat_probe(qvk_inst* I, VkPhysicalDevice pd, const VkPhysicalD
     if (!cp) return 0;
     for (uint32_t i = 0; i < n; i++) cp[i].sType = QVK_STYPE_COOPMAT_PROPERTIES;
     int ok = 0;
-    const char* dump = getenv("QORA_VK_PIPELINE_STATS"); /* the shapes the driver lists (VkComponentTypeKHR codes) */
+    const int dump = qvk_env_flag("QORA_VK_PIPELINE_STATS"); /* the shapes the driver lists (VkComponentTypeKHR codes) */
     if (get(pd, &n, cp) == VK_SUCCESS)
         for (uint32_t i = 0; i < n; i++) {
-            if (dump && *dump && strcmp(dump, "0"))
+            if (dump)
                 fprintf(stderr, "qora-vk %s coopmat %ux%ux%u A%d B%d C%d R%d sat%u scope%d\n", p->deviceName,
                         cp[i].MSize, cp[i].NSize, cp[i].KSize, cp[i].AType, cp[i].BType, cp[i].CType,
                         cp[i].ResultType, (unsigned)cp[i].saturatingAccumulation, cp[i].scope);
@@ -754,10 +760,9 @@ int qvk_ctx_create(const char* loader, int device_index, qvk_ctx** out, char* er
         dot.pNext = chain;
         chain = &dot;
     }
-    const char* want_stats = getenv("QORA_VK_PIPELINE_STATS");
     VkPhysicalDevicePipelineExecutablePropertiesFeaturesKHR pe = {
         VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PIPELINE_EXECUTABLE_PROPERTIES_FEATURES_KHR, NULL, VK_TRUE};
-    int stats = want_stats && *want_stats && strcmp(want_stats, "0") &&
+    int stats = qvk_env_flag("QORA_VK_PIPELINE_STATS") &&
                 qvk_device_has_ext(&c->I, c->pd, VK_KHR_PIPELINE_EXECUTABLE_PROPERTIES_EXTENSION_NAME);
     if (stats) {
         exts[n_exts++] = VK_KHR_PIPELINE_EXECUTABLE_PROPERTIES_EXTENSION_NAME;
@@ -1160,6 +1165,7 @@ struct qvk_model {
     int f32_act; /* Q4/Q8 products with float activations too (the "f32" precision), not Q8 ones */
     int coopmat; /* prefill products on cooperative matrices (matmul_coop.comp): 0 never, 1 where they pay, 2 always */
     uint32_t coop_min_tiles; /* where they pay: products of at least this many 128 x 128 tiles */
+    char coop_shader[32]; /* QORA_VK_COOP_SHADER: a measurement variant for the Q4 products (gen_shaders --probes) */
     /* decode profile (opts.profile): a timestamp after every dispatch of the step */
     VkQueryPool qpool;
     int n_ts;
@@ -1552,6 +1558,8 @@ static void qvk_model_settings(qvk_model* m, qvk_ctx* c, const qora_config* cfg,
     m->f32_act = o->f32_act ? 1 : 0;
     m->coopmat = c->info.coopmat ? o->coopmat : 0;
     m->coop_min_tiles = o->coop_min_tiles > 0 ? (uint32_t)o->coop_min_tiles : QVK_COOP_MIN_TILES;
+    const char* variant = getenv("QORA_VK_COOP_SHADER");
+    snprintf(m->coop_shader, sizeof m->coop_shader, "%s", variant ? variant : "");
     m->int_dot = c->info.int_dot && (o->int_dot > 0 || (o->int_dot < 0 && c->info.int_dot_fast));
     m->fail_after = o->fail_after;
     m->kv_type = o->kv_type;
@@ -1937,12 +1945,12 @@ static void qvk_rec_matmul(qvk_rec* R, const qvk_matrix* M, int mode, VkBuffer x
     char name[32];
     const int coop = qvk_coop(R->m, M, n_tok);
     const uint32_t tile = coop ? 128u : 64u;
-    if (coop)
-        snprintf(name, sizeof name, "matmul_coop_%s", qvk_dtype_name(M->dtype));
-    const char* variant = getenv("QORA_VK_COOP_SHADER"); /* a Q4 measurement variant (gen_shaders --probes) */
-    if (coop && M->dtype == QORA_Q4 && variant && *variant) snprintf(name, sizeof name, "%s", variant);
     if (!coop)
         snprintf(name, sizeof name, "matmul_%s%s", qvk_dtype_name(M->dtype), qvk_float_suffix(R->m, M->dtype));
+    else if (M->dtype == QORA_Q4 && R->m->coop_shader[0])
+        snprintf(name, sizeof name, "%s", R->m->coop_shader);
+    else
+        snprintf(name, sizeof name, "matmul_coop_%s", qvk_dtype_name(M->dtype));
     const uint32_t spec[2] = {0, (uint32_t)mode};
     for (int i = 0; i < M->n_chunks; i++) {
         const qvk_chunk* ch = &M->chunks[i];
