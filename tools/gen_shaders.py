@@ -83,8 +83,8 @@ COOP_PROBES = {
     "pm": {"PROBE_MMA": 1},  # the products alone, operands loaded once (wrong results: timing only)
     "pm16": {"PROBE_MMA": 1, "ACC16": 1},
     "pmnoopt": {"PROBE_MMA": 1, "NOOPT": 1},
-    "pm168": {"PROBE_MMA": 2},  # ... on 16 x 8 accumulators
-    "pm168h": {"PROBE_MMA": 2, "ACC16": 1},
+    "pm168": {"PROBE_MMA": 1, "CN": 8},  # ... on 16 x 8 accumulators
+    "pm168h": {"PROBE_MMA": 1, "CN": 8, "ACC16": 1},
 }
 SHADERS["sample_topk"] = ("sample_topk.comp", {})  # sampling candidates (include/qora/sample.h finishes)
 # which compiler builds each shader

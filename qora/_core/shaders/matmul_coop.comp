@@ -43,8 +43,7 @@ layout(push_constant) uniform PC {
 #define LDS4 (LDS / 4u)
 // Measurement knobs (tools/gen_shaders.py --probes builds variants with them; the defaults are the
 // kernel): SHV the vector width of the shared arrays, ACC16 f16 accumulators, CN the accumulators'
-// columns (16 or 8), PROBE_MMA the products alone on operands loaded once (timing only: 1 with
-// 16 x 16, 2 with 16 x 8 accumulators).
+// columns (16 or 8), PROBE_MMA the products alone on operands loaded once (timing only).
 #ifndef SHV
 #define SHV 4
 #endif
@@ -75,24 +74,14 @@ layout(push_constant) uniform PC {
 shared SH_T xs[BT * LDSV]; // [token][k]
 shared SH_T ws[BR * LDSV]; // [row][k]
 
-void ws_put(uint o4, f16vec4 v) {
+// one f16vec4 into shared array A at f16vec4 index o4, whatever its vector width
 #if SHV == 4
-    ws[o4] = v;
+#define SH_PUT(A, o4, v) A[o4] = (v)
 #elif SHV == 2
-    ws[2u * o4] = v.xy; ws[2u * o4 + 1u] = v.zw;
+#define SH_PUT(A, o4, v) { const f16vec4 v_ = (v); A[2u * (o4)] = v_.xy; A[2u * (o4) + 1u] = v_.zw; }
 #else
-    ws[4u * o4] = v.x; ws[4u * o4 + 1u] = v.y; ws[4u * o4 + 2u] = v.z; ws[4u * o4 + 3u] = v.w;
+#define SH_PUT(A, o4, v) { const f16vec4 v_ = (v); [[unroll]] for (uint c_ = 0u; c_ < 4u; c_++) A[4u * (o4) + c_] = v_[c_]; }
 #endif
-}
-void xs_put(uint o4, f16vec4 v) {
-#if SHV == 4
-    xs[o4] = v;
-#elif SHV == 2
-    xs[2u * o4] = v.xy; xs[2u * o4 + 1u] = v.zw;
-#else
-    xs[4u * o4] = v.x; xs[4u * o4 + 1u] = v.y; xs[4u * o4 + 2u] = v.z; xs[4u * o4 + 3u] = v.w;
-#endif
-}
 shared float cs[8u * 256u]; // per subgroup: one 16 x CN result on its way out
 
 // What one thread loads per stage: one 32-wide block of one weight row (raw), 32 floats of one token.
@@ -144,21 +133,21 @@ void store_stage(in Stage s) {
 #if DTYPE == 3
     // byte j holds element j (low nibble) and j + 16 (high nibble)
     [[unroll]] for (uint c = 0u; c < 4u; c++) {
-        ws_put(o + c, f16vec4((NIB_LO(s.q[c]) - 8.0) * s.d));
-        ws_put(o + 4u + c, f16vec4((NIB_HI(s.q[c]) - 8.0) * s.d));
+        SH_PUT(ws, o + c, f16vec4((NIB_LO(s.q[c]) - 8.0) * s.d));
+        SH_PUT(ws, o + 4u + c, f16vec4((NIB_HI(s.q[c]) - 8.0) * s.d));
     }
 #elif DTYPE == 2
     [[unroll]] for (uint h = 0u; h < 2u; h++)
-        [[unroll]] for (uint c = 0u; c < 4u; c++) ws_put(o + 4u * h + c, f16vec4(I8X4(s.q[h][c]) * s.d));
+        [[unroll]] for (uint c = 0u; c < 4u; c++) SH_PUT(ws, o + 4u * h + c, f16vec4(I8X4(s.q[h][c]) * s.d));
 #elif DTYPE == 1
     [[unroll]] for (uint g = 0u; g < 4u; g++) {
-        ws_put(o + 2u * g, f16vec4(unpackHalf2x16(s.q[g].x), unpackHalf2x16(s.q[g].y)));
-        ws_put(o + 2u * g + 1u, f16vec4(unpackHalf2x16(s.q[g].z), unpackHalf2x16(s.q[g].w)));
+        SH_PUT(ws, o + 2u * g, f16vec4(unpackHalf2x16(s.q[g].x), unpackHalf2x16(s.q[g].y)));
+        SH_PUT(ws, o + 2u * g + 1u, f16vec4(unpackHalf2x16(s.q[g].z), unpackHalf2x16(s.q[g].w)));
     }
 #else
-    [[unroll]] for (uint g = 0u; g < 8u; g++) ws_put(o + g, f16vec4(s.q[g]));
+    [[unroll]] for (uint g = 0u; g < 8u; g++) SH_PUT(ws, o + g, f16vec4(s.q[g]));
 #endif
-    [[unroll]] for (uint g = 0u; g < 8u; g++) xs_put(o + g, f16vec4(s.x[g]));
+    [[unroll]] for (uint g = 0u; g < 8u; g++) SH_PUT(xs, o + g, f16vec4(s.x[g]));
 }
 
 void main() {
@@ -172,42 +161,17 @@ void main() {
     [[unroll]] for (uint i = 0u; i < 2u; i++)
         [[unroll]] for (uint j = 0u; j < NJ; j++) acc[i][j] = coopmat<ACC_T, gl_ScopeSubgroup, 16, CN, gl_MatrixUseAccumulator>(0.0);
 
-#if PROBE_MMA == 2
-    // throughput probe, 16x8x16 (the hardware's mma shape)
-    coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseA> qa[2];
-    coopmat<float16_t, gl_ScopeSubgroup, 16, 8, gl_MatrixUseB> qb[8];
-    coopmat<ACC_T, gl_ScopeSubgroup, 16, 8, gl_MatrixUseAccumulator> acc8[2][8];
-    [[unroll]] for (uint i = 0u; i < 2u; i++)
-        [[unroll]] for (uint j = 0u; j < 8u; j++) acc8[i][j] = coopmat<ACC_T, gl_ScopeSubgroup, 16, 8, gl_MatrixUseAccumulator>(0.0);
-    [[unroll]] for (uint i = 0u; i < 2u; i++)
-        coopMatLoad(qa[i], xs, (st + 16u * i) * LDSV, LDSV, gl_CooperativeMatrixLayoutRowMajor);
-    [[unroll]] for (uint j = 0u; j < 8u; j++)
-        coopMatLoad(qb[j], ws, (sr + 8u * j) * LDSV, LDSV, gl_CooperativeMatrixLayoutColumnMajor);
-    for (uint k0 = 0u; k0 < pc.cols; k0 += BK) {
-        [[unroll]] for (uint kk = 0u; kk < BK; kk += 16u)
-            [[unroll]] for (uint j = 0u; j < 8u; j++)
-                [[unroll]] for (uint i = 0u; i < 2u; i++) acc8[i][j] = coopMatMulAdd(qa[i], qb[j], acc8[i][j]);
-    }
-    [[unroll]] for (uint i = 0u; i < 2u; i++)
-        [[unroll]] for (uint j = 0u; j < 8u; j++) {
-            coopmat<float, gl_ScopeSubgroup, 16, 8, gl_MatrixUseAccumulator> f = coopmat<float, gl_ScopeSubgroup, 16, 8, gl_MatrixUseAccumulator>(acc8[i][j]);
-            coopMatStore(f, cs, sg * 256u + 128u * (j & 1u), 8u, gl_CooperativeMatrixLayoutRowMajor);
-        }
-    subgroupMemoryBarrierShared();
-    subgroupBarrier();
-    if (gl_SubgroupInvocationID == 0u && r0 < pc.rows && t0 < pc.n_tok) y[t0 * pc.ldy + pc.y_off + r0 + sg] = cs[sg * 256u] + cs[sg * 256u + 200u];
-    return;
-#elif PROBE_MMA
+#if PROBE_MMA
     // throughput probe: the products alone, operands loaded once
     coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseA> pa[2];
-    coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseB> pb[4];
+    coopmat<float16_t, gl_ScopeSubgroup, 16, CN, gl_MatrixUseB> pb[NJ];
     [[unroll]] for (uint i = 0u; i < 2u; i++)
         coopMatLoad(pa[i], xs, (st + 16u * i) * LDSV, LDSV, gl_CooperativeMatrixLayoutRowMajor);
-    [[unroll]] for (uint j = 0u; j < 4u; j++)
-        coopMatLoad(pb[j], ws, (sr + 16u * j) * LDSV, LDSV, gl_CooperativeMatrixLayoutColumnMajor);
+    [[unroll]] for (uint j = 0u; j < NJ; j++)
+        coopMatLoad(pb[j], ws, (sr + CN * j) * LDSV, LDSV, gl_CooperativeMatrixLayoutColumnMajor);
     for (uint k0 = 0u; k0 < pc.cols; k0 += BK) {
         [[unroll]] for (uint kk = 0u; kk < BK; kk += 16u)
-            [[unroll]] for (uint j = 0u; j < 4u; j++)
+            [[unroll]] for (uint j = 0u; j < NJ; j++)
                 [[unroll]] for (uint i = 0u; i < 2u; i++) acc[i][j] = coopMatMulAdd(pa[i], pb[j], acc[i][j]);
     }
 #else
