@@ -253,10 +253,10 @@ void main() {
         float lh = 1.0;
         FOR_HEADS(k) if (k == h) x0 = a0[k], x1 = a1[k], lh = l[k];
         barrier();
-        vs[j * HD + 8u * o] = x0.x, vs[j * HD + 8u * o + 1u] = x0.y;
-        vs[j * HD + 8u * o + 2u] = x0.z, vs[j * HD + 8u * o + 3u] = x0.w;
-        vs[j * HD + 8u * o + 4u] = x1.x, vs[j * HD + 8u * o + 5u] = x1.y;
-        vs[j * HD + 8u * o + 6u] = x1.z, vs[j * HD + 8u * o + 7u] = x1.w;
+        [[unroll]] for (uint i = 0u; i < 4u; i++) {
+            vs[j * HD + 8u * o + i] = x0[i];
+            vs[j * HD + 8u * o + 4u + i] = x1[i];
+        }
         barrier();
         for (uint d = tid; d < HD; d += T) {
             float a = 0.0;
